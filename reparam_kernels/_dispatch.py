@@ -1,0 +1,123 @@
+"""Backend choice for every op: CUDA extension, Triton, or the reference.
+
+The choice is explicit and inspectable: ``backend_for(op, device, dtype)``
+returns the backend and the reason, ``python -m reparam_kernels env`` prints it
+per op, and a fall back to a slower path on a GPU warns once (a silent
+fallback looks like a slow kernel).
+
+How each dispatch key is served:
+
+* CPU (and anything not CUDA): the reference implementation.
+* CUDA: the C++ kernel when the extension registered one (it is bound straight
+  to the CUDA dispatch key, so eager calls pay no Python dispatch); otherwise a
+  Python implementation that runs the Triton kernel, or the reference.
+* dtypes the C++ kernel does not take (e.g. fp32) are routed by the wrapper in
+  ``ops.py`` through ``call`` before they reach the dispatcher.
+"""
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from . import _extension
+from .schemas import LIB
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_WARNED = set()
+
+
+def warn_once(key, message):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@dataclass
+class OpSpec:
+    name: str
+    reference: Callable
+    triton: Optional[Callable] = None
+    cuda_dtypes: tuple = HALF_DTYPES  # what the C++ kernel accepts for x
+    triton_dtypes: tuple = HALF_DTYPES + (torch.float32,)
+    cuda_impl_registered: bool = field(default=False, init=False)
+
+
+REGISTRY = {}
+
+
+def has_cuda_kernel(name):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"reparam::{name}", "CUDA")
+
+
+def triton_status(device_type="cuda"):
+    """(usable, why) for running Triton kernels on `device_type` tensors."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    if device_type == "cuda":
+        return True, "triton available"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "TRITON_INTERPRET=1 (interpreter on the CPU)"
+    return False, "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+
+
+def backend_for(name, device_type, dtype):
+    """Which backend runs op `name` for inputs on `device_type` of `dtype`, and why."""
+    spec = REGISTRY[name]
+    if device_type != "cuda":
+        return "reference", f"{device_type} tensors run the plain-PyTorch reference"
+    if has_cuda_kernel(name) and spec.cuda_impl_registered is False:
+        if dtype in spec.cuda_dtypes:
+            return "cuda", "CUDA extension kernel"
+        why = f"CUDA kernel takes {_names(spec.cuda_dtypes)}, not {_names((dtype,))}"
+    else:
+        why = f"no CUDA kernel ({_extension.REASON})"
+    ok, twhy = triton_status("cuda")
+    if spec.triton is not None and ok and dtype in spec.triton_dtypes:
+        return "triton", why
+    if spec.triton is None:
+        twhy = "no Triton kernel for this op"
+    return "reference", f"{why}; {twhy}"
+
+
+def _names(dtypes):
+    return "/".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def _run(spec, backend, why, args):
+    if backend == "triton":
+        return spec.triton(*args)
+    if backend == "reference" and _first_tensor(args).is_cuda and not torch.compiler.is_compiling():
+        warn_once((spec.name, why), f"reparam.{spec.name}: running the slow reference on the GPU ({why})")
+    return spec.reference(*args)
+
+
+def _first_tensor(args):
+    return next(a for a in args if isinstance(a, torch.Tensor))
+
+
+def call(name, *args):
+    """Entry used by the typed wrappers: the CUDA op if it takes these inputs, else the best fallback."""
+    x = _first_tensor(args)
+    backend, why = backend_for(name, x.device.type, x.dtype)
+    if backend == "cuda" or not x.is_cuda:
+        return getattr(torch.ops.reparam, name)(*args)
+    return _run(REGISTRY[name], backend, why, args)
+
+
+def register(spec):
+    """Bind the reference to CPU and, when no C++ kernel exists, a Python impl to CUDA."""
+    REGISTRY[spec.name] = spec
+    LIB.impl(spec.name, spec.reference, "CPU")
+    if not has_cuda_kernel(spec.name):
+        def cuda_impl(*args, _spec=spec):
+            x = _first_tensor(args)
+            backend, why = backend_for(_spec.name, "cuda", x.dtype)
+            return _run(_spec, backend, why, args)
+
+        LIB.impl(spec.name, cuda_impl, "CUDA")
+        spec.cuda_impl_registered = True
+    return spec

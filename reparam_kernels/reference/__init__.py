@@ -1,0 +1,8 @@
+"""Plain-PyTorch implementation of every op: the truth for tests and the CPU path.
+
+One file per op. Each computes in float32 (float64 if given float64) and
+returns the input's dtype, like the kernels (fp32 accumulation).
+"""
+from .lowrank_linear import lowrank_linear
+
+__all__ = ["lowrank_linear"]

@@ -1,0 +1,21 @@
+"""Every op of ``torch.ops.reparam``: its schema, in this one place.
+
+The schemas live in Python (not in ``csrc/``) because the package must define
+the ops even when the CUDA extension was not built: the reference and Triton
+backends register against these same definitions. ``csrc/torch_bindings.cpp``
+only *implements* them for the CUDA dispatch key.
+
+To add an op: add its schema here, its reference in ``reference/<op>.py``,
+its wrapper + fake in ``ops.py``, and optionally ``triton/<op>.py`` and
+``csrc/<op>.cu`` (listed in ``csrc/sources.txt``, bound in torch_bindings.cpp).
+"""
+import torch
+
+SCHEMAS = {
+    # y = x @ v.T @ u.T + bias ; u [N, r], v [r, K]
+    "lowrank_linear": "lowrank_linear(Tensor x, Tensor u, Tensor v, Tensor? bias) -> Tensor",
+}
+
+LIB = torch.library.Library("reparam", "DEF")
+for _name, _schema in SCHEMAS.items():
+    LIB.define(_schema)

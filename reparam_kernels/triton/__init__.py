@@ -1,0 +1,9 @@
+"""Triton kernels, one op per file. Each name is None when Triton is missing."""
+try:
+    import triton  # noqa: F401
+except ImportError:  # CPU-only installs without triton still work via the reference
+    lowrank_linear = None
+else:
+    from .lowrank_linear import lowrank_linear
+
+__all__ = ["lowrank_linear"]
