@@ -1,0 +1,2 @@
+"""Compression: factorizations, calibration statistics, recipes, distillation, save/load."""
+from . import calib, svd  # noqa: F401

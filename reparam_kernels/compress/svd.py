@@ -1,0 +1,168 @@
+"""Truncated SVD of a dense weight, plain and activation-aware (whitened).
+
+Both return factors ``u`` [out, r] and ``v`` [r, in] with ``W ≈ u @ v``, split
+as ``u = U_r·sqrt(Σ_r)``, ``v = sqrt(Σ_r)·V_rᵀ`` so the two factors have equal
+scale (better conditioned for fp16 kernels, int4 factor quantization and
+distillation than putting all of Σ on one side).
+
+Rank selection (exactly one of):
+
+* ``rank``   — the rank itself, 1 ≤ rank ≤ min(out, in).
+* ``ratio``  — the fraction of the dense layer's weight parameters to REMOVE,
+  0 < ratio < 1 (as in SVD-LLM's "compression ratio"): ``ratio=0.2`` keeps
+  r·(out+in) ≤ 0.8·out·in parameters.
+* ``energy`` — the fraction of spectral energy Σσ² to keep, 0 < energy ≤ 1;
+  for whitened SVD it is the energy of W·S, i.e. of the outputs on the
+  calibration data.
+
+Whitened SVD (SVD-LLM): with calibration inputs X [n, in] of the layer and
+G = XᵀX = S·Sᵀ (Cholesky), ‖X·(W − Ŵ)ᵀ‖_F = ‖(W − Ŵ)·S‖_F, so truncating
+the SVD of W·S minimizes the layer's OUTPUT error on the calibration inputs,
+not the weight error. The factors map back with ``v = sqrt(Σ)·V_rᵀ·S⁻¹``.
+Factorization runs on the CPU in float64 (Cholesky of near-singular Gram
+matrices in fp32 is unreliable) and the factors are returned in float32.
+"""
+import math
+
+import torch
+
+FACTOR_DTYPE = torch.float64
+
+
+def _bad(name, message):
+    raise ValueError(f"`{name}`: {message}")
+
+
+def rank_for_ratio(out_features, in_features, ratio):
+    """Largest rank whose factors hold at most (1 − ratio) of out·in parameters (at least 1)."""
+    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        _bad("ratio", f"must be a number with 0 < ratio < 1 (fraction of parameters removed), got {ratio!r}")
+    budget = (1.0 - float(ratio)) * out_features * in_features
+    r = int(math.floor(budget / (out_features + in_features) + 1e-9))
+    return max(1, min(r, min(out_features, in_features)))
+
+
+def rank_for_energy(singular_values, energy):
+    """Smallest rank keeping at least `energy` of Σσ²."""
+    if not isinstance(energy, (int, float)) or not 0.0 < float(energy) <= 1.0:
+        _bad("energy", f"must be a number with 0 < energy <= 1 (fraction of Σσ² kept), got {energy!r}")
+    e = singular_values.double() ** 2
+    total = e.sum()
+    if total <= 0:
+        return 1
+    cum = torch.cumsum(e, 0) / total
+    r = int(torch.searchsorted(cum, torch.tensor(float(energy), dtype=cum.dtype) - 1e-12).item()) + 1
+    return max(1, min(r, singular_values.numel()))
+
+
+def select_rank(out_features, in_features, singular_values=None, rank=None, ratio=None, energy=None):
+    """Resolve exactly one of rank / ratio / energy to a rank."""
+    given = [n for n, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None]
+    if len(given) != 1:
+        _bad("rank", f"give exactly one of `rank`, `ratio`, `energy`; got {given or 'none'}")
+    full = min(out_features, in_features)
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
+            _bad("rank", f"must be an int with 1 <= rank <= min(out, in) = {full}, got {rank!r}")
+        return rank
+    if ratio is not None:
+        return rank_for_ratio(out_features, in_features, ratio)
+    if singular_values is None:
+        _bad("energy", "energy-based selection needs the singular values")
+    return rank_for_energy(singular_values, energy)
+
+
+def _check_weight(weight):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        _bad("weight", f"must be a 2-D tensor [out, in], got {getattr(weight, 'shape', type(weight))}")
+    if not torch.isfinite(weight).all():
+        _bad("weight", "contains NaN or Inf")
+
+
+def _split(U, S, Vh, r):
+    root = S[:r].sqrt()
+    return U[:, :r] * root, root[:, None] * Vh[:r]
+
+
+def truncated_svd(weight, rank=None, ratio=None, energy=None):
+    """Plain truncated SVD: best rank-r approximation of W in Frobenius norm.
+
+    Returns (u [out, r], v [r, in], singular_values) in float32.
+    """
+    _check_weight(weight)
+    W = weight.detach().to("cpu", FACTOR_DTYPE)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    r = select_rank(*W.shape, singular_values=S, rank=rank, ratio=ratio, energy=energy)
+    u, v = _split(U, S, Vh, r)
+    return u.float(), v.float(), S.float()
+
+
+def gram_of(calib, in_features):
+    """XᵀX in float64 from calibration inputs [..., in] (or a ready Gram matrix wrapper)."""
+    from .calib import CalibStats  # local: calib imports nothing from here
+
+    if isinstance(calib, CalibStats):
+        if calib.in_features != in_features:
+            _bad("calib", f"statistics are for {calib.in_features} input features, the layer has {in_features}")
+        if calib.count == 0:
+            _bad("calib", "statistics hold no samples")
+        return calib.gram
+    if not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[-1] != in_features:
+        _bad("calib", f"must be a tensor [n, in_features={in_features}] of the layer's inputs or CalibStats, "
+                      f"got {getattr(calib, 'shape', type(calib))}")
+    X = calib.detach().reshape(-1, in_features).to("cpu", FACTOR_DTYPE)
+    if not torch.isfinite(X).all():
+        _bad("calib", "contains NaN or Inf")
+    return X.t() @ X
+
+
+def whitening_factor(gram, damping=1e-5, max_tries=8):
+    """Lower-triangular S with S·Sᵀ = G + λ·mean(diag G)·I.
+
+    The damping λ makes S invertible when X is rank-deficient (n < in, dead
+    channels); it grows ×10 until the Cholesky factorization succeeds.
+    """
+    G = gram.to(FACTOR_DTYPE)
+    k = G.shape[0]
+    scale = G.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(k, dtype=G.dtype)
+    lam = float(damping)
+    for _ in range(max_tries):
+        S, info = torch.linalg.cholesky_ex(G + lam * scale * eye)
+        if int(info) == 0:
+            return S
+        lam = max(lam * 10.0, 1e-10)
+    _bad("calib", "Gram matrix XᵀX is not positive definite even with damping; check the calibration inputs")
+
+
+def whitened_svd(weight, calib, rank=None, ratio=None, energy=None, damping=1e-5):
+    """Activation-aware truncated SVD (SVD-LLM): minimizes ‖X·(W − u·v)ᵀ‖_F.
+
+    calib: the layer's inputs X [n, in] (any leading dims) or a CalibStats.
+    Returns (u [out, r], v [r, in], singular values of W·S) in float32.
+    """
+    _check_weight(weight)
+    W = weight.detach().to("cpu", FACTOR_DTYPE)
+    S = whitening_factor(gram_of(calib, W.shape[1]), damping)
+    U, sig, Vh = torch.linalg.svd(W @ S, full_matrices=False)
+    r = select_rank(*W.shape, singular_values=sig, rank=rank, ratio=ratio, energy=energy)
+    u, vs = _split(U, sig, Vh, r)
+    # v·S = vs  ⇔  Sᵀ·vᵀ = vsᵀ, Sᵀ upper triangular.
+    v = torch.linalg.solve_triangular(S.t(), vs.t(), upper=True).t()
+    return u.float(), v.float(), sig.float()
+
+
+def output_error(weight, approx, gram):
+    """Relative output error ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ computed from G = XᵀX alone."""
+    W = weight.detach().to("cpu", FACTOR_DTYPE)
+    E = W - approx.detach().to("cpu", FACTOR_DTYPE)
+    G = gram.to(FACTOR_DTYPE)
+    num = torch.einsum("ik,kl,il->", E, G, E).clamp_min(0)
+    den = torch.einsum("ik,kl,il->", W, G, W).clamp_min(1e-300)
+    return float((num / den).sqrt())
+
+
+def weight_error(weight, approx):
+    """Relative weight error ‖W − Ŵ‖_F / ‖W‖_F."""
+    W = weight.detach().to("cpu", FACTOR_DTYPE)
+    return float(torch.linalg.norm(W - approx.detach().to("cpu", FACTOR_DTYPE)) / torch.linalg.norm(W).clamp_min(1e-300))
