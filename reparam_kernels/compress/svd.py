@@ -20,7 +20,8 @@ G = XᵀX = S·Sᵀ (Cholesky), ‖X·(W − Ŵ)ᵀ‖_F = ‖(W − Ŵ)·S‖_F
 the SVD of W·S minimizes the layer's OUTPUT error on the calibration inputs,
 not the weight error. The factors map back with ``v = sqrt(Σ)·V_rᵀ·S⁻¹``.
 Factorization runs on the CPU in float64 (Cholesky of near-singular Gram
-matrices in fp32 is unreliable) and the factors are returned in float32.
+matrices in fp32 is unreliable); the factors are returned in float32 (float64
+for a float64 weight).
 """
 import math
 
@@ -79,6 +80,10 @@ def _check_weight(weight):
         _bad("weight", "contains NaN or Inf")
 
 
+def _out_dtype(weight):
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 def _split(U, S, Vh, r):
     root = S[:r].sqrt()
     return U[:, :r] * root, root[:, None] * Vh[:r]
@@ -94,7 +99,8 @@ def truncated_svd(weight, rank=None, ratio=None, energy=None):
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     r = select_rank(*W.shape, singular_values=S, rank=rank, ratio=ratio, energy=energy)
     u, v = _split(U, S, Vh, r)
-    return u.float(), v.float(), S.float()
+    dt = _out_dtype(weight)
+    return u.to(dt), v.to(dt), S.to(dt)
 
 
 def gram_of(calib, in_features):
@@ -149,7 +155,8 @@ def whitened_svd(weight, calib, rank=None, ratio=None, energy=None, damping=1e-5
     u, vs = _split(U, sig, Vh, r)
     # v·S = vs  ⇔  Sᵀ·vᵀ = vsᵀ, Sᵀ upper triangular.
     v = torch.linalg.solve_triangular(S.t(), vs.t(), upper=True).t()
-    return u.float(), v.float(), sig.float()
+    dt = _out_dtype(weight)
+    return u.to(dt), v.to(dt), sig.to(dt)
 
 
 def output_error(weight, approx, gram):
