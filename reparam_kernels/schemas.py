@@ -14,6 +14,10 @@ import torch
 SCHEMAS = {
     # y = x @ v.T @ u.T + bias ; u [N, r], v [r, K]
     "lowrank_linear": "lowrank_linear(Tensor x, Tensor u, Tensor v, Tensor? bias) -> Tensor",
+    # y_i = irfft(Σ_j S_ij ⊙ rfft(x_j)) + bias ; w_spectrum [p, q, 2, b//2+1] fp32 (compress/structured.py)
+    "block_circulant_linear": "block_circulant_linear(Tensor x, Tensor w_spectrum, int block_size, int out_features, Tensor? bias) -> Tensor",
+    # Toeplitz N×K through its circulant embedding of size fft_size; t_spectrum [1, 1, 2, fft_size//2+1]
+    "toeplitz_linear": "toeplitz_linear(Tensor x, Tensor t_spectrum, int fft_size, int out_features, Tensor? bias) -> Tensor",
 }
 
 LIB = torch.library.Library("reparam", "DEF")
