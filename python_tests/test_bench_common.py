@@ -1,0 +1,142 @@
+"""CPU-side logic of the benchmark helpers: result-file format, markdown, rotation, correctness guard."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import common  # noqa: E402
+from reparam_kernels.bench import cases  # noqa: E402
+
+ENV = {"gpu": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0", "date": "2026-11-28T00:00:00+00:00",
+       "command": "python benchmarks/bench_x.py --quick"}
+
+
+def _results(tmp_path):
+    res = common.Results("toy_op", root=str(tmp_path), env=dict(ENV))
+    res.add(mode="graph", dtype="fp16", M=1, N=8192, K=8192, params={"rank": 512},
+            ours_us=10.0, cublas_us=38.8, peers={"two_cublas": 21.0}, bytes=16_777_216 * 1.0)
+    res.add(mode="eager", dtype="bf16", M=16, N=4096, K=14336, params={}, ours_us=5.5, cublas_us=11.0)
+    return res
+
+
+def test_results_file_has_design_format(tmp_path):
+    res = _results(tmp_path)
+    res.ceilings = {"copy_tbps": 4.27, "bf16_gemm_tflops": 680.0}
+    path = res.write()
+    assert path == os.path.join(str(tmp_path), "h200", "toy_op.json")
+    data = json.load(open(path))
+    for key in ("gpu", "torch", "cuda", "date", "command", "rows"):
+        assert key in data
+    row = data["rows"][0]
+    assert set(row) >= {"op", "mode", "dtype", "M", "N", "K", "params", "ours_us", "cublas_us", "ratio", "peers"}
+    assert row["op"] == "toy_op" and row["mode"] == "graph" and row["params"] == {"rank": 512}
+    assert row["ratio"] == pytest.approx(38.8 / 10.0)
+    assert data["rows"][1]["ratio"] == pytest.approx(2.0)
+    assert data["ceilings"]["copy_tbps"] == 4.27
+    assert common.load(path) == data  # validates on load
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: d.pop("cuda"), "`cuda`"),
+    (lambda d: d["rows"][0].pop("peers"), "lacks `peers`"),
+    (lambda d: d["rows"][0].update(mode="cold"), "mode"),
+    (lambda d: d["rows"][0].update(ratio=1.0), "ratio"),
+    (lambda d: d["rows"][0].update(M="1"), "rows[0].M"),
+    (lambda d: d["rows"][0].update(ours_us=-1.0), "non-positive"),
+])
+def test_validate_names_the_broken_field(tmp_path, breakage, message):
+    data = _results(tmp_path).to_dict()
+    breakage(data)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        common.validate(data)
+
+
+def test_make_row_rejects_bad_mode_and_times():
+    with pytest.raises(ValueError, match="mode"):
+        common.make_row("op", "warm", "fp16", 1, 2, 3, 1.0, 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        common.make_row("op", "graph", "fp16", 1, 2, 3, 0.0, 1.0)
+
+
+def test_markdown_table(tmp_path):
+    res = _results(tmp_path)
+    res.ceilings = {"copy_tbps": 4.27, "bf16_gemm_tflops": 680.0}
+    res.fail({"M": 3}, "relative error 1 > 5e-3")
+    md = common.render_markdown(res.to_dict())
+    lines = md.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| mode"))
+    assert "two_cublas µs" in header and "ratio" in header
+    body = [ln for ln in lines if ln.startswith("| graph") or ln.startswith("| eager")]
+    assert len(body) == 2
+    assert "| 3.88× |" in body[0] and "rank=512" in body[0] and "| 21.0 |" in body[0]
+    assert "1.68" in body[0]  # 16.78 MB in 10 us = 1.68 TB/s
+    assert body[1].rstrip().endswith("| - | - |")  # no peer, no bytes
+    assert "copy 4.27 TB/s" in md and "Not timed" in md and "NVIDIA H200" in md
+    assert all(ln.count("|") == header.count("|") for ln in body)
+
+
+def test_render_files(tmp_path):
+    path = _results(tmp_path).write()
+    assert common.render_files([path]) == common.render_markdown(common.load(path))
+
+
+def test_gpu_slug():
+    assert common.gpu_slug("NVIDIA H200") == "h200"
+    assert common.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert common.gpu_slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert common.gpu_slug("NVIDIA GeForce RTX 4090") == "rtx4090"
+
+
+def test_rotation_count_exceeds_l2():
+    assert common.rotation_count(128 * 1024 ** 2) == 2  # 8192^2 fp16: 2 copies > 3 x 60 MB
+    n = common.rotation_count(2 * 1024 ** 2)
+    assert n * 2 * 1024 ** 2 >= 3 * common.L2_BYTES and (n - 1) * 2 * 1024 ** 2 < 3 * common.L2_BYTES
+    assert common.rotation_count(10 ** 10) == 1
+    with pytest.raises(ValueError, match="bytes_per_set"):
+        common.rotation_count(0)
+
+
+def test_cycling_rotates_sets():
+    seen = []
+    f = common.cycling(lambda a: seen.append(a), [(1,), (2,), (3,)])
+    for _ in range(5):
+        f()
+    assert seen == [1, 2, 3, 1, 2]
+
+
+def _case(tmp_path, ours_fn, monkeypatch):
+    timed = []
+    monkeypatch.setattr(cases, "time_mode", lambda mode, fn: (fn(), timed.append(mode), 7.0)[2])
+    res = common.Results("toy", root=str(tmp_path), env=dict(ENV))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 37, generator=g)
+    w = torch.randn(29, 37, generator=g)
+    rows = common.run_case(res, dtype=torch.float32, M=3, N=29, K=37, params={},
+                           ours=common.Contender(ours_fn, [(x, w)]),
+                           cublas=common.Contender(torch.nn.functional.linear, [(x, w)]),
+                           peers={"bad_peer": common.Contender(lambda a, b: a @ b.t() + 1, [(x, w)])},
+                           reference=lambda: x.double() @ w.double().t())
+    return res, rows, timed
+
+
+def test_run_case_times_a_correct_kernel(tmp_path, monkeypatch):
+    res, rows, timed = _case(tmp_path, lambda a, b: a @ b.t(), monkeypatch)
+    assert [r["mode"] for r in rows] == ["graph", "eager"]
+    assert timed == ["graph", "graph", "eager", "eager"]  # ours + cuBLAS; the wrong peer is not timed
+    assert rows[0]["peers"] == {} and res.failures[0]["case"]["peer"] == "bad_peer"
+
+
+def test_run_case_never_times_a_wrong_kernel(tmp_path, monkeypatch):
+    res, rows, timed = _case(tmp_path, lambda a, b: a @ b.t() * 1.01, monkeypatch)
+    assert rows == [] and timed == [] and res.rows == []
+    assert "relative error" in res.failures[0]["reason"]
+
+
+def test_check_against_float64_rejects_nan():
+    ref = torch.ones(4, dtype=torch.float64)
+    with pytest.raises(common.KernelMismatch):
+        common.check_against_float64("k", torch.tensor([1.0, float("nan"), 1.0, 1.0]), ref, torch.float32)
+    assert common.check_against_float64("k", ref.float(), ref, torch.float32) == 0.0

@@ -1,0 +1,115 @@
+"""One benchmarked case: check every contender against float64 first, then time it.
+
+A kernel that gives a wrong result is never timed: its case is recorded in the
+result file's ``failures`` instead (a fast wrong kernel is the worst benchmark
+outcome there is). A peer that fails the check is dropped from the row and
+recorded the same way.
+"""
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from .results import Results
+from .timing import cycling, dtype_name, time_mode
+
+# Relative error ||out - ref|| / ||ref|| allowed against the float64 reference (fp32 accumulation).
+TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
+
+
+class KernelMismatch(AssertionError):
+    pass
+
+
+def relative_error(out, ref64):
+    out64 = out.detach().to(torch.float64)
+    if out64.shape != ref64.shape:
+        raise KernelMismatch(f"shape {tuple(out64.shape)} != reference {tuple(ref64.shape)}")
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+
+def check_against_float64(name, out, ref64, dtype, tol=None):
+    """Raise KernelMismatch unless `out` matches the float64 reference within the dtype's tolerance."""
+    tol = TOLERANCE[dtype] if tol is None else tol
+    err = relative_error(out, ref64)
+    if not err <= tol:
+        raise KernelMismatch(f"{name}: relative error {err:.3g} > {tol:.1g} against the float64 reference")
+    return err
+
+
+@dataclass
+class Contender:
+    """fn(*arg_sets[i]) computes the op; several arg sets rotate the operands past the L2.
+    arg_sets[0] must be the inputs `reference` was computed from."""
+    fn: object
+    arg_sets: list = field(default_factory=list)
+
+    def first(self):
+        return self.fn(*self.arg_sets[0])
+
+    def timed(self):
+        return cycling(self.fn, self.arg_sets)
+
+
+def run_case(results: Results, *, dtype, M, N, K, params, ours, cublas, reference, peers=None,
+             modes=("graph", "eager"), tol=None, tol_cublas=None, **extra):
+    """Check then time one case in every mode; add its rows to `results` and return them."""
+    case = {"dtype": dtype_name(dtype), "M": M, "N": N, "K": K, "params": dict(params)}
+    ref64 = reference()
+    try:
+        check_against_float64("ours", ours.first(), ref64, dtype, tol)
+        # The dense weight cuBLAS runs is the compressed one expanded (U @ V, dequantized...),
+        # so the same float64 reference holds for it.
+        check_against_float64("cublas", cublas.first(), ref64, dtype, tol_cublas)
+    except KernelMismatch as exc:
+        results.fail(case, exc)
+        return []
+    good_peers = {}
+    for name, peer in (peers or {}).items():
+        try:
+            check_against_float64(name, peer.first(), ref64, dtype, tol)
+            good_peers[name] = peer
+        except KernelMismatch as exc:
+            results.fail(dict(case, peer=name), exc)
+    del ref64
+    rows = []
+    for mode in modes:
+        ours_us = time_mode(mode, ours.timed())
+        cublas_us = time_mode(mode, cublas.timed())
+        peer_us = {name: time_mode(mode, p.timed()) for name, p in good_peers.items()}
+        rows.append(results.add(mode=mode, dtype=case["dtype"], M=M, N=N, K=K, params=case["params"],
+                                ours_us=ours_us, cublas_us=cublas_us, peers=peer_us, **extra))
+    return rows
+
+
+def progress(items, desc):
+    """A progress bar over `items` (tqdm when installed, else one line per item on stderr)."""
+    items = list(items)
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, file=sys.stderr)
+    except ImportError:
+        def plain():
+            for i, item in enumerate(items):
+                print(f"{desc}: {i + 1}/{len(items)} {item}", file=sys.stderr, flush=True)
+                yield item
+        return plain()
+
+
+def bench_arg_parser(description):
+    """The options every bench script takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="fewer shapes and batches (a GPU session is short)")
+    p.add_argument("--out", default=None, help="results root (default benchmarks/results, or $REPARAM_BENCH_OUT)")
+    p.add_argument("--dtypes", default="fp16,bf16", help="comma-separated, from fp16,bf16")
+    p.add_argument("--modes", default="graph,eager", help="comma-separated, from graph,eager")
+    return p
+
+
+def require_cuda(script):
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script}: no CUDA GPU visible; benchmarks only run on a GPU (nothing written)")

@@ -1,0 +1,178 @@
+"""Benchmark result files, as DESIGN.md defines them, and the markdown made from them.
+
+One file per op and GPU: ``<root>/<gpu>/<op>.json`` =
+``{"gpu", "torch", "cuda", "date", "command", "rows": [...]}``, each row
+``{"op", "mode": "graph"|"eager", "dtype", "M", "N", "K", "params": {...},
+"ours_us", "cublas_us", "ratio": cublas_us / ours_us, "peers": {name: us}}``.
+
+Optional extras (readers must tolerate them): top-level ``"ceilings"``
+(copy TB/s and bf16 GEMM TFLOP/s measured in the same run) and ``"failures"``
+(cases whose kernel failed the float64 check and so were not timed); per row
+``"bytes"`` / ``"flops"`` (what the op must move / compute) from which achieved
+TB/s and TFLOP/s follow.
+"""
+import datetime
+import json
+import os
+import re
+import shlex
+import sys
+
+import torch
+
+REQUIRED_TOP = ("gpu", "torch", "cuda", "date", "command", "rows")
+ROW_TYPES = {"op": str, "mode": str, "dtype": str, "M": int, "N": int, "K": int, "params": dict,
+             "ours_us": (int, float), "cublas_us": (int, float), "ratio": (int, float), "peers": dict}
+MODES = ("graph", "eager")
+DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            "benchmarks", "results")
+OUT_ENV = "REPARAM_BENCH_OUT"  # overrides the results root (e.g. a GPU runner's output folder)
+
+
+def gpu_slug(name):
+    """'NVIDIA H200' -> 'h200'; 'NVIDIA GeForce RTX 4090' -> 'rtx4090'; 'NVIDIA A100-SXM4-80GB' -> 'a100'."""
+    words = [w for w in re.split(r"[\s_]+", name.lower()) if w not in ("nvidia", "geforce", "tesla", "")]
+    if not words:
+        raise ValueError(f"cannot make a GPU slug from {name!r}")
+    if words[0] == "rtx" and len(words) > 1:
+        return "rtx" + re.sub(r"[^a-z0-9]", "", words[1])
+    return re.split(r"[^a-z0-9]", words[0])[0] or re.sub(r"[^a-z0-9]", "", words[0])
+
+
+def environment(command=None):
+    """The header fields of a result file, for the current process and GPU."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command if command is not None else " ".join(shlex.quote(a) for a in ["python"] + sys.argv),
+    }
+
+
+def make_row(op, mode, dtype, M, N, K, ours_us, cublas_us, params=None, peers=None, **extra):
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+    if not (ours_us > 0 and cublas_us > 0):
+        raise ValueError(f"times must be positive, got ours_us={ours_us}, cublas_us={cublas_us}")
+    row = {"op": op, "mode": mode, "dtype": dtype, "M": int(M), "N": int(N), "K": int(K),
+           "params": dict(params or {}), "ours_us": float(ours_us), "cublas_us": float(cublas_us),
+           "ratio": float(cublas_us) / float(ours_us), "peers": {k: float(v) for k, v in (peers or {}).items()}}
+    row.update(extra)
+    return row
+
+
+def validate(data):
+    """Raise ValueError naming the first field that breaks the DESIGN.md format."""
+    if not isinstance(data, dict):
+        raise ValueError(f"result file must be a JSON object, got {type(data).__name__}")
+    for key in REQUIRED_TOP:
+        if key not in data:
+            raise ValueError(f"result file lacks the top-level field `{key}`")
+    if not isinstance(data["rows"], list):
+        raise ValueError("`rows` must be a list")
+    for i, row in enumerate(data["rows"]):
+        for key, typ in ROW_TYPES.items():
+            if key not in row:
+                raise ValueError(f"rows[{i}] lacks `{key}`")
+            if not isinstance(row[key], typ) or isinstance(row[key], bool):
+                raise ValueError(f"rows[{i}].{key} has type {type(row[key]).__name__}")
+        if row["mode"] not in MODES:
+            raise ValueError(f"rows[{i}].mode is {row['mode']!r}, expected one of {MODES}")
+        if row["ours_us"] <= 0 or row["cublas_us"] <= 0:
+            raise ValueError(f"rows[{i}] has a non-positive time")
+        if abs(row["ratio"] - row["cublas_us"] / row["ours_us"]) > 1e-6 * max(1.0, row["ratio"]):
+            raise ValueError(f"rows[{i}].ratio is not cublas_us / ours_us")
+    return data
+
+
+class Results:
+    """Collects the rows of one op and writes ``<root>/<gpu slug>/<op>.json``."""
+
+    def __init__(self, op, root=None, env=None):
+        self.op = op
+        self.root = root or os.environ.get(OUT_ENV) or DEFAULT_ROOT
+        self.env = env or environment()
+        self.rows, self.failures, self.ceilings = [], [], None
+
+    def add(self, **row_fields):
+        row_fields.setdefault("op", self.op)
+        row = make_row(**row_fields)
+        self.rows.append(row)
+        return row
+
+    def fail(self, case, reason):
+        """A case that was not timed (wrong result, unsupported): kept, visibly, in the file."""
+        self.failures.append({"case": case, "reason": str(reason)})
+
+    def to_dict(self):
+        data = dict(self.env)
+        data["rows"] = list(self.rows)
+        if self.ceilings is not None:
+            data["ceilings"] = dict(self.ceilings)
+        if self.failures:
+            data["failures"] = list(self.failures)
+        return validate(data)
+
+    def path(self):
+        return os.path.join(self.root, gpu_slug(self.env["gpu"]), f"{self.op}.json")
+
+    def write(self):
+        path = self.path()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+        return path
+
+
+def load(path):
+    with open(path) as f:
+        return validate(json.load(f))
+
+
+def _fmt_params(params):
+    return ", ".join(f"{k}={v}" for k, v in params.items()) or "-"
+
+
+def _fmt_us(us):
+    return f"{us:.1f}" if us >= 10 else f"{us:.2f}"
+
+
+def achieved(row):
+    """(TB/s, TFLOP/s) the op achieved on the bytes / flops it must move, or None where unknown."""
+    t = row["ours_us"] * 1e-6
+    tbps = row["bytes"] / t / 1e12 if row.get("bytes") else None
+    tflops = row["flops"] / t / 1e12 if row.get("flops") else None
+    return tbps, tflops
+
+
+def render_markdown(data):
+    """One markdown table (with a header line naming GPU and versions) for one result file's dict."""
+    validate(data)
+    peer_names = sorted({p for r in data["rows"] for p in r["peers"]})
+    lines = [f"**{data['rows'][0]['op'] if data['rows'] else '(no rows)'}** on {data['gpu']} "
+             f"(torch {data['torch']}, CUDA {data['cuda']}, {data['date']}); `{data['command']}`", ""]
+    if data.get("ceilings"):
+        c = data["ceilings"]
+        lines += [f"Ceilings measured in the same run: copy {c['copy_tbps']:.2f} TB/s, "
+                  f"bf16 GEMM {c['bf16_gemm_tflops']:.0f} TFLOP/s.", ""]
+    head = ["mode", "dtype", "M", "N", "K", "params", "ours µs", "cuBLAS µs", "ratio"]
+    head += [f"{p} µs" for p in peer_names] + ["TB/s"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in data["rows"]:
+        tbps, _ = achieved(r)
+        cells = [r["mode"], r["dtype"], str(r["M"]), str(r["N"]), str(r["K"]), _fmt_params(r["params"]),
+                 _fmt_us(r["ours_us"]), _fmt_us(r["cublas_us"]), f"{r['ratio']:.2f}×"]
+        cells += [_fmt_us(r["peers"][p]) if p in r["peers"] else "-" for p in peer_names]
+        cells.append(f"{tbps:.2f}" if tbps else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    for fail in data.get("failures", []):
+        lines.append(f"\nNot timed: {fail['case']} — {fail['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def render_files(paths):
+    """Markdown for several result files, one section each, in path order."""
+    return "\n".join(render_markdown(load(p)) for p in sorted(paths))
