@@ -1,0 +1,91 @@
+"""GPTQ-style calibrated quantization (Frantar et al., 2022), group-wise int4.
+
+Minimizes the layer's output error ‖X·(W − Ŵ)ᵀ‖² on calibration inputs X
+instead of the weight error. With H = XᵀX (the Gram matrix that
+``compress.calib.CalibStats`` accumulates), columns of W are quantized one by
+one; the rounding error of column i, divided by [H⁻¹]ᵢᵢ, is spread over the
+not-yet-quantized columns with the row i of the upper Cholesky factor of H⁻¹
+(optimal brain surgeon update). Updates to columns beyond the current block
+of ``block_size`` columns are applied lazily, once per block, as one matmul.
+
+Details that matter:
+* Damping: H += damp · mean(diag H) · I (H from few samples is singular).
+* Inputs that never fire (H_ii = 0) get H_ii = 1 and their weights zeroed
+  out of the error propagation (their quantized value is irrelevant to X).
+* Groups: the scale and zero point of a group are chosen from the columns
+  of that group *as already updated* by the earlier compensation, when the
+  quantizer reaches the group's first column. Blocks are a multiple of the
+  group size, so a group never straddles a block.
+Computation runs in float64 on w's device.
+"""
+import torch
+
+from .quantize import check_group_size
+
+
+def _group_params(wg, bits, symmetric):
+    """Scale and zero point (w ≈ (q − z)·s, q unsigned) for the rows of wg [N, g]."""
+    qmax = 2 ** bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1) - 1
+        s = wg.abs().amax(1) / half
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        return s, torch.full_like(s, float(2 ** (bits - 1)))
+    lo = wg.amin(1).clamp(max=0)
+    hi = wg.amax(1).clamp(min=0)
+    s = (hi - lo) / qmax
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return s, torch.clamp(torch.round(-lo / s), 0, qmax)
+
+
+@torch.no_grad()
+def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01, block_size=128):
+    """GPTQ on ``w`` [N, K] with ``hessian`` = XᵀX [K, K].
+
+    Returns (q uint8 [N, K] unsigned codes, scale [N, G] float32, zero [N, G] float32)
+    with ``w ≈ (q − zero)·scale`` per group (G = K // group_size; group_size=None: per channel),
+    the same format as ``quantize_linear(..., symmetric=False)`` (for symmetric=True,
+    zero = 2^(bits−1)).
+    """
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError("`w` must be a 2-D floating-point tensor [out_features, in_features]")
+    n, k = w.shape
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
+        raise ValueError(f"`hessian` must be [K, K] = [{k}, {k}] (XᵀX of the layer inputs), got "
+                         f"{tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__}")
+    if not 0 <= damp < 1:
+        raise ValueError(f"`damp` must be in [0, 1), got {damp}")
+    g = check_group_size(k, group_size)
+    qmax = 2 ** bits - 1
+    blk = max(block_size // g, 1) * g if g < k else k
+    W = w.detach().to(torch.float64).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype, device=H.device)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    Q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
+    scales = torch.zeros(n, k // g, dtype=torch.float64, device=W.device)
+    zeros = torch.zeros_like(scales)
+    for i1 in range(0, k, blk):
+        i2 = min(i1 + blk, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:
+                gi = col // g
+                scales[:, gi], zeros[:, gi] = _group_params(W1[:, i:i + g], bits, symmetric)
+            s, z = scales[:, col // g], zeros[:, col // g]
+            wcol = W1[:, i]
+            q = torch.clamp(torch.round(wcol / s) + z, 0, qmax)
+            Q[:, col] = q.to(torch.uint8)
+            err = (wcol - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of the remaining columns
+    return Q, scales.float(), zeros.float()

@@ -1,0 +1,191 @@
+"""Scalar weight quantizers: linear (int8 / int4) and logarithmic, plus packing.
+
+All quantizers take a weight ``w`` [N, K] (out_features, in_features) and
+quantize along K, i.e. each output row gets its own scale(s).
+
+Linear quantization (``quantize_linear``)
+    * ``group_size=None``: one scale per output channel (row).
+      ``group_size=g``: one scale per run of g consecutive inputs of a row,
+      so scales are [N, K // g]. K must be divisible by g: a K that g does not
+      divide raises ``ValueError`` (no silent padding; pad the layer yourself
+      if you need it).
+    * symmetric: ``w ≈ q · s`` with signed codes q in [-(2^(b-1)-1), 2^(b-1)-1]
+      (int8 tensor), s = max|w| / (2^(b-1)-1); ``zero`` is None.
+    * asymmetric: ``w ≈ (q − z) · s`` with unsigned codes q in [0, 2^b − 1]
+      (uint8 tensor), s = (max − min) / (2^b − 1), z = round(−min / s) an
+      integer in [0, 2^b − 1] (stored as float so kernels use one formula).
+
+Packing (the layouts the kernels read)
+    * int8: codes as an int8 [N, K] row-major tensor (``pack_int8``).
+    * int4: unsigned codes 0..15, two per byte along K: byte ``j`` of row n is
+      ``q[n, 2j] | q[n, 2j+1] << 4`` (low nibble = even k), a uint8 [N, K/2]
+      row-major tensor (``pack_int4``). K must be even. A 16-byte load of a row
+      thus holds 32 consecutive k of one output channel, which is what the
+      GEMV and tile-dequantizing kernels consume.
+
+Log quantization (``quantize_log``)
+    Per output channel scale s = max|w_row|. A b-bit code is ``sign << (b-1) | m``
+    with magnitude index m in [0, 2^(b-1) − 1]: m = 0 is zero and m ≥ 1 is the
+    power of two 2^(m − (2^(b-1) − 1)) (so the largest m is 1·s). Rounding is to
+    the nearest level in the linear domain (minimum squared error). The decode
+    table per row is ``scale[n] · log_levels(b)`` (``log_lut``), which feeds the
+    lookup-table op ``lut_linear`` for b = 4.
+"""
+import torch
+
+
+def _check_weight(w, name="w"):
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"`{name}` must be a 2-D tensor [out_features, in_features], got "
+                         f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if not w.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point tensor, got {w.dtype}")
+
+
+def check_group_size(k, group_size):
+    """Validates ``group_size`` for K = k inputs; returns the effective group (k for per-channel)."""
+    if group_size is None:
+        return k
+    if not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"`group_size` must be a positive int or None (per channel), got {group_size!r}")
+    if k % group_size != 0:
+        raise ValueError(f"`group_size` = {group_size} does not divide in_features K = {k}; "
+                         f"use a group size that divides K (e.g. 32, 64, 128) or pad the layer")
+    return group_size
+
+
+def _grouped(w, g):
+    n, k = w.shape
+    return w.reshape(n, k // g, g)
+
+
+@torch.no_grad()
+def quantize_linear(w, bits=8, group_size=None, symmetric=True):
+    """Round-to-nearest linear quantization of ``w`` [N, K].
+
+    Returns ``(q, scale, zero)``: q [N, K] (int8 signed codes if symmetric, uint8
+    unsigned codes otherwise), scale [N, G] float32, zero [N, G] float32 or None
+    (G = K // group_size, 1 for per-channel). See the module doc for the formulas.
+    """
+    _check_weight(w)
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"`bits` must be 2, 3, 4 or 8, got {bits!r}")
+    n, k = w.shape
+    g = check_group_size(k, group_size)
+    wg = _grouped(w.float(), g)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = wg.abs().amax(-1) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.clamp(torch.round(wg / scale[..., None]), -qmax, qmax)
+        return q.reshape(n, k).to(torch.int8), scale, None
+    qmax = 2 ** bits - 1
+    lo = wg.amin(-1).clamp(max=0)  # keep 0 representable exactly
+    hi = wg.amax(-1).clamp(min=0)
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
+    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, qmax)
+    return q.reshape(n, k).to(torch.uint8), scale, zero
+
+
+def dequantize_linear(q, scale, zero=None, dtype=torch.float32):
+    """Inverse of ``quantize_linear``: (q − zero) · scale, scale/zero [N, G] broadcast over groups of K // G."""
+    n, k = q.shape
+    if scale.dim() != 2 or scale.shape[0] != n or k % scale.shape[1] != 0:
+        raise ValueError(f"`scale` must be [N, G] with N = {n} and G dividing K = {k}, got {tuple(scale.shape)}")
+    g = k // scale.shape[1]
+    qg = _grouped(q.to(torch.float64), g)
+    if zero is not None:
+        if zero.shape != scale.shape:
+            raise ValueError(f"`zero` must have the shape of `scale` {tuple(scale.shape)}, got {tuple(zero.shape)}")
+        qg = qg - zero.to(torch.float64)[..., None]
+    return (qg * scale.to(torch.float64)[..., None]).reshape(n, k).to(dtype)
+
+
+def to_unsigned4(q, scale, zero):
+    """Symmetric int4 codes (−7..7, zero None) → the unsigned-with-zero-point form (0..15, z = 8)
+    that ``int4_linear`` takes; asymmetric input is returned unchanged."""
+    if zero is not None:
+        return q.to(torch.uint8), scale, zero
+    return (q.to(torch.int16) + 8).to(torch.uint8), scale, torch.full_like(scale, 8.0)
+
+
+# ---------------------------------------------------------------- packing
+
+def pack_int8(q):
+    """Signed codes in [-128, 127] (any integer dtype) → contiguous int8 [N, K]."""
+    if q.is_floating_point() or q.dim() != 2:
+        raise ValueError(f"`q` must be a 2-D integer tensor, got {q.dtype} {tuple(q.shape)}")
+    if q.numel() and (int(q.min()) < -128 or int(q.max()) > 127):
+        raise ValueError("`q` has values outside the int8 range [-128, 127]")
+    return q.to(torch.int8).contiguous()
+
+
+def unpack_int8(packed):
+    return packed.to(torch.int16)
+
+
+def pack_int4(q):
+    """Unsigned 4-bit codes [N, K] (0..15, K even) → uint8 [N, K/2], low nibble = even k."""
+    if q.is_floating_point() or q.dim() != 2:
+        raise ValueError(f"`q` must be a 2-D integer tensor, got {q.dtype} {tuple(q.shape)}")
+    if q.shape[1] % 2 != 0:
+        raise ValueError(f"`q` must have an even number of columns K to pack two codes per byte, got K = {q.shape[1]}")
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        raise ValueError("`q` has values outside the unsigned 4-bit range [0, 15]")
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed):
+    """uint8 [N, K/2] → uint8 codes [N, K] (inverse of ``pack_int4``)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"`packed` must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    lo = packed & 0xF
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+
+
+# ---------------------------------------------------------------- log quantization
+
+def log_levels(bits, dtype=torch.float32):
+    """The 2^bits signed decode values (unit scale), indexed by code: sign << (bits-1) | m."""
+    if bits not in (4, 8):
+        raise ValueError(f"`bits` must be 4 or 8 for log quantization, got {bits!r}")
+    nm = 2 ** (bits - 1)
+    m = torch.arange(nm, dtype=torch.float64)
+    mag = torch.where(m == 0, torch.zeros_like(m), torch.pow(2.0, m - (nm - 1)))
+    return torch.cat((mag, -mag)).to(dtype)
+
+
+@torch.no_grad()
+def quantize_log(w, bits=4):
+    """Log quantization of ``w`` [N, K]: returns (codes uint8 [N, K], scale float32 [N]).
+
+    ``w ≈ scale[:, None] * log_levels(bits)[codes]``.
+    """
+    _check_weight(w)
+    levels = log_levels(bits, torch.float64)
+    nm = 2 ** (bits - 1)
+    mags = levels[:nm]  # ascending: 0, 2^-(nm-2), ..., 2^-1, 1
+    w64 = w.to(torch.float64)
+    scale = w64.abs().amax(1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    a = w64.abs() / scale[:, None]
+    # nearest magnitude level: mags are sorted ascending, so compare to midpoints
+    mids = (mags[1:] + mags[:-1]) / 2
+    m = torch.bucketize(a, mids)
+    codes = torch.where(w64 < 0, m + nm, m)
+    codes = torch.where(m == 0, torch.zeros_like(codes), codes)  # one code for zero
+    return codes.to(torch.uint8), scale.float()
+
+
+def log_lut(scale, bits=4, dtype=torch.float32):
+    """Per-row decode tables [N, 2^bits] = scale[n] · log_levels(bits)."""
+    return (scale.to(torch.float64)[:, None] * log_levels(bits, torch.float64)[None, :]).to(dtype)
+
+
+def dequantize_log(codes, scale, bits=4, dtype=torch.float32):
+    lut = log_lut(scale, bits, torch.float64)
+    return torch.gather(lut, 1, codes.long()).to(dtype)
