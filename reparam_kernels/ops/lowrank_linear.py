@@ -1,27 +1,21 @@
-"""Typed Python wrappers of ``torch.ops.reparam.*``, with fake and autograd rules.
+"""lowrank_linear: y = x @ v.T @ u.T + bias, u [N, r], v [r, K].
 
-One section per op: argument checks, the wrapper users call, ``register_fake``
-(shape inference for torch.compile / meta tensors) and the backward. The
-schemas are in ``schemas.py``; backends are bound in ``_dispatch.register``.
+Layout: both factors are row-major with the reduction dim contiguous
+(v rows run along K, u rows along r), so every kernel reads 16-byte
+vectors along the reduction for both products.
 """
 import torch
 
-from . import _dispatch, reference
-from ._checks import check, check_bias, check_tensor, check_x
-from ._dispatch import OpSpec
-from .triton import lowrank_linear as _triton_lowrank
-
-# ----------------------------------------------------------------------------
-# lowrank_linear: y = x @ v.T @ u.T + bias, u [N, r], v [r, K]
-# Layout: both factors are row-major with the reduction dim contiguous
-# (v rows run along K, u rows along r), so every kernel reads 16-byte
-# vectors along the reduction for both products.
+from .. import _dispatch, reference, triton as _triton
+from .._checks import check, check_bias, check_tensor, check_x
+from .._dispatch import OpSpec
 
 
 def _check_lowrank(x, u, v, bias):
     op = "lowrank_linear"
     check_tensor(op, "u", u, ndim=2, dtype=x.dtype, device=x.device)
     check_tensor(op, "v", v, ndim=2, dtype=x.dtype, device=x.device)
+    check(u.shape[1] >= 1 and v.shape[1] >= 1, op, f"rank and in_features must be >= 1, got `u` {tuple(u.shape)}, `v` {tuple(v.shape)}")
     check(u.shape[1] == v.shape[0], op, f"rank mismatch: `u` is {tuple(u.shape)} = [N, r] and `v` is {tuple(v.shape)} = [r, K]")
     check_x(op, x, v.shape[1])
     check_bias(op, bias, u.shape[0], x)
@@ -58,4 +52,4 @@ def _lowrank_backward(ctx, gy):
 
 
 torch.library.register_autograd("reparam::lowrank_linear", _lowrank_backward, setup_context=_lowrank_setup)
-_dispatch.register(OpSpec("lowrank_linear", reference.lowrank_linear, triton=_triton_lowrank))
+_dispatch.register(OpSpec("lowrank_linear", reference.lowrank_linear, triton=_triton.lowrank_linear))

@@ -1,0 +1,116 @@
+// Shared helpers for the CUDA kernels: stable-ABI tensor checks, the current
+// stream, dtype dispatch, and small device utilities. Stable ABI only (no ATen).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <optional>
+#include <vector>
+
+namespace reparam {
+
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+#define RK_CUDA_CHECK(expr)                                                    \
+  do {                                                                         \
+    cudaError_t rk_err_ = (expr);                                              \
+    STD_TORCH_CHECK(rk_err_ == cudaSuccess, "CUDA error: ",                    \
+                    cudaGetErrorString(rk_err_), " (" #expr ")");              \
+  } while (0)
+
+inline cudaStream_t current_stream(const Tensor& t) {
+  void* s = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(
+      aoti_torch_get_current_cuda_stream(t.get_device_index(), &s));
+  return static_cast<cudaStream_t>(s);
+}
+
+inline const char* dtype_name(ScalarType t) {
+  switch (t) {
+    case ScalarType::Half: return "float16";
+    case ScalarType::BFloat16: return "bfloat16";
+    case ScalarType::Float: return "float32";
+    case ScalarType::Double: return "float64";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Byte: return "uint8";
+    case ScalarType::Int: return "int32";
+    default: return "another dtype";
+  }
+}
+
+// Checks that `t` (argument `name` of op `op`) is a contiguous CUDA tensor on
+// x's device with `ndim` dims (ndim < 0: any) and dtype `dtype`.
+inline void check_arg(const char* op, const char* name, const Tensor& t, const Tensor& x,
+                      int64_t ndim, ScalarType dtype) {
+  STD_TORCH_CHECK(t.is_cuda() && t.get_device_index() == x.get_device_index(), "reparam.", op,
+                  ": `", name, "` must be on the same CUDA device as `x`");
+  STD_TORCH_CHECK(ndim < 0 || t.dim() == ndim, "reparam.", op, ": `", name, "` must be ", ndim,
+                  "-D, got ", t.dim(), "-D");
+  STD_TORCH_CHECK(t.scalar_type() == dtype, "reparam.", op, ": `", name, "` must be ",
+                  dtype_name(dtype), ", got ", dtype_name(t.scalar_type()));
+  STD_TORCH_CHECK(t.is_contiguous(), "reparam.", op, ": `", name, "` must be contiguous");
+}
+
+inline int sm_count(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) device = 0;
+  if (cached[device] == 0) {
+    RK_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return cached[device];
+}
+
+// Runs f(T{}) with T = __half or __nv_bfloat16 matching `st`; other dtypes error.
+template <class F>
+inline void dispatch_half(ScalarType st, const char* op, F&& f) {
+  if (st == ScalarType::Half) {
+    f(__half{});
+  } else if (st == ScalarType::BFloat16) {
+    f(__nv_bfloat16{});
+  } else {
+    STD_TORCH_CHECK(false, "reparam.", op, ": the CUDA kernel takes float16 or bfloat16 `x`, got ",
+                    dtype_name(st), " (the Python wrapper routes other dtypes to Triton/reference)");
+  }
+}
+
+// Output shape: x's leading dims, then `last`.
+inline std::vector<int64_t> out_shape(const Tensor& x, int64_t last) {
+  std::vector<int64_t> s;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) s.push_back(x.size(d));
+  s.push_back(last);
+  return s;
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+template <class T> __device__ __forceinline__ float to_f32(T v);
+template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
+
+template <class T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+
+// 16-byte asynchronous global->shared copy; src_bytes = 0 zero-fills the destination.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+}  // namespace reparam

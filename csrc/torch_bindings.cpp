@@ -1,0 +1,10 @@
+// Binds the CUDA kernels to the ops declared in reparam_kernels/schemas.py.
+// Only implementations live here: the schemas are defined from Python so that
+// the ops exist (with reference/Triton backends) even without this extension.
+#include <torch/csrc/stable/library.h>
+
+#include "ops.h"
+
+STABLE_TORCH_LIBRARY_IMPL(reparam, CUDA, m) {
+  m.impl("lowrank_linear", TORCH_BOX(&reparam::lowrank_linear_cuda));
+}

@@ -1,0 +1,7 @@
+"""Typed wrappers of ``torch.ops.reparam.*``: one file per op, each with its
+argument checks, ``register_fake`` and (for trainable ops) ``register_autograd``.
+Importing this package binds every op's backends (see ``_dispatch.register``).
+"""
+from .lowrank_linear import lowrank_linear
+
+__all__ = ["lowrank_linear"]
