@@ -18,6 +18,12 @@ SCHEMAS = {
     "block_circulant_linear": "block_circulant_linear(Tensor x, Tensor w_spectrum, int block_size, int out_features, Tensor? bias) -> Tensor",
     # Toeplitz N×K through its circulant embedding of size fft_size; t_spectrum [1, 1, 2, fft_size//2+1]
     "toeplitz_linear": "toeplitz_linear(Tensor x, Tensor t_spectrum, int fft_size, int out_features, Tensor? bias) -> Tensor",
+    # y = (x @ qweight.T) * scales + bias ; qweight int8 [N, K], scales [N] (x's dtype)
+    "int8_linear": "int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor",
+    # W[n,k] = (q[n,k] - zeros[n,g]) * scales[n,g], g = k // group_size ; qweight uint8 [N, K/2] (low nibble = even k)
+    "int4_linear": "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
+    # W[n,k] = lut[n // (N/L), code[n,k]] ; codes uint8 [N, K/2] 4-bit (low nibble = even k), lut [L, 16] (x's dtype)
+    "lut_linear": "lut_linear(Tensor x, Tensor codes, Tensor lut, Tensor? bias) -> Tensor",
 }
 
 LIB = torch.library.Library("reparam", "DEF")
