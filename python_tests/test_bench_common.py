@@ -72,7 +72,7 @@ def test_markdown_table(tmp_path):
     body = [ln for ln in lines if ln.startswith("| graph") or ln.startswith("| eager")]
     assert len(body) == 2
     assert "| 3.88× |" in body[0] and "rank=512" in body[0] and "| 21.0 |" in body[0]
-    assert "1.68" in body[0]  # 16.78 MB in 10 us = 1.68 TB/s
+    assert "| 1.68 (39% of copy) |" in body[0]  # 16.78 MB in 10 us = 1.68 TB/s of 4.27
     assert body[1].rstrip().endswith("| - | - |")  # no peer, no bytes
     assert "copy 4.27 TB/s" in md and "Not timed" in md and "NVIDIA H200" in md
     assert all(ln.count("|") == header.count("|") for ln in body)

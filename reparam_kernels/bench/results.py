@@ -166,7 +166,8 @@ def render_markdown(data):
         cells = [r["mode"], r["dtype"], str(r["M"]), str(r["N"]), str(r["K"]), _fmt_params(r["params"]),
                  _fmt_us(r["ours_us"]), _fmt_us(r["cublas_us"]), f"{r['ratio']:.2f}×"]
         cells += [_fmt_us(r["peers"][p]) if p in r["peers"] else "-" for p in peer_names]
-        cells.append(f"{tbps:.2f}" if tbps else "-")
+        copy = (data.get("ceilings") or {}).get("copy_tbps")
+        cells.append(("-" if not tbps else f"{tbps:.2f}" + (f" ({100 * tbps / copy:.0f}% of copy)" if copy else "")))
         lines.append("| " + " | ".join(cells) + " |")
     for fail in data.get("failures", []):
         lines.append(f"\nNot timed: {fail['case']} — {fail['reason']}")

@@ -1,0 +1,91 @@
+"""Fused low-rank linear vs cuBLAS dense F.linear vs two cuBLAS calls, in one run.
+
+    python benchmarks/bench_lowrank.py [--quick] [--ranks 128,512,1024] [--dtypes fp16,bf16]
+
+Writes benchmarks/results/<gpu>/lowrank_linear.json (DESIGN.md format). Each row
+also carries `bytes` (x, U, V read once, y written once: what the op must move)
+and `flops`; the copy bandwidth and bf16 GEMM ceilings are measured first in
+the same run and stored under `ceilings`, so achieved bandwidth is read
+against the copy ceiling of this very run.
+"""
+import torch
+import torch.nn.functional as F
+
+from common import (Contender, Results, bench_arg_parser, measure_ceilings, progress, require_cuda,
+                    rotation_count, run_case, shapes_and_batches, DTYPES)
+
+import reparam_kernels
+from reparam_kernels import _dispatch
+
+RANKS = (128, 512, 1024)
+QUICK_RANKS = (512,)
+
+
+def two_cublas(x, u, v):
+    return (x @ v.t()) @ u.t()
+
+
+def make_sets(N, K, r, M, dtype, count, device="cuda"):
+    """`count` independent copies of (x, u, v) and of the dense (x, W), W = u @ v."""
+    low, dense = [], []
+    for _ in range(count):
+        u = (torch.randn(N, r, device=device) / r ** 0.5).to(dtype)
+        v = (torch.randn(r, K, device=device) / K ** 0.5).to(dtype)
+        x = torch.randn(M, K, device=device).to(dtype)
+        low.append((x, u, v))
+        dense.append((x, (u.float() @ v.float()).to(dtype)))
+    return low, dense
+
+
+def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
+    """Check, then time, one case; `device`/`count` exist so the CPU tests can run it small."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    must_move = (M * K + r * (N + K) + M * N) * elt
+    if count is None:
+        count = min(rotation_count(must_move), rotation_count(N * K * elt + M * (N + K) * elt))
+    low, dense = make_sets(N, K, r, M, dtype, count, device)
+    x0, u0, v0 = low[0]
+    backend, why = _dispatch.backend_for("lowrank_linear", "cuda", dtype)
+    rows = run_case(
+        res, dtype=dtype, M=M, N=N, K=K, params={"rank": r}, modes=modes,
+        ours=Contender(lambda x, u, v: reparam_kernels.ops.lowrank_linear(x, u, v), low),
+        cublas=Contender(F.linear, dense),
+        peers={"two_cublas": Contender(two_cublas, low)},
+        reference=lambda: (x0.double() @ v0.double().t()) @ u0.double().t(),
+        bytes=must_move, flops=2 * M * r * (N + K), backend=backend,
+    )
+    del low, dense
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    p = bench_arg_parser(__doc__.splitlines()[0])
+    p.add_argument("--ranks", default=None, help="comma-separated ranks (default 128,512,1024; --quick: 512)")
+    args = p.parse_args(argv)
+    require_cuda(__file__)
+    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else (QUICK_RANKS if args.quick else RANKS)
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    modes = tuple(args.modes.split(","))
+    shapes, batches = shapes_and_batches(args.quick)
+    res = Results("lowrank_linear", root=args.out)
+    res.ceilings = measure_ceilings()
+    copy = res.ceilings["copy_tbps"]
+    print(f"ceilings: copy {copy:.2f} TB/s, bf16 GEMM {res.ceilings['bf16_gemm_tflops']:.0f} TFLOP/s")
+    cases = [(N, K, r, M, d) for (N, K) in shapes for r in ranks for d in dtypes for M in batches]
+    for N, K, r, M, dtype in progress(cases, "lowrank_linear"):
+        for row in bench_shape(res, N, K, r, M, dtype, modes):
+            tbps = row["bytes"] / (row["ours_us"] * 1e-6) / 1e12
+            print(f"{row['mode']:5} {row['dtype']} M={M:5} N={N:5} K={K:5} r={r:4} [{row['backend']}] "
+                  f"ours {row['ours_us']:8.2f} us  cuBLAS {row['cublas_us']:8.2f} us  ratio {row['ratio']:5.2f}x  "
+                  f"two-cuBLAS {row['peers'].get('two_cublas', float('nan')):8.2f} us  "
+                  f"{tbps:.2f} TB/s = {100 * tbps / copy:.0f}% of copy", flush=True)
+    for fail in res.failures:
+        print(f"NOT TIMED {fail['case']}: {fail['reason']}")
+    print(res.write())
+    return 1 if res.failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

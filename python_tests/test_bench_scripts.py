@@ -1,0 +1,48 @@
+"""The bench scripts' case logic, run small on the CPU with the timer stubbed out
+(the timings themselves need a GPU: see docs/benchmarks.md)."""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import common  # noqa: E402
+from reparam_kernels.bench import cases  # noqa: E402
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    calls = []
+
+    def fake(mode, fn):
+        fn()  # the timed callable must run
+        calls.append(mode)
+        return 1.0 + len(calls)
+
+    monkeypatch.setattr(cases, "time_mode", fake)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bench_lowrank_case_on_cpu(tmp_path, fake_timer, dtype):
+    bench = importlib.import_module("bench_lowrank")
+    res = common.Results("lowrank_linear", root=str(tmp_path), env=common.environment("test"))
+    rows = bench.bench_shape(res, N=70, K=96, r=9, M=3, dtype=dtype, modes=("graph", "eager"),
+                             device="cpu", count=2)
+    assert res.failures == []
+    assert [r["mode"] for r in rows] == ["graph", "eager"]
+    assert set(rows[0]["peers"]) == {"two_cublas"}
+    assert rows[0]["params"] == {"rank": 9} and rows[0]["bytes"] == (3 * 96 + 9 * (70 + 96) + 3 * 70) * 2
+    assert rows[0]["flops"] == 2 * 3 * 9 * (70 + 96)
+    assert len(fake_timer) == 6
+    data = common.load(res.write())
+    assert data["rows"][0]["op"] == "lowrank_linear"
+
+
+def test_bench_lowrank_without_gpu_exits_clearly(monkeypatch):
+    bench = importlib.import_module("bench_lowrank")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        bench.main(["--quick"])
