@@ -3,5 +3,8 @@ argument checks, ``register_fake`` and (for trainable ops) ``register_autograd``
 Importing this package binds every op's backends (see ``_dispatch.register``).
 """
 from .lowrank_linear import lowrank_linear
+from .block_circulant_linear import block_circulant_linear
+from .toeplitz_linear import toeplitz_linear
 
 __all__ = ["lowrank_linear"]
+__all__ += ["block_circulant_linear", "toeplitz_linear"]

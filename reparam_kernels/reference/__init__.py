@@ -4,5 +4,8 @@ One file per op. Each computes in float32 (float64 if given float64) and
 returns the input's dtype, like the kernels (fp32 accumulation).
 """
 from .lowrank_linear import lowrank_linear
+from .block_circulant_linear import block_circulant_linear
+from .toeplitz_linear import toeplitz_linear
 
 __all__ = ["lowrank_linear"]
+__all__ += ["block_circulant_linear", "toeplitz_linear"]

@@ -3,7 +3,10 @@ try:
     import triton  # noqa: F401
 except ImportError:  # CPU-only installs without triton still work via the reference
     lowrank_linear = None
+    block_circulant_linear = toeplitz_linear = None
 else:
     from .lowrank_linear import lowrank_linear
+    from .block_circulant_linear import block_circulant_linear, toeplitz_linear
 
 __all__ = ["lowrank_linear"]
+__all__ += ["block_circulant_linear", "toeplitz_linear"]
