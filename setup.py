@@ -57,6 +57,8 @@ def extension_modules():
         return [], {}
     if cuda_home is None or torch.version.cuda is None:
         why = "no CUDA toolkit found" if cuda_home is None else f"torch {torch.__version__} is CPU-only"
+        if os.environ.get("REPARAM_REQUIRE_CUDA") == "1":
+            raise RuntimeError(f"REPARAM_REQUIRE_CUDA=1 but {why}")
         print(f"reparam_kernels: {why}; installing without the CUDA extension")
         return [], {}
     os.environ["CUDA_HOME"] = cuda_home
