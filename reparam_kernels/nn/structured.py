@@ -1,0 +1,236 @@
+"""Structured Linear layers: block-circulant, circulant, Toeplitz and low displacement rank.
+
+Stored layouts (what the ops want; see compress/structured.py):
+
+* ``BlockCirculantLinear.w_spectrum`` — float32 [p, q, 2, b//2 + 1], the real
+  and imaginary planes of the rfft of each b×b block's first column; p =
+  ceil(out/b), q = ceil(in/b), zero padding when b does not divide. The
+  parameter is the spectrum itself, so training (distillation) updates it
+  directly; the imaginary parts of the DC/Nyquist bins are inert (zero grad).
+  Parameters: p·q·(b + 2) instead of out·in.
+* ``CirculantLinear`` — one block of size max(in, out).
+* ``ToeplitzLinear.t_spectrum`` — float32 [1, 1, 2, L//2 + 1], the spectrum of
+  the L×L circulant embedding (L = next power of two ≥ in + out − 1); any
+  value of it is a Toeplitz weight (the top-left block of a circulant).
+* ``LDRLinear.g``, ``.h`` — generators [n, rank] (n = max(in, out)) of a
+  Toeplitz-like matrix, forward by r circulant·skew-circulant FFT products
+  (plain torch.fft, no custom kernel).
+
+Spectra/generators are float32 (float64 for a float64 layer); the bias and
+the activations use the layer's dtype. ``from_linear`` records the relative
+projection error in ``projection_error``.
+"""
+import math
+
+import torch
+from torch import nn
+
+from ..compress import ldr as _ldr
+from ..compress import structured as _st
+from ..ops import block_circulant_linear, toeplitz_linear
+
+
+def _positive_int(name, val):
+    if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {val!r}")
+
+
+def _param_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weight_of(linear):
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"`linear` must be an nn.Linear-like module with a 2-D weight, got {type(linear).__name__}")
+    return weight
+
+
+def _copy_bias(layer, linear):
+    if linear.bias is not None:
+        with torch.no_grad():
+            layer.bias.copy_(linear.bias.detach())
+
+
+class _StructuredBase(nn.Module):
+    def _init_bias(self, bias, dtype, device):
+        self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device)) if bias else None
+        if bias:
+            bound = 1.0 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def to_linear(self):
+        dense = self.to_dense()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        dtype=dense.dtype, device=dense.device)
+        with torch.no_grad():
+            lin.weight.copy_(dense)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+
+class BlockCirculantLinear(_StructuredBase):
+    def __init__(self, in_features, out_features, block_size, bias=True, dtype=None, device=None):
+        super().__init__()
+        for name, val in (("in_features", in_features), ("out_features", out_features), ("block_size", block_size)):
+            _positive_int(name, val)
+        self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
+        dtype = dtype or torch.get_default_dtype()
+        p, q = math.ceil(out_features / block_size), math.ceil(in_features / block_size)
+        self.w_spectrum = nn.Parameter(torch.empty(p, q, 2, block_size // 2 + 1, dtype=_param_dtype(dtype), device=device))
+        self._init_bias(bias, dtype, device)
+        self.projection_error = None
+        self.reset_spectrum()
+
+    def reset_spectrum(self):
+        # Block columns uniform in ±1/√in, like nn.Linear's default weight entries.
+        bound = 1.0 / math.sqrt(self.in_features)
+        cols = torch.empty(*self.w_spectrum.shape[:2], self.block_size, dtype=torch.float64,
+                           device=self.w_spectrum.device).uniform_(-bound, bound)
+        with torch.no_grad():
+            self.w_spectrum.copy_(_st.block_circulant_spectrum(cols, self.w_spectrum.dtype))
+
+    @classmethod
+    def from_linear(cls, linear, block_size):
+        """Project a dense Linear onto b×b circulant blocks (nearest in Frobenius norm)."""
+        weight = _weight_of(linear)
+        fit = _st.project_block_circulant(weight, block_size)
+        layer = cls(weight.shape[1], weight.shape[0], block_size, bias=linear.bias is not None,
+                    dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            layer.w_spectrum.copy_(fit.spectrum(layer.w_spectrum.dtype))
+        _copy_bias(layer, linear)
+        layer.projection_error = fit.rel_error
+        return layer
+
+    def to_dense(self):
+        cols = _st.block_circulant_columns(self.w_spectrum.detach(), self.block_size)
+        dtype = self.bias.dtype if self.bias is not None else self.w_spectrum.dtype
+        return _st.block_circulant_to_dense(cols, self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x):
+        return block_circulant_linear(x, self.w_spectrum, self.block_size, self.out_features, self.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block_size={self.block_size}, bias={self.bias is not None}")
+
+
+class CirculantLinear(BlockCirculantLinear):
+    """One circulant of size n = max(in, out) (the 1×1-block case); x is zero-padded, outputs cut."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=None, device=None):
+        _positive_int("in_features", in_features)
+        _positive_int("out_features", out_features)
+        super().__init__(in_features, out_features, max(in_features, out_features), bias, dtype, device)
+
+    @classmethod
+    def from_linear(cls, linear):
+        weight = _weight_of(linear)
+        fit = _st.project_circulant(weight)
+        layer = cls(weight.shape[1], weight.shape[0], bias=linear.bias is not None, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            layer.w_spectrum.copy_(fit.spectrum(layer.w_spectrum.dtype))
+        _copy_bias(layer, linear)
+        layer.projection_error = fit.rel_error
+        return layer
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class ToeplitzLinear(_StructuredBase):
+    def __init__(self, in_features, out_features, bias=True, dtype=None, device=None):
+        super().__init__()
+        _positive_int("in_features", in_features)
+        _positive_int("out_features", out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.fft_size = _st.toeplitz_fft_size(out_features, in_features)
+        dtype = dtype or torch.get_default_dtype()
+        self.t_spectrum = nn.Parameter(torch.empty(1, 1, 2, self.fft_size // 2 + 1, dtype=_param_dtype(dtype), device=device))
+        self._init_bias(bias, dtype, device)
+        self.projection_error = None
+        bound = 1.0 / math.sqrt(in_features)
+        self._set_diagonals(torch.empty(in_features + out_features - 1, dtype=torch.float64, device=device).uniform_(-bound, bound))
+
+    def _set_diagonals(self, t):
+        with torch.no_grad():
+            self.t_spectrum.copy_(_st.toeplitz_spectrum(t, self.out_features, self.in_features,
+                                                        self.fft_size, self.t_spectrum.dtype))
+
+    @classmethod
+    def from_linear(cls, linear):
+        """Project a dense Linear onto Toeplitz matrices (mean of each diagonal)."""
+        weight = _weight_of(linear)
+        fit = _st.project_toeplitz(weight)
+        layer = cls(weight.shape[1], weight.shape[0], bias=linear.bias is not None, dtype=weight.dtype, device=weight.device)
+        layer._set_diagonals(fit.diagonals)
+        _copy_bias(layer, linear)
+        layer.projection_error = fit.rel_error
+        return layer
+
+    def diagonals(self):
+        """t [out + in − 1] with T[r, s] = t[r − s + in − 1], read back from the embedding."""
+        c = _st.block_circulant_columns(self.t_spectrum.detach(), self.fft_size)[0, 0]
+        n, k = self.out_features, self.in_features
+        upper = c[self.fft_size - (k - 1):] if k > 1 else c[:0]
+        return torch.cat((upper, c[:n]))
+
+    def to_dense(self):
+        dtype = self.bias.dtype if self.bias is not None else self.t_spectrum.dtype
+        return _st.toeplitz_to_dense(self.diagonals(), self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x):
+        return toeplitz_linear(x, self.t_spectrum, self.fft_size, self.out_features, self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, fft_size={self.fft_size}, bias={self.bias is not None}"
+
+
+class LDRLinear(_StructuredBase):
+    def __init__(self, in_features, out_features, rank, bias=True, dtype=None, device=None):
+        super().__init__()
+        for name, val in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
+            _positive_int(name, val)
+        n = max(in_features, out_features)
+        if rank > n:
+            raise ValueError(f"`rank` {rank} exceeds max(in_features, out_features) = {n}")
+        self.in_features, self.out_features, self.rank, self.n = in_features, out_features, rank, n
+        dtype = dtype or torch.get_default_dtype()
+        pdt = _param_dtype(dtype)
+        # ½·Σ Z₁(g)·Z₋₁(Jh) sums r·n products of entries: scale so outputs are O(|x|/√in).
+        bound = (1.0 / (rank * n * math.sqrt(in_features))) ** 0.5 * 2
+        self.g = nn.Parameter(torch.empty(n, rank, dtype=pdt, device=device).uniform_(-bound, bound))
+        self.h = nn.Parameter(torch.empty(n, rank, dtype=pdt, device=device).uniform_(-bound, bound))
+        self._init_bias(bias, dtype, device)
+        self.projection_error = None
+
+    @classmethod
+    def from_linear(cls, linear, rank):
+        """Generators from the rank-`rank` truncated SVD of the displacement ∇(W)."""
+        weight = _weight_of(linear)
+        fit = _ldr.ldr_approximate(weight, rank)
+        layer = cls(weight.shape[1], weight.shape[0], rank, bias=linear.bias is not None, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            layer.g.copy_(fit.g)
+            layer.h.copy_(fit.h)
+        _copy_bias(layer, linear)
+        layer.projection_error = fit.rel_error
+        return layer
+
+    def to_dense(self):
+        dense = _ldr.ldr_to_dense(self.g.detach().double(), self.h.detach().double())[:self.out_features, :self.in_features]
+        return dense.to(self.bias.dtype if self.bias is not None else self.g.dtype)
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"`x` has {x.shape[-1]} features in its last dimension, expected {self.in_features}")
+        xs = torch.nn.functional.pad(x, (0, self.n - self.in_features)) if self.n > self.in_features else x
+        y = _ldr.ldr_matvec(xs, self.g, self.h)[..., :self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
