@@ -1,0 +1,208 @@
+"""Quantized drop-in Linear layers: Int8Linear, Int4Linear, LUTLinear.
+
+Each stores its weight in the packed layout its op wants (buffers, not
+parameters: the codes are integers and frozen; the bias stays a Parameter),
+builds itself with ``from_linear(linear, ..., calib=None)`` and returns the
+effective dense weight with ``to_dense()``.
+
+* ``Int8Linear``: int8 [N, K] symmetric per-channel codes + scales [N]
+  (op ``int8_linear``). With ``calib`` the codes come from GPTQ at 8 bits.
+* ``Int4Linear``: packed uint8 [N, K/2] (low nibble = even k) + scales and
+  zero points [N, K // group_size] (op ``int4_linear``). Round-to-nearest, or
+  GPTQ when ``calib`` is given.
+* ``LUTLinear``: 4-bit codes decoded through a 16-entry table per row group
+  (op ``lut_linear``): log quantization at 4 bits (one table per row) and
+  vector quantization with d = 1, bits ≤ 4. Other settings (log 8-bit, VQ with
+  d > 1 or more than 16 centroids) have no fused kernel: the layer stores codes
+  [N, K/d] and codebooks [L, 2^bits, d] and its forward decodes the dense
+  weight and calls F.linear (warned once, and ``uses_kernel`` is False).
+
+``calib``: the layer's inputs X [n, in_features], or a ``compress.calib.CalibStats``.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._dispatch import warn_once
+from ..compress import quantize as Q
+from ..compress.gptq import gptq_quantize
+from ..compress.vq import vq_dequantize, vq_quantize
+from ..ops import int4_linear, int8_linear, lut_linear
+
+
+def _weight_of(linear):
+    w = getattr(linear, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"`linear` must be an nn.Linear-like module with a 2-D weight, got {type(linear).__name__}")
+    return w.detach()
+
+
+def _hessian(calib, k):
+    gram = getattr(calib, "gram", None)
+    if gram is None:
+        if not isinstance(calib, torch.Tensor) or calib.shape[-1] != k:
+            raise ValueError(f"`calib` must be the layer inputs [n, {k}] or a CalibStats, got "
+                             f"{tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__}")
+        x = calib.detach().reshape(-1, k).to(torch.float64)
+        gram = x.t() @ x
+    if tuple(gram.shape) != (k, k):
+        raise ValueError(f"`calib` has in_features {gram.shape[0]}, the layer has {k}")
+    return gram
+
+
+class _QuantBase(nn.Module):
+    def __init__(self, in_features, out_features, bias, dtype, device):
+        super().__init__()
+        for name, val in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {val!r}")
+        self.in_features, self.out_features = in_features, out_features
+        dtype = dtype or torch.get_default_dtype()
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def _set_bias(self, linear):
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(linear.bias.detach())
+
+    def _bias_for(self, x):
+        return None if self.bias is None else self.bias.to(x.dtype)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(_QuantBase):
+    def __init__(self, in_features, out_features, bias=True, dtype=None, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype or torch.get_default_dtype(), device=device))
+
+    @classmethod
+    def from_linear(cls, linear, calib=None, damp=0.01):
+        """Per-channel symmetric int8; GPTQ (8-bit, per channel) when ``calib`` is given."""
+        w = _weight_of(linear)
+        n, k = w.shape
+        if calib is None:
+            q, s, _ = Q.quantize_linear(w, bits=8, symmetric=True)
+        else:
+            qu, s, _ = gptq_quantize(w, _hessian(calib, k), bits=8, group_size=None, symmetric=True, damp=damp)
+            q = qu.to(torch.int16) - 128  # symmetric GPTQ codes carry the zero point 128
+        layer = cls(k, n, bias=linear.bias is not None, dtype=w.dtype, device=w.device)
+        layer.qweight.copy_(Q.pack_int8(q))
+        layer.scales.copy_(s[:, 0])
+        layer._set_bias(linear)
+        return layer
+
+    def to_dense(self):
+        return (self.qweight.float() * self.scales.float()[:, None]).to(self.scales.dtype)
+
+    def forward(self, x):
+        return int8_linear(x, self.qweight, self.scales.to(x.dtype), self._bias_for(x))
+
+
+class Int4Linear(_QuantBase):
+    def __init__(self, in_features, out_features, group_size=128, bias=True, dtype=None, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        if not isinstance(group_size, int) or group_size <= 0 or group_size % 32 or in_features % group_size:
+            raise ValueError(f"`group_size` must be a multiple of 32 that divides in_features = {in_features}, "
+                             f"got {group_size!r}")
+        self.group_size = group_size
+        g = in_features // group_size
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, g, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.full((out_features, g), 8.0, dtype=dtype, device=device))
+
+    @classmethod
+    def from_linear(cls, linear, group_size=128, symmetric=False, calib=None, damp=0.01):
+        """Group-wise int4, round-to-nearest; GPTQ when ``calib`` (inputs or CalibStats) is given."""
+        w = _weight_of(linear)
+        n, k = w.shape
+        layer = cls(k, n, group_size=group_size, bias=linear.bias is not None, dtype=w.dtype, device=w.device)
+        if calib is None:
+            q, s, z = Q.to_unsigned4(*Q.quantize_linear(w, bits=4, group_size=group_size, symmetric=symmetric))
+        else:
+            q, s, z = gptq_quantize(w, _hessian(calib, k), bits=4, group_size=group_size, symmetric=symmetric, damp=damp)
+        layer.qweight.copy_(Q.pack_int4(q))
+        layer.scales.copy_(s)
+        layer.zeros.copy_(z)
+        layer._set_bias(linear)
+        return layer
+
+    def to_dense(self):
+        q = Q.unpack_int4(self.qweight)
+        return Q.dequantize_linear(q, self.scales.float(), self.zeros.float(), dtype=self.scales.dtype)
+
+    def forward(self, x):
+        return int4_linear(x, self.qweight, self.scales.to(x.dtype), self.zeros.to(x.dtype), self.group_size,
+                           self._bias_for(x))
+
+    def extra_repr(self):
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+class LUTLinear(_QuantBase):
+    """Weight W[n, k] = table of row n's group at code[n, k]; see the module doc for the kernel/fallback split."""
+
+    def __init__(self, in_features, out_features, bits=4, d=1, num_tables=1, bias=True, dtype=None, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        if in_features % d or out_features % num_tables:
+            raise ValueError(f"`d` = {d} must divide in_features and `num_tables` = {num_tables} out_features")
+        self.bits, self.d, self.num_tables = bits, d, num_tables
+        self.uses_kernel = d == 1 and bits <= 4 and in_features % 2 == 0
+        dtype = dtype or torch.get_default_dtype()
+        if self.uses_kernel:
+            self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("lut", torch.zeros(num_tables, 16, dtype=dtype, device=device))
+        else:
+            self.register_buffer("codes", torch.zeros(out_features, in_features // d, dtype=torch.int32, device=device))
+            self.register_buffer("codebooks", torch.zeros(num_tables, 2 ** bits, d, dtype=dtype, device=device))
+
+    @classmethod
+    def from_linear(cls, linear, method="log", bits=4, d=1, rows_per_codebook=None, calib=None, iters=25, seed=0):
+        """method="log": sign + power-of-two codes (bits 4 or 8), one table per row.
+        method="vq": k-means codebook of 2^bits d-element sub-vectors, one per layer or per
+        ``rows_per_codebook`` rows."""
+        if calib is not None:
+            raise NotImplementedError("LUTLinear.from_linear: calibration-aware log/VQ quantization is not "
+                                      "implemented; pass calib=None")
+        w = _weight_of(linear)
+        n, k = w.shape
+        if method == "log":
+            codes, scale = Q.quantize_log(w, bits)
+            books = Q.log_lut(scale, bits)[:, :, None]  # [N, 2^bits, 1]
+            codes, d = codes.long(), 1
+        elif method == "vq":
+            codes, books = vq_quantize(w, d=d, bits=bits, rows_per_codebook=rows_per_codebook, iters=iters, seed=seed)
+        else:
+            raise ValueError(f"`method` must be 'log' or 'vq', got {method!r}")
+        layer = cls(k, n, bits=bits, d=d, num_tables=books.shape[0], bias=linear.bias is not None,
+                    dtype=w.dtype, device=w.device)
+        if layer.uses_kernel:
+            lut = torch.zeros(books.shape[0], 16, dtype=torch.float32, device=w.device)
+            lut[:, :books.shape[1]] = books[:, :, 0]  # fewer than 16 centroids: unused entries stay 0
+            layer.codes.copy_(Q.pack_int4(codes.to(torch.uint8)))
+            layer.lut.copy_(lut)
+        else:
+            layer.codes.copy_(codes.to(torch.int32))
+            layer.codebooks.copy_(books)
+        layer._set_bias(linear)
+        return layer
+
+    def to_dense(self):
+        if self.uses_kernel:
+            from ..reference.lut_linear import dequantize_lut
+            return dequantize_lut(self.codes, self.lut, torch.float32).to(self.lut.dtype)
+        return vq_dequantize(self.codes.long(), self.codebooks.float()).to(self.codebooks.dtype)
+
+    def forward(self, x):
+        if self.uses_kernel:
+            return lut_linear(x, self.codes, self.lut.to(x.dtype), self._bias_for(x))
+        warn_once(("LUTLinear", self.bits, self.d),
+                  f"LUTLinear(bits={self.bits}, d={self.d}): no lookup-table kernel for this setting "
+                  "(lut_linear takes d=1, bits<=4); decoding the dense weight and using F.linear")
+        return F.linear(x, self.to_dense().to(x.dtype), self._bias_for(x))
+
+    def extra_repr(self):
+        return super().extra_repr() + f", bits={self.bits}, d={self.d}, num_tables={self.num_tables}, kernel={self.uses_kernel}"
