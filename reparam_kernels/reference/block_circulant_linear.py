@@ -32,4 +32,4 @@ def block_circulant_linear(x, w_spectrum, block_size, out_features, bias=None):
     y = torch.fft.irfft(z, n=b, dim=-1).reshape(*x.shape[:-1], p * b)[..., :out_features]
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(x.dtype)
+    return y.to(x.dtype).contiguous()  # the slice to out_features is a strided view

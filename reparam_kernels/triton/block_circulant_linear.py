@@ -66,7 +66,7 @@ def block_circulant_linear(x, w_spectrum, block_size, out_features, bias=None):
     y = torch.fft.irfft(z, n=b, dim=-1).reshape(-1, p * b)[:, :out_features]
     if bias is not None:
         y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*lead, out_features)
+    return y.to(x.dtype).contiguous().reshape(*lead, out_features)
 
 
 toeplitz_linear = block_circulant_linear  # one L×L block (see ops/toeplitz_linear.py)
