@@ -64,15 +64,45 @@ def triton_status(device_type="cuda"):
     return False, "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
 
 
+MIN_CAPABILITY = (8, 0)  # the extension's kernels are built for sm_80 and newer
+
+
+_CAPABILITY = {}
+
+
+def _capability(index):
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
+def gpu_supported():
+    """(ok, why): whether the current GPU can run the extension's kernels (sm_80+).
+    Without a visible GPU this answers for a supported one (what `env` should show)."""
+    if not torch.cuda.is_available():
+        return True, "no GPU visible"
+    cap = _capability(torch.cuda.current_device())
+    if cap < MIN_CAPABILITY:
+        return False, (f"GPU is sm_{cap[0]}{cap[1]}; the CUDA kernels need sm_{MIN_CAPABILITY[0]}{MIN_CAPABILITY[1]} "
+                       "or newer")
+    return True, f"sm_{cap[0]}{cap[1]}"
+
+
+@torch.compiler.assume_constant_result  # a constant per (op, device, dtype): torch.compile must not trace into it
 def backend_for(name, device_type, dtype):
     """Which backend runs op `name` for inputs on `device_type` of `dtype`, and why."""
     spec = REGISTRY[name]
     if device_type != "cuda":
         return "reference", f"{device_type} tensors run the plain-PyTorch reference"
-    if has_cuda_kernel(name) and spec.cuda_impl_registered is False:
+    gpu_ok, gpu_why = gpu_supported()
+    if has_cuda_kernel(name) and spec.cuda_impl_registered is False and not gpu_ok:
+        why = gpu_why
+    elif has_cuda_kernel(name) and spec.cuda_impl_registered is False:
         if dtype in spec.cuda_dtypes:
             return "cuda", "CUDA extension kernel"
         why = f"CUDA kernel takes {_names(spec.cuda_dtypes)}, not {_names((dtype,))}"
+    elif _extension.LOADED:
+        why = "the CUDA extension has no kernel for this op"
     else:
         why = f"no CUDA kernel ({_extension.REASON})"
     ok, twhy = triton_status("cuda")

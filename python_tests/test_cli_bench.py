@@ -1,0 +1,57 @@
+"""`python -m reparam_kernels bench`: script discovery, docs + roofline from result files (CPU side)."""
+import os
+
+import torch
+
+from reparam_kernels.bench.results import Results
+from reparam_kernels.cli import bench
+
+ENV = {"gpu": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0", "date": "2026-11-28T00:00:00+00:00",
+       "command": "python benchmarks/bench_toy.py"}
+
+
+def _write_fake_results(root):
+    res = Results("toy_linear", root=str(root), env=dict(ENV))
+    res.ceilings = {"copy_tbps": 4.0, "bf16_gemm_tflops": 600.0}
+    for M in (1, 2048):
+        for mode in ("graph", "eager"):
+            res.add(mode=mode, dtype="fp16", M=M, N=8192, K=8192, params={"rank": 512}, ours_us=20.0 * M ** 0.5,
+                    cublas_us=40.0, peers={}, bytes=2 * (M * 8192 * 2 + 512 * 16384), flops=2 * M * 512 * 16384)
+    return res.write()
+
+
+def test_render_only_writes_table_and_roofline(tmp_path):
+    _write_fake_results(tmp_path / "results")
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    doc.write_text(f"# Benchmarks\n\nhow to run\n\n{bench.BEGIN}\nold\n{bench.END}\n\nfooter\n")
+    assert bench.main(["--render-only", "--out", str(tmp_path / "results"), "--docs", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nhow to run") and text.rstrip().endswith("footer")
+    assert "old" not in text and "### h200" in text and "toy_linear" in text
+    assert text.count("| graph |") == 2 and "![roofline h200](roofline_h200.png)" in text
+    png = tmp_path / "docs" / "roofline_h200.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # idempotent: rendering again gives the same file
+    bench.main(["--render-only", "--out", str(tmp_path / "results"), "--docs", str(doc)])
+    assert doc.read_text() == text
+
+
+def test_render_only_without_results(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    assert bench.main(["--render-only", "--out", str(tmp_path / "none"), "--docs", str(doc)]) == 0
+    assert "No GPU results yet." in doc.read_text()
+
+
+def test_find_scripts_skips_decode_unless_asked(tmp_path):
+    for name in ("bench_lowrank.py", "bench_quant.py", "bench_decode.py", "common.py"):
+        (tmp_path / name).write_text("")
+    assert sorted(bench.find_scripts(str(tmp_path))) == ["lowrank", "quant"]
+    assert sorted(bench.find_scripts(str(tmp_path), decode=True)) == ["decode", "lowrank", "quant"]
+    assert list(bench.find_scripts(str(tmp_path), only=["quant"])) == ["quant"]
+
+
+def test_bench_without_gpu_says_so(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--out", str(tmp_path), "--docs", os.path.join(tmp_path, "b.md")]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,70 @@
+"""`python -m reparam_kernels env`, and the clear fallbacks for an old torch or an old GPU."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import reparam_kernels
+from reparam_kernels import _dispatch, _extension
+from reparam_kernels.__main__ import commands, main
+
+
+def test_env_reports_every_op_backend(capsys):
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] == torch.__version__ and info["reparam_kernels"] == reparam_kernels.__version__
+    assert set(info["backends"]) == set(_dispatch.REGISTRY) and "lowrank_linear" in info["backends"]
+    for op, cases in info["backends"].items():
+        assert set(cases) == {f"{d}/{t}" for d in ("cuda", "cpu") for t in ("fp16", "bf16", "fp32")}
+        assert cases["cpu/fp32"]["backend"] == "reference"
+        for b in cases.values():
+            assert b["backend"] in ("cuda", "triton", "reference") and b["why"]
+    assert info["extension_loaded"] == _extension.LOADED and info["extension"] == _extension.REASON
+
+
+def test_env_text_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "reparam_kernels", "env"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "CUDA extension:" in out.stdout and "lowrank_linear" in out.stdout and "cpu/fp32" in out.stdout
+
+
+def test_unknown_command_fails(capsys):
+    assert main(["no-such-command"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert {"env", "bench"} <= set(commands())
+
+
+def test_old_torch_gets_a_clear_reason(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu128")
+    monkeypatch.setattr(_extension, "LOADED", False)
+    monkeypatch.setattr(_extension, "REASON", "not attempted")
+    monkeypatch.setattr(_extension, "glob", type("G", (), {"glob": staticmethod(lambda p: ["/x/_C.abi3.so"])}))
+    _extension._load()
+    assert not _extension.LOADED
+    assert "older than 2.10" in _extension.REASON and "2.9.1" in _extension.REASON
+
+
+def test_old_gpu_falls_back_with_reason(monkeypatch):
+    if not _dispatch.has_cuda_kernel("lowrank_linear"):
+        pytest.skip("extension not built: there is no CUDA kernel to fall back from")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_dispatch, "_CAPABILITY", {0: (7, 5)})
+    backend, why = _dispatch.backend_for("lowrank_linear", "cuda", torch.float16)
+    assert backend in ("triton", "reference") and "sm_75" in why and "sm_80" in why
+    monkeypatch.setattr(_dispatch, "_CAPABILITY", {0: (9, 0)})
+    assert _dispatch.backend_for("lowrank_linear", "cuda", torch.float16)[0] == "cuda"
+
+
+def test_backend_choice_traces_under_fullgraph():
+    """backend_for is a constant to torch.compile (it asks the dispatcher, which dynamo cannot trace)."""
+    def f(x):
+        backend, _ = _dispatch.backend_for("lowrank_linear", "cuda", torch.float16)
+        return x + len(backend)
+
+    x = torch.randn(3)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), f(x))

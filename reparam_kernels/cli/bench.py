@@ -1,0 +1,104 @@
+"""Run the benchmarks (every op vs cuBLAS, graph + eager), write JSON, a markdown table and a roofline plot.
+
+    python -m reparam_kernels bench [--quick] [--only lowrank,quant] [--decode] [--out DIR]
+    python -m reparam_kernels bench --render-only      # remake docs from the committed JSON (no GPU)
+
+The scripts are ``benchmarks/bench_*.py`` of the source tree (each also runs on
+its own). Results: ``<out>/<gpu>/<op>.json``; the markdown goes into the results
+section of docs/benchmarks.md and the roofline into docs/roofline_<gpu>.png.
+"""
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import time
+
+from ..bench.cases import progress
+from ..bench.results import DEFAULT_ROOT, OUT_ENV, gpu_slug, load, render_files
+from ..bench.roofline import plot
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
+
+
+def find_scripts(bench_dir, only=None, decode=False):
+    scripts = sorted(glob.glob(os.path.join(bench_dir, "bench_*.py")))
+    names = {os.path.basename(s)[len("bench_"):-3]: s for s in scripts}
+    if not decode:
+        names.pop("decode", None)
+    if only:
+        missing = [o for o in only if o not in names]
+        if missing:
+            raise SystemExit(f"bench: --only names {missing}, not among {sorted(names)}")
+        names = {k: v for k, v in names.items() if k in only}
+    return names
+
+
+def write_docs(result_dir, doc_path, png_dir):
+    """Results section of `doc_path` and one roofline PNG per GPU folder of `result_dir`."""
+    sections = []
+    for gpu_dir in sorted(glob.glob(os.path.join(result_dir, "*"))):
+        files = sorted(glob.glob(os.path.join(gpu_dir, "*.json")))
+        op_files = [f for f in files if os.path.basename(f) != "decode.json"]
+        if not op_files:
+            continue
+        slug = os.path.basename(gpu_dir)
+        sections.append(f"### {slug}\n\n" + render_files(op_files))
+        png = plot([load(f) for f in op_files], os.path.join(png_dir, f"roofline_{slug}.png"))
+        if png:
+            rel = os.path.relpath(png, os.path.dirname(os.path.abspath(doc_path)))
+            sections.append(f"![roofline {slug}]({rel})\n")
+    body = "\n".join(sections) if sections else "No GPU results yet.\n"
+    text = open(doc_path).read() if os.path.exists(doc_path) else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip("\n") + f"\n\n## Results\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with open(doc_path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{body}{END}{tail}")
+    return doc_path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m reparam_kernels bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer shapes (passed to every script)")
+    p.add_argument("--only", default=None, help="comma-separated script names, e.g. lowrank,quant")
+    p.add_argument("--decode", action="store_true", help="also run bench_decode.py (end-to-end, slow)")
+    p.add_argument("--out", default=None, help=f"results root (default benchmarks/results or ${OUT_ENV})")
+    p.add_argument("--docs", default=os.path.join(REPO, "docs", "benchmarks.md"), help="markdown file to update")
+    p.add_argument("--render-only", action="store_true", help="skip running; remake docs from the JSON files")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per script")
+    args = p.parse_args(argv)
+    out = args.out or os.environ.get(OUT_ENV) or DEFAULT_ROOT
+    status = 0
+    if not args.render_only:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("bench: no CUDA GPU visible; the benchmarks need one (try --render-only)", file=sys.stderr)
+            return 2
+        bench_dir = os.path.join(REPO, "benchmarks")
+        if not os.path.isdir(bench_dir):
+            print(f"bench: no benchmarks/ folder next to the package ({REPO}); run from a source checkout",
+                  file=sys.stderr)
+            return 2
+        scripts = find_scripts(bench_dir, args.only.split(",") if args.only else None, args.decode)
+        env = dict(os.environ, **{OUT_ENV: out}, PYTHONPATH=os.pathsep.join(
+            [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        for name in progress(scripts, "bench scripts"):
+            cmd = [sys.executable, scripts[name]] + (["--quick"] if args.quick else [])
+            t0 = time.time()
+            try:
+                rc = subprocess.run(cmd, env=env, timeout=args.timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+            print(f"bench: {name}: exit {rc} after {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+            status = status or (rc != 0)
+        print(f"bench: results under {os.path.join(out, gpu_slug(torch.cuda.get_device_name()))}")
+    print(f"bench: wrote {write_docs(out, args.docs, os.path.dirname(os.path.abspath(args.docs)))}")
+    return int(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
