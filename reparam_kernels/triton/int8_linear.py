@@ -22,13 +22,12 @@ def _int8_linear_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_xm
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         q = tl.load(q_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
-        w = q.to(x_ptr.dtype.element_ty)  # exact: |q| <= 128 fits fp16/bf16 mantissas
-        if DOT_F32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        if DOT_F32:  # the interpreter converts int8 -> bf16 wrongly; int8 -> fp32 is exact
+            acc += tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
         elif IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+            acc += tl.dot(x, tl.trans(q.to(x_ptr.dtype.element_ty)), input_precision="ieee")
+        else:  # exact: |q| <= 128 fits fp16/bf16 mantissas
+            acc += tl.dot(x, tl.trans(q.to(x_ptr.dtype.element_ty)))
     s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     acc = acc * s[None, :]
     if HAS_BIAS:
