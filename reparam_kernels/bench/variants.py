@@ -1,0 +1,151 @@
+"""Every compressed layer type of ``reparam_kernels.nn``, built for a given Linear shape.
+
+Used by the end-to-end decode benchmark (to swap a model's Linears), by the
+sanitizer script (one call of each op) and by the compile tests (a model with
+every layer type). Only classes that exist in ``reparam_kernels.nn`` are
+listed, so the set grows as layers land.
+
+Two ways to build each kind:
+* ``make(kind, linear)``: ``from_linear`` on a real weight (small models, tests);
+* ``make_random(kind, in, out, ...)``: the constructor plus random contents, with
+  no factorization or quantization run: for speed measurements on large random
+  models, where an SVD of every weight would cost minutes and change nothing.
+"""
+import importlib
+
+import torch
+from torch import nn
+
+from .. import nn as rnn
+
+
+def _cls(name, module="reparam_kernels.nn"):
+    cls = getattr(rnn, name, None)
+    if cls is None and module != "reparam_kernels.nn":
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            cls = None
+    return cls
+
+
+def group_for(in_features):
+    """int4 group size: 128 where it divides in_features, else the largest of 64/32 that does."""
+    return next((g for g in (128, 64, 32) if in_features % g == 0), None)
+
+
+def rank_for(in_features, out_features, removed, multiple=8):
+    """Rank whose factors hold (1 - removed) of the dense parameters, rounded down to `multiple`."""
+    r = int((1 - removed) * in_features * out_features / (in_features + out_features))
+    return max(multiple, r // multiple * multiple)
+
+
+def _combo_rank(i, o):
+    g = min(group_for(i) or 0, group_for(o) or 128)
+    return rank_for(i, o, 0.4, multiple=g or 32), g
+
+
+def _linear(w, bias=None):
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin
+
+
+def _combo_from_linear(linear):
+    """Low rank at 40% fewer parameters whose two factors are then int4-quantized."""
+    i, o = linear.in_features, linear.out_features
+    r, g = _combo_rank(i, o)
+    lr = rnn.LowRankLinear.from_linear(linear, rank=r)
+    first = rnn.Int4Linear.from_linear(_linear(lr.v.detach()), group_size=g)
+    second = rnn.Int4Linear.from_linear(_linear(lr.u.detach(), linear.bias), group_size=group_for(r))
+    return _cls("FactoredLinear", "reparam_kernels.nn.factored")(first, second)
+
+
+def _combo_random(i, o, bias, dtype, device):
+    r, g = _combo_rank(i, o)
+    first = rnn.Int4Linear(i, r, group_size=g, bias=False, dtype=dtype, device=device)
+    second = rnn.Int4Linear(r, o, group_size=group_for(r), bias=bias, dtype=dtype, device=device)
+    return _cls("FactoredLinear", "reparam_kernels.nn.factored")(first, second)
+
+
+def _table():
+    """kind -> (needed class names, from_linear builder, random builder(i, o, bias, dtype, device))."""
+    block = lambda i, o: min(256, i, o)  # noqa: E731
+    return {
+        "int8": (["Int8Linear"], lambda l: rnn.Int8Linear.from_linear(l),
+                 lambda i, o, b, dt, dev: rnn.Int8Linear(i, o, bias=b, dtype=dt, device=dev)),
+        "int4_g128": (["Int4Linear"], lambda l: rnn.Int4Linear.from_linear(l, group_size=group_for(l.in_features)),
+                      lambda i, o, b, dt, dev: rnn.Int4Linear(i, o, group_size=group_for(i), bias=b, dtype=dt,
+                                                             device=dev)),
+        "lowrank_20": (["LowRankLinear"], lambda l: rnn.LowRankLinear.from_linear(l, ratio=0.2),
+                       lambda i, o, b, dt, dev: rnn.LowRankLinear(i, o, rank_for(i, o, 0.2), bias=b, dtype=dt,
+                                                                  device=dev)),
+        "lowrank_40": (["LowRankLinear"], lambda l: rnn.LowRankLinear.from_linear(l, ratio=0.4),
+                       lambda i, o, b, dt, dev: rnn.LowRankLinear(i, o, rank_for(i, o, 0.4), bias=b, dtype=dt,
+                                                                  device=dev)),
+        "block_circulant_b256": (["BlockCirculantLinear"],
+                                 lambda l: rnn.BlockCirculantLinear.from_linear(l, block(l.in_features, l.out_features)),
+                                 lambda i, o, b, dt, dev: rnn.BlockCirculantLinear(i, o, block(i, o), bias=b, dtype=dt,
+                                                                                   device=dev)),
+        "lowrank40_int4": (["LowRankLinear", "Int4Linear", "FactoredLinear"], _combo_from_linear, _combo_random),
+        "circulant": (["CirculantLinear"], lambda l: rnn.CirculantLinear.from_linear(l), None),
+        "toeplitz": (["ToeplitzLinear"], lambda l: rnn.ToeplitzLinear.from_linear(l), None),
+        "ldr_r2": (["LDRLinear"], lambda l: rnn.LDRLinear.from_linear(l, rank=2), None),
+        "lut_log4": (["LUTLinear"], lambda l: rnn.LUTLinear.from_linear(l), None),
+    }
+
+
+DECODE_KINDS = ("int4_g128", "int8", "lowrank_20", "lowrank_40", "block_circulant_b256", "lowrank40_int4")
+
+
+def available(kinds=None):
+    """The kinds whose layer classes exist (in the order given, or all)."""
+    table = _table()
+    names = kinds or list(table)
+    out = []
+    for k in names:
+        needed = table[k][0]
+        if all(_cls(n, "reparam_kernels.nn.factored" if n == "FactoredLinear" else "reparam_kernels.nn")
+               for n in needed):
+            out.append(k)
+    return out
+
+
+def make(kind, linear):
+    return _table()[kind][1](linear)
+
+
+def make_random(kind, in_features, out_features, bias=False, dtype=torch.float16, device="cuda"):
+    build = _table()[kind][2]
+    if build is None:
+        raise ValueError(f"`kind` {kind!r} has no random builder; use make(kind, linear)")
+    layer = build(in_features, out_features, bias, dtype, device)
+    randomize_codes_(layer)
+    return layer
+
+
+@torch.no_grad()
+def randomize_codes_(module):
+    """Fill integer buffers (quantized codes) with random bits, so no kernel sees an all-zero weight."""
+    for buf in module.buffers():
+        if buf.dtype in (torch.uint8, torch.int8):
+            buf.copy_(torch.randint(-128 if buf.dtype == torch.int8 else 0, 128 if buf.dtype == torch.int8 else 256,
+                                    buf.shape, dtype=buf.dtype, device=buf.device))
+    return module
+
+
+def replace_linears(model, kind, skip=("lm_head",), random=True):
+    """Swap every nn.Linear of `model` (except names in `skip`) for layer `kind`; returns how many."""
+    count = 0
+    for name, child in list(model.named_modules()):
+        for cname, sub in list(child.named_children()):
+            if type(sub) is nn.Linear and cname not in skip:
+                w = sub.weight
+                new = (make_random(kind, sub.in_features, sub.out_features, sub.bias is not None, w.dtype, w.device)
+                       if random else make(kind, sub))
+                setattr(child, cname, new)
+                count += 1
+    return count
