@@ -1,2 +1,4 @@
 """Compression: factorizations, calibration statistics, recipes, distillation, save/load."""
 from . import calib, svd  # noqa: F401
+from .methods import METHODS, register_method  # noqa: F401
+from .pipeline import compress  # noqa: F401

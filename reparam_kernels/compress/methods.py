@@ -1,0 +1,237 @@
+"""Method registry: recipe method name → how to build a compressed layer.
+
+A method is ``Method(name, build, keys, check, needs_calib)``:
+
+* ``build(linear, settings, stats) -> nn.Module`` — the compressed layer;
+  ``stats`` is the layer's CalibStats (or None without calibration data);
+* ``keys`` — the settings it accepts (anything else is a recipe error);
+* ``check(out_features, in_features, settings)`` — raises ValueError when the
+  settings do not fit the layer's shape (run for every layer before anything
+  is compressed);
+* ``needs_calib(settings) -> bool`` — whether calibration data is required.
+
+Other layers plug in with ``register_method``. Methods whose layer modules
+are missing stay listed and raise a clear "not available" error when used.
+"""
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from .svd import rank_for_ratio
+
+
+@dataclass
+class Method:
+    name: str
+    build: Callable
+    keys: frozenset
+    check: Callable = None
+    needs_calib: Callable = None
+    doc: str = ""
+
+
+METHODS = {}
+
+
+def register_method(name, build, keys=(), check=None, needs_calib=None, doc=""):
+    """Register (or replace) a recipe method; see the module docstring."""
+    METHODS[name] = Method(name, build, frozenset(keys), check, needs_calib, doc)
+    return METHODS[name]
+
+
+def get_method(name):
+    if name not in METHODS:
+        raise ValueError(f"`method`: unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def _layer_class(module, cls_name, method):
+    """Import a layer class lazily, so a missing optional module only breaks its own methods."""
+    try:
+        return getattr(importlib.import_module(f"reparam_kernels.nn.{module}"), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"`method`: {method!r} is not available in this installation "
+                         f"(reparam_kernels.nn.{module}.{cls_name} is missing: {e})") from None
+
+
+def _bad(name, msg):
+    raise ValueError(f"`{name}`: {msg}")
+
+
+# ---------------------------------------------------------------- low rank
+_RANK_KEYS = ("rank", "ratio", "energy")
+
+
+def _check_rank(out_f, in_f, s):
+    given = [k for k in _RANK_KEYS if s.get(k) is not None]
+    if len(given) != 1:
+        _bad("rank", f"give exactly one of rank / ratio / energy, got {given or 'none'}")
+    if "rank" in given and not (isinstance(s["rank"], int) and 1 <= s["rank"] <= min(out_f, in_f)):
+        _bad("rank", f"{s['rank']!r} does not fit a [{out_f}×{in_f}] layer (1..{min(out_f, in_f)})")
+    if "ratio" in given:
+        rank_for_ratio(out_f, in_f, s["ratio"])  # validates 0 < ratio < 1
+    if "energy" in given and not (isinstance(s["energy"], (int, float)) and 0 < s["energy"] <= 1):
+        _bad("energy", f"must satisfy 0 < energy <= 1, got {s['energy']!r}")
+
+
+def _whiten(s):
+    return bool(s.get("whiten", True))
+
+
+def _build_lowrank(linear, s, stats):
+    from ..nn.lowrank import LowRankLinear
+
+    kw = {k: s[k] for k in _RANK_KEYS if s.get(k) is not None}
+    calib = stats if _whiten(s) else None
+    return LowRankLinear.from_linear(linear, calib=calib, damping=s.get("damping", 1e-5), **kw)
+
+
+register_method("lowrank", _build_lowrank, _RANK_KEYS + ("whiten", "damping"), _check_rank, _whiten,
+                "truncated SVD u·v; whiten=true (default) uses activation-aware SVD (needs calibration)")
+
+
+# ---------------------------------------------------------------- quantization
+def _auto_group(in_f, group):
+    if group in (None, "auto"):
+        for g in (128, 64, 32):
+            if in_f % g == 0:
+                return g
+        _bad("group_size", f"no group size in (128, 64, 32) divides in_features = {in_f}")
+    return group
+
+
+def _check_int4(out_f, in_f, s):
+    g = _auto_group(in_f, s.get("group_size"))
+    if not isinstance(g, int) or g <= 0 or g % 32 or in_f % g:
+        _bad("group_size", f"{g!r} must be a multiple of 32 dividing in_features = {in_f}")
+
+
+def _gptq(s):
+    return bool(s.get("gptq", False))
+
+
+def _build_int8(linear, s, stats):
+    cls = _layer_class("quant", "Int8Linear", "int8")
+    return cls.from_linear(linear, calib=stats if _gptq(s) else None)
+
+
+def _build_int4(linear, s, stats):
+    cls = _layer_class("quant", "Int4Linear", "int4")
+    g = _auto_group(linear.in_features, s.get("group_size"))
+    return cls.from_linear(linear, group_size=g, symmetric=bool(s.get("symmetric", False)),
+                           calib=stats if _gptq(s) else None)
+
+
+def _build_log(linear, s, stats):
+    cls = _layer_class("quant", "LUTLinear", "log")
+    return cls.from_linear(linear, method="log", bits=s.get("bits", 4))
+
+
+def _build_vq(linear, s, stats):
+    cls = _layer_class("quant", "LUTLinear", "vq")
+    return cls.from_linear(linear, method="vq", bits=s.get("bits", 4), d=s.get("d", 1),
+                           rows_per_codebook=s.get("rows_per_codebook"))
+
+
+register_method("int8", _build_int8, ("gptq",), None, _gptq, "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)")
+register_method("int4", _build_int4, ("group_size", "symmetric", "gptq"), _check_int4, _gptq,
+                "group-wise int4 (group_size: auto = largest of 128/64/32 dividing in_features; gptq=true calibrates)")
+register_method("log", _build_log, ("bits",), doc="log (power-of-two) quantization via a lookup table")
+register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook"),
+                doc="vector quantization, k-means codebook of 2^bits d-element sub-vectors")
+
+
+# ---------------------------------------------------------------- combination
+def _check_lowrank_int4(out_f, in_f, s):
+    _check_rank(out_f, in_f, s)
+    _check_int4(out_f, in_f, s)
+
+
+def _build_lowrank_int4(linear, s, stats):
+    """Low rank (rank rounded down to a multiple of 32 so u's rows split into int4 groups), then both factors int4."""
+    import torch
+    from torch import nn
+
+    from ..nn.factored import FactoredLinear
+    from ..nn.lowrank import LowRankLinear
+
+    int4 = _layer_class("quant", "Int4Linear", "lowrank_int4")
+    calib = stats if _whiten(s) else None
+    lr = LowRankLinear.from_linear(linear, calib=calib, **{k: s[k] for k in _RANK_KEYS if s.get(k) is not None})
+    r = max(32, (lr.rank // 32) * 32)
+    if r > min(linear.in_features, linear.out_features):
+        _bad("rank", f"lowrank_int4 needs rank >= 32 fitting the [{linear.out_features}×{linear.in_features}] layer")
+    if r != lr.rank:
+        lr = LowRankLinear.from_linear(linear, calib=calib, rank=r)
+    dt, dev = linear.weight.dtype, linear.weight.device
+    v_lin = nn.Linear(linear.in_features, r, bias=False, dtype=dt, device=dev)
+    u_lin = nn.Linear(r, linear.out_features, bias=linear.bias is not None, dtype=dt, device=dev)
+    with torch.no_grad():
+        v_lin.weight.copy_(lr.v)
+        u_lin.weight.copy_(lr.u)
+        if linear.bias is not None:
+            u_lin.bias.copy_(linear.bias)
+    sym = bool(s.get("symmetric", False))
+    first = int4.from_linear(v_lin, group_size=_auto_group(linear.in_features, s.get("group_size")), symmetric=sym)
+    second = int4.from_linear(u_lin, group_size=_auto_group(r, s.get("group_size")), symmetric=sym)
+    return FactoredLinear(first, second)
+
+
+register_method("lowrank_int4", _build_lowrank_int4, _RANK_KEYS + ("whiten", "group_size", "symmetric"),
+                _check_lowrank_int4, _whiten, "low rank (rank rounded to a multiple of 32), then int4 factors")
+
+
+# ---------------------------------------------------------------- structured
+def _check_block(out_f, in_f, s):
+    b = s.get("block_size")
+    if not isinstance(b, int) or b < 2 or b > min(out_f, in_f):
+        _bad("block_size", f"{b!r} must be an int with 2 <= block_size <= min(out, in) = {min(out_f, in_f)}")
+
+
+def _build_block_circulant(linear, s, stats):
+    return _layer_class("structured", "BlockCirculantLinear", "block_circulant").from_linear(linear, s["block_size"])
+
+
+def _build_circulant(linear, s, stats):
+    return _layer_class("structured", "CirculantLinear", "circulant").from_linear(linear)
+
+
+def _build_toeplitz(linear, s, stats):
+    return _layer_class("structured", "ToeplitzLinear", "toeplitz").from_linear(linear)
+
+
+def _check_ldr(out_f, in_f, s):
+    r = s.get("rank")
+    if not isinstance(r, int) or not 1 <= r <= min(out_f, in_f):
+        _bad("rank", f"{r!r} does not fit a [{out_f}×{in_f}] layer (1..{min(out_f, in_f)})")
+
+
+def _build_ldr(linear, s, stats):
+    return _layer_class("structured", "LDRLinear", "ldr").from_linear(linear, s["rank"])
+
+
+register_method("block_circulant", _build_block_circulant, ("block_size",), _check_block,
+                doc="nearest block-circulant matrix, b×b blocks (FFT kernel)")
+register_method("circulant", _build_circulant, (), doc="nearest circulant matrix")
+register_method("toeplitz", _build_toeplitz, (), doc="nearest Toeplitz matrix")
+register_method("ldr", _build_ldr, ("rank",), _check_ldr, doc="low displacement rank")
+
+
+# ---------------------------------------------------------------- tensorized (CP / Tucker)
+def _build_tensorized(kind):
+    cls_name = {"cp": "CPLinear", "tucker": "TuckerLinear"}[kind]
+
+    def build(linear, s, stats):
+        cls = _layer_class("tensorized", cls_name, kind)
+        return cls.from_linear(linear, **s)
+    return build
+
+
+register_method("cp", _build_tensorized("cp"), ("rank", "shape", "modes", "iters"),
+                doc="tensorized linear, CP factors (ALS)")
+register_method("tucker", _build_tensorized("tucker"), ("ranks", "shape", "modes", "iters"),
+                doc="tensorized linear, Tucker factors (HOSVD + HOOI)")
+
+
+# ---------------------------------------------------------------- keep dense
+register_method("skip", lambda linear, s, stats: linear, (), doc="leave the layer dense")

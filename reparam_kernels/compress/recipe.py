@@ -1,0 +1,137 @@
+"""Recipes: which representation each Linear of a model gets.
+
+A recipe is a dict, or a YAML / JSON file holding one, in either form::
+
+    rules:                                   # first matching rule wins
+      - match: "model.layers.*.mlp.*_proj"   # glob on the module name
+        method: lowrank
+        ratio: 0.2                           # the method's settings
+      - match: "re:model\\.layers\\.(0|1)\\..*"   # "re:" → Python regex (fullmatch)
+        method: skip
+
+    # or the short mapping form, pattern → settings (or just a method name):
+    "model.layers.*.self_attn.*_proj": {method: int8}
+    "lm_head": skip
+
+Only ``nn.Linear`` modules are matched; Linears no rule matches stay dense.
+Validation happens before anything is compressed: an unknown method or
+setting, a pattern that matches no Linear, settings that do not fit a layer's
+shape, or a method that needs calibration data when none is given → ValueError.
+"""
+import fnmatch
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from .methods import get_method
+
+_TOP_KEYS = {"rules", "name", "description"}
+
+
+@dataclass
+class Rule:
+    pattern: str
+    method: str
+    settings: dict = field(default_factory=dict)
+
+    def matches(self, name):
+        if self.pattern.startswith("re:"):
+            return re.fullmatch(self.pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+    def to_dict(self):
+        return {"match": self.pattern, "method": self.method, **self.settings}
+
+
+def _read_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`recipe`: file {path} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        return json.loads(text)
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _rule(entry, where):
+    if isinstance(entry, str):
+        entry = {"method": entry}
+    if not isinstance(entry, dict):
+        raise ValueError(f"`recipe` {where}: expected a mapping with `match` and `method`, got {entry!r}")
+    entry = dict(entry)
+    pattern, method = entry.pop("match", None), entry.pop("method", None)
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError(f"`recipe` {where}: `match` must be a non-empty pattern string, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as e:
+            raise ValueError(f"`recipe` {where}: bad regex {pattern!r}: {e}") from None
+    if not isinstance(method, str):
+        raise ValueError(f"`recipe` {where}: `method` missing for pattern {pattern!r}")
+    m = get_method(method)
+    unknown = sorted(set(entry) - m.keys)
+    if unknown:
+        raise ValueError(f"`recipe` {where}: method {method!r} takes no setting(s) {unknown}; "
+                         f"it takes {sorted(m.keys) or 'none'}")
+    return Rule(pattern, method, entry)
+
+
+def parse_recipe(recipe):
+    """A list of Rules from a dict, a list of rule dicts, a Rule list or a YAML/JSON path."""
+    if isinstance(recipe, (str, Path)):
+        recipe = _read_file(recipe)
+    if isinstance(recipe, list):
+        recipe = {"rules": recipe}
+    if not isinstance(recipe, dict) or not recipe:
+        raise ValueError(f"`recipe` must be a non-empty dict, list of rules or a YAML/JSON file, got {recipe!r}")
+    if "rules" in recipe:
+        extra = sorted(set(recipe) - _TOP_KEYS)
+        if extra:
+            raise ValueError(f"`recipe`: unknown top-level key(s) {extra}; allowed {sorted(_TOP_KEYS)}")
+        rules = recipe["rules"]
+        if not isinstance(rules, list) or not rules:
+            raise ValueError("`recipe`: `rules` must be a non-empty list")
+        return [r if isinstance(r, Rule) else _rule(r, f"rule {i}") for i, r in enumerate(rules)]
+    out = []
+    for pattern, entry in recipe.items():
+        entry = {"method": entry} if isinstance(entry, str) else dict(entry or {})
+        out.append(_rule({"match": pattern, **entry}, f"pattern {pattern!r}"))
+    return out
+
+
+def plan(model, recipe, has_calib):
+    """Validate `recipe` against `model`: {module name: Rule} for every Linear a rule matches."""
+    rules = parse_recipe(recipe)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen, used = {}, [False] * len(rules)
+    for name, lin in linears:
+        for i, rule in enumerate(rules):
+            if rule.matches(name):
+                used[i] = True
+                chosen[name] = rule
+                break
+    for i, rule in enumerate(rules):
+        if not used[i] and not any(rule.matches(n) for n, _ in linears):
+            examples = ", ".join(n for n, _ in linears[:4])
+            raise ValueError(f"`recipe`: pattern {rule.pattern!r} matches no nn.Linear of the model "
+                             f"(Linear names look like: {examples} …)")
+    mods = dict(linears)
+    for name, rule in chosen.items():
+        m = get_method(rule.method)
+        lin = mods[name]
+        if m.check is not None:
+            try:
+                m.check(lin.out_features, lin.in_features, rule.settings)
+            except ValueError as e:
+                raise ValueError(f"`recipe`: rule {rule.pattern!r} (method {rule.method}) does not fit layer "
+                                 f"{name} [{lin.out_features}×{lin.in_features}]: {e}") from None
+        if m.needs_calib is not None and m.needs_calib(rule.settings) and not has_calib:
+            raise ValueError(f"`calib`: method {rule.method!r} with settings {rule.settings} (rule {rule.pattern!r}) "
+                             f"needs calibration data; pass calib=... or use whiten=false / gptq=false")
+    return {n: r for n, r in chosen.items() if r.method != "skip"}
