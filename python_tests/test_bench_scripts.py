@@ -46,3 +46,11 @@ def test_bench_lowrank_without_gpu_exits_clearly(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         bench.main(["--quick"])
+
+
+def test_sanitize_ops_script_on_cpu(capsys):
+    """The compute-sanitizer driver runs every layer type and reaches every op with a CUDA kernel."""
+    sanitize = importlib.import_module("sanitize_ops")
+    assert sanitize.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "lowrank_linear" in out and "FAIL" not in out
