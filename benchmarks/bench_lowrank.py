@@ -25,14 +25,17 @@ def two_cublas(x, u, v):
     return (x @ v.t()) @ u.t()
 
 
-def make_sets(N, K, r, M, dtype, count, device="cuda"):
-    """`count` independent copies of (x, u, v) and of the dense (x, W), W = u @ v."""
+def make_sets(N, K, r, M, dtype, low_count, dense_count, device="cuda"):
+    """Copies of (x, u, v) for the factored contenders and of (x, W = u @ v) for cuBLAS dense,
+    each as many as its own footprint needs to exceed the L2; set 0 of both is the same product."""
     low, dense = [], []
-    for _ in range(count):
+    for _ in range(low_count):
         u = (torch.randn(N, r, device=device) / r ** 0.5).to(dtype)
         v = (torch.randn(r, K, device=device) / K ** 0.5).to(dtype)
         x = torch.randn(M, K, device=device).to(dtype)
         low.append((x, u, v))
+    for i in range(dense_count):
+        x, u, v = low[i % low_count]
         dense.append((x, (u.float() @ v.float()).to(dtype)))
     return low, dense
 
@@ -41,9 +44,10 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     """Check, then time, one case; `device`/`count` exist so the CPU tests can run it small."""
     elt = torch.empty((), dtype=dtype).element_size()
     must_move = (M * K + r * (N + K) + M * N) * elt
-    if count is None:
-        count = min(rotation_count(must_move), rotation_count(N * K * elt + M * (N + K) * elt))
-    low, dense = make_sets(N, K, r, M, dtype, count, device)
+    io = (M * K + M * N) * elt
+    low_count = count or rotation_count(must_move)
+    dense_count = count or rotation_count(N * K * elt + io)
+    low, dense = make_sets(N, K, r, M, dtype, low_count, dense_count, device)
     x0, u0, v0 = low[0]
     backend, why = _dispatch.backend_for("lowrank_linear", "cuda", dtype)
     rows = run_case(

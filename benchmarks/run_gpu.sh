@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One go on a GPU machine: environment report, GPU tests, every benchmark (--quick),
+# compute-sanitizer over every op. Nothing is installed and no network is needed:
+# the extension (reparam_kernels/_C.abi3.so) is built beforehand on a CPU machine
+# with nvcc and travels with the tree.
+#
+#   bash benchmarks/run_gpu.sh            # results into $OUT if set, else benchmarks/results/
+#   RUN_GPU_BUDGET=480 RUN_GPU_FULL=1 bash benchmarks/run_gpu.sh   # full shapes instead of --quick
+#
+# Output folder: env.txt, gpu_tests.log + gpu_tests.xml, bench_<name>.log, <gpu>/<op>.json,
+# sanitizer.log, benchmarks.md + roofline_<gpu>.png (table and plot of the JSON), summary.txt.
+# Exit status: 1 if the GPU tests fail, 2 if compute-sanitizer reports errors, 3 if a
+# benchmark script fails, else 0 (the first of these that applies).
+set -u
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+DEST="${OUT:-$REPO/benchmarks/results}"
+mkdir -p "$DEST"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export REPARAM_BENCH_OUT="$DEST"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python}"
+BUDGET="${RUN_GPU_BUDGET:-450}"   # seconds for everything; steps are cut to fit
+START=$(date +%s)
+QUICK="--quick"; [ "${RUN_GPU_FULL:-0}" = 1 ] && QUICK=""
+SUMMARY="$DEST/summary.txt"; : > "$SUMMARY"
+
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME MAX_SECONDS LOG cmd...: run cmd with a timeout of min(MAX, time left - reserve).
+RESERVE=20
+step() {
+  local name="$1" max="$2" log="$3"; shift 3
+  local t=$(( $(left) - RESERVE )); [ "$t" -gt "$max" ] && t="$max"
+  if [ "$t" -lt 15 ]; then note "SKIP $name: out of time budget"; return 124; fi
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$t" "$@" > "$log" 2>&1
+  local rc=$?
+  note "$name: exit $rc in $(( $(date +%s) - t0 )) s (limit $t s) -> $(basename "$log")"
+  return $rc
+}
+
+note "run_gpu.sh $(date -u +%FT%TZ) budget ${BUDGET}s repo $REPO"
+if ! ls reparam_kernels/_C*.so >/dev/null 2>&1; then
+  note "WARNING: reparam_kernels/_C*.so is not in the tree: CUDA kernels will not run (Triton/reference only)"
+fi
+
+step env 60 "$DEST/env.txt" "$PY" -m reparam_kernels env; cat "$DEST/env.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$DEST/env.txt" 2>&1
+
+step gpu_tests 200 "$DEST/gpu_tests.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider python_tests \
+  --junitxml="$DEST/gpu_tests.xml"
+TESTS_RC=$?
+tail -n 25 "$DEST/gpu_tests.log"
+# pytest exit 5 = no test selected: no GPU test exists, which is a failure of this run too.
+
+BENCH_RC=0
+SCRIPTS=(benchmarks/bench_*.py)
+SAN_RESERVE=100   # keep this much for compute-sanitizer
+for i in "${!SCRIPTS[@]}"; do
+  script="${SCRIPTS[$i]}"; name="$(basename "$script" .py)"
+  # an even share of what is left, at most 150 s a script
+  share=$(( ($(left) - RESERVE - SAN_RESERVE) / (${#SCRIPTS[@]} - i) )); [ "$share" -gt 150 ] && share=150
+  step "$name" "$share" "$DEST/$name.log" "$PY" "$script" $QUICK || BENCH_RC=$?
+  tail -n 4 "$DEST/$name.log"
+done
+
+SAN_RC=0
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  step sanitizer 120 "$DEST/sanitizer.log" compute-sanitizer --tool memcheck --error-exitcode 99 \
+    --target-processes all "$PY" benchmarks/sanitize_ops.py
+  SAN_RC=$?
+  grep -E "ERROR SUMMARY|FAIL|sanitize_ops: ops" "$DEST/sanitizer.log" | tail -n 5
+else
+  note "compute-sanitizer not found on PATH: memcheck skipped"; SAN_RC=127
+fi
+
+"$PY" -m reparam_kernels bench --render-only --out "$DEST" --docs "$DEST/benchmarks.md" > /dev/null 2>&1 \
+  && note "tables: $DEST/benchmarks.md" || note "rendering the tables failed"
+
+note "total $(( $(date +%s) - START )) s; gpu_tests rc=$TESTS_RC sanitizer rc=$SAN_RC benchmarks rc=$BENCH_RC"
+[ "$TESTS_RC" -ne 0 ] && exit 1
+[ "$SAN_RC" -ne 0 ] && exit 2
+[ "$BENCH_RC" -ne 0 ] && exit 3
+exit 0
