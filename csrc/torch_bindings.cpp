@@ -7,4 +7,6 @@
 
 STABLE_TORCH_LIBRARY_IMPL(reparam, CUDA, m) {
   m.impl("lowrank_linear", TORCH_BOX(&reparam::lowrank_linear_cuda));
+  m.impl("block_circulant_linear", TORCH_BOX(&reparam::block_circulant_linear_cuda));
+  m.impl("toeplitz_linear", TORCH_BOX(&reparam::toeplitz_linear_cuda));
 }

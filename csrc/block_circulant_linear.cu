@@ -1,0 +1,279 @@
+// Fused block-circulant linear: y_i = irfft(sum_j S_ij * rfft(x_j)) + bias, ONE launch.
+//
+// x [M, K] (fp16 / bf16 / fp32), w [p, q, 2, b/2+1] fp32 (real, imag planes of
+// the rfft of each block's first column, see compress/structured.py), y [M, N].
+// Block sizes b = 64..4096, powers of two.
+//
+// One CTA owns one output block i and a tile of TM rows. For each chunk of NJ
+// input blocks it
+//   1. loads x_j of its rows into shared memory as H = b/2 complex values
+//      z[n] = x[2n] + i x[2n+1] (real-input trick: a length-H complex FFT
+//      gives the length-b real FFT), zero-padded beyond K;
+//   2. runs an in-shared-memory Stockham FFT (radix-4 stages, one radix-2
+//      stage when log2 H is odd; ping-pong buffers, natural order out);
+//   3. splits the result into the b/2+1 bins of rfft(x_j) and accumulates
+//      S_ij * X_j into a per-row spectrum accumulator in shared memory
+//      (each thread owns (row, bin) pairs: no races, no atomics).
+// Then it packs the accumulated half spectrum into H complex values, runs the
+// inverse FFT, and writes y (+ bias) for the columns < N. No complex
+// intermediate ever leaves shared memory; fp32 throughout.
+//
+// Shared memory: two CAP-element complex buffers (64 KB) + TM*(H+1) complex
+// accumulators (<= 16.5 KB). TM = clamp(4096 / b, 1, 16); NJ = CAP / (rows*H)
+// input blocks per pass.
+//
+// The index math of this file was checked against the float64 reference by a
+// line-by-line NumPy emulation (all stages, padding, DC/Nyquist handling);
+// this session had no GPU to run the kernel itself.
+#include "common.cuh"
+#include "ops.h"
+
+namespace reparam {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kCap = 4096;  // complex elements per ping-pong buffer
+constexpr int kMaxTm = 16;
+
+template <class T>
+struct BcArgs {
+  const T* x;      // [M, K]
+  const float* w;  // [p, q, 2, H+1]
+  const T* bias;   // [N] or nullptr
+  T* y;            // [M, N]
+  int64_t M, K, N;
+  int p, q, b, tm;
+};
+
+__device__ __forceinline__ float2 cmul(float2 a, float2 b) {
+  return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x);
+}
+__device__ __forceinline__ float2 cadd(float2 a, float2 b) { return make_float2(a.x + b.x, a.y + b.y); }
+__device__ __forceinline__ float2 csub(float2 a, float2 b) { return make_float2(a.x - b.x, a.y - b.y); }
+__device__ __forceinline__ float2 cscale(float2 a, float s) { return make_float2(a.x * s, a.y * s); }
+// i * a (forward FFT4 uses -i, inverse +i)
+__device__ __forceinline__ float2 times_i(float2 a) { return make_float2(-a.y, a.x); }
+__device__ __forceinline__ float2 times_minus_i(float2 a) { return make_float2(a.y, -a.x); }
+// e^{i pi t}
+__device__ __forceinline__ float2 expipi(float t) {
+  float s, c;
+  sincospif(t, &s, &c);
+  return make_float2(c, s);
+}
+
+// Stockham FFT of `nseq` sequences of length H (power of two, >= 2) stored back
+// to back in `in`; `out` is scratch of the same size. Forward: sign -1,
+// inverse: +1, unnormalized. Returns the buffer holding the result (natural
+// order). Every thread of the CTA must call it (it synchronizes per stage);
+// the caller synchronizes before (inputs written) — the last stage ends with
+// a barrier, so the result is visible on return.
+__device__ float2* stockham_fft(float2* in, float2* out, int H, int nseq, bool inverse) {
+  const float sign = inverse ? 1.f : -1.f;
+  for (int ns = 1; ns < H;) {
+    const int R = (H / ns >= 4) ? 4 : 2;  // uniform across the CTA
+    const int nb = H / R;                 // butterflies per sequence
+    for (int t = threadIdx.x; t < nseq * nb; t += blockDim.x) {
+      const int s = t / nb, j = t - s * nb;
+      const int k = j & (ns - 1);
+      const float2* src = in + s * H;
+      float2* dst = out + s * H;
+      const int idx = (j / ns) * ns * R + k;
+      const float2 w = expipi(sign * 2.f * float(k) / float(ns * R));
+      if (R == 4) {
+        const float2 w2 = cmul(w, w);
+        const float2 v0 = src[j];
+        const float2 v1 = cmul(src[j + nb], w);
+        const float2 v2 = cmul(src[j + 2 * nb], w2);
+        const float2 v3 = cmul(src[j + 3 * nb], cmul(w2, w));
+        const float2 s02 = cadd(v0, v2), d02 = csub(v0, v2);
+        const float2 s13 = cadd(v1, v3), d13 = csub(v1, v3);
+        const float2 jd13 = inverse ? times_i(d13) : times_minus_i(d13);
+        dst[idx] = cadd(s02, s13);
+        dst[idx + ns] = cadd(d02, jd13);
+        dst[idx + 2 * ns] = csub(s02, s13);
+        dst[idx + 3 * ns] = csub(d02, jd13);
+      } else {
+        const float2 v0 = src[j];
+        const float2 v1 = cmul(src[j + nb], w);
+        dst[idx] = cadd(v0, v1);
+        dst[idx + ns] = csub(v0, v1);
+      }
+    }
+    __syncthreads();
+    float2* tmp = in;
+    in = out;
+    out = tmp;
+    ns *= R;
+  }
+  return in;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) {
+  extern __shared__ __align__(16) float2 smem[];
+  float2* buf_a = smem;
+  float2* buf_b = smem + kCap;
+  float2* acc = smem + 2 * kCap;  // [rows][H+1]
+  const int H = a.b >> 1, hb = H + 1;
+  const int64_t m0 = int64_t(blockIdx.x) * a.tm;
+  const int rows = (a.M - m0 < a.tm) ? int(a.M - m0) : a.tm;
+  const int i = blockIdx.y;
+
+  for (int t = threadIdx.x; t < rows * hb; t += blockDim.x) acc[t] = make_float2(0.f, 0.f);
+
+  // as many input blocks per pass as the buffers hold for this CTA's rows (M < TM: more blocks)
+  const int nj_max = kCap / (rows * H);
+  for (int j0 = 0; j0 < a.q; j0 += nj_max) {
+    const int nj = min(nj_max, a.q - j0), nseq = nj * rows;
+    // 1. load: sequence s = jj * rows + mm holds x[m0 + mm, (j0 + jj) * b ...] packed in pairs
+    for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
+      const int s = t / H, n = t - s * H;
+      const int jj = s / rows, mm = s - jj * rows;
+      const int64_t col = int64_t(j0 + jj) * a.b + 2 * n;
+      const T* xr = a.x + (m0 + mm) * a.K;
+      const float re = col < a.K ? to_f32<T>(xr[col]) : 0.f;
+      const float im = col + 1 < a.K ? to_f32<T>(xr[col + 1]) : 0.f;
+      buf_a[s * H + n] = make_float2(re, im);
+    }
+    __syncthreads();
+    // 2. forward FFTs
+    const float2* res = stockham_fft(buf_a, buf_b, H, nseq, false);
+    // 3. real-FFT split + block products: thread owns (mm, k), k = 0..H
+    for (int t = threadIdx.x; t < rows * hb; t += blockDim.x) {
+      const int mm = t / hb, k = t - mm * hb;
+      float2 sum = acc[t];
+      const float2 wk = expipi(-float(k) / float(H));  // e^{-2 pi i k / b}
+      for (int jj = 0; jj < nj; ++jj) {
+        const float2* z = res + (jj * rows + mm) * H;
+        float2 xk;
+        if (k == 0 || k == H) {
+          const float2 z0 = z[0];
+          xk = make_float2(k == 0 ? z0.x + z0.y : z0.x - z0.y, 0.f);
+        } else {
+          const float2 zk = z[k], zc = z[H - k];
+          const float2 c = make_float2(zc.x, -zc.y);         // conj(Z[H-k])
+          const float2 e = cscale(cadd(zk, c), 0.5f);          // FFT of even samples
+          const float2 o = times_minus_i(cscale(csub(zk, c), 0.5f));  // FFT of odd samples
+          xk = cadd(e, cmul(wk, o));
+        }
+        const float* wij = a.w + (int64_t(i) * a.q + (j0 + jj)) * 2 * hb;
+        sum = cadd(sum, cmul(make_float2(wij[k], wij[hb + k]), xk));
+      }
+      acc[t] = sum;
+    }
+    __syncthreads();  // res (buf_a or buf_b) is overwritten by the next load
+  }
+
+  // 4. pack the Hermitian half spectrum into H complex values (imag of DC and Nyquist ignored)
+  for (int t = threadIdx.x; t < rows * H; t += blockDim.x) {
+    const int mm = t / H, k = t - mm * H;
+    const float2* am = acc + mm * hb;
+    float2 av, cv;
+    if (k == 0) {
+      av = make_float2(am[0].x, 0.f);
+      cv = make_float2(am[H].x, 0.f);
+    } else {
+      av = am[k];
+      cv = make_float2(am[H - k].x, -am[H - k].y);
+    }
+    const float2 e = cscale(cadd(av, cv), 0.5f);
+    const float2 o = cmul(cscale(csub(av, cv), 0.5f), expipi(float(k) / float(H)));
+    buf_a[mm * H + k] = cadd(e, times_i(o));
+  }
+  __syncthreads();
+  const float2* res = stockham_fft(buf_a, buf_b, H, rows, true);
+
+  // 5. write y[m0 + mm, i*b + 2n (+1)] = z[n] / H + bias
+  const float scale = 1.f / float(H);
+  for (int t = threadIdx.x; t < rows * H; t += blockDim.x) {
+    const int mm = t / H, n = t - mm * H;
+    const float2 z = res[mm * H + n];
+    const int64_t col = int64_t(i) * a.b + 2 * n;
+    T* yr = a.y + (m0 + mm) * a.N;
+    if (col < a.N) yr[col] = from_f32<T>(z.x * scale + (a.bias ? to_f32<T>(a.bias[col]) : 0.f));
+    if (col + 1 < a.N) yr[col + 1] = from_f32<T>(z.y * scale + (a.bias ? to_f32<T>(a.bias[col + 1]) : 0.f));
+  }
+}
+
+int rows_per_cta(int b) { return std::max(1, std::min(kMaxTm, 4096 / b)); }
+
+size_t smem_bytes(int b) {
+  return (2 * size_t(kCap) + size_t(rows_per_cta(b)) * (b / 2 + 1)) * sizeof(float2);
+}
+
+template <class T>
+void launch(BcArgs<T> a, cudaStream_t stream) {
+  auto kernel = block_circulant_kernel<T>;
+  static bool configured = false;  // per template instance
+  if (!configured) {
+    size_t most = 0;
+    for (int b = 64; b <= 4096; b *= 2) most = std::max(most, smem_bytes(b));
+    RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
+    configured = true;
+  }
+  a.tm = rows_per_cta(a.b);
+  const dim3 grid(unsigned((a.M + a.tm - 1) / a.tm), unsigned(a.p));
+  kernel<<<grid, kThreads, smem_bytes(a.b), stream>>>(a);
+  RK_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class F>
+void dispatch_float(ScalarType st, const char* op, F&& f) {
+  if (st == ScalarType::Half) {
+    f(__half{});
+  } else if (st == ScalarType::BFloat16) {
+    f(__nv_bfloat16{});
+  } else if (st == ScalarType::Float) {
+    f(float{});
+  } else {
+    STD_TORCH_CHECK(false, "reparam.", op, ": the CUDA kernel takes float16, bfloat16 or float32 `x`, got ",
+                    dtype_name(st), " (the Python wrapper routes float64 to the reference)");
+  }
+}
+
+}  // namespace
+
+Tensor block_circulant_linear_cuda(Tensor x, Tensor w_spectrum, int64_t block_size, int64_t out_features,
+                                   std::optional<Tensor> bias) {
+  const char* op = "block_circulant_linear";
+  STD_TORCH_CHECK(x.is_cuda(), "reparam.block_circulant_linear: `x` must be a CUDA tensor");
+  STD_TORCH_CHECK(x.dim() >= 1, "reparam.block_circulant_linear: `x` must have at least 1 dimension");
+  STD_TORCH_CHECK(block_size >= 64 && block_size <= 4096 && (block_size & (block_size - 1)) == 0,
+                  "reparam.block_circulant_linear: the CUDA kernel takes `block_size` a power of two in 64..4096, got ",
+                  block_size, " (reparam_kernels.ops.block_circulant_linear routes other sizes to Triton)");
+  check_arg(op, "w_spectrum", w_spectrum, x, 4, ScalarType::Float);
+  const int64_t b = block_size, p = w_spectrum.size(0), q = w_spectrum.size(1);
+  STD_TORCH_CHECK(w_spectrum.size(2) == 2 && w_spectrum.size(3) == b / 2 + 1,
+                  "reparam.block_circulant_linear: `w_spectrum` must be [p, q, 2, block_size/2+1]");
+  STD_TORCH_CHECK(p >= 1 && q >= 1 && p <= 65535, "reparam.block_circulant_linear: `w_spectrum` must have 1..65535 block rows and >= 1 block columns");
+  const int64_t K = x.size(x.dim() - 1), N = out_features;
+  STD_TORCH_CHECK((q - 1) * b < K && K <= q * b,
+                  "reparam.block_circulant_linear: `x` last dimension does not fit the q block columns of `w_spectrum`");
+  STD_TORCH_CHECK((p - 1) * b < N && N <= p * b,
+                  "reparam.block_circulant_linear: `out_features` does not fit the p block rows of `w_spectrum`");
+  if (bias.has_value()) {
+    check_arg(op, "bias", *bias, x, 1, x.scalar_type());
+    STD_TORCH_CHECK(bias->size(0) == N, "reparam.block_circulant_linear: `bias` must have out_features elements");
+  }
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  Tensor xc = torch::stable::contiguous(x);
+  const int64_t M = xc.numel() / K;
+  Tensor y = torch::stable::new_empty(xc, out_shape(xc, N));
+  if (M == 0) return y;
+  cudaStream_t stream = current_stream(xc);
+
+  dispatch_float(xc.scalar_type(), op, [&](auto tag) {
+    using T = decltype(tag);
+    BcArgs<T> a;
+    a.x = static_cast<const T*>(xc.data_ptr());
+    a.w = static_cast<const float*>(w_spectrum.data_ptr());
+    a.bias = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
+    a.y = static_cast<T*>(y.data_ptr());
+    a.M = M; a.K = K; a.N = N;
+    a.p = int(p); a.q = int(q); a.b = int(b);
+    launch<T>(a, stream);
+  });
+  return y;
+}
+
+}  // namespace reparam
