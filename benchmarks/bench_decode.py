@@ -1,0 +1,230 @@
+"""End-to-end decode speed: a Llama-3-8B-shaped model (random weights, Hugging Face
+transformers) with its Linears swapped for each compressed layer type, vs dense fp16.
+
+    python benchmarks/bench_decode.py                 # H200: 32 layers, batch 1 and 16, 512 context
+    python benchmarks/bench_decode.py --quick         # 4 layers, batch 1, fewer variants (GPU runner)
+    python benchmarks/bench_decode.py --tiny          # 2-layer tiny config on the CPU (CI: the script works)
+
+Each variant: prefill `--context` random tokens into a static KV cache (not timed),
+compile the one-token decode step (torch.compile, mode="reduce-overhead": CUDA
+graphs), check the compiled step against the eager one (a variant that disagrees
+is not timed), then time `--tokens` decode steps. tokens/s = batch x tokens / time.
+Every Linear but lm_head is swapped; lm_head and embeddings stay dense fp16 in all
+variants, so the speedups are those of a real deployment, not of the Linears alone.
+Random weights: the speed is what is measured, not the text.
+Results: benchmarks/results/<gpu>/decode.json, rewritten after every variant.
+"""
+import argparse
+import gc
+import inspect
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from reparam_kernels.bench import variants  # noqa: E402
+from reparam_kernels.bench.results import DEFAULT_ROOT, OUT_ENV, environment, gpu_slug  # noqa: E402
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False, rope_theta=500000.0)
+TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            rope_theta=10000.0)
+
+
+def llama_config(overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(overrides)
+    theta = kw.pop("rope_theta")
+    if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:  # transformers >= 5
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    else:
+        kw["rope_theta"] = theta
+    return LlamaConfig(**kw)
+
+
+def static_cache(config, batch, length, device, dtype):
+    from transformers import StaticCache
+
+    params = inspect.signature(StaticCache.__init__).parameters
+    if "max_batch_size" in params:  # transformers 4.x
+        return StaticCache(config=config, max_batch_size=batch, max_cache_len=length, device=device, dtype=dtype)
+    return StaticCache(config=config, max_cache_len=length)
+
+
+@torch.no_grad()
+def build_model(config, kind, dtype, device):
+    """The model with random weights, its Linears (not lm_head) swapped for layer `kind` (None: dense)."""
+    from transformers import LlamaForCausalLM
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    swapped = 0
+    if kind is not None:
+        swapped = variants.replace_linears(model, kind, random=True)
+    return model.eval(), swapped
+
+
+def _cache_arg():
+    """`cache` in recent transformers, `past_key_values` before (and deprecated since)."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+
+def weight_bytes(model):
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+@torch.no_grad()
+def decode_speed(model, config, batch, context, tokens, compile_mode, device, warmup=3):
+    """(tokens/s, max relative difference compiled vs eager on the first step)."""
+    dtype = model.model.embed_tokens.weight.dtype
+    arg = _cache_arg()
+    prompt = torch.randint(0, config.vocab_size, (batch, context), device=device)
+
+    def prefilled():
+        cache = static_cache(config, batch, context + warmup + tokens + 2, device, dtype)
+        out = model(input_ids=prompt, **{arg: cache}, cache_position=torch.arange(context, device=device),
+                    use_cache=True)
+        return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    pos = torch.tensor([context], device=device)
+    # The eager reference runs on a cache of its own: a static cache must not see one position twice.
+    cache, tok = prefilled()
+    eager = model(input_ids=tok, **{arg: cache}, cache_position=pos, use_cache=True).logits[:, -1].float()
+    cache, tok = prefilled()
+
+    def step(tok, pos):
+        return model(input_ids=tok, **{arg: cache}, cache_position=pos, use_cache=True).logits[:, -1]
+
+    run = step if compile_mode == "none" else torch.compile(step, **compile_kwargs(compile_mode))
+    compiled = run(tok, pos).float().clone()
+    diff = float((compiled - eager).norm() / eager.norm().clamp_min(1e-30))
+    if not (torch.isfinite(compiled).all() and diff < 5e-2):
+        return None, diff
+    p = context + 1
+    for _ in range(warmup):
+        _mark_step()
+        tok = run(tok, torch.tensor([p], device=device)).argmax(-1, keepdim=True)
+        p += 1
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        _mark_step()
+        tok = run(tok, torch.tensor([p], device=device)).argmax(-1, keepdim=True)
+        p += 1
+    _sync(device)
+    return batch * tokens / (time.perf_counter() - t0), diff
+
+
+def compile_kwargs(mode):
+    if mode in ("reduce-overhead", "max-autotune", "default"):
+        return {"mode": mode}
+    return {"backend": mode}  # e.g. "eager", "aot_eager", "cudagraphs"
+
+
+def _mark_step():
+    if hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="2-layer tiny config on the CPU (proves the script works)")
+    p.add_argument("--quick", action="store_true", help="4 layers, batch 1, four variants")
+    p.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    p.add_argument("--batches", default=None, help="comma-separated (default 1,16; --quick/--tiny: 1)")
+    p.add_argument("--context", type=int, default=None, help="prompt tokens in the cache (default 512)")
+    p.add_argument("--tokens", type=int, default=None, help="timed decode steps (default 64)")
+    p.add_argument("--variants", default=None, help=f"comma-separated from dense,{','.join(variants.DECODE_KINDS)}")
+    p.add_argument("--compile", default=None, help="reduce-overhead (default on GPU), max-autotune, cudagraphs, "
+                                                    "eager, aot_eager, none")
+    p.add_argument("--budget", type=float, default=None, help="seconds; later variants are skipped past it")
+    p.add_argument("--out", default=None, help="results root (default benchmarks/results or $REPARAM_BENCH_OUT)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse(argv)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench_decode: needs the `transformers` package (pip install transformers)")
+    if a.tiny:
+        device, dtype, cfg = "cpu", torch.float32, dict(TINY)
+        defaults = dict(batches="1", context=32, tokens=4, compile="eager", layers=2)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_decode: no CUDA GPU visible (use --tiny to check the script on the CPU)")
+        device, dtype, cfg = "cuda", torch.float16, dict(LLAMA3_8B)
+        defaults = dict(batches="1" if a.quick else "1,16", context=512, tokens=32 if a.quick else 64,
+                        compile="reduce-overhead", layers=4 if a.quick else 32)
+    batches = [int(b) for b in (a.batches or defaults["batches"]).split(",")]
+    context, tokens = a.context or defaults["context"], a.tokens or defaults["tokens"]
+    mode = a.compile or defaults["compile"]
+    cfg["num_hidden_layers"] = a.layers or defaults["layers"]
+    config = llama_config(cfg)
+    quick_kinds = ("int4_g128", "int8", "lowrank_40")
+    kinds = a.variants.split(",") if a.variants else ["dense"] + variants.available(
+        quick_kinds if (a.quick or a.tiny) else variants.DECODE_KINDS)
+    env = environment()
+    root = a.out or os.environ.get(OUT_ENV) or DEFAULT_ROOT
+    path = os.path.join(root, gpu_slug(env["gpu"]), "decode.json")
+    data = dict(env, model="Llama-3-8B config, random weights" + (" (tiny)" if a.tiny else ""),
+                config={k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "vocab_size")},
+                dtype=str(dtype).replace("torch.", ""), compile=mode, context=context, new_tokens=tokens,
+                rows=[], skipped=[])
+    t_start, dense_tps = time.time(), {}
+    for kind in kinds:
+        if a.budget and time.time() - t_start > a.budget:
+            data["skipped"].append({"variant": kind, "reason": f"time budget {a.budget:.0f} s spent"})
+            continue
+        torch._dynamo.reset()
+        model, swapped = build_model(config, None if kind == "dense" else kind, dtype, device)
+        wbytes = weight_bytes(model)
+        for batch in batches:
+            tps, diff = decode_speed(model, config, batch, context, tokens, mode, device)
+            if tps is None:
+                data["skipped"].append({"variant": kind, "batch": batch,
+                                        "reason": f"compiled step disagrees with eager (relative diff {diff:.3g})"})
+                print(f"{kind:22} batch {batch:3}: NOT TIMED, compiled vs eager diff {diff:.3g}", flush=True)
+                continue
+            if kind == "dense":
+                dense_tps[batch] = tps
+            row = {"variant": kind, "batch": batch, "context": context, "tokens_per_s": tps,
+                   "speedup_vs_dense": tps / dense_tps[batch] if batch in dense_tps else None,
+                   "linears_swapped": swapped, "weight_bytes": wbytes, "compiled_vs_eager_rel_diff": diff}
+            data["rows"].append(row)
+            print(f"{kind:22} batch {batch:3}: {tps:10.1f} tok/s"
+                  + (f"  {row['speedup_vs_dense']:.2f}x dense" if row["speedup_vs_dense"] else ""), flush=True)
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
