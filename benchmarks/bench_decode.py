@@ -156,7 +156,8 @@ def parse(argv):
     p.add_argument("--variants", default=None, help=f"comma-separated from dense,{','.join(variants.DECODE_KINDS)}")
     p.add_argument("--compile", default=None, help="reduce-overhead (default on GPU), max-autotune, cudagraphs, "
                                                     "eager, aot_eager, none")
-    p.add_argument("--budget", type=float, default=None, help="seconds; later variants are skipped past it")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds; later variants are skipped past it (--quick: 100, so the GPU runner fits)")
     p.add_argument("--out", default=None, help="results root (default benchmarks/results or $REPARAM_BENCH_OUT)")
     return p.parse_args(argv)
 
@@ -193,9 +194,10 @@ def main(argv=None):
                 dtype=str(dtype).replace("torch.", ""), compile=mode, context=context, new_tokens=tokens,
                 rows=[], skipped=[])
     t_start, dense_tps = time.time(), {}
+    budget = a.budget if a.budget is not None else (100.0 if a.quick else None)
     for kind in kinds:
-        if a.budget and time.time() - t_start > a.budget:
-            data["skipped"].append({"variant": kind, "reason": f"time budget {a.budget:.0f} s spent"})
+        if budget and time.time() - t_start > budget:
+            data["skipped"].append({"variant": kind, "reason": f"time budget {budget:.0f} s spent"})
             continue
         torch._dynamo.reset()
         model, swapped = build_model(config, None if kind == "dense" else kind, dtype, device)
