@@ -71,6 +71,14 @@ def _combo_random(i, o, bias, dtype, device):
     return _cls("FactoredLinear", "reparam_kernels.nn.factored")(first, second)
 
 
+def _tucker_from_linear(linear):
+    """Tucker with each mode's rank half its size (modes: out and in split in two)."""
+    from ..nn.tensorized import split_features
+
+    modes = split_features(linear.out_features) + split_features(linear.in_features)
+    return rnn.TuckerLinear.from_linear(linear, ranks=tuple(max(1, m // 2) for m in modes), max_iter=5)
+
+
 def _table():
     """kind -> (needed class names, from_linear builder, random builder(i, o, bias, dtype, device))."""
     block = lambda i, o: min(256, i, o)  # noqa: E731
@@ -95,6 +103,8 @@ def _table():
         "toeplitz": (["ToeplitzLinear"], lambda l: rnn.ToeplitzLinear.from_linear(l), None),
         "ldr_r2": (["LDRLinear"], lambda l: rnn.LDRLinear.from_linear(l, rank=2), None),
         "lut_log4": (["LUTLinear"], lambda l: rnn.LUTLinear.from_linear(l), None),
+        "cp_r8": (["CPLinear"], lambda l: rnn.CPLinear.from_linear(l, rank=8, max_iter=10), None),
+        "tucker_half": (["TuckerLinear"], _tucker_from_linear, None),
     }
 
 
