@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import reparam_kernels as rk
-import reparam_kernels.compress.quantize  # noqa: F401
+from reparam_kernels.compress.quantize import pack_int4
 from reparam_kernels import reference
 from reparam_kernels import triton as rk_triton
 from conftest import HAS_GPU, TOL, rel_err
@@ -27,13 +27,13 @@ def make(op, rng, lead, K, N, dtype, device="cpu", bias=True, group=32, tables=1
         s = (torch.rand(N, g, generator=rng) * 0.05 + 0.01).to(dtype)
         z = torch.randint(0, 16, (N, g), generator=rng).to(dtype)
         w = (q.double().reshape(N, g, group) - z.double()[..., None]) * s.double()[..., None]
-        args = (x, rk.compress.quantize.pack_int4(q).to(device), s.to(device), z.to(device), group, b)
+        args = (x, pack_int4(q).to(device), s.to(device), z.to(device), group, b)
         w = w.reshape(N, K)
     else:
         q = torch.randint(0, 16, (N, K), generator=rng, dtype=torch.uint8)
         lut = (torch.randn(tables, 16, generator=rng) * 0.1).to(dtype)
         w = lut.double().repeat_interleave(N // tables, 0).gather(1, q.long())
-        args = (x, rk.compress.quantize.pack_int4(q).to(device), lut.to(device), b)
+        args = (x, pack_int4(q).to(device), lut.to(device), b)
     return args, w
 
 
