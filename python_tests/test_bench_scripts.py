@@ -72,3 +72,20 @@ def test_bench_decode_tiny_end_to_end(tmp_path):
     assert rows["int8"]["linears_swapped"] == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head stays
     assert all(r["tokens_per_s"] > 0 and r["compiled_vs_eager_rel_diff"] < 5e-2 for r in rows.values())
     assert rows["int8"]["weight_bytes"] < rows["dense"]["weight_bytes"]
+
+
+def test_random_variants_have_sane_weights():
+    """The decode benchmark's random layers: codes are not all zero and the effective weight
+    has a Linear-like scale (random int codes at scale 1 would overflow fp16 activations)."""
+    from reparam_kernels.bench import variants
+
+    for kind in variants.available(variants.DECODE_KINDS):
+        layer = variants.make_random(kind, 256, 192, bias=False, dtype=torch.float32, device="cpu")
+        with torch.no_grad():
+            std = float(layer.to_dense().float().std())
+            y = layer(torch.randn(3, 256))
+        assert torch.isfinite(y).all() and y.shape == (3, 192)
+        assert 1e-3 < std < 0.1, (kind, std)
+        for buf in layer.buffers():
+            if buf.dtype in (torch.uint8, torch.int8):
+                assert buf.float().std() > 1, kind

@@ -138,12 +138,20 @@ def make_random(kind, in_features, out_features, bias=False, dtype=torch.float16
 
 
 @torch.no_grad()
-def randomize_codes_(module):
-    """Fill integer buffers (quantized codes) with random bits, so no kernel sees an all-zero weight."""
-    for buf in module.buffers():
-        if buf.dtype in (torch.uint8, torch.int8):
-            buf.copy_(torch.randint(-128 if buf.dtype == torch.int8 else 0, 128 if buf.dtype == torch.int8 else 256,
-                                    buf.shape, dtype=buf.dtype, device=buf.device))
+def randomize_codes_(module, weight_std=0.02):
+    """Fill integer buffers (quantized codes) with random bits, so no kernel sees an all-zero
+    weight, and rescale `scales` so the effective weight has std `weight_std` (Hugging Face's
+    initializer_range): random codes at scale 1 would overflow fp16 activations within a layer."""
+    for sub in module.modules():
+        codes = [b for b in sub.buffers(recurse=False) if b.dtype in (torch.uint8, torch.int8)]
+        for buf in codes:
+            lo, hi = (-128, 128) if buf.dtype == torch.int8 else (0, 256)
+            buf.copy_(torch.randint(lo, hi, buf.shape, dtype=buf.dtype, device=buf.device))
+        scales = getattr(sub, "scales", None)
+        if codes and isinstance(scales, torch.Tensor) and hasattr(sub, "to_dense"):
+            std = float(sub.to_dense().float().std())
+            if std > 0:
+                scales.mul_(weight_std / std)
     return module
 
 
