@@ -9,6 +9,15 @@ from reparam_kernels.nn import BlockCirculantLinear, CirculantLinear, LDRLinear,
 from conftest import rel_err
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small tensors: with other jobs on the cores, intra-op threads only spin.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def dense(rng, n, k):
     return torch.randn(n, k, generator=rng, dtype=torch.float64)
 

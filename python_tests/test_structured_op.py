@@ -12,6 +12,15 @@ from reparam_kernels.compress import structured as st
 from conftest import HAS_GPU, TOL, rel_err
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small tensors: with other jobs on the cores, intra-op threads only spin.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make(rng, lead, K, N, b, dtype, device="cpu", bias=True):
     """Random block columns scaled like a trained layer's (outputs O(1)), their spectrum, x, bias."""
     p, q = math.ceil(N / b), math.ceil(K / b)

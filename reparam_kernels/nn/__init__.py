@@ -2,3 +2,4 @@
 from .lowrank import LowRankLinear  # noqa: F401
 from .quant import Int4Linear, Int8Linear, LUTLinear  # noqa: F401
 from .structured import BlockCirculantLinear, CirculantLinear, LDRLinear, ToeplitzLinear  # noqa: F401
+from .tensorized import CPLinear, TuckerLinear  # noqa: F401
