@@ -1,0 +1,161 @@
+"""Quantized linears (int8_linear, int4_linear, lut_linear) vs cuBLAS fp16/bf16 F.linear, in one run.
+
+    python benchmarks/bench_quant.py [--quick] [--ops int8_linear,int4_linear,lut_linear] [--dtypes fp16,bf16]
+
+Peers in the same run: torch's int4 "tinygemm" (``torch._weight_int4pack_mm``,
+group 128, bf16 only: it takes no fp16) for int4_linear, and our own Triton
+kernel for every op. cuBLAS runs the dequantized weight in x's dtype. Each
+case is checked against float64 (x and the dequantized weight in float64)
+before it is timed; a contender that fails the check is not timed (recorded in
+the file's ``failures``). Writes benchmarks/results/<gpu>/{int8_linear,
+int4_linear,lut_linear}.json in DESIGN.md's format, each row with ``bytes``
+(the packed weight, its scales/tables, x and y moved once) and ``flops``.
+"""
+import torch
+import torch.nn.functional as F
+
+from common import (DTYPES, Contender, Results, bench_arg_parser, measure_ceilings, progress, require_cuda,
+                    rotation_count, run_case, shapes_and_batches)
+
+import reparam_kernels
+from reparam_kernels import _dispatch
+from reparam_kernels import triton as rk_triton
+from reparam_kernels.compress.quantize import pack_int4
+from reparam_kernels.reference.int4_linear import dequantize_int4
+from reparam_kernels.reference.lut_linear import dequantize_lut
+
+OPS = ("int8_linear", "int4_linear", "lut_linear")
+GROUP = 128
+LUT_TABLES = "per_row"  # one 16-entry table per output row, as log quantization uses
+
+
+def make_weights(op, N, K, dtype, device, gen):
+    """Random packed weights of `op` (codes uniform, scales so that outputs are O(1)) -> (args, params, bytes)."""
+    amp = 1.0 / (4.0 * K ** 0.5)
+    if op == "int8_linear":
+        q = torch.randint(-127, 128, (N, K), device=device, dtype=torch.int8, generator=gen)
+        s = ((torch.rand(N, device=device, generator=gen) + 0.5) * amp / 64).to(dtype)
+        return (q, s), {"bits": 8, "group": "channel"}
+    if op == "int4_linear":
+        q = torch.randint(0, 16, (N, K), device=device, dtype=torch.uint8, generator=gen)
+        s = ((torch.rand(N, K // GROUP, device=device, generator=gen) + 0.5) * amp / 4).to(dtype)
+        z = torch.randint(0, 16, (N, K // GROUP), device=device, generator=gen).to(dtype)
+        return (pack_int4(q), s, z, GROUP), {"bits": 4, "group": GROUP}
+    q = torch.randint(0, 16, (N, K), device=device, dtype=torch.uint8, generator=gen)
+    lut = (torch.randn(N, 16, device=device, generator=gen) * amp).to(dtype)
+    return (pack_int4(q), lut), {"bits": 4, "tables": LUT_TABLES}
+
+
+def dense_weight(op, wargs, dtype):
+    """The dequantized weight [N, K] in `dtype` (float64 for the reference)."""
+    if op == "int8_linear":
+        q, s = wargs
+        return (q.to(torch.float64) * s.to(torch.float64)[:, None]).to(dtype)
+    if op == "int4_linear":
+        return dequantize_int4(*wargs, torch.float64).to(dtype)
+    return dequantize_lut(*wargs, torch.float64).to(dtype)
+
+
+def tinygemm_args(x, wargs):
+    """(x, packed, group, scales_and_zeros) for torch._weight_int4pack_mm, or None where it can't run.
+
+    tinygemm computes W = (q − 8)·s + zt; ours is W = (q − z)·s, so zt = (8 − z)·s. It wants
+    q packed two per byte with the EVEN k in the high nibble (torchao's layout), then
+    re-tiled by _convert_weight_to_int4pack."""
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16:
+        return None
+    qpacked, s, z, group = wargs
+    lo, hi = qpacked & 0xF, qpacked >> 4  # ours: low nibble = even k
+    tg_bytes = ((lo << 4) | hi).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack(tg_bytes, 8)
+    sz = torch.stack((s.float(), ((8.0 - z.float()) * s.float())), dim=-1)  # [N, G, 2]
+    sz = sz.transpose(0, 1).contiguous().to(torch.bfloat16)  # [G, N, 2]
+    return (x, packed, group, sz)
+
+
+def tinygemm(x, packed, group, sz):
+    return torch._weight_int4pack_mm(x, packed, group, sz)
+
+
+def weight_bytes(op, N, K, elt):
+    if op == "int8_linear":
+        return N * K + N * elt
+    if op == "int4_linear":
+        return N * K // 2 + 2 * N * (K // GROUP) * elt
+    return N * K // 2 + N * 16 * elt
+
+
+def bench_shape(res, op, N, K, M, dtype, modes, device="cuda", count=None, seed=0):
+    """Check, then time, one case; `device`/`count` exist so the CPU tests can run it small."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    elt = torch.empty((), dtype=dtype).element_size()
+    io = (M * K + M * N) * elt
+    must_move = weight_bytes(op, N, K, elt) + io
+    ours_count = count or rotation_count(must_move)
+    dense_count = count or rotation_count(N * K * elt + io)
+    ours_sets, params = [], None
+    for _ in range(ours_count):
+        wargs, params = make_weights(op, N, K, dtype, device, gen)
+        x = torch.randn(M, K, device=device, generator=gen).to(dtype)
+        ours_sets.append((x, *wargs))
+    dense_sets = [(ours_sets[i % ours_count][0], dense_weight(op, ours_sets[i % ours_count][1:], dtype))
+                  for i in range(dense_count)]
+    fn = getattr(reparam_kernels.ops, op)
+    peers = {}
+    tfn = getattr(rk_triton, op, None)
+    if tfn is not None and (device == "cuda" or M * N * K <= 1 << 22):  # the CPU interpreter: small cases only
+        peers["triton"] = Contender(tfn, ours_sets)
+    if op == "int4_linear":
+        tg = [tinygemm_args(s[0], s[1:]) for s in ours_sets]
+        if all(a is not None for a in tg):
+            peers["tinygemm"] = Contender(tinygemm, tg)
+    x0, w0 = ours_sets[0][0], ours_sets[0][1:]
+    backend, why = _dispatch.backend_for(op, device, dtype)
+    rows = run_case(
+        res, dtype=dtype, M=M, N=N, K=K, params=params, modes=modes,
+        ours=Contender(fn, ours_sets), cublas=Contender(F.linear, dense_sets), peers=peers,
+        reference=lambda: x0.double() @ dense_weight(op, w0, torch.float64).t(),
+        bytes=must_move, flops=2 * M * N * K, backend=backend,
+    )
+    del ours_sets, dense_sets, peers
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    p = bench_arg_parser(__doc__.splitlines()[0])
+    p.add_argument("--ops", default=",".join(OPS), help="comma-separated, from " + ",".join(OPS))
+    args = p.parse_args(argv)
+    require_cuda(__file__)
+    ops = args.ops.split(",")
+    for op in ops:
+        if op not in OPS:
+            raise SystemExit(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    modes = tuple(args.modes.split(","))
+    shapes, batches = shapes_and_batches(args.quick)
+    ceilings = measure_ceilings()
+    copy = ceilings["copy_tbps"]
+    print(f"ceilings: copy {copy:.2f} TB/s, bf16 GEMM {ceilings['bf16_gemm_tflops']:.0f} TFLOP/s")
+    status = 0
+    for op in ops:
+        res = Results(op, root=args.out)
+        res.ceilings = ceilings
+        cases = [(N, K, M, d) for (N, K) in shapes for d in dtypes for M in batches]
+        for N, K, M, dtype in progress(cases, op):
+            for row in bench_shape(res, op, N, K, M, dtype, modes):
+                tbps = row["bytes"] / (row["ours_us"] * 1e-6) / 1e12
+                peers = "  ".join(f"{k} {v:8.2f} us" for k, v in row["peers"].items())
+                print(f"{op} {row['mode']:5} {row['dtype']} M={M:5} N={N:5} K={K:5} [{row['backend']}] "
+                      f"ours {row['ours_us']:8.2f} us  cuBLAS {row['cublas_us']:8.2f} us  ratio {row['ratio']:5.2f}x  "
+                      f"{peers}  {tbps:.2f} TB/s = {100 * tbps / copy:.0f}% of copy", flush=True)
+        for fail in res.failures:
+            print(f"NOT TIMED {op} {fail['case']}: {fail['reason']}")
+            status = 1
+        print(res.write())
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
