@@ -1,0 +1,148 @@
+"""Block-circulant and Toeplitz linear vs cuBLAS dense F.linear vs the torch.fft path, in one run.
+
+    python benchmarks/bench_structured.py [--quick] [--blocks 256,1024,4096] [--dtypes fp16,bf16]
+
+Writes benchmarks/results/<gpu>/block_circulant_linear.json and toeplitz_linear.json
+(DESIGN.md format). Per case (M, N, K, block b):
+
+* ours      — reparam_kernels.ops.block_circulant_linear (the fused CUDA kernel for
+              b = 64..4096 powers of two; the row's `backend` says what ran);
+* cublas    — F.linear on the dense weight of the same shape (the block-circulant
+              matrix expanded, in the activation dtype);
+* peers     — "torch_fft": rfft · einsum block products · irfft (the reference,
+              fp32), and "triton": torch.fft transforms + the Triton block-product kernel.
+
+A plain circulant n×n is the case N = K = b. Toeplitz n×n runs through its
+circulant embedding of size L = 2n (the CUDA kernel takes L <= 4096; larger L
+run the Triton path, recorded in `backend`). Rows carry `bytes` (x, spectrum,
+y: what the op must move) and an approximate `flops` (FFTs at 2.5·n·log2 n
+real flops each, plus 8 flops per complex multiply-add of the block products).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from common import (Contender, Results, bench_arg_parser, measure_ceilings, progress, require_cuda,
+                    rotation_count, run_case, shapes_and_batches, DTYPES)
+
+import reparam_kernels
+from reparam_kernels import _dispatch, reference
+from reparam_kernels import triton as rk_triton
+from reparam_kernels.compress import structured as st
+
+BLOCKS = (256, 512, 1024, 4096)
+QUICK_BLOCKS = (256, 4096)
+QUICK_STRUCTURED_SHAPES = [(4096, 4096), (14336, 4096)]  # the shapes the targets name
+TOEPLITZ_SIZES = (256, 1024, 4096)
+MAX_SETS = 512  # spectra are tiny: cap the rotation (they are what a real model streams anyway)
+
+
+def _flops(M, N, K, b):
+    p, q = math.ceil(N / b), math.ceil(K / b)
+    fft = 2.5 * b * math.log2(b)
+    return int(M * (q + p) * fft + 8 * M * p * q * (b // 2 + 1))
+
+
+def make_sets(N, K, b, M, dtype, count, dense_count, device):
+    """(x, spectrum) sets for the structured contenders and (x, W dense) for cuBLAS; set 0 of both
+    is the same product."""
+    p, q = math.ceil(N / b), math.ceil(K / b)
+    ours, dense = [], []
+    for _ in range(count):
+        cols = torch.randn(p, q, b, device=device, dtype=torch.float64) / math.sqrt(K)
+        x = torch.randn(M, K, device=device).to(dtype)
+        ours.append((x, st.block_circulant_spectrum(cols, torch.float32), cols))
+    for i in range(dense_count):
+        x, _, cols = ours[i % count]
+        dense.append((x, st.block_circulant_to_dense(cols.float(), N, K).to(dtype)))
+    return [(x, s) for x, s, _ in ours], dense
+
+
+def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="block_circulant_linear"):
+    """Check, then time, one case; `device`/`count` exist so the CPU tests can run it small."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    p, q = math.ceil(N / b), math.ceil(K / b)
+    spec_bytes = p * q * 2 * (b // 2 + 1) * 4
+    must_move = M * K * elt + spec_bytes + M * N * elt
+    sets, dense = make_sets(N, K, b, M, dtype, count or min(MAX_SETS, rotation_count(must_move)),
+                            count or rotation_count(N * K * elt + (M * K + M * N) * elt), device)
+    x0, s0 = sets[0]
+    if op == "block_circulant_linear":
+        ours_fn = lambda x, s: reparam_kernels.ops.block_circulant_linear(x, s, b, N)  # noqa: E731
+        ref = lambda: reference.block_circulant_linear(x0.double(), s0.double(), b, N)  # noqa: E731
+        size = b
+    else:  # Toeplitz n×n as its L×L embedding: the spectrum sets are already embeddings of size b = L
+        ours_fn = lambda x, s: reparam_kernels.ops.toeplitz_linear(x, s, b, N)  # noqa: E731
+        ref = lambda: reference.toeplitz_linear(x0.double(), s0.double(), b, N)  # noqa: E731
+        size = b
+    peers = {"torch_fft": Contender(lambda x, s: reference.block_circulant_linear(x, s, size, N), sets)}
+    if rk_triton.block_circulant_linear is not None and device == "cuda":
+        peers["triton"] = Contender(lambda x, s: rk_triton.block_circulant_linear(x, s, size, N), sets)
+    backend, why = _dispatch.backend_for(op, "cuda", dtype)
+    if size not in (1 << e for e in range(6, 13)):
+        backend = "triton" if rk_triton.block_circulant_linear is not None else "reference"
+    rows = run_case(res, dtype=dtype, M=M, N=N, K=K, params={"block": b} if op == "block_circulant_linear" else {"fft_size": b},
+                    modes=modes, ours=Contender(ours_fn, sets), cublas=Contender(F.linear, dense), peers=peers,
+                    reference=ref, bytes=must_move, flops=_flops(M, N, K, b), backend=backend)
+    del sets, dense
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def toeplitz_sets_shape(n):
+    """Toeplitz n×n: in_features = out_features = n, embedding size L."""
+    return n, n, st.toeplitz_fft_size(n, n)
+
+
+def main(argv=None):
+    p = bench_arg_parser(__doc__.splitlines()[0])
+    p.add_argument("--blocks", default=None, help="comma-separated block sizes (default 256,512,1024,4096)")
+    p.add_argument("--no-toeplitz", action="store_true", help="skip the toeplitz_linear cases")
+    args = p.parse_args(argv)
+    require_cuda(__file__)
+    blocks = [int(b) for b in args.blocks.split(",")] if args.blocks else (QUICK_BLOCKS if args.quick else BLOCKS)
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    modes = tuple(args.modes.split(","))
+    shapes, batches = shapes_and_batches(args.quick)
+    if args.quick:
+        shapes = QUICK_STRUCTURED_SHAPES
+    failures = 0
+    res = Results("block_circulant_linear", root=args.out)
+    res.ceilings = measure_ceilings()
+    cases = [(N, K, b, M, d) for (N, K) in shapes for b in blocks for d in dtypes for M in batches if b <= max(N, K)]
+    for N, K, b, M, dtype in progress(cases, "block_circulant_linear"):
+        for row in bench_block(res, N, K, b, M, dtype, modes):
+            _print(row, b)
+    failures += len(res.failures)
+    _report(res)
+    if not args.no_toeplitz:
+        tres = Results("toeplitz_linear", root=args.out)
+        tres.ceilings = res.ceilings
+        sizes = TOEPLITZ_SIZES[1:] if args.quick else TOEPLITZ_SIZES
+        tcases = [(n, M, d) for n in sizes for d in dtypes for M in batches]
+        for n, M, dtype in progress(tcases, "toeplitz_linear"):
+            N, K, L = toeplitz_sets_shape(n)
+            for row in bench_block(tres, N, K, L, M, dtype, modes, op="toeplitz_linear"):
+                _print(row, L)
+        failures += len(tres.failures)
+        _report(tres)
+    return 1 if failures else 0
+
+
+def _print(row, b):
+    peers = "  ".join(f"{k} {v:8.2f} us" for k, v in row["peers"].items())
+    print(f"{row['mode']:5} {row['dtype']} M={row['M']:5} N={row['N']:5} K={row['K']:5} b={b:4} [{row['backend']}] "
+          f"ours {row['ours_us']:8.2f} us  cuBLAS {row['cublas_us']:8.2f} us  ratio {row['ratio']:6.2f}x  {peers}",
+          flush=True)
+
+
+def _report(res):
+    for fail in res.failures:
+        print(f"NOT TIMED {fail['case']}: {fail['reason']}")
+    print(res.write())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
