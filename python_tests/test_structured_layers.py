@@ -111,9 +111,10 @@ def test_layers_forward_to_dense_and_train(rng, make, dtype):
 def test_layer_half_precision_and_to_linear(rng):
     lin = torch.nn.Linear(64, 48)
     layer = BlockCirculantLinear.from_linear(lin, 16).half()
-    assert layer.w_spectrum.dtype == torch.float16  # .half() converts parameters; restore fp32 spectrum
-    layer.w_spectrum.data = layer.w_spectrum.data.float()
+    assert layer.w_spectrum.dtype == torch.float16  # .half() converts every parameter; forward still works
     x = torch.randn(5, 64, generator=rng).half()
+    assert rel_err(layer(x), x.double() @ layer.to_dense().double().t() + layer.bias.double()) < 5e-3
+    layer.w_spectrum.data = layer.w_spectrum.data.float()
     assert rel_err(layer(x), x.double() @ layer.to_dense().double().t() + layer.bias.double()) < 5e-3
     back = BlockCirculantLinear.from_linear(lin, 16).to_linear()
     assert rel_err(back.weight, BlockCirculantLinear.from_linear(lin, 16).to_dense()) == 0

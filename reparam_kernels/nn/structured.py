@@ -46,6 +46,14 @@ def _weight_of(linear):
     return weight
 
 
+def _spectrum_for(spec, x):
+    """The ops take an fp32 spectrum (fp64 only with fp64 x); a layer converted by
+    .half()/.to(dtype) holds another dtype, so cast (the spectrum is small)."""
+    if spec.dtype == torch.float32 or (spec.dtype == torch.float64 and x.dtype == torch.float64):
+        return spec
+    return spec.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
 def _copy_bias(layer, linear):
     if linear.bias is not None:
         with torch.no_grad():
@@ -110,7 +118,7 @@ class BlockCirculantLinear(_StructuredBase):
         return _st.block_circulant_to_dense(cols, self.out_features, self.in_features).to(dtype)
 
     def forward(self, x):
-        return block_circulant_linear(x, self.w_spectrum, self.block_size, self.out_features, self.bias)
+        return block_circulant_linear(x, _spectrum_for(self.w_spectrum, x), self.block_size, self.out_features, self.bias)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -182,7 +190,7 @@ class ToeplitzLinear(_StructuredBase):
         return _st.toeplitz_to_dense(self.diagonals(), self.out_features, self.in_features).to(dtype)
 
     def forward(self, x):
-        return toeplitz_linear(x, self.t_spectrum, self.fft_size, self.out_features, self.bias)
+        return toeplitz_linear(x, _spectrum_for(self.t_spectrum, x), self.fft_size, self.out_features, self.bias)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, fft_size={self.fft_size}, bias={self.bias is not None}"
