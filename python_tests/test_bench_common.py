@@ -140,3 +140,14 @@ def test_check_against_float64_rejects_nan():
     with pytest.raises(common.KernelMismatch):
         common.check_against_float64("k", torch.tensor([1.0, float("nan"), 1.0, 1.0]), ref, torch.float32)
     assert common.check_against_float64("k", ref.float(), ref, torch.float32) == 0.0
+
+
+def test_autosave_marks_partial_until_final_write(tmp_path):
+    res = _results(tmp_path)  # two rows added: autosaved after each
+    data = json.load(open(res.path()))
+    assert data["partial"] is True and len(data["rows"]) == 2
+    assert "partial" in common.render_markdown(data)
+    res.write()
+    data = json.load(open(res.path()))
+    assert "partial" not in data and len(data["rows"]) == 2
+    assert not os.path.exists(res.path() + ".tmp")

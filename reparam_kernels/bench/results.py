@@ -7,7 +7,8 @@ One file per op and GPU: ``<root>/<gpu>/<op>.json`` =
 
 Optional extras (readers must tolerate them): top-level ``"ceilings"``
 (copy TB/s and bf16 GEMM TFLOP/s measured in the same run) and ``"failures"``
-(cases whose kernel failed the float64 check and so were not timed); per row
+(cases whose kernel failed the float64 check and so were not timed), ``"partial": true``
+(the script was still running, or was cut short, when the file was written); per row
 ``"bytes"`` / ``"flops"`` (what the op must move / compute) from which achieved
 TB/s and TFLOP/s follow.
 """
@@ -90,8 +91,10 @@ def validate(data):
 class Results:
     """Collects the rows of one op and writes ``<root>/<gpu slug>/<op>.json``."""
 
-    def __init__(self, op, root=None, env=None):
-        self.op = op
+    def __init__(self, op, root=None, env=None, autosave=True):
+        """autosave: rewrite the file (marked `"partial": true`) after every row, so a script
+        cut short by a time limit still leaves what it measured; `write()` writes the final file."""
+        self.op, self.autosave = op, autosave
         self.root = root or os.environ.get(OUT_ENV) or DEFAULT_ROOT
         self.env = env or environment()
         self.rows, self.failures, self.ceilings = [], [], None
@@ -100,14 +103,18 @@ class Results:
         row_fields.setdefault("op", self.op)
         row = make_row(**row_fields)
         self.rows.append(row)
+        if self.autosave:
+            self.write(partial=True)
         return row
 
     def fail(self, case, reason):
         """A case that was not timed (wrong result, unsupported): kept, visibly, in the file."""
         self.failures.append({"case": case, "reason": str(reason)})
 
-    def to_dict(self):
+    def to_dict(self, partial=False):
         data = dict(self.env)
+        if partial:
+            data["partial"] = True
         data["rows"] = list(self.rows)
         if self.ceilings is not None:
             data["ceilings"] = dict(self.ceilings)
@@ -118,12 +125,14 @@ class Results:
     def path(self):
         return os.path.join(self.root, gpu_slug(self.env["gpu"]), f"{self.op}.json")
 
-    def write(self):
+    def write(self, partial=False):
         path = self.path()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(partial), f, indent=1)
             f.write("\n")
+        os.replace(tmp, path)  # never a half-written file, even if killed mid-write
         return path
 
 
@@ -153,7 +162,8 @@ def render_markdown(data):
     validate(data)
     peer_names = sorted({p for r in data["rows"] for p in r["peers"]})
     lines = [f"**{data['rows'][0]['op'] if data['rows'] else '(no rows)'}** on {data['gpu']} "
-             f"(torch {data['torch']}, CUDA {data['cuda']}, {data['date']}); `{data['command']}`", ""]
+             f"(torch {data['torch']}, CUDA {data['cuda']}, {data['date']}); `{data['command']}`"
+             + (" — **partial: the run was cut short**" if data.get("partial") else ""), ""]
     if data.get("ceilings"):
         c = data["ceilings"]
         lines += [f"Ceilings measured in the same run: copy {c['copy_tbps']:.2f} TB/s, "
