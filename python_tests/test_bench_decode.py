@@ -1,0 +1,27 @@
+"""bench_decode.py --tiny: the end-to-end decode benchmark works on the CPU (the speed needs a GPU)."""
+import importlib
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+
+def test_bench_decode_tiny_end_to_end(tmp_path):
+    """--tiny: the decode benchmark builds, swaps, compiles, checks and times on the CPU."""
+    pytest.importorskip("transformers")
+    import json
+
+    decode = importlib.import_module("bench_decode")
+    assert decode.main(["--tiny", "--variants", "dense,int8,lowrank40_int4", "--context", "16", "--tokens", "2",
+                        "--out", str(tmp_path)]) == 0
+    data = json.load(open(tmp_path / "cpu" / "decode.json"))
+    assert data["config"]["num_hidden_layers"] == 2 and data["skipped"] == []
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"dense", "int8", "lowrank40_int4"}
+    assert rows["dense"]["speedup_vs_dense"] == 1.0 and rows["dense"]["linears_swapped"] == 0
+    assert rows["int8"]["linears_swapped"] == 2 * 7  # q, k, v, o, gate, up, down per layer; lm_head stays
+    assert all(r["tokens_per_s"] > 0 and r["compiled_vs_eager_rel_diff"] < 5e-2 for r in rows.values())
+    assert rows["int8"]["weight_bytes"] < rows["dense"]["weight_bytes"]
+
