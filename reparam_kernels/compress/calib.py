@@ -24,9 +24,11 @@ class CalibStats:
     def add(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"`x` has {x.shape[-1]} features, CalibStats expects {self.in_features}")
-        x2 = x.detach().reshape(-1, self.in_features).to(self.gram.device, torch.float64)
-        self.gram.addmm_(x2.t(), x2)
-        self.abs_sum += x2.abs().sum(0)
+        x2 = x.detach().reshape(-1, self.in_features)
+        # XᵀX of one batch in fp32 (fast; relative error ~1e-7·√n), summed over batches in fp64
+        x32 = x2.float()
+        self.gram += (x32.t() @ x32).to(self.gram.device, torch.float64)
+        self.abs_sum += x32.abs().sum(0).to(self.gram.device, torch.float64)
         self.count += x2.shape[0]
 
     @property
@@ -45,15 +47,28 @@ def collect_inputs(modules):
     """Context: {name: CalibStats} filled with the inputs each module sees while active.
 
     modules: {name: nn.Linear-like module with `in_features`}.
+    Modules fed the very same tensor object (q/k/v projections of one hidden
+    state) share one CalibStats, so that XᵀX is computed once.
     """
     stats = {n: CalibStats(m.in_features) for n, m in modules.items()}
+    alias = {}   # name → name of the module whose statistics it shares
+    last = {}    # the tensor most recently added, and by whom
     handles = []
     for name, mod in modules.items():
         def hook(_mod, args, _name=name):
-            stats[_name].add(args[0])
+            x = args[0]
+            if _name in alias:
+                return
+            if last.get("x") is x and stats[last["name"]].in_features == x.shape[-1] and stats[_name].count == 0:
+                alias[_name] = last["name"]
+                stats[_name] = stats[last["name"]]
+                return
+            stats[_name].add(x)
+            last["x"], last["name"] = x, _name
         handles.append(mod.register_forward_pre_hook(hook))
     try:
         yield stats
     finally:
+        last.clear()
         for h in handles:
             h.remove()

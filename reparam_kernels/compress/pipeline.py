@@ -124,6 +124,7 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix=""):
         bar.update(1)
 
 
+@torch.no_grad()
 def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None, progress=True):
     """Compress the Linears of `model` that `recipe` matches; returns (model, CompressionReport).
 

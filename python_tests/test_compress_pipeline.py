@@ -1,0 +1,169 @@
+"""compress(model, recipe, calib): recipes, validation, block-by-block calibration, report."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import reparam_kernels as rk  # noqa: E402
+from reparam_kernels.compress import register_method  # noqa: E402
+from reparam_kernels.compress.methods import METHODS  # noqa: E402
+from reparam_kernels.nn import LowRankLinear  # noqa: E402
+
+
+def tiny_llama(seed=0, layers=2, hidden=48, ffn=80):
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _ids(n=6, length=24, seed=1):
+    return torch.randint(0, 101, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+MLP = "model.layers.*.mlp.*_proj"
+
+
+def test_inplace_false_leaves_model_untouched_and_report_is_consistent():
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out, rep = rk.compress(model, {MLP: {"method": "lowrank", "ratio": 0.3}}, calib=_ids(), progress=False)
+    assert out is not model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.endswith("_proj"))
+    assert isinstance(out.model.layers[1].mlp.up_proj, LowRankLinear)
+    assert len(rep.layers) == 6
+    for layer in rep.layers:
+        assert layer.params_after < 0.7 * layer.params_before + 1
+        assert 0 < layer.output_error < 1 and 0 < layer.weight_error < 1
+    t = rep.totals()
+    assert t["params_before"] == sum(l.params_before for l in rep.layers)
+    assert 0.3 <= t["param_reduction"] < 0.4
+    json.dumps(rep.to_dict())
+    assert "total (6 layers)" in rep.table()
+
+
+def test_whitened_beats_plain_on_the_model_output():
+    model = tiny_llama(seed=3)
+    ids, held = _ids(8, 32, seed=4), _ids(4, 32, seed=5)
+    with torch.no_grad():
+        ref = model(held).logits
+    errs = {}
+    for whiten in (False, True):
+        m, rep = rk.compress(model, {MLP: {"method": "lowrank", "ratio": 0.4, "whiten": whiten}}, calib=ids,
+                             progress=False)
+        with torch.no_grad():
+            errs[whiten] = (torch.linalg.norm(m(held).logits - ref) / torch.linalg.norm(ref)).item()
+        errs[(whiten, "layer")] = rep.totals()["mean_output_error"]
+    print("logit error plain", errs[False], "whitened", errs[True])
+    assert errs[(True, "layer")] < errs[(False, "layer")]
+    assert errs[True] < errs[False]
+
+
+def test_block_by_block_matches_hooks_on_the_compressed_model():
+    """Block i's statistics are taken on the outputs of the already-compressed blocks < i."""
+    model = tiny_llama(seed=6, layers=3)
+    ids = _ids(4, 16, seed=7)
+    recipe = {"model.layers.*.mlp.down_proj": {"method": "lowrank", "rank": 8}}
+    out, rep = rk.compress(model, recipe, calib=ids, progress=False, batch_size=2)
+    # recompute layer 2's input Gram on the compressed model and check the reported output error
+    from reparam_kernels.compress.calib import collect_inputs
+    from reparam_kernels.compress.svd import output_error
+    dense = model.model.layers[2].mlp.down_proj
+    probe = out.model.layers[2].mlp.down_proj
+    with torch.no_grad(), collect_inputs({"p": probe}) as st:
+        out(ids)
+    got = output_error(dense.weight, probe.to_dense(), st["p"].gram)
+    assert abs(got - rep.layers[2].output_error) < 1e-4
+
+
+def test_lm_head_outside_blocks_and_data_free_methods():
+    model = tiny_llama(seed=8)
+    recipe = {"rules": [{"match": "lm_head", "method": "lowrank", "rank": 20},
+                        {"match": "re:model\\.layers\\.0\\.self_attn\\.(q|k)_proj", "method": "lowrank",
+                         "rank": 8, "whiten": False}]}
+    out, rep = rk.compress(model, recipe, calib=_ids(), progress=False)
+    assert isinstance(out.lm_head, LowRankLinear) and isinstance(out.model.layers[0].self_attn.k_proj, LowRankLinear)
+    assert isinstance(out.model.layers[0].self_attn.v_proj, nn.Linear)
+    assert {l.name for l in rep.layers} == {"lm_head", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"}
+    # data-free: no calibration needed with whiten=false; no output error then
+    out2, rep2 = rk.compress(model, {MLP: {"method": "lowrank", "rank": 5, "whiten": False}}, progress=False)
+    assert all(l.output_error is None for l in rep2.layers)
+
+
+def test_recipe_files_yaml_and_json(tmp_path):
+    model = tiny_llama()
+    rules = {"rules": [{"match": MLP, "method": "lowrank", "energy": 0.9, "whiten": False}]}
+    (tmp_path / "r.json").write_text(json.dumps(rules))
+    (tmp_path / "r.yaml").write_text(f"rules:\n  - match: '{MLP}'\n    method: lowrank\n    energy: 0.9\n    whiten: false\n")
+    a, _ = rk.compress(model, tmp_path / "r.json", progress=False)
+    b, _ = rk.compress(model, str(tmp_path / "r.yaml"), progress=False)
+    assert torch.equal(a.model.layers[0].mlp.up_proj.u, b.model.layers[0].mlp.up_proj.u)
+
+
+@pytest.mark.parametrize("recipe, calib, match", [
+    ({MLP: {"method": "magic"}}, None, "unknown method 'magic'"),
+    ({"model.layers.*.attn_nothing": {"method": "skip"}}, None, "matches no nn.Linear"),
+    ({MLP: {"method": "lowrank", "rank": 500, "whiten": False}}, None, "does not fit layer"),
+    ({MLP: {"method": "lowrank", "ratio": 0.2, "bogus": 1}}, None, "takes no setting"),
+    ({MLP: {"method": "lowrank", "ratio": 0.2}}, None, "`calib`"),
+    ({MLP: {"method": "lowrank", "rank": 3, "ratio": 0.2, "whiten": False}}, None, "exactly one"),
+    ({"rules": [], "x": 1}, None, "unknown top-level"),
+    ({MLP: {"method": "int4", "group_size": 40}}, None, "group_size"),
+    ({MLP: {"method": "lowrank", "rank": 3}}, torch.randn(2, 5), "`calib`"),
+])
+def test_recipe_errors_are_clear_and_change_nothing(recipe, calib, match):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        rk.compress(model, recipe, calib=calib, inplace=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
+
+
+def test_registry_plugs_in_new_methods_and_reports_missing_layers():
+    model = tiny_llama()
+
+    def build_scaled(linear, settings, stats):
+        new = nn.Linear(linear.in_features, linear.out_features, bias=False)
+        with torch.no_grad():
+            new.weight.copy_(linear.weight * settings["scale"])
+        new.to_dense = lambda: new.weight
+        return new
+
+    register_method("test_scaled", build_scaled, ("scale",))
+    try:
+        out, rep = rk.compress(model, {MLP: {"method": "test_scaled", "scale": 0.5}}, progress=False)
+        assert abs(rep.layers[0].weight_error - 0.5) < 1e-6
+    finally:
+        del METHODS["test_scaled"]
+    # a method whose layer module is missing says so
+    with pytest.raises(ValueError, match="not available"):
+        from reparam_kernels.compress.methods import _layer_class
+        _layer_class("no_such_module", "X", "demo")
+
+
+def test_quantized_and_combined_methods_when_available():
+    model = tiny_llama(seed=9, hidden=64, ffn=96)  # widths that int4 groups of 32 divide
+    ids = _ids()
+    recipe = {"rules": [
+        {"match": "model.layers.0.mlp.*", "method": "int4", "gptq": True},
+        {"match": "model.layers.1.mlp.*", "method": "int8"},
+        {"match": "model.layers.0.self_attn.*", "method": "lowrank_int4", "ratio": 0.3, "group_size": 32}]}
+    from reparam_kernels.nn.factored import FactoredLinear
+    try:
+        out, rep = rk.compress(model, recipe, calib=ids, progress=False)
+    except ValueError as e:
+        if "not available" in str(e):
+            pytest.skip(str(e))
+        raise
+    by = {l.name: l for l in rep.layers}
+    q = out.model.layers[0].self_attn.q_proj
+    assert isinstance(q, FactoredLinear) and q.rank == 32  # rank 22 from the ratio, raised to one whole int4 group
+    assert by["model.layers.0.mlp.up_proj"].bits_per_weight < 6
+    assert by["model.layers.0.self_attn.q_proj"].output_error < 0.5
+    with torch.no_grad():
+        assert torch.isfinite(out(ids).logits).all()
