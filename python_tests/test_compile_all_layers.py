@@ -18,8 +18,10 @@ class EveryLayer(nn.Module):
         self.kinds = list(kinds)
         layers = []
         for i, kind in enumerate(self.kinds):
-            lin = nn.Linear(dims[i % 2], dims[(i + 1) % 2], bias=True, dtype=torch.float32)
-            layers.append(variants.make(kind, lin).to(device=device, dtype=dtype))
+            # built from a Linear already in the target dtype/device: each layer keeps the
+            # parameter dtypes its from_linear chooses (a blanket .to(dtype) would not)
+            lin = nn.Linear(dims[i % 2], dims[(i + 1) % 2], bias=True, dtype=dtype, device=device)
+            layers.append(variants.make(kind, lin))
         self.layers = nn.ModuleList(layers)
         if len(self.kinds) % 2:  # end on dims[0] to keep shapes chainable either way
             self.layers.append(nn.Linear(dims[1], dims[0], dtype=dtype, device=device))
