@@ -72,6 +72,9 @@ for i in "${!SCRIPTS[@]}"; do
 done
 
 SAN_RC=0
+for d in "${CUDA_HOME:-}" /usr/local/cuda; do  # the toolkit's bin is not always on PATH
+  [ -n "$d" ] && [ -x "$d/bin/compute-sanitizer" ] && PATH="$PATH:$d/bin"
+done
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # no caching allocator: an out-of-bounds access inside a cached block would go unseen
   step sanitizer 120 "$DEST/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
