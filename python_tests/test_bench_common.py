@@ -151,3 +151,24 @@ def test_autosave_marks_partial_until_final_write(tmp_path):
     data = json.load(open(res.path()))
     assert "partial" not in data and len(data["rows"]) == 2
     assert not os.path.exists(res.path() + ".tmp")
+
+
+def test_run_case_records_a_kernel_that_raises(tmp_path, monkeypatch):
+    def boom(a, b):
+        raise RuntimeError("unsupported shape")
+
+    res, rows, timed = _case(tmp_path, boom, monkeypatch)
+    assert rows == [] and timed == []
+    assert res.failures[0]["reason"] == "RuntimeError: unsupported shape"
+
+
+def test_run_case_records_a_timing_failure(tmp_path, monkeypatch):
+    res, rows, _ = _case(tmp_path, lambda a, b: a @ b.t(), monkeypatch)
+    monkeypatch.setattr(cases, "time_mode", lambda mode, fn: (_ for _ in ()).throw(RuntimeError("capture")))
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 8, generator=g), torch.randn(4, 8, generator=g)
+    rows = common.run_case(res, dtype=torch.float32, M=2, N=4, K=8, params={},
+                           ours=common.Contender(lambda a, b: a @ b.t(), [(x, w)]),
+                           cublas=common.Contender(torch.nn.functional.linear, [(x, w)]),
+                           reference=lambda: x.double() @ w.double().t())
+    assert rows == [] and any("timing failed: RuntimeError: capture" in f["reason"] for f in res.failures)

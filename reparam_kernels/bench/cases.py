@@ -64,25 +64,38 @@ def run_case(results: Results, *, dtype, M, N, K, params, ours, cublas, referenc
         # The dense weight cuBLAS runs is the compressed one expanded (U @ V, dequantized...),
         # so the same float64 reference holds for it.
         check_against_float64("cublas", cublas.first(), ref64, dtype, tol_cublas)
-    except KernelMismatch as exc:
-        results.fail(case, exc)
+    except Exception as exc:  # a mismatch, or a kernel that raised: recorded, never timed
+        results.fail(case, _why(exc))
         return []
     good_peers = {}
     for name, peer in (peers or {}).items():
         try:
             check_against_float64(name, peer.first(), ref64, dtype, tol)
             good_peers[name] = peer
-        except KernelMismatch as exc:
-            results.fail(dict(case, peer=name), exc)
+        except Exception as exc:  # e.g. a peer that does not take this shape
+            results.fail(dict(case, peer=name), _why(exc))
     del ref64
     rows = []
     for mode in modes:
-        ours_us = time_mode(mode, ours.timed())
-        cublas_us = time_mode(mode, cublas.timed())
-        peer_us = {name: time_mode(mode, p.timed()) for name, p in good_peers.items()}
+        try:
+            ours_us = time_mode(mode, ours.timed())
+            cublas_us = time_mode(mode, cublas.timed())
+        except Exception as exc:  # e.g. a call that cannot be captured into a CUDA graph
+            results.fail(dict(case, mode=mode), f"timing failed: {_why(exc)}")
+            continue
+        peer_us = {}
+        for name, p in good_peers.items():
+            try:
+                peer_us[name] = time_mode(mode, p.timed())
+            except Exception as exc:
+                results.fail(dict(case, mode=mode, peer=name), f"timing failed: {_why(exc)}")
         rows.append(results.add(mode=mode, dtype=case["dtype"], M=M, N=N, K=K, params=case["params"],
                                 ours_us=ours_us, cublas_us=cublas_us, peers=peer_us, **extra))
     return rows
+
+
+def _why(exc):
+    return str(exc) if isinstance(exc, KernelMismatch) else f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
 def progress(items, desc):
