@@ -202,14 +202,15 @@ size_t smem_bytes(int b) {
 }
 
 template <class T>
-void launch(BcArgs<T> a, cudaStream_t stream) {
+void launch(BcArgs<T> a, int device, cudaStream_t stream) {
   auto kernel = block_circulant_kernel<T>;
-  static bool configured = false;  // per template instance
-  if (!configured) {
+  static bool configured[64] = {false};  // per template instance and device (> 48 KB needs the opt-in)
+  const int slot = (device >= 0 && device < 64) ? device : 0;
+  if (!configured[slot]) {
     size_t most = 0;
     for (int b = 64; b <= 4096; b *= 2) most = std::max(most, smem_bytes(b));
     RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
-    configured = true;
+    configured[slot] = true;
   }
   a.tm = rows_per_cta(a.b);
   const dim3 grid(unsigned((a.M + a.tm - 1) / a.tm), unsigned(a.p));
@@ -271,7 +272,7 @@ Tensor block_circulant_linear_cuda(Tensor x, Tensor w_spectrum, int64_t block_si
     a.y = static_cast<T*>(y.data_ptr());
     a.M = M; a.K = K; a.N = N;
     a.p = int(p); a.q = int(q); a.b = int(b);
-    launch<T>(a, stream);
+    launch<T>(a, xc.get_device_index(), stream);
   });
   return y;
 }
