@@ -55,3 +55,24 @@ def test_bench_without_gpu_says_so(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--out", str(tmp_path), "--docs", os.path.join(tmp_path, "b.md")]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_render_includes_decode_and_skips_cpu_runs(tmp_path):
+    import json
+
+    root = tmp_path / "results"
+    for slug in ("h200", "cpu"):
+        (root / slug).mkdir(parents=True)
+        (root / slug / "decode.json").write_text(json.dumps(dict(
+            ENV, model="Llama-3-8B config, random weights", config={"num_hidden_layers": 32}, dtype="float16",
+            compile="reduce-overhead", context=512, new_tokens=64, skipped=[{"variant": "int8", "batch": 16,
+                                                                             "reason": "compiled step disagrees"}],
+            rows=[{"variant": "dense", "batch": 1, "tokens_per_s": 100.0, "speedup_vs_dense": 1.0, "weight_bytes": 16e9},
+                  {"variant": "int4_g128", "batch": 1, "tokens_per_s": 250.0, "speedup_vs_dense": 2.5,
+                   "weight_bytes": 5e9}])))
+    doc = tmp_path / "b.md"
+    assert bench.main(["--render-only", "--out", str(root), "--docs", str(doc)]) == 0
+    text = doc.read_text()
+    assert "### h200" in text and "### cpu" not in text
+    assert "| int4_g128 | 1 | 250.0 | 2.50× | 5.00 |" in text and "Not timed: int8 batch 16" in text
+    assert "roofline" not in text  # no op files: no plot

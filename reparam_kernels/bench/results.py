@@ -187,3 +187,23 @@ def render_markdown(data):
 def render_files(paths):
     """Markdown for several result files, one section each, in path order."""
     return "\n".join(render_markdown(load(p)) for p in sorted(paths))
+
+
+def render_decode(data):
+    """Markdown table for a decode.json (end-to-end tokens/s, written by benchmarks/bench_decode.py)."""
+    for key in ("gpu", "torch", "rows", "compile", "context"):
+        if key not in data:
+            raise ValueError(f"decode file lacks `{key}`")
+    cfg = data.get("config", {})
+    lines = [f"**decode** on {data['gpu']} (torch {data['torch']}, {data.get('model', '')}, "
+             f"{cfg.get('num_hidden_layers', '?')} layers, {data.get('dtype', '')}, compile `{data['compile']}`, "
+             f"{data['context']} tokens of context, {data.get('new_tokens', '?')} timed tokens; {data.get('date', '')})"
+             + (" — **partial**" if data.get("partial") else ""), "",
+             "| variant | batch | tokens/s | × dense | weight GB |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        speed = f"{r['speedup_vs_dense']:.2f}×" if r.get("speedup_vs_dense") else "-"
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | {speed} | "
+                     f"{r.get('weight_bytes', 0) / 1e9:.2f} |")
+    for s in data.get("skipped", []):
+        lines.append(f"\nNot timed: {s.get('variant')} batch {s.get('batch', '-')} — {s.get('reason')}")
+    return "\n".join(lines) + "\n"

@@ -9,13 +9,14 @@ section of docs/benchmarks.md and the roofline into docs/roofline_<gpu>.png.
 """
 import argparse
 import glob
+import json
 import os
 import subprocess
 import sys
 import time
 
 from ..bench.cases import progress
-from ..bench.results import DEFAULT_ROOT, OUT_ENV, gpu_slug, load, render_files
+from ..bench.results import DEFAULT_ROOT, OUT_ENV, gpu_slug, load, render_decode, render_files
 from ..bench.roofline import plot
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,13 +40,19 @@ def write_docs(result_dir, doc_path, png_dir):
     """Results section of `doc_path` and one roofline PNG per GPU folder of `result_dir`."""
     sections = []
     for gpu_dir in sorted(glob.glob(os.path.join(result_dir, "*"))):
+        if os.path.basename(gpu_dir) == "cpu":  # CPU smoke runs (e.g. bench_decode --tiny) are no results
+            continue
         files = sorted(glob.glob(os.path.join(gpu_dir, "*.json")))
         op_files = [f for f in files if os.path.basename(f) != "decode.json"]
-        if not op_files:
+        if not op_files and not os.path.exists(os.path.join(gpu_dir, "decode.json")):
             continue
         slug = os.path.basename(gpu_dir)
-        sections.append(f"### {slug}\n\n" + render_files(op_files))
-        png = plot([load(f) for f in op_files], os.path.join(png_dir, f"roofline_{slug}.png"))
+        sections.append(f"### {slug}\n\n" + (render_files(op_files) if op_files else ""))
+        decode = os.path.join(gpu_dir, "decode.json")
+        if os.path.exists(decode):
+            with open(decode) as f:
+                sections.append(render_decode(json.load(f)))
+        png = op_files and plot([load(f) for f in op_files], os.path.join(png_dir, f"roofline_{slug}.png"))
         if png:
             rel = os.path.relpath(png, os.path.dirname(os.path.abspath(doc_path)))
             sections.append(f"![roofline {slug}]({rel})\n")
