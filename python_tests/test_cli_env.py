@@ -68,3 +68,24 @@ def test_backend_choice_traces_under_fullgraph():
     x = torch.randn(3)
     torch._dynamo.reset()
     assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), f(x))
+
+
+def test_old_gpu_warns_once_when_falling_back(monkeypatch):
+    if not _dispatch.has_cuda_kernel("lowrank_linear"):
+        pytest.skip("extension not built")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_dispatch, "_CAPABILITY", {0: (7, 0)})
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    spec = _dispatch.REGISTRY["lowrank_linear"]
+    calls = []
+    monkeypatch.setattr(spec, "triton", lambda *a: calls.append(a) or "ran")
+    backend, why = _dispatch.backend_for("lowrank_linear", "cuda", torch.float16)
+    with pytest.warns(RuntimeWarning, match="sm_70"):
+        assert _dispatch._run(spec, backend, why, (torch.zeros(1),)) == "ran"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _dispatch._run(spec, backend, why, (torch.zeros(1),))  # once only
+    assert len(calls) == 2

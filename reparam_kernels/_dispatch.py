@@ -119,6 +119,8 @@ def _names(dtypes):
 
 def _run(spec, backend, why, args):
     if backend == "triton":
+        if not torch.compiler.is_compiling() and not gpu_supported()[0]:
+            warn_once((spec.name, why), f"reparam.{spec.name}: {why}; running the Triton kernel instead")
         return spec.triton(*args)
     if backend == "reference" and _first_tensor(args).is_cuda and not torch.compiler.is_compiling():
         warn_once((spec.name, why), f"reparam.{spec.name}: running the slow reference on the GPU ({why})")
