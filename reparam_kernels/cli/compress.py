@@ -1,0 +1,42 @@
+"""Compress a model with a recipe (calibrating on a text) and save it.
+
+    python -m reparam_kernels compress --model <HF folder | .gguf | smollm2> --recipe recipe.yaml \
+        --calib <text file | austen:emma> --out DIR [--calib-seqs 16 --calib-len 256] [--report report.json]
+"""
+import argparse
+import json
+import time
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog="python -m reparam_kernels compress", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--recipe", default=None, help="YAML/JSON recipe (default: the package's default.yaml)")
+    ap.add_argument("--calib", default=None, help="calibration text (file or austen:<novel>); none: data-free")
+    ap.add_argument("--calib-seqs", type=int, default=16)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--report", default=None, help="also write the per-layer report as JSON here")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--device", default=None, help="move each block here while compressing it (e.g. cuda)")
+    args = ap.parse_args(argv)
+
+    from importlib import resources
+
+    from ..compress import compress
+    from ..evaluate import token_windows
+    from ._models import load_any, read_text, save_with_tokenizer
+
+    recipe = args.recipe or str(resources.files("reparam_kernels") / "recipes" / "default.yaml")
+    model, tok = load_any(args.model, args.dtype)
+    calib = token_windows(tok, read_text(args.calib), args.calib_len, args.calib_seqs) if args.calib else None
+    t0 = time.perf_counter()
+    model, report = compress(model, recipe, calib=calib, inplace=True, device=args.device)
+    print(report.table(max_rows=None if len(report.layers) <= 40 else 20))
+    print(f"compressed in {time.perf_counter() - t0:.1f} s")
+    save_with_tokenizer(model, tok, args.out)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report.to_dict(), f, indent=1)
+    print(f"saved to {args.out}")
+    return 0

@@ -1,0 +1,38 @@
+"""Distill a compressed checkpoint from its dense teacher on a text, and save it.
+
+    python -m reparam_kernels distill --student DIR --teacher <HF folder | .gguf | smollm2> \
+        --text <file | austen:persuasion> --out DIR2 [--steps 200 --seq-len 128 --lr 1e-4 --alpha 0 --temperature 2]
+"""
+import argparse
+
+
+def main(argv):
+    ap = argparse.ArgumentParser(prog="python -m reparam_kernels distill", description=__doc__.splitlines()[0])
+    ap.add_argument("--student", required=True)
+    ap.add_argument("--teacher", required=True)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--alpha", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--reverse-kl", action="store_true")
+    args = ap.parse_args(argv)
+
+    from ..compress import distill
+    from ..evaluate import token_windows
+    from ._models import load_any, read_text, save_with_tokenizer
+
+    student, tok = load_any(args.student)
+    teacher, _ = load_any(args.teacher)
+    n = args.steps * args.batch_size * args.grad_accum
+    data = token_windows(tok, read_text(args.text), args.seq_len, n)
+    hist = distill(student, teacher, data, alpha=args.alpha, temperature=args.temperature, steps=args.steps,
+                   lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, reverse_kl=args.reverse_kl)
+    print(f"distilled {args.steps} steps in {hist['seconds']:.0f} s; loss {hist['loss'][0]:.4f} → {hist['loss'][-1]:.4f}")
+    save_with_tokenizer(student, tok, args.out)
+    print(f"saved to {args.out}")
+    return 0
