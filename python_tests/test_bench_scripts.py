@@ -71,3 +71,26 @@ def test_random_variants_have_sane_weights():
         for buf in layer.buffers():
             if buf.dtype in (torch.uint8, torch.int8):
                 assert buf.float().std() > 1, kind
+
+
+def test_bench_lowrank_main_glue_on_cpu(tmp_path, fake_timer, monkeypatch, capsys):
+    """main(): options, ceilings, progress, the per-row report and the final file, with the
+    GPU-only parts (CUDA check, ceilings, device) swapped for CPU stand-ins and tiny shapes."""
+    bench = importlib.import_module("bench_lowrank")
+    from reparam_kernels import _dispatch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_dispatch, "_CAPABILITY", {0: (9, 0)})
+    monkeypatch.setattr(bench, "measure_ceilings", lambda: {"copy_tbps": 4.0, "bf16_gemm_tflops": 600.0})
+    monkeypatch.setattr(bench, "shapes_and_batches", lambda quick: ([(70, 96)], [1, 5]))
+    real = bench.bench_shape
+    monkeypatch.setattr(bench, "bench_shape", lambda *a, **k: real(*a, **k, device="cpu", count=1))
+    assert bench.main(["--quick", "--ranks", "8", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ceilings: copy 4.00 TB/s" in out and "of copy" in out and "NOT TIMED" not in out
+    data = common.load(str(tmp_path / "cpu" / "lowrank_linear.json"))
+    assert "partial" not in data and data["ceilings"]["copy_tbps"] == 4.0
+    assert len(data["rows"]) == 2 * 2 * 2  # dtypes x batches x modes
+    assert {r["backend"] for r in data["rows"]} <= {"cuda", "triton", "reference"}
