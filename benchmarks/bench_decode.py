@@ -145,6 +145,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def run_variant(data, kind, config, batches, context, tokens, mode, dtype, device, dense_tps):
+    """Build one variant, then check and time it at every batch size; rows go into `data`."""
+    torch._dynamo.reset()
+    model, swapped = build_model(config, None if kind == "dense" else kind, dtype, device)
+    wbytes = weight_bytes(model)
+    for batch in batches:
+        tps, diff = decode_speed(model, config, batch, context, tokens, mode, device)
+        if tps is None:
+            data["skipped"].append({"variant": kind, "batch": batch,
+                                    "reason": f"compiled step disagrees with eager (relative diff {diff:.3g})"})
+            print(f"{kind:22} batch {batch:3}: NOT TIMED, compiled vs eager diff {diff:.3g}", flush=True)
+            continue
+        if kind == "dense":
+            dense_tps[batch] = tps
+        row = {"variant": kind, "batch": batch, "context": context, "tokens_per_s": tps,
+               "speedup_vs_dense": tps / dense_tps[batch] if batch in dense_tps else None,
+               "linears_swapped": swapped, "weight_bytes": wbytes, "compiled_vs_eager_rel_diff": diff}
+        data["rows"].append(row)
+        print(f"{kind:22} batch {batch:3}: {tps:10.1f} tok/s"
+              + (f"  {row['speedup_vs_dense']:.2f}x dense" if row["speedup_vs_dense"] else ""), flush=True)
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="2-layer tiny config on the CPU (proves the script works)")
@@ -199,25 +221,11 @@ def main(argv=None):
         if budget and time.time() - t_start > budget:
             data["skipped"].append({"variant": kind, "reason": f"time budget {budget:.0f} s spent"})
             continue
-        torch._dynamo.reset()
-        model, swapped = build_model(config, None if kind == "dense" else kind, dtype, device)
-        wbytes = weight_bytes(model)
-        for batch in batches:
-            tps, diff = decode_speed(model, config, batch, context, tokens, mode, device)
-            if tps is None:
-                data["skipped"].append({"variant": kind, "batch": batch,
-                                        "reason": f"compiled step disagrees with eager (relative diff {diff:.3g})"})
-                print(f"{kind:22} batch {batch:3}: NOT TIMED, compiled vs eager diff {diff:.3g}", flush=True)
-                continue
-            if kind == "dense":
-                dense_tps[batch] = tps
-            row = {"variant": kind, "batch": batch, "context": context, "tokens_per_s": tps,
-                   "speedup_vs_dense": tps / dense_tps[batch] if batch in dense_tps else None,
-                   "linears_swapped": swapped, "weight_bytes": wbytes, "compiled_vs_eager_rel_diff": diff}
-            data["rows"].append(row)
-            print(f"{kind:22} batch {batch:3}: {tps:10.1f} tok/s"
-                  + (f"  {row['speedup_vs_dense']:.2f}x dense" if row["speedup_vs_dense"] else ""), flush=True)
-        del model
+        try:
+            run_variant(data, kind, config, batches, context, tokens, mode, dtype, device, dense_tps)
+        except Exception as exc:  # one variant failing to build or compile must not lose the others
+            data["skipped"].append({"variant": kind, "reason": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            print(f"{kind:22} FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

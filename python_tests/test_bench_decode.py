@@ -25,3 +25,23 @@ def test_bench_decode_tiny_end_to_end(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["compiled_vs_eager_rel_diff"] < 5e-2 for r in rows.values())
     assert rows["int8"]["weight_bytes"] < rows["dense"]["weight_bytes"]
 
+
+
+def test_bench_decode_a_failing_variant_is_recorded(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import json
+
+    decode = importlib.import_module("bench_decode")
+    real = decode.build_model
+
+    def build(config, kind, dtype, device):
+        if kind == "int8":
+            raise RuntimeError("no kernel image for this GPU")
+        return real(config, kind, dtype, device)
+
+    monkeypatch.setattr(decode, "build_model", build)
+    assert decode.main(["--tiny", "--variants", "int8,dense", "--context", "8", "--tokens", "1",
+                        "--compile", "none", "--out", str(tmp_path)]) == 0
+    data = json.load(open(tmp_path / "cpu" / "decode.json"))
+    assert [r["variant"] for r in data["rows"]] == ["dense"]
+    assert data["skipped"][0]["variant"] == "int8" and "no kernel image" in data["skipped"][0]["reason"]
