@@ -67,7 +67,8 @@ def test_render_includes_decode_and_skips_cpu_runs(tmp_path):
             ENV, model="Llama-3-8B config, random weights", config={"num_hidden_layers": 32}, dtype="float16",
             compile="reduce-overhead", context=512, new_tokens=64, skipped=[{"variant": "int8", "batch": 16,
                                                                              "reason": "compiled step disagrees"}],
-            rows=[{"variant": "dense", "batch": 1, "tokens_per_s": 100.0, "speedup_vs_dense": 1.0, "weight_bytes": 16e9},
+            rows=[{"variant": "dense", "batch": 1, "tokens_per_s": 100.0, "speedup_vs_dense": 1.0,
+                   "weight_bytes": 16e9},
                   {"variant": "int4_g128", "batch": 1, "tokens_per_s": 250.0, "speedup_vs_dense": 2.5,
                    "weight_bytes": 5e9}])))
     doc = tmp_path / "b.md"

@@ -95,7 +95,8 @@ def _table():
                        lambda i, o, b, dt, dev: rnn.LowRankLinear(i, o, rank_for(i, o, 0.4), bias=b, dtype=dt,
                                                                   device=dev)),
         "block_circulant_b256": (["BlockCirculantLinear"],
-                                 lambda l: rnn.BlockCirculantLinear.from_linear(l, block(l.in_features, l.out_features)),
+                                 lambda l: rnn.BlockCirculantLinear.from_linear(
+                                     l, block(l.in_features, l.out_features)),
                                  lambda i, o, b, dt, dev: rnn.BlockCirculantLinear(i, o, block(i, o), bias=b, dtype=dt,
                                                                                    device=dev)),
         "lowrank40_int4": (["LowRankLinear", "Int4Linear", "FactoredLinear"], _combo_from_linear, _combo_random),
