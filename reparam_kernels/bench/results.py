@@ -25,7 +25,9 @@ REQUIRED_TOP = ("gpu", "torch", "cuda", "date", "command", "rows")
 ROW_TYPES = {"op": str, "mode": str, "dtype": str, "M": int, "N": int, "K": int, "params": dict,
              "ours_us": (int, float), "cublas_us": (int, float), "ratio": (int, float), "peers": dict}
 MODES = ("graph", "eager")
-DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+_SOURCE_TREE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# benchmarks/results of the source tree; for an installed package (no benchmarks/ beside it), of the cwd
+DEFAULT_ROOT = os.path.join(_SOURCE_TREE if os.path.isdir(os.path.join(_SOURCE_TREE, "benchmarks")) else os.getcwd(),
                             "benchmarks", "results")
 OUT_ENV = "REPARAM_BENCH_OUT"  # overrides the results root (e.g. a GPU runner's output folder)
 
