@@ -129,3 +129,11 @@ def test_bad_layer_arguments():
         ToeplitzLinear.from_linear(torch.nn.ReLU())
     with pytest.raises(ValueError, match="`weight`"):
         st.project_toeplitz(torch.randn(3))
+
+
+def test_ldr_matvec_gradients_match_finite_differences(rng):
+    n, r = 7, 2
+    g, h = (torch.randn(n, r, generator=rng, dtype=torch.float64, requires_grad=True),
+                         torch.randn(n, r, generator=rng, dtype=torch.float64, requires_grad=True))
+    x = torch.randn(3, n, generator=rng, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, g, h: ldr.ldr_matvec(x, g, h), (x, g, h))

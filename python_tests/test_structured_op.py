@@ -188,3 +188,23 @@ def test_cuda_graph_capture_and_odd_block_falls_back(rng):
 def test_backend_report_on_this_machine():
     backend, why = rk._dispatch.backend_for("toeplitz_linear", "cpu", torch.float16)
     assert backend == "reference" and "cpu" in why
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,n,k", [(1, 2048, 2048), (5, 1000, 700), (64, 300, 1500), (3, 4096, 4096)])
+def test_cuda_toeplitz_matches_float64(rng, dtype, M, n, k):
+    t = torch.randn(n + k - 1, generator=rng, dtype=torch.float64) / math.sqrt(k)
+    size = st.toeplitz_fft_size(n, k)  # 4096 for the first cases (CUDA kernel), 8192 for the last (Triton)
+    spec = st.toeplitz_spectrum(t, n, k).cuda()
+    x = torch.randn(M, k, generator=rng).to(device="cuda", dtype=dtype)
+    ref = x.double() @ st.toeplitz_to_dense(t, n, k).cuda().t()
+    y = rk.ops.toeplitz_linear(x, spec, size, n)
+    torch.cuda.synchronize()
+    assert rel_err(y, ref) <= {torch.float32: 1e-4}.get(dtype, TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_cuda_triton_backend_matches(rng):
+    x, spec, cols, b = make(rng, (33,), 1000, 700, 256, torch.bfloat16, device="cuda")
+    assert rel_err(rk_triton.block_circulant_linear(x, spec, 256, 700, b), exact(x, cols, 700, b)) <= 2e-2
