@@ -81,6 +81,19 @@ def test_log_quant_codes_and_nearest_level(rng, bits):
     assert torch.allclose(wd.abs().amax(1), w.abs().amax(1).double(), rtol=1e-6)  # row max exact
 
 
+def test_log_scale_search_never_worse_and_nearest(rng):
+    w = rand_w(rng, 16, 80)
+    c0, s0 = Q.quantize_log(w, 4)
+    c1, s1 = Q.quantize_log(w, 4, scale_search=12)
+    e0 = (Q.dequantize_log(c0, s0, 4, torch.float64) - w.double()).pow(2).sum(1)
+    e1 = (Q.dequantize_log(c1, s1, 4, torch.float64) - w.double()).pow(2).sum(1)
+    assert (e1 <= e0 * (1 + 1e-9)).all() and e1.sum() < e0.sum()
+    assert ((s1 <= s0 * (1 + 1e-6)) & (s1 >= s0 / 2 * (1 - 1e-6))).all()
+    cand = s1.double()[:, None, None] * Q.log_levels(4, torch.float64)[None, None, :]
+    best = (cand - w.double()[..., None]).abs().amin(-1)
+    assert torch.allclose((Q.dequantize_log(c1, s1, 4, torch.float64) - w.double()).abs(), best, atol=1e-6)
+
+
 @pytest.mark.parametrize("d,bits,rows", [(1, 4, None), (2, 6, None), (4, 5, 8), (8, 4, 16), (3, 3, None)])
 def test_vq_shapes_and_assignment(rng, d, bits, rows):
     w = rand_w(rng, 32, 48)

@@ -159,26 +159,44 @@ def log_levels(bits, dtype=torch.float32):
     return torch.cat((mag, -mag)).to(dtype)
 
 
+def _log_codes(w64, scale, bits):
+    nm = 2 ** (bits - 1)
+    mags = log_levels(bits, torch.float64)[:nm]  # ascending: 0, 2^-(nm-2), ..., 2^-1, 1
+    a = w64.abs() / scale[:, None]
+    # nearest magnitude level: mags are sorted ascending, so compare to midpoints
+    m = torch.bucketize(a, (mags[1:] + mags[:-1]) / 2)
+    codes = torch.where(w64 < 0, m + nm, m)
+    return torch.where(m == 0, torch.zeros_like(codes), codes)  # one code for zero
+
+
 @torch.no_grad()
-def quantize_log(w, bits=4):
+def quantize_log(w, bits=4, scale_search=0):
     """Log quantization of ``w`` [N, K]: returns (codes uint8 [N, K], scale float32 [N]).
 
-    ``w ≈ scale[:, None] * log_levels(bits)[codes]``.
+    ``w ≈ scale[:, None] * log_levels(bits)[codes]``. scale_search=0: scale = max|w_row|.
+    scale_search=s > 0: the best of s scales α·max|w_row|, α in [1/2, 1] (geometric grid),
+    per row by squared error; levels are powers of two, so [1/2, 1] covers every distinct
+    placement of the grid (a smaller α only clips the row's largest weights).
     """
     _check_weight(w)
+    if not isinstance(scale_search, int) or scale_search < 0:
+        raise ValueError(f"`scale_search` must be a non-negative int, got {scale_search!r}")
     levels = log_levels(bits, torch.float64)
-    nm = 2 ** (bits - 1)
-    mags = levels[:nm]  # ascending: 0, 2^-(nm-2), ..., 2^-1, 1
     w64 = w.to(torch.float64)
     scale = w64.abs().amax(1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    a = w64.abs() / scale[:, None]
-    # nearest magnitude level: mags are sorted ascending, so compare to midpoints
-    mids = (mags[1:] + mags[:-1]) / 2
-    m = torch.bucketize(a, mids)
-    codes = torch.where(w64 < 0, m + nm, m)
-    codes = torch.where(m == 0, torch.zeros_like(codes), codes)  # one code for zero
-    return codes.to(torch.uint8), scale.float()
+    best_scale, best_codes = scale, _log_codes(w64, scale, bits)
+    if scale_search > 0:
+        best_err = ((scale[:, None] * levels[best_codes] - w64) ** 2).sum(1)
+        for alpha in torch.pow(2.0, -torch.arange(1, scale_search + 1, dtype=torch.float64) / (scale_search + 1)):
+            sc = scale * alpha
+            codes = _log_codes(w64, sc, bits)
+            err = ((sc[:, None] * levels[codes] - w64) ** 2).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, sc, best_scale)
+            best_codes = torch.where(better[:, None], codes, best_codes)
+    return best_codes.to(torch.uint8), best_scale.float()
 
 
 def log_lut(scale, bits=4, dtype=torch.float32):

@@ -170,7 +170,7 @@ class LUTLinear(_QuantBase):
         w = _weight_of(linear)
         n, k = w.shape
         if method == "log":
-            codes, scale = Q.quantize_log(w, bits)
+            codes, scale = Q.quantize_log(w, bits, scale_search=16)  # per-row scale by least squares
             books = Q.log_lut(scale, bits)[:, :, None]  # [N, 2^bits, 1]
             codes, d = codes.long(), 1
         elif method == "vq":
