@@ -65,6 +65,8 @@ def main(argv=None):
     p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences of 512 tokens (Emma)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other methods' rows of an existing --out file (same eval/calib settings)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality",
                                                   "quant.json"))
     args = p.parse_args(argv)
@@ -107,6 +109,15 @@ def main(argv=None):
                  "tables of the quantized layers",
         "device": args.device, "torch": torch.__version__, "rows": rows,
     }
+    if args.update and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        if old.get("eval") != result["eval"] or old.get("calib") != result["calib"]:
+            raise SystemExit(f"--update: {args.out} was made with other eval/calib settings")
+        fresh = {r["method"] for r in rows}
+        rows[:] = [r for r in old["rows"] if r["method"] not in fresh] + rows
+        order = ["dense", *METHODS]
+        rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
