@@ -208,3 +208,12 @@ def test_cuda_toeplitz_matches_float64(rng, dtype, M, n, k):
 def test_cuda_triton_backend_matches(rng):
     x, spec, cols, b = make(rng, (33,), 1000, 700, 256, torch.bfloat16, device="cuda")
     assert rel_err(rk_triton.block_circulant_linear(x, spec, 256, 700, b), exact(x, cols, 700, b)) <= 2e-2
+
+
+@pytest.mark.gpu
+def test_cuda_odd_block_size_stays_trainable(rng):
+    x, spec, _, b = make(rng, (6,), 100, 90, 48, torch.float32, device="cuda")  # routed past the CUDA kernel
+    s1, s2 = spec.clone().requires_grad_(), spec.cpu().clone().requires_grad_()
+    rk.ops.block_circulant_linear(x, s1, 48, 90, b).square().sum().backward()
+    rk.ops.block_circulant_linear(x.cpu(), s2, 48, 90, b.cpu()).square().sum().backward()
+    assert s1.grad is not None and rel_err(s1.grad.cpu(), s2.grad) <= 1e-4

@@ -51,9 +51,14 @@ def _route(name, args, block_size):
     x = args[0]
     if x.is_cuda and block_size not in CUDA_BLOCK_SIZES and _dispatch.has_cuda_kernel(name):
         spec = _dispatch.REGISTRY[name]
+        why = f"block size {block_size} is not a power of two in 64..4096"
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            # this bypasses the op (and its register_autograd): the reference is differentiable
+            # through torch.fft, the Triton kernel is not
+            return spec.reference(*args)
         usable, _ = _dispatch.triton_status("cuda")
         backend = "triton" if spec.triton is not None and usable else "reference"
-        return _dispatch._run(spec, backend, f"block size {block_size} is not a power of two in 64..4096", args)
+        return _dispatch._run(spec, backend, why, args)
     return _dispatch.call(name, *args)
 
 
