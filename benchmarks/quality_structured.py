@@ -9,8 +9,8 @@ numbers are relative to the model as loaded. Writes
 benchmarks/results/quality/structured.json. Runs on the CPU (slow) or a GPU.
 """
 import argparse
+import copy
 import json
-import math
 import os
 import sys
 import time
@@ -65,6 +65,15 @@ def main(argv=None):
         "dense": {"perplexity": base, "mlp_params": mlp_params(teacher)},
         "rows": [],
     }
+    # For scale: the model with every MLP removed (down_proj zeroed: the MLP adds nothing).
+    no_mlp = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for name, mod in no_mlp.named_modules():
+            if name.endswith("mlp.down_proj"):
+                mod.weight.zero_()
+    result["mlp_removed"] = {"perplexity": evaluate.perplexity(no_mlp, windows=eval_ids, progress=False)}
+    print(f"MLPs removed: perplexity {result['mlp_removed']['perplexity']:.3f}", flush=True)
+    del no_mlp
     for b in [int(s) for s in args.blocks.split(",")]:
         recipe = {"rules": [{"match": "model.layers.*.mlp.*_proj", "method": "block_circulant", "block_size": b}]}
         student, _ = rk.compress(teacher, recipe, progress=False)
