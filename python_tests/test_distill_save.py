@@ -1,5 +1,6 @@
 """distill(), save_compressed / load_compressed, and the CLI on a tiny Llama."""
 import json
+import os
 import subprocess
 import sys
 
@@ -171,8 +172,10 @@ def test_cli_compress_and_eval(tmp_path):
     text.write_text(" ".join(f"w{i % 90}" for i in range(3000)))
     recipe = tmp_path / "r.yaml"
     recipe.write_text("rules:\n  - match: 'model.layers.*.mlp.*_proj'\n    method: lowrank\n    ratio: 0.3\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(rk.__file__)))  # the package under test, not another install
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = lambda *a: subprocess.run([sys.executable, "-m", "reparam_kernels", *a], capture_output=True, text=True,  # noqa: E731
-                                    cwd=str(tmp_path.parent))
+                                    cwd=str(tmp_path), env=env)
     r = run("compress", "--model", str(tmp_path / "dense"), "--recipe", str(recipe), "--calib", str(text),
             "--calib-seqs", "4", "--calib-len", "32", "--out", str(tmp_path / "c"))
     assert r.returncode == 0, r.stderr[-2000:]
