@@ -188,3 +188,12 @@ def test_global_rank_allocation_meets_the_budget():
     sq = lambda r: sum(l.output_error ** 2 for l in r.layers)  # noqa: E731
     print("sum of squared output errors: global", sq(rep), "uniform", sq(uni))
     assert sq(rep) <= sq(uni) * 1.05
+
+
+def test_default_recipe_file_matches_the_builtin_default():
+    from pathlib import Path
+
+    from reparam_kernels.compress.recipe import DEFAULT_RECIPE, parse_recipe
+
+    path = Path(rk.__file__).parent / "recipes" / "default.yaml"
+    assert [r.to_dict() for r in parse_recipe(path)] == [r.to_dict() for r in parse_recipe(DEFAULT_RECIPE)]

@@ -11,7 +11,8 @@ import time
 def main(argv):
     ap = argparse.ArgumentParser(prog="python -m reparam_kernels compress", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--recipe", default=None, help="YAML/JSON recipe (default: the package's default.yaml)")
+    ap.add_argument("--recipe", default=None, help="YAML/JSON recipe (default: whitened low rank, 20%% fewer "
+                    "parameters in attention + MLP; see reparam_kernels/recipes/default.yaml)")
     ap.add_argument("--calib", default=None, help="calibration text (file or austen:<novel>); none: data-free")
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
@@ -21,13 +22,12 @@ def main(argv):
     ap.add_argument("--device", default=None, help="move each block here while compressing it (e.g. cuda)")
     args = ap.parse_args(argv)
 
-    from importlib import resources
-
     from ..compress import compress
+    from ..compress.recipe import DEFAULT_RECIPE
     from ..evaluate import token_windows
     from ._models import load_any, read_text, save_with_tokenizer
 
-    recipe = args.recipe or str(resources.files("reparam_kernels") / "recipes" / "default.yaml")
+    recipe = args.recipe or DEFAULT_RECIPE
     model, tok = load_any(args.model, args.dtype)
     calib = token_windows(tok, read_text(args.calib), args.calib_len, args.calib_seqs) if args.calib else None
     t0 = time.perf_counter()

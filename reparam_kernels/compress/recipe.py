@@ -30,6 +30,12 @@ from .methods import get_method
 
 _TOP_KEYS = {"rules", "name", "description"}
 
+# The default recipe (also reparam_kernels/recipes/default.yaml): activation-aware low rank,
+# 20% fewer parameters in every attention and MLP Linear of a Llama-style model.
+DEFAULT_RECIPE = {"name": "lowrank-whitened-20", "rules": [
+    {"match": "model.layers.*.self_attn.*_proj", "method": "lowrank", "ratio": 0.2, "whiten": True},
+    {"match": "model.layers.*.mlp.*_proj", "method": "lowrank", "ratio": 0.2, "whiten": True}]}
+
 
 @dataclass
 class Rule:
