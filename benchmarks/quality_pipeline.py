@@ -121,10 +121,16 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated config names")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--skip-default-timing", action="store_true")
+    ap.add_argument("--report-only", action="store_true", help="only redraw the plot and print the table from --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quality/pipeline.json"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     out = Path(args.out)
+    if args.report_only:
+        result = json.loads(out.read_text())
+        plot(result, out.with_name("pipeline_pareto.png"))
+        print(table(result))
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if args.resume and out.is_file() else {}
     result.update({"model": "SmolLM2-135M-Instruct (de-quantized from Q4_1 GGUF, fp32)",
