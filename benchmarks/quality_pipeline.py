@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 import reparam_kernels as rk  # noqa: E402
 from reparam_kernels import data, evaluate  # noqa: E402
 from reparam_kernels.compress.methods import METHODS  # noqa: E402
+from reparam_kernels.compress.recipe import parse_recipe  # noqa: E402
 
 ATTN, MLP = "model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"
 
@@ -120,6 +121,9 @@ def main():
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--only", default=None, help="comma-separated config names")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--calib-when-needed", action="store_true",
+                    help="pass calibration data only to recipes whose methods need it (faster; no output errors "
+                         "reported for data-free methods)")
     ap.add_argument("--skip-default-timing", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="only redraw the plot and print the table from --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quality/pipeline.json"))
@@ -172,7 +176,9 @@ def main():
             if isinstance(recipe, str) and recipe.startswith("global:"):
                 from reparam_kernels.compress.allocate import allocate_ranks
                 recipe = allocate_ranks(teacher, calib, [ATTN, MLP], float(recipe.split(":")[1]))
-            model, rep = rk.compress(teacher, recipe, calib=calib)
+            needs = any(METHODS[r.method].needs_calib and METHODS[r.method].needs_calib(r.settings)
+                        for r in parse_recipe(recipe))
+            model, rep = rk.compress(teacher, recipe, calib=calib if needs or not args.calib_when_needed else None)
             row["compress_seconds"] = time.perf_counter() - t0
         except ValueError as e:  # a method whose layers this installation lacks
             print(f"{name}: skipped ({e})", flush=True)
