@@ -194,3 +194,22 @@ def _tokenizer():
     t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     return t
+
+
+def test_tensorized_layers_through_compress_and_save(tmp_path):
+    pytest.importorskip("reparam_kernels.nn.tensorized")
+    teacher = tiny_llama()
+    recipe = {"model.layers.0.mlp.up_proj": {"method": "cp", "rank": 8, "out_modes": [80], "in_modes": [6, 8]},
+              "model.layers.1.mlp.up_proj": {"method": "tucker", "ranks": [40, 6, 8],
+                                             "out_modes": [80], "in_modes": [6, 8]}}
+    student, rep = rk.compress(teacher, recipe, calib=_ids(4), progress=False)
+    assert [type(student.model.layers[i].mlp.up_proj).__name__ for i in (0, 1)] == ["CPLinear", "TuckerLinear"]
+    assert all(0 < l.weight_error < 1 for l in rep.layers)
+    ids = _ids(2, seed=6)
+    with torch.no_grad():
+        ref = student(ids).logits
+    save_compressed(student, tmp_path / "t")
+    skel = tiny_llama(seed=77)
+    load_compressed(skel, tmp_path / "t")
+    with torch.no_grad():
+        assert torch.equal(skel(ids).logits, ref)

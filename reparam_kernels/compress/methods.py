@@ -227,10 +227,10 @@ def _build_tensorized(kind):
     return build
 
 
-register_method("cp", _build_tensorized("cp"), ("rank", "shape", "modes", "iters"),
-                doc="tensorized linear, CP factors (ALS)")
-register_method("tucker", _build_tensorized("tucker"), ("ranks", "shape", "modes", "iters"),
-                doc="tensorized linear, Tucker factors (HOSVD + HOOI)")
+register_method("cp", _build_tensorized("cp"), ("rank", "in_modes", "out_modes", "max_iter"),
+                doc="tensorized linear (weight reshaped to out_modes + in_modes), CP factors by ALS")
+register_method("tucker", _build_tensorized("tucker"), ("ranks", "in_modes", "out_modes", "max_iter"),
+                doc="tensorized linear (weight reshaped to out_modes + in_modes), Tucker by HOSVD + HOOI")
 
 
 # ---------------------------------------------------------------- keep dense

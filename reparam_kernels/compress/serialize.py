@@ -55,7 +55,10 @@ def layer_config(module):
             args["bias"] = getattr(module, "bias", None) is not None
         elif hasattr(module, name):
             val = getattr(module, name)
-            if not isinstance(val, (int, float, str, bool, type(None))):
+            if isinstance(val, tuple):
+                val = list(val)
+            scalar = (int, float, str, bool, type(None))
+            if not (isinstance(val, scalar) or (isinstance(val, list) and all(isinstance(v, scalar) for v in val))):
                 raise ValueError(f"`model`: cannot record {cls.__name__}.{name} = {val!r} in the manifest")
             args[name] = val
         else:
