@@ -22,19 +22,23 @@ struct Int4Dec {
   __device__ __forceinline__ uint4 load(int64_t n, int64_t k0) const {
     return quant::load_row_bytes(q + n * (K / 2), k0 / 2, K / 2, vec);
   }
-  __device__ __forceinline__ void decode(const uint4& raw, int64_t n, int64_t k0, float* w) const {
+  struct Params {
+    float s, zs;  // (q - z) * s = q * s + zs: one FMA per weight
+  };
+  __device__ __forceinline__ Params params(int64_t n, int64_t k0) const {
     const int64_t g = n * G + k0 / group;
     const float s = to_f32<T>(scales[g]);
-    const float zs = -to_f32<T>(zeros[g]) * s;  // (q - z) * s = q * s + zs, one FMA per weight
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+    return {s, -to_f32<T>(zeros[g]) * s};
+  }
+  // Weights 8j .. 8j+7 of the chunk = bytes 4j .. 4j+3 = word j; byte b of the word
+  // holds weight 2b (low nibble) and 2b + 1 (high nibble).
+  __device__ __forceinline__ void decode8(const uint4& raw, const Params& p, int j, float* w) const {
+    const uint32_t word = j == 0 ? raw.x : j == 1 ? raw.y : j == 2 ? raw.z : raw.w;
+    const uint32_t lo = word & 0x0F0F0F0Fu, hi = (word >> 4) & 0x0F0F0F0Fu;
 #pragma unroll
-    for (int wi = 0; wi < 4; ++wi) {
-      const uint32_t lo = words[wi] & 0x0F0F0F0Fu, hi = (words[wi] >> 4) & 0x0F0F0F0Fu;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {  // byte b = 4 wi + j holds k = 2b (low nibble), 2b + 1 (high)
-        w[wi * 8 + 2 * j] = fmaf(quant::byte_to_float(lo, j), s, zs);
-        w[wi * 8 + 2 * j + 1] = fmaf(quant::byte_to_float(hi, j), s, zs);
-      }
+    for (int b = 0; b < 4; ++b) {
+      w[2 * b] = fmaf(quant::byte_to_float(lo, b), p.s, p.zs);
+      w[2 * b + 1] = fmaf(quant::byte_to_float(hi, b), p.s, p.zs);
     }
   }
 };

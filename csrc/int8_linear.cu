@@ -20,12 +20,17 @@ struct Int8Dec {
   __device__ __forceinline__ uint4 load(int64_t n, int64_t k0) const {
     return quant::load_row_bytes(q + n * K, k0, K, vec);
   }
-  __device__ __forceinline__ void decode(const uint4& raw, int64_t n, int64_t /*k0*/, float* w) const {
-    const float s = to_f32<T>(scales[n]);
-    // x ^ 0x80 maps int8 q to the unsigned byte q + 128.
-    const uint32_t words[4] = {raw.x ^ 0x80808080u, raw.y ^ 0x80808080u, raw.z ^ 0x80808080u, raw.w ^ 0x80808080u};
+  struct Params {
+    float s;
+  };
+  __device__ __forceinline__ Params params(int64_t n, int64_t /*k0*/) const { return {to_f32<T>(scales[n])}; }
+  // Weights 8j .. 8j+7 of the chunk: bytes 8j .. 8j+7 = words 2j, 2j+1.
+  __device__ __forceinline__ void decode8(const uint4& raw, const Params& p, int j, float* w) const {
+    const uint32_t lo = j == 0 ? raw.x : raw.z, hi = j == 0 ? raw.y : raw.w;
+    // ^ 0x80 maps int8 q to the unsigned byte q + 128.
+    const uint32_t words[2] = {lo ^ 0x80808080u, hi ^ 0x80808080u};
 #pragma unroll
-    for (int i = 0; i < 16; ++i) w[i] = (quant::byte_to_float(words[i / 4], i % 4) - 128.f) * s;
+    for (int i = 0; i < 8; ++i) w[i] = (quant::byte_to_float(words[i / 4], i % 4) - 128.f) * p.s;
   }
 };
 

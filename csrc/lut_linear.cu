@@ -20,17 +20,21 @@ struct LutDec {
   __device__ __forceinline__ uint4 load(int64_t n, int64_t k0) const {
     return quant::load_row_bytes(codes + n * (K / 2), k0 / 2, K / 2, vec);
   }
-  __device__ __forceinline__ void decode(const uint4& raw, int64_t n, int64_t /*k0*/, float* w) const {
-    const T* tab = lut + (n / rows_per_table) * 16;
-    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+  struct Params {
+    const T* tab;
+  };
+  __device__ __forceinline__ Params params(int64_t n, int64_t /*k0*/) const {
+    return {lut + (n / rows_per_table) * 16};
+  }
+  // Weights 8j .. 8j+7 of the chunk = word j; byte b holds weights 2b (low nibble), 2b + 1.
+  __device__ __forceinline__ void decode8(const uint4& raw, const Params& p, int j, float* w) const {
+    const uint32_t word = j == 0 ? raw.x : j == 1 ? raw.y : j == 2 ? raw.z : raw.w;
 #pragma unroll
-    for (int wi = 0; wi < 4; ++wi)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t b = (words[wi] >> (8 * j)) & 0xFFu;
-        w[wi * 8 + 2 * j] = to_f32<T>(tab[b & 15u]);
-        w[wi * 8 + 2 * j + 1] = to_f32<T>(tab[b >> 4]);
-      }
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t byte = (word >> (8 * b)) & 0xFFu;
+      w[2 * b] = to_f32<T>(p.tab[byte & 15u]);
+      w[2 * b + 1] = to_f32<T>(p.tab[byte >> 4]);
+    }
   }
 };
 

@@ -3,8 +3,9 @@
 // packed format. Each format is a "decoder" (see the .cu files) with
 //   KC                 weights per 16-byte chunk of a packed row (16 or 32)
 //   load(n, k0)        the raw 16 bytes holding W[n, k0 .. k0+KC) (k0 % KC == 0),
-//                      bounds-checked (bytes beyond K read as 0; n must be < N)
-//   decode(raw, n, k0, w[KC])  the KC weights as fp32
+//                      bounds-checked (bytes beyond K read as 0; n must be < N, k0 < K)
+//   Params params(n, k0)   what decoding needs besides the codes (scale, zero, table)
+//   decode8(raw, p, j, w[8])  weights k0 + 8j .. k0 + 8j + 7 as fp32
 // Weights beyond K decode to some finite value; x is zero there, so they add 0.
 //
 // Two paths, chosen by M:
@@ -86,6 +87,7 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n0 = (int64_t(blockIdx.x) * GEMV_WARPS + warp) * GEMV_ROWS;
+  const int rows = int(min(int64_t(GEMV_ROWS), N - n0));  // may be <= 0 for the last CTA's warps
   float acc[MM][GEMV_ROWS];
 #pragma unroll
   for (int m = 0; m < MM; ++m)
@@ -95,26 +97,33 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
   for (int c = lane; c * KC < kl; c += 32) {
     const int64_t k0 = kb + int64_t(c) * KC;
     uint4 raw[GEMV_ROWS];
+    typename Dec::Params prm[GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r)  // all loads first: GEMV_ROWS 16-byte loads in flight
-      raw[r] = (n0 + r < N) ? dec.load(n0 + r, k0) : make_uint4(0u, 0u, 0u, 0u);
+    for (int r = 0; r < GEMV_ROWS; ++r) {  // all loads first: GEMV_ROWS 16-byte loads in flight
+      raw[r] = r < rows ? dec.load(n0 + r, k0) : make_uint4(0u, 0u, 0u, 0u);
+      if (r < rows) prm[r] = dec.params(n0 + r, k0);
+    }
+    // Per 8-weight sub-vector j: x is read from shared memory and converted once,
+    // then used by every row of the warp.
 #pragma unroll
-    for (int r = 0; r < GEMV_ROWS; ++r) {
-      if (n0 + r >= N) break;
-      float w[KC];
-      dec.decode(raw[r], n0 + r, k0, w);
+    for (int j = 0; j < SUB; ++j) {
+      float xf[MM][8];
 #pragma unroll
       for (int m = 0; m < MM; ++m) {
-        if (m >= M) break;
-        float s = 0.f;
+        Vec8<T> xv;
+        xv.raw = *reinterpret_cast<const uint4*>(xs + ((m * SUB + j) * NCH + c) * 8);
 #pragma unroll
-        for (int j = 0; j < SUB; ++j) {
-          Vec8<T> xv;
-          xv.raw = *reinterpret_cast<const uint4*>(xs + ((m * SUB + j) * NCH + c) * 8);
+        for (int e = 0; e < 8; ++e) xf[m][e] = xv.get(e);  // rows m >= M were staged as 0
+      }
 #pragma unroll
-          for (int e = 0; e < 8; ++e) s = fmaf(w[j * 8 + e], xv.get(e), s);
-        }
-        acc[m][r] += s;
+      for (int r = 0; r < GEMV_ROWS; ++r) {
+        if (r >= rows) break;
+        float w[8];
+        dec.decode8(raw[r], prm[r], j, w);
+#pragma unroll
+        for (int m = 0; m < MM; ++m)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[m][r] = fmaf(w[e], xf[m][e], acc[m][r]);
       }
     }
   }
@@ -179,7 +188,9 @@ struct ALoader {
       const int64_t n = p0 + row;
       float w[KC];
       if (n < N && l0 + col < K) {
-        dec.decode(raw[i], n, l0 + col, w);
+        const typename Dec::Params prm = dec.params(n, l0 + col);
+#pragma unroll
+        for (int j = 0; j < KC / 8; ++j) dec.decode8(raw[i], prm, j, w + 8 * j);
       } else {
 #pragma unroll
         for (int e = 0; e < KC; ++e) w[e] = 0.f;

@@ -48,9 +48,13 @@ class Int8Dec:
     def load(self, n, k0):
         return load_row_bytes(self.q[n], k0, self.K)
 
-    def decode(self, raw, n, k0):
-        ws = [w ^ 0x80808080 for w in words(raw)]
-        return np.array([(byte_to_float(ws[i // 4], i % 4) - 128.0) * self.s[n] for i in range(16)])
+    def params(self, n, k0):
+        return self.s[n]
+
+    def decode8(self, raw, s, j):
+        wd = words(raw)
+        ws = [wd[2 * j] ^ 0x80808080, wd[2 * j + 1] ^ 0x80808080]
+        return np.array([(byte_to_float(ws[i // 4], i % 4) - 128.0) * s for i in range(8)])
 
 
 class Int4Dec:
@@ -62,16 +66,19 @@ class Int4Dec:
     def load(self, n, k0):
         return load_row_bytes(self.q[n], k0 // 2, self.K // 2)
 
-    def decode(self, raw, n, k0):
+    def params(self, n, k0):
         g = k0 // self.group
         s = self.s[n, g]
-        zs = -self.z[n, g] * s
-        w = np.zeros(32)
-        for wi, word in enumerate(words(raw)):
-            lo, hi = word & 0x0F0F0F0F, (word >> 4) & 0x0F0F0F0F
-            for j in range(4):
-                w[wi * 8 + 2 * j] = byte_to_float(lo, j) * s + zs
-                w[wi * 8 + 2 * j + 1] = byte_to_float(hi, j) * s + zs
+        return s, -self.z[n, g] * s
+
+    def decode8(self, raw, prm, j):
+        s, zs = prm
+        word = words(raw)[j]
+        lo, hi = word & 0x0F0F0F0F, (word >> 4) & 0x0F0F0F0F
+        w = np.zeros(8)
+        for b in range(4):
+            w[2 * b] = byte_to_float(lo, b) * s + zs
+            w[2 * b + 1] = byte_to_float(hi, b) * s + zs
         return w
 
 
@@ -85,14 +92,22 @@ class LutDec:
     def load(self, n, k0):
         return load_row_bytes(self.c[n], k0 // 2, self.K // 2)
 
-    def decode(self, raw, n, k0):
-        tab = self.lut[n // self.rpt]
-        w = np.zeros(32)
-        for wi, word in enumerate(words(raw)):
-            for j in range(4):
-                b = (word >> (8 * j)) & 0xFF
-                w[wi * 8 + 2 * j], w[wi * 8 + 2 * j + 1] = tab[b & 15], tab[b >> 4]
+    def params(self, n, k0):
+        return self.lut[n // self.rpt]
+
+    def decode8(self, raw, tab, j):
+        word = words(raw)[j]
+        w = np.zeros(8)
+        for b in range(4):
+            byte = (word >> (8 * b)) & 0xFF
+            w[2 * b], w[2 * b + 1] = tab[byte & 15], tab[byte >> 4]
         return w
+
+
+def decode_chunk(dec, raw, n, k0):
+    """The tensor-core loader's full-chunk decode: params once, then KC / 8 sub-vectors."""
+    prm = dec.params(n, k0)
+    return np.concatenate([dec.decode8(raw, prm, j) for j in range(dec.KC // 8)])
 
 
 def emulate_gemv(dec, x, bias, MM):
@@ -115,17 +130,20 @@ def emulate_gemv(dec, x, bias, MM):
             for warp in range(GEMV_WARPS):
                 n0 = (bx * GEMV_WARPS + warp) * GEMV_ROWS
                 acc = np.zeros((32, MM, GEMV_ROWS))
+                rows = min(GEMV_ROWS, N - n0)
                 for lane in range(32):
                     c = lane
                     while c * KC < kl:
                         k0 = kb + c * KC
-                        for r in range(GEMV_ROWS):
-                            if n0 + r >= N:
-                                break
-                            w = dec.decode(dec.load(n0 + r, k0), n0 + r, k0)
-                            for m in range(min(MM, M)):
-                                xv = np.concatenate([xs[((m * SUB + j) * NCH + c) * 8:][:8] for j in range(SUB)])
-                                acc[lane, m, r] += float(w @ xv)
+                        raw = [dec.load(n0 + r, k0) if r < rows else np.zeros(16, np.uint8) for r in range(GEMV_ROWS)]
+                        prm = [dec.params(n0 + r, k0) if r < rows else None for r in range(GEMV_ROWS)]
+                        for j in range(SUB):
+                            xf = np.stack([xs[((m * SUB + j) * NCH + c) * 8:][:8] for m in range(MM)])
+                            for r in range(GEMV_ROWS):
+                                if r >= rows:
+                                    break
+                                w = dec.decode8(raw[r], prm[r], j)
+                                acc[lane, :, r] += xf @ w
                         c += 32
                 tot = acc.sum(0)  # the warp shuffle reduction
                 for m in range(min(MM, M)):
@@ -173,7 +191,7 @@ def emulate_mma(dec, x, bias, BP, BQ, BL, threads):
                             row, col = c // CPR, (c % CPR) * KC
                             n, k0 = p0 + row, l0 + col
                             if n < N and k0 < K:
-                                A[row, col:col + KC] = dec.decode(dec.load(n, k0), n, k0)
+                                A[row, col:col + KC] = decode_chunk(dec, dec.load(n, k0), n, k0)
                             else:
                                 A[row, col:col + KC] = 0.0
                     B = np.zeros((BQ, BL))  # load_tile: zero outside rows < M, l < le
