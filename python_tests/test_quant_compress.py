@@ -157,6 +157,28 @@ def test_gptq_beats_rtn_on_correlated_inputs(rng, group, symmetric):
     assert e_gptq < 0.85 * e_rtn
 
 
+def test_gptq_act_order_helps_with_uneven_input_scales(rng):
+    n, k = 64, 256
+    w = rand_w(rng, n, k)
+    scale = torch.rand(k, generator=rng) * 3 + 0.1  # channels of very different energy
+    mix = (torch.randn(k, k, generator=rng) / k ** 0.5 + 0.3 * torch.eye(k)) * scale
+    x = (torch.randn(1024, k, generator=rng) @ mix).double()
+    xt = (torch.randn(512, k, generator=rng) @ mix).double()
+    ref = xt @ w.double().t()
+
+    def out_err(q_, s_, z_):
+        return ((xt @ Q.dequantize_linear(q_, s_, z_, torch.float64).t() - ref).norm() / ref.norm()).item()
+
+    plain = gptq_quantize(w, x.t() @ x, bits=4, group_size=64)
+    act = gptq_quantize(w, x.t() @ x, bits=4, group_size=64, act_order=True)
+    rtn = Q.to_unsigned4(*Q.quantize_linear(w, 4, 64, symmetric=False))
+    print(f"output rel. error: GPTQ act-order {out_err(*act):.4f}, GPTQ {out_err(*plain):.4f}, RTN {out_err(*rtn):.4f}")
+    assert act[0].dtype == torch.uint8 and act[1].shape == (n, 4)
+    # static groups: the scales are those of round-to-nearest on the original weight
+    assert torch.allclose(act[1], rtn[1]) and torch.allclose(act[2], rtn[2])
+    assert out_err(*act) < out_err(*plain) < out_err(*rtn)
+
+
 def test_gptq_bad_inputs():
     w = torch.randn(8, 64)
     with pytest.raises(ValueError, match="`hessian` must be"):

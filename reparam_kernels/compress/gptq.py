@@ -39,8 +39,14 @@ def _group_params(wg, bits, symmetric):
 
 
 @torch.no_grad()
-def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01, block_size=128):
+def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01, block_size=128,
+                  act_order=False):
     """GPTQ on ``w`` [N, K] with ``hessian`` = XᵀX [K, K].
+
+    act_order=True quantizes the columns in order of decreasing H_ii (the inputs with the
+    most energy first, while the most columns remain to absorb their error); the group
+    scales and zero points are then fixed up front from the unmodified weights ("static
+    groups"), so the stored format is unchanged.
 
     Returns (q uint8 [N, K] unsigned codes, scale [N, G] float32, zero [N, G] float32)
     with ``w ≈ (q − zero)·scale`` per group (G = K // group_size; group_size=None: per channel),
@@ -58,11 +64,20 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
     g = check_group_size(k, group_size)
     qmax = 2 ** bits - 1
     blk = max(block_size // g, 1) * g if g < k else k
+    if act_order:
+        blk = block_size
     W = w.detach().to(torch.float64).clone()
     H = hessian.detach().to(device=W.device, dtype=torch.float64).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    static = None
+    perm = None
+    if act_order:
+        static = [torch.stack(t, 1) for t in zip(*(_group_params(W[:, i:i + g], bits, symmetric)
+                                                 for i in range(0, k, g)))]  # scales, zeros [N, G]
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype, device=H.device)
     L = torch.linalg.cholesky(H)
     # H⁻¹ by cholesky_solve (torch.cholesky_inverse is ~20x slower on the CPU), then its upper factor
@@ -75,9 +90,37 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
     if W.device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        return _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric)
+        if perm is None:
+            return _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric)
+        Qp = _gptq_static(W, Hinv, n, k, g, blk, qmax, static, perm)
+        Q = torch.empty_like(Qp)
+        Q[:, perm] = Qp
+        return Q, static[0].float(), static[1].float()
     finally:
         torch.set_num_threads(threads)
+
+
+def _gptq_static(W, Hinv, n, k, g, blk, qmax, static, perm):
+    """Column loop in permuted order with fixed per-group scales; returns codes in permuted order."""
+    scales, zeros = static
+    group_of = perm // g  # permuted column -> its group in the original order
+    Q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
+    for i1 in range(0, k, blk):
+        i2 = min(i1 + blk, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            gi = int(group_of[i1 + i])
+            s, z = scales[:, gi], zeros[:, gi]
+            wcol = W1[:, i]
+            q = torch.clamp(torch.round(wcol / s) + z, 0, qmax)
+            Q[:, i1 + i] = q.to(torch.uint8)
+            err = (wcol - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q
 
 
 def _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric):

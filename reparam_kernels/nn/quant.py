@@ -79,14 +79,15 @@ class Int8Linear(_QuantBase):
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype or torch.get_default_dtype(), device=device))
 
     @classmethod
-    def from_linear(cls, linear, calib=None, damp=0.01):
-        """Per-channel symmetric int8; GPTQ (8-bit, per channel) when ``calib`` is given."""
+    def from_linear(cls, linear, calib=None, damp=0.01, act_order=True):
+        """Per-channel symmetric int8; GPTQ (8-bit, per channel, columns in act order) when ``calib`` is given."""
         w = _weight_of(linear)
         n, k = w.shape
         if calib is None:
             q, s, _ = Q.quantize_linear(w, bits=8, symmetric=True)
         else:
-            qu, s, _ = gptq_quantize(w, _hessian(calib, k), bits=8, group_size=None, symmetric=True, damp=damp)
+            qu, s, _ = gptq_quantize(w, _hessian(calib, k), bits=8, group_size=None, symmetric=True, damp=damp,
+                                     act_order=act_order)
             q = qu.to(torch.int16) - 128  # symmetric GPTQ codes carry the zero point 128
         layer = cls(k, n, bias=linear.bias is not None, dtype=w.dtype, device=w.device)
         layer.qweight.copy_(Q.pack_int8(q))
@@ -115,15 +116,17 @@ class Int4Linear(_QuantBase):
         self.register_buffer("zeros", torch.full((out_features, g), 8.0, dtype=dtype, device=device))
 
     @classmethod
-    def from_linear(cls, linear, group_size=128, symmetric=False, calib=None, damp=0.01):
-        """Group-wise int4, round-to-nearest; GPTQ when ``calib`` (inputs or CalibStats) is given."""
+    def from_linear(cls, linear, group_size=128, symmetric=False, calib=None, damp=0.01, act_order=True):
+        """Group-wise int4, round-to-nearest; GPTQ when ``calib`` (inputs or CalibStats) is given
+        (act_order: columns by decreasing input energy, with static groups; see compress/gptq.py)."""
         w = _weight_of(linear)
         n, k = w.shape
         layer = cls(k, n, group_size=group_size, bias=linear.bias is not None, dtype=w.dtype, device=w.device)
         if calib is None:
             q, s, z = Q.to_unsigned4(*Q.quantize_linear(w, bits=4, group_size=group_size, symmetric=symmetric))
         else:
-            q, s, z = gptq_quantize(w, _hessian(calib, k), bits=4, group_size=group_size, symmetric=symmetric, damp=damp)
+            q, s, z = gptq_quantize(w, _hessian(calib, k), bits=4, group_size=group_size, symmetric=symmetric,
+                                    damp=damp, act_order=act_order)
         layer.qweight.copy_(Q.pack_int4(q))
         layer.scales.copy_(s)
         layer.zeros.copy_(z)
