@@ -63,7 +63,7 @@ def main(argv=None):
                     "alpha": 0.0, "temperature": 2.0},
         "device": args.device, "torch": torch.__version__,
         "dense": {"perplexity": base, "mlp_params": mlp_params(teacher)},
-        "rows": [],
+        "rows": [], "complete": False,
     }
     # For scale: the model with every MLP removed (down_proj zeroed: the MLP adds nothing).
     no_mlp = copy.deepcopy(teacher)
@@ -74,6 +74,7 @@ def main(argv=None):
     result["mlp_removed"] = {"perplexity": evaluate.perplexity(no_mlp, windows=eval_ids, progress=False)}
     print(f"MLPs removed: perplexity {result['mlp_removed']['perplexity']:.3f}", flush=True)
     del no_mlp
+    _write(result, args.out, t0)
     for b in [int(s) for s in args.blocks.split(",")]:
         recipe = {"rules": [{"match": "model.layers.*.mlp.*_proj", "method": "block_circulant", "block_size": b}]}
         student, _ = rk.compress(teacher, recipe, progress=False)
@@ -92,14 +93,21 @@ def main(argv=None):
                   f"{row['perplexity_distilled']:.3f}", flush=True)
         result["rows"].append(row)
         del student
-    result["seconds"] = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, args.out)
+        _write(result, args.out, t0)
+    result["complete"] = True
+    _write(result, args.out, t0)
     print(args.out)
     return 0
+
+
+def _write(result, path, t0):
+    """Atomic write after every row, so a run cut short still leaves what it measured."""
+    result["seconds"] = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
