@@ -131,13 +131,18 @@ template <class Cfg, class T>
 void launch(LowRankArgs<T> a, const Tensor& x, cudaStream_t stream) {
   auto kernel = lowrank_kernel<Cfg, T>;
   constexpr int smem = Cfg::template smem_bytes<T>();
-  static int max_blocks_per_sm = -1;  // per template instance; same for every device of one arch
-  if (max_blocks_per_sm < 0) {
+  // Occupancy (and the smem opt-in) per device: GPUs of different kinds can share a process.
+  static int blocks_per_sm[64] = {0};
+  const int dev = x.get_device_index();
+  STD_TORCH_CHECK(dev >= 0 && dev < 64, "reparam.lowrank_linear: device index out of range");
+  if (blocks_per_sm[dev] == 0) {
+    int nb = 0;
     RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&max_blocks_per_sm, kernel, Cfg::kThreads, smem));
-    STD_TORCH_CHECK(max_blocks_per_sm > 0, "reparam.lowrank_linear: kernel does not fit on this GPU");
+    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, Cfg::kThreads, smem));
+    STD_TORCH_CHECK(nb > 0, "reparam.lowrank_linear: kernel does not fit on this GPU");
+    blocks_per_sm[dev] = nb;
   }
-  const int grid = max_blocks_per_sm * sm_count(x.get_device_index());
+  const int grid = blocks_per_sm[dev] * sm_count(dev);
   a.split1 = choose_split<Cfg>(a.r, a.M, a.K, grid);
   a.split2 = choose_split<Cfg>(a.N, a.M, a.r, grid);
   Tensor t32 = torch::stable::new_empty(x, {a.M * a.r}, ScalarType::Float);
