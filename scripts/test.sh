@@ -9,6 +9,9 @@ $PY -m pip install -q -r requirements.txt
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
   export REPARAM_REQUIRE_CUDA=1  # a CUDA compile error must fail the run, not skip the extension
+  # The test build compiles every kernel for the portable (sm_80) and the Hopper
+  # (sm_90a) targets; wheels build all of setup.py's default list.
+  export REPARAM_CUDA_ARCHS=${REPARAM_CUDA_ARCHS:-80;90a}
 fi
 $PY -m pip install -q --no-build-isolation -e .
 $PY -m reparam_kernels env
