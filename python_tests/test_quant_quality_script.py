@@ -1,0 +1,43 @@
+"""benchmarks/quality_quant.py end to end on a tiny random Llama (the real run needs SmolLM2 and minutes)."""
+import importlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+
+class FakeTokenizer:
+    def __call__(self, text, add_special_tokens=False, return_tensors="pt"):
+        ids = torch.tensor([[ord(c) % 97 for c in text]])
+        return {"input_ids": ids}
+
+
+def tiny_llama():
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_quality_script_tiny(tmp_path, monkeypatch):
+    q = importlib.import_module("quality_quant")
+    monkeypatch.setattr(q.data, "load_smollm2", lambda: (tiny_llama(), FakeTokenizer()))
+    monkeypatch.setattr(q.data, "austen", lambda name: ("It is a truth universally acknowledged. " * 400))
+    monkeypatch.setattr(q, "calibration_ids", lambda tok, text, seqs, seq_len=512:
+                        q.token_windows(tok, text, window=64, max_windows=seqs))
+    out = tmp_path / "quant.json"
+    assert q.main(["--windows", "1", "--calib-seqs", "2", "--methods", "int8,int4_g128_gptq,log4",
+                   "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["rows"]] == ["dense", "int8", "int4_g128_gptq", "log4"]
+    assert "partial" not in data and all(r["ppl"] > 1 for r in data["rows"])
+    assert data["rows"][1]["bits_per_weight"] > 8  # int8 codes + fp32 scales
+    # --update replaces only the rows it re-measures
+    assert q.main(["--windows", "1", "--calib-seqs", "2", "--methods", "int8", "--out", str(out), "--update"]) == 0
+    again = json.loads(out.read_text())
+    assert [r["method"] for r in again["rows"]] == ["dense", "int8", "int4_g128_gptq", "log4"]
