@@ -134,10 +134,18 @@ def _first_tensor(args):
 def call(name, *args):
     """Entry used by the typed wrappers: the CUDA op if it takes these inputs, else the best fallback."""
     x = _first_tensor(args)
+    spec = REGISTRY[name]
     backend, why = backend_for(name, x.device.type, x.dtype)
-    if backend == "cuda" or not x.is_cuda:
+    if backend == "cuda" or not x.is_cuda or spec.cuda_impl_registered:
+        # Through the dispatcher, so the op's registered autograd applies; a
+        # Python CUDA impl (no C++ kernel) makes the same backend choice below it.
         return getattr(torch.ops.reparam, name)(*args)
-    return _run(REGISTRY[name], backend, why, args)
+    # The C++ kernel exists but does not take these inputs (e.g. fp32). Calling
+    # a fallback directly bypasses the op's autograd, so when gradients are
+    # needed run the reference: plain PyTorch ops, differentiable as they are.
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return _run(spec, "reference", why + "; gradients needed", args)
+    return _run(spec, backend, why, args)
 
 
 def register(spec):
