@@ -157,3 +157,13 @@ def test_cuda_fp32_falls_back_with_a_backend_that_exists(rng):
 def test_backend_report_on_this_machine():
     backend, why = rk._dispatch.backend_for("lowrank_linear", "cpu", torch.float16)
     assert backend == "reference" and "cpu" in why
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_fallback_keeps_gradients(rng):
+    x, u, v, b = make(rng, (3,), 40, 30, 6, torch.float32, device="cuda")
+    u.requires_grad_(True)
+    rk.ops.lowrank_linear(x, u, v, b).square().sum().backward()
+    ud = u.detach().double().requires_grad_(True)
+    exact(x, ud, v, b).square().sum().backward()
+    assert rel_err(u.grad, ud.grad) <= 1e-4
