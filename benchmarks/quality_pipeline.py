@@ -156,7 +156,8 @@ def main():
     calib = evaluate.token_windows(tok, data.austen("emma"), args.calib_len, args.calib_seqs)
     eval_w = evaluate.token_windows(tok, data.austen("prideprejudice"), 1024, args.windows)
     n_distill = args.distill_steps * args.distill_batch
-    dist_data = evaluate.token_windows(tok, data.austen("persuasion"), args.distill_len, n_distill)
+    dist_data = (evaluate.token_windows(tok, data.austen("persuasion"), args.distill_len, n_distill)
+                 if n_distill > 0 else None)
     if "dense" not in rows:
         b, w = linear_bytes(teacher)
         rows["dense"] = {"name": "dense", "params": params(teacher), "linear_bytes": b, "bits_per_weight": 8 * b / w,
