@@ -67,6 +67,31 @@ __device__ __forceinline__ void load_tile(T* dst, const Operand<S>& op, int64_t 
   }
 }
 
+// One shared-memory stage of the MMA: acc += As (BP x BL) * Bs (BQ x BL)^T for
+// this warp's fragments. Both tiles are row-major with leading dimension LDS.
+template <class Cfg, class T>
+__device__ __forceinline__ void mma_stage(
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> (&acc)[Cfg::FP][Cfg::FQ],
+    const T* As, const T* Bs) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32, wp = warp / Cfg::WQ, wq = warp % Cfg::WQ;
+#pragma unroll
+  for (int kk = 0; kk < Cfg::BL; kk += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[Cfg::FP];
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[Cfg::FQ];
+#pragma unroll
+    for (int i = 0; i < Cfg::FP; ++i)
+      wmma::load_matrix_sync(a[i], As + (wp * Cfg::FP + i) * 16 * Cfg::LDS + kk, Cfg::LDS);
+#pragma unroll
+    for (int j = 0; j < Cfg::FQ; ++j)
+      wmma::load_matrix_sync(bf[j], Bs + (wq * Cfg::FQ + j) * 16 * Cfg::LDS + kk, Cfg::LDS);
+#pragma unroll
+    for (int i = 0; i < Cfg::FP; ++i)
+#pragma unroll
+      for (int j = 0; j < Cfg::FQ; ++j) wmma::mma_sync(acc[i][j], a[i], bf[j], acc[i][j]);
+  }
+}
+
 // Accumulates C tile (p0, q0) over L in [l_begin, l_end) into `acc`.
 template <class Cfg, class T, class SB>
 __device__ __forceinline__ void mma_unit(
@@ -76,7 +101,6 @@ __device__ __forceinline__ void mma_unit(
   using namespace nvcuda;
   T* As[2] = {smem, smem + Cfg::BP * Cfg::LDS};
   T* Bs[2] = {smem + 2 * Cfg::BP * Cfg::LDS, smem + 2 * Cfg::BP * Cfg::LDS + Cfg::BQ * Cfg::LDS};
-  const int warp = threadIdx.x / 32, wp = warp / Cfg::WQ, wq = warp % Cfg::WQ;
 #pragma unroll
   for (int i = 0; i < Cfg::FP; ++i)
 #pragma unroll
@@ -98,21 +122,7 @@ __device__ __forceinline__ void mma_unit(
       cp_async_wait<0>();
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < Cfg::BL; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[Cfg::FP];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[Cfg::FQ];
-#pragma unroll
-      for (int i = 0; i < Cfg::FP; ++i)
-        wmma::load_matrix_sync(a[i], As[s] + (wp * Cfg::FP + i) * 16 * Cfg::LDS + kk, Cfg::LDS);
-#pragma unroll
-      for (int j = 0; j < Cfg::FQ; ++j)
-        wmma::load_matrix_sync(bf[j], Bs[s] + (wq * Cfg::FQ + j) * 16 * Cfg::LDS + kk, Cfg::LDS);
-#pragma unroll
-      for (int i = 0; i < Cfg::FP; ++i)
-#pragma unroll
-        for (int j = 0; j < Cfg::FQ; ++j) wmma::mma_sync(acc[i][j], a[i], bf[j], acc[i][j]);
-    }
+    mma_stage<Cfg>(acc, As[s], Bs[s]);
     __syncthreads();  // the next iteration overwrites the other stage only after all warps read it
   }
 }

@@ -217,7 +217,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   T* smem = reinterpret_cast<T*>(smem_raw);
   T* As[2] = {smem, smem + Cfg::BP * Cfg::LDS};
   T* Bs[2] = {smem + 2 * Cfg::BP * Cfg::LDS, smem + 2 * Cfg::BP * Cfg::LDS + Cfg::BQ * Cfg::LDS};
-  const int warp = threadIdx.x / 32, wp = warp / Cfg::WQ, wq = warp % Cfg::WQ;
   const int64_t p0 = int64_t(blockIdx.x) * Cfg::BP, q0 = int64_t(blockIdx.y) * Cfg::BQ;
   const int64_t lb = int64_t(blockIdx.z) * kchunk, le = min(K, lb + kchunk);
 
@@ -247,21 +246,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       cp_async_wait<0>();
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < Cfg::BL; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[Cfg::FP];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[Cfg::FQ];
-#pragma unroll
-      for (int i = 0; i < Cfg::FP; ++i)
-        wmma::load_matrix_sync(a[i], As[s] + (wp * Cfg::FP + i) * 16 * Cfg::LDS + kk, Cfg::LDS);
-#pragma unroll
-      for (int j = 0; j < Cfg::FQ; ++j)
-        wmma::load_matrix_sync(bf[j], Bs[s] + (wq * Cfg::FQ + j) * 16 * Cfg::LDS + kk, Cfg::LDS);
-#pragma unroll
-      for (int i = 0; i < Cfg::FP; ++i)
-#pragma unroll
-        for (int j = 0; j < Cfg::FQ; ++j) wmma::mma_sync(acc[i][j], a[i], bf[j], acc[i][j]);
-    }
+    mma_stage<Cfg>(acc, As[s], Bs[s]);
     if (b + 1 < nblk) A.store(dec, As[s ^ 1], N, K, p0, ln);  // the other stage: last read before the previous barrier
     __syncthreads();
   }
