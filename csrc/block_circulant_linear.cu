@@ -237,8 +237,7 @@ void dispatch_float(ScalarType st, const char* op, F&& f) {
 Tensor block_circulant_linear_cuda(Tensor x, Tensor w_spectrum, int64_t block_size, int64_t out_features,
                                    std::optional<Tensor> bias) {
   const char* op = "block_circulant_linear";
-  STD_TORCH_CHECK(x.is_cuda(), "reparam.block_circulant_linear: `x` must be a CUDA tensor");
-  STD_TORCH_CHECK(x.dim() >= 1, "reparam.block_circulant_linear: `x` must have at least 1 dimension");
+  check_x(op, x);
   STD_TORCH_CHECK(block_size >= 64 && block_size <= 4096 && (block_size & (block_size - 1)) == 0,
                   "reparam.block_circulant_linear: the CUDA kernel takes `block_size` a power of two in 64..4096, got ",
                   block_size, " (reparam_kernels.ops.block_circulant_linear routes other sizes to Triton)");
@@ -252,10 +251,7 @@ Tensor block_circulant_linear_cuda(Tensor x, Tensor w_spectrum, int64_t block_si
                   "reparam.block_circulant_linear: `x` last dimension does not fit the q block columns of `w_spectrum`");
   STD_TORCH_CHECK((p - 1) * b < N && N <= p * b,
                   "reparam.block_circulant_linear: `out_features` does not fit the p block rows of `w_spectrum`");
-  if (bias.has_value()) {
-    check_arg(op, "bias", *bias, x, 1, x.scalar_type());
-    STD_TORCH_CHECK(bias->size(0) == N, "reparam.block_circulant_linear: `bias` must have out_features elements");
-  }
+  check_bias(op, bias, x, N);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor xc = torch::stable::contiguous(x);
   const int64_t M = xc.numel() / K;

@@ -61,6 +61,20 @@ inline void check_arg(const char* op, const char* name, const Tensor& t, const T
   STD_TORCH_CHECK(t.is_contiguous(), "reparam.", op, ": `", name, "` must be contiguous");
 }
 
+// `x` is a CUDA tensor with at least one dimension (the [..., K] input of every op).
+inline void check_x(const char* op, const Tensor& x) {
+  STD_TORCH_CHECK(x.is_cuda(), "reparam.", op, ": `x` must be a CUDA tensor");
+  STD_TORCH_CHECK(x.dim() >= 1, "reparam.", op, ": `x` must have at least 1 dimension");
+}
+
+// The optional bias is a contiguous [n] tensor of x's dtype on x's device.
+inline void check_bias(const char* op, const std::optional<Tensor>& bias, const Tensor& x, int64_t n) {
+  if (!bias.has_value()) return;
+  check_arg(op, "bias", *bias, x, 1, x.scalar_type());
+  STD_TORCH_CHECK(bias->size(0) == n, "reparam.", op, ": `bias` must have out_features = ", n,
+                  " elements, got ", bias->size(0));
+}
+
 inline int sm_count(int device) {
   static int cached[64] = {0};
   if (device < 0 || device >= 64) device = 0;

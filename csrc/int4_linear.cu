@@ -48,8 +48,7 @@ struct Int4Dec {
 Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size,
                         std::optional<Tensor> bias) {
   const char* op = "int4_linear";
-  STD_TORCH_CHECK(x.is_cuda(), "reparam.int4_linear: `x` must be a CUDA tensor");
-  STD_TORCH_CHECK(x.dim() >= 1, "reparam.int4_linear: `x` must have at least 1 dimension");
+  check_x(op, x);
   check_arg(op, "qweight", qweight, x, 2, ScalarType::Byte);
   check_arg(op, "scales", scales, x, 2, x.scalar_type());
   check_arg(op, "zeros", zeros, x, 2, x.scalar_type());
@@ -61,10 +60,7 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
   const int64_t G = K / group_size;
   STD_TORCH_CHECK(scales.size(0) == N && scales.size(1) == G, "reparam.int4_linear: `scales` must be [N, K / group_size]");
   STD_TORCH_CHECK(zeros.size(0) == N && zeros.size(1) == G, "reparam.int4_linear: `zeros` must be [N, K / group_size]");
-  if (bias.has_value()) {
-    check_arg(op, "bias", *bias, x, 1, x.scalar_type());
-    STD_TORCH_CHECK(bias->size(0) == N, "reparam.int4_linear: `bias` must have N = qweight.shape[0] elements");
-  }
+  check_bias(op, bias, x, N);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor xc = torch::stable::contiguous(x);
   const int64_t M = xc.numel() / K;

@@ -38,18 +38,14 @@ struct Int8Dec {
 
 Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<Tensor> bias) {
   const char* op = "int8_linear";
-  STD_TORCH_CHECK(x.is_cuda(), "reparam.int8_linear: `x` must be a CUDA tensor");
-  STD_TORCH_CHECK(x.dim() >= 1, "reparam.int8_linear: `x` must have at least 1 dimension");
+  check_x(op, x);
   check_arg(op, "qweight", qweight, x, 2, ScalarType::Char);
   check_arg(op, "scales", scales, x, 1, x.scalar_type());
   const int64_t N = qweight.size(0), K = qweight.size(1);
   STD_TORCH_CHECK(K > 0, "reparam.int8_linear: in_features K must be positive");
   STD_TORCH_CHECK(x.size(x.dim() - 1) == K, "reparam.int8_linear: `x` last dimension must equal K = qweight.shape[1]");
   STD_TORCH_CHECK(scales.size(0) == N, "reparam.int8_linear: `scales` must have N = qweight.shape[0] elements");
-  if (bias.has_value()) {
-    check_arg(op, "bias", *bias, x, 1, x.scalar_type());
-    STD_TORCH_CHECK(bias->size(0) == N, "reparam.int8_linear: `bias` must have N = qweight.shape[0] elements");
-  }
+  check_bias(op, bias, x, N);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor xc = torch::stable::contiguous(x);
   const int64_t M = xc.numel() / K;

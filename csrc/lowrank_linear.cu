@@ -164,18 +164,14 @@ using PrefillCfg = TileCfg<128, 128, 32, 4, 2>;  // larger M
 
 Tensor lowrank_linear_cuda(Tensor x, Tensor u, Tensor v, std::optional<Tensor> bias) {
   const char* op = "lowrank_linear";
-  STD_TORCH_CHECK(x.is_cuda(), "reparam.lowrank_linear: `x` must be a CUDA tensor");
-  STD_TORCH_CHECK(x.dim() >= 1, "reparam.lowrank_linear: `x` must have at least 1 dimension");
+  check_x(op, x);
   check_arg(op, "u", u, x, 2, x.scalar_type());
   check_arg(op, "v", v, x, 2, x.scalar_type());
   const int64_t N = u.size(0), r = u.size(1), K = v.size(1);
   STD_TORCH_CHECK(v.size(0) == r, "reparam.lowrank_linear: rank mismatch between `u` [N, r] and `v` [r, K]");
   STD_TORCH_CHECK(x.size(x.dim() - 1) == K, "reparam.lowrank_linear: `x` last dimension must equal K = v.shape[1]");
   STD_TORCH_CHECK(r > 0 && K > 0, "reparam.lowrank_linear: rank r and in_features K must be positive");
-  if (bias.has_value()) {
-    check_arg(op, "bias", *bias, x, 1, x.scalar_type());
-    STD_TORCH_CHECK(bias->size(0) == N, "reparam.lowrank_linear: `bias` must have N = u.shape[0] elements");
-  }
+  check_bias(op, bias, x, N);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor xc = torch::stable::contiguous(x);
   const int64_t M = K > 0 ? xc.numel() / K : 0;

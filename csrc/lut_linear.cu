@@ -42,8 +42,7 @@ struct LutDec {
 
 Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor> bias) {
   const char* op = "lut_linear";
-  STD_TORCH_CHECK(x.is_cuda(), "reparam.lut_linear: `x` must be a CUDA tensor");
-  STD_TORCH_CHECK(x.dim() >= 1, "reparam.lut_linear: `x` must have at least 1 dimension");
+  check_x(op, x);
   check_arg(op, "codes", codes, x, 2, ScalarType::Byte);
   check_arg(op, "lut", lut, x, 2, x.scalar_type());
   const int64_t N = codes.size(0), K = 2 * codes.size(1), L = lut.size(0);
@@ -51,10 +50,7 @@ Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor>
   STD_TORCH_CHECK(x.size(x.dim() - 1) == K, "reparam.lut_linear: `x` last dimension must equal K = 2 * codes.shape[1]");
   STD_TORCH_CHECK(lut.size(1) == 16, "reparam.lut_linear: `lut` must be [L, 16]");
   STD_TORCH_CHECK(L > 0 && N % L == 0, "reparam.lut_linear: the number of tables L = lut.shape[0] must divide N");
-  if (bias.has_value()) {
-    check_arg(op, "bias", *bias, x, 1, x.scalar_type());
-    STD_TORCH_CHECK(bias->size(0) == N, "reparam.lut_linear: `bias` must have N = codes.shape[0] elements");
-  }
+  check_bias(op, bias, x, N);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor xc = torch::stable::contiguous(x);
   const int64_t M = xc.numel() / K;
