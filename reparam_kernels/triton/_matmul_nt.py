@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, block_m, dot_nt
 
 
 @triton.jit
@@ -25,12 +25,7 @@ def _matmul_nt_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_
         kk = k0 + rk
         a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         b = tl.load(b_ptr + rn[:, None] * stride_bn + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-        if DOT_F32:
-            acc += tl.dot(a.to(b.dtype).to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            acc += tl.dot(a.to(b.dtype), tl.trans(b), input_precision="ieee")
-        else:
-            acc += tl.dot(a.to(b.dtype), tl.trans(b))
+        acc = dot_nt(acc, a.to(b.dtype), b, IEEE, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -42,7 +37,7 @@ def matmul_nt(a, b, bias=None, out_dtype=None):
     M, K = a.shape
     N = b.shape[0]
     c = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
-    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+    BM = block_m(M)
     BN, BK = 64, 64
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     _matmul_nt_kernel[grid](a, b, bias if bias is not None else c, c, M, N, K,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, block_m, dot_nt, rows_and_output
 
 
 @triton.jit
@@ -36,12 +36,7 @@ def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, G,
         s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
         w = ((nib.to(tl.float32) - z[:, None]) * s[:, None]).to(x_ptr.dtype.element_ty)
-        if DOT_F32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        acc = dot_nt(acc, x, w, IEEE, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & nmask[None, :]
@@ -51,10 +46,9 @@ def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, G,
 def int4_linear(x, qweight, scales, zeros, group_size, bias=None):
     k = x.shape[-1]
     n = qweight.shape[0]
-    x2 = x.reshape(-1, k).contiguous()
+    x2, y = rows_and_output(x, n)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    BM = 16 if m <= 16 else (32 if m <= 32 else 64)
+    BM = block_m(m)
     BN, BK = 64, 32  # BK = 32 divides every allowed group size
     grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
     _int4_linear_kernel[grid](x2, qweight, scales, zeros, bias if bias is not None else y, y, m, n, k,

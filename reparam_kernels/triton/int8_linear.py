@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, block_m, dot_nt, rows_and_output
 
 
 @triton.jit
@@ -23,11 +23,9 @@ def _int8_linear_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_xm
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         q = tl.load(q_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
         if DOT_F32:  # the interpreter converts int8 -> bf16 wrongly; int8 -> fp32 is exact
-            acc += tl.dot(x.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            acc += tl.dot(x, tl.trans(q.to(x_ptr.dtype.element_ty)), input_precision="ieee")
+            acc = dot_nt(acc, x, q, IEEE, DOT_F32)
         else:  # exact: |q| <= 128 fits fp16/bf16 mantissas
-            acc += tl.dot(x, tl.trans(q.to(x_ptr.dtype.element_ty)))
+            acc = dot_nt(acc, x, q.to(x_ptr.dtype.element_ty), IEEE, DOT_F32)
     s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
     acc = acc * s[None, :]
     if HAS_BIAS:
@@ -39,10 +37,9 @@ def _int8_linear_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_xm
 def int8_linear(x, qweight, scales, bias=None):
     k = x.shape[-1]
     n = qweight.shape[0]
-    x2 = x.reshape(-1, k).contiguous()
+    x2, y = rows_and_output(x, n)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    BM = 16 if m <= 16 else (32 if m <= 32 else 64)
+    BM = block_m(m)
     BN, BK = 64, 64
     grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
     _int8_linear_kernel[grid](x2, qweight, scales, bias if bias is not None else y, y, m, n, k,

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET
+from ._common import INTERPRET, block_m, dot_nt, rows_and_output
 
 
 @triton.jit
@@ -30,12 +30,7 @@ def _lut_linear_kernel(x_ptr, c_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, rows_per
                        mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)
         code = (byte >> ((kk % 2) * 4)[None, :]) & 0xF
         w = tl.load(lut_ptr + table_row[:, None] + code, mask=nmask[:, None] & kmask[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        acc = dot_nt(acc, x, w, IEEE, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     mask = (rm[:, None] < M) & nmask[None, :]
@@ -45,10 +40,9 @@ def _lut_linear_kernel(x_ptr, c_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, rows_per
 def lut_linear(x, codes, lut, bias=None):
     k = x.shape[-1]
     n = codes.shape[0]
-    x2 = x.reshape(-1, k).contiguous()
+    x2, y = rows_and_output(x, n)
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    BM = 16 if m <= 16 else (32 if m <= 32 else 64)
+    BM = block_m(m)
     BN, BK = 64, 64
     grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
     _lut_linear_kernel[grid](x2, codes, lut, bias if bias is not None else y, y, m, n, k,
