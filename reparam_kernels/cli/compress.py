@@ -11,8 +11,8 @@ import time
 def main(argv):
     ap = argparse.ArgumentParser(prog="python -m reparam_kernels compress", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
-    ap.add_argument("--recipe", default=None, help="YAML/JSON recipe (default: whitened low rank, 20%% fewer "
-                    "parameters in attention + MLP; see reparam_kernels/recipes/default.yaml)")
+    ap.add_argument("--recipe", default=None, help="YAML/JSON recipe (default: Fisher-weighted whitened low rank, 20%% fewer "
+                    "parameters in attention + MLP as a whole, ranks allocated globally; see reparam_kernels/recipes/default.yaml)")
     ap.add_argument("--calib", default=None, help="calibration text (file or austen:<novel>); none: data-free")
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)

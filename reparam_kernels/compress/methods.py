@@ -78,16 +78,35 @@ def _whiten(s):
     return bool(s.get("whiten", True))
 
 
+def _check_lowrank(out_f, in_f, s):
+    _check_rank(out_f, in_f, s)
+    if s.get("fisher") and not _whiten(s):
+        _bad("fisher", "fisher=true weights the whitened SVD's output error; it needs whiten=true")
+    alloc = s.get("allocate", "uniform")
+    if alloc not in ("uniform", "global"):
+        _bad("allocate", f"must be 'uniform' (each layer loses `ratio`) or 'global' (one budget for all "
+                         f"layers of such rules), got {alloc!r}")
+    if alloc == "global" and (s.get("ratio") is None or not _whiten(s)):
+        _bad("allocate", "allocate='global' needs `ratio` (the budget) and whiten=true")
+
+
 def _build_lowrank(linear, s, stats):
     from ..nn.lowrank import LowRankLinear
 
     kw = {k: s[k] for k in _RANK_KEYS if s.get(k) is not None}
     calib = stats if _whiten(s) else None
-    return LowRankLinear.from_linear(linear, calib=calib, damping=s.get("damping", 1e-5), **kw)
+    out_weight = None
+    if s.get("fisher"):
+        out_weight = getattr(stats, "out_weight", None)
+        if out_weight is None:
+            _bad("fisher", "no Fisher weights for this layer (compress() computes them from the calibration data)")
+    return LowRankLinear.from_linear(linear, calib=calib, damping=s.get("damping", 1e-5), out_weight=out_weight, **kw)
 
 
-register_method("lowrank", _build_lowrank, _RANK_KEYS + ("whiten", "damping"), _check_rank, _whiten,
-                "truncated SVD u·v; whiten=true (default) uses activation-aware SVD (needs calibration)")
+register_method("lowrank", _build_lowrank, _RANK_KEYS + ("whiten", "damping", "fisher", "allocate"), _check_lowrank,
+                _whiten, "truncated SVD u·v; whiten=true (default) uses activation-aware SVD (needs calibration); "
+                "fisher=true weights output channels by the loss's Fisher; allocate='global' spends one "
+                "parameter budget (`ratio`) across all such layers, keeping some dense")
 
 
 # ---------------------------------------------------------------- quantization

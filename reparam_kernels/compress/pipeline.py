@@ -14,42 +14,15 @@ import copy
 import time
 
 import torch
-from torch import nn
 
 from . import svd as _svd
+from .allocate import resolve_global
+from .blocks import batches_of, block_inputs, find_blocks, move, next_inputs
 from .calib import collect_inputs
+from .fisher import channel_weights, output_fisher
 from .methods import get_method
 from .recipe import parse_recipe, plan
 from .report import CompressionReport, LayerReport, state_bytes
-
-
-class _Stop(Exception):
-    pass
-
-
-def _batches(calib, batch_size):
-    if calib is None:
-        return []
-    if isinstance(calib, torch.Tensor):
-        if calib.dtype not in (torch.int32, torch.int64) or calib.dim() != 2:
-            raise ValueError(f"`calib` must be token ids [n, seq_len] (int64) or a list of them, "
-                             f"got {calib.dtype} {tuple(calib.shape)}")
-        return list(calib.split(batch_size))
-    out = list(calib)
-    if not out or not all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in out):
-        raise ValueError("`calib` must be token ids [n, seq_len] or a non-empty list of [b, seq_len] tensors")
-    return out
-
-
-def _find_blocks(model, names):
-    """The ModuleList (prefix, list) holding most of the matched Linears, or (None, [])."""
-    best = (None, [], 0)
-    for prefix, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 1:
-            hits = sum(1 for n in names if n.startswith(prefix + "."))
-            if hits > best[2]:
-                best = (prefix, mod, hits)
-    return best[0], best[1]
 
 
 def _set_module(root, name, new):
@@ -57,56 +30,25 @@ def _set_module(root, name, new):
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def _first_tensor(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _move(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj
+def _layer_stats(stats, name, fisher):
+    """The layer's CalibStats; with its Fisher `fisher` [out], a shallow copy carrying `out_weight`
+    (q/k/v share one CalibStats but each has its own output channels)."""
+    st = stats.get(name) if stats else None
+    if st is None or fisher is None:
+        return st
+    st = copy.copy(st)
+    st.out_weight = channel_weights(fisher)
+    return st
 
 
 @torch.no_grad()
-def _capture_block_inputs(model, block, batches):
-    """[(args, kwargs)] that `block` receives for each calibration batch."""
-    seen = []
-
-    def hook(_mod, args, kwargs):
-        seen.append((args, kwargs))
-        raise _Stop
-
-    h = block.register_forward_pre_hook(hook, with_kwargs=True)
-    dev = next(model.parameters()).device
-    try:
-        for ids in batches:
-            try:
-                model(input_ids=ids.to(dev), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    return seen
-
-
-def _with_hidden(args, kwargs, hidden):
-    if args:
-        return (hidden,) + tuple(args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-@torch.no_grad()
-def _compress_layers(root, names, plan_, stats, report, bar, prefix=""):
+def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=None):
     for name in names:
         full = prefix + name
         rule = plan_[full]
         lin = root.get_submodule(name)
         t0 = time.perf_counter()
-        st = stats.get(name) if stats else None
+        st = _layer_stats(stats, name, fisher.get(full) if fisher else None)
         new = get_method(rule.method).build(lin, rule.settings, st)
         new._reparam_method = rule.method  # marks it for distill() and save_compressed()
         new._reparam_settings = dict(rule.settings)
@@ -124,6 +66,15 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix=""):
         bar.update(1)
 
 
+def _weights_and_ranks(model, plan_, batches, progress):
+    """Fisher weights for rules with fisher=true, then global rank allocation; returns (plan, fisher)."""
+    plan_, fisher = resolve_global(model, plan_, batches, progress)
+    want = [n for n, r in plan_.items() if r.settings.get("fisher") and (fisher is None or n not in fisher)]
+    if want:
+        fisher = {**(fisher or {}), **output_fisher(model, batches, want)}
+    return plan_, fisher
+
+
 @torch.no_grad()
 def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None, progress=True):
     """Compress the Linears of `model` that `recipe` matches; returns (model, CompressionReport).
@@ -137,7 +88,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    batches = _batches(calib, batch_size)
+    batches = batches_of(calib, batch_size)
     plan_ = plan(model, recipe, has_calib=bool(batches))  # validates before anything changes
     if not inplace:
         model = copy.deepcopy(model)
@@ -146,25 +97,27 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     was_training = model.training
     model.eval()
     try:
-        prefix, blocks = _find_blocks(model, plan_)
+        plan_, fisher = _weights_and_ranks(model, plan_, batches, progress)
+        bar.reset(total=len(plan_))
+        prefix, blocks = find_blocks(model, plan_)
         done = set()
         if blocks and batches:
-            inputs = _capture_block_inputs(model, blocks[0], batches)
+            inputs = block_inputs(model, blocks[0], batches)
             for i, block in enumerate(blocks):
                 bprefix = f"{prefix}.{i}."
                 names = [n[len(bprefix):] for n in plan_ if n.startswith(bprefix)]
                 home = next(block.parameters()).device
                 if device is not None:
                     block.to(device)
-                    inputs = _move(inputs, device)
+                    inputs = move(inputs, device)
                 if names:
                     with collect_inputs({n: block.get_submodule(n) for n in names}) as stats:
                         for args, kwargs in inputs:
                             block(*args, **kwargs)
-                    _compress_layers(block, names, plan_, stats, report, bar, bprefix)
+                    _compress_layers(block, names, plan_, stats, report, bar, bprefix, fisher)
                     done.update(bprefix + n for n in names)
                 if i + 1 < len(blocks):  # next block's inputs come from the compressed block
-                    inputs = [_with_hidden(a, k, _first_tensor(block(*a, **k))) for a, k in inputs]
+                    inputs = next_inputs(block, inputs)
                 if device is not None:
                     block.to(home)
         rest = [n for n in plan_ if n not in done]
@@ -175,7 +128,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
                 with torch.no_grad(), collect_inputs({n: model.get_submodule(n) for n in rest}) as stats:
                     for ids in batches:
                         model(input_ids=ids.to(dev), use_cache=False)
-            _compress_layers(model, rest, plan_, stats, report, bar)
+            _compress_layers(model, rest, plan_, stats, report, bar, "", fisher)
     finally:
         bar.close()
         model.train(was_training)

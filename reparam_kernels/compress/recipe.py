@@ -30,11 +30,13 @@ from .methods import get_method
 
 _TOP_KEYS = {"rules", "name", "description"}
 
-# The default recipe (also reparam_kernels/recipes/default.yaml): activation-aware low rank,
-# 20% fewer parameters in every attention and MLP Linear of a Llama-style model.
-DEFAULT_RECIPE = {"name": "lowrank-whitened-20", "rules": [
-    {"match": "model.layers.*.self_attn.*_proj", "method": "lowrank", "ratio": 0.2, "whiten": True},
-    {"match": "model.layers.*.mlp.*_proj", "method": "lowrank", "ratio": 0.2, "whiten": True}]}
+# The default recipe (also reparam_kernels/recipes/default.yaml): activation-aware low rank with
+# output channels weighted by the loss's Fisher, 20% fewer parameters in the attention and MLP
+# Linears of a Llama-style model as a whole, ranks allocated globally (some layers stay dense).
+_DEFAULT_RULE = {"method": "lowrank", "ratio": 0.2, "whiten": True, "fisher": True, "allocate": "global"}
+DEFAULT_RECIPE = {"name": "lowrank-fisher-global-20", "rules": [
+    {"match": "model.layers.*.self_attn.*_proj", **_DEFAULT_RULE},
+    {"match": "model.layers.*.mlp.*_proj", **_DEFAULT_RULE}]}
 
 
 @dataclass

@@ -179,24 +179,40 @@ def whitening_factor(gram, damping=1e-5, max_tries=8):
     _bad("calib", "Gram matrix XᵀX is not positive definite even with damping; check the calibration inputs")
 
 
-def whitened_svd(weight, calib, rank=None, ratio=None, energy=None, damping=1e-5):
+def whitened_svd(weight, calib, rank=None, ratio=None, energy=None, damping=1e-5, out_weight=None):
     """Activation-aware truncated SVD (SVD-LLM): minimizes ‖X·(W − u·v)ᵀ‖_F.
 
     calib: the layer's inputs X [n, in] (any leading dims) or a CalibStats.
-    Returns (u [out, r], v [r, in], singular values of W·S) in float32.
+    out_weight: optional positive weights d [out] of the output channels; then
+    ‖X·(W − u·v)ᵀ·diag(d)‖_F is minimized (SVD of diag(d)·W·S) — with
+    d = √Fisher (``fisher.channel_weights``) that is the loss-increase estimate.
+    Returns (u [out, r], v [r, in], singular values of [diag(d)·]W·S) in float32.
     """
     _check_weight(weight)
     W = weight.detach().to("cpu", FACTOR_DTYPE)
+    d = _check_out_weight(out_weight, W.shape[0])
     with _one_thread():
         S = whitening_factor(gram_of(calib, W.shape[1]), damping)
-    U, sig, Vh = thin_svd(W @ S)
+    U, sig, Vh = thin_svd(W @ S if d is None else d[:, None] * (W @ S))
     r = select_rank(*W.shape, singular_values=sig, rank=rank, ratio=ratio, energy=energy)
     u, vs = _split(U, sig, Vh, r)
+    if d is not None:
+        u = u / d[:, None]
     # v·S = vs  ⇔  Sᵀ·vᵀ = vsᵀ, Sᵀ upper triangular.
     with _one_thread():
         v = torch.linalg.solve_triangular(S.t(), vs.t(), upper=True).t()
     dt = _out_dtype(weight)
     return u.to(dt), v.to(dt), sig.to(dt)
+
+
+def _check_out_weight(out_weight, out_features):
+    if out_weight is None:
+        return None
+    d = torch.as_tensor(out_weight).detach().to("cpu", FACTOR_DTYPE)
+    if d.shape != (out_features,) or not bool(torch.isfinite(d).all()) or not bool((d > 0).all()):
+        _bad("out_weight", f"must be {out_features} finite positive channel weights, got "
+                           f"{tuple(d.shape)} (min {float(d.min()) if d.numel() else 'n/a'})")
+    return d
 
 
 def output_error(weight, approx, gram):

@@ -39,7 +39,7 @@ class LowRankLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound_v, bound_v)
 
     @classmethod
-    def from_linear(cls, linear, rank=None, ratio=None, energy=None, calib=None, damping=1e-5):
+    def from_linear(cls, linear, rank=None, ratio=None, energy=None, calib=None, damping=1e-5, out_weight=None):
         """Factor a dense ``nn.Linear`` (its dtype and device are kept).
 
         Exactly one of:
@@ -50,14 +50,19 @@ class LowRankLinear(nn.Module):
         calib: the layer's inputs X [n, in_features] (or a ``CalibStats``);
         when given, activation-aware (whitened, SVD-LLM) SVD is used, which
         minimizes the output error on those inputs instead of the weight error.
+        out_weight: with calib, per-output-channel weights of that error
+        (√Fisher from ``compress.fisher`` makes it a loss-increase estimate).
         """
         weight = getattr(linear, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError(f"`linear` must be an nn.Linear-like module with a 2-D weight, got {type(linear).__name__}")
         if calib is None:
+            if out_weight is not None:
+                raise ValueError("`out_weight` needs `calib` (output weighting is part of the whitened SVD)")
             u, v, _ = _svd.truncated_svd(weight, rank=rank, ratio=ratio, energy=energy)
         else:
-            u, v, _ = _svd.whitened_svd(weight, calib, rank=rank, ratio=ratio, energy=energy, damping=damping)
+            u, v, _ = _svd.whitened_svd(weight, calib, rank=rank, ratio=ratio, energy=energy, damping=damping,
+                                        out_weight=out_weight)
         return cls.from_factors(u, v, linear.bias, dtype=weight.dtype, device=weight.device)
 
     @classmethod

@@ -1,0 +1,125 @@
+"""Fisher-weighted whitened SVD and global rank allocation (compress/fisher.py, compress/allocate.py)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+import reparam_kernels as rk  # noqa: E402
+from reparam_kernels.compress import svd  # noqa: E402
+from reparam_kernels.compress.allocate import allocate_ranks, choose_ranks, layer_spectra  # noqa: E402
+from reparam_kernels.compress.fisher import channel_weights, output_fisher  # noqa: E402
+
+from test_compress_pipeline import MLP, _ids, tiny_llama  # noqa: E402
+
+ATTN = "model.layers.*.self_attn.*_proj"
+
+
+def test_output_fisher_matches_autograd_on_the_outputs():
+    model = tiny_llama(seed=3)
+    ids = _ids(4, 16, seed=4)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    got = output_fisher(model, [ids[:2], ids[2:]], names)
+    want = {n: torch.zeros(model.get_submodule(n).out_features, dtype=torch.float64) for n in names}
+    for b in (ids[:2], ids[2:]):
+        outs = {}
+        hs = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n in names]
+        logits = model(input_ids=b).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1))
+        grads = torch.autograd.grad(loss, [outs[n] for n in names])
+        for h in hs:
+            h.remove()
+        for n, g in zip(names, grads):
+            want[n] += g.double().reshape(-1, g.shape[-1]).pow(2).sum(0)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n] / ids.numel(), rtol=1e-5, atol=0)
+    assert all(p.grad is None for p in model.parameters())  # no parameter gradients formed
+
+
+def test_weighted_svd_minimizes_the_weighted_output_error():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    X = torch.randn(200, 30, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 30, dtype=torch.float64)
+    d = torch.rand(40, generator=g, dtype=torch.float64) * 5 + 0.05
+
+    def werr(u, v):
+        return float(torch.linalg.norm((X @ (W - u @ v).t()) * d))
+
+    uw, vw, sig = svd.whitened_svd(W, X, rank=7, out_weight=d, damping=1e-12)
+    up, vp, _ = svd.whitened_svd(W, X, rank=7, damping=1e-12)
+    # Eckart–Young in the weighted norm: the error is the tail of the weighted spectrum, and no worse than unweighted
+    assert werr(uw, vw) == pytest.approx(float(sig[7:].pow(2).sum().sqrt()), rel=1e-6)
+    assert werr(uw, vw) < werr(up, vp)
+    uc, vc, _ = svd.whitened_svd(W, X, rank=7, out_weight=torch.full((40,), 3.0, dtype=torch.float64), damping=1e-12)
+    torch.testing.assert_close(uc @ vc, up @ vp)  # a constant weight changes nothing
+    with pytest.raises(ValueError, match="out_weight"):
+        svd.whitened_svd(W, X, rank=7, out_weight=-d)
+
+
+def test_choose_ranks_spends_the_budget_where_the_loss_estimate_drops_most():
+    g = torch.Generator().manual_seed(6)
+    shapes = {"a": (64, 64), "b": (32, 96), "c": (80, 40)}
+    spectra = {n: (torch.rand(min(s), generator=g, dtype=torch.float64) * (i + 1) ** 3).sort(descending=True).values
+               for i, (n, s) in enumerate(shapes.items())}
+    ranks = choose_ranks(spectra, shapes, 0.4)
+    dense = sum(o * i for o, i in shapes.values())
+    cost = lambda rk: sum(shapes[n][0] * shapes[n][1] if r is None else r * sum(shapes[n]) for n, r in rk.items())  # noqa: E731
+    loss = lambda rk: sum(0.0 if r is None else float(spectra[n][r:].sum()) for n, r in rk.items())  # noqa: E731
+    assert cost(ranks) <= 0.6 * dense
+    uniform = {n: svd.rank_for_ratio(*shapes[n], 0.4) for n in shapes}
+    assert cost(uniform) <= 0.6 * dense
+    assert loss(ranks) < loss(uniform)
+    with pytest.raises(ValueError, match="ratio"):
+        choose_ranks(spectra, shapes, 0.999)
+
+
+def test_allocate_global_in_a_recipe_matches_allocate_ranks_and_keeps_the_budget():
+    model = tiny_llama(seed=11, layers=2)
+    ids = _ids(8, 32, seed=12)
+    rule = {"method": "lowrank", "ratio": 0.4, "fisher": True, "allocate": "global"}
+    out, rep = rk.compress(model, {ATTN: rule, MLP: rule}, calib=ids, progress=False)
+    recipe = allocate_ranks(model, ids, [ATTN, MLP], 0.4, progress=False)
+    mods = dict(model.named_modules())
+    dense = sum(mods[r["match"]].weight.numel() for r in recipe["rules"])
+    kept = sum(mods[r["match"]].weight.numel() if r["method"] == "skip" else r["rank"] * sum(mods[r["match"]].weight.shape)
+               for r in recipe["rules"])
+    assert kept <= 0.6 * dense
+    by = {l.name: l for l in rep.layers}
+    for r in recipe["rules"]:
+        if r["method"] == "skip":
+            assert r["match"] not in by and isinstance(out.get_submodule(r["match"]), torch.nn.Linear)
+        else:
+            assert out.get_submodule(r["match"]).rank == r["rank"]
+    with torch.no_grad():
+        assert torch.isfinite(out(ids).logits).all()
+
+
+def test_allocation_and_fisher_settings_are_validated():
+    model = tiny_llama(seed=1)
+    ids = _ids()
+    with pytest.raises(ValueError, match="allocate"):
+        rk.compress(model, {MLP: {"method": "lowrank", "rank": 4, "allocate": "global"}}, calib=ids, progress=False)
+    with pytest.raises(ValueError, match="allocate"):
+        rk.compress(model, {MLP: {"method": "lowrank", "ratio": 0.2, "allocate": "best"}}, calib=ids, progress=False)
+    with pytest.raises(ValueError, match="fisher"):
+        rk.compress(model, {MLP: {"method": "lowrank", "ratio": 0.2, "whiten": False, "fisher": True}},
+                    calib=ids, progress=False)
+    with pytest.raises(ValueError, match="same `ratio`"):
+        rk.compress(model, {MLP: {"method": "lowrank", "ratio": 0.2, "allocate": "global"},
+                            ATTN: {"method": "lowrank", "ratio": 0.3, "allocate": "global"}}, calib=ids, progress=False)
+
+
+def test_layer_spectra_are_the_weighted_whitened_singular_values():
+    model = tiny_llama(seed=2, layers=2)
+    ids = _ids(6, 24, seed=3)
+    name = "model.layers.1.mlp.up_proj"
+    fisher = output_fisher(model, [ids], [name])
+    spec = layer_spectra(model, [ids], [name], fisher, progress=False)[name]
+    X = []
+    h = model.get_submodule(name).register_forward_hook(lambda m, a, o: X.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    _, _, sig = svd.whitened_svd(model.get_submodule(name).weight, X[0], rank=1,
+                                 out_weight=channel_weights(fisher[name]))
+    torch.testing.assert_close(spec[: sig.numel()].float(), sig.pow(2).float(), rtol=1e-3, atol=1e-6 * float(spec[0]))

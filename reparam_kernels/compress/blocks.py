@@ -1,0 +1,87 @@
+"""Running a model one transformer block at a time on calibration data.
+
+The compression pass (``pipeline.py``) and the rank allocation (``allocate.py``)
+both walk the blocks in order: capture what block 0 receives, run block i on
+those inputs, hand its outputs to block i+1 — so only one block (with
+``device=``) need be on the accelerator at once.
+"""
+import torch
+from torch import nn
+
+
+class _Stop(Exception):
+    pass
+
+
+def batches_of(calib, batch_size):
+    """Calibration token ids [n, seq_len] (or a list of [b, seq_len]) → list of batches."""
+    if calib is None:
+        return []
+    if isinstance(calib, torch.Tensor):
+        if calib.dtype not in (torch.int32, torch.int64) or calib.dim() != 2:
+            raise ValueError(f"`calib` must be token ids [n, seq_len] (int64) or a list of them, "
+                             f"got {calib.dtype} {tuple(calib.shape)}")
+        return list(calib.split(batch_size))
+    out = list(calib)
+    if not out or not all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in out):
+        raise ValueError("`calib` must be token ids [n, seq_len] or a non-empty list of [b, seq_len] tensors")
+    return out
+
+
+def find_blocks(model, names):
+    """The ModuleList (prefix, list) holding most of the Linears `names`, or (None, [])."""
+    best = (None, [], 0)
+    for prefix, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1:
+            hits = sum(1 for n in names if n.startswith(prefix + "."))
+            if hits > best[2]:
+                best = (prefix, mod, hits)
+    return best[0], best[1]
+
+
+@torch.no_grad()
+def block_inputs(model, block, batches):
+    """[(args, kwargs)] that `block` receives for each calibration batch."""
+    seen = []
+
+    def hook(_mod, args, kwargs):
+        seen.append((args, kwargs))
+        raise _Stop
+
+    h = block.register_forward_pre_hook(hook, with_kwargs=True)
+    dev = next(model.parameters()).device
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(dev), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return seen
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _with_hidden(args, kwargs, hidden):
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.no_grad()
+def next_inputs(block, inputs):
+    """The inputs of the next block: `block`'s hidden-state outputs with the same other arguments."""
+    return [_with_hidden(a, k, _first_tensor(block(*a, **k))) for a, k in inputs]
+
+
+def move(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    return obj
