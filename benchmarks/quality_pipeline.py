@@ -45,8 +45,18 @@ def both(method, **s):
     return {ATTN: {"method": method, **s}, MLP: {"method": method, **s}}
 
 
+def fisher_global(ratio, method="lowrank"):
+    """The default recipe's kind: Fisher-weighted whitened SVD, one global budget (compress/allocate.py)."""
+    rule = {"method": method, "ratio": ratio, "whiten": True, "fisher": True, "allocate": "global"}
+    return {ATTN: rule, MLP: rule}
+
+
 # name → (recipe or callable(model, calib) → recipe, distill?)
 CONFIGS = {  # in run order: the headline rows first
+    "lowrank-fisher-global-20": (fisher_global(0.2), True),
+    "lowrank-fisher-global-40": (fisher_global(0.4), True),
+    "combo-lowrank20-int4-fisher-global": (fisher_global(0.2, "lowrank_int4"), True),
+    "lowrank-fisher-global-10": (fisher_global(0.1), False),
     "lowrank-whitened-20": (lowrank(0.2, True), True),
     "lowrank-whitened-40": (lowrank(0.4, True), True),
     "lowrank-plain-20": (lowrank(0.2, False), False),
@@ -59,16 +69,11 @@ CONFIGS = {  # in run order: the headline rows first
     "combo-mlp-lowrank20-attn-int8": ({ATTN: {"method": "int8"}, MLP: {"method": "lowrank", "ratio": 0.2}}, False),
     "block-circulant-b64": (both("block_circulant", block_size=64), False),
     "int4-gptq": (both("int4", gptq=True), False),
-    # global greedy rank allocation (compress.allocate): not in the default run, it measured worse
-    # than the uniform ratio on SmolLM2 (see docs/quality.md)
-    "lowrank-whitened-global-20": ("global:0.2", False),
 }
-DEFAULT_RUN = [n for n in CONFIGS if "global" not in n]
+DEFAULT_RUN = list(CONFIGS)
 
 
 def required_methods(recipe):
-    if isinstance(recipe, str):
-        return {"lowrank"}
     return {s["method"] for s in recipe.values()}
 
 
@@ -174,9 +179,6 @@ def main():
         row = {"name": name}
         try:
             t0 = time.perf_counter()
-            if isinstance(recipe, str) and recipe.startswith("global:"):
-                from reparam_kernels.compress.allocate import allocate_ranks
-                recipe = allocate_ranks(teacher, calib, [ATTN, MLP], float(recipe.split(":")[1]))
             needs = any(METHODS[r.method].needs_calib and METHODS[r.method].needs_calib(r.settings)
                         for r in parse_recipe(recipe))
             model, rep = rk.compress(teacher, recipe, calib=calib if needs or not args.calib_when_needed else None)

@@ -123,3 +123,52 @@ def test_layer_spectra_are_the_weighted_whitened_singular_values():
     _, _, sig = svd.whitened_svd(model.get_submodule(name).weight, X[0], rank=1,
                                  out_weight=channel_weights(fisher[name]))
     torch.testing.assert_close(spec[: sig.numel()].float(), sig.pow(2).float(), rtol=1e-3, atol=1e-6 * float(spec[0]))
+
+
+def test_lowrank_int4_with_global_allocation_quantizes_every_layer():
+    from reparam_kernels.compress.methods import group_near
+    from reparam_kernels.nn.factored import FactoredLinear
+
+    model = tiny_llama(seed=13, layers=2, hidden=64, ffn=96)
+    ids = _ids(8, 32, seed=14)
+    rule = {"method": "lowrank_int4", "ratio": 0.2, "fisher": True, "allocate": "global"}
+    out, rep = rk.compress(model, {ATTN: rule, MLP: rule}, calib=ids, progress=False)
+    kinds = {type(out.get_submodule(l.name)).__name__ for l in rep.layers}
+    assert kinds <= {"FactoredLinear", "Int4Linear"} and len(rep.layers) == 14  # nothing left in fp32
+    for l in rep.layers:
+        m = out.get_submodule(l.name)
+        if isinstance(m, FactoredLinear):
+            assert m.rank % 32 == 0 and m.second.group_size == group_near(m.rank)
+        assert l.output_error < 0.6
+    with torch.no_grad():
+        assert torch.isfinite(out(ids).logits).all()
+    assert group_near(576) == 96 and group_near(1536) == 128 and group_near(224) == 224 and group_near(64) == 64
+    assert group_near(48) is None
+
+
+def test_lowrank_int4_refits_u_to_the_quantized_v():
+    from reparam_kernels.compress.calib import CalibStats
+    from reparam_kernels.compress.methods import get_method
+    from reparam_kernels.nn.quant import Int4Linear
+
+    g = torch.Generator().manual_seed(15)
+    lin = torch.nn.Linear(128, 96, bias=True)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 128, generator=g) @ torch.diag(torch.linspace(0.05, 2, 128)))
+    X = torch.randn(512, 128, generator=g) * torch.linspace(0.2, 3, 128)
+    st = CalibStats.from_inputs(X)
+    W = lin.weight.detach()
+    err = lambda D: float(torch.linalg.norm(X @ (W - D.detach()).t()) / torch.linalg.norm(X @ W.t()))  # noqa: E731
+    combo = get_method("lowrank_int4").build(lin, {"rank": 64, "whiten": True}, st)
+    lowrank = get_method("lowrank").build(lin, {"rank": 64, "whiten": True}, st)
+    # naive combination: round each factor of the same factorization to int4, no GPTQ, no refit
+    v = torch.nn.Linear(128, 64, bias=False)
+    u = torch.nn.Linear(64, 96, bias=False)
+    with torch.no_grad():
+        v.weight.copy_(lowrank.v)
+        u.weight.copy_(lowrank.u)
+    naive = Int4Linear.from_linear(u, group_size=64).to_dense() @ Int4Linear.from_linear(v, group_size=128).to_dense()
+    print("output error: low rank", err(lowrank.to_dense()), "naive int4 factors", err(naive),
+          "calibrated", err(combo.to_dense()))
+    assert combo.rank == 64 and err(combo.to_dense()) < 0.85 * err(naive)
+    assert err(combo.to_dense()) < 2 * err(lowrank.to_dense())

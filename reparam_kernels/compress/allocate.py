@@ -18,7 +18,9 @@ version normalized them per layer and measured *worse* than uniform. Keep
 ``fisher=True`` unless there is a reason not to.
 
 ``resolve_global`` is what ``compress`` calls for rules with
-``allocate: global``; ``allocate_ranks`` returns the same choice as a recipe.
+``allocate: global`` (methods ``lowrank`` and ``lowrank_int4``; a
+``lowrank_int4`` layer kept dense becomes ``int4``); ``allocate_ranks``
+returns the same choice as a recipe.
 """
 import fnmatch
 
@@ -27,9 +29,13 @@ from torch import nn
 
 from .calib import collect_inputs
 from .fisher import channel_weights, output_fisher
+from .methods import group_near
 from .blocks import batches_of, block_inputs, find_blocks, next_inputs
 from .recipe import Rule
 from .svd import FACTOR_DTYPE, _one_thread, whitening_factor
+
+
+LOWRANK_METHODS = ("lowrank", "lowrank_int4")  # the methods whose rank `allocate: global` chooses
 
 
 def _energies(weight, gram, d=None, damping=1e-5):
@@ -103,7 +109,7 @@ def choose_ranks(spectra, shapes, ratio):
 
 
 def _plan_ranks(model, batches, names, ratio, fisher_names, progress):
-    fisher = output_fisher(model, batches, names) if fisher_names else None
+    fisher = output_fisher(model, batches, names, progress) if fisher_names else None
     spectra = layer_spectra(model, batches, names, fisher, progress)
     mods = dict(model.named_modules())
     shapes = {n: tuple(mods[n].weight.shape) for n in names}
@@ -115,7 +121,7 @@ def resolve_global(model, plan_, batches, progress=True):
 
     Returns (plan, fisher): layers allocation keeps dense leave the plan; fisher is
     {name: F} for those rules (or None)."""
-    names = [n for n, r in plan_.items() if r.method == "lowrank" and r.settings.get("allocate") == "global"]
+    names = [n for n, r in plan_.items() if r.method in LOWRANK_METHODS and r.settings.get("allocate") == "global"]
     if not names:
         return plan_, None
     ratios = {plan_[n].settings["ratio"] for n in names}
@@ -130,8 +136,16 @@ def resolve_global(model, plan_, batches, progress=True):
             out[n] = rule
         elif ranks[n] is not None:
             s = {k: v for k, v in rule.settings.items() if k not in ("ratio", "allocate")}
-            out[n] = Rule(rule.pattern, "lowrank", {**s, "rank": ranks[n]})
+            out[n] = Rule(rule.pattern, rule.method, {**s, "rank": ranks[n]})
+        elif rule.method == "lowrank_int4":  # kept dense, but its weight is still quantized
+            out[n] = Rule(rule.pattern, "int4", _int4_settings(rule.settings, model.get_submodule(n).in_features))
     return out, fisher
+
+
+def _int4_settings(s, in_features):
+    g = s.get("group_size", "auto")
+    return {"group_size": group_near(in_features) if g == "auto" else g,
+            "symmetric": bool(s.get("symmetric", False)), "gptq": bool(s.get("whiten", True))}
 
 
 def allocate_ranks(model, calib, patterns, ratio, fisher=True, batch_size=4, progress=True):

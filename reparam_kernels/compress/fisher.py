@@ -25,9 +25,11 @@ FLOOR = 1e-3  # F + FLOOR·mean(F): channels no calibration token moved still co
 
 
 @torch.enable_grad()
-def output_fisher(model, batches, names):
+def output_fisher(model, batches, names, progress=True):
     """{name: F [out_features] float64}: mean over calibration tokens of (∂L/∂y_j)², with L the
     mean next-token cross entropy of each batch (token ids [b, seq_len])."""
+    from tqdm.auto import tqdm
+
     mods = {n: model.get_submodule(n) for n in names}
     fisher = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
     handles = []
@@ -53,7 +55,7 @@ def output_fisher(model, batches, names):
     dev = next(model.parameters()).device
     tokens = 0
     try:
-        for ids in batches:
+        for ids in tqdm(batches, desc="fisher", unit="batch", disable=not progress, leave=False):
             ids = ids.to(dev)
             out = model(input_ids=ids, use_cache=False)
             logits = getattr(out, "logits", out)[:, :-1].float()

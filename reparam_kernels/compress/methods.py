@@ -162,42 +162,77 @@ register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook"),
 
 # ---------------------------------------------------------------- combination
 def _check_lowrank_int4(out_f, in_f, s):
-    _check_rank(out_f, in_f, s)
-    _check_int4(out_f, in_f, s)
+    _check_lowrank(out_f, in_f, s)
+    if s.get("group_size", "auto") != "auto":
+        _check_int4(out_f, in_f, s)
+
+
+def group_near(k, target=128, largest=256):
+    """The int4 group for K = k: the multiple of 32 dividing k (≤ `largest`) nearest `target`, ties to the
+    larger (576 → 96, 1536 → 128, 224 → 224); None if 32 does not divide k."""
+    cands = [g for g in range(32, min(k, largest) + 1, 32) if k % g == 0]
+    return min(cands, key=lambda g: (abs(g - target), -g)) if cands else None
+
+
+def _combo_rank(r):
+    """r rounded down to a multiple of 32 — preferring one whose int4 group is in [96, 256] (≤ 4.34 bits per
+    code with the fp16 scale and zero) if that costs at most 20% of the rank."""
+    r32 = max(32, (r // 32) * 32)
+    for c in range(r32, int(0.8 * r32) - 1, -32):
+        if c >= 32 and group_near(c) >= 96:
+            return c
+    return r32
 
 
 def _build_lowrank_int4(linear, s, stats):
-    """Low rank (rank rounded down to a multiple of 32 so u's rows split into int4 groups), then both factors int4."""
+    """Low rank, then int4 factors: v quantized first (GPTQ on the layer's inputs when calibrated), then u
+    refit by least squares to the quantized v and quantized (GPTQ on the inputs it sees, v_q·X)."""
     import torch
     from torch import nn
 
     from ..nn.factored import FactoredLinear
     from ..nn.lowrank import LowRankLinear
+    from .calib import CalibStats
 
     int4 = _layer_class("quant", "Int4Linear", "lowrank_int4")
-    calib = stats if _whiten(s) else None
-    lr = LowRankLinear.from_linear(linear, calib=calib, **{k: s[k] for k in _RANK_KEYS if s.get(k) is not None})
-    r = max(32, (lr.rank // 32) * 32)
+    lr = _build_lowrank(linear, s, stats)
+    r = _combo_rank(lr.rank)
     if r > min(linear.in_features, linear.out_features):
         _bad("rank", f"lowrank_int4 needs rank >= 32 fitting the [{linear.out_features}×{linear.in_features}] layer")
     if r != lr.rank:
-        lr = LowRankLinear.from_linear(linear, calib=calib, rank=r)
+        lr = _build_lowrank(linear, {**{k: v for k, v in s.items() if k not in _RANK_KEYS}, "rank": r}, stats)
     dt, dev = linear.weight.dtype, linear.weight.device
+    gv = s.get("group_size", "auto")
+    gv = group_near(linear.in_features) if gv == "auto" else gv
+    sym = bool(s.get("symmetric", False))
+    calibrated = stats is not None and _whiten(s)
     v_lin = nn.Linear(linear.in_features, r, bias=False, dtype=dt, device=dev)
-    u_lin = nn.Linear(r, linear.out_features, bias=linear.bias is not None, dtype=dt, device=dev)
     with torch.no_grad():
         v_lin.weight.copy_(lr.v)
-        u_lin.weight.copy_(lr.u)
+    first = int4.from_linear(v_lin, group_size=gv, symmetric=sym, calib=stats if calibrated else None)
+    u = lr.u.detach().double()
+    u_stats = None
+    if calibrated:  # u* = W·G·v_qᵀ (v_q·G·v_qᵀ)⁻¹: the best u for the quantized v on the calibration inputs
+        G = stats.gram.to(torch.float64)
+        vq = first.to_dense().detach().to("cpu", torch.float64)
+        H = vq @ G @ vq.t()
+        H = H + 1e-6 * H.diagonal().mean() * torch.eye(r, dtype=H.dtype)
+        u = torch.linalg.solve(H, vq @ G @ linear.weight.detach().to("cpu", torch.float64).t()).t()
+        u_stats = CalibStats(r)
+        u_stats.gram, u_stats.count = H, stats.count
+    u_lin = nn.Linear(r, linear.out_features, bias=linear.bias is not None, dtype=dt, device=dev)
+    with torch.no_grad():
+        u_lin.weight.copy_(u.to(dt))
         if linear.bias is not None:
             u_lin.bias.copy_(linear.bias)
-    sym = bool(s.get("symmetric", False))
-    first = int4.from_linear(v_lin, group_size=_auto_group(linear.in_features, s.get("group_size")), symmetric=sym)
-    second = int4.from_linear(u_lin, group_size=_auto_group(r, s.get("group_size")), symmetric=sym)
+    second = int4.from_linear(u_lin, group_size=group_near(r), symmetric=sym, calib=u_stats)
     return FactoredLinear(first, second)
 
 
-register_method("lowrank_int4", _build_lowrank_int4, _RANK_KEYS + ("whiten", "group_size", "symmetric"),
-                _check_lowrank_int4, _whiten, "low rank (rank rounded to a multiple of 32), then int4 factors")
+register_method("lowrank_int4", _build_lowrank_int4, _RANK_KEYS + ("whiten", "damping", "fisher", "allocate",
+                "group_size", "symmetric"), _check_lowrank_int4, _whiten,
+                "low rank (settings as lowrank; rank rounded down to a multiple of 32), then int4 factors (GPTQ when "
+                "calibrated; group_size of v: auto = multiple of 32 dividing in_features nearest 128)")
 
 
 # ---------------------------------------------------------------- structured

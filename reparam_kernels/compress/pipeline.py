@@ -71,7 +71,7 @@ def _weights_and_ranks(model, plan_, batches, progress):
     plan_, fisher = resolve_global(model, plan_, batches, progress)
     want = [n for n, r in plan_.items() if r.settings.get("fisher") and (fisher is None or n not in fisher)]
     if want:
-        fisher = {**(fisher or {}), **output_fisher(model, batches, want)}
+        fisher = {**(fisher or {}), **output_fisher(model, batches, want, progress)}
     return plan_, fisher
 
 
