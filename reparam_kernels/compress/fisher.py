@@ -26,8 +26,8 @@ FLOOR = 1e-3  # F + FLOOR·mean(F): channels no calibration token moved still co
 
 @torch.enable_grad()
 def output_fisher(model, batches, names, progress=True):
-    """{name: F [out_features] float64}: mean over calibration tokens of (∂L/∂y_j)², with L the
-    mean next-token cross entropy of each batch (token ids [b, seq_len])."""
+    """{name: F [out_features] float64}: mean over calibration tokens of (∂L/∂y_j)², with L the summed
+    next-token cross entropy of the token's sequence (batches: token ids [b, seq_len])."""
     from tqdm.auto import tqdm
 
     mods = {n: model.get_submodule(n) for n in names}
@@ -55,11 +55,12 @@ def output_fisher(model, batches, names, progress=True):
     dev = next(model.parameters()).device
     tokens = 0
     try:
-        for ids in tqdm(batches, desc="fisher", unit="batch", disable=not progress, leave=False):
+        seqs = [s for b in batches for s in b.split(1)]  # one sequence at a time: the logits' memory is the peak
+        for ids in tqdm(seqs, desc="fisher", unit="seq", disable=not progress, leave=False):
             ids = ids.to(dev)
             out = model(input_ids=ids, use_cache=False)
             logits = getattr(out, "logits", out)[:, :-1].float()
-            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").backward()
             tokens += ids.numel()
     finally:
         for h in handles:
