@@ -172,3 +172,21 @@ def test_lowrank_int4_refits_u_to_the_quantized_v():
           "calibrated", err(combo.to_dense()))
     assert combo.rank == 64 and err(combo.to_dense()) < 0.85 * err(naive)
     assert err(combo.to_dense()) < 2 * err(lowrank.to_dense())
+
+
+def test_globally_allocated_model_saves_and_reloads_bit_identically(tmp_path):
+    from reparam_kernels.compress import load_compressed, save_compressed
+
+    model = tiny_llama(seed=21, layers=2)
+    ids = _ids(8, 32, seed=22)
+    rule = {"method": "lowrank", "ratio": 0.3, "fisher": True, "allocate": "global"}
+    out, rep = rk.compress(model, {ATTN: rule, MLP: rule}, calib=ids, progress=False)
+    with torch.no_grad():
+        ref = out(ids).logits
+    path = save_compressed(out, tmp_path / "ck")
+    skeleton = tiny_llama(seed=99, layers=2)
+    load_compressed(skeleton, path)
+    with torch.no_grad():
+        assert torch.equal(skeleton(ids).logits, ref)
+    for l in rep.layers:
+        assert skeleton.get_submodule(l.name).rank == out.get_submodule(l.name).rank
