@@ -16,31 +16,31 @@ Details that matter:
   of that group *as already updated* by the earlier compensation, when the
   quantizer reaches the group's first column. Blocks are a multiple of the
   group size, so a group never straddles a block.
+* Grids (asymmetric): ``compress.quantize.asymmetric_grid`` with the same
+  integer_zero / clip_steps / min_clip options as round to nearest; with
+  clip_steps > 0 the clipping search weights each column's squared error by
+  its input energy H_kk (``weighted_clip``), the diagonal of the output error.
 Computation runs in float64 on w's device.
 """
 import torch
 
-from .quantize import check_group_size
+from .quantize import _check_grid_args, asymmetric_grid, check_group_size
 
 
-def _group_params(wg, bits, symmetric):
-    """Scale and zero point (w ≈ (q − z)·s, q unsigned) for the rows of wg [N, g]."""
-    qmax = 2 ** bits - 1
+def _group_params(wg, bits, symmetric, grid, energy):
+    """Scale and zero point (w ≈ (q − z)·s, q unsigned) for the rows of wg [N, g]; energy [g] = H_kk."""
     if symmetric:
         half = 2 ** (bits - 1) - 1
         s = wg.abs().amax(1) / half
         s = torch.where(s > 0, s, torch.ones_like(s))
         return s, torch.full_like(s, float(2 ** (bits - 1)))
-    lo = wg.amin(1).clamp(max=0)
-    hi = wg.amax(1).clamp(min=0)
-    s = (hi - lo) / qmax
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return s, torch.clamp(torch.round(-lo / s), 0, qmax)
+    integer_zero, clip_steps, min_clip, weighted = grid
+    return asymmetric_grid(wg, bits, integer_zero, clip_steps, min_clip, energy if weighted else None)
 
 
 @torch.no_grad()
 def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01, block_size=128,
-                  act_order=False):
+                  act_order=False, integer_zero=True, clip_steps=0, min_clip=0.5, weighted_clip=True):
     """GPTQ on ``w`` [N, K] with ``hessian`` = XᵀX [K, K].
 
     act_order=True quantizes the columns in order of decreasing H_ii (the inputs with the
@@ -51,7 +51,8 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
     Returns (q uint8 [N, K] unsigned codes, scale [N, G] float32, zero [N, G] float32)
     with ``w ≈ (q − zero)·scale`` per group (G = K // group_size; group_size=None: per channel),
     the same format as ``quantize_linear(..., symmetric=False)`` (for symmetric=True,
-    zero = 2^(bits−1)).
+    zero = 2^(bits−1)). integer_zero / clip_steps / min_clip choose each group's grid as in
+    ``quantize_linear``; weighted_clip weights the clipping search's squared error by H_kk.
     """
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError("`w` must be a 2-D floating-point tensor [out_features, in_features]")
@@ -62,6 +63,8 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
     if not 0 <= damp < 1:
         raise ValueError(f"`damp` must be in [0, 1), got {damp}")
     g = check_group_size(k, group_size)
+    _check_grid_args(integer_zero, clip_steps, min_clip)
+    grid = (integer_zero, clip_steps, min_clip, bool(weighted_clip))
     qmax = 2 ** bits - 1
     blk = max(block_size // g, 1) * g if g < k else k
     if act_order:
@@ -71,10 +74,12 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    energy = torch.diag(H).clone()  # input energy per column, before damping (original order)
     static = None
     perm = None
     if act_order:
-        static = [torch.stack(t, 1) for t in zip(*(_group_params(W[:, i:i + g], bits, symmetric)
+        static = [torch.stack(t, 1) for t in zip(*(_group_params(W[:, i:i + g], bits, symmetric, grid,
+                                                                 energy[i:i + g])
                                                  for i in range(0, k, g)))]  # scales, zeros [N, G]
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
@@ -91,7 +96,7 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
         torch.set_num_threads(1)
     try:
         if perm is None:
-            return _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric)
+            return _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric, grid, energy)
         Qp = _gptq_static(W, Hinv, n, k, g, blk, qmax, static, perm)
         Q = torch.empty_like(Qp)
         Q[:, perm] = Qp
@@ -114,7 +119,7 @@ def _gptq_static(W, Hinv, n, k, g, blk, qmax, static, perm):
             gi = int(group_of[i1 + i])
             s, z = scales[:, gi], zeros[:, gi]
             wcol = W1[:, i]
-            q = torch.clamp(torch.round(wcol / s) + z, 0, qmax)
+            q = torch.clamp(torch.round(wcol / s + z), 0, qmax)
             Q[:, i1 + i] = q.to(torch.uint8)
             err = (wcol - (q - z) * s) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
@@ -123,7 +128,7 @@ def _gptq_static(W, Hinv, n, k, g, blk, qmax, static, perm):
     return Q
 
 
-def _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric):
+def _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric, grid, energy):
     Q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(n, k // g, dtype=torch.float64, device=W.device)
     zeros = torch.zeros_like(scales)
@@ -136,10 +141,11 @@ def _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric):
             col = i1 + i
             if col % g == 0:
                 gi = col // g
-                scales[:, gi], zeros[:, gi] = _group_params(W1[:, i:i + g], bits, symmetric)
+                scales[:, gi], zeros[:, gi] = _group_params(W1[:, i:i + g], bits, symmetric, grid,
+                                                            energy[col:col + g])
             s, z = scales[:, col // g], zeros[:, col // g]
             wcol = W1[:, i]
-            q = torch.clamp(torch.round(wcol / s) + z, 0, qmax)
+            q = torch.clamp(torch.round(wcol / s + z), 0, qmax)
             Q[:, col] = q.to(torch.uint8)
             err = (wcol - (q - z) * s) / Hinv1[i, i]
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]

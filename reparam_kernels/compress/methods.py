@@ -134,11 +134,19 @@ def _build_int8(linear, s, stats):
     return cls.from_linear(linear, calib=stats if _gptq(s) else None)
 
 
+INT4_GRID_DEFAULTS = {"integer_zero": True, "clip_steps": 0, "min_clip": 0.5}
+
+
+def _int4_grid(s):
+    """The asymmetric-grid settings of int4 (compress.quantize.asymmetric_grid), defaults filled in."""
+    return {k: s.get(k, v) for k, v in INT4_GRID_DEFAULTS.items()}
+
+
 def _build_int4(linear, s, stats):
     cls = _layer_class("quant", "Int4Linear", "int4")
     g = _auto_group(linear.in_features, s.get("group_size"))
     return cls.from_linear(linear, group_size=g, symmetric=bool(s.get("symmetric", False)),
-                           calib=stats if _gptq(s) else None)
+                           calib=stats if _gptq(s) else None, **_int4_grid(s))
 
 
 def _build_log(linear, s, stats):
@@ -153,7 +161,7 @@ def _build_vq(linear, s, stats):
 
 
 register_method("int8", _build_int8, ("gptq",), None, _gptq, "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)")
-register_method("int4", _build_int4, ("group_size", "symmetric", "gptq"), _check_int4, _gptq,
+register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", *INT4_GRID_DEFAULTS), _check_int4, _gptq,
                 "group-wise int4 (group_size: auto = largest of 128/64/32 dividing in_features; gptq=true calibrates)")
 register_method("log", _build_log, ("bits",), doc="log (power-of-two) quantization via a lookup table")
 register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook"),

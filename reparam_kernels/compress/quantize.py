@@ -12,8 +12,18 @@ Linear quantization (``quantize_linear``)
     * symmetric: ``w ≈ q · s`` with signed codes q in [-(2^(b-1)-1), 2^(b-1)-1]
       (int8 tensor), s = max|w| / (2^(b-1)-1); ``zero`` is None.
     * asymmetric: ``w ≈ (q − z) · s`` with unsigned codes q in [0, 2^b − 1]
-      (uint8 tensor), s = (max − min) / (2^b − 1), z = round(−min / s) an
-      integer in [0, 2^b − 1] (stored as float so kernels use one formula).
+      (uint8 tensor), s = (hi − lo) / (2^b − 1), z = −lo / s. The range [lo, hi]
+      and z come from ``asymmetric_grid``:
+      - ``integer_zero=True`` (the classic grid): lo = min(min w, 0),
+        hi = max(max w, 0), z = round(−lo / s) an integer in [0, 2^b − 1], so 0
+        is exactly representable;
+      - ``integer_zero=False``: lo = min w, hi = max w, z = −lo / s not rounded
+        (the grid spans exactly the group's range). Every int4 backend computes
+        (q − z)·s with z a float, so both are the same stored format.
+      - ``clip_steps=n > 0``: instead of [min, max], the best of the
+        (n + 1)² ranges [a·lo, b·hi], a and b in linspace(1, ``min_clip``, n + 1),
+        per group by (optionally ``importance``-weighted) squared error of the
+        group's weights. Still round to nearest, no calibration data needed.
 
 Packing (the layouts the kernels read)
     * int8: codes as an int8 [N, K] row-major tensor (``pack_int8``).
@@ -59,17 +69,77 @@ def _grouped(w, g):
     return w.reshape(n, k // g, g)
 
 
+def _grid_of_range(lo, hi, qmax, integer_zero):
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = -lo / scale
+    if integer_zero:
+        zero = torch.clamp(torch.round(zero), 0, qmax)
+    return scale, zero
+
+
+def asym_codes(wg, scale, zero, qmax):
+    """Unsigned codes of wg [..., g] on the grid (q − zero)·scale, scale/zero [...]: round to nearest."""
+    return torch.clamp(torch.round(wg / scale[..., None] + zero[..., None]), 0, qmax)
+
+
+def _check_grid_args(integer_zero, clip_steps, min_clip):
+    if not isinstance(integer_zero, bool):
+        raise ValueError(f"`integer_zero` must be a bool, got {integer_zero!r}")
+    if isinstance(clip_steps, bool) or not isinstance(clip_steps, int) or clip_steps < 0:
+        raise ValueError(f"`clip_steps` must be a non-negative int, got {clip_steps!r}")
+    if not 0 < min_clip <= 1:
+        raise ValueError(f"`min_clip` must be in (0, 1], got {min_clip!r}")
+
+
 @torch.no_grad()
-def quantize_linear(w, bits=8, group_size=None, symmetric=True):
+def asymmetric_grid(wg, bits=4, integer_zero=True, clip_steps=0, min_clip=0.5, importance=None):
+    """(scale, zero) [...] of the asymmetric grid for each group of ``wg`` [..., g] (see the module doc).
+
+    importance: optional non-negative weights broadcastable to ``wg`` (e.g. the energy of each input
+    column, diag XᵀX) for the squared error that ``clip_steps`` minimizes.
+    """
+    _check_grid_args(integer_zero, clip_steps, min_clip)
+    qmax = 2 ** bits - 1
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    if integer_zero:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # keep 0 representable exactly
+    scale, zero = _grid_of_range(lo, hi, qmax, integer_zero)
+    if clip_steps == 0:
+        return scale, zero
+
+    def err(s, z):
+        e = ((asym_codes(wg, s, z, qmax) - z[..., None]) * s[..., None] - wg) ** 2
+        return (e if importance is None else e * importance).sum(-1)
+
+    best = err(scale, zero)
+    fracs = torch.linspace(1.0, min_clip, clip_steps + 1).tolist()
+    for a in fracs:
+        for b in fracs:
+            if a == 1.0 and b == 1.0:
+                continue
+            s, z = _grid_of_range(lo * a, hi * b, qmax, integer_zero)
+            e = err(s, z)
+            better = e < best
+            best = torch.where(better, e, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return scale, zero
+
+
+@torch.no_grad()
+def quantize_linear(w, bits=8, group_size=None, symmetric=True, integer_zero=True, clip_steps=0, min_clip=0.5):
     """Round-to-nearest linear quantization of ``w`` [N, K].
 
     Returns ``(q, scale, zero)``: q [N, K] (int8 signed codes if symmetric, uint8
     unsigned codes otherwise), scale [N, G] float32, zero [N, G] float32 or None
-    (G = K // group_size, 1 for per-channel). See the module doc for the formulas.
+    (G = K // group_size, 1 for per-channel). See the module doc for the formulas;
+    integer_zero, clip_steps and min_clip choose the asymmetric grid (``asymmetric_grid``).
     """
     _check_weight(w)
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"`bits` must be 2, 3, 4 or 8, got {bits!r}")
+    _check_grid_args(integer_zero, clip_steps, min_clip)
     n, k = w.shape
     g = check_group_size(k, group_size)
     wg = _grouped(w.float(), g)
@@ -79,13 +149,8 @@ def quantize_linear(w, bits=8, group_size=None, symmetric=True):
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round(wg / scale[..., None]), -qmax, qmax)
         return q.reshape(n, k).to(torch.int8), scale, None
-    qmax = 2 ** bits - 1
-    lo = wg.amin(-1).clamp(max=0)  # keep 0 representable exactly
-    hi = wg.amax(-1).clamp(min=0)
-    scale = (hi - lo) / qmax
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    q = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, qmax)
+    scale, zero = asymmetric_grid(wg, bits, integer_zero, clip_steps, min_clip)
+    q = asym_codes(wg, scale, zero, 2 ** bits - 1)
     return q.reshape(n, k).to(torch.uint8), scale, zero
 
 

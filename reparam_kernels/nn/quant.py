@@ -116,17 +116,22 @@ class Int4Linear(_QuantBase):
         self.register_buffer("zeros", torch.full((out_features, g), 8.0, dtype=dtype, device=device))
 
     @classmethod
-    def from_linear(cls, linear, group_size=128, symmetric=False, calib=None, damp=0.01, act_order=True):
+    def from_linear(cls, linear, group_size=128, symmetric=False, calib=None, damp=0.01, act_order=True,
+                    integer_zero=True, clip_steps=0, min_clip=0.5):
         """Group-wise int4, round-to-nearest; GPTQ when ``calib`` (inputs or CalibStats) is given
-        (act_order: columns by decreasing input energy, with static groups; see compress/gptq.py)."""
+        (act_order: columns by decreasing input energy, with static groups; see compress/gptq.py).
+        integer_zero / clip_steps / min_clip choose the asymmetric grid of each group
+        (``compress.quantize.asymmetric_grid``; with calib the clipping is weighted by input energy)."""
         w = _weight_of(linear)
         n, k = w.shape
         layer = cls(k, n, group_size=group_size, bias=linear.bias is not None, dtype=w.dtype, device=w.device)
+        grid = dict(integer_zero=integer_zero, clip_steps=clip_steps, min_clip=min_clip)
         if calib is None:
-            q, s, z = Q.to_unsigned4(*Q.quantize_linear(w, bits=4, group_size=group_size, symmetric=symmetric))
+            q, s, z = Q.to_unsigned4(*Q.quantize_linear(w, bits=4, group_size=group_size, symmetric=symmetric,
+                                                        **grid))
         else:
             q, s, z = gptq_quantize(w, _hessian(calib, k), bits=4, group_size=group_size, symmetric=symmetric,
-                                    damp=damp, act_order=act_order)
+                                    damp=damp, act_order=act_order, **grid)
         layer.qweight.copy_(Q.pack_int4(q))
         layer.scales.copy_(s)
         layer.zeros.copy_(z)
