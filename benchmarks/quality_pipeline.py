@@ -98,17 +98,19 @@ def measure_default_recipe(out_dir):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def linear_bytes(model):
-    """Bytes of the attention + MLP Linears (dense or compressed) and their dense weight count."""
+def linear_bytes(model, elements=False):
+    """Bytes of the attention + MLP Linears (dense or compressed) and their dense weight count
+    (and, with elements=True, the elements they store)."""
     import fnmatch
 
     from reparam_kernels.compress.report import state_bytes
-    total, weights = 0, 0
+    total, weights, stored = 0, 0, 0
     for name, mod in model.named_modules():
         if any(fnmatch.fnmatchcase(name, p) for p in (ATTN, MLP)):
-            total += state_bytes(mod)[1]
+            n, b = state_bytes(mod)
+            total, stored = total + b, stored + n
             weights += mod.in_features * mod.out_features
-    return total, weights
+    return (total, weights, stored) if elements else (total, weights)
 
 
 def params(model):
@@ -132,8 +134,10 @@ def main():
     ap.add_argument("--skip-default-timing", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="only redraw the plot and print the table from --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quality/pipeline.json"))
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads (use 1 when another job shares the cores: oversubscribed threads thrash)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     if args.report_only:
         result = json.loads(out.read_text())
@@ -189,9 +193,10 @@ def main():
             save()
             continue
         t = rep.totals()
-        b, w = linear_bytes(model)
-        row.update(params=params(model), linear_bytes=b, bits_per_weight=8 * b / w,
-                   param_reduction=t["param_reduction"], mean_output_error=t["mean_output_error"],
+        b, w, n = linear_bytes(model, elements=True)
+        # param_reduction: over ALL attention + MLP Linears (layers an allocation kept dense included)
+        row.update(params=params(model), linear_bytes=b, bits_per_weight=8 * b / w, param_reduction=1 - n / w,
+                   compressed_layers_param_reduction=t["param_reduction"], mean_output_error=t["mean_output_error"],
                    recipe=recipe if isinstance(recipe, dict) and len(json.dumps(recipe)) < 2000 else "generated")
         row["ppl"] = evaluate.perplexity(model, windows=eval_w, desc=name)
         row["ppl_rel"] = row["ppl"] / base - 1

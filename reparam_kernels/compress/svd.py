@@ -201,6 +201,7 @@ def whitened_svd(weight, calib, rank=None, ratio=None, energy=None, damping=1e-5
     # v·S = vs  ⇔  Sᵀ·vᵀ = vsᵀ, Sᵀ upper triangular.
     with _one_thread():
         v = torch.linalg.solve_triangular(S.t(), vs.t(), upper=True).t()
+        u, v = balance(u, v)
     dt = _out_dtype(weight)
     return u.to(dt), v.to(dt), sig.to(dt)
 
@@ -213,6 +214,21 @@ def _check_out_weight(out_weight, out_features):
         _bad("out_weight", f"must be {out_features} finite positive channel weights, got "
                            f"{tuple(d.shape)} (min {float(d.min()) if d.numel() else 'n/a'})")
     return d
+
+
+def balance(u, v):
+    """The same product u·v split as P·√Λ, √Λ·Qᵀ from its own SVD (P, Q orthonormal).
+
+    Whitening (S⁻¹ in v) and output weighting (D⁻¹ in u) leave factors whose rows differ in scale by
+    orders of magnitude, within a layer and between layers. Adam moves every parameter by about the same
+    step, so distilling such factors wrecks the small ones (measured: SmolLM2 27.2 → 29.0 perplexity
+    after 120 steps); int4 groups suffer too. Costs two thin QRs and an r×r SVD.
+    """
+    qu, ru = torch.linalg.qr(u)
+    qv, rv = torch.linalg.qr(v.t())
+    a, lam, bh = torch.linalg.svd(ru @ rv.t())
+    root = lam.sqrt()
+    return (qu @ a) * root, root[:, None] * (bh @ qv.t())
 
 
 def output_error(weight, approx, gram):
