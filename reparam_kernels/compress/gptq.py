@@ -28,10 +28,10 @@ from .quantize import _check_grid_args, asymmetric_grid, check_group_size
 
 
 def _group_params(wg, bits, symmetric, grid, energy):
-    """Scale and zero point (w ≈ (q − z)·s, q unsigned) for the rows of wg [N, g]; energy [g] = H_kk."""
+    """Scale and zero point (w ≈ (q − z)·s, q unsigned) for each group (last dim) of wg; energy = H_kk."""
     if symmetric:
         half = 2 ** (bits - 1) - 1
-        s = wg.abs().amax(1) / half
+        s = wg.abs().amax(-1) / half
         s = torch.where(s > 0, s, torch.ones_like(s))
         return s, torch.full_like(s, float(2 ** (bits - 1)))
     integer_zero, clip_steps, min_clip, weighted = grid
@@ -78,9 +78,8 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
     static = None
     perm = None
     if act_order:
-        static = [torch.stack(t, 1) for t in zip(*(_group_params(W[:, i:i + g], bits, symmetric, grid,
-                                                                 energy[i:i + g])
-                                                 for i in range(0, k, g)))]  # scales, zeros [N, G]
+        # all groups in one call: a clipping search per group would be many tiny ops (slow on a busy CPU)
+        static = _group_params(W.reshape(n, k // g, g), bits, symmetric, grid, energy.reshape(k // g, g))
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype, device=H.device)
