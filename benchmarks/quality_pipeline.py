@@ -141,7 +141,7 @@ def main():
     out = Path(args.out)
     if args.report_only:
         result = json.loads(out.read_text())
-        plot(result, out.with_name("pipeline_pareto.png"))
+        plot(result, out.with_name(out.stem + "_pareto.png"))
         print(table(result))
         return
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def main():
         save()
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     save()
-    plot(result, out.with_name("pipeline_pareto.png"))
+    plot(result, out.with_name(out.stem + "_pareto.png"))
     print(table(result))
 
 
