@@ -193,3 +193,32 @@ def test_globally_allocated_model_saves_and_reloads_bit_identically(tmp_path):
     for l in rep.layers:
         if l.method != "skip":
             assert skeleton.get_submodule(l.name).rank == out.get_submodule(l.name).rank
+
+
+def test_int4_scale_and_zero_gradients_match_autograd_through_the_dequantized_weight():
+    from reparam_kernels.ops.int4_linear import int4_linear
+    from reparam_kernels.reference.int4_linear import dequantize_int4
+
+    g = torch.Generator().manual_seed(31)
+    n, k, gs = 24, 96, 32
+    qweight = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, k // gs, generator=g, dtype=torch.float64) + 0.1).requires_grad_(True)
+    zeros = (torch.rand(n, k // gs, generator=g, dtype=torch.float64) * 15).requires_grad_(True)
+    x = torch.randn(3, 5, k, generator=g, dtype=torch.float64)
+    gy = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
+    (int4_linear(x, qweight, scales, zeros, gs) * gy).sum().backward()
+    s2, z2 = scales.detach().clone().requires_grad_(True), zeros.detach().clone().requires_grad_(True)
+    ((x @ dequantize_int4(qweight, s2, z2, gs, torch.float64).t()) * gy).sum().backward()
+    torch.testing.assert_close(scales.grad, s2.grad)
+    torch.testing.assert_close(zeros.grad, z2.grad)
+
+
+def test_distillation_trains_int4_scales_of_a_lowrank_int4_model():
+    model = tiny_llama(seed=17, layers=2, hidden=64, ffn=96)
+    ids = _ids(8, 32, seed=18)
+    out, _ = rk.compress(model, {MLP: {"method": "lowrank_int4", "ratio": 0.2}}, calib=ids, progress=False)
+    q = out.model.layers[0].mlp.up_proj.second
+    before = (q.scales.detach().clone(), q.qweight.clone())
+    rk.distill(out, model, ids, steps=3, lr=1e-2, progress=False)
+    assert not torch.equal(q.scales.detach(), before[0]) and torch.equal(q.qweight, before[1])
+    assert not q.scales.requires_grad  # frozen again after distillation

@@ -112,8 +112,9 @@ class Int4Linear(_QuantBase):
         g = in_features // group_size
         dtype = dtype or torch.get_default_dtype()
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, g, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.full((out_features, g), 8.0, dtype=dtype, device=device))
+        # parameters (frozen by default) so that distillation can train them (PEQA-style): the codes stay fixed
+        self.scales = nn.Parameter(torch.ones(out_features, g, dtype=dtype, device=device), requires_grad=False)
+        self.zeros = nn.Parameter(torch.full((out_features, g), 8.0, dtype=dtype, device=device), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear, group_size=128, symmetric=False, calib=None, damp=0.01, act_order=True,
@@ -132,9 +133,10 @@ class Int4Linear(_QuantBase):
         else:
             q, s, z = gptq_quantize(w, _hessian(calib, k), bits=4, group_size=group_size, symmetric=symmetric,
                                     damp=damp, act_order=act_order, **grid)
-        layer.qweight.copy_(Q.pack_int4(q))
-        layer.scales.copy_(s)
-        layer.zeros.copy_(z)
+        with torch.no_grad():
+            layer.qweight.copy_(Q.pack_int4(q))
+            layer.scales.copy_(s)
+            layer.zeros.copy_(z)
         layer._set_bias(linear)
         return layer
 

@@ -47,19 +47,30 @@ def _fake(x, qweight, scales, zeros, group_size, bias):
 
 def _setup(ctx, inputs, output):
     x, qweight, scales, zeros, group_size, bias = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
+    ctx.save_for_backward(x, qweight, scales, zeros)
     ctx.group_size = group_size
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, gy):
-    qweight, scales, zeros = ctx.saved_tensors
-    gx = gb = None
+    x, qweight, scales, zeros = ctx.saved_tensors
+    gx = gs = gz = gb = None
     if ctx.needs_input_grad[0]:
         gx = gy @ dequantize_int4(qweight, scales, zeros, ctx.group_size, gy.dtype)
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        # W[n, k] = (q − z[n, g])·s[n, g]: the codes stay fixed, the grid (scale, zero) learns (distillation)
+        n, k = qweight.shape[0], x.shape[-1]
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+        gw = (gy.reshape(-1, n).to(acc).t() @ x.reshape(-1, k).to(acc)).view(n, k // ctx.group_size, ctx.group_size)
+        q = dequantize_int4(qweight, torch.ones_like(scales), torch.zeros_like(zeros), ctx.group_size, acc)
+        q = q.view_as(gw)
+        if ctx.needs_input_grad[2]:
+            gs = (gw * (q - zeros.to(acc)[..., None])).sum(-1).to(scales.dtype)
+        if ctx.needs_input_grad[3]:
+            gz = (-gw.sum(-1) * scales.to(acc)).to(zeros.dtype)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         gb = gy.reshape(-1, gy.shape[-1]).sum(0)
-    return gx, None, None, None, None, gb
+    return gx, None, gs, gz, None, gb
 
 
 torch.library.register_autograd("reparam::int4_linear", _backward, setup_context=_setup)
