@@ -29,15 +29,23 @@ from reparam_kernels.compress.pipeline import compress  # noqa: E402
 from reparam_kernels.evaluate import perplexity, token_windows  # noqa: E402
 
 LAYERS = "model.layers.*"  # every Linear of the transformer blocks; lm_head stays dense
+# int4 rows spell out their grid (compress.quantize.asymmetric_grid), so they keep their meaning when the
+# int4 method's defaults change: integer_zero + clip_steps=0 is the min/max grid with an integer zero point,
+# integer_zero=False + clip_steps=10 a float zero point and the best of 11 x 11 clipped ranges per group.
+# Group: 128 where it divides in_features (down_proj), else 64.
+MINMAX = {"integer_zero": True, "clip_steps": 0}
+CLIP = {"integer_zero": False, "clip_steps": 10}
 METHODS = {
     "int8": {"method": "int8"},
-    "int4_g128_rtn": {"method": "int4"},  # group: 128 where it divides in_features, else 64
-    "int4_g128_gptq": {"method": "int4", "gptq": True},
+    "int4_g128_rtn": {"method": "int4", **MINMAX},
+    "int4_g128_rtn_clip": {"method": "int4", **CLIP},
+    "int4_g128_gptq": {"method": "int4", "gptq": True, **MINMAX},
+    "int4_g128_gptq_clip": {"method": "int4", "gptq": True, **CLIP},
     "log4": {"method": "log", "bits": 4},
     "vq_d1_b4": {"method": "vq", "bits": 4, "d": 1},  # 4 bits/weight, per-layer 16-entry codebook (lut_linear)
     "vq_d2_b8": {"method": "vq", "bits": 8, "d": 2},  # 4 bits/weight, 256 centroids of pairs (dense fallback)
 }
-NEEDS_CALIB = {"int4_g128_gptq"}
+NEEDS_CALIB = {name for name, st in METHODS.items() if st.get("gptq")}
 
 
 def bits_per_weight(model):

@@ -174,3 +174,17 @@ def test_layer_and_recipe_method_pass_the_grid(rng, calib):
     st = CalibStats.from_inputs(stats.float()) if calib else None
     built = get_method("int4").build(lin, dict(group_size=64, gptq=calib, **kw), st)
     assert torch.equal(built.qweight, layer.qweight)
+
+
+def test_int4_method_defaults(rng):
+    """Round to nearest defaults to the float-zero clipped grid, gptq=true to the min/max integer grid."""
+    lin = torch.nn.Linear(128, 16, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(heavy_w(rng, 16, 128) * 0.05)
+    rtn = get_method("int4").build(lin, dict(group_size=64), None)
+    want = Q.quantize_linear(lin.weight.detach(), 4, 64, symmetric=False, integer_zero=False, clip_steps=10)
+    assert torch.equal(Q.unpack_int4(rtn.qweight), want[0]) and torch.allclose(rtn.zeros, want[2])
+    from reparam_kernels.compress.calib import CalibStats
+    x = correlated(rng, 128, 256)[0]
+    gp = get_method("int4").build(lin, dict(group_size=64, gptq=True), CalibStats.from_inputs(x.float()))
+    assert torch.equal(gp.zeros, torch.round(gp.zeros))
