@@ -27,27 +27,15 @@ import fnmatch
 import torch
 from torch import nn
 
+from .blocks import batches_of, block_inputs, find_blocks, next_inputs
 from .calib import collect_inputs
 from .fisher import channel_weights, output_fisher
-from .methods import group_near
-from .blocks import batches_of, block_inputs, find_blocks, next_inputs
+from .methods import int4_settings_of_combo
 from .recipe import Rule
-from .svd import FACTOR_DTYPE, _one_thread, whitening_factor
+from .svd import whitened_spectrum
 
 
 LOWRANK_METHODS = ("lowrank", "lowrank_int4")  # the methods whose rank `allocate: global` chooses
-
-
-def _energies(weight, gram, d=None, damping=1e-5):
-    """σ² of [diag(d)·]W·S, descending, via the smaller Gram matrix."""
-    W = weight.detach().to("cpu", FACTOR_DTYPE)
-    if d is not None:
-        W = d[:, None] * W
-    with _one_thread():
-        S = whitening_factor(gram, damping)
-        A = W @ S
-        lam = torch.linalg.eigvalsh(A @ A.t() if A.shape[0] <= A.shape[1] else A.t() @ A)
-    return lam.flip(0).clamp_min(0)
 
 
 @torch.no_grad()
@@ -59,6 +47,7 @@ def layer_spectra(model, batches, names, fisher=None, progress=True):
     prefix, blocks = find_blocks(model, names)
     if not blocks or any(not n.startswith(prefix + ".") for n in names):
         raise ValueError("`recipe`: global rank allocation handles Linears inside the transformer blocks only")
+    last = max(int(n[len(prefix) + 1:].split(".", 1)[0]) for n in names)  # the last block holding a name
     inputs = block_inputs(model, blocks[0], batches)
     spectra = {}
     bar = tqdm(total=len(names), desc="allocate", unit="layer", disable=not progress)
@@ -72,10 +61,11 @@ def layer_spectra(model, batches, names, fisher=None, progress=True):
                         block(*a, **k)
                 for n in local:
                     d = channel_weights(fisher[bp + n]) if fisher is not None else None
-                    spectra[bp + n] = _energies(block.get_submodule(n).weight, stats[n].gram, d)
+                    spectra[bp + n] = whitened_spectrum(block.get_submodule(n).weight, stats[n].gram, d)
                     bar.update(1)
-            if i + 1 < len(blocks) and any(n.startswith(f"{prefix}.{j}.") for n in names for j in range(i + 1, len(blocks))):
-                inputs = next_inputs(block, inputs)
+            if i == last:
+                break
+            inputs = next_inputs(block, inputs)
     finally:
         bar.close()
     return spectra
@@ -138,14 +128,8 @@ def resolve_global(model, plan_, batches, progress=True):
             s = {k: v for k, v in rule.settings.items() if k not in ("ratio", "allocate")}
             out[n] = Rule(rule.pattern, rule.method, {**s, "rank": ranks[n]})
         elif rule.method == "lowrank_int4":  # kept dense, but its weight is still quantized
-            out[n] = Rule(rule.pattern, "int4", _int4_settings(rule.settings, model.get_submodule(n).in_features))
+            out[n] = Rule(rule.pattern, "int4", int4_settings_of_combo(rule.settings, model.get_submodule(n).in_features))
     return out, fisher
-
-
-def _int4_settings(s, in_features):
-    g = s.get("group_size", "auto")
-    return {"group_size": group_near(in_features) if g == "auto" else g,
-            "symmetric": bool(s.get("symmetric", False)), "gptq": bool(s.get("whiten", True))}
 
 
 def allocate_ranks(model, calib, patterns, ratio, fisher=True, batch_size=4, progress=True):

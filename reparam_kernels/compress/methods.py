@@ -189,6 +189,18 @@ def group_near(k, target=128, largest=256):
     return min(cands, key=lambda g: (abs(g - target), -g)) if cands else None
 
 
+def _combo_group(s, in_features):
+    """The int4 group of v (and of a layer kept dense): `group_size`, or with "auto" the one near 128."""
+    g = s.get("group_size", "auto")
+    return group_near(in_features) if g == "auto" else g
+
+
+def int4_settings_of_combo(s, in_features):
+    """The `int4` settings for a `lowrank_int4` layer that global allocation keeps dense (still quantized)."""
+    return {"group_size": _combo_group(s, in_features), "symmetric": bool(s.get("symmetric", False)),
+            "gptq": _whiten(s)}
+
+
 def _combo_rank(r):
     """r rounded down to a multiple of 32 — preferring one whose int4 group is in [96, 256] (≤ 4.34 bits per
     code with the fp16 scale and zero) if that costs at most 20% of the rank."""
@@ -206,7 +218,6 @@ def _build_lowrank_int4(linear, s, stats):
     from torch import nn
 
     from ..nn.factored import FactoredLinear
-    from ..nn.lowrank import LowRankLinear
     from .calib import CalibStats
 
     int4 = _layer_class("quant", "Int4Linear", "lowrank_int4")
@@ -217,8 +228,7 @@ def _build_lowrank_int4(linear, s, stats):
     if r != lr.rank:
         lr = _build_lowrank(linear, {**{k: v for k, v in s.items() if k not in _RANK_KEYS}, "rank": r}, stats)
     dt, dev = linear.weight.dtype, linear.weight.device
-    gv = s.get("group_size", "auto")
-    gv = group_near(linear.in_features) if gv == "auto" else gv
+    gv = _combo_group(s, linear.in_features)
     sym = bool(s.get("symmetric", False))
     calibrated = stats is not None and _whiten(s)
     v_lin = nn.Linear(linear.in_features, r, bias=False, dtype=dt, device=dev)

@@ -100,9 +100,10 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
         planned = dict(plan_)
         plan_, fisher = _weights_and_ranks(model, plan_, batches, progress)
         for name in planned.keys() - plan_.keys():  # layers a global allocation keeps dense: in the totals too
-            n, b = state_bytes(model.get_submodule(name))
+            lin = model.get_submodule(name)
+            n, b = state_bytes(lin)
             report.layers.append(LayerReport(name, "skip", {"reason": "allocate: global kept it dense"},
-                                             tuple(model.get_submodule(name).weight.shape), n, n, b, b, 0.0, 0.0))
+                                             tuple(lin.weight.shape), n, n, b, b, 0.0, 0.0))
         bar.reset(total=len(plan_))
         prefix, blocks = find_blocks(model, plan_)
         done = set()

@@ -206,6 +206,18 @@ def whitened_svd(weight, calib, rank=None, ratio=None, energy=None, damping=1e-5
     return u.to(dt), v.to(dt), sig.to(dt)
 
 
+def whitened_spectrum(weight, gram, out_weight=None, damping=1e-5):
+    """σ² of [diag(out_weight)·]W·S (the matrix ``whitened_svd`` factors), descending, via the smaller Gram."""
+    W = weight.detach().to("cpu", FACTOR_DTYPE)
+    d = _check_out_weight(out_weight, W.shape[0])
+    if d is not None:
+        W = d[:, None] * W
+    with _one_thread():
+        A = W @ whitening_factor(gram, damping)
+        lam = torch.linalg.eigvalsh(A @ A.t() if A.shape[0] <= A.shape[1] else A.t() @ A)
+    return lam.flip(0).clamp_min(0)
+
+
 def _check_out_weight(out_weight, out_features):
     if out_weight is None:
         return None
