@@ -56,7 +56,9 @@ def bits_per_weight(model):
     for mod in model.modules():
         if isinstance(mod, (Int8Linear, Int4Linear, LUTLinear)):
             weights += mod.in_features * mod.out_features
-            bits += 8 * sum(b.numel() * b.element_size() for b in mod.buffers())
+            # codes are buffers; scales, zeros and tables may be (frozen) parameters: count both, not the bias
+            stored = list(mod.buffers()) + [p for n, p in mod.named_parameters() if n != "bias"]
+            bits += 8 * sum(t.numel() * t.element_size() for t in stored)
     return bits / weights if weights else None
 
 

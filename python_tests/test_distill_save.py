@@ -42,7 +42,8 @@ def _kl_to_teacher(student, teacher, ids):
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(reverse_kl=True, grad_accum=2),
-                                  dict(hidden_layers=[1, 2], hidden_loss="cosine", hidden_weight=0.5)])
+                                  dict(hidden_layers=[1, 2], hidden_loss="cosine", hidden_weight=0.5),
+                                  dict(amp_dtype=torch.bfloat16)])
 def test_distill_reduces_kl_and_trains_only_compressed_parameters(opts):
     teacher = tiny_llama()
     student, _ = rk.compress(teacher, RECIPE, calib=_ids(8), progress=False)
@@ -63,6 +64,19 @@ def test_distill_reduces_kl_and_trains_only_compressed_parameters(opts):
     assert len(compressed_parameters(student)) == 2 * 3 * 2 + 2 * 2  # u, v of 3 MLP + q per block (+ no bias)
 
 
+def test_distill_on_step_sees_every_step_and_student_trains_after():
+    teacher = tiny_llama()
+    student, _ = rk.compress(teacher, RECIPE, calib=_ids(8), progress=False)
+    seen = []
+
+    def on_step(step):
+        seen.append((step, student.training))
+        student.eval()  # e.g. an evaluation; distill must put the student back in train mode
+
+    distill(student, teacher, _ids(8, seed=2), steps=4, lr=1e-3, batch_size=2, progress=False, on_step=on_step)
+    assert seen == [(0, True), (1, True), (2, True), (3, True)]
+
+
 def test_distill_task_loss_only():
     teacher = tiny_llama()
     student, _ = rk.compress(teacher, RECIPE, calib=_ids(8), progress=False)
@@ -77,6 +91,8 @@ def test_distill_bad_arguments():
         distill(t, t, _ids(2), alpha=1.5, steps=1)
     with pytest.raises(ValueError, match="`data`"):
         distill(t, t, torch.randn(2, 5), steps=1)
+    with pytest.raises(ValueError, match="`amp_dtype`"):
+        distill(t, t, _ids(2), steps=1, amp_dtype=torch.float16)
     with pytest.raises(ValueError, match="no compressed parameters"):
         distill(t, t, _ids(2), steps=1, progress=False)
 

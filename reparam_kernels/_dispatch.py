@@ -131,6 +131,20 @@ def _first_tensor(args):
     return next(a for a in args if isinstance(a, torch.Tensor))
 
 
+def autocast(x, *side):
+    """Under ``torch.autocast`` on x's device, cast x and its x-dtype side data (factors, scales, zeros,
+    tables, bias) to the autocast dtype, as torch does for F.linear; otherwise return them unchanged.
+
+    The typed wrappers call this before their checks: the ops require the side data in x's dtype, and
+    a custom op is not cast by autocast on its own. Spectra (fp32 by format) are not passed here.
+    """
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return (x, *side)
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, *side))
+
+
 def call(name, *args):
     """Entry used by the typed wrappers: the CUDA op if it takes these inputs, else the best fallback."""
     x = _first_tensor(args)

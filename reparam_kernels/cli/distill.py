@@ -1,7 +1,7 @@
 """Distill a compressed checkpoint from its dense teacher on a text, and save it.
 
     python -m reparam_kernels distill --student DIR --teacher <HF folder | .gguf | smollm2> \
-        --text <file | austen:persuasion> --out DIR2 [--steps 200 --seq-len 128 --lr 1e-4 --alpha 0 --temperature 2]
+        --text <file | austen:persuasion> --out DIR2 [--steps 200 --seq-len 128 --lr 1e-4 --alpha 0 --temperature 2 --bf16]
 """
 import argparse
 
@@ -20,7 +20,10 @@ def main(argv):
     ap.add_argument("--alpha", type=float, default=0.0)
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--reverse-kl", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="run forward/backward under bf16 autocast (fp32 parameters)")
     args = ap.parse_args(argv)
+
+    import torch
 
     from ..compress import distill
     from ..evaluate import token_windows
@@ -31,7 +34,8 @@ def main(argv):
     n = args.steps * args.batch_size * args.grad_accum
     data = token_windows(tok, read_text(args.text), args.seq_len, n)
     hist = distill(student, teacher, data, alpha=args.alpha, temperature=args.temperature, steps=args.steps,
-                   lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, reverse_kl=args.reverse_kl)
+                   lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, reverse_kl=args.reverse_kl,
+                   amp_dtype=torch.bfloat16 if args.bf16 else None)
     print(f"distilled {args.steps} steps in {hist['seconds']:.0f} s; loss {hist['loss'][0]:.4f} → {hist['loss'][-1]:.4f}")
     save_with_tokenizer(student, tok, args.out)
     print(f"saved to {args.out}")

@@ -67,17 +67,24 @@ def _check(alpha, temperature, steps, lr, batch_size, grad_accum, data):
 
 def distill(student, teacher, data, alpha=0.0, temperature=2.0, steps=200, lr=1e-4, batch_size=1, grad_accum=1,
             reverse_kl=False, hidden_layers=None, hidden_loss="mse", hidden_weight=1.0, params=None,
-            weight_decay=0.0, seed=0, progress=True, log_every=10):
+            weight_decay=0.0, seed=0, progress=True, log_every=10, amp_dtype=None,
+            on_step=None):
     """Train `student`'s compressed parameters to match `teacher`; returns a history dict.
 
     data: token ids [n, seq_len]; each micro step takes `batch_size` sequences (cycling).
     params: the parameters to train (default: ``compressed_parameters(student)``).
     CPU-sized mode: a few hundred steps of batch 1 × 128–256 tokens on SmolLM2-135M;
     GPU mode: larger batch_size / seq_len with the same call.
+    amp_dtype: e.g. torch.bfloat16 runs teacher and student forward/backward under torch.autocast
+    (parameters and optimizer state stay fp32); on a CPU with AVX512-BF16 this about halves the step time.
+    on_step: called as on_step(step) after each optimizer step (e.g. to evaluate a checkpoint; the student
+    is put back in train mode after it returns).
     """
     from tqdm.auto import tqdm
 
     _check(alpha, temperature, steps, lr, batch_size, grad_accum, data)
+    if amp_dtype not in (None, torch.bfloat16):  # fp16 would need loss scaling, which this loop does not do
+        raise ValueError(f"`amp_dtype` must be None or torch.bfloat16, got {amp_dtype!r}")
     params = compressed_parameters(student) if params is None else list(params)
     if not params:
         raise ValueError("`student` has no compressed parameters to train (compress it first, or pass `params`)")
@@ -103,9 +110,10 @@ def distill(student, teacher, data, alpha=0.0, temperature=2.0, steps=200, lr=1e
                 idx = order[torch.arange(cursor, cursor + batch_size) % data.shape[0]]
                 cursor += batch_size
                 ids = data[idx].to(dev)
-                with torch.no_grad():
-                    tout = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
-                sout = student(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp_dtype is not None):
+                    with torch.no_grad():
+                        tout = teacher(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
+                    sout = student(input_ids=ids, use_cache=False, output_hidden_states=want_hidden)
                 sl, tl = sout.logits[:, :-1].float(), tout.logits[:, :-1].float()
                 kl = _kl(sl, tl, temperature, reverse_kl) * temperature ** 2
                 task = F.cross_entropy(sl.reshape(-1, sl.shape[-1]), ids[:, 1:].reshape(-1)) if alpha > 0 else sl.new_zeros(())
@@ -124,6 +132,9 @@ def distill(student, teacher, data, alpha=0.0, temperature=2.0, steps=200, lr=1e
                 for k in acc:
                     history[k].append(acc[k])
             bar.set_postfix(loss=f"{acc['loss']:.4f}", kl=f"{acc['kl']:.4f}")
+            if on_step is not None:
+                on_step(step)
+                student.train()
     finally:
         bar.close()
         for p, req in frozen:

@@ -64,6 +64,7 @@ def _route(name, args, block_size):
 
 def block_circulant_linear(x, w_spectrum, block_size, out_features, bias=None):
     """y = W x + bias, W block-circulant [out_features, K] given by its block spectra; x is [..., K]."""
+    x, bias = _dispatch.autocast(x, bias)  # the spectrum stays fp32
     check_block_circulant("block_circulant_linear", x, w_spectrum, block_size, out_features, bias)
     return _route("block_circulant_linear", (x, w_spectrum, block_size, out_features, bias), block_size)
 

@@ -35,6 +35,7 @@ def check_int4_linear(x, qweight, scales, zeros, group_size, bias):
 
 def int4_linear(x, qweight, scales, zeros, group_size, bias=None):
     """y = x @ W.T + bias for the group-wise int4 weight above; x is [..., K]."""
+    x, scales, zeros, bias = _dispatch.autocast(x, scales, zeros, bias)
     check_int4_linear(x, qweight, scales, zeros, group_size, bias)
     return _dispatch.call(OP, x, qweight, scales, zeros, group_size, bias)
 

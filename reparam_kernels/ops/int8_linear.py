@@ -25,6 +25,7 @@ def check_int8_linear(x, qweight, scales, bias):
 
 def int8_linear(x, qweight, scales, bias=None):
     """y = (x @ qweight.T) * scales + bias; qweight int8 [N, K], scales [N]; x is [..., K]."""
+    x, scales, bias = _dispatch.autocast(x, scales, bias)
     check_int8_linear(x, qweight, scales, bias)
     return _dispatch.call(OP, x, qweight, scales, bias)
 

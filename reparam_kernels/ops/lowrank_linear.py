@@ -23,6 +23,7 @@ def _check_lowrank(x, u, v, bias):
 
 def lowrank_linear(x, u, v, bias=None):
     """y = x @ v.T @ u.T + bias for a weight W ≈ u @ v (u [N, r], v [r, K]); x is [..., K]."""
+    x, u, v, bias = _dispatch.autocast(x, u, v, bias)
     _check_lowrank(x, u, v, bias)
     return _dispatch.call("lowrank_linear", x, u, v, bias)
 

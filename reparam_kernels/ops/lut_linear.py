@@ -31,6 +31,7 @@ def check_lut_linear(x, codes, lut, bias):
 
 def lut_linear(x, codes, lut, bias=None):
     """y = x @ W.T + bias, W decoded from 4-bit codes through per-row-group tables; x is [..., K]."""
+    x, lut, bias = _dispatch.autocast(x, lut, bias)
     check_lut_linear(x, codes, lut, bias)
     return _dispatch.call(OP, x, codes, lut, bias)
 

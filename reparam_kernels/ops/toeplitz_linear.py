@@ -17,6 +17,7 @@ from .block_circulant_linear import _route, check_block_circulant, spectrum_grad
 
 def toeplitz_linear(x, t_spectrum, fft_size, out_features, bias=None):
     """y = T x + bias; x is [..., K]."""
+    x, bias = _dispatch.autocast(x, bias)  # the spectrum stays fp32
     check_block_circulant("toeplitz_linear", x, t_spectrum, fft_size, out_features, bias, size_name="fft_size")
     return _route("toeplitz_linear", (x, t_spectrum, fft_size, out_features, bias), fft_size)
 
