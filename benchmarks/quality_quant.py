@@ -41,6 +41,8 @@ METHODS = {
     "int4_g128_rtn_clip": {"method": "int4", **CLIP},
     "int4_g128_gptq": {"method": "int4", "gptq": True, **MINMAX},
     "int4_g128_gptq_clip": {"method": "int4", "gptq": True, **CLIP},
+    # group 32 = the Q4_1 blocks the "dense" weights come from: shows how much of the g128 loss is re-gridding
+    "int4_g32_rtn_clip": {"method": "int4", "group_size": 32, **CLIP},
     "log4": {"method": "log", "bits": 4},
     "vq_d1_b4": {"method": "vq", "bits": 4, "d": 1},  # 4 bits/weight, per-layer 16-entry codebook (lut_linear)
     "vq_d2_b8": {"method": "vq", "bits": 8, "d": 2},  # 4 bits/weight, 256 centroids of pairs (dense fallback)

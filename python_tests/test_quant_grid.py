@@ -177,7 +177,7 @@ def test_layer_and_recipe_method_pass_the_grid(rng, calib):
 
 
 def test_int4_method_defaults(rng):
-    """Round to nearest defaults to the float-zero clipped grid, gptq=true to the min/max integer grid."""
+    """Round to nearest and gptq=true both default to the float-zero clipped grid (Int4Linear.from_linear too)."""
     lin = torch.nn.Linear(128, 16, bias=False)
     with torch.no_grad():
         lin.weight.copy_(heavy_w(rng, 16, 128) * 0.05)
@@ -186,5 +186,11 @@ def test_int4_method_defaults(rng):
     assert torch.equal(Q.unpack_int4(rtn.qweight), want[0]) and torch.allclose(rtn.zeros, want[2])
     from reparam_kernels.compress.calib import CalibStats
     x = correlated(rng, 128, 256)[0]
-    gp = get_method("int4").build(lin, dict(group_size=64, gptq=True), CalibStats.from_inputs(x.float()))
-    assert torch.equal(gp.zeros, torch.round(gp.zeros))
+    st = CalibStats.from_inputs(x.float())
+    gp = get_method("int4").build(lin, dict(group_size=64, gptq=True), st)
+    want = gptq_quantize(lin.weight.detach(), st.gram, bits=4, group_size=64, symmetric=False, act_order=True,
+                         integer_zero=False, clip_steps=10)
+    assert torch.equal(Q.unpack_int4(gp.qweight), want[0]) and torch.allclose(gp.zeros, want[2])
+    assert not torch.equal(gp.zeros, torch.round(gp.zeros))  # a float zero point, not the integer grid
+    direct = Int4Linear.from_linear(lin, group_size=64)
+    assert torch.equal(direct.qweight, rtn.qweight) and torch.equal(direct.zeros, rtn.zeros)

@@ -134,17 +134,15 @@ def _build_int8(linear, s, stats):
     return cls.from_linear(linear, calib=stats if _gptq(s) else None)
 
 
-# Asymmetric-grid settings of int4 (compress.quantize.asymmetric_grid). Round to nearest defaults to a float
-# zero point + clipping search (SmolLM2, 4 windows: +22.0% perplexity vs +25.5% for the min/max grid with an
-# integer zero point, docs/quant.md); GPTQ keeps the min/max integer grid until its clipped variant is measured.
+# Asymmetric-grid settings of int4 (compress.quantize.asymmetric_grid): a float zero point + clipping search
+# by default, for round to nearest and GPTQ alike (SmolLM2, 4 windows, docs/quant.md: RTN +22.0% vs +25.5%
+# for the min/max grid with an integer zero point; GPTQ +3.3% vs +11.1%).
 INT4_GRID_DEFAULTS = {"integer_zero": False, "clip_steps": 10, "min_clip": 0.5}
-INT4_GPTQ_GRID_DEFAULTS = {"integer_zero": True, "clip_steps": 0, "min_clip": 0.5}
 
 
 def _int4_grid(s):
-    """The grid settings of an int4 rule, defaults filled in (they differ for gptq=true)."""
-    defaults = INT4_GPTQ_GRID_DEFAULTS if _gptq(s) else INT4_GRID_DEFAULTS
-    return {k: s.get(k, v) for k, v in defaults.items()}
+    """The grid settings of an int4 rule, defaults filled in."""
+    return {k: s.get(k, v) for k, v in INT4_GRID_DEFAULTS.items()}
 
 
 def _build_int4(linear, s, stats):
@@ -168,8 +166,7 @@ def _build_vq(linear, s, stats):
 register_method("int8", _build_int8, ("gptq",), None, _gptq, "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)")
 register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", *INT4_GRID_DEFAULTS), _check_int4, _gptq,
                 "group-wise int4 (group_size: auto = largest of 128/64/32 dividing in_features; gptq=true calibrates; "
-                "integer_zero / clip_steps / min_clip: the grid, default float zero + 11x11 clipping search for round "
-                "to nearest, min/max integer zero for gptq)")
+                "integer_zero / clip_steps / min_clip: the grid, default float zero + 11x11 clipping search)")
 register_method("log", _build_log, ("bits",), doc="log (power-of-two) quantization via a lookup table")
 register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook"),
                 doc="vector quantization, k-means codebook of 2^bits d-element sub-vectors")
