@@ -52,15 +52,16 @@ NEEDS_CALIB = {name for name, st in METHODS.items() if st.get("gptq")}
 
 def bits_per_weight(model):
     """Stored bits of the matched Linears' weight representation per original weight."""
+    from reparam_kernels.compress.report import state_bytes
     from reparam_kernels.nn import Int4Linear, Int8Linear, LUTLinear
 
     bits = weights = 0
     for mod in model.modules():
         if isinstance(mod, (Int8Linear, Int4Linear, LUTLinear)):
             weights += mod.in_features * mod.out_features
-            # codes are buffers; scales, zeros and tables may be (frozen) parameters: count both, not the bias
-            stored = list(mod.buffers()) + [p for n, p in mod.named_parameters() if n != "bias"]
-            bits += 8 * sum(t.numel() * t.element_size() for t in stored)
+            # codes, scales, zeros and tables (buffers or frozen parameters), not the bias
+            bias = 0 if mod.bias is None else mod.bias.numel() * mod.bias.element_size()
+            bits += 8 * (state_bytes(mod)[1] - bias)
     return bits / weights if weights else None
 
 

@@ -50,7 +50,7 @@ def _hidden_loss(hs, ht, kind):
     raise ValueError(f"`hidden_loss` must be 'mse' or 'cosine', got {kind!r}")
 
 
-def _check(alpha, temperature, steps, lr, batch_size, grad_accum, data):
+def _check(alpha, temperature, steps, lr, batch_size, grad_accum, data, amp_dtype):
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}")
     if not isinstance(temperature, (int, float)) or temperature <= 0:
@@ -60,6 +60,8 @@ def _check(alpha, temperature, steps, lr, batch_size, grad_accum, data):
             raise ValueError(f"`{name}` must be a positive int, got {v!r}")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"`lr` must be > 0, got {lr!r}")
+    if amp_dtype not in (None, torch.bfloat16):  # fp16 would need loss scaling, which distill does not do
+        raise ValueError(f"`amp_dtype` must be None or torch.bfloat16, got {amp_dtype!r}")
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"`data` must be token ids [n, seq_len] (int64), got "
                          f"{getattr(data, 'dtype', type(data))} {tuple(getattr(data, 'shape', ()))}")
@@ -82,9 +84,7 @@ def distill(student, teacher, data, alpha=0.0, temperature=2.0, steps=200, lr=1e
     """
     from tqdm.auto import tqdm
 
-    _check(alpha, temperature, steps, lr, batch_size, grad_accum, data)
-    if amp_dtype not in (None, torch.bfloat16):  # fp16 would need loss scaling, which this loop does not do
-        raise ValueError(f"`amp_dtype` must be None or torch.bfloat16, got {amp_dtype!r}")
+    _check(alpha, temperature, steps, lr, batch_size, grad_accum, data, amp_dtype)
     params = compressed_parameters(student) if params is None else list(params)
     if not params:
         raise ValueError("`student` has no compressed parameters to train (compress it first, or pass `params`)")

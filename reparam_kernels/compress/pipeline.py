@@ -97,9 +97,9 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     was_training = model.training
     model.eval()
     try:
-        planned = dict(plan_)
+        planned = set(plan_)
         plan_, fisher = _weights_and_ranks(model, plan_, batches, progress)
-        for name in planned.keys() - plan_.keys():  # layers a global allocation keeps dense: in the totals too
+        for name in planned - plan_.keys():  # layers a global allocation keeps dense: in the totals too
             lin = model.get_submodule(name)
             n, b = state_bytes(lin)
             report.layers.append(LayerReport(name, "skip", {"reason": "allocate: global kept it dense"},
