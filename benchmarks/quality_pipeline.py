@@ -68,6 +68,9 @@ CONFIGS = {  # in run order: the headline rows first
     "combo-lowrank20-int4": (both("lowrank_int4", ratio=0.2), True),
     "combo-mlp-lowrank20-attn-int8": ({ATTN: {"method": "int8"}, MLP: {"method": "lowrank", "ratio": 0.2}}, False),
     "block-circulant-b64": (both("block_circulant", block_size=64), False),
+    # issue 4: only the MLP Linears projected to b x b circulant blocks, then distilled
+    "block-circulant-mlp-b64": ({MLP: {"method": "block_circulant", "block_size": 64}}, True),
+    "block-circulant-mlp-b256": ({MLP: {"method": "block_circulant", "block_size": 256}}, True),
     "int4-gptq": (both("int4", gptq=True), False),
     # GPTQ (act order) on the float-zero + clipping grid, then distillation of the int4 scales and zeros
     "int4-gptq-clip": (both("int4", gptq=True, integer_zero=False, clip_steps=10), True),

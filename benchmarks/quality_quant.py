@@ -41,11 +41,16 @@ METHODS = {
     "int4_g128_rtn_clip": {"method": "int4", **CLIP},
     "int4_g128_gptq": {"method": "int4", "gptq": True, **MINMAX},
     "int4_g128_gptq_clip": {"method": "int4", "gptq": True, **CLIP},
+    # + 5 rounds of the least-squares polish of each group's (scale, zero) (compress.quantize.asymmetric_grid)
+    "int4_g128_rtn_clip_ls": {"method": "int4", **CLIP, "refine_steps": 5},
+    "int4_g128_gptq_clip_ls": {"method": "int4", "gptq": True, **CLIP, "refine_steps": 5},
     # group 32 = the Q4_1 blocks the "dense" weights come from: shows how much of the g128 loss is re-gridding
     "int4_g32_rtn_clip": {"method": "int4", "group_size": 32, **CLIP},
     "log4": {"method": "log", "bits": 4},
     "vq_d1_b4": {"method": "vq", "bits": 4, "d": 1},  # 4 bits/weight, per-layer 16-entry codebook (lut_linear)
     "vq_d2_b8": {"method": "vq", "bits": 8, "d": 2},  # 4 bits/weight, 256 centroids of pairs (dense fallback)
+    # one 16-entry codebook per output row (a non-uniform per-channel grid; lut_linear with N tables)
+    "vq_d1_b4_row": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1},
 }
 NEEDS_CALIB = {name for name, st in METHODS.items() if st.get("gptq")}
 

@@ -194,3 +194,48 @@ def test_int4_method_defaults(rng):
     assert not torch.equal(gp.zeros, torch.round(gp.zeros))  # a float zero point, not the integer grid
     direct = Int4Linear.from_linear(lin, group_size=64)
     assert torch.equal(direct.qweight, rtn.qweight) and torch.equal(direct.zeros, rtn.zeros)
+
+
+def test_refine_never_worse_and_is_the_least_squares_fit(rng):
+    """refine_steps: per group the error never rises, falls somewhere, and a refined group's (s, z) is the
+    least-squares line through (code, weight) for its own codes (checked in float64)."""
+    w = heavy_w(rng, 16, 256)
+    kw = dict(bits=4, group_size=64, symmetric=False, integer_zero=False, clip_steps=4)
+    q0, s0, z0 = Q.quantize_linear(w, **kw)
+    q1, s1, z1 = Q.quantize_linear(w, **kw, refine_steps=3)
+    wg = w.double().reshape(16, 4, 64)
+    e0 = ((deq(w, q0, s0, z0) - wg) ** 2).sum(-1)
+    e1 = ((deq(w, q1, s1, z1) - wg) ** 2).sum(-1)
+    assert (e1 <= e0 * (1 + 1e-6)).all() and e1.sum() < 0.97 * e0.sum()
+    # one step from the clipped grid: the fit of the clipped grid's codes, where it was kept
+    qa, sa, za = Q.quantize_linear(w, **kw, refine_steps=1)
+    codes = q0.double().reshape(16, 4, 64)
+    A = torch.stack([codes, torch.ones_like(codes)], -1)  # w ≈ a·q + b
+    sol = torch.linalg.lstsq(A, wg[..., None]).solution[..., 0]
+    kept = ~torch.isclose(sa.double(), s0.double(), rtol=0, atol=0)
+    assert kept.float().mean() > 0.5
+    assert torch.allclose(sa.double()[kept], sol[..., 0][kept], rtol=1e-4)
+    assert torch.allclose((-za.double() * sa.double())[kept], sol[..., 1][kept], rtol=1e-3, atol=1e-5)
+
+
+def test_refine_in_gptq_layer_and_method(rng):
+    lin = torch.nn.Linear(128, 24)
+    with torch.no_grad():
+        lin.weight.copy_(heavy_w(rng, 24, 128))
+    x = torch.randn(256, 128, generator=rng)
+    for calib in (None, x):
+        a = Int4Linear.from_linear(lin, group_size=64, calib=calib)
+        b = Int4Linear.from_linear(lin, group_size=64, calib=calib, refine_steps=2)
+        ea = (a.to_dense() - lin.weight).pow(2).sum()
+        eb = (b.to_dense() - lin.weight).pow(2).sum()
+        if calib is None:
+            assert eb < ea
+        else:  # GPTQ: the refined grid is chosen before the sweep; output error stays close or better
+            oa, ob = (x @ (a.to_dense() - lin.weight).t()).norm(), (x @ (b.to_dense() - lin.weight).t()).norm()
+            assert ob < 1.05 * oa
+    layer = get_method("int4").build(lin, {"group_size": 64, "refine_steps": 2}, None)
+    assert torch.equal(layer.scales, Int4Linear.from_linear(lin, group_size=64, refine_steps=2).scales)
+    with pytest.raises(ValueError, match="refine_steps"):
+        Q.quantize_linear(lin.weight, bits=4, group_size=64, symmetric=False, refine_steps=-1)
+    with pytest.raises(ValueError, match="integer_zero=False"):
+        Q.quantize_linear(lin.weight, bits=4, group_size=64, symmetric=False, integer_zero=True, refine_steps=1)

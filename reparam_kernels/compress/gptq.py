@@ -34,13 +34,14 @@ def _group_params(wg, bits, symmetric, grid, energy):
         s = wg.abs().amax(-1) / half
         s = torch.where(s > 0, s, torch.ones_like(s))
         return s, torch.full_like(s, float(2 ** (bits - 1)))
-    integer_zero, clip_steps, min_clip, weighted = grid
-    return asymmetric_grid(wg, bits, integer_zero, clip_steps, min_clip, energy if weighted else None)
+    integer_zero, clip_steps, min_clip, weighted, refine_steps = grid
+    return asymmetric_grid(wg, bits, integer_zero, clip_steps, min_clip, energy if weighted else None, refine_steps)
 
 
 @torch.no_grad()
 def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01, block_size=128,
-                  act_order=False, integer_zero=True, clip_steps=0, min_clip=0.5, weighted_clip=True):
+                  act_order=False, integer_zero=True, clip_steps=0, min_clip=0.5, weighted_clip=True,
+                  refine_steps=0):
     """GPTQ on ``w`` [N, K] with ``hessian`` = XᵀX [K, K].
 
     act_order=True quantizes the columns in order of decreasing H_ii (the inputs with the
@@ -51,8 +52,8 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
     Returns (q uint8 [N, K] unsigned codes, scale [N, G] float32, zero [N, G] float32)
     with ``w ≈ (q − zero)·scale`` per group (G = K // group_size; group_size=None: per channel),
     the same format as ``quantize_linear(..., symmetric=False)`` (for symmetric=True,
-    zero = 2^(bits−1)). integer_zero / clip_steps / min_clip choose each group's grid as in
-    ``quantize_linear``; weighted_clip weights the clipping search's squared error by H_kk.
+    zero = 2^(bits−1)). integer_zero / clip_steps / min_clip / refine_steps choose each group's grid as in
+    ``quantize_linear``; weighted_clip weights the squared error of the grid search by H_kk.
     """
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError("`w` must be a 2-D floating-point tensor [out_features, in_features]")
@@ -63,8 +64,8 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
     if not 0 <= damp < 1:
         raise ValueError(f"`damp` must be in [0, 1), got {damp}")
     g = check_group_size(k, group_size)
-    _check_grid_args(integer_zero, clip_steps, min_clip)
-    grid = (integer_zero, clip_steps, min_clip, bool(weighted_clip))
+    _check_grid_args(integer_zero, clip_steps, min_clip, refine_steps)
+    grid = (integer_zero, clip_steps, min_clip, bool(weighted_clip), refine_steps)
     qmax = 2 ** bits - 1
     blk = max(block_size // g, 1) * g if g < k else k
     if act_order:

@@ -137,7 +137,7 @@ def _build_int8(linear, s, stats):
 # Asymmetric-grid settings of int4 (compress.quantize.asymmetric_grid): a float zero point + clipping search
 # by default, for round to nearest and GPTQ alike (SmolLM2, 4 windows, docs/quant.md: RTN +22.0% vs +25.5%
 # for the min/max grid with an integer zero point; GPTQ +3.3% vs +11.1%).
-INT4_GRID_DEFAULTS = {"integer_zero": False, "clip_steps": 10, "min_clip": 0.5}
+INT4_GRID_DEFAULTS = {"integer_zero": False, "clip_steps": 10, "min_clip": 0.5, "refine_steps": 0}
 
 
 def _int4_grid(s):
@@ -166,7 +166,7 @@ def _build_vq(linear, s, stats):
 register_method("int8", _build_int8, ("gptq",), None, _gptq, "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)")
 register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", *INT4_GRID_DEFAULTS), _check_int4, _gptq,
                 "group-wise int4 (group_size: auto = largest of 128/64/32 dividing in_features; gptq=true calibrates; "
-                "integer_zero / clip_steps / min_clip: the grid, default float zero + 11x11 clipping search)")
+                "integer_zero / clip_steps / min_clip / refine_steps: the grid, default float zero + 11x11 clipping search)")
 register_method("log", _build_log, ("bits",), doc="log (power-of-two) quantization via a lookup table")
 register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook"),
                 doc="vector quantization, k-means codebook of 2^bits d-element sub-vectors")

@@ -24,6 +24,11 @@ Linear quantization (``quantize_linear``)
         (n + 1)² ranges [a·lo, b·hi], a and b in linspace(1, ``min_clip``, n + 1),
         per group by (optionally ``importance``-weighted) squared error of the
         group's weights. Still round to nearest, no calibration data needed.
+      - ``refine_steps=n > 0``: then n rounds of a least-squares polish: with the
+        codes fixed, fit w ≈ a·q + b per group ((importance-)weighted least
+        squares), take s = a, z = −b/a, re-round; a group keeps a new grid only
+        where it lowers the group's error, so it never does worse. (SmolLM2 g128
+        round to nearest: +20.0% perplexity vs +22.0% without, docs/quant.md.)
 
 Packing (the layouts the kernels read)
     * int8: codes as an int8 [N, K] row-major tensor (``pack_int8``).
@@ -83,35 +88,68 @@ def asym_codes(wg, scale, zero, qmax):
     return torch.clamp(torch.round(wg / scale[..., None] + zero[..., None]), 0, qmax)
 
 
-def _check_grid_args(integer_zero, clip_steps, min_clip):
+def _check_grid_args(integer_zero, clip_steps, min_clip, refine_steps=0):
     if not isinstance(integer_zero, bool):
         raise ValueError(f"`integer_zero` must be a bool, got {integer_zero!r}")
     if isinstance(clip_steps, bool) or not isinstance(clip_steps, int) or clip_steps < 0:
         raise ValueError(f"`clip_steps` must be a non-negative int, got {clip_steps!r}")
     if not 0 < min_clip <= 1:
         raise ValueError(f"`min_clip` must be in (0, 1], got {min_clip!r}")
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ValueError(f"`refine_steps` must be a non-negative int, got {refine_steps!r}")
 
 
 @torch.no_grad()
-def asymmetric_grid(wg, bits=4, integer_zero=True, clip_steps=0, min_clip=0.5, importance=None):
+def asymmetric_grid(wg, bits=4, integer_zero=True, clip_steps=0, min_clip=0.5, importance=None, refine_steps=0):
     """(scale, zero) [...] of the asymmetric grid for each group of ``wg`` [..., g] (see the module doc).
 
     importance: optional non-negative weights broadcastable to ``wg`` (e.g. the energy of each input
-    column, diag XᵀX) for the squared error that ``clip_steps`` minimizes.
+    column, diag XᵀX) for the squared error that ``clip_steps`` and ``refine_steps`` minimize.
     """
-    _check_grid_args(integer_zero, clip_steps, min_clip)
+    _check_grid_args(integer_zero, clip_steps, min_clip, refine_steps)
+    if refine_steps and integer_zero:
+        raise ValueError("`refine_steps` fits a float zero point: it needs integer_zero=False")
     qmax = 2 ** bits - 1
     lo, hi = wg.amin(-1), wg.amax(-1)
     if integer_zero:
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # keep 0 representable exactly
     scale, zero = _grid_of_range(lo, hi, qmax, integer_zero)
-    if clip_steps == 0:
-        return scale, zero
 
     def err(s, z):
         e = ((asym_codes(wg, s, z, qmax) - z[..., None]) * s[..., None] - wg) ** 2
         return (e if importance is None else e * importance).sum(-1)
 
+    if clip_steps:
+        scale, zero = _clip_search(wg, lo, hi, qmax, integer_zero, clip_steps, min_clip, err, scale, zero)
+    if refine_steps:
+        scale, zero = _refine(wg, qmax, importance, refine_steps, err, scale, zero)
+    return scale, zero
+
+
+def _refine(wg, qmax, importance, steps, err, scale, zero):
+    """Least-squares polish of (scale, zero) with the codes held fixed, kept per group where it helps."""
+    wt = torch.ones_like(wg) if importance is None else torch.broadcast_to(importance, wg.shape).to(wg.dtype)
+    best = err(scale, zero)
+    for _ in range(steps):
+        q = asym_codes(wg, scale, zero, qmax)
+        s0, s1, s2 = wt.sum(-1), (wt * q).sum(-1), (wt * q * q).sum(-1)
+        t0, t1 = (wt * wg).sum(-1), (wt * q * wg).sum(-1)
+        det = s0 * s2 - s1 * s1
+        ok = det > 1e-12 * s0 * s0  # at least two distinct codes carry weight
+        a = (s0 * t1 - s1 * t0) / torch.where(ok, det, torch.ones_like(det))
+        b = (s2 * t0 - s1 * t1) / torch.where(ok, det, torch.ones_like(det))
+        ok = ok & (a > 0)
+        s = torch.where(ok, a, scale)
+        z = torch.where(ok, -b / torch.where(ok, a, torch.ones_like(a)), zero)
+        e = err(s, z)
+        better = e < best
+        best = torch.where(better, e, best)
+        scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale, zero
+
+
+def _clip_search(wg, lo, hi, qmax, integer_zero, clip_steps, min_clip, err, scale, zero):
+    """The best of the (clip_steps + 1)² clipped ranges [a·lo, b·hi] per group (the first is [lo, hi])."""
     best = err(scale, zero)
     fracs = torch.linspace(1.0, min_clip, clip_steps + 1).tolist()
     for a in fracs:
@@ -128,18 +166,19 @@ def asymmetric_grid(wg, bits=4, integer_zero=True, clip_steps=0, min_clip=0.5, i
 
 
 @torch.no_grad()
-def quantize_linear(w, bits=8, group_size=None, symmetric=True, integer_zero=True, clip_steps=0, min_clip=0.5):
+def quantize_linear(w, bits=8, group_size=None, symmetric=True, integer_zero=True, clip_steps=0, min_clip=0.5,
+                    refine_steps=0):
     """Round-to-nearest linear quantization of ``w`` [N, K].
 
     Returns ``(q, scale, zero)``: q [N, K] (int8 signed codes if symmetric, uint8
     unsigned codes otherwise), scale [N, G] float32, zero [N, G] float32 or None
     (G = K // group_size, 1 for per-channel). See the module doc for the formulas;
-    integer_zero, clip_steps and min_clip choose the asymmetric grid (``asymmetric_grid``).
+    integer_zero, clip_steps, min_clip and refine_steps choose the asymmetric grid (``asymmetric_grid``).
     """
     _check_weight(w)
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"`bits` must be 2, 3, 4 or 8, got {bits!r}")
-    _check_grid_args(integer_zero, clip_steps, min_clip)
+    _check_grid_args(integer_zero, clip_steps, min_clip, refine_steps)
     n, k = w.shape
     g = check_group_size(k, group_size)
     wg = _grouped(w.float(), g)
@@ -149,7 +188,7 @@ def quantize_linear(w, bits=8, group_size=None, symmetric=True, integer_zero=Tru
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round(wg / scale[..., None]), -qmax, qmax)
         return q.reshape(n, k).to(torch.int8), scale, None
-    scale, zero = asymmetric_grid(wg, bits, integer_zero, clip_steps, min_clip)
+    scale, zero = asymmetric_grid(wg, bits, integer_zero, clip_steps, min_clip, refine_steps=refine_steps)
     q = asym_codes(wg, scale, zero, 2 ** bits - 1)
     return q.reshape(n, k).to(torch.uint8), scale, zero
 

@@ -24,59 +24,69 @@ import torch
 
 
 def _sqdist(x, c):
-    # ‖x − c‖² = ‖x‖² − 2 x·c + ‖c‖², chunked by the caller to bound memory
-    return (x * x).sum(1, keepdim=True) - 2 * x @ c.t() + (c * c).sum(1)[None, :]
+    # ‖x − c‖² = ‖x‖² − 2 x·c + ‖c‖² for a batch of codebooks: x [L, P, d], c [L, k, d] → [L, P, k]
+    return (x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + (c * c).sum(-1)[:, None, :]
 
 
-def _assign(x, c, chunk=1 << 16):
-    idx = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    dmin = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(0, x.shape[0], chunk):
-        d = _sqdist(x[i:i + chunk], c)
-        dmin[i:i + chunk], idx[i:i + chunk] = d.min(1)
+def _assign(x, c, budget=1 << 24):
+    """Nearest centroid of every point, codebook by codebook in chunks of ≤ `budget` distances."""
+    nl, p, _ = x.shape
+    step = max(1, budget // max(1, p * c.shape[1]))
+    idx = torch.empty(nl, p, dtype=torch.int64, device=x.device)
+    dmin = torch.empty(nl, p, dtype=x.dtype, device=x.device)
+    for i in range(0, nl, step):
+        dmin[i:i + step], idx[i:i + step] = _sqdist(x[i:i + step], c[i:i + step]).min(-1)
     return idx, dmin.clamp(min=0)
 
 
 def kmeans_pp_init(x, k, gen):
-    """k-means++: each next centroid drawn with probability ∝ squared distance to the nearest chosen one."""
-    n = x.shape[0]
-    first = torch.randint(n, (1,), generator=gen, device="cpu").item()
-    cents = [x[first]]
-    dmin = ((x - x[first]) ** 2).sum(1)
+    """k-means++ for a batch of codebooks, x [L, P, d]: each next centroid is drawn with probability
+    ∝ squared distance to the nearest one chosen so far (uniformly where all points coincide)."""
+    nl, p, _ = x.shape
+    rows = torch.arange(nl, device=x.device)
+    first = torch.randint(p, (nl,), generator=gen).to(x.device)
+    cents = [x[rows, first]]
+    dmin = ((x - cents[0][:, None, :]) ** 2).sum(-1)
     for _ in range(1, k):
-        total = dmin.sum()
-        if total <= 0:  # fewer distinct points than k: repeat a point (its cluster stays empty/duplicate)
-            nxt = torch.randint(n, (1,), generator=gen, device="cpu").item()
-        else:
-            nxt = torch.multinomial((dmin / total).cpu(), 1, generator=gen).item()
-        cents.append(x[nxt])
-        dmin = torch.minimum(dmin, ((x - x[nxt]) ** 2).sum(1))
-    return torch.stack(cents)
+        total = dmin.sum(1, keepdim=True)
+        probs = torch.where(total > 0, dmin / total.clamp(min=1e-30), torch.full_like(dmin, 1.0 / p))
+        nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(x.device)
+        cents.append(x[rows, nxt])
+        dmin = torch.minimum(dmin, ((x - cents[-1][:, None, :]) ** 2).sum(-1))
+    return torch.stack(cents, 1)
+
+
+def kmeans_batched(x, k, iters=25, seed=0, max_init_points=1 << 16):
+    """k-means of L independent point sets x [L, P, d] into k centroids each, all at once;
+    returns (centroids [L, k, d], assignment [L, P]). Seeded: the same call gives the same result."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = x.float()
+    pts = x
+    if x.shape[1] > max_init_points:  # k-means++ is O(P·k): seed it on a random sample
+        pts = x[:, torch.randperm(x.shape[1], generator=gen)[:max_init_points].to(x.device)]
+    c = kmeans_pp_init(pts, k, gen)
+    for _ in range(iters):
+        idx, dmin = _assign(x, c)
+        flat = idx + (torch.arange(x.shape[0], device=x.device) * k)[:, None]
+        sums = torch.zeros(x.shape[0] * k, x.shape[2], dtype=x.dtype, device=x.device)
+        sums.index_add_(0, flat.reshape(-1), x.reshape(-1, x.shape[2]))
+        counts = torch.bincount(flat.reshape(-1), minlength=x.shape[0] * k).to(x.dtype).reshape(-1, k)
+        new = sums.reshape(-1, k, x.shape[2]) / counts.clamp(min=1)[..., None]
+        for li in torch.nonzero((counts == 0).any(1)).flatten().tolist():  # re-seed empty clusters at the
+            empty = counts[li] == 0                                         # worst-served points
+            new[li, empty] = x[li, torch.topk(dmin[li], int(empty.sum())).indices]
+        done = torch.allclose(new, c)
+        c = new
+        if done:
+            break
+    idx, _ = _assign(x, c)
+    return c, idx
 
 
 def kmeans(x, k, iters=25, seed=0, max_init_points=1 << 16):
     """k-means of points x [P, d] into k centroids; returns (centroids [k, d], assignment [P])."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = x.float()
-    pts = x
-    if x.shape[0] > max_init_points:  # k-means++ is O(P·k): seed it on a random sample
-        pts = x[torch.randperm(x.shape[0], generator=gen)[:max_init_points].to(x.device)]
-    c = kmeans_pp_init(pts, k, gen)
-    for _ in range(iters):
-        idx, dmin = _assign(x, c)
-        sums = torch.zeros_like(c).index_add_(0, idx, x)
-        counts = torch.bincount(idx, minlength=k).to(x.dtype)
-        empty = counts == 0
-        new = sums / counts.clamp(min=1)[:, None]
-        if empty.any():  # re-seed empty clusters at the worst-served points
-            far = torch.topk(dmin, int(empty.sum()), largest=True).indices
-            new[empty] = x[far]
-        if torch.allclose(new, c):
-            c = new
-            break
-        c = new
-    idx, _ = _assign(x, c)
-    return c, idx
+    c, idx = kmeans_batched(x[None], k, iters, seed, max_init_points)
+    return c[0], idx[0]
 
 
 @torch.no_grad()
@@ -94,15 +104,15 @@ def vq_quantize(w, d=1, bits=4, rows_per_codebook=None, iters=25, seed=0):
     r = n if rows_per_codebook is None else rows_per_codebook
     if not isinstance(r, int) or r <= 0 or n % r != 0:
         raise ValueError(f"`rows_per_codebook` must be a positive divisor of out_features N = {n}, got {rows_per_codebook!r}")
-    ncent = 2 ** bits
-    codes = torch.empty(n, k // d, dtype=torch.int64, device=w.device)
-    books = []
-    for li, r0 in enumerate(range(0, n, r)):
-        pts = w[r0:r0 + r].float().reshape(-1, d)
-        c, idx = kmeans(pts, ncent, iters=iters, seed=seed + li)
+    # all codebooks of the layer at once (batched k-means); chunks bound the [L, P, 2^bits] distances
+    pts = w.float().reshape(n // r, r * (k // d), d)
+    chunk = max(1, (1 << 26) // (r * (k // d) * 2 ** bits))
+    books, codes = [], []
+    for i in range(0, n // r, chunk):
+        c, idx = kmeans_batched(pts[i:i + chunk], 2 ** bits, iters=iters, seed=seed + i)
         books.append(c)
-        codes[r0:r0 + r] = idx.reshape(r, k // d)
-    return codes, torch.stack(books)
+        codes.append(idx)
+    return torch.cat(codes).reshape(n, k // d), torch.cat(books)
 
 
 def vq_dequantize(codes, codebooks, dtype=torch.float32):

@@ -118,17 +118,17 @@ class Int4Linear(_QuantBase):
 
     @classmethod
     def from_linear(cls, linear, group_size=128, symmetric=False, calib=None, damp=0.01, act_order=True,
-                    integer_zero=False, clip_steps=10, min_clip=0.5):
+                    integer_zero=False, clip_steps=10, min_clip=0.5, refine_steps=0):
         """Group-wise int4, round-to-nearest; GPTQ when ``calib`` (inputs or CalibStats) is given
         (act_order: columns by decreasing input energy, with static groups; see compress/gptq.py).
-        integer_zero / clip_steps / min_clip choose the asymmetric grid of each group
+        integer_zero / clip_steps / min_clip / refine_steps choose the asymmetric grid of each group
         (``compress.quantize.asymmetric_grid``; with calib the clipping is weighted by input energy). The default,
         a float zero point and the best of 11 × 11 clipped ranges per group, measured better than the min/max
         grid with an integer zero (``integer_zero=True, clip_steps=0``) for both (docs/quant.md)."""
         w = _weight_of(linear)
         n, k = w.shape
         layer = cls(k, n, group_size=group_size, bias=linear.bias is not None, dtype=w.dtype, device=w.device)
-        grid = dict(integer_zero=integer_zero, clip_steps=clip_steps, min_clip=min_clip)
+        grid = dict(integer_zero=integer_zero, clip_steps=clip_steps, min_clip=min_clip, refine_steps=refine_steps)
         if calib is None:
             q, s, z = Q.to_unsigned4(*Q.quantize_linear(w, bits=4, group_size=group_size, symmetric=symmetric,
                                                         **grid))
