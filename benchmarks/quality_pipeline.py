@@ -70,6 +70,7 @@ CONFIGS = {  # in run order: the headline rows first
     "block-circulant-b64": (both("block_circulant", block_size=64), False),
     # issue 4: only the MLP Linears projected to b x b circulant blocks, then distilled
     "block-circulant-mlp-b64": ({MLP: {"method": "block_circulant", "block_size": 64}}, True),
+    "block-circulant-mlp-b128": ({MLP: {"method": "block_circulant", "block_size": 128}}, True),
     "block-circulant-mlp-b256": ({MLP: {"method": "block_circulant", "block_size": 256}}, True),
     "int4-gptq": (both("int4", gptq=True), False),
     # GPTQ (act order) on the float-zero + clipping grid, then distillation of the int4 scales and zeros
@@ -148,6 +149,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2,
                     help="torch threads (use 1 when another job shares the cores: oversubscribed threads thrash)")
     args = ap.parse_args()
+    unknown = [n for n in (args.only or "").split(",") if n and n not in CONFIGS]
+    if unknown:  # before minutes of loading and evaluating
+        ap.error(f"--only: unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     novels = args.distill_text.split(",")
     if "prideprejudice" in novels:
         ap.error("--distill-text must not include prideprejudice: it is the evaluation text")

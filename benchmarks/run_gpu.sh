@@ -8,7 +8,8 @@
 #   RUN_GPU_BUDGET=480 RUN_GPU_FULL=1 bash benchmarks/run_gpu.sh   # full shapes instead of --quick
 #
 # Output folder: env.txt, gpu_tests.log + gpu_tests.xml, bench_<name>.log, <gpu>/<op>.json,
-# sanitizer.log, benchmarks.md + roofline_<gpu>.png (table and plot of the JSON), summary.txt.
+# sanitizer.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS),
+# benchmarks.md + roofline_<gpu>.png (table and plot of the JSON), summary.txt.
 # Exit status: 1 if the GPU tests fail, 2 if compute-sanitizer reports errors, 3 if a
 # benchmark script fails, else 0 (the first of these that applies).
 set -u
@@ -61,7 +62,7 @@ BENCH_RC=0
 SCRIPTS=()
 for s in benchmarks/bench_*.py; do [ "$s" != benchmarks/bench_decode.py ] && SCRIPTS+=("$s"); done
 [ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py)
-SAN_RESERVE=100   # keep this much for compute-sanitizer
+SAN_RESERVE=150   # keep this much for compute-sanitizer (~100 s) and Nsight Compute (~50 s)
 for i in "${!SCRIPTS[@]}"; do
   script="${SCRIPTS[$i]}"; name="$(basename "$script" .py)"
   # an even share of what is left, at most 150 s a script; results are saved row by row,
@@ -84,6 +85,21 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
   grep -E "ERROR SUMMARY|FAIL|sanitize_ops: ops" "$DEST/sanitizer.log" | tail -n 5
 else
   note "compute-sanitizer not found on PATH: memcheck skipped"; SAN_RC=127
+fi
+
+# Nsight Compute on one call of each decode kernel and of cuBLAS at the same shape (benchmarks/profile_ops.py):
+# achieved DRAM bandwidth, occupancy, launch shape. Informational: its exit status fails nothing.
+if ! command -v ncu >/dev/null 2>&1; then  # not always linked into the toolkit's bin
+  for n in "${CUDA_HOME:-/usr/local/cuda}"/nsight-compute*/ncu /usr/local/cuda/nsight-compute*/ncu /opt/nvidia/nsight-compute/*/ncu; do
+    [ -x "$n" ] && PATH="$PATH:$(dirname "$n")" && break
+  done
+fi
+if command -v ncu >/dev/null 2>&1; then
+  step ncu 60 "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --csv --page details \
+    --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py
+else
+  note "ncu not found on PATH: kernel profiles skipped"
 fi
 
 "$PY" -m reparam_kernels bench --render-only --out "$DEST" --docs "$DEST/benchmarks.md" > /dev/null 2>&1 \

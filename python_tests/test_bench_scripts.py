@@ -56,6 +56,16 @@ def test_sanitize_ops_script_on_cpu(capsys):
     assert "lowrank_linear" in out and "FAIL" not in out
 
 
+def test_profile_ops_script_on_cpu(capsys):
+    """The Nsight Compute driver builds and calls every decode layer kind it lists, at every M."""
+    profile = importlib.import_module("profile_ops")
+    assert profile.main(["--device", "cpu", "--m", "1,3"]) == 0
+    out = capsys.readouterr().out
+    for kind, _, _ in profile.SHAPES:
+        assert f"profile_ops: {kind} " in out
+    assert out.count("M=3:") == len(profile.SHAPES)
+
+
 def test_random_variants_have_sane_weights():
     """The decode benchmark's random layers: codes are not all zero and the effective weight
     has a Linear-like scale (random int codes at scale 1 would overflow fp16 activations)."""

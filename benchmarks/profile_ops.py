@@ -1,0 +1,72 @@
+"""One call of each decode-path kernel, and of cuBLAS on the dense weight of the same shape, inside an
+NVTX range "profile": the script the GPU runner puts under Nsight Compute (ncu) so that each kernel's
+achieved DRAM bandwidth, occupancy and launch shape are on record next to the benchmark ratios.
+
+    ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight ... python benchmarks/profile_ops.py
+
+Warm-up calls happen outside the range, so only the measured call of each (layer, M) is profiled.
+`--device cpu` runs the same calls on the CPU (checks the script itself; no profile).
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from reparam_kernels.bench import variants  # noqa: E402
+
+# (kind, out_features, in_features): the DESIGN.md decode shapes, one per kind
+SHAPES = [("int4_g128", 8192, 8192), ("int8", 8192, 8192), ("lowrank_40", 8192, 8192),
+          ("lowrank40_int4", 8192, 8192), ("block_circulant_b256", 4096, 4096), ("lut_log4", 8192, 8192)]
+SMALL = {"int4_g128": (512, 512), "int8": (512, 512), "lowrank_40": (512, 512), "lowrank40_int4": (512, 512),
+         "block_circulant_b256": (512, 512), "lut_log4": (256, 256)}
+
+
+def layer_for(kind, n, k, device, dtype):
+    if kind == "lut_log4":  # no random builder: log-quantize a random weight (fast at this size)
+        lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.float32)
+        return variants.make(kind, lin).to(dtype)
+    return variants.make_random(kind, k, n, bias=False, dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--m", default="1,16", help="comma-separated batch sizes")
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("profile_ops: needs a CUDA GPU (or --device cpu to check the script)")
+    torch.manual_seed(0)
+    dtype = torch.float16 if cuda else torch.float32
+    kinds = set(variants.available())
+    for kind, n, k in SHAPES:
+        if kind not in kinds:
+            print(f"profile_ops: {kind}: layer not available, skipped", flush=True)
+            continue
+        if not cuda:
+            n, k = SMALL[kind]
+        layer = layer_for(kind, n, k, args.device, dtype)
+        w = torch.randn(n, k, device=args.device, dtype=dtype) * 0.02
+        for m in (int(s) for s in args.m.split(",")):
+            x = torch.randn(m, k, device=args.device, dtype=dtype)
+            for _ in range(2):  # warm-up: autotuning, lazy loading, cuBLAS handles
+                layer(x)
+                F.linear(x, w)
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.nvtx.range_push("profile")
+            y = layer(x)
+            ref = F.linear(x, w)
+            if cuda:
+                torch.cuda.nvtx.range_pop()
+                torch.cuda.synchronize()
+            print(f"profile_ops: {kind} {n}x{k} M={m}: out {tuple(y.shape)}, dense {tuple(ref.shape)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
