@@ -185,3 +185,15 @@ def test_gptq_bad_inputs():
         gptq_quantize(w, torch.eye(32))
     with pytest.raises(ValueError, match="`group_size` = 48 does not divide"):
         gptq_quantize(w, torch.eye(64), group_size=48)
+
+
+def test_kmeans_assignment_chunking_is_exact(rng):
+    """Chunking the distance computation (by codebooks and, for a huge codebook, by points) changes nothing."""
+    from reparam_kernels.compress.vq import _assign
+
+    x = torch.randn(3, 1000, 2, generator=rng)
+    c = torch.randn(3, 7, 2, generator=rng)
+    i1, d1 = _assign(x, c)
+    for budget in (50, 7000, 7 * 1000 * 2):
+        i2, d2 = _assign(x, c, budget=budget)
+        assert torch.equal(i1, i2) and torch.equal(d1, d2)

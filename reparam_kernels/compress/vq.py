@@ -29,13 +29,16 @@ def _sqdist(x, c):
 
 
 def _assign(x, c, budget=1 << 24):
-    """Nearest centroid of every point, codebook by codebook in chunks of ≤ `budget` distances."""
+    """Nearest centroid of every point, in chunks of ≤ `budget` distances (codebooks × points)."""
     nl, p, _ = x.shape
-    step = max(1, budget // max(1, p * c.shape[1]))
+    pstep = min(p, max(1, budget // c.shape[1]))  # points per chunk (all of them unless one codebook is huge)
+    step = max(1, budget // (pstep * c.shape[1]))  # codebooks per chunk
     idx = torch.empty(nl, p, dtype=torch.int64, device=x.device)
     dmin = torch.empty(nl, p, dtype=x.dtype, device=x.device)
     for i in range(0, nl, step):
-        dmin[i:i + step], idx[i:i + step] = _sqdist(x[i:i + step], c[i:i + step]).min(-1)
+        for j in range(0, p, pstep):
+            d = _sqdist(x[i:i + step, j:j + pstep], c[i:i + step])
+            dmin[i:i + step, j:j + pstep], idx[i:i + step, j:j + pstep] = d.min(-1)
     return idx, dmin.clamp(min=0)
 
 
