@@ -21,7 +21,7 @@ from .blocks import batches_of, block_inputs, find_blocks, move, next_inputs
 from .calib import collect_inputs
 from .fisher import channel_weights, output_fisher
 from .methods import get_method
-from .recipe import parse_recipe, plan
+from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
 from .report import CompressionReport, LayerReport, state_bytes
 
 
@@ -92,6 +92,12 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     plan_ = plan(model, recipe, has_calib=bool(batches))  # validates before anything changes
     if not inplace:
         model = copy.deepcopy(model)
+    # GPT-2 style Conv1D → the equivalent nn.Linear, so every method sees a Linear; the ones that stay
+    # dense (a global allocation's choice) get their Conv1D back at the end, so the model's state dict
+    # keeps its layout for those ([in, out]) and a skeleton of the original architecture still loads it.
+    conv1d = {n: model.get_submodule(n) for n in plan_ if is_conv1d(model.get_submodule(n))}
+    for name, conv in conv1d.items():
+        _set_module(model, name, conv1d_as_linear(conv))
     report = CompressionReport()
     bar = tqdm(total=len(plan_), desc="compress", unit="layer", disable=not progress)
     was_training = model.training
@@ -137,6 +143,9 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
             _compress_layers(model, rest, plan_, stats, report, bar, "", fisher)
     finally:
         bar.close()
+        for name, conv in conv1d.items():  # kept dense (or not reached): the original Conv1D again
+            if type(model.get_submodule(name)) is torch.nn.Linear:
+                _set_module(model, name, conv)
         model.train(was_training)
     report.seconds = time.perf_counter() - t_start
     model.reparam_recipe = list(getattr(model, "reparam_recipe", [])) + [r.to_dict() for r in parse_recipe(recipe)]

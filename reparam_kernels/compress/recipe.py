@@ -13,7 +13,9 @@ A recipe is a dict, or a YAML / JSON file holding one, in either form::
     "model.layers.*.self_attn.*_proj": {method: int8}
     "lm_head": skip
 
-Only ``nn.Linear`` modules are matched; Linears no rule matches stay dense.
+Only ``nn.Linear`` modules are matched — and Hugging Face's ``Conv1D`` (GPT-2 style: weight stored
+[in, out]), which ``compress`` first swaps for the equivalent ``nn.Linear``; Linears no rule matches
+stay dense.
 Validation happens before anything is compressed: an unknown method or
 setting, a pattern that matches no Linear, settings that do not fit a layer's
 shape, or a method that needs calibration data when none is given → ValueError.
@@ -24,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from .methods import get_method
@@ -113,10 +116,35 @@ def parse_recipe(recipe):
     return out
 
 
+def is_conv1d(m):
+    """Hugging Face's Conv1D (GPT-2 and relatives): y = x @ weight + bias with weight [in, out]. Recognized
+    by name and shape so that transformers need not be imported."""
+    return (type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), nn.Parameter)
+            and m.weight.dim() == 2 and getattr(m, "nf", None) == m.weight.shape[1])
+
+
+def conv1d_as_linear(m):
+    """The nn.Linear computing exactly what Conv1D `m` computes (weight transposed, same bias)."""
+    lin = nn.Linear(m.weight.shape[0], m.weight.shape[1], bias=m.bias is not None,
+                    device=m.weight.device, dtype=m.weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(m.weight.t())
+        if m.bias is not None:
+            lin.bias.copy_(m.bias)
+    lin.train(m.training)
+    return lin
+
+
+class _Shape:  # in/out features of a Linear or a Conv1D, for validation
+    def __init__(self, m):
+        self.in_features, self.out_features = ((m.weight.shape[0], m.weight.shape[1]) if is_conv1d(m)
+                                               else (m.in_features, m.out_features))
+
+
 def plan(model, recipe, has_calib):
-    """Validate `recipe` against `model`: {module name: Rule} for every Linear a rule matches."""
+    """Validate `recipe` against `model`: {module name: Rule} for every Linear (or Conv1D) a rule matches."""
     rules = parse_recipe(recipe)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
     chosen, used = {}, [False] * len(rules)
     for name, lin in linears:
         for i, rule in enumerate(rules):
@@ -127,12 +155,12 @@ def plan(model, recipe, has_calib):
     for i, rule in enumerate(rules):
         if not used[i] and not any(rule.matches(n) for n, _ in linears):
             examples = ", ".join(n for n, _ in linears[:4])
-            raise ValueError(f"`recipe`: pattern {rule.pattern!r} matches no nn.Linear of the model "
+            raise ValueError(f"`recipe`: pattern {rule.pattern!r} matches no nn.Linear (or Conv1D) of the model "
                              f"(Linear names look like: {examples} …)")
     mods = dict(linears)
     for name, rule in chosen.items():
         m = get_method(rule.method)
-        lin = mods[name]
+        lin = _Shape(mods[name])
         if m.check is not None:
             try:
                 m.check(lin.out_features, lin.in_features, rule.settings)

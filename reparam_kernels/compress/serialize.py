@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .recipe import is_conv1d
+
 FORMAT = "reparam_kernels.compressed/1"
 TENSORS, MANIFEST = "model.safetensors", "manifest.json"
 _SKIP_ARGS = {"self", "dtype", "device"}
@@ -174,12 +176,16 @@ def load_compressed(model, path, strict_hash=True):
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"`model`: the skeleton has no module {name!r} that the checkpoint compressed") from None
-        if not hasattr(old, "in_features") or not hasattr(old, "out_features"):
+        if is_conv1d(old):  # GPT-2 style skeleton: compress() swapped this Conv1D for a Linear
+            old_in, old_out = old.weight.shape
+        elif hasattr(old, "in_features") and hasattr(old, "out_features"):
+            old_in, old_out = old.in_features, old.out_features
+        else:
             raise ValueError(f"`model`: skeleton module {name!r} is a {type(old).__name__}, not a Linear")
         dtype = getattr(old, "weight", ref).dtype if ref is not None else None
         layer = build_layer(info, dtype=dtype)
-        if (layer.in_features, layer.out_features) != (old.in_features, old.out_features):
-            raise ValueError(f"`model`: skeleton {name} is [{old.out_features}×{old.in_features}], checkpoint "
+        if (layer.in_features, layer.out_features) != (old_in, old_out):
+            raise ValueError(f"`model`: skeleton {name} is [{old_out}×{old_in}], checkpoint "
                              f"layer is [{layer.out_features}×{layer.in_features}]")
         if ref is not None:
             layer = layer.to(ref.device)
