@@ -45,9 +45,9 @@ def both(method, **s):
     return {ATTN: {"method": method, **s}, MLP: {"method": method, **s}}
 
 
-def fisher_global(ratio, method="lowrank"):
+def fisher_global(ratio, method="lowrank", **extra):
     """The default recipe's kind: Fisher-weighted whitened SVD, one global budget (compress/allocate.py)."""
-    rule = {"method": method, "ratio": ratio, "whiten": True, "fisher": True, "allocate": "global"}
+    rule = {"method": method, "ratio": ratio, "whiten": True, "fisher": True, "allocate": "global", **extra}
     return {ATTN: rule, MLP: rule}
 
 
@@ -55,6 +55,9 @@ def fisher_global(ratio, method="lowrank"):
 CONFIGS = {  # in run order: the headline rows first
     "lowrank-fisher-global-20": (fisher_global(0.2), True),
     "lowrank-fisher-global-40": (fisher_global(0.4), True),
+    # the same with pivoted storage r·(out + in − r) (nn.PivotedLowRankLinear): larger ranks, same budget
+    "lowrank-fisher-global-20-pivoted": (fisher_global(0.2, pivoted=True), True),
+    "lowrank-fisher-global-40-pivoted": (fisher_global(0.4, pivoted=True), True),
     "combo-lowrank20-int4-fisher-global": (fisher_global(0.2, "lowrank_int4"), True),
     "lowrank-fisher-global-10": (fisher_global(0.1), False),
     "lowrank-whitened-20": (lowrank(0.2, True), True),

@@ -14,6 +14,9 @@ import torch
 SCHEMAS = {
     # y = x @ v.T @ u.T + bias ; u [N, r], v [r, K]
     "lowrank_linear": "lowrank_linear(Tensor x, Tensor u, Tensor v, Tensor? bias) -> Tensor",
+    # y = (x[..., perm[:r]] + x[..., perm[r:]] @ w.T) @ u.T + bias ; u [N, r], w [r, K - r], perm int64 [K]
+    # (W = u @ [I | w] @ P: low rank stored with r pivot columns of v as the identity, nn/pivoted.py)
+    "pivoted_lowrank_linear": "pivoted_lowrank_linear(Tensor x, Tensor u, Tensor w, Tensor perm, Tensor? bias) -> Tensor",
     # y_i = irfft(Σ_j S_ij ⊙ rfft(x_j)) + bias ; w_spectrum [p, q, 2, b//2+1] fp32 (compress/structured.py)
     "block_circulant_linear": "block_circulant_linear(Tensor x, Tensor w_spectrum, int block_size, int out_features, Tensor? bias) -> Tensor",
     # Toeplitz N×K through its circulant embedding of size fft_size; t_spectrum [1, 1, 2, fft_size//2+1]

@@ -71,19 +71,27 @@ def layer_spectra(model, batches, names, fisher=None, progress=True):
     return spectra
 
 
-def choose_ranks(spectra, shapes, ratio):
-    """{name: rank, or None = stay dense} spending at most (1 − ratio)·Σ out·in parameters."""
+def choose_ranks(spectra, shapes, ratio, pivoted=False):
+    """{name: rank, or None = stay dense} spending at most (1 − ratio)·Σ out·in parameters.
+
+    pivoted: the layers store r·(out + in − r) parameters (PivotedLowRankLinear); direction j then
+    costs (out + in − j) on average over the first j + 1, and only full rank means dense."""
     budget = (1.0 - ratio) * sum(o * i for o, i in shapes.values())
 
     def pick(tau):
         total, ranks = 0, {}
         for n, e in spectra.items():
             o, i = shapes[n]
-            r = max(1, int((e / (o + i) > tau).sum()))
-            if r * (o + i) >= o * i:
+            if pivoted:
+                r = min(max(1, int((e / (o + i - torch.arange(len(e), dtype=e.dtype)) > tau).sum())), min(o, i))
+                dense, cost = r >= min(o, i), r * (o + i - r)
+            else:
+                r = max(1, int((e / (o + i) > tau).sum()))
+                dense, cost = r * (o + i) >= o * i, r * (o + i)
+            if dense:
                 ranks[n], total = None, total + o * i
             else:
-                ranks[n], total = r, total + r * (o + i)
+                ranks[n], total = r, total + cost
         return total, ranks
 
     lo, hi = 1e-300, max(float(e[0]) for e in spectra.values()) + 1.0   # pick(hi): every layer rank 1
@@ -98,12 +106,12 @@ def choose_ranks(spectra, shapes, ratio):
     return pick(hi)[1]
 
 
-def _plan_ranks(model, batches, names, ratio, fisher_names, progress):
+def _plan_ranks(model, batches, names, ratio, fisher_names, progress, pivoted=False):
     fisher = output_fisher(model, batches, names, progress) if fisher_names else None
     spectra = layer_spectra(model, batches, names, fisher, progress)
     mods = dict(model.named_modules())
     shapes = {n: tuple(mods[n].weight.shape) for n in names}
-    return choose_ranks(spectra, shapes, ratio), fisher
+    return choose_ranks(spectra, shapes, ratio, pivoted), fisher
 
 
 def resolve_global(model, plan_, batches, progress=True):
@@ -116,10 +124,12 @@ def resolve_global(model, plan_, batches, progress=True):
         return plan_, None
     ratios = {plan_[n].settings["ratio"] for n in names}
     fishers = {bool(plan_[n].settings.get("fisher")) for n in names}
-    if len(ratios) > 1 or len(fishers) > 1:
-        raise ValueError(f"`recipe`: rules with allocate='global' share one budget, so they need the same `ratio` "
-                         f"and `fisher`; got ratios {sorted(ratios)}, fisher {sorted(fishers)}")
-    ranks, fisher = _plan_ranks(model, batches, names, ratios.pop(), fishers.pop(), progress)
+    pivots = {bool(plan_[n].settings.get("pivoted")) for n in names}
+    if len(ratios) > 1 or len(fishers) > 1 or len(pivots) > 1:
+        raise ValueError(f"`recipe`: rules with allocate='global' share one budget, so they need the same `ratio`, "
+                         f"`fisher` and `pivoted`; got ratios {sorted(ratios)}, fisher {sorted(fishers)}, "
+                         f"pivoted {sorted(pivots)}")
+    ranks, fisher = _plan_ranks(model, batches, names, ratios.pop(), fishers.pop(), progress, pivots.pop())
     out = {}
     for n, rule in plan_.items():
         if n not in ranks:
@@ -132,7 +142,7 @@ def resolve_global(model, plan_, batches, progress=True):
     return out, fisher
 
 
-def allocate_ranks(model, calib, patterns, ratio, fisher=True, batch_size=4, progress=True):
+def allocate_ranks(model, calib, patterns, ratio, fisher=True, batch_size=4, progress=True, pivoted=False):
     """Recipe {rules: [...]} giving each Linear matched by `patterns` (globs) a rank (or `skip` to
     stay dense), so that those layers lose `ratio` of their parameters in total."""
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
@@ -147,8 +157,9 @@ def allocate_ranks(model, calib, patterns, ratio, fisher=True, batch_size=4, pro
     if not batches:
         raise ValueError("`calib`: global allocation needs calibration token ids")
     model.eval()
-    ranks, _ = _plan_ranks(model, batches, names, float(ratio), fisher, progress)
+    ranks, _ = _plan_ranks(model, batches, names, float(ratio), fisher, progress, bool(pivoted))
+    extra = {"pivoted": True} if pivoted else {}
     rules = [{"match": n, "method": "skip"} if r is None else
-             {"match": n, "method": "lowrank", "rank": r, "whiten": True, "fisher": bool(fisher)}
+             {"match": n, "method": "lowrank", "rank": r, "whiten": True, "fisher": bool(fisher), **extra}
              for n, r in ranks.items()]
     return {"name": f"lowrank-global-{ratio}", "rules": rules}

@@ -88,10 +88,13 @@ def _check_lowrank(out_f, in_f, s):
                          f"layers of such rules), got {alloc!r}")
     if alloc == "global" and (s.get("ratio") is None or not _whiten(s)):
         _bad("allocate", "allocate='global' needs `ratio` (the budget) and whiten=true")
+    if not isinstance(s.get("pivoted", False), bool):
+        _bad("pivoted", f"must be true or false, got {s['pivoted']!r}")
 
 
 def _build_lowrank(linear, s, stats):
     from ..nn.lowrank import LowRankLinear
+    from ..nn.pivoted import PivotedLowRankLinear
 
     kw = {k: s[k] for k in _RANK_KEYS if s.get(k) is not None}
     calib = stats if _whiten(s) else None
@@ -100,13 +103,15 @@ def _build_lowrank(linear, s, stats):
         out_weight = getattr(stats, "out_weight", None)
         if out_weight is None:
             _bad("fisher", "no Fisher weights for this layer (compress() computes them from the calibration data)")
-    return LowRankLinear.from_linear(linear, calib=calib, damping=s.get("damping", 1e-5), out_weight=out_weight, **kw)
+    cls = PivotedLowRankLinear if s.get("pivoted") else LowRankLinear
+    return cls.from_linear(linear, calib=calib, damping=s.get("damping", 1e-5), out_weight=out_weight, **kw)
 
 
-register_method("lowrank", _build_lowrank, _RANK_KEYS + ("whiten", "damping", "fisher", "allocate"), _check_lowrank,
-                _whiten, "truncated SVD u·v; whiten=true (default) uses activation-aware SVD (needs calibration); "
-                "fisher=true weights output channels by the loss's Fisher; allocate='global' spends one "
-                "parameter budget (`ratio`) across all such layers, keeping some dense")
+register_method("lowrank", _build_lowrank, _RANK_KEYS + ("whiten", "damping", "fisher", "allocate", "pivoted"),
+                _check_lowrank, _whiten, "truncated SVD u·v; whiten=true (default) uses activation-aware SVD (needs "
+                "calibration); fisher=true weights output channels by the loss's Fisher; allocate='global' spends "
+                "one parameter budget (`ratio`) across all such layers, keeping some dense; pivoted=true stores "
+                "r·(out + in − r) parameters (PivotedLowRankLinear), so a ratio buys a larger rank")
 
 
 # ---------------------------------------------------------------- quantization

@@ -44,6 +44,19 @@ def rank_for_ratio(out_features, in_features, ratio):
     return max(1, min(r, min(out_features, in_features)))
 
 
+def pivoted_rank_for_ratio(out_features, in_features, ratio):
+    """Largest rank r whose pivoted storage r·(out + in − r) (nn.PivotedLowRankLinear) holds at most
+    (1 − ratio) of out·in parameters (at least 1): the smaller root of r² − (out + in)·r + budget."""
+    if not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        _bad("ratio", f"must be a number with 0 < ratio < 1 (fraction of parameters removed), got {ratio!r}")
+    budget = (1.0 - float(ratio)) * out_features * in_features
+    s = out_features + in_features
+    r = int(math.floor((s - math.sqrt(max(s * s - 4.0 * budget, 0.0))) / 2 + 1e-9))
+    while r > 1 and r * (s - r) > budget:  # guard the float root
+        r -= 1
+    return max(1, min(r, min(out_features, in_features) - 1))
+
+
 def rank_for_energy(singular_values, energy):
     """Smallest rank keeping at least `energy` of Σσ²."""
     if not isinstance(energy, (int, float)) or not 0.0 < float(energy) <= 1.0:

@@ -13,17 +13,60 @@ from ..compress import svd as _svd
 from ..ops import lowrank_linear
 
 
-class LowRankLinear(nn.Module):
-    def __init__(self, in_features, out_features, rank, bias=True, dtype=None, device=None):
+def check_dims(in_features, out_features, rank):
+    """Constructor arguments of the low-rank layers: positive ints, rank ≤ min(in, out)."""
+    for name, val in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"`{name}` must be a positive int, got {val!r}")
+    if rank > min(in_features, out_features):
+        raise ValueError(f"`rank` {rank} exceeds min(in_features, out_features) = {min(in_features, out_features)}")
+
+
+def factor_linear(linear, rank=None, ratio=None, energy=None, calib=None, damping=1e-5, out_weight=None):
+    """(u [out, r], v [r, in], weight) of a dense Linear-like module: plain truncated SVD, or whitened
+    (activation-aware) SVD when `calib` is given (see ``LowRankLinear.from_linear``)."""
+    weight = getattr(linear, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"`linear` must be an nn.Linear-like module with a 2-D weight, got {type(linear).__name__}")
+    if calib is None:
+        if out_weight is not None:
+            raise ValueError("`out_weight` needs `calib` (output weighting is part of the whitened SVD)")
+        u, v, _ = _svd.truncated_svd(weight, rank=rank, ratio=ratio, energy=energy)
+    else:
+        u, v, _ = _svd.whitened_svd(weight, calib, rank=rank, ratio=ratio, energy=energy, damping=damping,
+                                    out_weight=out_weight)
+    return u, v, weight
+
+
+def build_from_factors(cls, u, v, bias, dtype, device, state):
+    """cls(in, out, rank) for factors u [out, r], v [r, in], with its tensors `state` {name: value} and the
+    bias copied in; dtype / device default to u's."""
+    if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
+        raise ValueError(f"`u` [out, r] and `v` [r, in] do not fit: {tuple(u.shape)} and {tuple(v.shape)}")
+    layer = cls(v.shape[1], u.shape[0], u.shape[1], bias=bias is not None, dtype=dtype or u.dtype,
+                device=device or u.device)
+    with torch.no_grad():
+        for name, value in state.items():
+            getattr(layer, name).copy_(value)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+    return layer
+
+
+class LowRankBase(nn.Module):
+    """in_features, out_features, rank (checked) and the left factor u [out, rank] of the low-rank layers."""
+
+    def __init__(self, in_features, out_features, rank, dtype=None, device=None):
         super().__init__()
-        for name, val in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {val!r}")
-        if rank > min(in_features, out_features):
-            raise ValueError(f"`rank` {rank} exceeds min(in_features, out_features) = {min(in_features, out_features)}")
+        check_dims(in_features, out_features, rank)
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.u = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+
+
+class LowRankLinear(LowRankBase):
+    def __init__(self, in_features, out_features, rank, bias=True, dtype=None, device=None):
+        super().__init__(in_features, out_features, rank, dtype, device)
         kw = {"dtype": dtype, "device": device}
-        self.u = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.v = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
         self.reset_parameters()
@@ -53,32 +96,13 @@ class LowRankLinear(nn.Module):
         out_weight: with calib, per-output-channel weights of that error
         (√Fisher from ``compress.fisher`` makes it a loss-increase estimate).
         """
-        weight = getattr(linear, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"`linear` must be an nn.Linear-like module with a 2-D weight, got {type(linear).__name__}")
-        if calib is None:
-            if out_weight is not None:
-                raise ValueError("`out_weight` needs `calib` (output weighting is part of the whitened SVD)")
-            u, v, _ = _svd.truncated_svd(weight, rank=rank, ratio=ratio, energy=energy)
-        else:
-            u, v, _ = _svd.whitened_svd(weight, calib, rank=rank, ratio=ratio, energy=energy, damping=damping,
-                                        out_weight=out_weight)
+        u, v, weight = factor_linear(linear, rank, ratio, energy, calib, damping, out_weight)
         return cls.from_factors(u, v, linear.bias, dtype=weight.dtype, device=weight.device)
 
     @classmethod
     def from_factors(cls, u, v, bias=None, dtype=None, device=None):
         """Build from given factors u [out, r], v [r, in] (and an optional bias [out])."""
-        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
-            raise ValueError(f"`u` [out, r] and `v` [r, in] do not fit: {tuple(u.shape)} and {tuple(v.shape)}")
-        dtype = dtype or u.dtype
-        device = device or u.device
-        layer = cls(v.shape[1], u.shape[0], u.shape[1], bias=bias is not None, dtype=dtype, device=device)
-        with torch.no_grad():
-            layer.u.copy_(u)
-            layer.v.copy_(v)
-            if bias is not None:
-                layer.bias.copy_(bias.detach())
-        return layer
+        return build_from_factors(cls, u, v, bias, dtype, device, {"u": u, "v": v})
 
     def to_dense(self):
         """The effective dense weight [out, in] = u @ v (in the layer's dtype, fp32 accumulation)."""

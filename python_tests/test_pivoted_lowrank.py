@@ -1,0 +1,167 @@
+"""pivoted_lowrank_linear and PivotedLowRankLinear: op against float64 (reference, Triton under the
+interpreter, GPU), opcheck, compile, gradcheck, bad inputs; the pivoting is exact; ratio → rank;
+the recipe option and the global allocation with pivoted costs."""
+import pytest
+import torch
+
+import reparam_kernels as rk
+from reparam_kernels import reference
+from reparam_kernels import triton as rk_triton
+from reparam_kernels.compress.svd import pivoted_rank_for_ratio, rank_for_ratio
+from reparam_kernels.nn import LowRankLinear, PivotedLowRankLinear
+from reparam_kernels.nn.pivoted import pivot_factors
+from conftest import TOL, rel_err
+
+
+def make(rng, lead, K, N, r, dtype, device="cpu", bias=True):
+    x = torch.randn(*lead, K, generator=rng).to(device=device, dtype=dtype)
+    u = (torch.randn(N, r, generator=rng) / r**0.5).to(device=device, dtype=dtype)
+    w = (torch.randn(r, K - r, generator=rng) / K**0.5).to(device=device, dtype=dtype)
+    perm = torch.randperm(K, generator=rng).to(device)
+    b = torch.randn(N, generator=rng).to(device=device, dtype=dtype) if bias else None
+    return x, u, w, perm, b
+
+
+def dense(u, w, perm):
+    """W = u @ [I | w] @ P in float64, built column by column (independent of the op's gather)."""
+    r, k = u.shape[1], perm.numel()
+    W = torch.zeros(u.shape[0], k, dtype=torch.float64, device=u.device)
+    full = torch.cat([torch.eye(r, dtype=torch.float64, device=u.device), w.double()], 1)  # [I | w]
+    for j in range(k):
+        W[:, perm[j]] = u.double() @ full[:, j]
+    return W
+
+
+def exact(x, u, w, perm, b):
+    y = x.double() @ dense(u, w, perm).t()
+    return y + b.double() if b is not None else y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reference_matches_float64(rng, dtype):
+    x, u, w, perm, b = make(rng, (2, 3), 37, 29, 5, dtype)
+    y = reference.pivoted_lowrank_linear(x, u, w, perm, b)
+    assert y.dtype == dtype and y.shape == (2, 3, 29)
+    assert rel_err(y, exact(x, u, w, perm, b)) <= TOL[dtype]
+
+
+@pytest.mark.skipif(rk_triton.pivoted_lowrank_linear is None, reason="triton not installed")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lead,K,N,r", [((1,), 70, 33, 17), ((3,), 129, 65, 31), ((17,), 64, 96, 8),
+                                        ((2, 5), 100, 40, 12), ((4,), 24, 30, 24)])  # last: r = K, w empty
+def test_triton_matches_float64(rng, dtype, lead, K, N, r):
+    x, u, w, perm, b = make(rng, lead, K, N, r, dtype)
+    y = rk_triton.pivoted_lowrank_linear(x, u, w, perm, b)
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    assert rel_err(y, exact(x, u, w, perm, b)) <= TOL[dtype]
+
+
+def test_opcheck_compile_and_gradcheck(rng):
+    x, u, w, perm, b = make(rng, (3, 2), 24, 16, 4, torch.float32)
+    for args in [(x, u, w, perm, b), (x, u, w, perm, None)]:
+        torch.library.opcheck(torch.ops.reparam.pivoted_lowrank_linear, args)
+    layer = PivotedLowRankLinear(24, 16, 4)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(x), layer(x)) <= 1e-6
+    x, u, w, perm, b = make(rng, (3,), 7, 5, 3, torch.float64)
+    for t in (x, u, w, b):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: rk.ops.pivoted_lowrank_linear(*a[:3], perm, a[3]), (x, u, w, b))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, u, w, p, b: (x, u, w[:-1], p, b), "rank mismatch"),
+    (lambda x, u, w, p, b: (x, u, w, p[:-1], b), "`perm` must have K"),
+    (lambda x, u, w, p, b: (x, u, w, p.int(), b), "`perm` must have dtype"),
+    (lambda x, u, w, p, b: (x[..., :-1], u, w, p, b), "`x` has 32 features"),
+    (lambda x, u, w, p, b: (x, u, w, p, b[:-1]), "`bias` has"),
+])
+def test_bad_inputs_name_the_argument(rng, bad, match):
+    x, u, w, perm, b = make(rng, (4,), 33, 21, 7, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        rk.ops.pivoted_lowrank_linear(*bad(x, u, w, perm, b))
+
+
+def test_pivoting_is_exact_and_well_conditioned(rng):
+    u = torch.randn(40, 12, generator=rng, dtype=torch.float64)
+    v = torch.randn(12, 50, generator=rng, dtype=torch.float64)
+    up, w, perm = pivot_factors(u, v)
+    assert sorted(perm.tolist()) == list(range(50))
+    assert torch.allclose(dense(up, w, perm), u @ v, atol=1e-10)
+    assert w.abs().max() < 10  # column-pivoted QR keeps the pivot block well conditioned
+
+
+@pytest.mark.parametrize("calib", [False, True])
+def test_layer_has_the_function_of_lowrank_at_the_same_rank(rng, calib):
+    lin = torch.nn.Linear(96, 64)
+    X = torch.randn(400, 96, generator=rng) if calib else None
+    a = PivotedLowRankLinear.from_linear(lin, rank=20, calib=X)
+    b = LowRankLinear.from_linear(lin, rank=20, calib=X)
+    x = torch.randn(7, 96, generator=rng)
+    with torch.no_grad():
+        assert rel_err(a(x), b(x).double()) <= 1e-5 and rel_err(a.to_dense(), b.to_dense().double()) <= 1e-5
+    n_piv = sum(p.numel() for p in a.parameters())
+    n_plain = sum(p.numel() for p in b.parameters())
+    assert n_plain - n_piv == 20 * 20  # the identity block is not stored
+
+
+def test_ratio_counts_the_pivoted_storage():
+    for o, i, ratio in [(576, 576, 0.2), (1536, 576, 0.2), (576, 1536, 0.4), (64, 96, 0.3), (8, 8, 0.9)]:
+        r = pivoted_rank_for_ratio(o, i, ratio)
+        budget = (1 - ratio) * o * i
+        assert r * (o + i - r) <= budget < (r + 1) * (o + i - r - 1) or r == 1
+        assert r >= rank_for_ratio(o, i, ratio)
+    assert pivoted_rank_for_ratio(576, 576, 0.2) == 318 and rank_for_ratio(576, 576, 0.2) == 230
+    layer = PivotedLowRankLinear.from_linear(torch.nn.Linear(96, 64), ratio=0.3)
+    assert layer.rank == pivoted_rank_for_ratio(64, 96, 0.3)
+
+
+def test_recipe_option_and_global_allocation(rng):
+    from reparam_kernels.compress.allocate import choose_ranks
+
+    model = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.ReLU(), torch.nn.Linear(40, 48))
+    small, rep = rk.compress(model, {"0": {"method": "lowrank", "ratio": 0.3, "whiten": False, "pivoted": True},
+                                     "2": {"method": "lowrank", "ratio": 0.3, "whiten": False}}, progress=False)
+    assert isinstance(small[0], PivotedLowRankLinear) and type(small[2]) is LowRankLinear
+    assert small[0].rank > small[2].rank
+    with pytest.raises(ValueError, match="pivoted"):
+        rk.compress(model, {"0": {"method": "lowrank", "ratio": 0.3, "whiten": False, "pivoted": "yes"}},
+                    progress=False)
+    spectra = {"a": torch.linspace(10, 0.1, 40, dtype=torch.float64) ** 2,
+               "b": torch.linspace(5, 0.1, 40, dtype=torch.float64) ** 2}
+    shapes = {"a": (40, 48), "b": (48, 40)}
+    plain, piv = choose_ranks(spectra, shapes, 0.3), choose_ranks(spectra, shapes, 0.3, pivoted=True)
+    cost = sum(r * (o + i - r) if r else o * i for (o, i), r in zip(shapes.values(), piv.values()))
+    assert cost <= 0.7 * sum(o * i for o, i in shapes.values())
+    assert all((piv[n] or 40) >= (plain[n] or 0) for n in shapes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N,r", [(1, 4096, 4096, 512), (3, 70, 33, 17), (64, 1024, 512, 96), (300, 576, 1536, 318)])
+def test_gpu_matches_float64_and_captures(rng, dtype, M, K, N, r):
+    """On a GPU the op runs its Triton backend (no CUDA kernel yet): correct, and capturable in a graph."""
+    assert rk._dispatch.backend_for("pivoted_lowrank_linear", "cuda", dtype)[0] == "triton"
+    x, u, w, perm, b = make(rng, (M,), K, N, r, dtype, device="cuda")
+    y = rk.ops.pivoted_lowrank_linear(x, u, w, perm, b)
+    assert rel_err(y, exact(x, u, w, perm, b)) <= TOL[dtype]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = rk.ops.pivoted_lowrank_linear(x, u, w, perm, b)
+    x.copy_(torch.randn(x.shape, generator=rng).to(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert rel_err(static_y, exact(x, u, w, perm, b)) <= TOL[dtype]
+
+
+def test_save_load_bit_identical(rng, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.ReLU(), torch.nn.Linear(40, 48))
+    small, _ = rk.compress(model, {"0": {"method": "lowrank", "ratio": 0.3, "whiten": False, "pivoted": True}},
+                           progress=False)
+    rk.save_compressed(small, tmp_path / "p")
+    skeleton = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.ReLU(), torch.nn.Linear(40, 48))
+    rk.load_compressed(skeleton, tmp_path / "p")
+    assert isinstance(skeleton[0], PivotedLowRankLinear) and torch.equal(skeleton[0].perm, small[0].perm)
+    x = torch.randn(5, 48, generator=rng)
+    with torch.no_grad():
+        assert torch.equal(skeleton(x), small(x))
