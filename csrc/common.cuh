@@ -44,6 +44,7 @@ inline const char* dtype_name(ScalarType t) {
     case ScalarType::Char: return "int8";
     case ScalarType::Byte: return "uint8";
     case ScalarType::Int: return "int32";
+    case ScalarType::Long: return "int64";
     default: return "another dtype";
   }
 }

@@ -10,12 +10,18 @@
 // The r-wide intermediate t never leaves the chip's L2 in practice: it is a
 // few KB (M * r fp32) written and read inside the same launch.
 //
+// Pivoted factors (op pivoted_lowrank_linear, csrc/pivoted_lowrank_linear.cu): W = u @ [I | w] @ P,
+// w [r, K - r], perm [K]. Phase 0 then gathers x's non-pivot columns into a scratch xg [M, K - r]
+// (so phase 1 streams it with the same 16-byte loads) and starts t at x's pivot columns; phase 1
+// is t += xg @ w^T; phases 2-3 are unchanged.
+//
 // Decode (M <= 16) is memory-bound: the tile puts 64 weight rows against a
 // 16-wide batch and the reduction is split so every SM streams weights
 // (16-byte cp.async, two stages). Prefill uses 128x128 tiles.
 #include <cooperative_groups.h>
 
 #include "gemm_nt_tile.cuh"
+#include "lowrank_product.h"
 #include "ops.h"
 
 namespace reparam {
@@ -25,12 +31,16 @@ namespace cg = cooperative_groups;
 
 template <class T>
 struct LowRankArgs {
-  Operand<T> x, v, u;  // x [M, K], v [r, K], u [N, r]
+  Operand<T> x, v, u;  // phase 1 operands x [M, K1], v [r, K1]; u [N, r]
   const T* bias;       // [N] or nullptr
   float* t32;          // [M, r]
   float* y32;          // [M, N], used when phase 2 is split
   T* y;                // [M, N]
   int64_t M, N, K, r;
+  int64_t K1;          // reduction length of phase 1: K, or K - r when pivoted
+  const T* xin;        // pivoted only: the input x [M, K] ...
+  const int64_t* perm; // ... its column permutation [K] (pivots first), nullptr when not pivoted
+  T* xg;               // ... and the gather scratch [M, K - r] that a.x points at
   int split1, split2;  // number of L ranges per tile in phases 1 and 2
 };
 
@@ -57,18 +67,30 @@ __global__ void __launch_bounds__(Cfg::kThreads) lowrank_kernel(LowRankArgs<T> a
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[Cfg::FP][Cfg::FQ];
 
   // phase 0
-  if (a.split1 > 1)
+  const bool pivoted = a.perm != nullptr;
+  if (pivoted) {
+    const int64_t kr = a.K1;  // = K - r
+    for (int64_t i = gtid; i < a.M * kr; i += gthreads) {
+      const int64_t m = i / kr, l = i - m * kr;
+      a.xg[i] = a.xin[m * a.K + a.perm[a.r + l]];
+    }
+    for (int64_t i = gtid; i < a.M * a.r; i += gthreads) {
+      const int64_t m = i / a.r, j = i - m * a.r;
+      a.t32[i] = to_f32<T>(a.xin[m * a.K + a.perm[j]]);  // the identity block of [I | w]
+    }
+  } else if (a.split1 > 1) {
     for (int64_t i = gtid; i < a.M * a.r; i += gthreads) a.t32[i] = 0.f;
+  }
   if (a.split2 > 1)
     for (int64_t i = gtid; i < a.M * a.N; i += gthreads) a.y32[i] = 0.f;
-  if (a.split1 > 1) grid.sync();
+  if (pivoted || a.split1 > 1) grid.sync();
 
-  // phase 1: C[P = r, Q = M] = v @ x^T, stored as t[m, j]
+  // phase 1: C[P = r, Q = M] = v @ x^T, stored as t[m, j] (added to t when pivoted)
   {
-    Units<Cfg> U(a.r, a.M, a.K, a.split1);
+    Units<Cfg> U(a.r, a.M, a.K1, a.split1);
     for (int64_t w = blockIdx.x; w < U.count(); w += gridDim.x) {
       const int64_t ip = w % U.tp, iq = (w / U.tp) % U.tq, is = w / (U.tp * U.tq);
-      const int64_t lb = is * U.lchunk, le = min(a.K, lb + U.lchunk);
+      const int64_t lb = is * U.lchunk, le = min(a.K1, lb + U.lchunk);
       if (lb >= le) continue;
       mma_unit<Cfg>(acc, smem, a.v, a.x, ip * Cfg::BP, iq * Cfg::BQ, lb, le);
       float* t32 = a.t32;
@@ -76,6 +98,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) lowrank_kernel(LowRankArgs<T> a
       if (a.split1 > 1)
         emit_unit<Cfg>(acc, smem, a.r, a.M, ip * Cfg::BP, iq * Cfg::BQ,
                        [=](int64_t q, int64_t p, float v) { atomicAdd(t32 + q * r + p, v); });
+      else if (pivoted)  // one unit per element: a plain add onto phase 0's value
+        emit_unit<Cfg>(acc, smem, a.r, a.M, ip * Cfg::BP, iq * Cfg::BQ,
+                       [=](int64_t q, int64_t p, float v) { t32[q * r + p] += v; });
       else
         emit_unit<Cfg>(acc, smem, a.r, a.M, ip * Cfg::BP, iq * Cfg::BQ,
                        [=](int64_t q, int64_t p, float v) { t32[q * r + p] = v; });
@@ -143,7 +168,7 @@ void launch(LowRankArgs<T> a, const Tensor& x, cudaStream_t stream) {
     blocks_per_sm[dev] = nb;
   }
   const int grid = blocks_per_sm[dev] * sm_count(dev);
-  a.split1 = choose_split<Cfg>(a.r, a.M, a.K, grid);
+  a.split1 = choose_split<Cfg>(a.r, a.M, a.K1, grid);
   a.split2 = choose_split<Cfg>(a.N, a.M, a.r, grid);
   Tensor t32 = torch::stable::new_empty(x, {a.M * a.r}, ScalarType::Float);
   Tensor y32 = torch::stable::new_empty(x, {a.split2 > 1 ? a.M * a.N : 1}, ScalarType::Float);
@@ -162,22 +187,31 @@ using PrefillCfg = TileCfg<128, 128, 32, 4, 2>;  // larger M
 
 }  // namespace
 
-Tensor lowrank_linear_cuda(Tensor x, Tensor u, Tensor v, std::optional<Tensor> bias) {
-  const char* op = "lowrank_linear";
+// The low-rank product behind both ops: plain (perm == nullptr; v [r, K]) or pivoted (v is w [r, K - r],
+// perm [K] int64). Declared in lowrank_product.h; argument names in errors are the calling op's.
+Tensor lowrank_product(const char* op, Tensor x, Tensor u, Tensor v, const Tensor* perm,
+                       std::optional<Tensor> bias) {
   check_x(op, x);
   check_arg(op, "u", u, x, 2, x.scalar_type());
   check_arg(op, "v", v, x, 2, x.scalar_type());
-  const int64_t N = u.size(0), r = u.size(1), K = v.size(1);
-  STD_TORCH_CHECK(v.size(0) == r, "reparam.lowrank_linear: rank mismatch between `u` [N, r] and `v` [r, K]");
-  STD_TORCH_CHECK(x.size(x.dim() - 1) == K, "reparam.lowrank_linear: `x` last dimension must equal K = v.shape[1]");
-  STD_TORCH_CHECK(r > 0 && K > 0, "reparam.lowrank_linear: rank r and in_features K must be positive");
+  const int64_t N = u.size(0), r = u.size(1), K1 = v.size(1);
+  const int64_t K = perm ? r + K1 : K1;
+  STD_TORCH_CHECK(v.size(0) == r, "reparam.", op, ": rank mismatch between `u` [N, r] and the right factor [r, ...]");
+  STD_TORCH_CHECK(x.size(x.dim() - 1) == K, "reparam.", op, ": `x` last dimension must equal K = ", K);
+  STD_TORCH_CHECK(r > 0 && K > 0, "reparam.", op, ": rank r and in_features K must be positive");
+  if (perm) {
+    check_arg(op, "perm", *perm, x, 1, ScalarType::Long);
+    STD_TORCH_CHECK(perm->size(0) == K, "reparam.", op, ": `perm` must have K = ", K, " entries");
+  }
   check_bias(op, bias, x, N);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   Tensor xc = torch::stable::contiguous(x);
-  const int64_t M = K > 0 ? xc.numel() / K : 0;
+  const int64_t M = xc.numel() / K;
   Tensor y = torch::stable::new_empty(xc, out_shape(xc, N));
   if (M == 0 || N == 0) return y;
   cudaStream_t stream = current_stream(xc);
+  // gather scratch of the pivoted form (at least one element so its pointer is valid)
+  Tensor xg = torch::stable::new_empty(xc, {perm ? std::max<int64_t>(M * K1, 1) : 1});
 
   dispatch_half(xc.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
@@ -185,12 +219,17 @@ Tensor lowrank_linear_cuda(Tensor x, Tensor u, Tensor v, std::optional<Tensor> b
     const T* xp = static_cast<const T*>(xc.data_ptr());
     const T* vp = static_cast<const T*>(v.data_ptr());
     const T* up = static_cast<const T*>(u.data_ptr());
-    a.x = {xp, M, K, K % 8 == 0 && aligned16(xp)};
-    a.v = {vp, r, K, K % 8 == 0 && aligned16(vp)};
+    T* xgp = static_cast<T*>(xg.data_ptr());
+    const T* x1 = perm ? xgp : xp;  // phase 1 streams the gathered columns when pivoted
+    a.x = {x1, M, K1, K1 % 8 == 0 && aligned16(x1)};
+    a.v = {vp, r, K1, K1 % 8 == 0 && aligned16(vp)};
     a.u = {up, N, r, r % 8 == 0 && aligned16(up)};
     a.bias = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
     a.y = static_cast<T*>(y.data_ptr());
-    a.M = M; a.N = N; a.K = K; a.r = r;
+    a.M = M; a.N = N; a.K = K; a.r = r; a.K1 = K1;
+    a.xin = xp;
+    a.perm = perm ? static_cast<const int64_t*>(perm->data_ptr()) : nullptr;
+    a.xg = xgp;
     if (M <= 16) {
       launch<DecodeCfg>(a, xc, stream);
     } else if (M <= 64) {
@@ -200,6 +239,10 @@ Tensor lowrank_linear_cuda(Tensor x, Tensor u, Tensor v, std::optional<Tensor> b
     }
   });
   return y;
+}
+
+Tensor lowrank_linear_cuda(Tensor x, Tensor u, Tensor v, std::optional<Tensor> bias) {
+  return lowrank_product("lowrank_linear", x, u, v, nullptr, bias);
 }
 
 }  // namespace reparam

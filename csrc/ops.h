@@ -9,6 +9,7 @@ namespace reparam {
 using torch::stable::Tensor;
 
 Tensor lowrank_linear_cuda(Tensor x, Tensor u, Tensor v, std::optional<Tensor> bias);
+Tensor pivoted_lowrank_linear_cuda(Tensor x, Tensor u, Tensor w, Tensor perm, std::optional<Tensor> bias);
 Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<Tensor> bias);
 Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size, std::optional<Tensor> bias);
 Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor> bias);

@@ -7,6 +7,7 @@
 
 STABLE_TORCH_LIBRARY_IMPL(reparam, CUDA, m) {
   m.impl("lowrank_linear", TORCH_BOX(&reparam::lowrank_linear_cuda));
+  m.impl("pivoted_lowrank_linear", TORCH_BOX(&reparam::pivoted_lowrank_linear_cuda));
   m.impl("int8_linear", TORCH_BOX(&reparam::int8_linear_cuda));
   m.impl("int4_linear", TORCH_BOX(&reparam::int4_linear_cuda));
   m.impl("lut_linear", TORCH_BOX(&reparam::lut_linear_cuda));

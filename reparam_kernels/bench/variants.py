@@ -123,7 +123,7 @@ def _table():
 
 
 DECODE_KINDS = ("int4_g128", "int8", "lowrank_20", "lowrank_40", "block_circulant_b256", "lowrank40_int4",
-                "lowrank_40_pivoted")  # last: it runs Triton (no CUDA kernel yet), so a cut-short run loses it first
+                "lowrank_40_pivoted")  # last: the newest kernel, so a cut-short run loses it first
 
 
 def available(kinds=None):

@@ -4,7 +4,8 @@
    kernel (perm is read once per K tile), so no permuted copy of x is made;
 2. y = t @ u.T + bias — the shared NT GEMM (t rounded to u's dtype before the dot, as in lowrank_linear).
 
-No CUDA kernel yet: on a GPU this is the op's fastest backend.
+The CUDA backend (csrc/pivoted_lowrank_linear.cu) does it in one launch; this one serves fp32 and
+machines without the extension.
 """
 import torch
 import triton
