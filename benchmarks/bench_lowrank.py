@@ -1,4 +1,5 @@
-"""Fused low-rank linear vs cuBLAS dense F.linear vs two cuBLAS calls, in one run.
+"""Fused low-rank linear vs cuBLAS dense F.linear vs two cuBLAS calls (and the same product stored
+pivoted, op pivoted_lowrank_linear), in one run.
 
     python benchmarks/bench_lowrank.py [--quick] [--ranks 128,512,1024] [--dtypes fp16,bf16]
 
@@ -26,18 +27,25 @@ def two_cublas(x, u, v):
 
 
 def make_sets(N, K, r, M, dtype, low_count, dense_count, device="cuda"):
-    """Copies of (x, u, v) for the factored contenders and of (x, W = u @ v) for cuBLAS dense,
-    each as many as its own footprint needs to exceed the L2; set 0 of both is the same product."""
-    low, dense = [], []
+    """Copies of (x, u, v) for the factored contenders, of (x, u, w, perm) for the pivoted form of the
+    same product (v = [I | w]·P: r columns of v are the identity, so both compute the same W) and of
+    (x, W = u @ v) for cuBLAS dense, each as many as its own footprint needs to exceed the L2; set 0 of
+    all three is the same product."""
+    low, piv, dense = [], [], []
     for _ in range(low_count):
         u = (torch.randn(N, r, device=device) / r ** 0.5).to(dtype)
-        v = (torch.randn(r, K, device=device) / K ** 0.5).to(dtype)
+        w = (torch.randn(r, K - r, device=device) / K ** 0.5).to(dtype)
+        perm = torch.randperm(K, device=device)
+        v = torch.empty(r, K, device=device, dtype=dtype)
+        v[:, perm[:r]] = torch.eye(r, device=device, dtype=dtype)
+        v[:, perm[r:]] = w
         x = torch.randn(M, K, device=device).to(dtype)
         low.append((x, u, v))
+        piv.append((x, u, w, perm))
     for i in range(dense_count):
         x, u, v = low[i % low_count]
         dense.append((x, (u.float() @ v.float()).to(dtype)))
-    return low, dense
+    return low, piv, dense
 
 
 def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
@@ -47,18 +55,21 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     io = (M * K + M * N) * elt
     low_count = count or rotation_count(must_move)
     dense_count = count or rotation_count(N * K * elt + io)
-    low, dense = make_sets(N, K, r, M, dtype, low_count, dense_count, device)
+    low, piv, dense = make_sets(N, K, r, M, dtype, low_count, dense_count, device)
     x0, u0, v0 = low[0]
     backend, why = _dispatch.backend_for("lowrank_linear", "cuda", dtype)
     rows = run_case(
         res, dtype=dtype, M=M, N=N, K=K, params={"rank": r}, modes=modes,
         ours=Contender(lambda x, u, v: reparam_kernels.ops.lowrank_linear(x, u, v), low),
         cublas=Contender(F.linear, dense),
-        peers={"two_cublas": Contender(two_cublas, low)},
+        # the same product stored pivoted (r·(N + K − r) weights: r² fewer bytes to move)
+        peers={"two_cublas": Contender(two_cublas, low),
+               "pivoted": Contender(lambda x, u, w, perm: reparam_kernels.ops.pivoted_lowrank_linear(x, u, w, perm),
+                                    piv)},
         reference=lambda: (x0.double() @ v0.double().t()) @ u0.double().t(),
         bytes=must_move, flops=2 * M * r * (N + K), backend=backend,
     )
-    del low, dense
+    del low, piv, dense
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -84,6 +95,7 @@ def main(argv=None):
             print(f"{row['mode']:5} {row['dtype']} M={M:5} N={N:5} K={K:5} r={r:4} [{row['backend']}] "
                   f"ours {row['ours_us']:8.2f} us  cuBLAS {row['cublas_us']:8.2f} us  ratio {row['ratio']:5.2f}x  "
                   f"two-cuBLAS {row['peers'].get('two_cublas', float('nan')):8.2f} us  "
+                  f"pivoted {row['peers'].get('pivoted', float('nan')):8.2f} us  "
                   f"{tbps:.2f} TB/s = {100 * tbps / copy:.0f}% of copy", flush=True)
     for fail in res.failures:
         print(f"NOT TIMED {fail['case']}: {fail['reason']}")
