@@ -229,3 +229,36 @@ def test_tensorized_layers_through_compress_and_save(tmp_path):
     load_compressed(skel, tmp_path / "t")
     with torch.no_grad():
         assert torch.equal(skel(ids).logits, ref)
+
+
+def test_distill_trains_pivoted_layers_as_balanced_factors():
+    """distill() swaps each PivotedLowRankLinear for the balanced LowRankLinear of the same weight, trains,
+    and stores the result pivoted again: exactly what training that balanced layer by hand gives."""
+    from reparam_kernels.nn import PivotedLowRankLinear
+    from reparam_kernels.nn.pivoted import swap_layers, to_balanced_lowrank
+
+    teacher = tiny_llama()
+    recipe = {"model.layers.*.mlp.*_proj": {"method": "lowrank", "ratio": 0.5, "pivoted": True}}
+    student, _ = rk.compress(teacher, recipe, calib=_ids(8), progress=False)
+    names = [n for n, m in student.named_modules() if isinstance(m, PivotedLowRankLinear)]
+    assert len(names) == 6
+    by_hand = copy_model(student)
+    swap_layers(by_hand, names, to_balanced_lowrank)
+    held = _ids(4, seed=9)
+    before = _kl_to_teacher(student, teacher, held)
+    kw = dict(temperature=1.0, steps=20, lr=3e-3, batch_size=4, progress=False)
+    distill(student, teacher, _ids(16, seed=2), **kw)
+    distill(by_hand, teacher, _ids(16, seed=2), **kw)
+    assert all(isinstance(student.get_submodule(n), PivotedLowRankLinear) for n in names)
+    assert all(getattr(student.get_submodule(n), "_reparam_method", None) == "lowrank" for n in names)
+    after = _kl_to_teacher(student, teacher, held)
+    assert after < before
+    with torch.no_grad():
+        a, b = student(held).logits, by_hand(held).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def copy_model(m):
+    import copy
+
+    return copy.deepcopy(m)

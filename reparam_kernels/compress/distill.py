@@ -81,10 +81,32 @@ def distill(student, teacher, data, alpha=0.0, temperature=2.0, steps=200, lr=1e
     (parameters and optimizer state stay fp32); on a CPU with AVX512-BF16 this about halves the step time.
     on_step: called as on_step(step) after each optimizer step (e.g. to evaluate a checkpoint; the student
     is put back in train mode after it returns).
+    Pivoted low-rank layers (nn.PivotedLowRankLinear) are trained as balanced plain factors — the same
+    weight, swapped in place for the run — and stored pivoted again at the end (both conversions exact).
     """
+    _check(alpha, temperature, steps, lr, batch_size, grad_accum, data, amp_dtype)
+    pivoted = []
+    if params is None:  # pivoted low-rank layers train as balanced plain factors, re-pivoted at the end
+        from ..nn.pivoted import PivotedLowRankLinear, swap_layers, to_balanced_lowrank
+
+        pivoted = [n for n, m in student.named_modules() if isinstance(m, PivotedLowRankLinear)]
+        swap_layers(student, pivoted, to_balanced_lowrank)
+    try:
+        return _distill(student, teacher, data, alpha, temperature, steps, lr, batch_size, grad_accum, reverse_kl,
+                        hidden_layers, hidden_loss, hidden_weight, params, weight_decay, seed, progress, log_every,
+                        amp_dtype, on_step)
+    finally:
+        if pivoted:  # exact: the trained product stored pivoted again
+            from ..nn.pivoted import PivotedLowRankLinear, swap_layers
+
+            swap_layers(student, pivoted, lambda m: PivotedLowRankLinear.from_factors(
+                m.u.detach(), m.v.detach(), m.bias, dtype=m.u.dtype, device=m.u.device))
+
+
+def _distill(student, teacher, data, alpha, temperature, steps, lr, batch_size, grad_accum, reverse_kl, hidden_layers,
+             hidden_loss, hidden_weight, params, weight_decay, seed, progress, log_every, amp_dtype, on_step):
     from tqdm.auto import tqdm
 
-    _check(alpha, temperature, steps, lr, batch_size, grad_accum, data, amp_dtype)
     params = compressed_parameters(student) if params is None else list(params)
     if not params:
         raise ValueError("`student` has no compressed parameters to train (compress it first, or pass `params`)")

@@ -76,3 +76,30 @@ class PivotedLowRankLinear(LowRankBase):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bias={self.bias is not None}, pivoted")
+
+
+@torch.no_grad()
+def to_balanced_lowrank(layer):
+    """The LowRankLinear with the same weight as PivotedLowRankLinear `layer`, its factors balanced
+    (``compress.svd.balance``): the form to train in. Pivoted factors are badly scaled for Adam (u' is
+    small, w is O(1)); distilling them directly made SmolLM2 worse (docs/quality.md)."""
+    from .lowrank import LowRankLinear
+
+    v = torch.zeros(layer.rank, layer.in_features, dtype=torch.float64, device=layer.u.device)
+    v[:, layer.perm[:layer.rank]] = torch.eye(layer.rank, dtype=torch.float64, device=v.device)
+    v[:, layer.perm[layer.rank:]] = layer.w.double()
+    u, v = _svd.balance(layer.u.double(), v)
+    return LowRankLinear.from_factors(u, v, layer.bias, dtype=layer.u.dtype, device=layer.u.device)
+
+
+def swap_layers(model, names, convert):
+    """Replace the modules `names` of `model` by convert(module), in place, keeping the marks that
+    compress() put on them (method, settings)."""
+    for name in names:
+        old = model.get_submodule(name)
+        new = convert(old)
+        for attr in ("_reparam_method", "_reparam_settings"):
+            if hasattr(old, attr):
+                setattr(new, attr, getattr(old, attr))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
