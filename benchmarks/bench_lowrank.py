@@ -17,6 +17,7 @@ from common import (Contender, Results, bench_arg_parser, measure_ceilings, prog
 
 import reparam_kernels
 from reparam_kernels import _dispatch
+from reparam_kernels.nn.pivoted import expand_right_factor
 
 RANKS = (128, 512, 1024)
 QUICK_RANKS = (512,)
@@ -36,9 +37,7 @@ def make_sets(N, K, r, M, dtype, low_count, dense_count, device="cuda"):
         u = (torch.randn(N, r, device=device) / r ** 0.5).to(dtype)
         w = (torch.randn(r, K - r, device=device) / K ** 0.5).to(dtype)
         perm = torch.randperm(K, device=device)
-        v = torch.empty(r, K, device=device, dtype=dtype)
-        v[:, perm[:r]] = torch.eye(r, device=device, dtype=dtype)
-        v[:, perm[r:]] = w
+        v = expand_right_factor(w, perm)
         x = torch.randn(M, K, device=device).to(dtype)
         low.append((x, u, v))
         piv.append((x, u, w, perm))

@@ -85,10 +85,10 @@ def distill(student, teacher, data, alpha=0.0, temperature=2.0, steps=200, lr=1e
     weight, swapped in place for the run — and stored pivoted again at the end (both conversions exact).
     """
     _check(alpha, temperature, steps, lr, batch_size, grad_accum, data, amp_dtype)
+    from ..nn.pivoted import PivotedLowRankLinear, swap_layers, to_balanced_lowrank, to_pivoted
+
     pivoted = []
     if params is None:  # pivoted low-rank layers train as balanced plain factors, re-pivoted at the end
-        from ..nn.pivoted import PivotedLowRankLinear, swap_layers, to_balanced_lowrank
-
         pivoted = [n for n, m in student.named_modules() if isinstance(m, PivotedLowRankLinear)]
         swap_layers(student, pivoted, to_balanced_lowrank)
     try:
@@ -96,11 +96,7 @@ def distill(student, teacher, data, alpha=0.0, temperature=2.0, steps=200, lr=1e
                         hidden_layers, hidden_loss, hidden_weight, params, weight_decay, seed, progress, log_every,
                         amp_dtype, on_step)
     finally:
-        if pivoted:  # exact: the trained product stored pivoted again
-            from ..nn.pivoted import PivotedLowRankLinear, swap_layers
-
-            swap_layers(student, pivoted, lambda m: PivotedLowRankLinear.from_factors(
-                m.u.detach(), m.v.detach(), m.bias, dtype=m.u.dtype, device=m.u.device))
+        swap_layers(student, pivoted, to_pivoted)  # exact: the trained product stored pivoted again
 
 
 def _distill(student, teacher, data, alpha, temperature, steps, lr, batch_size, grad_accum, reverse_kl, hidden_layers,

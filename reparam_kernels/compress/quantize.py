@@ -136,8 +136,8 @@ def _refine(wg, qmax, importance, steps, err, scale, zero):
         t0, t1 = (wt * wg).sum(-1), (wt * q * wg).sum(-1)
         det = s0 * s2 - s1 * s1
         ok = det > 1e-12 * s0 * s0  # at least two distinct codes carry weight
-        a = (s0 * t1 - s1 * t0) / torch.where(ok, det, torch.ones_like(det))
-        b = (s2 * t0 - s1 * t1) / torch.where(ok, det, torch.ones_like(det))
+        det = torch.where(ok, det, torch.ones_like(det))
+        a, b = (s0 * t1 - s1 * t0) / det, (s2 * t0 - s1 * t1) / det
         ok = ok & (a > 0)
         s = torch.where(ok, a, scale)
         z = torch.where(ok, -b / torch.where(ok, a, torch.ones_like(a)), zero)

@@ -135,10 +135,13 @@ def conv1d_as_linear(m):
     return lin
 
 
-class _Shape:  # in/out features of a Linear or a Conv1D, for validation
-    def __init__(self, m):
-        self.in_features, self.out_features = ((m.weight.shape[0], m.weight.shape[1]) if is_conv1d(m)
-                                               else (m.in_features, m.out_features))
+def linear_features(m):
+    """(in_features, out_features) of a Linear-like module or a Conv1D; None for anything else."""
+    if is_conv1d(m):
+        return tuple(m.weight.shape)
+    if hasattr(m, "in_features") and hasattr(m, "out_features"):
+        return m.in_features, m.out_features
+    return None
 
 
 def plan(model, recipe, has_calib):
@@ -160,13 +163,13 @@ def plan(model, recipe, has_calib):
     mods = dict(linears)
     for name, rule in chosen.items():
         m = get_method(rule.method)
-        lin = _Shape(mods[name])
+        in_f, out_f = linear_features(mods[name])
         if m.check is not None:
             try:
-                m.check(lin.out_features, lin.in_features, rule.settings)
+                m.check(out_f, in_f, rule.settings)
             except ValueError as e:
                 raise ValueError(f"`recipe`: rule {rule.pattern!r} (method {rule.method}) does not fit layer "
-                                 f"{name} [{lin.out_features}×{lin.in_features}]: {e}") from None
+                                 f"{name} [{out_f}×{in_f}]: {e}") from None
         if m.needs_calib is not None and m.needs_calib(rule.settings) and not has_calib:
             raise ValueError(f"`calib`: method {rule.method!r} with settings {rule.settings} (rule {rule.pattern!r}) "
                              f"needs calibration data; pass calib=... or use whiten=false / gptq=false")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .recipe import is_conv1d
+from .recipe import linear_features
 
 FORMAT = "reparam_kernels.compressed/1"
 TENSORS, MANIFEST = "model.safetensors", "manifest.json"
@@ -176,12 +176,10 @@ def load_compressed(model, path, strict_hash=True):
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"`model`: the skeleton has no module {name!r} that the checkpoint compressed") from None
-        if is_conv1d(old):  # GPT-2 style skeleton: compress() swapped this Conv1D for a Linear
-            old_in, old_out = old.weight.shape
-        elif hasattr(old, "in_features") and hasattr(old, "out_features"):
-            old_in, old_out = old.in_features, old.out_features
-        else:
+        shape = linear_features(old)  # a Conv1D too (GPT-2 style): compress() swapped it for a Linear
+        if shape is None:
             raise ValueError(f"`model`: skeleton module {name!r} is a {type(old).__name__}, not a Linear")
+        old_in, old_out = shape
         dtype = getattr(old, "weight", ref).dtype if ref is not None else None
         layer = build_layer(info, dtype=dtype)
         if (layer.in_features, layer.out_features) != (old_in, old_out):

@@ -22,12 +22,19 @@ def check_dims(in_features, out_features, rank):
         raise ValueError(f"`rank` {rank} exceeds min(in_features, out_features) = {min(in_features, out_features)}")
 
 
-def factor_linear(linear, rank=None, ratio=None, energy=None, calib=None, damping=1e-5, out_weight=None):
+def factor_linear(linear, rank=None, ratio=None, energy=None, calib=None, damping=1e-5, out_weight=None,
+                  ratio_rank=None):
     """(u [out, r], v [r, in], weight) of a dense Linear-like module: plain truncated SVD, or whitened
-    (activation-aware) SVD when `calib` is given (see ``LowRankLinear.from_linear``)."""
+    (activation-aware) SVD when `calib` is given (see ``LowRankLinear.from_linear``).
+    ratio_rank: for a layer that counts its parameters its own way, (out, in, ratio) → the rank `ratio` buys."""
     weight = getattr(linear, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"`linear` must be an nn.Linear-like module with a 2-D weight, got {type(linear).__name__}")
+    if ratio is not None and ratio_rank is not None:
+        given = [n for n, v in (("rank", rank), ("energy", energy)) if v is not None]
+        if given:
+            raise ValueError(f"give exactly one of `rank`, `ratio`, `energy`; got ratio and {given}")
+        rank, ratio = ratio_rank(*weight.shape, ratio), None
     if calib is None:
         if out_weight is not None:
             raise ValueError("`out_weight` needs `calib` (output weighting is part of the whitened SVD)")
@@ -38,11 +45,15 @@ def factor_linear(linear, rank=None, ratio=None, energy=None, calib=None, dampin
     return u, v, weight
 
 
+def check_factors(u, v):
+    if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
+        raise ValueError(f"`u` [out, r] and `v` [r, in] do not fit: {tuple(u.shape)} and {tuple(v.shape)}")
+
+
 def build_from_factors(cls, u, v, bias, dtype, device, state):
     """cls(in, out, rank) for factors u [out, r], v [r, in], with its tensors `state` {name: value} and the
     bias copied in; dtype / device default to u's."""
-    if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
-        raise ValueError(f"`u` [out, r] and `v` [r, in] do not fit: {tuple(u.shape)} and {tuple(v.shape)}")
+    check_factors(u, v)
     layer = cls(v.shape[1], u.shape[0], u.shape[1], bias=bias is not None, dtype=dtype or u.dtype,
                 device=device or u.device)
     with torch.no_grad():

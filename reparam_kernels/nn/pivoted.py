@@ -15,7 +15,7 @@ from torch import nn
 
 from ..compress import svd as _svd
 from ..ops import pivoted_lowrank_linear
-from .lowrank import LowRankBase, build_from_factors, factor_linear
+from .lowrank import LowRankBase, LowRankLinear, build_from_factors, check_factors, factor_linear
 
 
 def pivot_factors(u, v):
@@ -27,6 +27,15 @@ def pivot_factors(u, v):
     vp = v64[:, perm[:r]]
     w = torch.linalg.solve(vp, v64[:, perm[r:]])
     return u64 @ vp, w, perm
+
+
+def expand_right_factor(w, perm, dtype=None):
+    """v = [I | w]·P [r, in] from w [r, in − r] and perm [in]: the plain right factor of the same weight."""
+    r = w.shape[0]
+    v = torch.empty(r, perm.numel(), dtype=dtype or w.dtype, device=w.device)
+    v[:, perm[:r]] = torch.eye(r, dtype=v.dtype, device=v.device)
+    v[:, perm[r:]] = w.to(v.dtype)
+    return v
 
 
 class PivotedLowRankLinear(LowRankBase):
@@ -43,32 +52,21 @@ class PivotedLowRankLinear(LowRankBase):
         """Factor a dense Linear like ``LowRankLinear.from_linear`` (plain or whitened SVD, same arguments),
         then store the factors pivoted. ``ratio`` counts the pivoted storage r·(out + in − r), so it gives a
         larger rank than the same ratio does for LowRankLinear."""
-        if ratio is not None:
-            given = [n for n, v in (("rank", rank), ("energy", energy)) if v is not None]
-            if given:
-                raise ValueError(f"give exactly one of `rank`, `ratio`, `energy`; got ratio and {given}")
-            weight = getattr(linear, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.dim() == 2:  # else factor_linear says what is wrong
-                rank, ratio = _svd.pivoted_rank_for_ratio(*weight.shape, ratio), None
-        u, v, weight = factor_linear(linear, rank, ratio, energy, calib, damping, out_weight)
+        u, v, weight = factor_linear(linear, rank, ratio, energy, calib, damping, out_weight,
+                                     ratio_rank=_svd.pivoted_rank_for_ratio)
         return cls.from_factors(u, v, linear.bias, dtype=weight.dtype, device=weight.device)
 
     @classmethod
     def from_factors(cls, u, v, bias=None, dtype=None, device=None):
         """Build from factors u [out, r], v [r, in] of W = u @ v (pivoted here, exactly)."""
-        if u.dim() != 2 or v.dim() != 2 or u.shape[1] != v.shape[0]:
-            raise ValueError(f"`u` [out, r] and `v` [r, in] do not fit: {tuple(u.shape)} and {tuple(v.shape)}")
+        check_factors(u, v)  # before the QR, which would fail less clearly
         up, w, perm = pivot_factors(u, v)
         return build_from_factors(cls, u, v, bias, dtype, device, {"u": up, "w": w, "perm": perm})
 
     def to_dense(self):
         """The effective dense weight [out, in] = u @ [I | w] @ P (layer's dtype, fp32 accumulation)."""
         acc = torch.float64 if self.u.dtype == torch.float64 else torch.float32
-        u = self.u.to(acc)
-        dense = torch.empty(self.out_features, self.in_features, dtype=acc, device=u.device)
-        dense[:, self.perm[:self.rank]] = u
-        dense[:, self.perm[self.rank:]] = u @ self.w.to(acc)
-        return dense.to(self.u.dtype)
+        return (self.u.to(acc) @ expand_right_factor(self.w, self.perm, acc)).to(self.u.dtype)
 
     def forward(self, x):
         return pivoted_lowrank_linear(x, self.u, self.w, self.perm, self.bias)
@@ -83,23 +81,25 @@ def to_balanced_lowrank(layer):
     """The LowRankLinear with the same weight as PivotedLowRankLinear `layer`, its factors balanced
     (``compress.svd.balance``): the form to train in. Pivoted factors are badly scaled for Adam (u' is
     small, w is O(1)); distilling them directly made SmolLM2 worse (docs/quality.md)."""
-    from .lowrank import LowRankLinear
-
-    v = torch.zeros(layer.rank, layer.in_features, dtype=torch.float64, device=layer.u.device)
-    v[:, layer.perm[:layer.rank]] = torch.eye(layer.rank, dtype=torch.float64, device=v.device)
-    v[:, layer.perm[layer.rank:]] = layer.w.double()
-    u, v = _svd.balance(layer.u.double(), v)
+    u, v = _svd.balance(layer.u.double(), expand_right_factor(layer.w, layer.perm, torch.float64))
     return LowRankLinear.from_factors(u, v, layer.bias, dtype=layer.u.dtype, device=layer.u.device)
+
+
+@torch.no_grad()
+def to_pivoted(layer):
+    """The PivotedLowRankLinear of LowRankLinear `layer`'s weight (exact; the inverse of to_balanced_lowrank)."""
+    return PivotedLowRankLinear.from_factors(layer.u, layer.v, layer.bias, dtype=layer.u.dtype, device=layer.u.device)
 
 
 def swap_layers(model, names, convert):
     """Replace the modules `names` of `model` by convert(module), in place, keeping the marks that
     compress() put on them (method, settings)."""
+    from ..compress.pipeline import _set_module
+
     for name in names:
         old = model.get_submodule(name)
         new = convert(old)
         for attr in ("_reparam_method", "_reparam_settings"):
             if hasattr(old, attr):
                 setattr(new, attr, getattr(old, attr))
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        _set_module(model, name, new)
