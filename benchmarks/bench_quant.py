@@ -3,14 +3,17 @@
     python benchmarks/bench_quant.py [--quick] [--ops int8_linear,int4_linear,lut_linear] [--dtypes fp16,bf16]
 
 Peers in the same run: torch's int4 "tinygemm" (``torch._weight_int4pack_mm``,
-group 128, bf16 only: it takes no fp16) for int4_linear, and our own Triton
-kernel for every op. cuBLAS runs the dequantized weight in x's dtype. Each
+group 128, bf16 only: it takes no fp16) for int4_linear, our own Triton
+kernel for every op, and for int4/int8 at M <= 64 our general CUDA path
+(``cuda_general_path``) against the small-M tensor-core path they take there. cuBLAS runs the dequantized weight in x's dtype. Each
 case is checked against float64 (x and the dequantized weight in float64)
 before it is timed; a contender that fails the check is not timed (recorded in
 the file's ``failures``). Writes benchmarks/results/<gpu>/{int8_linear,
 int4_linear,lut_linear}.json in DESIGN.md's format, each row with ``bytes``
 (the packed weight, its scales/tables, x and y moved once) and ``flops``.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -77,6 +80,21 @@ def tinygemm(x, packed, group, sz):
     return torch._weight_int4pack_mm(x, packed, group, sz)
 
 
+def general_path(op):
+    """`op` through the general CUDA path (GEMV / dequantize to shared memory), not the small-M
+    tensor-core path it takes at M <= 64: an A/B peer. (Toggling the variable costs a little CPU
+    time in eager mode; the graph numbers are kernel-only.)"""
+    fn = getattr(torch.ops.reparam, op)
+
+    def run(*args):
+        os.environ["REPARAM_SMALL_M"] = "0"
+        try:
+            return fn(*args)
+        finally:
+            del os.environ["REPARAM_SMALL_M"]
+    return run
+
+
 def weight_bytes(op, N, K, elt):
     if op == "int8_linear":
         return N * K + N * elt
@@ -109,6 +127,8 @@ def bench_shape(res, op, N, K, M, dtype, modes, device="cuda", count=None, seed=
         tg = [tinygemm_args(s[0], s[1:]) for s in ours_sets]
         if all(a is not None for a in tg):
             peers["tinygemm"] = Contender(tinygemm, tg)
+    if op in ("int4_linear", "int8_linear") and device == "cuda" and M <= 64:
+        peers["cuda_general_path"] = Contender(general_path(op), ours_sets)
     x0, w0 = ours_sets[0][0], ours_sets[0][1:]
     backend, why = _dispatch.backend_for(op, device, dtype)
     rows = run_case(

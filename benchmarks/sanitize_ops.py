@@ -38,12 +38,15 @@ def main(argv=None):
     bad = []
     recorder = RecordOps()
     for kind in variants.available():
-        for dtype in (torch.float16, torch.bfloat16):
-            lin = nn.Linear(256, 192, bias=True).to(device=device, dtype=dtype)
+        # int8 / int4 also at a long K and a narrow N: the small-M path then splits K over CTAs,
+        # so its partials and last-CTA reduction run under memcheck too.
+        shapes = [(256, 192, (1, 17))] + ([(1024, 72, (1, 40))] if kind in ("int8", "int4_g128") else [])
+        for dtype, (k_in, n_out, batches) in [(d, s) for d in (torch.float16, torch.bfloat16) for s in shapes]:
+            lin = nn.Linear(k_in, n_out, bias=True).to(device=device, dtype=dtype)
             layer = variants.make(kind, lin)
             dense = layer.to_dense().double() if hasattr(layer, "to_dense") else None
-            for m in (1, 17):
-                x = torch.randn(m, 256, device=device, dtype=dtype)
+            for m in batches:
+                x = torch.randn(m, k_in, device=device, dtype=dtype)
                 with recorder:
                     y = layer(x)
                 if device == "cuda":

@@ -6,6 +6,7 @@
 // chunk share one group (one scale and zero point per chunk).
 #include "ops.h"
 #include "quant_gemm.cuh"
+#include "quant_small_m.cuh"
 
 namespace reparam {
 namespace {
@@ -43,6 +44,56 @@ struct Int4Dec {
   }
 };
 
+// The small-M tensor-core path's view of the same weights (quant_small_m.cuh).
+// A lane's 16-byte load is 32 consecutive k of one row: words i = 0..3, each 8
+// nibbles k = kt + 8i + 0..7. One mask gives the pair (nibble j, nibble j + 4)
+// of a word, so step s = 2i + h of lane t (= lane % 4) maps its mma k-slots to
+//   slot 2t -> kt + 8i + 2h,        slot 2t + 1 -> kt + 8i + 2h + 4,
+//   slot 2t + 8 -> kt + 8i + 2h + 1, slot 2t + 9 -> kt + 8i + 2h + 5,
+// and x gets the same map from its 16-byte vector x[kt + 8i .. +8) by two byte
+// permutes per register. A nibble pair becomes weights with one mask-and-or
+// (0x6400 | q is the fp16 1024 + q, 0x4300 | q the bf16 128 + q), one subtract
+// of the magic (exact) and one FMA: (q - z) * s = q * s + (-z * s).
+template <class T>
+struct Int4Frag {
+  static constexpr int kLaneK = 32;
+  static constexpr uint32_t kMagic = std::is_same<T, __half>::value ? 0x64006400u : 0x43004300u;
+  const uint8_t* q;
+  const T* scales;
+  const T* zeros;
+  int64_t K, G, group;
+
+  struct Chunk {
+    uint4 q;
+    uint32_t s2, nzs2;  // (s, s) and (-z s, -z s) as pairs of T
+  };
+  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const {
+    const int64_t gi = n * G + kt / group;  // group % 32 == 0: one group per lane block
+    const float s = to_f32<T>(scales[gi]);
+    return {__ldg(reinterpret_cast<const uint4*>(q + n * (K / 2) + kt / 2)), small_m::Pair<T>::pack(s),
+            small_m::Pair<T>::pack(-to_f32<T>(zeros[gi]) * s)};
+  }
+  static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u), 0u, 0u}; }
+  __device__ __forceinline__ uint32_t pair(uint32_t w, int shift, const Chunk& c) const {
+    using P = small_m::Pair<T>;
+    return P::fma(P::sub(((w >> shift) & 0x000F000Fu) | kMagic, kMagic), c.s2, c.nzs2);
+  }
+  __device__ __forceinline__ void b(const Chunk& c, int i, int h, uint32_t& b0, uint32_t& b1) const {
+    const uint32_t w = small_m::word(c.q, i);
+    b0 = pair(w, 8 * h, c);      // nibbles 2h, 2h + 4
+    b1 = pair(w, 8 * h + 4, c);  // nibbles 2h + 1, 2h + 5
+  }
+  // (x[2h], x[2h + 4]) for slots 2t, 2t + 1 and (x[2h + 1], x[2h + 5]) for slots 2t + 8, 2t + 9.
+  static __device__ __forceinline__ void a(const uint4& r0, const uint4& r1, int h, uint32_t (&a)[4]) {
+    using small_m::word;
+    a[0] = __byte_perm(word(r0, h), word(r0, h + 2), 0x5410);
+    a[1] = __byte_perm(word(r1, h), word(r1, h + 2), 0x5410);
+    a[2] = __byte_perm(word(r0, h), word(r0, h + 2), 0x7632);
+    a[3] = __byte_perm(word(r1, h), word(r1, h + 2), 0x7632);
+  }
+  __device__ __forceinline__ float out_scale(int64_t) const { return 1.f; }
+};
+
 }  // namespace
 
 Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size,
@@ -70,12 +121,18 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
   dispatch_half(xc.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const uint8_t* qp = static_cast<const uint8_t*>(qweight.data_ptr());
+    const T* sp = static_cast<const T*>(scales.data_ptr());
+    const T* zp = static_cast<const T*>(zeros.data_ptr());
+    const T* xp = static_cast<const T*>(xc.data_ptr());
+    const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
+    T* yp = static_cast<T*>(y.data_ptr());
+    if (small_m::enabled() &&
+        small_m::quant_linear_small_m(Int4Frag<T>{qp, sp, zp, K, G, group_size}, aligned16(qp), xp, bp, yp, M,
+                                      N, K, xc, stream))
+      return;
     // K % 32 == 0, so every row is 16-byte aligned when the base is
-    Int4Dec<T> dec{qp, static_cast<const T*>(scales.data_ptr()), static_cast<const T*>(zeros.data_ptr()),
-                   K, G, group_size, aligned16(qp)};
-    quant::quant_linear(dec, static_cast<const T*>(xc.data_ptr()),
-                        bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
-                        static_cast<T*>(y.data_ptr()), M, N, K, xc, stream);
+    Int4Dec<T> dec{qp, sp, zp, K, G, group_size, aligned16(qp)};
+    quant::quant_linear(dec, xp, bp, yp, M, N, K, xc, stream);
   });
   return y;
 }

@@ -5,6 +5,7 @@
 // 16-byte aligned, i.e. K % 16 != 0, are read bytewise).
 #include "ops.h"
 #include "quant_gemm.cuh"
+#include "quant_small_m.cuh"
 
 namespace reparam {
 namespace {
@@ -34,6 +35,51 @@ struct Int8Dec {
   }
 };
 
+// The small-M tensor-core path's view of the same weights (quant_small_m.cuh).
+// A lane's 16-byte load is 16 consecutive k of one row: word s = k kt + 4s .. +3.
+// Step s = 2i + h of lane t maps its mma k-slots 2t, 2t + 1, 2t + 8, 2t + 9 to
+// kt + 4s + 0, 1, 2, 3, so x's registers are plain words of its 16-byte vector
+// x[kt + 8i .. +8). The scale is per output channel, so the mma runs on the exact
+// integer codes and the epilogue multiplies by s[n]. Codes become values with
+// ^ 0x80 (int8 q -> byte q + 128) and, for fp16, one byte permute into
+// 0x64 | byte (= 1024 + q + 128) and one subtract of 1152 per pair; bf16 has too
+// few mantissa bits for that, so its codes go through fp32 (2^23 + byte) and one
+// pair conversion.
+template <class T>
+struct Int8Frag {
+  static constexpr int kLaneK = 16;
+  const uint8_t* q;
+  const T* scales;
+  int64_t K;
+
+  struct Chunk {
+    uint4 q;
+  };
+  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const {
+    return {__ldg(reinterpret_cast<const uint4*>(q + n * K + kt))};
+  }
+  static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u)}; }
+  __device__ __forceinline__ void b(const Chunk& c, int i, int h, uint32_t& b0, uint32_t& b1) const {
+    const uint32_t u = small_m::word(c.q, 2 * i + h) ^ 0x80808080u;  // bytes q + 128
+    if constexpr (std::is_same<T, __half>::value) {
+      b0 = small_m::Pair<T>::sub(__byte_perm(u, 0x64646464u, 0x4140), 0x64806480u);
+      b1 = small_m::Pair<T>::sub(__byte_perm(u, 0x64646464u, 0x4342), 0x64806480u);
+    } else {  // byte j as the fp32 2^23 + q + 128, minus 2^23 + 128: exactly q
+      auto code = [u](int j) { return __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7440 + j)) - 8388736.f; };
+      b0 = small_m::Pair<T>::pack2(code(0), code(1));
+      b1 = small_m::Pair<T>::pack2(code(2), code(3));
+    }
+  }
+  // (x[4h], x[4h + 1]) for slots 2t, 2t + 1 and (x[4h + 2], x[4h + 3]) for slots 2t + 8, 2t + 9.
+  static __device__ __forceinline__ void a(const uint4& r0, const uint4& r1, int h, uint32_t (&a)[4]) {
+    a[0] = small_m::word(r0, 2 * h);
+    a[1] = small_m::word(r1, 2 * h);
+    a[2] = small_m::word(r0, 2 * h + 1);
+    a[3] = small_m::word(r1, 2 * h + 1);
+  }
+  __device__ __forceinline__ float out_scale(int64_t n) const { return to_f32<T>(scales[n]); }
+};
+
 }  // namespace
 
 Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<Tensor> bias) {
@@ -55,10 +101,16 @@ Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<T
   dispatch_half(xc.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const uint8_t* qp = static_cast<const uint8_t*>(qweight.data_ptr());
-    Int8Dec<T> dec{qp, static_cast<const T*>(scales.data_ptr()), K, K % 16 == 0 && aligned16(qp)};
-    quant::quant_linear(dec, static_cast<const T*>(xc.data_ptr()),
-                        bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
-                        static_cast<T*>(y.data_ptr()), M, N, K, xc, stream);
+    const T* sp = static_cast<const T*>(scales.data_ptr());
+    const T* xp = static_cast<const T*>(xc.data_ptr());
+    const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
+    T* yp = static_cast<T*>(y.data_ptr());
+    const bool rows_aligned = K % 16 == 0 && aligned16(qp);
+    if (small_m::enabled() &&
+        small_m::quant_linear_small_m(Int8Frag<T>{qp, sp, K}, rows_aligned, xp, bp, yp, M, N, K, xc, stream))
+      return;
+    Int8Dec<T> dec{qp, sp, K, rows_aligned};
+    quant::quant_linear(dec, xp, bp, yp, M, N, K, xc, stream);
   });
   return y;
 }

@@ -1,0 +1,284 @@
+// Dequantizing GEMM for small M (1..64), shared by int4_linear and int8_linear:
+// tensor cores fed straight from registers. y[M, N] = x[M, K] @ W[N, K]^T + bias.
+//
+// Why not quant_gemm.cuh's paths (fp32 decode on CUDA cores for M <= 8,
+// dequantize to shared memory then WMMA above)? At M <= 64 the GEMM is
+// memory-bound: the weight bytes must stream at full bandwidth and every
+// instruction per weight counts. Here a lane loads 16 bytes of one weight row,
+// decodes them in registers into half2 / bfloat162 pairs with a few integer
+// and packed-half instructions (a "magic number" turns a code into a float's
+// mantissa), and hands the pairs to mma.sync.m16n8k16 as the B operand. The
+// packed weights keep each op's plain layout: no offline re-shuffle.
+//
+// The mma sums over its 16 k-slots in any order, so the slots need not be 16
+// consecutive k: each format (the "Frag" structs in int4_linear.cu and
+// int8_linear.cu) picks the slot -> k map that makes its decode cheapest, and
+// builds the A operand (x) with the same map from 16-byte loads of
+// x[m, kt + 8i .. +8), kt being the lane's block of kLaneK consecutive k. A step
+// is s = 2i + h; a lane block holds kLaneK / 4 steps.
+//
+// A Frag provides: kLaneK (k per 16-byte weight load), Chunk (one lane's load
+// plus what decoding needs), load(n, kt), zero(), b(chunk, i, h, b0, b1) (the B
+// registers of step 2i + h), a(x_row_g, x_row_g8, h, a[4]) (the A registers of
+// step 2i + h from that step pair's x vectors) and out_scale(n) (a per-output
+// factor applied in the epilogue: int8's per-channel scale).
+//
+// Work split: a CTA of 8 warps owns BN = 4 * 8 * NG output rows (4 warps along
+// N, NG n8-groups each) and a K range (2 warps along K, 4 * kLaneK k per warp
+// per stage). The next stage's weights are loaded while this one computes. The
+// two K-warps are summed through shared memory; when K is split over CTAs
+// (gridDim.y > 1, to fill every SM) the last CTA of a column block to finish
+// sums the fp32 partials in split order (split_k_counters.h): one launch,
+// deterministic, graph-capturable.
+#pragma once
+
+#include <cstdlib>
+#include <type_traits>
+
+#include "common.cuh"
+#include "split_k_counters.h"
+
+namespace reparam {
+namespace small_m {
+
+constexpr int kWarpsN = 4, kWarpsK = 2, kThreads = 32 * kWarpsN * kWarpsK;
+constexpr int kMaxM = 64;
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Packed-pair arithmetic on the bits of a half2 / bfloat162, and the mma.
+template <class T>
+struct Pair {
+  static constexpr bool kHalf = std::is_same<T, __half>::value;
+  using V = std::conditional_t<kHalf, __half2, __nv_bfloat162>;
+  static __device__ __forceinline__ uint32_t bits(const V& v) { return *reinterpret_cast<const uint32_t*>(&v); }
+  static __device__ __forceinline__ const V& val(const uint32_t& u) { return *reinterpret_cast<const V*>(&u); }
+  static __device__ __forceinline__ uint32_t pack(float a) {
+    if constexpr (kHalf) return bits(__float2half2_rn(a));
+    else return bits(__float2bfloat162_rn(a));
+  }
+  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+    if constexpr (kHalf) return bits(__floats2half2_rn(lo, hi));
+    else return bits(__floats2bfloat162_rn(lo, hi));
+  }
+  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) { return bits(__hsub2(val(a), val(b))); }
+  static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    return bits(__hfma2(val(a), val(b), val(c)));
+  }
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (kHalf) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+  }
+};
+
+template <class Frag, class T, int MT, int NG>
+__global__ void __launch_bounds__(kThreads)
+    small_m_kernel(Frag frag, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
+                   float* __restrict__ part, unsigned* __restrict__ counters, int M, int64_t N, int64_t K,
+                   int64_t kchunk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
+#else
+  constexpr int BN = kWarpsN * 8 * NG;
+  constexpr int ACC = MT * NG * 4;
+  constexpr int kStepK = 4 * Frag::kLaneK;  // k per warp per stage
+  constexpr int kUnitK = kWarpsK * kStepK;  // k per CTA stage
+  constexpr int kPairs = Frag::kLaneK / 8;  // 16-byte x vectors per lane block = step pairs
+  __shared__ float red[kWarpsK - 1][kWarpsN][ACC][32];
+  __shared__ unsigned is_last;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wn = warp % kWarpsN, wk = warp / kWarpsN;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t col0 = int64_t(blockIdx.x) * BN;
+  const int64_t row0 = col0 + wn * 8 * NG + g;  // this lane's weight row in n8-group 0
+  const int64_t kb = int64_t(blockIdx.y) * kchunk, ke = min(K, kb + kchunk);
+  const int64_t stages = kchunk / kUnitK;
+
+  auto warp_k = [&](int64_t st) { return kb + (st * kWarpsK + wk) * kStepK; };
+  // K % kLaneK == 0: a lane's block is wholly inside or wholly outside [kb, ke).
+  auto load = [&](int64_t st, typename Frag::Chunk (&c)[NG]) {
+    const int64_t kt = warp_k(st) + Frag::kLaneK * t;
+#pragma unroll
+    for (int j = 0; j < NG; ++j) {
+      const int64_t n = row0 + 8 * j;
+      c[j] = (n < N && kt < ke) ? frag.load(n, kt) : Frag::zero();
+    }
+  };
+
+  float acc[MT][NG][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int j = 0; j < NG; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
+
+  typename Frag::Chunk cur[NG], nxt[NG];
+  load(0, cur);
+  for (int64_t st = 0; st < stages; ++st) {
+    if (warp_k(st) >= ke) break;  // warp-uniform: the rest of this warp's range is beyond K
+    const bool more = st + 1 < stages;
+    if (more) load(st + 1, nxt);  // in flight while this stage computes
+    const int64_t kt = warp_k(st) + Frag::kLaneK * t;
+    const bool kin = kt < ke;
+#pragma unroll
+    for (int i = 0; i < kPairs; ++i) {
+      uint4 xv[MT][2];  // x[m, kt + 8i .. +8) for m = 16 mt + g (+ 8)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int m = 16 * mt + 8 * r + g;
+          xv[mt][r] = (m < M && kin) ? __ldg(reinterpret_cast<const uint4*>(x + int64_t(m) * K + kt + 8 * i))
+                                     : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) Frag::a(xv[mt][0], xv[mt][1], h, a[mt]);
+#pragma unroll
+        for (int j = 0; j < NG; ++j) {
+          uint32_t b0, b1;
+          frag.b(cur[j], i, h, b0, b1);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) Pair<T>::mma(acc[mt][j], a[mt], b0, b1);
+        }
+      }
+    }
+    if (more) {
+#pragma unroll
+      for (int j = 0; j < NG; ++j) cur[j] = nxt[j];
+    }
+  }
+
+  // Sum the K-warps of each N-warp into warp wk == 0 (acc read flat: unrolled, so still registers).
+  float* flat = &acc[0][0][0];
+  if (wk > 0) {
+#pragma unroll
+    for (int e = 0; e < ACC; ++e) red[wk - 1][wn][e][lane] = flat[e];
+  }
+  __syncthreads();
+  if (wk == 0) {
+    for (int w = 0; w < kWarpsK - 1; ++w) {
+#pragma unroll
+      for (int e = 0; e < ACC; ++e) flat[e] += red[w][wn][e][lane];
+    }
+    // Accumulator c of (mt, j): row 16 mt + g (+ 8 for c >= 2), column 8 j + 2 t + c % 2.
+    float* out = gridDim.y == 1 ? nullptr : part + int64_t(blockIdx.y) * M * N;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < NG; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int m = 16 * mt + g + 8 * (c / 2);
+          const int64_t n = col0 + wn * 8 * NG + 8 * j + 2 * t + (c % 2);
+          if (m >= M || n >= N) continue;
+          if (out) {
+            out[int64_t(m) * N + n] = acc[mt][j][c];
+          } else {
+            const float v = acc[mt][j][c] * frag.out_scale(n) + (bias ? to_f32<T>(bias[n]) : 0.f);
+            y[int64_t(m) * N + n] = from_f32<T>(v);
+          }
+        }
+  }
+  if (gridDim.y == 1) return;
+
+  // Split K: the last CTA of this column block to arrive sums every split's partial.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicInc(&counters[blockIdx.x], gridDim.y - 1) == gridDim.y - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < M * BN; e += kThreads) {
+    const int m = e / BN;
+    const int64_t n = col0 + e % BN;
+    if (n >= N) continue;
+    float v = 0.f;
+    for (unsigned s = 0; s < gridDim.y; ++s) v += __ldcg(part + (int64_t(s) * M + m) * N + n);
+    y[int64_t(m) * N + n] = from_f32<T>(v * frag.out_scale(n) + (bias ? to_f32<T>(bias[n]) : 0.f));
+  }
+#endif
+}
+
+inline int compute_major(int device) {
+  static int cached[64] = {0};
+  const int d = device >= 0 && device < 64 ? device : 0;
+  if (cached[d] == 0) RK_CUDA_CHECK(cudaDeviceGetAttribute(&cached[d], cudaDevAttrComputeCapabilityMajor, d));
+  return cached[d];
+}
+
+// How many CTAs of a kernel fit on the GPU at once (cached per kernel and device).
+template <class Kernel>
+inline int64_t resident_ctas(Kernel kernel, int device) {
+  static int cached[64] = {0};
+  const int d = device >= 0 && device < 64 ? device : 0;
+  if (cached[d] == 0) {
+    int per_sm = 0;
+    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+    cached[d] = per_sm > 0 ? per_sm : 1;
+  }
+  return int64_t(cached[d]) * sm_count(device);
+}
+
+template <class Frag, class T, int MT, int NG>
+bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
+            const Tensor& like, cudaStream_t stream) {
+  constexpr int BN = kWarpsN * 8 * NG;
+  constexpr int kUnitK = kWarpsK * 4 * Frag::kLaneK;
+  auto kernel = small_m_kernel<Frag, T, MT, NG>;
+  const int device = like.get_device_index();
+  const int64_t columns = (N + BN - 1) / BN, units = (K + kUnitK - 1) / kUnitK;
+  // Split K just enough that one wave of resident CTAs covers the GPU.
+  const int64_t slots = resident_ctas(kernel, device);
+  int64_t splits = columns >= slots ? 1 : std::max<int64_t>(1, std::min(units, slots / columns));
+  const int64_t per_split = (units + splits - 1) / splits;
+  splits = (units + per_split - 1) / per_split;
+  if (columns >= (int64_t(1) << 31) || splits >= 65536) return false;
+  unsigned* counters = nullptr;
+  if (splits > 1) {
+    counters = split_k_counters(device, stream, columns);
+    if (counters == nullptr) return false;
+  }
+  Tensor part = torch::stable::new_empty(like, {splits > 1 ? splits * M * N : 1}, ScalarType::Float);
+  kernel<<<dim3(unsigned(columns), unsigned(splits)), kThreads, 0, stream>>>(
+      frag, x, bias, y, static_cast<float*>(part.data_ptr()), counters, int(M), N, K, per_split * kUnitK);
+  RK_CUDA_CHECK(cudaGetLastError());
+  return true;
+}
+
+// Runs y = x @ W^T + bias on this path when it applies (1 <= M <= 64, K a
+// multiple of the format's lane block, 16-byte aligned x and weight rows, sm_80+);
+// false means the caller takes the general path (quant_gemm.cuh).
+template <class Frag, class T>
+bool quant_linear_small_m(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M,
+                          int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
+  if (M < 1 || M > kMaxM || K % Frag::kLaneK != 0 || !weights_aligned || !aligned16(x)) return false;
+  if (compute_major(like.get_device_index()) < 8) return false;
+  if (M <= 16) return launch<Frag, T, 1, 4>(frag, x, bias, y, M, N, K, like, stream);
+  if (M <= 32) return launch<Frag, T, 2, 4>(frag, x, bias, y, M, N, K, like, stream);
+  return launch<Frag, T, 4, 2>(frag, x, bias, y, M, N, K, like, stream);
+}
+
+// REPARAM_SMALL_M=0 turns this path off (A/B benchmarks, bisecting).
+inline bool enabled() {
+  const char* v = std::getenv("REPARAM_SMALL_M");
+  return v == nullptr || v[0] != '0';
+}
+
+}  // namespace small_m
+}  // namespace reparam

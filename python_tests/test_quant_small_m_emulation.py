@@ -1,0 +1,272 @@
+"""A NumPy emulation of csrc/quant_small_m.cuh (the small-M tensor-core path of int4_linear and
+int8_linear) with the formats of csrc/int4_linear.cu (Int4Frag) and csrc/int8_linear.cu
+(Int8Frag), lane by lane: the grid and split-K choice, each lane's 16-byte weight and x loads,
+the bit tricks read back from their bit patterns (int4: 0x6400 | q = fp16 1024 + q, 0x4300 | q =
+bf16 128 + q; int8: byte permutes into 0x64 | byte for fp16, 2^23 + byte for bf16), the
+__byte_perm assembly of the A operand, mma.sync.m16n8k16 through the PTX fragment layouts of A,
+B and C, the K-warp reduction and the last-CTA fixup of split partials — against float64.
+
+It validates the slot -> k maps, the index math and the bit tricks without a GPU; it cannot catch
+a transcription slip between this file and the .cu (the gpu-marked tests in
+test_quant_small_m_gpu.py do). Keep them in step. Arithmetic here is float64 (int4's scale and
+-zero*scale are not rounded to x's dtype), so the tolerance is tight: any index error is O(1).
+"""
+import numpy as np
+import pytest
+import torch
+
+from reparam_kernels.compress.quantize import pack_int4
+
+WARPS_N, WARPS_K = 4, 2
+G_OF_LANE, T_OF_LANE = np.arange(32) // 4, np.arange(32) % 4
+
+
+def byte_perm(x, y, s):
+    """CUDA __byte_perm on uint32 arrays: result byte i = byte ((s >> 4i) & 7) of {y:x}."""
+    x, y = np.asarray(x, dtype=np.uint32), np.asarray(y, dtype=np.uint32)
+    src = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(src[(s >> (4 * i)) & 7] << np.uint32(8 * i) for i in range(4)).astype(np.uint32)
+
+
+def halves(reg, dtype):
+    """The (low, high) 16-bit halves of uint32 registers as float64 values of `dtype`."""
+    reg = np.asarray(reg, dtype=np.uint32)
+    lo, hi = (reg & 0xFFFF).astype(np.uint16), (reg >> 16).astype(np.uint16)
+    if dtype == "float16":
+        return lo.view(np.float16).astype(np.float64), hi.view(np.float16).astype(np.float64)
+    as_f32 = lambda h: (h.astype(np.uint32) << 16).view(np.float32).astype(np.float64)  # noqa: E731
+    return as_f32(lo), as_f32(hi)
+
+
+def f32_bits(bits):
+    return np.asarray(bits, dtype=np.uint32).view(np.float32).astype(np.float64)
+
+
+def word(v, i):
+    return v[..., i]
+
+
+class Int4Frag:
+    lane_k = 32
+    MAGIC = {"float16": (0x64006400, 1024.0), "bfloat16": (0x43004300, 128.0)}
+
+    def __init__(self, qp, s, z, group, dtype):
+        self.qp, self.s, self.z, self.group, self.dtype = qp, s, z, group, dtype
+
+    def load(self, n, kt):
+        gi = kt // self.group
+        return self.qp[n, kt // 2: kt // 2 + 16].view(np.uint32), (self.s[n, gi], -self.z[n, gi] * self.s[n, gi])
+
+    def zero(self):
+        return np.zeros(4, dtype=np.uint32), (0.0, 0.0)
+
+    def pair(self, w, shift, prm):
+        bits, magic = self.MAGIC[self.dtype]
+        lo, hi = halves(((w >> shift) & 0x000F000F) | bits, self.dtype)
+        s, nzs = prm
+        return (lo - magic) * s + nzs, (hi - magic) * s + nzs
+
+    def b(self, q, prm, i, h):
+        w = word(q, i)
+        return self.pair(w, 8 * h, prm), self.pair(w, 8 * h + 4, prm)
+
+    @staticmethod
+    def a(r0, r1, h):
+        regs = [byte_perm(word(r0, h), word(r0, h + 2), 0x5410), byte_perm(word(r1, h), word(r1, h + 2), 0x5410),
+                byte_perm(word(r0, h), word(r0, h + 2), 0x7632), byte_perm(word(r1, h), word(r1, h + 2), 0x7632)]
+        return regs
+
+    def out_scale(self, n):
+        return 1.0
+
+
+class Int8Frag:
+    lane_k = 16
+
+    def __init__(self, q, s, dtype):
+        self.q, self.s, self.dtype = q.view(np.uint8), s, dtype
+
+    def load(self, n, kt):
+        return self.q[n, kt: kt + 16].view(np.uint32), None
+
+    def zero(self):
+        return np.zeros(4, dtype=np.uint32), None
+
+    def b(self, q, prm, i, h):
+        u = word(q, 2 * i + h) ^ np.uint32(0x80808080)
+        if self.dtype == "float16":
+            out = []
+            for sel in (0x4140, 0x4342):
+                lo, hi = halves(byte_perm(u, 0x64646464, sel), "float16")
+                lo2, hi2 = halves(np.uint32(0x64806480), "float16")  # the subtracted pair: 1152
+                out.append((lo - lo2, hi - hi2))
+            return tuple(out)
+        code = [f32_bits(byte_perm(u, 0x4B000000, 0x7440 + j)) - 8388736.0 for j in range(4)]
+        return (code[0], code[1]), (code[2], code[3])  # exact integers: the bf16 conversion is exact
+
+    @staticmethod
+    def a(r0, r1, h):
+        return [word(r0, 2 * h), word(r1, 2 * h), word(r0, 2 * h + 1), word(r1, 2 * h + 1)]
+
+    def out_scale(self, n):
+        return self.s[n]
+
+
+def mma(acc, a, b, dtype):
+    """acc[32, 4] += A @ B with A, B assembled from the lanes' registers (PTX m16n8k16 layouts)."""
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    g, t = G_OF_LANE, T_OF_LANE
+    for r, (row, col) in enumerate([(g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8)]):
+        A[row, col], A[row, col + 1] = halves(a[r], dtype)
+    for r, krow in enumerate([2 * t, 2 * t + 8]):
+        B[krow, g], B[krow + 1, g] = b[r]
+    D = A @ B
+    acc[:, 0] += D[g, 2 * t]
+    acc[:, 1] += D[g, 2 * t + 1]
+    acc[:, 2] += D[g + 8, 2 * t]
+    acc[:, 3] += D[g + 8, 2 * t + 1]
+
+
+def plan(M, N, K, lane_k, slots):
+    """launch(): tile shape and the split of K (slots = resident CTAs on the GPU)."""
+    MT, NG = (1, 4) if M <= 16 else (2, 4) if M <= 32 else (4, 2)
+    BN, unit_k = WARPS_N * 8 * NG, WARPS_K * 4 * lane_k
+    columns, units = -(-N // BN), -(-K // unit_k)
+    splits = 1 if columns >= slots else max(1, min(units, slots // columns))
+    per_split = -(-units // splits)
+    return MT, NG, BN, columns, -(-units // per_split), per_split * unit_k
+
+
+def emulate(frag, x_bits, bias, M, N, K, dtype, slots):
+    """x_bits: uint16 [M, K] bit patterns of x; returns (y float64 [M, N], splits)."""
+    MT, NG, BN, columns, splits, kchunk = plan(M, N, K, frag.lane_k, slots)
+    step_k = 4 * frag.lane_k
+    xw = x_bits.astype(np.uint32)
+    y, part = np.zeros((M, N)), np.full((splits, M, N), np.nan)
+    g, t = G_OF_LANE, T_OF_LANE
+    for bx in range(columns):
+        col0 = bx * BN
+        for by in range(splits):
+            kb, ke = by * kchunk, min(K, by * kchunk + kchunk)
+            accs = {}
+            for wk in range(WARPS_K):
+                for wn in range(WARPS_N):
+                    acc = np.zeros((MT, NG, 32, 4))
+                    row0 = col0 + wn * 8 * NG + g
+                    for st in range(kchunk // (WARPS_K * step_k)):
+                        wkk = kb + (st * WARPS_K + wk) * step_k
+                        if wkk >= ke:
+                            break
+                        kt = wkk + frag.lane_k * t
+                        kin = kt < ke
+                        chunks = []
+                        for j in range(NG):
+                            n = row0 + 8 * j
+                            lanes = [frag.load(n[ln], kt[ln]) if (n[ln] < N and kin[ln]) else frag.zero()
+                                     for ln in range(32)]
+                            q = np.stack([c[0] for c in lanes])
+                            prm = None if lanes[0][1] is None else tuple(np.array(v) for v in zip(*[c[1] for c in lanes]))
+                            chunks.append((q, prm))
+                        for i in range(frag.lane_k // 8):
+                            xv = np.zeros((MT, 2, 32, 4), dtype=np.uint32)  # 16 bytes = 4 words per lane
+                            for mt in range(MT):
+                                for r in range(2):
+                                    m = 16 * mt + 8 * r + g
+                                    for ln in np.nonzero((m < M) & kin)[0]:
+                                        e = xw[m[ln], kt[ln] + 8 * i: kt[ln] + 8 * i + 8]
+                                        xv[mt, r, ln] = e[0::2] | (e[1::2] << 16)
+                            for h in range(2):
+                                a = [frag.a(xv[mt, 0], xv[mt, 1], h) for mt in range(MT)]
+                                for j in range(NG):
+                                    b = frag.b(chunks[j][0], chunks[j][1], i, h)
+                                    for mt in range(MT):
+                                        mma(acc[mt, j], a[mt], b, dtype)
+                    accs[wk, wn] = acc
+            for wn in range(WARPS_N):
+                acc = sum(accs[wk, wn] for wk in range(WARPS_K))  # wk = 0 plus red[] in order
+                for mt in range(MT):
+                    for j in range(NG):
+                        for c in range(4):
+                            m = 16 * mt + g + 8 * (c // 2)
+                            n = col0 + wn * 8 * NG + 8 * j + 2 * t + c % 2
+                            ok = (m < M) & (n < N)
+                            if splits == 1:
+                                y[m[ok], n[ok]] = acc[mt, j, ok, c] * frag.out_scale(n[ok]) + bias[n[ok]]
+                            else:
+                                part[by, m[ok], n[ok]] = acc[mt, j, ok, c]
+        if splits > 1:  # the last CTA of the column block: partials in split order, scale, bias
+            cols = np.arange(col0, min(N, col0 + BN))
+            y[:, cols] = part[:, :, cols].sum(axis=0) * frag.out_scale(cols) + bias[cols]
+    return y, splits
+
+
+def make(rng, fmt, M, N, K, group, dtype):
+    tdt = getattr(torch, dtype)
+    x = torch.from_numpy(rng.standard_normal((M, K))).to(tdt)
+    bias = torch.from_numpy(rng.standard_normal(N)).to(tdt)
+    if fmt == "int4":
+        q = torch.from_numpy(rng.integers(0, 16, size=(N, K), dtype=np.uint8))
+        s = torch.from_numpy(rng.uniform(0.01, 0.05, size=(N, K // group))).to(tdt)
+        z = torch.from_numpy(rng.uniform(0, 15, size=(N, K // group))).to(tdt)  # non-integer zero points too
+        W = (q.double() - z.double().repeat_interleave(group, 1)) * s.double().repeat_interleave(group, 1)
+        frag = Int4Frag(pack_int4(q).numpy(), s.double().numpy(), z.double().numpy(), group, dtype)
+    else:
+        q = torch.from_numpy(rng.integers(-128, 128, size=(N, K), dtype=np.int8))
+        s = torch.from_numpy(rng.uniform(0.001, 0.01, size=N)).to(tdt)
+        W = q.double() * s.double()[:, None]
+        frag = Int8Frag(q.numpy(), s.double().numpy(), dtype)
+    ref = (x.double() @ W.T + bias.double()).numpy()
+    return frag, x.view(torch.int16).numpy().view(np.uint16), bias.double().numpy(), ref
+
+
+# (fmt, M, N, K, group, dtype, slots, splits): odd M for each tile shape, N not a multiple of BN, K
+# with a partial last stage, one column block or several, one split or several (a small `slots`,
+# the resident CTAs, forces the split-K fixup).
+CASES = [
+    ("int4", 1, 70, 288, 32, "float16", 528, 2),
+    ("int4", 2, 300, 544, 32, "bfloat16", 2, 1),
+    ("int4", 3, 40, 512, 128, "bfloat16", 2, 2),
+    ("int4", 16, 129, 256, 64, "float16", 1, 1),
+    ("int4", 17, 33, 416, 32, "bfloat16", 4, 2),
+    ("int4", 40, 70, 320, 64, "float16", 8, 2),
+    ("int4", 64, 64, 544, 32, "bfloat16", 3, 3),
+    ("int8", 1, 70, 144, None, "float16", 528, 2),
+    ("int8", 5, 150, 272, None, "bfloat16", 1, 1),
+    ("int8", 16, 33, 400, None, "bfloat16", 4, 4),
+    ("int8", 20, 129, 128, None, "float16", 2, 1),
+    ("int8", 33, 64, 208, None, "float16", 2, 2),
+    ("int8", 63, 10, 96, None, "bfloat16", 4, 1),
+]
+
+
+@pytest.mark.parametrize("fmt,M,N,K,group,dtype,slots,splits", CASES)
+def test_small_m_emulation_matches_float64(rng, fmt, M, N, K, group, dtype, slots, splits):
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
+    frag, x_bits, bias, ref = make(rng, fmt, M, N, K, group, dtype)
+    y, used = emulate(frag, x_bits, bias, M, N, K, dtype, slots)
+    assert used == splits
+    assert np.abs(y - ref).max() <= 1e-9 * (1 + np.abs(ref).max())
+
+
+def test_plan_splits_fill_one_wave():
+    # int4 8192 x 8192 at M = 1 on 132 SMs with 2 resident CTAs each: 64 column blocks x 4 splits.
+    MT, NG, BN, columns, splits, kchunk = plan(1, 8192, 8192, 32, 264)
+    assert (BN, columns, splits, kchunk) == (128, 64, 4, 2048)
+    # Wide N needs no split: one CTA per column block already covers the GPU.
+    assert plan(1, 28672, 8192, 32, 132)[4] == 1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_bit_tricks_are_exact(dtype):
+    w = np.array([0x76543210, 0xFEDCBA98], dtype=np.uint32)
+    f4 = Int4Frag(None, None, None, 32, dtype)
+    for shift in (0, 4, 8, 12):
+        lo, hi = f4.pair(w, shift, (np.ones(2), np.zeros(2)))
+        assert np.array_equal(lo, (w >> shift) & 0xF) and np.array_equal(hi, (w >> (shift + 16)) & 0xF)
+    codes = np.arange(-128, 128, dtype=np.int8)  # every int8 value once: 64 words
+    f8 = Int8Frag(codes[None], None, dtype)
+    got = []
+    for w8 in codes.view(np.uint32):
+        (b00, b01), (b10, b11) = f8.b(np.array([[w8, 0, 0, 0]], dtype=np.uint32), None, 0, 0)
+        got += [b00[0], b01[0], b10[0], b11[0]]
+    assert np.array_equal(np.array(got), codes.astype(np.float64))

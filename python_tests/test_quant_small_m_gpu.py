@@ -1,0 +1,108 @@
+"""The small-M tensor-core path of int4_linear and int8_linear (csrc/quant_small_m.cuh, M <= 64)
+on the GPU: against float64 and against the general path (REPARAM_SMALL_M=0) at odd sizes,
+split-K fixups with different split counts back to back (the self-resetting counters),
+bit-identical repeats, a CUDA graph captured before any eager call on its stream, non-integer
+zero points, misaligned x and an int8 K that is not a multiple of 16 (both: the general path)."""
+import os
+
+import pytest
+import torch
+
+from reparam_kernels.compress.quantize import pack_int4
+from conftest import TOL, rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+def make(rng, op, M, K, N, dtype, group=128, int_zeros=True):
+    """(args, W64) on the GPU: the op's arguments and its dense float64 weight."""
+    x = torch.randn(M, K, generator=rng).to(dtype)
+    b = torch.randn(N, generator=rng).to(dtype)
+    if op == "int8_linear":
+        q = torch.randint(-128, 128, (N, K), generator=rng, dtype=torch.int8)
+        s = (torch.rand(N, generator=rng) * 0.01 + 0.001).to(dtype)
+        w = q.double() * s.double()[:, None]
+        return [x.cuda(), q.cuda(), s.cuda(), b.cuda()], w.cuda()
+    q = torch.randint(0, 16, (N, K), generator=rng, dtype=torch.uint8)
+    g = K // group
+    s = (torch.rand(N, g, generator=rng) * 0.05 + 0.01).to(dtype)
+    z = torch.randint(0, 16, (N, g), generator=rng).double() if int_zeros else torch.rand(N, g, generator=rng) * 15
+    z = z.to(dtype)
+    w = ((q.double().reshape(N, g, group) - z.double()[..., None]) * s.double()[..., None]).reshape(N, K)
+    return [x.cuda(), pack_int4(q).cuda(), s.cuda(), z.cuda(), group, b.cuda()], w.cuda()
+
+
+def run(op, args):
+    return getattr(torch.ops.reparam, op)(*args)
+
+
+def exact(args, w):
+    return args[0].double() @ w.t() + args[-1].double()
+
+
+def general_path(op, args):
+    os.environ["REPARAM_SMALL_M"] = "0"
+    try:
+        return run(op, args)
+    finally:
+        del os.environ["REPARAM_SMALL_M"]
+
+
+@pytest.mark.parametrize("op", ["int4_linear", "int8_linear"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 13, 16, 17, 31, 32, 33, 50, 64])
+@pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32), (544, 72, 32), (8192, 264, 64)])
+def test_small_m_matches_float64_and_general_path(rng, op, dtype, M, K, N, group):
+    args, w = make(rng, op, M, K, N, dtype, group)
+    y = run(op, args)
+    ref = exact(args, w)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) <= TOL[dtype]
+    assert rel_err(general_path(op, args), ref) <= TOL[dtype]
+    assert torch.equal(run(op, args), y)  # split order is fixed: deterministic
+
+
+@pytest.mark.parametrize("op", ["int4_linear", "int8_linear"])
+def test_split_counts_back_to_back(rng, op):
+    # Different column and split counts in a row on one stream: each launch must leave its
+    # counters at 0 for the next.
+    cases = [make(rng, op, M, K, N, torch.float16) for M, K, N in
+             [(1, 8192, 128), (3, 2048, 640), (1, 8192, 128), (16, 4096, 256), (64, 1024, 64), (2, 8192, 96)]]
+    for _ in range(3):
+        for args, w in cases:
+            assert rel_err(run(op, args), exact(args, w)) <= 5e-3
+
+
+@pytest.mark.parametrize("op", ["int4_linear", "int8_linear"])
+def test_graph_captured_before_any_eager_call(rng, op):
+    args, w = make(rng, op, 1, 8192, 512, torch.float16)  # 4 column blocks: K is split
+    stream = torch.cuda.Stream()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=stream):
+        y = run(op, args)
+    for _ in range(3):
+        args[0].copy_(torch.randn(args[0].shape, generator=rng).half())
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, exact(args, w)) <= 5e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_int4_non_integer_zero_points(rng, dtype):
+    args, w = make(rng, "int4_linear", 7, 2048, 384, dtype, int_zeros=False)
+    assert rel_err(run("int4_linear", args), exact(args, w)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("op", ["int4_linear", "int8_linear"])
+def test_misaligned_x_takes_the_general_path(rng, op):
+    args, w = make(rng, op, 4, 512, 200, torch.float16, group=32)
+    buf = torch.empty(4 * 512 + 1, device="cuda", dtype=torch.float16)
+    x = buf[1:].view(4, 512)  # contiguous, 2 bytes past a 16-byte boundary
+    x.copy_(args[0])
+    args[0] = x
+    assert rel_err(run(op, args), exact(args, w)) <= 5e-3
+
+
+def test_int8_odd_k_takes_the_general_path(rng):
+    args, w = make(rng, "int8_linear", 3, 200, 72, torch.bfloat16)
+    assert rel_err(run("int8_linear", args), exact(args, w)) <= TOL[torch.bfloat16]
