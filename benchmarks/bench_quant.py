@@ -4,8 +4,9 @@
 
 Peers in the same run: torch's int4 "tinygemm" (``torch._weight_int4pack_mm``,
 group 128, bf16 only: it takes no fp16) for int4_linear, our own Triton
-kernel for every op, and for int4/int8 at M <= 64 our general CUDA path
-(``cuda_general_path``) against the small-M tensor-core path they take there. cuBLAS runs the dequantized weight in x's dtype. Each
+kernel for every op, and our general CUDA path (``cuda_general_path``) where
+the op takes another one: int4/int8 at M <= 64 (the small-M tensor-core path),
+every op at M >= 512 (dequantize + cuBLAS). cuBLAS runs the dequantized weight in x's dtype. Each
 case is checked against float64 (x and the dequantized weight in float64)
 before it is timed; a contender that fails the check is not timed (recorded in
 the file's ``failures``). Writes benchmarks/results/<gpu>/{int8_linear,
@@ -80,18 +81,28 @@ def tinygemm(x, packed, group, sz):
     return torch._weight_int4pack_mm(x, packed, group, sz)
 
 
-def general_path(op):
-    """`op` through the general CUDA path (GEMV / dequantize to shared memory), not the small-M
-    tensor-core path it takes at M <= 64: an A/B peer. (Toggling the variable costs a little CPU
-    time in eager mode; the graph numbers are kernel-only.)"""
+DEQUANT_MIN_M = 512  # csrc/quant_dequant_mm.cuh's default threshold
+
+
+def general_path(op, M):
+    """`op` through the general CUDA path (GEMV / WMMA tiles decoding to shared memory) instead of
+    the path it takes at this M: the small-M tensor-core path (int4/int8, M <= 64) or dequantize +
+    cuBLAS (M >= 512). An A/B peer; None where the op takes the general path anyway. (Toggling the
+    variable costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
+    if M <= 64 and op in ("int4_linear", "int8_linear"):
+        var, value = "REPARAM_SMALL_M", "0"
+    elif M >= DEQUANT_MIN_M:
+        var, value = "REPARAM_DEQUANT_MIN_M", "0"
+    else:
+        return None
     fn = getattr(torch.ops.reparam, op)
 
     def run(*args):
-        os.environ["REPARAM_SMALL_M"] = "0"
+        os.environ[var] = value
         try:
             return fn(*args)
         finally:
-            del os.environ["REPARAM_SMALL_M"]
+            del os.environ[var]
     return run
 
 
@@ -127,8 +138,8 @@ def bench_shape(res, op, N, K, M, dtype, modes, device="cuda", count=None, seed=
         tg = [tinygemm_args(s[0], s[1:]) for s in ours_sets]
         if all(a is not None for a in tg):
             peers["tinygemm"] = Contender(tinygemm, tg)
-    if op in ("int4_linear", "int8_linear") and device == "cuda" and M <= 64:
-        peers["cuda_general_path"] = Contender(general_path(op), ours_sets)
+    if device == "cuda" and general_path(op, M) is not None:
+        peers["cuda_general_path"] = Contender(general_path(op, M), ours_sets)
     x0, w0 = ours_sets[0][0], ours_sets[0][1:]
     backend, why = _dispatch.backend_for(op, device, dtype)
     rows = run_case(

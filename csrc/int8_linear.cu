@@ -4,6 +4,7 @@
 // the int8 decoder and the argument checks. Any K works (rows that are not
 // 16-byte aligned, i.e. K % 16 != 0, are read bytewise).
 #include "ops.h"
+#include "quant_dequant_mm.cuh"
 #include "quant_gemm.cuh"
 #include "quant_small_m.cuh"
 
@@ -110,6 +111,7 @@ Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<T
         small_m::quant_linear_small_m(Int8Frag<T>{qp, sp, K}, rows_aligned, xp, bp, yp, M, N, K, xc, stream))
       return;
     Int8Dec<T> dec{qp, sp, K, rows_aligned};
+    if (M >= quant::dequant_min_m()) return quant::dequant_matmul(dec, xc, bp, y, M, N, K, stream);
     quant::quant_linear(dec, xp, bp, yp, M, N, K, xc, stream);
   });
   return y;

@@ -4,6 +4,7 @@
 // are read bytewise). The 16-entry table of a row is read through the
 // read-only cache (32 bytes per row group, L1-resident while its rows stream).
 #include "ops.h"
+#include "quant_dequant_mm.cuh"
 #include "quant_gemm.cuh"
 
 namespace reparam {
@@ -61,9 +62,10 @@ Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor>
     using T = decltype(tag);
     const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
     LutDec<T> dec{cp, static_cast<const T*>(lut.data_ptr()), K, N / L, (K / 2) % 16 == 0 && aligned16(cp)};
-    quant::quant_linear(dec, static_cast<const T*>(xc.data_ptr()),
-                        bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
-                        static_cast<T*>(y.data_ptr()), M, N, K, xc, stream);
+    const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
+    if (M >= quant::dequant_min_m()) return quant::dequant_matmul(dec, xc, bp, y, M, N, K, stream);
+    quant::quant_linear(dec, static_cast<const T*>(xc.data_ptr()), bp, static_cast<T*>(y.data_ptr()), M, N, K, xc,
+                        stream);
   });
   return y;
 }

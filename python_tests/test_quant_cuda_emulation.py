@@ -260,6 +260,28 @@ def test_mma_emulation_matches_float64(rng, op, N, K, kw, cfg):
     assert np.abs(y - ref).max() <= 1e-9 * max(1.0, np.abs(ref).max())
 
 
+def emulate_dequantize(dec, N, K):
+    """quant_dequant_mm.cuh's dequantize_kernel: chunk c -> (n, k0), KC/8 sub-vectors, the row's tail cut."""
+    w = np.full((N, K), np.nan)
+    chunks = -(-K // dec.KC)
+    for c in range(N * chunks):
+        n, k0 = c // chunks, (c % chunks) * dec.KC
+        raw, prm = dec.load(n, k0), dec.params(n, k0)
+        for j in range(dec.KC // 8):
+            k = k0 + 8 * j
+            if k >= K:
+                break
+            v = dec.decode8(raw, prm, j)
+            w[n, k: k + 8] = v[: min(8, K - k)]
+    return w
+
+
+@pytest.mark.parametrize("op,N,K,kw", CASES + [("int8", 5, 37, {}), ("lut", 3, 38, {"tables": 1})])
+def test_dequantize_emulation_matches_float64(rng, op, N, K, kw):
+    dec, w = make(op, rng, N, K, **kw)
+    assert np.abs(emulate_dequantize(dec, N, K) - w.numpy()).max() <= 1e-12 * max(1.0, w.abs().max().item())
+
+
 def test_byte_tricks():
     assert byte_perm(0x44332211, 0x88776655, 0x3210) == 0x44332211
     assert all(byte_to_float(0xF0 << 8 * j | 0x01, j) == ((0xF0 << 8 * j | 0x01) >> 8 * j & 0xFF) for j in range(4))

@@ -1,0 +1,94 @@
+// Large-M path of the quantized ops: dequantize W once into x's dtype (one
+// bandwidth-bound pass: read the packed weight, write N x K halves), then
+// cuBLAS through aten::mm.out straight into y, then the bias.
+//
+// Why: at large M the GEMM is compute-bound and the extra pass is small beside
+// it (8192 x 8192 at M = 2048: ~45 us of dequantization vs ~400 us of GEMM at
+// cuBLAS's 680 TFLOP/s, i.e. ~0.9x of cuBLAS on the dense weight), while
+// quant_gemm.cuh's WMMA tiles (mma.sync, 2 stages, no wgmma) would run at a
+// fraction of cuBLAS's Hopper kernels. The cost is a temporary N x K buffer
+// (128 MB for 8192 x 8192 fp16) from the caching allocator.
+//
+// Taken for M >= REPARAM_DEQUANT_MIN_M (default 512; 0 turns it off); the
+// threshold is a guess until the H200 measures the crossover (bench_quant).
+#pragma once
+
+#include <array>
+#include <cstdlib>
+
+#include "quant_gemm.cuh"
+
+namespace reparam {
+namespace quant {
+
+inline int64_t dequant_min_m() {
+  const char* v = std::getenv("REPARAM_DEQUANT_MIN_M");
+  if (v == nullptr || v[0] == '\0') return 512;
+  const long long m = std::atoll(v);
+  return m <= 0 ? INT64_MAX : m;
+}
+
+// W[n, k] in T for every n < N, k < K, one 16-byte chunk of packed weights per iteration.
+template <class Dec, class T>
+__global__ void __launch_bounds__(256) dequantize_kernel(Dec dec, T* __restrict__ w, int64_t N, int64_t K) {
+  constexpr int KC = Dec::KC;
+  const int64_t chunks = (K + KC - 1) / KC;
+  const bool vec = K % 8 == 0;  // rows then start 16-byte aligned (the buffer is fresh)
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < N * chunks;
+       c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = c / chunks, k0 = (c % chunks) * KC;
+    const uint4 raw = dec.load(n, k0);
+    const typename Dec::Params prm = dec.params(n, k0);
+    T* row = w + n * K;
+#pragma unroll
+    for (int j = 0; j < KC / 8; ++j) {
+      const int64_t k = k0 + 8 * j;
+      if (k >= K) break;
+      float v[8];
+      dec.decode8(raw, prm, j, v);
+      if (vec) {  // K % 8 == 0: all 8 are inside the row
+        Vec8<T> out;
+        T* p = reinterpret_cast<T*>(&out.raw);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) p[e] = from_f32<T>(v[e]);
+        *reinterpret_cast<uint4*>(row + k) = out.raw;
+      } else {
+        for (int e = 0; e < 8 && k + e < K; ++e) row[k + e] = from_f32<T>(v[e]);
+      }
+    }
+  }
+}
+
+template <class T>
+__global__ void add_bias_kernel(T* __restrict__ y, const T* __restrict__ bias, int64_t M, int64_t N) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < M * N; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = from_f32<T>(to_f32<T>(y[i]) + to_f32<T>(bias[i % N]));
+}
+
+// out[M, N] = a[M, K] @ b[K, N] by cuBLAS (aten::mm.out), on the current stream.
+inline void mm_out(const Tensor& a, const Tensor& b, const Tensor& out) {
+  std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
+                                    torch::stable::detail::from(out)};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
+  (void)torch::stable::detail::to<Tensor>(stack[0]);  // the returned handle (out again): released here
+}
+
+// y[..., N] = x[..., K] @ W^T + bias with W decoded by `dec`; xc contiguous, y fresh and contiguous.
+template <class Dec, class T>
+void dequant_matmul(const Dec& dec, const Tensor& xc, const T* bias, const Tensor& y, int64_t M, int64_t N,
+                    int64_t K, cudaStream_t stream) {
+  Tensor w = torch::stable::new_empty(xc, {N, K});
+  const int64_t chunks = N * ((K + Dec::KC - 1) / Dec::KC);
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((chunks + 255) / 256, 16 * sm_count(xc.get_device_index())));
+  dequantize_kernel<Dec, T><<<unsigned(blocks), 256, 0, stream>>>(dec, static_cast<T*>(w.data_ptr()), N, K);
+  RK_CUDA_CHECK(cudaGetLastError());
+  mm_out(torch::stable::reshape(xc, {M, K}), torch::stable::transpose(w, 0, 1), torch::stable::reshape(y, {M, N}));
+  if (bias != nullptr) {
+    const int64_t b = std::min<int64_t>((M * N + 255) / 256, 16 * sm_count(xc.get_device_index()));
+    add_bias_kernel<T><<<unsigned(b), 256, 0, stream>>>(static_cast<T*>(y.data_ptr()), bias, M, N);
+    RK_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+}  // namespace quant
+}  // namespace reparam
