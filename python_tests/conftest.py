@@ -1,4 +1,5 @@
 """Shared test setup: the `gpu` marker, float64 comparison and input helpers."""
+import contextlib
 import os
 
 import pytest
@@ -37,3 +38,17 @@ def rng():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@contextlib.contextmanager
+def env_var(name, value):
+    """Sets environment variable `name` inside the block (the CUDA ops read their path switches per call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old

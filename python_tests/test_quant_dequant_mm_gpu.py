@@ -2,12 +2,10 @@
 dequantize W once, cuBLAS through aten::mm.out into y, then the bias) on the GPU: against float64
 and against the general path (REPARAM_DEQUANT_MIN_M=0) at odd sizes, with and without bias, with
 leading dims, and inside a CUDA graph."""
-import os
-
 import pytest
 import torch
 
-from conftest import TOL, rel_err
+from conftest import TOL, env_var, rel_err
 from test_quant_ops import exact, make
 
 pytestmark = pytest.mark.gpu
@@ -19,11 +17,8 @@ def run(op, args):
 
 
 def general_path(op, args):
-    os.environ["REPARAM_DEQUANT_MIN_M"] = "0"
-    try:
+    with env_var("REPARAM_DEQUANT_MIN_M", "0"):
         return run(op, args)
-    finally:
-        del os.environ["REPARAM_DEQUANT_MIN_M"]
 
 
 @pytest.mark.parametrize("op", OPS)

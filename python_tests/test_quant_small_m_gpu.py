@@ -3,13 +3,11 @@ on the GPU: against float64 and against the general path (REPARAM_SMALL_M=0) at 
 split-K fixups with different split counts back to back (the self-resetting counters),
 bit-identical repeats, a CUDA graph captured before any eager call on its stream, non-integer
 zero points, misaligned x and an int8 K that is not a multiple of 16 (both: the general path)."""
-import os
-
 import pytest
 import torch
 
 from reparam_kernels.compress.quantize import pack_int4
-from conftest import TOL, rel_err
+from conftest import TOL, env_var, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -41,11 +39,8 @@ def exact(args, w):
 
 
 def general_path(op, args):
-    os.environ["REPARAM_SMALL_M"] = "0"
-    try:
+    with env_var("REPARAM_SMALL_M", "0"):
         return run(op, args)
-    finally:
-        del os.environ["REPARAM_SMALL_M"]
 
 
 @pytest.mark.parametrize("op", ["int4_linear", "int8_linear"])
