@@ -1,5 +1,6 @@
 """Fused low-rank linear vs cuBLAS dense F.linear vs two cuBLAS calls (and the same product stored
-pivoted, op pivoted_lowrank_linear), in one run.
+pivoted, op pivoted_lowrank_linear), in one run. At M >= 512 the op itself runs two cuBLAS
+products; the fused kernel is then timed as the peer `cuda_fused`.
 
     python benchmarks/bench_lowrank.py [--quick] [--ranks 128,512,1024] [--dtypes fp16,bf16]
 
@@ -9,6 +10,8 @@ and `flops`; the copy bandwidth and bf16 GEMM ceilings are measured first in
 the same run and stored under `ceilings`, so achieved bandwidth is read
 against the copy ceiling of this very run.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +50,18 @@ def make_sets(N, K, r, M, dtype, low_count, dense_count, device="cuda"):
     return low, piv, dense
 
 
+CUBLAS_MIN_M = 512  # csrc/lowrank_large_m.cuh's default: from here on the op runs two cuBLAS products
+
+
+def fused_kernel(x, u, v):
+    """lowrank_linear through the fused kernel even at M >= CUBLAS_MIN_M: an A/B peer for the threshold."""
+    os.environ["REPARAM_LOWRANK_CUBLAS_MIN_M"] = "0"
+    try:
+        return torch.ops.reparam.lowrank_linear(x, u, v, None)
+    finally:
+        del os.environ["REPARAM_LOWRANK_CUBLAS_MIN_M"]
+
+
 def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     """Check, then time, one case; `device`/`count` exist so the CPU tests can run it small."""
     elt = torch.empty((), dtype=dtype).element_size()
@@ -57,14 +72,16 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     low, piv, dense = make_sets(N, K, r, M, dtype, low_count, dense_count, device)
     x0, u0, v0 = low[0]
     backend, why = _dispatch.backend_for("lowrank_linear", "cuda", dtype)
+    peers = {"two_cublas": Contender(two_cublas, low),
+             # the same product stored pivoted (r·(N + K − r) weights: r² fewer bytes to move)
+             "pivoted": Contender(lambda x, u, w, perm: reparam_kernels.ops.pivoted_lowrank_linear(x, u, w, perm),
+                                  piv)}
+    if device == "cuda" and M >= CUBLAS_MIN_M:
+        peers["cuda_fused"] = Contender(fused_kernel, low)
     rows = run_case(
         res, dtype=dtype, M=M, N=N, K=K, params={"rank": r}, modes=modes,
         ours=Contender(lambda x, u, v: reparam_kernels.ops.lowrank_linear(x, u, v), low),
-        cublas=Contender(F.linear, dense),
-        # the same product stored pivoted (r·(N + K − r) weights: r² fewer bytes to move)
-        peers={"two_cublas": Contender(two_cublas, low),
-               "pivoted": Contender(lambda x, u, w, perm: reparam_kernels.ops.pivoted_lowrank_linear(x, u, w, perm),
-                                    piv)},
+        cublas=Contender(F.linear, dense), peers=peers,
         reference=lambda: (x0.double() @ v0.double().t()) @ u0.double().t(),
         bytes=must_move, flops=2 * M * r * (N + K), backend=backend,
     )

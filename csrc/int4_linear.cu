@@ -133,7 +133,7 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
       return;
     // K % 32 == 0, so every row is 16-byte aligned when the base is
     Int4Dec<T> dec{qp, sp, zp, K, G, group_size, aligned16(qp)};
-    if (M >= quant::dequant_min_m()) return quant::dequant_matmul(dec, xc, bp, y, M, N, K, stream);
+    if (M >= quant::dequant_min_m()) return quant::dequant_matmul<decltype(dec), T>(dec, xc, bias, y, M, N, K, stream);
     quant::quant_linear(dec, xp, bp, yp, M, N, K, xc, stream);
   });
   return y;

@@ -111,7 +111,7 @@ Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<T
         small_m::quant_linear_small_m(Int8Frag<T>{qp, sp, K}, rows_aligned, xp, bp, yp, M, N, K, xc, stream))
       return;
     Int8Dec<T> dec{qp, sp, K, rows_aligned};
-    if (M >= quant::dequant_min_m()) return quant::dequant_matmul(dec, xc, bp, y, M, N, K, stream);
+    if (M >= quant::dequant_min_m()) return quant::dequant_matmul<decltype(dec), T>(dec, xc, bias, y, M, N, K, stream);
     quant::quant_linear(dec, xp, bp, yp, M, N, K, xc, stream);
   });
   return y;

@@ -15,12 +15,14 @@
 // (so phase 1 streams it with the same 16-byte loads) and starts t at x's pivot columns; phase 1
 // is t += xg @ w^T; phases 2-3 are unchanged.
 //
-// Decode (M <= 16) is memory-bound: the tile puts 64 weight rows against a
+// At M >= 512 (REPARAM_LOWRANK_CUBLAS_MIN_M) the ops take two cuBLAS products instead
+// (lowrank_large_m.cuh). Decode (M <= 16) is memory-bound: the tile puts 64 weight rows against a
 // 16-wide batch and the reduction is split so every SM streams weights
 // (16-byte cp.async, two stages). Prefill uses 128x128 tiles.
 #include <cooperative_groups.h>
 
 #include "gemm_nt_tile.cuh"
+#include "lowrank_large_m.cuh"
 #include "lowrank_product.h"
 #include "ops.h"
 
@@ -210,6 +212,12 @@ Tensor lowrank_product(const char* op, Tensor x, Tensor u, Tensor v, const Tenso
   Tensor y = torch::stable::new_empty(xc, out_shape(xc, N));
   if (M == 0 || N == 0) return y;
   cudaStream_t stream = current_stream(xc);
+  if (M >= lowrank_large_m::min_m()) {  // prefill: two cuBLAS products (lowrank_large_m.cuh)
+    dispatch_half(xc.scalar_type(), op, [&](auto tag) {
+      lowrank_large_m::run<decltype(tag)>(xc, u, v, perm, bias, y, M, N, K, r, stream);
+    });
+    return y;
+  }
   // gather scratch of the pivoted form (at least one element so its pointer is valid)
   Tensor xg = torch::stable::new_empty(xc, {perm ? std::max<int64_t>(M * K1, 1) : 1});
 

@@ -63,7 +63,7 @@ Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor>
     const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
     LutDec<T> dec{cp, static_cast<const T*>(lut.data_ptr()), K, N / L, (K / 2) % 16 == 0 && aligned16(cp)};
     const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
-    if (M >= quant::dequant_min_m()) return quant::dequant_matmul(dec, xc, bp, y, M, N, K, stream);
+    if (M >= quant::dequant_min_m()) return quant::dequant_matmul<decltype(dec), T>(dec, xc, bias, y, M, N, K, stream);
     quant::quant_linear(dec, static_cast<const T*>(xc.data_ptr()), bp, static_cast<T*>(y.data_ptr()), M, N, K, xc,
                         stream);
   });

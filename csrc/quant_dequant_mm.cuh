@@ -1,6 +1,6 @@
 // Large-M path of the quantized ops: dequantize W once into x's dtype (one
 // bandwidth-bound pass: read the packed weight, write N x K halves), then
-// cuBLAS through aten::mm.out straight into y, then the bias.
+// cuBLAS through aten::linear.out straight into y (the bias in its epilogue).
 //
 // Why: at large M the GEMM is compute-bound and the extra pass is small beside
 // it (8192 x 8192 at M = 2048: ~45 us of dequantization vs ~400 us of GEMM at
@@ -13,20 +13,13 @@
 // threshold is a guess until the H200 measures the crossover (bench_quant).
 #pragma once
 
-#include <array>
-#include <cstdlib>
-
+#include "cublas_mm.cuh"
 #include "quant_gemm.cuh"
 
 namespace reparam {
 namespace quant {
 
-inline int64_t dequant_min_m() {
-  const char* v = std::getenv("REPARAM_DEQUANT_MIN_M");
-  if (v == nullptr || v[0] == '\0') return 512;
-  const long long m = std::atoll(v);
-  return m <= 0 ? INT64_MAX : m;
-}
+inline int64_t dequant_min_m() { return min_m_from_env("REPARAM_DEQUANT_MIN_M", 512); }
 
 // W[n, k] in T for every n < N, k < K, one 16-byte chunk of packed weights per iteration.
 template <class Dec, class T>
@@ -59,35 +52,16 @@ __global__ void __launch_bounds__(256) dequantize_kernel(Dec dec, T* __restrict_
   }
 }
 
-template <class T>
-__global__ void add_bias_kernel(T* __restrict__ y, const T* __restrict__ bias, int64_t M, int64_t N) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < M * N; i += int64_t(gridDim.x) * blockDim.x)
-    y[i] = from_f32<T>(to_f32<T>(y[i]) + to_f32<T>(bias[i % N]));
-}
-
-// out[M, N] = a[M, K] @ b[K, N] by cuBLAS (aten::mm.out), on the current stream.
-inline void mm_out(const Tensor& a, const Tensor& b, const Tensor& out) {
-  std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
-                                    torch::stable::detail::from(out)};
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
-  (void)torch::stable::detail::to<Tensor>(stack[0]);  // the returned handle (out again): released here
-}
-
 // y[..., N] = x[..., K] @ W^T + bias with W decoded by `dec`; xc contiguous, y fresh and contiguous.
 template <class Dec, class T>
-void dequant_matmul(const Dec& dec, const Tensor& xc, const T* bias, const Tensor& y, int64_t M, int64_t N,
-                    int64_t K, cudaStream_t stream) {
+void dequant_matmul(const Dec& dec, const Tensor& xc, const std::optional<Tensor>& bias, const Tensor& y, int64_t M,
+                    int64_t N, int64_t K, cudaStream_t stream) {
   Tensor w = torch::stable::new_empty(xc, {N, K});
   const int64_t chunks = N * ((K + Dec::KC - 1) / Dec::KC);
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((chunks + 255) / 256, 16 * sm_count(xc.get_device_index())));
   dequantize_kernel<Dec, T><<<unsigned(blocks), 256, 0, stream>>>(dec, static_cast<T*>(w.data_ptr()), N, K);
   RK_CUDA_CHECK(cudaGetLastError());
-  mm_out(torch::stable::reshape(xc, {M, K}), torch::stable::transpose(w, 0, 1), torch::stable::reshape(y, {M, N}));
-  if (bias != nullptr) {
-    const int64_t b = std::min<int64_t>((M * N + 255) / 256, 16 * sm_count(xc.get_device_index()));
-    add_bias_kernel<T><<<unsigned(b), 256, 0, stream>>>(static_cast<T*>(y.data_ptr()), bias, M, N);
-    RK_CUDA_CHECK(cudaGetLastError());
-  }
+  linear_out(torch::stable::reshape(xc, {M, K}), w, bias, torch::stable::reshape(y, {M, N}));
 }
 
 }  // namespace quant
