@@ -1,6 +1,7 @@
 """Fused low-rank linear vs cuBLAS dense F.linear vs two cuBLAS calls (and the same product stored
-pivoted, op pivoted_lowrank_linear), in one run. At M >= 512 the op itself runs two cuBLAS
-products; the fused kernel is then timed as the peer `cuda_fused`.
+pivoted, op pivoted_lowrank_linear), in one run. The op takes the register-fed decode path at
+M <= 64 (plain factors) and two cuBLAS products at M >= 512; the WMMA fused kernel that serves
+the rest is then timed as the peer `cuda_wmma_fused`.
 
     python benchmarks/bench_lowrank.py [--quick] [--ranks 128,512,1024] [--dtypes fp16,bf16]
 
@@ -51,15 +52,26 @@ def make_sets(N, K, r, M, dtype, low_count, dense_count, device="cuda"):
 
 
 CUBLAS_MIN_M = 512  # csrc/lowrank_large_m.cuh's default: from here on the op runs two cuBLAS products
+SMALL_M_MAX = 64  # csrc/lowrank_small_m.cuh: up to here plain factors take the register-fed decode path
 
 
-def fused_kernel(x, u, v):
-    """lowrank_linear through the fused kernel even at M >= CUBLAS_MIN_M: an A/B peer for the threshold."""
-    os.environ["REPARAM_LOWRANK_CUBLAS_MIN_M"] = "0"
-    try:
-        return torch.ops.reparam.lowrank_linear(x, u, v, None)
-    finally:
-        del os.environ["REPARAM_LOWRANK_CUBLAS_MIN_M"]
+def wmma_fused(M):
+    """lowrank_linear through the WMMA fused kernel (csrc/lowrank_linear.cu) where the op takes another
+    path at this M: an A/B peer for both thresholds; None where the op runs that kernel anyway."""
+    if M <= SMALL_M_MAX:
+        var = "REPARAM_SMALL_M"
+    elif M >= CUBLAS_MIN_M:
+        var = "REPARAM_LOWRANK_CUBLAS_MIN_M"
+    else:
+        return None
+
+    def run(x, u, v):
+        os.environ[var] = "0"
+        try:
+            return torch.ops.reparam.lowrank_linear(x, u, v, None)
+        finally:
+            del os.environ[var]
+    return run
 
 
 def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
@@ -76,8 +88,8 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
              # the same product stored pivoted (r·(N + K − r) weights: r² fewer bytes to move)
              "pivoted": Contender(lambda x, u, w, perm: reparam_kernels.ops.pivoted_lowrank_linear(x, u, w, perm),
                                   piv)}
-    if device == "cuda" and M >= CUBLAS_MIN_M:
-        peers["cuda_fused"] = Contender(fused_kernel, low)
+    if device == "cuda" and wmma_fused(M) is not None:
+        peers["cuda_wmma_fused"] = Contender(wmma_fused(M), low)
     rows = run_case(
         res, dtype=dtype, M=M, N=N, K=K, params={"rank": r}, modes=modes,
         ours=Contender(lambda x, u, v: reparam_kernels.ops.lowrank_linear(x, u, v), low),

@@ -7,7 +7,7 @@
 #include "ops.h"
 #include "quant_dequant_mm.cuh"
 #include "quant_gemm.cuh"
-#include "quant_small_m.cuh"
+#include "small_m_gemm.cuh"
 
 namespace reparam {
 namespace {
@@ -45,7 +45,7 @@ struct Int4Dec {
   }
 };
 
-// The small-M tensor-core path's view of the same weights (quant_small_m.cuh).
+// The small-M tensor-core path's view of the same weights (small_m_gemm.cuh).
 // A lane's 16-byte load is 32 consecutive k of one row: words i = 0..3, each 8
 // nibbles k = kt + 8i + 0..7. One mask gives the pair (nibble j, nibble j + 4)
 // of a word, so step s = 2i + h of lane t (= lane % 4) maps its mma k-slots to
@@ -128,7 +128,7 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
     const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
     T* yp = static_cast<T*>(y.data_ptr());
     if (small_m::enabled() &&
-        small_m::quant_linear_small_m(Int4Frag<T>{qp, sp, zp, K, G, group_size}, aligned16(qp), xp, bp, yp, M,
+        small_m::linear_small_m(Int4Frag<T>{qp, sp, zp, K, G, group_size}, aligned16(qp), xp, bp, yp, M,
                                       N, K, xc, stream))
       return;
     // K % 32 == 0, so every row is 16-byte aligned when the base is

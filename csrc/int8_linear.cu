@@ -6,7 +6,7 @@
 #include "ops.h"
 #include "quant_dequant_mm.cuh"
 #include "quant_gemm.cuh"
-#include "quant_small_m.cuh"
+#include "small_m_gemm.cuh"
 
 namespace reparam {
 namespace {
@@ -36,7 +36,7 @@ struct Int8Dec {
   }
 };
 
-// The small-M tensor-core path's view of the same weights (quant_small_m.cuh).
+// The small-M tensor-core path's view of the same weights (small_m_gemm.cuh).
 // A lane's 16-byte load is 16 consecutive k of one row: word s = k kt + 4s .. +3.
 // Step s = 2i + h of lane t maps its mma k-slots 2t, 2t + 1, 2t + 8, 2t + 9 to
 // kt + 4s + 0, 1, 2, 3, so x's registers are plain words of its 16-byte vector
@@ -71,12 +71,8 @@ struct Int8Frag {
       b1 = small_m::Pair<T>::pack2(code(2), code(3));
     }
   }
-  // (x[4h], x[4h + 1]) for slots 2t, 2t + 1 and (x[4h + 2], x[4h + 3]) for slots 2t + 8, 2t + 9.
   static __device__ __forceinline__ void a(const uint4& r0, const uint4& r1, int h, uint32_t (&a)[4]) {
-    a[0] = small_m::word(r0, 2 * h);
-    a[1] = small_m::word(r1, 2 * h);
-    a[2] = small_m::word(r0, 2 * h + 1);
-    a[3] = small_m::word(r1, 2 * h + 1);
+    small_m::a_consecutive(r0, r1, h, a);
   }
   __device__ __forceinline__ float out_scale(int64_t n) const { return to_f32<T>(scales[n]); }
 };
@@ -108,7 +104,7 @@ Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<T
     T* yp = static_cast<T*>(y.data_ptr());
     const bool rows_aligned = K % 16 == 0 && aligned16(qp);
     if (small_m::enabled() &&
-        small_m::quant_linear_small_m(Int8Frag<T>{qp, sp, K}, rows_aligned, xp, bp, yp, M, N, K, xc, stream))
+        small_m::linear_small_m(Int8Frag<T>{qp, sp, K}, rows_aligned, xp, bp, yp, M, N, K, xc, stream))
       return;
     Int8Dec<T> dec{qp, sp, K, rows_aligned};
     if (M >= quant::dequant_min_m()) return quant::dequant_matmul<decltype(dec), T>(dec, xc, bias, y, M, N, K, stream);

@@ -1,4 +1,4 @@
-"""The small-M tensor-core path of int4_linear and int8_linear (csrc/quant_small_m.cuh, M <= 64)
+"""The small-M tensor-core path of int4_linear and int8_linear (csrc/small_m_gemm.cuh, M <= 64)
 on the GPU: against float64 and against the general path (REPARAM_SMALL_M=0) at odd sizes,
 split-K fixups with different split counts back to back (the self-resetting counters),
 bit-identical repeats, a CUDA graph captured before any eager call on its stream, non-integer

@@ -1,5 +1,8 @@
-// Dequantizing GEMM for small M (1..64), shared by int4_linear and int8_linear:
-// tensor cores fed straight from registers. y[M, N] = x[M, K] @ W[N, K]^T + bias.
+// GEMM for small M (1..64) with weights streamed from memory, shared by
+// int4_linear and int8_linear (standalone kernel below) and the low-rank ops'
+// decode path (lowrank_small_m.cuh, two phases of it in one cooperative
+// launch): tensor cores fed straight from registers.
+// y[M, N] = x[M, K] @ W[N, K]^T + bias, W given by a "Frag" (its format).
 //
 // Why not quant_gemm.cuh's paths (fp32 decode on CUDA cores for M <= 8,
 // dequantize to shared memory then WMMA above)? At M <= 64 the GEMM is
@@ -11,8 +14,8 @@
 // packed weights keep each op's plain layout: no offline re-shuffle.
 //
 // The mma sums over its 16 k-slots in any order, so the slots need not be 16
-// consecutive k: each format (the "Frag" structs in int4_linear.cu and
-// int8_linear.cu) picks the slot -> k map that makes its decode cheapest, and
+// consecutive k: each format (HalfFrag below for plain fp16/bf16 weights, the
+// Frag structs in int4_linear.cu and int8_linear.cu) picks the slot -> k map that makes its decode cheapest, and
 // builds the A operand (x) with the same map from 16-byte loads of
 // x[m, kt + 8i .. +8), kt being the lane's block of kLaneK consecutive k. A step
 // is s = 2i + h; a lane block holds kLaneK / 4 steps.
@@ -82,14 +85,25 @@ struct Pair {
   }
 };
 
-template <class Frag, class T, int MT, int NG>
-__global__ void __launch_bounds__(kThreads)
-    small_m_kernel(Frag frag, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ y,
-                   float* __restrict__ part, unsigned* __restrict__ counters, int M, int64_t N, int64_t K,
-                   int64_t kchunk) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
-#else
+// One GEMM of this path and how its work is cut: `columns` blocks of BN output
+// rows times `splits` ranges of K (kchunk each, a multiple of the CTA stage).
+template <class Frag, class T>
+struct Problem {
+  Frag frag;
+  const T* x;  // [M, K], 16-byte aligned rows
+  const T* bias;
+  T* y;                // [M, N]
+  float* part;         // [splits, M, N] fp32 partials when splits > 1
+  unsigned* counters;  // [columns], zero at rest (split_k_counters.h), when splits > 1
+  int M;
+  int64_t N, K, kchunk, columns, splits;
+};
+
+// The work unit (column block bx, K range by) of problem p, by the whole CTA. kXConst: x is not
+// written during this kernel (read through the non-coherent cache); false when an earlier phase of
+// the same launch wrote it. Every thread of the CTA must call this with the same (bx, by).
+template <class Frag, class T, int MT, int NG, bool kXConst>
+__device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by) {
   constexpr int BN = kWarpsN * 8 * NG;
   constexpr int ACC = MT * NG * 4;
   constexpr int kStepK = 4 * Frag::kLaneK;  // k per warp per stage
@@ -97,14 +111,19 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kPairs = Frag::kLaneK / 8;  // 16-byte x vectors per lane block = step pairs
   __shared__ float red[kWarpsK - 1][kWarpsN][ACC][32];
   __shared__ unsigned is_last;
+  __syncthreads();  // a persistent CTA's previous unit may still be reading red / is_last
 
+  const Frag& frag = p.frag;
+  const T* __restrict__ x = p.x;
+  const int M = p.M;
+  const int64_t N = p.N, K = p.K;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wn = warp % kWarpsN, wk = warp / kWarpsN;
   const int g = lane / 4, t = lane % 4;
-  const int64_t col0 = int64_t(blockIdx.x) * BN;
+  const int64_t col0 = bx * BN;
   const int64_t row0 = col0 + wn * 8 * NG + g;  // this lane's weight row in n8-group 0
-  const int64_t kb = int64_t(blockIdx.y) * kchunk, ke = min(K, kb + kchunk);
-  const int64_t stages = kchunk / kUnitK;
+  const int64_t kb = by * p.kchunk, ke = min(K, kb + p.kchunk);
+  const int64_t stages = p.kchunk / kUnitK;
 
   auto warp_k = [&](int64_t st) { return kb + (st * kWarpsK + wk) * kStepK; };
   // K % kLaneK == 0: a lane's block is wholly inside or wholly outside [kb, ke).
@@ -115,6 +134,11 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t n = row0 + 8 * j;
       c[j] = (n < N && kt < ke) ? frag.load(n, kt) : Frag::zero();
     }
+  };
+  auto load_x = [&](const T* ptr) {
+    const uint4* v = reinterpret_cast<const uint4*>(ptr);
+    if constexpr (kXConst) return __ldg(v);
+    else return __ldcg(v);
   };
 
   float acc[MT][NG][4];
@@ -141,8 +165,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int m = 16 * mt + 8 * r + g;
-          xv[mt][r] = (m < M && kin) ? __ldg(reinterpret_cast<const uint4*>(x + int64_t(m) * K + kt + 8 * i))
-                                     : make_uint4(0u, 0u, 0u, 0u);
+          xv[mt][r] = (m < M && kin) ? load_x(x + int64_t(m) * K + kt + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -177,7 +200,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = 0; e < ACC; ++e) flat[e] += red[w][wn][e][lane];
     }
     // Accumulator c of (mt, j): row 16 mt + g (+ 8 for c >= 2), column 8 j + 2 t + c % 2.
-    float* out = gridDim.y == 1 ? nullptr : part + int64_t(blockIdx.y) * M * N;
+    float* out = p.splits == 1 ? nullptr : p.part + by * M * N;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -190,17 +213,17 @@ __global__ void __launch_bounds__(kThreads)
           if (out) {
             out[int64_t(m) * N + n] = acc[mt][j][c];
           } else {
-            const float v = acc[mt][j][c] * frag.out_scale(n) + (bias ? to_f32<T>(bias[n]) : 0.f);
-            y[int64_t(m) * N + n] = from_f32<T>(v);
+            const float v = acc[mt][j][c] * frag.out_scale(n) + (p.bias ? to_f32<T>(p.bias[n]) : 0.f);
+            p.y[int64_t(m) * N + n] = from_f32<T>(v);
           }
         }
   }
-  if (gridDim.y == 1) return;
+  if (p.splits == 1) return;
 
   // Split K: the last CTA of this column block to arrive sums every split's partial.
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicInc(&counters[blockIdx.x], gridDim.y - 1) == gridDim.y - 1;
+  if (threadIdx.x == 0) is_last = atomicInc(&p.counters[bx], unsigned(p.splits - 1)) == unsigned(p.splits - 1);
   __syncthreads();
   if (!is_last) return;
   __threadfence();
@@ -209,11 +232,54 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t n = col0 + e % BN;
     if (n >= N) continue;
     float v = 0.f;
-    for (unsigned s = 0; s < gridDim.y; ++s) v += __ldcg(part + (int64_t(s) * M + m) * N + n);
-    y[int64_t(m) * N + n] = from_f32<T>(v * frag.out_scale(n) + (bias ? to_f32<T>(bias[n]) : 0.f));
+    for (int64_t s = 0; s < p.splits; ++s) v += __ldcg(p.part + (s * M + m) * N + n);
+    p.y[int64_t(m) * N + n] = from_f32<T>(v * frag.out_scale(n) + (p.bias ? to_f32<T>(p.bias[n]) : 0.f));
   }
+}
+
+// One launch of one problem: CTA (bx, by) = work unit (bx, by).
+template <class Frag, class T, int MT, int NG>
+__global__ void __launch_bounds__(kThreads) small_m_kernel(Problem<Frag, T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
+#else
+  run_unit<Frag, T, MT, NG, true>(p, blockIdx.x, blockIdx.y);
 #endif
 }
+
+// The A operand of step h for formats whose slots 2t, 2t + 1, 2t + 8, 2t + 9 are k = kt + 4h + 0..3
+// (8 k per step pair): (x[4h], x[4h + 1]) and (x[4h + 2], x[4h + 3]) are plain words of x's vectors.
+__device__ __forceinline__ void a_consecutive(const uint4& r0, const uint4& r1, int h, uint32_t (&a)[4]) {
+  a[0] = word(r0, 2 * h);
+  a[1] = word(r1, 2 * h);
+  a[2] = word(r0, 2 * h + 1);
+  a[3] = word(r1, 2 * h + 1);
+}
+
+// Plain fp16 / bf16 weights W [N, K] (K % 8 == 0, rows 16-byte aligned): a lane's 16-byte load is
+// 8 consecutive k of one row, word s = k kt + 2s, +1. Step h maps the mma k-slots 2t, 2t + 1,
+// 2t + 8, 2t + 9 to kt + 4h + 0, 1, 2, 3, so both operands are plain words: no decode at all.
+template <class T>
+struct HalfFrag {
+  static constexpr int kLaneK = 8;
+  const T* w;
+  int64_t K;
+  struct Chunk {
+    uint4 q;
+  };
+  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const {
+    return {__ldg(reinterpret_cast<const uint4*>(w + n * K + kt))};
+  }
+  static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u)}; }
+  __device__ __forceinline__ void b(const Chunk& c, int /*i*/, int h, uint32_t& b0, uint32_t& b1) const {
+    b0 = word(c.q, 2 * h);
+    b1 = word(c.q, 2 * h + 1);
+  }
+  static __device__ __forceinline__ void a(const uint4& r0, const uint4& r1, int h, uint32_t (&a)[4]) {
+    a_consecutive(r0, r1, h, a);
+  }
+  __device__ __forceinline__ float out_scale(int64_t) const { return 1.f; }
+};
 
 inline int compute_major(int device) {
   static int cached[64] = {0};
@@ -222,41 +288,52 @@ inline int compute_major(int device) {
   return cached[d];
 }
 
-// How many CTAs of a kernel fit on the GPU at once (cached per kernel and device).
-template <class Kernel>
-inline int64_t resident_ctas(Kernel kernel, int device) {
+// How many CTAs of `Kernel` fit on the GPU at once (cached per kernel and device: a template
+// argument, so each kernel instantiation has its own cache).
+template <auto Kernel>
+inline int64_t resident_ctas(int device) {
   static int cached[64] = {0};
   const int d = device >= 0 && device < 64 ? device : 0;
   if (cached[d] == 0) {
     int per_sm = 0;
-    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0));
     cached[d] = per_sm > 0 ? per_sm : 1;
   }
   return int64_t(cached[d]) * sm_count(device);
 }
 
+// BN rows per column block for M rows of x, and the template shape (m16 tiles, n8-groups per warp).
+template <int MT> constexpr int groups_for() { return MT <= 2 ? 4 : 2; }
+
+// Cuts a problem into columns x splits: split K just enough that `slots` (the CTAs resident at
+// once) cover the GPU in one wave.
+template <class Frag, int NG>
+void plan(int64_t N, int64_t K, int64_t slots, int64_t& columns, int64_t& splits, int64_t& kchunk) {
+  constexpr int BN = kWarpsN * 8 * NG;
+  constexpr int kUnitK = kWarpsK * 4 * Frag::kLaneK;
+  columns = (N + BN - 1) / BN;
+  const int64_t units = (K + kUnitK - 1) / kUnitK;
+  splits = columns >= slots ? 1 : std::max<int64_t>(1, std::min(units, slots / columns));
+  const int64_t per_split = (units + splits - 1) / splits;
+  splits = (units + per_split - 1) / per_split;
+  kchunk = per_split * kUnitK;
+}
+
 template <class Frag, class T, int MT, int NG>
 bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
             const Tensor& like, cudaStream_t stream) {
-  constexpr int BN = kWarpsN * 8 * NG;
-  constexpr int kUnitK = kWarpsK * 4 * Frag::kLaneK;
-  auto kernel = small_m_kernel<Frag, T, MT, NG>;
+  constexpr auto kernel = small_m_kernel<Frag, T, MT, NG>;
   const int device = like.get_device_index();
-  const int64_t columns = (N + BN - 1) / BN, units = (K + kUnitK - 1) / kUnitK;
-  // Split K just enough that one wave of resident CTAs covers the GPU.
-  const int64_t slots = resident_ctas(kernel, device);
-  int64_t splits = columns >= slots ? 1 : std::max<int64_t>(1, std::min(units, slots / columns));
-  const int64_t per_split = (units + splits - 1) / splits;
-  splits = (units + per_split - 1) / per_split;
-  if (columns >= (int64_t(1) << 31) || splits >= 65536) return false;
-  unsigned* counters = nullptr;
-  if (splits > 1) {
-    counters = split_k_counters(device, stream, columns);
-    if (counters == nullptr) return false;
+  Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0};
+  plan<Frag, NG>(N, K, resident_ctas<kernel>(device), p.columns, p.splits, p.kchunk);
+  if (p.columns >= (int64_t(1) << 31) || p.splits >= 65536) return false;
+  if (p.splits > 1) {
+    p.counters = split_k_counters(device, stream, p.columns);
+    if (p.counters == nullptr) return false;
   }
-  Tensor part = torch::stable::new_empty(like, {splits > 1 ? splits * M * N : 1}, ScalarType::Float);
-  kernel<<<dim3(unsigned(columns), unsigned(splits)), kThreads, 0, stream>>>(
-      frag, x, bias, y, static_cast<float*>(part.data_ptr()), counters, int(M), N, K, per_split * kUnitK);
+  Tensor part = torch::stable::new_empty(like, {p.splits > 1 ? p.splits * M * N : 1}, ScalarType::Float);
+  p.part = static_cast<float*>(part.data_ptr());
+  kernel<<<dim3(unsigned(p.columns), unsigned(p.splits)), kThreads, 0, stream>>>(p);
   RK_CUDA_CHECK(cudaGetLastError());
   return true;
 }
@@ -265,13 +342,13 @@ bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_
 // multiple of the format's lane block, 16-byte aligned x and weight rows, sm_80+);
 // false means the caller takes the general path (quant_gemm.cuh).
 template <class Frag, class T>
-bool quant_linear_small_m(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M,
+bool linear_small_m(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M,
                           int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
   if (M < 1 || M > kMaxM || K % Frag::kLaneK != 0 || !weights_aligned || !aligned16(x)) return false;
   if (compute_major(like.get_device_index()) < 8) return false;
-  if (M <= 16) return launch<Frag, T, 1, 4>(frag, x, bias, y, M, N, K, like, stream);
-  if (M <= 32) return launch<Frag, T, 2, 4>(frag, x, bias, y, M, N, K, like, stream);
-  return launch<Frag, T, 4, 2>(frag, x, bias, y, M, N, K, like, stream);
+  if (M <= 16) return launch<Frag, T, 1, groups_for<1>()>(frag, x, bias, y, M, N, K, like, stream);
+  if (M <= 32) return launch<Frag, T, 2, groups_for<2>()>(frag, x, bias, y, M, N, K, like, stream);
+  return launch<Frag, T, 4, groups_for<4>()>(frag, x, bias, y, M, N, K, like, stream);
 }
 
 // REPARAM_SMALL_M=0 turns this path off (A/B benchmarks, bisecting).

@@ -1,6 +1,7 @@
-"""A NumPy emulation of csrc/quant_small_m.cuh (the small-M tensor-core path of int4_linear and
-int8_linear) with the formats of csrc/int4_linear.cu (Int4Frag) and csrc/int8_linear.cu
-(Int8Frag), lane by lane: the grid and split-K choice, each lane's 16-byte weight and x loads,
+"""A NumPy emulation of csrc/small_m_gemm.cuh (the small-M tensor-core path of int4_linear,
+int8_linear and, two phases in one launch, lowrank_linear: csrc/lowrank_small_m.cuh) with the
+formats of csrc/int4_linear.cu (Int4Frag), csrc/int8_linear.cu (Int8Frag) and HalfFrag (plain
+fp16/bf16 weights), lane by lane: the grid and split-K choice, each lane's 16-byte weight and x loads,
 the bit tricks read back from their bit patterns (int4: 0x6400 | q = fp16 1024 + q, 0x4300 | q =
 bf16 128 + q; int8: byte permutes into 0x64 | byte for fp16, 2^23 + byte for bf16), the
 __byte_perm assembly of the A operand, mma.sync.m16n8k16 through the PTX fragment layouts of A,
@@ -8,7 +9,7 @@ B and C, the K-warp reduction and the last-CTA fixup of split partials — again
 
 It validates the slot -> k maps, the index math and the bit tricks without a GPU; it cannot catch
 a transcription slip between this file and the .cu (the gpu-marked tests in
-test_quant_small_m_gpu.py do). Keep them in step. Arithmetic here is float64 (int4's scale and
+test_quant_small_m_gpu.py and test_lowrank_op.py do). Keep them in step. Arithmetic here is float64 (int4's scale and
 -zero*scale are not rounded to x's dtype), so the tolerance is tight: any index error is O(1).
 """
 import numpy as np
@@ -112,6 +113,28 @@ class Int8Frag:
         return self.s[n]
 
 
+class HalfFrag:
+    lane_k = 8
+
+    def __init__(self, w_bits, dtype):
+        self.w, self.dtype = w_bits.astype(np.uint32), dtype  # uint16 bit patterns [N, K]
+
+    def load(self, n, kt):
+        e = self.w[n, kt: kt + 8]
+        return e[0::2] | (e[1::2] << 16), None
+
+    def zero(self):
+        return np.zeros(4, dtype=np.uint32), None
+
+    def b(self, q, prm, i, h):
+        return halves(word(q, 2 * h), self.dtype), halves(word(q, 2 * h + 1), self.dtype)
+
+    a = staticmethod(Int8Frag.a)
+
+    def out_scale(self, n):
+        return 1.0
+
+
 def mma(acc, a, b, dtype):
     """acc[32, 4] += A @ B with A, B assembled from the lanes' registers (PTX m16n8k16 layouts)."""
     A, B = np.zeros((16, 16)), np.zeros((16, 8))
@@ -200,6 +223,10 @@ def emulate(frag, x_bits, bias, M, N, K, dtype, slots):
     return y, splits
 
 
+def bits_of(t):
+    return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
 def make(rng, fmt, M, N, K, group, dtype):
     tdt = getattr(torch, dtype)
     x = torch.from_numpy(rng.standard_normal((M, K))).to(tdt)
@@ -210,13 +237,17 @@ def make(rng, fmt, M, N, K, group, dtype):
         z = torch.from_numpy(rng.uniform(0, 15, size=(N, K // group))).to(tdt)  # non-integer zero points too
         W = (q.double() - z.double().repeat_interleave(group, 1)) * s.double().repeat_interleave(group, 1)
         frag = Int4Frag(pack_int4(q).numpy(), s.double().numpy(), z.double().numpy(), group, dtype)
+    elif fmt == "half":
+        w = torch.from_numpy(rng.standard_normal((N, K)) / K ** 0.5).to(tdt)
+        W = w.double()
+        frag = HalfFrag(bits_of(w), dtype)
     else:
         q = torch.from_numpy(rng.integers(-128, 128, size=(N, K), dtype=np.int8))
         s = torch.from_numpy(rng.uniform(0.001, 0.01, size=N)).to(tdt)
         W = q.double() * s.double()[:, None]
         frag = Int8Frag(q.numpy(), s.double().numpy(), dtype)
     ref = (x.double() @ W.T + bias.double()).numpy()
-    return frag, x.view(torch.int16).numpy().view(np.uint16), bias.double().numpy(), ref
+    return frag, bits_of(x), bias.double().numpy(), ref
 
 
 # (fmt, M, N, K, group, dtype, slots, splits): odd M for each tile shape, N not a multiple of BN, K
@@ -236,6 +267,10 @@ CASES = [
     ("int8", 20, 129, 128, None, "float16", 2, 1),
     ("int8", 33, 64, 208, None, "float16", 2, 2),
     ("int8", 63, 10, 96, None, "bfloat16", 4, 1),
+    ("half", 1, 70, 200, None, "float16", 264, 4),
+    ("half", 9, 40, 64, None, "bfloat16", 1, 1),
+    ("half", 24, 129, 136, None, "bfloat16", 3, 1),
+    ("half", 64, 33, 72, None, "float16", 2, 2),
 ]
 
 
@@ -246,6 +281,27 @@ def test_small_m_emulation_matches_float64(rng, fmt, M, N, K, group, dtype, slot
     y, used = emulate(frag, x_bits, bias, M, N, K, dtype, slots)
     assert used == splits
     assert np.abs(y - ref).max() <= 1e-9 * (1 + np.abs(ref).max())
+
+
+@pytest.mark.parametrize("M,N,K,r,dtype,grid,splits", [(1, 70, 200, 24, "float16", 264, (4, 1)),
+                                                        (5, 40, 136, 16, "bfloat16", 3, (3, 1)),
+                                                        (33, 72, 64, 136, "float16", 4, (1, 2))])
+def test_lowrank_two_phase_emulation(rng, M, N, K, r, dtype, grid, splits):
+    """lowrank_small_m.cuh: phase 1 t = x @ v^T written in x's dtype, phase 2 y = t @ u^T + bias, both
+    planned for the same cooperative grid; the counters of phase 2 start after phase 1's columns."""
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
+    tdt = getattr(torch, dtype)
+    x = torch.from_numpy(rng.standard_normal((M, K))).to(tdt)
+    v = torch.from_numpy(rng.standard_normal((r, K)) / K ** 0.5).to(tdt)
+    u = torch.from_numpy(rng.standard_normal((N, r)) / r ** 0.5).to(tdt)
+    bias = torch.from_numpy(rng.standard_normal(N)).to(tdt)
+    t, s1 = emulate(HalfFrag(bits_of(v), dtype), bits_of(x), np.zeros(r), M, r, K, dtype, grid)
+    assert np.abs(t - (x.double() @ v.double().T).numpy()).max() <= 1e-9 * (1 + np.abs(t).max())
+    t_T = torch.from_numpy(t).to(tdt)  # the fixup's from_f32<T>
+    y, s2 = emulate(HalfFrag(bits_of(u), dtype), bits_of(t_T), bias.double().numpy(), M, N, r, dtype, grid)
+    ref = (t_T.double() @ u.double().T + bias.double()).numpy()
+    assert np.abs(y - ref).max() <= 1e-9 * (1 + np.abs(ref).max())
+    assert (s1, s2) == splits  # the cases exercise each phase's split fixup
 
 
 def test_plan_splits_fill_one_wave():

@@ -1,0 +1,82 @@
+// Decode path of lowrank_linear (1 <= M <= 64): both products of y = (x @ v^T) @ u^T + bias in
+// one cooperative launch, each run as small_m_gemm.cuh's register-fed tensor-core GEMM over
+// plain fp16/bf16 weights (HalfFrag: 16-byte loads of v and u rows are the mma's B operand as
+// they are, no shared-memory staging):
+//   phase 1  t[M, r] = x @ v^T      (split over K; the last CTA of each column block sums the
+//                                     fp32 partials and writes t in x's dtype)
+//   -- one grid barrier --
+//   phase 2  y[M, N] = t @ u^T + bias  (split over r the same way)
+// t never leaves L2 in practice (M * r elements). Against the WMMA path of lowrank_linear.cu
+// (phase 0 zeroing, fp32 atomics, up to three barriers) this needs one barrier, no zeroing, no
+// atomics on data (deterministic), and no shared-memory round trip of the weights.
+//
+// Requirements (else the caller takes the WMMA path): K % 8 == 0 and r % 8 == 0, x, v and u
+// 16-byte aligned, sm_80+, the split counters available. Pivoted factors take the WMMA path
+// (their x gather would need a second barrier).
+#pragma once
+
+#include <cooperative_groups.h>
+
+#include "small_m_gemm.cuh"
+
+namespace reparam {
+namespace lowrank_small_m {
+
+template <class T, int MT, int NG>
+__global__ void __launch_bounds__(small_m::kThreads)
+    lowrank_small_m_kernel(small_m::Problem<small_m::HalfFrag<T>, T> p1, small_m::Problem<small_m::HalfFrag<T>, T> p2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
+#else
+  for (int64_t w = blockIdx.x; w < p1.columns * p1.splits; w += gridDim.x)
+    small_m::run_unit<small_m::HalfFrag<T>, T, MT, NG, true>(p1, w % p1.columns, w / p1.columns);
+  cooperative_groups::this_grid().sync();  // t complete and visible
+  for (int64_t w = blockIdx.x; w < p2.columns * p2.splits; w += gridDim.x)  // t was written in this launch:
+    small_m::run_unit<small_m::HalfFrag<T>, T, MT, NG, false>(p2, w % p2.columns, w / p2.columns);  // coherent loads
+#endif
+}
+
+template <class T, int MT, int NG>
+bool launch(const T* x, const T* v, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t r,
+            const Tensor& like, cudaStream_t stream) {
+  using Frag = small_m::HalfFrag<T>;
+  using P = small_m::Problem<Frag, T>;
+  constexpr auto kernel = lowrank_small_m_kernel<T, MT, NG>;
+  const int device = like.get_device_index();
+  const int64_t grid = small_m::resident_ctas<kernel>(device);  // all co-resident: the grid barrier needs it
+  Tensor t = torch::stable::new_empty(like, {M * r});
+  P p1{Frag{v, K}, x, nullptr, static_cast<T*>(t.data_ptr()), nullptr, nullptr, int(M), r, K, 0, 0, 0};
+  P p2{Frag{u, r}, static_cast<const T*>(t.data_ptr()), bias, y, nullptr, nullptr, int(M), N, r, 0, 0, 0};
+  small_m::plan<Frag, NG>(r, K, grid, p1.columns, p1.splits, p1.kchunk);
+  small_m::plan<Frag, NG>(N, r, grid, p2.columns, p2.splits, p2.kchunk);
+  if (p1.splits > 1 || p2.splits > 1) {
+    unsigned* counters = split_k_counters(device, stream, p1.columns + p2.columns);
+    if (counters == nullptr) return false;
+    p1.counters = counters;
+    p2.counters = counters + p1.columns;
+  }
+  Tensor part1 = torch::stable::new_empty(like, {p1.splits > 1 ? p1.splits * M * r : 1}, ScalarType::Float);
+  Tensor part2 = torch::stable::new_empty(like, {p2.splits > 1 ? p2.splits * M * N : 1}, ScalarType::Float);
+  p1.part = static_cast<float*>(part1.data_ptr());
+  p2.part = static_cast<float*>(part2.data_ptr());
+  void* params[] = {&p1, &p2};
+  RK_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(unsigned(grid)),
+                                            dim3(small_m::kThreads), params, 0, stream));
+  return true;  // t / part1 / part2 are freed here; the caching allocator reuses them only after this launch
+}
+
+// y = x @ v^T @ u^T + bias on this path when it applies; false: the caller takes another.
+template <class T>
+bool run(const T* x, const T* v, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t r,
+         const Tensor& like, cudaStream_t stream) {
+  if (M < 1 || M > small_m::kMaxM || K % 8 != 0 || r % 8 != 0 || !small_m::enabled()) return false;
+  if (!aligned16(x) || !aligned16(v) || !aligned16(u)) return false;
+  if (small_m::compute_major(like.get_device_index()) < 8) return false;
+  using small_m::groups_for;
+  if (M <= 16) return launch<T, 1, groups_for<1>()>(x, v, u, bias, y, M, N, K, r, like, stream);
+  if (M <= 32) return launch<T, 2, groups_for<2>()>(x, v, u, bias, y, M, N, K, r, like, stream);
+  return launch<T, 4, groups_for<4>()>(x, v, u, bias, y, M, N, K, r, like, stream);
+}
+
+}  // namespace lowrank_small_m
+}  // namespace reparam
