@@ -16,8 +16,8 @@
 // is t += xg @ w^T; phases 2-3 are unchanged.
 //
 // At M >= 512 (REPARAM_LOWRANK_CUBLAS_MIN_M) the ops take two cuBLAS products instead
-// (lowrank_large_m.cuh), and plain factors at M <= 64 take the register-fed tensor-core path
-// of lowrank_small_m.cuh (one grid barrier; REPARAM_SMALL_M=0 turns it off).
+// (lowrank_large_m.cuh), and M <= 64 takes the register-fed tensor-core path of
+// lowrank_small_m.cuh (one grid barrier; REPARAM_SMALL_M=0 turns it off).
 // What follows serves the rest. Decode (M <= 16) is memory-bound: the tile puts 64 weight rows against a
 // 16-wide batch and the reduction is split so every SM streams weights
 // (16-byte cp.async, two stages). Prefill uses 128x128 tiles.
@@ -241,7 +241,7 @@ Tensor lowrank_product(const char* op, Tensor x, Tensor u, Tensor v, const Tenso
     a.xin = xp;
     a.perm = perm ? static_cast<const int64_t*>(perm->data_ptr()) : nullptr;
     a.xg = xgp;
-    if (!perm && lowrank_small_m::run<T>(xp, vp, up, a.bias, a.y, M, N, K, r, xc, stream)) return;
+    if (lowrank_small_m::run<T>(xp, vp, up, a.perm, a.bias, a.y, M, N, K, r, xc, stream)) return;
     if (M <= 16) {
       launch<DecodeCfg>(a, xc, stream);
     } else if (M <= 64) {

@@ -1,4 +1,4 @@
-// Decode path of lowrank_linear (1 <= M <= 64): both products of y = (x @ v^T) @ u^T + bias in
+// Decode path of lowrank_linear and pivoted_lowrank_linear (1 <= M <= 64): both products of y = (x @ v^T) @ u^T + bias in
 // one cooperative launch, each run as small_m_gemm.cuh's register-fed tensor-core GEMM over
 // plain fp16/bf16 weights (HalfFrag: 16-byte loads of v and u rows are the mma's B operand as
 // they are, no shared-memory staging):
@@ -10,9 +10,13 @@
 // (phase 0 zeroing, fp32 atomics, up to three barriers) this needs one barrier, no zeroing, no
 // atomics on data (deterministic), and no shared-memory round trip of the weights.
 //
-// Requirements (else the caller takes the WMMA path): K % 8 == 0 and r % 8 == 0, x, v and u
-// 16-byte aligned, sm_80+, the split counters available. Pivoted factors take the WMMA path
-// (their x gather would need a second barrier).
+// Pivoted factors (w [r, K - r], perm): phase 1 uses PivotFrag, which gathers x's non-pivot
+// columns through perm while loading the A operand and adds the pivot columns in its epilogue,
+// so no gather pass and still one barrier.
+//
+// Requirements (else the caller takes the WMMA path): the phase-1 reduction length (K, or
+// K - r) >= 8 and a multiple of 8, r % 8 == 0, x (plain only), v and u 16-byte aligned, sm_80+,
+// the split counters available.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -22,33 +26,34 @@
 namespace reparam {
 namespace lowrank_small_m {
 
-template <class T, int MT, int NG>
+// Frag1: HalfFrag (plain v) or PivotFrag (pivoted w, x gathered through perm).
+template <class Frag1, class T, int MT, int NG>
 __global__ void __launch_bounds__(small_m::kThreads)
-    lowrank_small_m_kernel(small_m::Problem<small_m::HalfFrag<T>, T> p1, small_m::Problem<small_m::HalfFrag<T>, T> p2) {
+    lowrank_small_m_kernel(small_m::Problem<Frag1, T> p1, small_m::Problem<small_m::HalfFrag<T>, T> p2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
 #else
   for (int64_t w = blockIdx.x; w < p1.columns * p1.splits; w += gridDim.x)
-    small_m::run_unit<small_m::HalfFrag<T>, T, MT, NG, true>(p1, w % p1.columns, w / p1.columns);
+    small_m::run_unit<Frag1, T, MT, NG, true>(p1, w % p1.columns, w / p1.columns);
   cooperative_groups::this_grid().sync();  // t complete and visible
   for (int64_t w = blockIdx.x; w < p2.columns * p2.splits; w += gridDim.x)  // t was written in this launch:
     small_m::run_unit<small_m::HalfFrag<T>, T, MT, NG, false>(p2, w % p2.columns, w / p2.columns);  // coherent loads
 #endif
 }
 
-template <class T, int MT, int NG>
-bool launch(const T* x, const T* v, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t r,
-            const Tensor& like, cudaStream_t stream) {
-  using Frag = small_m::HalfFrag<T>;
-  using P = small_m::Problem<Frag, T>;
-  constexpr auto kernel = lowrank_small_m_kernel<T, MT, NG>;
+template <class Frag1, class T, int MT, int NG>
+bool launch(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,
+            int64_t r, const Tensor& like, cudaStream_t stream) {
+  using Half = small_m::HalfFrag<T>;
+  constexpr auto kernel = lowrank_small_m_kernel<Frag1, T, MT, NG>;
   const int device = like.get_device_index();
   const int64_t grid = small_m::resident_ctas<kernel>(device);  // all co-resident: the grid barrier needs it
   Tensor t = torch::stable::new_empty(like, {M * r});
-  P p1{Frag{v, K}, x, nullptr, static_cast<T*>(t.data_ptr()), nullptr, nullptr, int(M), r, K, 0, 0, 0};
-  P p2{Frag{u, r}, static_cast<const T*>(t.data_ptr()), bias, y, nullptr, nullptr, int(M), N, r, 0, 0, 0};
-  small_m::plan<Frag, NG>(r, K, grid, p1.columns, p1.splits, p1.kchunk);
-  small_m::plan<Frag, NG>(N, r, grid, p2.columns, p2.splits, p2.kchunk);
+  small_m::Problem<Frag1, T> p1{f1, x, nullptr, static_cast<T*>(t.data_ptr()), nullptr, nullptr, int(M), r, K1, 0, 0, 0};
+  small_m::Problem<Half, T> p2{Half{u, r}, static_cast<const T*>(t.data_ptr()), bias, y, nullptr, nullptr, int(M), N, r,
+                              0, 0, 0};
+  small_m::plan<Frag1, NG>(r, K1, grid, p1.columns, p1.splits, p1.kchunk);
+  small_m::plan<Half, NG>(N, r, grid, p2.columns, p2.splits, p2.kchunk);
   if (p1.splits > 1 || p2.splits > 1) {
     unsigned* counters = split_k_counters(device, stream, p1.columns + p2.columns);
     if (counters == nullptr) return false;
@@ -65,17 +70,29 @@ bool launch(const T* x, const T* v, const T* u, const T* bias, T* y, int64_t M, 
   return true;  // t / part1 / part2 are freed here; the caching allocator reuses them only after this launch
 }
 
-// y = x @ v^T @ u^T + bias on this path when it applies; false: the caller takes another.
-template <class T>
-bool run(const T* x, const T* v, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t r,
-         const Tensor& like, cudaStream_t stream) {
-  if (M < 1 || M > small_m::kMaxM || K % 8 != 0 || r % 8 != 0 || !small_m::enabled()) return false;
-  if (!aligned16(x) || !aligned16(v) || !aligned16(u)) return false;
-  if (small_m::compute_major(like.get_device_index()) < 8) return false;
+template <class Frag1, class T>
+bool launch_for_m(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,
+                  int64_t r, const Tensor& like, cudaStream_t stream) {
   using small_m::groups_for;
-  if (M <= 16) return launch<T, 1, groups_for<1>()>(x, v, u, bias, y, M, N, K, r, like, stream);
-  if (M <= 32) return launch<T, 2, groups_for<2>()>(x, v, u, bias, y, M, N, K, r, like, stream);
-  return launch<T, 4, groups_for<4>()>(x, v, u, bias, y, M, N, K, r, like, stream);
+  if (M <= 16) return launch<Frag1, T, 1, groups_for<1>()>(f1, x, u, bias, y, M, N, K1, r, like, stream);
+  if (M <= 32) return launch<Frag1, T, 2, groups_for<2>()>(f1, x, u, bias, y, M, N, K1, r, like, stream);
+  return launch<Frag1, T, 4, groups_for<4>()>(f1, x, u, bias, y, M, N, K1, r, like, stream);
+}
+
+// y = x @ W^T + bias on this path when it applies (false: the caller takes another): W = u @ v for
+// perm == nullptr (v [r, K]), else W = u @ [I | v] @ P with v = w [r, K - r] and perm [K].
+template <class T>
+bool run(const T* x, const T* v, const T* u, const int64_t* perm, const T* bias, T* y, int64_t M, int64_t N,
+         int64_t K, int64_t r, const Tensor& like, cudaStream_t stream) {
+  const int64_t K1 = perm ? K - r : K;  // phase 1's reduction length
+  if (M < 1 || M > small_m::kMaxM || K1 < 8 || K1 % 8 != 0 || r % 8 != 0 || !small_m::enabled()) return false;
+  if (!aligned16(v) || !aligned16(u) || (!perm && !aligned16(x))) return false;
+  if (small_m::compute_major(like.get_device_index()) < 8) return false;
+  if (perm) {
+    const small_m::PivotFrag<T> f1{{v, K1}, x, perm, K, r};
+    return launch_for_m(f1, x, u, bias, y, M, N, K1, r, like, stream);
+  }
+  return launch_for_m(small_m::HalfFrag<T>{v, K}, x, u, bias, y, M, N, K1, r, like, stream);
 }
 
 }  // namespace lowrank_small_m

@@ -85,6 +85,13 @@ struct Pair {
   }
 };
 
+// Formats with gather_x(m, k) / out_add(m, n) read x through a column map and add a per-output
+// term (PivotFrag: the pivoted low-rank factor's first product).
+template <class F, class = void>
+struct gathers_x : std::false_type {};
+template <class F>
+struct gathers_x<F, std::void_t<decltype(&F::gather_x)>> : std::true_type {};
+
 // One GEMM of this path and how its work is cut: `columns` blocks of BN output
 // rows times `splits` ranges of K (kchunk each, a multiple of the CTA stage).
 template <class Frag, class T>
@@ -135,10 +142,21 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
       c[j] = (n < N && kt < ke) ? frag.load(n, kt) : Frag::zero();
     }
   };
-  auto load_x = [&](const T* ptr) {
-    const uint4* v = reinterpret_cast<const uint4*>(ptr);
-    if constexpr (kXConst) return __ldg(v);
-    else return __ldcg(v);
+  // x[m, k .. k + 8) as one 16-byte vector, or gathered by the format (pivoted factors).
+  auto load_x = [&](int m, int64_t k) -> uint4 {
+    if constexpr (gathers_x<Frag>::value) {
+      return frag.gather_x(m, k);
+    } else {
+      const uint4* v = reinterpret_cast<const uint4*>(x + int64_t(m) * K + k);
+      if constexpr (kXConst) return __ldg(v);
+      else return __ldcg(v);
+    }
+  };
+  // y = acc * out_scale(n) + out_add(m, n) + bias[n]
+  auto finish = [&](float acc_v, int m, int64_t n) -> float {
+    float v = acc_v * frag.out_scale(n) + (p.bias ? to_f32<T>(p.bias[n]) : 0.f);
+    if constexpr (gathers_x<Frag>::value) v += frag.out_add(m, n);
+    return v;
   };
 
   float acc[MT][NG][4];
@@ -165,7 +183,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int m = 16 * mt + 8 * r + g;
-          xv[mt][r] = (m < M && kin) ? load_x(x + int64_t(m) * K + kt + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
+          xv[mt][r] = (m < M && kin) ? load_x(m, kt + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
         }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -213,8 +231,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
           if (out) {
             out[int64_t(m) * N + n] = acc[mt][j][c];
           } else {
-            const float v = acc[mt][j][c] * frag.out_scale(n) + (p.bias ? to_f32<T>(p.bias[n]) : 0.f);
-            p.y[int64_t(m) * N + n] = from_f32<T>(v);
+            p.y[int64_t(m) * N + n] = from_f32<T>(finish(acc[mt][j][c], m, n));
           }
         }
   }
@@ -233,7 +250,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
     if (n >= N) continue;
     float v = 0.f;
     for (int64_t s = 0; s < p.splits; ++s) v += __ldcg(p.part + (s * M + m) * N + n);
-    p.y[int64_t(m) * N + n] = from_f32<T>(v * frag.out_scale(n) + (p.bias ? to_f32<T>(p.bias[n]) : 0.f));
+    p.y[int64_t(m) * N + n] = from_f32<T>(finish(v, m, n));
   }
 }
 
@@ -279,6 +296,30 @@ struct HalfFrag {
     a_consecutive(r0, r1, h, a);
   }
   __device__ __forceinline__ float out_scale(int64_t) const { return 1.f; }
+};
+
+// The first product of pivoted low-rank factors, t = x[:, perm[:r]] + x[:, perm[r:]] @ w^T, with
+// w [r, K - r] as HalfFrag weights (K - r % 8 == 0): the A operand is gathered from x through perm
+// (8 scalar loads per vector; x is small at M <= 64 and stays in L1/L2), and the pivot columns are
+// added in the epilogue. x is read-only in the launch.
+template <class T>
+struct PivotFrag : HalfFrag<T> {
+  const T* xin;          // [M, Kx]
+  const int64_t* perm;   // [Kx], pivots first
+  int64_t Kx, r;
+  __device__ __forceinline__ uint4 gather_x(int m, int64_t k) const {
+    uint32_t w[4];
+    const T* row = xin + int64_t(m) * Kx;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const T lo = __ldg(row + __ldg(perm + r + k + 2 * e)), hi = __ldg(row + __ldg(perm + r + k + 2 * e + 1));
+      w[e] = uint32_t(*reinterpret_cast<const uint16_t*>(&lo)) | (uint32_t(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  __device__ __forceinline__ float out_add(int m, int64_t n) const {
+    return to_f32<T>(__ldg(xin + int64_t(m) * Kx + __ldg(perm + n)));
+  }
 };
 
 inline int compute_major(int device) {

@@ -1,11 +1,12 @@
-"""lowrank_linear's decode path (csrc/lowrank_small_m.cuh: both products in one cooperative launch
-through small_m_gemm.cuh, M <= 64) on the GPU: against float64 and the WMMA path
+"""The low-rank ops' decode path (csrc/lowrank_small_m.cuh: both products in one cooperative launch
+through small_m_gemm.cuh, M <= 64; pivoted factors gather x through perm) on the GPU: against float64 and the WMMA path
 (REPARAM_SMALL_M=0) at odd sizes, bit-identical repeats (no atomics), split counts changing from
 call to call, a CUDA graph captured before any eager call on its stream."""
 import pytest
 import torch
 
 import test_lowrank_op as plain
+import test_pivoted_lowrank as piv
 from conftest import TOL, env_var, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -26,6 +27,20 @@ def test_decode_path_matches_float64_and_wmma_path(rng, dtype, M, K, N, r):
     with env_var("REPARAM_SMALL_M", "0"):
         assert rel_err(op(x, u, v, b), ref) <= TOL[dtype]
     assert torch.equal(op(x, u, v, b), y)  # fixed summation order: deterministic
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("K,N,r", [(8192, 8192, 512), (1000, 520, 72), (576, 1536, 320), (48, 40, 40)])
+def test_pivoted_decode_path_matches_float64_and_wmma_path(rng, dtype, M, K, N, r):
+    # (48, 40, 40): K - r = 8, the shortest reduction the path takes
+    x, u, w, perm, b = piv.make(rng, (M,), K, N, r, dtype, device="cuda")
+    ref = piv.exact(x, u, w, perm, b)
+    y = torch.ops.reparam.pivoted_lowrank_linear(x, u, w, perm, b)
+    assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL[dtype]
+    with env_var("REPARAM_SMALL_M", "0"):
+        assert rel_err(torch.ops.reparam.pivoted_lowrank_linear(x, u, w, perm, b), ref) <= TOL[dtype]
+    assert torch.equal(torch.ops.reparam.pivoted_lowrank_linear(x, u, w, perm, b), y)
 
 
 def test_split_counts_change_between_calls(rng):

@@ -135,6 +135,24 @@ class HalfFrag:
         return 1.0
 
 
+class PivotFrag(HalfFrag):
+    """w [r, K - r] as HalfFrag weights; x gathered through perm; the pivot columns added at the end."""
+
+    def __init__(self, w_bits, x_bits, perm, r, dtype):
+        super().__init__(w_bits, dtype)
+        self.x, self.perm, self.r = x_bits.astype(np.uint32), perm, r
+
+    def gather_x(self, m, k):
+        return self.x[m, self.perm[self.r + k: self.r + k + 8]]  # 8 halves, as gather_x's scalar loads
+
+    def out_add(self, m, n):
+        return halves(self.x[m, self.perm[n]], self.dtype)[0]
+
+
+def out_add(frag, m, n):
+    return frag.out_add(m, n) if hasattr(frag, "out_add") else 0.0
+
+
 def mma(acc, a, b, dtype):
     """acc[32, 4] += A @ B with A, B assembled from the lanes' registers (PTX m16n8k16 layouts)."""
     A, B = np.zeros((16, 16)), np.zeros((16, 8))
@@ -196,7 +214,8 @@ def emulate(frag, x_bits, bias, M, N, K, dtype, slots):
                                 for r in range(2):
                                     m = 16 * mt + 8 * r + g
                                     for ln in np.nonzero((m < M) & kin)[0]:
-                                        e = xw[m[ln], kt[ln] + 8 * i: kt[ln] + 8 * i + 8]
+                                        k = kt[ln] + 8 * i
+                                        e = frag.gather_x(m[ln], k) if hasattr(frag, "gather_x") else xw[m[ln], k: k + 8]
                                         xv[mt, r, ln] = e[0::2] | (e[1::2] << 16)
                             for h in range(2):
                                 a = [frag.a(xv[mt, 0], xv[mt, 1], h) for mt in range(MT)]
@@ -214,12 +233,14 @@ def emulate(frag, x_bits, bias, M, N, K, dtype, slots):
                             n = col0 + wn * 8 * NG + 8 * j + 2 * t + c % 2
                             ok = (m < M) & (n < N)
                             if splits == 1:
-                                y[m[ok], n[ok]] = acc[mt, j, ok, c] * frag.out_scale(n[ok]) + bias[n[ok]]
+                                y[m[ok], n[ok]] = (acc[mt, j, ok, c] * frag.out_scale(n[ok]) + bias[n[ok]]
+                                                   + out_add(frag, m[ok], n[ok]))
                             else:
                                 part[by, m[ok], n[ok]] = acc[mt, j, ok, c]
         if splits > 1:  # the last CTA of the column block: partials in split order, scale, bias
             cols = np.arange(col0, min(N, col0 + BN))
-            y[:, cols] = part[:, :, cols].sum(axis=0) * frag.out_scale(cols) + bias[cols]
+            y[:, cols] = (part[:, :, cols].sum(axis=0) * frag.out_scale(cols) + bias[cols]
+                          + out_add(frag, np.arange(M)[:, None], cols[None, :]))
     return y, splits
 
 
@@ -283,25 +304,35 @@ def test_small_m_emulation_matches_float64(rng, fmt, M, N, K, group, dtype, slot
     assert np.abs(y - ref).max() <= 1e-9 * (1 + np.abs(ref).max())
 
 
+@pytest.mark.parametrize("pivoted", [False, True])
 @pytest.mark.parametrize("M,N,K,r,dtype,grid,splits", [(1, 70, 200, 24, "float16", 264, (4, 1)),
                                                         (5, 40, 136, 16, "bfloat16", 3, (3, 1)),
-                                                        (33, 72, 64, 136, "float16", 4, (1, 2))])
-def test_lowrank_two_phase_emulation(rng, M, N, K, r, dtype, grid, splits):
-    """lowrank_small_m.cuh: phase 1 t = x @ v^T written in x's dtype, phase 2 y = t @ u^T + bias, both
-    planned for the same cooperative grid; the counters of phase 2 start after phase 1's columns."""
+                                                        (33, 72, 200, 136, "float16", 4, (1, 2))])
+def test_lowrank_two_phase_emulation(rng, pivoted, M, N, K, r, dtype, grid, splits):
+    """lowrank_small_m.cuh: phase 1 t = x @ v^T (pivoted: x[:, perm[:r]] + x[:, perm[r:]] @ w^T through
+    PivotFrag) written in x's dtype, phase 2 y = t @ u^T + bias, both planned for the same cooperative grid."""
     rng = np.random.default_rng(int(torch.randint(0, 2 ** 31, (1,), generator=rng)))
     tdt = getattr(torch, dtype)
     x = torch.from_numpy(rng.standard_normal((M, K))).to(tdt)
-    v = torch.from_numpy(rng.standard_normal((r, K)) / K ** 0.5).to(tdt)
+    K1 = K - r if pivoted else K
+    v = torch.from_numpy(rng.standard_normal((r, K1)) / K ** 0.5).to(tdt)  # pivoted: w [r, K - r]
     u = torch.from_numpy(rng.standard_normal((N, r)) / r ** 0.5).to(tdt)
     bias = torch.from_numpy(rng.standard_normal(N)).to(tdt)
-    t, s1 = emulate(HalfFrag(bits_of(v), dtype), bits_of(x), np.zeros(r), M, r, K, dtype, grid)
-    assert np.abs(t - (x.double() @ v.double().T).numpy()).max() <= 1e-9 * (1 + np.abs(t).max())
+    if pivoted:
+        perm = torch.from_numpy(rng.permutation(K))
+        frag1 = PivotFrag(bits_of(v), bits_of(x), perm.numpy(), r, dtype)
+        t_ref = x.double()[:, perm[:r]] + x.double()[:, perm[r:]] @ v.double().T
+    else:
+        frag1 = HalfFrag(bits_of(v), dtype)
+        t_ref = x.double() @ v.double().T
+    t, s1 = emulate(frag1, bits_of(x), np.zeros(r), M, r, K1, dtype, grid)
+    assert np.abs(t - t_ref.numpy()).max() <= 1e-9 * (1 + np.abs(t).max())
     t_T = torch.from_numpy(t).to(tdt)  # the fixup's from_f32<T>
     y, s2 = emulate(HalfFrag(bits_of(u), dtype), bits_of(t_T), bias.double().numpy(), M, N, r, dtype, grid)
     ref = (t_T.double() @ u.double().T + bias.double()).numpy()
     assert np.abs(y - ref).max() <= 1e-9 * (1 + np.abs(ref).max())
-    assert (s1, s2) == splits  # the cases exercise each phase's split fixup
+    if not pivoted:
+        assert (s1, s2) == splits  # the cases exercise each phase's split fixup
 
 
 def test_plan_splits_fill_one_wave():
