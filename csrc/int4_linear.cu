@@ -55,6 +55,12 @@ struct Int4Dec {
 // permutes per register. A nibble pair becomes weights with one mask-and-or
 // (0x6400 | q is the fp16 1024 + q, 0x4300 | q the bf16 128 + q), one subtract
 // of the magic (exact) and one FMA: (q - z) * s = q * s + (-z * s).
+inline int ilog2(int64_t v) {
+  int s = 0;
+  while ((int64_t(1) << s) < v) ++s;
+  return s;
+}
+
 template <class T>
 struct Int4Frag {
   static constexpr int kLaneK = 32;
@@ -62,14 +68,15 @@ struct Int4Frag {
   const uint8_t* q;
   const T* scales;
   const T* zeros;
-  int64_t K, G, group;
+  int64_t K, G;
+  int group_shift;  // log2(group_size): a division here would cost ~20-70 instructions per load
 
   struct Chunk {
     uint4 q;
     uint32_t s2, nzs2;  // (s, s) and (-z s, -z s) as pairs of T
   };
   __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const {
-    const int64_t gi = n * G + kt / group;  // group % 32 == 0: one group per lane block
+    const int64_t gi = n * G + (kt >> group_shift);  // group % 32 == 0: one group per lane block
     const float s = to_f32<T>(scales[gi]);
     return {__ldg(reinterpret_cast<const uint4*>(q + n * (K / 2) + kt / 2)), small_m::Pair<T>::pack(s),
             small_m::Pair<T>::pack(-to_f32<T>(zeros[gi]) * s)};
@@ -127,9 +134,10 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
     const T* xp = static_cast<const T*>(xc.data_ptr());
     const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
     T* yp = static_cast<T*>(y.data_ptr());
-    if (small_m::enabled() &&
-        small_m::linear_small_m(Int4Frag<T>{qp, sp, zp, K, G, group_size}, aligned16(qp), xp, bp, yp, M,
-                                      N, K, xc, stream))
+    const bool pow2_group = (group_size & (group_size - 1)) == 0;  // the small-M path shifts instead of dividing
+    if (small_m::enabled() && pow2_group &&
+        small_m::linear_small_m(Int4Frag<T>{qp, sp, zp, K, G, ilog2(group_size)}, aligned16(qp), xp, bp, yp, M, N, K,
+                                xc, stream))
       return;
     // K % 32 == 0, so every row is 16-byte aligned when the base is
     Int4Dec<T> dec{qp, sp, zp, K, G, group_size, aligned16(qp)};

@@ -2,7 +2,8 @@
 on the GPU: against float64 and against the general path (REPARAM_SMALL_M=0) at odd sizes,
 split-K fixups with different split counts back to back (the self-resetting counters),
 bit-identical repeats, a CUDA graph captured before any eager call on its stream, non-integer
-zero points, misaligned x and an int8 K that is not a multiple of 16 (both: the general path)."""
+zero points, and the cases that take the general path instead: misaligned x, an int4 group that
+is not a power of two, an int8 K that is not a multiple of 16."""
 import pytest
 import torch
 
@@ -96,6 +97,11 @@ def test_misaligned_x_takes_the_general_path(rng, op):
     x.copy_(args[0])
     args[0] = x
     assert rel_err(run(op, args), exact(args, w)) <= 5e-3
+
+
+def test_int4_group_not_a_power_of_two_takes_the_general_path(rng):
+    args, w = make(rng, "int4_linear", 5, 576, 136, torch.float16, group=96)
+    assert rel_err(run("int4_linear", args), exact(args, w)) <= 5e-3
 
 
 def test_int8_odd_k_takes_the_general_path(rng):

@@ -55,7 +55,7 @@ class Int4Frag:
         self.qp, self.s, self.z, self.group, self.dtype = qp, s, z, group, dtype
 
     def load(self, n, kt):
-        gi = kt // self.group
+        gi = kt >> (self.group.bit_length() - 1)  # group_shift: the path takes power-of-two groups only
         return self.qp[n, kt // 2: kt // 2 + 16].view(np.uint32), (self.s[n, gi], -self.z[n, gi] * self.s[n, gi])
 
     def zero(self):
