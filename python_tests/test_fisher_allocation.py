@@ -73,6 +73,20 @@ def test_choose_ranks_spends_the_budget_where_the_loss_estimate_drops_most():
         choose_ranks(spectra, shapes, 0.999)
 
 
+@pytest.mark.parametrize("pivoted", [False, True])
+def test_choose_ranks_are_multiples_of_8_from_16_on_and_keep_the_budget(pivoted):
+    g = torch.Generator().manual_seed(7)
+    shapes = {"a": (576, 576), "b": (1536, 576), "c": (576, 1536), "d": (40, 24)}
+    spectra = {n: (torch.rand(min(s), generator=g, dtype=torch.float64) * (i + 1)).sort(descending=True).values
+               for i, (n, s) in enumerate(shapes.items())}
+    ranks = choose_ranks(spectra, shapes, 0.2, pivoted=pivoted)
+    size = lambda n, r: r * (sum(shapes[n]) - (r if pivoted else 0))  # noqa: E731
+    cost = sum(shapes[n][0] * shapes[n][1] if r is None else size(n, r) for n, r in ranks.items())
+    assert cost <= 0.8 * sum(o * i for o, i in shapes.values())
+    assert any(r is not None and r >= 16 for r in ranks.values())
+    assert all(r is None or r < 16 or r % 8 == 0 for r in ranks.values()), ranks
+
+
 def test_allocate_global_in_a_recipe_matches_allocate_ranks_and_keeps_the_budget():
     model = tiny_llama(seed=11, layers=2)
     ids = _ids(8, 32, seed=12)

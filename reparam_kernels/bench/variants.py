@@ -72,10 +72,13 @@ def _combo_random(i, o, bias, dtype, device):
 
 
 def _pivoted_random(i, o, bias, dtype, device):
-    """Pivoted low rank at 40% fewer parameters (counting its r·(o + i − r) storage), random factors."""
+    """Pivoted low rank at 40% fewer parameters (counting its r·(o + i − r) storage), random factors;
+    the rank rounded down to a multiple of 8 like the compression pipeline's (the decode kernel's sizes)."""
+    from ..compress.allocate import kernel_friendly_rank
     from ..compress.svd import pivoted_rank_for_ratio
 
-    layer = rnn.PivotedLowRankLinear(i, o, pivoted_rank_for_ratio(o, i, 0.4), bias=bias, dtype=dtype, device=device)
+    r = kernel_friendly_rank(pivoted_rank_for_ratio(o, i, 0.4))
+    layer = rnn.PivotedLowRankLinear(i, o, r, bias=bias, dtype=dtype, device=device)
     with torch.no_grad():
         layer.w.normal_(0, (1.0 / i) ** 0.5)
         layer.perm.copy_(torch.randperm(i, device=device))

@@ -71,11 +71,21 @@ def layer_spectra(model, batches, names, fisher=None, progress=True):
     return spectra
 
 
+RANK_MULTIPLE = 8  # ranks >= 2 * RANK_MULTIPLE are rounded down to a multiple of it
+
+
+def kernel_friendly_rank(r):
+    """r rounded down to a multiple of 8 once r >= 16: the GPU decode path (csrc/lowrank_small_m.cuh)
+    takes r (and, pivoted, in − r) in multiples of 8 for its 16-byte loads; smaller ranks stay exact."""
+    return r - r % RANK_MULTIPLE if r >= 2 * RANK_MULTIPLE else r
+
+
 def choose_ranks(spectra, shapes, ratio, pivoted=False):
     """{name: rank, or None = stay dense} spending at most (1 − ratio)·Σ out·in parameters.
 
     pivoted: the layers store r·(out + in − r) parameters (PivotedLowRankLinear); direction j then
-    costs (out + in − j) on average over the first j + 1, and only full rank means dense."""
+    costs (out + in − j) on average over the first j + 1, and only full rank means dense.
+    Ranks are kernel_friendly_rank()s (rounded down: the budget still holds)."""
     budget = (1.0 - ratio) * sum(o * i for o, i in shapes.values())
 
     def pick(tau):
@@ -84,9 +94,11 @@ def choose_ranks(spectra, shapes, ratio, pivoted=False):
             o, i = shapes[n]
             if pivoted:
                 r = min(max(1, int((e / (o + i - torch.arange(len(e), dtype=e.dtype)) > tau).sum())), min(o, i))
+                if r < min(o, i):
+                    r = kernel_friendly_rank(r)
                 dense, cost = r >= min(o, i), r * (o + i - r)
             else:
-                r = max(1, int((e / (o + i) > tau).sum()))
+                r = kernel_friendly_rank(max(1, int((e / (o + i) > tau).sum())))
                 dense, cost = r * (o + i) >= o * i, r * (o + i)
             if dense:
                 ranks[n], total = None, total + o * i
