@@ -34,7 +34,7 @@ import json
 b = json.loads(open("/tmp/rk_before.json").read().strip().splitlines()[-1])["perplexity"]
 a = json.loads(open("/tmp/rk_after.json").read().strip().splitlines()[-1])["perplexity"]
 print(f"\n| model | perplexity (Pride and Prejudice) | vs dense |\n|---|---|---|\n| dense | {b:.2f} | |\n"
-      f"| default recipe (Fisher-weighted whitened low rank, −20% of attn+MLP params) | {a:.2f} | {100 * (a / b - 1):+.1f}% |")
+      f"| default recipe (Fisher-weighted whitened low rank, pivoted, −20% of attn+MLP params) | {a:.2f} | {100 * (a / b - 1):+.1f}% |")
 PYEOF
 
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && [ -f benchmarks/run_gpu.sh ]; then

@@ -35,9 +35,11 @@ _TOP_KEYS = {"rules", "name", "description"}
 
 # The default recipe (also reparam_kernels/recipes/default.yaml): activation-aware low rank with
 # output channels weighted by the loss's Fisher, 20% fewer parameters in the attention and MLP
-# Linears of a Llama-style model as a whole, ranks allocated globally (some layers stay dense).
-_DEFAULT_RULE = {"method": "lowrank", "ratio": 0.2, "whiten": True, "fisher": True, "allocate": "global"}
-DEFAULT_RECIPE = {"name": "lowrank-fisher-global-20", "rules": [
+# Linears of a Llama-style model as a whole, ranks allocated globally (some layers stay dense),
+# factors stored pivoted (a larger rank for the same parameters).
+_DEFAULT_RULE = {"method": "lowrank", "ratio": 0.2, "whiten": True, "fisher": True, "allocate": "global",
+                 "pivoted": True}
+DEFAULT_RECIPE = {"name": "lowrank-pivoted-fisher-global-20", "rules": [
     {"match": "model.layers.*.self_attn.*_proj", **_DEFAULT_RULE},
     {"match": "model.layers.*.mlp.*_proj", **_DEFAULT_RULE}]}
 
