@@ -4,23 +4,26 @@
 // the rfft of each block's first column, see compress/structured.py), y [M, N].
 // Block sizes b = 64..4096, powers of two.
 //
-// One CTA owns one output block i and a tile of TM rows. For each chunk of NJ
-// input blocks it
+// One CTA owns pi output blocks i0 .. i0+pi-1 and a tile of TM rows (pi = 1 while the grid is
+// small, i.e. decode: one CTA per output block; at large M up to 8, so each input FFT serves pi
+// output blocks instead of being recomputed for every one). For each chunk of NJ input blocks it
 //   1. loads x_j of its rows into shared memory as H = b/2 complex values
 //      z[n] = x[2n] + i x[2n+1] (real-input trick: a length-H complex FFT
 //      gives the length-b real FFT), zero-padded beyond K;
 //   2. runs an in-shared-memory Stockham FFT (radix-4 stages, one radix-2
 //      stage when log2 H is odd; ping-pong buffers, natural order out);
-//   3. splits the result into the b/2+1 bins of rfft(x_j) and accumulates
-//      S_ij * X_j into a per-row spectrum accumulator in shared memory
-//      (each thread owns (row, bin) pairs: no races, no atomics).
-// Then it packs the accumulated half spectrum into H complex values, runs the
-// inverse FFT, and writes y (+ bias) for the columns < N. No complex
-// intermediate ever leaves shared memory; fp32 throughout.
+//   3. splits the result into the b/2+1 bins of rfft(x_j) (once) and accumulates
+//      S_ij * X_j for its pi output blocks into per-row spectrum accumulators
+//      (each thread owns (row, bin) pairs and keeps the pi sums in registers for
+//      the pass: no races, no atomics).
+// Then, per batch of output blocks that fits a buffer, it packs the accumulated
+// half spectra into H complex values, runs the inverse FFTs, and writes y (+ bias)
+// for the columns < N. No complex intermediate ever leaves shared memory; fp32
+// throughout.
 //
-// Shared memory: two CAP-element complex buffers (64 KB) + TM*(H+1) complex
-// accumulators (<= 16.5 KB). TM = clamp(4096 / b, 1, 16); NJ = CAP / (rows*H)
-// input blocks per pass.
+// Shared memory: two CAP-element complex buffers (64 KB) + pi*TM*(H+1) complex
+// accumulators (16.5 KB per output block). TM = clamp(4096 / b, 1, 16); NJ =
+// CAP / (rows*H) input blocks per pass.
 //
 // The index math of this file was checked against the float64 reference by a
 // line-by-line NumPy emulation (all stages, padding, DC/Nyquist handling);
@@ -34,6 +37,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kCap = 4096;  // complex elements per ping-pong buffer
 constexpr int kMaxTm = 16;
+constexpr int kMaxPi = 8;  // output blocks per CTA (large M: each input FFT serves up to 8 of them)
 
 template <class T>
 struct BcArgs {
@@ -42,7 +46,7 @@ struct BcArgs {
   const T* bias;   // [N] or nullptr
   T* y;            // [M, N]
   int64_t M, K, N;
-  int p, q, b, tm;
+  int p, q, b, tm, pi;  // pi: output blocks per CTA
 };
 
 __device__ __forceinline__ float2 cmul(float2 a, float2 b) {
@@ -113,13 +117,15 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
   extern __shared__ __align__(16) float2 smem[];
   float2* buf_a = smem;
   float2* buf_b = smem + kCap;
-  float2* acc = smem + 2 * kCap;  // [rows][H+1]
+  float2* acc = smem + 2 * kCap;  // [np][rows][H+1]
   const int H = a.b >> 1, hb = H + 1;
   const int64_t m0 = int64_t(blockIdx.x) * a.tm;
   const int rows = (a.M - m0 < a.tm) ? int(a.M - m0) : a.tm;
-  const int i = blockIdx.y;
+  const int i0 = blockIdx.y * a.pi;           // first output block of this CTA
+  const int np = min(a.pi, a.p - i0);         // output blocks of this CTA
+  const int per_block = rows * hb;            // accumulators per output block
 
-  for (int t = threadIdx.x; t < rows * hb; t += blockDim.x) acc[t] = make_float2(0.f, 0.f);
+  for (int t = threadIdx.x; t < np * per_block; t += blockDim.x) acc[t] = make_float2(0.f, 0.f);
 
   // as many input blocks per pass as the buffers hold for this CTA's rows (M < TM: more blocks)
   const int nj_max = kCap / (rows * H);
@@ -138,10 +144,14 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
     __syncthreads();
     // 2. forward FFTs
     const float2* res = stockham_fft(buf_a, buf_b, H, nseq, false);
-    // 3. real-FFT split + block products: thread owns (mm, k), k = 0..H
-    for (int t = threadIdx.x; t < rows * hb; t += blockDim.x) {
+    // 3. real-FFT split + block products: thread owns (mm, k), k = 0..H; X_j[k] is split once and
+    //    multiplied into all np output blocks (their sums in registers for the pass)
+    for (int t = threadIdx.x; t < per_block; t += blockDim.x) {
       const int mm = t / hb, k = t - mm * hb;
-      float2 sum = acc[t];
+      float2 sum[kMaxPi];
+#pragma unroll
+      for (int ii = 0; ii < kMaxPi; ++ii)
+        if (ii < np) sum[ii] = acc[ii * per_block + t];
       const float2 wk = expipi(-float(k) / float(H));  // e^{-2 pi i k / b}
       for (int jj = 0; jj < nj; ++jj) {
         const float2* z = res + (jj * rows + mm) * H;
@@ -156,49 +166,86 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
           const float2 o = times_minus_i(cscale(csub(zk, c), 0.5f));  // FFT of odd samples
           xk = cadd(e, cmul(wk, o));
         }
-        const float* wij = a.w + (int64_t(i) * a.q + (j0 + jj)) * 2 * hb;
-        sum = cadd(sum, cmul(make_float2(wij[k], wij[hb + k]), xk));
+        const float* wj = a.w + (int64_t(i0) * a.q + (j0 + jj)) * 2 * hb;  // block (i0, j0 + jj)
+#pragma unroll
+        for (int ii = 0; ii < kMaxPi; ++ii) {
+          if (ii < np) {
+            const float* wij = wj + int64_t(ii) * a.q * 2 * hb;  // block (i0 + ii, j0 + jj)
+            sum[ii] = cadd(sum[ii], cmul(make_float2(wij[k], wij[hb + k]), xk));
+          }
+        }
       }
-      acc[t] = sum;
+#pragma unroll
+      for (int ii = 0; ii < kMaxPi; ++ii)
+        if (ii < np) acc[ii * per_block + t] = sum[ii];
     }
     __syncthreads();  // res (buf_a or buf_b) is overwritten by the next load
   }
 
-  // 4. pack the Hermitian half spectrum into H complex values (imag of DC and Nyquist ignored)
-  for (int t = threadIdx.x; t < rows * H; t += blockDim.x) {
-    const int mm = t / H, k = t - mm * H;
-    const float2* am = acc + mm * hb;
-    float2 av, cv;
-    if (k == 0) {
-      av = make_float2(am[0].x, 0.f);
-      cv = make_float2(am[H].x, 0.f);
-    } else {
-      av = am[k];
-      cv = make_float2(am[H - k].x, -am[H - k].y);
-    }
-    const float2 e = cscale(cadd(av, cv), 0.5f);
-    const float2 o = cmul(cscale(csub(av, cv), 0.5f), expipi(float(k) / float(H)));
-    buf_a[mm * H + k] = cadd(e, times_i(o));
-  }
-  __syncthreads();
-  const float2* res = stockham_fft(buf_a, buf_b, H, rows, true);
-
-  // 5. write y[m0 + mm, i*b + 2n (+1)] = z[n] / H + bias
+  // 4-5, per batch of output blocks that fits a buffer: pack each block's Hermitian half spectrum into
+  // H complex values (imag of DC and Nyquist ignored), inverse FFT, write y (+ bias).
+  const int per_pass = max(1, kCap / (rows * H));
   const float scale = 1.f / float(H);
-  for (int t = threadIdx.x; t < rows * H; t += blockDim.x) {
-    const int mm = t / H, n = t - mm * H;
-    const float2 z = res[mm * H + n];
-    const int64_t col = int64_t(i) * a.b + 2 * n;
-    T* yr = a.y + (m0 + mm) * a.N;
-    if (col < a.N) yr[col] = from_f32<T>(z.x * scale + (a.bias ? to_f32<T>(a.bias[col]) : 0.f));
-    if (col + 1 < a.N) yr[col + 1] = from_f32<T>(z.y * scale + (a.bias ? to_f32<T>(a.bias[col + 1]) : 0.f));
+  for (int ib = 0; ib < np; ib += per_pass) {
+    const int nbk = min(per_pass, np - ib), nseq = nbk * rows;  // sequence s = (ii - ib) * rows + mm
+    for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
+      const int s = t / H, k = t - s * H;
+      const float2* am = acc + (ib * rows + s) * hb;  // = acc[ii][mm]
+      float2 av, cv;
+      if (k == 0) {
+        av = make_float2(am[0].x, 0.f);
+        cv = make_float2(am[H].x, 0.f);
+      } else {
+        av = am[k];
+        cv = make_float2(am[H - k].x, -am[H - k].y);
+      }
+      const float2 e = cscale(cadd(av, cv), 0.5f);
+      const float2 o = cmul(cscale(csub(av, cv), 0.5f), expipi(float(k) / float(H)));
+      buf_a[s * H + k] = cadd(e, times_i(o));
+    }
+    __syncthreads();
+    const float2* res = stockham_fft(buf_a, buf_b, H, nseq, true);
+    // y[m0 + mm, (i0 + ii)*b + 2n (+1)] = z[n] / H + bias
+    for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
+      const int s = t / H, n = t - s * H;
+      const int ii = ib + s / rows, mm = s % rows;
+      const float2 z = res[s * H + n];
+      const int64_t col = int64_t(i0 + ii) * a.b + 2 * n;
+      T* yr = a.y + (m0 + mm) * a.N;
+      if (col < a.N) yr[col] = from_f32<T>(z.x * scale + (a.bias ? to_f32<T>(a.bias[col]) : 0.f));
+      if (col + 1 < a.N) yr[col + 1] = from_f32<T>(z.y * scale + (a.bias ? to_f32<T>(a.bias[col + 1]) : 0.f));
+    }
+    __syncthreads();  // the next batch overwrites the buffers
   }
 }
 
 int rows_per_cta(int b) { return std::max(1, std::min(kMaxTm, 4096 / b)); }
 
-size_t smem_bytes(int b) {
-  return (2 * size_t(kCap) + size_t(rows_per_cta(b)) * (b / 2 + 1)) * sizeof(float2);
+size_t smem_bytes(int b, int pi) {
+  return (2 * size_t(kCap) + size_t(pi) * rows_per_cta(b) * (b / 2 + 1)) * sizeof(float2);
+}
+
+int max_smem_optin(int device) {
+  static int cached[64] = {0};
+  const int d = (device >= 0 && device < 64) ? device : 0;
+  if (cached[d] == 0) RK_CUDA_CHECK(cudaDeviceGetAttribute(&cached[d], cudaDevAttrMaxSharedMemoryPerBlockOptin, d));
+  return cached[d];
+}
+
+// Output blocks per CTA: 1 while the grid is small (decode: every output block its own CTA), else the
+// largest divisor of p up to kMaxPi that still leaves >= 1 CTA per SM and fits shared memory (with
+// pi > 1 a CTA needs > 80 KB, so one runs per SM anyway). Each input FFT then serves pi output
+// blocks instead of being recomputed for every one of them.
+int choose_pi(int64_t M, int p, int b, int device) {
+  const int64_t tiles = (M + rows_per_cta(b) - 1) / rows_per_cta(b);
+  const int64_t want = sm_count(device);
+  int pi = 1;
+  for (int c = 2; c <= std::min(kMaxPi, p); ++c) {
+    if (p % c != 0) continue;
+    if (tiles * (p / c) < want || smem_bytes(b, c) > size_t(max_smem_optin(device))) break;
+    pi = c;
+  }
+  return pi;
 }
 
 template <class T>
@@ -207,14 +254,13 @@ void launch(BcArgs<T> a, int device, cudaStream_t stream) {
   static bool configured[64] = {false};  // per template instance and device (> 48 KB needs the opt-in)
   const int slot = (device >= 0 && device < 64) ? device : 0;
   if (!configured[slot]) {
-    size_t most = 0;
-    for (int b = 64; b <= 4096; b *= 2) most = std::max(most, smem_bytes(b));
-    RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(most)));
+    RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_optin(device)));
     configured[slot] = true;
   }
   a.tm = rows_per_cta(a.b);
-  const dim3 grid(unsigned((a.M + a.tm - 1) / a.tm), unsigned(a.p));
-  kernel<<<grid, kThreads, smem_bytes(a.b), stream>>>(a);
+  a.pi = choose_pi(a.M, a.p, a.b, device);
+  const dim3 grid(unsigned((a.M + a.tm - 1) / a.tm), unsigned((a.p + a.pi - 1) / a.pi));
+  kernel<<<grid, kThreads, smem_bytes(a.b, a.pi), stream>>>(a);
   RK_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -17,7 +17,7 @@ def op(x, u, v, b):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M", [1, 2, 7, 16, 17, 32, 40, 64])
+@pytest.mark.parametrize("M", [1, 7, 16, 17, 40, 64])
 @pytest.mark.parametrize("K,N,r", [(8192, 8192, 512), (1000, 520, 72), (136, 200, 24), (4096, 14336, 256)])
 def test_decode_path_matches_float64_and_wmma_path(rng, dtype, M, K, N, r):
     x, u, v, b = plain.make(rng, (M,), K, N, r, dtype, device="cuda")

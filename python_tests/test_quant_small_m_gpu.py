@@ -46,7 +46,7 @@ def general_path(op, args):
 
 @pytest.mark.parametrize("op", ["int4_linear", "int8_linear"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M", [1, 2, 5, 8, 13, 16, 17, 31, 32, 33, 50, 64])
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 33, 64])
 @pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32), (544, 72, 32), (8192, 264, 64)])
 def test_small_m_matches_float64_and_general_path(rng, op, dtype, M, K, N, group):
     args, w = make(rng, op, M, K, N, dtype, group)

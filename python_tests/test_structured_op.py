@@ -145,7 +145,9 @@ def test_bad_inputs_name_the_argument(rng, bad, match):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("M,K,N,b", [(1, 4096, 4096, 4096), (1, 4096, 4096, 256), (3, 1000, 700, 64),
                                      (16, 4096, 14336, 512), (17, 300, 500, 128), (64, 2048, 2048, 1024),
-                                     (2048, 1024, 1024, 256), (5, 8192, 8192, 2048)])
+                                     (2048, 1024, 1024, 256), (5, 8192, 8192, 2048),
+                                     # large M on 132 SMs: several output blocks per CTA (pi = 8, 4, and 8 with a partial row tile)
+                                     (2048, 4096, 4096, 256), (1024, 4096, 4096, 256), (3000, 520, 1024, 64)])
 def test_cuda_matches_float64(rng, dtype, M, K, N, b):
     x, spec, cols, bias = make(rng, (M,), K, N, b, dtype, device="cuda")
     for bb in (bias, None):
