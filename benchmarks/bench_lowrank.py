@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from common import (Contender, Results, bench_arg_parser, measure_ceilings, progress, require_cuda,
+from common import (Contender, Results, bench_arg_parser, check_rows, measure_ceilings, progress, require_cuda,
                     rotation_count, run_case, shapes_and_batches, DTYPES)
 
 import reparam_kernels
@@ -94,7 +94,7 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
         res, dtype=dtype, M=M, N=N, K=K, params={"rank": r}, modes=modes,
         ours=Contender(lambda x, u, v: reparam_kernels.ops.lowrank_linear(x, u, v), low),
         cublas=Contender(F.linear, dense), peers=peers,
-        reference=lambda: (x0.double() @ v0.double().t()) @ u0.double().t(),
+        reference=lambda: (check_rows(x0).double() @ v0.double().t()) @ u0.double().t(),
         bytes=must_move, flops=2 * M * r * (N + K), backend=backend,
     )
     del low, piv, dense
@@ -116,7 +116,7 @@ def main(argv=None):
     res.ceilings = measure_ceilings()
     copy = res.ceilings["copy_tbps"]
     print(f"ceilings: copy {copy:.2f} TB/s, bf16 GEMM {res.ceilings['bf16_gemm_tflops']:.0f} TFLOP/s")
-    cases = [(N, K, r, M, d) for (N, K) in shapes for r in ranks for d in dtypes for M in batches]
+    cases = [(N, K, r, M, d) for d in dtypes for (N, K) in shapes for r in ranks for M in batches]  # fp16 first
     for N, K, r, M, dtype in progress(cases, "lowrank_linear"):
         for row in bench_shape(res, N, K, r, M, dtype, modes):
             tbps = row["bytes"] / (row["ours_us"] * 1e-6) / 1e12

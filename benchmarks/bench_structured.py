@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from common import (Contender, Results, bench_arg_parser, measure_ceilings, progress, require_cuda,
+from common import (Contender, Results, bench_arg_parser, check_rows, measure_ceilings, progress, require_cuda,
                     rotation_count, run_case, shapes_and_batches, DTYPES)
 
 import reparam_kernels
@@ -70,11 +70,11 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
     x0, s0 = sets[0]
     if op == "block_circulant_linear":
         ours_fn = lambda x, s: reparam_kernels.ops.block_circulant_linear(x, s, b, N)  # noqa: E731
-        ref = lambda: reference.block_circulant_linear(x0.double(), s0.double(), b, N)  # noqa: E731
+        ref = lambda: reference.block_circulant_linear(check_rows(x0).double(), s0.double(), b, N)  # noqa: E731
         size = b
     else:  # Toeplitz n×n as its L×L embedding: the spectrum sets are already embeddings of size b = L
         ours_fn = lambda x, s: reparam_kernels.ops.toeplitz_linear(x, s, b, N)  # noqa: E731
-        ref = lambda: reference.toeplitz_linear(x0.double(), s0.double(), b, N)  # noqa: E731
+        ref = lambda: reference.toeplitz_linear(check_rows(x0).double(), s0.double(), b, N)  # noqa: E731
         size = b
     peers = {"torch_fft": Contender(lambda x, s: reference.block_circulant_linear(x, s, size, N), sets)}
     if rk_triton.block_circulant_linear is not None and device == "cuda":
@@ -111,7 +111,8 @@ def main(argv=None):
     failures = 0
     res = Results("block_circulant_linear", root=args.out)
     res.ceilings = measure_ceilings()
-    cases = [(N, K, b, M, d) for (N, K) in shapes for b in blocks for d in dtypes for M in batches if b <= max(N, K)]
+    cases = [(N, K, b, M, d) for d in dtypes for (N, K) in shapes for b in blocks for M in batches  # fp16 first
+             if b <= max(N, K)]
     for N, K, b, M, dtype in progress(cases, "block_circulant_linear"):
         for row in bench_block(res, N, K, b, M, dtype, modes):
             _print(row, b)

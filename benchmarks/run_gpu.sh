@@ -8,7 +8,7 @@
 #   RUN_GPU_BUDGET=480 RUN_GPU_FULL=1 bash benchmarks/run_gpu.sh   # full shapes instead of --quick
 #
 # Output folder: env.txt, gpu_tests.log + gpu_tests.xml, bench_<name>.log, <gpu>/<op>.json,
-# sanitizer.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS),
+# sanitizer.log, racecheck.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS),
 # benchmarks.md + roofline_<gpu>.png (table and plot of the JSON), summary.txt.
 # Exit status: 1 if the GPU tests fail, 2 if compute-sanitizer reports errors, 3 if a
 # benchmark script fails, else 0 (the first of these that applies).
@@ -50,7 +50,7 @@ fi
 step env 60 "$DEST/env.txt" "$PY" -m reparam_kernels env; cat "$DEST/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$DEST/env.txt" 2>&1
 
-step gpu_tests 200 "$DEST/gpu_tests.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors python_tests \
+step gpu_tests 150 "$DEST/gpu_tests.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors python_tests \
   --junitxml="$DEST/gpu_tests.xml"
 TESTS_RC=$?
 tail -n 25 "$DEST/gpu_tests.log"
@@ -62,7 +62,7 @@ BENCH_RC=0
 SCRIPTS=()
 for s in benchmarks/bench_*.py; do [ "$s" != benchmarks/bench_decode.py ] && SCRIPTS+=("$s"); done
 [ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py)
-SAN_RESERVE=150   # keep this much for compute-sanitizer (~100 s) and Nsight Compute (~50 s)
+SAN_RESERVE=150   # keep this much for compute-sanitizer (memcheck <= 80 s, racecheck <= 30 s) and Nsight Compute (<= 40 s)
 for i in "${!SCRIPTS[@]}"; do
   script="${SCRIPTS[$i]}"; name="$(basename "$script" .py)"
   # an even share of what is left, at most 150 s a script; results are saved row by row,
@@ -78,11 +78,18 @@ for d in "${CUDA_HOME:-}" /usr/local/cuda; do  # the toolkit's bin is not always
 done
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # no caching allocator: an out-of-bounds access inside a cached block would go unseen
-  step sanitizer 120 "$DEST/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  step sanitizer 80 "$DEST/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool memcheck --error-exitcode 99 \
     --target-processes all "$PY" benchmarks/sanitize_ops.py
   SAN_RC=$?
   grep -E "ERROR SUMMARY|FAIL|sanitize_ops: ops" "$DEST/sanitizer.log" | tail -n 5
+  # shared-memory races in the paths with in-CTA reductions and split fixups (small, so it is quick)
+  step racecheck 30 "$DEST/racecheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool racecheck --error-exitcode 98 \
+    --target-processes all "$PY" benchmarks/sanitize_ops.py --paths-only
+  RACE_RC=$?
+  grep -E "ERROR SUMMARY|FAIL" "$DEST/racecheck.log" | tail -n 3
+  [ "$SAN_RC" -eq 0 ] && [ "$RACE_RC" -ne 124 ] && SAN_RC=$RACE_RC
 else
   note "compute-sanitizer not found on PATH: memcheck skipped"; SAN_RC=127
 fi
@@ -95,7 +102,7 @@ if ! command -v ncu >/dev/null 2>&1; then  # not always linked into the toolkit'
   done
 fi
 if command -v ncu >/dev/null 2>&1; then
-  step ncu 60 "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+  step ncu 40 "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --csv --page details \
     --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py
 else

@@ -1,5 +1,6 @@
-"""Call every op once on the GPU, small, through every layer type: the script the GPU
-runner puts under `compute-sanitizer --tool memcheck` (and usable on its own).
+"""Call every op once on the GPU, small, through every layer type and every kernel path: the script
+the GPU runner puts under `compute-sanitizer --tool memcheck` (all of it) and `--tool racecheck`
+(`--paths-only`: the paths with shared-memory reductions and split fixups). Usable on its own.
 
 Exits 1 if an op that has a CUDA kernel was not exercised or a result is wrong.
 """
@@ -27,42 +28,77 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def path_cases():
+    """(name, layer factory(dtype, device), batches): the shapes that take each CUDA path besides the
+    variants' own: register-fed small M with K split over CTAs (int8, int4, both low-rank forms; ranks in
+    multiples of 8), and the cuBLAS routes at M >= 512."""
+    from reparam_kernels import nn as rnn
+
+    def lin(k, n, dtype, device):
+        return nn.Linear(k, n, bias=True).to(device=device, dtype=dtype)
+
+    return [
+        ("int8 small-M split", lambda dt, dev: rnn.Int8Linear.from_linear(lin(1024, 72, dt, dev)), (1, 40)),
+        ("int4 small-M split", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1024, 72, dt, dev), group_size=128),
+         (1, 40)),
+        ("lowrank small-M", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64), (1, 40)),
+        ("pivoted small-M", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64),
+         (1, 40)),
+        ("int4 dequant+cuBLAS", lambda dt, dev: rnn.Int4Linear.from_linear(lin(256, 72, dt, dev), group_size=128),
+         (600,)),
+        ("pivoted cuBLAS", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32),
+         (600,)),
+    ]
+
+
+def check(name, layer, m, k_in, dtype, device, recorder, bad):
+    """Runs layer on a fresh x of m rows; appends to `bad` when it disagrees with its to_dense()."""
+    dense = layer.to_dense().double() if hasattr(layer, "to_dense") else None
+    x = torch.randn(m, k_in, device=device, dtype=dtype)
+    with recorder:
+        y = layer(x)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    if dense is not None:
+        ref = x.double() @ dense.t() + (layer.bias.double() if getattr(layer, "bias", None) is not None else 0)
+        err = float((y.double() - ref).norm() / ref.norm())
+        if not err < 5e-2:
+            bad.append(f"{name} {dtype} M={m}: relative error {err:.3g} against to_dense()")
+
+
 @torch.no_grad()
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only checks the script itself")
-    device = p.parse_args(argv).device
+    p.add_argument("--paths-only", action="store_true",
+                   help="only the path cases (small-M splits, cuBLAS routes): the short run for racecheck")
+    args = p.parse_args(argv)
+    device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("sanitize_ops: needs a CUDA GPU")
     torch.manual_seed(0)
     bad = []
     recorder = RecordOps()
-    for kind in variants.available():
-        # int8 / int4 also at a long K and a narrow N: the small-M path then splits K over CTAs,
-        # so its partials and last-CTA reduction run under memcheck too.
-        shapes = [(256, 192, (1, 17))] + ([(1024, 72, (1, 40))] if kind in ("int8", "int4_g128") else [])
-        for dtype, (k_in, n_out, batches) in [(d, s) for d in (torch.float16, torch.bfloat16) for s in shapes]:
-            lin = nn.Linear(k_in, n_out, bias=True).to(device=device, dtype=dtype)
-            layer = variants.make(kind, lin)
-            dense = layer.to_dense().double() if hasattr(layer, "to_dense") else None
-            for m in batches:
-                x = torch.randn(m, k_in, device=device, dtype=dtype)
-                with recorder:
-                    y = layer(x)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                if dense is not None:
-                    ref = x.double() @ dense.t() + (layer.bias.double() if getattr(layer, "bias", None) is not None
-                                                    else 0)
-                    err = float((y.double() - ref).norm() / ref.norm())
-                    if not err < 5e-2:
-                        bad.append(f"{kind} {dtype} M={m}: relative error {err:.3g} against to_dense()")
+    dtypes = (torch.float16, torch.bfloat16)
+    for kind in ([] if args.paths_only else variants.available()):
+        for dtype in dtypes:
+            layer = variants.make(kind, nn.Linear(256, 192, bias=True).to(device=device, dtype=dtype))
+            for m in (1, 17):
+                check(kind, layer, m, 256, dtype, device, recorder, bad)
             print(f"sanitize_ops: {kind} {str(dtype)[6:]} ok", flush=True)
-    with_kernel = {op for op in _dispatch.REGISTRY if _dispatch.backend_for(op, "cuda", torch.float16)[0] == "cuda"}
-    missed = sorted(with_kernel - recorder.seen)
-    print(f"sanitize_ops: ops called: {sorted(recorder.seen)}; CUDA-kernel ops: {sorted(with_kernel)}")
-    if missed:
-        bad.append(f"CUDA-kernel ops not exercised by any layer: {missed}")
+    for name, make, batches in path_cases():
+        for dtype in dtypes:
+            layer = make(dtype, device)
+            for m in batches:
+                check(name, layer, m, layer.in_features, dtype, device, recorder, bad)
+            print(f"sanitize_ops: {name} {str(dtype)[6:]} ok", flush=True)
+    if not args.paths_only:
+        with_kernel = {op for op in _dispatch.REGISTRY
+                       if _dispatch.backend_for(op, "cuda", torch.float16)[0] == "cuda"}
+        missed = sorted(with_kernel - recorder.seen)
+        print(f"sanitize_ops: ops called: {sorted(recorder.seen)}; CUDA-kernel ops: {sorted(with_kernel)}")
+        if missed:
+            bad.append(f"CUDA-kernel ops not exercised by any layer: {missed}")
     for b in bad:
         print("sanitize_ops: FAIL", b)
     return 1 if bad else 0

@@ -172,3 +172,16 @@ def test_run_case_records_a_timing_failure(tmp_path, monkeypatch):
                            cublas=common.Contender(torch.nn.functional.linear, [(x, w)]),
                            reference=lambda: x.double() @ w.double().t())
     assert rows == [] and any("timing failed: RuntimeError: capture" in f["reason"] for f in res.failures)
+
+
+def test_reference_on_the_first_rows_checks_those_rows():
+    x = torch.randn(cases.CHECK_ROWS + 40, 8, dtype=torch.float64)
+    w = torch.randn(5, 8, dtype=torch.float64)
+    out = (x @ w.t()).half()
+    ref = cases.check_rows(x) @ w.t()
+    assert ref.shape[0] == cases.CHECK_ROWS
+    assert cases.check_against_float64("ok", out, ref, torch.float16) <= 5e-3
+    bad = out.clone()
+    bad[3] += 1.0  # a wrong row inside the checked ones
+    with pytest.raises(cases.KernelMismatch):
+        cases.check_against_float64("bad", bad, ref, torch.float16)
