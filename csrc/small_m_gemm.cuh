@@ -24,13 +24,15 @@
 // plus what decoding needs), load(n, kt), zero(), b(chunk, i, h, b0, b1) (the B
 // registers of step 2i + h), a(x_row_g, x_row_g8, h, a[4]) (the A registers of
 // step 2i + h from that step pair's x vectors) and out_scale(n) (a per-output
-// factor applied in the epilogue: int8's per-channel scale).
+// factor applied in the epilogue: int8's per-channel scale); optionally
+// gather_x(m, k) / out_add(m, n) (PivotFrag: x read through a column map, a
+// per-output term added in the epilogue).
 //
 // Work split: a CTA of 8 warps owns BN = 4 * 8 * NG output rows (4 warps along
 // N, NG n8-groups each) and a K range (2 warps along K, 4 * kLaneK k per warp
 // per stage). The next stage's weights are loaded while this one computes. The
 // two K-warps are summed through shared memory; when K is split over CTAs
-// (gridDim.y > 1, to fill every SM) the last CTA of a column block to finish
+// (splits > 1, to fill every SM) the last CTA of a column block to finish
 // sums the fp32 partials in split order (split_k_counters.h): one launch,
 // deterministic, graph-capturable.
 #pragma once
@@ -299,7 +301,7 @@ struct HalfFrag {
 };
 
 // The first product of pivoted low-rank factors, t = x[:, perm[:r]] + x[:, perm[r:]] @ w^T, with
-// w [r, K - r] as HalfFrag weights (K - r % 8 == 0): the A operand is gathered from x through perm
+// w [r, K - r] as HalfFrag weights ((K - r) % 8 == 0): the A operand is gathered from x through perm
 // (8 scalar loads per vector; x is small at M <= 64 and stays in L1/L2), and the pivot columns are
 // added in the epilogue. x is read-only in the launch.
 template <class T>
