@@ -4,9 +4,10 @@
 
 Peers in the same run: torch's int4 "tinygemm" (``torch._weight_int4pack_mm``,
 group 128, bf16 only: it takes no fp16) for int4_linear, our own Triton
-kernel for every op, and our general CUDA path (``cuda_general_path``) where
-the op takes another one: int4/int8 at M <= 64 (the small-M tensor-core path),
-every op at M >= 512 (dequantize + cuBLAS). cuBLAS runs the dequantized weight in x's dtype. Each
+kernel for every op, and the CUDA path the op does not take at that M: the
+general path (``cuda_general_path``) against the small-M tensor-core path
+(int4/int8, M <= 64) and against dequantize + cuBLAS (M >= 512), and
+dequantize + cuBLAS (``cuda_dequant_cublas``) against the general path between. cuBLAS runs the dequantized weight in x's dtype. Each
 case is checked against float64 (x and the dequantized weight in float64)
 before it is timed; a contender that fails the check is not timed (recorded in
 the file's ``failures``). Writes benchmarks/results/<gpu>/{int8_linear,
@@ -84,17 +85,18 @@ def tinygemm(x, packed, group, sz):
 DEQUANT_MIN_M = 512  # csrc/quant_dequant_mm.cuh's default threshold
 
 
-def general_path(op, M):
-    """`op` through the general CUDA path (GEMV / WMMA tiles decoding to shared memory) instead of
-    the path it takes at this M: the small-M tensor-core path (int4/int8, M <= 64) or dequantize +
-    cuBLAS (M >= 512). An A/B peer; None where the op takes the general path anyway. (Toggling the
-    variable costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
+def other_path(op, M):
+    """(peer name, fn): `op` through the CUDA path it does not take at this M, for A/B in one run —
+    the general path (GEMV / WMMA tiles) where the op takes the small-M tensor-core path (int4/int8,
+    M <= 64) or dequantize + cuBLAS (M >= 512), and dequantize + cuBLAS where it takes the general
+    path (64 < M < 512: where the crossover lies is a measurement). (Toggling the variable costs a
+    little CPU time in eager mode; the graph numbers are kernel-only.)"""
     if M <= 64 and op in ("int4_linear", "int8_linear"):
-        var, value = "REPARAM_SMALL_M", "0"
+        name, var, value = "cuda_general_path", "REPARAM_SMALL_M", "0"
     elif M >= DEQUANT_MIN_M:
-        var, value = "REPARAM_DEQUANT_MIN_M", "0"
+        name, var, value = "cuda_general_path", "REPARAM_DEQUANT_MIN_M", "0"
     else:
-        return None
+        name, var, value = "cuda_dequant_cublas", "REPARAM_DEQUANT_MIN_M", "1"
     fn = getattr(torch.ops.reparam, op)
 
     def run(*args):
@@ -103,7 +105,7 @@ def general_path(op, M):
             return fn(*args)
         finally:
             del os.environ[var]
-    return run
+    return name, run
 
 
 def weight_bytes(op, N, K, elt):
@@ -138,8 +140,9 @@ def bench_shape(res, op, N, K, M, dtype, modes, device="cuda", count=None, seed=
         tg = [tinygemm_args(s[0], s[1:]) for s in ours_sets]
         if all(a is not None for a in tg):
             peers["tinygemm"] = Contender(tinygemm, tg)
-    if device == "cuda" and general_path(op, M) is not None:
-        peers["cuda_general_path"] = Contender(general_path(op, M), ours_sets)
+    if device == "cuda":
+        name, fn = other_path(op, M)
+        peers[name] = Contender(fn, ours_sets)
     x0, w0 = ours_sets[0][0], ours_sets[0][1:]
     backend, why = _dispatch.backend_for(op, device, dtype)
     rows = run_case(
