@@ -250,8 +250,19 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
     const int m = e / BN;
     const int64_t n = col0 + e % BN;
     if (n >= N) continue;
+    // 16 partials in flight per thread before any is added (a narrow column block with many splits,
+    // e.g. the low-rank phase 1 at M = 1: 64 splits, would otherwise wait 64 L2 latencies); the sum
+    // stays in split order.
+    constexpr int kBatch = 16;
     float v = 0.f;
-    for (int64_t s = 0; s < p.splits; ++s) v += __ldcg(p.part + (s * M + m) * N + n);
+    for (int64_t s0 = 0; s0 < p.splits; s0 += kBatch) {
+      float got[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+        got[u] = s0 + u < p.splits ? __ldcg(p.part + ((s0 + u) * M + m) * N + n) : 0.f;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) v += got[u];
+    }
     p.y[int64_t(m) * N + n] = from_f32<T>(finish(v, m, n));
   }
 }
