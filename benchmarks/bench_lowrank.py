@@ -11,13 +11,11 @@ and `flops`; the copy bandwidth and bf16 GEMM ceilings are measured first in
 the same run and stored under `ceilings`, so achieved bandwidth is read
 against the copy ceiling of this very run.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
-from common import (Contender, Results, bench_arg_parser, check_rows, measure_ceilings, progress, require_cuda,
-                    rotation_count, run_case, shapes_and_batches, DTYPES)
+from common import (Contender, Results, bench_arg_parser, check_rows, env_var, measure_ceilings, progress,
+                    require_cuda, rotation_count, run_case, shapes_and_batches, DTYPES)
 
 import reparam_kernels
 from reparam_kernels import _dispatch
@@ -66,11 +64,8 @@ def wmma_fused(M):
         return None
 
     def run(x, u, v):
-        os.environ[var] = "0"
-        try:
+        with env_var(var, "0"):
             return torch.ops.reparam.lowrank_linear(x, u, v, None)
-        finally:
-            del os.environ[var]
     return run
 
 

@@ -14,12 +14,10 @@ the file's ``failures``). Writes benchmarks/results/<gpu>/{int8_linear,
 int4_linear,lut_linear}.json in DESIGN.md's format, each row with ``bytes``
 (the packed weight, its scales/tables, x and y moved once) and ``flops``.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
-from common import (DTYPES, Contender, Results, bench_arg_parser, check_rows, measure_ceilings, progress,
+from common import (DTYPES, Contender, Results, bench_arg_parser, check_rows, env_var, measure_ceilings, progress,
                     require_cuda, rotation_count, run_case, shapes_and_batches)
 
 import reparam_kernels
@@ -100,11 +98,8 @@ def other_path(op, M):
     fn = getattr(torch.ops.reparam, op)
 
     def run(*args):
-        os.environ[var] = value
-        try:
+        with env_var(var, value):
             return fn(*args)
-        finally:
-            del os.environ[var]
     return name, run
 
 

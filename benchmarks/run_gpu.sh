@@ -50,6 +50,19 @@ fi
 step env 60 "$DEST/env.txt" "$PY" -m reparam_kernels env; cat "$DEST/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$DEST/env.txt" 2>&1
 
+# Smoke-test each kernel path added in session 5 in its own process first. A path that crashes or
+# computes wrong is switched off (its variable) for the rest of the run, so one bad kernel cannot take
+# every later test and benchmark down with a sticky CUDA error; smoke_<path>.log says why.
+for pair in "small-M:REPARAM_SMALL_M" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M"; do
+  match="${pair%%:*}"; var="${pair##*:}"
+  if ! timeout 90 "$PY" benchmarks/sanitize_ops.py --paths-only --match "$match" > "$DEST/smoke_$match.log" 2>&1; then
+    export "$var=0"
+    note "SMOKE FAIL: the '$match' path failed its smoke run (smoke_$match.log): $var=0 for the rest of this run"
+  else
+    note "smoke $match: ok"
+  fi
+done
+
 step gpu_tests 150 "$DEST/gpu_tests.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors python_tests \
   --junitxml="$DEST/gpu_tests.xml"
 TESTS_RC=$?

@@ -42,11 +42,12 @@ def path_cases():
         ("int4 small-M split", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1024, 72, dt, dev), group_size=128),
          (1, 40)),
         ("lowrank small-M", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64), (1, 40)),
+        ("lowrank two-GEMM", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32), (600,)),
         ("pivoted small-M", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64),
          (1, 40)),
         ("int4 dequant+cuBLAS", lambda dt, dev: rnn.Int4Linear.from_linear(lin(256, 72, dt, dev), group_size=128),
          (600,)),
-        ("pivoted cuBLAS", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32),
+        ("pivoted two-GEMM", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32),
          (600,)),
     ]
 
@@ -72,6 +73,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only checks the script itself")
     p.add_argument("--paths-only", action="store_true",
                    help="only the path cases (small-M splits, cuBLAS routes): the short run for racecheck")
+    p.add_argument("--match", default="", help="with --paths-only: only the path cases whose name contains this")
     args = p.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -87,6 +89,8 @@ def main(argv=None):
                 check(kind, layer, m, 256, dtype, device, recorder, bad)
             print(f"sanitize_ops: {kind} {str(dtype)[6:]} ok", flush=True)
     for name, make, batches in path_cases():
+        if args.paths_only and args.match not in name:
+            continue
         for dtype in dtypes:
             layer = make(dtype, device)
             for m in batches:

@@ -1,5 +1,4 @@
 """Shared test setup: the `gpu` marker, float64 comparison and input helpers."""
-import contextlib
 import os
 
 import pytest
@@ -10,6 +9,8 @@ if not HAS_GPU:
     # Triton kernels run on CPU tensors through the interpreter (set before
     # reparam_kernels.triton is imported by any test module).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from reparam_kernels.bench.cases import env_var  # noqa: E402,F401  (the tests' path switches)
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 
@@ -39,16 +40,3 @@ def rng():
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
 
-
-@contextlib.contextmanager
-def env_var(name, value):
-    """Sets environment variable `name` inside the block (the CUDA ops read their path switches per call)."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old

@@ -6,6 +6,8 @@ outcome there is). A peer that fails the check is dropped from the row and
 recorded the same way.
 """
 import argparse
+import contextlib
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -34,6 +36,21 @@ def relative_error(out, ref64):
 # Rows of x the float64 reference is computed for (a float64 GEMM at M = 2048 on 28672 x 8192 takes
 # ~15 s on the GPU: the whole GPU session's budget matters more than rows 256.. of a check).
 CHECK_ROWS = 256
+
+
+@contextlib.contextmanager
+def env_var(name, value):
+    """Sets environment variable `name` inside the block and restores what was there (the CUDA ops
+    read their path switches per call; a switch the runner exported must survive a peer's toggle)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def check_rows(x):
