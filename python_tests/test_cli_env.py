@@ -89,3 +89,20 @@ def test_old_gpu_warns_once_when_falling_back(monkeypatch):
         warnings.simplefilter("error")
         _dispatch._run(spec, backend, why, (torch.zeros(1),))  # once only
     assert len(calls) == 2
+
+
+def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
+    from reparam_kernels.cli import env
+
+    for var in ("REPARAM_SMALL_M", "REPARAM_DEQUANT_MIN_M", "REPARAM_LOWRANK_CUBLAS_MIN_M"):
+        monkeypatch.delenv(var, raising=False)
+    paths = env.cuda_paths()
+    assert paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] == 512 and paths["lowrank_cublas"]["min_m"] == 512
+    monkeypatch.setenv("REPARAM_SMALL_M", "0")
+    monkeypatch.setenv("REPARAM_DEQUANT_MIN_M", "0")
+    monkeypatch.setenv("REPARAM_LOWRANK_CUBLAS_MIN_M", " 1024x")  # read like atoll: 1024
+    paths = env.cuda_paths()
+    assert not paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] is None
+    assert paths["lowrank_cublas"]["min_m"] == 1024
+    text = env.render(env.collect())
+    assert "OFF [REPARAM_SMALL_M]" in text and "never [REPARAM_DEQUANT_MIN_M]" in text

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 
 import torch
@@ -33,6 +34,28 @@ def _gpus():
     return out
 
 
+def _min_m(name, default):
+    """The C++ side's reading of a threshold variable (csrc/cublas_mm.cuh: atoll; <= 0 means never)."""
+    v = os.environ.get(name, "")
+    if not v:
+        return default
+    lead = re.match(r"\s*([+-]?\d+)", v)  # atoll: leading whitespace, sign, digits; else 0
+    m = int(lead.group(1)) if lead else 0
+    return m if m > 0 else None
+
+
+def cuda_paths():
+    """Which CUDA path each batch size M takes, as the environment switches set it."""
+    small = not os.environ.get("REPARAM_SMALL_M", "").startswith("0")
+    return {"small_m": {"on": small, "max_m": 64, "switch": "REPARAM_SMALL_M",
+                        "ops": "int4_linear, int8_linear, lowrank_linear, pivoted_lowrank_linear"},
+            "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 512), "switch": "REPARAM_DEQUANT_MIN_M",
+                               "ops": "int8_linear, int4_linear, lut_linear"},
+            "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 512),
+                               "switch": "REPARAM_LOWRANK_CUBLAS_MIN_M",
+                               "ops": "lowrank_linear, pivoted_lowrank_linear"}}
+
+
 def collect():
     """Everything `env` reports, as a dict (the --json output)."""
     import reparam_kernels
@@ -57,6 +80,7 @@ def collect():
         "extension_loaded": bool(_extension.LOADED),
         "extension": _extension.REASON,
         "backends": backends,
+        "cuda_paths": cuda_paths(),
     }
 
 
@@ -71,6 +95,14 @@ def render(info):
     else:
         lines.append("GPU: none visible (the cuda rows below say what would run on one)")
     lines.append(f"CUDA extension: {'loaded' if info['extension_loaded'] else 'NOT loaded'} — {info['extension']}")
+    paths = info["cuda_paths"]
+    sm, dq, lr = paths["small_m"], paths["dequant_cublas"], paths["lowrank_cublas"]
+    lines.append("CUDA paths by batch M (docs/quant.md, docs/lowrank_kernel.md):")
+    lines.append(f"  M <= {sm['max_m']}: register-fed tensor cores ({sm['ops']}): "
+                 f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]")
+    for name, d in (("dequantize + cuBLAS", dq), ("two cuBLAS GEMMs", lr)):
+        when = f"M >= {d['min_m']}" if d["min_m"] else "never"
+        lines.append(f"  {name} ({d['ops']}): {when} [{d['switch']}]")
     lines.append("")
     lines.append("backend per op (device/dtype: backend — why):")
     for op, cases in info["backends"].items():
