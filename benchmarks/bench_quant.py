@@ -6,7 +6,7 @@ Peers in the same run: torch's int4 "tinygemm" (``torch._weight_int4pack_mm``,
 group 128, bf16 only: it takes no fp16) for int4_linear, our own Triton
 kernel for every op, and the CUDA path the op does not take at that M: the
 general path (``cuda_general_path``) against the small-M tensor-core path
-(int4/int8, M <= 64) and against dequantize + cuBLAS (M >= 512), and
+(M <= 64) and against dequantize + cuBLAS (M >= 512), and
 dequantize + cuBLAS (``cuda_dequant_cublas``) against the general path between. cuBLAS runs the dequantized weight in x's dtype. Each
 case is checked against float64 (x and the dequantized weight in float64)
 before it is timed; a contender that fails the check is not timed (recorded in
@@ -85,11 +85,10 @@ DEQUANT_MIN_M = 512  # csrc/quant_dequant_mm.cuh's default threshold
 
 def other_path(op, M):
     """(peer name, fn): `op` through the CUDA path it does not take at this M, for A/B in one run —
-    the general path (GEMV / WMMA tiles) where the op takes the small-M tensor-core path (int4/int8,
-    M <= 64) or dequantize + cuBLAS (M >= 512), and dequantize + cuBLAS where it takes the general
+    the general path (GEMV / WMMA tiles) where the op takes the small-M tensor-core path (M <= 64) or dequantize + cuBLAS (M >= 512), and dequantize + cuBLAS where it takes the general
     path (64 < M < 512: where the crossover lies is a measurement). (Toggling the variable costs a
     little CPU time in eager mode; the graph numbers are kernel-only.)"""
-    if M <= 64 and op in ("int4_linear", "int8_linear"):
+    if M <= 64:
         name, var, value = "cuda_general_path", "REPARAM_SMALL_M", "0"
     elif M >= DEQUANT_MIN_M:
         name, var, value = "cuda_general_path", "REPARAM_DEQUANT_MIN_M", "0"

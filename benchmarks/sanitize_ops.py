@@ -41,6 +41,8 @@ def path_cases():
         ("int8 small-M split", lambda dt, dev: rnn.Int8Linear.from_linear(lin(1024, 72, dt, dev)), (1, 40)),
         ("int4 small-M split", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1024, 72, dt, dev), group_size=128),
          (1, 40)),
+        ("lut small-M split", lambda dt, dev: rnn.LUTLinear.from_linear(lin(1024, 72, dt, dev), method="log", bits=4),
+         (1, 40)),
         ("lowrank small-M", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64), (1, 40)),
         ("lowrank two-GEMM", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32), (600,)),
         ("pivoted small-M", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64),

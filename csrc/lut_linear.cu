@@ -6,6 +6,7 @@
 #include "ops.h"
 #include "quant_dequant_mm.cuh"
 #include "quant_gemm.cuh"
+#include "small_m_gemm.cuh"
 
 namespace reparam {
 namespace {
@@ -39,6 +40,57 @@ struct LutDec {
   }
 };
 
+// The small-M tensor-core path's view of the same codes (small_m_gemm.cuh). A lane's 16-byte load is
+// 32 consecutive k of one row: word i holds nibbles k = kt + 8i + 0..7. The row's 16-entry table
+// lives in 8 registers for the whole work unit: lo[c] / hi[c] = the low / high bytes of entries
+// 4c .. 4c+3. For 4 nibbles q0..q3 (16 bits w of a word), one byte permute per 8-entry half picks
+// the candidates (selector nibbles q & 7), a third picks between the halves by bit 3 of each q, the
+// same for the high bytes, and two more interleave them into the B registers: entries (q0, q1) for
+// k, k+1 and (q2, q3) for k+2, k+3 (x: the consecutive slot map of int8). ~2.75 ops per weight.
+template <class T>
+struct LutFrag {
+  static constexpr int kLaneK = 32;
+  const uint8_t* codes;
+  const T* lut;
+  int64_t K, rows_per_table;
+
+  struct Chunk {
+    uint4 q;
+  };
+  struct RowState {
+    uint32_t lo[4], hi[4];
+  };
+  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const {
+    return {__ldg(reinterpret_cast<const uint4*>(codes + n * (K / 2) + kt / 2))};
+  }
+  static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u)}; }
+  __device__ __forceinline__ RowState row_state(int64_t n) const {
+    const uint4* row = reinterpret_cast<const uint4*>(lut + (n / rows_per_table) * 16);  // 32 bytes
+    const uint4 a = __ldg(row), b = __ldg(row + 1);
+    const uint32_t t[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};  // word j = entries 2j, 2j + 1
+    RowState s;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      s.lo[c] = __byte_perm(t[2 * c], t[2 * c + 1], 0x6420);
+      s.hi[c] = __byte_perm(t[2 * c], t[2 * c + 1], 0x7531);
+    }
+    return s;
+  }
+  __device__ __forceinline__ void b(const Chunk& c, const RowState& s, int i, int h, uint32_t& b0,
+                                    uint32_t& b1) const {
+    const uint32_t w = small_m::word(c.q, i) >> (16 * h);  // nibbles of k = kt + 8i + 4h + 0..3
+    const uint32_t sel = w & 0x7777u, pick = 0x3210u | ((w >> 1) & 0x4444u);
+    const uint32_t lo = __byte_perm(__byte_perm(s.lo[0], s.lo[1], sel), __byte_perm(s.lo[2], s.lo[3], sel), pick);
+    const uint32_t hi = __byte_perm(__byte_perm(s.hi[0], s.hi[1], sel), __byte_perm(s.hi[2], s.hi[3], sel), pick);
+    b0 = __byte_perm(lo, hi, 0x5140);
+    b1 = __byte_perm(lo, hi, 0x7362);
+  }
+  static __device__ __forceinline__ void a(const uint4& r0, const uint4& r1, int h, uint32_t (&a)[4]) {
+    small_m::a_consecutive(r0, r1, h, a);
+  }
+  __device__ __forceinline__ float out_scale(int64_t) const { return 1.f; }
+};
+
 }  // namespace
 
 Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor> bias) {
@@ -63,6 +115,12 @@ Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor>
     const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
     LutDec<T> dec{cp, static_cast<const T*>(lut.data_ptr()), K, N / L, (K / 2) % 16 == 0 && aligned16(cp)};
     const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
+    const T* lp = static_cast<const T*>(lut.data_ptr());
+    const bool aligned = K % 32 == 0 && aligned16(cp) && aligned16(lp);  // 16-byte code rows, 32-byte tables
+    if (small_m::enabled() && small_m::linear_small_m(LutFrag<T>{cp, lp, K, N / L}, aligned,
+                                                      static_cast<const T*>(xc.data_ptr()), bp,
+                                                      static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))
+      return;
     if (M >= quant::dequant_min_m()) return quant::dequant_matmul<decltype(dec), T>(dec, xc, bias, y, M, N, K, stream);
     quant::quant_linear(dec, static_cast<const T*>(xc.data_ptr()), bp, static_cast<T*>(y.data_ptr()), M, N, K, xc,
                         stream);

@@ -1,5 +1,5 @@
 // GEMM for small M (1..64) with weights streamed from memory, shared by
-// int4_linear and int8_linear (standalone kernel below) and the low-rank ops'
+// int4_linear, int8_linear and lut_linear (standalone kernel below) and the low-rank ops'
 // decode path (lowrank_small_m.cuh, two phases of it in one cooperative
 // launch): tensor cores fed straight from registers.
 // y[M, N] = x[M, K] @ W[N, K]^T + bias, W given by a "Frag" (its format).
@@ -26,7 +26,8 @@
 // step 2i + h from that step pair's x vectors) and out_scale(n) (a per-output
 // factor applied in the epilogue: int8's per-channel scale); optionally
 // gather_x(m, k) / out_add(m, n) (PivotFrag: x read through a column map, a
-// per-output term added in the epilogue).
+// per-output term added in the epilogue) and RowState / row_state(n) (LutFrag:
+// per-row registers loaded once per work unit, passed to b()).
 //
 // Work split: a CTA of 8 warps owns BN = 4 * 8 * NG output rows (4 warps along
 // N, NG n8-groups each) and a K range (2 warps along K, 4 * kLaneK k per warp
@@ -93,6 +94,21 @@ template <class F, class = void>
 struct gathers_x : std::false_type {};
 template <class F>
 struct gathers_x<F, std::void_t<decltype(&F::gather_x)>> : std::true_type {};
+
+// Formats with a RowState (and row_state(n), and b(chunk, state, i, h, b0, b1)) keep per-row data that
+// is constant along K in registers, loaded once per work unit (LutFrag: the row's lookup table).
+template <class F, class = void>
+struct has_row_state : std::false_type {};
+template <class F>
+struct has_row_state<F, std::void_t<typename F::RowState>> : std::true_type {};
+template <class F, class = void>
+struct row_state_of {
+  struct type {};
+};
+template <class F>
+struct row_state_of<F, std::void_t<typename F::RowState>> {
+  using type = typename F::RowState;
+};
 
 // One GEMM of this path and how its work is cut: `columns` blocks of BN output
 // rows times `splits` ranges of K (kchunk each, a multiple of the CTA stage).
@@ -171,6 +187,15 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 
   typename Frag::Chunk cur[NG], nxt[NG];
   load(0, cur);
+  // Per-row state that does not change along K (LutFrag: the row's table in registers), once per unit.
+  typename row_state_of<Frag>::type rs[NG];
+  if constexpr (has_row_state<Frag>::value) {
+#pragma unroll
+    for (int j = 0; j < NG; ++j) {
+      const int64_t n = row0 + 8 * j;
+      if (n < N) rs[j] = frag.row_state(n);
+    }
+  }
   for (int64_t st = 0; st < stages; ++st) {
     if (warp_k(st) >= ke) break;  // warp-uniform: the rest of this warp's range is beyond K
     const bool more = st + 1 < stages;
@@ -195,7 +220,8 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 #pragma unroll
         for (int j = 0; j < NG; ++j) {
           uint32_t b0, b1;
-          frag.b(cur[j], i, h, b0, b1);
+          if constexpr (has_row_state<Frag>::value) frag.b(cur[j], rs[j], i, h, b0, b1);
+          else frag.b(cur[j], i, h, b0, b1);
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) Pair<T>::mma(acc[mt][j], a[mt], b0, b1);
         }

@@ -1,4 +1,4 @@
-"""The small-M tensor-core path of int4_linear and int8_linear (csrc/small_m_gemm.cuh, M <= 64)
+"""The small-M tensor-core path of int4_linear, int8_linear and lut_linear (csrc/small_m_gemm.cuh, M <= 64)
 on the GPU: against float64 and against the general path (REPARAM_SMALL_M=0) at odd sizes,
 split-K fixups with different split counts back to back (the self-resetting counters),
 bit-identical repeats, a CUDA graph captured before any eager call on its stream, non-integer
@@ -17,6 +17,12 @@ def make(rng, op, M, K, N, dtype, group=128, int_zeros=True):
     """(args, W64) on the GPU: the op's arguments and its dense float64 weight."""
     x = torch.randn(M, K, generator=rng).to(dtype)
     b = torch.randn(N, generator=rng).to(dtype)
+    if op == "lut_linear":  # one table per 8 rows where N allows, else one for all
+        q = torch.randint(0, 16, (N, K), generator=rng, dtype=torch.uint8)
+        tables = N // 8 if N % 8 == 0 else 1
+        lut = (torch.randn(tables, 16, generator=rng) * 0.1).to(dtype)
+        w = lut.double().repeat_interleave(N // tables, 0).gather(1, q.long())
+        return [x.cuda(), pack_int4(q).cuda(), lut.cuda(), b.cuda()], w.cuda()
     if op == "int8_linear":
         q = torch.randint(-128, 128, (N, K), generator=rng, dtype=torch.int8)
         s = (torch.rand(N, generator=rng) * 0.01 + 0.001).to(dtype)
@@ -44,7 +50,7 @@ def general_path(op, args):
         return run(op, args)
 
 
-@pytest.mark.parametrize("op", ["int4_linear", "int8_linear"])
+@pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 33, 64])
 @pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32), (544, 72, 32), (8192, 264, 64)])
@@ -58,7 +64,7 @@ def test_small_m_matches_float64_and_general_path(rng, op, dtype, M, K, N, group
     assert torch.equal(run(op, args), y)  # split order is fixed: deterministic
 
 
-@pytest.mark.parametrize("op", ["int4_linear", "int8_linear"])
+@pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
 def test_split_counts_back_to_back(rng, op):
     # Different column and split counts in a row on one stream: each launch must leave its
     # counters at 0 for the next.
@@ -69,7 +75,7 @@ def test_split_counts_back_to_back(rng, op):
             assert rel_err(run(op, args), exact(args, w)) <= 5e-3
 
 
-@pytest.mark.parametrize("op", ["int4_linear", "int8_linear"])
+@pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
 def test_graph_captured_before_any_eager_call(rng, op):
     args, w = make(rng, op, 1, 8192, 512, torch.float16)  # 4 column blocks: K is split
     stream = torch.cuda.Stream()

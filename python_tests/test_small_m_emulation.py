@@ -113,6 +113,56 @@ class Int8Frag:
         return self.s[n]
 
 
+class LutFrag:
+    """lut_linear: codes as int4 nibbles, each row's 16-entry table (x's dtype) in 8 registers."""
+    lane_k = 32
+
+    def __init__(self, qp, lut_bits, rows_per_table, dtype):
+        self.qp, self.lut, self.rpt, self.dtype = qp, lut_bits.astype(np.uint32), rows_per_table, dtype
+
+    def row_state(self, n):
+        e = self.lut[n // self.rpt]                      # 16 entries (bit patterns)
+        t = [int(e[2 * j] | (e[2 * j + 1] << 16)) for j in range(8)]  # word j = entries 2j, 2j + 1
+        lo = [byte_perm(t[2 * c], t[2 * c + 1], 0x6420) for c in range(4)]
+        hi = [byte_perm(t[2 * c], t[2 * c + 1], 0x7531) for c in range(4)]
+        return lo, hi
+
+    def load(self, n, kt):
+        return self.qp[n, kt // 2: kt // 2 + 16].view(np.uint32), self.row_state(n)
+
+    def zero(self):
+        z = [np.uint32(0)] * 4
+        return np.zeros(4, dtype=np.uint32), (z, z)
+
+    def b(self, q, prm, i, h):
+        lo_r = [np.array([p[0][c] for p in prm], dtype=np.uint32) for c in range(4)]  # per lane
+        hi_r = [np.array([p[1][c] for p in prm], dtype=np.uint32) for c in range(4)]
+        w = (word(q, i) >> np.uint32(16 * h)) & np.uint32(0xFFFF)
+        sel = w & np.uint32(0x7777)
+        pick = np.uint32(0x3210) | ((w >> np.uint32(1)) & np.uint32(0x4444))
+        lo = byte_perm_v(byte_perm_v(lo_r[0], lo_r[1], sel), byte_perm_v(lo_r[2], lo_r[3], sel), pick)
+        hi = byte_perm_v(byte_perm_v(hi_r[0], hi_r[1], sel), byte_perm_v(hi_r[2], hi_r[3], sel), pick)
+        return halves(byte_perm(lo, hi, 0x5140), self.dtype), halves(byte_perm(lo, hi, 0x7362), self.dtype)
+
+    a = staticmethod(Int8Frag.a)
+
+    def out_scale(self, n):
+        return 1.0
+
+
+def byte_perm_v(x, y, s):
+    """__byte_perm with a per-lane selector array (prmt's default mode; selectors here never set bit 3)."""
+    x, y, s = (np.asarray(v, dtype=np.uint32) for v in (x, y, s))
+    src = [(x >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)] + \
+          [(y >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(4)]
+    out = np.zeros_like(x)
+    for i in range(4):
+        idx = (s >> np.uint32(4 * i)) & np.uint32(7)
+        byte = np.choose(idx.astype(np.int64), src)
+        out |= byte << np.uint32(8 * i)
+    return out
+
+
 class HalfFrag:
     lane_k = 8
 
@@ -206,7 +256,12 @@ def emulate(frag, x_bits, bias, M, N, K, dtype, slots):
                             lanes = [frag.load(n[ln], kt[ln]) if (n[ln] < N and kin[ln]) else frag.zero()
                                      for ln in range(32)]
                             q = np.stack([c[0] for c in lanes])
-                            prm = None if lanes[0][1] is None else tuple(np.array(v) for v in zip(*[c[1] for c in lanes]))
+                            if lanes[0][1] is None:
+                                prm = None
+                            elif isinstance(frag, LutFrag):
+                                prm = [c[1] for c in lanes]  # per lane: (lo[4], hi[4])
+                            else:
+                                prm = tuple(np.array(v) for v in zip(*[c[1] for c in lanes]))
                             chunks.append((q, prm))
                         for i in range(frag.lane_k // 8):
                             xv = np.zeros((MT, 2, 32, 4), dtype=np.uint32)  # 16 bytes = 4 words per lane
@@ -258,6 +313,12 @@ def make(rng, fmt, M, N, K, group, dtype):
         z = torch.from_numpy(rng.uniform(0, 15, size=(N, K // group))).to(tdt)  # non-integer zero points too
         W = (q.double() - z.double().repeat_interleave(group, 1)) * s.double().repeat_interleave(group, 1)
         frag = Int4Frag(pack_int4(q).numpy(), s.double().numpy(), z.double().numpy(), group, dtype)
+    elif fmt == "lut":
+        q = torch.from_numpy(rng.integers(0, 16, size=(N, K), dtype=np.uint8))
+        tables = group  # the `group` column carries the number of tables here
+        lut = torch.from_numpy(rng.standard_normal((tables, 16)) * 0.1).to(tdt)
+        W = lut.double().repeat_interleave(N // tables, 0).gather(1, q.long())
+        frag = LutFrag(pack_int4(q).numpy(), bits_of(lut), N // tables, dtype)
     elif fmt == "half":
         w = torch.from_numpy(rng.standard_normal((N, K)) / K ** 0.5).to(tdt)
         W = w.double()
@@ -288,6 +349,9 @@ CASES = [
     ("int8", 20, 129, 128, None, "float16", 2, 1),
     ("int8", 33, 64, 208, None, "float16", 2, 2),
     ("int8", 63, 10, 96, None, "bfloat16", 4, 1),
+    ("lut", 1, 70, 288, 70, "float16", 528, 2),      # lut: the group column is the number of tables
+    ("lut", 5, 130, 512, 5, "bfloat16", 4, 2),
+    ("lut", 33, 64, 320, 1, "float16", 1, 1),
     ("half", 1, 70, 200, None, "float16", 264, 4),
     ("half", 9, 40, 64, None, "bfloat16", 1, 1),
     ("half", 24, 129, 136, None, "bfloat16", 3, 1),
