@@ -48,7 +48,7 @@ def cuda_paths():
     """Which CUDA path each batch size M takes, as the environment switches set it."""
     small = not os.environ.get("REPARAM_SMALL_M", "").startswith("0")
     return {"small_m": {"on": small, "max_m": 64, "switch": "REPARAM_SMALL_M",
-                        "ops": "int4_linear, int8_linear, lowrank_linear, pivoted_lowrank_linear"},
+                        "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear"},
             "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 512), "switch": "REPARAM_DEQUANT_MIN_M",
                                "ops": "int8_linear, int4_linear, lut_linear"},
             "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 512),
