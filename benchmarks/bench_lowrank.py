@@ -14,11 +14,12 @@ against the copy ceiling of this very run.
 import torch
 import torch.nn.functional as F
 
-from common import (Contender, Results, bench_arg_parser, check_rows, env_var, measure_ceilings, progress,
-                    require_cuda, rotation_count, run_case, shapes_and_batches, DTYPES)
+from common import (Contender, Results, bench_arg_parser, check_rows, measure_ceilings, progress, require_cuda,
+                    rotation_count, run_case, shapes_and_batches, with_env, DTYPES)
 
 import reparam_kernels
 from reparam_kernels import _dispatch
+from reparam_kernels.cli.env import cuda_paths
 from reparam_kernels.nn.pivoted import expand_right_factor
 
 RANKS = (128, 512, 1024)
@@ -49,24 +50,17 @@ def make_sets(N, K, r, M, dtype, low_count, dense_count, device="cuda"):
     return low, piv, dense
 
 
-CUBLAS_MIN_M = 512  # csrc/lowrank_large_m.cuh's default: from here on the op runs two cuBLAS products
-SMALL_M_MAX = 64  # csrc/lowrank_small_m.cuh: up to here plain factors take the register-fed decode path
-
-
 def wmma_fused(M):
     """lowrank_linear through the WMMA fused kernel (csrc/lowrank_linear.cu) where the op takes another
-    path at this M: an A/B peer for both thresholds; None where the op runs that kernel anyway."""
-    if M <= SMALL_M_MAX:
-        var = "REPARAM_SMALL_M"
-    elif M >= CUBLAS_MIN_M:
-        var = "REPARAM_LOWRANK_CUBLAS_MIN_M"
-    else:
-        return None
-
-    def run(x, u, v):
-        with env_var(var, "0"):
-            return torch.ops.reparam.lowrank_linear(x, u, v, None)
-    return run
+    path at this M (the thresholds the op reads: `env`'s cuda_paths): an A/B peer for both; None where
+    the op runs that kernel anyway."""
+    paths = cuda_paths()
+    op = lambda x, u, v: torch.ops.reparam.lowrank_linear(x, u, v, None)  # noqa: E731
+    if M <= paths["small_m"]["max_m"]:
+        return with_env(op, "REPARAM_SMALL_M", "0")
+    if paths["lowrank_cublas"]["min_m"] is not None and M >= paths["lowrank_cublas"]["min_m"]:
+        return with_env(op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "0")
+    return None
 
 
 def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
@@ -83,8 +77,9 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
              # the same product stored pivoted (r·(N + K − r) weights: r² fewer bytes to move)
              "pivoted": Contender(lambda x, u, w, perm: reparam_kernels.ops.pivoted_lowrank_linear(x, u, w, perm),
                                   piv)}
-    if device == "cuda" and wmma_fused(M) is not None:
-        peers["cuda_wmma_fused"] = Contender(wmma_fused(M), low)
+    fused = wmma_fused(M) if device == "cuda" else None
+    if fused is not None:
+        peers["cuda_wmma_fused"] = Contender(fused, low)
     rows = run_case(
         res, dtype=dtype, M=M, N=N, K=K, params={"rank": r}, modes=modes,
         ours=Contender(lambda x, u, v: reparam_kernels.ops.lowrank_linear(x, u, v), low),

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from reparam_kernels.bench.cases import (TOLERANCE, Contender, KernelMismatch, bench_arg_parser,  # noqa: E402,F401
                                          check_against_float64, check_rows, env_var, progress, relative_error,
-                                         require_cuda, run_case)
+                                         require_cuda, run_case, with_env)
 from reparam_kernels.bench.results import (Results, environment, gpu_slug, load, make_row,  # noqa: E402,F401
                                            render_files, render_markdown, validate)
 from reparam_kernels.bench.timing import (BATCHES, DTYPES, L2_BYTES, QUICK_BATCHES, QUICK_SHAPES,  # noqa: E402,F401

@@ -225,12 +225,7 @@ size_t smem_bytes(int b, int pi) {
   return (2 * size_t(kCap) + size_t(pi) * rows_per_cta(b) * (b / 2 + 1)) * sizeof(float2);
 }
 
-int max_smem_optin(int device) {
-  static int cached[64] = {0};
-  const int d = (device >= 0 && device < 64) ? device : 0;
-  if (cached[d] == 0) RK_CUDA_CHECK(cudaDeviceGetAttribute(&cached[d], cudaDevAttrMaxSharedMemoryPerBlockOptin, d));
-  return cached[d];
-}
+int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
 // Output blocks per CTA: 1 while the grid is small (decode: every output block its own CTA), else the
 // largest divisor of p up to kMaxPi that still leaves >= 1 CTA per SM and fits shared memory (with

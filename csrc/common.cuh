@@ -13,6 +13,7 @@
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -76,13 +77,20 @@ inline void check_bias(const char* op, const std::optional<Tensor>& bias, const 
                   " elements, got ", bias->size(0));
 }
 
-inline int sm_count(int device) {
+// A device attribute, read once per device and attribute (a template argument: each its own cache).
+template <cudaDeviceAttr A>
+inline int device_attribute(int device) {
   static int cached[64] = {0};
   if (device < 0 || device >= 64) device = 0;
-  if (cached[device] == 0) {
-    RK_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], cudaDevAttrMultiProcessorCount, device));
-  }
+  if (cached[device] == 0) RK_CUDA_CHECK(cudaDeviceGetAttribute(&cached[device], A, device));
   return cached[device];
+}
+
+inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+
+// Blocks of 256 threads for a grid-stride loop over n elements: enough to fill the GPU, no more.
+inline unsigned grid_stride_blocks(int64_t n, int device) {
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 16 * int64_t(sm_count(device)))));
 }
 
 // Runs f(T{}) with T = __half or __nv_bfloat16 matching `st`; other dtypes error.

@@ -131,18 +131,15 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
     const uint8_t* qp = static_cast<const uint8_t*>(qweight.data_ptr());
     const T* sp = static_cast<const T*>(scales.data_ptr());
     const T* zp = static_cast<const T*>(zeros.data_ptr());
-    const T* xp = static_cast<const T*>(xc.data_ptr());
-    const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
-    T* yp = static_cast<T*>(y.data_ptr());
     const bool pow2_group = (group_size & (group_size - 1)) == 0;  // the small-M path shifts instead of dividing
-    if (small_m::enabled() && pow2_group &&
-        small_m::linear_small_m(Int4Frag<T>{qp, sp, zp, K, G, ilog2(group_size)}, aligned16(qp), xp, bp, yp, M, N, K,
-                                xc, stream))
+    if (pow2_group && small_m::linear_small_m(Int4Frag<T>{qp, sp, zp, K, G, ilog2(group_size)}, aligned16(qp),
+                                              static_cast<const T*>(xc.data_ptr()),
+                                              bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
+                                              static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))
       return;
     // K % 32 == 0, so every row is 16-byte aligned when the base is
-    Int4Dec<T> dec{qp, sp, zp, K, G, group_size, aligned16(qp)};
-    if (M >= quant::dequant_min_m()) return quant::dequant_matmul<decltype(dec), T>(dec, xc, bias, y, M, N, K, stream);
-    quant::quant_linear(dec, xp, bp, yp, M, N, K, xc, stream);
+    quant::general_linear<Int4Dec<T>, T>(Int4Dec<T>{qp, sp, zp, K, G, group_size, aligned16(qp)}, xc, bias, y, M, N,
+                                         K, stream);
   });
   return y;
 }

@@ -47,19 +47,10 @@ struct Int8Dec {
 // few mantissa bits for that, so its codes go through fp32 (2^23 + byte) and one
 // pair conversion.
 template <class T>
-struct Int8Frag {
+struct Int8Frag : small_m::RowLoads<uint8_t> {  // the codes, rows of K bytes
   static constexpr int kLaneK = 16;
-  const uint8_t* q;
   const T* scales;
-  int64_t K;
 
-  struct Chunk {
-    uint4 q;
-  };
-  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const {
-    return {__ldg(reinterpret_cast<const uint4*>(q + n * K + kt))};
-  }
-  static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u)}; }
   __device__ __forceinline__ void b(const Chunk& c, int i, int h, uint32_t& b0, uint32_t& b1) const {
     const uint32_t u = small_m::word(c.q, 2 * i + h) ^ 0x80808080u;  // bytes q + 128
     if constexpr (std::is_same<T, __half>::value) {
@@ -99,16 +90,12 @@ Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<T
     using T = decltype(tag);
     const uint8_t* qp = static_cast<const uint8_t*>(qweight.data_ptr());
     const T* sp = static_cast<const T*>(scales.data_ptr());
-    const T* xp = static_cast<const T*>(xc.data_ptr());
-    const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
-    T* yp = static_cast<T*>(y.data_ptr());
     const bool rows_aligned = K % 16 == 0 && aligned16(qp);
-    if (small_m::enabled() &&
-        small_m::linear_small_m(Int8Frag<T>{qp, sp, K}, rows_aligned, xp, bp, yp, M, N, K, xc, stream))
+    if (small_m::linear_small_m(Int8Frag<T>{{qp, K}, sp}, rows_aligned, static_cast<const T*>(xc.data_ptr()),
+                                bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
+                                static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))
       return;
-    Int8Dec<T> dec{qp, sp, K, rows_aligned};
-    if (M >= quant::dequant_min_m()) return quant::dequant_matmul<decltype(dec), T>(dec, xc, bias, y, M, N, K, stream);
-    quant::quant_linear(dec, xp, bp, yp, M, N, K, xc, stream);
+    quant::general_linear<Int8Dec<T>, T>(Int8Dec<T>{qp, sp, K, rows_aligned}, xc, bias, y, M, N, K, stream);
   });
   return y;
 }

@@ -31,10 +31,6 @@ __global__ void expand_kernel(const T* __restrict__ w, const int64_t* __restrict
   }
 }
 
-inline unsigned grid_for(int64_t n, int device) {
-  return unsigned(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 16 * int64_t(sm_count(device)))));
-}
-
 // y [.., N] = x [.., K] @ W^T + bias; v is [r, K], or w [r, K - r] with perm [K] when pivoted.
 template <class T>
 void run(const Tensor& xc, const Tensor& u, const Tensor& v, const Tensor* perm, const std::optional<Tensor>& bias,
@@ -46,7 +42,7 @@ void run(const Tensor& xc, const Tensor& u, const Tensor& v, const Tensor* perm,
     linear_out(x2, v, std::nullopt, t);
   } else {  // expand w to the plain right factor (r * K writes: far less than a pass over x at large M)
     Tensor vf = torch::stable::new_empty(xc, {r, K});
-    expand_kernel<T><<<grid_for(r * K, device), 256, 0, stream>>>(static_cast<const T*>(v.data_ptr()),
+    expand_kernel<T><<<grid_stride_blocks(r * K, device), 256, 0, stream>>>(static_cast<const T*>(v.data_ptr()),
                                                                    static_cast<const int64_t*>(perm->data_ptr()),
                                                                    static_cast<T*>(vf.data_ptr()), K, r);
     RK_CUDA_CHECK(cudaGetLastError());

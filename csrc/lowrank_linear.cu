@@ -221,27 +221,29 @@ Tensor lowrank_product(const char* op, Tensor x, Tensor u, Tensor v, const Tenso
     });
     return y;
   }
-  // gather scratch of the pivoted form (at least one element so its pointer is valid)
-  Tensor xg = torch::stable::new_empty(xc, {perm ? std::max<int64_t>(M * K1, 1) : 1});
-
+  const int64_t* pp = perm ? static_cast<const int64_t*>(perm->data_ptr()) : nullptr;
   dispatch_half(xc.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
-    LowRankArgs<T> a;
     const T* xp = static_cast<const T*>(xc.data_ptr());
     const T* vp = static_cast<const T*>(v.data_ptr());
     const T* up = static_cast<const T*>(u.data_ptr());
+    const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
+    T* yp = static_cast<T*>(y.data_ptr());
+    if (lowrank_small_m::run<T>(xp, vp, up, pp, bp, yp, M, N, K, r, xc, stream)) return;
+    // the WMMA kernel; the pivoted form's gather scratch (at least one element so its pointer is valid)
+    Tensor xg = torch::stable::new_empty(xc, {perm ? std::max<int64_t>(M * K1, 1) : 1});
+    LowRankArgs<T> a;
     T* xgp = static_cast<T*>(xg.data_ptr());
     const T* x1 = perm ? xgp : xp;  // phase 1 streams the gathered columns when pivoted
     a.x = {x1, M, K1, K1 % 8 == 0 && aligned16(x1)};
     a.v = {vp, r, K1, K1 % 8 == 0 && aligned16(vp)};
     a.u = {up, N, r, r % 8 == 0 && aligned16(up)};
-    a.bias = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
-    a.y = static_cast<T*>(y.data_ptr());
+    a.bias = bp;
+    a.y = yp;
     a.M = M; a.N = N; a.K = K; a.r = r; a.K1 = K1;
     a.xin = xp;
-    a.perm = perm ? static_cast<const int64_t*>(perm->data_ptr()) : nullptr;
+    a.perm = pp;
     a.xg = xgp;
-    if (lowrank_small_m::run<T>(xp, vp, up, a.perm, a.bias, a.y, M, N, K, r, xc, stream)) return;
     if (M <= 16) {
       launch<DecodeCfg>(a, xc, stream);
     } else if (M <= 64) {

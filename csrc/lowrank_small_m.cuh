@@ -52,31 +52,19 @@ bool launch(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_
   small_m::Problem<Frag1, T> p1{f1, x, nullptr, static_cast<T*>(t.data_ptr()), nullptr, nullptr, int(M), r, K1, 0, 0, 0};
   small_m::Problem<Half, T> p2{Half{u, r}, static_cast<const T*>(t.data_ptr()), bias, y, nullptr, nullptr, int(M), N, r,
                               0, 0, 0};
-  small_m::plan<Frag1, NG>(r, K1, grid, p1.columns, p1.splits, p1.kchunk);
-  small_m::plan<Half, NG>(N, r, grid, p2.columns, p2.splits, p2.kchunk);
+  small_m::plan<NG>(p1, grid);
+  small_m::plan<NG>(p2, grid);
   if (p1.splits > 1 || p2.splits > 1) {
     unsigned* counters = split_k_counters(device, stream, p1.columns + p2.columns);
     if (counters == nullptr) return false;
     p1.counters = counters;
     p2.counters = counters + p1.columns;
   }
-  Tensor part1 = torch::stable::new_empty(like, {p1.splits > 1 ? p1.splits * M * r : 1}, ScalarType::Float);
-  Tensor part2 = torch::stable::new_empty(like, {p2.splits > 1 ? p2.splits * M * N : 1}, ScalarType::Float);
-  p1.part = static_cast<float*>(part1.data_ptr());
-  p2.part = static_cast<float*>(part2.data_ptr());
+  Tensor part1 = small_m::attach_partials(p1, like), part2 = small_m::attach_partials(p2, like);
   void* params[] = {&p1, &p2};
   RK_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(unsigned(grid)),
                                             dim3(small_m::kThreads), params, 0, stream));
   return true;  // t / part1 / part2 are freed here; the caching allocator reuses them only after this launch
-}
-
-template <class Frag1, class T>
-bool launch_for_m(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,
-                  int64_t r, const Tensor& like, cudaStream_t stream) {
-  using small_m::groups_for;
-  if (M <= 16) return launch<Frag1, T, 1, groups_for<1>()>(f1, x, u, bias, y, M, N, K1, r, like, stream);
-  if (M <= 32) return launch<Frag1, T, 2, groups_for<2>()>(f1, x, u, bias, y, M, N, K1, r, like, stream);
-  return launch<Frag1, T, 4, groups_for<4>()>(f1, x, u, bias, y, M, N, K1, r, like, stream);
 }
 
 // y = x @ W^T + bias on this path when it applies (false: the caller takes another): W = u @ v for
@@ -85,14 +73,17 @@ template <class T>
 bool run(const T* x, const T* v, const T* u, const int64_t* perm, const T* bias, T* y, int64_t M, int64_t N,
          int64_t K, int64_t r, const Tensor& like, cudaStream_t stream) {
   const int64_t K1 = perm ? K - r : K;  // phase 1's reduction length
-  if (M < 1 || M > small_m::kMaxM || K1 < 8 || K1 % 8 != 0 || r % 8 != 0 || !small_m::enabled()) return false;
+  if (!small_m::applies(M, like) || K1 < 8 || K1 % 8 != 0 || r % 8 != 0) return false;
   if (!aligned16(v) || !aligned16(u) || (!perm && !aligned16(x))) return false;
-  if (small_m::compute_major(like.get_device_index()) < 8) return false;
-  if (perm) {
-    const small_m::PivotFrag<T> f1{{v, K1}, x, perm, K, r};
-    return launch_for_m(f1, x, u, bias, y, M, N, K1, r, like, stream);
-  }
-  return launch_for_m(small_m::HalfFrag<T>{v, K}, x, u, bias, y, M, N, K1, r, like, stream);
+  auto go = [&](const auto& f1) {
+    return small_m::for_tile_shape(M, [&](auto mt) {
+      constexpr int MT = decltype(mt)::value;
+      return launch<std::decay_t<decltype(f1)>, T, MT, small_m::groups_for<MT>()>(f1, x, u, bias, y, M, N, K1, r,
+                                                                                 like, stream);
+    });
+  };
+  if (perm) return go(small_m::PivotFrag<T>{{v, K1}, x, perm, K, r});
+  return go(small_m::HalfFrag<T>{v, K});
 }
 
 }  // namespace lowrank_small_m

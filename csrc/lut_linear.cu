@@ -113,17 +113,14 @@ Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor>
   dispatch_half(xc.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
-    LutDec<T> dec{cp, static_cast<const T*>(lut.data_ptr()), K, N / L, (K / 2) % 16 == 0 && aligned16(cp)};
-    const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
     const T* lp = static_cast<const T*>(lut.data_ptr());
     const bool aligned = K % 32 == 0 && aligned16(cp) && aligned16(lp);  // 16-byte code rows, 32-byte tables
-    if (small_m::enabled() && small_m::linear_small_m(LutFrag<T>{cp, lp, K, N / L}, aligned,
-                                                      static_cast<const T*>(xc.data_ptr()), bp,
-                                                      static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))
+    if (small_m::linear_small_m(LutFrag<T>{cp, lp, K, N / L}, aligned, static_cast<const T*>(xc.data_ptr()),
+                                bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
+                                static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))
       return;
-    if (M >= quant::dequant_min_m()) return quant::dequant_matmul<decltype(dec), T>(dec, xc, bias, y, M, N, K, stream);
-    quant::quant_linear(dec, static_cast<const T*>(xc.data_ptr()), bp, static_cast<T*>(y.data_ptr()), M, N, K, xc,
-                        stream);
+    quant::general_linear<LutDec<T>, T>(LutDec<T>{cp, lp, K, N / L, (K / 2) % 16 == 0 && aligned16(cp)}, xc, bias, y,
+                                        M, N, K, stream);
   });
   return y;
 }

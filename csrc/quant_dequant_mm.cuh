@@ -57,11 +57,21 @@ template <class Dec, class T>
 void dequant_matmul(const Dec& dec, const Tensor& xc, const std::optional<Tensor>& bias, const Tensor& y, int64_t M,
                     int64_t N, int64_t K, cudaStream_t stream) {
   Tensor w = torch::stable::new_empty(xc, {N, K});
-  const int64_t chunks = N * ((K + Dec::KC - 1) / Dec::KC);
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((chunks + 255) / 256, 16 * sm_count(xc.get_device_index())));
-  dequantize_kernel<Dec, T><<<unsigned(blocks), 256, 0, stream>>>(dec, static_cast<T*>(w.data_ptr()), N, K);
+  const unsigned blocks = grid_stride_blocks(N * ((K + Dec::KC - 1) / Dec::KC), xc.get_device_index());
+  dequantize_kernel<Dec, T><<<blocks, 256, 0, stream>>>(dec, static_cast<T*>(w.data_ptr()), N, K);
   RK_CUDA_CHECK(cudaGetLastError());
   linear_out(torch::stable::reshape(xc, {M, K}), w, bias, torch::stable::reshape(y, {M, N}));
+}
+
+// The general path for any M (what the ops run when the small-M path does not apply):
+// dequantize + cuBLAS from dequant_min_m() on, quant_gemm.cuh's GEMV / WMMA tiles below.
+template <class Dec, class T>
+void general_linear(const Dec& dec, const Tensor& xc, const std::optional<Tensor>& bias, const Tensor& y, int64_t M,
+                    int64_t N, int64_t K, cudaStream_t stream) {
+  if (M >= dequant_min_m()) return dequant_matmul<Dec, T>(dec, xc, bias, y, M, N, K, stream);
+  quant_linear(dec, static_cast<const T*>(xc.data_ptr()),
+               bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr, static_cast<T*>(y.data_ptr()),
+               M, N, K, xc, stream);
 }
 
 }  // namespace quant

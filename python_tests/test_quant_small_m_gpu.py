@@ -7,42 +7,29 @@ is not a power of two, an int8 K that is not a multiple of 16."""
 import pytest
 import torch
 
-from reparam_kernels.compress.quantize import pack_int4
+import test_quant_ops as quant_ops
+from reparam_kernels.reference.int4_linear import dequantize_int4
 from conftest import TOL, env_var, rel_err
+
+exact = quant_ops.exact
 
 pytestmark = pytest.mark.gpu
 
 
 def make(rng, op, M, K, N, dtype, group=128, int_zeros=True):
-    """(args, W64) on the GPU: the op's arguments and its dense float64 weight."""
-    x = torch.randn(M, K, generator=rng).to(dtype)
-    b = torch.randn(N, generator=rng).to(dtype)
-    if op == "lut_linear":  # one table per 8 rows where N allows, else one for all
-        q = torch.randint(0, 16, (N, K), generator=rng, dtype=torch.uint8)
-        tables = N // 8 if N % 8 == 0 else 1
-        lut = (torch.randn(tables, 16, generator=rng) * 0.1).to(dtype)
-        w = lut.double().repeat_interleave(N // tables, 0).gather(1, q.long())
-        return [x.cuda(), pack_int4(q).cuda(), lut.cuda(), b.cuda()], w.cuda()
-    if op == "int8_linear":
-        q = torch.randint(-128, 128, (N, K), generator=rng, dtype=torch.int8)
-        s = (torch.rand(N, generator=rng) * 0.01 + 0.001).to(dtype)
-        w = q.double() * s.double()[:, None]
-        return [x.cuda(), q.cuda(), s.cuda(), b.cuda()], w.cuda()
-    q = torch.randint(0, 16, (N, K), generator=rng, dtype=torch.uint8)
-    g = K // group
-    s = (torch.rand(N, g, generator=rng) * 0.05 + 0.01).to(dtype)
-    z = torch.randint(0, 16, (N, g), generator=rng).double() if int_zeros else torch.rand(N, g, generator=rng) * 15
-    z = z.to(dtype)
-    w = ((q.double().reshape(N, g, group) - z.double()[..., None]) * s.double()[..., None]).reshape(N, K)
-    return [x.cuda(), pack_int4(q).cuda(), s.cuda(), z.cuda(), group, b.cuda()], w.cuda()
+    """(args as a list, W64): test_quant_ops.make's case on the GPU (lut: one table per 8 rows where N
+    allows); int_zeros=False replaces int4's zero points by non-integer ones."""
+    args, w = quant_ops.make(op, rng, (M,), K, N, dtype, device="cuda", group=group,
+                             tables=N // 8 if N % 8 == 0 else 1)
+    args = list(args)
+    if not int_zeros:
+        args[3] = (torch.rand(args[3].shape, generator=rng) * 15).to(device="cuda", dtype=dtype)
+        w = dequantize_int4(*args[1:5], torch.float64)
+    return args, w
 
 
 def run(op, args):
     return getattr(torch.ops.reparam, op)(*args)
-
-
-def exact(args, w):
-    return args[0].double() @ w.t() + args[-1].double()
 
 
 def general_path(op, args):

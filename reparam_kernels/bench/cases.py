@@ -53,6 +53,15 @@ def env_var(name, value):
             os.environ[name] = old
 
 
+def with_env(fn, name, value):
+    """fn with environment variable `name` set to `value` around every call (an A/B peer that forces
+    the CUDA path the op would not take)."""
+    def run(*args):
+        with env_var(name, value):
+            return fn(*args)
+    return run
+
+
 def check_rows(x):
     """The rows of x (an [M, K] activation) that the float64 reference covers."""
     return x[:CHECK_ROWS]
