@@ -17,11 +17,12 @@ int4_linear,lut_linear}.json in DESIGN.md's format, each row with ``bytes``
 import torch
 import torch.nn.functional as F
 
-from common import (DTYPES, Contender, Results, bench_arg_parser, check_rows, env_var, measure_ceilings, progress,
-                    require_cuda, rotation_count, run_case, shapes_and_batches)
+from common import (DTYPES, Contender, Results, bench_arg_parser, check_rows, measure_ceilings, progress,
+                    require_cuda, rotation_count, run_case, shapes_and_batches, with_env)
 
 import reparam_kernels
 from reparam_kernels import _dispatch
+from reparam_kernels.cli.env import cuda_paths
 from reparam_kernels import triton as rk_triton
 from reparam_kernels.compress.quantize import pack_int4
 from reparam_kernels.reference.int4_linear import dequantize_int4
@@ -80,26 +81,19 @@ def tinygemm(x, packed, group, sz):
     return torch._weight_int4pack_mm(x, packed, group, sz)
 
 
-DEQUANT_MIN_M = 512  # csrc/quant_dequant_mm.cuh's default threshold
-
-
 def other_path(op, M):
     """(peer name, fn): `op` through the CUDA path it does not take at this M, for A/B in one run —
-    the general path (GEMV / WMMA tiles) where the op takes the small-M tensor-core path (M <= 64) or dequantize + cuBLAS (M >= 512), and dequantize + cuBLAS where it takes the general
-    path (64 < M < 512: where the crossover lies is a measurement). (Toggling the variable costs a
-    little CPU time in eager mode; the graph numbers are kernel-only.)"""
-    if M <= 64:
-        name, var, value = "cuda_general_path", "REPARAM_SMALL_M", "0"
-    elif M >= DEQUANT_MIN_M:
-        name, var, value = "cuda_general_path", "REPARAM_DEQUANT_MIN_M", "0"
-    else:
-        name, var, value = "cuda_dequant_cublas", "REPARAM_DEQUANT_MIN_M", "1"
+    the general path (GEMV / WMMA tiles) where the op takes the small-M tensor-core path or
+    dequantize + cuBLAS, and dequantize + cuBLAS where it takes the general path (where that
+    crossover lies is a measurement). The thresholds are the ones the ops read (`env`'s cuda_paths).
+    (Toggling the variable costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
+    paths = cuda_paths()
     fn = getattr(torch.ops.reparam, op)
-
-    def run(*args):
-        with env_var(var, value):
-            return fn(*args)
-    return name, run
+    if M <= paths["small_m"]["max_m"]:
+        return "cuda_general_path", with_env(fn, "REPARAM_SMALL_M", "0")
+    if paths["dequant_cublas"]["min_m"] is not None and M >= paths["dequant_cublas"]["min_m"]:
+        return "cuda_general_path", with_env(fn, "REPARAM_DEQUANT_MIN_M", "0")
+    return "cuda_dequant_cublas", with_env(fn, "REPARAM_DEQUANT_MIN_M", "1")
 
 
 def weight_bytes(op, N, K, elt):
