@@ -129,8 +129,8 @@ def bench_shape(res, op, N, K, M, dtype, modes, device="cuda", count=None, seed=
         if all(a is not None for a in tg):
             peers["tinygemm"] = Contender(tinygemm, tg)
     if device == "cuda":
-        name, fn = other_path(op, M)
-        peers[name] = Contender(fn, ours_sets)
+        name, other = other_path(op, M)  # (not `fn`: that is ours)
+        peers[name] = Contender(other, ours_sets)
     x0, w0 = ours_sets[0][0], ours_sets[0][1:]
     backend, why = _dispatch.backend_for(op, device, dtype)
     rows = run_case(
