@@ -127,6 +127,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
 
 // 16-byte asynchronous global->shared copy; src_bytes = 0 zero-fills the destination.
+#ifndef REPARAM_CPU_CUDA
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
@@ -135,5 +136,10 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#else  // the CPU execution harness (python_tests/cuda_on_cpu) models the copies instead of the PTX
+inline void cp_async16(void* smem, const void* gmem, int src_bytes) { ::rk_cpu::cp_async16(smem, gmem, src_bytes); }
+inline void cp_async_commit() { ::rk_cpu::cp_async_commit(); }
+template <int N> inline void cp_async_wait() { ::rk_cpu::cp_async_wait(N); }
+#endif
 
 }  // namespace reparam

@@ -74,6 +74,9 @@ struct Pair {
     return bits(__hfma2(val(a), val(b), val(c)));
   }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef REPARAM_CPU_CUDA  // the CPU execution harness (python_tests/cuda_on_cpu) computes it from all 32 lanes
+    ::rk_cpu::mma_m16n8k16(d, a, b0, b1, kHalf, __FILE__, __LINE__);
+#else
     if constexpr (kHalf) {
       asm volatile(
           "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -85,6 +88,7 @@ struct Pair {
           : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
           : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
+#endif
   }
 };
 

@@ -1,0 +1,217 @@
+"""The CUDA ops' real sources (csrc/: host planning and kernels) executed on the CPU through
+python_tests/cuda_on_cpu (fibers per CUDA thread, warp collectives and mma fragments from all 32
+lanes, cp.async landing only at the wait, guard-paged tensors), against float64, on every path
+each op can take; the launch trace says which path ran. Then mutations of the sources (a wrong
+slot map, a missing barrier or wait, an off-by-one split counter, a missing bounds check, a
+divergent barrier) must each be caught — the harness can fail."""
+import shutil
+
+import pytest
+import torch
+
+import cuda_on_cpu
+import test_lowrank_op as plain
+import test_pivoted_lowrank as piv
+import test_quant_ops as quant
+import test_structured_op as structured
+from conftest import TOL, rel_err
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+QUANT = ["int4_linear", "int8_linear", "lut_linear"]
+
+
+def quant_case(rng, op, M, K, N, dtype, group=32, bias=True):
+    args, w = quant.make(op, rng, (M,), K, N, dtype, group=group, bias=bias,
+                         tables=N // 8 if N % 8 == 0 else 1)
+    tensors = [a for a in args if not isinstance(a, int)]
+    ints = [a for a in args if isinstance(a, int)]
+    return {"op": op, "args": tensors, "ints": ints}, quant.exact(args, w)
+
+
+def check(cases, refs, env=None, kernel=None, mutations=()):
+    """Runs the cases in one process; every output within tolerance of float64, and (kernel) every
+    case launched a kernel whose trace line contains that text. Returns the traces."""
+    results = cuda_on_cpu.run_cases(cases, env, mutations)
+    for case, ref, (y, trace) in zip(cases, refs, results):
+        tol = TOL[case["args"][0].dtype]
+        assert torch.isfinite(y).all(), (case["op"], trace)
+        err = rel_err(y, ref)
+        assert err <= tol, (case["op"], tuple(case["args"][0].shape), err, trace)
+        if kernel is not None:
+            assert any(kernel in line for line in trace), (kernel, trace)
+    return [t for _, t in results]
+
+
+# ------------------------------------------------------------------ quantized ops
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quant_small_m_path(rng, dtype):
+    # register-fed mma.sync path (csrc/small_m_gemm.cuh): M <= 64, all three tile shapes, split K
+    cases, refs = [], []
+    for op in QUANT:
+        for M, K, N, g in [(1, 544, 72, 32), (5, 1056, 100, 32), (16, 512, 264, 64), (17, 256, 40, 128),
+                           (33, 128, 72, 32), (64, 160, 24, 32)]:
+            c, r = quant_case(rng, op, M, K, N, dtype, group=g, bias=M % 2 == 1)
+            cases.append(c)
+            refs.append(r)
+    check(cases, refs, kernel="small_m::Problem")
+
+
+@pytest.mark.parametrize("sms,per_sm", [(1, 1), (16, 2)])
+def test_quant_small_m_split_plans(rng, sms, per_sm):
+    # another fake GPU: other column x split-K plans; the same op twice in a row (the arrival counters
+    # must be back at zero after each launch)
+    cases, refs = [], []
+    for op in QUANT:
+        c, r = quant_case(rng, op, 3, 2048, 96, torch.float16, group=128)
+        cases += [c, c]
+        refs += [r, r]
+    env = {"RK_CPU_SMS": str(sms), "RK_CPU_BLOCKS_PER_SM": str(per_sm), "RK_CPU_SEED": "7"}
+    check(cases, refs, env, kernel="small_m::Problem")
+
+
+def test_quant_general_path(rng):
+    # REPARAM_SMALL_M=0: the GEMV (M <= 8) and the WMMA tiles (M > 8), odd K for int8, a non-power-of-two group
+    cases, refs = [], []
+    for op in QUANT:
+        for M, K, N in [(1, 1024 + 64, 70), (3, 256, 33), (9, 320, 65), (40, 192, 130)]:
+            c, r = quant_case(rng, op, M, K, N, torch.float16)
+            cases.append(c)
+            refs.append(r)
+    for M, K in [(2, 37), (20, 130)]:
+        c, r = quant_case(rng, "int8_linear", M, K, 50, torch.bfloat16)
+        cases.append(c)
+        refs.append(r)
+    c, r = quant_case(rng, "int4_linear", 4, 288, 40, torch.float16, group=96)
+    cases.append(c)
+    refs.append(r)
+    traces = check(cases, refs, env={"REPARAM_SMALL_M": "0"})
+    assert any("gemv_kernel" in line for t in traces for line in t)
+    assert any("mma_kernel" in line for t in traces for line in t)
+
+
+def test_quant_misaligned_x_takes_general_path(rng):
+    cases, refs = [], []
+    for op in QUANT:
+        c, r = quant_case(rng, op, 2, 256, 40, torch.float16)
+        c["offsets"] = {0: 2}  # x starts 2 bytes off a 16-byte boundary
+        cases.append(c)
+        refs.append(r)
+    for t in check(cases, refs):
+        assert not any("small_m::Problem" in line for line in t) and any("gemv_kernel" in line for line in t)
+
+
+def test_quant_dequantize_then_gemm_path(rng):
+    # M >= REPARAM_DEQUANT_MIN_M: dequantize_kernel, then aten::linear.out (a reference GEMM here)
+    cases, refs = [], []
+    for op in QUANT:
+        c, r = quant_case(rng, op, 70, 96, 36, torch.bfloat16)
+        cases.append(c)
+        refs.append(r)
+    check(cases, refs, env={"REPARAM_DEQUANT_MIN_M": "65"}, kernel="dequantize_kernel")
+
+
+# ------------------------------------------------------------------ low-rank ops
+
+def lowrank_cases(rng, shapes, dtype):
+    cases, refs = [], []
+    for M, K, N, r in shapes:
+        x, u, v, b = plain.make(rng, (M,), K, N, r, dtype)
+        cases.append({"op": "lowrank_linear", "args": [x, u, v, b]})
+        refs.append(plain.exact(x, u, v, b))
+        x, u, w, perm, b = piv.make(rng, (M,), K, N, r, dtype)
+        cases.append({"op": "pivoted_lowrank_linear", "args": [x, u, w, perm, None]})
+        refs.append(piv.exact(x, u, w, perm, None))
+    return cases, refs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lowrank_decode_path(rng, dtype):
+    # both products in one cooperative launch (csrc/lowrank_small_m.cuh); (48, 40, 40): K - r = 8
+    cases, refs = lowrank_cases(rng, [(1, 136, 200, 24), (17, 1000, 72, 64), (64, 48, 40, 40)], dtype)
+    check(cases, refs, env={"RK_CPU_BLOCKS_PER_SM": "2"}, kernel="small_m::Problem")
+
+
+def test_lowrank_wmma_path(rng):
+    # the WMMA kernel (csrc/lowrank_linear.cu): all three tile configs, odd K / r (no cp.async path)
+    cases, refs = lowrank_cases(rng, [(3, 136, 200, 24), (40, 100, 70, 13), (100, 64, 33, 16)], torch.float16)
+    check(cases, refs, env={"REPARAM_SMALL_M": "0"}, kernel="LowRankArgs")
+
+
+def test_lowrank_two_gemm_path(rng):
+    cases, refs = lowrank_cases(rng, [(70, 136, 50, 24)], torch.bfloat16)
+    traces = check(cases, refs, env={"REPARAM_LOWRANK_CUBLAS_MIN_M": "65"})
+    assert any("expand_kernel" in line for line in traces[1])  # pivoted: [I | w] P expanded first
+
+
+# ------------------------------------------------------------------ block-circulant / Toeplitz
+
+def test_block_circulant_and_toeplitz(rng):
+    cases, refs = [], []
+    for M, K, N, b, dtype in [(1, 1024, 1024, 256, torch.float16), (3, 1000, 700, 64, torch.bfloat16),
+                              (17, 300, 500, 128, torch.float32), (300, 520, 1024, 64, torch.float16)]:
+        x, spec, cols, bias = structured.make(rng, (M,), K, N, b, dtype)
+        cases.append({"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [b, N]})
+        refs.append(structured.exact(x, cols, N, bias))
+    # Toeplitz = one circulant block of fft_size >= out + in - 1 points: its spectrum from the layer
+    from reparam_kernels.nn import ToeplitzLinear
+    layer = ToeplitzLinear.from_linear(torch.nn.Linear(100, 90))
+    assert layer.fft_size == 256  # a size the CUDA kernel takes (a power of two in 64..4096)
+    x = torch.randn(5, 100, generator=rng)
+    bias = layer.bias.detach()
+    cases.append({"op": "toeplitz_linear", "args": [x, layer.t_spectrum.detach(), bias], "ints": [256, 90]})
+    refs.append(x.double() @ layer.to_dense().double().t() + bias.double())
+    check(cases, refs, env={"RK_CPU_SMS": "8"})
+
+
+# ------------------------------------------------------------------ the harness catches bugs
+
+MUTATIONS = {
+    # int4's A operand built with the wrong byte permute: x no longer follows the weights' slot map
+    "slot map": ("int4_linear.cu", "a[0] = __byte_perm(word(r0, h), word(r0, h + 2), 0x5410);",
+                 "a[0] = __byte_perm(word(r0, h), word(r0, h + 2), 0x5432);"),
+    # the K-warp partials read before the other warps wrote them
+    "missing barrier": ("small_m_gemm.cuh", "  __syncthreads();\n  if (wk == 0) {", "  if (wk == 0) {"),
+    # the split-K arrival counter's limit off by one: no CTA sees itself as last
+    "split counter": ("small_m_gemm.cuh", "atomicInc(&p.counters[bx], unsigned(p.splits - 1))",
+                      "atomicInc(&p.counters[bx], unsigned(p.splits))"),
+    # weight rows past N loaded: reads run off the end of qweight
+    "bounds check": ("small_m_gemm.cuh", "c[j] = (n < N && kt < ke) ? frag.load(n, kt) : Frag::zero();",
+                     "c[j] = (kt < ke) ? frag.load(n, kt) : Frag::zero();"),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_mutated_small_m_path_is_caught(rng, name):
+    # the same op twice in one process: a counter left non-zero shows on the second launch
+    c, r = quant_case(rng, "int4_linear", 3, 2048, 40, torch.float16, group=128)
+    env = {"RK_CPU_SEED": "3"}
+
+    def passes(results):
+        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
+
+    assert passes(cuda_on_cpu.run_cases([c, c], env))  # unmutated
+    try:
+        results = cuda_on_cpu.run_cases([c, c], env, mutations=[MUTATIONS[name]])
+    except cuda_on_cpu.KernelError as e:  # a fault (the bounds check) ends the process with a report
+        assert "outside every tensor" in str(e)
+        return
+    assert not passes(results)
+
+
+def test_missing_cp_async_wait_is_caught(rng):
+    # the WMMA tiles read a shared-memory stage before its copies landed
+    cases, refs = lowrank_cases(rng, [(40, 256, 72, 32)], torch.float16)
+    mutation = ("gemm_nt_tile.cuh", "      cp_async_wait<1>();\n", "")
+    check(cases, refs, env={"REPARAM_SMALL_M": "0"})
+    y, _ = cuda_on_cpu.run_cases(cases[:1], {"REPARAM_SMALL_M": "0"}, mutations=[mutation])[0]
+    assert not (torch.isfinite(y).all() and rel_err(y, refs[0]) <= TOL[torch.float16])
+
+
+def test_divergent_barrier_is_caught(rng):
+    c, _ = quant_case(rng, "int8_linear", 3, 512, 40, torch.float16)
+    mutation = ("small_m_gemm.cuh", "  __syncthreads();\n  if (threadIdx.x == 0) is_last",
+                "  if (threadIdx.x % 64 != 5) __syncthreads();\n  if (threadIdx.x == 0) is_last")
+    with pytest.raises(cuda_on_cpu.KernelError, match="divergent|deadlock"):
+        cuda_on_cpu.run_cases([c], mutations=[mutation])
