@@ -1,7 +1,7 @@
 """Fused low-rank linear vs cuBLAS dense F.linear vs two cuBLAS calls (and the same product stored
 pivoted, op pivoted_lowrank_linear), in one run. The op takes the register-fed decode path at
-M <= 64 (plain factors) and two cuBLAS products at M >= 512; the WMMA fused kernel that serves
-the rest is then timed as the peer `cuda_wmma_fused`.
+M <= 64 (plain factors), wgmma between on Hopper and two cuBLAS products at M >= 512; the WMMA
+fused kernel that serves the rest elsewhere is then timed as the peer `cuda_wmma_fused`.
 
     python benchmarks/bench_lowrank.py [--quick] [--ranks 128,512,1024] [--dtypes fp16,bf16]
 
@@ -56,10 +56,13 @@ def wmma_fused(M):
     the op runs that kernel anyway."""
     paths = cuda_paths()
     op = lambda x, u, v: torch.ops.reparam.lowrank_linear(x, u, v, None)  # noqa: E731
+    off = ("REPARAM_SMALL_M", "0", "REPARAM_WGMMA", "0")  # the WMMA kernel: every other path off
     if M <= paths["small_m"]["max_m"]:
-        return with_env(op, "REPARAM_SMALL_M", "0")
+        return with_env(op, *off)
     if paths["lowrank_cublas"]["min_m"] is not None and M >= paths["lowrank_cublas"]["min_m"]:
-        return with_env(op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "0")
+        return with_env(op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "0", *off)
+    if paths["wgmma"]["on"] and torch.cuda.get_device_capability()[0] == 9:  # the op runs wgmma here
+        return with_env(op, *off)
     return None
 
 

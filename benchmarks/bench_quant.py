@@ -4,10 +4,9 @@
 
 Peers in the same run: torch's int4 "tinygemm" (``torch._weight_int4pack_mm``,
 group 128, bf16 only: it takes no fp16) for int4_linear, our own Triton
-kernel for every op, and the CUDA path the op does not take at that M: the
-general path (``cuda_general_path``) against the small-M tensor-core path
-(M <= 64) and against dequantize + cuBLAS (M >= 512), and
-dequantize + cuBLAS (``cuda_dequant_cublas``) against the general path between. cuBLAS runs the dequantized weight in x's dtype. Each
+kernel for every op, and the CUDA paths the op does not take at that M
+(``other_paths``: the general GEMV / WMMA path, dequantize + cuBLAS, wgmma and
+the small-M path, each where another one runs). cuBLAS runs the dequantized weight in x's dtype. Each
 case is checked against float64 (x and the dequantized weight in float64)
 before it is timed; a contender that fails the check is not timed (recorded in
 the file's ``failures``). Writes benchmarks/results/<gpu>/{int8_linear,
@@ -81,19 +80,31 @@ def tinygemm(x, packed, group, sz):
     return torch._weight_int4pack_mm(x, packed, group, sz)
 
 
-def other_path(op, M):
-    """(peer name, fn): `op` through the CUDA path it does not take at this M, for A/B in one run —
-    the general path (GEMV / WMMA tiles) where the op takes the small-M tensor-core path or
-    dequantize + cuBLAS, and dequantize + cuBLAS where it takes the general path (where that
-    crossover lies is a measurement). The thresholds are the ones the ops read (`env`'s cuda_paths).
-    (Toggling the variable costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
+def other_paths(op, M):
+    """{peer name: fn}: `op` through the CUDA paths it does not take at this M, for A/B in one run:
+    the general path (``cuda_general_path``: GEMV / WMMA tiles, every other path switched off)
+    wherever another path runs, dequantize + cuBLAS (``cuda_dequant_cublas``) above M = 64 where it
+    does not run, on Hopper wgmma (``cuda_wgmma``) where it does not run and the small-M path
+    (``cuda_small_m``) where wgmma takes an M it could serve. Where the crossovers lie is a
+    measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling variables
+    costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
     paths = cuda_paths()
     fn = getattr(torch.ops.reparam, op)
-    if M <= paths["small_m"]["max_m"]:
-        return "cuda_general_path", with_env(fn, "REPARAM_SMALL_M", "0")
-    if paths["dequant_cublas"]["min_m"] is not None and M >= paths["dequant_cublas"]["min_m"]:
-        return "cuda_general_path", with_env(fn, "REPARAM_DEQUANT_MIN_M", "0")
-    return "cuda_dequant_cublas", with_env(fn, "REPARAM_DEQUANT_MIN_M", "1")
+    dq = paths["dequant_cublas"]["min_m"] or float("inf")
+    hopper = paths["wgmma"]["on"] and torch.cuda.get_device_capability()[0] == 9
+    takes_wgmma = hopper and paths["wgmma"]["min_m"] <= M < dq
+    takes_small = not takes_wgmma and paths["small_m"]["on"] and M <= paths["small_m"]["max_m"]
+    peers = {}
+    if takes_wgmma or takes_small or M >= dq:
+        peers["cuda_general_path"] = with_env(fn, "REPARAM_SMALL_M", "0", "REPARAM_WGMMA", "0",
+                                              "REPARAM_DEQUANT_MIN_M", "0")
+    if M > paths["small_m"]["max_m"] and M < dq:
+        peers["cuda_dequant_cublas"] = with_env(fn, "REPARAM_DEQUANT_MIN_M", "1")
+    if hopper and not takes_wgmma and M < dq:
+        peers["cuda_wgmma"] = with_env(fn, "REPARAM_WGMMA_MIN_M", "1")
+    if takes_wgmma and M <= paths["small_m"]["max_m"]:
+        peers["cuda_small_m"] = with_env(fn, "REPARAM_WGMMA", "0")
+    return peers
 
 
 def weight_bytes(op, N, K, elt):
@@ -129,8 +140,8 @@ def bench_shape(res, op, N, K, M, dtype, modes, device="cuda", count=None, seed=
         if all(a is not None for a in tg):
             peers["tinygemm"] = Contender(tinygemm, tg)
     if device == "cuda":
-        name, other = other_path(op, M)  # (not `fn`: that is ours)
-        peers[name] = Contender(other, ours_sets)
+        for name, other in other_paths(op, M).items():  # (not `fn`: that is ours)
+            peers[name] = Contender(other, ours_sets)
     x0, w0 = ours_sets[0][0], ours_sets[0][1:]
     backend, why = _dispatch.backend_for(op, device, dtype)
     rows = run_case(

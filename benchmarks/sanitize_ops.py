@@ -31,7 +31,7 @@ class RecordOps(TorchDispatchMode):
 def path_cases():
     """(name, layer factory(dtype, device), batches): the shapes that take each CUDA path besides the
     variants' own: register-fed small M with K split over CTAs (int8, int4, both low-rank forms; ranks in
-    multiples of 8), and the cuBLAS routes at M >= 512."""
+    multiples of 8), wgmma at 64 < M < 512 (Hopper), and the cuBLAS routes at M >= 512."""
     from reparam_kernels import nn as rnn
 
     def lin(k, n, dtype, device):
@@ -49,6 +49,13 @@ def path_cases():
          (1, 40)),
         ("int4 dequant+cuBLAS", lambda dt, dev: rnn.Int4Linear.from_linear(lin(256, 72, dt, dev), group_size=128),
          (600,)),
+        # 64 < M < 512 on Hopper (elsewhere these take the WMMA tiles): 1 and 2 batch tiles, a partial row block
+        ("int4 wgmma", lambda dt, dev: rnn.Int4Linear.from_linear(lin(384, 200, dt, dev), group_size=128), (100, 200)),
+        ("int8 wgmma", lambda dt, dev: rnn.Int8Linear.from_linear(lin(384, 200, dt, dev)), (100,)),
+        ("lut wgmma", lambda dt, dev: rnn.LUTLinear.from_linear(lin(384, 200, dt, dev), method="log", bits=4), (100,)),
+        ("lowrank wgmma", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64), (100,)),
+        ("pivoted wgmma", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64),
+         (100,)),
         ("pivoted two-GEMM", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32),
          (600,)),
     ]

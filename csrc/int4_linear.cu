@@ -7,7 +7,7 @@
 #include "ops.h"
 #include "quant_dequant_mm.cuh"
 #include "quant_gemm.cuh"
-#include "small_m_gemm.cuh"
+#include "quant_wgmma.cuh"
 
 namespace reparam {
 namespace {
@@ -132,7 +132,7 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
     const T* sp = static_cast<const T*>(scales.data_ptr());
     const T* zp = static_cast<const T*>(zeros.data_ptr());
     const bool pow2_group = (group_size & (group_size - 1)) == 0;  // the small-M path shifts instead of dividing
-    if (pow2_group && small_m::linear_small_m(Int4Frag<T>{qp, sp, zp, K, G, ilog2(group_size)}, aligned16(qp),
+    if (pow2_group && quant_wgmma::register_fed_linear(Int4Frag<T>{qp, sp, zp, K, G, ilog2(group_size)}, aligned16(qp),
                                               static_cast<const T*>(xc.data_ptr()),
                                               bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
                                               static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))

@@ -6,7 +6,7 @@
 #include "ops.h"
 #include "quant_dequant_mm.cuh"
 #include "quant_gemm.cuh"
-#include "small_m_gemm.cuh"
+#include "quant_wgmma.cuh"
 
 namespace reparam {
 namespace {
@@ -91,7 +91,7 @@ Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<T
     const uint8_t* qp = static_cast<const uint8_t*>(qweight.data_ptr());
     const T* sp = static_cast<const T*>(scales.data_ptr());
     const bool rows_aligned = K % 16 == 0 && aligned16(qp);
-    if (small_m::linear_small_m(Int8Frag<T>{{qp, K}, sp}, rows_aligned, static_cast<const T*>(xc.data_ptr()),
+    if (quant_wgmma::register_fed_linear(Int8Frag<T>{{qp, K}, sp}, rows_aligned, static_cast<const T*>(xc.data_ptr()),
                                 bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
                                 static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))
       return;

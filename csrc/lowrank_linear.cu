@@ -17,8 +17,9 @@
 //
 // At M >= 512 (REPARAM_LOWRANK_CUBLAS_MIN_M) the ops take two cuBLAS products instead
 // (lowrank_large_m.cuh), and M <= 64 takes the register-fed tensor-core path of
-// lowrank_small_m.cuh (one grid barrier; REPARAM_SMALL_M=0 turns it off).
-// What follows serves the rest. Decode (M <= 16) is memory-bound: the tile puts 64 weight rows against a
+// lowrank_small_m.cuh (one grid barrier; REPARAM_SMALL_M=0 turns it off); on Hopper the sizes
+// between take wgmma (lowrank_wgmma.cuh; REPARAM_WGMMA=0 turns it off). What follows serves the
+// rest. Decode (M <= 16) is memory-bound: the tile puts 64 weight rows against a
 // 16-wide batch and the reduction is split so every SM streams weights
 // (16-byte cp.async, two stages). Prefill uses 128x128 tiles.
 #include <cooperative_groups.h>
@@ -27,6 +28,7 @@
 #include "lowrank_large_m.cuh"
 #include "lowrank_product.h"
 #include "lowrank_small_m.cuh"
+#include "lowrank_wgmma.cuh"
 #include "ops.h"
 
 namespace reparam {
@@ -229,6 +231,7 @@ Tensor lowrank_product(const char* op, Tensor x, Tensor u, Tensor v, const Tenso
     const T* up = static_cast<const T*>(u.data_ptr());
     const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
     T* yp = static_cast<T*>(y.data_ptr());
+    if (lowrank_wgmma::run<T>(xp, vp, up, pp, bp, yp, M, N, K, r, xc, stream)) return;  // from REPARAM_WGMMA_MIN_M
     if (lowrank_small_m::run<T>(xp, vp, up, pp, bp, yp, M, N, K, r, xc, stream)) return;
     // the WMMA kernel; the pivoted form's gather scratch (at least one element so its pointer is valid)
     Tensor xg = torch::stable::new_empty(xc, {perm ? std::max<int64_t>(M * K1, 1) : 1});

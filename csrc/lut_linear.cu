@@ -6,7 +6,7 @@
 #include "ops.h"
 #include "quant_dequant_mm.cuh"
 #include "quant_gemm.cuh"
-#include "small_m_gemm.cuh"
+#include "quant_wgmma.cuh"
 
 namespace reparam {
 namespace {
@@ -115,7 +115,7 @@ Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor>
     const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
     const T* lp = static_cast<const T*>(lut.data_ptr());
     const bool aligned = K % 32 == 0 && aligned16(cp) && aligned16(lp);  // 16-byte code rows, 32-byte tables
-    if (small_m::linear_small_m(LutFrag<T>{cp, lp, K, N / L}, aligned, static_cast<const T*>(xc.data_ptr()),
+    if (quant_wgmma::register_fed_linear(LutFrag<T>{cp, lp, K, N / L}, aligned, static_cast<const T*>(xc.data_ptr()),
                                 bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
                                 static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))
       return;

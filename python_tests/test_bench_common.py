@@ -185,3 +185,14 @@ def test_reference_on_the_first_rows_checks_those_rows():
     bad[3] += 1.0  # a wrong row inside the checked ones
     with pytest.raises(cases.KernelMismatch):
         cases.check_against_float64("bad", bad, ref, torch.float16)
+
+
+def test_with_env_sets_every_pair_around_the_call_only(monkeypatch):
+    monkeypatch.delenv("RK_TEST_A", raising=False)
+    monkeypatch.setenv("RK_TEST_B", "outer")
+    seen = cases.with_env(lambda: (os.environ.get("RK_TEST_A"), os.environ["RK_TEST_B"]),
+                          "RK_TEST_A", "1", "RK_TEST_B", "0")()
+    assert seen == ("1", "0")
+    assert "RK_TEST_A" not in os.environ and os.environ["RK_TEST_B"] == "outer"
+    with pytest.raises(ValueError, match="pairs"):
+        cases.with_env(len, "RK_TEST_A", "1", "RK_TEST_B")

@@ -94,10 +94,13 @@ def test_old_gpu_warns_once_when_falling_back(monkeypatch):
 def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
     from reparam_kernels.cli import env
 
-    for var in ("REPARAM_SMALL_M", "REPARAM_DEQUANT_MIN_M", "REPARAM_LOWRANK_CUBLAS_MIN_M"):
+    for var in ("REPARAM_SMALL_M", "REPARAM_DEQUANT_MIN_M", "REPARAM_LOWRANK_CUBLAS_MIN_M", "REPARAM_WGMMA"):
         monkeypatch.delenv(var, raising=False)
     paths = env.cuda_paths()
     assert paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] == 512 and paths["lowrank_cublas"]["min_m"] == 512
+    assert paths["wgmma"]["on"] and paths["wgmma"]["min_m"] == paths["small_m"]["max_m"] + 1
+    monkeypatch.setenv("REPARAM_WGMMA", "0")
+    assert not env.cuda_paths()["wgmma"]["on"] and "OFF [REPARAM_WGMMA," in env.render(env.collect())
     monkeypatch.setenv("REPARAM_SMALL_M", "0")
     monkeypatch.setenv("REPARAM_DEQUANT_MIN_M", "0")
     monkeypatch.setenv("REPARAM_LOWRANK_CUBLAS_MIN_M", " 1024x")  # read like atoll: 1024

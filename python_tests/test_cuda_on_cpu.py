@@ -3,7 +3,8 @@ python_tests/cuda_on_cpu (fibers per CUDA thread, warp collectives and mma fragm
 lanes, cp.async landing only at the wait, guard-paged tensors), against float64, on every path
 each op can take; the launch trace says which path ran. Then mutations of the sources (a wrong
 slot map, a missing barrier or wait, an off-by-one split counter, a missing bounds check, a
-divergent barrier) must each be caught — the harness can fail."""
+divergent barrier; for wgmma a missing wait, swapped descriptor strides, an unguarded buffer
+refill, x in the wrong slot order) must each be caught — the harness can fail."""
 import shutil
 
 import pytest
@@ -112,6 +113,42 @@ def test_quant_dequantize_then_gemm_path(rng):
     check(cases, refs, env={"REPARAM_DEQUANT_MIN_M": "65"}, kernel="dequantize_kernel")
 
 
+def wgmma_cases(rng):
+    cases, refs = [], []
+    for op in QUANT:
+        for M, K, N, g, dtype in [(65, 128, 72, 32, torch.float16), (130, 384, 200, 128, torch.bfloat16),
+                                  (200, 160, 33, 32, torch.float16)]:  # K not a multiple of the 128-k stage
+            c, r = quant_case(rng, op, M, K, N, dtype, group=g, bias=M % 2 == 0)
+            cases.append(c)
+            refs.append(r)
+    return cases, refs
+
+
+@pytest.mark.parametrize("bn", ["128", "64"])
+def test_quant_wgmma_path(rng, bn):
+    # Hopper, 64 < M < 512 (csrc/quant_wgmma.cuh): x put in slot order, decoded weights as wgmma's A
+    # operand; one or two warpgroups per CTA; cp.async landing late (default) and early
+    cases, refs = wgmma_cases(rng)
+    check(cases, refs, env={"REPARAM_WGMMA_BN": bn}, kernel="wgmma_kernel<")
+    check(cases[:3], refs[:3], env={"REPARAM_WGMMA_BN": bn, "RK_CPU_CP_ASYNC_EARLY": "1"},
+          kernel="wgmma_kernel<")
+    # REPARAM_WGMMA_MIN_M=1: the 64-row batch tiles at decode sizes (the small-M path's range)
+    small, small_refs = [], []
+    for op in QUANT:
+        for M in (1, 17, 64):
+            c, r = quant_case(rng, op, M, 256, 72, torch.bfloat16, group=64)
+            small.append(c)
+            small_refs.append(r)
+    check(small, small_refs, env={"REPARAM_WGMMA_BN": bn, "REPARAM_WGMMA_MIN_M": "1"}, kernel="wgmma_kernel<")
+
+
+def test_quant_wgmma_only_on_hopper_and_when_on(rng):
+    cases, refs = wgmma_cases(rng)
+    for env in ({"RK_CPU_CC_MAJOR": "8"}, {"REPARAM_WGMMA": "0"}):
+        for t in check(cases[:3], refs[:3], env=env):
+            assert not any("wgmma_kernel" in line for line in t) and any("mma_kernel" in line for line in t)
+
+
 # ------------------------------------------------------------------ low-rank ops
 
 def lowrank_cases(rng, shapes, dtype):
@@ -136,7 +173,19 @@ def test_lowrank_decode_path(rng, dtype):
 def test_lowrank_wmma_path(rng):
     # the WMMA kernel (csrc/lowrank_linear.cu): all three tile configs, odd K / r (no cp.async path)
     cases, refs = lowrank_cases(rng, [(3, 136, 200, 24), (40, 100, 70, 13), (100, 64, 33, 16)], torch.float16)
-    check(cases, refs, env={"REPARAM_SMALL_M": "0"}, kernel="LowRankArgs")
+    check(cases, refs, env={"REPARAM_SMALL_M": "0", "REPARAM_WGMMA": "0"}, kernel="LowRankArgs")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lowrank_wgmma_path(rng, dtype):
+    # Hopper, 64 < M < 512 (csrc/lowrank_wgmma.cuh): both products through the wgmma GEMM, pivoted
+    # factors gathered in the slot-order pass; odd r (13) and K - r not a multiple of 8 fall back
+    cases, refs = lowrank_cases(rng, [(65, 136, 200, 24), (300, 48, 40, 40), (130, 1000, 72, 64)], dtype)
+    traces = check(cases, refs, kernel="wgmma_kernel<")
+    assert all(sum("wgmma_kernel<" in line for line in t) == 2 for t in traces)  # two products each
+    cases, refs = lowrank_cases(rng, [(100, 100, 70, 13)], dtype)
+    for t in check(cases, refs):
+        assert any("LowRankArgs" in line for line in t)
 
 
 def test_lowrank_two_gemm_path(rng):
@@ -198,6 +247,29 @@ def test_mutated_small_m_path_is_caught(rng, name):
         assert "outside every tensor" in str(e)
         return
     assert not passes(results)
+
+
+WGMMA_MUTATIONS = {
+    # the accumulators read without retiring the wgmma group
+    "no wait": ("quant_wgmma.cuh", "    wgmma::wait<0>();\n", ""),
+    # the core matrices' two strides swapped in the descriptor
+    "descriptor strides": ("quant_wgmma.cuh", "constexpr uint32_t kLbo = 128, kSbo = 256;",
+                           "constexpr uint32_t kLbo = 256, kSbo = 128;"),
+    # a stage buffer refilled while the other warpgroup's wgmma may still read it (copies landing early)
+    "buffer reuse barrier": ("quant_wgmma.cuh", "    __syncthreads();  // every warpgroup is done", "    // every warpgroup is done"),
+    # x put in plain instead of the format's slot order
+    "slot order": ("quant_wgmma.cuh", "      Frag::a(xv, xv, h, a);", "      small_m::a_consecutive(xv, xv, h, a);"),
+}
+
+
+@pytest.mark.parametrize("name", list(WGMMA_MUTATIONS))
+def test_mutated_wgmma_path_is_caught(rng, name):
+    c, r = quant_case(rng, "int4_linear", 100, 512, 130, torch.float16, group=128)
+    env = {"RK_CPU_SEED": "5", "RK_CPU_CP_ASYNC_EARLY": "1"}
+    (y, trace), = cuda_on_cpu.run_cases([c], env)
+    assert any("wgmma_kernel" in line for line in trace) and rel_err(y, r) <= TOL[torch.float16]
+    (y, _), = cuda_on_cpu.run_cases([c], env, mutations=[WGMMA_MUTATIONS[name]])
+    assert not (torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16])
 
 
 def test_missing_cp_async_wait_is_caught(rng):

@@ -68,9 +68,10 @@ struct Copy {
 
 struct Grid;
 
-enum State { Ready, AtBlock, AtWarp, AtGrid, Done };
+enum State { Ready, AtBlock, AtWarp, AtGrid, AtGroup, Done };
 const char* state_name(int s) {
-  static const char* names[] = {"running", "__syncthreads", "a warp collective", "grid.sync", "exited"};
+  static const char* names[] = {"running", "__syncthreads", "a warp collective", "grid.sync", "a warpgroup collective",
+                                "exited"};
   return names[s];
 }
 
@@ -85,6 +86,17 @@ struct Fiber {
   int line = 0;
   std::vector<std::vector<Copy>> groups;  // committed cp.async groups, oldest first
   std::vector<Copy> open;                 // issued, not yet committed
+  std::vector<std::vector<struct Wgmma>> wg_groups;  // committed wgmma groups, oldest first
+  std::vector<struct Wgmma> wg_open;
+};
+
+// One thread's share of an issued wgmma: its two A rows (16 k each) and where D and B are.
+struct Wgmma {
+  float* d;
+  int n;
+  double arow[2][16];
+  uint64_t desc;
+  bool half;
 };
 
 struct Block {
@@ -93,6 +105,7 @@ struct Block {
   std::vector<Fiber> fibers;
   ucontext_t sched;
   unsigned char* smem = nullptr;
+  size_t smem_bytes = 0;
   const std::function<void()>* body = nullptr;
   std::vector<unsigned char> table;  // warp exchange, [warps][32][kSlot]
   std::string error;
@@ -191,7 +204,7 @@ void run_block(Block& b) {
   const int n = int(b.bdim.x * b.bdim.y * b.bdim.z);
   const int warps = (n + 31) / 32;
   b.fibers.assign(n, Fiber{});
-  b.table.assign(size_t(warps) * 32 * kSlot, 0);
+  b.table.assign(size_t((warps + 3) / 4) * 128 * kSlot, 0);  // per warp 32 slots; a warpgroup uses its 4 warps' slots
   // one mapping for all stacks, with an inaccessible page below each (a stack overflow faults)
   const size_t page = size_t(sysconf(_SC_PAGESIZE));
   char* stacks = static_cast<char*>(mmap(nullptr, size_t(n) * kStack, PROT_READ | PROT_WRITE,
@@ -261,18 +274,21 @@ void run_block(Block& b) {
         if (f.state != Done) f.state = Ready;
       released = true;
     } else {
-      for (int w = 0; w < warps; ++w) {
-        const int l0 = 32 * w, l1 = std::min(n, l0 + 32);
+      // warps (32 lanes, AtWarp) and warpgroups (128 threads, AtGroup) complete the same way
+      for (int w = 0; w < warps + (warps + 3) / 4; ++w) {
+        const bool group = w >= warps;
+        const int size = group ? 128 : 32, kind = group ? AtGroup : AtWarp;
+        const int l0 = size * (group ? w - warps : w), l1 = std::min(n, l0 + size);
         int at_warp = 0, done = 0;
         for (int i = l0; i < l1; ++i) {
-          at_warp += b.fibers[i].state == AtWarp;
+          at_warp += b.fibers[i].state == kind;
           done += b.fibers[i].state == Done;
         }
         if (at_warp == 0) continue;
-        const Fiber& f0 = *std::find_if(&b.fibers[l0], &b.fibers[l1], [](const Fiber& f) { return f.state == AtWarp; });
-        if (done > 0) {
-          fail("warp collective at " + site(f0) + " in warp " + std::to_string(w) + " of " + where(b, nullptr) +
-               " with exited lanes");
+        const Fiber& f0 = *std::find_if(&b.fibers[l0], &b.fibers[l0] + (l1 - l0), [&](const Fiber& f) { return f.state == kind; });
+        if (done > 0 || (group && l1 - l0 < 128)) {
+          fail(std::string(group ? "warpgroup" : "warp") + " collective at " + site(f0) + " in " + where(b, &f0) +
+               " with exited or missing threads");
           break;
         }
         if (at_warp < l1 - l0) continue;  // others still at a block barrier: deadlock unless something moves
@@ -352,16 +368,84 @@ void sync_block(const char* file, int line) { park(AtBlock, file, line); }
 void sync_warp(const char* file, int line) { park(AtWarp, file, line); }
 void sync_grid(const char* file, int line) { park(AtGrid, file, line); }
 
+// Writes `in` to this thread's slot of its warp's (size 32) or warpgroup's (size 128) table, waits
+// for all of them, hands the table to `out`, and waits again (so the table may be reused).
+static void exchange(int size, int state, const void* in, size_t bytes,
+                     const std::function<void(const unsigned char*, size_t)>& out, const char* file, int line) {
+  if (bytes > kSlot) throw std::runtime_error("exchange payload too large");
+  Block* b = tl_block;
+  const int me = tl_fiber->linear % size, group = tl_fiber->linear / size;
+  unsigned char* base = b->table.data() + size_t(group) * size * kSlot;
+  std::memcpy(base + size_t(me) * kSlot, in, bytes);
+  park(state, file, line);
+  out(base, kSlot);
+  park(state, file, line);
+}
+
 void warp_exchange(const void* in, size_t bytes, const std::function<void(const unsigned char*, size_t)>& out,
                    const char* file, int line) {
-  if (bytes > kSlot) throw std::runtime_error("warp_exchange payload too large");
+  exchange(32, AtWarp, in, bytes, out, file, line);
+}
+
+uint32_t smem_offset(const void* p) {
+  const auto* base = static_cast<const unsigned char*>(tl_block->smem);
+  return uint32_t(static_cast<const unsigned char*>(p) - base);
+}
+
+void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc, bool half, const char* file, int line) {
+  if (n % 8 != 0 || n < 8 || n > 256) throw std::runtime_error("wgmma: N must be a multiple of 8 in 8..256");
+  const int lane = tl_fiber->linear % 32, w = (tl_fiber->linear % 128) / 32, g = lane / 4;
+  Wgmma op{d, n, {}, desc, half};
+  auto val = [half](uint32_t reg, int which) {
+    const uint32_t bits = (reg >> (16 * which)) & 0xFFFFu;
+    return half ? bits_to_double(bits, 10, 5) : bits_to_double(bits, 7, 8);
+  };
+  uint32_t mine[4] = {a[0], a[1], a[2], a[3]};
+  exchange(128, AtGroup, mine, sizeof(mine), [&](const unsigned char* tb, size_t stride) {
+    // A row r (0..63) of the instruction: warp r / 16; inside it the mma.sync m16n8k16 A layout
+    for (int v1 = 0; v1 < 2; ++v1) {
+      const int r = 16 * w + g + 8 * v1, rr = r % 16;
+      for (int k = 0; k < 16; ++k) {
+        const auto* regs = reinterpret_cast<const uint32_t*>(tb + stride * (32 * (r / 16) + 4 * (rr % 8) + (k % 8) / 2));
+        op.arow[v1][k] = val(regs[(rr / 8) + 2 * (k / 8)], k % 2);
+      }
+    }
+  }, file, line);
+  tl_fiber->wg_open.push_back(op);
+}
+
+void wgmma_commit() {
+  tl_fiber->wg_groups.push_back(std::move(tl_fiber->wg_open));
+  tl_fiber->wg_open.clear();
+}
+
+// Retires all but the newest n groups: D += A B with B read from shared memory now.
+void wgmma_wait(int n) {
   Block* b = tl_block;
-  const int lane = tl_fiber->linear % 32, warp = tl_fiber->linear / 32;
-  unsigned char* base = b->table.data() + size_t(warp) * 32 * kSlot;
-  std::memcpy(base + size_t(lane) * kSlot, in, bytes);
-  park(AtWarp, file, line);  // every lane has written
-  out(base, kSlot);
-  park(AtWarp, file, line);  // every lane has read: the table may be reused
+  const int lane = tl_fiber->linear % 32, t = lane % 4;
+  auto& groups = tl_fiber->wg_groups;
+  while (int(groups.size()) > n) {
+    for (const Wgmma& op : groups.front()) {
+      const uint32_t start = uint32_t(op.desc & 0x3FFFu) << 4, lbo = uint32_t((op.desc >> 16) & 0x3FFFu) << 4,
+                     sbo = uint32_t((op.desc >> 32) & 0x3FFFu) << 4, layout = uint32_t(op.desc >> 62);
+      if (layout != 0 || ((op.desc >> 49) & 7u) != 0)
+        throw std::runtime_error("wgmma model: only the no-swizzle layout with base offset 0 is modelled");
+      auto B = [&](int k, int col) {  // K-major: row col of the N x 16 tile, element k
+        const size_t off = size_t(start) + size_t(col % 8) * 16 + size_t(col / 8) * sbo + size_t(k / 8) * lbo + 2 * size_t(k % 8);
+        if (off + 2 > b->smem_bytes) throw std::runtime_error("wgmma: descriptor reads past the dynamic shared memory");
+        uint16_t bits;
+        std::memcpy(&bits, b->smem + off, 2);
+        return op.half ? bits_to_double(bits, 10, 5) : bits_to_double(bits, 7, 8);
+      };
+      for (int e = 0; e < op.n / 2; ++e) {
+        const int j = e / 4, v0 = e % 2, v1 = (e / 2) % 2, col = 8 * j + 2 * t + v0;
+        double s = op.d[e];
+        for (int k = 0; k < 16; ++k) s += op.arow[v1][k] * B(k, col);
+        op.d[e] = float(s);
+      }
+    }
+    groups.erase(groups.begin());
+  }
 }
 
 void trap(const char* what) { throw std::runtime_error(std::string("device trap: ") + what); }
@@ -397,13 +481,18 @@ void cp_async16(void* smem, const void* gmem, int src_bytes) {
   Copy c{smem, {}, src_bytes};
   if (src_bytes < 0 || src_bytes > 16) throw std::runtime_error("cp.async with src_bytes outside 0..16");
   if (src_bytes > 0) std::memcpy(c.data, gmem, size_t(src_bytes));  // the source is read now ...
+  if (env_u64("RK_CPU_CP_ASYNC_EARLY", 0)) {  // ... and lands now (the earliest the hardware may)
+    std::memcpy(smem, c.data, 16);
+    std::memset(static_cast<unsigned char*>(smem) + src_bytes, 0, size_t(16 - src_bytes));
+    return;
+  }
   tl_fiber->open.push_back(c);
 }
 void cp_async_commit() {
   tl_fiber->groups.push_back(std::move(tl_fiber->open));
   tl_fiber->open.clear();
 }
-void cp_async_wait(int n) {  // ... and lands in shared memory only here
+void cp_async_wait(int n) {  // ... and lands in shared memory only here (the latest it may)
   auto& g = tl_fiber->groups;
   while (int(g.size()) > n) {
     for (const Copy& c : g.front()) {
@@ -479,6 +568,7 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
       b.gdim = grid;
       std::memset(smem_base, 0xFF, smem);  // shared memory starts as garbage: NaN for floats
       b.smem = smem_base;
+      b.smem_bytes = smem;
       b.body = &body;
       b.grid = cooperative ? &g : nullptr;
       try {

@@ -14,7 +14,8 @@
 //  - mma.sync m16n8k16 and WMMA 16x16x16 are computed from the fragments of all 32 lanes with the
 //    PTX / an arbitrary-but-fixed WMMA element layout (products exact, sums in double);
 //  - cp.async copies land in shared memory only at cp.async.wait_group (a read before the wait
-//    sees the stale data);
+//    sees the stale data), or with RK_CPU_CP_ASYNC_EARLY=1 at once (a buffer refilled while others
+//    still read it shows);
 //  - blocks of a normal launch run in a shuffled order, several at a time on OS threads (split-K
 //    arrival counters see real concurrency); a cooperative launch runs all blocks at once, with
 //    grid.sync() a barrier across them;
@@ -216,6 +217,19 @@ namespace rk_cpu {
 // a[3] = A[g+8][2t+8..]; b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]; d[c] = D[g + 8 (c / 2)][2t + c % 2].
 void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool half, const char* file,
                   int line);
+}  // namespace rk_cpu
+
+// wgmma (sm_90a, csrc/wgmma.cuh): m64nNk16, f32 += f16/bf16, A from registers (the mma.sync A
+// layout, warp w holding rows 16w..16w+15), B from shared memory through a descriptor (only the
+// no-swizzle K-major layout: 8-row x 16-byte core matrices, LBO between the two K halves, SBO between
+// 8-row groups). A warpgroup collective at issue (A gathered from all 128 threads); the product is
+// computed — and B read from shared memory — only when wgmma_wait retires its group, so reading the
+// accumulators or overwriting B before the wait shows as wrong results.
+namespace rk_cpu {
+void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc, bool half, const char* file, int line);
+void wgmma_commit();
+void wgmma_wait(int n);
+uint32_t smem_offset(const void* p);  // __cvta_generic_to_shared for dynamic shared memory
 }  // namespace rk_cpu
 
 // cp.async (common.cuh's wrappers, which use inline PTX on the GPU): the copy is recorded and

@@ -53,11 +53,17 @@ def env_var(name, value):
             os.environ[name] = old
 
 
-def with_env(fn, name, value):
-    """fn with environment variable `name` set to `value` around every call (an A/B peer that forces
-    the CUDA path the op would not take)."""
+def with_env(fn, name, value, *more):
+    """fn with environment variable `name` set to `value` (and each further name, value pair of
+    `more`) around every call: an A/B peer that forces the CUDA path the op would not take."""
+    pairs = [(name, value)] + list(zip(more[::2], more[1::2]))
+    if len(more) % 2:
+        raise ValueError("with_env: names and values come in pairs")
+
     def run(*args):
-        with env_var(name, value):
+        with contextlib.ExitStack() as stack:
+            for n, v in pairs:
+                stack.enter_context(env_var(n, v))
             return fn(*args)
     return run
 

@@ -49,6 +49,10 @@ def cuda_paths():
     small = not os.environ.get("REPARAM_SMALL_M", "").startswith("0")
     return {"small_m": {"on": small, "max_m": 64, "switch": "REPARAM_SMALL_M",
                         "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear"},
+            "wgmma": {"on": not os.environ.get("REPARAM_WGMMA", "").startswith("0"),
+                      "min_m": max(1, _min_m("REPARAM_WGMMA_MIN_M", 65) or 65),
+                      "switch": "REPARAM_WGMMA",
+                      "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear; sm_90"},
             "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 512), "switch": "REPARAM_DEQUANT_MIN_M",
                                "ops": "int8_linear, int4_linear, lut_linear"},
             "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 512),
@@ -100,6 +104,9 @@ def render(info):
     lines.append("CUDA paths by batch M (docs/quant.md, docs/lowrank_kernel.md):")
     lines.append(f"  M <= {sm['max_m']}: register-fed tensor cores ({sm['ops']}): "
                  f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]")
+    wg = paths["wgmma"]
+    lines.append(f"  {wg['min_m']} <= M < the cuBLAS thresholds below: warpgroup MMA ({wg['ops']}): "
+                 f"{'on' if wg['on'] else 'OFF'} [{wg['switch']}, REPARAM_WGMMA_MIN_M]")
     for name, d in (("dequantize + cuBLAS", dq), ("two cuBLAS GEMMs", lr)):
         when = f"M >= {d['min_m']}" if d["min_m"] else "never"
         lines.append(f"  {name} ({d['ops']}): {when} [{d['switch']}]")

@@ -1,0 +1,293 @@
+// The quantized ops between decode and prefill (64 < M < REPARAM_DEQUANT_MIN_M; the lower end is
+// REPARAM_WGMMA_MIN_M) on Hopper:
+// warpgroup MMA (wgmma.mma_async, sm_90a) with the weights decoded in registers as the A operand.
+//
+// Why: at M = 64..511 the GEMM turns compute-bound, and mma.sync (the small-M path, the WMMA
+// tiles) reaches only about two thirds of Hopper's tensor throughput; wgmma is the instruction
+// that gets the rest. The weights keep the ops' plain layouts and their Frag decoders
+// (small_m_gemm.cuh): a lane's 16-byte load of a weight row decodes into the two registers of
+// that row for each k16 step, and the A operand of wgmma has the same register layout as
+// mma.sync's, so the warp's 16 rows are rows g and g + 8 of each lane (y = x W^T computed as
+// y^T = W x^T: weight rows are wgmma's M, the batch is its N).
+//
+// x is the B operand, from shared memory. A Frag maps the 16 k-slots of each step to k in
+// whatever order makes its decode cheapest (int4: nibble pairs); x must follow the same map. So
+// one small pass first writes x once in slot order (xs [M, Kp], Kp = K rounded up to the stage,
+// zero beyond K), built with the Frag's own a() permutes; the main kernel then copies 16-byte
+// chunks of xs with cp.async straight into wgmma's no-swizzle core-matrix layout.
+//
+// Work split: a CTA = kGroups warpgroups, each owning 64 weight rows (BN = 64 kGroups), against
+// BM batch rows; a stage is 128 k (every format: U lane blocks per lane). Per stage each lane
+// loads 2 rows x U chunks of weights (prefetched a stage ahead in registers), the CTA stages the
+// x tile of the next stage with cp.async (two buffers), and each warpgroup issues 8 wgmma
+// m64nBMk16 and waits for them before decoding the next stage into the same registers; several
+// CTAs per SM overlap one CTA's decode with another's tensor work. The grid runs the batch tiles
+// of a weight block next to each other, so the weights are read from DRAM about once.
+//
+// Requirements (else the caller takes the small-M or the general path): sm_90 (the sm_90a cubin),
+// K a multiple of the format's lane block, x and weight rows 16-byte aligned, REPARAM_WGMMA not "0".
+#pragma once
+
+#include "quant_dequant_mm.cuh"
+#include "small_m_gemm.cuh"
+#include "wgmma.cuh"
+
+namespace reparam {
+namespace quant_wgmma {
+
+constexpr int kStageK = 128;   // k per stage
+constexpr int kRowsPerGroup = 64;  // weight rows per warpgroup (wgmma M)
+constexpr int kInstr = kStageK / 16;  // k16 instructions per stage
+
+template <class Frag>
+constexpr int lane_blocks() {  // lane blocks per lane per stage
+  return kStageK / (4 * Frag::kLaneK);
+}
+
+// xs[m, s * 128 + 16 q + slot] = x[m, k] for the k that `Frag` maps to instruction q's slot of
+// stage s (zero beyond K). One thread per 8-k vector of x: lane block blk = 4u + t of the stage,
+// vector i inside it; Frag::a gives the words of slots (2t, 2t + 1) and (2t + 8, 2t + 9) for
+// instruction q = u (kLaneK / 4) + 2i + h.
+// Formats that gather x through a column map (PivotFrag) are read through frag.gather_x.
+template <class Frag, class T>
+__global__ void __launch_bounds__(256) slot_order_kernel(Frag frag, const T* __restrict__ x, T* __restrict__ xs,
+                                                         int64_t M, int64_t K, int64_t Kp) {
+  constexpr int kVec = Frag::kLaneK / 8;  // x vectors per lane block
+  const int64_t per_row = Kp / 8;
+  for (int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; v < M * per_row;
+       v += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = v / per_row, r = v % per_row;
+    const int64_t s = r / (kStageK / 8);
+    const int w = int(r % (kStageK / 8));  // vector within the stage
+    const int blk = w / kVec, i = w % kVec, t = blk % 4, u = blk / 4;
+    const int64_t k = s * kStageK + int64_t(Frag::kLaneK) * blk + 8 * i;
+    uint4 xv = make_uint4(0u, 0u, 0u, 0u);
+    if (k < K) {
+      if constexpr (small_m::gathers_x<Frag>::value) xv = frag.gather_x(int(m), k);
+      else xv = *reinterpret_cast<const uint4*>(x + m * K + k);
+    }
+    uint32_t* row = reinterpret_cast<uint32_t*>(xs + m * Kp + s * kStageK);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t a[4];
+      Frag::a(xv, xv, h, a);
+      const int q = u * (Frag::kLaneK / 4) + 2 * i + h;
+      row[(16 * q + 2 * t) / 2] = a[0];
+      row[(16 * q + 8 + 2 * t) / 2] = a[2];
+    }
+  }
+}
+
+// Shared memory of one stage: kInstr tiles of BM x 16 (k-slots), each in the no-swizzle K-major
+// layout — 8-row core matrices of 16 bytes per row, the two k halves 128 bytes apart (LBO), groups
+// of 8 batch rows 256 bytes apart (SBO).
+template <int BM>
+constexpr int stage_bytes() {
+  return kInstr * BM * 32;
+}
+constexpr uint32_t kLbo = 128, kSbo = 256;
+
+template <class Frag, class T, int BM, int kGroups>
+__global__ void __launch_bounds__(128 * kGroups)
+    wgmma_kernel(Frag frag, const T* __restrict__ xs, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N,
+                 int64_t K, int64_t Kp) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // wgmma needs sm_90a; the host never launches this elsewhere
+#else
+  constexpr int kThreads = 128 * kGroups, U = lane_blocks<Frag>();
+  constexpr int kChunks = BM * (kStageK / 8);  // 16-byte x chunks per stage
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int tid = threadIdx.x, group = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t m0 = int64_t(blockIdx.x) * BM;
+  const int64_t rows[2] = {int64_t(blockIdx.y) * kRowsPerGroup * kGroups + group * kRowsPerGroup + 16 * warp + g,
+                           int64_t(blockIdx.y) * kRowsPerGroup * kGroups + group * kRowsPerGroup + 16 * warp + g + 8};
+  const int64_t stages = Kp / kStageK;
+
+  // x tile of stage s into buffer b: chunk c = (row m, 16-byte piece p of the row's 256 bytes);
+  // piece p holds slots 8 (p % 2) .. + 8 of instruction p / 2.
+  auto stage_x = [&](int64_t s, int b) {
+    unsigned char* base = smem_raw + b * stage_bytes<BM>();
+    for (int c = tid; c < kChunks; c += kThreads) {
+      const int m = c / (kStageK / 8), p = c % (kStageK / 8);
+      unsigned char* dst = base + (p / 2) * (BM * 32) + (m / 8) * kSbo + (p % 2) * kLbo + (m % 8) * 16;
+      const bool ok = m0 + m < M;
+      cp_async16(dst, ok ? static_cast<const void*>(xs + (m0 + m) * Kp + s * kStageK + 8 * p) : xs, ok ? 16 : 0);
+    }
+  };
+  using Chunk = typename Frag::Chunk;
+  auto load_w = [&](int64_t s, Chunk (&c)[2][U]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t kt = s * kStageK + int64_t(Frag::kLaneK) * (4 * u + t);
+        c[r][u] = (rows[r] < N && kt < K) ? frag.load(rows[r], kt) : Frag::zero();
+      }
+  };
+  typename small_m::row_state_of<Frag>::type rs[2];
+  if constexpr (small_m::has_row_state<Frag>::value) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (rows[r] < N) rs[r] = frag.row_state(rows[r]);
+  }
+
+  float acc[BM / 2];
+#pragma unroll
+  for (int e = 0; e < BM / 2; ++e) acc[e] = 0.f;
+  Chunk cur[2][U], nxt[2][U];
+  stage_x(0, 0);
+  cp_async_commit();
+  load_w(0, cur);
+  for (int64_t s = 0; s < stages; ++s) {
+    const bool more = s + 1 < stages;
+    if (more) {
+      stage_x(s + 1, int((s + 1) & 1));  // the other buffer: its last readers retired at the end of stage s - 1
+      cp_async_commit();
+      load_w(s + 1, nxt);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    wgmma::fence_proxy_async();  // this thread's copies, visible to the tensor cores' reads ...
+    __syncthreads();             // ... once every thread's are
+    uint32_t a[kInstr][4];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < Frag::kLaneK / 8; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int q = u * (Frag::kLaneK / 4) + 2 * i + h;
+          uint32_t b0[2], b1[2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            if constexpr (small_m::has_row_state<Frag>::value) frag.b(cur[r][u], rs[r], i, h, b0[r], b1[r]);
+            else frag.b(cur[r][u], i, h, b0[r], b1[r]);
+          }
+          a[q][0] = b0[0];  // row g, slots 2t, 2t + 1
+          a[q][1] = b0[1];  // row g + 8
+          a[q][2] = b1[0];  // row g, slots 2t + 8, 2t + 9
+          a[q][3] = b1[1];
+        }
+    const unsigned char* tiles = smem_raw + int(s & 1) * stage_bytes<BM>();
+    uint64_t desc[kInstr];
+#pragma unroll
+    for (int q = 0; q < kInstr; ++q) desc[q] = wgmma::desc_no_swizzle(tiles + q * (BM * 32), kLbo, kSbo);
+    // Every register the wgmmas read is final before the fence (a register defined between them
+    // makes ptxas inject another warpgroup arrive).
+#pragma unroll
+    for (int e = 0; e < BM / 2; ++e) wgmma::keep(acc[e]);
+#pragma unroll
+    for (int q = 0; q < kInstr; ++q) {
+      wgmma::keep(desc[q]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma::keep(a[q][j]);
+    }
+    wgmma::fence();
+#pragma unroll
+    for (int q = 0; q < kInstr; ++q) wgmma::mma_rs<BM, T>(acc, a[q], desc[q]);
+    wgmma::commit();
+    wgmma::wait<0>();
+#pragma unroll
+    for (int q = 0; q < kInstr; ++q)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma::keep(a[q][j]);  // a stays intact until the wgmmas reading it retired
+#pragma unroll
+    for (int e = 0; e < BM / 2; ++e) wgmma::keep(acc[e]);
+    __syncthreads();  // every warpgroup is done with this buffer before stage s + 2 refills it
+    if (more) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int u = 0; u < U; ++u) cur[r][u] = nxt[r][u];
+    }
+  }
+
+  // d[4j + 2 v1 + v0] = D[weight row g + 8 v1][batch row 8j + 2t + v0]
+#pragma unroll
+  for (int e = 0; e < BM / 2; ++e) {
+    const int j = e / 4, v0 = e % 2, v1 = (e / 2) % 2;
+    const int64_t n = rows[v1], m = m0 + 8 * j + 2 * t + v0;
+    if (n < N && m < M) {
+      float v = acc[e] * frag.out_scale(n) + (bias ? to_f32<T>(bias[n]) : 0.f);
+      if constexpr (small_m::gathers_x<Frag>::value) v += frag.out_add(int(m), n);  // the pivot columns
+      y[m * N + n] = from_f32<T>(v);
+    }
+  }
+#endif
+}
+
+// REPARAM_WGMMA=0 turns this path off (A/B benchmarks, bisecting).
+inline bool enabled() {
+  const char* v = std::getenv("REPARAM_WGMMA");
+  return v == nullptr || v[0] != '0';
+}
+
+// The smallest M this path takes: REPARAM_WGMMA_MIN_M, default 65 (M <= 64 stays on the small-M
+// mma.sync path; which is faster at M = 33..64 is for the H200 to say: bench_quant times both).
+inline int64_t min_m() {
+  const char* v = std::getenv("REPARAM_WGMMA_MIN_M");
+  return v == nullptr || v[0] == '\0' ? small_m::kMaxM + 1 : std::max<int64_t>(1, std::atoll(v));
+}
+
+// Whether this path may run M rows on like's GPU: from min_m() up to below the dequantize +
+// cuBLAS threshold, switched on, Hopper.
+inline bool applies(int64_t M, int64_t dequant_min_m, const Tensor& like) {
+  return M >= min_m() && M < dequant_min_m && enabled() && small_m::compute_major(like.get_device_index()) == 9;
+}
+
+template <class Frag, class T, int BM, int kGroups>
+void launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K, const Tensor& like,
+            cudaStream_t stream) {
+  const int device = like.get_device_index();
+  const int64_t Kp = (K + kStageK - 1) / kStageK * kStageK;
+  Tensor xs = torch::stable::new_empty(like, {M * Kp});
+  T* xsp = static_cast<T*>(xs.data_ptr());
+  slot_order_kernel<Frag, T><<<grid_stride_blocks(M * Kp / 8, device), 256, 0, stream>>>(frag, x, xsp, M, K, Kp);
+  RK_CUDA_CHECK(cudaGetLastError());
+  constexpr auto kernel = wgmma_kernel<Frag, T, BM, kGroups>;
+  constexpr int smem = 2 * stage_bytes<BM>();
+  static bool opted_in[64] = {false};  // above 48 KB of shared memory needs the opt-in, per device
+  if (!opted_in[device & 63]) {
+    RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    opted_in[device & 63] = true;
+  }
+  const dim3 grid(unsigned((M + BM - 1) / BM), unsigned((N + kRowsPerGroup * kGroups - 1) / (kRowsPerGroup * kGroups)));
+  wgmma_kernel<Frag, T, BM, kGroups><<<grid, 128 * kGroups, smem, stream>>>(frag, xsp, bias, y, int(M), N, K, Kp);
+  RK_CUDA_CHECK(cudaGetLastError());
+}
+
+// Runs y = x @ W^T + bias on this path when it applies; false means the caller takes another.
+template <class Frag, class T>
+bool linear_wgmma(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M, int64_t N,
+                  int64_t K, int64_t dequant_min_m, const Tensor& like, cudaStream_t stream) {
+  if (!applies(M, dequant_min_m, like) || K % Frag::kLaneK != 0 || !weights_aligned) return false;
+  if (!small_m::gathers_x<Frag>::value && !aligned16(x)) return false;
+  if ((N + 63) / 64 > 65535) return false;
+  // REPARAM_WGMMA_BN=64: one warpgroup (64 weight rows) per CTA, ~3 CTAs per SM, twice the x
+  // traffic; the default 128: two warpgroups share each x tile. Which wins is for the H200 to say.
+  // Batch tiles of 64 (wgmma n64) up to M = 64, else 128.
+  const char* bn = std::getenv("REPARAM_WGMMA_BN");
+  const bool one_group = bn != nullptr && std::atoi(bn) == 64;
+  if (M <= 64) {
+    if (one_group) quant_wgmma::launch<Frag, T, 64, 1>(frag, x, bias, y, M, N, K, like, stream);
+    else quant_wgmma::launch<Frag, T, 64, 2>(frag, x, bias, y, M, N, K, like, stream);
+  } else {
+    if (one_group) quant_wgmma::launch<Frag, T, 128, 1>(frag, x, bias, y, M, N, K, like, stream);
+    else quant_wgmma::launch<Frag, T, 128, 2>(frag, x, bias, y, M, N, K, like, stream);
+  }
+  return true;
+}
+
+// The register-fed tensor-core paths of a weight format: wgmma from min_m() on Hopper (this file),
+// else mma.sync for M <= 64 (small_m_gemm.cuh); false: the caller takes quant::general_linear.
+template <class Frag, class T>
+bool register_fed_linear(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M,
+                         int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
+  return linear_wgmma(frag, weights_aligned, x, bias, y, M, N, K, quant::dequant_min_m(), like, stream) ||
+         small_m::linear_small_m(frag, weights_aligned, x, bias, y, M, N, K, like, stream);
+}
+
+}  // namespace quant_wgmma
+}  // namespace reparam
