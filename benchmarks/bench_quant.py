@@ -13,6 +13,8 @@ the file's ``failures``). Writes benchmarks/results/<gpu>/{int8_linear,
 int4_linear,lut_linear}.json in DESIGN.md's format, each row with ``bytes``
 (the packed weight, its scales/tables, x and y moved once) and ``flops``.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -85,7 +87,8 @@ def other_paths(op, M):
     the general path (``cuda_general_path``: GEMV / WMMA tiles, every other path switched off)
     wherever another path runs, dequantize + cuBLAS (``cuda_dequant_cublas``) above M = 64 where it
     does not run, on Hopper wgmma (``cuda_wgmma``) where it does not run and the small-M path
-    (``cuda_small_m``) where wgmma takes an M it could serve. Where the crossovers lie is a
+    (``cuda_small_m``) where wgmma takes an M it could serve, and wgmma with one warpgroup per CTA
+    (``cuda_wgmma_bn64``) where it runs with two. Where the crossovers lie is a
     measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling variables
     costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
     paths = cuda_paths()
@@ -104,6 +107,8 @@ def other_paths(op, M):
         peers["cuda_wgmma"] = with_env(fn, "REPARAM_WGMMA_MIN_M", "1")
     if takes_wgmma and M <= paths["small_m"]["max_m"]:
         peers["cuda_small_m"] = with_env(fn, "REPARAM_WGMMA", "0")
+    if takes_wgmma and os.environ.get("REPARAM_WGMMA_BN", "") != "64":  # one warpgroup per CTA instead of two
+        peers["cuda_wgmma_bn64"] = with_env(fn, "REPARAM_WGMMA_BN", "64")
     return peers
 
 

@@ -18,11 +18,12 @@
 //
 // Work split: a CTA = kGroups warpgroups, each owning 64 weight rows (BN = 64 kGroups), against
 // BM batch rows; a stage is 128 k (every format: U lane blocks per lane). Per stage each lane
-// loads 2 rows x U chunks of weights (prefetched a stage ahead in registers), the CTA stages the
-// x tile of the next stage with cp.async (two buffers), and each warpgroup issues 8 wgmma
-// m64nBMk16 and waits for them before decoding the next stage into the same registers; several
-// CTAs per SM overlap one CTA's decode with another's tensor work. The grid runs the batch tiles
-// of a weight block next to each other, so the weights are read from DRAM about once.
+// loads 2 rows x U chunks of weights (two stages ahead, in registers), the CTA stages the x tile
+// of the next stage with cp.async (two buffers), and each warpgroup issues 8 wgmma m64nBMk16 and,
+// while they run, decodes the next stage's weights into a second set of A registers (formats with
+// decode work; plain fp16/bf16 factor rows skip that and stay one stage ahead). The grid
+// runs the batch tiles of a weight block next to each other, so the weights are read from DRAM
+// about once.
 //
 // Requirements (else the caller takes the small-M or the general path): sm_90 (the sm_90a cubin),
 // K a multiple of the format's lane block, x and weight rows 16-byte aligned, REPARAM_WGMMA not "0".
@@ -132,26 +133,8 @@ __global__ void __launch_bounds__(128 * kGroups)
       if (rows[r] < N) rs[r] = frag.row_state(rows[r]);
   }
 
-  float acc[BM / 2];
-#pragma unroll
-  for (int e = 0; e < BM / 2; ++e) acc[e] = 0.f;
-  Chunk cur[2][U], nxt[2][U];
-  stage_x(0, 0);
-  cp_async_commit();
-  load_w(0, cur);
-  for (int64_t s = 0; s < stages; ++s) {
-    const bool more = s + 1 < stages;
-    if (more) {
-      stage_x(s + 1, int((s + 1) & 1));  // the other buffer: its last readers retired at the end of stage s - 1
-      cp_async_commit();
-      load_w(s + 1, nxt);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    wgmma::fence_proxy_async();  // this thread's copies, visible to the tensor cores' reads ...
-    __syncthreads();             // ... once every thread's are
-    uint32_t a[kInstr][4];
+  // The A registers of one stage: the two rows' chunks decoded by the format, instruction by instruction.
+  auto decode = [&](const Chunk (&c)[2][U], uint32_t (&a)[kInstr][4]) {
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
@@ -162,14 +145,46 @@ __global__ void __launch_bounds__(128 * kGroups)
           uint32_t b0[2], b1[2];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            if constexpr (small_m::has_row_state<Frag>::value) frag.b(cur[r][u], rs[r], i, h, b0[r], b1[r]);
-            else frag.b(cur[r][u], i, h, b0[r], b1[r]);
+            if constexpr (small_m::has_row_state<Frag>::value) frag.b(c[r][u], rs[r], i, h, b0[r], b1[r]);
+            else frag.b(c[r][u], i, h, b0[r], b1[r]);
           }
           a[q][0] = b0[0];  // row g, slots 2t, 2t + 1
           a[q][1] = b0[1];  // row g + 8
           a[q][2] = b1[0];  // row g, slots 2t + 8, 2t + 9
           a[q][3] = b1[1];
         }
+  };
+
+  float acc[BM / 2];
+#pragma unroll
+  for (int e = 0; e < BM / 2; ++e) acc[e] = 0.f;
+  // kOverlap (formats with real decode work: int4, int8, lut): the weights run two stages ahead,
+  // `cur` holds stage s + 1 while stage s's wgmmas run and is decoded into `a_next` meanwhile,
+  // `nxt` is in flight for stage s + 2. Plain fp16/bf16 rows (HalfFrag) have nothing to decode:
+  // one stage ahead, decoded (copied) at the stage start, ~60 fewer registers.
+  constexpr bool kOverlap = Frag::kLaneK >= 16;
+  Chunk cur[2][U], nxt[2][U];
+  uint32_t a[kInstr][4], a_next[kInstr][4];
+  stage_x(0, 0);
+  cp_async_commit();
+  load_w(0, cur);
+  if constexpr (kOverlap) {
+    decode(cur, a);
+    if (stages > 1) load_w(1, cur);
+  }
+  for (int64_t s = 0; s < stages; ++s) {
+    const bool more = s + 1 < stages;
+    if (more) {
+      stage_x(s + 1, int((s + 1) & 1));  // the other buffer: its last readers retired at the end of stage s - 1
+      cp_async_commit();
+      if (s + (kOverlap ? 2 : 1) < stages) load_w(s + (kOverlap ? 2 : 1), nxt);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    if constexpr (!kOverlap) decode(cur, a);
+    wgmma::fence_proxy_async();  // this thread's copies, visible to the tensor cores' reads ...
+    __syncthreads();             // ... once every thread's are
     const unsigned char* tiles = smem_raw + int(s & 1) * stage_bytes<BM>();
     uint64_t desc[kInstr];
 #pragma unroll
@@ -188,6 +203,7 @@ __global__ void __launch_bounds__(128 * kGroups)
 #pragma unroll
     for (int q = 0; q < kInstr; ++q) wgmma::mma_rs<BM, T>(acc, a[q], desc[q]);
     wgmma::commit();
+    if (kOverlap && more) decode(cur, a_next);  // the next stage's decode overlaps this stage's tensor work
     wgmma::wait<0>();
 #pragma unroll
     for (int q = 0; q < kInstr; ++q)
@@ -197,6 +213,12 @@ __global__ void __launch_bounds__(128 * kGroups)
     for (int e = 0; e < BM / 2; ++e) wgmma::keep(acc[e]);
     __syncthreads();  // every warpgroup is done with this buffer before stage s + 2 refills it
     if (more) {
+      if constexpr (kOverlap) {
+#pragma unroll
+        for (int q = 0; q < kInstr; ++q)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) a[q][j] = a_next[q][j];
+      }
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll

@@ -72,6 +72,21 @@ def test_quant_small_m_split_plans(rng, sms, per_sm):
     check(cases, refs, env, kernel="small_m::Problem")
 
 
+def test_h200_sized_grids(rng):
+    # the H200's 132 SMs, 2 resident CTAs each: the plans the GPU will see (many splits of K; a
+    # cooperative low-rank launch of 264 blocks, most of them without work in phase 2)
+    cases, refs = [], []
+    for op in QUANT:
+        c, r = quant_case(rng, op, 1, 4096, 256, torch.float16, group=128)
+        cases.append(c)
+        refs.append(r)
+    x, u, v, b = plain.make(rng, (3,), 4096, 520, 64, torch.bfloat16)
+    cases.append({"op": "lowrank_linear", "args": [x, u, v, b]})
+    refs.append(plain.exact(x, u, v, b))
+    traces = check(cases, refs, env={"RK_CPU_SMS": "132", "RK_CPU_BLOCKS_PER_SM": "2"})
+    assert "grid (2,16,1)" in traces[0][0] and "grid (264,1,1)" in traces[3][0] and "cooperative" in traces[3][0]
+
+
 def test_quant_general_path(rng):
     # REPARAM_SMALL_M=0: the GEMV (M <= 8) and the WMMA tiles (M > 8), odd K for int8, a non-power-of-two group
     cases, refs = [], []

@@ -205,8 +205,10 @@ void run_block(Block& b) {
   const int warps = (n + 31) / 32;
   b.fibers.assign(n, Fiber{});
   b.table.assign(size_t((warps + 3) / 4) * 128 * kSlot, 0);  // per warp 32 slots; a warpgroup uses its 4 warps' slots
-  // one mapping for all stacks, with an inaccessible page below each (a stack overflow faults)
-  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  // one mapping for all stacks; the lowest kCanary bytes of each hold a pattern that a stack
+  // overflow would overwrite (checked when the block ends: guard pages per fiber would cost a
+  // mapping each, and a 264-block cooperative grid would exceed the kernel's mapping limit)
+  constexpr size_t kCanary = 4096;
   char* stacks = static_cast<char*>(mmap(nullptr, size_t(n) * kStack, PROT_READ | PROT_WRITE,
                                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
   if (stacks == MAP_FAILED) throw std::runtime_error("cuda_on_cpu: cannot map fiber stacks");
@@ -214,10 +216,10 @@ void run_block(Block& b) {
     Fiber& f = b.fibers[i];
     f.linear = i;
     f.tid = {unsigned(i % b.bdim.x), unsigned((i / b.bdim.x) % b.bdim.y), unsigned(i / (b.bdim.x * b.bdim.y))};
-    mprotect(stacks + size_t(i) * kStack, page, PROT_NONE);
+    std::memset(stacks + size_t(i) * kStack, 0xCD, kCanary);
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = stacks + size_t(i) * kStack + page;
-    f.ctx.uc_stack.ss_size = kStack - page;
+    f.ctx.uc_stack.ss_sp = stacks + size_t(i) * kStack;
+    f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = &b.sched;
     makecontext(&f.ctx, fiber_main, 0);
   }
@@ -315,6 +317,11 @@ void run_block(Block& b) {
     }
   }
   tl_block = nullptr;
+  for (int i = 0; i < n && b.error.empty(); ++i) {
+    const unsigned char* low = reinterpret_cast<const unsigned char*>(stacks + size_t(i) * kStack);
+    if (std::any_of(low, low + kCanary, [](unsigned char c) { return c != 0xCD; }))
+      b.error = "fiber stack overflow (over " + std::to_string(kStack / 1024) + " KB) in " + where(b, &b.fibers[i]);
+  }
   munmap(stacks, size_t(n) * kStack);
   if (b.grid) {
     if (b.error.empty()) b.grid->block_done();
@@ -585,7 +592,16 @@ void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_
     std::free(alt.ss_sp);
   };
   std::vector<std::thread> threads;
-  for (int w = 0; w < workers; ++w) threads.emplace_back(worker);
+  try {
+    for (int w = 0; w < workers; ++w) threads.emplace_back(worker);
+  } catch (const std::exception& e) {  // out of threads: stop the others (a cooperative grid would hang) and report
+    g.fail(std::string("cuda_on_cpu: cannot start the block threads: ") + e.what());
+    {
+      std::lock_guard<std::mutex> lock(err_mu);
+      if (first_error.empty()) first_error = std::string("cuda_on_cpu: cannot start the block threads: ") + e.what();
+    }
+    next.store(ids.size());
+  }
   for (auto& t : threads) t.join();
   if (!first_error.empty()) throw std::runtime_error(first_error);
 }

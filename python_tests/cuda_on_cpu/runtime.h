@@ -4,7 +4,8 @@
 // and checked against float64 on a machine without a GPU. A test tool, not a backend.
 //
 // Model:
-//  - every CUDA thread is a fiber (ucontext) with its own stack; the threads of a block run on one
+//  - every CUDA thread is a fiber (ucontext) with its own 256 KB stack (overflow detected by a
+//    canary at its bottom); the threads of a block run on one
 //    OS thread, which switches fibers only at barriers and warp collectives (so `__shared__`
 //    variables are `static thread_local`: one copy per OS thread = per running block);
 //  - __syncthreads / __syncwarp / warp collectives wait until every live thread of the block /

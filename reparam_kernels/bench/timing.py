@@ -25,7 +25,7 @@ SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192
 BATCHES = [1, 4, 16, 64, 256, 2048]
 # --quick: the two shapes the targets name, decode and prefill batches.
 QUICK_SHAPES = [(8192, 8192), (28672, 8192)]
-QUICK_BATCHES = [1, 16, 64, 2048]
+QUICK_BATCHES = [1, 16, 64, 256, 2048]  # 256: the wgmma range, where issue 3 sets targets
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
