@@ -107,7 +107,7 @@ else
   note "compute-sanitizer not found on PATH: memcheck skipped"; SAN_RC=127
 fi
 
-# Nsight Compute on one call of each decode kernel and of cuBLAS at the same shape (benchmarks/profile_ops.py):
+# Nsight Compute on one call of each kernel and of cuBLAS at the same shape, M = 1 and 256 (benchmarks/profile_ops.py):
 # achieved DRAM bandwidth, occupancy, launch shape. Informational: its exit status fails nothing.
 if ! command -v ncu >/dev/null 2>&1; then  # not always linked into the toolkit's bin
   for n in "${CUDA_HOME:-/usr/local/cuda}"/nsight-compute*/ncu /usr/local/cuda/nsight-compute*/ncu /opt/nvidia/nsight-compute/*/ncu; do
@@ -117,7 +117,7 @@ fi
 if command -v ncu >/dev/null 2>&1; then
   step ncu 40 "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --csv --page details \
-    --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py
+    --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py --m 1,256
 else
   note "ncu not found on PATH: kernel profiles skipped"
 fi
