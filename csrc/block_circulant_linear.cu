@@ -21,8 +21,8 @@
 // for the columns < N. No complex intermediate ever leaves shared memory; fp32
 // throughout.
 //
-// Shared memory: two CAP-element complex buffers (64 KB) + pi*TM*(H+1) complex
-// accumulators (16.5 KB per output block). TM = clamp(4096 / b, 1, 16); NJ =
+// Shared memory: two CAP-element complex buffers (64 KB) + the H twiddles of the FFTs
+// (<= 16 KB) + pi*TM*(H+1) complex accumulators (16.5 KB per output block). TM = clamp(4096 / b, 1, 16); NJ =
 // CAP / (rows*H) input blocks per pass.
 //
 // The index math of this file was checked against the float64 reference by a
@@ -67,12 +67,13 @@ __device__ __forceinline__ float2 expipi(float t) {
 
 // Stockham FFT of `nseq` sequences of length H (power of two, >= 2) stored back
 // to back in `in`; `out` is scratch of the same size. Forward: sign -1,
-// inverse: +1, unnormalized. Returns the buffer holding the result (natural
-// order). Every thread of the CTA must call it (it synchronizes per stage);
-// the caller synchronizes before (inputs written) — the last stage ends with
-// a barrier, so the result is visible on return.
-__device__ float2* stockham_fft(float2* in, float2* out, int H, int nseq, bool inverse) {
-  const float sign = inverse ? 1.f : -1.f;
+// inverse: +1, unnormalized. `tw` holds the twiddles e^{-2 pi i j / H}, j < H
+// (a stage's e^{-2 pi i k / (ns R)} is tw[k H / (ns R)]: one shared-memory read
+// instead of a sincospif per butterfly). Returns the buffer holding the result
+// (natural order). Every thread of the CTA must call it (it synchronizes per
+// stage); the caller synchronizes before (inputs and tw written) — the last
+// stage ends with a barrier, so the result is visible on return.
+__device__ float2* stockham_fft(float2* in, float2* out, const float2* tw, int H, int nseq, bool inverse) {
   for (int ns = 1; ns < H;) {
     const int R = (H / ns >= 4) ? 4 : 2;  // uniform across the CTA
     const int nb = H / R;                 // butterflies per sequence
@@ -82,7 +83,8 @@ __device__ float2* stockham_fft(float2* in, float2* out, int H, int nseq, bool i
       const float2* src = in + s * H;
       float2* dst = out + s * H;
       const int idx = (j / ns) * ns * R + k;
-      const float2 w = expipi(sign * 2.f * float(k) / float(ns * R));
+      const float2 tk = tw[k * (H / (ns * R))];
+      const float2 w = inverse ? make_float2(tk.x, -tk.y) : tk;
       if (R == 4) {
         const float2 w2 = cmul(w, w);
         const float2 v0 = src[j];
@@ -115,10 +117,11 @@ __device__ float2* stockham_fft(float2* in, float2* out, int H, int nseq, bool i
 template <class T>
 __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) {
   extern __shared__ __align__(16) float2 smem[];
+  const int H = a.b >> 1, hb = H + 1;
   float2* buf_a = smem;
   float2* buf_b = smem + kCap;
-  float2* acc = smem + 2 * kCap;  // [np][rows][H+1]
-  const int H = a.b >> 1, hb = H + 1;
+  float2* tw = smem + 2 * kCap;  // [H] FFT twiddles
+  float2* acc = tw + H;          // [np][rows][H+1]
   const int64_t m0 = int64_t(blockIdx.x) * a.tm;
   const int rows = (a.M - m0 < a.tm) ? int(a.M - m0) : a.tm;
   const int i0 = blockIdx.y * a.pi;           // first output block of this CTA
@@ -126,6 +129,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
   const int per_block = rows * hb;            // accumulators per output block
 
   for (int t = threadIdx.x; t < np * per_block; t += blockDim.x) acc[t] = make_float2(0.f, 0.f);
+  for (int t = threadIdx.x; t < H; t += blockDim.x) tw[t] = expipi(-2.f * float(t) / float(H));  // read after the load's barrier
 
   // as many input blocks per pass as the buffers hold for this CTA's rows (M < TM: more blocks)
   const int nj_max = kCap / (rows * H);
@@ -143,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
     }
     __syncthreads();
     // 2. forward FFTs
-    const float2* res = stockham_fft(buf_a, buf_b, H, nseq, false);
+    const float2* res = stockham_fft(buf_a, buf_b, tw, H, nseq, false);
     // 3. real-FFT split + block products: thread owns (mm, k), k = 0..H; X_j[k] is split once and
     //    multiplied into all np output blocks (their sums in registers for the pass)
     for (int t = threadIdx.x; t < per_block; t += blockDim.x) {
@@ -204,7 +208,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
       buf_a[s * H + k] = cadd(e, times_i(o));
     }
     __syncthreads();
-    const float2* res = stockham_fft(buf_a, buf_b, H, nseq, true);
+    const float2* res = stockham_fft(buf_a, buf_b, tw, H, nseq, true);
     // y[m0 + mm, (i0 + ii)*b + 2n (+1)] = z[n] / H + bias
     for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
       const int s = t / H, n = t - s * H;
@@ -221,8 +225,8 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
 
 int rows_per_cta(int b) { return std::max(1, std::min(kMaxTm, 4096 / b)); }
 
-size_t smem_bytes(int b, int pi) {
-  return (2 * size_t(kCap) + size_t(pi) * rows_per_cta(b) * (b / 2 + 1)) * sizeof(float2);
+size_t smem_bytes(int b, int pi) {  // two buffers, the twiddle table, the accumulators
+  return (2 * size_t(kCap) + size_t(b / 2) + size_t(pi) * rows_per_cta(b) * (b / 2 + 1)) * sizeof(float2);
 }
 
 int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }

@@ -23,8 +23,8 @@ def rows_per_cta(b):
     return max(1, min(MAX_TM, 4096 // b))
 
 
-def smem_bytes(b, pi):
-    return (2 * CAP + pi * rows_per_cta(b) * (b // 2 + 1)) * 8
+def smem_bytes(b, pi):  # two buffers, the twiddle table, the accumulators
+    return (2 * CAP + b // 2 + pi * rows_per_cta(b) * (b // 2 + 1)) * 8
 
 
 def choose_pi(M, p, b, sms, max_smem=227 * 1024):
