@@ -259,10 +259,27 @@ inline bool applies(int64_t M, int64_t dequant_min_m, const Tensor& like) {
   return M >= min_m() && M < dequant_min_m && enabled() && small_m::compute_major(like.get_device_index()) == 9;
 }
 
+// Whether the binary of `Kernel` that this device loads was compiled from sm_90a code: a build
+// without sm_90a (or a JIT from an older architecture's PTX) holds only the trap body.
+template <auto Kernel>
+bool has_wgmma_code(int device) {
+  static int cached[64] = {0};  // 0: not asked yet, 1: yes, -1: no
+  int& c = cached[device & 63];
+  if (c == 0) {
+    cudaFuncAttributes attr{};
+    c = cudaFuncGetAttributes(&attr, Kernel) == cudaSuccess && attr.ptxVersion >= 90 ? 1 : -1;
+    (void)cudaGetLastError();
+  }
+  return c > 0;
+}
+
+// Launches the slot-order pass and the GEMM; false (nothing launched) when the binary has no
+// sm_90a code for it.
 template <class Frag, class T, int BM, int kGroups>
-void launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K, const Tensor& like,
+bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K, const Tensor& like,
             cudaStream_t stream) {
   const int device = like.get_device_index();
+  if (!has_wgmma_code<wgmma_kernel<Frag, T, BM, kGroups>>(device)) return false;
   const int64_t Kp = (K + kStageK - 1) / kStageK * kStageK;
   Tensor xs = torch::stable::new_empty(like, {M * Kp});
   T* xsp = static_cast<T*>(xs.data_ptr());
@@ -278,6 +295,7 @@ void launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_
   const dim3 grid(unsigned((M + BM - 1) / BM), unsigned((N + kRowsPerGroup * kGroups - 1) / (kRowsPerGroup * kGroups)));
   wgmma_kernel<Frag, T, BM, kGroups><<<grid, 128 * kGroups, smem, stream>>>(frag, xsp, bias, y, int(M), N, K, Kp);
   RK_CUDA_CHECK(cudaGetLastError());
+  return true;
 }
 
 // Runs y = x @ W^T + bias on this path when it applies; false means the caller takes another.
@@ -287,19 +305,17 @@ bool linear_wgmma(const Frag& frag, bool weights_aligned, const T* x, const T* b
   if (!applies(M, dequant_min_m, like) || K % Frag::kLaneK != 0 || !weights_aligned) return false;
   if (!small_m::gathers_x<Frag>::value && !aligned16(x)) return false;
   if ((N + 63) / 64 > 65535) return false;
-  // REPARAM_WGMMA_BN=64: one warpgroup (64 weight rows) per CTA, ~3 CTAs per SM, twice the x
+  // REPARAM_WGMMA_BN=64: one warpgroup (64 weight rows) per CTA, 2 CTAs per SM, twice the x
   // traffic; the default 128: two warpgroups share each x tile. Which wins is for the H200 to say.
   // Batch tiles of 64 (wgmma n64) up to M = 64, else 128.
   const char* bn = std::getenv("REPARAM_WGMMA_BN");
   const bool one_group = bn != nullptr && std::atoi(bn) == 64;
   if (M <= 64) {
-    if (one_group) quant_wgmma::launch<Frag, T, 64, 1>(frag, x, bias, y, M, N, K, like, stream);
-    else quant_wgmma::launch<Frag, T, 64, 2>(frag, x, bias, y, M, N, K, like, stream);
-  } else {
-    if (one_group) quant_wgmma::launch<Frag, T, 128, 1>(frag, x, bias, y, M, N, K, like, stream);
-    else quant_wgmma::launch<Frag, T, 128, 2>(frag, x, bias, y, M, N, K, like, stream);
+    if (one_group) return quant_wgmma::launch<Frag, T, 64, 1>(frag, x, bias, y, M, N, K, like, stream);
+    return quant_wgmma::launch<Frag, T, 64, 2>(frag, x, bias, y, M, N, K, like, stream);
   }
-  return true;
+  if (one_group) return quant_wgmma::launch<Frag, T, 128, 1>(frag, x, bias, y, M, N, K, like, stream);
+  return quant_wgmma::launch<Frag, T, 128, 2>(frag, x, bias, y, M, N, K, like, stream);
 }
 
 // The register-fed tensor-core paths of a weight format: wgmma from min_m() on Hopper (this file),

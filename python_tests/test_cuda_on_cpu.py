@@ -159,7 +159,8 @@ def test_quant_wgmma_path(rng, bn):
 
 def test_quant_wgmma_only_on_hopper_and_when_on(rng):
     cases, refs = wgmma_cases(rng)
-    for env in ({"RK_CPU_CC_MAJOR": "8"}, {"REPARAM_WGMMA": "0"}):
+    # (RK_CPU_PTX_VERSION=80: a Hopper GPU, but a build without sm_90a code: the kernel would only trap)
+    for env in ({"RK_CPU_CC_MAJOR": "8"}, {"REPARAM_WGMMA": "0"}, {"RK_CPU_PTX_VERSION": "80"}):
         for t in check(cases[:3], refs[:3], env=env):
             assert not any("wgmma_kernel" in line for line in t) and any("mma_kernel" in line for line in t)
 
@@ -201,6 +202,9 @@ def test_lowrank_wgmma_path(rng, dtype):
     cases, refs = lowrank_cases(rng, [(100, 100, 70, 13)], dtype)
     for t in check(cases, refs):
         assert any("LowRankArgs" in line for line in t)
+    cases, refs = lowrank_cases(rng, [(65, 136, 200, 24)], dtype)  # a build without sm_90a code
+    for t in check(cases, refs, env={"RK_CPU_PTX_VERSION": "80"}):
+        assert not any("wgmma_kernel" in line for line in t) and any("LowRankArgs" in line for line in t)
 
 
 def test_lowrank_two_gemm_path(rng):

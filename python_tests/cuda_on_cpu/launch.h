@@ -58,6 +58,8 @@ std::string kernel_name(const char* text) {
 void set_max_dynamic_smem(const void* kernel, int bytes);
 int blocks_per_sm(const void* kernel, int threads, size_t smem);
 void set_last_error(cudaError_t e);
+int fake_arch_version();
+int fake_ptx_version();
 
 template <class... P>
 struct Launcher {
@@ -100,6 +102,20 @@ cudaError_t launch_cooperative(const char* text, void (*kernel)(P...), dim3 grid
 template <class K>
 cudaError_t cudaFuncSetAttribute(K kernel, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) rk_cpu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value);
+  return cudaSuccess;
+}
+struct cudaFuncAttributes {
+  int binaryVersion, ptxVersion, maxThreadsPerBlock, numRegs;
+  size_t sharedSizeBytes, localSizeBytes;
+};
+// The kernel's binary and PTX versions: the fake GPU's (RK_CPU_CC_MAJOR * 10), or RK_CPU_PTX_VERSION
+// (a build without the newest architecture's code).
+template <class K>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, K) {
+  *attr = {};
+  attr->binaryVersion = rk_cpu::fake_arch_version();
+  attr->ptxVersion = rk_cpu::fake_ptx_version();
+  attr->maxThreadsPerBlock = 1024;
   return cudaSuccess;
 }
 template <class K>

@@ -529,6 +529,8 @@ int blocks_per_sm(const void* kernel, int threads, size_t smem) {
 }
 
 void set_last_error(cudaError_t e) { last_error = e; }
+int fake_arch_version() { return 10 * fake_cc_major(); }
+int fake_ptx_version() { return int(env_u64("RK_CPU_PTX_VERSION", uint64_t(fake_arch_version()))); }
 
 // RK_CPU_TRACE=1: one line per launch on stderr, which tests read to know which path ran.
 void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem, bool cooperative,
