@@ -88,10 +88,20 @@ constexpr int stage_bytes() {
 }
 constexpr uint32_t kLbo = 128, kSbo = 256;
 
+// K split over CTAs (blockIdx.z) when the output tiles alone would leave SMs idle (N = 4096 at
+// M <= 256 has 32-64 tiles for 132 SMs): each split writes fp32 partials, the last CTA of a tile to
+// arrive (split_k_counters.h) sums them in split order and finishes y — one launch, deterministic.
+struct Split {
+  float* part;         // [splits, M, N] when splits > 1
+  unsigned* counters;  // [tiles], zero at rest
+  int64_t per_split;   // stages per split
+  int splits;
+};
+
 template <class Frag, class T, int BM, int kGroups>
 __global__ void __launch_bounds__(128 * kGroups)
     wgmma_kernel(Frag frag, const T* __restrict__ xs, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N,
-                 int64_t K, int64_t Kp) {
+                 int64_t K, int64_t Kp, Split sp) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // wgmma needs sm_90a; the host never launches this elsewhere
 #else
@@ -103,7 +113,8 @@ __global__ void __launch_bounds__(128 * kGroups)
   const int64_t m0 = int64_t(blockIdx.x) * BM;
   const int64_t rows[2] = {int64_t(blockIdx.y) * kRowsPerGroup * kGroups + group * kRowsPerGroup + 16 * warp + g,
                            int64_t(blockIdx.y) * kRowsPerGroup * kGroups + group * kRowsPerGroup + 16 * warp + g + 8};
-  const int64_t stages = Kp / kStageK;
+  const int64_t s0 = int64_t(blockIdx.z) * sp.per_split;               // this split's stages: [s0, s_end)
+  const int64_t s_end = min(Kp / kStageK, s0 + sp.per_split);
 
   // x tile of stage s into buffer b: chunk c = (row m, 16-byte piece p of the row's 256 bytes);
   // piece p holds slots 8 (p % 2) .. + 8 of instruction p / 2.
@@ -165,19 +176,19 @@ __global__ void __launch_bounds__(128 * kGroups)
   constexpr bool kOverlap = Frag::kLaneK >= 16;
   Chunk cur[2][U], nxt[2][U];
   uint32_t a[kInstr][4], a_next[kInstr][4];
-  stage_x(0, 0);
+  stage_x(s0, 0);
   cp_async_commit();
-  load_w(0, cur);
+  load_w(s0, cur);
   if constexpr (kOverlap) {
     decode(cur, a);
-    if (stages > 1) load_w(1, cur);
+    if (s0 + 1 < s_end) load_w(s0 + 1, cur);
   }
-  for (int64_t s = 0; s < stages; ++s) {
-    const bool more = s + 1 < stages;
+  for (int64_t s = s0; s < s_end; ++s) {
+    const bool more = s + 1 < s_end;
     if (more) {
-      stage_x(s + 1, int((s + 1) & 1));  // the other buffer: its last readers retired at the end of stage s - 1
+      stage_x(s + 1, int((s + 1 - s0) & 1));  // the other buffer: its last readers retired at the end of stage s - 1
       cp_async_commit();
-      if (s + (kOverlap ? 2 : 1) < stages) load_w(s + (kOverlap ? 2 : 1), nxt);
+      if (s + (kOverlap ? 2 : 1) < s_end) load_w(s + (kOverlap ? 2 : 1), nxt);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -185,7 +196,7 @@ __global__ void __launch_bounds__(128 * kGroups)
     if constexpr (!kOverlap) decode(cur, a);
     wgmma::fence_proxy_async();  // this thread's copies, visible to the tensor cores' reads ...
     __syncthreads();             // ... once every thread's are
-    const unsigned char* tiles = smem_raw + int(s & 1) * stage_bytes<BM>();
+    const unsigned char* tiles = smem_raw + int((s - s0) & 1) * stage_bytes<BM>();
     uint64_t desc[kInstr];
 #pragma unroll
     for (int q = 0; q < kInstr; ++q) desc[q] = wgmma::desc_no_swizzle(tiles + q * (BM * 32), kLbo, kSbo);
@@ -227,15 +238,40 @@ __global__ void __launch_bounds__(128 * kGroups)
   }
 
   // d[4j + 2 v1 + v0] = D[weight row g + 8 v1][batch row 8j + 2t + v0]
+  auto finish = [&](float v, int64_t m, int64_t n) {
+    v = v * frag.out_scale(n) + (bias ? to_f32<T>(bias[n]) : 0.f);
+    if constexpr (small_m::gathers_x<Frag>::value) v += frag.out_add(int(m), n);  // the pivot columns
+    y[m * N + n] = from_f32<T>(v);
+  };
+  float* part = sp.splits > 1 ? sp.part + int64_t(blockIdx.z) * M * N : nullptr;
 #pragma unroll
   for (int e = 0; e < BM / 2; ++e) {
     const int j = e / 4, v0 = e % 2, v1 = (e / 2) % 2;
     const int64_t n = rows[v1], m = m0 + 8 * j + 2 * t + v0;
     if (n < N && m < M) {
-      float v = acc[e] * frag.out_scale(n) + (bias ? to_f32<T>(bias[n]) : 0.f);
-      if constexpr (small_m::gathers_x<Frag>::value) v += frag.out_add(int(m), n);  // the pivot columns
-      y[m * N + n] = from_f32<T>(v);
+      if (part) part[m * N + n] = acc[e];
+      else finish(acc[e], m, n);
     }
+  }
+  if (sp.splits == 1) return;
+
+  // Split K: the last CTA of this tile to arrive sums every split's partial, in split order.
+  __shared__ unsigned is_last;
+  const unsigned tile = blockIdx.x + gridDim.x * blockIdx.y;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) is_last = atomicInc(&sp.counters[tile], unsigned(sp.splits - 1)) == unsigned(sp.splits - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  constexpr int BN = kRowsPerGroup * kGroups;
+  const int64_t n0 = int64_t(blockIdx.y) * BN;
+  for (int e = tid; e < BM * BN; e += kThreads) {
+    const int64_t m = m0 + e / BN, n = n0 + e % BN;
+    if (m >= M || n >= N) continue;
+    float v = 0.f;
+    for (int z = 0; z < sp.splits; ++z) v += __ldcg(sp.part + (int64_t(z) * M + m) * N + n);
+    finish(v, m, n);
   }
 #endif
 }
@@ -287,15 +323,30 @@ bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_
   RK_CUDA_CHECK(cudaGetLastError());
   constexpr auto kernel = wgmma_kernel<Frag, T, BM, kGroups>;
   constexpr int smem = 2 * stage_bytes<BM>();
-  static bool opted_in[64] = {false};  // above 48 KB of shared memory needs the opt-in, per device
-  if (!opted_in[device & 63]) {
+  static int per_sm[64] = {0};  // resident CTAs per SM, after the shared-memory opt-in (> 48 KB), per device
+  if (per_sm[device & 63] == 0) {
     RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    opted_in[device & 63] = true;
+    int n = 0;
+    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, 128 * kGroups, smem));
+    per_sm[device & 63] = std::max(n, 1);
   }
-  const dim3 grid(unsigned((M + BM - 1) / BM), unsigned((N + kRowsPerGroup * kGroups - 1) / (kRowsPerGroup * kGroups)));
-  wgmma_kernel<Frag, T, BM, kGroups><<<grid, 128 * kGroups, smem, stream>>>(frag, xsp, bias, y, int(M), N, K, Kp);
+  const int64_t gx = (M + BM - 1) / BM, gy = (N + kRowsPerGroup * kGroups - 1) / (kRowsPerGroup * kGroups);
+  // Split K just enough that the tiles times splits fill the resident CTAs once.
+  const int64_t stages = Kp / kStageK, slots = int64_t(per_sm[device & 63]) * sm_count(device);
+  int64_t splits = gx * gy >= slots ? 1 : std::min<int64_t>(stages, std::max<int64_t>(1, slots / (gx * gy)));
+  const int64_t per_split = (stages + splits - 1) / splits;
+  splits = (stages + per_split - 1) / per_split;
+  Split sp{nullptr, nullptr, per_split, int(splits)};
+  if (splits > 1) {
+    sp.counters = split_k_counters(device, stream, gx * gy);
+    if (sp.counters == nullptr) sp = Split{nullptr, nullptr, stages, 1};
+  }
+  Tensor part = torch::stable::new_empty(like, {sp.splits > 1 ? sp.splits * M * N : 1}, ScalarType::Float);
+  if (sp.splits > 1) sp.part = static_cast<float*>(part.data_ptr());
+  const dim3 grid(unsigned(gx), unsigned(gy), unsigned(sp.splits));
+  wgmma_kernel<Frag, T, BM, kGroups><<<grid, 128 * kGroups, smem, stream>>>(frag, xsp, bias, y, int(M), N, K, Kp, sp);
   RK_CUDA_CHECK(cudaGetLastError());
-  return true;
+  return true;  // xs / part are freed here; the caching allocator reuses them only after this launch
 }
 
 // Runs y = x @ W^T + bias on this path when it applies; false means the caller takes another.

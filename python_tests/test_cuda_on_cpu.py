@@ -4,7 +4,8 @@ lanes, cp.async landing only at the wait, guard-paged tensors), against float64,
 each op can take; the launch trace says which path ran. Then mutations of the sources (a wrong
 slot map, a missing barrier or wait, an off-by-one split counter, a missing bounds check, a
 divergent barrier; for wgmma a missing wait, swapped descriptor strides, an unguarded buffer
-refill, x in the wrong slot order) must each be caught — the harness can fail."""
+refill, an off-by-one split counter, x in the wrong slot order) must each be caught — the
+harness can fail."""
 import shutil
 
 import pytest
@@ -83,8 +84,12 @@ def test_h200_sized_grids(rng):
     x, u, v, b = plain.make(rng, (3,), 4096, 520, 64, torch.bfloat16)
     cases.append({"op": "lowrank_linear", "args": [x, u, v, b]})
     refs.append(plain.exact(x, u, v, b))
+    c, r = quant_case(rng, "int4_linear", 100, 1024, 520, torch.float16, group=128)  # wgmma, K split 8 ways
+    cases.append(c)
+    refs.append(r)
     traces = check(cases, refs, env={"RK_CPU_SMS": "132", "RK_CPU_BLOCKS_PER_SM": "2"})
     assert "grid (2,16,1)" in traces[0][0] and "grid (264,1,1)" in traces[3][0] and "cooperative" in traces[3][0]
+    assert "wgmma_kernel" in traces[4][1] and "grid (1,5,8)" in traces[4][1]
 
 
 def test_quant_general_path(rng):
@@ -276,6 +281,9 @@ WGMMA_MUTATIONS = {
                            "constexpr uint32_t kLbo = 256, kSbo = 128;"),
     # a stage buffer refilled while the other warpgroup's wgmma may still read it (copies landing early)
     "buffer reuse barrier": ("quant_wgmma.cuh", "    __syncthreads();  // every warpgroup is done", "    // every warpgroup is done"),
+    # the split-K arrival counter's limit off by one (shows on the second launch)
+    "split counter": ("quant_wgmma.cuh", "atomicInc(&sp.counters[tile], unsigned(sp.splits - 1))",
+                      "atomicInc(&sp.counters[tile], unsigned(sp.splits))"),
     # x put in plain instead of the format's slot order
     "slot order": ("quant_wgmma.cuh", "      Frag::a(xv, xv, h, a);", "      small_m::a_consecutive(xv, xv, h, a);"),
 }
@@ -283,12 +291,16 @@ WGMMA_MUTATIONS = {
 
 @pytest.mark.parametrize("name", list(WGMMA_MUTATIONS))
 def test_mutated_wgmma_path_is_caught(rng, name):
-    c, r = quant_case(rng, "int4_linear", 100, 512, 130, torch.float16, group=128)
+    # 16 stages split 2 ways over the fake GPU's 4 SMs (2 tiles): buffers reused, split-K fixups; twice
+    c, r = quant_case(rng, "int4_linear", 100, 2048, 130, torch.float16, group=128)
     env = {"RK_CPU_SEED": "5", "RK_CPU_CP_ASYNC_EARLY": "1"}
-    (y, trace), = cuda_on_cpu.run_cases([c], env)
-    assert any("wgmma_kernel" in line for line in trace) and rel_err(y, r) <= TOL[torch.float16]
-    (y, _), = cuda_on_cpu.run_cases([c], env, mutations=[WGMMA_MUTATIONS[name]])
-    assert not (torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16])
+
+    def passes(results):
+        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
+
+    results = cuda_on_cpu.run_cases([c, c], env)
+    assert "wgmma_kernel" in results[0][1][1] and "grid (1,2,2)" in results[0][1][1] and passes(results)
+    assert not passes(cuda_on_cpu.run_cases([c, c], env, mutations=[WGMMA_MUTATIONS[name]]))
 
 
 def test_missing_cp_async_wait_is_caught(rng):
