@@ -7,7 +7,7 @@
 #   bash benchmarks/run_gpu.sh            # results into $OUT if set, else benchmarks/results/
 #   RUN_GPU_BUDGET=480 RUN_GPU_FULL=1 bash benchmarks/run_gpu.sh   # full shapes instead of --quick
 #
-# Output folder: env.txt, gpu_tests.log + gpu_tests.xml, bench_<name>.log, <gpu>/<op>.json,
+# Output folder: env.txt, gpu_tests_new.log/.xml (the newest paths' tests), gpu_tests.log/.xml, bench_<name>.log, <gpu>/<op>.json,
 # sanitizer.log, racecheck.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS),
 # benchmarks.md + roofline_<gpu>.png (table and plot of the JSON), summary.txt.
 # Exit status: 1 if the GPU tests fail, 2 if compute-sanitizer reports errors, 3 if a
@@ -63,9 +63,19 @@ for pair in "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQ
   fi
 done
 
-step gpu_tests 150 "$DEST/gpu_tests.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors python_tests \
-  --junitxml="$DEST/gpu_tests.xml"
+# The newest paths' test files first, in their own step (a step cut at its limit still leaves the
+# results it got), then every other GPU test.
+NEW_TESTS="python_tests/test_wgmma_gpu.py python_tests/test_quant_small_m_gpu.py python_tests/test_lowrank_small_m_gpu.py
+  python_tests/test_quant_dequant_mm_gpu.py python_tests/test_lowrank_large_m.py"
+IGNORE=(); for f in $NEW_TESTS; do IGNORE+=("--ignore=$f"); done
+step gpu_tests_new 120 "$DEST/gpu_tests_new.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+  --continue-on-collection-errors $NEW_TESTS --junitxml="$DEST/gpu_tests_new.xml"
+NEW_RC=$?
+tail -n 8 "$DEST/gpu_tests_new.log"
+step gpu_tests 110 "$DEST/gpu_tests.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+  "${IGNORE[@]}" python_tests --junitxml="$DEST/gpu_tests.xml"
 TESTS_RC=$?
+[ "$NEW_RC" -ne 0 ] && TESTS_RC=$NEW_RC
 tail -n 25 "$DEST/gpu_tests.log"
 # A file that fails to import fails the run (non-zero) without stopping the other GPU tests;
 # pytest exit 5 = no test selected: no GPU test exists, which is a failure of this run too.

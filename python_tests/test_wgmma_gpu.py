@@ -20,8 +20,8 @@ OPS = ["int4_linear", "int8_linear", "lut_linear"]
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("M", [65, 100, 128, 256, 511])
-@pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32), (544, 72, 32), (8192, 264, 64)])
+@pytest.mark.parametrize("M", [65, 200, 511])
+@pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32), (8192, 264, 64)])
 def test_wgmma_matches_float64_and_wmma_tiles(rng, op, dtype, M, K, N, group):
     args, w = make(rng, op, M, K, N, dtype, group)
     y = run(op, args)
