@@ -83,6 +83,23 @@ def build(mutations=()) -> Path:
     if lib.exists():
         return lib
     tmp = Path(tempfile.mkdtemp(prefix="build-", dir=root))
+    try:
+        _build_into(tmp, lib, texts, units, keys, harness, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _prune(root)
+    return lib
+
+
+def _prune(root: Path, keep_libs: int = 40, keep_objs: int = 300) -> None:
+    """Keeps the cache bounded: the newest libraries and objects stay (mutation builds add a few each)."""
+    def newest_first(paths):
+        return sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in newest_first(root.glob("lib-*.so"))[keep_libs:] + newest_first((root / "obj").glob("*.o"))[keep_objs:]:
+        old.unlink(missing_ok=True)
+
+
+def _build_into(tmp, lib, texts, units, keys, harness, root):
     src = tmp / "csrc"
     src.mkdir()
     for name, t in texts.items():
@@ -110,8 +127,6 @@ def build(mutations=()) -> Path:
     if r.returncode != 0:
         raise RuntimeError(f"cuda_on_cpu: linking failed:\n{r.stderr[-6000:]}")
     os.replace(tmp / lib.name, lib)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return lib
 
 
 class KernelError(RuntimeError):
