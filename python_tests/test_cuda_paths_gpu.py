@@ -1,0 +1,46 @@
+"""Which CUDA kernels each op really launches at a given M, read from the profiler: a path that
+silently falls back (a build without its code, a check that never passes) would otherwise only
+show as a benchmark that equals its peer. The expected paths are docs/quant.md's and
+docs/lowrank_kernel.md's (and `python -m reparam_kernels env`)."""
+import pytest
+import torch
+
+import test_lowrank_op as plain
+from test_quant_small_m_gpu import make, run
+from conftest import HAS_GPU
+
+pytestmark = pytest.mark.gpu
+
+HOPPER = HAS_GPU and torch.cuda.get_device_capability()[0] == 9
+
+
+def kernels(fn):
+    """Names of the CUDA kernels fn() launches (after one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
+@pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
+@pytest.mark.parametrize("M,expected", [(1, "small_m_kernel"), (64, "small_m_kernel"), (256, "wgmma_kernel"),
+                                        (600, "dequantize_kernel")])
+def test_quantized_ops_take_their_path(rng, op, M, expected):
+    if expected == "wgmma_kernel" and not HOPPER:
+        expected = "mma_kernel"  # the WMMA tiles below sm_90
+    args, _ = make(rng, op, M, 2048, 512, torch.float16, 128)
+    assert expected in kernels(lambda: run(op, args))
+
+
+@pytest.mark.parametrize("M,expected", [(1, "lowrank_small_m_kernel"), (256, "wgmma_kernel"), (600, None)])
+def test_lowrank_takes_its_path(rng, M, expected):
+    if expected == "wgmma_kernel" and not HOPPER:
+        expected = "lowrank_kernel"  # the WMMA kernel below sm_90
+    x, u, v, b = plain.make(rng, (M,), 2048, 1024, 128, torch.float16, device="cuda")
+    names = kernels(lambda: torch.ops.reparam.lowrank_linear(x, u, v, b))
+    if expected is None:  # two cuBLAS GEMMs (their kernel names vary by version): none of ours
+        assert names and not any(k in names for k in ("lowrank_kernel", "small_m", "wgmma_kernel"))
+    else:
+        assert expected in names
