@@ -168,6 +168,10 @@ def test_quant_wgmma_only_on_hopper_and_when_on(rng):
     for env in ({"RK_CPU_CC_MAJOR": "8"}, {"REPARAM_WGMMA": "0"}, {"RK_CPU_PTX_VERSION": "80"}):
         for t in check(cases[:3], refs[:3], env=env):
             assert not any("wgmma_kernel" in line for line in t) and any("mma_kernel" in line for line in t)
+    for c in cases[:3]:
+        c["offsets"] = {0: 2}  # x 2 bytes off 16-byte alignment: the WMMA tiles instead
+    for t in check(cases[:3], refs[:3]):
+        assert not any("wgmma_kernel" in line for line in t) and any("mma_kernel" in line for line in t)
 
 
 # ------------------------------------------------------------------ low-rank ops
