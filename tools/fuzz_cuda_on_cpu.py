@@ -1,0 +1,121 @@
+"""Random cases for the CUDA-on-CPU harness (python_tests/cuda_on_cpu): every op of csrc/ at random
+sizes, dtypes, path switches and fake GPUs, against float64, until the time is up. A longer search
+than the test suite's fixed cases; prints every failure with what reproduces it.
+
+    PYTHONPATH=. python tools/fuzz_cuda_on_cpu.py [--minutes 20] [--seed 1]
+"""
+import argparse
+import collections
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_tests"))
+import cuda_on_cpu  # noqa: E402
+import test_lowrank_op as plain  # noqa: E402
+import test_pivoted_lowrank as piv  # noqa: E402
+import test_quant_ops as quant  # noqa: E402
+import test_structured_op as structured  # noqa: E402
+from conftest import TOL, rel_err  # noqa: E402
+
+
+def pick_m(r):
+    return r.choice([1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 63, 64, 65, 100, 128, 129, 200, 255, 300, 511, 513])
+
+
+def make_case(r, gen):
+    op = r.choice(["int4_linear", "int8_linear", "lut_linear", "lowrank_linear", "pivoted_lowrank_linear",
+                   "block_circulant_linear", "block_circulant_linear", "toeplitz_linear"])
+    dtype = r.choice([torch.float16, torch.bfloat16])
+    M = pick_m(r)
+    if op in ("int4_linear", "int8_linear", "lut_linear"):
+        group = r.choice([32, 64, 128, 96])
+        K = group * r.randint(1, 12) if op == "int4_linear" else r.choice([16, 32, 48, 64, 130, 256, 37, 96, 320, 1056])
+        if op == "lut_linear" and K % 2:
+            K += 1
+        N = r.choice([8, 24, 33, 64, 72, 130, 200, 264])
+        args, w = quant.make(op, gen, (M,), K, N, dtype, group=group if op == "int4_linear" else 32,
+                             bias=r.random() < 0.5, tables=N // 8 if N % 8 == 0 and r.random() < 0.5 else 1)
+        tensors = [a for a in args if not isinstance(a, int)]
+        ints = [a for a in args if isinstance(a, int)]
+        return {"op": op, "args": tensors, "ints": ints}, quant.exact(args, w), dtype
+    if op in ("lowrank_linear", "pivoted_lowrank_linear"):
+        r_ = r.choice([8, 13, 16, 24, 40, 64])
+        K = r_ + r.choice([8, 16, 40, 57, 96, 200])
+        N = r.choice([16, 33, 72, 200])
+        if op == "lowrank_linear":
+            x, u, v, b = plain.make(gen, (M,), K, N, r_, dtype, bias=r.random() < 0.5)
+            return {"op": op, "args": [x, u, v, b]}, plain.exact(x, u, v, b), dtype
+        x, u, w, perm, b = piv.make(gen, (M,), K, N, r_, dtype, bias=r.random() < 0.5)
+        return {"op": op, "args": [x, u, w, perm, b]}, piv.exact(x, u, w, perm, b), dtype
+    if op == "block_circulant_linear":
+        bs = r.choice([64, 128, 256, 512])
+        K, N = r.randint(1, 6) * bs - r.choice([0, 0, 5]), r.randint(1, 6) * bs - r.choice([0, 0, 3])
+        dtype = r.choice([torch.float16, torch.bfloat16, torch.float32])
+        x, spec, cols, bias = structured.make(gen, (min(M, 300),), K, N, bs, dtype, bias=r.random() < 0.5)
+        return ({"op": op, "args": [x, spec, bias], "ints": [bs, N]}, structured.exact(x, cols, N, bias), dtype)
+    from reparam_kernels.nn import ToeplitzLinear
+    K, N = r.randint(20, 300), r.randint(20, 300)
+    layer = ToeplitzLinear.from_linear(torch.nn.Linear(K, N))
+    if layer.fft_size < 64 or layer.fft_size > 4096 or layer.fft_size & (layer.fft_size - 1):
+        return make_case(r, gen)
+    x = torch.randn(min(M, 64), K, generator=gen)
+    bias = layer.bias.detach()
+    ref = x.double() @ layer.to_dense().double().t() + bias.double()
+    return {"op": "toeplitz_linear", "args": [x, layer.t_spectrum.detach(), bias],
+            "ints": [layer.fft_size, N]}, ref, torch.float32
+
+
+def random_env(r):
+    env = {"RK_CPU_SMS": str(r.choice([1, 2, 4, 7, 16, 132])), "RK_CPU_BLOCKS_PER_SM": str(r.choice([1, 2, 3])),
+           "RK_CPU_SEED": str(r.randint(1, 10**6)), "RK_CPU_CC_MAJOR": r.choice(["9", "9", "8"])}
+    for var, values in (("REPARAM_SMALL_M", ["0"]), ("REPARAM_WGMMA", ["0"]), ("REPARAM_WGMMA_MIN_M", ["1", "33"]),
+                        ("REPARAM_WGMMA_BN", ["64"]), ("REPARAM_DEQUANT_MIN_M", ["0", "100"]),
+                        ("REPARAM_LOWRANK_CUBLAS_MIN_M", ["0", "100"]), ("RK_CPU_CP_ASYNC_EARLY", ["1"])):
+        if r.random() < 0.25:
+            env[var] = r.choice(values)
+    return env
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=20)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--per-process", type=int, default=8)
+    args = p.parse_args(argv)
+    r = random.Random(args.seed)
+    end, runs, failures = time.time() + 60 * args.minutes, 0, 0
+    kernels = collections.Counter()  # which kernels the cases reached (the paths covered)
+    while time.time() < end:
+        gen = torch.Generator().manual_seed(r.randint(0, 2**31))
+        env = random_env(r)
+        batch = [make_case(r, gen) for _ in range(args.per_process)]
+        try:
+            results = cuda_on_cpu.run_cases([c for c, _, _ in batch], env)
+        except cuda_on_cpu.KernelError as e:
+            failures += 1
+            print(f"FAIL (process) env={env} ops={[c['op'] for c, _, _ in batch]}: {str(e)[-1500:]}", flush=True)
+            continue
+        for (case, ref, dtype), (y, trace) in zip(batch, results):
+            runs += 1
+            for line in trace:  # "launch <kernel> [with P = {<first parameter type>, ...}] grid ..."
+                line = line.replace("{anonymous}::", "")
+                first = line.split("{", 1)[1].split("}]")[0].split(", ")[0].split("::")[-1] if "{" in line else ""
+                kernels[line.split(" [with")[0].removeprefix("launch ") + f" ({first})"] += 1
+            err = rel_err(y, ref)
+            tol = {torch.float32: 1e-4}.get(dtype, TOL[dtype])
+            if not (torch.isfinite(y).all() and err <= tol):
+                failures += 1
+                shapes = [tuple(a.shape) if a is not None else None for a in case["args"]]
+                print(f"FAIL {case['op']} {dtype} shapes={shapes} ints={case.get('ints')} env={env} err={err:.3g} "
+                      f"launches={trace}", flush=True)
+        print(f"{runs} cases, {failures} failures", flush=True)
+    print("kernels reached:", dict(kernels.most_common()))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
