@@ -56,14 +56,10 @@ def wmma_fused(M):
     the op runs that kernel anyway."""
     paths = cuda_paths()
     op = lambda x, u, v: torch.ops.reparam.lowrank_linear(x, u, v, None)  # noqa: E731
-    off = ("REPARAM_SMALL_M", "0", "REPARAM_WGMMA", "0")  # the WMMA kernel: every other path off
-    if M <= paths["small_m"]["max_m"]:
-        return with_env(op, *off)
-    if paths["lowrank_cublas"]["min_m"] is not None and M >= paths["lowrank_cublas"]["min_m"]:
-        return with_env(op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "0", *off)
-    if paths["wgmma"]["on"] and torch.cuda.get_device_capability()[0] == 9:  # the op runs wgmma here
-        return with_env(op, *off)
-    return None
+    off = ("REPARAM_SMALL_M", "0", "REPARAM_WGMMA", "0", "REPARAM_LOWRANK_CUBLAS_MIN_M", "0")  # every other path
+    cublas = paths["lowrank_cublas"]["min_m"] is not None and M >= paths["lowrank_cublas"]["min_m"]
+    wgmma = (paths["wgmma"]["on"] and M >= paths["wgmma"]["min_m"] and torch.cuda.get_device_capability()[0] == 9)
+    return with_env(op, *off) if cublas or wgmma or M <= paths["small_m"]["max_m"] else None
 
 
 def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):

@@ -111,8 +111,8 @@ __global__ void __launch_bounds__(128 * kGroups)
   const int tid = threadIdx.x, group = tid / 128, warp = (tid % 128) / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t m0 = int64_t(blockIdx.x) * BM;
-  const int64_t rows[2] = {int64_t(blockIdx.y) * kRowsPerGroup * kGroups + group * kRowsPerGroup + 16 * warp + g,
-                           int64_t(blockIdx.y) * kRowsPerGroup * kGroups + group * kRowsPerGroup + 16 * warp + g + 8};
+  const int64_t row_g = int64_t(blockIdx.y) * kRowsPerGroup * kGroups + group * kRowsPerGroup + 16 * warp + g;
+  const int64_t rows[2] = {row_g, row_g + 8};  // this lane's A rows g and g + 8 of its warp's 16
   const int64_t s0 = int64_t(blockIdx.z) * sp.per_split;               // this split's stages: [s0, s_end)
   const int64_t s_end = min(Kp / kStageK, s0 + sp.per_split);
 
@@ -256,22 +256,12 @@ __global__ void __launch_bounds__(128 * kGroups)
   if (sp.splits == 1) return;
 
   // Split K: the last CTA of this tile to arrive sums every split's partial, in split order.
-  __shared__ unsigned is_last;
-  const unsigned tile = blockIdx.x + gridDim.x * blockIdx.y;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) is_last = atomicInc(&sp.counters[tile], unsigned(sp.splits - 1)) == unsigned(sp.splits - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (!arrived_last(&sp.counters[blockIdx.x + gridDim.x * blockIdx.y], sp.splits)) return;
   constexpr int BN = kRowsPerGroup * kGroups;
   const int64_t n0 = int64_t(blockIdx.y) * BN;
   for (int e = tid; e < BM * BN; e += kThreads) {
     const int64_t m = m0 + e / BN, n = n0 + e % BN;
-    if (m >= M || n >= N) continue;
-    float v = 0.f;
-    for (int z = 0; z < sp.splits; ++z) v += __ldcg(sp.part + (int64_t(z) * M + m) * N + n);
-    finish(v, m, n);
+    if (m < M && n < N) finish(sum_splits(sp.part + m * N + n, sp.splits, int64_t(M) * N), m, n);
   }
 #endif
 }

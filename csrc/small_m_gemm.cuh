@@ -139,8 +139,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   constexpr int kUnitK = kWarpsK * kStepK;  // k per CTA stage
   constexpr int kPairs = Frag::kLaneK / 8;  // 16-byte x vectors per lane block = step pairs
   __shared__ float red[kWarpsK - 1][kWarpsN][ACC][32];
-  __shared__ unsigned is_last;
-  __syncthreads();  // a persistent CTA's previous unit may still be reading red / is_last
+  __syncthreads();  // a persistent CTA's previous unit may still be reading red
 
   const Frag& frag = p.frag;
   const T* __restrict__ x = p.x;
@@ -270,29 +269,12 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   if (p.splits == 1) return;
 
   // Split K: the last CTA of this column block to arrive sums every split's partial.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicInc(&p.counters[bx], unsigned(p.splits - 1)) == unsigned(p.splits - 1);
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  if (!arrived_last(&p.counters[bx], p.splits)) return;
   for (int e = threadIdx.x; e < M * BN; e += kThreads) {
     const int m = e / BN;
     const int64_t n = col0 + e % BN;
     if (n >= N) continue;
-    // 16 partials in flight per thread before any is added (a narrow column block with many splits,
-    // e.g. the low-rank phase 1 at M = 1: 64 splits, would otherwise wait 64 L2 latencies); the sum
-    // stays in split order.
-    constexpr int kBatch = 16;
-    float v = 0.f;
-    for (int64_t s0 = 0; s0 < p.splits; s0 += kBatch) {
-      float got[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u)
-        got[u] = s0 + u < p.splits ? __ldcg(p.part + ((s0 + u) * M + m) * N + n) : 0.f;
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) v += got[u];
-    }
+    const float v = sum_splits(p.part + int64_t(m) * N + n, p.splits, int64_t(M) * N);
     p.y[int64_t(m) * N + n] = from_f32<T>(finish(v, m, n));
   }
 }

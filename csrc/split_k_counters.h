@@ -62,4 +62,35 @@ inline unsigned* split_k_counters(int device, cudaStream_t stream, int64_t colum
   return p;
 }
 
+// ---- the device side, shared by the kernels that finish their own split-K reduction
+
+// Called by every thread of the CTA after it wrote its split's partials of one output tile: true in
+// the CTA that arrived last for that tile, to which every split's partials are then visible.
+__device__ __forceinline__ bool arrived_last(unsigned* counter, int64_t splits) {
+  __shared__ unsigned is_last;
+  __threadfence();
+  __syncthreads();  // (also: every thread read the previous call's is_last before it is rewritten)
+  if (threadIdx.x == 0) is_last = atomicInc(counter, unsigned(splits - 1)) == unsigned(splits - 1);
+  __syncthreads();
+  if (!is_last) return false;
+  __threadfence();
+  return true;
+}
+
+// The sum over s < splits of part[s * stride], in split order (deterministic). 16 partials are in
+// flight before any is added: a narrow tile with many splits (the low-rank phase 1 at M = 1: 64)
+// would otherwise wait 64 L2 latencies.
+__device__ __forceinline__ float sum_splits(const float* part, int64_t splits, int64_t stride) {
+  constexpr int kBatch = 16;
+  float v = 0.f;
+  for (int64_t s0 = 0; s0 < splits; s0 += kBatch) {
+    float got[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) got[u] = s0 + u < splits ? __ldcg(part + (s0 + u) * stride) : 0.f;
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) v += got[u];
+  }
+  return v;
+}
+
 }  // namespace reparam

@@ -251,8 +251,8 @@ MUTATIONS = {
     # the K-warp partials read before the other warps wrote them
     "missing barrier": ("small_m_gemm.cuh", "  __syncthreads();\n  if (wk == 0) {", "  if (wk == 0) {"),
     # the split-K arrival counter's limit off by one: no CTA sees itself as last
-    "split counter": ("small_m_gemm.cuh", "atomicInc(&p.counters[bx], unsigned(p.splits - 1))",
-                      "atomicInc(&p.counters[bx], unsigned(p.splits))"),
+    "split counter": ("split_k_counters.h", "atomicInc(counter, unsigned(splits - 1))",
+                      "atomicInc(counter, unsigned(splits))"),
     # weight rows past N loaded: reads run off the end of qweight
     "bounds check": ("small_m_gemm.cuh", "c[j] = (n < N && kt < ke) ? frag.load(n, kt) : Frag::zero();",
                      "c[j] = (kt < ke) ? frag.load(n, kt) : Frag::zero();"),
@@ -286,8 +286,8 @@ WGMMA_MUTATIONS = {
     # a stage buffer refilled while the other warpgroup's wgmma may still read it (copies landing early)
     "buffer reuse barrier": ("quant_wgmma.cuh", "    __syncthreads();  // every warpgroup is done", "    // every warpgroup is done"),
     # the split-K arrival counter's limit off by one (shows on the second launch)
-    "split counter": ("quant_wgmma.cuh", "atomicInc(&sp.counters[tile], unsigned(sp.splits - 1))",
-                      "atomicInc(&sp.counters[tile], unsigned(sp.splits))"),
+    "split counter": ("split_k_counters.h", "atomicInc(counter, unsigned(splits - 1))",
+                      "atomicInc(counter, unsigned(splits))"),
     # x put in plain instead of the format's slot order
     "slot order": ("quant_wgmma.cuh", "      Frag::a(xv, xv, h, a);", "      small_m::a_consecutive(xv, xv, h, a);"),
 }
@@ -318,7 +318,6 @@ def test_missing_cp_async_wait_is_caught(rng):
 
 def test_divergent_barrier_is_caught(rng):
     c, _ = quant_case(rng, "int8_linear", 3, 512, 40, torch.float16)
-    mutation = ("small_m_gemm.cuh", "  __syncthreads();\n  if (threadIdx.x == 0) is_last",
-                "  if (threadIdx.x % 64 != 5) __syncthreads();\n  if (threadIdx.x == 0) is_last")
+    mutation = ("split_k_counters.h", "  __syncthreads();  // (also:", "  if (threadIdx.x % 64 != 5) __syncthreads();  // (")
     with pytest.raises(cuda_on_cpu.KernelError, match="divergent|deadlock"):
         cuda_on_cpu.run_cases([c], mutations=[mutation])

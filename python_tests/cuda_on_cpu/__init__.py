@@ -7,7 +7,8 @@ A test tool: it executes the kernels' own code (index math, bit tricks, barriers
 fixups, the host's path and grid choices) on a machine without a GPU. It says nothing about
 speed, and it models the GPU's semantics, not its silicon. See runtime.h for what is checked.
 
-    y = run_op("int4_linear", [x, q, s, z, None], ints=[128], env={"REPARAM_SMALL_M": "0"})
+    [(y, launches)] = run_cases([{"op": "int4_linear", "args": [x, q, s, z, None], "ints": [128]}],
+                                env={"REPARAM_SMALL_M": "0"})
 
 Each call runs in a fresh subprocess (a fault in a kernel must not take pytest down, and the
 device description — RK_CPU_SMS, RK_CPU_BLOCKS_PER_SM, RK_CPU_CC_MAJOR — and the path switches
@@ -107,7 +108,7 @@ def _build_into(tmp, lib, texts, units, keys, harness, root):
     inc = ["-I", str(HERE / "include"), "-I", str(HERE), "-I", str(src)]
     jobs = [(src / u, root / "obj" / f"{Path(u).stem}-{keys[u]}.o", True) for u in units] + [
         (HERE / f, root / "obj" / f"{Path(f).stem}-{harness[:20]}.o", False)
-        for f in ("runtime.cpp", "fake_torch.cpp", "entry.cpp")]
+        for f in ("scheduler.cpp", "device_ops.cpp", "cuda_api.cpp", "fake_torch.cpp", "entry.cpp")]
 
     def compile_one(job):
         path, obj, is_cu = job
@@ -160,9 +161,3 @@ def run_cases(cases: list, env: dict | None = None, mutations=(), timeout: float
         elif line.startswith("launch ") and cur is not None:
             cur.append(line)
     return list(zip(outs, traces))
-
-
-def run_op(op: str, args: list, ints=(), env: dict | None = None, offsets: dict | None = None,
-           mutations=()) -> tuple:
-    """One case of run_cases: (output, launches)."""
-    return run_cases([{"op": op, "args": args, "ints": list(ints), "offsets": offsets or {}}], env, mutations)[0]

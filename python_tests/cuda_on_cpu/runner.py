@@ -1,4 +1,4 @@
-"""Subprocess side of cuda_on_cpu.run_op: loads the harness library, runs one op, saves the output."""
+"""Subprocess side of cuda_on_cpu.run_cases: loads the harness library, runs each case, saves the outputs."""
 import ctypes
 import sys
 

@@ -34,13 +34,19 @@ def _gpus():
     return out
 
 
-def _min_m(name, default):
-    """The C++ side's reading of a threshold variable (csrc/cublas_mm.cuh: atoll; <= 0 means never)."""
+def _atoll(name, default):
+    """Environment variable `name` read as the C++ side reads it (atoll: leading whitespace, sign,
+    digits; else 0), `default` when unset or empty."""
     v = os.environ.get(name, "")
     if not v:
         return default
-    lead = re.match(r"\s*([+-]?\d+)", v)  # atoll: leading whitespace, sign, digits; else 0
-    m = int(lead.group(1)) if lead else 0
+    lead = re.match(r"\s*([+-]?\d+)", v)
+    return int(lead.group(1)) if lead else 0
+
+
+def _min_m(name, default):
+    """The C++ side's reading of a threshold variable (csrc/cublas_mm.cuh: atoll; <= 0 means never)."""
+    m = _atoll(name, default)
     return m if m > 0 else None
 
 
@@ -50,7 +56,7 @@ def cuda_paths():
     return {"small_m": {"on": small, "max_m": 64, "switch": "REPARAM_SMALL_M",
                         "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear"},
             "wgmma": {"on": not os.environ.get("REPARAM_WGMMA", "").startswith("0"),
-                      "min_m": max(1, _min_m("REPARAM_WGMMA_MIN_M", 65) or 65),
+                      "min_m": max(1, _atoll("REPARAM_WGMMA_MIN_M", 65)),  # csrc/quant_wgmma.cuh min_m()
                       "switch": "REPARAM_WGMMA",
                       "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear; sm_90"},
             "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 512), "switch": "REPARAM_DEQUANT_MIN_M",

@@ -1,5 +1,5 @@
-// CUDA on the CPU: fibers, barriers, launches, the runtime API and the number formats
-// (see runtime.h for the model).
+// CUDA on the CPU: the fibers, barriers and launches (see runtime.h for the model; the device
+// operations are in device_ops.cpp, the runtime API in cuda_api.cpp).
 #include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -16,107 +16,27 @@
 #include <thread>
 #include <vector>
 
-#include "launch.h"
+#include "scheduler.h"
 
 namespace rk_cpu {
-
-// ------------------------------------------------------------------ number formats
-
-uint32_t round_to_bits(double v, int mbits, int ebits) {
-  const uint32_t sign = std::signbit(v) ? (1u << (mbits + ebits)) : 0u;
-  const uint32_t emax = (1u << ebits) - 1u, inf = sign | (emax << mbits);
-  if (std::isnan(v)) return inf | (1u << (mbits - 1));
-  const double a = std::fabs(v);
-  const int bias = (1 << (ebits - 1)) - 1, emin = 1 - bias;
-  if (a < std::ldexp(1.0, emin)) {  // subnormal: units of 2^(emin - mbits); rounding up to 2^mbits is the smallest normal
-    return sign | uint32_t(std::nearbyint(std::ldexp(a, mbits - emin)));
-  }
-  int e = 0;
-  const double m = std::frexp(a, &e);  // a = m 2^e, m in [0.5, 1)
-  double f = std::nearbyint(std::ldexp(2.0 * m - 1.0, mbits));
-  int E = e - 1 + bias;
-  if (f == std::ldexp(1.0, mbits)) {
-    f = 0;
-    ++E;
-  }
-  if (E >= int(emax)) return inf;
-  return sign | (uint32_t(E) << mbits) | uint32_t(f);
-}
-
-double bits_to_double(uint32_t bits, int mbits, int ebits) {
-  const bool neg = (bits >> (mbits + ebits)) & 1u;
-  const uint32_t E = (bits >> mbits) & ((1u << ebits) - 1u), f = bits & ((1u << mbits) - 1u);
-  const int bias = (1 << (ebits - 1)) - 1;
-  double v;
-  if (E == (1u << ebits) - 1u) v = f ? NAN : INFINITY;
-  else if (E == 0) v = std::ldexp(double(f), 1 - bias - mbits);
-  else v = std::ldexp(1.0 + std::ldexp(double(f), -mbits), int(E) - bias);
-  return neg ? -v : v;
-}
 
 // ------------------------------------------------------------------ fibers and blocks
 
 namespace {
 constexpr size_t kStack = 256 * 1024;
-constexpr size_t kSlot = 256;  // bytes per lane in a warp exchange
 
-struct Copy {
-  void* dst;
-  unsigned char data[16];
-  int n;
-};
-
-struct Grid;
-
-enum State { Ready, AtBlock, AtWarp, AtGrid, AtGroup, Done };
 const char* state_name(int s) {
   static const char* names[] = {"running", "__syncthreads", "a warp collective", "grid.sync", "a warpgroup collective",
                                 "exited"};
   return names[s];
 }
 
-}  // namespace
-
-struct Fiber {
-  ucontext_t ctx;
-  uint3 tid;
-  int linear = 0;
-  int state = Ready;
-  const char* file = "";
-  int line = 0;
-  std::vector<std::vector<Copy>> groups;  // committed cp.async groups, oldest first
-  std::vector<Copy> open;                 // issued, not yet committed
-  std::vector<std::vector<struct Wgmma>> wg_groups;  // committed wgmma groups, oldest first
-  std::vector<struct Wgmma> wg_open;
-};
-
-// One thread's share of an issued wgmma: its two A rows (16 k each) and where D and B are.
-struct Wgmma {
-  float* d;
-  int n;
-  double arow[2][16];
-  uint64_t desc;
-  bool half;
-};
-
-struct Block {
-  uint3 bid;
-  dim3 bdim, gdim;
-  std::vector<Fiber> fibers;
-  ucontext_t sched;
-  unsigned char* smem = nullptr;
-  size_t smem_bytes = 0;
-  const std::function<void()>* body = nullptr;
-  std::vector<unsigned char> table;  // warp exchange, [warps][32][kSlot]
-  std::string error;
-  Grid* grid = nullptr;
-};
-
-namespace {
-
 thread_local Block* tl_block = nullptr;
 thread_local Fiber* tl_fiber = nullptr;
 
+}  // namespace
+
+// The blocks of a cooperative launch and the barrier they share.
 struct Grid {
   std::mutex mu;
   std::condition_variable cv;
@@ -160,6 +80,8 @@ struct Grid {
   }
 };
 
+namespace {
+
 std::string where(const Block& b, const Fiber* f) {
   std::ostringstream s;
   s << "block (" << b.bid.x << "," << b.bid.y << "," << b.bid.z << ")";
@@ -194,10 +116,14 @@ bool same_site(const Fiber& a, const Fiber& b) { return a.line == b.line && std:
 
 std::string site(const Fiber& f) { return std::string(f.file) + ":" + std::to_string(f.line); }
 
+}  // namespace
+
 uint64_t env_u64(const char* name, uint64_t fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::strtoull(v, nullptr, 10) : fallback;
 }
+
+namespace {
 
 // One block, start to end, on this OS thread.
 void run_block(Block& b) {
@@ -330,16 +256,21 @@ void run_block(Block& b) {
   if (!b.error.empty()) throw std::runtime_error(b.error);
 }
 
+}  // namespace
+
 // ------------------------------------------------------------------ device description (env)
 
 int fake_sms() { return int(env_u64("RK_CPU_SMS", 4)); }
 int fake_cc_major() { return int(env_u64("RK_CPU_CC_MAJOR", 9)); }
-constexpr int kSmemOptin = 227 * 1024;
-constexpr int kSmemDefault = 48 * 1024;
+cudaError_t& last_error() {
+  static thread_local cudaError_t e = cudaSuccess;
+  return e;
+}
+
+namespace {
 
 std::mutex attr_mu;
 std::map<const void*, int> max_dyn_smem;
-thread_local cudaError_t last_error = cudaSuccess;
 
 void check_config(const void* kernel, dim3 grid, dim3 block, size_t smem) {
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
@@ -362,6 +293,7 @@ void check_config(const void* kernel, dim3 grid, dim3 block, size_t smem) {
 }  // namespace
 
 Fiber* current_fiber() { return tl_fiber; }
+Block* current_block() { return tl_block; }
 static const uint3& no_thread() {
   throw std::runtime_error("threadIdx / blockIdx used outside a kernel");
 }
@@ -375,10 +307,8 @@ void sync_block(const char* file, int line) { park(AtBlock, file, line); }
 void sync_warp(const char* file, int line) { park(AtWarp, file, line); }
 void sync_grid(const char* file, int line) { park(AtGrid, file, line); }
 
-// Writes `in` to this thread's slot of its warp's (size 32) or warpgroup's (size 128) table, waits
-// for all of them, hands the table to `out`, and waits again (so the table may be reused).
-static void exchange(int size, int state, const void* in, size_t bytes,
-                     const std::function<void(const unsigned char*, size_t)>& out, const char* file, int line) {
+void exchange(int size, int state, const void* in, size_t bytes,
+              const std::function<void(const unsigned char*, size_t)>& out, const char* file, int line) {
   if (bytes > kSlot) throw std::runtime_error("exchange payload too large");
   Block* b = tl_block;
   const int me = tl_fiber->linear % size, group = tl_fiber->linear / size;
@@ -392,122 +322,6 @@ static void exchange(int size, int state, const void* in, size_t bytes,
 void warp_exchange(const void* in, size_t bytes, const std::function<void(const unsigned char*, size_t)>& out,
                    const char* file, int line) {
   exchange(32, AtWarp, in, bytes, out, file, line);
-}
-
-uint32_t smem_offset(const void* p) {
-  const auto* base = static_cast<const unsigned char*>(tl_block->smem);
-  return uint32_t(static_cast<const unsigned char*>(p) - base);
-}
-
-void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc, bool half, const char* file, int line) {
-  if (n % 8 != 0 || n < 8 || n > 256) throw std::runtime_error("wgmma: N must be a multiple of 8 in 8..256");
-  const int lane = tl_fiber->linear % 32, w = (tl_fiber->linear % 128) / 32, g = lane / 4;
-  Wgmma op{d, n, {}, desc, half};
-  auto val = [half](uint32_t reg, int which) {
-    const uint32_t bits = (reg >> (16 * which)) & 0xFFFFu;
-    return half ? bits_to_double(bits, 10, 5) : bits_to_double(bits, 7, 8);
-  };
-  uint32_t mine[4] = {a[0], a[1], a[2], a[3]};
-  exchange(128, AtGroup, mine, sizeof(mine), [&](const unsigned char* tb, size_t stride) {
-    // A row r (0..63) of the instruction: warp r / 16; inside it the mma.sync m16n8k16 A layout
-    for (int v1 = 0; v1 < 2; ++v1) {
-      const int r = 16 * w + g + 8 * v1, rr = r % 16;
-      for (int k = 0; k < 16; ++k) {
-        const auto* regs = reinterpret_cast<const uint32_t*>(tb + stride * (32 * (r / 16) + 4 * (rr % 8) + (k % 8) / 2));
-        op.arow[v1][k] = val(regs[(rr / 8) + 2 * (k / 8)], k % 2);
-      }
-    }
-  }, file, line);
-  tl_fiber->wg_open.push_back(op);
-}
-
-void wgmma_commit() {
-  tl_fiber->wg_groups.push_back(std::move(tl_fiber->wg_open));
-  tl_fiber->wg_open.clear();
-}
-
-// Retires all but the newest n groups: D += A B with B read from shared memory now.
-void wgmma_wait(int n) {
-  Block* b = tl_block;
-  const int lane = tl_fiber->linear % 32, t = lane % 4;
-  auto& groups = tl_fiber->wg_groups;
-  while (int(groups.size()) > n) {
-    for (const Wgmma& op : groups.front()) {
-      const uint32_t start = uint32_t(op.desc & 0x3FFFu) << 4, lbo = uint32_t((op.desc >> 16) & 0x3FFFu) << 4,
-                     sbo = uint32_t((op.desc >> 32) & 0x3FFFu) << 4, layout = uint32_t(op.desc >> 62);
-      if (layout != 0 || ((op.desc >> 49) & 7u) != 0)
-        throw std::runtime_error("wgmma model: only the no-swizzle layout with base offset 0 is modelled");
-      auto B = [&](int k, int col) {  // K-major: row col of the N x 16 tile, element k
-        const size_t off = size_t(start) + size_t(col % 8) * 16 + size_t(col / 8) * sbo + size_t(k / 8) * lbo + 2 * size_t(k % 8);
-        if (off + 2 > b->smem_bytes) throw std::runtime_error("wgmma: descriptor reads past the dynamic shared memory");
-        uint16_t bits;
-        std::memcpy(&bits, b->smem + off, 2);
-        return op.half ? bits_to_double(bits, 10, 5) : bits_to_double(bits, 7, 8);
-      };
-      for (int e = 0; e < op.n / 2; ++e) {
-        const int j = e / 4, v0 = e % 2, v1 = (e / 2) % 2, col = 8 * j + 2 * t + v0;
-        double s = op.d[e];
-        for (int k = 0; k < 16; ++k) s += op.arow[v1][k] * B(k, col);
-        op.d[e] = float(s);
-      }
-    }
-    groups.erase(groups.begin());
-  }
-}
-
-void trap(const char* what) { throw std::runtime_error(std::string("device trap: ") + what); }
-
-void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool half, const char* file,
-                  int line) {
-  struct Payload {
-    uint32_t a[4], b[2];
-  } mine{{a[0], a[1], a[2], a[3]}, {b0, b1}};
-  const int lane = tl_fiber->linear % 32, g = lane / 4, t = lane % 4;
-  auto val = [half](uint32_t reg, int which) {
-    const uint32_t bits = (reg >> (16 * which)) & 0xFFFFu;
-    return half ? bits_to_double(bits, 10, 5) : bits_to_double(bits, 7, 8);
-  };
-  float out[4];
-  warp_exchange(&mine, sizeof(mine), [&](const unsigned char* tb, size_t stride) {
-    auto lane_of = [&](int l) { return reinterpret_cast<const Payload*>(tb + stride * l); };
-    auto A = [&](int r, int k) {  // register (r / 8) + 2 (k / 8) of lane 4 (r % 8) + (k % 8) / 2, half k % 2
-      return val(lane_of(4 * (r % 8) + (k % 8) / 2)->a[(r / 8) + 2 * (k / 8)], k % 2);
-    };
-    auto B = [&](int k, int n) { return val(lane_of(4 * n + (k % 8) / 2)->b[k / 8], k % 2); };
-    for (int c = 0; c < 4; ++c) {
-      const int r = g + 8 * (c / 2), n = 2 * t + c % 2;
-      double s = d[c];
-      for (int k = 0; k < 16; ++k) s += A(r, k) * B(k, n);
-      out[c] = float(s);
-    }
-  }, file, line);
-  for (int c = 0; c < 4; ++c) d[c] = out[c];
-}
-
-void cp_async16(void* smem, const void* gmem, int src_bytes) {
-  Copy c{smem, {}, src_bytes};
-  if (src_bytes < 0 || src_bytes > 16) throw std::runtime_error("cp.async with src_bytes outside 0..16");
-  if (src_bytes > 0) std::memcpy(c.data, gmem, size_t(src_bytes));  // the source is read now ...
-  if (env_u64("RK_CPU_CP_ASYNC_EARLY", 0)) {  // ... and lands now (the earliest the hardware may)
-    std::memcpy(smem, c.data, 16);
-    std::memset(static_cast<unsigned char*>(smem) + src_bytes, 0, size_t(16 - src_bytes));
-    return;
-  }
-  tl_fiber->open.push_back(c);
-}
-void cp_async_commit() {
-  tl_fiber->groups.push_back(std::move(tl_fiber->open));
-  tl_fiber->open.clear();
-}
-void cp_async_wait(int n) {  // ... and lands in shared memory only here (the latest it may)
-  auto& g = tl_fiber->groups;
-  while (int(g.size()) > n) {
-    for (const Copy& c : g.front()) {
-      std::memcpy(c.dst, c.data, size_t(c.n));
-      std::memset(static_cast<unsigned char*>(c.dst) + c.n, 0, size_t(16 - c.n));
-    }
-    g.erase(g.begin());
-  }
 }
 
 // ------------------------------------------------------------------ launches
@@ -528,9 +342,6 @@ int blocks_per_sm(const void* kernel, int threads, size_t smem) {
   return int(env_u64("RK_CPU_BLOCKS_PER_SM", 1));
 }
 
-void set_last_error(cudaError_t e) { last_error = e; }
-int fake_arch_version() { return 10 * fake_cc_major(); }
-int fake_ptx_version() { return int(env_u64("RK_CPU_PTX_VERSION", uint64_t(fake_arch_version()))); }
 
 // RK_CPU_TRACE=1: one line per launch on stderr, which tests read to know which path ran.
 void run_grid(const char* name, const void* kernel, dim3 grid, dim3 block, size_t smem, bool cooperative,
@@ -631,51 +442,3 @@ void install_fault_report() {
 }
 
 }  // namespace rk_cpu
-
-// ------------------------------------------------------------------ runtime API
-
-const char* cudaGetErrorString(cudaError_t e) {
-  switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorMemoryAllocation: return "out of memory";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorCooperativeLaunchTooLarge: return "too many blocks in cooperative launch";
-  }
-  return "unknown error";
-}
-cudaError_t cudaGetLastError() {
-  const cudaError_t e = rk_cpu::last_error;
-  rk_cpu::last_error = cudaSuccess;
-  return e;
-}
-cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  switch (attr) {
-    case cudaDevAttrMultiProcessorCount: *value = rk_cpu::fake_sms(); return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMajor: *value = rk_cpu::fake_cc_major(); return cudaSuccess;
-    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = rk_cpu::kSmemOptin; return cudaSuccess;
-  }
-  return cudaErrorInvalidValue;
-}
-cudaError_t cudaMalloc(void** p, size_t bytes) {
-  *p = std::malloc(bytes);
-  if (*p) std::memset(*p, 0xA5, bytes);  // garbage: the caller must initialize
-  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
-}
-cudaError_t cudaFree(void* p) {
-  std::free(p);
-  return cudaSuccess;
-}
-cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t) {
-  std::memset(p, value, bytes);
-  return cudaSuccess;
-}
-cudaError_t cudaStreamCreateWithFlags(cudaStream_t* s, unsigned) {
-  static int token;
-  *s = &token;
-  return cudaSuccess;
-}
-cudaError_t cudaStreamDestroy(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-cudaError_t cudaThreadExchangeStreamCaptureMode(cudaStreamCaptureMode*) { return cudaSuccess; }
