@@ -10,7 +10,10 @@ Writes benchmarks/results/<gpu>/block_circulant_linear.json and toeplitz_linear.
 * cublas    — F.linear on the dense weight of the same shape (the block-circulant
               matrix expanded, in the activation dtype);
 * peers     — "torch_fft": rfft · einsum block products · irfft (the reference,
-              fp32), and "triton": torch.fft transforms + the Triton block-product kernel.
+              fp32), and "triton": torch.fft transforms + the Triton block-product kernel;
+              the CUDA kernel the op does not take at this M: "cuda_large_m" (spectrum sums
+              in registers, forced below REPARAM_BC_LARGE_M_MIN_M, from M = 64) or
+              "cuda_fft_per_block" (the general kernel, forced at or above it).
 
 A plain circulant n×n is the case N = K = b. Toeplitz n×n runs through its
 circulant embedding of size L = 2n (the CUDA kernel takes L <= 4096; larger L
@@ -24,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from common import (Contender, Results, bench_arg_parser, check_rows, measure_ceilings, progress, require_cuda,
-                    rotation_count, run_case, shapes_and_batches, DTYPES)
+                    rotation_count, run_case, shapes_and_batches, with_env, DTYPES)
+from reparam_kernels.cli.env import _min_m
 
 import reparam_kernels
 from reparam_kernels import _dispatch, reference
@@ -82,6 +86,13 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
     backend, why = _dispatch.backend_for(op, "cuda", dtype)
     if size not in (1 << e for e in range(6, 13)):
         backend = "triton" if rk_triton.block_circulant_linear is not None else "reference"
+    if backend == "cuda" and device == "cuda":
+        # the other CUDA kernel at this M (csrc/block_circulant_large_m.cuh vs block_circulant_linear.cu):
+        # the measured crossover sets REPARAM_BC_LARGE_M_MIN_M
+        if M >= (_min_m("REPARAM_BC_LARGE_M_MIN_M", 1024) or float("inf")):
+            peers["cuda_fft_per_block"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "0"), sets)
+        elif M >= 64:
+            peers["cuda_large_m"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "1"), sets)
     rows = run_case(res, dtype=dtype, M=M, N=N, K=K, params={"block": b} if op == "block_circulant_linear" else {"fft_size": b},
                     modes=modes, ours=Contender(ours_fn, sets), cublas=Contender(F.linear, dense), peers=peers,
                     reference=ref, bytes=must_move, flops=_flops(M, N, K, b), backend=backend)

@@ -31,7 +31,8 @@ class RecordOps(TorchDispatchMode):
 def path_cases():
     """(name, layer factory(dtype, device), batches): the shapes that take each CUDA path besides the
     variants' own: register-fed small M with K split over CTAs (int8, int4, both low-rank forms; ranks in
-    multiples of 8), wgmma at 64 < M < 512 (Hopper), and the cuBLAS routes at M >= 512."""
+    multiples of 8), wgmma at 64 < M < 512 (Hopper), the cuBLAS routes at M >= 512, and the
+    block-circulant large-M kernel."""
     from reparam_kernels import nn as rnn
 
     def lin(k, n, dtype, device):
@@ -58,6 +59,9 @@ def path_cases():
          (100,)),
         ("pivoted two-GEMM", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32),
          (600,)),
+        # M >= 1024: spectrum sums in registers (csrc/block_circulant_large_m.cuh); a row tail, N and K off the blocks
+        ("block-circulant large-M", lambda dt, dev: rnn.BlockCirculantLinear.from_linear(lin(1000, 700, dt, dev), 256),
+         (1030,)),
     ]
 
 

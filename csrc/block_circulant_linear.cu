@@ -28,11 +28,15 @@
 // The index math of this file was checked against the float64 reference by a
 // line-by-line NumPy emulation (all stages, padding, DC/Nyquist handling);
 // this session had no GPU to run the kernel itself.
+#include "block_circulant_large_m.cuh"
 #include "common.cuh"
+#include "fft_smem.cuh"
 #include "ops.h"
 
 namespace reparam {
 namespace {
+
+using namespace fft;  // complex helpers, stockham_fft, load_pairs, pack_bin, store_blocks
 
 constexpr int kThreads = 256;
 constexpr int kCap = 4096;  // complex elements per ping-pong buffer
@@ -40,79 +44,9 @@ constexpr int kMaxTm = 16;
 constexpr int kMaxPi = 8;  // output blocks per CTA (large M: each input FFT serves up to 8 of them)
 
 template <class T>
-struct BcArgs {
-  const T* x;      // [M, K]
-  const float* w;  // [p, q, 2, H+1]
-  const T* bias;   // [N] or nullptr
-  T* y;            // [M, N]
-  int64_t M, K, N;
-  int p, q, b, tm, pi;  // pi: output blocks per CTA
+struct BcArgs : bc_large_m::Problem<T> {  // x, w, bias, y, M, K, N, p, q, b
+  int tm, pi;                              // rows and output blocks per CTA
 };
-
-__device__ __forceinline__ float2 cmul(float2 a, float2 b) {
-  return make_float2(a.x * b.x - a.y * b.y, a.x * b.y + a.y * b.x);
-}
-__device__ __forceinline__ float2 cadd(float2 a, float2 b) { return make_float2(a.x + b.x, a.y + b.y); }
-__device__ __forceinline__ float2 csub(float2 a, float2 b) { return make_float2(a.x - b.x, a.y - b.y); }
-__device__ __forceinline__ float2 cscale(float2 a, float s) { return make_float2(a.x * s, a.y * s); }
-// i * a (forward FFT4 uses -i, inverse +i)
-__device__ __forceinline__ float2 times_i(float2 a) { return make_float2(-a.y, a.x); }
-__device__ __forceinline__ float2 times_minus_i(float2 a) { return make_float2(a.y, -a.x); }
-// e^{i pi t}
-__device__ __forceinline__ float2 expipi(float t) {
-  float s, c;
-  sincospif(t, &s, &c);
-  return make_float2(c, s);
-}
-
-// Stockham FFT of `nseq` sequences of length H (power of two, >= 2) stored back
-// to back in `in`; `out` is scratch of the same size. Forward: sign -1,
-// inverse: +1, unnormalized. `tw` holds the twiddles e^{-2 pi i j / H}, j < H
-// (a stage's e^{-2 pi i k / (ns R)} is tw[k H / (ns R)]: one shared-memory read
-// instead of a sincospif per butterfly). Returns the buffer holding the result
-// (natural order). Every thread of the CTA must call it (it synchronizes per
-// stage); the caller synchronizes before (inputs and tw written) — the last
-// stage ends with a barrier, so the result is visible on return.
-__device__ float2* stockham_fft(float2* in, float2* out, const float2* tw, int H, int nseq, bool inverse) {
-  for (int ns = 1; ns < H;) {
-    const int R = (H / ns >= 4) ? 4 : 2;  // uniform across the CTA
-    const int nb = H / R;                 // butterflies per sequence
-    for (int t = threadIdx.x; t < nseq * nb; t += blockDim.x) {
-      const int s = t / nb, j = t - s * nb;
-      const int k = j & (ns - 1);
-      const float2* src = in + s * H;
-      float2* dst = out + s * H;
-      const int idx = (j / ns) * ns * R + k;
-      const float2 tk = tw[k * (H / (ns * R))];
-      const float2 w = inverse ? make_float2(tk.x, -tk.y) : tk;
-      if (R == 4) {
-        const float2 w2 = cmul(w, w);
-        const float2 v0 = src[j];
-        const float2 v1 = cmul(src[j + nb], w);
-        const float2 v2 = cmul(src[j + 2 * nb], w2);
-        const float2 v3 = cmul(src[j + 3 * nb], cmul(w2, w));
-        const float2 s02 = cadd(v0, v2), d02 = csub(v0, v2);
-        const float2 s13 = cadd(v1, v3), d13 = csub(v1, v3);
-        const float2 jd13 = inverse ? times_i(d13) : times_minus_i(d13);
-        dst[idx] = cadd(s02, s13);
-        dst[idx + ns] = cadd(d02, jd13);
-        dst[idx + 2 * ns] = csub(s02, s13);
-        dst[idx + 3 * ns] = csub(d02, jd13);
-      } else {
-        const float2 v0 = src[j];
-        const float2 v1 = cmul(src[j + nb], w);
-        dst[idx] = cadd(v0, v1);
-        dst[idx + ns] = csub(v0, v1);
-      }
-    }
-    __syncthreads();
-    float2* tmp = in;
-    in = out;
-    out = tmp;
-    ns *= R;
-  }
-  return in;
-}
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) {
@@ -135,16 +69,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
   const int nj_max = kCap / (rows * H);
   for (int j0 = 0; j0 < a.q; j0 += nj_max) {
     const int nj = min(nj_max, a.q - j0), nseq = nj * rows;
-    // 1. load: sequence s = jj * rows + mm holds x[m0 + mm, (j0 + jj) * b ...] packed in pairs
-    for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
-      const int s = t / H, n = t - s * H;
-      const int jj = s / rows, mm = s - jj * rows;
-      const int64_t col = int64_t(j0 + jj) * a.b + 2 * n;
-      const T* xr = a.x + (m0 + mm) * a.K;
-      const float re = col < a.K ? to_f32<T>(xr[col]) : 0.f;
-      const float im = col + 1 < a.K ? to_f32<T>(xr[col + 1]) : 0.f;
-      buf_a[s * H + n] = make_float2(re, im);
-    }
+    load_pairs(buf_a, a.x, m0, rows, a.K, j0, nj, a.b);  // 1. sequence s = jj * rows + mm
     __syncthreads();
     // 2. forward FFTs
     const float2* res = stockham_fft(buf_a, buf_b, tw, H, nseq, false);
@@ -189,7 +114,6 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
   // 4-5, per batch of output blocks that fits a buffer: pack each block's Hermitian half spectrum into
   // H complex values (imag of DC and Nyquist ignored), inverse FFT, write y (+ bias).
   const int per_pass = max(1, kCap / (rows * H));
-  const float scale = 1.f / float(H);
   for (int ib = 0; ib < np; ib += per_pass) {
     const int nbk = min(per_pass, np - ib), nseq = nbk * rows;  // sequence s = (ii - ib) * rows + mm
     for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
@@ -203,22 +127,11 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
         av = am[k];
         cv = make_float2(am[H - k].x, -am[H - k].y);
       }
-      const float2 e = cscale(cadd(av, cv), 0.5f);
-      const float2 o = cmul(cscale(csub(av, cv), 0.5f), expipi(float(k) / float(H)));
-      buf_a[s * H + k] = cadd(e, times_i(o));
+      buf_a[s * H + k] = pack_bin(av, cv, k, H);
     }
     __syncthreads();
     const float2* res = stockham_fft(buf_a, buf_b, tw, H, nseq, true);
-    // y[m0 + mm, (i0 + ii)*b + 2n (+1)] = z[n] / H + bias
-    for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
-      const int s = t / H, n = t - s * H;
-      const int ii = ib + s / rows, mm = s % rows;
-      const float2 z = res[s * H + n];
-      const int64_t col = int64_t(i0 + ii) * a.b + 2 * n;
-      T* yr = a.y + (m0 + mm) * a.N;
-      if (col < a.N) yr[col] = from_f32<T>(z.x * scale + (a.bias ? to_f32<T>(a.bias[col]) : 0.f));
-      if (col + 1 < a.N) yr[col + 1] = from_f32<T>(z.y * scale + (a.bias ? to_f32<T>(a.bias[col + 1]) : 0.f));
-    }
+    store_blocks(res, nseq, rows, i0 + ib, a.b, a.y, a.bias, m0, a.N);
     __syncthreads();  // the next batch overwrites the buffers
   }
 }
@@ -249,6 +162,7 @@ int choose_pi(int64_t M, int p, int b, int device) {
 
 template <class T>
 void launch(BcArgs<T> a, int device, cudaStream_t stream) {
+  if (bc_large_m::try_launch<T>(a, device, stream)) return;  // large M: spectrum sums in registers
   auto kernel = block_circulant_kernel<T>;
   static bool configured[64] = {false};  // per template instance and device (> 48 KB needs the opt-in)
   const int slot = (device >= 0 && device < 64) ? device : 0;

@@ -94,9 +94,11 @@ def test_old_gpu_warns_once_when_falling_back(monkeypatch):
 def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
     from reparam_kernels.cli import env
 
-    for var in ("REPARAM_SMALL_M", "REPARAM_DEQUANT_MIN_M", "REPARAM_LOWRANK_CUBLAS_MIN_M", "REPARAM_WGMMA"):
+    for var in ("REPARAM_SMALL_M", "REPARAM_DEQUANT_MIN_M", "REPARAM_LOWRANK_CUBLAS_MIN_M", "REPARAM_WGMMA",
+                "REPARAM_BC_LARGE_M_MIN_M"):
         monkeypatch.delenv(var, raising=False)
     paths = env.cuda_paths()
+    assert paths["bc_large_m"]["min_m"] == 1024
     assert paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] == 512 and paths["lowrank_cublas"]["min_m"] == 512
     assert paths["wgmma"]["on"] and paths["wgmma"]["min_m"] == paths["small_m"]["max_m"] + 1
     monkeypatch.setenv("REPARAM_WGMMA", "0")
@@ -109,3 +111,5 @@ def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
     assert paths["lowrank_cublas"]["min_m"] == 1024
     text = env.render(env.collect())
     assert "OFF [REPARAM_SMALL_M]" in text and "never [REPARAM_DEQUANT_MIN_M]" in text
+    monkeypatch.setenv("REPARAM_BC_LARGE_M_MIN_M", "0")
+    assert "never [REPARAM_BC_LARGE_M_MIN_M]" in env.render(env.collect())

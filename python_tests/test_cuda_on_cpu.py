@@ -242,6 +242,22 @@ def test_block_circulant_and_toeplitz(rng):
     check(cases, refs, env={"RK_CPU_SMS": "8"})
 
 
+def test_block_circulant_large_m_path(rng):
+    # csrc/block_circulant_large_m.cuh forced at small M: every block size (its four register layouts),
+    # row tails (M not a multiple of TM), N and K not multiples of b, output block groups cut short
+    # by p (and p = 71 > 64 at b = 64: two groups), several passes over the input blocks (K = 4100
+    # at b = 256: 16 + 1), every dtype
+    cases, refs = [], []
+    for M, K, N, b, dtype in [(11, 4100, 2300, 256, torch.float16), (9, 1000, 4500, 64, torch.bfloat16),
+                              (3, 1500, 1500, 128, torch.float32), (10, 700, 1100, 512, torch.float16),
+                              (5, 1500, 2100, 1024, torch.bfloat16), (6, 2048, 4000, 2048, torch.float32),
+                              (5, 4000, 4096, 4096, torch.float16)]:
+        x, spec, cols, bias = structured.make(rng, (M,), K, N, b, dtype)
+        cases.append({"op": "block_circulant_linear", "args": [x, spec, bias if M % 2 else None], "ints": [b, N]})
+        refs.append(structured.exact(x, cols, N, bias if M % 2 else None))
+    check(cases, refs, env={"REPARAM_BC_LARGE_M_MIN_M": "1", "RK_CPU_SMS": "8"}, kernel="bc_large_m")
+
+
 # ------------------------------------------------------------------ the harness catches bugs
 
 MUTATIONS = {
@@ -321,3 +337,30 @@ def test_divergent_barrier_is_caught(rng):
     mutation = ("split_k_counters.h", "  __syncthreads();  // (also:", "  if (threadIdx.x % 64 != 5) __syncthreads();  // (")
     with pytest.raises(cuda_on_cpu.KernelError, match="divergent|deadlock"):
         cuda_on_cpu.run_cases([c], mutations=[mutation])
+
+
+BC_MUTATIONS = {
+    # the next pass's load (and the final sums) overwrite the transforms other threads still read
+    "missing barrier": ("block_circulant_large_m.cuh", "    __syncthreads();  // res is overwritten", "    // res is"),
+    # the Nyquist bin split with the DC sign
+    "nyquist sign": ("block_circulant_large_m.cuh", "(z0.x - z0.y)", "(z0.x + z0.y)"),
+    # the conjugate partner of bin k taken at k instead of H - k
+    "partner bin": ("block_circulant_large_m.cuh", "const int kc = k == 0 ? 0 : H - k;", "const int kc = k;"),
+}
+
+
+@pytest.mark.parametrize("name", list(BC_MUTATIONS))
+def test_mutated_block_circulant_large_m_is_caught(rng, name):
+    # two passes over the input blocks (K = 4100, b = 256: 16 + 1), a row tail, two output block
+    # groups (p = 18: 16 + 2)
+    x, spec, cols, bias = structured.make(rng, (11,), 4100, 4400, 256, torch.float16)
+    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, 4400]}
+    r = structured.exact(x, cols, 4400, bias)
+    env = {"REPARAM_BC_LARGE_M_MIN_M": "1", "RK_CPU_SEED": "2"}
+
+    def passes(results):
+        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
+
+    results = cuda_on_cpu.run_cases([c], env)
+    assert "bc_large_m" in results[0][1][0] and passes(results)
+    assert not passes(cuda_on_cpu.run_cases([c], env, mutations=[BC_MUTATIONS[name]]))

@@ -1,13 +1,14 @@
 """Which CUDA kernels each op really launches at a given M, read from the profiler: a path that
 silently falls back (a build without its code, a check that never passes) would otherwise only
-show as a benchmark that equals its peer. The expected paths are docs/quant.md's and
-docs/lowrank_kernel.md's (and `python -m reparam_kernels env`)."""
+show as a benchmark that equals its peer. The expected paths are docs/quant.md's,
+docs/lowrank_kernel.md's and docs/structured.md's (and `python -m reparam_kernels env`)."""
 import pytest
 import torch
 
 import test_lowrank_op as plain
+import test_structured_op as structured
 from test_quant_small_m_gpu import make, run
-from conftest import HAS_GPU
+from conftest import HAS_GPU, TOL, env_var, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -44,3 +45,25 @@ def test_lowrank_takes_its_path(rng, M, expected):
         assert names and not any(k in names for k in ("lowrank_kernel", "small_m", "wgmma_kernel"))
     else:
         assert expected in names
+
+
+@pytest.mark.parametrize("M,expected", [(1, "block_circulant_kernel"), (256, "block_circulant_kernel"),
+                                        (2048, "bc_large_m")])
+def test_block_circulant_takes_its_path(rng, M, expected):
+    x, spec, _, bias = structured.make(rng, (M,), 4096, 4096, 256, torch.float16, device="cuda")
+    assert expected in kernels(lambda: torch.ops.reparam.block_circulant_linear(x, spec, 256, 4096, bias))
+
+
+@pytest.mark.parametrize("forced", ["1", "0"])  # the large-M kernel everywhere / never
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_block_circulant_both_kernels_match_float64(rng, forced, dtype):
+    # every block size (the large-M kernel's four register layouts), row tails, N and K off the blocks
+    for M, K, N, b in [(11, 4100, 2300, 256), (1030, 1000, 700, 64), (3, 1500, 1500, 128), (300, 700, 1100, 512),
+                       (5, 1500, 2100, 1024), (6, 2048, 4000, 2048), (1029, 4000, 4096, 4096)]:
+        x, spec, cols, bias = structured.make(rng, (M,), K, N, b, dtype, device="cuda")
+        torch.full((64 << 20,), float("nan"), device="cuda", dtype=torch.float16)  # poison the cache
+        with env_var("REPARAM_BC_LARGE_M_MIN_M", forced):
+            y = torch.ops.reparam.block_circulant_linear(x, spec, b, N, bias)
+            torch.cuda.synchronize()
+        err = rel_err(y, structured.exact(x, cols, N, bias))
+        assert torch.isfinite(y).all() and err <= {torch.float32: 1e-4}.get(dtype, TOL[dtype]), (M, K, N, b, err)

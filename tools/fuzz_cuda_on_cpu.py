@@ -52,7 +52,7 @@ def make_case(r, gen):
         x, u, w, perm, b = piv.make(gen, (M,), K, N, r_, dtype, bias=r.random() < 0.5)
         return {"op": op, "args": [x, u, w, perm, b]}, piv.exact(x, u, w, perm, b), dtype
     if op == "block_circulant_linear":
-        bs = r.choice([64, 128, 256, 512])
+        bs = r.choice([64, 128, 256, 512, 1024])
         K, N = r.randint(1, 6) * bs - r.choice([0, 0, 5]), r.randint(1, 6) * bs - r.choice([0, 0, 3])
         dtype = r.choice([torch.float16, torch.bfloat16, torch.float32])
         x, spec, cols, bias = structured.make(gen, (min(M, 300),), K, N, bs, dtype, bias=r.random() < 0.5)
@@ -74,7 +74,8 @@ def random_env(r):
            "RK_CPU_SEED": str(r.randint(1, 10**6)), "RK_CPU_CC_MAJOR": r.choice(["9", "9", "8"])}
     for var, values in (("REPARAM_SMALL_M", ["0"]), ("REPARAM_WGMMA", ["0"]), ("REPARAM_WGMMA_MIN_M", ["1", "33"]),
                         ("REPARAM_WGMMA_BN", ["64"]), ("REPARAM_DEQUANT_MIN_M", ["0", "100"]),
-                        ("REPARAM_LOWRANK_CUBLAS_MIN_M", ["0", "100"]), ("RK_CPU_CP_ASYNC_EARLY", ["1"])):
+                        ("REPARAM_LOWRANK_CUBLAS_MIN_M", ["0", "100"]), ("RK_CPU_CP_ASYNC_EARLY", ["1"]),
+                        ("REPARAM_BC_LARGE_M_MIN_M", ["1", "9", "0"])):
         if r.random() < 0.25:
             env[var] = r.choice(values)
     return env

@@ -63,7 +63,10 @@ def cuda_paths():
                                "ops": "int8_linear, int4_linear, lut_linear"},
             "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 512),
                                "switch": "REPARAM_LOWRANK_CUBLAS_MIN_M",
-                               "ops": "lowrank_linear, pivoted_lowrank_linear"}}
+                               "ops": "lowrank_linear, pivoted_lowrank_linear"},
+            "bc_large_m": {"min_m": _min_m("REPARAM_BC_LARGE_M_MIN_M", 1024),  # csrc/block_circulant_large_m.cuh
+                           "switch": "REPARAM_BC_LARGE_M_MIN_M",
+                           "ops": "block_circulant_linear, toeplitz_linear"}}
 
 
 def collect():
@@ -107,13 +110,14 @@ def render(info):
     lines.append(f"CUDA extension: {'loaded' if info['extension_loaded'] else 'NOT loaded'} — {info['extension']}")
     paths = info["cuda_paths"]
     sm, dq, lr = paths["small_m"], paths["dequant_cublas"], paths["lowrank_cublas"]
-    lines.append("CUDA paths by batch M (docs/quant.md, docs/lowrank_kernel.md):")
+    lines.append("CUDA paths by batch M (docs/quant.md, docs/lowrank_kernel.md, docs/structured.md):")
     lines.append(f"  M <= {sm['max_m']}: register-fed tensor cores ({sm['ops']}): "
                  f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]")
     wg = paths["wgmma"]
     lines.append(f"  {wg['min_m']} <= M < the cuBLAS thresholds below: warpgroup MMA ({wg['ops']}): "
                  f"{'on' if wg['on'] else 'OFF'} [{wg['switch']}, REPARAM_WGMMA_MIN_M]")
-    for name, d in (("dequantize + cuBLAS", dq), ("two cuBLAS GEMMs", lr)):
+    for name, d in (("dequantize + cuBLAS", dq), ("two cuBLAS GEMMs", lr),
+                    ("spectrum sums in registers", paths["bc_large_m"])):
         when = f"M >= {d['min_m']}" if d["min_m"] else "never"
         lines.append(f"  {name} ({d['ops']}): {when} [{d['switch']}]")
     lines.append("")
