@@ -65,7 +65,7 @@ __device__ __forceinline__ void load_spectrum(float2 (&s)[IG], const Problem<T>&
 }
 
 template <class T, int TM, int IG, int NB>
-__global__ void __launch_bounds__(kThreads) kernel(Problem<T> a) {
+__global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
   extern __shared__ __align__(16) float2 smem[];
   float2* buf_a = smem;
   float2* buf_b = smem + kBuf;
@@ -128,11 +128,19 @@ __global__ void __launch_bounds__(kThreads) kernel(Problem<T> a) {
         }
       }
     }
-    if (nyq_owner) {  // X_j[H] = Z_j[0].re - Z_j[0].im, real; S_ij[H] real
+    if (nyq_owner) {  // X_j[H] = Z_j[0].re - Z_j[0].im, real; S_ij[H] real; kBatch loads in flight at once
       const float* wi = a.w + (int64_t(i0 + nyq_i) * a.q + j0) * 2 * hb + H;
-      for (int jj = 0; jj < nj; ++jj) {
-        const float2 z0 = res[(jj * rows + nyq_mm) * H];
-        nyq += wi[int64_t(jj) * 2 * hb] * (z0.x - z0.y);
+      for (int jb = 0; jb < nj; jb += kBatch) {
+        float sv[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) sv[u] = jb + u < nj ? __ldg(wi + int64_t(jb + u) * 2 * hb) : 0.f;
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (jb + u < nj) {
+            const float2 z0 = res[((jb + u) * rows + nyq_mm) * H];
+            nyq += sv[u] * (z0.x - z0.y);
+          }
+        }
       }
     }
     __syncthreads();  // res is overwritten by the next load (or by the sums below)
@@ -162,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) kernel(Problem<T> a) {
   }
   __syncthreads();
   const float2* res = stockham_fft(buf_b, buf_a, tw, H, nseq, true);
-  store_blocks(res, nseq, rows, i0, a.b, a.y, a.bias, m0, a.N);
+  store_blocks(res, nseq, rows, i0, a.b, a.y, a.bias, 0, m0, a.N);
 }
 
 inline size_t smem_bytes(int b) { return (2 * size_t(kBuf) + size_t(b / 2) + 128) * sizeof(float2); }

@@ -22,12 +22,13 @@
 // throughout.
 //
 // Shared memory: two CAP-element complex buffers (64 KB) + the H twiddles of the FFTs
-// (<= 16 KB) + pi*TM*(H+1) complex accumulators (16.5 KB per output block). TM = clamp(4096 / b, 1, 16); NJ =
-// CAP / (rows*H) input blocks per pass.
+// (<= 16 KB) + pi*TM*(H+1) complex accumulators (16.5 KB per output block) [+ the staged spectrum
+// slice and bias, when they fit]. TM = clamp(4096 / b, 1, 16), halved while the grid leaves SMs
+// idle (choose_tm); NJ = CAP / (rows*H) input blocks per pass. M >= 1024 takes
+// block_circulant_large_m.cuh instead.
 //
-// The index math of this file was checked against the float64 reference by a
-// line-by-line NumPy emulation (all stages, padding, DC/Nyquist handling);
-// this session had no GPU to run the kernel itself.
+// Checked on the CPU through this source (python_tests/test_cuda_on_cpu.py) and, for its index math,
+// by a line-by-line NumPy emulation; not yet run on a GPU.
 #include "block_circulant_large_m.cuh"
 #include "common.cuh"
 #include "fft_smem.cuh"
@@ -46,7 +47,16 @@ constexpr int kMaxPi = 8;  // output blocks per CTA (large M: each input FFT ser
 template <class T>
 struct BcArgs : bc_large_m::Problem<T> {  // x, w, bias, y, M, K, N, p, q, b
   int tm, pi;                              // rows and output blocks per CTA
+  int stage_w;                             // 1: the CTA's spectrum slice is copied to shared memory first
 };
+
+// Shared memory, in float2 units: two buffers, the twiddles, the accumulators; then (stage_w) the
+// CTA's pi x q spectrum blocks as floats, 16-byte aligned, with room for the copy's alignment slack,
+// and the bias of its pi * b columns (16-byte aligned: stage_floats is a multiple of 4).
+__host__ __device__ inline int64_t stage_offset(int b, int tm, int pi) {
+  return (2 * int64_t(kCap) + b / 2 + int64_t(pi) * tm * (b / 2 + 1) + 1) & ~int64_t(1);
+}
+__host__ __device__ inline int64_t stage_floats(int b, int pi, int q) { return (int64_t(pi) * q * (b + 2) + 11) & ~int64_t(3); }
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) {
@@ -62,6 +72,32 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
   const int np = min(a.pi, a.p - i0);         // output blocks of this CTA
   const int per_block = rows * hb;            // accumulators per output block
 
+  // The spectrum blocks (i0 .. i0 + np - 1, all j): read once per (row, bin) in the products below, each
+  // input block's values used at once; from global memory those are q dependent round trips per thread.
+  // Staged (with the bias, else read only at the very end), they are one batch of cp.async in flight
+  // during the x load and the forward FFTs.
+  const float* wsrc = a.w + int64_t(i0) * a.q * 2 * hb;  // block (i0, 0); blocks (i, j) at ((i - i0) q + j) 2 hb
+  const T* bias_src = a.bias;  // bias_src[c - bias_col0]: column c's bias
+  int64_t bias_col0 = 0;
+  if (a.stage_w) {  // the host checked that a.w is 16-byte aligned and the slice fits
+    float* ws = reinterpret_cast<float*>(smem + stage_offset(a.b, a.tm, a.pi));
+    const int shift = int(reinterpret_cast<uintptr_t>(wsrc) & 15);  // 0 or 8 bytes (2 hb floats a block)
+    const char* g16 = reinterpret_cast<const char*>(wsrc) - shift;  // still inside w: w itself is aligned
+    const int64_t nbytes = int64_t(np) * a.q * 2 * hb * 4 + shift;
+    for (int64_t c = threadIdx.x; c * 16 < nbytes; c += blockDim.x)
+      cp_async16(ws + 4 * c, g16 + 16 * c, int(nbytes - 16 * c < 16 ? nbytes - 16 * c : 16));
+    if (a.bias != nullptr) {  // and the bias of the CTA's columns (i0 b is a multiple of 64 elements)
+      const int64_t bbytes = (min(int64_t(np) * a.b, a.N - int64_t(i0) * a.b)) * int64_t(sizeof(T));
+      const char* gb = reinterpret_cast<const char*>(a.bias + int64_t(i0) * a.b);
+      char* bs = reinterpret_cast<char*>(ws + stage_floats(a.b, a.pi, a.q));
+      for (int64_t c = threadIdx.x; c * 16 < bbytes; c += blockDim.x)
+        cp_async16(bs + 16 * c, gb + 16 * c, int(bbytes - 16 * c < 16 ? bbytes - 16 * c : 16));
+      bias_src = reinterpret_cast<const T*>(bs);
+      bias_col0 = int64_t(i0) * a.b;
+    }
+    cp_async_commit();
+    wsrc = ws + shift / 4;
+  }
   for (int t = threadIdx.x; t < np * per_block; t += blockDim.x) acc[t] = make_float2(0.f, 0.f);
   for (int t = threadIdx.x; t < H; t += blockDim.x) tw[t] = expipi(-2.f * float(t) / float(H));  // read after the load's barrier
 
@@ -70,6 +106,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
   for (int j0 = 0; j0 < a.q; j0 += nj_max) {
     const int nj = min(nj_max, a.q - j0), nseq = nj * rows;
     load_pairs(buf_a, a.x, m0, rows, a.K, j0, nj, a.b);  // 1. sequence s = jj * rows + mm
+    cp_async_wait<0>();  // the staged spectrum (first pass; nothing outstanding later)
     __syncthreads();
     // 2. forward FFTs
     const float2* res = stockham_fft(buf_a, buf_b, tw, H, nseq, false);
@@ -95,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
           const float2 o = times_minus_i(cscale(csub(zk, c), 0.5f));  // FFT of odd samples
           xk = cadd(e, cmul(wk, o));
         }
-        const float* wj = a.w + (int64_t(i0) * a.q + (j0 + jj)) * 2 * hb;  // block (i0, j0 + jj)
+        const float* wj = wsrc + int64_t(j0 + jj) * 2 * hb;  // block (i0, j0 + jj)
 #pragma unroll
         for (int ii = 0; ii < kMaxPi; ++ii) {
           if (ii < np) {
@@ -131,30 +168,40 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
     }
     __syncthreads();
     const float2* res = stockham_fft(buf_a, buf_b, tw, H, nseq, true);
-    store_blocks(res, nseq, rows, i0 + ib, a.b, a.y, a.bias, m0, a.N);
+    store_blocks(res, nseq, rows, i0 + ib, a.b, a.y, bias_src, bias_col0, m0, a.N);
     __syncthreads();  // the next batch overwrites the buffers
   }
 }
 
 int rows_per_cta(int b) { return std::max(1, std::min(kMaxTm, 4096 / b)); }
 
-size_t smem_bytes(int b, int pi) {  // two buffers, the twiddle table, the accumulators
-  return (2 * size_t(kCap) + size_t(b / 2) + size_t(pi) * rows_per_cta(b) * (b / 2 + 1)) * sizeof(float2);
+size_t smem_bytes(int b, int tm, int pi) {  // two buffers, the twiddle table, the accumulators
+  return (2 * size_t(kCap) + size_t(b / 2) + size_t(pi) * tm * (b / 2 + 1)) * sizeof(float2);
 }
 
 int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
+
+// Rows per CTA: up to rows_per_cta(b) (the buffers hold rows x H x nj), halved while the grid of
+// one CTA per (row tile, output block) would leave SMs idle. At M = 16, 4096², b = 256 that is 1 row
+// and 256 CTAs instead of 16 rows in 16 CTAs, each making 8 passes one after another.
+int choose_tm(int64_t M, int p, int b, int device) {
+  const int64_t want = sm_count(device);
+  int tm = rows_per_cta(b);
+  while (tm > 1 && (M + tm - 1) / tm * p < want) tm /= 2;
+  return tm;
+}
 
 // Output blocks per CTA: 1 while the grid is small (decode: every output block its own CTA), else the
 // largest divisor of p up to kMaxPi that still leaves >= 1 CTA per SM and fits shared memory (with
 // pi > 1 a CTA needs > 80 KB, so one runs per SM anyway). Each input FFT then serves pi output
 // blocks instead of being recomputed for every one of them.
-int choose_pi(int64_t M, int p, int b, int device) {
-  const int64_t tiles = (M + rows_per_cta(b) - 1) / rows_per_cta(b);
+int choose_pi(int64_t M, int tm, int p, int b, int device) {
+  const int64_t tiles = (M + tm - 1) / tm;
   const int64_t want = sm_count(device);
   int pi = 1;
   for (int c = 2; c <= std::min(kMaxPi, p); ++c) {
     if (p % c != 0) continue;
-    if (tiles * (p / c) < want || smem_bytes(b, c) > size_t(max_smem_optin(device))) break;
+    if (tiles * (p / c) < want || smem_bytes(b, tm, c) > size_t(max_smem_optin(device))) break;
     pi = c;
   }
   return pi;
@@ -170,10 +217,17 @@ void launch(BcArgs<T> a, int device, cudaStream_t stream) {
     RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_optin(device)));
     configured[slot] = true;
   }
-  a.tm = rows_per_cta(a.b);
-  a.pi = choose_pi(a.M, a.p, a.b, device);
+  a.tm = choose_tm(a.M, a.p, a.b, device);
+  a.pi = choose_pi(a.M, a.tm, a.p, a.b, device);
+  // stage the spectrum slice and the bias when they fit beside the rest (decode: q (b + 2) floats,
+  // 16.5 KB for 4096² at b = 256) and the copies' 16-byte source alignment holds
+  const size_t staged = size_t(stage_offset(a.b, a.tm, a.pi)) * sizeof(float2) +
+                        size_t(stage_floats(a.b, a.pi, a.q)) * sizeof(float) +
+                        (a.bias != nullptr ? size_t(a.pi) * a.b * sizeof(T) : 0);
+  a.stage_w = staged <= size_t(max_smem_optin(device)) &&
+              (reinterpret_cast<uintptr_t>(a.w) | reinterpret_cast<uintptr_t>(a.bias)) % 16 == 0;
   const dim3 grid(unsigned((a.M + a.tm - 1) / a.tm), unsigned((a.p + a.pi - 1) / a.pi));
-  kernel<<<grid, kThreads, smem_bytes(a.b, a.pi), stream>>>(a);
+  kernel<<<grid, kThreads, a.stage_w ? staged : smem_bytes(a.b, a.tm, a.pi), stream>>>(a);
   RK_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -74,21 +74,44 @@ __device__ float2* stockham_fft(float2* in, float2* out, const float2* tw, int H
   return in;
 }
 
+// Runs v = load(t) for kBatch indices t < total of this thread, then use(t, v) for each: a batch's
+// global loads are in flight together instead of one round trip per index (at M = 1, b = 4096 a
+// thread has 8 pairs of x to load; one at a time that is 8 DRAM round trips).
+constexpr int kBatch = 8;
+
+template <class V, class Load, class Use>
+__device__ __forceinline__ void batched(int total, Load load, Use use) {
+  for (int t0 = 0; t0 < total; t0 += kBatch * int(blockDim.x)) {
+    V v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int t = t0 + u * int(blockDim.x) + int(threadIdx.x);
+      v[u] = t < total ? load(t) : V{};
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int t = t0 + u * int(blockDim.x) + int(threadIdx.x);
+      if (t < total) use(t, v[u]);
+    }
+  }
+}
+
 // Loads x rows m0 .. m0 + rows - 1, input blocks j0 .. j0 + nj - 1, as H = b / 2 complex pairs
 // z[n] = x[2n] + i x[2n + 1] (the real-input trick: a length-H complex FFT gives the length-b real
 // FFT), zero beyond K. Sequence s = jj * rows + mm goes to buf[s * H ..]. No barrier.
 template <class T>
 __device__ void load_pairs(float2* buf, const T* x, int64_t m0, int rows, int64_t K, int j0, int nj, int b) {
   const int H = b >> 1;
-  for (int t = threadIdx.x; t < nj * rows * H; t += blockDim.x) {
-    const int s = t / H, n = t - s * H;
-    const int jj = s / rows, mm = s - jj * rows;
-    const int64_t col = int64_t(j0 + jj) * b + 2 * n;
-    const T* xr = x + (m0 + mm) * K;
-    const float re = col < K ? to_f32<T>(xr[col]) : 0.f;
-    const float im = col + 1 < K ? to_f32<T>(xr[col + 1]) : 0.f;
-    buf[s * H + n] = make_float2(re, im);
-  }
+  batched<float2>(
+      nj * rows * H,
+      [&](int t) {
+        const int s = t / H, n = t - s * H;
+        const int jj = s / rows, mm = s - jj * rows;
+        const int64_t col = int64_t(j0 + jj) * b + 2 * n;
+        const T* xr = x + (m0 + mm) * K;
+        return make_float2(col < K ? to_f32<T>(xr[col]) : 0.f, col + 1 < K ? to_f32<T>(xr[col + 1]) : 0.f);
+      },
+      [&](int t, float2 v) { buf[t] = v; });  // t = s * H + n
 }
 
 // z = av + i * (the odd part) for one bin k of the inverse real FFT: av = A[k], cv = conj(A[H - k])
@@ -101,21 +124,29 @@ __device__ __forceinline__ float2 pack_bin(float2 av, float2 cv, int k, int H) {
 
 // y[m0 + mm, (i0 + s / rows) * b + 2n (+1)] = res[s][n] / H + bias for the nseq inverse transforms in
 // res (sequence s = output block (s / rows) of the group starting at i0, row mm = s % rows); columns
-// >= N dropped. No barrier.
+// >= N dropped. No barrier. bias[c - bias_col0] is column c's bias (a copy in shared memory of the
+// CTA's columns, or all of it with bias_col0 = 0), loaded in batches before use.
 template <class T>
-__device__ void store_blocks(const float2* res, int nseq, int rows, int i0, int b, T* y, const T* bias, int64_t m0,
-                             int64_t N) {
+__device__ void store_blocks(const float2* res, int nseq, int rows, int i0, int b, T* y, const T* bias,
+                             int64_t bias_col0, int64_t m0, int64_t N) {
   const int H = b >> 1;
   const float scale = 1.f / float(H);
-  for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
-    const int s = t / H, n = t - s * H;
-    const int ii = s / rows, mm = s - ii * rows;
-    const float2 z = res[s * H + n];
-    const int64_t col = int64_t(i0 + ii) * b + 2 * n;
-    T* yr = y + (m0 + mm) * N;
-    if (col < N) yr[col] = from_f32<T>(z.x * scale + (bias ? to_f32<T>(bias[col]) : 0.f));
-    if (col + 1 < N) yr[col + 1] = from_f32<T>(z.y * scale + (bias ? to_f32<T>(bias[col + 1]) : 0.f));
-  }
+  auto column = [&](int t) { return int64_t(i0 + t / H / rows) * b + 2 * (t % H); };
+  batched<float2>(
+      nseq * H,
+      [&](int t) {
+        const int64_t col = column(t);
+        const T* bc = bias + (col - bias_col0);
+        return bias == nullptr ? make_float2(0.f, 0.f)
+                               : make_float2(col < N ? to_f32<T>(bc[0]) : 0.f, col + 1 < N ? to_f32<T>(bc[1]) : 0.f);
+      },
+      [&](int t, float2 bv) {
+        const int64_t col = column(t);
+        const float2 z = res[t];
+        T* yr = y + (m0 + (t / H) % rows) * N;
+        if (col < N) yr[col] = from_f32<T>(z.x * scale + bv.x);
+        if (col + 1 < N) yr[col + 1] = from_f32<T>(z.y * scale + bv.y);
+      });
 }
 
 }  // namespace fft

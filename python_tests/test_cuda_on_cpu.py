@@ -242,6 +242,17 @@ def test_block_circulant_and_toeplitz(rng):
     check(cases, refs, env={"RK_CPU_SMS": "8"})
 
 
+@pytest.mark.parametrize("sms,M", [(132, 16), (132, 7), (40, 38)])
+def test_block_circulant_rows_per_cta_shrink_to_fill_the_gpu(rng, sms, M):
+    # few rows, many SMs: the general kernel's row tile halves until the grid fills them (1 row a CTA
+    # at M = 16 or 7 on 132 SMs; 4 rows with a 2-row tail at M = 38 on 40 SMs)
+    x, spec, cols, bias = structured.make(rng, (M,), 1000, 1024, 256, torch.float16)
+    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, 1024]}
+    traces = check([c], [structured.exact(x, cols, 1024, bias)], env={"RK_CPU_SMS": str(sms)})
+    tiles = M if sms == 132 else 10
+    assert f"grid ({tiles},4,1)" in traces[0][0], traces
+
+
 def test_block_circulant_large_m_path(rng):
     # csrc/block_circulant_large_m.cuh forced at small M: every block size (its four register layouts),
     # row tails (M not a multiple of TM), N and K not multiples of b, output block groups cut short
@@ -347,6 +358,32 @@ BC_MUTATIONS = {
     # the conjugate partner of bin k taken at k instead of H - k
     "partner bin": ("block_circulant_large_m.cuh", "const int kc = k == 0 ? 0 : H - k;", "const int kc = k;"),
 }
+
+
+BC_STAGE_MUTATIONS = {
+    # the staged spectrum read before its copies landed
+    "no cp.async wait": ("block_circulant_linear.cu", "    cp_async_wait<0>();  // the staged spectrum", "    // the staged"),
+    # the 8-byte alignment slack of odd CTAs' slices ignored
+    "stage shift": ("block_circulant_linear.cu", "    wsrc = ws + shift / 4;", "    wsrc = ws;"),
+    # the bias indexed as the staged copy but read from global memory (every CTA but the first wrong)
+    "staged bias": ("block_circulant_linear.cu", "      bias_src = reinterpret_cast<const T*>(bs);\n", ""),
+}
+
+
+@pytest.mark.parametrize("name", list(BC_STAGE_MUTATIONS))
+def test_mutated_block_circulant_staging_is_caught(rng, name):
+    # decode: one CTA per output block, its spectrum slice staged by cp.async; q = 3 at b = 256 puts
+    # odd CTAs' slices 8 bytes off a 16-byte boundary
+    x, spec, cols, bias = structured.make(rng, (3,), 700, 1100, 256, torch.float16)
+    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, 1100]}
+    r = structured.exact(x, cols, 1100, bias)
+
+    def passes(results):
+        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
+
+    results = cuda_on_cpu.run_cases([c], {"RK_CPU_SEED": "4"})
+    assert "BcArgs" in results[0][1][0] and passes(results)
+    assert not passes(cuda_on_cpu.run_cases([c], {"RK_CPU_SEED": "4"}, mutations=[BC_STAGE_MUTATIONS[name]]))
 
 
 @pytest.mark.parametrize("name", list(BC_MUTATIONS))

@@ -138,6 +138,8 @@ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b
 void cp_async16(void* smem, const void* gmem, int src_bytes) {
   Copy c{smem, {}, src_bytes};
   if (src_bytes < 0 || src_bytes > 16) throw std::runtime_error("cp.async with src_bytes outside 0..16");
+  if ((reinterpret_cast<uintptr_t>(smem) | reinterpret_cast<uintptr_t>(gmem)) % 16 != 0)
+    throw std::runtime_error("cp.async of 16 bytes with a source or destination not 16-byte aligned");
   if (src_bytes > 0) std::memcpy(c.data, gmem, size_t(src_bytes));  // the source is read now ...
   static const bool early = env_u64("RK_CPU_CP_ASYNC_EARLY", 0) != 0;  // read once: this runs per copy
   if (early) {  // ... and lands now (the earliest the hardware may)
