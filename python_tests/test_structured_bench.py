@@ -44,3 +44,13 @@ def test_bench_structured_without_gpu_exits_clearly(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         bench.main(["--quick"])
+
+
+def test_quick_run_measures_the_issue_targets_first():
+    bench = importlib.import_module("bench_structured")
+    _, batches = common.shapes_and_batches(True)
+    dtypes = [torch.float16, torch.bfloat16]
+    cases = bench.case_list(bench.QUICK_STRUCTURED_SHAPES, bench.QUICK_BLOCKS, batches, dtypes, targets_first=True)
+    assert cases[:len(bench.QUICK_TARGETS)] == [(*t, torch.float16) for t in bench.QUICK_TARGETS]
+    assert len(cases) == len(set(cases))  # each case once
+    assert set(bench.case_list(bench.QUICK_STRUCTURED_SHAPES, bench.QUICK_BLOCKS, batches, dtypes)) <= set(cases)
