@@ -44,3 +44,13 @@ def test_bench_quant_without_gpu_exits_clearly(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         bench.main(["--quick"])
+
+
+def test_quick_run_interleaves_the_ops():
+    # a run cut short by the GPU budget must hold every op's first cases (issue 3 sets targets for all three)
+    bench = importlib.import_module("bench_quant")
+    shapes, batches = common.shapes_and_batches(True)
+    cases = bench.case_list(bench.OPS, shapes, batches, [torch.float16, torch.bfloat16])
+    assert [c[0] for c in cases[:len(bench.OPS)]] == list(bench.OPS)
+    assert cases[0][1:] == (*shapes[0], batches[0], torch.float16)
+    assert len(cases) == len(set(cases)) == len(bench.OPS) * len(shapes) * len(batches) * 2
