@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
     const float2* am = buf_a + s * H;
     const float2 av = k == 0 ? make_float2(am[0].x, 0.f) : am[k];
     const float2 cv = k == 0 ? make_float2(nyq_s[s], 0.f) : make_float2(am[H - k].x, -am[H - k].y);
-    buf_b[e] = pack_bin(av, cv, k, H);
+    buf_b[swizzled(e)] = pack_bin(av, cv, k, H);  // stockham_fft's input layout
   }
   __syncthreads();
   const float2* res = stockham_fft(buf_b, buf_a, tw, H, nseq, true);

@@ -10,8 +10,8 @@
 //   1. loads x_j of its rows into shared memory as H = b/2 complex values
 //      z[n] = x[2n] + i x[2n+1] (real-input trick: a length-H complex FFT
 //      gives the length-b real FFT), zero-padded beyond K;
-//   2. runs an in-shared-memory Stockham FFT (radix-4 stages, one radix-2
-//      stage when log2 H is odd; ping-pong buffers, natural order out);
+//   2. runs an in-shared-memory Stockham FFT (fft_smem.cuh: radix-16 passes, the 16-point
+//      DFT in registers; ping-pong buffers, swizzled input, natural order out);
 //   3. splits the result into the b/2+1 bins of rfft(x_j) (once) and accumulates
 //      S_ij * X_j for its pi output blocks into per-row spectrum accumulators
 //      (each thread owns (row, bin) pairs and keeps the pi sums in registers for
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
         av = am[k];
         cv = make_float2(am[H - k].x, -am[H - k].y);
       }
-      buf_a[s * H + k] = pack_bin(av, cv, k, H);
+      buf_a[swizzled(s * H + k)] = pack_bin(av, cv, k, H);  // stockham_fft's input layout
     }
     __syncthreads();
     const float2* res = stockham_fft(buf_a, buf_b, tw, H, nseq, true);

@@ -25,47 +25,144 @@ __device__ __forceinline__ float2 expipi(float t) {
   return make_float2(c, s);
 }
 
-// Stockham FFT of `nseq` sequences of length H (power of two, >= 2) stored back
-// to back in `in`; `out` is scratch of the same size. Forward: sign -1,
-// inverse: +1, unnormalized. `tw` holds the twiddles e^{-2 pi i j / H}, j < H
-// (a stage's e^{-2 pi i k / (ns R)} is tw[k H / (ns R)]: one shared-memory read
-// instead of a sincospif per butterfly). Returns the buffer holding the result
-// (natural order). Every thread of the CTA must call it (it synchronizes per
-// stage); the caller synchronizes before (inputs and tw written) — the last
-// stage ends with a barrier, so the result is visible on return.
-__device__ float2* stockham_fft(float2* in, float2* out, const float2* tw, int H, int nseq, bool inverse) {
-  for (int ns = 1; ns < H;) {
-    const int R = (H / ns >= 4) ? 4 : 2;  // uniform across the CTA
-    const int nb = H / R;                 // butterflies per sequence
-    for (int t = threadIdx.x; t < nseq * nb; t += blockDim.x) {
-      const int s = t / nb, j = t - s * nb;
-      const int k = j & (ns - 1);
-      const float2* src = in + s * H;
-      float2* dst = out + s * H;
-      const int idx = (j / ns) * ns * R + k;
-      const float2 tk = tw[k * (H / (ns * R))];
-      const float2 w = inverse ? make_float2(tk.x, -tk.y) : tk;
-      if (R == 4) {
-        const float2 w2 = cmul(w, w);
-        const float2 v0 = src[j];
-        const float2 v1 = cmul(src[j + nb], w);
-        const float2 v2 = cmul(src[j + 2 * nb], w2);
-        const float2 v3 = cmul(src[j + 3 * nb], cmul(w2, w));
-        const float2 s02 = cadd(v0, v2), d02 = csub(v0, v2);
-        const float2 s13 = cadd(v1, v3), d13 = csub(v1, v3);
-        const float2 jd13 = inverse ? times_i(d13) : times_minus_i(d13);
-        dst[idx] = cadd(s02, s13);
-        dst[idx + ns] = cadd(d02, jd13);
-        dst[idx + 2 * ns] = csub(s02, s13);
-        dst[idx + 3 * ns] = csub(d02, jd13);
-      } else {
-        const float2 v0 = src[j];
-        const float2 v1 = cmul(src[j + nb], w);
-        dst[idx] = cadd(v0, v1);
-        dst[idx + ns] = csub(v0, v1);
+// W_R^e = e^{-2 pi i e / R} (forward; conjugated for the inverse) for R = 16 and 8, e a compile-time
+// constant after unrolling: the DFTs' internal twiddles cost no table read.
+__device__ __forceinline__ float2 w16(int e, bool inverse) {
+  constexpr float c1 = 0.92387953251128674f, s1 = 0.38268343236508977f, h = 0.70710678118654752f;
+  float2 w;
+  switch (e & 15) {
+    case 0: w = make_float2(1.f, 0.f); break;
+    case 1: w = make_float2(c1, -s1); break;
+    case 2: w = make_float2(h, -h); break;
+    case 3: w = make_float2(s1, -c1); break;
+    case 4: w = make_float2(0.f, -1.f); break;
+    case 5: w = make_float2(-s1, -c1); break;
+    case 6: w = make_float2(-h, -h); break;
+    case 7: w = make_float2(-c1, -s1); break;
+    case 8: w = make_float2(-1.f, 0.f); break;
+    case 9: w = make_float2(-c1, s1); break;
+    default: w = make_float2(0.f, 0.f); break;  // a k1 <= 9: never reached
+  }
+  return inverse ? make_float2(w.x, -w.y) : w;
+}
+
+__device__ __forceinline__ void dft2(float2& a, float2& b) {
+  const float2 t = a;
+  a = cadd(t, b);
+  b = csub(t, b);
+}
+
+// In-register DFT of v[o], v[o + st], v[o + 2 st], v[o + 3 st] (natural order in the same slots).
+template <int N>
+__device__ __forceinline__ void dft4(float2 (&v)[N], int o, int st, bool inverse) {
+  const float2 v0 = v[o], v1 = v[o + st], v2 = v[o + 2 * st], v3 = v[o + 3 * st];
+  const float2 s02 = cadd(v0, v2), d02 = csub(v0, v2), s13 = cadd(v1, v3), d13 = csub(v1, v3);
+  const float2 jd13 = inverse ? times_i(d13) : times_minus_i(d13);
+  v[o] = cadd(s02, s13);
+  v[o + st] = cadd(d02, jd13);
+  v[o + 2 * st] = csub(s02, s13);
+  v[o + 3 * st] = csub(d02, jd13);
+}
+
+// In-register DFT of R = 2, 4, 8 or 16 values, natural order in and out. R = 4 R1 as
+// X[k1 + 4 k2] = sum_a W_R^{a k1} W_R1^{a k2} sum_n2 x[a + R1 n2] W_4^{n2 k1}: R1 DFT4s over n2,
+// the twiddles W_R^{a k1}, then four DFT_R1s over a (their results land transposed, fixed on return).
+template <int R>
+__device__ __forceinline__ void dft(float2 (&v)[R], bool inverse) {
+  if constexpr (R == 2) {
+    dft2(v[0], v[1]);
+  } else if constexpr (R == 4) {
+    dft4(v, 0, 1, inverse);
+  } else {
+    constexpr int R1 = R / 4;
+#pragma unroll
+    for (int a = 0; a < R1; ++a) dft4(v, a, R1, inverse);  // Y[a][k1] at v[a + R1 k1]
+#pragma unroll
+    for (int a = 1; a < R1; ++a)
+#pragma unroll
+      for (int k1 = 1; k1 < 4; ++k1) v[a + R1 * k1] = cmul(v[a + R1 * k1], w16(a * k1 * (16 / R), inverse));
+    float2 u[R];
+#pragma unroll
+    for (int k1 = 0; k1 < 4; ++k1) {  // DFT_R1 over a of Y[a][k1] -> X[k1 + 4 k2]
+      if constexpr (R1 == 4) {
+        float2 y[4] = {v[R1 * k1], v[1 + R1 * k1], v[2 + R1 * k1], v[3 + R1 * k1]};
+        dft4(y, 0, 1, inverse);
+#pragma unroll
+        for (int k2 = 0; k2 < 4; ++k2) u[k1 + 4 * k2] = y[k2];
+      } else {  // R1 == 2
+        float2 y0 = v[R1 * k1], y1 = v[1 + R1 * k1];
+        dft2(y0, y1);
+        u[k1] = y0;
+        u[k1 + 4] = y1;
       }
     }
-    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < R; ++m) v[m] = u[m];
+  }
+}
+
+// Index i of a buffer, XOR-swizzled inside its 128-byte line (16 float2) by the line number: the
+// layout of the FFT's input and of the values between its first two passes. The first pass writes 16
+// consecutive values a thread (plain, a half-warp's stores would all hit the same banks) and, for
+// H < 256, reads runs shorter than a line from sequences a multiple of 1 KB apart (plain, the same
+// banks again); a pass reading 16 consecutive values across threads sees a permutation of one line.
+// Writers of the input (x loading, the spectrum packing) store consecutive indices: no cost there.
+// (python_tests/test_fft_bank_model.py counts the wavefronts.)
+__device__ __forceinline__ int swizzled(int i) { return i ^ ((i >> 4) & 15); }
+
+// One radix-R Stockham pass over nseq sequences of length H: butterfly j of sequence s reads
+// in[s H + j + m H / R] (m < R), multiplies by w^m, w = e^{-+2 pi i k / (ns R)} (k = j mod ns) from the
+// table, transforms, and writes out[s H + (j - k) R + k + m ns]. swz_in / swz_out: that side uses
+// the swizzled layout.
+template <int R>
+__device__ void stockham_pass(const float2* in, float2* out, const float2* tw, int H, int nseq, int ns, bool inverse,
+                              bool swz_in, bool swz_out) {
+  const int nb = H / R;
+  for (int t = threadIdx.x; t < nseq * nb; t += blockDim.x) {
+    const int s = t / nb, j = t - s * nb;
+    const int k = j & (ns - 1);
+    const int base = s * H, idx = base + (j - k) * R + k;
+    float2 v[R];
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+      const int i = base + j + m * nb;
+      v[m] = in[swz_in ? swizzled(i) : i];
+    }
+    if (ns > 1) {  // the first pass's twiddles are all 1
+      const float2 tk = tw[k * (H / (ns * R))];
+      const float2 w = inverse ? make_float2(tk.x, -tk.y) : tk;
+      float2 wm = w;
+#pragma unroll
+      for (int m = 1; m < R; ++m) {
+        v[m] = cmul(v[m], wm);
+        if (m + 1 < R) wm = cmul(wm, w);
+      }
+    }
+    dft<R>(v, inverse);
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+      const int i = idx + m * ns;
+      out[swz_out ? swizzled(i) : i] = v[m];
+    }
+  }
+  __syncthreads();
+}
+
+// Stockham FFT of `nseq` sequences of length H (power of two, 32 .. 4096) stored back to back in
+// `in`, at swizzled(i) for the value i (s H + n); `out` is scratch of the same size. Forward: sign -1, inverse: +1, unnormalized. `tw` holds the
+// twiddles e^{-2 pi i j / H}, j < H. Radix-16 passes (the 16-point DFT in registers), the last one of
+// radix H / ns in {2, 4, 8, 16}: 2 passes for H = 128, 3 for H = 2048 (radix-4 stages took 4 and 6
+// round trips through shared memory and barriers). Returns the buffer holding the result (natural
+// order). Every thread of the CTA must call it; the caller synchronizes before (inputs and tw
+// written) — each pass ends with a barrier, so the result is visible on return.
+__device__ float2* stockham_fft(float2* in, float2* out, const float2* tw, int H, int nseq, bool inverse) {
+  for (int ns = 1; ns < H;) {
+    const int R = H / ns >= 16 ? 16 : H / ns;  // uniform across the CTA
+    const bool swz_in = ns == 1 || ns == 16, swz_out = ns == 1 && R < H;  // the input, pass 1 -> pass 2
+    if (R == 16) stockham_pass<16>(in, out, tw, H, nseq, ns, inverse, swz_in, swz_out);
+    else if (R == 8) stockham_pass<8>(in, out, tw, H, nseq, ns, inverse, swz_in, swz_out);
+    else if (R == 4) stockham_pass<4>(in, out, tw, H, nseq, ns, inverse, swz_in, swz_out);
+    else stockham_pass<2>(in, out, tw, H, nseq, ns, inverse, swz_in, swz_out);
     float2* tmp = in;
     in = out;
     out = tmp;
@@ -98,7 +195,8 @@ __device__ __forceinline__ void batched(int total, Load load, Use use) {
 
 // Loads x rows m0 .. m0 + rows - 1, input blocks j0 .. j0 + nj - 1, as H = b / 2 complex pairs
 // z[n] = x[2n] + i x[2n + 1] (the real-input trick: a length-H complex FFT gives the length-b real
-// FFT), zero beyond K. Sequence s = jj * rows + mm goes to buf[s * H ..]. No barrier.
+// FFT), zero beyond K. Sequence s = jj * rows + mm goes to buf[s * H ..] (swizzled: stockham_fft's input
+// layout). No barrier.
 template <class T>
 __device__ void load_pairs(float2* buf, const T* x, int64_t m0, int rows, int64_t K, int j0, int nj, int b) {
   const int H = b >> 1;
@@ -111,7 +209,7 @@ __device__ void load_pairs(float2* buf, const T* x, int64_t m0, int rows, int64_
         const T* xr = x + (m0 + mm) * K;
         return make_float2(col < K ? to_f32<T>(xr[col]) : 0.f, col + 1 < K ? to_f32<T>(xr[col + 1]) : 0.f);
       },
-      [&](int t, float2 v) { buf[t] = v; });  // t = s * H + n
+      [&](int t, float2 v) { buf[swizzled(t)] = v; });  // t = s * H + n, in stockham_fft's input layout
 }
 
 // z = av + i * (the odd part) for one bin k of the inverse real FFT: av = A[k], cv = conj(A[H - k])

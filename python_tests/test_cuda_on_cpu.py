@@ -357,6 +357,10 @@ BC_MUTATIONS = {
     "nyquist sign": ("block_circulant_large_m.cuh", "(z0.x - z0.y)", "(z0.x + z0.y)"),
     # the conjugate partner of bin k taken at k instead of H - k
     "partner bin": ("block_circulant_large_m.cuh", "const int kc = k == 0 ? 0 : H - k;", "const int kc = k;"),
+    # the radix-16 DFT's W16^1 conjugated (fft_smem.cuh, shared by both kernels)
+    "dft twiddle": ("fft_smem.cuh", "case 1: w = make_float2(c1, -s1);", "case 1: w = make_float2(c1, s1);"),
+    # the first pass reads its (swizzled) input as if it were plain
+    "swizzle": ("fft_smem.cuh", "const bool swz_in = ns == 1 || ns == 16,", "const bool swz_in = ns == 16,"),
 }
 
 
