@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
   const int nj_max = kBuf / (rows * H);
   for (int j0 = 0; j0 < a.q; j0 += nj_max) {
     const int nj = min(nj_max, a.q - j0);
-    load_pairs(buf_a, a.x, m0, rows, a.K, j0, nj, a.b);  // sequence s = jj * rows + mm
+    load_pairs(buf_a, buf_b, a.x, m0, rows, a.K, j0, nj, a.b);  // sequence s = jj * rows + mm
     __syncthreads();
     const float2* res = stockham_fft(buf_a, buf_b, tw, H, nj * rows, false);
 #pragma unroll

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
   const int nj_max = kCap / (rows * H);
   for (int j0 = 0; j0 < a.q; j0 += nj_max) {
     const int nj = min(nj_max, a.q - j0), nseq = nj * rows;
-    load_pairs(buf_a, a.x, m0, rows, a.K, j0, nj, a.b);  // 1. sequence s = jj * rows + mm
+    load_pairs(buf_a, buf_b, a.x, m0, rows, a.K, j0, nj, a.b);  // 1. sequence s = jj * rows + mm
     cp_async_wait<0>();  // the staged spectrum (first pass; nothing outstanding later)
     __syncthreads();
     // 2. forward FFTs

@@ -196,15 +196,43 @@ __device__ __forceinline__ void batched(int total, Load load, Use use) {
 // Loads x rows m0 .. m0 + rows - 1, input blocks j0 .. j0 + nj - 1, as H = b / 2 complex pairs
 // z[n] = x[2n] + i x[2n + 1] (the real-input trick: a length-H complex FFT gives the length-b real
 // FFT), zero beyond K. Sequence s = jj * rows + mm goes to buf[s * H ..] (swizzled: stockham_fft's input
-// layout). No barrier.
+// layout). `scratch` (as large as buf, free until the FFT) takes the raw rows: when x's rows are 16-byte
+// aligned, all of them are copied by cp.async at once — one memory round trip for the whole chunk, where
+// register batches take one per 8 pairs a thread (4 at M = 2048 in the large-M kernel) — then converted
+// from shared memory. Every thread must call it (it synchronizes inside); no barrier at the end.
 template <class T>
-__device__ void load_pairs(float2* buf, const T* x, int64_t m0, int rows, int64_t K, int j0, int nj, int b) {
-  const int H = b >> 1;
+__device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0, int rows, int64_t K, int j0, int nj,
+                           int b) {
+  const int H = b >> 1, nseq = nj * rows;
+  const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && (K * int64_t(sizeof(T))) % 16 == 0;
+  if (aligned) {  // raw sequence s at raw[s * b ..]: nseq * b * sizeof(T) <= 2 * H * nseq * 8 bytes fits
+    constexpr int kPer = 16 / int(sizeof(T));  // elements per 16-byte chunk
+    const int chunks = b / kPer;              // per sequence (b >= 64)
+    char* raw = reinterpret_cast<char*>(scratch);
+    for (int c = threadIdx.x; c < nseq * chunks; c += blockDim.x) {
+      const int sq = c / chunks, cc = c - sq * chunks;
+      const int jj = sq / rows, mm = sq - jj * rows;
+      const int64_t col = int64_t(j0 + jj) * b + int64_t(cc) * kPer;
+      const int64_t left = (K - col) * int64_t(sizeof(T));  // bytes of this row from col on
+      if (left > 0) cp_async16(raw + 16 * int64_t(c), x + (m0 + mm) * K + col, left < 16 ? int(left) : 16);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    const T* rv = reinterpret_cast<const T*>(scratch);
+    for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
+      const int sq = t / H, n = t - sq * H;
+      const int64_t col = int64_t(j0 + sq / rows) * b + 2 * n;
+      const T* r = rv + int64_t(sq) * b + 2 * n;
+      buf[swizzled(t)] = make_float2(col < K ? to_f32<T>(r[0]) : 0.f, col + 1 < K ? to_f32<T>(r[1]) : 0.f);
+    }
+    return;
+  }
   batched<float2>(
-      nj * rows * H,
+      nseq * H,
       [&](int t) {
-        const int s = t / H, n = t - s * H;
-        const int jj = s / rows, mm = s - jj * rows;
+        const int sq = t / H, n = t - sq * H;
+        const int jj = sq / rows, mm = sq - jj * rows;
         const int64_t col = int64_t(j0 + jj) * b + 2 * n;
         const T* xr = x + (m0 + mm) * K;
         return make_float2(col < K ? to_f32<T>(xr[col]) : 0.f, col + 1 < K ? to_f32<T>(xr[col + 1]) : 0.f);

@@ -359,6 +359,9 @@ BC_MUTATIONS = {
     "partner bin": ("block_circulant_large_m.cuh", "const int kc = k == 0 ? 0 : H - k;", "const int kc = k;"),
     # the radix-16 DFT's W16^1 conjugated (fft_smem.cuh, shared by both kernels)
     "dft twiddle": ("fft_smem.cuh", "case 1: w = make_float2(c1, -s1);", "case 1: w = make_float2(c1, s1);"),
+    # x's raw rows converted before their cp.async copies landed
+    "raw x wait": ("fft_smem.cuh", "    cp_async_commit();\n    cp_async_wait<0>();\n    __syncthreads();\n    const T* rv",
+                   "    cp_async_commit();\n    __syncthreads();\n    const T* rv"),
     # the first pass reads its (swizzled) input as if it were plain
     "swizzle": ("fft_smem.cuh", "const bool swz_in = ns == 1 || ns == 16,", "const bool swz_in = ns == 16,"),
 }
@@ -392,9 +395,9 @@ def test_mutated_block_circulant_staging_is_caught(rng, name):
 
 @pytest.mark.parametrize("name", list(BC_MUTATIONS))
 def test_mutated_block_circulant_large_m_is_caught(rng, name):
-    # two passes over the input blocks (K = 4100, b = 256: 16 + 1), a row tail, two output block
+    # two passes over the input blocks (K = 4104, b = 256: 16 + 1), a row tail, two output block
     # groups (p = 18: 16 + 2)
-    x, spec, cols, bias = structured.make(rng, (11,), 4100, 4400, 256, torch.float16)
+    x, spec, cols, bias = structured.make(rng, (11,), 4104, 4400, 256, torch.float16)  # rows 16-byte aligned: raw copy
     c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, 4400]}
     r = structured.exact(x, cols, 4400, bias)
     env = {"REPARAM_BC_LARGE_M_MIN_M": "1", "RK_CPU_SEED": "2"}

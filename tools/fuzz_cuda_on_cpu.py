@@ -52,8 +52,10 @@ def make_case(r, gen):
         x, u, w, perm, b = piv.make(gen, (M,), K, N, r_, dtype, bias=r.random() < 0.5)
         return {"op": op, "args": [x, u, w, perm, b]}, piv.exact(x, u, w, perm, b), dtype
     if op == "block_circulant_linear":
-        bs = r.choice([64, 128, 256, 512, 1024])
-        K, N = r.randint(1, 6) * bs - r.choice([0, 0, 5]), r.randint(1, 6) * bs - r.choice([0, 0, 3])
+        bs = r.choice([64, 128, 256, 512, 1024, 2048, 4096])
+        most = 6 if bs <= 1024 else 2  # block counts kept small for the big blocks (cost)
+        K, N = r.randint(1, most) * bs - r.choice([0, 0, 5]), r.randint(1, most) * bs - r.choice([0, 0, 3])
+        M = M if bs <= 1024 else min(M, 17)
         dtype = r.choice([torch.float16, torch.bfloat16, torch.float32])
         x, spec, cols, bias = structured.make(gen, (min(M, 300),), K, N, bs, dtype, bias=r.random() < 0.5)
         return ({"op": op, "args": [x, spec, bias], "ints": [bs, N]}, structured.exact(x, cols, N, bias), dtype)
