@@ -4,10 +4,11 @@
 // blocks per CTA, ONE launch, no complex data in global memory (as block_circulant_linear.cu).
 // That kernel keeps its spectrum sums in shared memory and re-reads the spectrum S from L1 for
 // every row; at large M those two streams are most of its shared-memory traffic (by count, 4096²
-// b = 256 M = 2048: ~4.5 of ~7.6 MB per CTA). Here, per frequency bin k, the sum over j is a small
-// complex GEMM Y[mm, i] += X_j[mm] * S_ij[k], and each thread owns NB bins x IG output blocks x TM
-// rows of Y in registers for the whole pass over j: S_ij[k] is loaded once per thread and used TM
-// times, X_j[mm][k] once and used IG times, and nothing is written back until the end.
+// b = 256 M = 2048: ~4.5 of the ~7.6 MB a CTA moved with the radix-4 FFT, bank conflicts aside). Here,
+// per frequency bin k, the sum over j is a small complex GEMM Y[mm, i] += X_j[mm] * S_ij[k], and each
+// thread owns NB bins x IG output blocks x TM rows of Y in registers for the whole pass over j: S_ij[k]
+// is loaded once per thread and used TM times, X_j[mm][k] once and used IG times, and nothing is
+// written back until the end.
 //
 //   1. per chunk of nj input blocks: load x as complex pairs, forward Stockham FFTs (fft_smem.cuh);
 //      each thread splits its bins out of the packed transforms (X[k] from Z[k], conj Z[H - k]) and
@@ -23,9 +24,9 @@
 // complex values of Y per CTA (64 KB, one of the two ping-pong buffers). Shared memory: 2 x 64 KB +
 // H twiddles + 1 KB: one CTA per SM.
 //
-// Prediction (4096², b = 256, M = 2048, counted shared-memory traffic, 128 B/clock/SM): ≈ 2.6 MB per
-// CTA of 4 rows (forward FFTs ≈ 0.8, sums ≈ 0.5, inverse side ≈ 1.2), 512 CTAs on 132 SMs ≈ 40 µs,
-// against ≈ 80 µs for block_circulant_linear.cu and ≈ 100 µs for the dense cuBLAS GEMM.
+// Prediction (4096², b = 256, M = 2048, counted shared-memory traffic, 128 B/clock/SM): ≈ 1.4 MB per
+// CTA of 4 rows with the radix-16 FFT (FFTs ≈ 0.5, sums ≈ 0.5, the rest ≈ 0.4), 512 CTAs on 132 SMs
+// ≈ 22 µs, against ≈ 100 µs for the dense cuBLAS GEMM (docs/structured.md).
 //
 // Taken for M >= REPARAM_BC_LARGE_M_MIN_M (default 1024; 0 = never) when the shared memory fits.
 #pragma once
@@ -79,8 +80,6 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
   const int np = min(pi, a.p - i0);
   const int t = threadIdx.x;
 
-  for (int j = t; j < H; j += kThreads) tw[j] = expipi(-2.f * float(j) / float(H));  // read after a barrier
-
   float2 acc[NB][IG][TM];
 #pragma unroll
   for (int r = 0; r < NB; ++r)
@@ -96,7 +95,10 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
   const int nj_max = kBuf / (rows * H);
   for (int j0 = 0; j0 < a.q; j0 += nj_max) {
     const int nj = min(nj_max, a.q - j0);
-    load_pairs(buf_a, buf_b, a.x, m0, rows, a.K, j0, nj, a.b);  // sequence s = jj * rows + mm
+    load_pairs(buf_a, buf_b, a.x, m0, rows, a.K, j0, nj, a.b, [&] {  // sequence s = jj * rows + mm
+      if (j0 == 0)  // the twiddle table (read after the load's barrier), while the first chunk is in flight
+        for (int j = t; j < H; j += kThreads) tw[j] = expipi(-2.f * float(j) / float(H));
+    });
     __syncthreads();
     const float2* res = stockham_fft(buf_a, buf_b, tw, H, nj * rows, false);
 #pragma unroll

@@ -98,14 +98,20 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
     cp_async_commit();
     wsrc = ws + shift / 4;
   }
-  for (int t = threadIdx.x; t < np * per_block; t += blockDim.x) acc[t] = make_float2(0.f, 0.f);
-  for (int t = threadIdx.x; t < H; t += blockDim.x) tw[t] = expipi(-2.f * float(t) / float(H));  // read after the load's barrier
+  // zeroed accumulators and the twiddle table (read after the load's barrier), set up while the first
+  // chunk of x is in flight
+  auto setup = [&] {
+    for (int t = threadIdx.x; t < np * per_block; t += blockDim.x) acc[t] = make_float2(0.f, 0.f);
+    for (int t = threadIdx.x; t < H; t += blockDim.x) tw[t] = expipi(-2.f * float(t) / float(H));
+  };
 
   // as many input blocks per pass as the buffers hold for this CTA's rows (M < TM: more blocks)
   const int nj_max = kCap / (rows * H);
   for (int j0 = 0; j0 < a.q; j0 += nj_max) {
     const int nj = min(nj_max, a.q - j0), nseq = nj * rows;
-    load_pairs(buf_a, buf_b, a.x, m0, rows, a.K, j0, nj, a.b);  // 1. sequence s = jj * rows + mm
+    load_pairs(buf_a, buf_b, a.x, m0, rows, a.K, j0, nj, a.b, [&] {  // 1. sequence s = jj * rows + mm
+      if (j0 == 0) setup();
+    });
     cp_async_wait<0>();  // the staged spectrum (first pass; nothing outstanding later)
     __syncthreads();
     // 2. forward FFTs

@@ -199,10 +199,12 @@ __device__ __forceinline__ void batched(int total, Load load, Use use) {
 // layout). `scratch` (as large as buf, free until the FFT) takes the raw rows: when x's rows are 16-byte
 // aligned, all of them are copied by cp.async at once — one memory round trip for the whole chunk, where
 // register batches take one per 8 pairs a thread (4 at M = 2048 in the large-M kernel) — then converted
-// from shared memory. Every thread must call it (it synchronizes inside); no barrier at the end.
-template <class T>
+// from shared memory. while_copying() runs once, while the copies are in flight (independent setup:
+// the twiddle table, zeroed accumulators). Every thread must call it (it synchronizes inside); no
+// barrier at the end.
+template <class T, class F>
 __device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0, int rows, int64_t K, int j0, int nj,
-                           int b) {
+                           int b, F&& while_copying) {
   const int H = b >> 1, nseq = nj * rows;
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && (K * int64_t(sizeof(T))) % 16 == 0;
   if (aligned) {  // raw sequence s at raw[s * b ..]: nseq * b * sizeof(T) <= 2 * H * nseq * 8 bytes fits
@@ -217,6 +219,7 @@ __device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0,
       if (left > 0) cp_async16(raw + 16 * int64_t(c), x + (m0 + mm) * K + col, left < 16 ? int(left) : 16);
     }
     cp_async_commit();
+    while_copying();
     cp_async_wait<0>();
     __syncthreads();
     const T* rv = reinterpret_cast<const T*>(scratch);
@@ -228,6 +231,7 @@ __device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0,
     }
     return;
   }
+  while_copying();
   batched<float2>(
       nseq * H,
       [&](int t) {

@@ -360,8 +360,8 @@ BC_MUTATIONS = {
     # the radix-16 DFT's W16^1 conjugated (fft_smem.cuh, shared by both kernels)
     "dft twiddle": ("fft_smem.cuh", "case 1: w = make_float2(c1, -s1);", "case 1: w = make_float2(c1, s1);"),
     # x's raw rows converted before their cp.async copies landed
-    "raw x wait": ("fft_smem.cuh", "    cp_async_commit();\n    cp_async_wait<0>();\n    __syncthreads();\n    const T* rv",
-                   "    cp_async_commit();\n    __syncthreads();\n    const T* rv"),
+    "raw x wait": ("fft_smem.cuh", "    while_copying();\n    cp_async_wait<0>();\n    __syncthreads();\n    const T* rv",
+                   "    while_copying();\n    __syncthreads();\n    const T* rv"),
     # the first pass reads its (swizzled) input as if it were plain
     "swizzle": ("fft_smem.cuh", "const bool swz_in = ns == 1 || ns == 16,", "const bool swz_in = ns == 16,"),
 }
