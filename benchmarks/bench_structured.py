@@ -93,7 +93,7 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
     if backend == "cuda" and device == "cuda":
         # the other CUDA kernel at this M (csrc/block_circulant_large_m.cuh vs block_circulant_linear.cu):
         # the measured crossover sets REPARAM_BC_LARGE_M_MIN_M
-        if M >= (_min_m("REPARAM_BC_LARGE_M_MIN_M", 1024) or float("inf")):
+        if M >= (_min_m("REPARAM_BC_LARGE_M_MIN_M", 256) or float("inf")):
             peers["cuda_fft_per_block"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "0"), sets)
         elif M >= 64:
             peers["cuda_large_m"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "1"), sets)

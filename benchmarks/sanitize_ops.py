@@ -59,7 +59,7 @@ def path_cases():
          (100,)),
         ("pivoted two-GEMM", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32),
          (600,)),
-        # M >= 1024: spectrum sums in registers (csrc/block_circulant_large_m.cuh); a row tail, N and K off the blocks
+        # M >= 256: spectrum sums in registers (csrc/block_circulant_large_m.cuh); a row tail, N and K off the blocks
         ("block-circulant large-M", lambda dt, dev: rnn.BlockCirculantLinear.from_linear(lin(1000, 700, dt, dev), 256),
          (1030,)),
     ]

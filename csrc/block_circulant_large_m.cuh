@@ -28,7 +28,10 @@
 // CTA of 4 rows with the radix-16 FFT (FFTs ≈ 0.5, sums ≈ 0.5, the rest ≈ 0.4), 512 CTAs on 132 SMs
 // ≈ 22 µs, against ≈ 100 µs for the dense cuBLAS GEMM (docs/structured.md).
 //
-// Taken for M >= REPARAM_BC_LARGE_M_MIN_M (default 1024; 0 = never) when the shared memory fits.
+// Taken for M >= REPARAM_BC_LARGE_M_MIN_M (default 256; 0 = never) when the shared memory fits. By the
+// same count, at M = 256 (64 CTAs, half the SMs idle) ≈ 7.5 µs against ≈ 18 µs for the general kernel,
+// which recomputes every forward FFT once per output block there; about equal at M = 128; the
+// general kernel ahead at 64.
 #pragma once
 
 #include "common.cuh"
@@ -198,7 +201,7 @@ void launch_cfg(const Problem<T>& a, int device, cudaStream_t stream) {
 // shared memory fits this device); else returns false and the caller takes block_circulant_kernel.
 template <class T>
 bool try_launch(const Problem<T>& a, int device, cudaStream_t stream) {
-  if (a.M < min_m_from_env("REPARAM_BC_LARGE_M_MIN_M", 1024)) return false;
+  if (a.M < min_m_from_env("REPARAM_BC_LARGE_M_MIN_M", 256)) return false;
   if (smem_bytes(a.b) > size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device))) return false;
   switch (a.b) {
     case 64: case 128: case 256: case 512: launch_cfg<T, 4, 8, 1>(a, device, stream); return true;

@@ -24,7 +24,7 @@
 // Shared memory: two CAP-element complex buffers (64 KB) + the H twiddles of the FFTs
 // (<= 16 KB) + pi*TM*(H+1) complex accumulators (16.5 KB per output block) [+ the staged spectrum
 // slice and bias, when they fit]. TM = clamp(4096 / b, 1, 16), halved while the grid leaves SMs
-// idle (choose_tm); NJ = CAP / (rows*H) input blocks per pass. M >= 1024 takes
+// idle (choose_tm); NJ = CAP / (rows*H) input blocks per pass. M >= 256 (by default) takes
 // block_circulant_large_m.cuh instead.
 //
 // Checked on the CPU through this source (python_tests/test_cuda_on_cpu.py) and, for its index math,

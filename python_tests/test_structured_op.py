@@ -146,7 +146,7 @@ def test_bad_inputs_name_the_argument(rng, bad, match):
 @pytest.mark.parametrize("M,K,N,b", [(1, 4096, 4096, 4096), (1, 4096, 4096, 256), (3, 1000, 700, 64),
                                      (16, 4096, 14336, 512), (17, 300, 500, 128), (64, 2048, 2048, 1024),
                                      (2048, 1024, 1024, 256), (5, 8192, 8192, 2048),
-                                     # large M on 132 SMs: several output blocks per CTA (pi = 8, 4, and 8 with a partial row tile)
+                                     # large M: block_circulant_large_m.cuh by default (test_cuda_paths_gpu.py forces each kernel)
                                      (2048, 4096, 4096, 256), (1024, 4096, 4096, 256), (3000, 520, 1024, 64)])
 def test_cuda_matches_float64(rng, dtype, M, K, N, b):
     x, spec, cols, bias = make(rng, (M,), K, N, b, dtype, device="cuda")

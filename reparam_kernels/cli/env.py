@@ -64,7 +64,7 @@ def cuda_paths():
             "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 512),
                                "switch": "REPARAM_LOWRANK_CUBLAS_MIN_M",
                                "ops": "lowrank_linear, pivoted_lowrank_linear"},
-            "bc_large_m": {"min_m": _min_m("REPARAM_BC_LARGE_M_MIN_M", 1024),  # csrc/block_circulant_large_m.cuh
+            "bc_large_m": {"min_m": _min_m("REPARAM_BC_LARGE_M_MIN_M", 256),  # csrc/block_circulant_large_m.cuh
                            "switch": "REPARAM_BC_LARGE_M_MIN_M",
                            "ops": "block_circulant_linear, toeplitz_linear"}}
 
