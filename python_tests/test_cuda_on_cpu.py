@@ -5,7 +5,7 @@ each op can take; the launch trace says which path ran. Then mutations of the so
 slot map, a missing barrier or wait, an off-by-one split counter, a missing bounds check, a
 divergent barrier; for wgmma a missing wait, swapped descriptor strides, an unguarded buffer
 refill, an off-by-one split counter, x in the wrong slot order) must each be caught — the
-harness can fail."""
+harness can fail. The block-circulant / Toeplitz kernels: test_cuda_on_cpu_circulant.py."""
 import shutil
 
 import pytest
@@ -15,7 +15,6 @@ import cuda_on_cpu
 import test_lowrank_op as plain
 import test_pivoted_lowrank as piv
 import test_quant_ops as quant
-import test_structured_op as structured
 from conftest import TOL, rel_err
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -222,54 +221,6 @@ def test_lowrank_two_gemm_path(rng):
     assert any("expand_kernel" in line for line in traces[1])  # pivoted: [I | w] P expanded first
 
 
-# ------------------------------------------------------------------ block-circulant / Toeplitz
-
-def test_block_circulant_and_toeplitz(rng):
-    cases, refs = [], []
-    for M, K, N, b, dtype in [(1, 1024, 1024, 256, torch.float16), (3, 1000, 700, 64, torch.bfloat16),
-                              (17, 300, 500, 128, torch.float32), (300, 520, 1024, 64, torch.float16)]:
-        x, spec, cols, bias = structured.make(rng, (M,), K, N, b, dtype)
-        cases.append({"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [b, N]})
-        refs.append(structured.exact(x, cols, N, bias))
-    # Toeplitz = one circulant block of fft_size >= out + in - 1 points: its spectrum from the layer
-    from reparam_kernels.nn import ToeplitzLinear
-    layer = ToeplitzLinear.from_linear(torch.nn.Linear(100, 90))
-    assert layer.fft_size == 256  # a size the CUDA kernel takes (a power of two in 64..4096)
-    x = torch.randn(5, 100, generator=rng)
-    bias = layer.bias.detach()
-    cases.append({"op": "toeplitz_linear", "args": [x, layer.t_spectrum.detach(), bias], "ints": [256, 90]})
-    refs.append(x.double() @ layer.to_dense().double().t() + bias.double())
-    # the general kernel at every M (the 300-row case: 8 output blocks per CTA), not the large-M one
-    check(cases, refs, env={"RK_CPU_SMS": "8", "REPARAM_BC_LARGE_M_MIN_M": "0"})
-
-
-@pytest.mark.parametrize("sms,M", [(132, 16), (132, 7), (40, 38)])
-def test_block_circulant_rows_per_cta_shrink_to_fill_the_gpu(rng, sms, M):
-    # few rows, many SMs: the general kernel's row tile halves until the grid fills them (1 row a CTA
-    # at M = 16 or 7 on 132 SMs; 4 rows with a 2-row tail at M = 38 on 40 SMs)
-    x, spec, cols, bias = structured.make(rng, (M,), 1000, 1024, 256, torch.float16)
-    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, 1024]}
-    traces = check([c], [structured.exact(x, cols, 1024, bias)], env={"RK_CPU_SMS": str(sms)})
-    tiles = M if sms == 132 else 10
-    assert f"grid ({tiles},4,1)" in traces[0][0], traces
-
-
-def test_block_circulant_large_m_path(rng):
-    # csrc/block_circulant_large_m.cuh forced at small M: every block size (its four register layouts),
-    # row tails (M not a multiple of TM), N and K not multiples of b, output block groups cut short
-    # by p (and p = 71 > 64 at b = 64: two groups), several passes over the input blocks (K = 4100
-    # at b = 256: 16 + 1), every dtype
-    cases, refs = [], []
-    for M, K, N, b, dtype in [(11, 4100, 2300, 256, torch.float16), (9, 1000, 4500, 64, torch.bfloat16),
-                              (3, 1500, 1500, 128, torch.float32), (10, 700, 1100, 512, torch.float16),
-                              (5, 1500, 2100, 1024, torch.bfloat16), (6, 2048, 4000, 2048, torch.float32),
-                              (5, 4000, 4096, 4096, torch.float16)]:
-        x, spec, cols, bias = structured.make(rng, (M,), K, N, b, dtype)
-        cases.append({"op": "block_circulant_linear", "args": [x, spec, bias if M % 2 else None], "ints": [b, N]})
-        refs.append(structured.exact(x, cols, N, bias if M % 2 else None))
-    check(cases, refs, env={"REPARAM_BC_LARGE_M_MIN_M": "1", "RK_CPU_SMS": "8"}, kernel="bc_large_m")
-
-
 # ------------------------------------------------------------------ the harness catches bugs
 
 MUTATIONS = {
@@ -349,63 +300,3 @@ def test_divergent_barrier_is_caught(rng):
     mutation = ("split_k_counters.h", "  __syncthreads();  // (also:", "  if (threadIdx.x % 64 != 5) __syncthreads();  // (")
     with pytest.raises(cuda_on_cpu.KernelError, match="divergent|deadlock"):
         cuda_on_cpu.run_cases([c], mutations=[mutation])
-
-
-BC_MUTATIONS = {
-    # the next pass's load (and the final sums) overwrite the transforms other threads still read
-    "missing barrier": ("block_circulant_large_m.cuh", "    __syncthreads();  // res is overwritten", "    // res is"),
-    # the Nyquist bin split with the DC sign
-    "nyquist sign": ("block_circulant_large_m.cuh", "(z0.x - z0.y)", "(z0.x + z0.y)"),
-    # the conjugate partner of bin k taken at k instead of H - k
-    "partner bin": ("block_circulant_large_m.cuh", "const int kc = k == 0 ? 0 : H - k;", "const int kc = k;"),
-    # the radix-16 DFT's W16^1 conjugated (fft_smem.cuh, shared by both kernels)
-    "dft twiddle": ("fft_smem.cuh", "case 1: w = make_float2(c1, -s1);", "case 1: w = make_float2(c1, s1);"),
-    # x's raw rows converted before their cp.async copies landed
-    "raw x wait": ("fft_smem.cuh", "    while_copying();\n    cp_async_wait<0>();\n    __syncthreads();\n    const T* rv",
-                   "    while_copying();\n    __syncthreads();\n    const T* rv"),
-    # the first pass reads its (swizzled) input as if it were plain
-    "swizzle": ("fft_smem.cuh", "const bool swz_in = ns == 1 || ns == 16,", "const bool swz_in = ns == 16,"),
-}
-
-
-BC_STAGE_MUTATIONS = {
-    # the staged spectrum read before its copies landed
-    "no cp.async wait": ("block_circulant_linear.cu", "    cp_async_wait<0>();  // the staged spectrum", "    // the staged"),
-    # the 8-byte alignment slack of odd CTAs' slices ignored
-    "stage shift": ("block_circulant_linear.cu", "    wsrc = ws + shift / 4;", "    wsrc = ws;"),
-    # the bias indexed as the staged copy but read from global memory (every CTA but the first wrong)
-    "staged bias": ("block_circulant_linear.cu", "      bias_src = reinterpret_cast<const T*>(bs);\n", ""),
-}
-
-
-@pytest.mark.parametrize("name", list(BC_STAGE_MUTATIONS))
-def test_mutated_block_circulant_staging_is_caught(rng, name):
-    # decode: one CTA per output block, its spectrum slice staged by cp.async; q = 3 at b = 256 puts
-    # odd CTAs' slices 8 bytes off a 16-byte boundary
-    x, spec, cols, bias = structured.make(rng, (3,), 700, 1100, 256, torch.float16)
-    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, 1100]}
-    r = structured.exact(x, cols, 1100, bias)
-
-    def passes(results):
-        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
-
-    results = cuda_on_cpu.run_cases([c], {"RK_CPU_SEED": "4"})
-    assert "BcArgs" in results[0][1][0] and passes(results)
-    assert not passes(cuda_on_cpu.run_cases([c], {"RK_CPU_SEED": "4"}, mutations=[BC_STAGE_MUTATIONS[name]]))
-
-
-@pytest.mark.parametrize("name", list(BC_MUTATIONS))
-def test_mutated_block_circulant_large_m_is_caught(rng, name):
-    # two passes over the input blocks (K = 4104, b = 256: 16 + 1), a row tail, two output block
-    # groups (p = 18: 16 + 2)
-    x, spec, cols, bias = structured.make(rng, (11,), 4104, 4400, 256, torch.float16)  # rows 16-byte aligned: raw copy
-    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, 4400]}
-    r = structured.exact(x, cols, 4400, bias)
-    env = {"REPARAM_BC_LARGE_M_MIN_M": "1", "RK_CPU_SEED": "2"}
-
-    def passes(results):
-        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
-
-    results = cuda_on_cpu.run_cases([c], env)
-    assert "bc_large_m" in results[0][1][0] and passes(results)
-    assert not passes(cuda_on_cpu.run_cases([c], env, mutations=[BC_MUTATIONS[name]]))
