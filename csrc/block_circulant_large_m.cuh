@@ -183,14 +183,8 @@ inline size_t smem_bytes(int b) { return (2 * size_t(kBuf) + size_t(b / 2) + 128
 template <class T, int TM, int IG, int NB>
 void launch_cfg(const Problem<T>& a, int device, cudaStream_t stream) {
   auto large_m_kernel = kernel<T, TM, IG, NB>;
-  // > 48 KB needs the opt-in, per template instance and device; one instance serves several block
-  // sizes (H <= 256), so the limit set so far is raised when a larger one comes
-  static size_t configured[64] = {0};
-  const int slot = (device >= 0 && device < 64) ? device : 0;
-  if (configured[slot] < smem_bytes(a.b)) {
-    RK_CUDA_CHECK(cudaFuncSetAttribute(large_m_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes(a.b))));
-    configured[slot] = smem_bytes(a.b);
-  }
+  static bool optin[64] = {false};  // one instance serves several block sizes: allow the device maximum
+  allow_smem_optin(large_m_kernel, optin, device);
   const int H = a.b / 2, pi = IG * (kThreads * NB / H);
   const dim3 grid(unsigned((a.M + TM - 1) / TM), unsigned((a.p + pi - 1) / pi));
   large_m_kernel<<<grid, kThreads, smem_bytes(a.b), stream>>>(a);

@@ -53,9 +53,10 @@ struct BcArgs : bc_large_m::Problem<T> {  // x, w, bias, y, M, K, N, p, q, b
 // Shared memory, in float2 units: two buffers, the twiddles, the accumulators; then (stage_w) the
 // CTA's pi x q spectrum blocks as floats, 16-byte aligned, with room for the copy's alignment slack,
 // and the bias of its pi * b columns (16-byte aligned: stage_floats is a multiple of 4).
-__host__ __device__ inline int64_t stage_offset(int b, int tm, int pi) {
-  return (2 * int64_t(kCap) + b / 2 + int64_t(pi) * tm * (b / 2 + 1) + 1) & ~int64_t(1);
+__host__ __device__ inline int64_t smem_float2s(int b, int tm, int pi) {
+  return 2 * int64_t(kCap) + b / 2 + int64_t(pi) * tm * (b / 2 + 1);
 }
+__host__ __device__ inline int64_t stage_offset(int b, int tm, int pi) { return (smem_float2s(b, tm, pi) + 1) & ~int64_t(1); }
 __host__ __device__ inline int64_t stage_floats(int b, int pi, int q) { return (int64_t(pi) * q * (b + 2) + 11) & ~int64_t(3); }
 
 template <class T>
@@ -83,16 +84,11 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
     float* ws = reinterpret_cast<float*>(smem + stage_offset(a.b, a.tm, a.pi));
     const int shift = int(reinterpret_cast<uintptr_t>(wsrc) & 15);  // 0 or 8 bytes (2 hb floats a block)
     const char* g16 = reinterpret_cast<const char*>(wsrc) - shift;  // still inside w: w itself is aligned
-    const int64_t nbytes = int64_t(np) * a.q * 2 * hb * 4 + shift;
-    for (int64_t c = threadIdx.x; c * 16 < nbytes; c += blockDim.x)
-      cp_async16(ws + 4 * c, g16 + 16 * c, int(nbytes - 16 * c < 16 ? nbytes - 16 * c : 16));
+    copy_async(ws, g16, int64_t(np) * a.q * 2 * hb * 4 + shift);
     if (a.bias != nullptr) {  // and the bias of the CTA's columns (i0 b is a multiple of 64 elements)
-      const int64_t bbytes = (min(int64_t(np) * a.b, a.N - int64_t(i0) * a.b)) * int64_t(sizeof(T));
-      const char* gb = reinterpret_cast<const char*>(a.bias + int64_t(i0) * a.b);
-      char* bs = reinterpret_cast<char*>(ws + stage_floats(a.b, a.pi, a.q));
-      for (int64_t c = threadIdx.x; c * 16 < bbytes; c += blockDim.x)
-        cp_async16(bs + 16 * c, gb + 16 * c, int(bbytes - 16 * c < 16 ? bbytes - 16 * c : 16));
-      bias_src = reinterpret_cast<const T*>(bs);
+      T* bs = reinterpret_cast<T*>(ws + stage_floats(a.b, a.pi, a.q));
+      copy_async(bs, a.bias + int64_t(i0) * a.b, min(int64_t(np) * a.b, a.N - int64_t(i0) * a.b) * int64_t(sizeof(T)));
+      bias_src = bs;
       bias_col0 = int64_t(i0) * a.b;
     }
     cp_async_commit();
@@ -181,9 +177,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
 
 int rows_per_cta(int b) { return std::max(1, std::min(kMaxTm, 4096 / b)); }
 
-size_t smem_bytes(int b, int tm, int pi) {  // two buffers, the twiddle table, the accumulators
-  return (2 * size_t(kCap) + size_t(b / 2) + size_t(pi) * tm * (b / 2 + 1)) * sizeof(float2);
-}
+size_t smem_bytes(int b, int tm, int pi) { return size_t(smem_float2s(b, tm, pi)) * sizeof(float2); }
 
 int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
@@ -217,12 +211,8 @@ template <class T>
 void launch(BcArgs<T> a, int device, cudaStream_t stream) {
   if (bc_large_m::try_launch<T>(a, device, stream)) return;  // large M: spectrum sums in registers
   auto kernel = block_circulant_kernel<T>;
-  static bool configured[64] = {false};  // per template instance and device (> 48 KB needs the opt-in)
-  const int slot = (device >= 0 && device < 64) ? device : 0;
-  if (!configured[slot]) {
-    RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_optin(device)));
-    configured[slot] = true;
-  }
+  static bool optin[64] = {false};
+  allow_smem_optin(kernel, optin, device);
   a.tm = choose_tm(a.M, a.p, a.b, device);
   a.pi = choose_pi(a.M, a.tm, a.p, a.b, device);
   // stage the spectrum slice and the bias when they fit beside the rest (decode: q (b + 2) floats,

@@ -89,6 +89,17 @@ inline int device_attribute(int device) {
 inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
 
 // Blocks of 256 threads for a grid-stride loop over n elements: enough to fill the GPU, no more.
+// Lets `kernel` launch with up to the device's opt-in shared memory (> 48 KB needs it): once per
+// device, `done` being the caller's static flags for this kernel instance.
+template <class Kernel>
+inline void allow_smem_optin(Kernel kernel, bool (&done)[64], int device) {
+  const int slot = (device >= 0 && device < 64) ? device : 0;
+  if (done[slot]) return;
+  RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device)));
+  done[slot] = true;
+}
+
 inline unsigned grid_stride_blocks(int64_t n, int device) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 16 * int64_t(sm_count(device)))));
 }

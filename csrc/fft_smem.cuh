@@ -175,6 +175,15 @@ __device__ float2* stockham_fft(float2* in, float2* out, const float2* tw, int H
   return in;
 }
 
+// Copies nbytes from global src to shared dst (both 16-byte aligned) by 16-byte cp.async, the CTA's
+// threads together, the last chunk zero-filled past nbytes. Not committed: the caller commits and waits.
+__device__ __forceinline__ void copy_async(void* dst, const void* src, int64_t nbytes) {
+  char* d = static_cast<char*>(dst);
+  const char* g = static_cast<const char*>(src);
+  for (int64_t c = threadIdx.x; c * 16 < nbytes; c += blockDim.x)
+    cp_async16(d + 16 * c, g + 16 * c, int(nbytes - 16 * c < 16 ? nbytes - 16 * c : 16));
+}
+
 // Runs v = load(t) for kBatch indices t < total of this thread, then use(t, v) for each: a batch's
 // global loads are in flight together instead of one round trip per index (at M = 1, b = 4096 a
 // thread has 8 pairs of x to load; one at a time that is 8 DRAM round trips).

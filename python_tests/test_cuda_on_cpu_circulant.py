@@ -87,38 +87,34 @@ BC_STAGE_MUTATIONS = {
     # the 8-byte alignment slack of odd CTAs' slices ignored
     "stage shift": ("block_circulant_linear.cu", "    wsrc = ws + shift / 4;", "    wsrc = ws;"),
     # the bias indexed as the staged copy but read from global memory (every CTA but the first wrong)
-    "staged bias": ("block_circulant_linear.cu", "      bias_src = reinterpret_cast<const T*>(bs);\n", ""),
+    "staged bias": ("block_circulant_linear.cu", "      bias_src = bs;\n", ""),
 }
+
+
+def assert_mutation_caught(rng, M, K, N, env, kernel, mutation):
+    """An fp16 case (b = 256) passes unmutated, on `kernel` (trace text), and fails with `mutation`."""
+    x, spec, cols, bias = structured.make(rng, (M,), K, N, 256, torch.float16)
+    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, N]}
+    r = structured.exact(x, cols, N, bias)
+
+    def passes(results):
+        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
+
+    results = cuda_on_cpu.run_cases([c], env)
+    assert kernel in results[0][1][0] and passes(results)
+    assert not passes(cuda_on_cpu.run_cases([c], env, mutations=[mutation]))
 
 
 @pytest.mark.parametrize("name", list(BC_STAGE_MUTATIONS))
 def test_mutated_block_circulant_staging_is_caught(rng, name):
     # decode: one CTA per output block, its spectrum slice staged by cp.async; q = 3 at b = 256 puts
     # odd CTAs' slices 8 bytes off a 16-byte boundary
-    x, spec, cols, bias = structured.make(rng, (3,), 700, 1100, 256, torch.float16)
-    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, 1100]}
-    r = structured.exact(x, cols, 1100, bias)
-
-    def passes(results):
-        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
-
-    results = cuda_on_cpu.run_cases([c], {"RK_CPU_SEED": "4"})
-    assert "BcArgs" in results[0][1][0] and passes(results)
-    assert not passes(cuda_on_cpu.run_cases([c], {"RK_CPU_SEED": "4"}, mutations=[BC_STAGE_MUTATIONS[name]]))
+    assert_mutation_caught(rng, 3, 700, 1100, {"RK_CPU_SEED": "4"}, "BcArgs", BC_STAGE_MUTATIONS[name])
 
 
 @pytest.mark.parametrize("name", list(BC_MUTATIONS))
 def test_mutated_block_circulant_large_m_is_caught(rng, name):
-    # two passes over the input blocks (K = 4104, b = 256: 16 + 1), a row tail, two output block
-    # groups (p = 18: 16 + 2)
-    x, spec, cols, bias = structured.make(rng, (11,), 4104, 4400, 256, torch.float16)  # rows 16-byte aligned: raw copy
-    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, 4400]}
-    r = structured.exact(x, cols, 4400, bias)
-    env = {"REPARAM_BC_LARGE_M_MIN_M": "1", "RK_CPU_SEED": "2"}
-
-    def passes(results):
-        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
-
-    results = cuda_on_cpu.run_cases([c], env)
-    assert "bc_large_m" in results[0][1][0] and passes(results)
-    assert not passes(cuda_on_cpu.run_cases([c], env, mutations=[BC_MUTATIONS[name]]))
+    # two passes over the input blocks (K = 4104, b = 256: 16 + 1; rows 16-byte aligned: raw copy), a row
+    # tail, two output block groups (p = 18: 16 + 2)
+    assert_mutation_caught(rng, 11, 4104, 4400, {"REPARAM_BC_LARGE_M_MIN_M": "1", "RK_CPU_SEED": "2"}, "bc_large_m",
+                           BC_MUTATIONS[name])
