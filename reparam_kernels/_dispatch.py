@@ -14,6 +14,7 @@ How each dispatch key is served:
 * dtypes the C++ kernel does not take (e.g. fp32) are routed by the wrapper in
   ``ops.py`` through ``call`` before they reach the dispatcher.
 """
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -119,7 +120,7 @@ def _names(dtypes):
 
 def _run(spec, backend, why, args):
     if backend == "triton":
-        if not torch.compiler.is_compiling() and not gpu_supported()[0]:
+        if (spec.name, why) not in _WARNED and not torch.compiler.is_compiling() and not gpu_supported()[0]:
             warn_once((spec.name, why), f"reparam.{spec.name}: {why}; running the Triton kernel instead")
         return spec.triton(*args)
     if backend == "reference" and _first_tensor(args).is_cuda and not torch.compiler.is_compiling():
@@ -131,6 +132,15 @@ def _first_tensor(args):
     return next(a for a in args if isinstance(a, torch.Tensor))
 
 
+# True when autocast is on for any device type (private but long-standing; the per-device check is the fallback)
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def as_dtype(t, dtype):
+    """t in `dtype`; t itself when it already is (Tensor.to costs ≈ 1 µs of host time even as a no-op)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 def autocast(x, *side):
     """Under ``torch.autocast`` on x's device, cast x and its x-dtype side data (factors, scales, zeros,
     tables, bias) to the autocast dtype, as torch does for F.linear; otherwise return them unchanged.
@@ -138,6 +148,8 @@ def autocast(x, *side):
     The typed wrappers call this before their checks: the ops require the side data in x's dtype, and
     a custom op is not cast by autocast on its own. Spectra (fp32 by format) are not passed here.
     """
+    if not _ANY_AUTOCAST():  # one global flag: the common case pays no device lookup
+        return (x, *side)
     dev = x.device.type
     if not torch.is_autocast_enabled(dev):
         return (x, *side)
@@ -145,11 +157,33 @@ def autocast(x, *side):
     return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, *side))
 
 
+# backend_for asks the dispatcher and the GPU (≈ 10 µs of Python on a slow CPU, as much as a decode
+# kernel takes): the eager entry below keeps its answer per (op, device, dtype) for the life of the
+# process. What it depends on does not change once the package is imported (the extension loaded or
+# not, Triton present, the GPU's compute capability); a test that fakes one of them calls
+# ``BACKEND_CACHE.clear()``. The kernels' own path switches (REPARAM_* variables) are read in C++ per
+# call and are not part of this.
+BACKEND_CACHE = {}
+
+
+def _cached_backend(name, x):
+    key = (name, x.device, x.dtype)
+    hit = BACKEND_CACHE.get(key)
+    if hit is None:
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            hit = BACKEND_CACHE[key] = backend_for(name, x.device.type, x.dtype)
+    return hit
+
+
 def call(name, *args):
-    """Entry used by the typed wrappers: the CUDA op if it takes these inputs, else the best fallback."""
-    x = _first_tensor(args)
+    """Entry used by the typed wrappers: the CUDA op if it takes these inputs, else the best fallback.
+    Every op's first argument is x (the schemas in schemas.py)."""
+    x = args[0]
     spec = REGISTRY[name]
-    backend, why = backend_for(name, x.device.type, x.dtype)
+    if torch.compiler.is_compiling():
+        backend, why = backend_for(name, x.device.type, x.dtype)  # a traced constant (assume_constant_result)
+    else:
+        backend, why = _cached_backend(name, x)
     if backend == "cuda" or not x.is_cuda or spec.cuda_impl_registered:
         # Through the dispatcher, so the op's registered autograd applies; a
         # Python CUDA impl (no C++ kernel) makes the same backend choice below it.
@@ -168,8 +202,7 @@ def register(spec):
     LIB.impl(spec.name, spec.reference, "CPU")
     if not has_cuda_kernel(spec.name):
         def cuda_impl(*args, _spec=spec):
-            x = _first_tensor(args)
-            backend, why = backend_for(_spec.name, "cuda", x.dtype)
+            backend, why = _cached_backend(_spec.name, _first_tensor(args))
             return _run(_spec, backend, why, args)
 
         LIB.impl(spec.name, cuda_impl, "CUDA")

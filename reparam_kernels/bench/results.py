@@ -128,14 +128,18 @@ class Results:
         return os.path.join(self.root, gpu_slug(self.env["gpu"]), f"{self.op}.json")
 
     def write(self, partial=False):
-        path = self.path()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(partial), f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)  # never a half-written file, even if killed mid-write
-        return path
+        return write_json(self.path(), self.to_dict(partial))
+
+
+def write_json(path, data):
+    """Write `data` as indented JSON to `path` (folders made), never leaving a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)  # atomic, even if killed mid-write
+    return path
 
 
 def load(path):

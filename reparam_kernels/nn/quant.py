@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._dispatch import warn_once
+from .._dispatch import as_dtype, warn_once
 from ..compress import quantize as Q
 from ..compress.gptq import gptq_quantize
 from ..compress.vq import vq_dequantize, vq_quantize
@@ -66,7 +66,7 @@ class _QuantBase(nn.Module):
                 self.bias.copy_(linear.bias.detach())
 
     def _bias_for(self, x):
-        return None if self.bias is None else self.bias.to(x.dtype)
+        return as_dtype(self.bias, x.dtype)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -99,7 +99,7 @@ class Int8Linear(_QuantBase):
         return (self.qweight.float() * self.scales.float()[:, None]).to(self.scales.dtype)
 
     def forward(self, x):
-        return int8_linear(x, self.qweight, self.scales.to(x.dtype), self._bias_for(x))
+        return int8_linear(x, self.qweight, as_dtype(self.scales, x.dtype), self._bias_for(x))
 
 
 class Int4Linear(_QuantBase):
@@ -147,7 +147,7 @@ class Int4Linear(_QuantBase):
         return Q.dequantize_linear(q, self.scales.float(), self.zeros.float(), dtype=self.scales.dtype)
 
     def forward(self, x):
-        return int4_linear(x, self.qweight, self.scales.to(x.dtype), self.zeros.to(x.dtype), self.group_size,
+        return int4_linear(x, self.qweight, as_dtype(self.scales, x.dtype), as_dtype(self.zeros, x.dtype), self.group_size,
                            self._bias_for(x))
 
     def extra_repr(self):
@@ -210,7 +210,7 @@ class LUTLinear(_QuantBase):
 
     def forward(self, x):
         if self.uses_kernel:
-            return lut_linear(x, self.codes, self.lut.to(x.dtype), self._bias_for(x))
+            return lut_linear(x, self.codes, as_dtype(self.lut, x.dtype), self._bias_for(x))
         warn_once(("LUTLinear", self.bits, self.d),
                   f"LUTLinear(bits={self.bits}, d={self.d}): no lookup-table kernel for this setting "
                   "(lut_linear takes d=1, bits<=4); decoding the dense weight and using F.linear")

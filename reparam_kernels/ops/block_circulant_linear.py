@@ -24,24 +24,24 @@ CUDA_BLOCK_SIZES = tuple(1 << e for e in range(6, 13))  # 64..4096: what the fus
 
 def check_block_circulant(op, x, w_spectrum, block_size, out_features, bias, size_name="block_size"):
     check(isinstance(block_size, int) and not isinstance(block_size, bool) and block_size >= 1, op,
-          f"`{size_name}` must be a positive int, got {block_size!r}")
+          lambda: f"`{size_name}` must be a positive int, got {block_size!r}")
     check(isinstance(out_features, int) and not isinstance(out_features, bool) and out_features >= 1, op,
-          f"`out_features` must be a positive int, got {out_features!r}")
+          lambda: f"`out_features` must be a positive int, got {out_features!r}")
     sname = "w_spectrum" if op == "block_circulant_linear" else "t_spectrum"
     check_tensor(op, "x", x, contiguous=False)
     allowed = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
     check_tensor(op, sname, w_spectrum, ndim=4, dtype=allowed, device=x.device)
     p, q, two, h = w_spectrum.shape
     check(two == 2 and h == block_size // 2 + 1, op,
-          f"`{sname}` must be [p, q, 2, {size_name}//2+1] = [p, q, 2, {block_size // 2 + 1}], got {tuple(w_spectrum.shape)}")
-    check(p >= 1 and q >= 1, op, f"`{sname}` has an empty block grid {tuple(w_spectrum.shape)}")
+          lambda: f"`{sname}` must be [p, q, 2, {size_name}//2+1] = [p, q, 2, {block_size // 2 + 1}], got {tuple(w_spectrum.shape)}")
+    check(p >= 1 and q >= 1, op, lambda: f"`{sname}` has an empty block grid {tuple(w_spectrum.shape)}")
     check((p - 1) * block_size < out_features <= p * block_size, op,
-          f"`out_features` {out_features} does not fit {p} block rows of {block_size} (needs {(p - 1) * block_size + 1}..{p * block_size})")
+          lambda: f"`out_features` {out_features} does not fit {p} block rows of {block_size} (needs {(p - 1) * block_size + 1}..{p * block_size})")
     check_tensor(op, "x", x, dtype=(torch.float16, torch.bfloat16, torch.float32, torch.float64), contiguous=False)
     check(x.dim() >= 1, op, "`x` must have at least 1 dimension [..., in_features]")
     k = x.shape[-1]
     check((q - 1) * block_size < k <= q * block_size, op,
-          f"`x` has {k} features, which does not fit {q} block columns of {block_size} (needs {(q - 1) * block_size + 1}..{q * block_size})")
+          lambda: f"`x` has {k} features, which does not fit {q} block columns of {block_size} (needs {(q - 1) * block_size + 1}..{q * block_size})")
     check_x(op, x, k)
     check_bias(op, bias, out_features, x)
 

@@ -23,13 +23,13 @@ def check_int4_linear(x, qweight, scales, zeros, group_size, bias):
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     check_x(OP, x, k)
     check(isinstance(group_size, int) and group_size > 0 and group_size % 32 == 0, OP,
-          f"`group_size` must be a positive multiple of 32, got {group_size!r}")
-    check(k % group_size == 0, OP, f"`group_size` = {group_size} does not divide in_features K = {k}")
+          lambda: f"`group_size` must be a positive multiple of 32, got {group_size!r}")
+    check(k % group_size == 0, OP, lambda: f"`group_size` = {group_size} does not divide in_features K = {k}")
     g = k // group_size
     for name, t in (("scales", scales), ("zeros", zeros)):
         check_tensor(OP, name, t, ndim=2, dtype=x.dtype, device=x.device)
         check(tuple(t.shape) == (n, g), OP,
-              f"`{name}` must be [N, K // group_size] = [{n}, {g}], got {tuple(t.shape)}")
+              lambda: f"`{name}` must be [N, K // group_size] = [{n}, {g}], got {tuple(t.shape)}")
     check_bias(OP, bias, n, x)
 
 

@@ -19,7 +19,7 @@ def check_int8_linear(x, qweight, scales, bias):
     n, k = qweight.shape
     check_x(OP, x, k)
     check_tensor(OP, "scales", scales, ndim=1, dtype=x.dtype, device=x.device)
-    check(scales.shape[0] == n, OP, f"`scales` has {scales.shape[0]} elements, expected out_features N = {n} (one per row of `qweight`)")
+    check(scales.shape[0] == n, OP, lambda: f"`scales` has {scales.shape[0]} elements, expected out_features N = {n} (one per row of `qweight`)")
     check_bias(OP, bias, n, x)
 
 

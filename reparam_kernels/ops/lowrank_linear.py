@@ -15,8 +15,8 @@ def _check_lowrank(x, u, v, bias):
     op = "lowrank_linear"
     check_tensor(op, "u", u, ndim=2, dtype=x.dtype, device=x.device)
     check_tensor(op, "v", v, ndim=2, dtype=x.dtype, device=x.device)
-    check(u.shape[1] >= 1 and v.shape[1] >= 1, op, f"rank and in_features must be >= 1, got `u` {tuple(u.shape)}, `v` {tuple(v.shape)}")
-    check(u.shape[1] == v.shape[0], op, f"rank mismatch: `u` is {tuple(u.shape)} = [N, r] and `v` is {tuple(v.shape)} = [r, K]")
+    check(u.shape[1] >= 1 and v.shape[1] >= 1, op, lambda: f"rank and in_features must be >= 1, got `u` {tuple(u.shape)}, `v` {tuple(v.shape)}")
+    check(u.shape[1] == v.shape[0], op, lambda: f"rank mismatch: `u` is {tuple(u.shape)} = [N, r] and `v` is {tuple(v.shape)} = [r, K]")
     check_x(op, x, v.shape[1])
     check_bias(op, bias, u.shape[0], x)
 

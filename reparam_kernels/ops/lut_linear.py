@@ -23,9 +23,9 @@ def check_lut_linear(x, codes, lut, bias):
     n, k = codes.shape[0], 2 * codes.shape[1]
     check_x(OP, x, k)
     check_tensor(OP, "lut", lut, ndim=2, dtype=x.dtype, device=x.device)
-    check(lut.shape[1] == 16, OP, f"`lut` must be [L, 16] (4-bit codes), got {tuple(lut.shape)}")
+    check(lut.shape[1] == 16, OP, lambda: f"`lut` must be [L, 16] (4-bit codes), got {tuple(lut.shape)}")
     check(lut.shape[0] > 0 and n % lut.shape[0] == 0, OP,
-          f"`lut` has {lut.shape[0]} tables, which must divide out_features N = {n}")
+          lambda: f"`lut` has {lut.shape[0]} tables, which must divide out_features N = {n}")
     check_bias(OP, bias, n, x)
 
 

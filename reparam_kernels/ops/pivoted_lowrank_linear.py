@@ -19,10 +19,10 @@ def _check_pivoted(x, u, w, perm, bias):
     check_tensor(_OP, "w", w, ndim=2, dtype=x.dtype, device=x.device)
     check_tensor(_OP, "perm", perm, ndim=1, dtype=torch.int64, device=x.device)
     r = u.shape[1]
-    check(r >= 1, _OP, f"rank must be >= 1, got `u` {tuple(u.shape)}")
-    check(w.shape[0] == r, _OP, f"rank mismatch: `u` is {tuple(u.shape)} = [N, r] and `w` is {tuple(w.shape)} = [r, K - r]")
+    check(r >= 1, _OP, lambda: f"rank must be >= 1, got `u` {tuple(u.shape)}")
+    check(w.shape[0] == r, _OP, lambda: f"rank mismatch: `u` is {tuple(u.shape)} = [N, r] and `w` is {tuple(w.shape)} = [r, K - r]")
     k = r + w.shape[1]
-    check(perm.shape[0] == k, _OP, f"`perm` must have K = r + w.shape[1] = {k} entries, got {perm.shape[0]}")
+    check(perm.shape[0] == k, _OP, lambda: f"`perm` must have K = r + w.shape[1] = {k} entries, got {perm.shape[0]}")
     check_x(_OP, x, k)
     check_bias(_OP, bias, u.shape[0], x)
 
