@@ -17,7 +17,10 @@ Stored layouts (what the ops want; see compress/structured.py):
   (plain torch.fft, no custom kernel).
 
 Spectra/generators are float32 (float64 for a float64 layer); the bias and
-the activations use the layer's dtype. ``from_linear`` records the relative
+the activations use the layer's dtype. They stay float32 when the layer is cast to
+float16 / bfloat16 (``.half()``, ``.to(dtype)``, ``model.half()``): the ops take
+float32 spectra, and a half-precision copy would lose precision for good and be
+cast back on every call; device moves apply to them as usual. ``from_linear`` records the relative
 projection error in ``projection_error``.
 """
 import math
@@ -61,6 +64,19 @@ def _copy_bias(layer, linear):
 
 
 class _StructuredBase(nn.Module):
+    _FULL_PRECISION = ()  # parameters kept in float32 / float64 when the module is cast to a half dtype
+
+    def _apply(self, fn, recurse=True):
+        before = {name: getattr(self, name).data for name in self._FULL_PRECISION}
+        out = super()._apply(fn, recurse)
+        for name, old in before.items():
+            param = getattr(self, name)
+            if param.dtype in (torch.float16, torch.bfloat16) and old.dtype not in (torch.float16, torch.bfloat16):
+                param.data = old.to(device=param.device)  # keep the values (and dtype) it had, on the new device
+                if param.grad is not None:
+                    param.grad = param.grad.to(old.dtype)
+        return out
+
     def _init_bias(self, bias, dtype, device):
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device)) if bias else None
         if bias:
@@ -79,6 +95,8 @@ class _StructuredBase(nn.Module):
 
 
 class BlockCirculantLinear(_StructuredBase):
+    _FULL_PRECISION = ("w_spectrum",)
+
     def __init__(self, in_features, out_features, block_size, bias=True, dtype=None, device=None):
         super().__init__()
         for name, val in (("in_features", in_features), ("out_features", out_features), ("block_size", block_size)):
@@ -149,6 +167,8 @@ class CirculantLinear(BlockCirculantLinear):
 
 
 class ToeplitzLinear(_StructuredBase):
+    _FULL_PRECISION = ("t_spectrum",)
+
     def __init__(self, in_features, out_features, bias=True, dtype=None, device=None):
         super().__init__()
         _positive_int("in_features", in_features)
@@ -197,6 +217,8 @@ class ToeplitzLinear(_StructuredBase):
 
 
 class LDRLinear(_StructuredBase):
+    _FULL_PRECISION = ("g", "h")
+
     def __init__(self, in_features, out_features, rank, bias=True, dtype=None, device=None):
         super().__init__()
         for name, val in (("in_features", in_features), ("out_features", out_features), ("rank", rank)):
