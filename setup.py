@@ -90,7 +90,7 @@ setup(
     description="Compressed (reparameterized) linear layers for LLMs with fast CUDA/Triton kernels",
     packages=find_packages(include=["reparam_kernels", "reparam_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.10", "numpy"],
+    install_requires=["torch>=2.10", "numpy", "scipy"],  # scipy: pivoted QR (nn/pivoted.py)
     extras_require={"models": ["transformers", "gguf", "accelerate", "safetensors", "tqdm", "pyyaml"],
                     "test": ["pytest"]},
     ext_modules=ext_modules,

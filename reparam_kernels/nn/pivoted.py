@@ -9,7 +9,6 @@ for the plain factors (docs/quality.md). Forward: one ``pivoted_lowrank_linear``
 low-rank CUDA kernel in its pivoted mode, csrc/pivoted_lowrank_linear.cu; the reference on the CPU).
 """
 import numpy as np
-import scipy.linalg
 import torch
 from torch import nn
 
@@ -20,6 +19,10 @@ from .lowrank import LowRankBase, LowRankLinear, build_from_factors, check_facto
 
 def pivot_factors(u, v):
     """(u' [out, r], w [r, in − r], perm [in] int64) with u @ v == u' @ [I | w] @ P, in float64."""
+    try:
+        import scipy.linalg  # QR with column pivoting (LAPACK geqp3); torch has none
+    except ImportError as e:
+        raise ImportError("pivoted low-rank factors need SciPy (QR with column pivoting): pip install scipy") from e
     u64, v64 = u.detach().double().cpu(), v.detach().double().cpu()
     r = v64.shape[0]
     _, piv = scipy.linalg.qr(v64.numpy(), mode="r", pivoting=True)  # greedy: best-conditioned columns first
