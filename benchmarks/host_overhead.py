@@ -6,9 +6,13 @@ A decode kernel runs for a few µs; in eager PyTorch the CPU must issue it at le
 waits (Hugging Face ``generate`` without compile is eager). This times, on the CPU, each layer's forward
 with every ``torch.ops.reparam`` op replaced by a stub that returns a preallocated output: what is left
 is the wrapper's own work (argument checks, autocast, backend choice) plus ``nn.Module`` call overhead.
-The stub's own cost is timed alone and subtracted. Not included: the dispatcher, the C++ checks and
-the kernel launch, which need the GPU build (``torch.ops.aten.linear`` dispatch on this machine is shown
-as a yardstick for what one op dispatch costs here).
+The stub's own cost is timed alone and subtracted.
+
+``dispatch_us``: the rest of the way in, measured separately on a small layer of the same kind:
+``_dispatch.call`` (backend choice, gradient test, the dispatcher) down to a CPU kernel that only
+returns a preallocated output (registered over the reference for the measurement). That kernel is a
+Python function, so this includes a Python call that a GPU's C++ kernel does not make. Not included
+anywhere: the C++ checks and the launch (GPU build only). ``torch.ops.aten.linear`` on tiny CPU tensors is shown as a yardstick for this machine.
 
 Writes ``benchmarks/results/cpu/host_overhead.json`` (medians of repeats, µs per call).
 """
@@ -43,7 +47,7 @@ class StubbedOps:
     """Replace torch.ops.reparam.<op> by stubs returning preallocated outputs; restore on exit."""
 
     def __init__(self):
-        self.calls = []  # (stub, args) of the last forward, to time the stubs alone
+        self.calls = []  # (op name, stub, args) of the last forward, to time the stubs alone
         self.saved = {}
 
     def _stub(self, name):
@@ -55,7 +59,7 @@ class StubbedOps:
             out = outs.get(key)
             if out is None:
                 out = outs[key] = x.new_empty((*x.shape[:-1], OUT_FEATURES[name](args)))
-            self.calls.append((stub, args))
+            self.calls.append((name, stub, args))
             return out
         return stub
 
@@ -87,9 +91,42 @@ def measure(kind, in_features, out_features, number, repeat):
         if not calls:
             raise RuntimeError(f"{kind}: the forward called no torch.ops.reparam op")
         total = median_us(lambda: layer(x), number, repeat)
-        stub_only = median_us(lambda: [s(*a) for s, a in calls], number, repeat)
+        stub_only = median_us(lambda: [s(*a) for _, s, a in calls], number, repeat)
     return {"kind": kind, "layer": type(layer).__name__, "ops_per_call": len(calls),
-            "host_us": round(total - stub_only, 2), "with_stub_us": round(total, 2), "stub_us": round(stub_only, 2)}
+            "host_us": round(total - stub_only, 2), "with_stub_us": round(total, 2), "stub_us": round(stub_only, 2),
+            "dispatch_us": round(dispatch_us(kind, number, repeat), 2)}
+
+
+class TrivialCpuKernels:
+    """Override each op's CPU kernel (the reference) by one returning a preallocated output, so the
+    dispatcher's own cost can be timed; the reference kernels come back when the override is removed."""
+
+    def __init__(self, calls):
+        self.calls = calls  # (op name, args) to serve
+
+    def __enter__(self):
+        self.lib = torch.library.Library("reparam", "IMPL")
+        for name in {n for n, _ in self.calls}:
+            outs = {id(a[0]): a[0].new_empty((*a[0].shape[:-1], OUT_FEATURES[name](a))) for n, a in self.calls
+                    if n == name}
+            self.lib.impl(name, lambda *a, _outs=outs: _outs[id(a[0])], "CPU", allow_override=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.lib._destroy()
+        return False
+
+
+def dispatch_us(kind, number, repeat):
+    """µs per layer call from `_dispatch.call` through the dispatcher to a (trivial) CPU kernel and back."""
+    layer = variants.make_random(kind, 64, 32, bias=True, dtype=torch.float16, device="cpu")
+    x = torch.randn(1, 64, dtype=torch.float16)
+    with torch.no_grad():
+        with StubbedOps() as stubs:
+            layer(x)
+        calls = [(name, args) for name, _, args in stubs.calls]
+        with TrivialCpuKernels(calls):
+            return median_us(lambda: [_dispatch.call(n, *a) for n, a in calls], number, repeat)
 
 
 def main(argv=None):
@@ -105,12 +142,14 @@ def main(argv=None):
     for kind in [kd for kd in KINDS if kd in variants.available()]:
         row = measure(kind, k, n, args.number, args.repeat)
         rows.append(row)
-        print(f"{kind:22s} {row['layer']:22s} ops {row['ops_per_call']}  host {row['host_us']:6.2f} us", flush=True)
+        print(f"{kind:22s} {row['layer']:22s} ops {row['ops_per_call']}  host {row['host_us']:6.2f} us  "
+              f"dispatch {row['dispatch_us']:6.2f} us", flush=True)
     a = torch.randn(1, 8)
     w = torch.randn(8, 8)
     yard = median_us(lambda: torch.ops.aten.linear(a, w), args.number, args.repeat)
     print(f"yardstick: torch.ops.aten.linear on 1x8 CPU tensors {yard:.2f} us")
-    result = {"what": "host µs per eager layer call before the kernel (ops stubbed), CPU, x [1, K] fp16",
+    result = {"what": "host µs per eager layer call: host_us before the op (ops stubbed, x [1, K] fp16), dispatch_us "
+              "from _dispatch.call through the dispatcher to a trivial CPU kernel (the reference overridden)",
               "shape": args.shape, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
               "python": platform.python_version(), "torch": torch.__version__,
               "command": "python benchmarks/host_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -60,4 +60,47 @@ def test_host_overhead_script_stubs_every_op_call(tmp_path):
     rows = {r["kind"]: r for r in json.loads(out.read_text())["rows"]}
     assert {"int4_g128", "int8", "lowrank_40", "block_circulant_b256"} <= set(rows)
     assert rows["lowrank40_int4"]["ops_per_call"] == 2 and rows["int8"]["ops_per_call"] == 1
-    assert all(r["with_stub_us"] > 0 and r["stub_us"] > 0 for r in rows.values())
+    assert all(r["with_stub_us"] > 0 and r["stub_us"] > 0 and "dispatch_us" in r for r in rows.values())
+
+
+def test_op_enters_below_autograd_only_when_no_gradient_is_wanted(monkeypatch):
+    entered = []
+    real = _dispatch._BELOW_AUTOGRAD
+
+    class Spy:
+        def __enter__(self):
+            entered.append(1)
+            self.ctx = real()
+            return self.ctx.__enter__()
+
+        def __exit__(self, *exc):
+            return self.ctx.__exit__(*exc)
+
+    monkeypatch.setattr(_dispatch, "_BELOW_AUTOGRAD", Spy)
+    x, u, v = torch.randn(2, 6, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    y = lowrank_linear(x, u, v)  # nothing requires grad
+    assert entered == [1] and y.grad_fn is None
+    with torch.no_grad():
+        lowrank_linear(x, u.requires_grad_(), v)  # grad mode off
+    assert entered == [1, 1]
+    y = lowrank_linear(x, u, v)  # u requires grad: through the registered autograd
+    assert entered == [1, 1] and y.grad_fn is not None
+    y.sum().backward()
+    assert torch.allclose(u.grad, (x @ v.t()).sum(0).expand(5, 3))
+
+
+def test_trivial_cpu_kernels_are_removed_after_the_measurement():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import host_overhead
+    finally:
+        sys.path.pop(0)
+    x, u, v = torch.randn(2, 6), torch.randn(5, 3), torch.randn(3, 6)
+    ref = lowrank_linear(x, u, v)
+    with host_overhead.TrivialCpuKernels([("lowrank_linear", (x, u, v, None))]):
+        out = torch.ops.reparam.lowrank_linear(x, u, v, None)
+        again = torch.ops.reparam.lowrank_linear(x, u, v, None)
+        assert out.shape == ref.shape and out.data_ptr() == again.data_ptr()  # one preallocated output
+    assert torch.equal(lowrank_linear(x, u, v), ref)  # the reference kernel is back
+    assert host_overhead.dispatch_us("lowrank_40", 5, 1) > 0
+    assert torch.equal(lowrank_linear(x, u, v), ref)

@@ -180,20 +180,39 @@ def call(name, *args):
     Every op's first argument is x (the schemas in schemas.py)."""
     x = args[0]
     spec = REGISTRY[name]
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         backend, why = backend_for(name, x.device.type, x.dtype)  # a traced constant (assume_constant_result)
     else:
         backend, why = _cached_backend(name, x)
+    # (dynamo cannot trace torch's C test of requires_grad; the generator it can)
+    needs_grad = torch.is_grad_enabled() and (_any_requires_grad_py if compiling else _any_requires_grad)(*args)
     if backend == "cuda" or not x.is_cuda or spec.cuda_impl_registered:
         # Through the dispatcher, so the op's registered autograd applies; a
         # Python CUDA impl (no C++ kernel) makes the same backend choice below it.
-        return getattr(torch.ops.reparam, name)(*args)
+        op = getattr(torch.ops.reparam, name)
+        if needs_grad or compiling:
+            return op(*args)
+        # No gradient wanted: enter below the Autograd key ourselves. That is what the autograd
+        # registered by torch.library does in this case, but it gets there through a Python frame
+        # of its own on every call (≈ 4 µs of host time on a slow CPU, more than a decode kernel).
+        with _BELOW_AUTOGRAD():
+            return op(*args)
     # The C++ kernel exists but does not take these inputs (e.g. fp32). Calling
     # a fallback directly bypasses the op's autograd, so when gradients are
     # needed run the reference: plain PyTorch ops, differentiable as they are.
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    if needs_grad:
         return _run(spec, "reference", why + "; gradients needed", args)
     return _run(spec, backend, why, args)
+
+
+def _any_requires_grad_py(*args):
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+# torch's own test (the one torch.library's autograd makes), in C++; the Python version where absent
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_py)
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 
 
 def register(spec):
