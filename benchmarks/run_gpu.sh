@@ -20,7 +20,7 @@ mkdir -p "$DEST"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export REPARAM_BENCH_OUT="$DEST"
 export PYTHONUNBUFFERED=1
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"  # python3 first: some images have no plain `python`
 BUDGET="${RUN_GPU_BUDGET:-470}"   # seconds for everything; steps are cut to fit
 START=$(date +%s)
 QUICK="--quick"; [ "${RUN_GPU_FULL:-0}" = 1 ] && QUICK=""
@@ -92,7 +92,7 @@ for i in "${!SCRIPTS[@]}"; do
   # so a script cut short still leaves what it measured (its JSON says "partial": true)
   share=$(( ($(left) - RESERVE - SAN_RESERVE) / (${#SCRIPTS[@]} - i) )); [ "$share" -gt 150 ] && share=150
   step "$name" "$share" "$DEST/$name.log" "$PY" "$script" $QUICK || BENCH_RC=$?
-  tail -n 4 "$DEST/$name.log"
+  tail -n 4 "$DEST/$name.log" 2>/dev/null  # (no log when the step was skipped)
 done
 
 SAN_RC=0

