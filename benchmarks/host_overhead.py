@@ -12,7 +12,8 @@ The stub's own cost is timed alone and subtracted.
 ``_dispatch.call`` (backend choice, gradient test, the dispatcher) down to a CPU kernel that only
 returns a preallocated output (registered over the reference for the measurement). That kernel is a
 Python function, so this includes a Python call that a GPU's C++ kernel does not make. Not included
-anywhere: the C++ checks and the launch (GPU build only). ``torch.ops.aten.linear`` on tiny CPU tensors is shown as a yardstick for this machine.
+anywhere: the C++ checks and the launch (GPU build only). ``torch.ops.aten.linear`` on tiny CPU tensors
+is shown as a yardstick for this machine.
 
 Writes ``benchmarks/results/cpu/host_overhead.json`` (medians of repeats, µs per call).
 """
@@ -44,6 +45,12 @@ OUT_FEATURES = {
 }
 
 
+def empty_output(name, args):
+    """An uninitialized output of op `name` for these arguments (what a stub or trivial kernel returns)."""
+    x = args[0]
+    return x.new_empty((*x.shape[:-1], OUT_FEATURES[name](args)))
+
+
 class StubbedOps:
     """Replace torch.ops.reparam.<op> by stubs returning preallocated outputs; restore on exit."""
 
@@ -55,11 +62,9 @@ class StubbedOps:
         outs = {}
 
         def stub(*args):
-            x = args[0]
-            key = x.shape
-            out = outs.get(key)
+            out = outs.get(args[0].shape)
             if out is None:
-                out = outs[key] = x.new_empty((*x.shape[:-1], OUT_FEATURES[name](args)))
+                out = outs[args[0].shape] = empty_output(name, args)
             self.calls.append((name, stub, args))
             return out
         return stub
@@ -85,7 +90,7 @@ def measure(kind, in_features, out_features, number, repeat):
     layer = variants.make_random(kind, in_features, out_features, bias=True, dtype=torch.float16, device="cpu")
     x = torch.randn(1, in_features, dtype=torch.float16)
     with torch.no_grad(), StubbedOps() as stubs:
-        layer(x)
+        layer(x)  # allocates the stubs' outputs
         stubs.calls.clear()
         layer(x)
         calls = list(stubs.calls)
@@ -108,8 +113,7 @@ class TrivialCpuKernels:
     def __enter__(self):
         self.lib = torch.library.Library("reparam", "IMPL")
         for name in {n for n, _ in self.calls}:
-            outs = {id(a[0]): a[0].new_empty((*a[0].shape[:-1], OUT_FEATURES[name](a))) for n, a in self.calls
-                    if n == name}
+            outs = {id(a[0]): empty_output(name, a) for n, a in self.calls if n == name}
             with warnings.catch_warnings():  # torch warns about the override it was asked for
                 warnings.simplefilter("ignore")
                 self.lib.impl(name, lambda *a, _outs=outs: _outs[id(a[0])], "CPU", allow_override=True)

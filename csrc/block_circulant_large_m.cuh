@@ -183,8 +183,7 @@ inline size_t smem_bytes(int b) { return (2 * size_t(kBuf) + size_t(b / 2) + 128
 template <class T, int TM, int IG, int NB>
 void launch_cfg(const Problem<T>& a, int device, cudaStream_t stream) {
   auto large_m_kernel = kernel<T, TM, IG, NB>;
-  static bool optin[64] = {false};  // one instance serves several block sizes: allow the device maximum
-  allow_smem_optin(large_m_kernel, optin, device);
+  allow_smem_optin<kernel<T, TM, IG, NB>>(device);  // the device maximum: one instance serves several block sizes
   const int H = a.b / 2, pi = IG * (kThreads * NB / H);
   const dim3 grid(unsigned((a.M + TM - 1) / TM), unsigned((a.p + pi - 1) / pi));
   large_m_kernel<<<grid, kThreads, smem_bytes(a.b), stream>>>(a);
@@ -196,7 +195,7 @@ void launch_cfg(const Problem<T>& a, int device, cudaStream_t stream) {
 template <class T>
 bool try_launch(const Problem<T>& a, int device, cudaStream_t stream) {
   if (a.M < min_m_from_env("REPARAM_BC_LARGE_M_MIN_M", 256)) return false;
-  if (smem_bytes(a.b) > size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device))) return false;
+  if (smem_bytes(a.b) > size_t(max_smem_optin(device))) return false;
   switch (a.b) {
     case 64: case 128: case 256: case 512: launch_cfg<T, 4, 8, 1>(a, device, stream); return true;
     case 1024: launch_cfg<T, 4, 4, 2>(a, device, stream); return true;

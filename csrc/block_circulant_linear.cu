@@ -179,8 +179,6 @@ int rows_per_cta(int b) { return std::max(1, std::min(kMaxTm, 4096 / b)); }
 
 size_t smem_bytes(int b, int tm, int pi) { return size_t(smem_float2s(b, tm, pi)) * sizeof(float2); }
 
-int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
-
 // Rows per CTA: up to rows_per_cta(b) (the buffers hold rows x H x nj), halved while the grid of
 // one CTA per (row tile, output block) would leave SMs idle. At M = 16, 4096², b = 256 that is 1 row
 // and 256 CTAs instead of 16 rows in 16 CTAs, each making 8 passes one after another.
@@ -211,8 +209,7 @@ template <class T>
 void launch(BcArgs<T> a, int device, cudaStream_t stream) {
   if (bc_large_m::try_launch<T>(a, device, stream)) return;  // large M: spectrum sums in registers
   auto kernel = block_circulant_kernel<T>;
-  static bool optin[64] = {false};
-  allow_smem_optin(kernel, optin, device);
+  allow_smem_optin<block_circulant_kernel<T>>(device);
   a.tm = choose_tm(a.M, a.p, a.b, device);
   a.pi = choose_pi(a.M, a.tm, a.p, a.b, device);
   // stage the spectrum slice and the bias when they fit beside the rest (decode: q (b + 2) floats,

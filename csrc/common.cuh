@@ -87,19 +87,20 @@ inline int device_attribute(int device) {
 }
 
 inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+inline int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
-// Blocks of 256 threads for a grid-stride loop over n elements: enough to fill the GPU, no more.
-// Lets `kernel` launch with up to the device's opt-in shared memory (> 48 KB needs it): once per
-// device, `done` being the caller's static flags for this kernel instance.
-template <class Kernel>
-inline void allow_smem_optin(Kernel kernel, bool (&done)[64], int device) {
+// Lets `Kernel` launch with up to the device's opt-in shared memory (> 48 KB needs it), once per
+// device (a template argument: each kernel instance has its own flags).
+template <auto Kernel>
+inline void allow_smem_optin(int device) {
+  static bool done[64] = {false};
   const int slot = (device >= 0 && device < 64) ? device : 0;
   if (done[slot]) return;
-  RK_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                     device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device)));
+  RK_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_optin(device)));
   done[slot] = true;
 }
 
+// Blocks of 256 threads for a grid-stride loop over n elements: enough to fill the GPU, no more.
 inline unsigned grid_stride_blocks(int64_t n, int device) {
   return unsigned(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, 16 * int64_t(sm_count(device)))));
 }

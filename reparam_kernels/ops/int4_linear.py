@@ -28,7 +28,7 @@ def check_int4_linear(x, qweight, scales, zeros, group_size, bias):
     g = k // group_size
     for name, t in (("scales", scales), ("zeros", zeros)):
         check_tensor(OP, name, t, ndim=2, dtype=x.dtype, device=x.device)
-        check(tuple(t.shape) == (n, g), OP,
+        check(t.shape == (n, g), OP,
               lambda: f"`{name}` must be [N, K // group_size] = [{n}, {g}], got {tuple(t.shape)}")
     check_bias(OP, bias, n, x)
 
