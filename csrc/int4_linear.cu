@@ -54,7 +54,8 @@ struct Int4Dec {
 // and x gets the same map from its 16-byte vector x[kt + 8i .. +8) by two byte
 // permutes per register. A nibble pair becomes weights with one mask-and-or
 // (0x6400 | q is the fp16 1024 + q, 0x4300 | q the bf16 128 + q), one subtract
-// of the magic (exact) and one FMA: (q - z) * s = q * s + (-z * s).
+// of the magic (exact) and one FMA: (q - z) * s = q * s + (-z * s). Three
+// instructions per pair, plus one shift per word (fp16; bf16: three).
 inline int ilog2(int64_t v) {
   int s = 0;
   while ((int64_t(1) << s) < v) ++s;
@@ -64,7 +65,8 @@ inline int ilog2(int64_t v) {
 template <class T>
 struct Int4Frag {
   static constexpr int kLaneK = 32;
-  static constexpr uint32_t kMagic = std::is_same<T, __half>::value ? 0x64006400u : 0x43004300u;
+  static constexpr bool kHalf = std::is_same<T, __half>::value;
+  static constexpr uint32_t kMagic = kHalf ? 0x64006400u : 0x43004300u;
   const uint8_t* q;
   const T* scales;
   const T* zeros;
@@ -75,21 +77,43 @@ struct Int4Frag {
     uint4 q;
     uint32_t s2, nzs2;  // (s, s) and (-z s, -z s) as pairs of T
   };
-  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const {
-    const int64_t gi = n * G + (kt >> group_shift);  // group % 32 == 0: one group per lane block
-    const float s = to_f32<T>(scales[gi]);
-    return {__ldg(reinterpret_cast<const uint4*>(q + n * (K / 2) + kt / 2)), small_m::Pair<T>::pack(s),
-            small_m::Pair<T>::pack(-to_f32<T>(zeros[gi]) * s)};
-  }
-  static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u), 0u, 0u}; }
-  __device__ __forceinline__ uint32_t pair(uint32_t w, int shift, const Chunk& c) const {
+  // One pointer and one 32-bit index (n * G < 2^32, checked by the host) per row: registers are
+  // what limits this loop (at 128 a CTA pair fits an SM; past it the compiler recomputes rows).
+  struct Row {
+    const uint8_t* q;
+    uint32_t g0;  // n * G
+  };
+  __device__ __forceinline__ Row row(int64_t n) const { return {q + n * (K / 2), uint32_t(n * G)}; }
+  __device__ __forceinline__ Chunk load(const Row& r, uint32_t kt) const {
     using P = small_m::Pair<T>;
-    return P::fma(P::sub(((w >> shift) & 0x000F000Fu) | kMagic, kMagic), c.s2, c.nzs2);
+    const uint32_t gi = r.g0 + (kt >> group_shift);  // group % 32 == 0: one group per lane block
+    // (s, s) by one byte permute; -z * s by one packed multiply: rounded once, as the fp32 product
+    // of two T values (exact) rounded to T would be.
+    const uint32_t s2 = small_m::dup16(scales + gi), z2 = small_m::dup16(zeros + gi);
+    return {__ldg(reinterpret_cast<const uint4*>(r.q + (kt >> 1))), s2, P::mul(z2 ^ 0x80008000u, s2)};
+  }
+  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const { return load(row(n), uint32_t(kt)); }
+  static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u), 0u, 0u}; }
+  // The weight pair of nibbles (j, j + 4) of w, j = 0 (hi = false) or 1 (hi = true); the caller
+  // shifts w by 8 for j = 2, 3. (w & mask) | magic is one LOP3 (the compiler spends two on it).
+  __device__ __forceinline__ uint32_t pair(uint32_t w, bool hi, const Chunk& c) const {
+    using P = small_m::Pair<T>;
+    uint32_t q;
+    if (!hi) {
+      q = P::sub(small_m::and_or(w, 0x000F000Fu, kMagic), kMagic);
+    } else if constexpr (kHalf) {
+      // fp16 1024 + 16 q taken in place (no shift), then (1024 + 16 q) / 16 - 64 = q, exact.
+      q = P::fma(small_m::and_or(w, 0x00F000F0u, kMagic), 0x2C002C00u /* 1/16 */, 0xD400D400u /* -64 */);
+    } else {
+      // bf16 has 7 fraction bits: 16 q does not fit under 128's exponent, so shift.
+      q = P::sub(small_m::and_or(w >> 4, 0x000F000Fu, kMagic), kMagic);
+    }
+    return P::fma(q, c.s2, c.nzs2);
   }
   __device__ __forceinline__ void b(const Chunk& c, int i, int h, uint32_t& b0, uint32_t& b1) const {
-    const uint32_t w = small_m::word(c.q, i);
-    b0 = pair(w, 8 * h, c);      // nibbles 2h, 2h + 4
-    b1 = pair(w, 8 * h + 4, c);  // nibbles 2h + 1, 2h + 5
+    const uint32_t w = small_m::word(c.q, i) >> (8 * h);
+    b0 = pair(w, false, c);  // nibbles 2h, 2h + 4
+    b1 = pair(w, true, c);   // nibbles 2h + 1, 2h + 5
   }
   // (x[2h], x[2h + 4]) for slots 2t, 2t + 1 and (x[2h + 1], x[2h + 5]) for slots 2t + 8, 2t + 9.
   static __device__ __forceinline__ void a(const uint4& r0, const uint4& r1, int h, uint32_t (&a)[4]) {
@@ -131,8 +155,9 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
     const uint8_t* qp = static_cast<const uint8_t*>(qweight.data_ptr());
     const T* sp = static_cast<const T*>(scales.data_ptr());
     const T* zp = static_cast<const T*>(zeros.data_ptr());
-    const bool pow2_group = (group_size & (group_size - 1)) == 0;  // the small-M path shifts instead of dividing
-    if (pow2_group && quant_wgmma::register_fed_linear(Int4Frag<T>{qp, sp, zp, K, G, ilog2(group_size)}, aligned16(qp),
+    const bool pow2_group = (group_size & (group_size - 1)) == 0;
+    // (the small-M path shifts instead of dividing, and indexes scales with 32 bits)
+    if (pow2_group && N * G < (int64_t(1) << 32) && quant_wgmma::register_fed_linear(Int4Frag<T>{qp, sp, zp, K, G, ilog2(group_size)}, aligned16(qp),
                                               static_cast<const T*>(xc.data_ptr()),
                                               bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
                                               static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))

@@ -26,9 +26,10 @@
 namespace reparam {
 namespace lowrank_small_m {
 
-// Frag1: HalfFrag (plain v) or PivotFrag (pivoted w, x gathered through perm).
+// Frag1: HalfFrag (plain v) or PivotFrag (pivoted w, x gathered through perm). Compiled for two CTAs
+// per SM (the grid is every resident CTA): at M > 16 that costs 8-32 bytes of stack, outside the main loop.
 template <class Frag1, class T, int MT, int NG>
-__global__ void __launch_bounds__(small_m::kThreads)
+__global__ void __launch_bounds__(small_m::kThreads, 2)
     lowrank_small_m_kernel(small_m::Problem<Frag1, T> p1, small_m::Problem<small_m::HalfFrag<T>, T> p2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
@@ -73,7 +74,8 @@ template <class T>
 bool run(const T* x, const T* v, const T* u, const int64_t* perm, const T* bias, T* y, int64_t M, int64_t N,
          int64_t K, int64_t r, const Tensor& like, cudaStream_t stream) {
   const int64_t K1 = perm ? K - r : K;  // phase 1's reduction length
-  if (!small_m::applies(M, like) || K1 < 8 || K1 % 8 != 0 || r % 8 != 0) return false;
+  if (!small_m::applies(M, like) || K1 < 8 || K1 % 8 != 0 || r % 8 != 0 || K >= small_m::kMaxK || r >= small_m::kMaxK)
+    return false;
   if (!aligned16(v) || !aligned16(u) || (!perm && !aligned16(x))) return false;
   auto go = [&](const auto& f1) {
     return small_m::for_tile_shape(M, [&](auto mt) {

@@ -60,9 +60,14 @@ struct LutFrag {
   struct RowState {
     uint32_t lo[4], hi[4];
   };
-  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const {
-    return {__ldg(reinterpret_cast<const uint4*>(codes + n * (K / 2) + kt / 2))};
+  struct Row {
+    const uint8_t* q;
+  };
+  __device__ __forceinline__ Row row(int64_t n) const { return {codes + n * (K / 2)}; }
+  __device__ __forceinline__ Chunk load(const Row& r, uint32_t kt) const {
+    return {__ldg(reinterpret_cast<const uint4*>(r.q + (kt >> 1)))};
   }
+  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const { return load(row(n), uint32_t(kt)); }
   static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u)}; }
   __device__ __forceinline__ RowState row_state(int64_t n) const {
     const uint4* row = reinterpret_cast<const uint4*>(lut + (n / rows_per_table) * 16);  // 32 bytes
@@ -79,7 +84,7 @@ struct LutFrag {
   __device__ __forceinline__ void b(const Chunk& c, const RowState& s, int i, int h, uint32_t& b0,
                                     uint32_t& b1) const {
     const uint32_t w = small_m::word(c.q, i) >> (16 * h);  // nibbles of k = kt + 8i + 4h + 0..3
-    const uint32_t sel = w & 0x7777u, pick = 0x3210u | ((w >> 1) & 0x4444u);
+    const uint32_t sel = w & 0x7777u, pick = small_m::and_or(w >> 1, 0x4444u, 0x3210u);
     const uint32_t lo = __byte_perm(__byte_perm(s.lo[0], s.lo[1], sel), __byte_perm(s.lo[2], s.lo[3], sel), pick);
     const uint32_t hi = __byte_perm(__byte_perm(s.hi[0], s.hi[1], sel), __byte_perm(s.hi[2], s.hi[3], sel), pick);
     b0 = __byte_perm(lo, hi, 0x5140);

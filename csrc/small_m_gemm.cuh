@@ -21,13 +21,18 @@
 // is s = 2i + h; a lane block holds kLaneK / 4 steps.
 //
 // A Frag provides: kLaneK (k per 16-byte weight load), Chunk (one lane's load
-// plus what decoding needs), load(n, kt), zero(), b(chunk, i, h, b0, b1) (the B
+// plus what decoding needs), Row / row(n) (a weight row resolved once per work
+// unit) and load(row, kt) (kt a 32-bit offset along K; load(n, kt) does both),
+// zero(), b(chunk, i, h, b0, b1) (the B
 // registers of step 2i + h), a(x_row_g, x_row_g8, h, a[4]) (the A registers of
 // step 2i + h from that step pair's x vectors) and out_scale(n) (a per-output
 // factor applied in the epilogue: int8's per-channel scale); optionally
 // gather_x(m, k) / out_add(m, n) (PivotFrag: x read through a column map, a
 // per-output term added in the epilogue) and RowState / row_state(n) (LutFrag:
 // per-row registers loaded once per work unit, passed to b()).
+//
+// The main loop is memory-bound, so its instruction count is the budget that
+// matters: tools/sass_budget.py reads it from the SASS (docs/benchmarks.md).
 //
 // Work split: a CTA of 8 warps owns BN = 4 * 8 * NG output rows (4 warps along
 // N, NG n8-groups each) and a K range (2 warps along K, 4 * kLaneK k per warp
@@ -49,9 +54,29 @@ namespace small_m {
 
 constexpr int kWarpsN = 4, kWarpsK = 2, kThreads = 32 * kWarpsN * kWarpsK;
 constexpr int kMaxM = 64;
+constexpr int64_t kMaxK = int64_t(1) << 30;  // k offsets are 32-bit in the kernels (Frag::load)
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// (w & mask) | c as one LOP3: written out, the compiler emits an AND and an OR (a LOP3 takes one
+// immediate). Half the decode of an int4 pair.
+__device__ __forceinline__ uint32_t and_or(uint32_t w, uint32_t mask, uint32_t c) {
+#ifdef REPARAM_CPU_CUDA
+  return (w & mask) | c;
+#else
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(w), "r"(mask), "r"(c));
+  return d;
+#endif
+}
+
+// The 16-bit value at p in both halves of a word (a half2 / bfloat162 (v, v)): one load, one permute.
+template <class T>
+__device__ __forceinline__ uint32_t dup16(const T* p) {
+  const uint32_t v = __ldg(reinterpret_cast<const unsigned short*>(p));
+  return __byte_perm(v, 0u, 0x1010);
 }
 
 // Packed-pair arithmetic on the bits of a half2 / bfloat162, and the mma.
@@ -70,6 +95,7 @@ struct Pair {
     else return bits(__floats2bfloat162_rn(lo, hi));
   }
   static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) { return bits(__hsub2(val(a), val(b))); }
+  static __device__ __forceinline__ uint32_t mul(uint32_t a, uint32_t b) { return bits(__hmul2(val(a), val(b))); }
   static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
     return bits(__hfma2(val(a), val(b), val(c)));
   }
@@ -151,24 +177,53 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   const int64_t col0 = bx * BN;
   const int64_t row0 = col0 + wn * 8 * NG + g;  // this lane's weight row in n8-group 0
   const int64_t kb = by * p.kchunk, ke = min(K, kb + p.kchunk);
-  const int64_t stages = p.kchunk / kUnitK;
+  const int stages = int(p.kchunk / kUnitK);
 
-  auto warp_k = [&](int64_t st) { return kb + (st * kWarpsK + wk) * kStepK; };
-  // K % kLaneK == 0: a lane's block is wholly inside or wholly outside [kb, ke).
-  auto load = [&](int64_t st, typename Frag::Chunk (&c)[NG]) {
-    const int64_t kt = warp_k(st) + Frag::kLaneK * t;
+  // Stages of this warp: [0, full) lie wholly inside [kb, ke); stage `full` (when < nst) is the one
+  // partial stage of a K range that kStepK does not divide. K % kLaneK == 0, so a lane's block is
+  // wholly inside or wholly outside the range. Counting them up front keeps the bounds tests out of
+  // the hot loop: in a full stage nothing is tested.
+  const int64_t span = ke - kb - wk * kStepK;  // k from this warp's first block to the range end
+  const int full = span >= kStepK ? int(min(int64_t(stages), (span - kStepK) / kUnitK + 1)) : 0;
+  const int nst = span > 0 ? int(min(int64_t(stages), (span - 1) / kUnitK + 1)) : 0;
+  // k as 32-bit offsets from row pointers (K < 2^30, checked by the host): one wide multiply-add
+  // per address instead of 64-bit index arithmetic.
+  const uint32_t kt0 = uint32_t(kb) + wk * kStepK + Frag::kLaneK * t;  // unsigned: no sign extension
+  auto lane_k = [&](int st) { return kt0 + uint32_t(st) * kUnitK; };
+
+  // Rows at or past N are read as row N - 1 and x rows at or past M as row M - 1: an mma's B
+  // column n feeds only output column n and its A row m only output row m, and those are never
+  // stored, so clamping costs no bounds test per load and no zeroed registers.
+  typename Frag::Row wrow[NG];
 #pragma unroll
-    for (int j = 0; j < NG; ++j) {
-      const int64_t n = row0 + 8 * j;
-      c[j] = (n < N && kt < ke) ? frag.load(n, kt) : Frag::zero();
+  for (int j = 0; j < NG; ++j) wrow[j] = frag.row(min(row0 + 8 * j, N - 1));
+  const T* xrow[MT][2];
+  int xm[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      xm[mt][r] = min(16 * mt + 8 * r + g, M - 1);
+      xrow[mt][r] = x + int64_t(xm[mt][r]) * K;
+    }
+  // The weights of stage st (in the partial stage, a lane past the range end takes zero(): finite).
+  auto load = [&](int st, typename Frag::Chunk (&c)[NG]) {
+    const uint32_t kt = lane_k(st);
+    if (st < full) {
+#pragma unroll
+      for (int j = 0; j < NG; ++j) c[j] = frag.load(wrow[j], kt);
+    } else {
+      const bool kin = kt < ke;
+#pragma unroll
+      for (int j = 0; j < NG; ++j) c[j] = kin ? frag.load(wrow[j], kt) : Frag::zero();
     }
   };
   // x[m, k .. k + 8) as one 16-byte vector, or gathered by the format (pivoted factors).
-  auto load_x = [&](int m, int64_t k) -> uint4 {
+  auto load_x = [&](int mt, int r, uint32_t k) -> uint4 {
     if constexpr (gathers_x<Frag>::value) {
-      return frag.gather_x(m, k);
+      return frag.gather_x(xm[mt][r], k);
     } else {
-      const uint4* v = reinterpret_cast<const uint4*>(x + int64_t(m) * K + k);
+      const uint4* v = reinterpret_cast<const uint4*>(xrow[mt][r] + k);
       if constexpr (kXConst) return __ldg(v);
       else return __ldcg(v);
     }
@@ -189,32 +244,27 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
       for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
 
   typename Frag::Chunk cur[NG], nxt[NG];
-  load(0, cur);
+  if (nst > 0) load(0, cur);
   // Per-row state that does not change along K (LutFrag: the row's table in registers), once per unit.
   typename row_state_of<Frag>::type rs[NG];
   if constexpr (has_row_state<Frag>::value) {
 #pragma unroll
-    for (int j = 0; j < NG; ++j) {
-      const int64_t n = row0 + 8 * j;
-      if (n < N) rs[j] = frag.row_state(n);
-    }
+    for (int j = 0; j < NG; ++j) rs[j] = frag.row_state(min(row0 + 8 * j, N - 1));
   }
-  for (int64_t st = 0; st < stages; ++st) {
-    if (warp_k(st) >= ke) break;  // warp-uniform: the rest of this warp's range is beyond K
-    const bool more = st + 1 < stages;
-    if (more) load(st + 1, nxt);  // in flight while this stage computes
-    const int64_t kt = warp_k(st) + Frag::kLaneK * t;
-    const bool kin = kt < ke;
+  // One stage's mmas. kTail (the partial stage only): a lane past the range end reads no x (zeros; its
+  // weights are zero() chunks, finite), so it adds nothing. Full stages test nothing.
+  using Chunks = typename Frag::Chunk[NG];
+  auto compute = [&](auto tail, int st, const Chunks& cur) {
+    constexpr bool kTail = decltype(tail)::value;
+    const uint32_t kt = lane_k(st);
+    const bool kin = !kTail || kt < ke;
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
       uint4 xv[MT][2];  // x[m, kt + 8i .. +8) for m = 16 mt + g (+ 8)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int m = 16 * mt + 8 * r + g;
-          xv[mt][r] = (m < M && kin) ? load_x(m, kt + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
-        }
+        for (int r = 0; r < 2; ++r) xv[mt][r] = kin ? load_x(mt, r, kt + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         uint32_t a[MT][4];
@@ -230,10 +280,26 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
         }
       }
     }
-    if (more) {
+  };
+  // Stage st on chunks c while stage st + 1 loads into n (in flight during the mmas).
+  auto step = [&](int st, const Chunks& c, Chunks& n) {
+    if (st + 1 < nst) load(st + 1, n);
+    if (st < full) compute(std::false_type{}, st, c);
+    else compute(std::true_type{}, st, c);
+  };
+  // Full stages two at a time with the buffers swapping roles (a copy of a stage's chunks would
+  // cost a move per register per stage), then at most one full and one partial stage.
+  int st = 0;
+  for (; st + 2 <= full; st += 2) {
+    load(st + 1, nxt);
+    compute(std::false_type{}, st, cur);
+    if (st + 2 < nst) load(st + 2, cur);
+    compute(std::false_type{}, st + 1, nxt);
+  }
+  for (; st < nst; ++st) {
+    step(st, cur, nxt);
 #pragma unroll
-      for (int j = 0; j < NG; ++j) cur[j] = nxt[j];
-    }
+    for (int j = 0; j < NG; ++j) cur[j] = nxt[j];
   }
 
   // Sum the K-warps of each N-warp into warp wk == 0 (acc read flat: unrolled, so still registers).
@@ -279,9 +345,19 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   }
 }
 
+// CTAs per SM the kernel is compiled for (its register cap: 2 -> 128 registers). Decode lives on the
+// weight loads in flight, so two CTAs wherever they fit without spills (ptxas, sm_90a): every format
+// at M <= 16, and int8 / fp16 rows (kLaneK <= 16) at M <= 32. Left to itself ptxas took 130-134
+// registers for int8 at M <= 16 and 156-158 at M <= 32 (one CTA per SM); int4 and lut at M <= 32
+// spill 48-200 bytes under the cap, int8 at M <= 16 spills under a cap of three CTAs.
+template <class Frag, int MT>
+constexpr int ctas_per_sm() {
+  return MT == 1 || (MT == 2 && Frag::kLaneK <= 16) ? 2 : 1;
+}
+
 // One launch of one problem: CTA (bx, by) = work unit (bx, by).
 template <class Frag, class T, int MT, int NG>
-__global__ void __launch_bounds__(kThreads) small_m_kernel(Problem<Frag, T> p) {
+__global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_kernel(Problem<Frag, T> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
 #else
@@ -302,6 +378,8 @@ __device__ __forceinline__ void a_consecutive(const uint4& r0, const uint4& r1, 
 // 8 consecutive k of one row, word s = k kt + 2s, +1. Step h maps the mma k-slots 2t, 2t + 1,
 // 2t + 8, 2t + 9 to kt + 4h + 0, 1, 2, 3, so both operands are plain words: no decode at all.
 // 16-byte loads of rows of E (element stride K) as chunks: the plain-layout part of a Frag.
+// A Frag's Row holds what row(n) resolves once per work unit (row pointers), so that a stage's
+// load(row, kt) is an add and a load; load(n, kt) does both (the wgmma path).
 template <class E>
 struct RowLoads {
   const E* w;
@@ -309,9 +387,14 @@ struct RowLoads {
   struct Chunk {
     uint4 q;
   };
-  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const {
-    return {__ldg(reinterpret_cast<const uint4*>(w + n * K + kt))};
+  struct Row {
+    const E* p;
+  };
+  __device__ __forceinline__ Row row(int64_t n) const { return {w + n * K}; }
+  __device__ __forceinline__ Chunk load(const Row& r, uint32_t kt) const {
+    return {__ldg(reinterpret_cast<const uint4*>(r.p + kt))};
   }
+  __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const { return load(row(n), uint32_t(kt)); }
   static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u)}; }
 };
 
@@ -439,7 +522,7 @@ inline bool applies(int64_t M, const Tensor& like) {
 template <class Frag, class T>
 bool linear_small_m(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M,
                     int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
-  if (!applies(M, like) || K % Frag::kLaneK != 0 || !weights_aligned || !aligned16(x)) return false;
+  if (!applies(M, like) || K % Frag::kLaneK != 0 || K >= kMaxK || !weights_aligned || !aligned16(x)) return false;
   return for_tile_shape(M, [&](auto mt) {
     constexpr int MT = decltype(mt)::value;
     return launch<Frag, T, MT, groups_for<MT>()>(frag, x, bias, y, M, N, K, like, stream);

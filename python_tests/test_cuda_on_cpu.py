@@ -232,16 +232,22 @@ MUTATIONS = {
     # the split-K arrival counter's limit off by one: no CTA sees itself as last
     "split counter": ("split_k_counters.h", "atomicInc(counter, unsigned(splits - 1))",
                       "atomicInc(counter, unsigned(splits))"),
-    # weight rows past N loaded: reads run off the end of qweight
-    "bounds check": ("small_m_gemm.cuh", "c[j] = (n < N && kt < ke) ? frag.load(n, kt) : Frag::zero();",
-                     "c[j] = (kt < ke) ? frag.load(n, kt) : Frag::zero();"),
+    # weight rows past N not clamped: reads run off the end of qweight
+    "row clamp": ("small_m_gemm.cuh", "wrow[j] = frag.row(min(row0 + 8 * j, N - 1));", "wrow[j] = frag.row(row0 + 8 * j);"),
+    # x rows past M not clamped: reads run off the end of x
+    "x row clamp": ("small_m_gemm.cuh", "xm[mt][r] = min(16 * mt + 8 * r + g, M - 1);", "xm[mt][r] = 16 * mt + 8 * r + g;"),
+    # the partial last stage (K = 2080: 32 past a multiple of 128) reads weights past the range end
+    "tail weights": ("small_m_gemm.cuh", "c[j] = kin ? frag.load(wrow[j], kt) : Frag::zero();",
+                     "c[j] = frag.load(wrow[j], kt);"),
+    # ... or x past the range end
+    "tail x": ("small_m_gemm.cuh", "const bool kin = !kTail || kt < ke;", "const bool kin = true;"),
 }
 
 
 @pytest.mark.parametrize("name", list(MUTATIONS))
 def test_mutated_small_m_path_is_caught(rng, name):
     # the same op twice in one process: a counter left non-zero shows on the second launch
-    c, r = quant_case(rng, "int4_linear", 3, 2048, 40, torch.float16, group=128)
+    c, r = quant_case(rng, "int4_linear", 3, 2080, 40, torch.float16, group=32)
     env = {"RK_CPU_SEED": "3"}
 
     def passes(results):

@@ -104,6 +104,10 @@ inline __half2 __hsub2(__half2 a, __half2 b) { return {rk_half(rk_d(a.x) - rk_d(
 inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
   return {rk_bf16(rk_d(a.x) - rk_d(b.x)), rk_bf16(rk_d(a.y) - rk_d(b.y))};
 }
+inline __half2 __hmul2(__half2 a, __half2 b) { return {rk_half(rk_d(a.x) * rk_d(b.x)), rk_half(rk_d(a.y) * rk_d(b.y))}; }
+inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) {
+  return {rk_bf16(rk_d(a.x) * rk_d(b.x)), rk_bf16(rk_d(a.y) * rk_d(b.y))};
+}
 inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {
   return {rk_half(std::fma(rk_d(a.x), rk_d(b.x), rk_d(c.x))), rk_half(std::fma(rk_d(a.y), rk_d(b.y), rk_d(c.y)))};
 }

@@ -1,0 +1,94 @@
+"""tools/sass_budget.py: the hot-path search on hand-written SASS, and the instruction budget of
+the built decode kernels as a regression guard (the per-stage counts below were 645 / 286 / 690 /
+152 before the loop was reworked; see docs/benchmarks.md, "Instruction budget")."""
+import functools
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import sass_budget  # noqa: E402
+
+SO = os.path.join(ROOT, "reparam_kernels", "_C.abi3.so")
+
+
+def ins(text):
+    return [(int(a, 16), t) for a, t in sass_budget._INSTR.findall(text)]
+
+
+# A loop 0x10..0x90 with a branch: the fall-through side has one HMMA and two more instructions,
+# the taken side one HMMA; the full-stage path is the one with the 16-byte load.
+LOOP = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
+        /*0020*/              @P0 BRA 0x60 ;
+        /*0030*/                   IADD3 R8, R8, 0x1, RZ ;
+        /*0040*/                   HMMA.16816.F32 R12, R4, R8, R12 ;
+        /*0050*/                   BRA 0x80 ;
+        /*0060*/                   HMMA.16816.F32 R12, R4, R8, R12 ;
+        /*0070*/                   NOP ;
+        /*0080*/                   ISETP.GE.AND P1, PT, R8, R9, PT ;
+        /*0090*/             @!P1 BRA 0x10 ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_hot_path_takes_the_side_with_fewer_instructions_when_mmas_tie():
+    path = sass_budget.main_path(ins(LOOP))
+    assert [a for a, _ in path] == [0x10, 0x20, 0x60, 0x70, 0x80, 0x90]
+
+
+def test_hot_path_prefers_more_mmas_over_fewer_instructions():
+    text = LOOP.replace("/*0030*/                   IADD3 R8, R8, 0x1, RZ ;",
+                        "/*0030*/                   HMMA.16816.F32 R16, R4, R8, R16 ;")
+    path = sass_budget.main_path(ins(text))
+    assert [a for a, _ in path] == [0x10, 0x20, 0x30, 0x40, 0x50, 0x80, 0x90]
+
+
+def test_stage_shape_from_the_kernel_name():
+    int4 = "void small_m::small_m_kernel<Int4Frag<__half>, __half, 1, 4>(small_m::Problem<Int4Frag<__half>, __half>)"
+    assert sass_budget.stage_shape(int4) == (4 * 2 * 4 * 1, 4 * 512)  # 32 mma, 4 loads of 512 B per warp
+    int8 = "void small_m::small_m_kernel<Int8Frag<bfloat16>, bfloat16, 4, 2>(small_m::Problem<...>)"
+    assert sass_budget.stage_shape(int8) == (2 * 2 * 2 * 4, 2 * 512)
+    assert sass_budget.stage_shape("void quant_wgmma::wgmma_kernel<Int4Frag<__half>, __half, 64, 1>(...)") == (8, 1024)
+    assert sass_budget.stage_shape("void other_kernel<float>()") is None
+
+
+@functools.lru_cache(maxsize=1)
+def _rows_of_built_extension():
+    """The small-M kernels' rows, or a reason to skip."""
+    if not os.path.exists(SO):
+        return "the CUDA extension is not built"
+    try:
+        sass_budget.find_cuobjdump()
+    except SystemExit:
+        return "no cuobjdump"
+    return sass_budget.budget(SO, "sm_90a", r"small_m_kernel<") or "the extension has no sm_90a code"
+
+
+def _built_rows():
+    rows = _rows_of_built_extension()
+    if isinstance(rows, str):
+        pytest.skip(rows)
+    return rows
+
+
+# Warp instructions per stage of the M <= 16 decode loops (MT = 1), with ~5-10% slack for compiler
+# versions: above these, the loop has regressed to recomputing row addresses or copying registers.
+BUDGET = {
+    "small_m_kernel<Int4Frag<__half>, __half, 1, 4>": 460,
+    "small_m_kernel<Int4Frag<bfloat16>, bfloat16, 1, 4>": 490,
+    "small_m_kernel<Int8Frag<__half>, __half, 1, 4>": 210,
+    "small_m_kernel<LutFrag<__half>, __half, 1, 4>": 690,
+    "lowrank_small_m_kernel<HalfFrag<__half>, __half, 1, 4>": 90,
+}
+
+
+@pytest.mark.parametrize("kernel", list(BUDGET))
+def test_decode_loop_stays_within_its_instruction_budget(kernel):
+    rows = [r for r in _built_rows() if kernel in r.kernel]
+    assert rows, kernel
+    for r in rows:
+        assert r.inst <= BUDGET[kernel], (r.kernel, r.inst, dict(r.mix))

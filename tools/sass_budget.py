@@ -1,0 +1,246 @@
+"""Instruction budget of the decode kernels, read from their SASS (no GPU needed).
+
+At M <= 64 the quantized and low-rank GEMMs must stream their weights at DRAM speed. A warp
+instruction issues per scheduler per clock (4 per SM), so a kernel whose main loop spends I warp
+instructions on B bytes of weights cannot read faster than
+
+    B / I  x  4 issues/clock  x  SMs  x  clock
+
+whatever the memory does. This script disassembles the built extension, finds each small-M
+kernel's main loop (the loop with the most mma instructions), follows the path a full stage
+takes through it (the most mmas and 16-byte loads, then the fewest instructions: the partial
+last stage and the next-stage prefetch's bounds tests sit on other paths), and prints that
+ceiling next to the bandwidth each speed target needs. A prediction, not a measurement: real
+kernels also stall on latency; the ceiling says which targets are out of reach before any stall.
+
+    python tools/sass_budget.py [--so reparam_kernels/_C.abi3.so] [--arch sm_90a] [--filter REGEX]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from typing import NamedTuple
+
+# H200 SXM: 132 SMs, 1.98 GHz boost; 4.27 TB/s is the device-to-device copy measured on it (DESIGN.md).
+SMS, CLOCK_HZ, ISSUE_PER_CLK, COPY_TBS = 132, 1.98e9, 4, 4.27
+WARP_BYTES_PER_LOAD = 32 * 16  # one 16-byte weight load per lane
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRA = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+
+
+def find_cuobjdump() -> str:
+    cands = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump"), shutil.which("cuobjdump")]
+    try:  # Triton wheels ship one
+        import triton
+
+        cands += glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    for c in cands:
+        if c and os.path.exists(c):
+            return c
+    sys.exit("cuobjdump not found: set CUDA_HOME or install a CUDA toolkit")
+
+
+def demangle(name: str) -> str:
+    out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
+    return re.sub(r"reparam::|\(anonymous namespace\)::|__nv_|small_m::|lowrank_small_m::", "", out)
+
+
+def functions(sass: str):
+    for part in re.split(r"\n\s*Function : ", sass)[1:]:
+        name, body = part.split("\n", 1)
+        ins = [(int(a, 16), t) for a, t in _INSTR.findall(body)]
+        yield name.strip(), ins
+
+
+def opcode(text: str) -> str:
+    words = text.split()
+    return words[1] if words[0].startswith("@") else words[0]
+
+
+def hot_path(ins, lo: int, hi: int):
+    """Instructions on the full-stage path of the loop [lo, hi] (hi: the back-edge branch)."""
+    body = [(a, t) for a, t in ins if lo <= a <= hi]
+    addrs = [a for a, _ in body]
+    leaders = {lo}
+    for i, (a, t) in enumerate(body):
+        m = _BRA.search(t)
+        if m or opcode(t) in ("EXIT", "RET"):
+            if i + 1 < len(body):
+                leaders.add(body[i + 1][0])
+            if m and lo <= int(m.group(1), 16) <= hi:
+                leaders.add(int(m.group(1), 16))
+    starts = sorted(leaders)
+    blocks = {}
+    for k, s in enumerate(starts):
+        e = starts[k + 1] if k + 1 < len(starts) else hi + 16
+        blocks[s] = [(a, t) for a, t in body if s <= a < e]
+    # best[s]: (mmas, 16-byte loads, -instructions, path) from block s to the back edge; forward edges only.
+    best = {}
+    for s in reversed(starts):
+        blk = blocks[s]
+        if not blk:
+            continue
+        last_a, last_t = blk[-1]
+        mma = sum("MMA" in opcode(t) for _, t in blk)
+        ld = sum(opcode(t).startswith("LDG") and ".128" in opcode(t) for _, t in blk)
+        here = (mma, ld, -len(blk))
+        if last_a == hi:  # the back edge
+            best[s] = (*here, [s])
+            continue
+        succ = []
+        m = _BRA.search(last_t)
+        if m:
+            tgt = int(m.group(1), 16)
+            if s < tgt <= hi:
+                succ.append(tgt)
+        if not (m and not last_t.startswith("@")) and opcode(last_t) not in ("EXIT", "RET"):
+            nxt = [x for x in starts if x > s]
+            if nxt:
+                succ.append(nxt[0])
+        cands = [best[x] for x in succ if x in best]
+        if cands:
+            b = max(cands, key=lambda v: v[:3])
+            best[s] = (here[0] + b[0], here[1] + b[1], here[2] + b[2], [s] + b[3])
+    if lo not in best:
+        return body
+    return [it for s in best[lo][3] for it in blocks[s]]
+
+
+def main_path(ins):
+    """The hot path of the loop with the most mma instructions on it (then the densest), among
+    loops that hold no other loop with mmas: an outer loop (a persistent CTA's loop over work units)
+    would count its inner loop's body once per pass. (An inner loop without mmas, such as a staging
+    loop, is counted once on the path.)"""
+    edges = [(int(m.group(1), 16), a) for a, t in ins if (m := _BRA.search(t)) and int(m.group(1), 16) < a]
+    paths = {e: hot_path(ins, *e) for e in edges}
+    mmas = {e: sum("MMA" in opcode(x) for _, x in p) for e, p in paths.items()}
+    best = None
+    for (lo, hi), path in paths.items():
+        mma = mmas[(lo, hi)]
+        nested = any(lo <= l2 and h2 <= hi and (l2, h2) != (lo, hi) and mmas[(l2, h2)] for l2, h2 in edges)
+        key = (mma, mma / len(path))
+        if mma and not nested and (best is None or key > best[0]):
+            best = (key, path)
+    return best[1] if best else None
+
+
+# k per lane per 16-byte weight load of each small-M format (Frag::kLaneK)
+LANE_K = {"Int4Frag": 32, "LutFrag": 32, "Int8Frag": 16, "HalfFrag": 8, "PivotFrag": 8}
+# bits per weight of each format; the wgmma path's stage is 128 k of 16 weight rows per warp
+BITS = {"Int4Frag": 4, "LutFrag": 4, "Int8Frag": 8, "HalfFrag": 16, "PivotFrag": 16}
+WGMMA_STAGE_K, WGMMA_MMA_PER_STAGE = 128, 8
+
+
+def stage_shape(name: str):
+    """(mma per stage, weight bytes per warp per stage) of small_m_kernel<Frag, T, MT, NG> and
+    wgmma_kernel<Frag, T, BM, groups>, or None."""
+    m = re.search(r"small_m_kernel<(?:small_m::)?(\w+)<.*, (\d+), (\d+)>\(", name)
+    if m and m.group(1) in LANE_K:
+        mt, ng = int(m.group(2)), int(m.group(3))
+        return LANE_K[m.group(1)] // 8 * 2 * ng * mt, ng * WARP_BYTES_PER_LOAD
+    m = re.search(r"wgmma_kernel<(?:small_m::)?(\w+)<", name)
+    if m and m.group(1) in BITS:
+        return WGMMA_MMA_PER_STAGE, 16 * WGMMA_STAGE_K * BITS[m.group(1)] // 8
+    return None
+
+
+class Row(NamedTuple):
+    kernel: str  # demangled
+    inst: float  # warp instructions per stage on the hot path (per loop pass when shape is unknown)
+    mma: float
+    bytes_per_inst: float | None  # weight bytes per warp instruction
+    ceiling_tbs: float | None  # the issue-rate ceiling on the H200
+    regs: int | None
+    ctas_per_sm: int | None  # by registers and shared memory
+    inflight_kb: float | None  # weight bytes per SM loaded one stage ahead (small-M kernels), KB
+    mix: collections.Counter
+
+
+def resources(cuobjdump: str, arch: str, so: str) -> dict:
+    """{mangled name: (registers, static shared bytes)} from cuobjdump -res-usage."""
+    out = subprocess.run([cuobjdump, "-res-usage", "-arch", arch, so], capture_output=True, text=True).stdout
+    res, name = {}, None
+    for line in out.splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            name = m.group(1)
+        m = re.search(r"REG:(\d+).*SHARED:(\d+)", line)
+        if m and name:
+            res[name] = (int(m.group(1)), int(m.group(2)))
+            name = None
+    return res
+
+
+def threads_of(name: str) -> int | None:
+    """Threads per CTA: small-M kernels 256, wgmma kernels 128 per warpgroup (their last template argument)."""
+    if "small_m_kernel<" in name:
+        return 256
+    m = re.search(r"wgmma_kernel<.*, (\d+), (\d+)>\(", name)
+    return 128 * int(m.group(2)) if m else None
+
+
+def ctas_per_sm(regs: int, smem: int, threads: int) -> int:
+    per_warp = -(-regs * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    by_regs = 65536 // (per_warp * (threads // 32))
+    by_smem = (228 * 1024) // (smem + 1024) if smem else 32  # 1 KB per CTA reserved
+    return max(0, min(by_regs, by_smem, 64 // (threads // 32), 32))
+
+
+def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_kernel|wgmma_kernel") -> list[Row]:
+    """A Row per kernel of `so` whose demangled name matches `pattern` and that has an mma loop."""
+    tool = find_cuobjdump()
+    sass = subprocess.run([tool, "-sass", "-arch", arch, so], capture_output=True, text=True, check=True).stdout
+    res = resources(tool, arch, so)
+    per_inst = ISSUE_PER_CLK * SMS * CLOCK_HZ / 1e12  # TB/s per (byte / instruction)
+    rows = []
+    for name, ins in functions(sass):
+        dem = demangle(name)
+        path = main_path(ins) if re.search(pattern, dem) else None
+        if path is None:
+            continue
+        mma = sum("MMA" in opcode(t) for _, t in path)
+        mix = collections.Counter(opcode(t).split(".")[0] for _, t in path)
+        regs, smem = res.get(name, (None, 0))
+        threads = threads_of(dem)
+        ctas = ctas_per_sm(regs, smem, threads) if regs and threads else None
+        shape = stage_shape(dem)
+        if shape:
+            stages = mma / shape[0]
+            bpi = shape[1] * stages / len(path)
+            inflight = ctas * threads // 32 * shape[1] / 1024 if ctas and "small_m_kernel<" in dem else None
+            rows.append(Row(dem, len(path) / stages, mma / stages, bpi, bpi * per_inst, regs, ctas, inflight, mix))
+        else:
+            rows.append(Row(dem, len(path), mma, None, None, regs, ctas, None, mix))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--so", default=os.path.join(os.path.dirname(__file__), "..", "reparam_kernels", "_C.abi3.so"))
+    ap.add_argument("--arch", default="sm_90a")
+    ap.add_argument("--filter", default=r"small_m_kernel|wgmma_kernel")
+    ap.add_argument("--ops", action="store_true", help="also print the opcode mix of each hot path")
+    args = ap.parse_args()
+    print(f"{'inst':>5} {'mma':>4} {'B/inst':>6} {'ceiling TB/s':>12} {'regs':>4} {'CTA/SM':>6} {'KB in flight':>12}"
+          f"  kernel (per stage on the hot path, {args.arch})")
+    for r in budget(args.so, args.arch, args.filter):
+        b = f"{r.bytes_per_inst:6.2f} {r.ceiling_tbs:12.2f}" if r.bytes_per_inst else f"{'':>6} {'':>12}"
+        f = f"{r.inflight_kb:12.0f}" if r.inflight_kb else f"{'':>12}"
+        print(f"{r.inst:5.0f} {r.mma:4.0f} {b} {r.regs or 0:4d} {r.ctas_per_sm or 0:6d} {f}  {r.kernel[:100]}")
+        if args.ops:
+            print("      " + " ".join(f"{k}:{v}" for k, v in r.mix.most_common()))
+    print(f"(ceiling: bytes per instruction x {ISSUE_PER_CLK} issues/clock x {SMS} SMs x {CLOCK_HZ / 1e9:.2f} GHz;"
+          f" the H200's measured copy is {COPY_TBS} TB/s)")
+
+
+if __name__ == "__main__":
+    main()
