@@ -117,14 +117,24 @@ __global__ void __launch_bounds__(128 * kGroups)
   const int64_t s_end = min(Kp / kStageK, s0 + sp.per_split);
 
   // x tile of stage s into buffer b: chunk c = (row m, 16-byte piece p of the row's 256 bytes);
-  // piece p holds slots 8 (p % 2) .. + 8 of instruction p / 2.
+  // piece p holds slots 8 (p % 2) .. + 8 of instruction p / 2. Thread tid takes chunks tid + i *
+  // kThreads: p = tid % 16 is fixed and m steps by kThreads / 16 (a multiple of 8), so its
+  // shared-memory slot and x address are a base plus a constant stride per chunk, set up once
+  // (the per-chunk division, 64-bit product and bounds test cost ~25 instructions per chunk).
+  static_assert(kChunks % kThreads == 0 && (kThreads / (kStageK / 8)) % 8 == 0, "chunk walk");
+  constexpr int kXRowStep = kThreads / (kStageK / 8);  // rows between a thread's chunks
+  const int xp = tid % (kStageK / 8), xm0 = tid / (kStageK / 8);
+  const uint32_t x_dst0 = (xp / 2) * (BM * 32) + (xm0 / 8) * kSbo + (xp % 2) * kLbo + (xm0 % 8) * 16;
+  const T* x_src0 = xs + (m0 + xm0) * Kp + 8 * xp;
+  const int x_rows = int(min(int64_t(BM), M - m0)) - xm0;  // this thread's chunk i is a row of x iff i * step < x_rows
   auto stage_x = [&](int64_t s, int b) {
-    unsigned char* base = smem_raw + b * stage_bytes<BM>();
-    for (int c = tid; c < kChunks; c += kThreads) {
-      const int m = c / (kStageK / 8), p = c % (kStageK / 8);
-      unsigned char* dst = base + (p / 2) * (BM * 32) + (m / 8) * kSbo + (p % 2) * kLbo + (m % 8) * 16;
-      const bool ok = m0 + m < M;
-      cp_async16(dst, ok ? static_cast<const void*>(xs + (m0 + m) * Kp + s * kStageK + 8 * p) : xs, ok ? 16 : 0);
+    unsigned char* dst = smem_raw + b * stage_bytes<BM>() + x_dst0;
+    const T* src = x_src0 + s * kStageK;
+#pragma unroll
+    for (int i = 0; i < kChunks / kThreads; ++i) {
+      const bool ok = i * kXRowStep < x_rows;
+      cp_async16(dst + i * (kXRowStep / 8) * kSbo, ok ? static_cast<const void*>(src + i * kXRowStep * Kp) : xs,
+                 ok ? 16 : 0);
     }
   };
   using Chunk = typename Frag::Chunk;

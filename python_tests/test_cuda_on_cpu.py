@@ -275,6 +275,10 @@ WGMMA_MUTATIONS = {
                       "atomicInc(counter, unsigned(splits))"),
     # x put in plain instead of the format's slot order
     "slot order": ("quant_wgmma.cuh", "      Frag::a(xv, xv, h, a);", "      small_m::a_consecutive(xv, xv, h, a);"),
+    # the x tile's rows past M copied (M = 100 in a 128-row tile): reads run off the end of x
+    "x tile rows": ("quant_wgmma.cuh", "const bool ok = i * kXRowStep < x_rows;", "const bool ok = true;"),
+    # a thread's chunks one 8-row group apart in shared memory instead of kXRowStep rows
+    "x tile stride": ("quant_wgmma.cuh", "cp_async16(dst + i * (kXRowStep / 8) * kSbo,", "cp_async16(dst + i * kSbo,"),
 }
 
 
@@ -289,7 +293,12 @@ def test_mutated_wgmma_path_is_caught(rng, name):
 
     results = cuda_on_cpu.run_cases([c, c], env)
     assert "wgmma_kernel" in results[0][1][1] and "grid (1,2,2)" in results[0][1][1] and passes(results)
-    assert not passes(cuda_on_cpu.run_cases([c, c], env, mutations=[WGMMA_MUTATIONS[name]]))
+    try:
+        results = cuda_on_cpu.run_cases([c, c], env, mutations=[WGMMA_MUTATIONS[name]])
+    except cuda_on_cpu.KernelError as e:  # a fault (reading past x) ends the process with a report
+        assert "outside every tensor" in str(e)
+        return
+    assert not passes(results)
 
 
 def test_missing_cp_async_wait_is_caught(rng):

@@ -61,6 +61,14 @@ def functions(sass: str):
         yield name.strip(), ins
 
 
+_MMA = {"HMMA", "HGMMA", "IMMA", "IGMMA", "BMMA", "DMMA", "QGMMA"}
+
+
+def is_mma(text: str) -> bool:
+    """A tensor-core matrix instruction (not HFMA2.MMA: an HFMA2 issued to the MMA pipe, used as a move)."""
+    return opcode(text).split(".")[0] in _MMA
+
+
 def opcode(text: str) -> str:
     words = text.split()
     return words[1] if words[0].startswith("@") else words[0]
@@ -90,7 +98,7 @@ def hot_path(ins, lo: int, hi: int):
         if not blk:
             continue
         last_a, last_t = blk[-1]
-        mma = sum("MMA" in opcode(t) for _, t in blk)
+        mma = sum(is_mma(t) for _, t in blk)
         ld = sum(opcode(t).startswith("LDG") and ".128" in opcode(t) for _, t in blk)
         here = (mma, ld, -len(blk))
         if last_a == hi:  # the back edge
@@ -122,7 +130,7 @@ def main_path(ins):
     loop, is counted once on the path.)"""
     edges = [(int(m.group(1), 16), a) for a, t in ins if (m := _BRA.search(t)) and int(m.group(1), 16) < a]
     paths = {e: hot_path(ins, *e) for e in edges}
-    mmas = {e: sum("MMA" in opcode(x) for _, x in p) for e, p in paths.items()}
+    mmas = {e: sum(is_mma(x) for _, x in p) for e, p in paths.items()}
     best = None
     for (lo, hi), path in paths.items():
         mma = mmas[(lo, hi)]
@@ -195,7 +203,7 @@ def ctas_per_sm(regs: int, smem: int, threads: int) -> int:
     return max(0, min(by_regs, by_smem, 64 // (threads // 32), 32))
 
 
-def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_kernel|wgmma_kernel") -> list[Row]:
+def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_kernel<|wgmma_kernel<") -> list[Row]:
     """A Row per kernel of `so` whose demangled name matches `pattern` and that has an mma loop."""
     tool = find_cuobjdump()
     sass = subprocess.run([tool, "-sass", "-arch", arch, so], capture_output=True, text=True, check=True).stdout
@@ -207,11 +215,12 @@ def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_kernel|wgmma_
         path = main_path(ins) if re.search(pattern, dem) else None
         if path is None:
             continue
-        mma = sum("MMA" in opcode(t) for _, t in path)
+        mma = sum(is_mma(t) for _, t in path)
         mix = collections.Counter(opcode(t).split(".")[0] for _, t in path)
         regs, smem = res.get(name, (None, 0))
         threads = threads_of(dem)
-        ctas = ctas_per_sm(regs, smem, threads) if regs and threads else None
+        # (the wgmma kernels' x tiles are dynamic shared memory, which -res-usage does not show)
+        ctas = ctas_per_sm(regs, smem, threads) if regs and threads and "small_m_kernel<" in dem else None
         shape = stage_shape(dem)
         if shape:
             stages = mma / shape[0]
@@ -227,7 +236,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--so", default=os.path.join(os.path.dirname(__file__), "..", "reparam_kernels", "_C.abi3.so"))
     ap.add_argument("--arch", default="sm_90a")
-    ap.add_argument("--filter", default=r"small_m_kernel|wgmma_kernel")
+    ap.add_argument("--filter", default=r"small_m_kernel<|wgmma_kernel<")
     ap.add_argument("--ops", action="store_true", help="also print the opcode mix of each hot path")
     args = ap.parse_args()
     print(f"{'inst':>5} {'mma':>4} {'B/inst':>6} {'ceiling TB/s':>12} {'regs':>4} {'CTA/SM':>6} {'KB in flight':>12}"
@@ -235,7 +244,8 @@ def main() -> None:
     for r in budget(args.so, args.arch, args.filter):
         b = f"{r.bytes_per_inst:6.2f} {r.ceiling_tbs:12.2f}" if r.bytes_per_inst else f"{'':>6} {'':>12}"
         f = f"{r.inflight_kb:12.0f}" if r.inflight_kb else f"{'':>12}"
-        print(f"{r.inst:5.0f} {r.mma:4.0f} {b} {r.regs or 0:4d} {r.ctas_per_sm or 0:6d} {f}  {r.kernel[:100]}")
+        c = f"{r.ctas_per_sm:6d}" if r.ctas_per_sm else f"{'-':>6}"
+        print(f"{r.inst:5.0f} {r.mma:4.0f} {b} {r.regs or 0:4d} {c} {f}  {r.kernel[:100]}")
         if args.ops:
             print("      " + " ".join(f"{k}:{v}" for k, v in r.mix.most_common()))
     print(f"(ceiling: bytes per instruction x {ISSUE_PER_CLK} issues/clock x {SMS} SMs x {CLOCK_HZ / 1e9:.2f} GHz;"
