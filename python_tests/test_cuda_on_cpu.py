@@ -249,17 +249,23 @@ def test_mutated_small_m_path_is_caught(rng, name):
     # the same op twice in one process: a counter left non-zero shows on the second launch
     c, r = quant_case(rng, "int4_linear", 3, 2080, 40, torch.float16, group=32)
     env = {"RK_CPU_SEED": "3"}
+    assert within(run_twice(c, env), r)  # unmutated
+    assert not within(run_twice(c, env, MUTATIONS[name]), r)
 
-    def passes(results):
-        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
 
-    assert passes(cuda_on_cpu.run_cases([c, c], env))  # unmutated
+def run_twice(case, env, mutation=None):
+    """The case run twice in one process (a counter left non-zero shows on the second launch), or
+    None when the run faulted reading outside every tensor (a fault ends the process with a report)."""
     try:
-        results = cuda_on_cpu.run_cases([c, c], env, mutations=[MUTATIONS[name]])
-    except cuda_on_cpu.KernelError as e:  # a fault (the bounds check) ends the process with a report
+        return cuda_on_cpu.run_cases([case, case], env, mutations=[mutation] if mutation else ())
+    except cuda_on_cpu.KernelError as e:
         assert "outside every tensor" in str(e)
-        return
-    assert not passes(results)
+        return None
+
+
+def within(results, ref):
+    return results is not None and all(torch.isfinite(y).all() and rel_err(y, ref) <= TOL[torch.float16]
+                                       for y, _ in results)
 
 
 WGMMA_MUTATIONS = {
@@ -288,17 +294,9 @@ def test_mutated_wgmma_path_is_caught(rng, name):
     c, r = quant_case(rng, "int4_linear", 100, 2048, 130, torch.float16, group=128)
     env = {"RK_CPU_SEED": "5", "RK_CPU_CP_ASYNC_EARLY": "1"}
 
-    def passes(results):
-        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
-
-    results = cuda_on_cpu.run_cases([c, c], env)
-    assert "wgmma_kernel" in results[0][1][1] and "grid (1,2,2)" in results[0][1][1] and passes(results)
-    try:
-        results = cuda_on_cpu.run_cases([c, c], env, mutations=[WGMMA_MUTATIONS[name]])
-    except cuda_on_cpu.KernelError as e:  # a fault (reading past x) ends the process with a report
-        assert "outside every tensor" in str(e)
-        return
-    assert not passes(results)
+    results = run_twice(c, env)
+    assert "wgmma_kernel" in results[0][1][1] and "grid (1,2,2)" in results[0][1][1] and within(results, r)
+    assert not within(run_twice(c, env, WGMMA_MUTATIONS[name]), r)
 
 
 def test_missing_cp_async_wait_is_caught(rng):
