@@ -125,8 +125,11 @@ if ! command -v ncu >/dev/null 2>&1; then  # not always linked into the toolkit'
   done
 fi
 if command -v ncu >/dev/null 2>&1; then
-  step ncu 40 "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
-    --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --csv --page details \
+  # ComputeWorkloadAnalysis ("Issue Slots Busy") and InstructionStats check the instruction budget that
+  # tools/sass_budget.py predicts for the decode loops (docs/benchmarks.md, "Instruction budget").
+  step ncu 60 "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+    --section ComputeWorkloadAnalysis --section InstructionStats --csv --page details \
     --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py --m 1,256
 else
   note "ncu not found on PATH: kernel profiles skipped"
