@@ -6,12 +6,14 @@ instructions on B bytes of weights cannot read faster than
 
     B / I  x  4 issues/clock  x  SMs  x  clock
 
-whatever the memory does. This script disassembles the built extension, finds each small-M
-kernel's main loop (the loop with the most mma instructions), follows the path a full stage
-takes through it (the most mmas and 16-byte loads, then the fewest instructions: the partial
+whatever the memory does. This script disassembles the built extension, finds the main loop of
+each small-M and wgmma kernel (the loop with the most mma instructions), follows the path a full
+stage takes through it (the most mmas and 16-byte loads, then the fewest instructions: the partial
 last stage and the next-stage prefetch's bounds tests sit on other paths), and prints that
-ceiling next to the bandwidth each speed target needs. A prediction, not a measurement: real
-kernels also stall on latency; the ceiling says which targets are out of reach before any stall.
+ceiling with the registers, CTAs per SM and weight bytes in flight per SM (docs/benchmarks.md,
+"Instruction budget", sets it against what each speed target needs). A prediction, not a
+measurement: real kernels also stall on latency; the ceiling says which targets are out of reach
+before any stall.
 
     python tools/sass_budget.py [--so reparam_kernels/_C.abi3.so] [--arch sm_90a] [--filter REGEX]
 """
@@ -50,7 +52,10 @@ def find_cuobjdump() -> str:
 
 
 def demangle(name: str) -> str:
-    out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
+    try:
+        out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
+    except FileNotFoundError:  # no binutils: the mangled name (the filters still match its pieces)
+        out = name
     return re.sub(r"reparam::|\(anonymous namespace\)::|__nv_|small_m::|lowrank_small_m::", "", out)
 
 
@@ -77,7 +82,6 @@ def opcode(text: str) -> str:
 def hot_path(ins, lo: int, hi: int):
     """Instructions on the full-stage path of the loop [lo, hi] (hi: the back-edge branch)."""
     body = [(a, t) for a, t in ins if lo <= a <= hi]
-    addrs = [a for a, _ in body]
     leaders = {lo}
     for i, (a, t) in enumerate(body):
         m = _BRA.search(t)
