@@ -49,6 +49,7 @@ struct Int8Dec {
 template <class T>
 struct Int8Frag : small_m::RowLoads<uint8_t> {  // the codes, rows of K bytes
   static constexpr int kLaneK = 16;
+  static constexpr bool kPlainX = true;  // A = a_consecutive of x: loaded word by word
   const T* scales;
 
   __device__ __forceinline__ void b(const Chunk& c, int i, int h, uint32_t& b0, uint32_t& b1) const {

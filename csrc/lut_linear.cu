@@ -50,6 +50,7 @@ struct LutDec {
 template <class T>
 struct LutFrag {
   static constexpr int kLaneK = 32;
+  static constexpr bool kPlainX = true;  // A = a_consecutive of x: loaded word by word
   const uint8_t* codes;
   const T* lut;
   int64_t K, rows_per_table;

@@ -28,8 +28,9 @@
 // step 2i + h from that step pair's x vectors) and out_scale(n) (a per-output
 // factor applied in the epilogue: int8's per-channel scale); optionally
 // gather_x(m, k) / out_add(m, n) (PivotFrag: x read through a column map, a
-// per-output term added in the epilogue) and RowState / row_state(n) (LutFrag:
-// per-row registers loaded once per work unit, passed to b()).
+// per-output term added in the epilogue), RowState / row_state(n) (LutFrag:
+// per-row registers loaded once per work unit, passed to b()) and kPlainX (a() is
+// a_consecutive: the loop then loads x word by word into the A registers).
 //
 // The main loop is memory-bound, so its instruction count is the budget that
 // matters: tools/sass_budget.py reads it from the SASS (docs/benchmarks.md).
@@ -124,6 +125,13 @@ template <class F, class = void>
 struct gathers_x : std::false_type {};
 template <class F>
 struct gathers_x<F, std::void_t<decltype(&F::gather_x)>> : std::true_type {};
+
+// Formats whose A operand is a_consecutive of plain x (kPlainX; not gathered) take x word by word
+// straight into the A registers instead of as 16-byte vectors.
+template <class F, class = void>
+struct loads_x_words : std::false_type {};
+template <class F>
+struct loads_x_words<F, std::void_t<decltype(F::kPlainX)>> : std::bool_constant<F::kPlainX && !gathers_x<F>::value> {};
 
 // Formats with a RowState (and row_state(n), and b(chunk, state, i, h, b0, b1)) keep per-row data that
 // is constant along K in registers, loaded once per work unit (LutFrag: the row's lookup table).
@@ -254,6 +262,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // One stage's mmas. kTail (the partial stage only): a lane past the range end reads no x (zeros; its
   // weights are zero() chunks, finite), so it adds nothing. Full stages test nothing.
   using Chunks = typename Frag::Chunk[NG];
+  constexpr bool kWordX = loads_x_words<Frag>::value;
   auto compute = [&](auto tail, int st, const Chunks& cur) {
     constexpr bool kTail = decltype(tail)::value;
     const uint32_t kt = lane_k(st);
@@ -261,15 +270,30 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
       uint4 xv[MT][2];  // x[m, kt + 8i .. +8) for m = 16 mt + g (+ 8)
+      if constexpr (!kWordX) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) xv[mt][r] = kin ? load_x(mt, r, kt + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
+          for (int r = 0; r < 2; ++r) xv[mt][r] = kin ? load_x(mt, r, kt + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
+      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         uint32_t a[MT][4];
+        if constexpr (kWordX) {
+          // a_consecutive's words, each loaded straight into its A register: from 16-byte vectors the
+          // compiler moved words into the mma's register quad, ~3 moves per mma (lut: 652 -> 538
+          // instructions per stage at M <= 16)
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) Frag::a(xv[mt][0], xv[mt][1], h, a[mt]);
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const uint32_t* w = reinterpret_cast<const uint32_t*>(xrow[mt][e % 2] + kt + 8 * i) + 2 * h + e / 2;
+              a[mt][e] = kin ? (kXConst ? __ldg(w) : __ldcg(w)) : 0u;
+            }
+        } else {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) Frag::a(xv[mt][0], xv[mt][1], h, a[mt]);
+        }
 #pragma unroll
         for (int j = 0; j < NG; ++j) {
           uint32_t b0, b1;
@@ -401,6 +425,7 @@ struct RowLoads {
 template <class T>
 struct HalfFrag : RowLoads<T> {
   static constexpr int kLaneK = 8;
+  static constexpr bool kPlainX = true;  // A = a_consecutive of x: loaded word by word (PivotFrag gathers)
   using typename RowLoads<T>::Chunk;
   __device__ __forceinline__ void b(const Chunk& c, int /*i*/, int h, uint32_t& b0, uint32_t& b1) const {
     b0 = word(c.q, 2 * h);

@@ -81,9 +81,9 @@ def _built_rows():
 BUDGET = {
     "small_m_kernel<Int4Frag<__half>, __half, 1, 4>": 460,
     "small_m_kernel<Int4Frag<bfloat16>, bfloat16, 1, 4>": 490,
-    "small_m_kernel<Int8Frag<__half>, __half, 1, 4>": 210,
-    "small_m_kernel<LutFrag<__half>, __half, 1, 4>": 690,
-    "lowrank_small_m_kernel<HalfFrag<__half>, __half, 1, 4>": 90,
+    "small_m_kernel<Int8Frag<__half>, __half, 1, 4>": 175,
+    "small_m_kernel<LutFrag<__half>, __half, 1, 4>": 570,
+    "lowrank_small_m_kernel<HalfFrag<__half>, __half, 1, 4>": 72,
     # Hopper, 64 < M < 512: per 128-k stage (was 480 while the x tile's copy recomputed every chunk's
     # row, shared-memory slot and bounds: ~25 instructions per 16-byte cp.async)
     "wgmma_kernel<Int4Frag<__half>, __half, 128, 2>": 300,
