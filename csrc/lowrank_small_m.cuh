@@ -27,7 +27,9 @@ namespace reparam {
 namespace lowrank_small_m {
 
 // Frag1: HalfFrag (plain v) or PivotFrag (pivoted w, x gathered through perm). Compiled for two CTAs
-// per SM (the grid is every resident CTA): at M > 16 that costs 8-32 bytes of stack, outside the main loop.
+// per SM (the grid is every resident CTA, and decode lives on loads in flight): at M > 16 that costs
+// spills of up to ~100 bytes per thread outside the main loop (ptxas; none in it: sass_budget --ops);
+// without the bound sm_80 takes 160-180 registers there, one CTA per SM.
 template <class Frag1, class T, int MT, int NG>
 __global__ void __launch_bounds__(small_m::kThreads, 2)
     lowrank_small_m_kernel(small_m::Problem<Frag1, T> p1, small_m::Problem<small_m::HalfFrag<T>, T> p2) {

@@ -262,14 +262,15 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // One stage's mmas. kTail (the partial stage only): a lane past the range end reads no x (zeros; its
   // weights are zero() chunks, finite), so it adds nothing. Full stages test nothing.
   using Chunks = typename Frag::Chunk[NG];
-  constexpr bool kWordX = loads_x_words<Frag>::value;
+  // x word by word only at M <= 16: with more m16 tiles the loads held ahead spill registers.
+  constexpr bool kWordX = MT == 1 && loads_x_words<Frag>::value;
   auto compute = [&](auto tail, int st, const Chunks& cur) {
     constexpr bool kTail = decltype(tail)::value;
     const uint32_t kt = lane_k(st);
     const bool kin = !kTail || kt < ke;
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
-      uint4 xv[MT][2];  // x[m, kt + 8i .. +8) for m = 16 mt + g (+ 8)
+      [[maybe_unused]] uint4 xv[MT][2];  // x[m, kt + 8i .. +8) for m = 16 mt + g (+ 8); unused if kWordX
       if constexpr (!kWordX) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
