@@ -87,10 +87,6 @@ struct Pair {
   using V = std::conditional_t<kHalf, __half2, __nv_bfloat162>;
   static __device__ __forceinline__ uint32_t bits(const V& v) { return *reinterpret_cast<const uint32_t*>(&v); }
   static __device__ __forceinline__ const V& val(const uint32_t& u) { return *reinterpret_cast<const V*>(&u); }
-  static __device__ __forceinline__ uint32_t pack(float a) {
-    if constexpr (kHalf) return bits(__float2half2_rn(a));
-    else return bits(__float2bfloat162_rn(a));
-  }
   static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
     if constexpr (kHalf) return bits(__floats2half2_rn(lo, hi));
     else return bits(__floats2bfloat162_rn(lo, hi));
@@ -462,98 +458,8 @@ struct PivotFrag : HalfFrag<T> {
   }
 };
 
-inline int compute_major(int device) { return device_attribute<cudaDevAttrComputeCapabilityMajor>(device); }
-
-// How many CTAs of `Kernel` fit on the GPU at once (cached per kernel and device: a template
-// argument, so each kernel instantiation has its own cache).
-template <auto Kernel>
-inline int64_t resident_ctas(int device) {
-  static int cached[64] = {0};
-  const int d = device >= 0 && device < 64 ? device : 0;
-  if (cached[d] == 0) {
-    int per_sm = 0;
-    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0));
-    cached[d] = per_sm > 0 ? per_sm : 1;
-  }
-  return int64_t(cached[d]) * sm_count(device);
-}
-
-// The n8-groups per warp for MT m16 tiles (BN = 4 * 8 * groups rows per column block).
-template <int MT> constexpr int groups_for() { return MT <= 2 ? 4 : 2; }
-
-// f(std::integral_constant<int, MT>{}) for the tile shape of M rows (1..64): one place for the
-// M -> template-shape choice of every launcher.
-template <class F>
-bool for_tile_shape(int64_t M, F&& f) {
-  if (M <= 16) return f(std::integral_constant<int, 1>{});
-  if (M <= 32) return f(std::integral_constant<int, 2>{});
-  return f(std::integral_constant<int, 4>{});
-}
-
-// Cuts p into columns x splits: split K just enough that `slots` (the CTAs resident at once) cover
-// the GPU in one wave.
-template <int NG, class Frag, class T>
-void plan(Problem<Frag, T>& p, int64_t slots) {
-  constexpr int BN = kWarpsN * 8 * NG;
-  constexpr int kUnitK = kWarpsK * 4 * Frag::kLaneK;
-  p.columns = (p.N + BN - 1) / BN;
-  const int64_t units = (p.K + kUnitK - 1) / kUnitK;
-  p.splits = p.columns >= slots ? 1 : std::max<int64_t>(1, std::min(units, slots / p.columns));
-  const int64_t per_split = (units + p.splits - 1) / p.splits;
-  p.splits = (units + per_split - 1) / per_split;
-  p.kchunk = per_split * kUnitK;
-}
-
-// The fp32 partials of p (a one-element placeholder when K is not split); sets p.part. Keep the
-// tensor until the launch is enqueued (the caching allocator reuses it only after that launch).
-template <class Frag, class T>
-Tensor attach_partials(Problem<Frag, T>& p, const Tensor& like) {
-  Tensor part = torch::stable::new_empty(like, {p.splits > 1 ? p.splits * p.M * p.N : 1}, ScalarType::Float);
-  p.part = static_cast<float*>(part.data_ptr());
-  return part;
-}
-
-template <class Frag, class T, int MT, int NG>
-bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
-            const Tensor& like, cudaStream_t stream) {
-  constexpr auto kernel = small_m_kernel<Frag, T, MT, NG>;
-  const int device = like.get_device_index();
-  Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0};
-  plan<NG>(p, resident_ctas<kernel>(device));
-  if (p.columns >= (int64_t(1) << 31) || p.splits >= 65536) return false;
-  if (p.splits > 1) {
-    p.counters = split_k_counters(device, stream, p.columns);
-    if (p.counters == nullptr) return false;
-  }
-  Tensor part = attach_partials(p, like);
-  kernel<<<dim3(unsigned(p.columns), unsigned(p.splits)), kThreads, 0, stream>>>(p);
-  RK_CUDA_CHECK(cudaGetLastError());
-  return true;
-}
-
-// REPARAM_SMALL_M=0 turns this path off (A/B benchmarks, bisecting).
-inline bool enabled() {
-  const char* v = std::getenv("REPARAM_SMALL_M");
-  return v == nullptr || v[0] != '0';
-}
-
-// Whether this path may run M rows on like's GPU: 1 <= M <= 64, switched on, sm_80+.
-inline bool applies(int64_t M, const Tensor& like) {
-  return M >= 1 && M <= kMaxM && enabled() && compute_major(like.get_device_index()) >= 8;
-}
-
-// Runs y = x @ W^T + bias on this path when it applies (see applies(); K a multiple of the
-// format's lane block, 16-byte aligned x and weight rows); false means the caller takes the
-// general path (quant_dequant_mm.cuh's general_linear).
-template <class Frag, class T>
-bool linear_small_m(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M,
-                    int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
-  if (!applies(M, like) || K % Frag::kLaneK != 0 || K >= kMaxK || !weights_aligned || !aligned16(x)) return false;
-  return for_tile_shape(M, [&](auto mt) {
-    constexpr int MT = decltype(mt)::value;
-    return launch<Frag, T, MT, groups_for<MT>()>(frag, x, bias, y, M, N, K, like, stream);
-  });
-}
-
 }  // namespace small_m
 }  // namespace reparam
+
+// The host side: occupancy, the split plan, the launch and when this path applies.
+#include "small_m_launch.cuh"
