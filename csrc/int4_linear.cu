@@ -70,27 +70,30 @@ struct Int4Frag {
   const uint8_t* q;
   const T* scales;
   const T* zeros;
-  int64_t K, G;
+  int64_t K;
   int group_shift;  // log2(group_size): a division here would cost ~20-70 instructions per load
 
   struct Chunk {
     uint4 q;
     uint32_t s2, nzs2;  // (s, s) and (-z s, -z s) as pairs of T
   };
-  // One pointer and one 32-bit index (n * G < 2^32, checked by the host) per row: registers are
-  // what limits this loop (at 128 a CTA pair fits an SM; past it the compiler recomputes rows).
+  // A row is one 32-bit byte offset (N * K < 2^32: small_m::rows_fit32, checked by the host):
+  // registers are what limits this loop (at 128 a CTA pair fits an SM; past it the compiler
+  // recomputes rows per stage; one register per row instead of three was part of taking the M <= 16
+  // loop from 424 to 370 instructions per stage, docs/benchmarks.md). The chunk's scale index follows from its byte offset o = n K / 2 + kt / 2: with
+  // K / 2 = G * group / 2, o >> (log2(group) - 1) = n G + kt / group.
   struct Row {
-    const uint8_t* q;
-    uint32_t g0;  // n * G
+    uint32_t off;  // n * K / 2
   };
-  __device__ __forceinline__ Row row(int64_t n) const { return {q + n * (K / 2), uint32_t(n * G)}; }
+  __device__ __forceinline__ Row row(int64_t n) const { return {uint32_t(n) * uint32_t(K / 2)}; }
   __device__ __forceinline__ Chunk load(const Row& r, uint32_t kt) const {
     using P = small_m::Pair<T>;
-    const uint32_t gi = r.g0 + (kt >> group_shift);  // group % 32 == 0: one group per lane block
+    const uint32_t o = r.off + (kt >> 1);
+    const uint32_t gi = o >> (group_shift - 1);  // group % 32 == 0: one group per lane block
     // (s, s) by one byte permute; -z * s by one packed multiply: rounded once, as the fp32 product
     // of two T values (exact) rounded to T would be.
     const uint32_t s2 = small_m::dup16(scales + gi), z2 = small_m::dup16(zeros + gi);
-    return {__ldg(reinterpret_cast<const uint4*>(r.q + (kt >> 1))), s2, P::mul(z2 ^ 0x80008000u, s2)};
+    return {__ldg(reinterpret_cast<const uint4*>(q + o)), s2, P::mul(z2 ^ 0x80008000u, s2)};
   }
   __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const { return load(row(n), uint32_t(kt)); }
   static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u), 0u, 0u}; }
@@ -156,8 +159,8 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
     const T* sp = static_cast<const T*>(scales.data_ptr());
     const T* zp = static_cast<const T*>(zeros.data_ptr());
     const bool pow2_group = (group_size & (group_size - 1)) == 0;
-    // (the small-M path shifts instead of dividing, and indexes scales with 32 bits)
-    if (pow2_group && N * G < (int64_t(1) << 32) && quant_wgmma::register_fed_linear(Int4Frag<T>{qp, sp, zp, K, G, ilog2(group_size)}, aligned16(qp),
+    // (the register-fed paths shift instead of dividing)
+    if (pow2_group && quant_wgmma::register_fed_linear(Int4Frag<T>{qp, sp, zp, K, ilog2(group_size)}, aligned16(qp),
                                               static_cast<const T*>(xc.data_ptr()),
                                               bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
                                               static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))

@@ -76,7 +76,8 @@ template <class T>
 bool run(const T* x, const T* v, const T* u, const int64_t* perm, const T* bias, T* y, int64_t M, int64_t N,
          int64_t K, int64_t r, const Tensor& like, cudaStream_t stream) {
   const int64_t K1 = perm ? K - r : K;  // phase 1's reduction length
-  if (!small_m::applies(M, like) || K1 < 8 || K1 % 8 != 0 || r % 8 != 0 || K >= small_m::kMaxK || r >= small_m::kMaxK)
+  if (!small_m::applies(M, like) || K1 < 8 || K1 % 8 != 0 || r % 8 != 0 || K >= small_m::kMaxK || r >= small_m::kMaxK ||
+      !small_m::rows_fit32(r, K1) || !small_m::rows_fit32(N, r))
     return false;
   if (!aligned16(v) || !aligned16(u) || (!perm && !aligned16(x))) return false;
   auto go = [&](const auto& f1) {

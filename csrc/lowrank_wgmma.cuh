@@ -24,6 +24,7 @@ bool run(const T* x, const T* v, const T* u, const int64_t* perm, const T* bias,
   const int64_t K1 = perm ? K - r : K;  // the first product's reduction length
   const int64_t top = lowrank_large_m::min_m();  // M from here on takes two cuBLAS GEMMs
   if (!quant_wgmma::applies(M, top, like) || K1 < 8 || K1 % 8 != 0 || r % 8 != 0 || K >= small_m::kMaxK) return false;
+  if (!small_m::rows_fit32(r, K1) || !small_m::rows_fit32(N, r)) return false;  // both products' rows
   if (!aligned16(v) || !aligned16(u) || (!perm && !aligned16(x))) return false;
   Tensor t = torch::stable::new_empty(like, {M * r});
   T* tp = static_cast<T*>(t.data_ptr());

@@ -354,6 +354,7 @@ template <class Frag, class T>
 bool linear_wgmma(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M, int64_t N,
                   int64_t K, int64_t dequant_min_m, const Tensor& like, cudaStream_t stream) {
   if (!applies(M, dequant_min_m, like) || K % Frag::kLaneK != 0 || K >= small_m::kMaxK || !weights_aligned) return false;
+  if (!small_m::rows_fit32(N, K)) return false;
   if (!small_m::gathers_x<Frag>::value && !aligned16(x)) return false;
   if ((N + 63) / 64 > 65535) return false;
   // REPARAM_WGMMA_BN=64: one warpgroup (64 weight rows) per CTA, 2 CTAs per SM, twice the x

@@ -22,7 +22,7 @@
 //
 // A Frag provides: kLaneK (k per 16-byte weight load), Chunk (one lane's load
 // plus what decoding needs), Row / row(n) (a weight row resolved once per work
-// unit) and load(row, kt) (kt a 32-bit offset along K; load(n, kt) does both),
+// unit: a 32-bit offset, one register, see rows_fit32) and load(row, kt) (kt a 32-bit offset along K; load(n, kt) does both),
 // zero(), b(chunk, i, h, b0, b1) (the B
 // registers of step 2i + h), a(x_row_g, x_row_g8, h, a[4]) (the A registers of
 // step 2i + h from that step pair's x vectors) and out_scale(n) (a per-output
@@ -56,6 +56,10 @@ namespace small_m {
 constexpr int kWarpsN = 4, kWarpsK = 2, kThreads = 32 * kWarpsN * kWarpsK;
 constexpr int kMaxM = 64;
 constexpr int64_t kMaxK = int64_t(1) << 30;  // k offsets are 32-bit in the kernels (Frag::load)
+// and a weight row is a 32-bit offset (Frag::row): rows * row length < 2^32, rows < 2^31
+inline bool rows_fit32(int64_t rows, int64_t row_len) {
+  return rows < (int64_t(1) << 31) && rows * row_len < (int64_t(1) << 32);
+}
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -69,6 +73,19 @@ __device__ __forceinline__ uint32_t and_or(uint32_t w, uint32_t mask, uint32_t c
 #else
   uint32_t d;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(w), "r"(mask), "r"(c));
+  return d;
+#endif
+}
+
+// PRMT with a selector whose nibbles have bit 3 clear (no sign-replicate mode): __byte_perm masks
+// its selector to 3 bits per nibble, one LOP3 per call when the compiler cannot see the bits are
+// clear (selectors built by and_or). LutFrag's table lookups.
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
+#ifdef REPARAM_CPU_CUDA
+  return __byte_perm(a, b, s);
+#else
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(s));
   return d;
 #endif
 }
@@ -158,6 +175,24 @@ struct Problem {
   int64_t N, K, kchunk, columns, splits;
 };
 
+// CTAs per SM the kernel is compiled for (its register cap: 2 -> 128 registers). Decode lives on the
+// weight loads in flight, so two CTAs wherever they fit without spills (ptxas, sm_90a): every format
+// at M <= 16, and int8 / fp16 rows (kLaneK <= 16) at M <= 32. Left to itself ptxas took 130-134
+// registers for int8 at M <= 16 and 156-158 at M <= 32 (one CTA per SM); int4 and lut at M <= 32
+// spill 48-200 bytes under the cap, int8 at M <= 16 spills under a cap of three CTAs.
+template <class Frag, int MT>
+constexpr int ctas_per_sm() {
+  return MT == 1 || (MT == 2 && Frag::kLaneK <= 16) ? 2 : 1;
+}
+
+// Whether x's 16-byte loads take the vector offset 8 i as an immediate (xrow + kt held per stage,
+// one add per load fewer) or add kt + 8 i per load (fewer registers live). Folded everywhere but at
+// two CTAs per SM with more than one m16 tile (int8 at M <= 32), which it makes spill (ptxas, sm_90a).
+template <class Frag, int MT>
+constexpr bool fold_x_offsets() {
+  return MT == 1 || ctas_per_sm<Frag, MT>() == 1;
+}
+
 // The work unit (column block bx, K range by) of problem p, by the whole CTA. kXConst: x is not
 // written during this kernel (read through the non-coherent cache); false when an earlier phase of
 // the same launch wrote it. Every thread of the CTA must call this with the same (bx, by).
@@ -179,7 +214,9 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   const int wn = warp % kWarpsN, wk = warp / kWarpsN;
   const int g = lane / 4, t = lane % 4;
   const int64_t col0 = bx * BN;
-  const int64_t row0 = col0 + wn * 8 * NG + g;  // this lane's weight row in n8-group 0
+  // This lane's weight row in n8-group 0, in 32 bits (N < 2^31, checked by the host): the row
+  // setup below is what ptxas recomputes per stage when registers run short, cheaper so.
+  const uint32_t row0 = uint32_t(col0) + wn * 8 * NG + g;
   const int64_t kb = by * p.kchunk, ke = min(K, kb + p.kchunk);
   const int stages = int(p.kchunk / kUnitK);
 
@@ -190,7 +227,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   const int64_t span = ke - kb - wk * kStepK;  // k from this warp's first block to the range end
   const int full = span >= kStepK ? int(min(int64_t(stages), (span - kStepK) / kUnitK + 1)) : 0;
   const int nst = span > 0 ? int(min(int64_t(stages), (span - 1) / kUnitK + 1)) : 0;
-  // k as 32-bit offsets from row pointers (K < 2^30, checked by the host): one wide multiply-add
+  // k as 32-bit offsets within rows (K < 2^30, checked by the host): one wide multiply-add
   // per address instead of 64-bit index arithmetic.
   const uint32_t kt0 = uint32_t(kb) + wk * kStepK + Frag::kLaneK * t;  // unsigned: no sign extension
   auto lane_k = [&](int st) { return kt0 + uint32_t(st) * kUnitK; };
@@ -200,7 +237,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // stored, so clamping costs no bounds test per load and no zeroed registers.
   typename Frag::Row wrow[NG];
 #pragma unroll
-  for (int j = 0; j < NG; ++j) wrow[j] = frag.row(min(row0 + 8 * j, N - 1));
+  for (int j = 0; j < NG; ++j) wrow[j] = frag.row(min(row0 + 8 * j, uint32_t(N - 1)));
   const T* xrow[MT][2];
   int xm[MT][2];
 #pragma unroll
@@ -208,7 +245,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       xm[mt][r] = min(16 * mt + 8 * r + g, M - 1);
-      xrow[mt][r] = x + int64_t(xm[mt][r]) * K;
+      xrow[mt][r] = x + uint64_t(uint32_t(xm[mt][r])) * uint32_t(K);  // one wide multiply (K < 2^30)
     }
   // The weights of stage st (in the partial stage, a lane past the range end takes zero(): finite).
   auto load = [&](int st, typename Frag::Chunk (&c)[NG]) {
@@ -223,11 +260,14 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
     }
   };
   // x[m, k .. k + 8) as one 16-byte vector, or gathered by the format (pivoted factors).
-  auto load_x = [&](int mt, int r, uint32_t k) -> uint4 {
+  // (kt and the vector's offset 8 i added to the pointer separately: as one 32-bit sum they could
+  // wrap, so the compiler could not fold 8 i into the load's immediate offset; fold_x_offsets.)
+  auto load_x = [&](int mt, int r, uint32_t kt, int i) -> uint4 {
     if constexpr (gathers_x<Frag>::value) {
-      return frag.gather_x(xm[mt][r], k);
+      return frag.gather_x(xm[mt][r], kt + 8 * i);
     } else {
-      const uint4* v = reinterpret_cast<const uint4*>(xrow[mt][r] + k);
+      const uint4* v = reinterpret_cast<const uint4*>(fold_x_offsets<Frag, MT>() ? xrow[mt][r] + kt + 8 * i
+                                                                                : xrow[mt][r] + (kt + 8 * i));
       if constexpr (kXConst) return __ldg(v);
       else return __ldcg(v);
     }
@@ -253,7 +293,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   typename row_state_of<Frag>::type rs[NG];
   if constexpr (has_row_state<Frag>::value) {
 #pragma unroll
-    for (int j = 0; j < NG; ++j) rs[j] = frag.row_state(min(row0 + 8 * j, N - 1));
+    for (int j = 0; j < NG; ++j) rs[j] = frag.row_state(min(row0 + 8 * j, uint32_t(N - 1)));
   }
   // One stage's mmas. kTail (the partial stage only): a lane past the range end reads no x (zeros; its
   // weights are zero() chunks, finite), so it adds nothing. Full stages test nothing.
@@ -271,7 +311,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) xv[mt][r] = kin ? load_x(mt, r, kt + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
+          for (int r = 0; r < 2; ++r) xv[mt][r] = kin ? load_x(mt, r, kt, i) : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -366,16 +406,6 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   }
 }
 
-// CTAs per SM the kernel is compiled for (its register cap: 2 -> 128 registers). Decode lives on the
-// weight loads in flight, so two CTAs wherever they fit without spills (ptxas, sm_90a): every format
-// at M <= 16, and int8 / fp16 rows (kLaneK <= 16) at M <= 32. Left to itself ptxas took 130-134
-// registers for int8 at M <= 16 and 156-158 at M <= 32 (one CTA per SM); int4 and lut at M <= 32
-// spill 48-200 bytes under the cap, int8 at M <= 16 spills under a cap of three CTAs.
-template <class Frag, int MT>
-constexpr int ctas_per_sm() {
-  return MT == 1 || (MT == 2 && Frag::kLaneK <= 16) ? 2 : 1;
-}
-
 // One launch of one problem: CTA (bx, by) = work unit (bx, by).
 template <class Frag, class T, int MT, int NG>
 __global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_kernel(Problem<Frag, T> p) {
@@ -399,8 +429,8 @@ __device__ __forceinline__ void a_consecutive(const uint4& r0, const uint4& r1, 
 // 8 consecutive k of one row, word s = k kt + 2s, +1. Step h maps the mma k-slots 2t, 2t + 1,
 // 2t + 8, 2t + 9 to kt + 4h + 0, 1, 2, 3, so both operands are plain words: no decode at all.
 // 16-byte loads of rows of E (element stride K) as chunks: the plain-layout part of a Frag.
-// A Frag's Row holds what row(n) resolves once per work unit (row pointers), so that a stage's
-// load(row, kt) is an add and a load; load(n, kt) does both (the wgmma path).
+// A Frag's Row holds what row(n) resolves once per work unit (the row's 32-bit element offset), so
+// that a stage's load(row, kt) is an add and a load; load(n, kt) does both (the wgmma path).
 template <class E>
 struct RowLoads {
   const E* w;
@@ -409,11 +439,11 @@ struct RowLoads {
     uint4 q;
   };
   struct Row {
-    const E* p;
+    uint32_t off;  // n * K elements (N * K < 2^32: rows_fit32)
   };
-  __device__ __forceinline__ Row row(int64_t n) const { return {w + n * K}; }
+  __device__ __forceinline__ Row row(int64_t n) const { return {uint32_t(n) * uint32_t(K)}; }
   __device__ __forceinline__ Chunk load(const Row& r, uint32_t kt) const {
-    return {__ldg(reinterpret_cast<const uint4*>(r.p + kt))};
+    return {__ldg(reinterpret_cast<const uint4*>(w + (r.off + kt)))};
   }
   __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const { return load(row(n), uint32_t(kt)); }
   static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u)}; }

@@ -96,7 +96,7 @@ inline bool applies(int64_t M, const Tensor& like) {
 template <class Frag, class T>
 bool linear_small_m(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M,
                     int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
-  if (!applies(M, like) || K % Frag::kLaneK != 0 || K >= kMaxK || !weights_aligned || !aligned16(x)) return false;
+  if (!applies(M, like) || K % Frag::kLaneK != 0 || K >= kMaxK || !rows_fit32(N, K) || !weights_aligned || !aligned16(x)) return false;
   return for_tile_shape(M, [&](auto mt) {
     constexpr int MT = decltype(mt)::value;
     return launch<Frag, T, MT, groups_for<MT>()>(frag, x, bias, y, M, N, K, like, stream);

@@ -233,7 +233,8 @@ MUTATIONS = {
     "split counter": ("split_k_counters.h", "atomicInc(counter, unsigned(splits - 1))",
                       "atomicInc(counter, unsigned(splits))"),
     # weight rows past N not clamped: reads run off the end of qweight
-    "row clamp": ("small_m_gemm.cuh", "wrow[j] = frag.row(min(row0 + 8 * j, N - 1));", "wrow[j] = frag.row(row0 + 8 * j);"),
+    "row clamp": ("small_m_gemm.cuh", "wrow[j] = frag.row(min(row0 + 8 * j, uint32_t(N - 1)));",
+                  "wrow[j] = frag.row(row0 + 8 * j);"),
     # x rows past M not clamped: reads run off the end of x
     "x row clamp": ("small_m_gemm.cuh", "xm[mt][r] = min(16 * mt + 8 * r + g, M - 1);", "xm[mt][r] = 16 * mt + 8 * r + g;"),
     # the partial last stage (K = 2080: 32 past a multiple of 128) reads weights past the range end
