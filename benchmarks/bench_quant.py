@@ -87,8 +87,9 @@ def other_paths(op, M):
     the general path (``cuda_general_path``: GEMV / WMMA tiles, every other path switched off)
     wherever another path runs, dequantize + cuBLAS (``cuda_dequant_cublas``) above M = 64 where it
     does not run, on Hopper wgmma (``cuda_wgmma``) where it does not run and the small-M path
-    (``cuda_small_m``) where wgmma takes an M it could serve, and wgmma with one warpgroup per CTA
-    (``cuda_wgmma_bn64``) where it runs with two. Where the crossovers lie is a
+    (``cuda_small_m``) where wgmma takes an M it could serve, wgmma with one warpgroup per CTA
+    (``cuda_wgmma_bn64``) where it runs with two, and at M <= 8 the small-M path's M <= 16 tile
+    (``cuda_small_m16``) instead of its transposed one. Where the crossovers lie is a
     measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling variables
     costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
     paths = cuda_paths()
@@ -109,6 +110,8 @@ def other_paths(op, M):
         peers["cuda_small_m"] = with_env(fn, "REPARAM_WGMMA", "0")
     if takes_wgmma and os.environ.get("REPARAM_WGMMA_BN", "") != "64":  # one warpgroup per CTA instead of two
         peers["cuda_wgmma_bn64"] = with_env(fn, "REPARAM_WGMMA_BN", "64")
+    if takes_small and M <= paths["small_m"]["transposed_max_m"]:  # M <= 8 on the M <= 16 tile instead
+        peers["cuda_small_m16"] = with_env(fn, "REPARAM_SMALL_M_T", "0")
     return peers
 
 

@@ -50,10 +50,12 @@ fi
 step env 60 "$DEST/env.txt" "$PY" -m reparam_kernels env; cat "$DEST/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$DEST/env.txt" 2>&1
 
-# Smoke-test each kernel path added in sessions 5 and 6 in its own process first. A path that crashes or
-# computes wrong is switched off (its variable) for the rest of the run, so one bad kernel cannot take
-# every later test and benchmark down with a sticky CUDA error; smoke_<path>.log says why.
-for pair in "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M"; do
+# Smoke-test each kernel path added in sessions 5, 6 and 10 in its own process first (the transposed
+# small-M tile before the rest of the small-M path, so that its failure switches off only it). A path
+# that crashes or computes wrong is switched off (its variable) for the rest of the run, so one bad
+# kernel cannot take every later test and benchmark down with a sticky CUDA error; smoke_<path>.log
+# says why.
+for pair in "transposed:REPARAM_SMALL_M_T" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M"; do
   match="${pair%%:*}"; var="${pair##*:}"
   if ! timeout 90 "$PY" benchmarks/sanitize_ops.py --paths-only --match "$match" > "$DEST/smoke_$match.log" 2>&1; then
     export "$var=0"

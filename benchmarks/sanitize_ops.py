@@ -39,6 +39,11 @@ def path_cases():
         return nn.Linear(k, n, bias=True).to(device=device, dtype=dtype)
 
     return [
+        # M <= 8: the small-M path's transposed tile (smoke-tested on its own first by run_gpu.sh)
+        ("int4 transposed small-M", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1024, 72, dt, dev), group_size=128),
+         (3,)),
+        ("lowrank transposed small-M", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64),
+         (3,)),
         ("int8 small-M split", lambda dt, dev: rnn.Int8Linear.from_linear(lin(1024, 72, dt, dev)), (1, 40)),
         ("int4 small-M split", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1024, 72, dt, dev), group_size=128),
          (1, 40)),

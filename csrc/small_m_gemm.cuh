@@ -182,7 +182,7 @@ struct Problem {
 // spill 48-200 bytes under the cap, int8 at M <= 16 spills under a cap of three CTAs.
 template <class Frag, int MT>
 constexpr int ctas_per_sm() {
-  return MT == 1 || (MT == 2 && Frag::kLaneK <= 16) ? 2 : 1;
+  return MT <= 1 || (MT == 2 && Frag::kLaneK <= 16) ? 2 : 1;
 }
 
 // Whether x's 16-byte loads take the vector offset 8 i as an immediate (xrow + kt held per stage,
@@ -190,16 +190,27 @@ constexpr int ctas_per_sm() {
 // two CTAs per SM with more than one m16 tile (int8 at M <= 32), which it makes spill (ptxas, sm_90a).
 template <class Frag, int MT>
 constexpr bool fold_x_offsets() {
-  return MT == 1 || ctas_per_sm<Frag, MT>() == 1;
+  return MT <= 1 || ctas_per_sm<Frag, MT>() == 1;
 }
 
 // The work unit (column block bx, K range by) of problem p, by the whole CTA. kXConst: x is not
 // written during this kernel (read through the non-coherent cache); false when an earlier phase of
 // the same launch wrote it. Every thread of the CTA must call this with the same (bx, by).
+//
+// MT = 0 is the transposed tile for M <= 8: the weights are the mma's A operand (16 rows: n8-groups
+// 2q and 2q + 1 of the lane's rows, the same loads and decode) and x the B operand (its 8 columns
+// are the x rows), so each mma takes 256 weights instead of 128 (half the mmas) and x needs one row
+// per lane instead of two (half the x loads and permutes), at no extra registers: C = W x^T, the
+// accumulators (weight row, x row) the transpose of the other tiles'.
 template <class Frag, class T, int MT, int NG, bool kXConst>
 __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by) {
+  constexpr bool kT = MT == 0;
+  static_assert(!kT || NG % 2 == 0, "the transposed tile pairs n8-groups into m16 weight tiles");
+  constexpr int MTA = kT ? 1 : MT;          // x tiles (array extents)
+  constexpr int XR = kT ? 1 : 2;            // x rows per lane per tile: g (and g + 8)
+  constexpr int NA = kT ? NG / 2 : NG;      // accumulator tiles per x tile
   constexpr int BN = kWarpsN * 8 * NG;
-  constexpr int ACC = MT * NG * 4;
+  constexpr int ACC = MTA * NA * 4;
   constexpr int kStepK = 4 * Frag::kLaneK;  // k per warp per stage
   constexpr int kUnitK = kWarpsK * kStepK;  // k per CTA stage
   constexpr int kPairs = Frag::kLaneK / 8;  // 16-byte x vectors per lane block = step pairs
@@ -238,12 +249,12 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   typename Frag::Row wrow[NG];
 #pragma unroll
   for (int j = 0; j < NG; ++j) wrow[j] = frag.row(min(row0 + 8 * j, uint32_t(N - 1)));
-  const T* xrow[MT][2];
-  int xm[MT][2];
+  const T* xrow[MTA][XR];
+  int xm[MTA][XR];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int mt = 0; mt < MTA; ++mt)
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
+    for (int r = 0; r < XR; ++r) {
       xm[mt][r] = min(16 * mt + 8 * r + g, M - 1);
       xrow[mt][r] = x + uint64_t(uint32_t(xm[mt][r])) * uint32_t(K);  // one wide multiply (K < 2^30)
     }
@@ -279,11 +290,11 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
     return v;
   };
 
-  float acc[MT][NG][4];
+  float acc[MTA][NA][4];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int mt = 0; mt < MTA; ++mt)
 #pragma unroll
-    for (int j = 0; j < NG; ++j)
+    for (int j = 0; j < NA; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
 
@@ -299,24 +310,30 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // weights are zero() chunks, finite), so it adds nothing. Full stages test nothing.
   using Chunks = typename Frag::Chunk[NG];
   // x word by word only at M <= 16: with more m16 tiles the loads held ahead spill registers.
-  constexpr bool kWordX = MT == 1 && loads_x_words<Frag>::value;
+  constexpr bool kWordX = MT <= 1 && loads_x_words<Frag>::value;
   auto compute = [&](auto tail, int st, const Chunks& cur) {
     constexpr bool kTail = decltype(tail)::value;
     const uint32_t kt = lane_k(st);
     const bool kin = !kTail || kt < ke;
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
-      [[maybe_unused]] uint4 xv[MT][2];  // x[m, kt + 8i .. +8) for m = 16 mt + g (+ 8); unused if kWordX
+      [[maybe_unused]] uint4 xv[MTA][XR];  // x[m, kt + 8i .. +8) for m = 16 mt + g (+ 8); unused if kWordX
       if constexpr (!kWordX) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MTA; ++mt)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) xv[mt][r] = kin ? load_x(mt, r, kt, i) : make_uint4(0u, 0u, 0u, 0u);
+          for (int r = 0; r < XR; ++r) xv[mt][r] = kin ? load_x(mt, r, kt, i) : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        uint32_t a[MT][4];
-        if constexpr (kWordX) {
+        uint32_t a[MTA][4];  // kT: only a[0][0] and a[0][2] (row g), the B operand
+        if constexpr (kWordX && kT) {
+          // words 2h, 2h + 1 of row g: one 8-byte load (x rows are 16-byte aligned, kt % 8 == 0)
+          const uint2* w = reinterpret_cast<const uint2*>(xrow[0][0] + kt + 8 * i + 4 * h);
+          const uint2 v = kin ? (kXConst ? __ldg(w) : __ldcg(w)) : make_uint2(0u, 0u);
+          a[0][0] = v.x;
+          a[0][2] = v.y;
+        } else if constexpr (kWordX) {
           // a_consecutive's words, each loaded straight into its A register: from 16-byte vectors the
           // compiler moved words into the mma's register quad, ~3 moves per mma (lut: 652 -> 538
           // instructions per stage at M <= 16)
@@ -329,15 +346,29 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
             }
         } else {
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) Frag::a(xv[mt][0], xv[mt][1], h, a[mt]);
+          for (int mt = 0; mt < MTA; ++mt) Frag::a(xv[mt][0], xv[mt][XR - 1], h, a[mt]);
         }
-#pragma unroll
-        for (int j = 0; j < NG; ++j) {
-          uint32_t b0, b1;
+        // The weights' registers of step (i, h): the B pair of the lane's row in group j.
+        auto wb = [&](int j, uint32_t& b0, uint32_t& b1) {
           if constexpr (has_row_state<Frag>::value) frag.b(cur[j], rs[j], i, h, b0, b1);
           else frag.b(cur[j], i, h, b0, b1);
+        };
+        if constexpr (kT) {
 #pragma unroll
-          for (int mt = 0; mt < MT; ++mt) Pair<T>::mma(acc[mt][j], a[mt], b0, b1);
+          for (int q = 0; q < NA; ++q) {  // A rows g / g + 8 = the lane's rows in groups 2q / 2q + 1
+            uint32_t w[4];
+            wb(2 * q, w[0], w[2]);
+            wb(2 * q + 1, w[1], w[3]);
+            Pair<T>::mma(acc[0][q], w, a[0][0], a[0][2]);
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < NG; ++j) {
+            uint32_t b0, b1;
+            wb(j, b0, b1);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) Pair<T>::mma(acc[mt][j], a[mt], b0, b1);
+          }
         }
       }
     }
@@ -375,16 +406,17 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 #pragma unroll
       for (int e = 0; e < ACC; ++e) flat[e] += red[w][wn][e][lane];
     }
-    // Accumulator c of (mt, j): row 16 mt + g (+ 8 for c >= 2), column 8 j + 2 t + c % 2.
+    // Accumulator c of (mt, j): row 16 mt + g (+ 8 for c >= 2), column 8 j + 2 t + c % 2; of the
+    // transposed tile (j = q): weight row 8 (2q + c / 2) + g, x row 2 t + c % 2.
     float* out = p.splits == 1 ? nullptr : p.part + by * M * N;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int mt = 0; mt < MTA; ++mt)
 #pragma unroll
-      for (int j = 0; j < NG; ++j)
+      for (int j = 0; j < NA; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int m = 16 * mt + g + 8 * (c / 2);
-          const int64_t n = col0 + wn * 8 * NG + 8 * j + 2 * t + (c % 2);
+          const int m = kT ? 2 * t + (c % 2) : 16 * mt + g + 8 * (c / 2);
+          const int64_t n = col0 + wn * 8 * NG + (kT ? 8 * (2 * j + c / 2) + g : 8 * j + 2 * t + (c % 2));
           if (m >= M || n >= N) continue;
           if (out) {
             out[int64_t(m) * N + n] = acc[mt][j][c];

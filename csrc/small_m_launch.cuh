@@ -26,13 +26,20 @@ inline int64_t resident_ctas(int device) {
   return int64_t(cached[d]) * sm_count(device);
 }
 
+// REPARAM_SMALL_M_T=0: M <= 8 takes the M <= 16 tile instead of the transposed one (A/B timing).
+inline bool transposed_tile_enabled() {
+  const char* v = std::getenv("REPARAM_SMALL_M_T");
+  return v == nullptr || v[0] != '0';
+}
+
 // The n8-groups per warp for MT m16 tiles (BN = 4 * 8 * groups rows per column block).
 template <int MT> constexpr int groups_for() { return MT <= 2 ? 4 : 2; }
 
 // f(std::integral_constant<int, MT>{}) for the tile shape of M rows (1..64): one place for the
-// M -> template-shape choice of every launcher.
+// M -> template-shape choice of every launcher. MT = 0: the transposed tile (M <= 8).
 template <class F>
 bool for_tile_shape(int64_t M, F&& f) {
+  if (M <= 8 && transposed_tile_enabled()) return f(std::integral_constant<int, 0>{});
   if (M <= 16) return f(std::integral_constant<int, 1>{});
   if (M <= 32) return f(std::integral_constant<int, 2>{});
   return f(std::integral_constant<int, 4>{});

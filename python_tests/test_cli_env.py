@@ -95,12 +95,16 @@ def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
     from reparam_kernels.cli import env
 
     for var in ("REPARAM_SMALL_M", "REPARAM_DEQUANT_MIN_M", "REPARAM_LOWRANK_CUBLAS_MIN_M", "REPARAM_WGMMA",
-                "REPARAM_BC_LARGE_M_MIN_M"):
+                "REPARAM_BC_LARGE_M_MIN_M", "REPARAM_SMALL_M_T"):
         monkeypatch.delenv(var, raising=False)
     paths = env.cuda_paths()
     assert paths["bc_large_m"]["min_m"] == 256
     assert paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] == 512 and paths["lowrank_cublas"]["min_m"] == 512
     assert paths["wgmma"]["on"] and paths["wgmma"]["min_m"] == paths["small_m"]["max_m"] + 1
+    assert paths["small_m"]["transposed_max_m"] == 8
+    monkeypatch.setenv("REPARAM_SMALL_M_T", "0")
+    assert env.cuda_paths()["small_m"]["transposed_max_m"] == 0
+    assert "transposed tile: OFF [REPARAM_SMALL_M_T]" in env.render(env.collect())
     monkeypatch.setenv("REPARAM_WGMMA", "0")
     assert not env.cuda_paths()["wgmma"]["on"] and "OFF [REPARAM_WGMMA," in env.render(env.collect())
     monkeypatch.setenv("REPARAM_SMALL_M", "0")

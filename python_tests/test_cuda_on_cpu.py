@@ -48,7 +48,8 @@ def check(cases, refs, env=None, kernel=None, mutations=()):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quant_small_m_path(rng, dtype):
-    # register-fed mma.sync path (csrc/small_m_gemm.cuh): M <= 64, all three tile shapes, split K
+    # register-fed mma.sync path (csrc/small_m_gemm.cuh): M <= 64, all four tile shapes (M = 1, 5: the
+    # transposed one), split K
     cases, refs = [], []
     for op in QUANT:
         for M, K, N, g in [(1, 544, 72, 32), (5, 1056, 100, 32), (16, 512, 264, 64), (17, 256, 40, 128),
@@ -57,6 +58,17 @@ def test_quant_small_m_path(rng, dtype):
             cases.append(c)
             refs.append(r)
     check(cases, refs, kernel="small_m::Problem")
+
+
+def test_quant_small_m_untransposed(rng):
+    # REPARAM_SMALL_M_T=0: M <= 8 on the M <= 16 tile (the A/B switch of the transposed one)
+    cases, refs = [], []
+    for op in QUANT:
+        for M, K, N, g in [(1, 544, 72, 32), (7, 256, 40, 128)]:
+            c, r = quant_case(rng, op, M, K, N, torch.bfloat16, group=g, bias=True)
+            cases.append(c)
+            refs.append(r)
+    check(cases, refs, env={"REPARAM_SMALL_M_T": "0"}, kernel="small_m::Problem")
 
 
 @pytest.mark.parametrize("sms,per_sm", [(1, 1), (16, 2)])
@@ -190,7 +202,8 @@ def lowrank_cases(rng, shapes, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lowrank_decode_path(rng, dtype):
     # both products in one cooperative launch (csrc/lowrank_small_m.cuh); (48, 40, 40): K - r = 8
-    cases, refs = lowrank_cases(rng, [(1, 136, 200, 24), (17, 1000, 72, 64), (64, 48, 40, 40)], dtype)
+    cases, refs = lowrank_cases(rng, [(1, 136, 200, 24), (12, 256, 72, 16), (17, 1000, 72, 64), (64, 48, 40, 40)],
+                                dtype)
     check(cases, refs, env={"RK_CPU_BLOCKS_PER_SM": "2"}, kernel="small_m::Problem")
 
 
@@ -242,6 +255,10 @@ MUTATIONS = {
                      "c[j] = frag.load(wrow[j], kt);"),
     # ... or x past the range end
     "tail x": ("small_m_gemm.cuh", "const bool kin = !kTail || kt < ke;", "const bool kin = true;"),
+    # the transposed tile (M <= 8, as here): A's rows g + 8 from group 2q instead of 2q + 1 ...
+    "transposed A rows": ("small_m_gemm.cuh", "wb(2 * q + 1, w[1], w[3]);", "wb(2 * q, w[1], w[3]);"),
+    # ... or its accumulators stored as the untransposed tile's
+    "transposed output": ("small_m_gemm.cuh", "const int m = kT ? 2 * t + (c % 2) :", "const int m = kT ? g + 8 * (c / 2) :"),
 }
 
 
@@ -251,6 +268,16 @@ def test_mutated_small_m_path_is_caught(rng, name):
     c, r = quant_case(rng, "int4_linear", 3, 2080, 40, torch.float16, group=32)
     env = {"RK_CPU_SEED": "3"}
     assert within(run_twice(c, env), r)  # unmutated
+    assert not within(run_twice(c, env, MUTATIONS[name]), r)
+
+
+@pytest.mark.parametrize("name", ["x row clamp", "tail x", "tail weights"])
+def test_mutated_m16_tile_is_caught(rng, name):
+    # the mutations above run at M = 3 (the transposed tile); those of x's rows and the tail also on
+    # the M <= 16 tile
+    c, r = quant_case(rng, "int4_linear", 12, 2080, 40, torch.float16, group=32)
+    env = {"RK_CPU_SEED": "3"}
+    assert within(run_twice(c, env), r)
     assert not within(run_twice(c, env, MUTATIONS[name]), r)
 
 

@@ -52,6 +52,8 @@ def test_stage_shape_from_the_kernel_name():
     assert sass_budget.stage_shape(int4) == (4 * 2 * 4 * 1, 4 * 512)  # 32 mma, 4 loads of 512 B per warp
     int8 = "void small_m::small_m_kernel<Int8Frag<bfloat16>, bfloat16, 4, 2>(small_m::Problem<...>)"
     assert sass_budget.stage_shape(int8) == (2 * 2 * 2 * 4, 2 * 512)
+    # the transposed tile (M <= 8): one mma per pair of n8-groups, the same weight bytes
+    assert sass_budget.stage_shape(int4.replace("1, 4>", "0, 4>")) == (4 * 2 * 4 // 2, 4 * 512)
     assert sass_budget.stage_shape("void quant_wgmma::wgmma_kernel<Int4Frag<__half>, __half, 64, 1>(...)") == (8, 1024)
     assert sass_budget.stage_shape("void other_kernel<float>()") is None
 
@@ -75,10 +77,13 @@ def _built_rows():
     return rows
 
 
-# Warp instructions per stage of the M <= 16 decode loops (MT = 1) and one wgmma loop, with ~5-10%
+# Warp instructions per stage of the M <= 8 / M <= 16 decode loops (MT = 0 / 1) and one wgmma loop, with ~5-10%
 # slack for compiler versions: above these, a loop has regressed to recomputing row addresses or
 # copying registers.
 BUDGET = {
+    # M <= 8: the transposed tile (half the mmas and x loads of the M <= 16 one)
+    "small_m_kernel<Int4Frag<__half>, __half, 0, 4>": 345,
+    "small_m_kernel<LutFrag<__half>, __half, 0, 4>": 425,
     "small_m_kernel<Int4Frag<__half>, __half, 1, 4>": 395,
     "small_m_kernel<Int4Frag<bfloat16>, bfloat16, 1, 4>": 425,
     "small_m_kernel<Int8Frag<__half>, __half, 1, 4>": 170,

@@ -158,7 +158,10 @@ def stage_shape(name: str):
     m = re.search(r"small_m_kernel<(?:small_m::)?(\w+)<.*, (\d+), (\d+)>\(", name)
     if m and m.group(1) in LANE_K:
         mt, ng = int(m.group(2)), int(m.group(3))
-        return LANE_K[m.group(1)] // 8 * 2 * ng * mt, ng * WARP_BYTES_PER_LOAD
+        steps = LANE_K[m.group(1)] // 8 * 2  # mma k-steps per stage: kLaneK / 8 step pairs
+        # MT = 0: the transposed tile (M <= 8), one mma per pair of n8-groups
+        mmas = steps * ng // 2 if mt == 0 else steps * ng * mt
+        return mmas, ng * WARP_BYTES_PER_LOAD
     m = re.search(r"wgmma_kernel<(?:small_m::)?(\w+)<", name)
     if m and m.group(1) in BITS:
         return WGMMA_MMA_PER_STAGE, 16 * WGMMA_STAGE_K * BITS[m.group(1)] // 8

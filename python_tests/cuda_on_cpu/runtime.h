@@ -58,10 +58,14 @@ struct uint3 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
 struct alignas(8) float2 {
   float x, y;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
 
 // ------------------------------------------------------------------ fp16 / bf16
@@ -162,10 +166,16 @@ inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 // ------------------------------------------------------------------ device library
 
+// A load of a T not aligned to T's size faults on the GPU ("misaligned address"): here too.
 template <class T>
-inline T __ldg(const T* p) { return *p; }
+inline const T* rk_aligned_load(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) throw std::runtime_error("misaligned vector load");
+  return p;
+}
 template <class T>
-inline T __ldcg(const T* p) { return *p; }
+inline T __ldg(const T* p) { return *rk_aligned_load(p); }
+template <class T>
+inline T __ldcg(const T* p) { return *rk_aligned_load(p); }
 
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const uint64_t bytes = uint64_t(x) | (uint64_t(y) << 32);

@@ -54,7 +54,10 @@ def cuda_paths():
     """Which CUDA path each batch size M takes, as the environment switches set it."""
     small = not os.environ.get("REPARAM_SMALL_M", "").startswith("0")
     return {"small_m": {"on": small, "max_m": 64, "switch": "REPARAM_SMALL_M",
-                        "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear"},
+                        "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear",
+                        # M <= 8: the transposed tile (csrc/small_m_gemm.cuh, MT = 0); off: the M <= 16 one
+                        "transposed_max_m": 0 if os.environ.get("REPARAM_SMALL_M_T", "").startswith("0") else 8,
+                        "transposed_switch": "REPARAM_SMALL_M_T"},
             "wgmma": {"on": not os.environ.get("REPARAM_WGMMA", "").startswith("0"),
                       "min_m": max(1, _atoll("REPARAM_WGMMA_MIN_M", 65)),  # csrc/quant_wgmma.cuh min_m()
                       "switch": "REPARAM_WGMMA",
@@ -112,7 +115,8 @@ def render(info):
     sm, dq, lr = paths["small_m"], paths["dequant_cublas"], paths["lowrank_cublas"]
     lines.append("CUDA paths by batch M (docs/quant.md, docs/lowrank_kernel.md, docs/structured.md):")
     lines.append(f"  M <= {sm['max_m']}: register-fed tensor cores ({sm['ops']}): "
-                 f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]")
+                 f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]; M <= 8 on its transposed tile: "
+                 f"{'on' if sm['transposed_max_m'] else 'OFF'} [{sm['transposed_switch']}]")
     wg = paths["wgmma"]
     lines.append(f"  {wg['min_m']} <= M < the cuBLAS thresholds below: warpgroup MMA ({wg['ops']}): "
                  f"{'on' if wg['on'] else 'OFF'} [{wg['switch']}, REPARAM_WGMMA_MIN_M]")
