@@ -77,6 +77,15 @@ __device__ __forceinline__ uint32_t and_or(uint32_t w, uint32_t mask, uint32_t c
 #endif
 }
 
+// v, with where it came from hidden from the compiler: left to itself it recomputes a work unit's row
+// offsets from the thread index inside the main loop (~10 instructions per stage, at any register
+// count) instead of keeping them in registers; hidden, it keeps them (int4 M <= 8: 324 -> 314).
+__device__ __forceinline__ void keep_in_register(uint32_t& v) {
+#ifndef REPARAM_CPU_CUDA
+  asm volatile("" : "+r"(v));
+#endif
+}
+
 // PRMT with a selector whose nibbles have bit 3 clear (no sign-replicate mode): __byte_perm masks
 // its selector to 3 bits per nibble, one LOP3 per call when the compiler cannot see the bits are
 // clear (selectors built by and_or). LutFrag's table lookups.
@@ -248,7 +257,10 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // stored, so clamping costs no bounds test per load and no zeroed registers.
   typename Frag::Row wrow[NG];
 #pragma unroll
-  for (int j = 0; j < NG; ++j) wrow[j] = frag.row(min(row0 + 8 * j, uint32_t(N - 1)));
+  for (int j = 0; j < NG; ++j) {
+    wrow[j] = frag.row(min(row0 + 8 * j, uint32_t(N - 1)));
+    keep_in_register(wrow[j].off);  // every Frag's Row is one offset, `off`
+  }
   const T* xrow[MTA][XR];
   int xm[MTA][XR];
 #pragma unroll
