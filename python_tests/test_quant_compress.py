@@ -174,8 +174,15 @@ def test_gptq_act_order_helps_with_uneven_input_scales(rng):
     rtn = Q.to_unsigned4(*Q.quantize_linear(w, 4, 64, symmetric=False))
     print(f"output rel. error: GPTQ act-order {out_err(*act):.4f}, GPTQ {out_err(*plain):.4f}, RTN {out_err(*rtn):.4f}")
     assert act[0].dtype == torch.uint8 and act[1].shape == (n, 4)
-    # static groups: the scales are those of round-to-nearest on the original weight
-    assert torch.allclose(act[1], rtn[1]) and torch.allclose(act[2], rtn[2])
+    # static groups: the scales are those of round-to-nearest on the original weight, and so are the
+    # zero points, except where -min/scale sits on a rounding tie (x.5 within float32 noise: float64
+    # GPTQ and float32 RTN may then round it apart; seen once in ~1000 runs)
+    assert torch.allclose(act[1], rtn[1])
+    wg = w.double().reshape(n, 4, 64)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    unrounded = -lo / ((hi - lo) / 15)
+    tie = ((unrounded - unrounded.floor()) - 0.5).abs() < 1e-5
+    assert torch.equal(act[2][~tie], rtn[2][~tie]) and ((act[2] - rtn[2]).abs() <= 1).all()
     assert out_err(*act) < out_err(*plain) < out_err(*rtn)
 
 
