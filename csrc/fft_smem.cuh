@@ -177,11 +177,20 @@ __device__ float2* stockham_fft(float2* in, float2* out, const float2* tw, int H
 
 // Copies nbytes from global src to shared dst (both 16-byte aligned) by 16-byte cp.async, the CTA's
 // threads together, the last chunk zero-filled past nbytes. Not committed: the caller commits and waits.
+// The last chunk, when partial, is copied by plain loads: a 16-byte cp.async with a smaller src-size
+// reads only src-size bytes, but its 16-byte window crosses the end of the allocation and
+// compute-sanitizer's memcheck reports that as an out-of-bounds read (it did, on an H200).
 __device__ __forceinline__ void copy_async(void* dst, const void* src, int64_t nbytes) {
   char* d = static_cast<char*>(dst);
   const char* g = static_cast<const char*>(src);
-  for (int64_t c = threadIdx.x; c * 16 < nbytes; c += blockDim.x)
-    cp_async16(d + 16 * c, g + 16 * c, int(nbytes - 16 * c < 16 ? nbytes - 16 * c : 16));
+  for (int64_t c = threadIdx.x; c * 16 < nbytes; c += blockDim.x) {
+    const int64_t left = nbytes - 16 * c;
+    if (left >= 16) {
+      cp_async16(d + 16 * c, g + 16 * c, 16);
+    } else {
+      for (int i = 0; i < 16; ++i) d[16 * c + i] = i < left ? g[16 * c + i] : char(0);
+    }
+  }
 }
 
 // Runs v = load(t) for kBatch indices t < total of this thread, then use(t, v) for each: a batch's

@@ -93,7 +93,7 @@ def choose_ranks(spectra, shapes, ratio, pivoted=False):
         for n, e in spectra.items():
             o, i = shapes[n]
             if pivoted:
-                r = min(max(1, int((e / (o + i - torch.arange(len(e), dtype=e.dtype)) > tau).sum())), min(o, i))
+                r = min(max(1, int((e / (o + i - torch.arange(len(e), dtype=e.dtype, device=e.device)) > tau).sum())), min(o, i))
                 if r < min(o, i):
                     r = kernel_friendly_rank(r)
                 dense, cost = r >= min(o, i), r * (o + i - r)

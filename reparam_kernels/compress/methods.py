@@ -240,7 +240,7 @@ def _build_lowrank_int4(linear, s, stats):
     u = lr.u.detach().double()
     u_stats = None
     if calibrated:  # u* = W·G·v_qᵀ (v_q·G·v_qᵀ)⁻¹: the best u for the quantized v on the calibration inputs
-        G = stats.gram.to(torch.float64)
+        G = stats.gram.to("cpu", torch.float64)
         vq = first.to_dense().detach().to("cpu", torch.float64)
         H = vq @ G @ vq.t()
         H = H + 1e-6 * H.diagonal().mean() * torch.eye(r, dtype=H.dtype)

@@ -151,7 +151,7 @@ def _refine(wg, qmax, importance, steps, err, scale, zero):
 def _clip_search(wg, lo, hi, qmax, integer_zero, clip_steps, min_clip, err, scale, zero):
     """The best of the (clip_steps + 1)² clipped ranges [a·lo, b·hi] per group (the first is [lo, hi])."""
     best = err(scale, zero)
-    fracs = torch.linspace(1.0, min_clip, clip_steps + 1).tolist()
+    fracs = torch.linspace(1.0, min_clip, clip_steps + 1, device="cpu").tolist()
     for a in fracs:
         for b in fracs:
             if a == 1.0 and b == 1.0:
@@ -253,19 +253,19 @@ def unpack_int4(packed):
 
 # ---------------------------------------------------------------- log quantization
 
-def log_levels(bits, dtype=torch.float32):
+def log_levels(bits, dtype=torch.float32, device=None):
     """The 2^bits signed decode values (unit scale), indexed by code: sign << (bits-1) | m."""
     if bits not in (4, 8):
         raise ValueError(f"`bits` must be 4 or 8 for log quantization, got {bits!r}")
     nm = 2 ** (bits - 1)
-    m = torch.arange(nm, dtype=torch.float64)
+    m = torch.arange(nm, dtype=torch.float64, device=device)
     mag = torch.where(m == 0, torch.zeros_like(m), torch.pow(2.0, m - (nm - 1)))
     return torch.cat((mag, -mag)).to(dtype)
 
 
 def _log_codes(w64, scale, bits):
     nm = 2 ** (bits - 1)
-    mags = log_levels(bits, torch.float64)[:nm]  # ascending: 0, 2^-(nm-2), ..., 2^-1, 1
+    mags = log_levels(bits, torch.float64, w64.device)[:nm]  # ascending: 0, 2^-(nm-2), ..., 2^-1, 1
     a = w64.abs() / scale[:, None]
     # nearest magnitude level: mags are sorted ascending, so compare to midpoints
     m = torch.bucketize(a, (mags[1:] + mags[:-1]) / 2)
@@ -285,14 +285,14 @@ def quantize_log(w, bits=4, scale_search=0):
     _check_weight(w)
     if not isinstance(scale_search, int) or scale_search < 0:
         raise ValueError(f"`scale_search` must be a non-negative int, got {scale_search!r}")
-    levels = log_levels(bits, torch.float64)
     w64 = w.to(torch.float64)
+    levels = log_levels(bits, torch.float64, w64.device)
     scale = w64.abs().amax(1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     best_scale, best_codes = scale, _log_codes(w64, scale, bits)
     if scale_search > 0:
         best_err = ((scale[:, None] * levels[best_codes] - w64) ** 2).sum(1)
-        for alpha in torch.pow(2.0, -torch.arange(1, scale_search + 1, dtype=torch.float64) / (scale_search + 1)):
+        for alpha in torch.pow(2.0, -torch.arange(1, scale_search + 1, dtype=torch.float64, device="cpu") / (scale_search + 1)).tolist():
             sc = scale * alpha
             codes = _log_codes(w64, sc, bits)
             err = ((sc[:, None] * levels[codes] - w64) ** 2).sum(1)
@@ -305,7 +305,7 @@ def quantize_log(w, bits=4, scale_search=0):
 
 def log_lut(scale, bits=4, dtype=torch.float32):
     """Per-row decode tables [N, 2^bits] = scale[n] · log_levels(bits)."""
-    return (scale.to(torch.float64)[:, None] * log_levels(bits, torch.float64)[None, :]).to(dtype)
+    return (scale.to(torch.float64)[:, None] * log_levels(bits, torch.float64, scale.device)[None, :]).to(dtype)
 
 
 def dequantize_log(codes, scale, bits=4, dtype=torch.float32):

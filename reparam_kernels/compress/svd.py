@@ -66,7 +66,7 @@ def rank_for_energy(singular_values, energy):
     if total <= 0:
         return 1
     cum = torch.cumsum(e, 0) / total
-    r = int(torch.searchsorted(cum, torch.tensor(float(energy), dtype=cum.dtype) - 1e-12).item()) + 1
+    r = int(torch.searchsorted(cum, torch.tensor(float(energy), dtype=cum.dtype, device=cum.device) - 1e-12).item()) + 1
     return max(1, min(r, singular_values.numel()))
 
 
@@ -182,7 +182,7 @@ def whitening_factor(gram, damping=1e-5, max_tries=8):
     G = gram.to(FACTOR_DTYPE)
     k = G.shape[0]
     scale = G.diagonal().mean().clamp_min(1e-30)
-    eye = torch.eye(k, dtype=G.dtype)
+    eye = torch.eye(k, dtype=G.dtype, device=G.device)
     lam = float(damping)
     for _ in range(max_tries):
         S, info = torch.linalg.cholesky_ex(G + lam * scale * eye)

@@ -154,7 +154,7 @@ class TuckerLinear(_Tensorized):
         self.ranks = td._check_ranks(self.shape, ranks)
         dtype = dtype or torch.get_default_dtype()
         self.factors = nn.ParameterList(
-            [nn.Parameter(torch.linalg.qr(torch.randn(s, r, dtype=torch.float64))[0].to(dtype=dtype, device=device))
+            [nn.Parameter(torch.linalg.qr(torch.randn(s, r, dtype=torch.float64, device="cpu"))[0].to(dtype=dtype, device=device))
              for s, r in zip(self.shape, self.ranks)])
         # orthonormal factors: W has the core's Frobenius norm; match nn.Linear's (≈ √(out/3))
         std = math.sqrt(out_features / 3.0 / math.prod(self.ranks))
