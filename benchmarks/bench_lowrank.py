@@ -62,6 +62,17 @@ def wmma_fused(M):
     return with_env(op, *off) if cublas or wgmma or M <= paths["small_m"]["max_m"] else None
 
 
+def fused(M):
+    """lowrank_linear through its fused kernels (small-M, wgmma, WMMA: REPARAM_LOWRANK_CUBLAS_MIN_M=0) where
+    the op takes two cuBLAS products at this M (by default every M >= 2, from the H200's measurements): the
+    A/B peer that says when a fused kernel wins that M back. None where the op runs them anyway."""
+    min_m = cuda_paths()["lowrank_cublas"]["min_m"]
+    if min_m is None or M < min_m:
+        return None
+    op = lambda x, u, v: torch.ops.reparam.lowrank_linear(x, u, v, None)  # noqa: E731
+    return with_env(op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "0")
+
+
 def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     """Check, then time, one case; `device`/`count` exist so the CPU tests can run it small."""
     elt = torch.empty((), dtype=dtype).element_size()
@@ -76,9 +87,12 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
              # the same product stored pivoted (r·(N + K − r) weights: r² fewer bytes to move)
              "pivoted": Contender(lambda x, u, w, perm: reparam_kernels.ops.pivoted_lowrank_linear(x, u, w, perm),
                                   piv)}
-    fused = wmma_fused(M) if device == "cuda" else None
-    if fused is not None:
-        peers["cuda_wmma_fused"] = Contender(fused, low)
+    wmma = wmma_fused(M) if device == "cuda" else None
+    if wmma is not None:
+        peers["cuda_wmma_fused"] = Contender(wmma, low)
+    fused_path = fused(M) if device == "cuda" else None
+    if fused_path is not None:
+        peers["cuda_fused"] = Contender(fused_path, low)
     rows = run_case(
         res, dtype=dtype, M=M, N=N, K=K, params={"rank": r}, modes=modes,
         ours=Contender(lambda x, u, v: reparam_kernels.ops.lowrank_linear(x, u, v), low),

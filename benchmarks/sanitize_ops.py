@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reparam_kernels import _dispatch  # noqa: E402
 from reparam_kernels.bench import variants  # noqa: E402
+from reparam_kernels.bench.cases import env_var  # noqa: E402
 
 
 class RecordOps(TorchDispatchMode):
@@ -31,7 +32,8 @@ class RecordOps(TorchDispatchMode):
 def path_cases():
     """(name, layer factory(dtype, device), batches): the shapes that take each CUDA path besides the
     variants' own: register-fed small M with K split over CTAs (int8, int4, both low-rank forms; ranks in
-    multiples of 8), wgmma at 64 < M < 512 (Hopper), the cuBLAS routes at M >= 512, and the
+    multiples of 8), wgmma at 64 < M < 256 (Hopper), the cuBLAS routes (quantized M >= 256, low rank M >= 2
+    by default: the low-rank kernel cases here turn that off to reach the fused kernels), and the
     block-circulant large-M kernel."""
     from reparam_kernels import nn as rnn
 
@@ -109,10 +111,15 @@ def main(argv=None):
     for name, make, batches in path_cases():
         if args.paths_only and args.match not in name:
             continue
+        # the fused low-rank kernels at every M (by default M >= 2 takes two cuBLAS products); the
+        # two-GEMM cases keep the default
+        fused = name.startswith(("lowrank", "pivoted")) and "two-GEMM" not in name
         for dtype in dtypes:
             layer = make(dtype, device)
-            for m in batches:
-                check(name, layer, m, layer.in_features, dtype, device, recorder, bad)
+            with env_var("REPARAM_LOWRANK_CUBLAS_MIN_M", "0" if fused else os.environ.get(
+                    "REPARAM_LOWRANK_CUBLAS_MIN_M", "")):
+                for m in batches:
+                    check(name, layer, m, layer.in_features, dtype, device, recorder, bad)
             print(f"sanitize_ops: {name} {str(dtype)[6:]} ok", flush=True)
     if not args.paths_only:
         with_kernel = {op for op in _dispatch.REGISTRY

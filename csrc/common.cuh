@@ -145,12 +145,15 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// A hint: bring the line holding p into L2 (no registers, no wait). Only valid addresses are passed.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 #else  // the CPU execution harness (python_tests/cuda_on_cpu) models the copies instead of the PTX
 inline void cp_async16(void* smem, const void* gmem, int src_bytes) { ::rk_cpu::cp_async16(smem, gmem, src_bytes); }
 inline void cp_async_commit() { ::rk_cpu::cp_async_commit(); }
+inline void prefetch_l2(const void* p) { ::rk_cpu::prefetch_l2(p); }
 template <int N> inline void cp_async_wait() { ::rk_cpu::cp_async_wait(N); }
 #endif
 

@@ -73,9 +73,15 @@ struct Int4Frag {
   int64_t K;
   int group_shift;  // log2(group_size): a division here would cost ~20-70 instructions per load
 
+  // load() only loads: the scale and zero stay raw (16-bit T bits) until b() uses them. When load()
+  // also built (s, s) and (-z s, -z s), those instructions sat inside the prefetch's branch, right
+  // after its loads, so every stage waited there a full memory round trip for the next stage's
+  // scales before computing this one (seen in the SASS after the first H200 run measured 2.2 TB/s
+  // at M = 1): the prefetch hid nothing. In b() the same instructions run once per stage (the eight
+  // b() calls of a chunk share them: common subexpressions in one unrolled block).
   struct Chunk {
     uint4 q;
-    uint32_t s2, nzs2;  // (s, s) and (-z s, -z s) as pairs of T
+    uint32_t s, z;  // the group's scale and zero point, T bits in the low half
   };
   // A row is one 32-bit byte offset (N * K < 2^32: small_m::rows_fit32, checked by the host):
   // registers are what limits this loop (at 128 a CTA pair fits an SM; past it the compiler
@@ -86,20 +92,19 @@ struct Int4Frag {
     uint32_t off;  // n * K / 2
   };
   __device__ __forceinline__ Row row(int64_t n) const { return {uint32_t(n) * uint32_t(K / 2)}; }
+  // (the scales share a line per 64 groups: no prefetch needed for them)
+  __device__ __forceinline__ const void* at(const Row& r, uint32_t kt) const { return q + (r.off + (kt >> 1)); }
   __device__ __forceinline__ Chunk load(const Row& r, uint32_t kt) const {
-    using P = small_m::Pair<T>;
     const uint32_t o = r.off + (kt >> 1);
     const uint32_t gi = o >> (group_shift - 1);  // group % 32 == 0: one group per lane block
-    // (s, s) by one byte permute; -z * s by one packed multiply: rounded once, as the fp32 product
-    // of two T values (exact) rounded to T would be.
-    const uint32_t s2 = small_m::dup16(scales + gi), z2 = small_m::dup16(zeros + gi);
-    return {__ldg(reinterpret_cast<const uint4*>(q + o)), s2, P::mul(z2 ^ 0x80008000u, s2)};
+    return {__ldg(reinterpret_cast<const uint4*>(q + o)), small_m::load16(scales + gi),
+            small_m::load16(zeros + gi)};
   }
   __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const { return load(row(n), uint32_t(kt)); }
   static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u), 0u, 0u}; }
   // The weight pair of nibbles (j, j + 4) of w, j = 0 (hi = false) or 1 (hi = true); the caller
   // shifts w by 8 for j = 2, 3. (w & mask) | magic is one LOP3 (the compiler spends two on it).
-  __device__ __forceinline__ uint32_t pair(uint32_t w, bool hi, const Chunk& c) const {
+  __device__ __forceinline__ uint32_t pair(uint32_t w, bool hi, uint32_t s2, uint32_t nzs2) const {
     using P = small_m::Pair<T>;
     uint32_t q;
     if (!hi) {
@@ -111,12 +116,16 @@ struct Int4Frag {
       // bf16 has 7 fraction bits: 16 q does not fit under 128's exponent, so shift.
       q = P::sub(small_m::and_or(w >> 4, 0x000F000Fu, kMagic), kMagic);
     }
-    return P::fma(q, c.s2, c.nzs2);
+    return P::fma(q, s2, nzs2);
   }
   __device__ __forceinline__ void b(const Chunk& c, int i, int h, uint32_t& b0, uint32_t& b1) const {
+    using P = small_m::Pair<T>;
+    // (s, s) by one byte permute; -z * s by one packed multiply: rounded once, as the fp32 product
+    // of two T values (exact) rounded to T would be.
+    const uint32_t s2 = small_m::dup16(c.s), nzs2 = P::mul(small_m::dup16(c.z) ^ 0x80008000u, s2);
     const uint32_t w = small_m::word(c.q, i) >> (8 * h);
-    b0 = pair(w, false, c);  // nibbles 2h, 2h + 4
-    b1 = pair(w, true, c);   // nibbles 2h + 1, 2h + 5
+    b0 = pair(w, false, s2, nzs2);  // nibbles 2h, 2h + 4
+    b1 = pair(w, true, s2, nzs2);   // nibbles 2h + 1, 2h + 5
   }
   // (x[2h], x[2h + 4]) for slots 2t, 2t + 1 and (x[2h + 1], x[2h + 5]) for slots 2t + 8, 2t + 9.
   static __device__ __forceinline__ void a(const uint4& r0, const uint4& r1, int h, uint32_t (&a)[4]) {

@@ -8,8 +8,11 @@
 // the point. Pivoted factors (w [r, K - r], perm [K]) are first expanded to the
 // plain right factor [I | w] P [r, K] by one small kernel (r * K writes).
 //
-// Taken for M >= REPARAM_LOWRANK_CUBLAS_MIN_M (default 512; 0 turns it off);
-// the threshold is a guess until the H200 measures the crossover (bench_lowrank).
+// Taken for M >= REPARAM_LOWRANK_CUBLAS_MIN_M (default 2; 0 turns it off). Measured on the H200
+// (benchmarks/results/h200/lowrank_linear.json, r = 512, CUDA graph): the fused kernels lose to these
+// two products at every M >= 16 (8192^2: 45.9 vs 13.2 us at M = 16, 69.3 vs 14.1 at 64, 78.2 vs 19.3 at
+// 256; 28672 x 8192 likewise) and tie at 2048; only M = 1 stays fused (graph 15.2 vs 13.1 us, but eager
+// 29.2 vs 32.7: one launch instead of two and no [M, r] temporary).
 #pragma once
 
 #include "cublas_mm.cuh"
@@ -17,7 +20,7 @@
 namespace reparam {
 namespace lowrank_large_m {
 
-inline int64_t min_m() { return min_m_from_env("REPARAM_LOWRANK_CUBLAS_MIN_M", 512); }
+inline int64_t min_m() { return min_m_from_env("REPARAM_LOWRANK_CUBLAS_MIN_M", 2); }
 
 // v[j, perm[c]] = [I | w][j, c]: the pivoted right factor expanded to [r, K] (each entry written once:
 // perm is a permutation).

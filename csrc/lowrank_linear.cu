@@ -15,9 +15,9 @@
 // (so phase 1 streams it with the same 16-byte loads) and starts t at x's pivot columns; phase 1
 // is t += xg @ w^T; phases 2-3 are unchanged.
 //
-// At M >= 512 (REPARAM_LOWRANK_CUBLAS_MIN_M) the ops take two cuBLAS products instead
-// (lowrank_large_m.cuh), and M <= 64 takes the register-fed tensor-core path of
-// lowrank_small_m.cuh (one grid barrier; REPARAM_SMALL_M=0 turns it off); on Hopper the sizes
+// At M >= 2 (REPARAM_LOWRANK_CUBLAS_MIN_M; measured on the H200, see lowrank_large_m.cuh) the ops take
+// two cuBLAS products instead. Below the threshold (M = 1 by default, any M with it raised or 0),
+// M <= 64 takes the register-fed tensor-core path of lowrank_small_m.cuh (one grid barrier; REPARAM_SMALL_M=0 turns it off); on Hopper the sizes
 // between take wgmma (lowrank_wgmma.cuh; REPARAM_WGMMA=0 turns it off). What follows serves the
 // rest. Decode (M <= 16) is memory-bound: the tile puts 64 weight rows against a
 // 16-wide batch and the reduction is split so every SM streams weights

@@ -65,8 +65,9 @@ struct LutFrag {
     uint32_t off;  // n * K / 2 (N * K < 2^32: small_m::rows_fit32, checked by the host)
   };
   __device__ __forceinline__ Row row(int64_t n) const { return {uint32_t(n) * uint32_t(K / 2)}; }
+  __device__ __forceinline__ const void* at(const Row& r, uint32_t kt) const { return codes + (r.off + (kt >> 1)); }
   __device__ __forceinline__ Chunk load(const Row& r, uint32_t kt) const {
-    return {__ldg(reinterpret_cast<const uint4*>(codes + (r.off + (kt >> 1))))};
+    return {__ldg(reinterpret_cast<const uint4*>(at(r, kt)))};
   }
   __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const { return load(row(n), uint32_t(kt)); }
   static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u)}; }

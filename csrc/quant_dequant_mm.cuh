@@ -9,8 +9,12 @@
 // fraction of cuBLAS's Hopper kernels. The cost is a temporary N x K buffer
 // (128 MB for 8192 x 8192 fp16) from the caching allocator.
 //
-// Taken for M >= REPARAM_DEQUANT_MIN_M (default 512; 0 turns it off); the
-// threshold is a guess until the H200 measures the crossover (bench_quant).
+// Taken for M >= REPARAM_DEQUANT_MIN_M (default 256; 0 turns it off). From the first H200 run
+// (benchmarks/results/h200/*_linear.json, CUDA graph, 8192 x 8192): at M = 2048 this path costs cuBLAS
+// plus 96 / 61 / 119 us (int4 / int8 / lut: the dequantization pass), and at M = 256 cuBLAS takes 57 us
+// while the wgmma path took 190-193 us, so this path's predicted 153 / 118 / 177 us wins there; at M = 64
+// (cuBLAS 37 us) the small-M path's 90 / 69 / 86 us beats its 133 / 98 / 156. The crossover between 64 and
+// 256 is not measured yet (bench_quant's peers cuda_dequant_cublas / cuda_wgmma time both sides).
 #pragma once
 
 #include "cublas_mm.cuh"
@@ -19,7 +23,7 @@
 namespace reparam {
 namespace quant {
 
-inline int64_t dequant_min_m() { return min_m_from_env("REPARAM_DEQUANT_MIN_M", 512); }
+inline int64_t dequant_min_m() { return min_m_from_env("REPARAM_DEQUANT_MIN_M", 256); }
 
 // W[n, k] in T for every n < N, k < K, one 16-byte chunk of packed weights per iteration.
 template <class Dec, class T>

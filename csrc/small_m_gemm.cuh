@@ -22,7 +22,8 @@
 //
 // A Frag provides: kLaneK (k per 16-byte weight load), Chunk (one lane's load
 // plus what decoding needs), Row / row(n) (a weight row resolved once per work
-// unit: a 32-bit offset, one register, see rows_fit32) and load(row, kt) (kt a 32-bit offset along K; load(n, kt) does both),
+// unit: a 32-bit offset, one register, see rows_fit32), load(row, kt) (kt a 32-bit offset along K; load(n, kt) does both)
+// and at(row, kt) (the address load reads: the L2 prefetch's),
 // zero(), b(chunk, i, h, b0, b1) (the B
 // registers of step 2i + h), a(x_row_g, x_row_g8, h, a[4]) (the A registers of
 // step 2i + h from that step pair's x vectors) and out_scale(n) (a per-output
@@ -99,12 +100,14 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
 #endif
 }
 
-// The 16-bit value at p in both halves of a word (a half2 / bfloat162 (v, v)): one load, one permute.
+// The 16-bit value at p, zero-extended (a T's bits), and a 16-bit value in both halves of a word (a
+// half2 / bfloat162 (v, v)): one load, one permute. Kept apart so that a Frag's load() only loads and
+// the permute waits for the use (below).
 template <class T>
-__device__ __forceinline__ uint32_t dup16(const T* p) {
-  const uint32_t v = __ldg(reinterpret_cast<const unsigned short*>(p));
-  return __byte_perm(v, 0u, 0x1010);
+__device__ __forceinline__ uint32_t load16(const T* p) {
+  return __ldg(reinterpret_cast<const unsigned short*>(p));
 }
+__device__ __forceinline__ uint32_t dup16(uint32_t v) { return __byte_perm(v, 0u, 0x1010); }
 
 // Packed-pair arithmetic on the bits of a half2 / bfloat162, and the mma.
 template <class T>
@@ -182,6 +185,10 @@ struct Problem {
   unsigned* counters;  // [columns], zero at rest (split_k_counters.h), when splits > 1
   int M;
   int64_t N, K, kchunk, columns, splits;
+  // Stages ahead of the current one to prefetch into L2 (0: none; REPARAM_SMALL_M_L2_AHEAD). The
+  // registers hold one stage ahead (32 KB of weights per SM in flight at M <= 16); an L2 prefetch
+  // costs no register, so the memory system can hold more requests than the registers allow.
+  int l2_ahead;
 };
 
 // CTAs per SM the kernel is compiled for (its register cap: 2 -> 128 registers). Decode lives on the
@@ -211,7 +218,9 @@ constexpr bool fold_x_offsets() {
 // are the x rows), so each mma takes 256 weights instead of 128 (half the mmas) and x needs one row
 // per lane instead of two (half the x loads and permutes), at no extra registers: C = W x^T, the
 // accumulators (weight row, x row) the transpose of the other tiles'.
-template <class Frag, class T, int MT, int NG, bool kXConst>
+// kL2: the loop can prefetch weights into L2 (p.l2_ahead; the standalone kernel only: the low-rank
+// launch keeps its loop as it was).
+template <class Frag, class T, int MT, int NG, bool kXConst, bool kL2 = false>
 __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by) {
   constexpr bool kT = MT == 0;
   static_assert(!kT || NG % 2 == 0, "the transposed tile pairs n8-groups into m16 weight tiles");
@@ -250,6 +259,10 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // per address instead of 64-bit index arithmetic.
   const uint32_t kt0 = uint32_t(kb) + wk * kStepK + Frag::kLaneK * t;  // unsigned: no sign extension
   auto lane_k = [&](int st) { return kt0 + uint32_t(st) * kUnitK; };
+  // L2 prefetch (kL2, p.l2_ahead > 0): stage st also prefetches stage st + l2_ahead while that one is a
+  // full stage, i.e. for st < pf_end; set up once, so the loop pays one compare per stage when off.
+  const int pf_end = kL2 && p.l2_ahead > 0 ? full - p.l2_ahead : 0;
+  const uint32_t pf_dk = kL2 ? uint32_t(p.l2_ahead) * kUnitK : 0u;
 
   // Rows at or past N are read as row N - 1 and x rows at or past M as row M - 1: an mma's B
   // column n feeds only output column n and its A row m only output row m, and those are never
@@ -275,6 +288,10 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
     if (st < full) {
 #pragma unroll
       for (int j = 0; j < NG; ++j) c[j] = frag.load(wrow[j], kt);
+      if (kL2 && st < pf_end) {  // uniform; the target is a full stage: every address valid
+#pragma unroll
+        for (int j = 0; j < NG; ++j) prefetch_l2(frag.at(wrow[j], kt + pf_dk));
+      }
     } else {
       const bool kin = kt < ke;
 #pragma unroll
@@ -455,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_k
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
 #else
-  run_unit<Frag, T, MT, NG, true>(p, blockIdx.x, blockIdx.y);
+  run_unit<Frag, T, MT, NG, true, true>(p, blockIdx.x, blockIdx.y);
 #endif
 }
 

@@ -26,6 +26,15 @@ inline int64_t resident_ctas(int device) {
   return int64_t(cached[d]) * sm_count(device);
 }
 
+// REPARAM_SMALL_M_L2_AHEAD=d: the quantized ops' small-M loop also prefetches the weights d stages
+// ahead into L2 (0 or unset: off, the default until the H200 has timed it; bench_quant's peers
+// cuda_l2_ahead2 / cuda_l2_ahead4). Clamped to 0..16.
+inline int l2_ahead_from_env() {
+  const char* v = std::getenv("REPARAM_SMALL_M_L2_AHEAD");
+  const long long d = v == nullptr ? 0 : std::atoll(v);
+  return d < 0 ? 0 : d > 16 ? 16 : int(d);
+}
+
 // REPARAM_SMALL_M_T=0: M <= 8 takes the M <= 16 tile instead of the transposed one (A/B timing).
 inline bool transposed_tile_enabled() {
   const char* v = std::getenv("REPARAM_SMALL_M_T");
@@ -73,7 +82,7 @@ bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_
             const Tensor& like, cudaStream_t stream) {
   constexpr auto kernel = small_m_kernel<Frag, T, MT, NG>;
   const int device = like.get_device_index();
-  Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0};
+  Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0, l2_ahead_from_env()};
   plan<NG>(p, resident_ctas<kernel>(device));
   if (p.columns >= (int64_t(1) << 31) || p.splits >= 65536) return false;
   if (p.splits > 1) {

@@ -34,8 +34,9 @@ struct RowLoads {
     uint32_t off;  // n * K elements (N * K < 2^32: rows_fit32)
   };
   __device__ __forceinline__ Row row(int64_t n) const { return {uint32_t(n) * uint32_t(K)}; }
+  __device__ __forceinline__ const void* at(const Row& r, uint32_t kt) const { return w + (r.off + kt); }
   __device__ __forceinline__ Chunk load(const Row& r, uint32_t kt) const {
-    return {__ldg(reinterpret_cast<const uint4*>(w + (r.off + kt)))};
+    return {__ldg(reinterpret_cast<const uint4*>(at(r, kt)))};
   }
   __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const { return load(row(n), uint32_t(kt)); }
   static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u)}; }

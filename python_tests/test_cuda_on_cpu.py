@@ -32,7 +32,10 @@ def quant_case(rng, op, M, K, N, dtype, group=32, bias=True):
 
 def check(cases, refs, env=None, kernel=None, mutations=()):
     """Runs the cases in one process; every output within tolerance of float64, and (kernel) every
-    case launched a kernel whose trace line contains that text. Returns the traces."""
+    case launched a kernel whose trace line contains that text. Returns the traces. The low-rank ops
+    keep their fused kernels at every M unless `env` says otherwise (by default M >= 2 takes two cuBLAS
+    products: lowrank_large_m.cuh), since those kernels are what this harness checks."""
+    env = {"REPARAM_LOWRANK_CUBLAS_MIN_M": "0", **(env or {})}
     results = cuda_on_cpu.run_cases(cases, env, mutations)
     for case, ref, (y, trace) in zip(cases, refs, results):
         tol = TOL[case["args"][0].dtype]
@@ -232,6 +235,10 @@ def test_lowrank_two_gemm_path(rng):
     cases, refs = lowrank_cases(rng, [(70, 136, 50, 24)], torch.bfloat16)
     traces = check(cases, refs, env={"REPARAM_LOWRANK_CUBLAS_MIN_M": "65"})
     assert any("expand_kernel" in line for line in traces[1])  # pivoted: [I | w] P expanded first
+    # the default threshold (2, measured on the H200): M = 2 takes the two products, M = 1 the fused kernel
+    cases, refs = lowrank_cases(rng, [(2, 136, 50, 24), (1, 136, 50, 24)], torch.float16)
+    traces = check(cases, refs, env={"REPARAM_LOWRANK_CUBLAS_MIN_M": ""})
+    assert not any("small_m::" in line for line in traces[0]) and any("small_m::" in line for line in traces[2])
 
 
 # ------------------------------------------------------------------ the harness catches bugs
@@ -279,6 +286,28 @@ def test_mutated_m16_tile_is_caught(rng, name):
     env = {"RK_CPU_SEED": "3"}
     assert within(run_twice(c, env), r)
     assert not within(run_twice(c, env, MUTATIONS[name]), r)
+
+
+def test_small_m_l2_prefetch(rng):
+    # REPARAM_SMALL_M_L2_AHEAD: the weights also prefetched d stages ahead into L2 (the model reads each
+    # prefetched address, so one past a tensor faults); the result is unchanged, at every tile shape
+    cases, refs = [], []
+    for op in QUANT:
+        for M, K, N, g in [(1, 2080, 72, 32), (12, 1056, 40, 32), (40, 544, 24, 32)]:
+            c, r = quant_case(rng, op, M, K, N, torch.float16, group=g)
+            cases.append(c)
+            refs.append(r)
+    for ahead in ("1", "3"):
+        check(cases, refs, env={"REPARAM_SMALL_M_L2_AHEAD": ahead, "RK_CPU_SMS": "1"}, kernel="small_m::Problem")
+
+
+def test_l2_prefetch_past_the_range_is_caught(rng):
+    # the prefetch's guard off by one (a stage past the CTA's K range: past the last row's end)
+    c, r = quant_case(rng, "int8_linear", 1, 2048, 24, torch.float16)
+    env = {"REPARAM_SMALL_M_L2_AHEAD": "1", "RK_CPU_SMS": "1"}
+    assert within(run_twice(c, env), r)
+    mutation = ("small_m_gemm.cuh", "? full - p.l2_ahead : 0;", "? full - p.l2_ahead + 1 : 0;")
+    assert run_twice(c, env, mutation) is None  # faulted on the guard page after the last row
 
 
 def run_twice(case, env, mutation=None):

@@ -26,8 +26,8 @@ def kernels(fn):
 
 
 @pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
-@pytest.mark.parametrize("M,expected", [(1, "small_m_kernel"), (64, "small_m_kernel"), (256, "wgmma_kernel"),
-                                        (600, "dequantize_kernel")])
+@pytest.mark.parametrize("M,expected", [(1, "small_m_kernel"), (64, "small_m_kernel"), (200, "wgmma_kernel"),
+                                        (256, "dequantize_kernel"), (600, "dequantize_kernel")])
 def test_quantized_ops_take_their_path(rng, op, M, expected):
     if expected == "wgmma_kernel" and not HOPPER:
         expected = "mma_kernel"  # the WMMA tiles below sm_90
@@ -35,12 +35,16 @@ def test_quantized_ops_take_their_path(rng, op, M, expected):
     assert expected in kernels(lambda: run(op, args))
 
 
-@pytest.mark.parametrize("M,expected", [(1, "lowrank_small_m_kernel"), (256, "wgmma_kernel"), (600, None)])
-def test_lowrank_takes_its_path(rng, M, expected):
+# default: M = 1 fused, M >= 2 two cuBLAS products (measured); "0": the fused kernels at every M
+@pytest.mark.parametrize("M,expected,two_gemm_min_m", [(1, "lowrank_small_m_kernel", ""), (2, None, ""), (256, None, ""),
+                                                      (16, "lowrank_small_m_kernel", "0"), (256, "wgmma_kernel", "0"),
+                                                      (600, None, "512")])
+def test_lowrank_takes_its_path(rng, M, expected, two_gemm_min_m):
     if expected == "wgmma_kernel" and not HOPPER:
         expected = "lowrank_kernel"  # the WMMA kernel below sm_90
     x, u, v, b = plain.make(rng, (M,), 2048, 1024, 128, torch.float16, device="cuda")
-    names = kernels(lambda: torch.ops.reparam.lowrank_linear(x, u, v, b))
+    with env_var("REPARAM_LOWRANK_CUBLAS_MIN_M", two_gemm_min_m):
+        names = kernels(lambda: torch.ops.reparam.lowrank_linear(x, u, v, b))
     if expected is None:  # two cuBLAS GEMMs (their kernel names vary by version): none of ours
         assert names and not any(k in names for k in ("lowrank_kernel", "small_m", "wgmma_kernel"))
     else:

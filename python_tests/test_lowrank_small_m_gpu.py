@@ -12,6 +12,12 @@ from conftest import TOL, env_var, rel_err
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def fused_at_every_m(monkeypatch):
+    """By default M >= 2 takes two cuBLAS products (lowrank_large_m.cuh): keep the fused path tested."""
+    monkeypatch.setenv("REPARAM_LOWRANK_CUBLAS_MIN_M", "0")
+
+
 def op(x, u, v, b):
     return torch.ops.reparam.lowrank_linear(x, u, v, b)
 

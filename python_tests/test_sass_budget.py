@@ -103,3 +103,39 @@ def test_decode_loop_stays_within_its_instruction_budget(kernel):
     assert rows, kernel
     for r in rows:
         assert r.inst <= BUDGET[kernel], (r.kernel, r.inst, dict(r.mix))
+
+
+# The next stage's loads in their branch, then a use of a loaded value inside it (the warp waits there
+# for memory before computing the current stage) or, in the second form, after the branch.
+PREFETCH = """
+        /*0000*/                   BSSY B0, 0x60 ;
+        /*0010*/              @P0 BRA 0x60 ;
+        /*0020*/                   LDG.E.U16.CONSTANT R20, desc[UR4][R2.64] ;
+        /*0030*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
+        /*0040*/                   PRMT R21, R20, 0x1010, RZ ;
+        /*0050*/                   IADD3 R2, R2, 0x10, RZ ;
+        /*0060*/                   BSYNC B0 ;
+        /*0070*/                   HMMA.16816.F32 R12, R4, R8, R12 ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_prefetch_uses_flags_a_loaded_value_used_inside_the_load_branch():
+    assert [a for a, _ in sass_budget.prefetch_uses(ins(PREFETCH))] == [0x40]
+    moved = PREFETCH.replace("PRMT R21, R20, 0x1010, RZ", "NOP").replace(
+        "HMMA.16816.F32 R12, R4, R8, R12", "PRMT R21, R20, 0x1010, RZ")
+    assert sass_budget.prefetch_uses(ins(moved)) == []
+    # a register the branch reloads and then overwrites is no use of the load
+    rewritten = PREFETCH.replace("PRMT R21, R20, 0x1010, RZ", "MOV R20, 0x1").replace(
+        "IADD3 R2, R2, 0x10, RZ", "IADD3 R22, R20, 0x10, RZ")
+    assert sass_budget.prefetch_uses(ins(rewritten)) == []
+
+
+@pytest.mark.parametrize("frag", ["Int4Frag", "Int8Frag", "LutFrag", "HalfFrag"])
+def test_decode_loops_do_not_wait_on_their_prefetch(frag):
+    """No small-M kernel computes on the next stage's weights inside the branch that loads them: the
+    first H200 run found int4's scale handling there (tools/sass_budget.py, prefetch_uses)."""
+    rows = [r for r in _built_rows() if "small_m_kernel<" + frag in r.kernel]
+    assert rows, frag
+    for r in rows:
+        assert r.prefetch_uses == 0, (r.kernel, r.prefetch_uses)

@@ -22,7 +22,8 @@ OPS = ["int4_linear", "int8_linear", "lut_linear"]
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [65, 200, 511])
 @pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32), (8192, 264, 64)])
-def test_wgmma_matches_float64_and_wmma_tiles(rng, op, dtype, M, K, N, group):
+def test_wgmma_matches_float64_and_wmma_tiles(rng, op, dtype, M, K, N, group, monkeypatch):
+    monkeypatch.setenv("REPARAM_DEQUANT_MIN_M", "512")  # wgmma's whole range (by default M >= 256 dequantizes)
     args, w = make(rng, op, M, K, N, dtype, group)
     y = run(op, args)
     ref = exact(args, w)
@@ -67,7 +68,8 @@ def test_wgmma_falls_back_on_misaligned_x(rng):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [65, 200, 511])
 @pytest.mark.parametrize("K,N,r", [(8192, 8192, 512), (1000, 520, 72), (576, 1536, 320), (48, 40, 40)])
-def test_lowrank_wgmma_matches_float64_and_wmma_kernel(rng, dtype, M, K, N, r):
+def test_lowrank_wgmma_matches_float64_and_wmma_kernel(rng, dtype, M, K, N, r, monkeypatch):
+    monkeypatch.setenv("REPARAM_LOWRANK_CUBLAS_MIN_M", "0")  # by default these M take two cuBLAS products
     x, u, v, b = plain.make(rng, (M,), K, N, r, dtype, device="cuda")
     ref = plain.exact(x, u, v, b)
     y = torch.ops.reparam.lowrank_linear(x, u, v, b)

@@ -168,6 +168,49 @@ def stage_shape(name: str):
     return None
 
 
+_REG = re.compile(r"\bR(\d+)\b")
+
+
+def prefetch_uses(ins):
+    """Instructions that use a just-loaded value inside a prefetch branch: within each innermost
+    BSSY .. BSYNC region that issues 16-byte global loads (the next stage's weights, loaded under
+    `if (st + 1 < nst)`), those that read a register an LDG of that region wrote (on the same path:
+    an unconditional BRA ends one). Such an instruction makes the warp wait there a full memory round
+    trip before it computes the current stage, so the prefetch hides nothing: int4's scale permutes
+    and -z*s multiply sat there until the first H200 run (2.2 TB/s at M = 1). Returns [(address, text)]."""
+    out, stack = [], []
+    for i, (_, t) in enumerate(ins):
+        op = opcode(t)
+        if op == "BSSY":
+            stack.append(i)
+        elif op == "BSYNC" and stack:
+            region = ins[stack.pop():i + 1]
+            if any(opcode(x) == "BSSY" for _, x in region[1:]) or not any(
+                    opcode(x).startswith("LDG") and ".128" in opcode(x) for _, x in region):
+                continue
+            loaded = set()
+            for a, x in region:
+                o = opcode(x)
+                words = x.split()[1:] if not x.startswith("@") else x.split()[2:]
+                if o == "BRA" and not x.startswith("@"):
+                    loaded = set()  # the end of one path of the branch
+                    continue
+                if o.startswith("LDG"):
+                    d = _REG.match(words[0]) if words else None
+                    if d:
+                        width = 4 if ".128" in o else 2 if ".64" in o else 1
+                        loaded |= {int(d.group(1)) + k for k in range(width)}
+                    continue
+                writes = not o.startswith(("ST", "BRA", "ISETP", "BSYNC", "BSSY", "WARPSYNC", "RED", "ATOM"))
+                srcs = " ".join(words[1:] if writes else words)
+                if {int(r) for r in _REG.findall(srcs)} & loaded:
+                    out.append((a, x))
+                d = _REG.match(words[0]) if writes and words else None
+                if d:
+                    loaded.discard(int(d.group(1)))
+    return out
+
+
 class Row(NamedTuple):
     kernel: str  # demangled
     inst: float  # warp instructions per stage on the hot path (per loop pass when shape is unknown)
@@ -178,6 +221,7 @@ class Row(NamedTuple):
     ctas_per_sm: int | None  # by registers and shared memory
     inflight_kb: float | None  # weight bytes per SM loaded one stage ahead (small-M kernels), KB
     mix: collections.Counter
+    prefetch_uses: int = 0  # instructions waiting on a just-loaded value inside the prefetch branch
 
 
 def resources(cuobjdump: str, arch: str, so: str) -> dict:
@@ -233,9 +277,10 @@ def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_kernel<|wgmma
             stages = mma / shape[0]
             bpi = shape[1] * stages / len(path)
             inflight = ctas * threads // 32 * shape[1] / 1024 if ctas and "small_m_kernel<" in dem else None
-            rows.append(Row(dem, len(path) / stages, mma / stages, bpi, bpi * per_inst, regs, ctas, inflight, mix))
+            rows.append(Row(dem, len(path) / stages, mma / stages, bpi, bpi * per_inst, regs, ctas, inflight, mix,
+                            len(prefetch_uses(ins))))
         else:
-            rows.append(Row(dem, len(path), mma, None, None, regs, ctas, None, mix))
+            rows.append(Row(dem, len(path), mma, None, None, regs, ctas, None, mix, len(prefetch_uses(ins))))
     return rows
 
 
@@ -247,16 +292,17 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true", help="also print the opcode mix of each hot path")
     args = ap.parse_args()
     print(f"{'inst':>5} {'mma':>4} {'B/inst':>6} {'ceiling TB/s':>12} {'regs':>4} {'CTA/SM':>6} {'KB in flight':>12}"
-          f"  kernel (per stage on the hot path, {args.arch})")
+          f" {'pf-use':>6}  kernel (per stage on the hot path, {args.arch})")
     for r in budget(args.so, args.arch, args.filter):
         b = f"{r.bytes_per_inst:6.2f} {r.ceiling_tbs:12.2f}" if r.bytes_per_inst else f"{'':>6} {'':>12}"
         f = f"{r.inflight_kb:12.0f}" if r.inflight_kb else f"{'':>12}"
         c = f"{r.ctas_per_sm:6d}" if r.ctas_per_sm else f"{'-':>6}"
-        print(f"{r.inst:5.0f} {r.mma:4.0f} {b} {r.regs or 0:4d} {c} {f}  {r.kernel[:100]}")
+        print(f"{r.inst:5.0f} {r.mma:4.0f} {b} {r.regs or 0:4d} {c} {f} {r.prefetch_uses:6d}  {r.kernel[:100]}")
         if args.ops:
             print("      " + " ".join(f"{k}:{v}" for k, v in r.mix.most_common()))
     print(f"(ceiling: bytes per instruction x {ISSUE_PER_CLK} issues/clock x {SMS} SMs x {CLOCK_HZ / 1e9:.2f} GHz;"
-          f" the H200's measured copy is {COPY_TBS} TB/s)")
+          f" the H200's measured copy is {COPY_TBS} TB/s; pf-use: instructions in the next stage's load branch"
+          f" that wait on its loads, which should be 0)")
 
 
 if __name__ == "__main__":

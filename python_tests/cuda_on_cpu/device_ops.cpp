@@ -153,6 +153,10 @@ void cp_async16(void* smem, const void* gmem, int src_bytes) {
   }
   current_fiber()->open.push_back(c);
 }
+void prefetch_l2(const void* p) {
+  const volatile unsigned char* c = static_cast<const volatile unsigned char*>(p);
+  (void)*c;
+}
 void cp_async_commit() {
   current_fiber()->groups.push_back(std::move(current_fiber()->open));
   current_fiber()->open.clear();

@@ -253,4 +253,7 @@ namespace rk_cpu {
 void cp_async16(void* smem, const void* gmem, int src_bytes);
 void cp_async_commit();
 void cp_async_wait(int n);
+// prefetch.global.L2: no effect on the data; the address is read once, so one past a tensor's end
+// lands on its guard page.
+void prefetch_l2(const void* p);
 }  // namespace rk_cpu

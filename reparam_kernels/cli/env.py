@@ -57,14 +57,17 @@ def cuda_paths():
                         "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear",
                         # M <= 8: the transposed tile (csrc/small_m_gemm.cuh, MT = 0); off: the M <= 16 one
                         "transposed_max_m": 0 if os.environ.get("REPARAM_SMALL_M_T", "").startswith("0") else 8,
-                        "transposed_switch": "REPARAM_SMALL_M_T"},
+                        "transposed_switch": "REPARAM_SMALL_M_T",
+                        # quantized ops: weights also prefetched this many stages ahead into L2 (0: off)
+                        "l2_ahead": min(16, max(0, _atoll("REPARAM_SMALL_M_L2_AHEAD", 0))),
+                        "l2_ahead_switch": "REPARAM_SMALL_M_L2_AHEAD"},
             "wgmma": {"on": not os.environ.get("REPARAM_WGMMA", "").startswith("0"),
                       "min_m": max(1, _atoll("REPARAM_WGMMA_MIN_M", 65)),  # csrc/quant_wgmma.cuh min_m()
                       "switch": "REPARAM_WGMMA",
                       "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear; sm_90"},
-            "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 512), "switch": "REPARAM_DEQUANT_MIN_M",
+            "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 256), "switch": "REPARAM_DEQUANT_MIN_M",
                                "ops": "int8_linear, int4_linear, lut_linear"},
-            "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 512),
+            "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 2),
                                "switch": "REPARAM_LOWRANK_CUBLAS_MIN_M",
                                "ops": "lowrank_linear, pivoted_lowrank_linear"},
             "bc_large_m": {"min_m": _min_m("REPARAM_BC_LARGE_M_MIN_M", 256),  # csrc/block_circulant_large_m.cuh
@@ -116,7 +119,8 @@ def render(info):
     lines.append("CUDA paths by batch M (docs/quant.md, docs/lowrank_kernel.md, docs/structured.md):")
     lines.append(f"  M <= {sm['max_m']}: register-fed tensor cores ({sm['ops']}): "
                  f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]; M <= 8 on its transposed tile: "
-                 f"{'on' if sm['transposed_max_m'] else 'OFF'} [{sm['transposed_switch']}]")
+                 f"{'on' if sm['transposed_max_m'] else 'OFF'} [{sm['transposed_switch']}]; L2 prefetch "
+                 f"{sm['l2_ahead'] or 'off'}{' stages ahead' if sm['l2_ahead'] else ''} [{sm['l2_ahead_switch']}]")
     wg = paths["wgmma"]
     lines.append(f"  {wg['min_m']} <= M < the cuBLAS thresholds below: warpgroup MMA ({wg['ops']}): "
                  f"{'on' if wg['on'] else 'OFF'} [{wg['switch']}, REPARAM_WGMMA_MIN_M]")
