@@ -88,12 +88,13 @@ def other_paths(op, M):
     wherever another path runs, dequantize + cuBLAS (``cuda_dequant_cublas``) above M = 64 where it
     does not run, on Hopper wgmma (``cuda_wgmma``) where it does not run and the small-M path
     (``cuda_small_m``) where wgmma takes an M it could serve, wgmma with one warpgroup per CTA
-    (``cuda_wgmma_bn64``) where it runs with two, and at M <= 8 the small-M path's M <= 16 tile
-    (``cuda_small_m16``) instead of its transposed one. Where the crossovers lie is a
+    (``cuda_wgmma_bn64``) where it runs with two, at M <= 8 the small-M path's M <= 16 tile
+    (``cuda_small_m16``) instead of its transposed one, and the small-M path with its weights also
+    prefetched into L2 2 or 4 stages ahead (``cuda_l2_ahead2`` / ``4``). Where the crossovers lie is a
     measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling variables
     costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
     paths = cuda_paths()
-    fn = getattr(torch.ops.reparam, op)
+    fn = getattr(reparam_kernels.ops, op)  # the typed wrapper (bias optional), as `ours` is called
     dq = paths["dequant_cublas"]["min_m"] or float("inf")
     hopper = paths["wgmma"]["on"] and torch.cuda.get_device_capability()[0] == 9
     takes_wgmma = hopper and paths["wgmma"]["min_m"] <= M < dq
@@ -112,6 +113,10 @@ def other_paths(op, M):
         peers["cuda_wgmma_bn64"] = with_env(fn, "REPARAM_WGMMA_BN", "64")
     if takes_small and M <= paths["small_m"]["transposed_max_m"]:  # M <= 8 on the M <= 16 tile instead
         peers["cuda_small_m16"] = with_env(fn, "REPARAM_SMALL_M_T", "0")
+    if takes_small:  # the weights also prefetched into L2 2 and 4 stages ahead (off by default)
+        for d in ("2", "4"):
+            if str(paths["small_m"]["l2_ahead"]) != d:
+                peers[f"cuda_l2_ahead{d}"] = with_env(fn, "REPARAM_SMALL_M_L2_AHEAD", d)
     return peers
 
 

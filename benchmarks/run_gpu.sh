@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/run_gpu.sh            # results into $OUT if set, else benchmarks/results/
 #   RUN_GPU_BUDGET=480 RUN_GPU_FULL=1 bash benchmarks/run_gpu.sh   # full shapes instead of --quick
+#   OUT=/tmp/res RUN_GPU_ARCHIVE=/somewhere/results.tgz bash benchmarks/run_gpu.sh   # + one archive
 #
 # Output folder: env.txt, gpu_tests_new.log/.xml (the newest paths' tests), gpu_tests.log/.xml, bench_<name>.log, <gpu>/<op>.json,
 # sanitizer.log, racecheck.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS),
@@ -52,14 +53,20 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 
 # Smoke-test each kernel path added in sessions 5, 6 and 10 in its own process first (the transposed
 # small-M tile before the rest of the small-M path, so that its failure switches off only it). A path
-# that crashes or computes wrong is switched off (its variable) for the rest of the run, so one bad
-# kernel cannot take every later test and benchmark down with a sticky CUDA error; smoke_<path>.log
-# says why.
+# that crashes or computes wrong on the GPU is switched off (its variable) for the rest of the run, so
+# one bad kernel cannot take every later test and benchmark down with a sticky CUDA error;
+# smoke_<path>.log says why. A failure with no sign of the GPU in it (a Python error building a layer)
+# leaves the path on: switching it off cost the first H200 run every small-M and wgmma test.
 for pair in "transposed:REPARAM_SMALL_M_T" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M"; do
   match="${pair%%:*}"; var="${pair##*:}"
   if ! timeout 90 "$PY" benchmarks/sanitize_ops.py --paths-only --match "$match" > "$DEST/smoke_$match.log" 2>&1; then
-    export "$var=0"
-    note "SMOKE FAIL: the '$match' path failed its smoke run (smoke_$match.log): $var=0 for the rest of this run"
+    if grep -qiE "CUDA error|AcceleratorError|illegal|launch failure|relative error|FAIL|Killed|Terminated" \
+        "$DEST/smoke_$match.log" || ! grep -q "Traceback" "$DEST/smoke_$match.log"; then
+      export "$var=0"
+      note "SMOKE FAIL: the '$match' path failed its smoke run (smoke_$match.log): $var=0 for the rest of this run"
+    else
+      note "SMOKE FAIL (a Python error, not the GPU: path left on): '$match' (smoke_$match.log)"
+    fi
   else
     note "smoke $match: ok"
   fi
@@ -141,6 +148,8 @@ fi
   && note "tables: $DEST/benchmarks.md" || note "rendering the tables failed"
 
 note "total $(( $(date +%s) - START )) s; gpu_tests rc=$TESTS_RC sanitizer rc=$SAN_RC benchmarks rc=$BENCH_RC"
+# RUN_GPU_ARCHIVE=FILE: the whole output folder as one .tgz too (where only a few files come back)
+[ -n "${RUN_GPU_ARCHIVE:-}" ] && tar czf "$RUN_GPU_ARCHIVE" -C "$DEST" . && echo "archive: $RUN_GPU_ARCHIVE"
 [ "$TESTS_RC" -ne 0 ] && exit 1
 [ "$SAN_RC" -ne 0 ] && exit 2
 [ "$BENCH_RC" -ne 0 ] && exit 3

@@ -39,6 +39,24 @@ def test_bench_quant_case_on_cpu(tmp_path, fake_timer, op):
     assert data["rows"][0]["op"] == op and os.path.basename(res.path()) == f"{op}.json"
 
 
+@pytest.mark.parametrize("op", ["int8_linear", "int4_linear", "lut_linear"])
+@pytest.mark.parametrize("M", [1, 5, 40, 100, 600])
+def test_every_path_peer_runs_with_ours_arguments(monkeypatch, op, M):
+    """The A/B peers (`other_paths`) take the argument sets `ours` takes: on the H200 every peer once
+    failed on a missing bias (they called the raw op, ours the wrapper). On the CPU the peers run the
+    reference, so each must equal ours."""
+    bench = importlib.import_module("bench_quant")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # every Hopper peer too
+    gen = torch.Generator().manual_seed(0)
+    wargs, _ = bench.make_weights(op, 72, 256, torch.float16, "cpu", gen)
+    x = torch.randn(M, 256, generator=gen).to(torch.float16)
+    peers = bench.other_paths(op, M)
+    assert peers, M
+    want = getattr(bench.reparam_kernels.ops, op)(x, *wargs)
+    for name, fn in peers.items():
+        assert torch.equal(fn(x, *wargs), want), name
+
+
 def test_bench_quant_without_gpu_exits_clearly(monkeypatch):
     bench = importlib.import_module("bench_quant")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

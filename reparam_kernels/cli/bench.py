@@ -40,7 +40,8 @@ def write_docs(result_dir, doc_path, png_dir):
     """Results section of `doc_path` and one roofline PNG per GPU folder of `result_dir`."""
     sections = []
     for gpu_dir in sorted(glob.glob(os.path.join(result_dir, "*"))):
-        if os.path.basename(gpu_dir) == "cpu":  # CPU smoke runs (e.g. bench_decode --tiny) are no results
+        # CPU smoke runs (e.g. bench_decode --tiny) are no results; quality/ holds the accuracy studies
+        if os.path.basename(gpu_dir) in ("cpu", "quality") or not os.path.isdir(gpu_dir):
             continue
         files = sorted(glob.glob(os.path.join(gpu_dir, "*.json")))
         op_files = [f for f in files if os.path.basename(f) != "decode.json"]
