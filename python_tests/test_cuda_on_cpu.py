@@ -360,8 +360,9 @@ def test_missing_cp_async_wait_is_caught(rng):
     # the WMMA tiles read a shared-memory stage before its copies landed
     cases, refs = lowrank_cases(rng, [(40, 256, 72, 32)], torch.float16)
     mutation = ("gemm_nt_tile.cuh", "      cp_async_wait<1>();\n", "")
-    check(cases, refs, env={"REPARAM_SMALL_M": "0"})
-    y, _ = cuda_on_cpu.run_cases(cases[:1], {"REPARAM_SMALL_M": "0"}, mutations=[mutation])[0]
+    env = {"REPARAM_SMALL_M": "0", "REPARAM_LOWRANK_CUBLAS_MIN_M": "0"}  # M = 40 on the WMMA kernel
+    check(cases, refs, env=env, kernel="LowRankArgs")
+    y, _ = cuda_on_cpu.run_cases(cases[:1], env, mutations=[mutation])[0]
     assert not (torch.isfinite(y).all() and rel_err(y, refs[0]) <= TOL[torch.float16])
 
 
