@@ -50,16 +50,20 @@ def make_sets(N, K, r, M, dtype, low_count, dense_count, device="cuda"):
     return low, piv, dense
 
 
+def _lowrank_op(x, u, v):
+    """The raw op without a bias: what the fused-kernel peers time under their switches."""
+    return torch.ops.reparam.lowrank_linear(x, u, v, None)
+
+
 def wmma_fused(M):
     """lowrank_linear through the WMMA fused kernel (csrc/lowrank_linear.cu) where the op takes another
     path at this M (the thresholds the op reads: `env`'s cuda_paths): an A/B peer for both; None where
     the op runs that kernel anyway."""
     paths = cuda_paths()
-    op = lambda x, u, v: torch.ops.reparam.lowrank_linear(x, u, v, None)  # noqa: E731
     off = ("REPARAM_SMALL_M", "0", "REPARAM_WGMMA", "0", "REPARAM_LOWRANK_CUBLAS_MIN_M", "0")  # every other path
     cublas = paths["lowrank_cublas"]["min_m"] is not None and M >= paths["lowrank_cublas"]["min_m"]
     wgmma = (paths["wgmma"]["on"] and M >= paths["wgmma"]["min_m"] and torch.cuda.get_device_capability()[0] == 9)
-    return with_env(op, *off) if cublas or wgmma or M <= paths["small_m"]["max_m"] else None
+    return with_env(_lowrank_op, *off) if cublas or wgmma or M <= paths["small_m"]["max_m"] else None
 
 
 def fused(M):
@@ -69,8 +73,7 @@ def fused(M):
     min_m = cuda_paths()["lowrank_cublas"]["min_m"]
     if min_m is None or M < min_m:
         return None
-    op = lambda x, u, v: torch.ops.reparam.lowrank_linear(x, u, v, None)  # noqa: E731
-    return with_env(op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "0")
+    return with_env(_lowrank_op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "0")
 
 
 def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):

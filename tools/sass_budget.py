@@ -191,7 +191,7 @@ def prefetch_uses(ins):
             loaded = set()
             for a, x in region:
                 o = opcode(x)
-                words = x.split()[1:] if not x.startswith("@") else x.split()[2:]
+                words = x.split()[2 if x.startswith("@") else 1:]  # operands (opcode()'s predicate rule)
                 if o == "BRA" and not x.startswith("@"):
                     loaded = set()  # the end of one path of the branch
                     continue
@@ -273,14 +273,14 @@ def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_kernel<|wgmma
         # (the wgmma kernels' x tiles are dynamic shared memory, which -res-usage does not show)
         ctas = ctas_per_sm(regs, smem, threads) if regs and threads and "small_m_kernel<" in dem else None
         shape = stage_shape(dem)
+        waits = len(prefetch_uses(ins))
         if shape:
             stages = mma / shape[0]
             bpi = shape[1] * stages / len(path)
             inflight = ctas * threads // 32 * shape[1] / 1024 if ctas and "small_m_kernel<" in dem else None
-            rows.append(Row(dem, len(path) / stages, mma / stages, bpi, bpi * per_inst, regs, ctas, inflight, mix,
-                            len(prefetch_uses(ins))))
+            rows.append(Row(dem, len(path) / stages, mma / stages, bpi, bpi * per_inst, regs, ctas, inflight, mix, waits))
         else:
-            rows.append(Row(dem, len(path), mma, None, None, regs, ctas, None, mix, len(prefetch_uses(ins))))
+            rows.append(Row(dem, len(path), mma, None, None, regs, ctas, None, mix, waits))
     return rows
 
 
