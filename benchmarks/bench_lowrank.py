@@ -76,6 +76,17 @@ def fused(M):
     return with_env(_lowrank_op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "0")
 
 
+def no_prefetch_u(M):
+    """lowrank_linear with its decode launch not prefetching u into L2 (REPARAM_LOWRANK_PREFETCH_U=0)
+    where the op runs that launch (the small-M path, below the two-cuBLAS threshold): the A/B peer of
+    the prefetch. None elsewhere."""
+    paths = cuda_paths()
+    min_m = paths["lowrank_cublas"]["min_m"]
+    if not paths["small_m"]["on"] or M > paths["small_m"]["max_m"] or (min_m is not None and M >= min_m):
+        return None
+    return with_env(_lowrank_op, "REPARAM_LOWRANK_PREFETCH_U", "0")
+
+
 def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     """Check, then time, one case; `device`/`count` exist so the CPU tests can run it small."""
     elt = torch.empty((), dtype=dtype).element_size()
@@ -96,6 +107,9 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     fused_path = fused(M) if device == "cuda" else None
     if fused_path is not None:
         peers["cuda_fused"] = Contender(fused_path, low)
+    no_pf = no_prefetch_u(M) if device == "cuda" else None
+    if no_pf is not None:
+        peers["cuda_no_prefetch_u"] = Contender(no_pf, low)
     rows = run_case(
         res, dtype=dtype, M=M, N=N, K=K, params={"rank": r}, modes=modes,
         ours=Contender(lambda x, u, v: reparam_kernels.ops.lowrank_linear(x, u, v), low),

@@ -32,10 +32,17 @@ namespace lowrank_small_m {
 // without the bound sm_80 takes 160-180 registers there, one CTA per SM.
 template <class Frag1, class T, int MT, int NG>
 __global__ void __launch_bounds__(small_m::kThreads, 2)
-    lowrank_small_m_kernel(small_m::Problem<Frag1, T> p1, small_m::Problem<small_m::HalfFrag<T>, T> p2) {
+    lowrank_small_m_kernel(small_m::Problem<Frag1, T> p1, small_m::Problem<small_m::HalfFrag<T>, T> p2,
+                           bool prefetch_u) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
 #else
+  // u does not depend on t: its phase-2 lines are requested now, so their DRAM reads overlap phase 1
+  // and the barrier, and phase 2 reads them from L2 (prefetch_u: the host's choice, below).
+  if (prefetch_u) {
+    for (int64_t w = blockIdx.x; w < p2.columns * p2.splits; w += gridDim.x)
+      small_m::prefetch_unit_l2<NG>(p2, w % p2.columns, w / p2.columns);
+  }
   for (int64_t w = blockIdx.x; w < p1.columns * p1.splits; w += gridDim.x)
     small_m::run_unit<Frag1, T, MT, NG, true>(p1, w % p1.columns, w / p1.columns);
   cooperative_groups::this_grid().sync();  // t complete and visible
@@ -43,6 +50,15 @@ __global__ void __launch_bounds__(small_m::kThreads, 2)
     small_m::run_unit<small_m::HalfFrag<T>, T, MT, NG, false>(p2, w % p2.columns, w / p2.columns);  // coherent loads
 #endif
 }
+
+// REPARAM_LOWRANK_PREFETCH_U=0: phase 2's factor is not prefetched into L2 at the start (A/B: the
+// peer cuda_no_prefetch_u of bench_lowrank). It is only where u takes at most half the L2, so that
+// it is still there when phase 2 reads it.
+inline bool prefetch_u_enabled() {
+  const char* v = std::getenv("REPARAM_LOWRANK_PREFETCH_U");
+  return v == nullptr || v[0] != '0';
+}
+inline int64_t l2_bytes(int device) { return device_attribute<cudaDevAttrL2CacheSize>(device); }
 
 template <class Frag1, class T, int MT, int NG>
 bool launch(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,
@@ -64,7 +80,8 @@ bool launch(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_
     p2.counters = counters + p1.columns;
   }
   Tensor part1 = small_m::attach_partials(p1, like), part2 = small_m::attach_partials(p2, like);
-  void* params[] = {&p1, &p2};
+  bool prefetch_u = prefetch_u_enabled() && N * r * int64_t(sizeof(T)) <= l2_bytes(device) / 2;
+  void* params[] = {&p1, &p2, &prefetch_u};
   RK_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(unsigned(grid)),
                                             dim3(small_m::kThreads), params, 0, stream));
   return true;  // t / part1 / part2 are freed here; the caching allocator reuses them only after this launch

@@ -466,6 +466,28 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   }
 }
 
+// Brings into L2 the weights that work unit (bx, by) of p (BN = 4 * 8 * NG rows) will read: every
+// 128-byte line of its rows' K range, spread over the CTA's threads; each address passed lies inside
+// the range (a row's first byte + 128 j, and its last chunk). No registers held, nothing waited for.
+// The low-rank launch runs it for its phase-2 units before phase 1 (lowrank_small_m.cuh).
+template <int NG, class Frag, class T>
+__device__ __forceinline__ void prefetch_unit_l2(const Problem<Frag, T>& p, int64_t bx, int64_t by) {
+  constexpr int BN = kWarpsN * 8 * NG;
+  const int64_t col0 = bx * BN, kb = by * p.kchunk, ke = min(p.K, kb + p.kchunk);
+  const int rows = int(min(int64_t(BN), p.N - col0));
+  if (rows <= 0 || ke <= kb) return;
+  const uint32_t k_first = uint32_t(kb), k_last = uint32_t(ke - Frag::kLaneK);  // K % kLaneK == 0
+  const auto* first0 = static_cast<const unsigned char*>(p.frag.at(p.frag.row(col0), k_first));
+  const auto* last0 = static_cast<const unsigned char*>(p.frag.at(p.frag.row(col0), k_last));
+  const int lines = int((last0 - first0) / 128) + 2;  // the last one: the row's last chunk
+  for (int e = threadIdx.x; e < rows * lines; e += kThreads) {
+    const int r = e / lines, j = e % lines;
+    const typename Frag::Row row = p.frag.row(col0 + r);
+    prefetch_l2(j == lines - 1 ? p.frag.at(row, k_last)
+                               : static_cast<const unsigned char*>(p.frag.at(row, k_first)) + 128 * j);
+  }
+}
+
 // One launch of one problem: CTA (bx, by) = work unit (bx, by).
 template <class Frag, class T, int MT, int NG>
 __global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_kernel(Problem<Frag, T> p) {

@@ -31,6 +31,7 @@ cudaError_t cudaGetLastError() {
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = rk_cpu::fake_sms(); return cudaSuccess;
+    case cudaDevAttrL2CacheSize: *value = rk_cpu::fake_l2_bytes(); return cudaSuccess;
     case cudaDevAttrComputeCapabilityMajor: *value = rk_cpu::fake_cc_major(); return cudaSuccess;
     case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = rk_cpu::kSmemOptin; return cudaSuccess;

@@ -262,6 +262,7 @@ void run_block(Block& b) {
 
 int fake_sms() { return int(env_u64("RK_CPU_SMS", 4)); }
 int fake_cc_major() { return int(env_u64("RK_CPU_CC_MAJOR", 9)); }
+int fake_l2_bytes() { return int(env_u64("RK_CPU_L2_BYTES", 50u << 20)); }
 cudaError_t& last_error() {
   static thread_local cudaError_t e = cudaSuccess;
   return e;

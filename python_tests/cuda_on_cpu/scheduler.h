@@ -72,6 +72,7 @@ void exchange(int size, int state, const void* in, size_t bytes,
 uint64_t env_u64(const char* name, uint64_t fallback);
 int fake_sms();       // RK_CPU_SMS
 int fake_cc_major();  // RK_CPU_CC_MAJOR
+int fake_l2_bytes();  // RK_CPU_L2_BYTES (an H200's 50 MB unless set)
 cudaError_t& last_error();
 
 }  // namespace rk_cpu

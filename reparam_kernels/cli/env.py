@@ -69,7 +69,10 @@ def cuda_paths():
                                "ops": "int8_linear, int4_linear, lut_linear"},
             "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 2),
                                "switch": "REPARAM_LOWRANK_CUBLAS_MIN_M",
-                               "ops": "lowrank_linear, pivoted_lowrank_linear"},
+                               "ops": "lowrank_linear, pivoted_lowrank_linear",
+                               # the fused decode launch prefetches u into L2 (where u <= half the L2)
+                               "prefetch_u": not os.environ.get("REPARAM_LOWRANK_PREFETCH_U", "").startswith("0"),
+                               "prefetch_u_switch": "REPARAM_LOWRANK_PREFETCH_U"},
             "bc_large_m": {"min_m": _min_m("REPARAM_BC_LARGE_M_MIN_M", 256),  # csrc/block_circulant_large_m.cuh
                            "switch": "REPARAM_BC_LARGE_M_MIN_M",
                            "ops": "block_circulant_linear, toeplitz_linear"}}
@@ -128,6 +131,8 @@ def render(info):
                     ("spectrum sums in registers", paths["bc_large_m"])):
         when = f"M >= {d['min_m']}" if d["min_m"] else "never"
         lines.append(f"  {name} ({d['ops']}): {when} [{d['switch']}]")
+    lines.append(f"  low-rank decode launch (M below that): u prefetched into L2 during phase 1: "
+                 f"{'on' if lr['prefetch_u'] else 'OFF'} [{lr['prefetch_u_switch']}]")
     lines.append("")
     lines.append("backend per op (device/dtype: backend — why):")
     for op, cases in info["backends"].items():
