@@ -90,7 +90,8 @@ def other_paths(op, M):
     (``cuda_small_m``) where wgmma takes an M it could serve, wgmma with one warpgroup per CTA
     (``cuda_wgmma_bn64``) where it runs with two, at M <= 8 the small-M path's M <= 16 tile
     (``cuda_small_m16``) instead of its transposed one, and the small-M path with its weights also
-    prefetched into L2 2 or 4 stages ahead (``cuda_l2_ahead2`` / ``4``). Where the crossovers lie is a
+    prefetched into L2 2 or 4 stages ahead (``cuda_l2_ahead2`` / ``4``), and wgmma without its L2
+    prefetch of the weights (``cuda_wgmma_no_l2``) where it runs with one. Where the crossovers lie is a
     measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling variables
     costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
     paths = cuda_paths()
@@ -111,6 +112,8 @@ def other_paths(op, M):
         peers["cuda_small_m"] = with_env(fn, "REPARAM_WGMMA", "0")
     if takes_wgmma and os.environ.get("REPARAM_WGMMA_BN", "") != "64":  # one warpgroup per CTA instead of two
         peers["cuda_wgmma_bn64"] = with_env(fn, "REPARAM_WGMMA_BN", "64")
+    if takes_wgmma and paths["wgmma"]["l2_ahead"] > 2:  # below 3 the registers' loads are ahead of it: off
+        peers["cuda_wgmma_no_l2"] = with_env(fn, "REPARAM_WGMMA_L2_AHEAD", "0")
     if takes_small and M <= paths["small_m"]["transposed_max_m"]:  # M <= 8 on the M <= 16 tile instead
         peers["cuda_small_m16"] = with_env(fn, "REPARAM_SMALL_M_T", "0")
     if takes_small:  # the weights also prefetched into L2 2 and 4 stages ahead (off by default)

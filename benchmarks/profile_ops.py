@@ -37,7 +37,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--m", default="1,16", help="comma-separated batch sizes")
+    p.add_argument("--kinds", default=None, help=f"comma-separated subset of {','.join(k for k, _, _ in SHAPES)}")
     args = p.parse_args(argv)
+    wanted = None if args.kinds is None else set(args.kinds.split(","))
+    if wanted is not None and not wanted <= {k for k, _, _ in SHAPES}:
+        raise SystemExit(f"profile_ops: unknown kinds {sorted(wanted - {k for k, _, _ in SHAPES})}")
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("profile_ops: needs a CUDA GPU (or --device cpu to check the script)")
@@ -45,6 +49,8 @@ def main(argv=None):
     dtype = torch.float16 if cuda else torch.float32
     kinds = set(variants.available())
     for kind, n, k in SHAPES:
+        if wanted is not None and kind not in wanted:
+            continue
         if kind not in kinds:
             print(f"profile_ops: {kind}: layer not available, skipped", flush=True)
             continue

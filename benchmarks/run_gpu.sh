@@ -7,6 +7,9 @@
 #   bash benchmarks/run_gpu.sh            # results into $OUT if set, else benchmarks/results/
 #   RUN_GPU_BUDGET=480 RUN_GPU_FULL=1 bash benchmarks/run_gpu.sh   # full shapes instead of --quick
 #   OUT=/tmp/res RUN_GPU_ARCHIVE=/somewhere/results.tgz bash benchmarks/run_gpu.sh   # + one archive
+#   RUN_GPU_FOCUS=1 RUN_GPU_BUDGET=540 bash benchmarks/run_gpu.sh   # ~9 min: the path tests only, bench_quant / bench_lowrank /
+#       bench_decode, memcheck over the path cases (no racecheck), Nsight Compute with stall reasons on
+#       int4 and low rank at M = 1, 16, 64, 256: the measurements that decide the open path choices
 #
 # Output folder: env.txt, gpu_tests_new.log/.xml (the newest paths' tests), gpu_tests.log/.xml, bench_<name>.log, <gpu>/<op>.json,
 # sanitizer.log, racecheck.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS),
@@ -25,6 +28,7 @@ PY="${PYTHON:-$(command -v python3 || command -v python)}"  # python3 first: som
 BUDGET="${RUN_GPU_BUDGET:-470}"   # seconds for everything; steps are cut to fit
 START=$(date +%s)
 QUICK="--quick"; [ "${RUN_GPU_FULL:-0}" = 1 ] && QUICK=""
+FOCUS="${RUN_GPU_FOCUS:-0}"
 SUMMARY="$DEST/summary.txt"; : > "$SUMMARY"
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
@@ -81,11 +85,14 @@ step gpu_tests_new 120 "$DEST/gpu_tests_new.log" "$PY" -m pytest -m gpu -q -p no
   --continue-on-collection-errors $NEW_TESTS --junitxml="$DEST/gpu_tests_new.xml"
 NEW_RC=$?
 tail -n 8 "$DEST/gpu_tests_new.log"
-step gpu_tests 110 "$DEST/gpu_tests.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
-  "${IGNORE[@]}" python_tests --junitxml="$DEST/gpu_tests.xml"
-TESTS_RC=$?
+TESTS_RC=0
+if [ "$FOCUS" != 1 ]; then
+  step gpu_tests 110 "$DEST/gpu_tests.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors \
+    "${IGNORE[@]}" python_tests --junitxml="$DEST/gpu_tests.xml"
+  TESTS_RC=$?
+  tail -n 25 "$DEST/gpu_tests.log"
+fi
 [ "$NEW_RC" -ne 0 ] && TESTS_RC=$NEW_RC
-tail -n 25 "$DEST/gpu_tests.log"
 # A file that fails to import fails the run (non-zero) without stopping the other GPU tests;
 # pytest exit 5 = no test selected: no GPU test exists, which is a failure of this run too.
 
@@ -93,8 +100,10 @@ BENCH_RC=0
 # The per-op benchmarks first, the end-to-end decode (slow to compile) last.
 SCRIPTS=()
 for s in benchmarks/bench_*.py; do [ "$s" != benchmarks/bench_decode.py ] && SCRIPTS+=("$s"); done
+[ "$FOCUS" = 1 ] && SCRIPTS=(benchmarks/bench_quant.py benchmarks/bench_lowrank.py)
 [ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py)
 SAN_RESERVE=150   # keep this much for compute-sanitizer (memcheck <= 80 s, racecheck <= 30 s) and Nsight Compute (<= 40 s)
+[ "$FOCUS" = 1 ] && SAN_RESERVE=130   # no racecheck; ncu up to 60 s
 for i in "${!SCRIPTS[@]}"; do
   script="${SCRIPTS[$i]}"; name="$(basename "$script" .py)"
   # an even share of what is left, at most 150 s a script; results are saved row by row,
@@ -110,16 +119,17 @@ for d in "${CUDA_HOME:-}" /usr/local/cuda; do  # the toolkit's bin is not always
 done
 if command -v compute-sanitizer >/dev/null 2>&1; then
   # no caching allocator: an out-of-bounds access inside a cached block would go unseen
+  SAN_ARGS=(); [ "$FOCUS" = 1 ] && SAN_ARGS=(--paths-only)
   step sanitizer 80 "$DEST/sanitizer.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool memcheck --error-exitcode 99 \
-    --target-processes all "$PY" benchmarks/sanitize_ops.py
+    --target-processes all "$PY" benchmarks/sanitize_ops.py "${SAN_ARGS[@]}"
   SAN_RC=$?
   grep -E "ERROR SUMMARY|FAIL|sanitize_ops: ops" "$DEST/sanitizer.log" | tail -n 5
   # shared-memory races in the paths with in-CTA reductions and split fixups (small, so it is quick)
-  step racecheck 30 "$DEST/racecheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  RACE_RC=0
+  [ "$FOCUS" != 1 ] && { step racecheck 30 "$DEST/racecheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
     compute-sanitizer --tool racecheck --error-exitcode 98 \
-    --target-processes all "$PY" benchmarks/sanitize_ops.py --paths-only
-  RACE_RC=$?
+    --target-processes all "$PY" benchmarks/sanitize_ops.py --paths-only; RACE_RC=$?; }
   grep -E "ERROR SUMMARY|FAIL" "$DEST/racecheck.log" | tail -n 3
   [ "$SAN_RC" -eq 0 ] && [ "$RACE_RC" -ne 124 ] && SAN_RC=$RACE_RC
 else
@@ -136,10 +146,14 @@ fi
 if command -v ncu >/dev/null 2>&1; then
   # ComputeWorkloadAnalysis ("Issue Slots Busy") and InstructionStats check the instruction budget that
   # tools/sass_budget.py predicts for the decode loops (docs/benchmarks.md, "Instruction budget").
+  # Focus: where the warps wait (WarpStateStats, SchedulerStats) in the kernels whose targets are furthest.
+  NCU_MORE=(); PROFILE=(--m 1,256)
+  [ "$FOCUS" = 1 ] && NCU_MORE=(--section WarpStateStats --section SchedulerStats) \
+    && PROFILE=(--m 1,16,64,256 --kinds int4_g128,lowrank_40)
   step ncu 60 "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
-    --section ComputeWorkloadAnalysis --section InstructionStats --csv --page details \
-    --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py --m 1,256
+    --section ComputeWorkloadAnalysis --section InstructionStats "${NCU_MORE[@]}" --csv --page details \
+    --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py "${PROFILE[@]}"
 else
   note "ncu not found on PATH: kernel profiles skipped"
 fi

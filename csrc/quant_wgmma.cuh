@@ -101,7 +101,7 @@ struct Split {
 template <class Frag, class T, int BM, int kGroups>
 __global__ void __launch_bounds__(128 * kGroups)
     wgmma_kernel(Frag frag, const T* __restrict__ xs, const T* __restrict__ bias, T* __restrict__ y, int M, int64_t N,
-                 int64_t K, int64_t Kp, Split sp) {
+                 int64_t K, int64_t Kp, Split sp, int l2_ahead) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // wgmma needs sm_90a; the host never launches this elsewhere
 #else
@@ -117,13 +117,19 @@ __global__ void __launch_bounds__(128 * kGroups)
   const int64_t s_end = min(Kp / kStageK, s0 + sp.per_split);
 
   // x tile of stage s into buffer b: chunk c = (row m, 16-byte piece p of the row's 256 bytes);
-  // piece p holds slots 8 (p % 2) .. + 8 of instruction p / 2. Thread tid takes chunks tid + i *
-  // kThreads: p = tid % 16 is fixed and m steps by kThreads / 16 (a multiple of 8), so its
-  // shared-memory slot and x address are a base plus a constant stride per chunk, set up once
-  // (the per-chunk division, 64-bit product and bounds test cost ~25 instructions per chunk).
-  static_assert(kChunks % kThreads == 0 && (kThreads / (kStageK / 8)) % 8 == 0, "chunk walk");
-  constexpr int kXRowStep = kThreads / (kStageK / 8);  // rows between a thread's chunks
-  const int xp = tid % (kStageK / 8), xm0 = tid / (kStageK / 8);
+  // piece p holds slots 8 (p % 2) .. + 8 of instruction p / 2. A thread keeps one piece p and steps m
+  // by kXRowStep (a multiple of 8), so its shared-memory slot and x address are a base plus a constant
+  // stride per chunk, set up once (the per-chunk division, 64-bit product and bounds test cost ~25
+  // instructions per chunk). A warp's 32 chunks are 8 consecutive rows (lane % 8) of 4 consecutive
+  // pieces (lane / 8): each 8-lane group fills one 128-byte core matrix, so the warp's copy lands in
+  // shared memory in 4 wavefronts, and x is read as 64 contiguous bytes per row. (Until 2026-11-30 a
+  // warp took 16 pieces of 2 rows: all 32 chunks fell in the same 32 bytes of the bank space, 16
+  // wavefronts per copy instead of 4: 1024 shared-memory cycles per stage at BM = 128, as many as
+  // the stage's tensor work, where 256 suffice.)
+  static_assert(kChunks % kThreads == 0 && kThreads % 128 == 0, "chunk walk");
+  constexpr int kXRowStep = 8 * (kThreads / 128);  // rows between a thread's chunks
+  const int xwarp = tid / 32;
+  const int xp = 4 * (xwarp % 4) + lane / 8, xm0 = 8 * (xwarp / 4) + lane % 8;
   const uint32_t x_dst0 = (xp / 2) * (BM * 32) + (xm0 / 8) * kSbo + (xp % 2) * kLbo + (xm0 % 8) * 16;
   const T* x_src0 = xs + (m0 + xm0) * Kp + 8 * xp;
   const int x_rows = int(min(int64_t(BM), M - m0)) - xm0;  // this thread's chunk i is a row of x iff i * step < x_rows
@@ -176,37 +182,62 @@ __global__ void __launch_bounds__(128 * kGroups)
         }
   };
 
+  // Weights prefetched into L2 l2_ahead stages ahead (beyond the registers' kAhead; 0: none): at
+  // M <= 128 a stage's tensor work (0.3-0.6 us) is shorter than a loaded DRAM round trip, so the
+  // register loads alone leave every stage waiting for its weights. No registers, nothing waited for.
+  auto prefetch_w = [&](int64_t s) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t kt = s * kStageK + int64_t(Frag::kLaneK) * (4 * u + t);
+        if (rows[r] < N && kt < K) prefetch_l2(frag.at(frag.row(rows[r]), uint32_t(kt)));
+      }
+  };
+
   float acc[BM / 2];
 #pragma unroll
   for (int e = 0; e < BM / 2; ++e) acc[e] = 0.f;
-  // kOverlap (formats with real decode work: int4, int8, lut): the weights run two stages ahead,
-  // `cur` holds stage s + 1 while stage s's wgmmas run and is decoded into `a_next` meanwhile,
-  // `nxt` is in flight for stage s + 2. Plain fp16/bf16 rows (HalfFrag) have nothing to decode:
-  // one stage ahead, decoded (copied) at the stage start, ~60 fewer registers.
+  // kOverlap (formats with real decode work: int4, int8, lut): stage s + 2's weights are loaded
+  // during stage s, and stage s + 1's decoded while stage s's wgmmas run. Plain fp16/bf16 rows
+  // (HalfFrag) have nothing to decode: stage s + 1's are loaded during stage s, and stage s's are
+  // copied into the A registers at its start (one set of A registers: ~60 fewer).
+  // Stage j's chunks live in cw[(j - s0) & 1] and (kOverlap) its A registers in a[(j - s0) & 1]; a
+  // trip of the loop runs two stages with those parities fixed, so no register is copied from one
+  // stage to the next. (Until 2026-11-30 each stage ended by moving the chunks in flight into the
+  // current ones: those moves waited for the loads issued at the same stage's start, so every stage
+  // lasted at least one DRAM round trip — seen in the SASS after the H200 timed M = 256 at ~3 us a
+  // stage, every format alike.)
   constexpr bool kOverlap = Frag::kLaneK >= 16;
-  Chunk cur[2][U], nxt[2][U];
-  uint32_t a[kInstr][4], a_next[kInstr][4];
+  constexpr int kAhead = kOverlap ? 2 : 1;  // stages the weights' register loads run ahead
+  Chunk cw[2][2][U];
+  uint32_t a[kOverlap ? 2 : 1][kInstr][4];
   stage_x(s0, 0);
   cp_async_commit();
-  load_w(s0, cur);
+  load_w(s0, cw[0]);
   if constexpr (kOverlap) {
-    decode(cur, a);
-    if (s0 + 1 < s_end) load_w(s0 + 1, cur);
+    decode(cw[0], a[0]);
+    if (s0 + 1 < s_end) load_w(s0 + 1, cw[1]);
   }
-  for (int64_t s = s0; s < s_end; ++s) {
+  auto stage = [&](int64_t s, auto parity) {
+    constexpr int p = decltype(parity)::value;  // (s - s0) & 1: stage s's x buffer, chunks, A registers
+    constexpr int ap = kOverlap ? p : 0;
     const bool more = s + 1 < s_end;
     if (more) {
-      stage_x(s + 1, int((s + 1 - s0) & 1));  // the other buffer: its last readers retired at the end of stage s - 1
+      stage_x(s + 1, 1 - p);  // the other buffer: its last readers retired at the end of stage s - 1
       cp_async_commit();
-      if (s + (kOverlap ? 2 : 1) < s_end) load_w(s + (kOverlap ? 2 : 1), nxt);
+      // stage s + kAhead's chunks replace stage s's (kOverlap: decoded during stage s - 1) or stage
+      // s - 1's (decoded at stage s - 1's start)
+      if (s + kAhead < s_end) load_w(s + kAhead, cw[kOverlap ? p : 1 - p]);
+      if (l2_ahead > kAhead && s + l2_ahead < s_end) prefetch_w(s + l2_ahead);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
-    if constexpr (!kOverlap) decode(cur, a);
+    if constexpr (!kOverlap) decode(cw[p], a[0]);
     wgmma::fence_proxy_async();  // this thread's copies, visible to the tensor cores' reads ...
     __syncthreads();             // ... once every thread's are
-    const unsigned char* tiles = smem_raw + int((s - s0) & 1) * stage_bytes<BM>();
+    const unsigned char* tiles = smem_raw + p * stage_bytes<BM>();
     uint64_t desc[kInstr];
 #pragma unroll
     for (int q = 0; q < kInstr; ++q) desc[q] = wgmma::desc_no_swizzle(tiles + q * (BM * 32), kLbo, kSbo);
@@ -218,33 +249,28 @@ __global__ void __launch_bounds__(128 * kGroups)
     for (int q = 0; q < kInstr; ++q) {
       wgmma::keep(desc[q]);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma::keep(a[q][j]);
+      for (int j = 0; j < 4; ++j) wgmma::keep(a[ap][q][j]);
     }
     wgmma::fence();
 #pragma unroll
-    for (int q = 0; q < kInstr; ++q) wgmma::mma_rs<BM, T>(acc, a[q], desc[q]);
+    for (int q = 0; q < kInstr; ++q) wgmma::mma_rs<BM, T>(acc, a[ap][q], desc[q]);
     wgmma::commit();
-    if (kOverlap && more) decode(cur, a_next);  // the next stage's decode overlaps this stage's tensor work
+    // the next stage's decode overlaps this stage's tensor work
+    if constexpr (kOverlap) {
+      if (more) decode(cw[1 - p], a[1 - ap]);
+    }
     wgmma::wait<0>();
 #pragma unroll
     for (int q = 0; q < kInstr; ++q)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) wgmma::keep(a[q][j]);  // a stays intact until the wgmmas reading it retired
+      for (int j = 0; j < 4; ++j) wgmma::keep(a[ap][q][j]);  // intact until the wgmmas reading them retired
 #pragma unroll
     for (int e = 0; e < BM / 2; ++e) wgmma::keep(acc[e]);
     __syncthreads();  // every warpgroup is done with this buffer before stage s + 2 refills it
-    if (more) {
-      if constexpr (kOverlap) {
-#pragma unroll
-        for (int q = 0; q < kInstr; ++q)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) a[q][j] = a_next[q][j];
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int u = 0; u < U; ++u) cur[r][u] = nxt[r][u];
-    }
+  };
+  for (int64_t s = s0; s < s_end; s += 2) {
+    stage(s, std::integral_constant<int, 0>{});
+    if (s + 1 < s_end) stage(s + 1, std::integral_constant<int, 1>{});
   }
 
   // d[4j + 2 v1 + v0] = D[weight row g + 8 v1][batch row 8j + 2t + v0]
@@ -280,6 +306,14 @@ __global__ void __launch_bounds__(128 * kGroups)
 inline bool enabled() {
   const char* v = std::getenv("REPARAM_WGMMA");
   return v == nullptr || v[0] != '0';
+}
+
+// REPARAM_WGMMA_L2_AHEAD=d: the weights are also prefetched into L2 d stages ahead (0 or 1..2: off;
+// default 4; bench_quant's peer cuda_wgmma_no_l2 times it off). Clamped to 0..16.
+inline int l2_ahead() {
+  const char* v = std::getenv("REPARAM_WGMMA_L2_AHEAD");
+  const long long d = v == nullptr || v[0] == '\0' ? 4 : std::atoll(v);
+  return d < 0 ? 0 : d > 16 ? 16 : int(d);
 }
 
 // The smallest M this path takes: REPARAM_WGMMA_MIN_M, default 65 (M <= 64 stays on the small-M
@@ -344,7 +378,8 @@ bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_
   Tensor part = torch::stable::new_empty(like, {sp.splits > 1 ? sp.splits * M * N : 1}, ScalarType::Float);
   if (sp.splits > 1) sp.part = static_cast<float*>(part.data_ptr());
   const dim3 grid(unsigned(gx), unsigned(gy), unsigned(sp.splits));
-  wgmma_kernel<Frag, T, BM, kGroups><<<grid, 128 * kGroups, smem, stream>>>(frag, xsp, bias, y, int(M), N, K, Kp, sp);
+  wgmma_kernel<Frag, T, BM, kGroups><<<grid, 128 * kGroups, smem, stream>>>(frag, xsp, bias, y, int(M), N, K, Kp, sp,
+                                                                           l2_ahead());
   RK_CUDA_CHECK(cudaGetLastError());
   return true;  // xs / part are freed here; the caching allocator reuses them only after this launch
 }

@@ -360,6 +360,9 @@ WGMMA_MUTATIONS = {
     "x tile rows": ("quant_wgmma.cuh", "const bool ok = i * kXRowStep < x_rows;", "const bool ok = true;"),
     # a thread's chunks one 8-row group apart in shared memory instead of kXRowStep rows
     "x tile stride": ("quant_wgmma.cuh", "cp_async16(dst + i * (kXRowStep / 8) * kSbo,", "cp_async16(dst + i * kSbo,"),
+    # stage s + 2's weights loaded over stage s + 1's chunks before those are decoded (wrong parity)
+    "chunk buffer parity": ("quant_wgmma.cuh", "load_w(s + kAhead, cw[kOverlap ? p : 1 - p]);",
+                            "load_w(s + kAhead, cw[1 - p]);"),
 }
 
 
@@ -372,6 +375,19 @@ def test_mutated_wgmma_path_is_caught(rng, name):
     results = run_twice(c, env)
     assert "wgmma_kernel" in results[0][1][1] and "grid (1,2,2)" in results[0][1][1] and within(results, r)
     assert not within(run_twice(c, env, WGMMA_MUTATIONS[name]), r)
+
+
+def test_wgmma_l2_prefetch_stays_inside_the_weights(rng):
+    # REPARAM_WGMMA_L2_AHEAD (default 4): the weights of a stage ahead are prefetched into L2; every
+    # prefetched address is read by the model. K = 2080 ends in a partial stage, where lanes past K
+    # must not prefetch: without that test the last row's lanes reach past qweight's end and fault.
+    c, r = quant_case(rng, "int4_linear", 100, 2080, 130, torch.float16, group=32)
+    env = {"RK_CPU_SEED": "5", "RK_CPU_SMS": "1"}
+    results = run_twice(c, env)
+    assert "wgmma_kernel" in results[0][1][1] and within(results, r)
+    mutation = ("quant_wgmma.cuh", "if (rows[r] < N && kt < K) prefetch_l2(", "if (rows[r] < N) prefetch_l2(")
+    assert run_twice(c, env, mutation) is None
+    assert within(run_twice(c, {**env, "REPARAM_WGMMA_L2_AHEAD": "0"}, mutation), r)  # off: never runs
 
 
 def test_missing_cp_async_wait_is_caught(rng):

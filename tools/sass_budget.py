@@ -79,8 +79,15 @@ def opcode(text: str) -> str:
     return words[1] if words[0].startswith("@") else words[0]
 
 
-def hot_path(ins, lo: int, hi: int):
-    """Instructions on the full-stage path of the loop [lo, hi] (hi: the back-edge branch)."""
+# Opcodes of a format's decode (packed-half math, byte permutes, three-input logic): the wgmma loop
+# decodes the next stage's weights in a branch that every stage but the last takes.
+_DECODE = re.compile(r"^(HFMA2|HADD2|HMUL2|PRMT|LOP3)")
+
+
+def hot_path(ins, lo: int, hi: int, decode_first: bool = False):
+    """Instructions on the full-stage path of the loop [lo, hi] (hi: the back-edge branch).
+    decode_first (the wgmma loops): among paths with as many mmas and 16-byte loads, the one with the
+    most decode instructions, before the fewest instructions (which would skip the decode branch)."""
     body = [(a, t) for a, t in ins if lo <= a <= hi]
     leaders = {lo}
     for i, (a, t) in enumerate(body):
@@ -104,7 +111,8 @@ def hot_path(ins, lo: int, hi: int):
         last_a, last_t = blk[-1]
         mma = sum(is_mma(t) for _, t in blk)
         ld = sum(opcode(t).startswith("LDG") and ".128" in opcode(t) for _, t in blk)
-        here = (mma, ld, -len(blk))
+        dec = sum(bool(_DECODE.match(opcode(t))) for _, t in blk) if decode_first else 0
+        here = (mma, ld, dec, -len(blk))
         if last_a == hi:  # the back edge
             best[s] = (*here, [s])
             continue
@@ -120,20 +128,20 @@ def hot_path(ins, lo: int, hi: int):
                 succ.append(nxt[0])
         cands = [best[x] for x in succ if x in best]
         if cands:
-            b = max(cands, key=lambda v: v[:3])
-            best[s] = (here[0] + b[0], here[1] + b[1], here[2] + b[2], [s] + b[3])
+            b = max(cands, key=lambda v: v[:4])
+            best[s] = (*(h + v for h, v in zip(here, b[:4])), [s] + b[4])
     if lo not in best:
         return body
-    return [it for s in best[lo][3] for it in blocks[s]]
+    return [it for s in best[lo][4] for it in blocks[s]]
 
 
-def main_path(ins):
+def main_path(ins, decode_first: bool = False):
     """The hot path of the loop with the most mma instructions on it (then the densest), among
     loops that hold no other loop with mmas: an outer loop (a persistent CTA's loop over work units)
     would count its inner loop's body once per pass. (An inner loop without mmas, such as a staging
     loop, is counted once on the path.)"""
     edges = [(int(m.group(1), 16), a) for a, t in ins if (m := _BRA.search(t)) and int(m.group(1), 16) < a]
-    paths = {e: hot_path(ins, *e) for e in edges}
+    paths = {e: hot_path(ins, *e, decode_first) for e in edges}
     mmas = {e: sum(is_mma(x) for _, x in p) for e, p in paths.items()}
     best = None
     for (lo, hi), path in paths.items():
@@ -263,7 +271,7 @@ def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_kernel<|wgmma
     rows = []
     for name, ins in functions(sass):
         dem = demangle(name)
-        path = main_path(ins) if re.search(pattern, dem) else None
+        path = main_path(ins, "wgmma_kernel<" in dem) if re.search(pattern, dem) else None
         if path is None:
             continue
         mma = sum(is_mma(t) for _, t in path)

@@ -63,6 +63,10 @@ def cuda_paths():
                         "l2_ahead_switch": "REPARAM_SMALL_M_L2_AHEAD"},
             "wgmma": {"on": not os.environ.get("REPARAM_WGMMA", "").startswith("0"),
                       "min_m": max(1, _atoll("REPARAM_WGMMA_MIN_M", 65)),  # csrc/quant_wgmma.cuh min_m()
+                      # weights also prefetched into L2 this many stages ahead (csrc/quant_wgmma.cuh l2_ahead();
+                      # <= 2: off, the registers' loads run 2 ahead)
+                      "l2_ahead": min(16, max(0, _atoll("REPARAM_WGMMA_L2_AHEAD", 4))),
+                      "l2_ahead_switch": "REPARAM_WGMMA_L2_AHEAD",
                       "switch": "REPARAM_WGMMA",
                       "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear; sm_90"},
             "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 256), "switch": "REPARAM_DEQUANT_MIN_M",
@@ -126,7 +130,8 @@ def render(info):
                  f"{sm['l2_ahead'] or 'off'}{' stages ahead' if sm['l2_ahead'] else ''} [{sm['l2_ahead_switch']}]")
     wg = paths["wgmma"]
     lines.append(f"  {wg['min_m']} <= M < the cuBLAS thresholds below: warpgroup MMA ({wg['ops']}): "
-                 f"{'on' if wg['on'] else 'OFF'} [{wg['switch']}, REPARAM_WGMMA_MIN_M]")
+                 f"{'on' if wg['on'] else 'OFF'} [{wg['switch']}, REPARAM_WGMMA_MIN_M]; L2 prefetch "
+                 f"{str(wg['l2_ahead']) + ' stages ahead' if wg['l2_ahead'] > 2 else 'off'} [{wg['l2_ahead_switch']}]")
     for name, d in (("dequantize + cuBLAS", dq), ("two cuBLAS GEMMs", lr),
                     ("spectrum sums in registers", paths["bc_large_m"])):
         when = f"M >= {d['min_m']}" if d["min_m"] else "never"
