@@ -457,11 +457,35 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 
   // Split K: the last CTA of this column block to arrive sums every split's partial.
   if (!arrived_last(&p.counters[bx], p.splits)) return;
-  for (int e = threadIdx.x; e < M * BN; e += kThreads) {
-    const int m = e / BN;
-    const int64_t n = col0 + e % BN;
-    if (n >= N) continue;
-    const float v = sum_splits(p.part + int64_t(m) * N + n, p.splits, int64_t(M) * N);
+  const int outs = M * BN;
+  // With at most half as many outputs as threads and many splits (the low-rank phase 1 at M = 1: 128
+  // outputs, 64 splits), P threads share an output, each summing a contiguous 1/P of the splits, and
+  // the shares meet in shared memory in order (deterministic): P times fewer rounds of L2 latency.
+  const int P = outs * 2 <= kThreads ? int(min(int64_t(kThreads / outs), (p.splits + 15) / 16)) : 1;
+  if (P <= 1) {
+    for (int e = threadIdx.x; e < outs; e += kThreads) {
+      const int m = e / BN;
+      const int64_t n = col0 + e % BN;
+      if (n >= N) continue;
+      const float v = sum_splits(p.part + int64_t(m) * N + n, p.splits, int64_t(M) * N);
+      p.y[int64_t(m) * N + n] = from_f32<T>(finish(v, m, n));
+    }
+    return;
+  }
+  const int e = threadIdx.x, o = e % outs, share = e / outs;  // share < P for e < outs * P
+  const bool mine = e < outs * P;
+  const int m = o / BN;
+  const int64_t n = col0 + o % BN;
+  const int64_t per = (p.splits + P - 1) / P, s_lo = share * per, s_hi = min(p.splits, s_lo + per);
+  float v = 0.f;
+  if (mine && n < N && s_lo < s_hi)
+    v = sum_splits(p.part + s_lo * M * N + int64_t(m) * N + n, s_hi - s_lo, int64_t(M) * N);
+  float* shares = &red[0][0][0][0];  // (P - 1) * outs < kThreads floats; red is free (arrived_last synced)
+  static_assert(sizeof(red) / sizeof(float) >= kThreads, "the split shares fit in red");
+  if (mine && share > 0) shares[(share - 1) * outs + o] = v;
+  __syncthreads();
+  if (mine && share == 0 && n < N) {
+    for (int q = 1; q < P; ++q) v += shares[(q - 1) * outs + o];
     p.y[int64_t(m) * N + n] = from_f32<T>(finish(v, m, n));
   }
 }

@@ -106,6 +106,27 @@ def test_h200_sized_grids(rng):
     assert "wgmma_kernel" in traces[4][1] and "grid (1,5,8)" in traces[4][1]
 
 
+def test_split_fixup_shared_by_threads(rng):
+    # A narrow tile with many K splits on the H200's grid (M = 1: 128 outputs per column block, 32-64
+    # splits): the last CTA's threads share each output's splits two ways and meet in shared memory.
+    # Dropping the second share is caught, so the shared sum is what ran.
+    cases, refs = [], []
+    for op in ("int4_linear", "int8_linear"):
+        c, r = quant_case(rng, op, 1, 8192, 100, torch.float16, group=128)
+        cases.append(c)
+        refs.append(r)
+    x, u, v, b = plain.make(rng, (1,), 4096, 200, 64, torch.float16)
+    cases.append({"op": "lowrank_linear", "args": [x, u, v, b]})
+    refs.append(plain.exact(x, u, v, b))
+    env = {"RK_CPU_SMS": "132", "RK_CPU_BLOCKS_PER_SM": "2"}
+    traces = check(cases, refs, env=env)
+    assert "grid (1,32,1)" in traces[0][0] and "grid (1,64,1)" in traces[1][0], traces
+    mutation = ("small_m_gemm.cuh", "for (int q = 1; q < P; ++q)", "for (int q = 1; q < P - 1; ++q)")
+    mutated = cuda_on_cpu.run_cases(cases, {**env, "REPARAM_LOWRANK_CUBLAS_MIN_M": "0"}, [mutation])
+    for (y, _), ref in zip(mutated, refs):
+        assert not torch.isfinite(y).all() or rel_err(y, ref) > TOL[torch.float16]
+
+
 def test_quant_general_path(rng):
     # REPARAM_SMALL_M=0: the GEMV (M <= 8) and the WMMA tiles (M > 8), odd K for int8, a non-power-of-two group
     cases, refs = [], []
