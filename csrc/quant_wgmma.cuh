@@ -295,10 +295,10 @@ __global__ void __launch_bounds__(128 * kGroups)
   if (!arrived_last(&sp.counters[blockIdx.x + gridDim.x * blockIdx.y], sp.splits)) return;
   constexpr int BN = kRowsPerGroup * kGroups;
   const int64_t n0 = int64_t(blockIdx.y) * BN;
-  for (int e = tid; e < BM * BN; e += kThreads) {
-    const int64_t m = m0 + e / BN, n = n0 + e % BN;
-    if (m < M && n < N) finish(sum_splits(sp.part + m * N + n, sp.splits, int64_t(M) * N), m, n);
-  }
+  finish_split_tile<kThreads>(
+      sp.part, sp.splits, int64_t(M) * N, BM * BN,
+      [&](int e) { return m0 + e / BN < M && n0 + e % BN < N ? (m0 + e / BN) * N + n0 + e % BN : int64_t(-1); },
+      [&](int e, float v) { finish(v, m0 + e / BN, n0 + e % BN); });
 #endif
 }
 

@@ -463,13 +463,10 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // the shares meet in shared memory in order (deterministic): P times fewer rounds of L2 latency.
   const int P = outs * 2 <= kThreads ? int(min(int64_t(kThreads / outs), (p.splits + 15) / 16)) : 1;
   if (P <= 1) {
-    for (int e = threadIdx.x; e < outs; e += kThreads) {
-      const int m = e / BN;
-      const int64_t n = col0 + e % BN;
-      if (n >= N) continue;
-      const float v = sum_splits(p.part + int64_t(m) * N + n, p.splits, int64_t(M) * N);
-      p.y[int64_t(m) * N + n] = from_f32<T>(finish(v, m, n));
-    }
+    finish_split_tile<kThreads>(
+        p.part, p.splits, int64_t(M) * N, outs,
+        [&](int e) { return col0 + e % BN < N ? int64_t(e / BN) * N + col0 + e % BN : int64_t(-1); },
+        [&](int e, float v) { p.y[int64_t(e / BN) * N + col0 + e % BN] = from_f32<T>(finish(v, e / BN, col0 + e % BN)); });
     return;
   }
   const int e = threadIdx.x, o = e % outs, share = e / outs;  // share < P for e < outs * P

@@ -93,4 +93,39 @@ __device__ __forceinline__ float sum_splits(const float* part, int64_t splits, i
   return v;
 }
 
+// The last CTA's work on a split tile of `outs` outputs: output e's partials sit at part + off(e) +
+// s * stride (off(e) < 0: outside the matrix, skipped), and done(e, sum) finishes it. Each thread
+// takes kJ outputs at a time with their loads in flight together (up to 32), summing each in split
+// order (deterministic, the same sums as sum_splits): a tile with many outputs per thread (the wgmma
+// tiles: up to 64; the small-M M <= 16 tile: 8) no longer waits one round of L2 latency per output.
+template <int kThreads, class Off, class Done>
+__device__ __forceinline__ void finish_split_tile(const float* part, int64_t splits, int64_t stride, int outs,
+                                                  Off off, Done done) {
+  constexpr int kJ = 8, kBatch = 4;
+  for (int e0 = threadIdx.x; e0 < outs; e0 += kJ * kThreads) {
+    int64_t o[kJ];
+    float v[kJ];
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+      const int e = e0 + j * kThreads;
+      o[j] = e < outs ? off(e) : -1;
+      v[j] = 0.f;
+    }
+    for (int64_t s0 = 0; s0 < splits; s0 += kBatch) {
+      float got[kBatch][kJ];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+        for (int j = 0; j < kJ; ++j) got[u][j] = o[j] >= 0 && s0 + u < splits ? __ldcg(part + o[j] + (s0 + u) * stride) : 0.f;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u)
+#pragma unroll
+        for (int j = 0; j < kJ; ++j) v[j] += got[u][j];
+    }
+#pragma unroll
+    for (int j = 0; j < kJ; ++j)
+      if (o[j] >= 0) done(e0 + j * kThreads, v[j]);
+  }
+}
+
 }  // namespace reparam

@@ -305,6 +305,8 @@ MUTATIONS = {
     "transposed A rows": ("small_m_gemm.cuh", "wb(2 * q + 1, w[1], w[3]);", "wb(2 * q, w[1], w[3]);"),
     # ... or its accumulators stored as the untransposed tile's
     "transposed output": ("small_m_gemm.cuh", "const int m = kT ? 2 * t + (c % 2) :", "const int m = kT ? g + 8 * (c / 2) :"),
+    # the split fixup's outputs taken a thread's kJ at a time read the wrong partials (K split 5 ways here)
+    "fixup outputs": ("split_k_counters.h", "const int e = e0 + j * kThreads;\n      o[j]", "const int e = e0 + j;\n      o[j]"),
 }
 
 
