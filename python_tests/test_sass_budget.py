@@ -141,3 +141,34 @@ def test_decode_loops_do_not_wait_on_their_prefetch(frag):
     assert rows, frag
     for r in rows:
         assert r.prefetch_uses == 0, (r.kernel, r.prefetch_uses)
+
+
+# One wgmma loop trip: stage s loads stage s + 2's chunk into R4..R7, issues its wgmmas, then a read of
+# R4 — before the next stage's wgmmas: the warp would wait a memory round trip every stage.
+WGMMA_TRIP = """
+        /*0000*/                   LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   HGMMA.64x128x16.F32 R24, R88, gdesc[UR8], R24, gsb0 ;
+        /*0030*/                   HFMA2 R88, R8, R9, R10 ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0050*/                   SEL R8, R4, R8, !P4 ;
+        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+"""
+
+
+def test_early_uses_flags_a_load_read_before_the_next_stage_wgmmas():
+    assert [a for a, _ in sass_budget.early_uses(ins(WGMMA_TRIP))] == [0x50]
+    # the same read after a second group of wgmmas (the next stage's) waits for nothing
+    later = WGMMA_TRIP.replace("SEL R8, R4, R8, !P4", "NOP").replace(
+        "BAR.SYNC.DEFER_BLOCKING 0x0", "WARPGROUP.ARRIVE ;\n        /*0070*/                   SEL R8, R4, R8, !P4")
+    assert sass_budget.early_uses(ins(later)) == []
+
+
+@pytest.mark.parametrize("frag", ["Int4Frag", "Int8Frag", "LutFrag"])
+def test_wgmma_loops_do_not_wait_on_loads_of_two_stages_ahead(frag):
+    """The wgmma loop's weights, loaded two stages ahead, are first read in the next stage's decode
+    (tools/sass_budget.py, early_uses: 12-14 reads too early per kernel until 2026-11-30)."""
+    rows = [r for r in _built_rows() if "wgmma_kernel<" + frag in r.kernel]
+    assert rows, frag
+    for r in rows:
+        assert r.prefetch_uses == 0, (r.kernel, r.prefetch_uses)

@@ -219,6 +219,48 @@ def prefetch_uses(ins):
     return out
 
 
+def _operands(text: str):
+    """(opcode, destination register or None, source registers) of one instruction (opcode()'s
+    predicate rule; instructions that write no register have only sources)."""
+    o = opcode(text)
+    words = text.split()[2 if text.startswith("@") else 1:]
+    writes = not o.startswith(("ST", "BRA", "ISETP", "BSYNC", "BSSY", "WARPSYNC", "RED", "ATOM", "CCTL", "LDGSTS"))
+    d = _REG.match(words[0]) if writes and words else None
+    srcs = " ".join(words[1:] if writes else words)
+    return o, int(d.group(1)) if d else None, {int(r) for r in _REG.findall(srcs)}
+
+
+def early_uses(path):
+    """On the hot path of a wgmma loop whose weights are loaded two stages ahead (int4, int8, lut):
+    instructions that read a value a global load wrote before two more groups of wgmmas were issued
+    (WARPGROUP.ARRIVE) — the path taken twice, for the back edge. Stage s loads stage s + 2's weights;
+    its first read belongs in stage s + 1's decode, after stage s + 1's wgmmas. A read earlier makes
+    every stage wait one memory round trip: until 2026-11-30 each stage ended copying the chunks in
+    flight into the current ones (44 SELs), found in the SASS after the H200 timed M = 256 at ~3 µs
+    a stage. Returns [(address, text)]."""
+    out, seen = [], set()
+    for i, (_, t) in enumerate(path):
+        o, d, _ = _operands(t)
+        if not o.startswith("LDG") or d is None:
+            continue
+        width = 4 if ".128" in o else 2 if ".64" in o else 1
+        regs, arrives = {d + k for k in range(width)}, 0
+        for a, x in (path + path)[i + 1:i + 1 + len(path)]:
+            xo, xd, xs = _operands(x)
+            if xo == "WARPGROUP.ARRIVE":
+                arrives += 1
+                if arrives == 2:
+                    break
+            if xs & regs and (a, x) not in seen:
+                seen.add((a, x))
+                out.append((a, x))
+            if xd is not None:
+                regs.discard(xd)
+            if not regs:
+                break
+    return out
+
+
 class Row(NamedTuple):
     kernel: str  # demangled
     inst: float  # warp instructions per stage on the hot path (per loop pass when shape is unknown)
@@ -229,7 +271,7 @@ class Row(NamedTuple):
     ctas_per_sm: int | None  # by registers and shared memory
     inflight_kb: float | None  # weight bytes per SM loaded one stage ahead (small-M kernels), KB
     mix: collections.Counter
-    prefetch_uses: int = 0  # instructions waiting on a just-loaded value inside the prefetch branch
+    prefetch_uses: int = 0  # instructions waiting on a just-loaded value (prefetch_uses; early_uses for wgmma)
 
 
 def resources(cuobjdump: str, arch: str, so: str) -> dict:
@@ -281,7 +323,8 @@ def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_kernel<|wgmma
         # (the wgmma kernels' x tiles are dynamic shared memory, which -res-usage does not show)
         ctas = ctas_per_sm(regs, smem, threads) if regs and threads and "small_m_kernel<" in dem else None
         shape = stage_shape(dem)
-        waits = len(prefetch_uses(ins))
+        two_ahead = re.search(r"wgmma_kernel<(?:small_m::)?(Int4Frag|Int8Frag|LutFrag)<", dem)
+        waits = len(early_uses(path)) if two_ahead else len(prefetch_uses(ins))
         if shape:
             stages = mma / shape[0]
             bpi = shape[1] * stages / len(path)
@@ -310,7 +353,8 @@ def main() -> None:
             print("      " + " ".join(f"{k}:{v}" for k, v in r.mix.most_common()))
     print(f"(ceiling: bytes per instruction x {ISSUE_PER_CLK} issues/clock x {SMS} SMs x {CLOCK_HZ / 1e9:.2f} GHz;"
           f" the H200's measured copy is {COPY_TBS} TB/s; pf-use: instructions in the next stage's load branch"
-          f" that wait on its loads, which should be 0)")
+          f" that wait on its loads (wgmma int4 / int8 / lut: reads of the loads of two stages ahead before the"
+          f" next stage's wgmmas), which should be 0)")
 
 
 if __name__ == "__main__":
