@@ -8,7 +8,7 @@
 #   RUN_GPU_BUDGET=480 RUN_GPU_FULL=1 bash benchmarks/run_gpu.sh   # full shapes instead of --quick
 #   OUT=/tmp/res RUN_GPU_ARCHIVE=/somewhere/results.tgz bash benchmarks/run_gpu.sh   # + one archive
 #   RUN_GPU_FOCUS=1 RUN_GPU_BUDGET=540 bash benchmarks/run_gpu.sh   # ~9 min: the path tests only, bench_quant / bench_lowrank /
-#       bench_decode, memcheck over the path cases (no racecheck), Nsight Compute with stall reasons on
+#       bench_decode (batch 1 and 16), memcheck over the path cases (no racecheck), Nsight Compute with stall reasons on
 #       int4 and low rank at M = 1, 16, 64, 256: the measurements that decide the open path choices
 #
 # Output folder: env.txt, gpu_tests_new.log/.xml (the newest paths' tests), gpu_tests.log/.xml, bench_<name>.log, <gpu>/<op>.json,
@@ -109,7 +109,9 @@ for i in "${!SCRIPTS[@]}"; do
   # an even share of what is left, at most 150 s a script; results are saved row by row,
   # so a script cut short still leaves what it measured (its JSON says "partial": true)
   share=$(( ($(left) - RESERVE - SAN_RESERVE) / (${#SCRIPTS[@]} - i) )); [ "$share" -gt 150 ] && share=150
-  step "$name" "$share" "$DEST/$name.log" "$PY" "$script" $QUICK || BENCH_RC=$?
+  EXTRA=()  # focus: decode at batch 16 too (issue 6's int4 target there), within the step's share
+  [ "$FOCUS" = 1 ] && [ "$name" = bench_decode ] && EXTRA=(--batches 1,16 --budget $(( share - 30 )))
+  step "$name" "$share" "$DEST/$name.log" "$PY" "$script" $QUICK "${EXTRA[@]}" || BENCH_RC=$?
   tail -n 4 "$DEST/$name.log" 2>/dev/null  # (no log when the step was skipped)
 done
 
