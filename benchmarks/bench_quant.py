@@ -86,12 +86,13 @@ def other_paths(op, M):
     """{peer name: fn}: `op` through the CUDA paths it does not take at this M, for A/B in one run:
     the general path (``cuda_general_path``: GEMV / WMMA tiles, every other path switched off)
     wherever another path runs, dequantize + cuBLAS (``cuda_dequant_cublas``) above M = 64 where it
-    does not run, on Hopper wgmma (``cuda_wgmma``) where it does not run and the small-M path
+    does not run, on Hopper wgmma (``cuda_wgmma``) where it does not run below M = 512 (M = 256
+    included, which takes dequantize + cuBLAS by default) and the small-M path
     (``cuda_small_m``) where wgmma takes an M it could serve, wgmma with one warpgroup per CTA
     (``cuda_wgmma_bn64``) where it runs with two, at M <= 8 the small-M path's M <= 16 tile
     (``cuda_small_m16``) instead of its transposed one, and the small-M path with its weights also
     prefetched into L2 2 or 4 stages ahead (``cuda_l2_ahead2`` / ``4``), and wgmma without its L2
-    prefetch of the weights (``cuda_wgmma_no_l2``) where it runs with one. Where the crossovers lie is a
+    prefetch of the weights (``cuda_wgmma_no_l2``, above M = 64) where it runs or is forced. Where the crossovers lie is a
     measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling variables
     costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
     paths = cuda_paths()
@@ -106,14 +107,17 @@ def other_paths(op, M):
                                               "REPARAM_DEQUANT_MIN_M", "0")
     if M > paths["small_m"]["max_m"] and M < dq:
         peers["cuda_dequant_cublas"] = with_env(fn, "REPARAM_DEQUANT_MIN_M", "1")
-    if hopper and not takes_wgmma and M < dq:
-        peers["cuda_wgmma"] = with_env(fn, "REPARAM_WGMMA_MIN_M", "1")
+    wgmma_env = () if takes_wgmma else None  # the variables that make the op take wgmma at this M
+    if hopper and not takes_wgmma and M < 512:  # from the dequantize threshold on, with it moved away
+        wgmma_env = ("REPARAM_WGMMA_MIN_M", "1", *(("REPARAM_DEQUANT_MIN_M", "0") if M >= dq else ()))
+        peers["cuda_wgmma"] = with_env(fn, *wgmma_env)
     if takes_wgmma and M <= paths["small_m"]["max_m"]:
         peers["cuda_small_m"] = with_env(fn, "REPARAM_WGMMA", "0")
     if takes_wgmma and os.environ.get("REPARAM_WGMMA_BN", "") != "64":  # one warpgroup per CTA instead of two
         peers["cuda_wgmma_bn64"] = with_env(fn, "REPARAM_WGMMA_BN", "64")
-    if takes_wgmma and paths["wgmma"]["l2_ahead"] > 2:  # below 3 the registers' loads are ahead of it: off
-        peers["cuda_wgmma_no_l2"] = with_env(fn, "REPARAM_WGMMA_L2_AHEAD", "0")
+    # wgmma without its L2 prefetch (below 3 stages the registers' loads are ahead of it: off anyway)
+    if wgmma_env is not None and M > paths["small_m"]["max_m"] and paths["wgmma"]["l2_ahead"] > 2:
+        peers["cuda_wgmma_no_l2"] = with_env(fn, *wgmma_env, "REPARAM_WGMMA_L2_AHEAD", "0")
     if takes_small and M <= paths["small_m"]["transposed_max_m"]:  # M <= 8 on the M <= 16 tile instead
         peers["cuda_small_m16"] = with_env(fn, "REPARAM_SMALL_M_T", "0")
     if takes_small:  # the weights also prefetched into L2 2 and 4 stages ahead (off by default)

@@ -9,7 +9,7 @@
 #   OUT=/tmp/res RUN_GPU_ARCHIVE=/somewhere/results.tgz bash benchmarks/run_gpu.sh   # + one archive
 #   RUN_GPU_FOCUS=1 RUN_GPU_BUDGET=540 bash benchmarks/run_gpu.sh   # ~9 min: the path tests only, bench_quant / bench_lowrank /
 #       bench_decode (batch 1 and 16), memcheck over the path cases (no racecheck), Nsight Compute with stall reasons on
-#       int4 and low rank at M = 1, 16, 64, 256: the measurements that decide the open path choices
+#       int4 and low rank at M = 1, 16, 64, 128 (wgmma): the measurements that decide the open path choices
 #
 # Output folder: env.txt, gpu_tests_new.log/.xml (the newest paths' tests), gpu_tests.log/.xml, bench_<name>.log, <gpu>/<op>.json,
 # sanitizer.log, racecheck.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS),
@@ -151,7 +151,7 @@ if command -v ncu >/dev/null 2>&1; then
   # Focus: where the warps wait (WarpStateStats, SchedulerStats) in the kernels whose targets are furthest.
   NCU_MORE=(); PROFILE=(--m 1,256)
   [ "$FOCUS" = 1 ] && NCU_MORE=(--section WarpStateStats --section SchedulerStats) \
-    && PROFILE=(--m 1,16,64,256 --kinds int4_g128,lowrank_40)
+    && PROFILE=(--m 1,16,64,128 --kinds int4_g128,lowrank_40)
   step ncu 60 "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     --section ComputeWorkloadAnalysis --section InstructionStats "${NCU_MORE[@]}" --csv --page details \
