@@ -150,7 +150,7 @@ if command -v ncu >/dev/null 2>&1; then
   # tools/sass_budget.py predicts for the decode loops (docs/benchmarks.md, "Instruction budget").
   # Focus: where the warps wait (WarpStateStats, SchedulerStats) in the kernels whose targets are furthest.
   NCU_MORE=(); PROFILE=(--m 1,256)
-  [ "$FOCUS" = 1 ] && NCU_MORE=(--section WarpStateStats --section SchedulerStats) \
+  [ "$FOCUS" = 1 ] && NCU_MORE=(--section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis_Tables) \
     && PROFILE=(--m 1,16,64,128 --kinds int4_g128,lowrank_40)
   step ncu 60 "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
