@@ -87,6 +87,7 @@ inline int device_attribute(int device) {
 }
 
 inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+inline int64_t l2_bytes(int device) { return device_attribute<cudaDevAttrL2CacheSize>(device); }
 inline int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
 // Lets `Kernel` launch with up to the device's opt-in shared memory (> 48 KB needs it), once per

@@ -26,6 +26,28 @@
 namespace reparam {
 namespace lowrank_small_m {
 
+// Brings into L2 the weights that work unit (bx, by) of p (BN = 4 * 8 * NG rows) will read: every
+// 128-byte line of its rows' K range, spread over the CTA's threads; each address passed lies inside
+// the range (a row's first byte + 128 j, and its last chunk). No registers held, nothing waited for.
+// The launch below runs it for its phase-2 units before phase 1.
+template <int NG, class Frag, class T>
+__device__ __forceinline__ void prefetch_unit_l2(const small_m::Problem<Frag, T>& p, int64_t bx, int64_t by) {
+  constexpr int BN = small_m::kWarpsN * 8 * NG;
+  const int64_t col0 = bx * BN, kb = by * p.kchunk, ke = min(p.K, kb + p.kchunk);
+  const int rows = int(min(int64_t(BN), p.N - col0));
+  if (rows <= 0 || ke <= kb) return;
+  const uint32_t k_first = uint32_t(kb), k_last = uint32_t(ke - Frag::kLaneK);  // K % kLaneK == 0
+  const auto* first0 = static_cast<const unsigned char*>(p.frag.at(p.frag.row(col0), k_first));
+  const auto* last0 = static_cast<const unsigned char*>(p.frag.at(p.frag.row(col0), k_last));
+  const int lines = int((last0 - first0) / 128) + 2;  // the last one: the row's last chunk
+  for (int e = threadIdx.x; e < rows * lines; e += small_m::kThreads) {
+    const int r = e / lines, j = e % lines;
+    const typename Frag::Row row = p.frag.row(col0 + r);
+    prefetch_l2(j == lines - 1 ? p.frag.at(row, k_last)
+                               : static_cast<const unsigned char*>(p.frag.at(row, k_first)) + 128 * j);
+  }
+}
+
 // Frag1: HalfFrag (plain v) or PivotFrag (pivoted w, x gathered through perm). Compiled for two CTAs
 // per SM (the grid is every resident CTA, and decode lives on loads in flight): at M > 16 that costs
 // spills of up to ~100 bytes per thread outside the main loop (ptxas; none in it: sass_budget --ops);
@@ -41,7 +63,7 @@ __global__ void __launch_bounds__(small_m::kThreads, 2)
   // and the barrier, and phase 2 reads them from L2 (prefetch_u: the host's choice, below).
   if (prefetch_u) {
     for (int64_t w = blockIdx.x; w < p2.columns * p2.splits; w += gridDim.x)
-      small_m::prefetch_unit_l2<NG>(p2, w % p2.columns, w / p2.columns);
+      prefetch_unit_l2<NG>(p2, w % p2.columns, w / p2.columns);
   }
   for (int64_t w = blockIdx.x; w < p1.columns * p1.splits; w += gridDim.x)
     small_m::run_unit<Frag1, T, MT, NG, true>(p1, w % p1.columns, w / p1.columns);
@@ -58,7 +80,6 @@ inline bool prefetch_u_enabled() {
   const char* v = std::getenv("REPARAM_LOWRANK_PREFETCH_U");
   return v == nullptr || v[0] != '0';
 }
-inline int64_t l2_bytes(int device) { return device_attribute<cudaDevAttrL2CacheSize>(device); }
 
 template <class Frag1, class T, int MT, int NG>
 bool launch(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,

@@ -310,11 +310,7 @@ inline bool enabled() {
 
 // REPARAM_WGMMA_L2_AHEAD=d: the weights are also prefetched into L2 d stages ahead (0 or 1..2: off;
 // default 4; bench_quant's peer cuda_wgmma_no_l2 times it off). Clamped to 0..16.
-inline int l2_ahead() {
-  const char* v = std::getenv("REPARAM_WGMMA_L2_AHEAD");
-  const long long d = v == nullptr || v[0] == '\0' ? 4 : std::atoll(v);
-  return d < 0 ? 0 : d > 16 ? 16 : int(d);
-}
+inline int l2_ahead() { return small_m::l2_ahead_from_env("REPARAM_WGMMA_L2_AHEAD", 4); }
 
 // The smallest M this path takes: REPARAM_WGMMA_MIN_M, default 65 (M <= 64 stays on the small-M
 // mma.sync path; which is faster at M = 33..64 is for the H200 to say: bench_quant times both).

@@ -457,56 +457,13 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 
   // Split K: the last CTA of this column block to arrive sums every split's partial.
   if (!arrived_last(&p.counters[bx], p.splits)) return;
-  const int outs = M * BN;
-  // With at most half as many outputs as threads and many splits (the low-rank phase 1 at M = 1: 128
-  // outputs, 64 splits), P threads share an output, each summing a contiguous 1/P of the splits, and
-  // the shares meet in shared memory in order (deterministic): P times fewer rounds of L2 latency.
-  const int P = outs * 2 <= kThreads ? int(min(int64_t(kThreads / outs), (p.splits + 15) / 16)) : 1;
-  if (P <= 1) {
-    finish_split_tile<kThreads>(
-        p.part, p.splits, int64_t(M) * N, outs,
-        [&](int e) { return col0 + e % BN < N ? int64_t(e / BN) * N + col0 + e % BN : int64_t(-1); },
-        [&](int e, float v) { p.y[int64_t(e / BN) * N + col0 + e % BN] = from_f32<T>(finish(v, e / BN, col0 + e % BN)); });
-    return;
-  }
-  const int e = threadIdx.x, o = e % outs, share = e / outs;  // share < P for e < outs * P
-  const bool mine = e < outs * P;
-  const int m = o / BN;
-  const int64_t n = col0 + o % BN;
-  const int64_t per = (p.splits + P - 1) / P, s_lo = share * per, s_hi = min(p.splits, s_lo + per);
-  float v = 0.f;
-  if (mine && n < N && s_lo < s_hi)
-    v = sum_splits(p.part + s_lo * M * N + int64_t(m) * N + n, s_hi - s_lo, int64_t(M) * N);
-  float* shares = &red[0][0][0][0];  // (P - 1) * outs < kThreads floats; red is free (arrived_last synced)
+  // (red, free again: arrived_last synced, is the scratch of a split shared between threads)
   static_assert(sizeof(red) / sizeof(float) >= kThreads, "the split shares fit in red");
-  if (mine && share > 0) shares[(share - 1) * outs + o] = v;
-  __syncthreads();
-  if (mine && share == 0 && n < N) {
-    for (int q = 1; q < P; ++q) v += shares[(q - 1) * outs + o];
-    p.y[int64_t(m) * N + n] = from_f32<T>(finish(v, m, n));
-  }
-}
-
-// Brings into L2 the weights that work unit (bx, by) of p (BN = 4 * 8 * NG rows) will read: every
-// 128-byte line of its rows' K range, spread over the CTA's threads; each address passed lies inside
-// the range (a row's first byte + 128 j, and its last chunk). No registers held, nothing waited for.
-// The low-rank launch runs it for its phase-2 units before phase 1 (lowrank_small_m.cuh).
-template <int NG, class Frag, class T>
-__device__ __forceinline__ void prefetch_unit_l2(const Problem<Frag, T>& p, int64_t bx, int64_t by) {
-  constexpr int BN = kWarpsN * 8 * NG;
-  const int64_t col0 = bx * BN, kb = by * p.kchunk, ke = min(p.K, kb + p.kchunk);
-  const int rows = int(min(int64_t(BN), p.N - col0));
-  if (rows <= 0 || ke <= kb) return;
-  const uint32_t k_first = uint32_t(kb), k_last = uint32_t(ke - Frag::kLaneK);  // K % kLaneK == 0
-  const auto* first0 = static_cast<const unsigned char*>(p.frag.at(p.frag.row(col0), k_first));
-  const auto* last0 = static_cast<const unsigned char*>(p.frag.at(p.frag.row(col0), k_last));
-  const int lines = int((last0 - first0) / 128) + 2;  // the last one: the row's last chunk
-  for (int e = threadIdx.x; e < rows * lines; e += kThreads) {
-    const int r = e / lines, j = e % lines;
-    const typename Frag::Row row = p.frag.row(col0 + r);
-    prefetch_l2(j == lines - 1 ? p.frag.at(row, k_last)
-                               : static_cast<const unsigned char*>(p.frag.at(row, k_first)) + 128 * j);
-  }
+  finish_split_tile<kThreads>(
+      p.part, p.splits, int64_t(M) * N, M * BN,
+      [&](int e) { return col0 + e % BN < N ? int64_t(e / BN) * N + col0 + e % BN : int64_t(-1); },
+      [&](int e, float v) { p.y[int64_t(e / BN) * N + col0 + e % BN] = from_f32<T>(finish(v, e / BN, col0 + e % BN)); },
+      &red[0][0][0][0]);
 }
 
 // One launch of one problem: CTA (bx, by) = work unit (bx, by).

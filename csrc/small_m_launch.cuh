@@ -26,12 +26,13 @@ inline int64_t resident_ctas(int device) {
   return int64_t(cached[d]) * sm_count(device);
 }
 
-// REPARAM_SMALL_M_L2_AHEAD=d: the quantized ops' small-M loop also prefetches the weights d stages
-// ahead into L2 (0 or unset: off, the default until the H200 has timed it; bench_quant's peers
-// cuda_l2_ahead2 / cuda_l2_ahead4). Clamped to 0..16.
-inline int l2_ahead_from_env() {
-  const char* v = std::getenv("REPARAM_SMALL_M_L2_AHEAD");
-  const long long d = v == nullptr ? 0 : std::atoll(v);
+// Stages ahead to prefetch weights into L2, from variable `name` (unset or empty: `fallback`),
+// clamped to 0..16. REPARAM_SMALL_M_L2_AHEAD=d: the quantized ops' small-M loop (default 0, off until
+// the H200 has timed it: bench_quant's peers cuda_l2_ahead2 / cuda_l2_ahead4); the wgmma loop reads
+// REPARAM_WGMMA_L2_AHEAD the same way (quant_wgmma.cuh).
+inline int l2_ahead_from_env(const char* name = "REPARAM_SMALL_M_L2_AHEAD", int fallback = 0) {
+  const char* v = std::getenv(name);
+  const long long d = v == nullptr || v[0] == '\0' ? fallback : std::atoll(v);
   return d < 0 ? 0 : d > 16 ? 16 : int(d);
 }
 

@@ -93,14 +93,34 @@ __device__ __forceinline__ float sum_splits(const float* part, int64_t splits, i
   return v;
 }
 
-// The last CTA's work on a split tile of `outs` outputs: output e's partials sit at part + off(e) +
-// s * stride (off(e) < 0: outside the matrix, skipped), and done(e, sum) finishes it. Each thread
-// takes kJ outputs at a time with their loads in flight together (up to 32), summing each in split
-// order (deterministic, the same sums as sum_splits): a tile with many outputs per thread (the wgmma
-// tiles: up to 64; the small-M M <= 16 tile: 8) no longer waits one round of L2 latency per output.
+// The last CTA's work on a split tile of `outs` outputs (called by every thread of the CTA): output
+// e's partials sit at part + off(e) + s * stride (off(e) < 0: outside the matrix, skipped), and
+// done(e, sum) finishes it. Each thread takes kJ outputs at a time with their loads in flight
+// together (up to 32), summing each in split order (deterministic, the same sums as sum_splits): a
+// tile with many outputs per thread (the wgmma tiles: up to 64; the small-M M <= 16 tile: 8) no
+// longer waits one round of L2 latency per output. With `scratch` (kThreads floats of shared memory,
+// free) and at most half as many outputs as threads and many splits (the low-rank phase 1 at M = 1:
+// 128 outputs, 64 splits), P threads share an output instead, each summing a contiguous 1/P of the
+// splits, and the shares meet in `scratch` in order: P times fewer rounds of L2 latency.
 template <int kThreads, class Off, class Done>
 __device__ __forceinline__ void finish_split_tile(const float* part, int64_t splits, int64_t stride, int outs,
-                                                  Off off, Done done) {
+                                                  Off off, Done done, float* scratch = nullptr) {
+  const int P = scratch != nullptr && outs * 2 <= kThreads ? int(min(int64_t(kThreads / outs), (splits + 15) / 16)) : 1;
+  if (P > 1) {
+    const int e = threadIdx.x, o = e % outs, share = e / outs;  // share < P for e < outs * P
+    const bool mine = e < outs * P;
+    const int64_t at = mine ? off(o) : -1;
+    const int64_t per = (splits + P - 1) / P, s_lo = share * per, s_hi = min(splits, s_lo + per);
+    float v = 0.f;
+    if (at >= 0 && s_lo < s_hi) v = sum_splits(part + at + s_lo * stride, s_hi - s_lo, stride);
+    if (mine && share > 0) scratch[(share - 1) * outs + o] = v;
+    __syncthreads();
+    if (at >= 0 && share == 0) {
+      for (int q = 1; q < P; ++q) v += scratch[(q - 1) * outs + o];
+      done(o, v);
+    }
+    return;
+  }
   constexpr int kJ = 8, kBatch = 4;
   for (int e0 = threadIdx.x; e0 < outs; e0 += kJ * kThreads) {
     int64_t o[kJ];

@@ -121,7 +121,7 @@ def test_split_fixup_shared_by_threads(rng):
     env = {"RK_CPU_SMS": "132", "RK_CPU_BLOCKS_PER_SM": "2"}
     traces = check(cases, refs, env=env)
     assert "grid (1,32,1)" in traces[0][0] and "grid (1,64,1)" in traces[1][0], traces
-    mutation = ("small_m_gemm.cuh", "for (int q = 1; q < P; ++q)", "for (int q = 1; q < P - 1; ++q)")
+    mutation = ("split_k_counters.h", "for (int q = 1; q < P; ++q)", "for (int q = 1; q < P - 1; ++q)")
     mutated = cuda_on_cpu.run_cases(cases, {**env, "REPARAM_LOWRANK_CUBLAS_MIN_M": "0"}, [mutation])
     for (y, _), ref in zip(mutated, refs):
         assert not torch.isfinite(y).all() or rel_err(y, ref) > TOL[torch.float16]
@@ -269,7 +269,7 @@ def test_lowrank_decode_prefetches_u_within_bounds(rng):
     # the same mutation never runs.
     cases, refs = lowrank_cases(rng, [(1, 136, 200, 24)], torch.float16)
     c, ref = cases[0], refs[0]  # plain factors (the pivoted case's phase 2 is the same)
-    mutation = ("small_m_gemm.cuh", "const int rows = int(min(int64_t(BN), p.N - col0));",
+    mutation = ("lowrank_small_m.cuh", "const int rows = int(min(int64_t(BN), p.N - col0));",
                 "const int rows = int(min(int64_t(BN), p.N - col0 + 1));")
     env = {"REPARAM_LOWRANK_CUBLAS_MIN_M": "0", "RK_CPU_SMS": "1"}
     assert within(run_twice(c, env), ref)

@@ -179,6 +179,17 @@ def stage_shape(name: str):
 _REG = re.compile(r"\bR(\d+)\b")
 
 
+def _operands(text: str):
+    """(opcode, destination register or None, source registers) of one instruction (opcode()'s
+    predicate rule; instructions that write no register have only sources)."""
+    o = opcode(text)
+    words = text.split()[2 if text.startswith("@") else 1:]
+    writes = not o.startswith(("ST", "BRA", "ISETP", "BSYNC", "BSSY", "WARPSYNC", "RED", "ATOM", "CCTL", "LDGSTS"))
+    d = _REG.match(words[0]) if writes and words else None
+    srcs = " ".join(words[1:] if writes else words)
+    return o, int(d.group(1)) if d else None, {int(r) for r in _REG.findall(srcs)}
+
+
 def prefetch_uses(ins):
     """Instructions that use a just-loaded value inside a prefetch branch: within each innermost
     BSSY .. BSYNC region that issues 16-byte global loads (the next stage's weights, loaded under
@@ -198,36 +209,20 @@ def prefetch_uses(ins):
                 continue
             loaded = set()
             for a, x in region:
-                o = opcode(x)
-                words = x.split()[2 if x.startswith("@") else 1:]  # operands (opcode()'s predicate rule)
+                o, d, srcs = _operands(x)
                 if o == "BRA" and not x.startswith("@"):
                     loaded = set()  # the end of one path of the branch
                     continue
                 if o.startswith("LDG"):
-                    d = _REG.match(words[0]) if words else None
-                    if d:
+                    if d is not None:
                         width = 4 if ".128" in o else 2 if ".64" in o else 1
-                        loaded |= {int(d.group(1)) + k for k in range(width)}
+                        loaded |= {d + k for k in range(width)}
                     continue
-                writes = not o.startswith(("ST", "BRA", "ISETP", "BSYNC", "BSSY", "WARPSYNC", "RED", "ATOM"))
-                srcs = " ".join(words[1:] if writes else words)
-                if {int(r) for r in _REG.findall(srcs)} & loaded:
+                if srcs & loaded:
                     out.append((a, x))
-                d = _REG.match(words[0]) if writes and words else None
-                if d:
-                    loaded.discard(int(d.group(1)))
+                if d is not None:
+                    loaded.discard(d)
     return out
-
-
-def _operands(text: str):
-    """(opcode, destination register or None, source registers) of one instruction (opcode()'s
-    predicate rule; instructions that write no register have only sources)."""
-    o = opcode(text)
-    words = text.split()[2 if text.startswith("@") else 1:]
-    writes = not o.startswith(("ST", "BRA", "ISETP", "BSYNC", "BSSY", "WARPSYNC", "RED", "ATOM", "CCTL", "LDGSTS"))
-    d = _REG.match(words[0]) if writes and words else None
-    srcs = " ".join(words[1:] if writes else words)
-    return o, int(d.group(1)) if d else None, {int(r) for r in _REG.findall(srcs)}
 
 
 def early_uses(path):
