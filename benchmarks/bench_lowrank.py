@@ -11,6 +11,8 @@ and `flops`; the copy bandwidth and bf16 GEMM ceilings are measured first in
 the same run and stored under `ceilings`, so achieved bandwidth is read
 against the copy ceiling of this very run.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -87,6 +89,19 @@ def no_prefetch_u(M):
     return with_env(_lowrank_op, "REPARAM_LOWRANK_PREFETCH_U", "0")
 
 
+def ring(M):
+    """lowrank_linear with its decode launch streaming both factors through the small-M loop's
+    shared-memory ring (REPARAM_SMALL_M_RING=1; off by default, and an explicit 0 skips it) where the op
+    runs that launch: the A/B peer of the ring. None elsewhere."""
+    paths = cuda_paths()
+    min_m = paths["lowrank_cublas"]["min_m"]
+    if not paths["small_m"]["on"] or M > paths["small_m"]["max_m"] or (min_m is not None and M >= min_m):
+        return None
+    if paths["small_m"]["ring"] or os.environ.get("REPARAM_SMALL_M_RING", "") == "0":
+        return None
+    return with_env(_lowrank_op, "REPARAM_SMALL_M_RING", "1")
+
+
 def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     """Check, then time, one case; `device`/`count` exist so the CPU tests can run it small."""
     elt = torch.empty((), dtype=dtype).element_size()
@@ -110,6 +125,9 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     no_pf = no_prefetch_u(M) if device == "cuda" else None
     if no_pf is not None:
         peers["cuda_no_prefetch_u"] = Contender(no_pf, low)
+    with_ring = ring(M) if device == "cuda" else None
+    if with_ring is not None:
+        peers["cuda_ring"] = Contender(with_ring, low)
     rows = run_case(
         res, dtype=dtype, M=M, N=N, K=K, params={"rank": r}, modes=modes,
         ours=Contender(lambda x, u, v: reparam_kernels.ops.lowrank_linear(x, u, v), low),

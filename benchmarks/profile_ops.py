@@ -5,6 +5,10 @@ achieved DRAM bandwidth, occupancy and launch shape are on record next to the be
     ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight ... python benchmarks/profile_ops.py
 
 Warm-up calls happen outside the range, so only the measured call of each (layer, M) is profiled.
+`--ring`: the quantized and low-rank kinds at M <= 64 are called once more with the small-M loop's
+shared-memory ring switched on (REPARAM_SMALL_M_RING=1; its kernels are small_m_ring_kernel<..., false>
+and lowrank_small_m_kernel<..., true>), int4 above M = 8 also with x in it (2: small_m_ring_kernel<...,
+true>), so one profile compares them.
 `--device cpu` runs the same calls on the CPU (checks the script itself; no profile).
 """
 import argparse
@@ -14,8 +18,11 @@ import sys
 import torch
 import torch.nn.functional as F
 
+RING_KINDS = ("int4_g128", "int8", "lut_log4", "lowrank_40", "lowrank_40_pivoted")
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reparam_kernels.bench import variants  # noqa: E402
+from reparam_kernels.bench.cases import env_var  # noqa: E402
 
 # (kind, out_features, in_features): the DESIGN.md decode shapes, one per kind
 SHAPES = [("int4_g128", 8192, 8192), ("int8", 8192, 8192), ("lowrank_40", 8192, 8192),
@@ -38,6 +45,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--m", default="1,16", help="comma-separated batch sizes")
     p.add_argument("--kinds", default=None, help=f"comma-separated subset of {','.join(k for k, _, _ in SHAPES)}")
+    p.add_argument("--ring", action="store_true", help="also call the small-M kinds with the shared-memory ring on")
     args = p.parse_args(argv)
     wanted = None if args.kinds is None else set(args.kinds.split(","))
     if wanted is not None and not wanted <= {k for k, _, _ in SHAPES}:
@@ -72,6 +80,20 @@ def main(argv=None):
                 torch.cuda.nvtx.range_pop()
                 torch.cuda.synchronize()
             print(f"profile_ops: {kind} {n}x{k} M={m}: out {tuple(y.shape)}, dense {tuple(ref.shape)}", flush=True)
+            modes = ("1", "2") if kind == "int4_g128" and m > 8 else ("1",)  # 2: x in the ring too (int4, M > 8)
+            for mode in modes if args.ring and kind in RING_KINDS and m <= 64 else ():
+                if os.environ.get("REPARAM_SMALL_M_RING", "") == "0":  # switched off by the runner
+                    break
+                with env_var("REPARAM_SMALL_M_RING", mode):
+                    layer(x)  # warm-up (the ring kernel's first launch)
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.nvtx.range_push("profile")
+                    y_ring = layer(x)
+                    if cuda:
+                        torch.cuda.nvtx.range_pop()
+                        torch.cuda.synchronize()
+                print(f"profile_ops: {kind} {n}x{k} M={m} ring {mode}: out {tuple(y_ring.shape)}", flush=True)
     return 0
 
 

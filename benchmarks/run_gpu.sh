@@ -9,7 +9,8 @@
 #   OUT=/tmp/res RUN_GPU_ARCHIVE=/somewhere/results.tgz bash benchmarks/run_gpu.sh   # + one archive
 #   RUN_GPU_FOCUS=1 RUN_GPU_BUDGET=540 bash benchmarks/run_gpu.sh   # ~9 min: the path tests only, bench_quant / bench_lowrank /
 #       bench_decode (batch 1 and 16), memcheck over the path cases (no racecheck), Nsight Compute with stall reasons on
-#       int4 and low rank at M = 1, 16, 64, 128 (wgmma): the measurements that decide the open path choices
+#       int4, low rank (also with the small-M ring) and block-circulant at M = 1, 16, 64, 128: the measurements
+#       that decide the open path choices
 #
 # Output folder: env.txt, gpu_tests_new.log/.xml (the newest paths' tests), gpu_tests.log/.xml, bench_<name>.log, <gpu>/<op>.json,
 # sanitizer.log, racecheck.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS),
@@ -55,13 +56,15 @@ fi
 step env 60 "$DEST/env.txt" "$PY" -m reparam_kernels env; cat "$DEST/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$DEST/env.txt" 2>&1
 
-# Smoke-test each kernel path added in sessions 5, 6 and 10 in its own process first (the transposed
-# small-M tile before the rest of the small-M path, so that its failure switches off only it). A path
+# Smoke-test each kernel path added in sessions 5, 6, 10 and 13 in its own process first (the transposed
+# small-M tile and the small-M ring before the rest of the small-M path, so that a failure switches off
+# only them; the ring is off by default, its smoke cases switch it on, and a failure sets it to 0, which
+# also drops bench_quant's cuda_ring peer). A path
 # that crashes or computes wrong on the GPU is switched off (its variable) for the rest of the run, so
 # one bad kernel cannot take every later test and benchmark down with a sticky CUDA error;
 # smoke_<path>.log says why. A failure with no sign of the GPU in it (a Python error building a layer)
 # leaves the path on: switching it off cost the first H200 run every small-M and wgmma test.
-for pair in "transposed:REPARAM_SMALL_M_T" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M"; do
+for pair in "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M"; do
   match="${pair%%:*}"; var="${pair##*:}"
   if ! timeout 90 "$PY" benchmarks/sanitize_ops.py --paths-only --match "$match" > "$DEST/smoke_$match.log" 2>&1; then
     if grep -qiE "CUDA error|AcceleratorError|illegal|launch failure|relative error|FAIL|Killed|Terminated" \
@@ -103,7 +106,7 @@ for s in benchmarks/bench_*.py; do [ "$s" != benchmarks/bench_decode.py ] && SCR
 [ "$FOCUS" = 1 ] && SCRIPTS=(benchmarks/bench_quant.py benchmarks/bench_lowrank.py)
 [ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py)
 SAN_RESERVE=150   # keep this much for compute-sanitizer (memcheck <= 80 s, racecheck <= 30 s) and Nsight Compute (<= 40 s)
-[ "$FOCUS" = 1 ] && SAN_RESERVE=130   # no racecheck; ncu up to 60 s
+[ "$FOCUS" = 1 ] && SAN_RESERVE=160   # no racecheck; ncu up to 90 s (~30 kernels)
 for i in "${!SCRIPTS[@]}"; do
   script="${SCRIPTS[$i]}"; name="$(basename "$script" .py)"
   # an even share of what is left, at most 150 s a script; results are saved row by row,
@@ -111,6 +114,8 @@ for i in "${!SCRIPTS[@]}"; do
   share=$(( ($(left) - RESERVE - SAN_RESERVE) / (${#SCRIPTS[@]} - i) )); [ "$share" -gt 150 ] && share=150
   EXTRA=()  # focus: decode at batch 16 too (issue 6's int4 target there), within the step's share
   [ "$FOCUS" = 1 ] && [ "$name" = bench_decode ] && EXTRA=(--batches 1,16 --budget $(( share - 30 )))
+  # focus: fp16 only (the targets' dtype), so the A/B peers of every case fit the script's share
+  [ "$FOCUS" = 1 ] && [ "$name" != bench_decode ] && EXTRA=(--dtypes fp16)
   step "$name" "$share" "$DEST/$name.log" "$PY" "$script" $QUICK "${EXTRA[@]}" || BENCH_RC=$?
   tail -n 4 "$DEST/$name.log" 2>/dev/null  # (no log when the step was skipped)
 done
@@ -148,11 +153,13 @@ fi
 if command -v ncu >/dev/null 2>&1; then
   # ComputeWorkloadAnalysis ("Issue Slots Busy") and InstructionStats check the instruction budget that
   # tools/sass_budget.py predicts for the decode loops (docs/benchmarks.md, "Instruction budget").
-  # Focus: where the warps wait (WarpStateStats, SchedulerStats) in the kernels whose targets are furthest.
-  NCU_MORE=(); PROFILE=(--m 1,256)
+  # Focus: where the warps wait (WarpStateStats, SchedulerStats) in the kernels whose targets are furthest,
+  # the small-M kernels also with their shared-memory ring (--ring), and block-circulant decode (1.19x
+  # measured at M = 1 against a predicted 3-4x: its time is latency, which the stall reasons locate).
+  NCU_MORE=(); PROFILE=(--m 1,256); NCU_MAX=60
   [ "$FOCUS" = 1 ] && NCU_MORE=(--section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis_Tables) \
-    && PROFILE=(--m 1,16,64,128 --kinds int4_g128,lowrank_40)
-  step ncu 60 "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+    && PROFILE=(--m 1,16,64,128 --kinds int4_g128,lowrank_40,block_circulant_b256 --ring) && NCU_MAX=90
+  step ncu "$NCU_MAX" "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     --section ComputeWorkloadAnalysis --section InstructionStats "${NCU_MORE[@]}" --csv --page details \
     --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py "${PROFILE[@]}"

@@ -52,6 +52,16 @@ def path_cases():
          (1, 40)),
         ("lut small-M split", lambda dt, dev: rnn.LUTLinear.from_linear(lin(1024, 72, dt, dev), method="log", bits=4),
          (1, 40)),
+        # the quantized small-M loop with its weights through the shared-memory ring (REPARAM_SMALL_M_RING,
+        # off by default; smoke-tested on its own by run_gpu.sh): the transposed, M <= 16 and M <= 64 tiles;
+        # "ring+x": x through it too (2)
+        ("int4 small-M ring", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1056, 72, dt, dev), group_size=32),
+         (1, 12, 40)),
+        ("int4 small-M ring+x", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1056, 72, dt, dev), group_size=32),
+         (12, 40)),
+        ("int8 small-M ring", lambda dt, dev: rnn.Int8Linear.from_linear(lin(1056, 72, dt, dev)), (1, 12, 40)),
+        ("lut small-M ring", lambda dt, dev: rnn.LUTLinear.from_linear(lin(1056, 72, dt, dev), method="log", bits=4),
+         (1, 12, 40)),
         ("lowrank small-M", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64), (1, 40)),
         ("lowrank two-GEMM", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32), (600,)),
         ("pivoted small-M", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64),
@@ -115,9 +125,17 @@ def main(argv=None):
         # the fused low-rank kernels at every M (by default M >= 2 takes two cuBLAS products); the
         # two-GEMM cases keep the default
         fused = name.startswith(("lowrank", "pivoted")) and "two-GEMM" not in name
+        # the ring cases switch the ring on, unless it is switched off outright (run_gpu.sh after a failed smoke run)
+        ring = "1" if name.endswith(" ring") else "2" if name.endswith(" ring+x") else None
+        if os.environ.get("REPARAM_SMALL_M_RING", "") == "0":
+            ring = None
         for dtype in dtypes:
             layer = make(dtype, device)
-            with env_var("REPARAM_LOWRANK_CUBLAS_MIN_M", "0") if fused else contextlib.nullcontext():
+            with contextlib.ExitStack() as stack:
+                if fused:
+                    stack.enter_context(env_var("REPARAM_LOWRANK_CUBLAS_MIN_M", "0"))
+                if ring:
+                    stack.enter_context(env_var("REPARAM_SMALL_M_RING", ring))
                 for m in batches:
                     check(name, layer, m, layer.in_features, dtype, device, recorder, bad)
             print(f"sanitize_ops: {name} {str(dtype)[6:]} ok", flush=True)

@@ -90,14 +90,16 @@ inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProces
 inline int64_t l2_bytes(int device) { return device_attribute<cudaDevAttrL2CacheSize>(device); }
 inline int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
-// Lets `Kernel` launch with up to the device's opt-in shared memory (> 48 KB needs it), once per
-// device (a template argument: each kernel instance has its own flags).
+// Lets `Kernel` launch with up to `bytes` of dynamic shared memory (0: the device's opt-in maximum;
+// > 48 KB needs it; a kernel with static shared memory must pass what it needs, the sum may not pass
+// the maximum), once per device (a template argument: each kernel instance has its own flags).
 template <auto Kernel>
-inline void allow_smem_optin(int device) {
+inline void allow_smem_optin(int device, int bytes = 0) {
   static bool done[64] = {false};
   const int slot = (device >= 0 && device < 64) ? device : 0;
   if (done[slot]) return;
-  RK_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_optin(device)));
+  RK_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     bytes > 0 ? bytes : max_smem_optin(device)));
   done[slot] = true;
 }
 
@@ -151,11 +153,32 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+// bar.sync kId, 128: a barrier of the 128 threads of this thread's warpgroup (warps 4w .. 4w + 3) only,
+// named kId (1..15; 0 is __syncthreads'; an immediate: with a register id ptxas reserves all 16 named
+// barriers for the kernel). The small-M ring's x tile is shared by one warpgroup.
+template <int kId>
+__device__ __forceinline__ void warpgroup_bar() {
+  asm volatile("bar.sync %0, 128;\n" ::"n"(kId) : "memory");
+}
+// 16 bytes from shared memory, as a volatile asm: kept after the cp_async_wait before it and before
+// the next cp_async16 after it in program order (a thread reading back its own copies needs no barrier,
+// only that order; a plain load could be moved across the asm statements).
+__device__ __forceinline__ uint4 ld_shared16(const void* smem) {
+  uint4 v;
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(s));
+  return v;
+}
 #else  // the CPU execution harness (python_tests/cuda_on_cpu) models the copies instead of the PTX
 inline void cp_async16(void* smem, const void* gmem, int src_bytes) { ::rk_cpu::cp_async16(smem, gmem, src_bytes); }
 inline void cp_async_commit() { ::rk_cpu::cp_async_commit(); }
 inline void prefetch_l2(const void* p) { ::rk_cpu::prefetch_l2(p); }
 template <int N> inline void cp_async_wait() { ::rk_cpu::cp_async_wait(N); }
+inline uint4 ld_shared16(const void* smem) { return *static_cast<const uint4*>(smem); }
+template <int kId>
+inline void warpgroup_bar(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::rk_cpu::warpgroup_barrier(file, line);
+}
 #endif
 
 }  // namespace reparam

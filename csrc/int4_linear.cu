@@ -94,11 +94,16 @@ struct Int4Frag {
   __device__ __forceinline__ Row row(int64_t n) const { return {uint32_t(n) * uint32_t(K / 2)}; }
   // (the scales share a line per 64 groups: no prefetch needed for them)
   __device__ __forceinline__ const void* at(const Row& r, uint32_t kt) const { return q + (r.off + (kt >> 1)); }
+  // The chunk's scale and zero point without its 16 bytes (q = 0): what the small-M loop's
+  // shared-memory ring keeps in registers (small_m::has_side).
+  __device__ __forceinline__ Chunk side(const Row& r, uint32_t kt) const {
+    const uint32_t gi = (r.off + (kt >> 1)) >> (group_shift - 1);  // group % 32 == 0: one group per lane block
+    return {make_uint4(0u, 0u, 0u, 0u), small_m::load16(scales + gi), small_m::load16(zeros + gi)};
+  }
   __device__ __forceinline__ Chunk load(const Row& r, uint32_t kt) const {
-    const uint32_t o = r.off + (kt >> 1);
-    const uint32_t gi = o >> (group_shift - 1);  // group % 32 == 0: one group per lane block
-    return {__ldg(reinterpret_cast<const uint4*>(q + o)), small_m::load16(scales + gi),
-            small_m::load16(zeros + gi)};
+    Chunk c = side(r, kt);
+    c.q = __ldg(reinterpret_cast<const uint4*>(at(r, kt)));
+    return c;
   }
   __device__ __forceinline__ Chunk load(int64_t n, int64_t kt) const { return load(row(n), uint32_t(kt)); }
   static __device__ __forceinline__ Chunk zero() { return {make_uint4(0u, 0u, 0u, 0u), 0u, 0u}; }

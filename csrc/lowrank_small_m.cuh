@@ -51,14 +51,16 @@ __device__ __forceinline__ void prefetch_unit_l2(const small_m::Problem<Frag, T>
 // Frag1: HalfFrag (plain v) or PivotFrag (pivoted w, x gathered through perm). Compiled for two CTAs
 // per SM (the grid is every resident CTA, and decode lives on loads in flight): at M > 16 that costs
 // spills of up to ~100 bytes per thread outside the main loop (ptxas; none in it: sass_budget --ops);
-// without the bound sm_80 takes 160-180 registers there, one CTA per SM.
-template <class Frag1, class T, int MT, int NG>
+// without the bound sm_80 takes 160-180 registers there, one CTA per SM. kRing: both phases stream
+// their weights through small_m's shared-memory ring (ring_bytes<NG>() of dynamic shared memory).
+template <class Frag1, class T, int MT, int NG, bool kRing = false>
 __global__ void __launch_bounds__(small_m::kThreads, 2)
     lowrank_small_m_kernel(small_m::Problem<Frag1, T> p1, small_m::Problem<small_m::HalfFrag<T>, T> p2,
                            bool prefetch_u) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
 #else
+  extern __shared__ __align__(16) uint4 lowrank_ring[];
   // u does not depend on t: its phase-2 lines are requested now, so their DRAM reads overlap phase 1
   // and the barrier, and phase 2 reads them from L2 (prefetch_u: the host's choice, below).
   if (prefetch_u) {
@@ -66,10 +68,11 @@ __global__ void __launch_bounds__(small_m::kThreads, 2)
       prefetch_unit_l2<NG>(p2, w % p2.columns, w / p2.columns);
   }
   for (int64_t w = blockIdx.x; w < p1.columns * p1.splits; w += gridDim.x)
-    small_m::run_unit<Frag1, T, MT, NG, true>(p1, w % p1.columns, w / p1.columns);
+    small_m::run_unit<Frag1, T, MT, NG, true, false, kRing>(p1, w % p1.columns, w / p1.columns, lowrank_ring);
   cooperative_groups::this_grid().sync();  // t complete and visible
   for (int64_t w = blockIdx.x; w < p2.columns * p2.splits; w += gridDim.x)  // t was written in this launch:
-    small_m::run_unit<small_m::HalfFrag<T>, T, MT, NG, false>(p2, w % p2.columns, w / p2.columns);  // coherent loads
+    small_m::run_unit<small_m::HalfFrag<T>, T, MT, NG, false, false, kRing>(p2, w % p2.columns, w / p2.columns,
+                                                                             lowrank_ring);  // coherent x loads
 #endif
 }
 
@@ -81,13 +84,12 @@ inline bool prefetch_u_enabled() {
   return v == nullptr || v[0] != '0';
 }
 
-template <class Frag1, class T, int MT, int NG>
-bool launch(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,
-            int64_t r, const Tensor& like, cudaStream_t stream) {
+template <auto Kernel, int NG, class Frag1, class T>
+bool launch_with(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,
+                 int64_t r, size_t smem, const Tensor& like, cudaStream_t stream) {
   using Half = small_m::HalfFrag<T>;
-  constexpr auto kernel = lowrank_small_m_kernel<Frag1, T, MT, NG>;
   const int device = like.get_device_index();
-  const int64_t grid = small_m::resident_ctas<kernel>(device);  // all co-resident: the grid barrier needs it
+  const int64_t grid = small_m::resident_ctas<Kernel>(device, smem);  // all co-resident: the grid barrier needs it
   Tensor t = torch::stable::new_empty(like, {M * r});
   small_m::Problem<Frag1, T> p1{f1, x, nullptr, static_cast<T*>(t.data_ptr()), nullptr, nullptr, int(M), r, K1, 0, 0, 0};
   small_m::Problem<Half, T> p2{Half{u, r}, static_cast<const T*>(t.data_ptr()), bias, y, nullptr, nullptr, int(M), N, r,
@@ -103,9 +105,28 @@ bool launch(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_
   Tensor part1 = small_m::attach_partials(p1, like), part2 = small_m::attach_partials(p2, like);
   bool prefetch_u = prefetch_u_enabled() && N * r * int64_t(sizeof(T)) <= l2_bytes(device) / 2;
   void* params[] = {&p1, &p2, &prefetch_u};
-  RK_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(unsigned(grid)),
-                                            dim3(small_m::kThreads), params, 0, stream));
+  RK_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(Kernel), dim3(unsigned(grid)),
+                                            dim3(small_m::kThreads), params, smem, stream));
   return true;  // t / part1 / part2 are freed here; the caching allocator reuses them only after this launch
+}
+
+// The ring (REPARAM_SMALL_M_RING=1) where it keeps as many CTAs resident as the register-fed loop.
+template <class Frag1, class T, int MT, int NG>
+bool launch(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,
+            int64_t r, const Tensor& like, cudaStream_t stream) {
+  constexpr auto kernel = lowrank_small_m_kernel<Frag1, T, MT, NG>;
+  const int device = like.get_device_index();
+  if (small_m::ring_enabled()) {
+    constexpr auto ring_kernel = lowrank_small_m_kernel<Frag1, T, MT, NG, true>;
+    constexpr int smem = small_m::ring_bytes<NG>();
+    // (beside it the two phases' K-warp sums, at most 32 KB of static shared memory)
+    if (smem + 32 * 1024 <= max_smem_optin(device)) {
+      allow_smem_optin<ring_kernel>(device, smem);
+      if (small_m::resident_ctas<ring_kernel>(device, smem) >= small_m::resident_ctas<kernel>(device))
+        return launch_with<ring_kernel, NG>(f1, x, u, bias, y, M, N, K1, r, smem, like, stream);
+    }
+  }
+  return launch_with<kernel, NG>(f1, x, u, bias, y, M, N, K1, r, 0, like, stream);
 }
 
 // y = x @ W^T + bias on this path when it applies (false: the caller takes another): W = u @ v for

@@ -49,6 +49,8 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "small_m_frag_traits.cuh"
+#include "small_m_regs.cuh"
 #include "split_k_counters.h"
 
 namespace reparam {
@@ -62,116 +64,35 @@ inline bool rows_fit32(int64_t rows, int64_t row_len) {
   return rows < (int64_t(1) << 31) && rows * row_len < (int64_t(1) << 32);
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
-  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+// The weights' shared-memory ring (REPARAM_SMALL_M_RING=1, the standalone kernel only): each thread
+// copies its chunks kRingStages - 1 stages ahead by cp.async into its own slots, [stage][j][thread]
+// 16 bytes each, and reads back only what it copied itself (cp.async.wait_group, no barrier; a warp's
+// 32 slots are 512 consecutive bytes: 4 wavefronts, no conflict). The registers hold one stage ahead
+// (32 KB of weights per SM in flight at M <= 16, two CTAs); the ring holds three (96 KB) and frees
+// the registers of the chunks in flight. Marlin streams its weights the same way.
+constexpr int kRingStages = 4;
+template <int NG>
+constexpr int ring_bytes() {
+  return kRingStages * NG * kThreads * 16;
 }
 
-// (w & mask) | c as one LOP3: written out, the compiler emits an AND and an OR (a LOP3 takes one
-// immediate). Half the decode of an int4 pair.
-__device__ __forceinline__ uint32_t and_or(uint32_t w, uint32_t mask, uint32_t c) {
-#ifdef REPARAM_CPU_CUDA
-  return (w & mask) | c;
-#else
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(d) : "r"(w), "r"(mask), "r"(c));
-  return d;
-#endif
+// With REPARAM_SMALL_M_RING=2 the ring also carries x, for the tiles with x as the A operand (MT >= 1)
+// of such formats. Each warp of a warpgroup (the 4 N-warps of one K-warp) read the same x rows: 16 MT
+// rows of 4 kLaneK k per stage, 4 KB at MT = 1, which they loaded from L1 each, 8 rows x 2 lines per
+// 16-byte load (a lane's 32-k block lies 64 bytes from its neighbour's): ~128 L1 wavefronts a stage
+// per warp, as much L1 time as the weights' DRAM time at M = 16 (docs/benchmarks.md, "A second
+// count"). In the ring the warpgroup copies the tile once, whole lines at a time (4 wavefronts per 512
+// bytes), and each warp reads it back conflict-free: the 16-byte unit u = 4t + i of row r sits at
+// u ^ ((u >> 3) | (r & 1) << 1), so the 8 lanes of a quarter-warp (t = 0..3, two rows) hit 8 distinct
+// bank groups. One barrier of the warpgroup a stage (the tile is shared) orders copies and reads.
+template <class Frag, int MT>
+constexpr bool x_fits_ring() {
+  return MT >= 1 && !plain_x<Frag>::value && !gathers_x<Frag>::value;
 }
-
-// v, with where it came from hidden from the compiler: left to itself it recomputes a work unit's row
-// offsets from the thread index inside the main loop (~10 instructions per stage, at any register
-// count) instead of keeping them in registers; hidden, it keeps them (int4 M <= 8: 324 -> 314).
-__device__ __forceinline__ void keep_in_register(uint32_t& v) {
-#ifndef REPARAM_CPU_CUDA
-  asm volatile("" : "+r"(v));
-#endif
+template <class Frag, class T, int MT>
+constexpr int x_ring_bytes() {
+  return kRingStages * kWarpsK * 16 * MT * 4 * Frag::kLaneK * int(sizeof(T));
 }
-
-// PRMT with a selector whose nibbles have bit 3 clear (no sign-replicate mode): __byte_perm masks
-// its selector to 3 bits per nibble, one LOP3 per call when the compiler cannot see the bits are
-// clear (selectors built by and_or). LutFrag's table lookups.
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t s) {
-#ifdef REPARAM_CPU_CUDA
-  return __byte_perm(a, b, s);
-#else
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(d) : "r"(a), "r"(b), "r"(s));
-  return d;
-#endif
-}
-
-// The 16-bit value at p, zero-extended (a T's bits), and a 16-bit value in both halves of a word (a
-// half2 / bfloat162 (v, v)): one load, one permute. Kept apart so that a Frag's load() only loads and
-// the permute waits for the use (below).
-template <class T>
-__device__ __forceinline__ uint32_t load16(const T* p) {
-  return __ldg(reinterpret_cast<const unsigned short*>(p));
-}
-__device__ __forceinline__ uint32_t dup16(uint32_t v) { return __byte_perm(v, 0u, 0x1010); }
-
-// Packed-pair arithmetic on the bits of a half2 / bfloat162, and the mma.
-template <class T>
-struct Pair {
-  static constexpr bool kHalf = std::is_same<T, __half>::value;
-  using V = std::conditional_t<kHalf, __half2, __nv_bfloat162>;
-  static __device__ __forceinline__ uint32_t bits(const V& v) { return *reinterpret_cast<const uint32_t*>(&v); }
-  static __device__ __forceinline__ const V& val(const uint32_t& u) { return *reinterpret_cast<const V*>(&u); }
-  static __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-    if constexpr (kHalf) return bits(__floats2half2_rn(lo, hi));
-    else return bits(__floats2bfloat162_rn(lo, hi));
-  }
-  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) { return bits(__hsub2(val(a), val(b))); }
-  static __device__ __forceinline__ uint32_t mul(uint32_t a, uint32_t b) { return bits(__hmul2(val(a), val(b))); }
-  static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
-    return bits(__hfma2(val(a), val(b), val(c)));
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#ifdef REPARAM_CPU_CUDA  // the CPU execution harness (python_tests/cuda_on_cpu) computes it from all 32 lanes
-    ::rk_cpu::mma_m16n8k16(d, a, b0, b1, kHalf, __FILE__, __LINE__);
-#else
-    if constexpr (kHalf) {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    } else {
-      asm volatile(
-          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    }
-#endif
-  }
-};
-
-// Formats with gather_x(m, k) / out_add(m, n) read x through a column map and add a per-output
-// term (PivotFrag: the pivoted low-rank factor's first product).
-template <class F, class = void>
-struct gathers_x : std::false_type {};
-template <class F>
-struct gathers_x<F, std::void_t<decltype(&F::gather_x)>> : std::true_type {};
-
-// Formats whose A operand is a_consecutive of plain x (kPlainX; not gathered) take x word by word
-// straight into the A registers instead of as 16-byte vectors.
-template <class F, class = void>
-struct loads_x_words : std::false_type {};
-template <class F>
-struct loads_x_words<F, std::void_t<decltype(F::kPlainX)>> : std::bool_constant<F::kPlainX && !gathers_x<F>::value> {};
-
-// Formats with a RowState (and row_state(n), and b(chunk, state, i, h, b0, b1)) keep per-row data that
-// is constant along K in registers, loaded once per work unit (LutFrag: the row's lookup table).
-template <class F, class = void>
-struct has_row_state : std::false_type {};
-template <class F>
-struct has_row_state<F, std::void_t<typename F::RowState>> : std::true_type {};
-template <class F, class = void>
-struct row_state_of {
-  struct type {};
-};
-template <class F>
-struct row_state_of<F, std::void_t<typename F::RowState>> {
-  using type = typename F::RowState;
-};
 
 // One GEMM of this path and how its work is cut: `columns` blocks of BN output
 // rows times `splits` ranges of K (kchunk each, a multiple of the CTA stage).
@@ -219,9 +140,13 @@ constexpr bool fold_x_offsets() {
 // per lane instead of two (half the x loads and permutes), at no extra registers: C = W x^T, the
 // accumulators (weight row, x row) the transpose of the other tiles'.
 // kL2: the loop can prefetch weights into L2 (p.l2_ahead; the standalone kernel only: the low-rank
-// launch keeps its loop as it was).
-template <class Frag, class T, int MT, int NG, bool kXConst, bool kL2 = false>
-__device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by) {
+// launch keeps its loop as it was). kRing: the weights stream through `ring` (ring_bytes<NG>() of
+// shared memory; see kRingStages) instead of registers, and no L2 prefetch runs; kXRing: x too (after
+// the weights' slots, x_ring_bytes<Frag, T, MT>() more; see x_fits_ring).
+template <class Frag, class T, int MT, int NG, bool kXConst, bool kL2 = false, bool kRing = false, bool kXRing = false>
+__device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by, uint4* ring = nullptr) {
+  static_assert(!kXRing || (kRing && kXConst && x_fits_ring<Frag, MT>()), "x rides the ring only where it fits");
+  static_assert(!kXRing || 4 * Frag::kLaneK * sizeof(T) == 256, "the x ring's swizzle assumes 16 units a row");
   constexpr bool kT = MT == 0;
   static_assert(!kT || NG % 2 == 0, "the transposed tile pairs n8-groups into m16 weight tiles");
   constexpr int MTA = kT ? 1 : MT;          // x tiles (array extents)
@@ -261,7 +186,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   auto lane_k = [&](int st) { return kt0 + uint32_t(st) * kUnitK; };
   // L2 prefetch (kL2, p.l2_ahead > 0): stage st also prefetches stage st + l2_ahead while that one is a
   // full stage, i.e. for st < pf_end; set up once, so the loop pays one compare per stage when off.
-  const int pf_end = kL2 && p.l2_ahead > 0 ? full - p.l2_ahead : 0;
+  const int pf_end = kL2 && !kRing && p.l2_ahead > 0 ? full - p.l2_ahead : 0;
   const uint32_t pf_dk = kL2 ? uint32_t(p.l2_ahead) * kUnitK : 0u;
 
   // Rows at or past N are read as row N - 1 and x rows at or past M as row M - 1: an mma's B
@@ -283,9 +208,17 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
       xrow[mt][r] = x + uint64_t(uint32_t(xm[mt][r])) * uint32_t(K);  // one wide multiply (K < 2^30)
     }
   // The weights of stage st (in the partial stage, a lane past the range end takes zero(): finite).
+  // With the ring only their side data (has_side), and the 16 bytes by ring_copy.
   auto load = [&](int st, typename Frag::Chunk (&c)[NG]) {
     const uint32_t kt = lane_k(st);
-    if (st < full) {
+    if constexpr (kRing) {
+      const bool kin = st < full || kt < ke;
+#pragma unroll
+      for (int j = 0; j < NG; ++j) {
+        if constexpr (has_side<Frag>::value) c[j] = kin ? frag.side(wrow[j], kt) : Frag::zero();
+        else c[j] = Frag::zero();
+      }
+    } else if (st < full) {
 #pragma unroll
       for (int j = 0; j < NG; ++j) c[j] = frag.load(wrow[j], kt);
       if (kL2 && st < pf_end) {  // uniform; the target is a full stage: every address valid
@@ -297,6 +230,42 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 #pragma unroll
       for (int j = 0; j < NG; ++j) c[j] = kin ? frag.load(wrow[j], kt) : Frag::zero();
     }
+  };
+  // The ring: stage st's slots, and the copy of its weights (one commit group per call whatever st, so
+  // that at stage st, before its copy of stage st + kRingStages - 1, waiting for all but the
+  // kRingStages - 2 newest groups means stage st landed).
+  uint32_t ring_lane = threadIdx.x;  // (kept: recomputed from the thread index per stage otherwise)
+  keep_in_register(ring_lane);
+  [[maybe_unused]] auto ring_slot = [&](int st) { return ring + ((uint32_t(st) % kRingStages) * NG * kThreads + ring_lane); };
+  // The x ring (kXRing): [stage][K-warp][16 MT rows][16 units]. This thread copies unit xu of rows
+  // xr0 + 8 c (clamped to M - 1) for its warpgroup; a lane reads units 4t + i of its rows g (+ 8) (swizzled).
+  constexpr int kXRows = 16 * MT;
+  [[maybe_unused]] const int xu = threadIdx.x % 16, xr0 = (threadIdx.x % 128) / 16;
+  [[maybe_unused]] const int xu_phys = xu ^ ((xu >> 3) | ((xr0 & 1) << 1));
+  [[maybe_unused]] const int x_lane = 16 * g + 4 * t, x_swz = (t >> 1) | ((g & 1) << 1);
+  [[maybe_unused]] const uint32_t xk0 = uint32_t(kb) + wk * kStepK + 8 * xu;  // this thread's unit at stage 0
+  [[maybe_unused]] auto x_slot = [&](int st) {
+    return ring + (kRingStages * NG * kThreads + ((uint32_t(st) % kRingStages) * kWarpsK + wk) * kXRows * 16);
+  };
+  [[maybe_unused]] auto ring_copy = [&](int st) {
+    const uint32_t kt = lane_k(st);
+    if (st < nst && (st < full || kt < ke)) {  // a partial stage's lanes past the range end copy nothing
+      uint4* dst = ring_slot(st);
+#pragma unroll
+      for (int j = 0; j < NG; ++j) cp_async16(dst + j * kThreads, frag.at(wrow[j], kt), 16);
+    }
+    if constexpr (kXRing) {
+      const uint32_t xk = xk0 + uint32_t(st) * kUnitK;
+      if (st < nst && (st < full || xk < ke)) {  // (units past the range end are read by no lane)
+        uint4* dst = x_slot(st) + 16 * xr0 + xu_phys;
+#pragma unroll
+        for (int c = 0; c < 2 * MT; ++c) {
+          const int r = min(xr0 + 8 * c, M - 1);
+          cp_async16(dst + 16 * 8 * c, x + (uint64_t(uint32_t(r)) * uint32_t(K) + xk), 16);
+        }
+      }
+    }
+    cp_async_commit();
   };
   // x[m, k .. k + 8) as one 16-byte vector, or gathered by the format (pivoted factors).
   // (kt and the vector's offset 8 i added to the pointer separately: as one 32-bit sum they could
@@ -327,6 +296,10 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
       for (int c = 0; c < 4; ++c) acc[mt][j][c] = 0.f;
 
   typename Frag::Chunk cur[NG], nxt[NG];
+  if constexpr (kRing) {
+#pragma unroll
+    for (int st = 0; st < kRingStages - 1; ++st) ring_copy(st);
+  }
   if (nst > 0) load(0, cur);
   // Per-row state that does not change along K (LutFrag: the row's table in registers), once per unit.
   typename row_state_of<Frag>::type rs[NG];
@@ -339,14 +312,37 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   using Chunks = typename Frag::Chunk[NG];
   // x word by word only at M <= 16: with more m16 tiles the loads held ahead spill registers.
   constexpr bool kWordX = MT <= 1 && loads_x_words<Frag>::value;
-  auto compute = [&](auto tail, int st, const Chunks& cur) {
+  auto compute = [&](auto tail, int st, const Chunks& held) {
     constexpr bool kTail = decltype(tail)::value;
     const uint32_t kt = lane_k(st);
     const bool kin = !kTail || kt < ke;
+    typename Frag::Chunk cur[NG];  // held (a copy the compiler folds away), with the ring its 16 bytes
+#pragma unroll
+    for (int j = 0; j < NG; ++j) cur[j] = held[j];
+    [[maybe_unused]] const uint4* xs = nullptr;
+    if constexpr (kRing) {
+      cp_async_wait<kRingStages - 2>();  // this thread's copies of stage st landed ...
+      if constexpr (kXRing) {  // ... and the warpgroup's; all done reading stage st - 1
+        static_assert(kWarpsK == 2, "one named barrier per K-warp's warpgroup");
+        if (wk == 0) warpgroup_bar<1>();
+        else warpgroup_bar<2>();
+      }
+      ring_copy(st + kRingStages - 1);  // into the slots stage st - 1 read
+      if constexpr (kXRing) xs = x_slot(st) + x_lane;
+      const uint4* src = ring_slot(st);
+#pragma unroll
+      for (int j = 0; j < NG; ++j) cur[j].q = kin ? ld_shared16(src + j * kThreads) : make_uint4(0u, 0u, 0u, 0u);
+    }
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
       [[maybe_unused]] uint4 xv[MTA][XR];  // x[m, kt + 8i .. +8) for m = 16 mt + g (+ 8); unused if kWordX
-      if constexpr (!kWordX) {
+      if constexpr (kXRing) {  // rows 16 mt + 8 r + g: unit 4 t + i, swizzled
+#pragma unroll
+        for (int mt = 0; mt < MTA; ++mt)
+#pragma unroll
+          for (int r = 0; r < XR; ++r)
+            xv[mt][r] = kin ? ld_shared16(xs + 16 * (16 * mt + 8 * r) + (i ^ x_swz)) : make_uint4(0u, 0u, 0u, 0u);
+      } else if constexpr (!kWordX) {
 #pragma unroll
         for (int mt = 0; mt < MTA; ++mt)
 #pragma unroll
@@ -473,6 +469,18 @@ __global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_k
   __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
 #else
   run_unit<Frag, T, MT, NG, true, true>(p, blockIdx.x, blockIdx.y);
+#endif
+}
+
+// The same with the weights through the shared-memory ring (ring_bytes<NG>() of dynamic shared memory),
+// and with kX x too (x_ring_bytes<Frag, T, MT>() more).
+template <class Frag, class T, int MT, int NG, bool kX>
+__global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_ring_kernel(Problem<Frag, T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  extern __shared__ __align__(16) uint4 small_m_ring[];
+  run_unit<Frag, T, MT, NG, true, true, true, kX>(p, blockIdx.x, blockIdx.y, small_m_ring);
 #endif
 }
 

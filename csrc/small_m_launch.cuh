@@ -14,13 +14,14 @@ inline int compute_major(int device) { return device_attribute<cudaDevAttrComput
 
 // How many CTAs of `Kernel` fit on the GPU at once (cached per kernel and device: a template
 // argument, so each kernel instantiation has its own cache).
+// `smem`: the launch's dynamic shared memory (the same at every call for one kernel).
 template <auto Kernel>
-inline int64_t resident_ctas(int device) {
+inline int64_t resident_ctas(int device, size_t smem = 0) {
   static int cached[64] = {0};
   const int d = device >= 0 && device < 64 ? device : 0;
   if (cached[d] == 0) {
     int per_sm = 0;
-    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0));
+    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, smem));
     cached[d] = per_sm > 0 ? per_sm : 1;
   }
   return int64_t(cached[d]) * sm_count(device);
@@ -41,6 +42,16 @@ inline bool transposed_tile_enabled() {
   const char* v = std::getenv("REPARAM_SMALL_M_T");
   return v == nullptr || v[0] != '0';
 }
+
+// REPARAM_SMALL_M_RING=1: the weights stream through a shared-memory ring (kRingStages in
+// small_m_gemm.cuh) where it keeps as many CTAs per SM as the register-fed loop; 2: x too, for the
+// formats and tiles where it fits (x_fits_ring). Off by default until the H200 has timed them
+// (the peers cuda_ring / cuda_ring_x). Returns 0, 1 or 2.
+inline int ring_mode() {
+  const char* v = std::getenv("REPARAM_SMALL_M_RING");
+  return v == nullptr ? 0 : v[0] == '1' ? 1 : v[0] == '2' ? 2 : 0;
+}
+inline bool ring_enabled() { return ring_mode() > 0; }
 
 // The n8-groups per warp for MT m16 tiles (BN = 4 * 8 * groups rows per column block).
 template <int MT> constexpr int groups_for() { return MT <= 2 ? 4 : 2; }
@@ -78,22 +89,47 @@ Tensor attach_partials(Problem<Frag, T>& p, const Tensor& like) {
   return part;
 }
 
-template <class Frag, class T, int MT, int NG>
-bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
-            const Tensor& like, cudaStream_t stream) {
-  constexpr auto kernel = small_m_kernel<Frag, T, MT, NG>;
+// One launch of `Kernel` (small_m_kernel or small_m_ring_kernel) with `smem` bytes of dynamic
+// shared memory.
+template <auto Kernel, int NG, class Frag, class T>
+bool launch_with(Problem<Frag, T> p, size_t smem, const Tensor& like, cudaStream_t stream) {
   const int device = like.get_device_index();
-  Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0, l2_ahead_from_env()};
-  plan<NG>(p, resident_ctas<kernel>(device));
+  plan<NG>(p, resident_ctas<Kernel>(device, smem));
   if (p.columns >= (int64_t(1) << 31) || p.splits >= 65536) return false;
   if (p.splits > 1) {
     p.counters = split_k_counters(device, stream, p.columns);
     if (p.counters == nullptr) return false;
   }
   Tensor part = attach_partials(p, like);
-  kernel<<<dim3(unsigned(p.columns), unsigned(p.splits)), kThreads, 0, stream>>>(p);
+  Kernel<<<dim3(unsigned(p.columns), unsigned(p.splits)), kThreads, smem, stream>>>(p);
   RK_CUDA_CHECK(cudaGetLastError());
   return true;
+}
+
+// Launches RingKernel (smem bytes of ring) where it fits beside the kernels' static shared memory (the
+// K-warp sums, at most 16 KB) and keeps as many CTAs per SM as Kernel, the register-fed loop.
+template <auto RingKernel, auto Kernel, int NG, class Frag, class T>
+bool try_ring(const Problem<Frag, T>& p, int smem, const Tensor& like, cudaStream_t stream) {
+  const int device = like.get_device_index();
+  if (smem + 16 * 1024 > max_smem_optin(device)) return false;
+  allow_smem_optin<RingKernel>(device, smem);
+  if (resident_ctas<RingKernel>(device, smem) < resident_ctas<Kernel>(device)) return false;
+  return launch_with<RingKernel, NG>(p, smem, like, stream);
+}
+
+template <class Frag, class T, int MT, int NG>
+bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
+            const Tensor& like, cudaStream_t stream) {
+  constexpr auto kernel = small_m_kernel<Frag, T, MT, NG>;
+  const Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0, l2_ahead_from_env()};
+  if constexpr (x_fits_ring<Frag, MT>()) {
+    if (ring_mode() == 2 && try_ring<small_m_ring_kernel<Frag, T, MT, NG, true>, kernel, NG>(
+                                p, ring_bytes<NG>() + x_ring_bytes<Frag, T, MT>(), like, stream))
+      return true;
+  }
+  if (ring_enabled() && try_ring<small_m_ring_kernel<Frag, T, MT, NG, false>, kernel, NG>(p, ring_bytes<NG>(), like, stream))
+    return true;
+  return launch_with<kernel, NG>(p, 0, like, stream);
 }
 
 // REPARAM_SMALL_M=0 turns this path off (A/B benchmarks, bisecting).

@@ -64,6 +64,11 @@ def test_profile_ops_script_on_cpu(capsys):
     for kind, _, _ in profile.SHAPES:
         assert f"profile_ops: {kind} " in out
     assert out.count("M=3:") == len(profile.SHAPES)
+    # --ring: the small-M kinds once more, with the ring switched on (and a 0 the runner set is respected)
+    assert profile.main(["--device", "cpu", "--m", "1,16", "--kinds", "int4_g128,block_circulant_b256", "--ring"]) == 0
+    out = capsys.readouterr().out
+    assert "int4_g128 512x512 M=1 ring 1:" in out and "M=1 ring 2" not in out and "M=16 ring 2:" in out
+    assert "block_circulant_b256 512x512 M=1 ring" not in out
 
 
 def test_random_variants_have_sane_weights():

@@ -49,6 +49,20 @@ def test_pivoted_decode_path_matches_float64_and_wmma_path(rng, dtype, M, K, N, 
     assert torch.equal(torch.ops.reparam.pivoted_lowrank_linear(x, u, w, perm, b), y)
 
 
+@pytest.mark.parametrize("M", [1, 12, 40])
+@pytest.mark.parametrize("K,N,r", [(8192, 8192, 512), (1000, 520, 72), (136, 200, 24)])
+def test_ring_matches_float64(rng, M, K, N, r):
+    # REPARAM_SMALL_M_RING=1: both phases' factors through the shared-memory ring, plain and pivoted
+    x, u, v, b = plain.make(rng, (M,), K, N, r, torch.float16, device="cuda")
+    xp, up, wp, perm, bp = piv.make(rng, (M,), K, N, r, torch.float16, device="cuda")
+    with env_var("REPARAM_SMALL_M_RING", "1"):
+        y = op(x, u, v, b)
+        yp = torch.ops.reparam.pivoted_lowrank_linear(xp, up, wp, perm, bp)
+        assert torch.equal(op(x, u, v, b), y)
+    assert torch.isfinite(y).all() and rel_err(y, plain.exact(x, u, v, b)) <= TOL[torch.float16]
+    assert torch.isfinite(yp).all() and rel_err(yp, piv.exact(xp, up, wp, perm, bp)) <= TOL[torch.float16]
+
+
 def test_split_counts_change_between_calls(rng):
     cases = [plain.make(rng, (M,), K, N, r, torch.float16, device="cuda")
              for M, K, N, r in [(1, 8192, 8192, 512), (3, 1024, 64, 8), (1, 64, 9000, 64), (64, 4096, 4096, 128)]]

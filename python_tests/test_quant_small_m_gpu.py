@@ -52,6 +52,22 @@ def test_small_m_matches_float64_and_general_path(rng, op, dtype, M, K, N, group
 
 
 @pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
+@pytest.mark.parametrize("M", [1, 12, 40])
+@pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32), (544, 72, 32)])
+def test_ring_matches_float64_and_the_register_loop(rng, op, M, K, N, group):
+    # REPARAM_SMALL_M_RING=1: the weights through the shared-memory ring (transposed, M <= 16 and
+    # M <= 64 tiles; partial last stages at K = 1056 and 544), twice in a row (bit-identical)
+    args, w = make(rng, op, M, K, N, torch.float16, group)
+    with env_var("REPARAM_SMALL_M_RING", "1"):
+        y = run(op, args)
+        again = run(op, args)
+    ref = exact(args, w)
+    assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL[torch.float16]
+    assert torch.equal(again, y)
+    assert rel_err(run(op, args), ref) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
 def test_split_counts_back_to_back(rng, op):
     # Different column and split counts in a row on one stream: each launch must leave its
     # counters at 0 for the next.

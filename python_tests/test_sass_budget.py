@@ -56,6 +56,15 @@ def test_stage_shape_from_the_kernel_name():
     assert sass_budget.stage_shape(int4.replace("1, 4>", "0, 4>")) == (4 * 2 * 4 // 2, 4 * 512)
     assert sass_budget.stage_shape("void quant_wgmma::wgmma_kernel<Int4Frag<__half>, __half, 64, 1>(...)") == (8, 1024)
     assert sass_budget.stage_shape("void other_kernel<float>()") is None
+    # the ring kernels: the same stage; their dynamic shared memory (4 stages x NG x 256 threads x 16 B)
+    ring = int4.replace("small_m_kernel<", "small_m_ring_kernel<").replace("1, 4>", "1, 4, {}>")
+    assert sass_budget.stage_shape(ring.format("false")) == sass_budget.stage_shape(int4)
+    assert sass_budget.ring_bytes(ring.format("false")) == 65536
+    assert sass_budget.ring_bytes(ring.format("true")) == 65536 + 4 * 2 * 16 * 128 * 2  # + x: 4 stages x 2 x 16 x 128 k
+    lowrank = "void lowrank_small_m::lowrank_small_m_kernel<HalfFrag<__half>, __half, 4, 2, {}>(Problem<...>)"
+    assert sass_budget.stage_shape(lowrank.format("true")) == (2 * 2 * 4, 2 * 512)
+    assert sass_budget.ring_bytes(lowrank.format("true")) == 32768 and sass_budget.ring_bytes(lowrank.format("false")) == 0
+    assert sass_budget.ring_bytes(int4) == 0
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,7 +97,12 @@ BUDGET = {
     "small_m_kernel<Int4Frag<bfloat16>, bfloat16, 1, 4>": 425,
     "small_m_kernel<Int8Frag<__half>, __half, 1, 4>": 170,
     "small_m_kernel<LutFrag<__half>, __half, 1, 4>": 480,
-    "lowrank_small_m_kernel<HalfFrag<__half>, __half, 1, 4>": 54,
+    "lowrank_small_m_kernel<HalfFrag<__half>, __half, 1, 4, false>": 54,
+    # the same loops with the weights through the shared-memory ring (REPARAM_SMALL_M_RING=1; 348 and 70 now)
+    "small_m_ring_kernel<Int4Frag<__half>, __half, 0, 4, false>": 365,
+    # ... and x (REPARAM_SMALL_M_RING=2) at M <= 16: 416 now
+    "small_m_ring_kernel<Int4Frag<__half>, __half, 1, 4, true>": 440,
+    "lowrank_small_m_kernel<HalfFrag<__half>, __half, 1, 4, true>": 76,
     # M = 33-64 (four m16 tiles), where int4's 2.0x target at M = 64 needs ~2.1 TB/s (422 now: 2.5)
     "small_m_kernel<Int4Frag<__half>, __half, 4, 2>": 450,
     # Hopper, 64 < M < 512: per 128-k stage, the next stage's decode included (counted since 2026-11-30:
@@ -137,7 +151,7 @@ def test_prefetch_uses_flags_a_loaded_value_used_inside_the_load_branch():
 def test_decode_loops_do_not_wait_on_their_prefetch(frag):
     """No small-M kernel computes on the next stage's weights inside the branch that loads them: the
     first H200 run found int4's scale handling there (tools/sass_budget.py, prefetch_uses)."""
-    rows = [r for r in _built_rows() if "small_m_kernel<" + frag in r.kernel]
+    rows = [r for r in _built_rows() if "small_m_kernel<" + frag in r.kernel and not sass_budget.ring_bytes(r.kernel)]
     assert rows, frag
     for r in rows:
         assert r.prefetch_uses == 0, (r.kernel, r.prefetch_uses)

@@ -110,7 +110,7 @@ def hot_path(ins, lo: int, hi: int, decode_first: bool = False):
             continue
         last_a, last_t = blk[-1]
         mma = sum(is_mma(t) for _, t in blk)
-        ld = sum(opcode(t).startswith("LDG") and ".128" in opcode(t) for _, t in blk)
+        ld = sum(opcode(t).startswith("LDG") and ".128" in opcode(t) for _, t in blk)  # LDGSTS: the ring's copies
         dec = sum(bool(_DECODE.match(opcode(t))) for _, t in blk) if decode_first else 0
         here = (mma, ld, dec, -len(blk))
         if last_a == hi:  # the back edge
@@ -163,7 +163,7 @@ WGMMA_STAGE_K, WGMMA_MMA_PER_STAGE = 128, 8
 def stage_shape(name: str):
     """(mma per stage, weight bytes per warp per stage) of small_m_kernel<Frag, T, MT, NG> and
     wgmma_kernel<Frag, T, BM, groups>, or None."""
-    m = re.search(r"small_m_kernel<(?:small_m::)?(\w+)<.*, (\d+), (\d+)>\(", name)
+    m = re.search(r"small_m_(?:ring_)?kernel<(?:small_m::)?(\w+)<.*?, (\d+), (\d+)(?:, (?:true|false))?>\(", name)
     if m and m.group(1) in LANE_K:
         mt, ng = int(m.group(2)), int(m.group(3))
         steps = LANE_K[m.group(1)] // 8 * 2  # mma k-steps per stage: kLaneK / 8 step pairs
@@ -204,8 +204,9 @@ def prefetch_uses(ins):
             stack.append(i)
         elif op == "BSYNC" and stack:
             region = ins[stack.pop():i + 1]
-            if any(opcode(x) == "BSSY" for _, x in region[1:]) or not any(
-                    opcode(x).startswith("LDG") and ".128" in opcode(x) for _, x in region):
+            if any(opcode(x) == "BSSY" for _, x in region[1:]) or not any(  # (LDGSTS: the ring's copies, no registers)
+                    opcode(x).startswith("LDG") and not opcode(x).startswith("LDGSTS") and ".128" in opcode(x)
+                    for _, x in region):
                 continue
             loaded = set()
             for a, x in region:
@@ -286,10 +287,27 @@ def resources(cuobjdump: str, arch: str, so: str) -> dict:
 
 def threads_of(name: str) -> int | None:
     """Threads per CTA: small-M kernels 256, wgmma kernels 128 per warpgroup (their last template argument)."""
-    if "small_m_kernel<" in name:
+    if SMALL_M.search(name):
         return 256
     m = re.search(r"wgmma_kernel<.*, (\d+), (\d+)>\(", name)
     return 128 * int(m.group(2)) if m else None
+
+
+SMALL_M = re.compile(r"small_m_(?:ring_)?kernel<")
+RING_STAGES = 4  # small_m_gemm.cuh kRingStages: the ring kernels' dynamic shared memory, stages in flight
+
+
+def ring_bytes(name: str) -> int:
+    """Dynamic shared memory of small_m_ring_kernel<Frag, T, MT, NG, kX> (kRingStages x NG x 256 threads x
+    16 B of weights; with kX the x ring too: kRingStages x 2 K-warps x 16 MT rows x 4 kLaneK k x 2 bytes)
+    and of lowrank_small_m_kernel<..., MT, NG, true>; 0 for the others."""
+    m = re.search(r"small_m_ring_kernel<(?:small_m::)?(\w+)<.*, (\d+), (\d+), (true|false)>\(", name)
+    if m:
+        mt, ng = int(m.group(2)), int(m.group(3))
+        x = RING_STAGES * 2 * 16 * mt * 4 * LANE_K.get(m.group(1), 0) * 2 if m.group(4) == "true" else 0
+        return RING_STAGES * ng * 256 * 16 + x
+    m = re.search(r"lowrank_small_m_kernel<.*, (\d+), (\d+), true>\(", name)
+    return RING_STAGES * int(m.group(2)) * 256 * 16 if m else 0
 
 
 def ctas_per_sm(regs: int, smem: int, threads: int) -> int:
@@ -299,7 +317,7 @@ def ctas_per_sm(regs: int, smem: int, threads: int) -> int:
     return max(0, min(by_regs, by_smem, 64 // (threads // 32), 32))
 
 
-def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_kernel<|wgmma_kernel<") -> list[Row]:
+def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_(?:ring_)?kernel<|wgmma_kernel<") -> list[Row]:
     """A Row per kernel of `so` whose demangled name matches `pattern` and that has an mma loop."""
     tool = find_cuobjdump()
     sass = subprocess.run([tool, "-sass", "-arch", arch, so], capture_output=True, text=True, check=True).stdout
@@ -316,14 +334,17 @@ def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_kernel<|wgmma
         regs, smem = res.get(name, (None, 0))
         threads = threads_of(dem)
         # (the wgmma kernels' x tiles are dynamic shared memory, which -res-usage does not show)
-        ctas = ctas_per_sm(regs, smem, threads) if regs and threads and "small_m_kernel<" in dem else None
+        small = bool(SMALL_M.search(dem))
+        ctas = ctas_per_sm(regs, smem + ring_bytes(dem), threads) if regs and threads and small else None
         shape = stage_shape(dem)
         two_ahead = re.search(r"wgmma_kernel<(?:small_m::)?(Int4Frag|Int8Frag|LutFrag)<", dem)
-        waits = len(early_uses(path)) if two_ahead else len(prefetch_uses(ins))
+        # (the ring kernels hold no weights in registers ahead: nothing to wait on; -1, printed "-")
+        waits = len(early_uses(path)) if two_ahead else -1 if ring_bytes(dem) else len(prefetch_uses(ins))
         if shape:
             stages = mma / shape[0]
             bpi = shape[1] * stages / len(path)
-            inflight = ctas * threads // 32 * shape[1] / 1024 if ctas and "small_m_kernel<" in dem else None
+            ahead = RING_STAGES - 1 if ring_bytes(dem) else 1  # stages of weights in flight
+            inflight = ctas * threads // 32 * shape[1] * ahead / 1024 if ctas and small else None
             rows.append(Row(dem, len(path) / stages, mma / stages, bpi, bpi * per_inst, regs, ctas, inflight, mix, waits))
         else:
             rows.append(Row(dem, len(path), mma, None, None, regs, ctas, None, mix, waits))
@@ -334,7 +355,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--so", default=os.path.join(os.path.dirname(__file__), "..", "reparam_kernels", "_C.abi3.so"))
     ap.add_argument("--arch", default="sm_90a")
-    ap.add_argument("--filter", default=r"small_m_kernel<|wgmma_kernel<")
+    ap.add_argument("--filter", default=r"small_m_(?:ring_)?kernel<|wgmma_kernel<")
     ap.add_argument("--ops", action="store_true", help="also print the opcode mix of each hot path")
     args = ap.parse_args()
     print(f"{'inst':>5} {'mma':>4} {'B/inst':>6} {'ceiling TB/s':>12} {'regs':>4} {'CTA/SM':>6} {'KB in flight':>12}"
@@ -343,7 +364,8 @@ def main() -> None:
         b = f"{r.bytes_per_inst:6.2f} {r.ceiling_tbs:12.2f}" if r.bytes_per_inst else f"{'':>6} {'':>12}"
         f = f"{r.inflight_kb:12.0f}" if r.inflight_kb else f"{'':>12}"
         c = f"{r.ctas_per_sm:6d}" if r.ctas_per_sm else f"{'-':>6}"
-        print(f"{r.inst:5.0f} {r.mma:4.0f} {b} {r.regs or 0:4d} {c} {f} {r.prefetch_uses:6d}  {r.kernel[:100]}")
+        w = f"{r.prefetch_uses:6d}" if r.prefetch_uses >= 0 else f"{'-':>6}"
+        print(f"{r.inst:5.0f} {r.mma:4.0f} {b} {r.regs or 0:4d} {c} {f} {w}  {r.kernel[:100]}")
         if args.ops:
             print("      " + " ".join(f"{k}:{v}" for k, v in r.mix.most_common()))
     print(f"(ceiling: bytes per instruction x {ISSUE_PER_CLK} issues/clock x {SMS} SMs x {CLOCK_HZ / 1e9:.2f} GHz;"

@@ -133,6 +133,8 @@ const dim3& grid_dim();
 void* dynamic_smem();
 
 void sync_block(const char* file, int line);
+// bar.sync id, 128: the 128 threads of this thread's warpgroup (warps 4w .. 4w + 3) meet (one call site)
+void warpgroup_barrier(const char* file, int line);
 void sync_warp(const char* file, int line);
 void sync_grid(const char* file, int line);
 // A warp collective: `in` (bytes) from every lane into a 32-slot table, then `out` computed from

@@ -305,6 +305,10 @@ const dim3& grid_dim() { return tl_block->gdim; }
 void* dynamic_smem() { return tl_block->smem; }
 
 void sync_block(const char* file, int line) { park(AtBlock, file, line); }
+void warpgroup_barrier(const char* file, int line) {
+  const unsigned char none = 0;
+  exchange(128, AtGroup, &none, 1, [](const unsigned char*, size_t) {}, file, line);
+}
 void sync_warp(const char* file, int line) { park(AtWarp, file, line); }
 void sync_grid(const char* file, int line) { park(AtGrid, file, line); }
 

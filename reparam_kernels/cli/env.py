@@ -60,7 +60,12 @@ def cuda_paths():
                         "transposed_switch": "REPARAM_SMALL_M_T",
                         # quantized ops: weights also prefetched this many stages ahead into L2 (0: off)
                         "l2_ahead": min(16, max(0, _atoll("REPARAM_SMALL_M_L2_AHEAD", 0))),
-                        "l2_ahead_switch": "REPARAM_SMALL_M_L2_AHEAD"},
+                        "l2_ahead_switch": "REPARAM_SMALL_M_L2_AHEAD",
+                        # quantized ops: weights streamed through a shared-memory ring (csrc/small_m_gemm.cuh
+                        # kRingStages; off by default until timed)
+                        # (1: the weights, 2: x too where it fits; anything else: off)
+                        "ring": {"1": 1, "2": 2}.get(os.environ.get("REPARAM_SMALL_M_RING", "")[:1], 0),
+                        "ring_switch": "REPARAM_SMALL_M_RING"},
             "wgmma": {"on": not os.environ.get("REPARAM_WGMMA", "").startswith("0"),
                       "min_m": max(1, _atoll("REPARAM_WGMMA_MIN_M", 65)),  # csrc/quant_wgmma.cuh min_m()
                       # weights also prefetched into L2 this many stages ahead (csrc/quant_wgmma.cuh l2_ahead();
@@ -127,7 +132,8 @@ def render(info):
     lines.append(f"  M <= {sm['max_m']}: register-fed tensor cores ({sm['ops']}): "
                  f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]; M <= 8 on its transposed tile: "
                  f"{'on' if sm['transposed_max_m'] else 'OFF'} [{sm['transposed_switch']}]; L2 prefetch "
-                 f"{sm['l2_ahead'] or 'off'}{' stages ahead' if sm['l2_ahead'] else ''} [{sm['l2_ahead_switch']}]")
+                 f"{sm['l2_ahead'] or 'off'}{' stages ahead' if sm['l2_ahead'] else ''} [{sm['l2_ahead_switch']}]; "
+                 f"shared-memory ring: {('off', 'weights', 'weights and x')[sm['ring']]} [{sm['ring_switch']}]")
     wg = paths["wgmma"]
     lines.append(f"  {wg['min_m']} <= M < the cuBLAS thresholds below: warpgroup MMA ({wg['ops']}): "
                  f"{'on' if wg['on'] else 'OFF'} [{wg['switch']}, REPARAM_WGMMA_MIN_M]; L2 prefetch "

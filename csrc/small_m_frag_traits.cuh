@@ -1,0 +1,56 @@
+// What a small-M format ("Frag", small_m_gemm.cuh) provides beyond the required members, detected at
+// compile time: each trait names the optional member and what the loop does with it.
+#pragma once
+
+#include <type_traits>
+
+namespace reparam {
+namespace small_m {
+
+// Formats with gather_x(m, k) / out_add(m, n) read x through a column map and add a per-output
+// term (PivotFrag: the pivoted low-rank factor's first product).
+template <class F, class = void>
+struct gathers_x : std::false_type {};
+template <class F>
+struct gathers_x<F, std::void_t<decltype(&F::gather_x)>> : std::true_type {};
+
+// Formats whose A operand is a_consecutive of plain x (kPlainX; not gathered) take x word by word
+// straight into the A registers instead of as 16-byte vectors.
+template <class F, class = void>
+struct loads_x_words : std::false_type {};
+template <class F>
+struct loads_x_words<F, std::void_t<decltype(F::kPlainX)>> : std::bool_constant<F::kPlainX && !gathers_x<F>::value> {};
+
+// Formats with a RowState (and row_state(n), and b(chunk, state, i, h, b0, b1)) keep per-row data that
+// is constant along K in registers, loaded once per work unit (LutFrag: the row's lookup table).
+template <class F, class = void>
+struct has_row_state : std::false_type {};
+template <class F>
+struct has_row_state<F, std::void_t<typename F::RowState>> : std::true_type {};
+template <class F, class = void>
+struct row_state_of {
+  struct type {};
+};
+template <class F>
+struct row_state_of<F, std::void_t<typename F::RowState>> {
+  using type = typename F::RowState;
+};
+
+// Formats with side(row, kt) load a chunk's small per-chunk data apart from its 16 weight bytes
+// (Int4Frag: the group's scale and zero point): the loop's shared-memory ring (kRingStages) copies the
+// 16 bytes by cp.async and keeps only this in registers. Without side(), a chunk is its 16 bytes (Chunk::q).
+template <class F, class = void>
+struct has_side : std::false_type {};
+template <class F>
+struct has_side<F, std::void_t<decltype(&F::side)>> : std::true_type {};
+
+// Formats with kPlainX set (a() is a_consecutive of plain x: int8, lut, fp16 rows). The others build
+// their A operand from 16-byte x vectors with their own permutes (Int4Frag); only those, ungathered, take
+// x from the ring (x_fits_ring).
+template <class F, class = void>
+struct plain_x : std::false_type {};
+template <class F>
+struct plain_x<F, std::void_t<decltype(F::kPlainX)>> : std::bool_constant<F::kPlainX> {};
+
+}  // namespace small_m
+}  // namespace reparam
