@@ -92,7 +92,7 @@ def other_paths(op, M):
     (``cuda_wgmma_bn64``) where it runs with two, at M <= 8 the small-M path's M <= 16 tile
     (``cuda_small_m16``) instead of its transposed one, and the small-M path with its weights also
     prefetched into L2 2 or 4 stages ahead (``cuda_l2_ahead2`` / ``4``) or streamed through its
-    shared-memory ring (``cuda_ring``, where it is off; ``cuda_ring_x``: x too, int4 above the transposed
+    shared-memory ring (``cuda_ring``, where it is off; ``cuda_ring_x``: x too, above the transposed
     tile's M), and wgmma without its L2
     prefetch of the weights (``cuda_wgmma_no_l2``, above M = 64) where it runs or is forced. Where the crossovers lie is a
     measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling variables
@@ -130,7 +130,7 @@ def other_paths(op, M):
         # after a failed smoke run, skips it)
         if not paths["small_m"]["ring"] and os.environ.get("REPARAM_SMALL_M_RING", "") != "0":
             peers["cuda_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "1")
-            if op == "int4_linear" and M > paths["small_m"]["transposed_max_m"]:  # x in the ring too
+            if M > paths["small_m"]["transposed_max_m"]:  # x in the ring too (the tiles with x as A)
                 peers["cuda_ring_x"] = with_env(fn, "REPARAM_SMALL_M_RING", "2")
     return peers
 

@@ -44,13 +44,5 @@ struct has_side : std::false_type {};
 template <class F>
 struct has_side<F, std::void_t<decltype(&F::side)>> : std::true_type {};
 
-// Formats with kPlainX set (a() is a_consecutive of plain x: int8, lut, fp16 rows). The others build
-// their A operand from 16-byte x vectors with their own permutes (Int4Frag); only those, ungathered, take
-// x from the ring (x_fits_ring).
-template <class F, class = void>
-struct plain_x : std::false_type {};
-template <class F>
-struct plain_x<F, std::void_t<decltype(F::kPlainX)>> : std::bool_constant<F::kPlainX> {};
-
 }  // namespace small_m
 }  // namespace reparam

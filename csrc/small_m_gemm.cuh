@@ -77,17 +77,27 @@ constexpr int ring_bytes() {
 }
 
 // With REPARAM_SMALL_M_RING=2 the ring also carries x, for the tiles with x as the A operand (MT >= 1)
-// of such formats. Each warp of a warpgroup (the 4 N-warps of one K-warp) read the same x rows: 16 MT
-// rows of 4 kLaneK k per stage, 4 KB at MT = 1, which they loaded from L1 each, 8 rows x 2 lines per
-// 16-byte load (a lane's 32-k block lies 64 bytes from its neighbour's): ~128 L1 wavefronts a stage
-// per warp, as much L1 time as the weights' DRAM time at M = 16 (docs/benchmarks.md, "A second
-// count"). In the ring the warpgroup copies the tile once, whole lines at a time (4 wavefronts per 512
-// bytes), and each warp reads it back conflict-free: the 16-byte unit u = 4t + i of row r sits at
-// u ^ ((u >> 3) | (r & 1) << 1), so the 8 lanes of a quarter-warp (t = 0..3, two rows) hit 8 distinct
-// bank groups. One barrier of the warpgroup a stage (the tile is shared) orders copies and reads.
+// of the quantized formats (kLaneK 16 or 32; not gathered). Each warp of a warpgroup (the 4 N-warps of
+// one K-warp) reads the same x rows, 16 MT rows of 4 kLaneK k per stage (4 KB at MT = 1 for int4),
+// which they loaded from L1 each, 8 rows x 2 lines per 16-byte load for int4 (a lane's 32-k block lies
+// 64 bytes from its neighbour's), ~128 L1 wavefronts per warp and stage; lut's word-by-word loads take
+// ~512: by that count as much L1 time as the weights' DRAM time at M = 16 or more (docs/benchmarks.md,
+// "A second count"). In the ring the warpgroup copies the tile once, whole lines at a time (4
+// wavefronts per 512 bytes), and each warp reads it back as 16-byte vectors, conflict-free (x_unit).
+// One barrier of the warpgroup a stage (the tile is shared) orders copies and reads.
 template <class Frag, int MT>
 constexpr bool x_fits_ring() {
-  return MT >= 1 && !plain_x<Frag>::value && !gathers_x<Frag>::value;
+  return MT >= 1 && !gathers_x<Frag>::value && (Frag::kLaneK == 16 || Frag::kLaneK == 32);
+}
+// Where 16-byte unit u of x row r sits in its row of U = 4 kLaneK / 8 units (16 or 8): a lane reads unit
+// kLaneK / 8 t + i of rows g and g + 8, so the 8 lanes of a quarter-warp (t = 0..3, two rows g) read 4
+// units of each of two rows that 128-byte row strides put on the same banks; the XOR spreads them over
+// the 8 bank groups (U = 16: bits 0-1 by (t >> 1, g & 1); U = 8: bit 0 by g & 1). Writers (the copy:
+// consecutive u of one row per quarter-warp) see a permutation of 8 units.
+template <int U>
+__device__ __forceinline__ int x_unit(int u, int r) {
+  static_assert(U == 8 || U == 16, "rows of 8 or 16 units");
+  return U == 16 ? u ^ ((u >> 3) | ((r & 1) << 1)) : u ^ (r & 1);
 }
 template <class Frag, class T, int MT>
 constexpr int x_ring_bytes() {
@@ -146,7 +156,7 @@ constexpr bool fold_x_offsets() {
 template <class Frag, class T, int MT, int NG, bool kXConst, bool kL2 = false, bool kRing = false, bool kXRing = false>
 __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by, uint4* ring = nullptr) {
   static_assert(!kXRing || (kRing && kXConst && x_fits_ring<Frag, MT>()), "x rides the ring only where it fits");
-  static_assert(!kXRing || 4 * Frag::kLaneK * sizeof(T) == 256, "the x ring's swizzle assumes 16 units a row");
+  static_assert(!kXRing || sizeof(T) == 2, "x rows of 4 kLaneK halves: 8 or 16 units");
   constexpr bool kT = MT == 0;
   static_assert(!kT || NG % 2 == 0, "the transposed tile pairs n8-groups into m16 weight tiles");
   constexpr int MTA = kT ? 1 : MT;          // x tiles (array extents)
@@ -237,15 +247,16 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   uint32_t ring_lane = threadIdx.x;  // (kept: recomputed from the thread index per stage otherwise)
   keep_in_register(ring_lane);
   [[maybe_unused]] auto ring_slot = [&](int st) { return ring + ((uint32_t(st) % kRingStages) * NG * kThreads + ring_lane); };
-  // The x ring (kXRing): [stage][K-warp][16 MT rows][16 units]. This thread copies unit xu of rows
-  // xr0 + 8 c (clamped to M - 1) for its warpgroup; a lane reads units 4t + i of its rows g (+ 8) (swizzled).
-  constexpr int kXRows = 16 * MT;
-  [[maybe_unused]] const int xu = threadIdx.x % 16, xr0 = (threadIdx.x % 128) / 16;
-  [[maybe_unused]] const int xu_phys = xu ^ ((xu >> 3) | ((xr0 & 1) << 1));
-  [[maybe_unused]] const int x_lane = 16 * g + 4 * t, x_swz = (t >> 1) | ((g & 1) << 1);
+  // The x ring (kXRing): [stage][K-warp][16 MT rows][kXU units]. This thread copies unit xu of rows
+  // xr0 + kXPass c (clamped to M - 1) for its warpgroup; a lane reads units kPairs t + i of its rows g (+ 8),
+  // at x_unit's places: x_lane + (i ^ x_swz) (the XOR touches only the bits below kPairs).
+  constexpr int kXRows = 16 * MT, kXU = 4 * kPairs, kXPass = 128 / kXU;  // rows copied per pass
+  [[maybe_unused]] const int xu = threadIdx.x % kXU, xr0 = (threadIdx.x % 128) / kXU;
+  [[maybe_unused]] const int xu_phys = kXRing ? x_unit<kXRing ? kXU : 16>(xu, xr0) : 0;
+  [[maybe_unused]] const int x_lane = kXU * g + kPairs * t, x_swz = kXRing ? x_unit<kXRing ? kXU : 16>(kPairs * t, g) - kPairs * t : 0;
   [[maybe_unused]] const uint32_t xk0 = uint32_t(kb) + wk * kStepK + 8 * xu;  // this thread's unit at stage 0
   [[maybe_unused]] auto x_slot = [&](int st) {
-    return ring + (kRingStages * NG * kThreads + ((uint32_t(st) % kRingStages) * kWarpsK + wk) * kXRows * 16);
+    return ring + (kRingStages * NG * kThreads + ((uint32_t(st) % kRingStages) * kWarpsK + wk) * kXRows * kXU);
   };
   [[maybe_unused]] auto ring_copy = [&](int st) {
     const uint32_t kt = lane_k(st);
@@ -257,11 +268,11 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
     if constexpr (kXRing) {
       const uint32_t xk = xk0 + uint32_t(st) * kUnitK;
       if (st < nst && (st < full || xk < ke)) {  // (units past the range end are read by no lane)
-        uint4* dst = x_slot(st) + 16 * xr0 + xu_phys;
+        uint4* dst = x_slot(st) + kXU * xr0 + xu_phys;
 #pragma unroll
-        for (int c = 0; c < 2 * MT; ++c) {
-          const int r = min(xr0 + 8 * c, M - 1);
-          cp_async16(dst + 16 * 8 * c, x + (uint64_t(uint32_t(r)) * uint32_t(K) + xk), 16);
+        for (int c = 0; c < kXRows / kXPass; ++c) {
+          const int r = min(xr0 + kXPass * c, M - 1);
+          cp_async16(dst + kXU * kXPass * c, x + (uint64_t(uint32_t(r)) * uint32_t(K) + xk), 16);
         }
       }
     }
@@ -311,7 +322,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // weights are zero() chunks, finite), so it adds nothing. Full stages test nothing.
   using Chunks = typename Frag::Chunk[NG];
   // x word by word only at M <= 16: with more m16 tiles the loads held ahead spill registers.
-  constexpr bool kWordX = MT <= 1 && loads_x_words<Frag>::value;
+  constexpr bool kWordX = MT <= 1 && loads_x_words<Frag>::value && !kXRing;  // (the x ring: 16-byte vectors)
   auto compute = [&](auto tail, int st, const Chunks& held) {
     constexpr bool kTail = decltype(tail)::value;
     const uint32_t kt = lane_k(st);
@@ -336,12 +347,12 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 #pragma unroll
     for (int i = 0; i < kPairs; ++i) {
       [[maybe_unused]] uint4 xv[MTA][XR];  // x[m, kt + 8i .. +8) for m = 16 mt + g (+ 8); unused if kWordX
-      if constexpr (kXRing) {  // rows 16 mt + 8 r + g: unit 4 t + i, swizzled
+      if constexpr (kXRing) {  // rows 16 mt + 8 r + g: unit kPairs t + i, swizzled
 #pragma unroll
         for (int mt = 0; mt < MTA; ++mt)
 #pragma unroll
           for (int r = 0; r < XR; ++r)
-            xv[mt][r] = kin ? ld_shared16(xs + 16 * (16 * mt + 8 * r) + (i ^ x_swz)) : make_uint4(0u, 0u, 0u, 0u);
+            xv[mt][r] = kin ? ld_shared16(xs + kXU * (16 * mt + 8 * r) + (i ^ x_swz)) : make_uint4(0u, 0u, 0u, 0u);
       } else if constexpr (!kWordX) {
 #pragma unroll
         for (int mt = 0; mt < MTA; ++mt)

@@ -23,7 +23,7 @@ def test_small_m_ring(rng, mode, early):
     # REPARAM_SMALL_M_RING=1: the weights through the shared-memory ring, every format and tile shape,
     # partial last stages (K = 2080: 8 stages and a 32-k tail), split K on a 4-SM fake GPU; the copies
     # landing at the wait (the latest the hardware may) and at once (the earliest: a slot overwritten
-    # before it is read shows). 2: x too (int4 at M > 8; the other formats and M keep the weights' ring)
+    # before it is read shows). 2: x too (at M > 8; M <= 8 keeps the weights' ring)
     cases, refs = [], []
     for op in QUANT:
         for M, K, N, g in [(1, 2080, 72, 32), (5, 544, 40, 32), (12, 1056, 40, 32), (24, 288, 40, 32),
@@ -46,13 +46,14 @@ RING_MUTATIONS = {
     # pattern of a quantized code decodes to a finite weight, so this one runs on low rank's fp16 factors)
     "ring tail read": ("small_m_gemm.cuh", "cur[j].q = kin ? ld_shared16(src + j * kThreads) : make_uint4(0u, 0u, 0u, 0u);",
                        "cur[j].q = ld_shared16(src + j * kThreads);"),
-    # x in the ring (REPARAM_SMALL_M_RING=2, int4 at M = 12): no barrier of the warpgroup, so a warp reads
+    # x in the ring (REPARAM_SMALL_M_RING=2, M = 12): no barrier of the warpgroup, so a warp reads
     # rows another warp's copies have not landed yet
     "x ring barrier": ("small_m_gemm.cuh", "        if (wk == 0) warpgroup_bar<1>();\n        else warpgroup_bar<2>();\n", ""),
-    # the x tile read without its swizzle
+    # the x tile read without its swizzle (int4: rows of 16 units; int8: of 8)
     "x ring swizzle": ("small_m_gemm.cuh", "+ (i ^ x_swz))", "+ i)"),
+    "x ring swizzle int8": ("small_m_gemm.cuh", "+ (i ^ x_swz))", "+ i)"),
     # x rows past M copied (12 rows in a 16-row tile): past x's end
-    "x ring rows": ("small_m_gemm.cuh", "const int r = min(xr0 + 8 * c, M - 1);", "const int r = xr0 + 8 * c;"),
+    "x ring rows": ("small_m_gemm.cuh", "const int r = min(xr0 + kXPass * c, M - 1);", "const int r = xr0 + kXPass * c;"),
     # the partial stage's units past the range end copied: past the last row's end
     "x ring tail": ("small_m_gemm.cuh", "if (st < nst && (st < full || xk < ke)) {", "if (st < nst) {"),
 }
@@ -67,7 +68,7 @@ def test_mutated_small_m_ring_is_caught(rng, name):
         cases, refs = lowrank_cases(rng, [(3, 136, 200, 24)], torch.float16)
         c, r = cases[0], refs[0]
     elif name.startswith("x "):
-        c, r = quant_case(rng, "int4_linear", 12, 2080, 40, torch.float16, group=32)
+        c, r = quant_case(rng, "int8_linear" if "int8" in name else "int4_linear", 12, 2080, 40, torch.float16)
     else:
         c, r = quant_case(rng, "int4_linear", 3, 544 if "tail" in name else 2080, 40, torch.float16, group=32)
     env = {"REPARAM_SMALL_M_RING": "2" if name.startswith("x ") else "1", "RK_CPU_SMS": "1",

@@ -51,14 +51,15 @@ def test_small_m_matches_float64_and_general_path(rng, op, dtype, M, K, N, group
     assert torch.equal(run(op, args), y)  # split order is fixed: deterministic
 
 
+@pytest.mark.parametrize("mode", ["1", "2"])
 @pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
-@pytest.mark.parametrize("M", [1, 12, 40])
+@pytest.mark.parametrize("M", [1, 12, 24, 40])
 @pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32), (544, 72, 32)])
-def test_ring_matches_float64_and_the_register_loop(rng, op, M, K, N, group):
-    # REPARAM_SMALL_M_RING=1: the weights through the shared-memory ring (transposed, M <= 16 and
-    # M <= 64 tiles; partial last stages at K = 1056 and 544), twice in a row (bit-identical)
+def test_ring_matches_float64_and_the_register_loop(rng, mode, op, M, K, N, group):
+    # REPARAM_SMALL_M_RING=1: the weights through the shared-memory ring (transposed, M <= 16, 32 and
+    # 64 tiles; partial last stages at K = 1056 and 544), twice in a row (bit-identical); 2: x too
     args, w = make(rng, op, M, K, N, torch.float16, group)
-    with env_var("REPARAM_SMALL_M_RING", "1"):
+    with env_var("REPARAM_SMALL_M_RING", mode):
         y = run(op, args)
         again = run(op, args)
     ref = exact(args, w)

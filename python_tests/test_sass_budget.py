@@ -102,6 +102,8 @@ BUDGET = {
     "small_m_ring_kernel<Int4Frag<__half>, __half, 0, 4, false>": 365,
     # ... and x (REPARAM_SMALL_M_RING=2) at M <= 16: 416 now
     "small_m_ring_kernel<Int4Frag<__half>, __half, 1, 4, true>": 440,
+    # lut's x as 16-byte vectors (a_consecutive) instead of word loads: 594 now, against 442 (the L1 trade)
+    "small_m_ring_kernel<LutFrag<__half>, __half, 1, 4, true>": 625,
     "lowrank_small_m_kernel<HalfFrag<__half>, __half, 1, 4, true>": 76,
     # M = 33-64 (four m16 tiles), where int4's 2.0x target at M = 64 needs ~2.1 TB/s (422 now: 2.5)
     "small_m_kernel<Int4Frag<__half>, __half, 4, 2>": 450,
