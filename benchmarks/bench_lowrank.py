@@ -11,8 +11,6 @@ and `flops`; the copy bandwidth and bf16 GEMM ceilings are measured first in
 the same run and stored under `ceilings`, so achieved bandwidth is read
 against the copy ceiling of this very run.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -97,7 +95,7 @@ def ring(M):
     min_m = paths["lowrank_cublas"]["min_m"]
     if not paths["small_m"]["on"] or M > paths["small_m"]["max_m"] or (min_m is not None and M >= min_m):
         return None
-    if paths["small_m"]["ring"] or os.environ.get("REPARAM_SMALL_M_RING", "") == "0":
+    if paths["small_m"]["ring"] or paths["small_m"]["ring_vetoed"]:
         return None
     return with_env(_lowrank_op, "REPARAM_SMALL_M_RING", "1")
 

@@ -128,7 +128,7 @@ def other_paths(op, M):
                 peers[f"cuda_l2_ahead{d}"] = with_env(fn, "REPARAM_SMALL_M_L2_AHEAD", d)
         # the weights through a shared-memory ring (off by default; an explicit 0, as run_gpu.sh sets
         # after a failed smoke run, skips it)
-        if not paths["small_m"]["ring"] and os.environ.get("REPARAM_SMALL_M_RING", "") != "0":
+        if not paths["small_m"]["ring"] and not paths["small_m"]["ring_vetoed"]:
             peers["cuda_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "1")
             if M > paths["small_m"]["transposed_max_m"]:  # x in the ring too (the tiles with x as A)
                 peers["cuda_ring_x"] = with_env(fn, "REPARAM_SMALL_M_RING", "2")

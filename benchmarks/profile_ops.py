@@ -23,6 +23,7 @@ RING_KINDS = ("int4_g128", "int8", "lut_log4", "lowrank_40", "lowrank_40_pivoted
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reparam_kernels.bench import variants  # noqa: E402
 from reparam_kernels.bench.cases import env_var  # noqa: E402
+from reparam_kernels.cli.env import cuda_paths  # noqa: E402
 
 # (kind, out_features, in_features): the DESIGN.md decode shapes, one per kind
 SHAPES = [("int4_g128", 8192, 8192), ("int8", 8192, 8192), ("lowrank_40", 8192, 8192),
@@ -82,7 +83,7 @@ def main(argv=None):
             print(f"profile_ops: {kind} {n}x{k} M={m}: out {tuple(y.shape)}, dense {tuple(ref.shape)}", flush=True)
             modes = ("1", "2") if kind == "int4_g128" and m > 8 else ("1",)  # 2: x in the ring too (int4, M > 8)
             for mode in modes if args.ring and kind in RING_KINDS and m <= 64 else ():
-                if os.environ.get("REPARAM_SMALL_M_RING", "") == "0":  # switched off by the runner
+                if cuda_paths()["small_m"]["ring_vetoed"]:  # switched off by the runner
                     break
                 with env_var("REPARAM_SMALL_M_RING", mode):
                     layer(x)  # warm-up (the ring kernel's first launch)

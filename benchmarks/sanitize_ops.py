@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reparam_kernels import _dispatch  # noqa: E402
 from reparam_kernels.bench import variants  # noqa: E402
 from reparam_kernels.bench.cases import env_var  # noqa: E402
+from reparam_kernels.cli.env import cuda_paths  # noqa: E402
 
 
 class RecordOps(TorchDispatchMode):
@@ -130,7 +131,7 @@ def main(argv=None):
         fused = name.startswith(("lowrank", "pivoted")) and "two-GEMM" not in name
         # the ring cases switch the ring on, unless it is switched off outright (run_gpu.sh after a failed smoke run)
         ring = "1" if name.endswith(" ring") else "2" if name.endswith(" ring+x") else None
-        if os.environ.get("REPARAM_SMALL_M_RING", "") == "0":
+        if cuda_paths()["small_m"]["ring_vetoed"]:
             ring = None
         for dtype in dtypes:
             layer = make(dtype, device)

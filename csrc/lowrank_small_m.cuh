@@ -115,17 +115,11 @@ template <class Frag1, class T, int MT, int NG>
 bool launch(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,
             int64_t r, const Tensor& like, cudaStream_t stream) {
   constexpr auto kernel = lowrank_small_m_kernel<Frag1, T, MT, NG>;
-  const int device = like.get_device_index();
-  if (small_m::ring_enabled()) {
-    constexpr auto ring_kernel = lowrank_small_m_kernel<Frag1, T, MT, NG, true>;
-    constexpr int smem = small_m::ring_bytes<NG>();
-    // (beside it the two phases' K-warp sums, at most 32 KB of static shared memory)
-    if (smem + 32 * 1024 <= max_smem_optin(device)) {
-      allow_smem_optin<ring_kernel>(device, smem);
-      if (small_m::resident_ctas<ring_kernel>(device, smem) >= small_m::resident_ctas<kernel>(device))
-        return launch_with<ring_kernel, NG>(f1, x, u, bias, y, M, N, K1, r, smem, like, stream);
-    }
-  }
+  constexpr auto ring_kernel = lowrank_small_m_kernel<Frag1, T, MT, NG, true>;
+  constexpr int smem = small_m::ring_bytes<NG>();
+  // (beside the ring the two phases' K-warp sums, at most 32 KB of static shared memory)
+  if (small_m::ring_enabled() && small_m::ring_fits<ring_kernel, kernel>(like.get_device_index(), smem, 32 * 1024))
+    return launch_with<ring_kernel, NG>(f1, x, u, bias, y, M, N, K1, r, smem, like, stream);
   return launch_with<kernel, NG>(f1, x, u, bias, y, M, N, K1, r, 0, like, stream);
 }
 

@@ -64,12 +64,10 @@ inline bool rows_fit32(int64_t rows, int64_t row_len) {
   return rows < (int64_t(1) << 31) && rows * row_len < (int64_t(1) << 32);
 }
 
-// The weights' shared-memory ring (REPARAM_SMALL_M_RING=1, the standalone kernel only): each thread
-// copies its chunks kRingStages - 1 stages ahead by cp.async into its own slots, [stage][j][thread]
-// 16 bytes each, and reads back only what it copied itself (cp.async.wait_group, no barrier; a warp's
-// 32 slots are 512 consecutive bytes: 4 wavefronts, no conflict). The registers hold one stage ahead
-// (32 KB of weights per SM in flight at M <= 16, two CTAs); the ring holds three (96 KB) and frees
-// the registers of the chunks in flight. Marlin streams its weights the same way.
+// The weights' shared-memory ring (REPARAM_SMALL_M_RING=1): each thread copies its chunks kRingStages - 1
+// stages ahead by cp.async into its own slots, [stage][j][thread] 16 bytes each (a warp's 32 slots are
+// 512 consecutive bytes: no conflict), and reads back only what it copied (cp.async.wait_group, no
+// barrier). Registers hold one stage ahead (32 KB of weights per SM at M <= 16), the ring three (96 KB).
 constexpr int kRingStages = 4;
 template <int NG>
 constexpr int ring_bytes() {
@@ -77,14 +75,11 @@ constexpr int ring_bytes() {
 }
 
 // With REPARAM_SMALL_M_RING=2 the ring also carries x, for the tiles with x as the A operand (MT >= 1)
-// of the quantized formats (kLaneK 16 or 32; not gathered). Each warp of a warpgroup (the 4 N-warps of
-// one K-warp) reads the same x rows, 16 MT rows of 4 kLaneK k per stage (4 KB at MT = 1 for int4),
-// which they loaded from L1 each, 8 rows x 2 lines per 16-byte load for int4 (a lane's 32-k block lies
-// 64 bytes from its neighbour's), ~128 L1 wavefronts per warp and stage; lut's word-by-word loads take
-// ~512: by that count as much L1 time as the weights' DRAM time at M = 16 or more (docs/benchmarks.md,
-// "A second count"). In the ring the warpgroup copies the tile once, whole lines at a time (4
-// wavefronts per 512 bytes), and each warp reads it back as 16-byte vectors, conflict-free (x_unit).
-// One barrier of the warpgroup a stage (the tile is shared) orders copies and reads.
+// of the quantized formats (kLaneK 16 or 32; not gathered). The 4 N-warps of a K-warp (a warpgroup)
+// read the same x rows; from L1 each took ~128 (int4) to ~512 (lut) wavefronts a stage, as much L1
+// time as the weights' DRAM time at M >= 16 (docs/benchmarks.md, "A second count"). In the ring the
+// warpgroup copies the tile once, whole lines, and each warp reads it back as 16-byte vectors,
+// conflict-free (x_unit); one barrier of the warpgroup a stage orders copies and reads.
 template <class Frag, int MT>
 constexpr bool x_fits_ring() {
   return MT >= 1 && !gathers_x<Frag>::value && (Frag::kLaneK == 16 || Frag::kLaneK == 32);
@@ -241,9 +236,8 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
       for (int j = 0; j < NG; ++j) c[j] = kin ? frag.load(wrow[j], kt) : Frag::zero();
     }
   };
-  // The ring: stage st's slots, and the copy of its weights (one commit group per call whatever st, so
-  // that at stage st, before its copy of stage st + kRingStages - 1, waiting for all but the
-  // kRingStages - 2 newest groups means stage st landed).
+  // The ring: stage st's slots, and its copy (one commit group per call whatever st, so that at stage st,
+  // before copying st + kRingStages - 1, waiting for all but the kRingStages - 2 newest means st landed).
   uint32_t ring_lane = threadIdx.x;  // (kept: recomputed from the thread index per stage otherwise)
   keep_in_register(ring_lane);
   [[maybe_unused]] auto ring_slot = [&](int st) { return ring + ((uint32_t(st) % kRingStages) * NG * kThreads + ring_lane); };
@@ -251,9 +245,10 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // xr0 + kXPass c (clamped to M - 1) for its warpgroup; a lane reads units kPairs t + i of its rows g (+ 8),
   // at x_unit's places: x_lane + (i ^ x_swz) (the XOR touches only the bits below kPairs).
   constexpr int kXRows = 16 * MT, kXU = 4 * kPairs, kXPass = 128 / kXU;  // rows copied per pass
+  constexpr int kXUnits = kXRing ? kXU : 16;  // (x_unit's row width; unused without the x ring)
   [[maybe_unused]] const int xu = threadIdx.x % kXU, xr0 = (threadIdx.x % 128) / kXU;
-  [[maybe_unused]] const int xu_phys = kXRing ? x_unit<kXRing ? kXU : 16>(xu, xr0) : 0;
-  [[maybe_unused]] const int x_lane = kXU * g + kPairs * t, x_swz = kXRing ? x_unit<kXRing ? kXU : 16>(kPairs * t, g) - kPairs * t : 0;
+  [[maybe_unused]] const int xu_phys = x_unit<kXUnits>(xu, xr0);
+  [[maybe_unused]] const int x_lane = kXU * g + kPairs * t, x_swz = x_unit<kXUnits>(kPairs * t, g) - kPairs * t;
   [[maybe_unused]] const uint32_t xk0 = uint32_t(kb) + wk * kStepK + 8 * xu;  // this thread's unit at stage 0
   [[maybe_unused]] auto x_slot = [&](int st) {
     return ring + (kRingStages * NG * kThreads + ((uint32_t(st) % kRingStages) * kWarpsK + wk) * kXRows * kXU);

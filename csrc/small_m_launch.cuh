@@ -106,15 +106,20 @@ bool launch_with(Problem<Frag, T> p, size_t smem, const Tensor& like, cudaStream
   return true;
 }
 
-// Launches RingKernel (smem bytes of ring) where it fits beside the kernels' static shared memory (the
-// K-warp sums, at most 16 KB) and keeps as many CTAs per SM as Kernel, the register-fed loop.
+// Whether RingKernel (smem bytes of ring) fits beside `static_smem` bytes of static shared memory (the
+// K-warp sums) and keeps as many CTAs per SM as Kernel, the register-fed loop; lets it launch so.
+template <auto RingKernel, auto Kernel>
+bool ring_fits(int device, int smem, int static_smem) {
+  if (smem + static_smem > max_smem_optin(device)) return false;
+  allow_smem_optin<RingKernel>(device, smem);
+  return resident_ctas<RingKernel>(device, smem) >= resident_ctas<Kernel>(device);
+}
+
+// Launches RingKernel where ring_fits (the K-warp sums: at most 16 KB).
 template <auto RingKernel, auto Kernel, int NG, class Frag, class T>
 bool try_ring(const Problem<Frag, T>& p, int smem, const Tensor& like, cudaStream_t stream) {
-  const int device = like.get_device_index();
-  if (smem + 16 * 1024 > max_smem_optin(device)) return false;
-  allow_smem_optin<RingKernel>(device, smem);
-  if (resident_ctas<RingKernel>(device, smem) < resident_ctas<Kernel>(device)) return false;
-  return launch_with<RingKernel, NG>(p, smem, like, stream);
+  return ring_fits<RingKernel, Kernel>(like.get_device_index(), smem, 16 * 1024) &&
+         launch_with<RingKernel, NG>(p, smem, like, stream);
 }
 
 template <class Frag, class T, int MT, int NG>

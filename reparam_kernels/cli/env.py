@@ -65,6 +65,8 @@ def cuda_paths():
                         # kRingStages; off by default until timed)
                         # (1: the weights, 2: x too where it fits; anything else: off)
                         "ring": {"1": 1, "2": 2}.get(os.environ.get("REPARAM_SMALL_M_RING", "")[:1], 0),
+                        # an explicit 0 (run_gpu.sh after a failed smoke run): no script switches it on
+                        "ring_vetoed": os.environ.get("REPARAM_SMALL_M_RING", "") == "0",
                         "ring_switch": "REPARAM_SMALL_M_RING"},
             "wgmma": {"on": not os.environ.get("REPARAM_WGMMA", "").startswith("0"),
                       "min_m": max(1, _atoll("REPARAM_WGMMA_MIN_M", 65)),  # csrc/quant_wgmma.cuh min_m()
