@@ -20,6 +20,7 @@ struct Int4Dec {
   const T* zeros;
   int64_t K, G, group;
   bool vec;
+  int group_shift;  // log2(group) when it is a power of two (a shift, not a ~20-70 instruction division), else -1
 
   __device__ __forceinline__ uint4 load(int64_t n, int64_t k0) const {
     return quant::load_row_bytes(q + n * (K / 2), k0 / 2, K / 2, vec);
@@ -28,7 +29,7 @@ struct Int4Dec {
     float s, zs;  // (q - z) * s = q * s + zs: one FMA per weight
   };
   __device__ __forceinline__ Params params(int64_t n, int64_t k0) const {
-    const int64_t g = n * G + k0 / group;
+    const int64_t g = n * G + (group_shift >= 0 ? k0 >> group_shift : k0 / group);
     const float s = to_f32<T>(scales[g]);
     return {s, -to_f32<T>(zeros[g]) * s};
   }
@@ -180,8 +181,8 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
                                               static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))
       return;
     // K % 32 == 0, so every row is 16-byte aligned when the base is
-    quant::general_linear<Int4Dec<T>, T>(Int4Dec<T>{qp, sp, zp, K, G, group_size, aligned16(qp)}, xc, bias, y, M, N,
-                                         K, stream);
+    const Int4Dec<T> dec{qp, sp, zp, K, G, group_size, aligned16(qp), pow2_group ? ilog2(group_size) : -1};
+    quant::general_linear<Int4Dec<T>, T>(dec, xc, bias, y, M, N, K, stream);
   });
   return y;
 }

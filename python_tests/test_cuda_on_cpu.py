@@ -160,12 +160,20 @@ def test_quant_misaligned_x_takes_general_path(rng):
 
 def test_quant_dequantize_then_gemm_path(rng):
     # M >= REPARAM_DEQUANT_MIN_M: dequantize_kernel, then aten::linear.out (a reference GEMM here)
+    # a CTA a row at a time, a thread 8 weights at a time (4 units of 8 in flight): rows of 12 units (most
+    # threads idle), a group that is not a power of two, K not a multiple of 8 (scalar stores), and with
+    # one SM (16 CTAs) 40 rows of 1025 units (the row loop three times, the unit loop twice)
     cases, refs = [], []
     for op in QUANT:
         c, r = quant_case(rng, op, 70, 96, 36, torch.bfloat16)
         cases.append(c)
         refs.append(r)
-    check(cases, refs, env={"REPARAM_DEQUANT_MIN_M": "65"}, kernel="dequantize_kernel")
+    for op, K, N, g in [("int4_linear", 192, 23, 96), ("int8_linear", 100, 19, 32), ("lut_linear", 36, 16, 32),
+                        ("int8_linear", 8200, 40, 32)]:
+        c, r = quant_case(rng, op, 66, K, N, torch.float16, group=g)
+        cases.append(c)
+        refs.append(r)
+    check(cases, refs, env={"REPARAM_DEQUANT_MIN_M": "65", "RK_CPU_SMS": "1"}, kernel="dequantize_kernel")
 
 
 def wgmma_cases(rng):
