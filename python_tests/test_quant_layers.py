@@ -17,12 +17,15 @@ def make_linear(rng, k=128, n=48, bias=True, dtype=torch.float32):
     return lin.to(dtype)
 
 
+# tol bounds the relative output error against the original layer: ~7 or more standard deviations above
+# its mean over fresh draws (150 draws without bias, where it is largest: int8 0.0065 ± 0.0003, int4 g32
+# 0.072 ± 0.003, g64 sym 0.108 ± 0.005, log4 0.180 ± 0.007, vq b4 0.100 ± 0.006, vq b3 0.188 ± 0.008)
 LAYERS = [
     ("int8", lambda lin: Int8Linear.from_linear(lin), 0.01),
     ("int4 g32 asym", lambda lin: Int4Linear.from_linear(lin, group_size=32), 0.12),
     ("int4 g64 sym", lambda lin: Int4Linear.from_linear(lin, group_size=64, symmetric=True), 0.15),
     ("log4", lambda lin: LUTLinear.from_linear(lin, method="log", bits=4), 0.35),
-    ("vq d1 b4", lambda lin: LUTLinear.from_linear(lin, method="vq", bits=4, iters=10), 0.12),
+    ("vq d1 b4", lambda lin: LUTLinear.from_linear(lin, method="vq", bits=4, iters=10), 0.14),
     ("vq d1 b3 per 8 rows", lambda lin: LUTLinear.from_linear(lin, method="vq", bits=3, rows_per_codebook=8, iters=10), 0.25),
 ]
 
