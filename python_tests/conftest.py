@@ -14,6 +14,19 @@ from reparam_kernels.bench.cases import env_var  # noqa: E402,F401  (the tests' 
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--rep", type=int, default=1,
+                     help="run every test that draws fresh inputs (the rng fixture) this many times: a hunt for "
+                          "bounds that random inputs cross now and then")
+
+
+def pytest_generate_tests(metafunc):
+    reps = metafunc.config.getoption("rep")
+    if reps > 1 and "rng" in metafunc.fixturenames:
+        metafunc.fixturenames.append("_rep")
+        metafunc.parametrize("_rep", range(reps))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
 
