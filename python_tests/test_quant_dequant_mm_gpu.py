@@ -46,3 +46,11 @@ def test_large_m_in_a_cuda_graph(rng, op):
     g.replay()
     torch.cuda.synchronize()
     assert rel_err(y, exact(args, w)) <= 5e-3
+
+
+@pytest.mark.parametrize("op,K", [("int8_linear", 1004), ("lut_linear", 1000)])
+def test_large_m_k_not_a_multiple_of_8(rng, op, K):
+    # rows not 16-byte aligned in the dequantized buffer: the pass's scalar stores
+    args, w = make(op, rng, (300,), K, 77, torch.bfloat16, device="cuda", group=32, tables=1)
+    y = run(op, args)
+    assert torch.isfinite(y).all() and rel_err(y, exact(args, w)) <= TOL[torch.bfloat16]
