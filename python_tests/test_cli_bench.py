@@ -1,9 +1,10 @@
 """`python -m reparam_kernels bench`: script discovery, docs + roofline from result files (CPU side)."""
 import os
 
+import pytest
 import torch
 
-from reparam_kernels.bench.results import Results
+from reparam_kernels.bench.results import Results, load, merge
 from reparam_kernels.cli import bench
 
 ENV = {"gpu": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0", "date": "2026-11-28T00:00:00+00:00",
@@ -77,3 +78,35 @@ def test_render_includes_decode_and_skips_cpu_runs(tmp_path):
     assert "### h200" in text and "### cpu" not in text
     assert "| int4_g128 | 1 | 250.0 | 2.50× | 5.00 |" in text and "Not timed: int8 batch 16" in text
     assert "roofline" not in text  # no op files: no plot
+
+
+def test_merge_keeps_the_cases_a_later_run_did_not_measure(tmp_path):
+    # the committed file: fp16 and bf16 at M = 1 and 16; a later run of fp16 only, M = 1 re-measured
+    # and M = 64 new: every old bf16 row and fp16 M = 16 stay, marked with their own run
+    def results(root, env, rows):
+        res = Results("toy_linear", root=str(root), env=dict(ENV, **env))
+        for dtype, M, us in rows:
+            res.add(mode="graph", dtype=dtype, M=M, N=4096, K=4096, params={"g": 128}, ours_us=us, cublas_us=40.0)
+        res.failures = [{"case": {"M": M}, "reason": "from " + env["date"]}]
+        return res.write()
+
+    old = {"date": "2026-11-01T00:00:00+00:00", "command": "bench old"}
+    results(tmp_path / "results", old, [("fp16", 1, 20.0), ("fp16", 16, 30.0), ("bf16", 1, 21.0)])
+    results(tmp_path / "run", {"date": "2026-12-01T00:00:00+00:00", "command": "bench new"},
+            [("fp16", 1, 10.0), ("fp16", 64, 35.0)])
+    doc = tmp_path / "b.md"
+    assert bench.main(["--merge", str(tmp_path / "run"), "--out", str(tmp_path / "results"), "--docs", str(doc)]) == 0
+    data = load(str(tmp_path / "results" / "h200" / "toy_linear.json"))
+    got = {(r["dtype"], r["M"]): (r["ours_us"], r.get("run", {}).get("command")) for r in data["rows"]}
+    assert got == {("fp16", 1): (10.0, None), ("fp16", 64): (35.0, None), ("fp16", 16): (30.0, "bench old"),
+                   ("bf16", 1): (21.0, "bench old")}
+    assert data["command"] == "bench new" and [f["reason"] for f in data["failures"]] == ["from 2026-12-01T00:00:00+00:00"]
+    text = doc.read_text()
+    assert "[1]: rows from an earlier run, 2026-11-01T00:00:00+00:00 (torch 2.11.0), `bench old`" in text
+    assert text.count("| graph [1] |") == 2 and text.count("| graph |") == 2
+    # merging the same run again changes nothing; another op's file or GPU is refused
+    bench.main(["--merge", str(tmp_path / "run"), "--out", str(tmp_path / "results"), "--docs", str(doc)])
+    assert load(str(tmp_path / "results" / "h200" / "toy_linear.json")) == data
+    other = dict(data, gpu="NVIDIA A100")
+    with pytest.raises(ValueError, match="one op on one GPU"):
+        merge(data, other)

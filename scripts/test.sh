@@ -15,4 +15,4 @@ if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
 fi
 $PY -m pip install -q --no-build-isolation -e .
 $PY -m reparam_kernels env
-$PY -m pytest -q python_tests "$@"
+$PY -m pytest -q --durations=15 python_tests "$@"  # (the slowest tests listed: where CI time goes)

@@ -10,7 +10,8 @@ Optional extras (readers must tolerate them): top-level ``"ceilings"``
 (cases whose kernel failed the float64 check and so were not timed), ``"partial": true``
 (the script was still running, or was cut short, when the file was written); per row
 ``"bytes"`` / ``"flops"`` (what the op must move / compute) from which achieved
-TB/s and TFLOP/s follow.
+TB/s and TFLOP/s follow, and ``"run"`` ({date, command, torch}: a row merged in from an earlier
+run than the file's header names, ``merge()``).
 """
 import datetime
 import json
@@ -147,6 +148,29 @@ def load(path):
         return validate(json.load(f))
 
 
+def row_key(row):
+    """What a row measures: two rows with the same key are the same case (of one run or of two)."""
+    return (row["op"], row["mode"], row["dtype"], row["M"], row["N"], row["K"], json.dumps(row["params"], sort_keys=True))
+
+
+def merge(old, new):
+    """`new` (a later run of the same op, perhaps of fewer cases: one dtype, a few M) over `old`: new's
+    header, ceilings and failures, all of its rows, and old's rows for the cases it did not measure —
+    each of those keeps its own run's date, command and torch in a per-row "run" (the tables mark them).
+    No row is dropped: a case is gone only when a later run measured it again."""
+    validate(old), validate(new)
+    ops = {r["op"] for r in old["rows"] + new["rows"]}
+    if len(ops) > 1 or old["gpu"] != new["gpu"]:
+        raise ValueError(f"merge: one op on one GPU per file, got ops {sorted(ops)} on {old['gpu']!r} / {new['gpu']!r}")
+    measured = {row_key(r) for r in new["rows"]}
+    earlier = {k: old[k] for k in ("date", "command", "torch")}
+    kept = [dict(r, run=r.get("run", earlier)) for r in old["rows"] if row_key(r) not in measured]
+    merged = {k: v for k, v in new.items() if k != "rows"}
+    merged["rows"] = sorted(new["rows"] + kept, key=lambda r: (r["mode"] != "graph", r["dtype"], r["N"], r["K"],
+                                                              json.dumps(r["params"], sort_keys=True), r["M"]))
+    return validate(merged)
+
+
 def _fmt_params(params):
     return ", ".join(f"{k}={v}" for k, v in params.items()) or "-"
 
@@ -176,10 +200,17 @@ def render_markdown(data):
                   f"bf16 GEMM {c['bf16_gemm_tflops']:.0f} TFLOP/s.", ""]
     head = ["mode", "dtype", "M", "N", "K", "params", "ours µs", "cuBLAS µs", "ratio"]
     head += [f"{p} µs" for p in peer_names] + ["TB/s"]
+    earlier = []  # the earlier runs that merged rows come from (merge()), numbered in the mode column
+    for r in data["rows"]:
+        if "run" in r and r["run"] not in earlier:
+            earlier.append(r["run"])
+    lines += [f"[{i + 1}]: rows from an earlier run, {run['date']} (torch {run['torch']}), `{run['command']}`"
+              for i, run in enumerate(earlier)] + ([""] if earlier else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in data["rows"]:
         tbps, _ = achieved(r)
-        cells = [r["mode"], r["dtype"], str(r["M"]), str(r["N"]), str(r["K"]), _fmt_params(r["params"]),
+        mode = r["mode"] + (f" [{earlier.index(r['run']) + 1}]" if "run" in r else "")
+        cells = [mode, r["dtype"], str(r["M"]), str(r["N"]), str(r["K"]), _fmt_params(r["params"]),
                  _fmt_us(r["ours_us"]), _fmt_us(r["cublas_us"]), f"{r['ratio']:.2f}×"]
         cells += [_fmt_us(r["peers"][p]) if p in r["peers"] else "-" for p in peer_names]
         copy = (data.get("ceilings") or {}).get("copy_tbps")

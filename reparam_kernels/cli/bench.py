@@ -2,6 +2,7 @@
 
     python -m reparam_kernels bench [--quick] [--only lowrank,quant] [--decode] [--out DIR]
     python -m reparam_kernels bench --render-only      # remake docs from the committed JSON (no GPU)
+    python -m reparam_kernels bench --merge RUN_DIR    # a later run's files over the committed ones, then docs
 
 The scripts are ``benchmarks/bench_*.py`` of the source tree (each also runs on
 its own). Results: ``<out>/<gpu>/<op>.json``; the markdown goes into the results
@@ -16,7 +17,7 @@ import sys
 import time
 
 from ..bench.cases import progress
-from ..bench.results import DEFAULT_ROOT, OUT_ENV, gpu_slug, load, render_decode, render_files
+from ..bench.results import DEFAULT_ROOT, OUT_ENV, gpu_slug, load, merge, render_decode, render_files, write_json
 from ..bench.roofline import plot
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,6 +69,29 @@ def write_docs(result_dir, doc_path, png_dir):
     return doc_path
 
 
+def merge_run(run_dir, out):
+    """Every <gpu>/<op>.json under run_dir merged over out/<gpu>/<op>.json (results.merge: the rows the run
+    did not measure stay, marked with their own run); a decode.json replaces the committed one whole."""
+    done = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "**", "*.json"), recursive=True)):
+        slug, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
+        if slug in ("cpu", "quality"):
+            continue
+        dest = os.path.join(out, slug, name)
+        if name == "decode.json":
+            with open(path) as f:
+                data = json.load(f)
+        else:
+            data = merge(load(dest), load(path)) if os.path.exists(dest) else load(path)
+        write_json(dest, data)
+        done.append(dest)
+    if not done:
+        raise SystemExit(f"bench: --merge found no result files under {run_dir}")
+    for d in done:
+        print(f"bench: merged {d}")
+    return done
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m reparam_kernels bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes (passed to every script)")
@@ -76,11 +100,15 @@ def main(argv=None):
     p.add_argument("--out", default=None, help=f"results root (default benchmarks/results or ${OUT_ENV})")
     p.add_argument("--docs", default=os.path.join(REPO, "docs", "benchmarks.md"), help="markdown file to update")
     p.add_argument("--render-only", action="store_true", help="skip running; remake docs from the JSON files")
+    p.add_argument("--merge", default=None, metavar="RUN_DIR",
+                   help="skip running; merge a run's result files (e.g. one dtype) over --out's, then remake docs")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per script")
     args = p.parse_args(argv)
     out = args.out or os.environ.get(OUT_ENV) or DEFAULT_ROOT
     status = 0
-    if not args.render_only:
+    if args.merge:
+        merge_run(args.merge, out)
+    elif not args.render_only:
         import torch
 
         if not torch.cuda.is_available():
