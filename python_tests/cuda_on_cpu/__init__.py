@@ -61,10 +61,18 @@ def _harness_digest() -> str:
     return h.hexdigest()
 
 
-def build(mutations=()) -> Path:
+# Units whose ops call into another unit's functions (a subset build must link that one too).
+UNIT_DEPS = {"pivoted_lowrank_linear.cu": ["lowrank_linear.cu"], "toeplitz_linear.cu": ["block_circulant_linear.cu"]}
+
+
+def build(mutations=(), ops=None) -> Path:
     """The harness library for the current csrc/ (cached under build/cuda_on_cpu/). `mutations`:
     (file name, old text, new text) edits applied to csrc/ first, for tests that show a bug is caught.
-    Objects are cached by their inputs, so a mutation recompiles only the units it reaches."""
+    Objects are cached by their inputs (a unit's text and the headers it reaches), so a mutation
+    recompiles only the units it reaches. `ops` (op names, each its unit's stem): a mutated build
+    serves only those ops' cases, so it compiles and links only their units (and UNIT_DEPS) — the
+    mutation tests were most of the CPU suite's time. The link refuses undefined symbols, so a
+    missing UNIT_DEPS entry fails the build instead of the load."""
     if shutil.which("g++") is None:
         raise RuntimeError("cuda_on_cpu needs g++")
     texts = {p.name: p.read_text() for p in CSRC.iterdir() if p.suffix in {".cu", ".cuh", ".h"}}
@@ -74,12 +82,23 @@ def build(mutations=()) -> Path:
         texts[name] = texts[name].replace(old, new)
     texts = {name: rewrite(t, name) for name, t in texts.items()}
     harness = _harness_digest()
-    headers = hashlib.sha256("".join(f"{n}\0{t}\0" for n, t in sorted(texts.items())
-                                     if not n.endswith(".cu")).encode()).hexdigest()
     root = REPO / "build" / "cuda_on_cpu"
     (root / "obj").mkdir(parents=True, exist_ok=True)
     units = [p.name for p in _kernel_sources()]
-    keys = {u: hashlib.sha256(f"{harness}{headers}{u}{texts[u]}".encode()).hexdigest()[:20] for u in units}
+    if mutations and ops:
+        needed, todo = set(), [f"{op}.cu" for op in ops]
+        while todo:
+            u = todo.pop()
+            if u not in units:
+                raise ValueError(f"cuda_on_cpu: no unit {u} in csrc/sources.txt")
+            if u not in needed:
+                needed.add(u)
+                todo += UNIT_DEPS.get(u, [])
+        units = [u for u in units if u in needed]
+    # a unit's object is keyed by its text and the csrc/ headers it reaches: a mutation in
+    # small_m_gemm.cuh rebuilds the units that include it, not block_circulant_linear.cu
+    keys = {u: hashlib.sha256(f"{harness}{u}{texts[u]}".encode() + b"".join(
+        f"\0{n}\0{texts[n]}".encode() for n in sorted(_reached(u, texts)))).hexdigest()[:20] for u in units}
     lib = root / ("lib-" + hashlib.sha256("".join(keys[u] for u in units).encode()).hexdigest()[:16] + ".so")
     if lib.exists():
         return lib
@@ -90,6 +109,21 @@ def build(mutations=()) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(root)
     return lib
+
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
+def _reached(unit: str, texts: dict) -> set:
+    """The csrc/ headers `unit` includes, directly or through other csrc/ headers."""
+    seen, todo = set(), [unit]
+    while todo:
+        for name in _INCLUDE.findall(texts[todo.pop()]):
+            name = os.path.basename(name)
+            if name in texts and name not in seen:
+                seen.add(name)
+                todo.append(name)
+    return seen
 
 
 def _prune(root: Path, keep_libs: int = 40, keep_objs: int = 300) -> None:
@@ -123,7 +157,7 @@ def _build_into(tmp, lib, texts, units, keys, harness, root):
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         objs = list(pool.map(compile_one, jobs))
-    r = subprocess.run(["g++", "-shared", "-pthread", *map(str, objs), "-o", str(tmp / lib.name)],
+    r = subprocess.run(["g++", "-shared", "-pthread", "-Wl,-z,defs", *map(str, objs), "-o", str(tmp / lib.name)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"cuda_on_cpu: linking failed:\n{r.stderr[-6000:]}")
@@ -143,7 +177,7 @@ def run_cases(cases: list, env: dict | None = None, mutations=(), timeout: float
     (output, launches) per case, launches being lines "launch <kernel> grid (x,y,z) block n smem s
     [cooperative]". Raises KernelError when an op raises or the process dies (a fault reports the
     block and thread)."""
-    lib = build(mutations)
+    lib = build(mutations, ops={c["op"] for c in cases})
     with tempfile.TemporaryDirectory() as d:
         case_file, result = Path(d) / "cases.pt", Path(d) / "out.pt"
         torch.save([{"ints": [], "offsets": {}, **c} for c in cases], case_file)

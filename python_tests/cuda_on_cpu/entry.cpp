@@ -2,12 +2,33 @@
 // kernels, compiled for the CPU) on tensors handed over from Python (python_tests/cuda_on_cpu).
 #include <cstring>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 
 #include "fake_torch.h"
 #include "ops.h"
 
+// Weak: a mutation build links only the units its cases' ops need (cuda_on_cpu.build), and an op
+// whose unit is absent must fail with a message, not keep the library from loading.
+namespace reparam {
+Tensor lowrank_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
+Tensor pivoted_lowrank_linear_cuda(Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
+Tensor int8_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
+Tensor int4_linear_cuda(Tensor, Tensor, Tensor, Tensor, int64_t, std::optional<Tensor>) __attribute__((weak));
+Tensor lut_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
+Tensor block_circulant_linear_cuda(Tensor, Tensor, int64_t, int64_t, std::optional<Tensor>) __attribute__((weak));
+Tensor toeplitz_linear_cuda(Tensor, Tensor, int64_t, int64_t, std::optional<Tensor>) __attribute__((weak));
+}  // namespace reparam
+
 namespace {
 using torch::stable::Tensor;
+
+// The op's function, or an error naming it when this build left its unit out.
+template <class F>
+F* built(F* f, const char* op) {
+  if (f == nullptr) throw std::runtime_error(std::string("cuda_on_cpu: ") + op + "'s unit is not in this build");
+  return f;
+}
 
 struct RkTensor {
   const void* data;  // nullptr: an absent optional argument
@@ -36,16 +57,18 @@ std::optional<Tensor> opt(const RkTensor* t, int nt, int i) {
 
 Tensor call(const std::string& op, const RkTensor* t, int nt, const int64_t* ints) {
   using namespace reparam;
-  if (op == "lowrank_linear") return lowrank_linear_cuda(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));
+  const char* o = op.c_str();
+  if (op == "lowrank_linear") return built(&lowrank_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));
   if (op == "pivoted_lowrank_linear")
-    return pivoted_lowrank_linear_cuda(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), opt(t, nt, 4));
-  if (op == "int8_linear") return int8_linear_cuda(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));
+    return built(&pivoted_lowrank_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), opt(t, nt, 4));
+  if (op == "int8_linear") return built(&int8_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));
   if (op == "int4_linear")
-    return int4_linear_cuda(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), ints[0], opt(t, nt, 4));
-  if (op == "lut_linear") return lut_linear_cuda(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));
+    return built(&int4_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), ints[0], opt(t, nt, 4));
+  if (op == "lut_linear") return built(&lut_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));
   if (op == "block_circulant_linear")
-    return block_circulant_linear_cuda(adopt(t[0]), adopt(t[1]), ints[0], ints[1], opt(t, nt, 2));
-  if (op == "toeplitz_linear") return toeplitz_linear_cuda(adopt(t[0]), adopt(t[1]), ints[0], ints[1], opt(t, nt, 2));
+    return built(&block_circulant_linear_cuda, o)(adopt(t[0]), adopt(t[1]), ints[0], ints[1], opt(t, nt, 2));
+  if (op == "toeplitz_linear")
+    return built(&toeplitz_linear_cuda, o)(adopt(t[0]), adopt(t[1]), ints[0], ints[1], opt(t, nt, 2));
   throw std::runtime_error("cuda_on_cpu: unknown op " + op);
 }
 }  // namespace
