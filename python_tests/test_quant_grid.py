@@ -21,25 +21,35 @@ def heavy_w(rng, n, k):
     return w.float()
 
 
-def grid64(wg, lo, hi, integer_zero, qmax=15):
-    """float64 reference of one grid: returns the dequantized wg."""
+def grid64_params(lo, hi, integer_zero, qmax=15):
+    """float64 step and zero point of the grid spanning [lo, hi]."""
     s = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
     z = -lo / s
     if integer_zero:
         z = torch.clamp(torch.round(z), 0, qmax)
+    return s, z
+
+
+def grid64(wg, lo, hi, integer_zero, qmax=15):
+    """float64 reference of one grid: returns the dequantized wg."""
+    s, z = grid64_params(lo, hi, integer_zero, qmax)
     q = torch.clamp(torch.round(wg / s[..., None] + z[..., None]), 0, qmax)
     return (q - z[..., None]) * s[..., None]
 
 
+def f32_tol(s, z):
+    """How far a value dequantized with float32-stored s and z may sit from the float64 grid's: a few
+    roundings of 2^-24 of each, met through (q - z) * s with |q - z| <= 15 (one bound per group)."""
+    return 4 * 2.0 ** -24 * (15 + z.double().abs()) * s.double()
+
+
 def on_grid64(d, wg, lo, hi, integer_zero, s, z):
-    """d (dequantized with float32 s, z) is the float64 grid's answer: within a few float32 roundings of
-    s and z, met through (q - z) * s with |q - z| <= 15; a value the float64 grid puts within 1e-4 of a
-    rounding tie may land on either neighbour (one step off)."""
-    s64 = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi))
-    z64 = -lo / s64 if not integer_zero else torch.clamp(torch.round(-lo / s64), 0, 15)
+    """d (dequantized with float32 s, z) is the float64 grid's answer within f32_tol; a value the float64
+    grid puts within 1e-4 of a rounding tie may land on either neighbour (one step off)."""
+    s64, z64 = grid64_params(lo, hi, integer_zero)
     frac = torch.frac(wg / s64[..., None] + z64[..., None])
     tie = (frac - 0.5).abs() < 1e-4
-    tol = (4 * 2.0 ** -24 * (15 + z.double().abs()) * s.double())[..., None] + 1e-9
+    tol = f32_tol(s, z)[..., None] + 1e-9
     tol = torch.where(tie, tol + s.double()[..., None], tol)
     return bool(((d - grid64(wg, lo, hi, integer_zero)).abs() <= tol).all())
 
@@ -71,7 +81,7 @@ def test_float_zero_spans_exactly_min_to_max(rng):
     d = deq(w, qf, sf, zf)
     assert on_grid64(d, wg, wg.amin(-1), wg.amax(-1), False, sf, zf)
     # group min and max map to codes 0 and 15 exactly; every weight within half a step
-    tol = 4 * 2.0 ** -24 * (15 + zf.double().abs()) * sf.double()
+    tol = f32_tol(sf, zf)
     assert ((d.amin(-1) - wg.amin(-1)).abs() <= tol).all() and ((d.amax(-1) - wg.amax(-1)).abs() <= tol).all()
     assert ((d - wg).abs() <= 0.5 * sf.double()[..., None] * (1 + 1e-5) + 1e-7).all()
     assert (sf <= si + 1e-7).all()  # finer step than the grid that must contain 0
