@@ -5,8 +5,12 @@
 Writes benchmarks/results/<gpu>/block_circulant_linear.json and toeplitz_linear.json
 (DESIGN.md format). Per case (M, N, K, block b):
 
-* ours      — reparam_kernels.ops.block_circulant_linear (the fused CUDA kernel for
+* ours      — what BlockCirculantLinear runs in eval mode: at M <= COLS_MAX_M (16) in fp16 / bf16,
+              reparam_kernels.ops.block_circulant_cols_linear (the tensor-core kernel on the blocks'
+              first columns, `backend` "cuda_cols"; the FFT kernel is then the peer "cuda_fft"),
+              else reparam_kernels.ops.block_circulant_linear (the fused FFT kernel for
               b = 64..4096 powers of two; the row's `backend` says what ran);
+              Toeplitz rows the same way (toeplitz_linear, or the columns op on its embedding's column);
 * cublas    — F.linear on the dense weight of the same shape (the block-circulant
               matrix expanded, in the activation dtype);
 * peers     — "torch_fft": rfft · einsum block products · irfft (the reference,
@@ -34,6 +38,8 @@ import reparam_kernels
 from reparam_kernels import _dispatch, reference
 from reparam_kernels import triton as rk_triton
 from reparam_kernels.compress import structured as st
+from reparam_kernels.nn.structured import COLS_MAX_M
+from reparam_kernels.ops.block_circulant_cols_linear import CUDA_BLOCK_SIZES as COLS_BLOCK_SIZES
 
 BLOCKS = (256, 512, 1024, 4096)
 QUICK_BLOCKS = (256, 4096)
@@ -53,8 +59,8 @@ def _flops(M, N, K, b):
 
 
 def make_sets(N, K, b, M, dtype, count, dense_count, device):
-    """(x, spectrum) sets for the structured contenders and (x, W dense) for cuBLAS; set 0 of both
-    is the same product."""
+    """(x, spectrum) sets for the structured contenders, (x, W dense) for cuBLAS and (x, fp32 block
+    columns) for the columns op; set 0 of each is the same product."""
     p, q = math.ceil(N / b), math.ceil(K / b)
     ours, dense = [], []
     for _ in range(count):
@@ -64,7 +70,7 @@ def make_sets(N, K, b, M, dtype, count, dense_count, device):
     for i in range(dense_count):
         x, _, cols = ours[i % count]
         dense.append((x, st.block_circulant_to_dense(cols.float(), N, K).to(dtype)))
-    return [(x, s) for x, s, _ in ours], dense
+    return [(x, s) for x, s, _ in ours], dense, [(x, c.float()) for x, _, c in ours]
 
 
 def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="block_circulant_linear"):
@@ -73,15 +79,17 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
     p, q = math.ceil(N / b), math.ceil(K / b)
     spec_bytes = p * q * 2 * (b // 2 + 1) * 4
     must_move = M * K * elt + spec_bytes + M * N * elt
-    sets, dense = make_sets(N, K, b, M, dtype, count or min(MAX_SETS, rotation_count(must_move)),
+    sets, dense, col_sets = make_sets(N, K, b, M, dtype, count or min(MAX_SETS, rotation_count(must_move)),
                             count or rotation_count(N * K * elt + (M * K + M * N) * elt), device)
     x0, s0 = sets[0]
     if op == "block_circulant_linear":
         ours_fn = lambda x, s: reparam_kernels.ops.block_circulant_linear(x, s, b, N)  # noqa: E731
+        cols_fn = lambda x, c: reparam_kernels.ops.block_circulant_cols_linear(x, c, N)  # noqa: E731
         ref = lambda: reference.block_circulant_linear(check_rows(x0).double(), s0.double(), b, N)  # noqa: E731
         size = b
     else:  # Toeplitz n×n as its L×L embedding: the spectrum sets are already embeddings of size b = L
         ours_fn = lambda x, s: reparam_kernels.ops.toeplitz_linear(x, s, b, N)  # noqa: E731
+        cols_fn = lambda x, c: reparam_kernels.ops.block_circulant_cols_linear(x, c, N)  # noqa: E731
         ref = lambda: reference.toeplitz_linear(check_rows(x0).double(), s0.double(), b, N)  # noqa: E731
         size = b
     peers = {"torch_fft": Contender(lambda x, s: reference.block_circulant_linear(x, s, size, N), sets)}
@@ -97,13 +105,23 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
             peers["cuda_fft_per_block"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "0"), sets)
         elif M >= 64:
             peers["cuda_large_m"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "1"), sets)
+    ours = Contender(ours_fn, sets)
+    if device == "cuda" and takes_cols(M, b, dtype):  # (Toeplitz: its embedding's column as one block)
+        ours, peers["cuda_fft"], backend = Contender(cols_fn, col_sets), ours, "cuda_cols"
     rows = run_case(res, dtype=dtype, M=M, N=N, K=K, params={"block": b} if op == "block_circulant_linear" else {"fft_size": b},
-                    modes=modes, ours=Contender(ours_fn, sets), cublas=Contender(F.linear, dense), peers=peers,
+                    modes=modes, ours=ours, cublas=Contender(F.linear, dense), peers=peers,
                     reference=ref, bytes=must_move, flops=_flops(M, N, K, b), backend=backend)
     del sets, dense
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def takes_cols(M, b, dtype):
+    """Whether BlockCirculantLinear / ToeplitzLinear (eval mode) run this case through block_circulant_cols_linear's
+    kernel."""
+    return (M <= COLS_MAX_M and dtype in (torch.float16, torch.bfloat16) and b in COLS_BLOCK_SIZES
+            and _dispatch.backend_for("block_circulant_cols_linear", "cuda", dtype)[0] == "cuda")
 
 
 def toeplitz_sets_shape(n):

@@ -42,6 +42,7 @@ OUT_FEATURES = {
     "lut_linear": lambda a: a[1].shape[0],
     "block_circulant_linear": lambda a: a[3],
     "toeplitz_linear": lambda a: a[3],
+    "block_circulant_cols_linear": lambda a: a[2],
 }
 
 

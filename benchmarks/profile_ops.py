@@ -8,7 +8,8 @@ Warm-up calls happen outside the range, so only the measured call of each (layer
 `--ring`: the quantized and low-rank kinds at M <= 64 are called once more with the small-M loop's
 shared-memory ring switched on (REPARAM_SMALL_M_RING=1; its kernels are small_m_ring_kernel<..., false>
 and lowrank_small_m_kernel<..., true>), int4 above M = 8 also with x in it (2: small_m_ring_kernel<...,
-true>), so one profile compares them.
+true>), so one profile compares them. Block-circulant at M <= 16 is called once more in eval mode, where
+BlockCirculantLinear takes the tensor-core kernel on its blocks' columns (cols_kernel) instead of the FFT one.
 `--device cpu` runs the same calls on the CPU (checks the script itself; no profile).
 """
 import argparse
@@ -38,6 +39,19 @@ def layer_for(kind, n, k, device, dtype):
         lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.float32)
         return variants.make(kind, lin).to(dtype)
     return variants.make_random(kind, k, n, bias=False, dtype=dtype, device=device)
+
+
+def profiled(layer, x, cuda):
+    """layer(x) once to warm up (a kernel's first launch), then once inside the NVTX range ncu profiles."""
+    layer(x)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.nvtx.range_push("profile")
+    y = layer(x)
+    if cuda:
+        torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+    return y
 
 
 @torch.no_grad()
@@ -81,19 +95,16 @@ def main(argv=None):
                 torch.cuda.nvtx.range_pop()
                 torch.cuda.synchronize()
             print(f"profile_ops: {kind} {n}x{k} M={m}: out {tuple(y.shape)}, dense {tuple(ref.shape)}", flush=True)
+            if kind.startswith("block_circulant") and m <= 16:  # eval mode: the columns (tensor-core) kernel
+                y_eval = profiled(layer.eval(), x, cuda)
+                layer.train()
+                print(f"profile_ops: {kind} {n}x{k} M={m} eval: out {tuple(y_eval.shape)}", flush=True)
             modes = ("1", "2") if kind == "int4_g128" and m > 8 else ("1",)  # 2: x in the ring too (int4, M > 8)
             for mode in modes if args.ring and kind in RING_KINDS and m <= 64 else ():
                 if cuda_paths()["small_m"]["ring_vetoed"]:  # switched off by the runner
                     break
                 with env_var("REPARAM_SMALL_M_RING", mode):
-                    layer(x)  # warm-up (the ring kernel's first launch)
-                    if cuda:
-                        torch.cuda.synchronize()
-                        torch.cuda.nvtx.range_push("profile")
-                    y_ring = layer(x)
-                    if cuda:
-                        torch.cuda.nvtx.range_pop()
-                        torch.cuda.synchronize()
+                    y_ring = profiled(layer, x, cuda)
                 print(f"profile_ops: {kind} {n}x{k} M={m} ring {mode}: out {tuple(y_ring.shape)}", flush=True)
     return 0
 

@@ -56,7 +56,7 @@ fi
 step env 60 "$DEST/env.txt" "$PY" -m reparam_kernels env; cat "$DEST/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$DEST/env.txt" 2>&1
 
-# Smoke-test each kernel path added in sessions 5, 6, 10 and 13 in its own process first (the transposed
+# Smoke-test each kernel path added in sessions 5, 6, 10, 13 and 15 in its own process first (the transposed
 # small-M tile and the small-M ring before the rest of the small-M path, so that a failure switches off
 # only them; the ring is off by default, its smoke cases switch it on, and a failure sets it to 0, which
 # also drops bench_quant's cuda_ring peer). A path
@@ -64,7 +64,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 # one bad kernel cannot take every later test and benchmark down with a sticky CUDA error;
 # smoke_<path>.log says why. A failure with no sign of the GPU in it (a Python error building a layer)
 # leaves the path on: switching it off cost the first H200 run every small-M and wgmma test.
-for pair in "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M"; do
+for pair in "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M" "cols:REPARAM_BC_COLS_MAX_M"; do
   match="${pair%%:*}"; var="${pair##*:}"
   if ! timeout 90 "$PY" benchmarks/sanitize_ops.py --paths-only --match "$match" > "$DEST/smoke_$match.log" 2>&1; then
     if grep -qiE "CUDA error|AcceleratorError|illegal|launch failure|relative error|FAIL|Killed|Terminated" \
@@ -103,7 +103,7 @@ BENCH_RC=0
 # The per-op benchmarks first, the end-to-end decode (slow to compile) last.
 SCRIPTS=()
 for s in benchmarks/bench_*.py; do [ "$s" != benchmarks/bench_decode.py ] && SCRIPTS+=("$s"); done
-[ "$FOCUS" = 1 ] && SCRIPTS=(benchmarks/bench_quant.py benchmarks/bench_lowrank.py)
+[ "$FOCUS" = 1 ] && SCRIPTS=(benchmarks/bench_quant.py benchmarks/bench_lowrank.py benchmarks/bench_structured.py)
 [ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py)
 SAN_RESERVE=150   # keep this much for compute-sanitizer (memcheck <= 80 s, racecheck <= 30 s) and Nsight Compute (<= 40 s)
 [ "$FOCUS" = 1 ] && SAN_RESERVE=160   # no racecheck; ncu up to 90 s (~30 kernels)

@@ -77,6 +77,15 @@ inline void check_bias(const char* op, const std::optional<Tensor>& bias, const 
                   " elements, got ", bias->size(0));
 }
 
+// The p x q grid of b x b blocks (argument `w` of op `op`) covers an N x K weight: K and N fit the last
+// block column and row (the block-circulant ops; x is zero-padded to q b, outputs past N dropped).
+inline void check_block_grid(const char* op, const char* w, int64_t p, int64_t q, int64_t b, int64_t K, int64_t N) {
+  STD_TORCH_CHECK(q >= 1 && (q - 1) * b < K && K <= q * b, "reparam.", op,
+                  ": `x` last dimension does not fit the q block columns of `", w, "`");
+  STD_TORCH_CHECK(p >= 1 && (p - 1) * b < N && N <= p * b, "reparam.", op,
+                  ": `out_features` does not fit the p block rows of `", w, "`");
+}
+
 // A device attribute, read once per device and attribute (a template argument: each its own cache).
 template <cudaDeviceAttr A>
 inline int device_attribute(int device) {

@@ -12,5 +12,6 @@ STABLE_TORCH_LIBRARY_IMPL(reparam, CUDA, m) {
   m.impl("int4_linear", TORCH_BOX(&reparam::int4_linear_cuda));
   m.impl("lut_linear", TORCH_BOX(&reparam::lut_linear_cuda));
   m.impl("block_circulant_linear", TORCH_BOX(&reparam::block_circulant_linear_cuda));
+  m.impl("block_circulant_cols_linear", TORCH_BOX(&reparam::block_circulant_cols_linear_cuda));
   m.impl("toeplitz_linear", TORCH_BOX(&reparam::toeplitz_linear_cuda));
 }

@@ -19,6 +19,9 @@ SCHEMAS = {
     "pivoted_lowrank_linear": "pivoted_lowrank_linear(Tensor x, Tensor u, Tensor w, Tensor perm, Tensor? bias) -> Tensor",
     # y_i = irfft(Σ_j S_ij ⊙ rfft(x_j)) + bias ; w_spectrum [p, q, 2, b//2+1] fp32 (compress/structured.py)
     "block_circulant_linear": "block_circulant_linear(Tensor x, Tensor w_spectrum, int block_size, int out_features, Tensor? bias) -> Tensor",
+    # the same product from the blocks' first columns: W[i b + n, j b + m] = w_cols[i, j, (n - m) mod b] ;
+    # w_cols [p, q, b] fp32 (the decode path: tensor cores on the time-domain weights, csrc/block_circulant_cols_linear.cu)
+    "block_circulant_cols_linear": "block_circulant_cols_linear(Tensor x, Tensor w_cols, int out_features, Tensor? bias) -> Tensor",
     # Toeplitz N×K through its circulant embedding of size fft_size; t_spectrum [1, 1, 2, fft_size//2+1]
     "toeplitz_linear": "toeplitz_linear(Tensor x, Tensor t_spectrum, int fft_size, int out_features, Tensor? bias) -> Tensor",
     # y = (x @ qweight.T) * scales + bias ; qweight int8 [N, K], scales [N] (x's dtype)

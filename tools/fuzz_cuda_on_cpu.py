@@ -2,7 +2,7 @@
 sizes, dtypes, path switches and fake GPUs, against float64, until the time is up. A longer search
 than the test suite's fixed cases; prints every failure with what reproduces it.
 
-    PYTHONPATH=. python tools/fuzz_cuda_on_cpu.py [--minutes 20] [--seed 1]
+    PYTHONPATH=. python tools/fuzz_cuda_on_cpu.py [--minutes 20] [--seed 1] [--ops block_circulant_cols_linear]
 """
 import argparse
 import collections
@@ -26,9 +26,12 @@ def pick_m(r):
     return r.choice([1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 63, 64, 65, 100, 128, 129, 200, 255, 300, 511, 513])
 
 
-def make_case(r, gen):
-    op = r.choice(["int4_linear", "int8_linear", "lut_linear", "lowrank_linear", "pivoted_lowrank_linear",
-                   "block_circulant_linear", "block_circulant_linear", "toeplitz_linear"])
+OPS = ["int4_linear", "int8_linear", "lut_linear", "lowrank_linear", "pivoted_lowrank_linear",
+       "block_circulant_linear", "block_circulant_linear", "toeplitz_linear", "block_circulant_cols_linear"]
+
+
+def make_case(r, gen, ops=OPS):
+    op = r.choice(ops)
     dtype = r.choice([torch.float16, torch.bfloat16])
     M = pick_m(r)
     if op in ("int4_linear", "int8_linear", "lut_linear"):
@@ -59,11 +62,17 @@ def make_case(r, gen):
         dtype = r.choice([torch.float16, torch.bfloat16, torch.float32])
         x, spec, cols, bias = structured.make(gen, (min(M, 300),), K, N, bs, dtype, bias=r.random() < 0.5)
         return ({"op": op, "args": [x, spec, bias], "ints": [bs, N]}, structured.exact(x, cols, N, bias), dtype)
+    if op == "block_circulant_cols_linear":  # the decode kernel on the blocks' columns: M <= 16 is its use
+        bs = r.choice([64, 128, 256, 512, 1024, 2048, 4096])
+        most = 6 if bs <= 512 else 2
+        K, N = r.randint(1, most) * bs - r.choice([0, 0, 5]), r.randint(1, most) * bs - r.choice([0, 0, 3])
+        x, _, cols, bias = structured.make(gen, (min(M, 40),), K, N, bs, dtype, bias=r.random() < 0.5)
+        return ({"op": op, "args": [x, cols.float(), bias], "ints": [N]}, structured.exact(x, cols, N, bias), dtype)
     from reparam_kernels.nn import ToeplitzLinear
     K, N = r.randint(20, 300), r.randint(20, 300)
     layer = ToeplitzLinear.from_linear(torch.nn.Linear(K, N))
     if layer.fft_size < 64 or layer.fft_size > 4096 or layer.fft_size & (layer.fft_size - 1):
-        return make_case(r, gen)
+        return make_case(r, gen, ops)
     x = torch.randn(min(M, 64), K, generator=gen)
     bias = layer.bias.detach()
     ref = x.double() @ layer.to_dense().double().t() + bias.double()
@@ -92,6 +101,7 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=20)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--per-process", type=int, default=8)
+    p.add_argument("--ops", default=None, help=f"comma-separated subset of {sorted(set(OPS))}")
     args = p.parse_args(argv)
     r = random.Random(args.seed)
     end, runs, failures = time.time() + 60 * args.minutes, 0, 0
@@ -99,7 +109,7 @@ def main(argv=None):
     while time.time() < end:
         gen = torch.Generator().manual_seed(r.randint(0, 2**31))
         env = random_env(r)
-        batch = [make_case(r, gen) for _ in range(args.per_process)]
+        batch = [make_case(r, gen, args.ops.split(",") if args.ops else OPS) for _ in range(args.per_process)]
         try:
             results = cuda_on_cpu.run_cases([c for c, _, _ in batch], env)
         except cuda_on_cpu.KernelError as e:

@@ -17,6 +17,7 @@ Tensor int8_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribu
 Tensor int4_linear_cuda(Tensor, Tensor, Tensor, Tensor, int64_t, std::optional<Tensor>) __attribute__((weak));
 Tensor lut_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor block_circulant_linear_cuda(Tensor, Tensor, int64_t, int64_t, std::optional<Tensor>) __attribute__((weak));
+Tensor block_circulant_cols_linear_cuda(Tensor, Tensor, int64_t, std::optional<Tensor>) __attribute__((weak));
 Tensor toeplitz_linear_cuda(Tensor, Tensor, int64_t, int64_t, std::optional<Tensor>) __attribute__((weak));
 }  // namespace reparam
 
@@ -67,6 +68,8 @@ Tensor call(const std::string& op, const RkTensor* t, int nt, const int64_t* int
   if (op == "lut_linear") return built(&lut_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));
   if (op == "block_circulant_linear")
     return built(&block_circulant_linear_cuda, o)(adopt(t[0]), adopt(t[1]), ints[0], ints[1], opt(t, nt, 2));
+  if (op == "block_circulant_cols_linear")
+    return built(&block_circulant_cols_linear_cuda, o)(adopt(t[0]), adopt(t[1]), ints[0], opt(t, nt, 2));
   if (op == "toeplitz_linear")
     return built(&toeplitz_linear_cuda, o)(adopt(t[0]), adopt(t[1]), ints[0], ints[1], opt(t, nt, 2));
   throw std::runtime_error("cuda_on_cpu: unknown op " + op);

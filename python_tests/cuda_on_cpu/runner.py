@@ -30,7 +30,8 @@ def run(lib, case):
         descs[i].offset = int(case["offsets"].get(i, 0))
     ints = (ctypes.c_int64 * max(1, len(case["ints"])))(*case["ints"])
     x, op = args[0], case["op"]
-    n_out = case["ints"][1] if op in ("block_circulant_linear", "toeplitz_linear") else args[1].shape[0]
+    out_at = {"block_circulant_linear": 1, "toeplitz_linear": 1, "block_circulant_cols_linear": 0}  # out_features
+    n_out = case["ints"][out_at[op]] if op in out_at else args[1].shape[0]
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype)
     err = ctypes.create_string_buffer(8192)
     rc = lib.rk_call(op.encode(), descs, len(args), ints, ctypes.c_void_p(y.data_ptr()),

@@ -86,7 +86,11 @@ def cuda_paths():
                                "prefetch_u_switch": "REPARAM_LOWRANK_PREFETCH_U"},
             "bc_large_m": {"min_m": _min_m("REPARAM_BC_LARGE_M_MIN_M", 256),  # csrc/block_circulant_large_m.cuh
                            "switch": "REPARAM_BC_LARGE_M_MIN_M",
-                           "ops": "block_circulant_linear, toeplitz_linear"}}
+                           "ops": "block_circulant_linear, toeplitz_linear"},
+            # BlockCirculantLinear in eval mode: block_circulant_cols_linear (tensor cores on the blocks' columns)
+            # at M <= max_m (read once, at import of reparam_kernels.nn.structured; <= 0: never)
+            "bc_cols": {"max_m": max(0, _atoll("REPARAM_BC_COLS_MAX_M", 16)), "switch": "REPARAM_BC_COLS_MAX_M",
+                        "ops": "BlockCirculantLinear (eval mode) -> block_circulant_cols_linear"}}
 
 
 def collect():
@@ -144,6 +148,9 @@ def render(info):
                     ("spectrum sums in registers", paths["bc_large_m"])):
         when = f"M >= {d['min_m']}" if d["min_m"] else "never"
         lines.append(f"  {name} ({d['ops']}): {when} [{d['switch']}]")
+    bc = paths["bc_cols"]
+    lines.append(f"  block-circulant decode from the blocks' columns ({bc['ops']}): "
+                 f"{'M <= ' + str(bc['max_m']) if bc['max_m'] else 'never'} [{bc['switch']}]")
     lines.append(f"  low-rank decode launch (M below that): u prefetched into L2 during phase 1: "
                  f"{'on' if lr['prefetch_u'] else 'OFF'} [{lr['prefetch_u_switch']}]")
     lines.append("")

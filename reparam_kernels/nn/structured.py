@@ -22,6 +22,17 @@ float16 / bfloat16 (``.half()``, ``.to(dtype)``, ``model.half()``): the ops take
 float32 spectra, and a half-precision copy would lose precision for good and be
 cast back on every call; device moves apply to them as usual. ``from_linear`` records the relative
 projection error in ``projection_error``.
+
+Decode: ``BlockCirculantLinear`` also keeps the blocks' first columns, float32 [p, q, b]
+(``w_cols``, a non-persistent buffer: the irfft of the spectrum; ``ToeplitzLinear``: ``t_cols``
+[1, 1, L], its embedding's column), for
+``block_circulant_cols_linear``, whose CUDA kernel runs the blocks as Toeplitz tiles on tensor
+cores. ``forward`` takes it in eval mode, for fp16 / bf16 CUDA inputs of at most
+``COLS_MAX_M`` rows (env ``REPARAM_BC_COLS_MAX_M``, default 16; 0 = never) when no gradient
+for the spectrum is wanted. The columns are recomputed when the layer enters eval mode, after
+``load_state_dict``, and (eager calls) whenever the spectrum changed since; a compiled graph
+cannot see the spectrum's version, so after changing the spectrum by hand in eval mode call
+``refresh_cols()`` (or ``eval()``) before calling a compiled model again.
 """
 import math
 
@@ -30,7 +41,12 @@ from torch import nn
 
 from ..compress import ldr as _ldr
 from ..compress import structured as _st
-from ..ops import block_circulant_linear, toeplitz_linear
+from .. import _dispatch
+from ..cli.env import _atoll as env_int
+from ..ops import block_circulant_cols_linear, block_circulant_linear, toeplitz_linear
+from ..ops.block_circulant_cols_linear import CUDA_BLOCK_SIZES as _COLS_BLOCK_SIZES
+
+COLS_MAX_M = max(0, env_int("REPARAM_BC_COLS_MAX_M", 16))  # rows up to which eval mode decodes from w_cols
 
 
 def _positive_int(name, val):
@@ -94,8 +110,56 @@ class _StructuredBase(nn.Module):
         return lin
 
 
-class BlockCirculantLinear(_StructuredBase):
-    _FULL_PRECISION = ("w_spectrum",)
+class _DecodesFromColumns:
+    """Eval-mode decode through block_circulant_cols_linear (see the module docstring). The class names its
+    spectrum parameter (_SPECTRUM), the buffer of columns derived from it (_COLS) and their length (_size())."""
+
+    def _init_cols(self, shape, dtype, device):
+        self.register_buffer(self._COLS, torch.empty(*shape, dtype=dtype, device=device), persistent=False)
+        self._cols_key = None
+
+    def refresh_cols(self):
+        """Recompute the blocks' first columns (the decode op's weights) from the spectrum."""
+        spec = getattr(self, self._SPECTRUM)
+        with torch.no_grad():
+            setattr(self, self._COLS, _st.block_circulant_columns(spec.detach(), self._size()).to(spec.dtype))
+        self._cols_key = self._spectrum_key()
+
+    def _spectrum_key(self):
+        s = getattr(self, self._SPECTRUM)
+        return s.data_ptr(), s._version, s.device
+
+    def train(self, mode=True):
+        out = super().train(mode)
+        if not mode:
+            self.refresh_cols()  # entering eval mode: what a compiled inference graph will read
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh_cols()
+
+    def _decode_cols(self, x):
+        """The columns when this call takes block_circulant_cols_linear, else None."""
+        if (self.training or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
+                or self._size() not in _COLS_BLOCK_SIZES or x.numel() > COLS_MAX_M * x.shape[-1]
+                or (torch.is_grad_enabled() and getattr(self, self._SPECTRUM).requires_grad)):
+            return None
+        if torch.compiler.is_compiling():
+            backend = _dispatch.backend_for("block_circulant_cols_linear", "cuda", x.dtype)[0]
+        else:
+            backend = _dispatch._cached_backend("block_circulant_cols_linear", x)[0]
+            if self._cols_key != self._spectrum_key():
+                self.refresh_cols()
+        if backend != "cuda":
+            return None
+        cols = getattr(self, self._COLS)
+        return cols if cols.dtype == torch.float32 else cols.float()  # (a float64 layer's, for half x)
+
+
+class BlockCirculantLinear(_DecodesFromColumns, _StructuredBase):
+    _FULL_PRECISION = ("w_spectrum", "w_cols")
+    _SPECTRUM, _COLS = "w_spectrum", "w_cols"
 
     def __init__(self, in_features, out_features, block_size, bias=True, dtype=None, device=None):
         super().__init__()
@@ -105,6 +169,7 @@ class BlockCirculantLinear(_StructuredBase):
         dtype = dtype or torch.get_default_dtype()
         p, q = math.ceil(out_features / block_size), math.ceil(in_features / block_size)
         self.w_spectrum = nn.Parameter(torch.empty(p, q, 2, block_size // 2 + 1, dtype=_param_dtype(dtype), device=device))
+        self._init_cols((p, q, block_size), _param_dtype(dtype), device)
         self._init_bias(bias, dtype, device)
         self.projection_error = None
         self.reset_spectrum()
@@ -116,6 +181,7 @@ class BlockCirculantLinear(_StructuredBase):
                            device=self.w_spectrum.device).uniform_(-bound, bound)
         with torch.no_grad():
             self.w_spectrum.copy_(_st.block_circulant_spectrum(cols, self.w_spectrum.dtype))
+        self.refresh_cols()
 
     @classmethod
     def from_linear(cls, linear, block_size):
@@ -126,9 +192,13 @@ class BlockCirculantLinear(_StructuredBase):
                     dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             layer.w_spectrum.copy_(fit.spectrum(layer.w_spectrum.dtype))
+        layer.refresh_cols()
         _copy_bias(layer, linear)
         layer.projection_error = fit.rel_error
         return layer
+
+    def _size(self):
+        return self.block_size
 
     def to_dense(self):
         cols = _st.block_circulant_columns(self.w_spectrum.detach(), self.block_size)
@@ -136,6 +206,9 @@ class BlockCirculantLinear(_StructuredBase):
         return _st.block_circulant_to_dense(cols, self.out_features, self.in_features).to(dtype)
 
     def forward(self, x):
+        cols = self._decode_cols(x)
+        if cols is not None:
+            return block_circulant_cols_linear(x, cols, self.out_features, self.bias)
         return block_circulant_linear(x, _spectrum_for(self.w_spectrum, x), self.block_size, self.out_features, self.bias)
 
     def extra_repr(self):
@@ -158,6 +231,7 @@ class CirculantLinear(BlockCirculantLinear):
         layer = cls(weight.shape[1], weight.shape[0], bias=linear.bias is not None, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             layer.w_spectrum.copy_(fit.spectrum(layer.w_spectrum.dtype))
+        layer.refresh_cols()
         _copy_bias(layer, linear)
         layer.projection_error = fit.rel_error
         return layer
@@ -166,8 +240,9 @@ class CirculantLinear(BlockCirculantLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class ToeplitzLinear(_StructuredBase):
-    _FULL_PRECISION = ("t_spectrum",)
+class ToeplitzLinear(_DecodesFromColumns, _StructuredBase):
+    _FULL_PRECISION = ("t_spectrum", "t_cols")
+    _SPECTRUM, _COLS = "t_spectrum", "t_cols"  # t_cols [1, 1, fft_size]: the embedding's first column
 
     def __init__(self, in_features, out_features, bias=True, dtype=None, device=None):
         super().__init__()
@@ -177,6 +252,7 @@ class ToeplitzLinear(_StructuredBase):
         self.fft_size = _st.toeplitz_fft_size(out_features, in_features)
         dtype = dtype or torch.get_default_dtype()
         self.t_spectrum = nn.Parameter(torch.empty(1, 1, 2, self.fft_size // 2 + 1, dtype=_param_dtype(dtype), device=device))
+        self._init_cols((1, 1, self.fft_size), _param_dtype(dtype), device)
         self._init_bias(bias, dtype, device)
         self.projection_error = None
         bound = 1.0 / math.sqrt(in_features)
@@ -186,6 +262,10 @@ class ToeplitzLinear(_StructuredBase):
         with torch.no_grad():
             self.t_spectrum.copy_(_st.toeplitz_spectrum(t, self.out_features, self.in_features,
                                                         self.fft_size, self.t_spectrum.dtype))
+        self.refresh_cols()
+
+    def _size(self):
+        return self.fft_size
 
     @classmethod
     def from_linear(cls, linear):
@@ -210,6 +290,9 @@ class ToeplitzLinear(_StructuredBase):
         return _st.toeplitz_to_dense(self.diagonals(), self.out_features, self.in_features).to(dtype)
 
     def forward(self, x):
+        cols = self._decode_cols(x)
+        if cols is not None:  # the embedding's top-left out x in block: x needs no padding
+            return block_circulant_cols_linear(x, cols, self.out_features, self.bias)
         return toeplitz_linear(x, _spectrum_for(self.t_spectrum, x), self.fft_size, self.out_features, self.bias)
 
     def extra_repr(self):

@@ -1,0 +1,99 @@
+"""csrc/block_circulant_cols_linear.cu (the tensor-core decode kernel of block-circulant layers) executed on the
+CPU through python_tests/cuda_on_cpu, against float64: every chunk width (b = 64, 128, >= 256), blocks
+wider than a chunk (the Toeplitz tiles' offsets inside a block), K and N off the blocks and the tiles, odd K
+(x's pairs loaded as two halves), one and two row groups and several row tiles, with and without split K,
+and mutations that must be caught."""
+import math
+import shutil
+
+import pytest
+import torch
+
+import cuda_on_cpu
+from conftest import TOL, rel_err
+from test_cuda_on_cpu import check
+from reparam_kernels.compress import structured as st
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+
+
+def cols_case(rng, M, K, N, b, dtype, bias=True):
+    p, q = math.ceil(N / b), math.ceil(K / b)
+    cols = torch.randn(p, q, b, generator=rng, dtype=torch.float64) / math.sqrt(K)
+    x = torch.randn(M, K, generator=rng).to(dtype)
+    bb = torch.randn(N, generator=rng).to(dtype) if bias else None
+    ref = x.double() @ st.block_circulant_to_dense(cols, N, K).t()
+    case = {"op": "block_circulant_cols_linear", "args": [x, cols.float(), bb], "ints": [N]}
+    return case, ref + bb.double() if bias else ref
+
+
+SHAPES = [  # M, K, N, b, dtype
+    (1, 1000, 700, 64, torch.float16),      # chunks of 64 (C = 4); a CTA's last warps past N
+    (3, 1029, 515, 128, torch.bfloat16),    # C = 8; odd K: pairs of x as two 16-bit loads
+    (9, 700, 1100, 256, torch.float16),     # two row groups, rows 9..15 past M
+    (16, 1100, 300, 512, torch.bfloat16),   # chunks at 0 and 256 inside a 512-block
+    (17, 300, 260, 256, torch.float16),     # two row tiles
+    (2, 2100, 2050, 1024, torch.float16),   # b = 1024: chunk offsets 0..768, N off the CTA tile
+    (1, 4096, 600, 4096, torch.bfloat16),   # one block column, 16 chunks
+    (3, 3000, 2900, 8192, torch.float16),   # a Toeplitz layer's embedding: one block wider than the FFT kernel takes
+]
+
+
+@pytest.mark.parametrize("sms", [2, 132])
+def test_cols_kernel_matches_float64(rng, sms):
+    # 2 SMs: few splits (several chunks per CTA); 132: up to 32 splits, fixed up by the last CTA
+    cases, refs = [], []
+    for i, (M, K, N, b, dtype) in enumerate(SHAPES):
+        c, r = cols_case(rng, M, K, N, b, dtype, bias=i % 2 == 0)
+        cases.append(c)
+        refs.append(r)
+    traces = check(cases, refs, env={"RK_CPU_SMS": str(sms)}, kernel="ColsArgs")
+    splits = [int(line.split("grid (")[1].split(",")[1]) for t in traces for line in t if "grid (" in line]
+    assert (min(splits) == 1) if sms == 2 else (max(splits) > 1), splits  # both ways of finishing ran
+
+
+COLS_MUTATIONS = {
+    # the A fragment's registers in the wrong order: rows g + 8 and columns 2t + 8 swapped
+    "fragment order": ("block_circulant_cols_linear.cu", "{u[sd], u[sd + 1], u[sd - 1], u[sd]}",
+                       "{u[sd], u[sd - 1], u[sd + 1], u[sd]}"),
+    # the high half of a pair read at e + 1 instead of e - 1
+    "pair direction": ("block_circulant_cols_linear.cu", "hi[v] = __ldg(c + ((e - 1) & bm));",
+                       "hi[v] = __ldg(c + ((e + 1) & bm));"),
+    # a lane's registers read from the window without its own offset g - 2t
+    "window offset": ("block_circulant_cols_linear.cu", "pw + (g - 2 * t + 6);", "pw + 6;"),
+    # rows past M loaded from past the end of x (the fast path's clamp dropped)
+    "row clamp": ("block_circulant_cols_linear.cu", "min(m0 + 8 * r + g, a.M - 1)", "m0 + 8 * r + g"),
+    # the chunk's offset inside its block ignored (right only for chunks at a block's start)
+    "chunk offset": ("block_circulant_cols_linear.cu", "const int w0 = n_loc - k_loc - 16", "const int w0 = n_loc - 16"),
+    # every split's partials written to the first split's slot
+    "partial slot": ("block_circulant_cols_linear.cu", "a.part[(int64_t(split) * a.M + row) * a.N + col] = v;",
+                     "a.part[row * a.N + col] = v;"),
+    # every warp of the CTA through every chunk of the split (each chunk counted four times)
+    "chunk stride": ("block_circulant_cols_linear.cu", "ch < c_hi; ch += kWarps)", "ch < c_hi; ch += 1)"),
+    # the warps' sums read before every warp wrote them
+    "missing barrier": ("block_circulant_cols_linear.cu", "  __syncthreads();\n  const int rows", "  const int rows"),
+    # an odd K's last pair read as a full word (past the row)
+    "odd tail": ("block_circulant_cols_linear.cu", "return k + 1 < a.K ? lo | (small_m::load16(p + 1) << 16) : lo;",
+                 "return lo | (small_m::load16(p + 1) << 16);"),
+}
+
+
+@pytest.mark.parametrize("name", list(COLS_MUTATIONS))
+def test_mutated_cols_kernel_is_caught(rng, name):
+    # b = 512: chunks at offsets 0 and 256 of each block; 17 chunks: 5 splits on 132 SMs; K = 4100: 16 whole
+    # chunks of word-aligned pairs (the fast path), the last one not; odd K (every chunk the general path)
+    # for the mutation of that path's tail
+    c, r = cols_case(rng, 5, 4099 if name == "odd tail" else 4100, 700, 512, torch.float16)
+
+    def passes(results):
+        return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
+
+    env = {"RK_CPU_SMS": "132"}
+    [(y, trace)] = cuda_on_cpu.run_cases([c], env)
+    assert passes([(y, trace)]) and "grid (11,5,1)" in trace[0], trace
+    try:
+        mutated = cuda_on_cpu.run_cases([c], env, mutations=[COLS_MUTATIONS[name]])
+    except cuda_on_cpu.KernelError as e:  # caught as a fault (an access outside every tensor)
+        assert "outside every tensor" in str(e), e
+        return
+    assert not passes(mutated)
