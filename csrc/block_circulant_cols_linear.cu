@@ -93,6 +93,16 @@ __device__ __forceinline__ void warp_tile(const ColsArgs<T>& a, int64_t n0, int6
     const float* c = a.w + (int64_t(i) * a.q + j) * a.b;
     // E = n_loc - k_loc - 16 (C - 1) - 8; window entry v holds (c[E - 6 + v], c[E - 7 + v]) (indices mod b)
     const int w0 = n_loc - k_loc - 16 * (C - 1) - 14;
+    if (ch + kWarps < c_hi) {  // the warp's next chunk (window lines and x's slice) into L2 while this one waits
+      const int64_t k1 = k0 + int64_t(kWarps) * a.chunk;
+      const int j1 = int(k1 >> a.log2b), w1 = n_loc - (int(k1) & bm) - 16 * (C - 1) - 14;
+      if (lane < L) prefetch_l2(a.w + (int64_t(i) * a.q + j1) * a.b + ((w1 + 32 * lane) & bm));  // 32 floats a line
+#pragma unroll
+      for (int r = 0; r < RG; ++r) {  // lane (g, t): row g's 128-byte line t of the chunk (C = 16: all 4)
+        const int64_t kt = k1 + 64 * t;
+        if (64 * t < 16 * C && kt < a.K) prefetch_l2(a.x + min(m0 + 8 * r + g, a.M - 1) * a.K + kt);
+      }
+    }
     float lo[L], hi[L];
 #pragma unroll
     for (int v = 0; v < L; ++v) {  // every load of the chunk in flight at once (x's below too)

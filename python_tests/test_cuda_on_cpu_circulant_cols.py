@@ -62,7 +62,8 @@ COLS_MUTATIONS = {
     # a lane's registers read from the window without its own offset g - 2t
     "window offset": ("block_circulant_cols_linear.cu", "pw + (g - 2 * t + 6);", "pw + 6;"),
     # rows past M loaded from past the end of x (the fast path's clamp dropped)
-    "row clamp": ("block_circulant_cols_linear.cu", "min(m0 + 8 * r + g, a.M - 1)", "m0 + 8 * r + g"),
+    "row clamp": ("block_circulant_cols_linear.cu", "const int64_t row = min(m0 + 8 * r + g, a.M - 1);",
+                  "const int64_t row = m0 + 8 * r + g;"),
     # the chunk's offset inside its block ignored (right only for chunks at a block's start)
     "chunk offset": ("block_circulant_cols_linear.cu", "const int w0 = n_loc - k_loc - 16", "const int w0 = n_loc - 16"),
     # every split's partials written to the first split's slot
@@ -72,6 +73,10 @@ COLS_MUTATIONS = {
     "chunk stride": ("block_circulant_cols_linear.cu", "ch < c_hi; ch += kWarps)", "ch < c_hi; ch += 1)"),
     # the warps' sums read before every warp wrote them
     "missing barrier": ("block_circulant_cols_linear.cu", "  __syncthreads();\n  const int rows", "  const int rows"),
+    # the next chunk's x prefetched past K (the last chunk's lines past the end of the last row; a warp with
+    # two chunks or more: on 2 SMs)
+    "prefetch bound": ("block_circulant_cols_linear.cu", "if (64 * t < 16 * C && kt < a.K) prefetch_l2(",
+                       "if (64 * t < 16 * C) prefetch_l2("),
     # an odd K's last pair read as a full word (past the row)
     "odd tail": ("block_circulant_cols_linear.cu", "return k + 1 < a.K ? lo | (small_m::load16(p + 1) << 16) : lo;",
                  "return lo | (small_m::load16(p + 1) << 16);"),
@@ -88,9 +93,9 @@ def test_mutated_cols_kernel_is_caught(rng, name):
     def passes(results):
         return all(torch.isfinite(y).all() and rel_err(y, r) <= TOL[torch.float16] for y, _ in results)
 
-    env = {"RK_CPU_SMS": "132"}
+    env = {"RK_CPU_SMS": "2" if name == "prefetch bound" else "132"}
     [(y, trace)] = cuda_on_cpu.run_cases([c], env)
-    assert passes([(y, trace)]) and "grid (11,5,1)" in trace[0], trace
+    assert passes([(y, trace)]) and ("grid (11,5,1)" in trace[0] or env["RK_CPU_SMS"] == "2"), trace
     try:
         mutated = cuda_on_cpu.run_cases([c], env, mutations=[COLS_MUTATIONS[name]])
     except cuda_on_cpu.KernelError as e:  # caught as a fault (an access outside every tensor)
