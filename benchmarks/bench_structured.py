@@ -11,6 +11,7 @@ Writes benchmarks/results/<gpu>/block_circulant_linear.json and toeplitz_linear.
               else reparam_kernels.ops.block_circulant_linear (the fused FFT kernel for
               b = 64..4096 powers of two; the row's `backend` says what ran);
               Toeplitz rows the same way (toeplitz_linear, or the columns op on its embedding's column);
+              above that threshold, up to M = 256, the columns op is the peer "cuda_cols";
 * cublas    — F.linear on the dense weight of the same shape (the block-circulant
               matrix expanded, in the activation dtype);
 * peers     — "torch_fft": rfft · einsum block products · irfft (the reference,
@@ -49,6 +50,7 @@ QUICK_STRUCTURED_SHAPES = [(4096, 4096), (14336, 4096)]  # the shapes the target
 QUICK_TARGETS = [(4096, 4096, 256, 1), (4096, 4096, 256, 16), (4096, 4096, 256, 2048), (4096, 4096, 4096, 1),
                  (14336, 4096, 512, 1), (14336, 4096, 512, 16)]
 TOEPLITZ_SIZES = (256, 1024, 4096)
+COLS_PEER_MAX_M = 256  # the columns kernel timed as a peer up to here (above REPARAM_BC_COLS_MAX_M), to set that threshold
 MAX_SETS = 512  # spectra are tiny: cap the rotation (they are what a real model streams anyway)
 
 
@@ -108,6 +110,8 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
     ours = Contender(ours_fn, sets)
     if device == "cuda" and takes_cols(M, b, dtype):  # (Toeplitz: its embedding's column as one block)
         ours, peers["cuda_fft"], backend = Contender(cols_fn, col_sets), ours, "cuda_cols"
+    elif device == "cuda" and M <= COLS_PEER_MAX_M and takes_cols(1, b, dtype):
+        peers["cuda_cols"] = Contender(cols_fn, col_sets)  # past the layer's threshold: where it should be
     rows = run_case(res, dtype=dtype, M=M, N=N, K=K, params={"block": b} if op == "block_circulant_linear" else {"fft_size": b},
                     modes=modes, ours=ours, cublas=Contender(F.linear, dense), peers=peers,
                     reference=ref, bytes=must_move, flops=_flops(M, N, K, b), backend=backend)
