@@ -54,7 +54,7 @@ struct ColsArgs {
   int64_t M, K, N;
   int q, b, log2b;    // b is a power of two: blocks and offsets by shifts and masks
   int chunk, chunks;  // inputs per chunk (min(b, 256)), chunks along K
-  int cpc, splits;    // chunks per CTA, K splits
+  int cpc, splits;    // chunks per warp (a split: kWarps cpc chunks), K splits
   bool x_aligned4;    // x's rows start on 4-byte boundaries: pairs load as one word
 };
 
