@@ -29,6 +29,7 @@
 // Checked on the CPU through this source (python_tests/test_cuda_on_cpu_circulant_cols.py); speed not
 // yet measured.
 #include <algorithm>
+#include <cstdlib>
 
 #include "common.cuh"
 #include "ops.h"
@@ -87,6 +88,9 @@ __device__ __forceinline__ void warp_tile(const ColsArgs<T>& a, int64_t n0, int6
   constexpr int NU = 2 * (kNT + C) - 1, L = window_per_lane<C>();
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int bm = a.b - 1, i = int(n0 >> a.log2b), n_loc = int(n0) & bm;
+  // One row group: the odd k-tiles accumulate apart, so a chunk is 8 independent chains of C / 2 dependent
+  // mma instead of 4 of C (each waits for the previous one's result, ~30 cycles); two row groups have 8.
+  float odd[RG == 1 ? kNT : 1][4] = {};
   for (int ch = c_lo; ch < c_hi; ch += kWarps) {
     const int64_t k0 = int64_t(ch) * a.chunk;
     const int j = int(k0 >> a.log2b), k_loc = int(k0) & bm;
@@ -150,8 +154,15 @@ __device__ __forceinline__ void warp_tile(const ColsArgs<T>& a, int64_t n0, int6
         const int sd = base + 2 * (ot - kk);
         const uint32_t af[4] = {u[sd], u[sd + 1], u[sd - 1], u[sd]};
 #pragma unroll
-        for (int r = 0; r < RG; ++r) P::mma(acc[r][ot], af, bx[r][kk][0], bx[r][kk][1]);
+        for (int r = 0; r < RG; ++r) P::mma(RG == 1 && kk % 2 ? odd[ot % (RG == 1 ? kNT : 1)] : acc[r][ot], af,
+                                            bx[r][kk][0], bx[r][kk][1]);
       }
+  }
+  if constexpr (RG == 1) {
+#pragma unroll
+    for (int ot = 0; ot < kNT; ++ot)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[0][ot][v] += odd[ot][v];
   }
 }
 
@@ -218,7 +229,11 @@ void plan(ColsArgs<T>& a, int64_t col_tiles, int64_t row_tiles, int device) {
     per_sm[d] = std::max(per_sm[d], 1);
   }
   const int64_t warps = int64_t(per_sm[d]) * sm_count(device) * kWarps;
-  const int64_t max_splits = std::max<int64_t>(1, 32 / std::min<int64_t>(a.M, 8 * RG));
+  // REPARAM_BC_COLS_SPLITS=n: at most n splits (1: none, each warp's chunks one after another instead of the
+  // fixup's L2 round trips; bench_structured times that as cuda_cols_1split), read per call
+  const char* cap = std::getenv("REPARAM_BC_COLS_SPLITS");
+  const int64_t env_cap = cap != nullptr && cap[0] != '\0' ? std::max<long long>(1, std::atoll(cap)) : 32;
+  const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(env_cap, 32 / std::min<int64_t>(a.M, 8 * RG)));
   int64_t cpc = std::max<int64_t>(1, (int64_t(a.chunks) * col_tiles * row_tiles + warps - 1) / warps);
   cpc = std::max<int64_t>(cpc, (a.chunks + kWarps * max_splits - 1) / (kWarps * max_splits));
   a.cpc = int(std::min<int64_t>(cpc, (a.chunks + kWarps - 1) / kWarps));

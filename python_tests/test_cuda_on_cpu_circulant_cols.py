@@ -52,6 +52,18 @@ def test_cols_kernel_matches_float64(rng, sms):
     assert (min(splits) == 1) if sms == 2 else (max(splits) > 1), splits  # both ways of finishing ran
 
 
+def test_cols_kernel_without_split_k(rng):
+    # REPARAM_BC_COLS_SPLITS=1 (bench_structured's cuda_cols_1split): every warp through its chunks one after
+    # another, no fixup, on the GPU that split K most above
+    cases, refs = [], []
+    for M, K, N, b, dtype in SHAPES[:4]:
+        c, r = cols_case(rng, M, K, N, b, dtype)
+        cases.append(c)
+        refs.append(r)
+    traces = check(cases, refs, env={"RK_CPU_SMS": "132", "REPARAM_BC_COLS_SPLITS": "1"}, kernel="ColsArgs")
+    assert all(",1," in line.split("grid (")[1] for t in traces for line in t if "grid (" in line), traces
+
+
 COLS_MUTATIONS = {
     # the A fragment's registers in the wrong order: rows g + 8 and columns 2t + 8 swapped
     "fragment order": ("block_circulant_cols_linear.cu", "{u[sd], u[sd + 1], u[sd - 1], u[sd]}",

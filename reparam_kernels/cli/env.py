@@ -90,7 +90,10 @@ def cuda_paths():
             # BlockCirculantLinear in eval mode: block_circulant_cols_linear (tensor cores on the blocks' columns)
             # at M <= max_m (read once, at import of reparam_kernels.nn.structured; <= 0: never)
             "bc_cols": {"max_m": max(0, _atoll("REPARAM_BC_COLS_MAX_M", 16)), "switch": "REPARAM_BC_COLS_MAX_M",
-                        "ops": "BlockCirculantLinear (eval mode) -> block_circulant_cols_linear"}}
+                        "ops": "BlockCirculantLinear, ToeplitzLinear (eval mode) -> block_circulant_cols_linear",
+                        # K split over at most this many CTAs (csrc/block_circulant_cols_linear.cu plan())
+                        "max_splits": max(1, _atoll("REPARAM_BC_COLS_SPLITS", 32)),
+                        "splits_switch": "REPARAM_BC_COLS_SPLITS"}}
 
 
 def collect():
@@ -150,7 +153,8 @@ def render(info):
         lines.append(f"  {name} ({d['ops']}): {when} [{d['switch']}]")
     bc = paths["bc_cols"]
     lines.append(f"  block-circulant decode from the blocks' columns ({bc['ops']}): "
-                 f"{'M <= ' + str(bc['max_m']) if bc['max_m'] else 'never'} [{bc['switch']}]")
+                 f"{'M <= ' + str(bc['max_m']) if bc['max_m'] else 'never'} [{bc['switch']}]; K split over "
+                 f"<= {bc['max_splits']} CTAs [{bc['splits_switch']}]")
     lines.append(f"  low-rank decode launch (M below that): u prefetched into L2 during phase 1: "
                  f"{'on' if lr['prefetch_u'] else 'OFF'} [{lr['prefetch_u_switch']}]")
     lines.append("")
