@@ -116,6 +116,20 @@ def test_layer_columns_follow_the_spectrum(rng):
     assert layer._decode_cols(torch.randn(1, 100).half()) is None  # CPU inputs: the spectrum op
 
 
+def test_layer_columns_under_inference_mode_and_in_place():
+    with torch.inference_mode():  # inference tensors have no version counter: built and refreshed all the same
+        layer = rk.nn.BlockCirculantLinear(100, 70, 32)
+        layer.eval()
+    layer.eval()  # outside: the buffer is replaced (an inference tensor cannot be updated in place here)
+    fresh = rk.nn.BlockCirculantLinear(100, 70, 32)
+    ptr = fresh.w_cols.data_ptr()
+    with torch.no_grad():
+        fresh.w_spectrum.mul_(-1)
+    fresh.eval()  # in place: a captured CUDA graph keeps reading the same address
+    assert fresh.w_cols.data_ptr() == ptr
+    assert rel_err(st.block_circulant_to_dense(fresh.w_cols.double(), 70, 100), fresh.to_dense().double()) <= 1e-6
+
+
 def test_toeplitz_layer_columns_are_its_embedding(rng):
     layer = rk.nn.ToeplitzLinear(100, 90)
     assert layer.t_cols.shape == (1, 1, layer.fft_size)

@@ -120,14 +120,20 @@ class _DecodesFromColumns:
 
     def refresh_cols(self):
         """Recompute the blocks' first columns (the decode op's weights) from the spectrum."""
-        spec = getattr(self, self._SPECTRUM)
+        spec, cur = getattr(self, self._SPECTRUM), getattr(self, self._COLS)
         with torch.no_grad():
-            setattr(self, self._COLS, _st.block_circulant_columns(spec.detach(), self._size()).to(spec.dtype))
+            cols = _st.block_circulant_columns(spec.detach(), self._size()).to(spec.dtype)
+            in_place_ok = not cur.is_inference() or torch.is_inference_mode_enabled()
+            if in_place_ok and (cur.shape, cur.dtype, cur.device) == (cols.shape, cols.dtype, cols.device):
+                cur.copy_(cols)  # in place: a captured CUDA graph keeps reading this buffer's address
+            else:
+                setattr(self, self._COLS, cols)
         self._cols_key = self._spectrum_key()
 
     def _spectrum_key(self):
         s = getattr(self, self._SPECTRUM)
-        return s.data_ptr(), s._version, s.device
+        # (an inference-mode tensor has no version counter: only a new storage is seen for it)
+        return s.data_ptr(), None if s.is_inference() else s._version, s.device
 
     def train(self, mode=True):
         out = super().train(mode)
