@@ -113,7 +113,7 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
         ours, peers["cuda_fft"], backend = Contender(cols_fn, col_sets), ours, "cuda_cols"
         # K not split across CTAs (each warp's chunks one after another, no fixup): the trade the default makes
         peers["cuda_cols_1split"] = Contender(with_env(cols_fn, "REPARAM_BC_COLS_SPLITS", "1"), col_sets)
-    elif device == "cuda" and M <= COLS_PEER_MAX_M and takes_cols(1, b, dtype):
+    elif device == "cuda" and M <= COLS_PEER_MAX_M and cols_kernel_runs(b, dtype):
         peers["cuda_cols"] = Contender(cols_fn, col_sets)  # past the layer's threshold: where it should be
     rows = run_case(res, dtype=dtype, M=M, N=N, K=K, params={"block": b} if op == "block_circulant_linear" else {"fft_size": b},
                     modes=modes, ours=ours, cublas=Contender(F.linear, dense), peers=peers,
@@ -124,11 +124,15 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
     return rows
 
 
+def cols_kernel_runs(b, dtype):
+    """Whether block_circulant_cols_linear runs its CUDA kernel for blocks of b and x of dtype."""
+    return b in COLS_BLOCK_SIZES and _dispatch.backend_for("block_circulant_cols_linear", "cuda", dtype)[0] == "cuda"
+
+
 def takes_cols(M, b, dtype):
     """Whether BlockCirculantLinear / ToeplitzLinear (eval mode) run this case through block_circulant_cols_linear's
     kernel."""
-    return (M <= COLS_MAX_M and dtype in (torch.float16, torch.bfloat16) and b in COLS_BLOCK_SIZES
-            and _dispatch.backend_for("block_circulant_cols_linear", "cuda", dtype)[0] == "cuda")
+    return M <= COLS_MAX_M and dtype in (torch.float16, torch.bfloat16) and cols_kernel_runs(b, dtype)
 
 
 def toeplitz_sets_shape(n):

@@ -72,8 +72,12 @@ __device__ __forceinline__ uint32_t x_pair(const ColsArgs<T>& a, int64_t row, in
 // The pairs a warp's chunk reads: u(E + 8 s) for s < NU, lane (g, t) at index E + 8 s + g - 2 t, and
 // g - 2 t in -6 .. 7: a window of 8 (NU - 1) + 14 consecutive pair indices starting at E - 6.
 template <int C>
+constexpr int num_u() {
+  return 2 * (kNT + C) - 1;
+}
+template <int C>
 constexpr int window_per_lane() {
-  return (8 * (2 * (kNT + C) - 2) + 14 + 31) / 32;
+  return (8 * (num_u<C>() - 1) + 14 + 31) / 32;
 }
 
 // Warp tile: outputs n0 .. n0 + 63 (inside block row i, n_loc = n0 - i b), rows m0 + 8 r + .., over
@@ -85,22 +89,23 @@ template <class T, int C, int RG>
 __device__ __forceinline__ void warp_tile(const ColsArgs<T>& a, int64_t n0, int64_t m0, int c_lo, int c_hi,
                                           uint32_t* pw, float (&acc)[RG][kNT][4]) {
   using P = small_m::Pair<T>;
-  constexpr int NU = 2 * (kNT + C) - 1, L = window_per_lane<C>();
+  constexpr int NU = num_u<C>(), L = window_per_lane<C>();
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int bm = a.b - 1, i = int(n0 >> a.log2b), n_loc = int(n0) & bm;
   // One row group: the odd k-tiles accumulate apart, so a chunk is 8 independent chains of C / 2 dependent
   // mma instead of 4 of C (each waits for the previous one's result, ~30 cycles); two row groups have 8.
   float odd[RG == 1 ? kNT : 1][4] = {};
+  // the column of block (i, j) holding the chunk at input k, and the chunk's window: with E = n_loc - k_loc
+  // - 16 (C - 1) - 8 (k_loc = k mod b), entry v holds (c[E - 6 + v], c[E - 7 + v]) (indices mod b)
+  auto column = [&](int64_t k) { return a.w + (int64_t(i) * a.q + int(k >> a.log2b)) * a.b; };
+  auto window_start = [&](int64_t k) { return n_loc - (int(k) & bm) - 16 * (C - 1) - 14; };
   for (int ch = c_lo; ch < c_hi; ch += kWarps) {
     const int64_t k0 = int64_t(ch) * a.chunk;
-    const int j = int(k0 >> a.log2b), k_loc = int(k0) & bm;
-    const float* c = a.w + (int64_t(i) * a.q + j) * a.b;
-    // E = n_loc - k_loc - 16 (C - 1) - 8; window entry v holds (c[E - 6 + v], c[E - 7 + v]) (indices mod b)
-    const int w0 = n_loc - k_loc - 16 * (C - 1) - 14;
+    const float* c = column(k0);
+    const int w0 = window_start(k0);
     if (ch + kWarps < c_hi) {  // the warp's next chunk (window lines and x's slice) into L2 while this one waits
       const int64_t k1 = k0 + int64_t(kWarps) * a.chunk;
-      const int j1 = int(k1 >> a.log2b), w1 = n_loc - (int(k1) & bm) - 16 * (C - 1) - 14;
-      if (lane < L) prefetch_l2(a.w + (int64_t(i) * a.q + j1) * a.b + ((w1 + 32 * lane) & bm));  // 32 floats a line
+      if (lane < L) prefetch_l2(column(k1) + ((window_start(k1) + 32 * lane) & bm));  // 32 floats a line
 #pragma unroll
       for (int r = 0; r < RG; ++r) {  // lane (g, t): row g's 128-byte line t of the chunk (C = 16: all 4)
         const int64_t kt = k1 + 64 * t;

@@ -175,16 +175,21 @@ def _cached_backend(name, x):
     return hit
 
 
+def backend_of(name, x):
+    """(backend, why) for op `name` on x: a traced constant under torch.compile (assume_constant_result),
+    else the per-process cache."""
+    if torch.compiler.is_compiling():
+        return backend_for(name, x.device.type, x.dtype)
+    return _cached_backend(name, x)
+
+
 def call(name, *args):
     """Entry used by the typed wrappers: the CUDA op if it takes these inputs, else the best fallback.
     Every op's first argument is x (the schemas in schemas.py)."""
     x = args[0]
     spec = REGISTRY[name]
     compiling = torch.compiler.is_compiling()
-    if compiling:
-        backend, why = backend_for(name, x.device.type, x.dtype)  # a traced constant (assume_constant_result)
-    else:
-        backend, why = _cached_backend(name, x)
+    backend, why = backend_of(name, x)
     # (dynamo cannot trace torch's C test of requires_grad; the generator it can)
     needs_grad = torch.is_grad_enabled() and (_any_requires_grad_py if compiling else _any_requires_grad)(*args)
     if backend == "cuda" or not x.is_cuda or spec.cuda_impl_registered:

@@ -8,6 +8,10 @@ _CODES = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.i
           torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}
 
 
+# ops whose output width is an int argument (its index in "ints"); the others': their weight's first dimension
+OUT_FEATURES_AT = {"block_circulant_linear": 1, "toeplitz_linear": 1, "block_circulant_cols_linear": 0}
+
+
 class RkTensor(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int64), ("ndim", ctypes.c_int64),
                 ("sizes", ctypes.c_int64 * 8), ("offset", ctypes.c_int64)]
@@ -30,8 +34,7 @@ def run(lib, case):
         descs[i].offset = int(case["offsets"].get(i, 0))
     ints = (ctypes.c_int64 * max(1, len(case["ints"])))(*case["ints"])
     x, op = args[0], case["op"]
-    out_at = {"block_circulant_linear": 1, "toeplitz_linear": 1, "block_circulant_cols_linear": 0}  # out_features
-    n_out = case["ints"][out_at[op]] if op in out_at else args[1].shape[0]
+    n_out = case["ints"][OUT_FEATURES_AT[op]] if op in OUT_FEATURES_AT else args[1].shape[0]
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype)
     err = ctypes.create_string_buffer(8192)
     rc = lib.rk_call(op.encode(), descs, len(args), ints, ctypes.c_void_p(y.data_ptr()),

@@ -50,6 +50,12 @@ def _min_m(name, default):
     return m if m > 0 else None
 
 
+def bc_cols_max_m():
+    """Rows up to which BlockCirculantLinear / ToeplitzLinear decode through block_circulant_cols_linear in eval
+    mode (REPARAM_BC_COLS_MAX_M, default 16; <= 0: never). nn/structured.py reads it once, at import."""
+    return max(0, _atoll("REPARAM_BC_COLS_MAX_M", 16))
+
+
 def cuda_paths():
     """Which CUDA path each batch size M takes, as the environment switches set it."""
     small = not os.environ.get("REPARAM_SMALL_M", "").startswith("0")
@@ -88,8 +94,7 @@ def cuda_paths():
                            "switch": "REPARAM_BC_LARGE_M_MIN_M",
                            "ops": "block_circulant_linear, toeplitz_linear"},
             # BlockCirculantLinear in eval mode: block_circulant_cols_linear (tensor cores on the blocks' columns)
-            # at M <= max_m (read once, at import of reparam_kernels.nn.structured; <= 0: never)
-            "bc_cols": {"max_m": max(0, _atoll("REPARAM_BC_COLS_MAX_M", 16)), "switch": "REPARAM_BC_COLS_MAX_M",
+            "bc_cols": {"max_m": bc_cols_max_m(), "switch": "REPARAM_BC_COLS_MAX_M",
                         "ops": "BlockCirculantLinear, ToeplitzLinear (eval mode) -> block_circulant_cols_linear",
                         # K split over at most this many CTAs (csrc/block_circulant_cols_linear.cu plan())
                         "max_splits": max(1, _atoll("REPARAM_BC_COLS_SPLITS", 32)),

@@ -42,11 +42,11 @@ from torch import nn
 from ..compress import ldr as _ldr
 from ..compress import structured as _st
 from .. import _dispatch
-from ..cli.env import _atoll as env_int
+from ..cli.env import bc_cols_max_m
 from ..ops import block_circulant_cols_linear, block_circulant_linear, toeplitz_linear
 from ..ops.block_circulant_cols_linear import CUDA_BLOCK_SIZES as _COLS_BLOCK_SIZES
 
-COLS_MAX_M = max(0, env_int("REPARAM_BC_COLS_MAX_M", 16))  # rows up to which eval mode decodes from w_cols
+COLS_MAX_M = bc_cols_max_m()  # rows up to which eval mode decodes from w_cols
 
 
 def _positive_int(name, val):
@@ -151,14 +151,10 @@ class _DecodesFromColumns:
                 or self._size() not in _COLS_BLOCK_SIZES or x.numel() > COLS_MAX_M * x.shape[-1]
                 or (torch.is_grad_enabled() and getattr(self, self._SPECTRUM).requires_grad)):
             return None
-        if torch.compiler.is_compiling():
-            backend = _dispatch.backend_for("block_circulant_cols_linear", "cuda", x.dtype)[0]
-        else:
-            backend = _dispatch._cached_backend("block_circulant_cols_linear", x)[0]
-            if self._cols_key != self._spectrum_key():
-                self.refresh_cols()
-        if backend != "cuda":
+        if _dispatch.backend_of("block_circulant_cols_linear", x)[0] != "cuda":
             return None
+        if not torch.compiler.is_compiling() and self._cols_key != self._spectrum_key():
+            self.refresh_cols()
         cols = getattr(self, self._COLS)
         return cols if cols.dtype == torch.float32 else cols.float()  # (a float64 layer's, for half x)
 

@@ -20,8 +20,9 @@ Backward (so the op is differentiable like the spectrum one):
 import torch
 
 from .. import _dispatch, reference
-from .._checks import check, check_bias, check_tensor, check_x
+from .._checks import check, check_tensor
 from .._dispatch import OpSpec
+from .block_circulant_linear import _route, check_block_grid
 
 OP = "block_circulant_cols_linear"
 CUDA_BLOCK_SIZES = tuple(1 << e for e in range(6, 17))  # 64..65536: what the CUDA kernel takes
@@ -34,28 +35,15 @@ def check_block_circulant_cols(x, w_cols, out_features, bias):
     allowed = (torch.float32, torch.float64) if x.dtype == torch.float64 else (torch.float32,)
     check_tensor(OP, "w_cols", w_cols, ndim=3, dtype=allowed, device=x.device)
     p, q, b = w_cols.shape
-    check(p >= 1 and q >= 1 and b >= 1, OP, lambda: f"`w_cols` has an empty block grid {tuple(w_cols.shape)}")
-    check((p - 1) * b < out_features <= p * b, OP,
-          lambda: f"`out_features` {out_features} does not fit {p} block rows of {b} (needs {(p - 1) * b + 1}..{p * b})")
-    check(x.dim() >= 1, OP, "`x` must have at least 1 dimension [..., in_features]")
-    k = x.shape[-1]
-    check((q - 1) * b < k <= q * b, OP,
-          lambda: f"`x` has {k} features, which does not fit {q} block columns of {b} (needs {(q - 1) * b + 1}..{q * b})")
-    check_x(OP, x, k)
-    check_bias(OP, bias, out_features, x)
+    check(b >= 1, OP, lambda: f"`w_cols` has an empty block grid {tuple(w_cols.shape)}")
+    check_block_grid(OP, "w_cols", w_cols.shape, p, q, b, x, out_features, bias)
 
 
 def block_circulant_cols_linear(x, w_cols, out_features, bias=None):
     """y = W x + bias, W block-circulant [out_features, K] given by its blocks' first columns; x is [..., K]."""
     x, bias = _dispatch.autocast(x, bias)  # the columns stay fp32
     check_block_circulant_cols(x, w_cols, out_features, bias)
-    args = (x, w_cols, out_features, bias)
-    if x.is_cuda and w_cols.shape[-1] not in CUDA_BLOCK_SIZES and _dispatch.has_cuda_kernel(OP):
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            return reference.block_circulant_cols_linear(*args)  # differentiable as it is (torch.fft)
-        return _dispatch._run(_dispatch.REGISTRY[OP], "reference",
-                              f"block size {w_cols.shape[-1]} is not a power of two in 64..65536", args)
-    return _dispatch.call(OP, *args)
+    return _route(OP, (x, w_cols, out_features, bias), w_cols.shape[-1], CUDA_BLOCK_SIZES)
 
 
 @torch.library.register_fake("reparam::block_circulant_cols_linear")

@@ -34,26 +34,32 @@ def check_block_circulant(op, x, w_spectrum, block_size, out_features, bias, siz
     p, q, two, h = w_spectrum.shape
     check(two == 2 and h == block_size // 2 + 1, op,
           lambda: f"`{sname}` must be [p, q, 2, {size_name}//2+1] = [p, q, 2, {block_size // 2 + 1}], got {tuple(w_spectrum.shape)}")
-    check(p >= 1 and q >= 1, op, lambda: f"`{sname}` has an empty block grid {tuple(w_spectrum.shape)}")
-    check((p - 1) * block_size < out_features <= p * block_size, op,
-          lambda: f"`out_features` {out_features} does not fit {p} block rows of {block_size} (needs {(p - 1) * block_size + 1}..{p * block_size})")
+    check_block_grid(op, sname, w_spectrum.shape, p, q, block_size, x, out_features, bias)
+
+
+def check_block_grid(op, wname, wshape, p, q, b, x, out_features, bias):
+    """The p x q grid of b x b blocks (argument `wname`, shape `wshape`) covers [out_features, K]: out_features
+    and x's K fit the last block row and column; then x and bias themselves."""
+    check(p >= 1 and q >= 1, op, lambda: f"`{wname}` has an empty block grid {tuple(wshape)}")
+    check((p - 1) * b < out_features <= p * b, op,
+          lambda: f"`out_features` {out_features} does not fit {p} block rows of {b} (needs {(p - 1) * b + 1}..{p * b})")
     check(x.dim() >= 1, op, "`x` must have at least 1 dimension [..., in_features]")  # (its dtype: check_x below)
     k = x.shape[-1]
-    check((q - 1) * block_size < k <= q * block_size, op,
-          lambda: f"`x` has {k} features, which does not fit {q} block columns of {block_size} (needs {(q - 1) * block_size + 1}..{q * block_size})")
+    check((q - 1) * b < k <= q * b, op,
+          lambda: f"`x` has {k} features, which does not fit {q} block columns of {b} (needs {(q - 1) * b + 1}..{q * b})")
     check_x(op, x, k)
     check_bias(op, bias, out_features, x)
 
 
-def _route(name, args, block_size):
-    """The CUDA kernel takes power-of-two blocks 64..4096; route other sizes past it on a GPU."""
+def _route(name, args, block_size, sizes=CUDA_BLOCK_SIZES):
+    """The CUDA kernel takes the power-of-two blocks in `sizes`; route other sizes past it on a GPU."""
     x = args[0]
-    if x.is_cuda and block_size not in CUDA_BLOCK_SIZES and _dispatch.has_cuda_kernel(name):
+    if x.is_cuda and block_size not in sizes and _dispatch.has_cuda_kernel(name):
         spec = _dispatch.REGISTRY[name]
-        why = f"block size {block_size} is not a power of two in 64..4096"
+        why = f"block size {block_size} is not a power of two in {sizes[0]}..{sizes[-1]}"
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             # this bypasses the op (and its register_autograd): the reference is differentiable
-            # through torch.fft, the Triton kernel is not
+            # through torch.fft, the Triton kernel is not (an op without one runs the reference either way)
             return spec.reference(*args)
         usable, _ = _dispatch.triton_status("cuda")
         backend = "triton" if spec.triton is not None and usable else "reference"
