@@ -18,7 +18,7 @@ Writes benchmarks/results/<gpu>/block_circulant_linear.json and toeplitz_linear.
 * peers     — "torch_fft": rfft · einsum block products · irfft (the reference,
               fp32), and "triton": torch.fft transforms + the Triton block-product kernel;
               the CUDA kernel the op does not take at this M: "cuda_large_m" (spectrum sums
-              in registers, forced below REPARAM_BC_LARGE_M_MIN_M, from M = 64) or
+              in registers, forced below REPARAM_BC_LARGE_M_MIN_M, from M = 16) or
               "cuda_fft_per_block" (the general kernel, forced at or above it).
 
 A plain circulant n×n is the case N = K = b. Toeplitz n×n runs through its
@@ -104,9 +104,9 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
     if backend == "cuda" and device == "cuda":
         # the other CUDA kernel at this M (csrc/block_circulant_large_m.cuh vs block_circulant_linear.cu):
         # the measured crossover sets REPARAM_BC_LARGE_M_MIN_M
-        if M >= (_min_m("REPARAM_BC_LARGE_M_MIN_M", 256) or float("inf")):
+        if M >= (_min_m("REPARAM_BC_LARGE_M_MIN_M", 64) or float("inf")):
             peers["cuda_fft_per_block"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "0"), sets)
-        elif M >= 64:
+        elif M >= 16:
             peers["cuda_large_m"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "1"), sets)
     ours = Contender(ours_fn, sets)
     if device == "cuda" and takes_cols(M, b, dtype):  # (Toeplitz: its embedding's column as one block)

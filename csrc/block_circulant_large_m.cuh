@@ -22,16 +22,27 @@
 // 4096² at b = 256, so each forward FFT is computed once); H = 512: TM 4, IG 4, NB 2; 1024: TM 4,
 // IG 2, NB 4; 2048: TM 4, IG 1, NB 8 — always 64 fp32 accumulators a thread and pi * TM * H = 8192
 // complex values of Y per CTA (64 KB, one of the two ping-pong buffers). Shared memory: 2 x 64 KB +
-// H twiddles + 1 KB: one CTA per SM.
+// two twiddle tables (b float2) + 1 KB: one CTA per SM. One instance per block size b: H and TM are
+// compile-time constants, so the index math is shifts and masks and the FFT passes are unrolled.
 //
-// Prediction (4096², b = 256, M = 2048, counted shared-memory traffic, 128 B/clock/SM): ≈ 1.4 MB per
-// CTA of 4 rows with the radix-16 FFT (FFTs ≈ 0.5, sums ≈ 0.5, the rest ≈ 0.4), 512 CTAs on 132 SMs
-// ≈ 22 µs, against ≈ 100 µs for the dense cuBLAS GEMM (docs/structured.md).
+// Time (session 16, from the H200 run of session 11): a CTA took ~46 µs whatever the grid (16, 64 and
+// 512 CTAs at M = 64, 256, 2048: 46.7, 47.0 and 183.5 µs = 3.9 waves x 47), where a count of
+// shared-memory traffic had predicted ~5.5 µs (M = 2048: 22 µs, measured 183.5). The SASS says why: the
+// kernel was issue-bound. Per thread (b = 256, 4 rows, 16 input blocks) ~24.6 K instructions: the
+// spectrum sums 16 x 493 (each spectrum load ~20 instructions of 64-bit address math), runtime-H
+// 32-bit divisions in every load, packing and store loop (the store ~174 instructions per column
+// pair), the packing's sincospif per element, FFT passes of 660 / 333 instructions; 8 warps x 24.6 K
+// on 4 schedulers is ~49 K cycles = 25 µs of pure issue, ~54 % of the slots used. Now ~10.3 K
+// (`tools/sass_budget.py --loops --filter bc_large_m`): sums 16 x 220 (pointer increments, four FMAs
+// a complex multiply-add), FFT passes 329 / 175, x conversion ~30 and packing ~35 a value (the
+// split's twiddle from a table), ~38 a stored pair, no integer division left in the kernel.
+// Prediction: 2.4x fewer instructions, a CTA ~19 µs at the same issue rate: M = 2048 ≈ 65–90 µs
+// (≈ 1.2–1.6x cuBLAS; target ≥ 2x, which needs the transforms themselves on tensor cores:
+// docs/structured.md), M = 256 ≈ 19 µs, M = 64 ≈ 19 µs against the general kernel's 36.5 µs.
 //
-// Taken for M >= REPARAM_BC_LARGE_M_MIN_M (default 256; 0 = never) when the shared memory fits. By the
-// same count, at M = 256 (64 CTAs, half the SMs idle) ≈ 7.5 µs against ≈ 18 µs for the general kernel,
-// which recomputes every forward FFT once per output block there; about equal at M = 128; the
-// general kernel ahead at 64.
+// Taken for M >= REPARAM_BC_LARGE_M_MIN_M (default 64, from that prediction: the general kernel
+// measured 36.5 µs at M = 64 for 4096² b = 256, 18 µs for b = 4096; 0 = never) when the shared memory
+// fits; bench_structured times the kernel not taken (cuda_large_m / cuda_fft_per_block) from M = 16.
 #pragma once
 
 #include "common.cuh"
@@ -56,30 +67,20 @@ struct Problem {
   int p, q, b;
 };
 
-// s[ii] = S_{i0 + ii, j}[k] (re, im) for the IG output blocks from i0; zero past p
-template <int IG, class T>
-__device__ __forceinline__ void load_spectrum(float2 (&s)[IG], const Problem<T>& a, int i0, int j, int k) {
-  const int hb = (a.b >> 1) + 1;
-#pragma unroll
-  for (int ii = 0; ii < IG; ++ii) {
-    const int i = i0 + ii;
-    const float* wij = a.w + (int64_t(i < a.p ? i : 0) * a.q + j) * 2 * hb;
-    s[ii] = i < a.p ? make_float2(__ldg(wij + k), __ldg(wij + hb + k)) : make_float2(0.f, 0.f);
-  }
-}
-
-template <class T, int TM, int IG, int NB>
+template <class T, int B, int TM, int IG, int NB>
 __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
+  constexpr int H = B / 2, hb = H + 1;
+  constexpr int pi = IG * (kThreads * NB / H);  // output blocks per CTA
+  constexpr int nj_max = kBuf / (TM * H);       // input blocks per pass
   extern __shared__ __align__(16) float2 smem[];
   float2* buf_a = smem;
   float2* buf_b = smem + kBuf;
-  float2* tw = smem + 2 * kBuf;          // [H] FFT twiddles
-  float* nyq_s = reinterpret_cast<float*>(tw + (a.b >> 1));  // [pi * TM] Nyquist sums
-  const int H = a.b >> 1, hb = H + 1;
-  const int pi = IG * (kThreads * NB / H);  // output blocks per CTA
+  float2* tw = smem + 2 * kBuf;                             // [H] e^{-2 pi i j / H}: the FFTs' twiddles
+  float2* tw_b = tw + H;                                    // [H] e^{-2 pi i k / b}: the real-FFT split
+  float* nyq_s = reinterpret_cast<float*>(tw_b + H);        // [pi * TM] Nyquist sums
   const int64_t m0 = int64_t(blockIdx.x) * TM;
-  const int rows = (a.M - m0 < TM) ? int(a.M - m0) : TM;
-  const int i0 = blockIdx.y * pi;
+  const int live = (a.M - m0 < TM) ? int(a.M - m0) : TM;  // rows past M: zeros in, nothing out (the
+  const int i0 = blockIdx.y * pi;                          // layout keeps TM rows: index math by shifts)
   const int np = min(pi, a.p - i0);
   const int t = threadIdx.x;
 
@@ -90,45 +91,62 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
     for (int ii = 0; ii < IG; ++ii)
 #pragma unroll
       for (int mm = 0; mm < TM; ++mm) acc[r][ii][mm] = make_float2(0.f, 0.f);
-  // the Nyquist bin of output block i0 + t / rows, row t % rows (threads t < np * rows)
+  // the Nyquist bin of output block i0 + t / TM, row t % TM (threads t < np * TM)
   float nyq = 0.f;
-  const bool nyq_owner = t < np * rows;
-  const int nyq_i = nyq_owner ? t / rows : 0, nyq_mm = nyq_owner ? t - nyq_i * rows : 0;
+  const bool nyq_owner = t < np * TM;
+  const int nyq_i = nyq_owner ? t / TM : 0, nyq_mm = t % TM;
 
-  const int nj_max = kBuf / (rows * H);
   for (int j0 = 0; j0 < a.q; j0 += nj_max) {
     const int nj = min(nj_max, a.q - j0);
-    load_pairs(buf_a, buf_b, a.x, m0, rows, a.K, j0, nj, a.b, [&] {  // sequence s = jj * rows + mm
-      if (j0 == 0)  // the twiddle table (read after the load's barrier), while the first chunk is in flight
-        for (int j = t; j < H; j += kThreads) tw[j] = expipi(-2.f * float(j) / float(H));
+    load_pairs<B, TM>(buf_a, buf_b, a.x, m0, TM, live, a.K, j0, nj, B, [&] {  // sequence s = jj * TM + mm
+      if (j0 == 0)  // the twiddle tables (read after the load's barrier), while the first chunk is in flight
+        for (int j = t; j < H; j += kThreads) {
+          tw[j] = expipi(-2.f * float(j) / float(H));
+          tw_b[j] = expipi(-float(j) / float(H));
+        }
     });
     __syncthreads();
-    const float2* res = stockham_fft(buf_a, buf_b, tw, H, nj * rows, false);
+    const float2* res = stockham_fft_fixed<H>(buf_a, buf_b, tw, nj * TM, false);
 #pragma unroll
     for (int r = 0; r < NB; ++r) {
       const int u = t + kThreads * r, k = u % H, g = u / H;
       if (g * IG >= np) continue;  // uniform per warp (H >= 32)
       const int kc = k == 0 ? 0 : H - k;
-      const float2 wk = expipi(-float(k) / float(H));  // e^{-2 pi i k / b}
-      // S_ij[k] of this group's blocks (DC: its imaginary part only reaches Y[0].y, which the inverse
-      // transform ignores), loaded one input block ahead: the L2 latency overlaps the previous block's sums
+      const float2 wh = cscale(tw_b[k], 0.5f);  // e^{-2 pi i k / b} / 2
+      // S_ij[k] (re at +0, im at +hb) of this group's IG blocks, block (i, j) at w + (i q + j) 2 hb; blocks
+      // past p (a group cut short) read the last block's: their sums are never stored. Loaded one input
+      // block ahead: the L2 latency overlaps the previous block's sums. (DC: S's imaginary part only
+      // reaches Y[0].y, which the inverse transform ignores.)
+      const float* wr[IG];
+#pragma unroll
+      for (int ii = 0; ii < IG; ++ii)
+        wr[ii] = a.w + (int64_t(min(i0 + g * IG + ii, a.p - 1)) * a.q + j0) * 2 * hb + k;
       float2 s[IG], s_next[IG];
-      load_spectrum<IG>(s_next, a, i0 + g * IG, j0, k);
+#pragma unroll
+      for (int ii = 0; ii < IG; ++ii) s_next[ii] = make_float2(__ldg(wr[ii]), __ldg(wr[ii] + hb));
       for (int jj = 0; jj < nj; ++jj) {
 #pragma unroll
         for (int ii = 0; ii < IG; ++ii) s[ii] = s_next[ii];
-        if (jj + 1 < nj) load_spectrum<IG>(s_next, a, i0 + g * IG, j0 + jj + 1, k);
-        const float2* z = res + jj * rows * H;
+        if (jj + 1 < nj) {
+#pragma unroll
+          for (int ii = 0; ii < IG; ++ii) {
+            wr[ii] += 2 * hb;
+            s_next[ii] = make_float2(__ldg(wr[ii]), __ldg(wr[ii] + hb));
+          }
+        }
+        const float2* z = res + jj * TM * H;
 #pragma unroll
         for (int mm = 0; mm < TM; ++mm) {
-          if (mm < rows) {
-            const float2 zk = z[mm * H + k], zc = z[mm * H + kc];
-            const float2 c = make_float2(zc.x, -zc.y);                       // conj(Z[H - k])
-            const float2 e = cscale(cadd(zk, c), 0.5f);                        // FFT of even samples
-            const float2 o = times_minus_i(cscale(csub(zk, c), 0.5f));        // FFT of odd samples
-            const float2 xk = cadd(e, cmul(wk, o));                            // k = 0: (DC, 0)
+          // X[k] = (Z[k] + conj Z[H-k]) / 2 + e^{-2 pi i k / b} (Z[k] - conj Z[H-k]) / (2i) (k = 0: (DC, 0))
+          const float2 zk = z[mm * H + k], zc = z[mm * H + kc];
+          const float ex = zk.x + zc.x, ey = zk.y - zc.y, dx = zk.x - zc.x, dy = zk.y + zc.y;
+          const float2 xk = make_float2(fmaf(wh.x, dy, fmaf(wh.y, dx, 0.5f * ex)),
+                                        fmaf(wh.y, dy, fmaf(-wh.x, dx, 0.5f * ey)));
 #pragma unroll
-            for (int ii = 0; ii < IG; ++ii) acc[r][ii][mm] = cadd(acc[r][ii][mm], cmul(s[ii], xk));
+          for (int ii = 0; ii < IG; ++ii) {  // acc += S X, four FMAs
+            float2& c = acc[r][ii][mm];
+            c.x = fmaf(s[ii].x, xk.x, fmaf(-s[ii].y, xk.y, c.x));
+            c.y = fmaf(s[ii].x, xk.y, fmaf(s[ii].y, xk.x, c.y));
           }
         }
       }
@@ -142,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
           if (jb + u < nj) {
-            const float2 z0 = res[((jb + u) * rows + nyq_mm) * H];
+            const float2 z0 = res[((jb + u) * TM + nyq_mm) * H];
             nyq += sv[u] * (z0.x - z0.y);
           }
         }
@@ -160,47 +178,53 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
       const int lb = g * IG + ii;
 #pragma unroll
       for (int mm = 0; mm < TM; ++mm)
-        if (lb < np && mm < rows) buf_a[(lb * rows + mm) * H + k] = acc[r][ii][mm];
+        if (lb < np) buf_a[(lb * TM + mm) * H + k] = acc[r][ii][mm];
     }
   }
   if (nyq_owner) nyq_s[t] = nyq;
   __syncthreads();
-  const int nseq = np * rows;  // sequence s = block * rows + row
+  const int nseq = np * TM;  // sequence s = block * TM + row
   for (int e = t; e < nseq * H; e += kThreads) {
-    const int s = e / H, k = e - s * H;
+    const int s = int(unsigned(e) / H), k = e - s * H;
     const float2* am = buf_a + s * H;
     const float2 av = k == 0 ? make_float2(am[0].x, 0.f) : am[k];
     const float2 cv = k == 0 ? make_float2(nyq_s[s], 0.f) : make_float2(am[H - k].x, -am[H - k].y);
-    buf_b[swizzled(e)] = pack_bin(av, cv, k, H);  // stockham_fft's input layout
+    const float2 wb = tw_b[k];
+    buf_b[swizzled(e)] = pack_bin(av, cv, make_float2(wb.x, -wb.y));  // stockham_fft's input layout
   }
   __syncthreads();
-  const float2* res = stockham_fft(buf_b, buf_a, tw, H, nseq, true);
-  store_blocks(res, nseq, rows, i0, a.b, a.y, a.bias, 0, m0, a.N);
+  const float2* res = stockham_fft_fixed<H>(buf_b, buf_a, tw, nseq, true);
+  store_blocks<B, TM>(res, nseq, TM, live, i0, B, a.y, a.bias, 0, m0, a.N);
 }
 
-inline size_t smem_bytes(int b) { return (2 * size_t(kBuf) + size_t(b / 2) + 128) * sizeof(float2); }
+// the two buffers, both twiddle tables, the Nyquist sums (pi * TM <= 256 floats)
+inline size_t smem_bytes(int b) { return (2 * size_t(kBuf) + size_t(b) + 128) * sizeof(float2); }
 
-template <class T, int TM, int IG, int NB>
+template <class T, int B, int TM, int IG, int NB>
 void launch_cfg(const Problem<T>& a, int device, cudaStream_t stream) {
-  auto large_m_kernel = kernel<T, TM, IG, NB>;
-  allow_smem_optin<kernel<T, TM, IG, NB>>(device);  // the device maximum: one instance serves several block sizes
-  const int H = a.b / 2, pi = IG * (kThreads * NB / H);
+  auto large_m_kernel = kernel<T, B, TM, IG, NB>;
+  allow_smem_optin<kernel<T, B, TM, IG, NB>>(device);
+  constexpr int pi = IG * (kThreads * NB / (B / 2));
   const dim3 grid(unsigned((a.M + TM - 1) / TM), unsigned((a.p + pi - 1) / pi));
-  large_m_kernel<<<grid, kThreads, smem_bytes(a.b), stream>>>(a);
+  large_m_kernel<<<grid, kThreads, smem_bytes(B), stream>>>(a);
   RK_CUDA_CHECK(cudaGetLastError());
 }
 
 // Runs the large-M kernel and returns true when it applies (M at or above the threshold, the
 // shared memory fits this device); else returns false and the caller takes block_circulant_kernel.
+// One instance per block size: H and the rows per CTA are compile-time constants.
 template <class T>
 bool try_launch(const Problem<T>& a, int device, cudaStream_t stream) {
-  if (a.M < min_m_from_env("REPARAM_BC_LARGE_M_MIN_M", 256)) return false;
+  if (a.M < min_m_from_env("REPARAM_BC_LARGE_M_MIN_M", 64)) return false;
   if (smem_bytes(a.b) > size_t(max_smem_optin(device))) return false;
   switch (a.b) {
-    case 64: case 128: case 256: case 512: launch_cfg<T, 4, 8, 1>(a, device, stream); return true;
-    case 1024: launch_cfg<T, 4, 4, 2>(a, device, stream); return true;
-    case 2048: launch_cfg<T, 4, 2, 4>(a, device, stream); return true;
-    case 4096: launch_cfg<T, 4, 1, 8>(a, device, stream); return true;
+    case 64: launch_cfg<T, 64, 4, 8, 1>(a, device, stream); return true;
+    case 128: launch_cfg<T, 128, 4, 8, 1>(a, device, stream); return true;
+    case 256: launch_cfg<T, 256, 4, 8, 1>(a, device, stream); return true;
+    case 512: launch_cfg<T, 512, 4, 8, 1>(a, device, stream); return true;
+    case 1024: launch_cfg<T, 1024, 4, 4, 2>(a, device, stream); return true;
+    case 2048: launch_cfg<T, 2048, 4, 2, 4>(a, device, stream); return true;
+    case 4096: launch_cfg<T, 4096, 4, 1, 8>(a, device, stream); return true;
     default: return false;
   }
 }

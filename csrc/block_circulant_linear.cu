@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
   const int nj_max = kCap / (rows * H);
   for (int j0 = 0; j0 < a.q; j0 += nj_max) {
     const int nj = min(nj_max, a.q - j0), nseq = nj * rows;
-    load_pairs(buf_a, buf_b, a.x, m0, rows, a.K, j0, nj, a.b, [&] {  // 1. sequence s = jj * rows + mm
+    load_pairs(buf_a, buf_b, a.x, m0, rows, rows, a.K, j0, nj, a.b, [&] {  // 1. sequence s = jj * rows + mm
       if (j0 == 0) setup();
     });
     cp_async_wait<0>();  // the staged spectrum (first pass; nothing outstanding later)
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
     }
     __syncthreads();
     const float2* res = stockham_fft(buf_a, buf_b, tw, H, nseq, true);
-    store_blocks(res, nseq, rows, i0 + ib, a.b, a.y, bias_src, bias_col0, m0, a.N);
+    store_blocks(res, nseq, rows, rows, i0 + ib, a.b, a.y, bias_src, bias_col0, m0, a.N);
     __syncthreads();  // the next batch overwrites the buffers
   }
 }

@@ -4,6 +4,8 @@
 // stored from the inverse transforms.
 #pragma once
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace reparam {
@@ -23,6 +25,16 @@ __device__ __forceinline__ float2 expipi(float t) {
   float s, c;
   sincospif(t, &s, &c);
   return make_float2(c, s);
+}
+
+// kV when the caller fixes it at compile time (kV > 0), else the runtime v. One body serves the general
+// kernel (block size and rows per CTA known only at run time) and the large-M kernel (both template
+// constants): there every index division by H or by the rows becomes a shift — a runtime 32-bit
+// division is ~20 instructions, and the large-M kernel's loads, packing and stores did one or two per
+// element (most of its instructions: block_circulant_large_m.cuh).
+template <int kV>
+__device__ __forceinline__ int fixed(int v) {
+  return kV > 0 ? kV : v;
 }
 
 // W_R^e = e^{-2 pi i e / R} (forward; conjugated for the inverse) for R = 16 and 8, e a compile-time
@@ -114,9 +126,11 @@ __device__ __forceinline__ int swizzled(int i) { return i ^ ((i >> 4) & 15); }
 // in[s H + j + m H / R] (m < R), multiplies by w^m, w = e^{-+2 pi i k / (ns R)} (k = j mod ns) from the
 // table, transforms, and writes out[s H + (j - k) R + k + m ns]. swz_in / swz_out: that side uses
 // the swizzled layout.
-template <int R>
-__device__ void stockham_pass(const float2* in, float2* out, const float2* tw, int H, int nseq, int ns, bool inverse,
-                              bool swz_in, bool swz_out) {
+template <int R, int kH = 0, int kNs = 0>
+__device__ __forceinline__ void stockham_pass(const float2* in, float2* out, const float2* tw, int H, int nseq, int ns,
+                                              bool inverse, bool swz_in, bool swz_out) {
+  H = fixed<kH>(H);
+  ns = fixed<kNs>(ns);
   const int nb = H / R;
   for (int t = threadIdx.x; t < nseq * nb; t += blockDim.x) {
     const int s = t / nb, j = t - s * nb;
@@ -152,6 +166,11 @@ __device__ void stockham_pass(const float2* in, float2* out, const float2* tw, i
   __syncthreads();
 }
 
+// Which passes use the swizzled layout: the input (read by the pass at ns = 1) and the values between
+// the first two passes (written at ns = 1 when another pass follows, read at ns = 16).
+__device__ __forceinline__ constexpr bool reads_swizzled(int ns) { return ns == 1 || ns == 16; }
+__device__ __forceinline__ constexpr bool writes_swizzled(int ns, int R, int H) { return ns == 1 && R < H; }
+
 // Stockham FFT of `nseq` sequences of length H (power of two, 32 .. 4096) stored back to back in
 // `in`, at swizzled(i) for the value i (s H + n); `out` is scratch of the same size. Forward: sign -1, inverse: +1, unnormalized. `tw` holds the
 // twiddles e^{-2 pi i j / H}, j < H. Radix-16 passes (the 16-point DFT in registers), the last one of
@@ -162,7 +181,7 @@ __device__ void stockham_pass(const float2* in, float2* out, const float2* tw, i
 __device__ float2* stockham_fft(float2* in, float2* out, const float2* tw, int H, int nseq, bool inverse) {
   for (int ns = 1; ns < H;) {
     const int R = H / ns >= 16 ? 16 : H / ns;  // uniform across the CTA
-    const bool swz_in = ns == 1 || ns == 16, swz_out = ns == 1 && R < H;  // the input, pass 1 -> pass 2
+    const bool swz_in = reads_swizzled(ns), swz_out = writes_swizzled(ns, R, H);
     if (R == 16) stockham_pass<16>(in, out, tw, H, nseq, ns, inverse, swz_in, swz_out);
     else if (R == 8) stockham_pass<8>(in, out, tw, H, nseq, ns, inverse, swz_in, swz_out);
     else if (R == 4) stockham_pass<4>(in, out, tw, H, nseq, ns, inverse, swz_in, swz_out);
@@ -173,6 +192,18 @@ __device__ float2* stockham_fft(float2* in, float2* out, const float2* tw, int H
     ns *= R;
   }
   return in;
+}
+
+// The same passes for a compile-time H (every pass's radix, stride and swizzle flags constants).
+template <int H, int NS = 1>
+__device__ __forceinline__ float2* stockham_fft_fixed(float2* in, float2* out, const float2* tw, int nseq, bool inverse) {
+  if constexpr (NS >= H) {
+    return in;
+  } else {
+    constexpr int R = H / NS >= 16 ? 16 : H / NS;
+    stockham_pass<R, H, NS>(in, out, tw, H, nseq, NS, inverse, reads_swizzled(NS), writes_swizzled(NS, R, H));
+    return stockham_fft_fixed<H, NS * R>(out, in, tw, nseq, inverse);
+  }
 }
 
 // Copies nbytes from global src to shared dst (both 16-byte aligned) by 16-byte cp.async, the CTA's
@@ -190,6 +221,28 @@ __device__ __forceinline__ void copy_async(void* dst, const void* src, int64_t n
     } else {
       for (int i = 0; i < 16; ++i) d[16 * c + i] = i < left ? g[16 * c + i] : char(0);
     }
+  }
+}
+
+// (p[0], p[1]) as floats by one access of two elements, and its store: p aligned to two elements.
+template <class T>
+__device__ __forceinline__ float2 load_pair(const T* p) {
+  if constexpr (sizeof(T) == 4) {
+    return *reinterpret_cast<const float2*>(p);
+  } else {
+    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+    const T2 v = *reinterpret_cast<const T2*>(p);
+    return make_float2(to_f32<T>(v.x), to_f32<T>(v.y));
+  }
+}
+template <class T>
+__device__ __forceinline__ void store_pair(T* p, float a, float b) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
+  } else {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
   }
 }
 
@@ -217,16 +270,19 @@ __device__ __forceinline__ void batched(int total, Load load, Use use) {
 
 // Loads x rows m0 .. m0 + rows - 1, input blocks j0 .. j0 + nj - 1, as H = b / 2 complex pairs
 // z[n] = x[2n] + i x[2n + 1] (the real-input trick: a length-H complex FFT gives the length-b real
-// FFT), zero beyond K. Sequence s = jj * rows + mm goes to buf[s * H ..] (swizzled: stockham_fft's input
+// FFT), zero beyond K and for rows >= live_rows (a tile's rows past M: the large-M kernel keeps its
+// layout at TM rows). Sequence s = jj * rows + mm goes to buf[s * H ..] (swizzled: stockham_fft's input
 // layout). `scratch` (as large as buf, free until the FFT) takes the raw rows: when x's rows are 16-byte
 // aligned, all of them are copied by cp.async at once — one memory round trip for the whole chunk, where
 // register batches take one per 8 pairs a thread (4 at M = 2048 in the large-M kernel) — then converted
 // from shared memory. while_copying() runs once, while the copies are in flight (independent setup:
 // the twiddle table, zeroed accumulators). Every thread must call it (it synchronizes inside); no
-// barrier at the end.
-template <class T, class F>
-__device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0, int rows, int64_t K, int j0, int nj,
-                           int b, F&& while_copying) {
+// barrier at the end. kB, kRows: b and rows when fixed at compile time (fixed()).
+template <int kB = 0, int kRows = 0, class T, class F>
+__device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0, int rows, int live_rows, int64_t K,
+                           int j0, int nj, int b, F&& while_copying) {
+  b = fixed<kB>(b);
+  rows = fixed<kRows>(rows);
   const int H = b >> 1, nseq = nj * rows;
   const bool aligned = reinterpret_cast<uintptr_t>(x) % 16 == 0 && (K * int64_t(sizeof(T))) % 16 == 0;
   if (aligned) {  // raw sequence s at raw[s * b ..]: nseq * b * sizeof(T) <= 2 * H * nseq * 8 bytes fits
@@ -234,11 +290,12 @@ __device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0,
     const int chunks = b / kPer;              // per sequence (b >= 64)
     char* raw = reinterpret_cast<char*>(scratch);
     for (int c = threadIdx.x; c < nseq * chunks; c += blockDim.x) {
-      const int sq = c / chunks, cc = c - sq * chunks;
-      const int jj = sq / rows, mm = sq - jj * rows;
+      const int sq = int(unsigned(c) / unsigned(chunks)), cc = c - sq * chunks;
+      const int jj = int(unsigned(sq) / unsigned(rows)), mm = sq - jj * rows;
       const int64_t col = int64_t(j0 + jj) * b + int64_t(cc) * kPer;
       const int64_t left = (K - col) * int64_t(sizeof(T));  // bytes of this row from col on
-      if (left > 0) cp_async16(raw + 16 * int64_t(c), x + (m0 + mm) * K + col, left < 16 ? int(left) : 16);
+      if (left > 0 && mm < live_rows)
+        cp_async16(raw + 16 * int64_t(c), x + (m0 + mm) * K + col, left < 16 ? int(left) : 16);
     }
     cp_async_commit();
     while_copying();
@@ -246,10 +303,12 @@ __device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0,
     __syncthreads();
     const T* rv = reinterpret_cast<const T*>(scratch);
     for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
-      const int sq = t / H, n = t - sq * H;
-      const int64_t col = int64_t(j0 + sq / rows) * b + 2 * n;
+      const int sq = int(unsigned(t) / unsigned(H)), n = t - sq * H;
+      const int jj = int(unsigned(sq) / unsigned(rows)), mm = sq - jj * rows;
+      const int64_t col = int64_t(j0 + jj) * b + 2 * n;
+      const bool live = live_rows >= rows || mm < live_rows;  // rows past it were not copied: select
       const T* r = rv + int64_t(sq) * b + 2 * n;
-      buf[swizzled(t)] = make_float2(col < K ? to_f32<T>(r[0]) : 0.f, col + 1 < K ? to_f32<T>(r[1]) : 0.f);
+      buf[swizzled(t)] = live && col + 1 < K ? load_pair(r) : make_float2(live && col < K ? to_f32<T>(r[0]) : 0.f, 0.f);
     }
     return;
   }
@@ -260,44 +319,66 @@ __device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0,
         const int sq = t / H, n = t - sq * H;
         const int jj = sq / rows, mm = sq - jj * rows;
         const int64_t col = int64_t(j0 + jj) * b + 2 * n;
-        const T* xr = x + (m0 + mm) * K;
-        return make_float2(col < K ? to_f32<T>(xr[col]) : 0.f, col + 1 < K ? to_f32<T>(xr[col + 1]) : 0.f);
+        const T* xr = x + (m0 + (mm < live_rows ? mm : 0)) * K;
+        const bool live = mm < live_rows;
+        return make_float2(live && col < K ? to_f32<T>(xr[col]) : 0.f, live && col + 1 < K ? to_f32<T>(xr[col + 1]) : 0.f);
       },
       [&](int t, float2 v) { buf[swizzled(t)] = v; });  // t = s * H + n, in stockham_fft's input layout
 }
 
 // z = av + i * (the odd part) for one bin k of the inverse real FFT: av = A[k], cv = conj(A[H - k])
 // of a Hermitian half spectrum A (for k = 0: the real DC and Nyquist values, imaginary parts 0).
-__device__ __forceinline__ float2 pack_bin(float2 av, float2 cv, int k, int H) {
+// w = e^{i pi k / H}, from a table or computed (the overload below).
+__device__ __forceinline__ float2 pack_bin(float2 av, float2 cv, float2 w) {
   const float2 e = cscale(cadd(av, cv), 0.5f);
-  const float2 o = cmul(cscale(csub(av, cv), 0.5f), expipi(float(k) / float(H)));
+  const float2 o = cmul(cscale(csub(av, cv), 0.5f), w);
   return cadd(e, times_i(o));
+}
+__device__ __forceinline__ float2 pack_bin(float2 av, float2 cv, int k, int H) {
+  return pack_bin(av, cv, expipi(float(k) / float(H)));
 }
 
 // y[m0 + mm, (i0 + s / rows) * b + 2n (+1)] = res[s][n] / H + bias for the nseq inverse transforms in
 // res (sequence s = output block (s / rows) of the group starting at i0, row mm = s % rows); columns
-// >= N dropped. No barrier. bias[c - bias_col0] is column c's bias (a copy in shared memory of the
-// CTA's columns, or all of it with bias_col0 = 0), loaded in batches before use.
-template <class T>
-__device__ void store_blocks(const float2* res, int nseq, int rows, int i0, int b, T* y, const T* bias,
+// >= N and rows >= live_rows dropped. No barrier. bias[c - bias_col0] is column c's bias (a copy in
+// shared memory of the CTA's columns, or all of it with bias_col0 = 0), loaded in batches before use.
+// kB, kRows: b and rows when fixed at compile time (fixed()).
+template <int kB = 0, int kRows = 0, class T>
+__device__ void store_blocks(const float2* res, int nseq, int rows, int live_rows, int i0, int b, T* y, const T* bias,
                              int64_t bias_col0, int64_t m0, int64_t N) {
+  b = fixed<kB>(b);
+  rows = fixed<kRows>(rows);
   const int H = b >> 1;
   const float scale = 1.f / float(H);
-  auto column = [&](int t) { return int64_t(i0 + t / H / rows) * b + 2 * (t % H); };
+  // a column pair (even col, col + 1) as one access when in range and aligned: N even (then col < N
+  // means col + 1 < N too), y and the bias aligned to two elements (bias_col0 is even)
+  const bool pairs = N % 2 == 0 && (reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(bias)) % (2 * sizeof(T)) == 0;
+  // (unsigned: the divisions are shifts when b and rows are fixed)
+  auto column = [&](int t) {
+    return int64_t(i0 + unsigned(t) / unsigned(H) / unsigned(rows)) * b + 2 * (unsigned(t) % unsigned(H));
+  };
   batched<float2>(
       nseq * H,
       [&](int t) {
+        if (bias == nullptr) return make_float2(0.f, 0.f);
         const int64_t col = column(t);
         const T* bc = bias + (col - bias_col0);
-        return bias == nullptr ? make_float2(0.f, 0.f)
-                               : make_float2(col < N ? to_f32<T>(bc[0]) : 0.f, col + 1 < N ? to_f32<T>(bc[1]) : 0.f);
+        if (pairs && col < N) return load_pair(bc);
+        return make_float2(col < N ? to_f32<T>(bc[0]) : 0.f, col + 1 < N ? to_f32<T>(bc[1]) : 0.f);
       },
       [&](int t, float2 bv) {
+        const int mm = int(unsigned(t) / unsigned(H) % unsigned(rows));
+        if (mm >= live_rows) return;
         const int64_t col = column(t);
         const float2 z = res[t];
-        T* yr = y + (m0 + (t / H) % rows) * N;
-        if (col < N) yr[col] = from_f32<T>(z.x * scale + bv.x);
-        if (col + 1 < N) yr[col + 1] = from_f32<T>(z.y * scale + bv.y);
+        T* yc = y + (m0 + mm) * N + col;
+        const float v0 = z.x * scale + bv.x, v1 = z.y * scale + bv.y;
+        if (pairs && col < N) {
+          store_pair(yc, v0, v1);
+        } else {
+          if (col < N) yc[0] = from_f32<T>(v0);
+          if (col + 1 < N) yc[1] = from_f32<T>(v1);
+        }
       });
 }
 

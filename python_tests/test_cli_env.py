@@ -98,7 +98,7 @@ def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
                 "REPARAM_BC_LARGE_M_MIN_M", "REPARAM_SMALL_M_T"):
         monkeypatch.delenv(var, raising=False)
     paths = env.cuda_paths()
-    assert paths["bc_large_m"]["min_m"] == 256
+    assert paths["bc_large_m"]["min_m"] == 64
     assert paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] == 256 and paths["lowrank_cublas"]["min_m"] == 2
     assert paths["wgmma"]["on"] and paths["wgmma"]["min_m"] == paths["small_m"]["max_m"] + 1
     assert paths["small_m"]["transposed_max_m"] == 8

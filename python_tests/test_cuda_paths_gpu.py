@@ -51,8 +51,8 @@ def test_lowrank_takes_its_path(rng, M, expected, two_gemm_min_m):
         assert expected in names
 
 
-@pytest.mark.parametrize("M,expected", [(1, "block_circulant_kernel"), (64, "block_circulant_kernel"),
-                                        (256, "bc_large_m"), (2048, "bc_large_m")])
+@pytest.mark.parametrize("M,expected", [(1, "block_circulant_kernel"), (16, "block_circulant_kernel"),
+                                        (64, "bc_large_m"), (2048, "bc_large_m")])
 def test_block_circulant_takes_its_path(rng, M, expected):
     x, spec, _, bias = structured.make(rng, (M,), 4096, 4096, 256, torch.float16, device="cuda")
     assert expected in kernels(lambda: torch.ops.reparam.block_circulant_linear(x, spec, 256, 4096, bias))

@@ -188,3 +188,38 @@ def test_wgmma_loops_do_not_wait_on_loads_of_two_stages_ahead(frag):
     assert rows, frag
     for r in rows:
         assert r.prefetch_uses == 0, (r.kernel, r.prefetch_uses)
+
+
+def test_loops_finds_each_backward_branch_with_its_hot_trip():
+    found = sass_budget.loops(ins(LOOP))
+    assert [(lp.lo, lp.hi, lp.size) for lp in found] == [(0x10, 0x90, 9)]
+    assert found[0].path == 6  # the taken side (0x60, 0x70) is shorter than the fall-through (0x30..0x50)
+
+
+@functools.lru_cache(maxsize=1)
+def _large_m_kernels():
+    """{demangled name: instructions} of the block-circulant large-M kernels (sm_90a), or a reason to skip."""
+    if not os.path.exists(SO):
+        return "the CUDA extension is not built"
+    try:
+        tool = sass_budget.find_cuobjdump()
+    except SystemExit:
+        return "no cuobjdump"
+    sass = sass_budget.subprocess.run([tool, "-sass", "-arch", "sm_90a", SO], capture_output=True, text=True).stdout
+    return {d: i for n, i in sass_budget.functions(sass) if "bc_large_m::kernel<" in (d := sass_budget.demangle(n))}
+
+
+def test_large_m_block_circulant_kernel_stays_within_its_instruction_budget():
+    """csrc/block_circulant_large_m.cuh was issue-bound (docs/structured.md): ~20-instruction integer
+    divisions by the runtime block size in every per-element loop, 493 instructions a trip of the
+    spectrum sums. One instance per block size removed the divisions (IMAD.HI is their mark) and the sums
+    are 220 a trip (b = 256, fp16) with some slack for compiler versions."""
+    kernels = _large_m_kernels()
+    if isinstance(kernels, str):
+        pytest.skip(kernels)
+    assert len(kernels) == 21, sorted(kernels)  # 7 block sizes x 3 dtypes
+    for name, body in kernels.items():
+        assert not any("IMAD.HI" in t for _, t in body), name
+    (body,) = [i for d, i in kernels.items() if "kernel<__half, 256," in d]
+    sums = [lp for lp in sass_budget.loops(body) if lp.mix["LDG"] == 16 and lp.mix["FFMA"] >= 128]
+    assert sums and max(lp.size for lp in sums) <= 240, sums

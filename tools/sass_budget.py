@@ -351,13 +351,54 @@ def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_(?:ring_)?ker
     return rows
 
 
+class Loop(NamedTuple):
+    lo: int  # the loop's first instruction (a back edge's target)
+    hi: int  # the back edge
+    size: int  # instructions between them, every branch side included
+    path: int  # instructions on hot_path's way to the back edge (no mma or 16-byte load in it: the shortest)
+    mix: collections.Counter  # opcodes of the body
+
+
+def loops(ins) -> list[Loop]:
+    """Every loop of a function (a backward branch), innermost first within an address range. For
+    kernels without an mma main loop (the block-circulant FFT kernels): what a trip of each loop costs,
+    to be weighed by its trip count (docs/structured.md counts the large-M kernel this way)."""
+    out = []
+    for a, t in ins:
+        m = _BRA.search(t)
+        if m and int(m.group(1), 16) <= a:
+            lo = int(m.group(1), 16)
+            body = [(x, u) for x, u in ins if lo <= x <= a]
+            out.append(Loop(lo, a, len(body), len(hot_path(ins, lo, a)),
+                            collections.Counter(opcode(u).split(".")[0] for _, u in body)))
+    return sorted(out, key=lambda lp: (lp.hi - lp.lo, lp.lo))
+
+
+def print_loops(so: str, arch: str, pattern: str) -> None:
+    tool = find_cuobjdump()
+    sass = subprocess.run([tool, "-sass", "-arch", arch, so], capture_output=True, text=True, check=True).stdout
+    for name, ins in functions(sass):
+        dem = demangle(name)
+        if not re.search(pattern, dem):
+            continue
+        print(f"{dem[:110]}: {len(ins)} instructions")
+        for lp in sorted(loops(ins), key=lambda x: x.lo):
+            print(f"  {lp.lo:#07x}..{lp.hi:#07x} {lp.size:5d} (hot trip {lp.path:4d})  "
+                  + " ".join(f"{k}:{v}" for k, v in lp.mix.most_common(8)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--so", default=os.path.join(os.path.dirname(__file__), "..", "reparam_kernels", "_C.abi3.so"))
     ap.add_argument("--arch", default="sm_90a")
     ap.add_argument("--filter", default=r"small_m_(?:ring_)?kernel<|wgmma_kernel<")
     ap.add_argument("--ops", action="store_true", help="also print the opcode mix of each hot path")
+    ap.add_argument("--loops", action="store_true",
+                    help="print every loop of the kernels --filter matches (size, hot trip, opcode mix) instead")
     args = ap.parse_args()
+    if args.loops:
+        print_loops(args.so, args.arch, args.filter)
+        return
     print(f"{'inst':>5} {'mma':>4} {'B/inst':>6} {'ceiling TB/s':>12} {'regs':>4} {'CTA/SM':>6} {'KB in flight':>12}"
           f" {'pf-use':>6}  kernel (per stage on the hot path, {args.arch})")
     for r in budget(args.so, args.arch, args.filter):

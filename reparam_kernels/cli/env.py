@@ -90,7 +90,7 @@ def cuda_paths():
                                # the fused decode launch prefetches u into L2 (where u <= half the L2)
                                "prefetch_u": not os.environ.get("REPARAM_LOWRANK_PREFETCH_U", "").startswith("0"),
                                "prefetch_u_switch": "REPARAM_LOWRANK_PREFETCH_U"},
-            "bc_large_m": {"min_m": _min_m("REPARAM_BC_LARGE_M_MIN_M", 256),  # csrc/block_circulant_large_m.cuh
+            "bc_large_m": {"min_m": _min_m("REPARAM_BC_LARGE_M_MIN_M", 64),  # csrc/block_circulant_large_m.cuh
                            "switch": "REPARAM_BC_LARGE_M_MIN_M",
                            "ops": "block_circulant_linear, toeplitz_linear"},
             # BlockCirculantLinear in eval mode: block_circulant_cols_linear (tensor cores on the blocks' columns)
