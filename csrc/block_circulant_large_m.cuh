@@ -47,6 +47,7 @@
 
 #include "common.cuh"
 #include "cublas_mm.cuh"
+#include "fft_mma.cuh"
 #include "fft_smem.cuh"
 
 namespace reparam {
@@ -67,11 +68,28 @@ struct Problem {
   int p, q, b;
 };
 
+// The transforms: on tensor cores at b = 256 for fp16 / bf16 (fft_mma.cuh), else the shared-memory
+// Stockham FFT. The tensor-core one returns (1/16) DFT(in_scale Z): kZ undoes that for the forward
+// transform; the inverse's input is scaled by 1/H (its fp16 operands stay in range) and its output
+// by 16 (kOutScale) instead of 1/H.
+template <class T, int H>
+constexpr bool kMmaFft = H == 128 && sizeof(T) == 2 && REPARAM_MMA_FFT;
+
+template <class T, int H>
+__device__ __forceinline__ const float2* transform(float2* in, float2* out, const float2* tw, int nseq, bool inverse) {
+  if constexpr (kMmaFft<T, H>) {
+    return mma_fft128<T>(in, out, tw, nseq, inverse, inverse ? 1.f / H : 1.f);
+  } else {
+    return stockham_fft_fixed<H>(in, out, tw, nseq, inverse);
+  }
+}
+
 template <class T, int B, int TM, int IG, int NB>
 __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
   constexpr int H = B / 2, hb = H + 1;
   constexpr int pi = IG * (kThreads * NB / H);  // output blocks per CTA
   constexpr int nj_max = kBuf / (TM * H);       // input blocks per pass
+  constexpr float kZ = kMmaFft<T, H> ? 16.f : 1.f, kOutScale = kMmaFft<T, H> ? 16.f : 1.f / H;
   extern __shared__ __align__(16) float2 smem[];
   float2* buf_a = smem;
   float2* buf_b = smem + kBuf;
@@ -106,13 +124,13 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
         }
     });
     __syncthreads();
-    const float2* res = stockham_fft_fixed<H>(buf_a, buf_b, tw, nj * TM, false);
+    const float2* res = transform<T, H>(buf_a, buf_b, tw, nj * TM, false);
 #pragma unroll
     for (int r = 0; r < NB; ++r) {
       const int u = t + kThreads * r, k = u % H, g = u / H;
       if (g * IG >= np) continue;  // uniform per warp (H >= 32)
       const int kc = k == 0 ? 0 : H - k;
-      const float2 wh = cscale(tw_b[k], 0.5f);  // e^{-2 pi i k / b} / 2
+      const float2 wh = cscale(tw_b[k], 0.5f * kZ);  // e^{-2 pi i k / b} / 2 (x kZ)
       // S_ij[k] (re at +0, im at +hb) of this group's IG blocks, block (i, j) at w + (i q + j) 2 hb; blocks
       // past p (a group cut short) read the last block's: their sums are never stored. Loaded one input
       // block ahead: the L2 latency overlaps the previous block's sums. (DC: S's imaginary part only
@@ -140,8 +158,8 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
           // X[k] = (Z[k] + conj Z[H-k]) / 2 + e^{-2 pi i k / b} (Z[k] - conj Z[H-k]) / (2i) (k = 0: (DC, 0))
           const float2 zk = z[mm * H + k], zc = z[mm * H + kc];
           const float ex = zk.x + zc.x, ey = zk.y - zc.y, dx = zk.x - zc.x, dy = zk.y + zc.y;
-          const float2 xk = make_float2(fmaf(wh.x, dy, fmaf(wh.y, dx, 0.5f * ex)),
-                                        fmaf(wh.y, dy, fmaf(-wh.x, dx, 0.5f * ey)));
+          const float2 xk = make_float2(fmaf(wh.x, dy, fmaf(wh.y, dx, 0.5f * kZ * ex)),
+                                        fmaf(wh.y, dy, fmaf(-wh.x, dx, 0.5f * kZ * ey)));
 #pragma unroll
           for (int ii = 0; ii < IG; ++ii) {  // acc += S X, four FMAs
             float2& c = acc[r][ii][mm];
@@ -181,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
         if (lb < np) buf_a[(lb * TM + mm) * H + k] = acc[r][ii][mm];
     }
   }
-  if (nyq_owner) nyq_s[t] = nyq;
+  if (nyq_owner) nyq_s[t] = nyq * kZ;
   __syncthreads();
   const int nseq = np * TM;  // sequence s = block * TM + row
   for (int e = t; e < nseq * H; e += kThreads) {
@@ -193,8 +211,8 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
     buf_b[swizzled(e)] = pack_bin(av, cv, make_float2(wb.x, -wb.y));  // stockham_fft's input layout
   }
   __syncthreads();
-  const float2* res = stockham_fft_fixed<H>(buf_b, buf_a, tw, nseq, true);
-  store_blocks<B, TM>(res, nseq, TM, live, i0, B, a.y, a.bias, 0, m0, a.N);
+  const float2* res = transform<T, H>(buf_b, buf_a, tw, nseq, true);
+  store_blocks<B, TM>(res, nseq, TM, live, i0, B, a.y, a.bias, 0, m0, a.N, kOutScale);
 }
 
 // the two buffers, both twiddle tables, the Nyquist sums (pi * TM <= 256 floats)

@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads) block_circulant_kernel(BcArgs<T> a) 
     }
     __syncthreads();
     const float2* res = stockham_fft(buf_a, buf_b, tw, H, nseq, true);
-    store_blocks(res, nseq, rows, rows, i0 + ib, a.b, a.y, bias_src, bias_col0, m0, a.N);
+    store_blocks(res, nseq, rows, rows, i0 + ib, a.b, a.y, bias_src, bias_col0, m0, a.N, 1.f / float(H));
     __syncthreads();  // the next batch overwrites the buffers
   }
 }

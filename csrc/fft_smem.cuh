@@ -338,18 +338,17 @@ __device__ __forceinline__ float2 pack_bin(float2 av, float2 cv, int k, int H) {
   return pack_bin(av, cv, expipi(float(k) / float(H)));
 }
 
-// y[m0 + mm, (i0 + s / rows) * b + 2n (+1)] = res[s][n] / H + bias for the nseq inverse transforms in
+// y[m0 + mm, (i0 + s / rows) * b + 2n (+1)] = res[s][n] * scale + bias for the nseq inverse transforms in
 // res (sequence s = output block (s / rows) of the group starting at i0, row mm = s % rows); columns
 // >= N and rows >= live_rows dropped. No barrier. bias[c - bias_col0] is column c's bias (a copy in
 // shared memory of the CTA's columns, or all of it with bias_col0 = 0), loaded in batches before use.
 // kB, kRows: b and rows when fixed at compile time (fixed()).
 template <int kB = 0, int kRows = 0, class T>
 __device__ void store_blocks(const float2* res, int nseq, int rows, int live_rows, int i0, int b, T* y, const T* bias,
-                             int64_t bias_col0, int64_t m0, int64_t N) {
+                             int64_t bias_col0, int64_t m0, int64_t N, float scale) {
   b = fixed<kB>(b);
   rows = fixed<kRows>(rows);
   const int H = b >> 1;
-  const float scale = 1.f / float(H);
   // a column pair (even col, col + 1) as one access when in range and aligned: N even (then col < N
   // means col + 1 < N too), y and the bias aligned to two elements (bias_col0 is even)
   const bool pairs = N % 2 == 0 && (reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(bias)) % (2 * sizeof(T)) == 0;

@@ -52,9 +52,10 @@ def test_block_circulant_large_m_path(rng):
     # csrc/block_circulant_large_m.cuh forced at small M: every block size (its four register layouts),
     # row tails (M not a multiple of TM), N and K not multiples of b, output block groups cut short
     # by p (and p = 71 > 64 at b = 64: two groups), several passes over the input blocks (K = 4100
-    # at b = 256: 16 + 1), every dtype
+    # at b = 256: 16 + 1), every dtype (b = 256 in fp16 / bf16: the tensor-core FFT, fft_mma.cuh)
     cases, refs = [], []
-    for M, K, N, b, dtype in [(11, 4100, 2300, 256, torch.float16), (9, 1000, 4500, 64, torch.bfloat16),
+    for M, K, N, b, dtype in [(11, 4100, 2300, 256, torch.float16), (6, 2100, 1300, 256, torch.bfloat16),
+                              (9, 1000, 4500, 64, torch.bfloat16),
                               (3, 1500, 1500, 128, torch.float32), (10, 700, 1100, 512, torch.float16),
                               (5, 1500, 2100, 1024, torch.bfloat16), (6, 2048, 4000, 2048, torch.float32),
                               (5, 4000, 4096, 4096, torch.float16)]:
@@ -71,16 +72,27 @@ BC_MUTATIONS = {
     "nyquist sign": ("block_circulant_large_m.cuh", "(z0.x - z0.y)", "(z0.x + z0.y)"),
     # the conjugate partner of bin k taken at k instead of H - k
     "partner bin": ("block_circulant_large_m.cuh", "const int kc = k == 0 ? 0 : H - k;", "const int kc = k;"),
-    # the radix-16 DFT's W16^1 conjugated (fft_smem.cuh, shared by both kernels)
-    "dft twiddle": ("fft_smem.cuh", "case 1: w = make_float2(c1, -s1);", "case 1: w = make_float2(c1, s1);"),
     # x's raw rows converted before their cp.async copies landed
     "raw x wait": ("fft_smem.cuh", "    while_copying();\n    cp_async_wait<0>();\n    __syncthreads();\n    const T* rv",
                    "    while_copying();\n    __syncthreads();\n    const T* rv"),
+    # the last row tile's padding rows (M = 11: rows 11 of a 4-row tile) stored past the end of y
+    "row tail": ("fft_smem.cuh", "        if (mm >= live_rows) return;\n", ""),
+    # the tensor-core FFT (fft_mma.cuh, b = 256 in fp16 / bf16): the twiddles between its stages skipped,
+    # its input read without the swizzle, its output pairs stored real, real, imaginary, imaginary
+    "mma twiddle": ("fft_mma.cuh", "      const float2 v = cmul(make_float2(ar[q], ai[q]), tw_ab[q]);",
+                    "      const float2 v = make_float2(ar[q], ai[q]);"),
+    "mma swizzle": ("fft_mma.cuh", "z[e] = in[swizzled(base + 16 * t + 8 * (e & 1) + 64 * (e >> 1) + g)];",
+                    "z[e] = in[base + 16 * t + 8 * (e & 1) + 64 * (e >> 1) + g];"),
+    "mma output": ("fft_mma.cuh", "make_float4(d[0], d[2], d[1], d[3])", "make_float4(d[0], d[1], d[2], d[3])"),
+}
+
+# The shared-memory Stockham FFT (fft_smem.cuh): the general kernel's, and the large-M kernel's off b = 256.
+FFT_MUTATIONS = {
+    # the radix-16 DFT's W16^1 conjugated
+    "dft twiddle": ("fft_smem.cuh", "case 1: w = make_float2(c1, -s1);", "case 1: w = make_float2(c1, s1);"),
     # the first pass reads its (swizzled) input as if it were plain
     "swizzle": ("fft_smem.cuh", "reads_swizzled(int ns) { return ns == 1 || ns == 16; }",
                 "reads_swizzled(int ns) { return ns == 16; }"),
-    # the last row tile's padding rows (M = 11: rows 11 of a 4-row tile) stored past the end of y
-    "row tail": ("fft_smem.cuh", "        if (mm >= live_rows) return;\n", ""),
 }
 
 
@@ -117,6 +129,13 @@ def test_mutated_block_circulant_staging_is_caught(rng, name):
     # decode: one CTA per output block, its spectrum slice staged by cp.async; q = 3 at b = 256 puts
     # odd CTAs' slices 8 bytes off a 16-byte boundary
     assert_mutation_caught(rng, 3, 700, 1100, {"RK_CPU_SEED": "4"}, "BcArgs", BC_STAGE_MUTATIONS[name])
+
+
+@pytest.mark.parametrize("name", list(FFT_MUTATIONS))
+def test_mutated_stockham_fft_is_caught(rng, name):
+    # the general kernel at M = 11 (the large-M kernel at b = 256 transforms on tensor cores)
+    assert_mutation_caught(rng, 11, 4104, 4400, {"REPARAM_BC_LARGE_M_MIN_M": "0", "RK_CPU_SEED": "2"}, "BcArgs",
+                           FFT_MUTATIONS[name])
 
 
 @pytest.mark.parametrize("name", list(BC_MUTATIONS))
