@@ -22,7 +22,8 @@
 // 4096² at b = 256, so each forward FFT is computed once); H = 512: TM 4, IG 4, NB 2; 1024: TM 4,
 // IG 2, NB 4; 2048: TM 4, IG 1, NB 8 — always 64 fp32 accumulators a thread and pi * TM * H = 8192
 // complex values of Y per CTA (64 KB, one of the two ping-pong buffers). Shared memory: 2 x 64 KB +
-// two twiddle tables (b float2) + 1 KB: one CTA per SM. One instance per block size b: H and TM are
+// two twiddle tables (b float2) + 1 KB (+ on tensor cores the CTA's bias, pi b floats: 16 KB at
+// b = 256): one CTA per SM. One instance per block size b: H and TM are
 // compile-time constants, so the index math is shifts and masks and the FFT passes are unrolled.
 //
 // Time (session 16, from the H200 run of session 11): a CTA took ~46 µs whatever the grid (16, 64 and
@@ -36,9 +37,15 @@
 // (`tools/sass_budget.py --loops --filter bc_large_m`): sums 16 x 220 (pointer increments, four FMAs
 // a complex multiply-add), FFT passes 329 / 175, x conversion ~30 and packing ~35 a value (the
 // split's twiddle from a table), ~38 a stored pair, no integer division left in the kernel.
-// Prediction: 2.4x fewer instructions, a CTA ~19 µs at the same issue rate: M = 2048 ≈ 65–90 µs
-// (≈ 1.2–1.6x cuBLAS; target ≥ 2x, which needs the transforms themselves on tensor cores:
-// docs/structured.md), M = 256 ≈ 19 µs, M = 64 ≈ 19 µs against the general kernel's 36.5 µs.
+// At b = 256 in fp16 / bf16 the transforms then run on tensor cores (fft_mma.cuh), x's raw rows
+// feeding the first stage and y stored from the last (no conversion, packing or store loops): ~6.8 K —
+// forward 8 sequences x 68, inverse 8 x ~200 (packing and stores inside), the sums 16 x 220 now half.
+// Prediction: 3.6x fewer instructions than session 11's kernel, a CTA ≈ 13 µs at its issue rate (less
+// of the issue slots used once latency weighs more): M = 2048 ≈ 45–70 µs (≈ 1.5–2.3x cuBLAS, target
+// ≥ 2x); M = 64..256 ≈ 13–20 µs against the general kernel's 36.5 µs at M = 64. Every CTA re-reads the
+// spectrum from L2 (264 KB at 4096², b = 256; 135 MB over M = 2048): ~20–25 µs of L2 bandwidth, under
+// the prediction but not by much. fp32 (and the other block sizes) keep the Stockham FFT: ~10.3 K a
+// thread in fp32 at b = 256, predicted ≈ 65–90 µs at M = 2048.
 //
 // Taken for M >= REPARAM_BC_LARGE_M_MIN_M (default 64, from that prediction: the general kernel
 // measured 36.5 µs at M = 64 for 4096² b = 256, 18 µs for b = 4096; 0 = never) when the shared memory
@@ -68,20 +75,57 @@ struct Problem {
   int p, q, b;
 };
 
-// The transforms: on tensor cores at b = 256 for fp16 / bf16 (fft_mma.cuh), else the shared-memory
-// Stockham FFT. The tensor-core one returns (1/16) DFT(in_scale Z): kZ undoes that for the forward
-// transform; the inverse's input is scaled by 1/H (its fp16 operands stay in range) and its output
-// by 16 (kOutScale) instead of 1/H.
+// The transforms: on tensor cores at b = 256 for fp16 / bf16 (fft_mma.cuh: x's raw rows in, the
+// spectrum packing and y's stores fused into the inverse), else the shared-memory Stockham FFT. The
+// tensor-core FFT returns (1/16) DFT(in_scale Z): kZ undoes that for the forward transform; the
+// inverse's input is scaled by 1/H (its fp16 operands stay in range) and its output by 16.
 template <class T, int H>
 constexpr bool kMmaFft = H == 128 && sizeof(T) == 2 && REPARAM_MMA_FFT;
 
-template <class T, int H>
-__device__ __forceinline__ const float2* transform(float2* in, float2* out, const float2* tw, int nseq, bool inverse) {
-  if constexpr (kMmaFft<T, H>) {
-    return mma_fft128<T>(in, out, tw, nseq, inverse, inverse ? 1.f / H : 1.f);
-  } else {
-    return stockham_fft_fixed<H>(in, out, tw, nseq, inverse);
-  }
+// Forward, tensor cores: Z[n] = raw x pair n of sequence s (raw: [s][B] elements, zero-padded), the
+// transforms to out[s * H + k] in natural order.
+template <class T, int B>
+__device__ __forceinline__ void forward_mma(const T* raw, float2* out, const float2* tw, int nseq) {
+  constexpr int H = B / 2;
+  mma_fft128<T>(nseq, tw, false, 1.f, [&](int s, int n) { return load_pair(raw + s * B + 2 * n); },
+                [&](int s, int k, float4 v) { *reinterpret_cast<float4*>(out + s * H + k) = v; });
+}
+
+// Inverse, tensor cores, for the nseq = np * TM sequences s = block * TM + row of Y in ys ([s][H],
+// bin 0: DC in .x; Nyquist sums in nyq_s[s]): each bin packed as the inverse real FFT wants it
+// (pack_bin) as it is loaded, and y = 16 z + bias stored from the result fragments, four columns a
+// store (bias_s: the CTA's pi * B columns' bias in fp32, 0 past N).
+template <class T, int B, int TM>
+__device__ __forceinline__ void inverse_mma(const Problem<T>& a, const float2* ys, const float* nyq_s,
+                                            const float* bias_s, const float2* tw, const float2* tw_b, int nseq,
+                                            int64_t m0, int live, int i0) {
+  constexpr int H = B / 2;
+  const bool pairs = a.N % 2 == 0 && reinterpret_cast<uintptr_t>(a.y) % (2 * sizeof(T)) == 0;
+  mma_fft128<T>(
+      nseq, tw, true, 1.f / H,
+      [&](int s, int n) {
+        const float2* am = ys + s * H;
+        const float2 av = n == 0 ? make_float2(am[0].x, 0.f) : am[n];
+        const float2 cv = n == 0 ? make_float2(nyq_s[s], 0.f) : make_float2(am[H - n].x, -am[H - n].y);
+        const float2 wb = tw_b[n];
+        return pack_bin(av, cv, make_float2(wb.x, -wb.y));
+      },
+      [&](int s, int k, float4 v) {  // z[k], z[k + 1] = y columns 2k .. 2k + 3 of block s / TM, row s % TM
+        const int lb = s / TM, mm = s % TM;
+        if (mm >= live) return;
+        const int64_t col = int64_t(i0 + lb) * B + 2 * k;
+        const float4 bv = *reinterpret_cast<const float4*>(bias_s + lb * B + 2 * k);
+        const float o[4] = {fmaf(v.x, 16.f, bv.x), fmaf(v.y, 16.f, bv.y), fmaf(v.z, 16.f, bv.z), fmaf(v.w, 16.f, bv.w)};
+        T* yr = a.y + (m0 + mm) * a.N + col;
+        if (pairs && col + 3 < a.N) {
+          store_pair(yr, o[0], o[1]);
+          store_pair(yr + 2, o[2], o[3]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (col + e < a.N) yr[e] = from_f32<T>(o[e]);
+        }
+      });
 }
 
 template <class T, int B, int TM, int IG, int NB>
@@ -89,13 +133,15 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
   constexpr int H = B / 2, hb = H + 1;
   constexpr int pi = IG * (kThreads * NB / H);  // output blocks per CTA
   constexpr int nj_max = kBuf / (TM * H);       // input blocks per pass
-  constexpr float kZ = kMmaFft<T, H> ? 16.f : 1.f, kOutScale = kMmaFft<T, H> ? 16.f : 1.f / H;
+  constexpr bool kMma = kMmaFft<T, H>;
+  constexpr float kZ = kMma ? 16.f : 1.f;
   extern __shared__ __align__(16) float2 smem[];
   float2* buf_a = smem;
   float2* buf_b = smem + kBuf;
   float2* tw = smem + 2 * kBuf;                             // [H] e^{-2 pi i j / H}: the FFTs' twiddles
   float2* tw_b = tw + H;                                    // [H] e^{-2 pi i k / b}: the real-FFT split
-  float* nyq_s = reinterpret_cast<float*>(tw_b + H);        // [pi * TM] Nyquist sums
+  float* nyq_s = reinterpret_cast<float*>(tw_b + H);        // [pi * TM <= 256] Nyquist sums
+  float* bias_s = nyq_s + 256;                              // tensor cores: [pi * B] the CTA's bias
   const int64_t m0 = int64_t(blockIdx.x) * TM;
   const int live = (a.M - m0 < TM) ? int(a.M - m0) : TM;  // rows past M: zeros in, nothing out (the
   const int i0 = blockIdx.y * pi;                          // layout keeps TM rows: index math by shifts)
@@ -116,15 +162,31 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
 
   for (int j0 = 0; j0 < a.q; j0 += nj_max) {
     const int nj = min(nj_max, a.q - j0);
-    load_pairs<B, TM>(buf_a, buf_b, a.x, m0, TM, live, a.K, j0, nj, B, [&] {  // sequence s = jj * TM + mm
-      if (j0 == 0)  // the twiddle tables (read after the load's barrier), while the first chunk is in flight
-        for (int j = t; j < H; j += kThreads) {
-          tw[j] = expipi(-2.f * float(j) / float(H));
-          tw_b[j] = expipi(-float(j) / float(H));
-        }
-    });
-    __syncthreads();
-    const float2* res = transform<T, H>(buf_a, buf_b, tw, nj * TM, false);
+    // setup while the first chunk is in flight (read after the load's barrier): the twiddle tables and,
+    // for the tensor-core inverse's stores, the CTA's bias columns (loads in batches)
+    auto setup = [&] {
+      if (j0 != 0) return;
+      for (int j = t; j < H; j += kThreads) {
+        tw[j] = expipi(-2.f * float(j) / float(H));
+        tw_b[j] = expipi(-float(j) / float(H));
+      }
+      if constexpr (kMma) {
+        const int64_t c0 = int64_t(i0) * B;
+        batched<float>(
+            pi * B, [&](int e) { return a.bias != nullptr && c0 + e < a.N ? to_f32<T>(a.bias[c0 + e]) : 0.f; },
+            [&](int e, float v) { bias_s[e] = v; });
+      }
+    };
+    const float2* res = buf_a;  // sequence s = jj * TM + mm, natural order
+    if constexpr (kMma) {
+      load_pairs<B, TM, true>(buf_a, buf_b, a.x, m0, TM, live, a.K, j0, nj, B, setup);
+      __syncthreads();
+      forward_mma<T, B>(reinterpret_cast<const T*>(buf_b), buf_a, tw, nj * TM);
+    } else {
+      load_pairs<B, TM>(buf_a, buf_b, a.x, m0, TM, live, a.K, j0, nj, B, setup);
+      __syncthreads();
+      res = stockham_fft_fixed<H>(buf_a, buf_b, tw, nj * TM, false);
+    }
 #pragma unroll
     for (int r = 0; r < NB; ++r) {
       const int u = t + kThreads * r, k = u % H, g = u / H;
@@ -202,30 +264,42 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
   if (nyq_owner) nyq_s[t] = nyq * kZ;
   __syncthreads();
   const int nseq = np * TM;  // sequence s = block * TM + row
-  for (int e = t; e < nseq * H; e += kThreads) {
-    const int s = int(unsigned(e) / H), k = e - s * H;
-    const float2* am = buf_a + s * H;
-    const float2 av = k == 0 ? make_float2(am[0].x, 0.f) : am[k];
-    const float2 cv = k == 0 ? make_float2(nyq_s[s], 0.f) : make_float2(am[H - k].x, -am[H - k].y);
-    const float2 wb = tw_b[k];
-    buf_b[swizzled(e)] = pack_bin(av, cv, make_float2(wb.x, -wb.y));  // stockham_fft's input layout
+  if constexpr (kMma) {
+    inverse_mma<T, B, TM>(a, buf_a, nyq_s, bias_s, tw, tw_b, nseq, m0, live, i0);
+  } else {
+    for (int e = t; e < nseq * H; e += kThreads) {
+      const int s = int(unsigned(e) / H), k = e - s * H;
+      const float2* am = buf_a + s * H;
+      const float2 av = k == 0 ? make_float2(am[0].x, 0.f) : am[k];
+      const float2 cv = k == 0 ? make_float2(nyq_s[s], 0.f) : make_float2(am[H - k].x, -am[H - k].y);
+      const float2 wb = tw_b[k];
+      buf_b[swizzled(e)] = pack_bin(av, cv, make_float2(wb.x, -wb.y));  // stockham_fft's input layout
+    }
+    __syncthreads();
+    const float2* res = stockham_fft_fixed<H>(buf_b, buf_a, tw, nseq, true);
+    store_blocks<B, TM>(res, nseq, TM, live, i0, B, a.y, a.bias, 0, m0, a.N, 1.f / H);
   }
-  __syncthreads();
-  const float2* res = transform<T, H>(buf_b, buf_a, tw, nseq, true);
-  store_blocks<B, TM>(res, nseq, TM, live, i0, B, a.y, a.bias, 0, m0, a.N, kOutScale);
 }
 
-// the two buffers, both twiddle tables, the Nyquist sums (pi * TM <= 256 floats)
-inline size_t smem_bytes(int b) { return (2 * size_t(kBuf) + size_t(b) + 128) * sizeof(float2); }
+// the two buffers, both twiddle tables, the Nyquist sums (pi * TM <= 256 floats); tensor cores: the bias
+template <class T, int B, int IG, int NB>
+constexpr size_t smem_bytes() {
+  constexpr int pi = IG * (kThreads * NB / (B / 2));
+  return (2 * size_t(kBuf) + size_t(B) + 128) * sizeof(float2) + (kMmaFft<T, B / 2> ? size_t(pi) * B * 4 : 0);
+}
 
+// Launches the kernel and returns true when its shared memory fits this device.
 template <class T, int B, int TM, int IG, int NB>
-void launch_cfg(const Problem<T>& a, int device, cudaStream_t stream) {
+bool launch_cfg(const Problem<T>& a, int device, cudaStream_t stream) {
+  constexpr size_t smem = smem_bytes<T, B, IG, NB>();
+  if (smem > size_t(max_smem_optin(device))) return false;
   auto large_m_kernel = kernel<T, B, TM, IG, NB>;
   allow_smem_optin<kernel<T, B, TM, IG, NB>>(device);
   constexpr int pi = IG * (kThreads * NB / (B / 2));
   const dim3 grid(unsigned((a.M + TM - 1) / TM), unsigned((a.p + pi - 1) / pi));
-  large_m_kernel<<<grid, kThreads, smem_bytes(B), stream>>>(a);
+  large_m_kernel<<<grid, kThreads, smem, stream>>>(a);
   RK_CUDA_CHECK(cudaGetLastError());
+  return true;
 }
 
 // Runs the large-M kernel and returns true when it applies (M at or above the threshold, the
@@ -234,15 +308,14 @@ void launch_cfg(const Problem<T>& a, int device, cudaStream_t stream) {
 template <class T>
 bool try_launch(const Problem<T>& a, int device, cudaStream_t stream) {
   if (a.M < min_m_from_env("REPARAM_BC_LARGE_M_MIN_M", 64)) return false;
-  if (smem_bytes(a.b) > size_t(max_smem_optin(device))) return false;
   switch (a.b) {
-    case 64: launch_cfg<T, 64, 4, 8, 1>(a, device, stream); return true;
-    case 128: launch_cfg<T, 128, 4, 8, 1>(a, device, stream); return true;
-    case 256: launch_cfg<T, 256, 4, 8, 1>(a, device, stream); return true;
-    case 512: launch_cfg<T, 512, 4, 8, 1>(a, device, stream); return true;
-    case 1024: launch_cfg<T, 1024, 4, 4, 2>(a, device, stream); return true;
-    case 2048: launch_cfg<T, 2048, 4, 2, 4>(a, device, stream); return true;
-    case 4096: launch_cfg<T, 4096, 4, 1, 8>(a, device, stream); return true;
+    case 64: return launch_cfg<T, 64, 4, 8, 1>(a, device, stream);
+    case 128: return launch_cfg<T, 128, 4, 8, 1>(a, device, stream);
+    case 256: return launch_cfg<T, 256, 4, 8, 1>(a, device, stream);
+    case 512: return launch_cfg<T, 512, 4, 8, 1>(a, device, stream);
+    case 1024: return launch_cfg<T, 1024, 4, 4, 2>(a, device, stream);
+    case 2048: return launch_cfg<T, 2048, 4, 2, 4>(a, device, stream);
+    case 4096: return launch_cfg<T, 4096, 4, 1, 8>(a, device, stream);
     default: return false;
   }
 }

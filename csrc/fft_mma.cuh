@@ -1,7 +1,9 @@
 // A 128-point complex FFT on tensor cores (mma.sync m16n8k16, fp16 / bf16 operands, fp32 sums): the
 // transforms of the block-circulant large-M kernel at b = 256 (block_circulant_large_m.cuh), where the
-// shared-memory Stockham FFT (fft_smem.cuh) cost ~1360 instructions a thread each way, a third of the
-// kernel once its index math was fixed.
+// shared-memory Stockham FFT (fft_smem.cuh) cost ~1360 instructions a thread each way — with x's
+// conversion, the spectrum packing and y's stores, two thirds of the kernel once its index math was
+// fixed. Its operands come from a load(s, n) callback and its results go to emit(s, k, ...), so the
+// kernel reads x's raw rows straight into the first stage and stores y from the last one.
 //
 // 128 = 16 x 8, n = 8 n2 + n1, k = k2 + 16 k1:
 //   Z^[k2 + 16 k1] = sum_n1 W8^(n1 k1) W128^(n1 k2) sum_n2 W16^(n2 k2) Z[8 n2 + n1]
@@ -35,13 +37,14 @@
 namespace reparam {
 namespace fft {
 
-// Returns out, holding (1/16) DFT(in_scale * Z) of each of the nseq sequences (forward: sign -1;
-// inverse: +1, unnormalized) in natural order; in holds them in stockham_fft's swizzled input layout.
-// tw: e^{-2 pi i j / 128}, j < 128. Every thread of the CTA calls it (after a barrier that made in and tw
-// visible); it ends with a barrier.
-template <class T>
-__device__ float2* mma_fft128(const float2* in, float2* out, const float2* tw, int nseq, bool inverse,
-                              float in_scale) {
+// (1/16) DFT(in_scale * Z) of each of the nseq sequences Z (forward: sign -1; inverse: +1,
+// unnormalized): load(s, n) returns Z[n] of sequence s; emit(s, k, v) takes Z^[k] and Z^[k + 1] (k even)
+// as v = (re k, im k, re k + 1, im k + 1), each (s, k) once, in no particular order. tw: e^{-2 pi i j / 128},
+// j < 128. Every thread of the CTA calls it (after a barrier that made what load reads and tw visible);
+// it ends with a barrier.
+template <class T, class Load, class Emit>
+__device__ __forceinline__ void mma_fft128(int nseq, const float2* tw, bool inverse, float in_scale, Load&& load,
+                                           Emit&& emit) {
   using P = small_m::Pair<T>;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   auto w = [&](int m) {  // W128^m, conjugated for the inverse
@@ -72,11 +75,10 @@ __device__ float2* mma_fft128(const float2* in, float2* out, const float2* tw, i
   for (int q = 0; q < 4; ++q) tw_ab[q] = w((2 * t + (q & 1)) * (g + 8 * (q >> 1)));
 
   for (int s = threadIdx.x >> 5; s < nseq; s += blockDim.x >> 5) {
-    const int base = s * 128;
     // stage A operand: Z[8 n2 + g] at n2 = 2t, 2t + 1 (first register) and 2t + 8, 2t + 9 (second)
     float2 z[4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) z[e] = in[swizzled(base + 16 * t + 8 * (e & 1) + 64 * (e >> 1) + g)];
+    for (int e = 0; e < 4; ++e) z[e] = load(s, 16 * t + 8 * (e & 1) + 64 * (e >> 1) + g);
     const uint32_t re0 = P::pack2(z[0].x * in_scale, z[1].x * in_scale);
     const uint32_t re1 = P::pack2(z[2].x * in_scale, z[3].x * in_scale);
     const uint32_t im0 = P::pack2(z[0].y * in_scale, z[1].y * in_scale);
@@ -99,11 +101,10 @@ __device__ float2* mma_fft128(const float2* in, float2* out, const float2* tw, i
       float d[4] = {0.f, 0.f, 0.f, 0.f};
       P::mma(d, b_op, P::pack2(ar[2 * nt], ar[2 * nt + 1]), P::pack2(ai[2 * nt], ai[2 * nt + 1]));
       // rows k1 = g (real), g + 8 (imaginary); columns k2 = 2t + 8 nt, + 1: k = k2 + 16 g
-      *reinterpret_cast<float4*>(out + base + 16 * g + 8 * nt + 2 * t) = make_float4(d[0], d[2], d[1], d[3]);
+      emit(s, 16 * g + 8 * nt + 2 * t, make_float4(d[0], d[2], d[1], d[3]));
     }
   }
   __syncthreads();
-  return out;
 }
 
 }  // namespace fft

@@ -277,8 +277,10 @@ __device__ __forceinline__ void batched(int total, Load load, Use use) {
 // register batches take one per 8 pairs a thread (4 at M = 2048 in the large-M kernel) — then converted
 // from shared memory. while_copying() runs once, while the copies are in flight (independent setup:
 // the twiddle table, zeroed accumulators). Every thread must call it (it synchronizes inside); no
-// barrier at the end. kB, kRows: b and rows when fixed at compile time (fixed()).
-template <int kB = 0, int kRows = 0, class T, class F>
+// barrier at the end. kB, kRows: b and rows when fixed at compile time (fixed()). kRaw: only the raw
+// rows, in `scratch` as [s][b] elements of T, zero beyond K and for rows >= live_rows (the tensor-core
+// FFT reads its operands from them: fft_mma.cuh); `buf` is not written.
+template <int kB = 0, int kRows = 0, bool kRaw = false, class T, class F>
 __device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0, int rows, int live_rows, int64_t K,
                            int j0, int nj, int b, F&& while_copying) {
   b = fixed<kB>(b);
@@ -296,10 +298,13 @@ __device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0,
       const int64_t left = (K - col) * int64_t(sizeof(T));  // bytes of this row from col on
       if (left > 0 && mm < live_rows)
         cp_async16(raw + 16 * int64_t(c), x + (m0 + mm) * K + col, left < 16 ? int(left) : 16);
+      else if (kRaw)  // (left is a multiple of 16 here: K * sizeof(T) is)
+        *reinterpret_cast<uint4*>(raw + 16 * int64_t(c)) = make_uint4(0u, 0u, 0u, 0u);
     }
     cp_async_commit();
     while_copying();
     cp_async_wait<0>();
+    if constexpr (kRaw) return;
     __syncthreads();
     const T* rv = reinterpret_cast<const T*>(scratch);
     for (int t = threadIdx.x; t < nseq * H; t += blockDim.x) {
@@ -323,7 +328,14 @@ __device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0,
         const bool live = mm < live_rows;
         return make_float2(live && col < K ? to_f32<T>(xr[col]) : 0.f, live && col + 1 < K ? to_f32<T>(xr[col + 1]) : 0.f);
       },
-      [&](int t, float2 v) { buf[swizzled(t)] = v; });  // t = s * H + n, in stockham_fft's input layout
+      [&](int t, float2 v) {
+        if constexpr (kRaw) {  // (v holds two values of T: exact)
+          const int sq = int(unsigned(t) / unsigned(H)), n = t - sq * H;
+          store_pair(reinterpret_cast<T*>(scratch) + int64_t(sq) * b + 2 * n, v.x, v.y);
+        } else {
+          buf[swizzled(t)] = v;  // t = s * H + n, in stockham_fft's input layout
+        }
+      });
 }
 
 // z = av + i * (the odd part) for one bin k of the inverse real FFT: av = A[k], cv = conj(A[H - k])

@@ -73,17 +73,17 @@ BC_MUTATIONS = {
     # the conjugate partner of bin k taken at k instead of H - k
     "partner bin": ("block_circulant_large_m.cuh", "const int kc = k == 0 ? 0 : H - k;", "const int kc = k;"),
     # x's raw rows converted before their cp.async copies landed
-    "raw x wait": ("fft_smem.cuh", "    while_copying();\n    cp_async_wait<0>();\n    __syncthreads();\n    const T* rv",
-                   "    while_copying();\n    __syncthreads();\n    const T* rv"),
+    "raw x wait": ("fft_smem.cuh", "    cp_async_wait<0>();\n    if constexpr (kRaw) return;", "    if constexpr (kRaw) return;"),
     # the last row tile's padding rows (M = 11: rows 11 of a 4-row tile) stored past the end of y
-    "row tail": ("fft_smem.cuh", "        if (mm >= live_rows) return;\n", ""),
+    "row tail": ("block_circulant_large_m.cuh", "        if (mm >= live) return;\n", ""),
     # the tensor-core FFT (fft_mma.cuh, b = 256 in fp16 / bf16): the twiddles between its stages skipped,
-    # its input read without the swizzle, its output pairs stored real, real, imaginary, imaginary
+    # its output pairs stored real, real, imaginary, imaginary; the inverse's packing taking bin n's
+    # own value for its conjugate partner's
     "mma twiddle": ("fft_mma.cuh", "      const float2 v = cmul(make_float2(ar[q], ai[q]), tw_ab[q]);",
                     "      const float2 v = make_float2(ar[q], ai[q]);"),
-    "mma swizzle": ("fft_mma.cuh", "z[e] = in[swizzled(base + 16 * t + 8 * (e & 1) + 64 * (e >> 1) + g)];",
-                    "z[e] = in[base + 16 * t + 8 * (e & 1) + 64 * (e >> 1) + g];"),
     "mma output": ("fft_mma.cuh", "make_float4(d[0], d[2], d[1], d[3])", "make_float4(d[0], d[1], d[2], d[3])"),
+    "mma packing": ("block_circulant_large_m.cuh", "make_float2(am[H - n].x, -am[H - n].y);",
+                    "make_float2(am[n].x, -am[n].y);"),
 }
 
 # The shared-memory Stockham FFT (fft_smem.cuh): the general kernel's, and the large-M kernel's off b = 256.
