@@ -81,7 +81,8 @@ def path_cases():
          (100,)),
         ("pivoted two-GEMM", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32),
          (600,)),
-        # M >= 256: spectrum sums in registers (csrc/block_circulant_large_m.cuh); a row tail, N and K off the blocks
+        # M >= 64: spectrum sums in registers (csrc/block_circulant_large_m.cuh; b = 256 in fp16 / bf16: its FFTs on
+        # tensor cores, csrc/fft_mma.cuh); a row tail, N and K off the blocks
         ("block-circulant large-M", lambda dt, dev: rnn.BlockCirculantLinear.from_linear(lin(1000, 700, dt, dev), 256),
          (1030,)),
         # M <= 16 in eval mode: the tensor-core kernel on the blocks' first columns (block_circulant_cols_linear),

@@ -9,8 +9,8 @@
 //   Z^[k2 + 16 k1] = sum_n1 W8^(n1 k1) W128^(n1 k2) sum_n2 W16^(n2 k2) Z[8 n2 + n1]
 // Per sequence (one warp):
 //   stage A: the 16-point DFTs over n2 as one real product [Ar; Ai] = [[C, -S], [S, C]] [Zr; Zi], a
-//     32 x 32 matrix (C + iS = W16^(n2 k2), scaled by 1/16: every partial sum stays within the input's
-//     range, so fp16 cannot overflow) times 32 x 8 (the 8 columns are n1): 4 mma;
+//     32 x 32 matrix (C + iS = W16^(n2 k2), scaled by 1/16: its outputs stay within sqrt(2) x the
+//     input's largest part, so fp16 holds them for |x| < 46 000) times 32 x 8 (the columns are n1): 4 mma;
 //   the twiddles W128^(n1 k2): four complex products a lane, in fp32;
 //   stage B: the 8-point DFTs over n1, [[C, -S], [S, C]] (16 x 16, C + iS = W8^(n1 k1)) times 16 x 8
 //     (columns k2 = 0..7, then 8..15): 2 mma.
