@@ -37,9 +37,10 @@
 // (`tools/sass_budget.py --loops --filter bc_large_m`): sums 16 x 220 (pointer increments, four FMAs
 // a complex multiply-add), FFT passes 329 / 175, x conversion ~30 and packing ~35 a value (the
 // split's twiddle from a table), ~38 a stored pair, no integer division left in the kernel.
-// At b = 256 in fp16 / bf16 the transforms then run on tensor cores (fft_mma.cuh), x's raw rows
-// feeding the first stage and y stored from the last (no conversion, packing or store loops): ~6.8 K —
-// forward 8 sequences x 68, inverse 8 x ~200 (packing and stores inside), the sums 16 x 220 now half.
+// At b = 256 and 512 in fp16 / bf16 the transforms then run on tensor cores (fft_mma.cuh), x's raw rows
+// feeding the first stage and y stored from the last (no conversion, packing or store loops); at
+// b = 256 ~6.8 K — forward 8 sequences x 68, inverse 8 x ~200 (packing and stores inside), the sums
+// 16 x 220 now half.
 // Prediction: 3.6x fewer instructions than session 11's kernel, a CTA ≈ 13 µs at its issue rate (less
 // of the issue slots used once latency weighs more): M = 2048 ≈ 45–70 µs (≈ 1.5–2.3x cuBLAS, target
 // ≥ 2x); M = 64..256 ≈ 13–20 µs against the general kernel's 36.5 µs at M = 64. Every CTA re-reads the
@@ -75,19 +76,19 @@ struct Problem {
   int p, q, b;
 };
 
-// The transforms: on tensor cores at b = 256 for fp16 / bf16 (fft_mma.cuh: x's raw rows in, the
+// The transforms: on tensor cores at b = 256 and 512 for fp16 / bf16 (fft_mma.cuh: x's raw rows in, the
 // spectrum packing and y's stores fused into the inverse), else the shared-memory Stockham FFT. The
 // tensor-core FFT returns (1/16) DFT(in_scale Z): kZ undoes that for the forward transform; the
 // inverse's input is scaled by 1/H (its fp16 operands stay in range) and its output by 16.
 template <class T, int H>
-constexpr bool kMmaFft = H == 128 && sizeof(T) == 2 && REPARAM_MMA_FFT;
+constexpr bool kMmaFft = (H == 128 || H == 256) && sizeof(T) == 2 && REPARAM_MMA_FFT;
 
 // Forward, tensor cores: Z[n] = raw x pair n of sequence s (raw: [s][B] elements, zero-padded), the
 // transforms to out[s * H + k] in natural order.
 template <class T, int B>
 __device__ __forceinline__ void forward_mma(const T* raw, float2* out, const float2* tw, int nseq) {
   constexpr int H = B / 2;
-  mma_fft128<T>(nseq, tw, false, 1.f, [&](int s, int n) { return load_pair(raw + s * B + 2 * n); },
+  mma_fft<T, H>(nseq, tw, false, 1.f, [&](int s, int n) { return load_pair(raw + s * B + 2 * n); },
                 [&](int s, int k, float4 v) { *reinterpret_cast<float4*>(out + s * H + k) = v; });
 }
 
@@ -101,7 +102,7 @@ __device__ __forceinline__ void inverse_mma(const Problem<T>& a, const float2* y
                                             int64_t m0, int live, int i0) {
   constexpr int H = B / 2;
   const bool pairs = a.N % 2 == 0 && reinterpret_cast<uintptr_t>(a.y) % (2 * sizeof(T)) == 0;
-  mma_fft128<T>(
+  mma_fft<T, H>(
       nseq, tw, true, 1.f / H,
       [&](int s, int n) {
         const float2* am = ys + s * H;

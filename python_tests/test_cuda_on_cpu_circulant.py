@@ -52,11 +52,12 @@ def test_block_circulant_large_m_path(rng):
     # csrc/block_circulant_large_m.cuh forced at small M: every block size (its four register layouts),
     # row tails (M not a multiple of TM), N and K not multiples of b, output block groups cut short
     # by p (and p = 71 > 64 at b = 64: two groups), several passes over the input blocks (K = 4100
-    # at b = 256: 16 + 1), every dtype (b = 256 in fp16 / bf16: the tensor-core FFT, fft_mma.cuh)
+    # at b = 256: 16 + 1), every dtype (b = 256 and 512 in fp16 / bf16: the tensor-core FFT, fft_mma.cuh)
     cases, refs = [], []
     for M, K, N, b, dtype in [(11, 4100, 2300, 256, torch.float16), (6, 2100, 1300, 256, torch.bfloat16),
                               (9, 1000, 4500, 64, torch.bfloat16),
                               (3, 1500, 1500, 128, torch.float32), (10, 700, 1100, 512, torch.float16),
+                              (7, 1536, 1100, 512, torch.bfloat16),
                               (5, 1500, 2100, 1024, torch.bfloat16), (6, 2048, 4000, 2048, torch.float32),
                               (5, 4000, 4096, 4096, torch.float16)]:
         x, spec, cols, bias = structured.make(rng, (M,), K, N, b, dtype)
@@ -79,8 +80,8 @@ BC_MUTATIONS = {
     # the tensor-core FFT (fft_mma.cuh, b = 256 in fp16 / bf16): the twiddles between its stages skipped,
     # its output pairs stored real, real, imaginary, imaginary; the inverse's packing taking bin n's
     # own value for its conjugate partner's
-    "mma twiddle": ("fft_mma.cuh", "      const float2 v = cmul(make_float2(ar[q], ai[q]), tw_ab[q]);",
-                    "      const float2 v = make_float2(ar[q], ai[q]);"),
+    "mma twiddle": ("fft_mma.cuh", "const float2 v = cmul(make_float2(ar[nt][q], ai[nt][q]), tw_ab[nt][q]);",
+                    "const float2 v = make_float2(ar[nt][q], ai[nt][q]);"),
     "mma output": ("fft_mma.cuh", "make_float4(d[0], d[2], d[1], d[3])", "make_float4(d[0], d[1], d[2], d[3])"),
     "mma packing": ("block_circulant_large_m.cuh", "make_float2(am[H - n].x, -am[H - n].y);",
                     "make_float2(am[n].x, -am[n].y);"),
@@ -106,10 +107,10 @@ BC_STAGE_MUTATIONS = {
 }
 
 
-def assert_mutation_caught(rng, M, K, N, env, kernel, mutation):
-    """An fp16 case (b = 256) passes unmutated, on `kernel` (trace text), and fails with `mutation`."""
-    x, spec, cols, bias = structured.make(rng, (M,), K, N, 256, torch.float16)
-    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [256, N]}
+def assert_mutation_caught(rng, M, K, N, env, kernel, mutation, b=256):
+    """An fp16 case passes unmutated, on `kernel` (trace text), and fails with `mutation`."""
+    x, spec, cols, bias = structured.make(rng, (M,), K, N, b, torch.float16)
+    c = {"op": "block_circulant_linear", "args": [x, spec, bias], "ints": [b, N]}
     r = structured.exact(x, cols, N, bias)
 
     def passes(results):
@@ -144,3 +145,10 @@ def test_mutated_block_circulant_large_m_is_caught(rng, name):
     # tail, two output block groups (p = 18: 16 + 2)
     assert_mutation_caught(rng, 11, 4104, 4400, {"REPARAM_BC_LARGE_M_MIN_M": "1", "RK_CPU_SEED": "2"}, "bc_large_m",
                            BC_MUTATIONS[name])
+
+
+def test_mutated_mma_fft_radix16_stage_is_caught(rng):
+    # b = 512: the tensor-core FFT's 256 points as 16 x 16, its second stage a 32 x 32 product (8 mma); the
+    # real output's sine term taken with the wrong sign
+    assert_mutation_caught(rng, 7, 2048, 1600, {"REPARAM_BC_LARGE_M_MIN_M": "1", "RK_CPU_SEED": "3"}, "bc_large_m",
+                           ("fft_mma.cuh", "P::mma(dr, b_nim, im0, im1);", "P::mma(dr, b_im, im0, im1);"), b=512)
