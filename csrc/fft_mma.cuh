@@ -124,8 +124,10 @@ __device__ __forceinline__ void mma_fft(int nseq, const float2* tw, bool inverse
         // rows k1 = g (real), g + 8 (imaginary); columns k2 = 2t + 8 mt, + 1: k = k2 + 16 g
         emit(s, 16 * g + 8 * mt + 2 * t, make_float4(d[0], d[2], d[1], d[3]));
       } else {
-        const uint32_t re0 = P::pack2(ar[0][2 * mt], ar[0][2 * mt + 1]), re1 = P::pack2(ar[1][2 * mt], ar[1][2 * mt + 1]);
-        const uint32_t im0 = P::pack2(ai[0][2 * mt], ai[0][2 * mt + 1]), im1 = P::pack2(ai[1][2 * mt], ai[1][2 * mt + 1]);
+        const uint32_t re0 = P::pack2(ar[0][2 * mt], ar[0][2 * mt + 1]);
+        const uint32_t re1 = P::pack2(ar[1][2 * mt], ar[1][2 * mt + 1]);
+        const uint32_t im0 = P::pack2(ai[0][2 * mt], ai[0][2 * mt + 1]);
+        const uint32_t im1 = P::pack2(ai[1][2 * mt], ai[1][2 * mt + 1]);
         float dr[4] = {0.f, 0.f, 0.f, 0.f}, di[4] = {0.f, 0.f, 0.f, 0.f};
         P::mma(dr, b_re, re0, re1);
         P::mma(dr, b_nim, im0, im1);

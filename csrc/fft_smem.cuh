@@ -196,7 +196,8 @@ __device__ float2* stockham_fft(float2* in, float2* out, const float2* tw, int H
 
 // The same passes for a compile-time H (every pass's radix, stride and swizzle flags constants).
 template <int H, int NS = 1>
-__device__ __forceinline__ float2* stockham_fft_fixed(float2* in, float2* out, const float2* tw, int nseq, bool inverse) {
+__device__ __forceinline__ float2* stockham_fft_fixed(float2* in, float2* out, const float2* tw, int nseq,
+                                                      bool inverse) {
   if constexpr (NS >= H) {
     return in;
   } else {
@@ -326,7 +327,8 @@ __device__ void load_pairs(float2* buf, float2* scratch, const T* x, int64_t m0,
         const int64_t col = int64_t(j0 + jj) * b + 2 * n;
         const T* xr = x + (m0 + (mm < live_rows ? mm : 0)) * K;
         const bool live = mm < live_rows;
-        return make_float2(live && col < K ? to_f32<T>(xr[col]) : 0.f, live && col + 1 < K ? to_f32<T>(xr[col + 1]) : 0.f);
+        return make_float2(live && col < K ? to_f32<T>(xr[col]) : 0.f,
+                           live && col + 1 < K ? to_f32<T>(xr[col + 1]) : 0.f);
       },
       [&](int t, float2 v) {
         if constexpr (kRaw) {  // (v holds two values of T: exact)
@@ -363,7 +365,8 @@ __device__ void store_blocks(const float2* res, int nseq, int rows, int live_row
   const int H = b >> 1;
   // a column pair (even col, col + 1) as one access when in range and aligned: N even (then col < N
   // means col + 1 < N too), y and the bias aligned to two elements (bias_col0 is even)
-  const bool pairs = N % 2 == 0 && (reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(bias)) % (2 * sizeof(T)) == 0;
+  const bool pairs =
+      N % 2 == 0 && (reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(bias)) % (2 * sizeof(T)) == 0;
   // (unsigned: the divisions are shifts when b and rows are fixed)
   auto column = [&](int t) {
     return int64_t(i0 + unsigned(t) / unsigned(H) / unsigned(rows)) * b + 2 * (unsigned(t) % unsigned(H));

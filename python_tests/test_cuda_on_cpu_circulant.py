@@ -74,7 +74,8 @@ BC_MUTATIONS = {
     # the conjugate partner of bin k taken at k instead of H - k
     "partner bin": ("block_circulant_large_m.cuh", "const int kc = k == 0 ? 0 : H - k;", "const int kc = k;"),
     # x's raw rows converted before their cp.async copies landed
-    "raw x wait": ("fft_smem.cuh", "    cp_async_wait<0>();\n    if constexpr (kRaw) return;", "    if constexpr (kRaw) return;"),
+    "raw x wait": ("fft_smem.cuh", "    cp_async_wait<0>();\n    if constexpr (kRaw) return;",
+                   "    if constexpr (kRaw) return;"),
     # the last row tile's padding rows (M = 11: rows 11 of a 4-row tile) stored past the end of y
     "row tail": ("block_circulant_large_m.cuh", "        if (mm >= live) return;\n", ""),
     # the tensor-core FFT (fft_mma.cuh, b = 256 in fp16 / bf16): the twiddles between its stages skipped,
