@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from common import (Contender, Results, bench_arg_parser, check_rows, measure_ceilings, progress, require_cuda,
                     rotation_count, run_case, shapes_and_batches, with_env, DTYPES)
-from reparam_kernels.cli.env import _min_m
+from reparam_kernels.cli.env import cuda_paths
 
 import reparam_kernels
 from reparam_kernels import _dispatch, reference
@@ -104,7 +104,7 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
     if backend == "cuda" and device == "cuda":
         # the other CUDA kernel at this M (csrc/block_circulant_large_m.cuh vs block_circulant_linear.cu):
         # the measured crossover sets REPARAM_BC_LARGE_M_MIN_M
-        if M >= (_min_m("REPARAM_BC_LARGE_M_MIN_M", 64) or float("inf")):
+        if M >= (cuda_paths()["bc_large_m"]["min_m"] or float("inf")):
             peers["cuda_fft_per_block"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "0"), sets)
         elif M >= 16:
             peers["cuda_large_m"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "1"), sets)

@@ -76,6 +76,22 @@ struct Problem {
   int p, q, b;
 };
 
+// Output blocks per CTA: IG a group, kThreads NB / H groups (thread t's bins t + kThreads r, r < NB).
+template <int B, int IG, int NB>
+constexpr int cta_blocks() {
+  return IG * (kThreads * NB / (B / 2));
+}
+
+// The spectrum of bin k of one (block, row) packed as the inverse real FFT wants it (pack_bin): from its
+// Y ([H], bin 0: DC in .x) and Nyquist sum; tw_b[k] = e^{-2 pi i k / b}.
+template <int H>
+__device__ __forceinline__ float2 packed_bin(const float2* y, float nyq, const float2* tw_b, int k) {
+  const float2 av = k == 0 ? make_float2(y[0].x, 0.f) : y[k];
+  const float2 cv = k == 0 ? make_float2(nyq, 0.f) : make_float2(y[H - k].x, -y[H - k].y);
+  const float2 wb = tw_b[k];
+  return pack_bin(av, cv, make_float2(wb.x, -wb.y));
+}
+
 // The transforms: on tensor cores at b = 256 and 512 for fp16 / bf16 (fft_mma.cuh: x's raw rows in, the
 // spectrum packing and y's stores fused into the inverse), else the shared-memory Stockham FFT. The
 // tensor-core FFT returns (1/16) DFT(in_scale Z): kZ undoes that for the forward transform; the
@@ -104,13 +120,7 @@ __device__ __forceinline__ void inverse_mma(const Problem<T>& a, const float2* y
   const bool pairs = a.N % 2 == 0 && reinterpret_cast<uintptr_t>(a.y) % (2 * sizeof(T)) == 0;
   mma_fft<T, H>(
       nseq, tw, true, 1.f / H,
-      [&](int s, int n) {
-        const float2* am = ys + s * H;
-        const float2 av = n == 0 ? make_float2(am[0].x, 0.f) : am[n];
-        const float2 cv = n == 0 ? make_float2(nyq_s[s], 0.f) : make_float2(am[H - n].x, -am[H - n].y);
-        const float2 wb = tw_b[n];
-        return pack_bin(av, cv, make_float2(wb.x, -wb.y));
-      },
+      [&](int s, int n) { return packed_bin<H>(ys + s * H, nyq_s[s], tw_b, n); },
       [&](int s, int k, float4 v) {  // z[k], z[k + 1] = y columns 2k .. 2k + 3 of block s / TM, row s % TM
         const int lb = s / TM, mm = s % TM;
         if (mm >= live) return;
@@ -132,7 +142,7 @@ __device__ __forceinline__ void inverse_mma(const Problem<T>& a, const float2* y
 template <class T, int B, int TM, int IG, int NB>
 __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
   constexpr int H = B / 2, hb = H + 1;
-  constexpr int pi = IG * (kThreads * NB / H);  // output blocks per CTA
+  constexpr int pi = cta_blocks<B, IG, NB>();
   constexpr int nj_max = kBuf / (TM * H);       // input blocks per pass
   constexpr bool kMma = kMmaFft<T, H>;
   constexpr float kZ = kMma ? 16.f : 1.f;
@@ -270,11 +280,7 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
   } else {
     for (int e = t; e < nseq * H; e += kThreads) {
       const int s = int(unsigned(e) / H), k = e - s * H;
-      const float2* am = buf_a + s * H;
-      const float2 av = k == 0 ? make_float2(am[0].x, 0.f) : am[k];
-      const float2 cv = k == 0 ? make_float2(nyq_s[s], 0.f) : make_float2(am[H - k].x, -am[H - k].y);
-      const float2 wb = tw_b[k];
-      buf_b[swizzled(e)] = pack_bin(av, cv, make_float2(wb.x, -wb.y));  // stockham_fft's input layout
+      buf_b[swizzled(e)] = packed_bin<H>(buf_a + s * H, nyq_s[s], tw_b, k);  // stockham_fft's input layout
     }
     __syncthreads();
     const float2* res = stockham_fft_fixed<H>(buf_b, buf_a, tw, nseq, true);
@@ -285,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1) kernel(Problem<T> a) {
 // the two buffers, both twiddle tables, the Nyquist sums (pi * TM <= 256 floats); tensor cores: the bias
 template <class T, int B, int IG, int NB>
 constexpr size_t smem_bytes() {
-  constexpr int pi = IG * (kThreads * NB / (B / 2));
+  constexpr int pi = cta_blocks<B, IG, NB>();
   return (2 * size_t(kBuf) + size_t(B) + 128) * sizeof(float2) + (kMmaFft<T, B / 2> ? size_t(pi) * B * 4 : 0);
 }
 
@@ -296,7 +302,7 @@ bool launch_cfg(const Problem<T>& a, int device, cudaStream_t stream) {
   if (smem > size_t(max_smem_optin(device))) return false;
   auto large_m_kernel = kernel<T, B, TM, IG, NB>;
   allow_smem_optin<kernel<T, B, TM, IG, NB>>(device);
-  constexpr int pi = IG * (kThreads * NB / (B / 2));
+  constexpr int pi = cta_blocks<B, IG, NB>();
   const dim3 grid(unsigned((a.M + TM - 1) / TM), unsigned((a.p + pi - 1) / pi));
   large_m_kernel<<<grid, kThreads, smem, stream>>>(a);
   RK_CUDA_CHECK(cudaGetLastError());

@@ -26,8 +26,7 @@
 // (python_tests/test_cuda_on_cpu_circulant.py; tolerances 5e-3 fp16, 2e-2 bf16).
 #pragma once
 
-#include "fft_smem.cuh"
-#include "small_m_regs.cuh"
+#include "fft_smem.cuh"  // (and small_m_regs.cuh: small_m::Pair's mma)
 
 // mma.sync m16n8k16 with bf16 needs sm_80: below it (never launched there) the Stockham FFT is compiled
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800

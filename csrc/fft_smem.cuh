@@ -4,9 +4,8 @@
 // stored from the inverse transforms.
 #pragma once
 
-#include <type_traits>
-
 #include "common.cuh"
+#include "small_m_regs.cuh"
 
 namespace reparam {
 namespace fft {
@@ -225,14 +224,14 @@ __device__ __forceinline__ void copy_async(void* dst, const void* src, int64_t n
   }
 }
 
-// (p[0], p[1]) as floats by one access of two elements, and its store: p aligned to two elements.
+// (p[0], p[1]) as floats by one access of two elements, and its store: p aligned to two elements
+// (16-bit T: a half2 / bfloat162 word, small_m::Pair).
 template <class T>
 __device__ __forceinline__ float2 load_pair(const T* p) {
   if constexpr (sizeof(T) == 4) {
     return *reinterpret_cast<const float2*>(p);
   } else {
-    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-    const T2 v = *reinterpret_cast<const T2*>(p);
+    const auto& v = small_m::Pair<T>::val(*reinterpret_cast<const uint32_t*>(p));
     return make_float2(to_f32<T>(v.x), to_f32<T>(v.y));
   }
 }
@@ -240,10 +239,8 @@ template <class T>
 __device__ __forceinline__ void store_pair(T* p, float a, float b) {
   if constexpr (sizeof(T) == 4) {
     *reinterpret_cast<float2*>(p) = make_float2(a, b);
-  } else if constexpr (std::is_same_v<T, __half>) {
-    *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b);
   } else {
-    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+    *reinterpret_cast<uint32_t*>(p) = small_m::Pair<T>::pack2(a, b);
   }
 }
 

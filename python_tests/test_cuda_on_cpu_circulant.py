@@ -84,8 +84,8 @@ BC_MUTATIONS = {
     "mma twiddle": ("fft_mma.cuh", "const float2 v = cmul(make_float2(ar[nt][q], ai[nt][q]), tw_ab[nt][q]);",
                     "const float2 v = make_float2(ar[nt][q], ai[nt][q]);"),
     "mma output": ("fft_mma.cuh", "make_float4(d[0], d[2], d[1], d[3])", "make_float4(d[0], d[1], d[2], d[3])"),
-    "mma packing": ("block_circulant_large_m.cuh", "make_float2(am[H - n].x, -am[H - n].y);",
-                    "make_float2(am[n].x, -am[n].y);"),
+    "mma packing": ("block_circulant_large_m.cuh", "make_float2(y[H - k].x, -y[H - k].y);",
+                    "make_float2(y[k].x, -y[k].y);"),
 }
 
 # The shared-memory Stockham FFT (fft_smem.cuh): the general kernel's, and the large-M kernel's off b = 256.

@@ -67,16 +67,21 @@ def test_stage_shape_from_the_kernel_name():
     assert sass_budget.ring_bytes(int4) == 0
 
 
-@functools.lru_cache(maxsize=1)
-def _rows_of_built_extension():
-    """The small-M and wgmma kernels' rows, or a reason to skip."""
+def _cannot_read_extension():
+    """Why the built extension's SASS cannot be read here (None: it can)."""
     if not os.path.exists(SO):
         return "the CUDA extension is not built"
     try:
         sass_budget.find_cuobjdump()
     except SystemExit:
         return "no cuobjdump"
-    return sass_budget.budget(SO, "sm_90a") or "the extension has no sm_90a code"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _rows_of_built_extension():
+    """The small-M and wgmma kernels' rows, or a reason to skip."""
+    return _cannot_read_extension() or sass_budget.budget(SO, "sm_90a") or "the extension has no sm_90a code"
 
 
 def _built_rows():
@@ -199,22 +204,17 @@ def test_loops_finds_each_backward_branch_with_its_hot_trip():
 @functools.lru_cache(maxsize=1)
 def _large_m_kernels():
     """{demangled name: instructions} of the block-circulant large-M kernels (sm_90a), or a reason to skip."""
-    if not os.path.exists(SO):
-        return "the CUDA extension is not built"
-    try:
-        tool = sass_budget.find_cuobjdump()
-    except SystemExit:
-        return "no cuobjdump"
-    sass = sass_budget.subprocess.run([tool, "-sass", "-arch", "sm_90a", SO], capture_output=True, text=True).stdout
-    return {d: i for n, i in sass_budget.functions(sass) if "bc_large_m::kernel<" in (d := sass_budget.demangle(n))}
+    if reason := _cannot_read_extension():
+        return reason
+    return {d: i for n, i in sass_budget.functions(sass_budget.disassemble(SO, "sm_90a"))
+            if "bc_large_m::kernel<" in (d := sass_budget.demangle(n))}
 
 
 def test_large_m_block_circulant_kernel_stays_within_its_instruction_budget():
     """csrc/block_circulant_large_m.cuh was issue-bound (docs/structured.md): ~20-instruction integer
     divisions by the runtime block size in every per-element loop, 493 instructions a trip of the
     spectrum sums. One instance per block size removed the divisions from its loops (IMAD.HI is their
-    mark) and the sums
-    are 220 a trip (b = 256, fp16) with some slack for compiler versions."""
+    mark) and the sums are 220 a trip (b = 256, fp16), with some slack for compiler versions."""
     kernels = _large_m_kernels()
     if isinstance(kernels, str):
         pytest.skip(kernels)

@@ -317,11 +317,16 @@ def ctas_per_sm(regs: int, smem: int, threads: int) -> int:
     return max(0, min(by_regs, by_smem, 64 // (threads // 32), 32))
 
 
+def disassemble(so: str, arch: str = "sm_90a") -> str:
+    """The SASS of every kernel of `so` (an extension or a cubin) for `arch`."""
+    return subprocess.run([find_cuobjdump(), "-sass", "-arch", arch, so], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_(?:ring_)?kernel<|wgmma_kernel<") -> list[Row]:
     """A Row per kernel of `so` whose demangled name matches `pattern` and that has an mma loop."""
-    tool = find_cuobjdump()
-    sass = subprocess.run([tool, "-sass", "-arch", arch, so], capture_output=True, text=True, check=True).stdout
-    res = resources(tool, arch, so)
+    sass = disassemble(so, arch)
+    res = resources(find_cuobjdump(), arch, so)
     per_inst = ISSUE_PER_CLK * SMS * CLOCK_HZ / 1e12  # TB/s per (byte / instruction)
     rows = []
     for name, ins in functions(sass):
@@ -375,9 +380,7 @@ def loops(ins) -> list[Loop]:
 
 
 def print_loops(so: str, arch: str, pattern: str) -> None:
-    tool = find_cuobjdump()
-    sass = subprocess.run([tool, "-sass", "-arch", arch, so], capture_output=True, text=True, check=True).stdout
-    for name, ins in functions(sass):
+    for name, ins in functions(disassemble(so, arch)):
         dem = demangle(name)
         if not re.search(pattern, dem):
             continue
