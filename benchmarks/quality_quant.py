@@ -44,6 +44,12 @@ METHODS = {
     # + 5 rounds of the least-squares polish of each group's (scale, zero) (compress.quantize.asymmetric_grid)
     "int4_g128_rtn_clip_ls": {"method": "int4", **CLIP, "refine_steps": 5},
     "int4_g128_gptq_clip_ls": {"method": "int4", "gptq": True, **CLIP, "refine_steps": 5},
+    # round to nearest with the clipping search weighted by each input's mean square (weighted_grid): measured
+    # on random tokens (no data: compress(calib="random")) and, for comparison, on the Emma calibration text
+    "int4_g128_rtn_random": {"method": "int4", **CLIP, "weighted_grid": True},
+    "int4_g128_rtn_random_ls": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5},
+    "int4_g128_rtn_emma": {"method": "int4", **CLIP, "weighted_grid": True},
+    "int4_g128_gptq_random": {"method": "int4", "gptq": True, **CLIP},  # GPTQ on random tokens: it needs text
     # group 32 = the Q4_1 blocks the "dense" weights come from: shows how much of the g128 loss is re-gridding
     "int4_g32_rtn_clip": {"method": "int4", "group_size": 32, **CLIP},
     "log4": {"method": "log", "bits": 4},
@@ -52,7 +58,13 @@ METHODS = {
     # one 16-entry codebook per output row (a non-uniform per-channel grid; lut_linear with N tables)
     "vq_d1_b4_row": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1},
 }
-NEEDS_CALIB = {name for name, st in METHODS.items() if st.get("gptq")}
+NEEDS_CALIB = {name for name, st in METHODS.items() if st.get("gptq") or st.get("weighted_grid")}
+RANDOM_CALIB = {"int4_g128_rtn_random", "int4_g128_rtn_random_ls", "int4_g128_gptq_random"}  # calibrated on random tokens, not Emma
+
+
+def calib_of(name, calib):
+    """What compress() calibrates method `name` on: "random" (random tokens), the Emma ids, or nothing."""
+    return "random" if name in RANDOM_CALIB else calib if name in NEEDS_CALIB else None
 
 
 def bits_per_weight(model):
@@ -109,7 +121,8 @@ def main(argv=None):
             "quantized": "every Linear in model.layers (210 of 211; lm_head dense)",
             "notes": "dense weights are 4-bit derived (GGUF Q4_1); int4 group = 128 where it divides in_features "
                      "(down_proj), 64 for in_features 576; bits_per_weight counts codes, scales, zero points and "
-                     "tables of the quantized layers",
+                     "tables of the quantized layers; *_random rows calibrate on 16 x 512 random token ids "
+                     "(compress(calib='random'), no text), not on Emma",
             "device": args.device, "torch": torch.__version__, "rows": list(rows),
         }
         if partial:
@@ -140,7 +153,7 @@ def main(argv=None):
     for name in methods:
         t0 = time.perf_counter()
         recipe = {LAYERS: METHODS[name]}
-        qmodel, _ = compress(model, recipe, calib=calib if name in NEEDS_CALIB else None, progress=False)
+        qmodel, _ = compress(model, recipe, calib=calib_of(name, calib), progress=False)
         value = ppl(qmodel, name)
         row = {"method": name, "settings": METHODS[name], "ppl": value, "increase_pct": 100 * (value / base - 1),
                "bits_per_weight": bits_per_weight(qmodel), "seconds": time.perf_counter() - t0}

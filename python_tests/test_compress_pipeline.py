@@ -164,6 +164,30 @@ def test_quantized_and_combined_methods():
         assert torch.isfinite(out(ids).logits).all()
 
 
+def test_calib_random_draws_tokens_from_the_model_vocabulary():
+    """calib="random": compress draws calib.random_tokens(model) (16 x 512 ids of the vocabulary, fixed seed)
+    and calibrates on them, e.g. the data-free weighted grid of int4; a method that needs data without calib
+    names the option; any other string is refused."""
+    from reparam_kernels.compress.calib import random_tokens
+    model = tiny_llama(seed=10, hidden=64, ffn=96)
+    ids = random_tokens(model)
+    assert ids.shape == (16, 512) and ids.dtype == torch.int64 and int(ids.max()) < 101
+    assert torch.equal(ids, random_tokens(model)) and not torch.equal(ids, random_tokens(model, seed=1))
+    assert len(torch.unique(ids)) == 101  # the whole vocabulary is drawn from
+    recipe = {MLP: {"method": "int4", "weighted_grid": True, "group_size": 32}}
+    out, rep = rk.compress(model, recipe, calib="random", progress=False)
+    same, _ = rk.compress(model, recipe, calib=ids, progress=False)
+    plain, _ = rk.compress(model, {MLP: {"method": "int4", "group_size": 32}}, progress=False)
+    up = [m.model.layers[1].mlp.up_proj for m in (out, same, plain)]
+    assert torch.equal(up[0].qweight, up[1].qweight) and torch.equal(up[0].zeros, up[1].zeros)
+    assert not torch.equal(up[0].zeros, up[2].zeros)
+    assert all(l.output_error is not None for l in rep.layers)  # measured on the random tokens
+    with pytest.raises(ValueError, match="calib='random'"):
+        rk.compress(model, recipe, progress=False)
+    with pytest.raises(ValueError, match="'random'"):
+        rk.compress(model, recipe, calib="text", progress=False)
+
+
 def test_default_recipe_file_matches_the_builtin_default():
     from pathlib import Path
 

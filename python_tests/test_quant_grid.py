@@ -265,3 +265,56 @@ def test_refine_in_gptq_layer_and_method(rng):
         Q.quantize_linear(lin.weight, bits=4, group_size=64, symmetric=False, refine_steps=-1)
     with pytest.raises(ValueError, match="integer_zero=False"):
         Q.quantize_linear(lin.weight, bits=4, group_size=64, symmetric=False, integer_zero=True, refine_steps=1)
+
+
+def test_input_energy_weights_round_to_nearest(rng):
+    """quantize_linear(input_energy=e): the grid search weighted by e per input column (the same search as
+    asymmetric_grid's importance), never worse than the plain grid in that weighted error; uniform energy
+    changes nothing; bad energies and the symmetric grid are refused naming the argument."""
+    w = heavy_w(rng, 24, 128)
+    energy = torch.rand(128, generator=rng) ** 4 * 10  # a few inputs carry most of the energy
+    kw = dict(bits=4, group_size=64, symmetric=False, integer_zero=False, clip_steps=6)
+    q, s, z = Q.quantize_linear(w, **kw, input_energy=energy)
+    s_ref, z_ref = Q.asymmetric_grid(w.reshape(24, 2, 64), 4, False, 6, 0.5, energy.reshape(1, 2, 64))
+    assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
+    q0, s0, z0 = Q.quantize_linear(w, **kw)
+    wg = w.double().reshape(24, 2, 64)
+    e = energy.double().reshape(1, 2, 64)
+    err_w = (((deq(w, q, s, z) - wg) ** 2) * e).sum(-1)
+    err_0 = (((deq(w, q0, s0, z0) - wg) ** 2) * e).sum(-1)
+    assert (err_w <= err_0 * (1 + 1e-6)).all() and err_w.sum() < 0.95 * err_0.sum()
+    uniform = Q.quantize_linear(w, **kw, input_energy=torch.full((128,), 3.0))
+    assert all(torch.equal(a, b) for a, b in zip(uniform, (q0, s0, z0)))
+    for bad in (torch.rand(64), -energy, energy.to(torch.int64), torch.full((128,), float("nan"))):
+        with pytest.raises(ValueError, match="`input_energy`"):
+            Q.quantize_linear(w, **kw, input_energy=bad)
+    with pytest.raises(ValueError, match="`input_energy`"):
+        Q.quantize_linear(w, 4, 64, symmetric=True, input_energy=energy)
+
+
+def test_weighted_grid_method_uses_the_layer_input_energy(rng):
+    """int4 weighted_grid=true: round to nearest weighted by diag(XᵀX)/n of the layer's calibration inputs
+    (Int4Linear.from_linear(input_energy=...)); it needs calibration data and is refused beside gptq."""
+    from reparam_kernels.compress.calib import CalibStats
+    from reparam_kernels.compress.methods import METHODS
+    lin = torch.nn.Linear(128, 16, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(heavy_w(rng, 16, 128) * 0.05)
+    x = correlated(rng, 128, 300)[0].float()
+    built = get_method("int4").build(lin, dict(group_size=64, weighted_grid=True), CalibStats.from_inputs(x))
+    energy = (x.double() ** 2).mean(0).float()
+    want = Q.quantize_linear(lin.weight.detach(), 4, 64, symmetric=False, integer_zero=False, clip_steps=10,
+                             input_energy=energy)
+    assert torch.equal(Q.unpack_int4(built.qweight), want[0]) and torch.allclose(built.zeros, want[2])
+    direct = Int4Linear.from_linear(lin, group_size=64, input_energy=energy)
+    assert torch.equal(direct.qweight, built.qweight)
+    plain = Int4Linear.from_linear(lin, group_size=64)
+    assert not torch.equal(plain.zeros, built.zeros)  # the weighting changed some group's grid
+    out_err = [(x @ (m.to_dense() - lin.weight).t()).norm() for m in (built, plain)]
+    assert out_err[0] < out_err[1]  # and lowered the output error on the very inputs it was weighted by
+    m = METHODS["int4"]
+    assert m.needs_calib(dict(weighted_grid=True)) and not m.needs_calib({})
+    with pytest.raises(ValueError, match="weighted_grid"):
+        m.check(16, 128, dict(weighted_grid=True, gptq=True))
+    with pytest.raises(ValueError, match="`input_energy`"):
+        Int4Linear.from_linear(lin, group_size=64, calib=x, input_energy=energy)

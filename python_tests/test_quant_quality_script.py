@@ -38,6 +38,10 @@ def test_quality_script_tiny(tmp_path, monkeypatch):
     assert "partial" not in data and all(r["ppl"] > 1 for r in data["rows"])
     assert data["rows"][1]["bits_per_weight"] > 8  # int8 codes + fp32 scales
     # --update replaces only the rows it re-measures
-    assert q.main(["--windows", "1", "--calib-seqs", "2", "--methods", "int8", "--out", str(out), "--update"]) == 0
+    # (and a row calibrated on random tokens instead of the calibration text)
+    assert q.main(["--windows", "1", "--calib-seqs", "2", "--methods", "int8,int4_g128_rtn_random", "--out", str(out),
+                   "--update"]) == 0
     again = json.loads(out.read_text())
-    assert [r["method"] for r in again["rows"]] == ["dense", "int8", "int4_g128_gptq", "log4"]
+    assert [r["method"] for r in again["rows"]] == ["dense", "int8", "int4_g128_gptq", "int4_g128_rtn_random", "log4"]
+    assert q.calib_of("int4_g128_rtn_random", "ids") == "random" and q.calib_of("int4_g128_rtn_emma", "ids") == "ids"
+    assert q.calib_of("int4_g128_rtn_clip", "ids") is None

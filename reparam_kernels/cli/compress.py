@@ -1,7 +1,7 @@
 """Compress a model with a recipe (calibrating on a text) and save it.
 
     python -m reparam_kernels compress --model <HF folder | .gguf | smollm2> --recipe recipe.yaml \
-        --calib <text file | austen:emma> --out DIR [--calib-seqs 16 --calib-len 256] [--report report.json]
+        --calib <text file | austen:emma | random> --out DIR [--calib-seqs 16 --calib-len 256] [--report report.json]
 """
 import argparse
 import json
@@ -13,7 +13,8 @@ def main(argv):
     ap.add_argument("--model", required=True)
     ap.add_argument("--recipe", default=None, help="YAML/JSON recipe (default: Fisher-weighted whitened low rank, 20%% fewer "
                     "parameters in attention + MLP as a whole, ranks allocated globally; see reparam_kernels/recipes/default.yaml)")
-    ap.add_argument("--calib", default=None, help="calibration text (file or austen:<novel>); none: data-free")
+    ap.add_argument("--calib", default=None, help="calibration text (file or austen:<novel>), or 'random': random token ids (the int4 "
+                    "weighted_grid statistics without data); none: data-free")
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--out", required=True)
@@ -23,13 +24,17 @@ def main(argv):
     args = ap.parse_args(argv)
 
     from ..compress import compress
+    from ..compress.calib import random_tokens
     from ..compress.recipe import DEFAULT_RECIPE
     from ..evaluate import token_windows
     from ._models import load_any, read_text, save_with_tokenizer
 
     recipe = args.recipe or DEFAULT_RECIPE
     model, tok = load_any(args.model, args.dtype)
-    calib = token_windows(tok, read_text(args.calib), args.calib_len, args.calib_seqs) if args.calib else None
+    if args.calib == "random":
+        calib = random_tokens(model, args.calib_seqs, args.calib_len)
+    else:
+        calib = token_windows(tok, read_text(args.calib), args.calib_len, args.calib_seqs) if args.calib else None
     t0 = time.perf_counter()
     model, report = compress(model, recipe, calib=calib, inplace=True, device=args.device)
     print(report.table(max_rows=None if len(report.layers) <= 40 else 20))

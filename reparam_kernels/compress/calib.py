@@ -72,3 +72,19 @@ def collect_inputs(modules):
         last.clear()
         for h in handles:
             h.remove()
+
+
+def random_tokens(model, n=16, seq_len=512, seed=0):
+    """Token ids [n, seq_len] drawn uniformly from the vocabulary of `model` (a fixed generator: reproducible).
+
+    Calibration without data: what the grid weighting of round to nearest (int4 ``weighted_grid``) needs is
+    each input channel's typical energy, and that is mostly a property of the model (its normalisation
+    gains, the channels it keeps large), which random tokens bring out as well as text does
+    (SmolLM2: docs/quant.md). ``compress(..., calib="random")`` uses this."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab:
+        raise ValueError("calib='random' needs a model with token embeddings (get_input_embeddings() or "
+                         "config.vocab_size) to draw token ids from")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, int(vocab), (n, seq_len), generator=gen)

@@ -128,10 +128,22 @@ def _check_int4(out_f, in_f, s):
     g = _auto_group(in_f, s.get("group_size"))
     if not isinstance(g, int) or g <= 0 or g % 32 or in_f % g:
         _bad("group_size", f"{g!r} must be a multiple of 32 dividing in_features = {in_f}")
+    if s.get("weighted_grid") and (_gptq(s) or s.get("symmetric")):
+        _bad("weighted_grid", "weights round to nearest's asymmetric grid search: not with gptq (which always "
+                              "weights its grid) or symmetric")
 
 
 def _gptq(s):
     return bool(s.get("gptq", False))
+
+
+def _int4_needs_calib(s):
+    return _gptq(s) or bool(s.get("weighted_grid", False))
+
+
+def _input_energy(stats):
+    """Mean square of each input channel (diag XᵀX / n) from a layer's CalibStats."""
+    return (stats.gram.diagonal() / max(stats.count, 1)).float()
 
 
 def _build_int8(linear, s, stats):
@@ -153,8 +165,9 @@ def _int4_grid(s):
 def _build_int4(linear, s, stats):
     cls = _layer_class("quant", "Int4Linear", "int4")
     g = _auto_group(linear.in_features, s.get("group_size"))
+    energy = _input_energy(stats) if s.get("weighted_grid") else None
     return cls.from_linear(linear, group_size=g, symmetric=bool(s.get("symmetric", False)),
-                           calib=stats if _gptq(s) else None, **_int4_grid(s))
+                           calib=stats if _gptq(s) else None, input_energy=energy, **_int4_grid(s))
 
 
 def _build_log(linear, s, stats):
@@ -169,9 +182,12 @@ def _build_vq(linear, s, stats):
 
 
 register_method("int8", _build_int8, ("gptq",), None, _gptq, "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)")
-register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", *INT4_GRID_DEFAULTS), _check_int4, _gptq,
+register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", "weighted_grid", *INT4_GRID_DEFAULTS),
+                _check_int4, _int4_needs_calib,
                 "group-wise int4 (group_size: auto = largest of 128/64/32 dividing in_features; gptq=true calibrates; "
-                "integer_zero / clip_steps / min_clip / refine_steps: the grid, default float zero + 11x11 clipping search)")
+                "integer_zero / clip_steps / min_clip / refine_steps: the grid, default float zero + 11x11 clipping "
+                "search; weighted_grid=true: round to nearest with that search weighted by each input's mean square "
+                "on the calibration data — calib='random' measures it on random tokens, no data needed)")
 register_method("log", _build_log, ("bits",), doc="log (power-of-two) quantization via a lookup table")
 register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook"),
                 doc="vector quantization, k-means codebook of 2^bits d-element sub-vectors")

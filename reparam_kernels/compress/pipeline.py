@@ -18,7 +18,7 @@ import torch
 from . import svd as _svd
 from .allocate import resolve_global
 from .blocks import batches_of, block_inputs, find_blocks, move, next_inputs
-from .calib import collect_inputs
+from .calib import collect_inputs, random_tokens
 from .fisher import channel_weights, output_fisher
 from .methods import get_method
 from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
@@ -81,13 +81,18 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
 
     recipe: dict / list of rules / YAML or JSON path (see ``reparam_kernels.compress.recipe``).
     calib: token ids [n, seq_len] (or a list of [b, seq_len] batches) for calibration, or None
-      (then only data-free methods are allowed and output errors are not measured).
+      (then only data-free methods are allowed and output errors are not measured), or "random":
+      16 × 512 random token ids (``calib.random_tokens``: the statistics of int4 ``weighted_grid``, no data).
     inplace: False (default) compresses a deep copy and never modifies `model`.
     device: if given, each transformer block is moved there while it is calibrated and compressed.
     """
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
+    if isinstance(calib, str):
+        if calib != "random":
+            raise ValueError(f"`calib` must be token ids, a list of them, None or 'random', got {calib!r}")
+        calib = random_tokens(model)
     batches = batches_of(calib, batch_size)
     plan_ = plan(model, recipe, has_calib=bool(batches))  # validates before anything changes
     if not inplace:

@@ -165,15 +165,28 @@ def _clip_search(wg, lo, hi, qmax, integer_zero, clip_steps, min_clip, err, scal
     return scale, zero
 
 
+def _check_energy(e, k):
+    if not isinstance(e, torch.Tensor) or e.shape != (k,) or not e.is_floating_point():
+        raise ValueError(f"`input_energy` must be a floating-point tensor [in_features = {k}], got "
+                         f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}")
+    e = e.detach().float()
+    if not bool(torch.isfinite(e).all()) or bool((e < 0).any()):
+        raise ValueError("`input_energy` must be finite and non-negative")
+    return e
+
+
 @torch.no_grad()
 def quantize_linear(w, bits=8, group_size=None, symmetric=True, integer_zero=True, clip_steps=0, min_clip=0.5,
-                    refine_steps=0):
+                    refine_steps=0, input_energy=None):
     """Round-to-nearest linear quantization of ``w`` [N, K].
 
     Returns ``(q, scale, zero)``: q [N, K] (int8 signed codes if symmetric, uint8
     unsigned codes otherwise), scale [N, G] float32, zero [N, G] float32 or None
     (G = K // group_size, 1 for per-channel). See the module doc for the formulas;
     integer_zero, clip_steps, min_clip and refine_steps choose the asymmetric grid (``asymmetric_grid``).
+    input_energy: optional [K] non-negative weights (the mean square of each input channel, diag XᵀX / n)
+    for the squared error that the asymmetric grid's clipping search and polish minimize: the grid then
+    fits the weights whose inputs are large best. Every weight is still rounded to its nearest level.
     """
     _check_weight(w)
     if bits not in (2, 3, 4, 8):
@@ -182,13 +195,18 @@ def quantize_linear(w, bits=8, group_size=None, symmetric=True, integer_zero=Tru
     n, k = w.shape
     g = check_group_size(k, group_size)
     wg = _grouped(w.float(), g)
+    importance = None
+    if input_energy is not None:
+        if symmetric:
+            raise ValueError("`input_energy` weights the asymmetric grid's search: it needs symmetric=False")
+        importance = _grouped(_check_energy(input_energy, k).to(wg.device)[None], g)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = wg.abs().amax(-1) / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round(wg / scale[..., None]), -qmax, qmax)
         return q.reshape(n, k).to(torch.int8), scale, None
-    scale, zero = asymmetric_grid(wg, bits, integer_zero, clip_steps, min_clip, refine_steps=refine_steps)
+    scale, zero = asymmetric_grid(wg, bits, integer_zero, clip_steps, min_clip, importance, refine_steps)
     q = asym_codes(wg, scale, zero, 2 ** bits - 1)
     return q.reshape(n, k).to(torch.uint8), scale, zero
 

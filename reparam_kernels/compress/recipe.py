@@ -174,5 +174,6 @@ def plan(model, recipe, has_calib):
                                  f"{name} [{out_f}×{in_f}]: {e}") from None
         if m.needs_calib is not None and m.needs_calib(rule.settings) and not has_calib:
             raise ValueError(f"`calib`: method {rule.method!r} with settings {rule.settings} (rule {rule.pattern!r}) "
-                             f"needs calibration data; pass calib=... or use whiten=false / gptq=false")
+                             f"needs calibration data; pass calib=token ids (calib='random': random tokens, no data) or use "
+                             f"whiten=false / gptq=false / weighted_grid=false")
     return {n: r for n, r in chosen.items() if r.method != "skip"}

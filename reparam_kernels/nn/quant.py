@@ -118,20 +118,26 @@ class Int4Linear(_QuantBase):
 
     @classmethod
     def from_linear(cls, linear, group_size=128, symmetric=False, calib=None, damp=0.01, act_order=True,
-                    integer_zero=False, clip_steps=10, min_clip=0.5, refine_steps=0):
+                    integer_zero=False, clip_steps=10, min_clip=0.5, refine_steps=0, input_energy=None):
         """Group-wise int4, round-to-nearest; GPTQ when ``calib`` (inputs or CalibStats) is given
         (act_order: columns by decreasing input energy, with static groups; see compress/gptq.py).
         integer_zero / clip_steps / min_clip / refine_steps choose the asymmetric grid of each group
         (``compress.quantize.asymmetric_grid``; with calib the clipping is weighted by input energy). The default,
         a float zero point and the best of 11 × 11 clipped ranges per group, measured better than the min/max
-        grid with an integer zero (``integer_zero=True, clip_steps=0``) for both (docs/quant.md)."""
+        grid with an integer zero (``integer_zero=True, clip_steps=0``) for both (docs/quant.md).
+        input_energy: round to nearest only — [in_features] mean squares of the layer's inputs that weight
+        the grid search's error (``compress.quantize.quantize_linear``); ``compress(..., calib="random")``
+        measures them on random tokens, without data (docs/quant.md)."""
         w = _weight_of(linear)
         n, k = w.shape
         layer = cls(k, n, group_size=group_size, bias=linear.bias is not None, dtype=w.dtype, device=w.device)
         grid = dict(integer_zero=integer_zero, clip_steps=clip_steps, min_clip=min_clip, refine_steps=refine_steps)
         if calib is None:
             q, s, z = Q.to_unsigned4(*Q.quantize_linear(w, bits=4, group_size=group_size, symmetric=symmetric,
-                                                        **grid))
+                                                        input_energy=input_energy, **grid))
+        elif input_energy is not None:
+            raise ValueError("`input_energy` weights round to nearest; GPTQ (`calib` given) takes the energy "
+                             "from calib itself")
         else:
             q, s, z = gptq_quantize(w, _hessian(calib, k), bits=4, group_size=group_size, symmetric=symmetric,
                                     damp=damp, act_order=act_order, **grid)
