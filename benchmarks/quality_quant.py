@@ -57,9 +57,13 @@ METHODS = {
     "vq_d2_b8": {"method": "vq", "bits": 8, "d": 2},  # 4 bits/weight, 256 centroids of pairs (dense fallback)
     # one 16-entry codebook per output row (a non-uniform per-channel grid; lut_linear with N tables)
     "vq_d1_b4_row": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1},
+    # the same two lookup-table formats with their error weighted by input energy from random tokens
+    "log4_random": {"method": "log", "bits": 4, "weighted_grid": True},
+    "vq_d1_b4_row_random": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1, "weighted_grid": True},
 }
 NEEDS_CALIB = {name for name, st in METHODS.items() if st.get("gptq") or st.get("weighted_grid")}
-RANDOM_CALIB = {"int4_g128_rtn_random", "int4_g128_rtn_random_ls", "int4_g128_gptq_random"}  # calibrated on random tokens, not Emma
+RANDOM_CALIB = {"int4_g128_rtn_random", "int4_g128_rtn_random_ls", "int4_g128_gptq_random", "log4_random",
+                "vq_d1_b4_row_random"}  # calibrated on random tokens, not Emma
 
 
 def calib_of(name, calib):

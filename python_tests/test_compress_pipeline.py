@@ -165,13 +165,14 @@ def test_quantized_and_combined_methods():
 
 
 def test_calib_random_draws_tokens_from_the_model_vocabulary():
-    """calib="random": compress draws calib.random_tokens(model) (16 x 512 ids of the vocabulary, fixed seed)
+    """calib="random": compress draws calib.random_tokens(model) (16 x 512 ids of the vocabulary, fixed seed,
+    at most the model's positions)
     and calibrates on them, e.g. the data-free weighted grid of int4; a method that needs data without calib
     names the option; any other string is refused."""
     from reparam_kernels.compress.calib import random_tokens
     model = tiny_llama(seed=10, hidden=64, ffn=96)
     ids = random_tokens(model)
-    assert ids.shape == (16, 512) and ids.dtype == torch.int64 and int(ids.max()) < 101
+    assert ids.shape == (16, 64) and ids.dtype == torch.int64 and int(ids.max()) < 101  # 64 positions
     assert torch.equal(ids, random_tokens(model)) and not torch.equal(ids, random_tokens(model, seed=1))
     assert len(torch.unique(ids)) == 101  # the whole vocabulary is drawn from
     recipe = {MLP: {"method": "int4", "weighted_grid": True, "group_size": 32}}

@@ -75,7 +75,8 @@ def collect_inputs(modules):
 
 
 def random_tokens(model, n=16, seq_len=512, seed=0):
-    """Token ids [n, seq_len] drawn uniformly from the vocabulary of `model` (a fixed generator: reproducible).
+    """Token ids [n, seq_len] drawn uniformly from the vocabulary of `model` (a fixed generator: reproducible);
+    seq_len is capped at the model's position limit (config.max_position_embeddings / n_positions).
 
     Calibration without data: what the grid weighting of round to nearest (int4 ``weighted_grid``) needs is
     each input channel's typical energy, and that is mostly a property of the model (its normalisation
@@ -86,5 +87,9 @@ def random_tokens(model, n=16, seq_len=512, seed=0):
     if not vocab:
         raise ValueError("calib='random' needs a model with token embeddings (get_input_embeddings() or "
                          "config.vocab_size) to draw token ids from")
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(limit, int) and limit > 0:
+        seq_len = min(seq_len, limit)  # learned position tables (GPT-2) end there
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, int(vocab), (n, seq_len), generator=gen)

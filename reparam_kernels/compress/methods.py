@@ -137,8 +137,12 @@ def _gptq(s):
     return bool(s.get("gptq", False))
 
 
+def _weighted(s):
+    return bool(s.get("weighted_grid", False))
+
+
 def _int4_needs_calib(s):
-    return _gptq(s) or bool(s.get("weighted_grid", False))
+    return _gptq(s) or _weighted(s)
 
 
 def _input_energy(stats):
@@ -165,20 +169,22 @@ def _int4_grid(s):
 def _build_int4(linear, s, stats):
     cls = _layer_class("quant", "Int4Linear", "int4")
     g = _auto_group(linear.in_features, s.get("group_size"))
-    energy = _input_energy(stats) if s.get("weighted_grid") else None
+    energy = _input_energy(stats) if _weighted(s) else None
     return cls.from_linear(linear, group_size=g, symmetric=bool(s.get("symmetric", False)),
                            calib=stats if _gptq(s) else None, input_energy=energy, **_int4_grid(s))
 
 
 def _build_log(linear, s, stats):
     cls = _layer_class("quant", "LUTLinear", "log")
-    return cls.from_linear(linear, method="log", bits=s.get("bits", 4))
+    return cls.from_linear(linear, method="log", bits=s.get("bits", 4),
+                           input_energy=_input_energy(stats) if _weighted(s) else None)
 
 
 def _build_vq(linear, s, stats):
     cls = _layer_class("quant", "LUTLinear", "vq")
     return cls.from_linear(linear, method="vq", bits=s.get("bits", 4), d=s.get("d", 1),
-                           rows_per_codebook=s.get("rows_per_codebook"))
+                           rows_per_codebook=s.get("rows_per_codebook"),
+                           input_energy=_input_energy(stats) if _weighted(s) else None)
 
 
 register_method("int8", _build_int8, ("gptq",), None, _gptq, "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)")
@@ -188,9 +194,12 @@ register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", "weight
                 "integer_zero / clip_steps / min_clip / refine_steps: the grid, default float zero + 11x11 clipping "
                 "search; weighted_grid=true: round to nearest with that search weighted by each input's mean square "
                 "on the calibration data — calib='random' measures it on random tokens, no data needed)")
-register_method("log", _build_log, ("bits",), doc="log (power-of-two) quantization via a lookup table")
-register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook"),
-                doc="vector quantization, k-means codebook of 2^bits d-element sub-vectors")
+register_method("log", _build_log, ("bits", "weighted_grid"), needs_calib=_weighted,
+                doc="log (power-of-two) quantization via a lookup table (weighted_grid=true: each row's scale "
+                    "chosen by input-energy-weighted error, as int4's)")
+register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook", "weighted_grid"), needs_calib=_weighted,
+                doc="vector quantization, k-means codebook of 2^bits d-element sub-vectors (weighted_grid=true: "
+                    "k-means weighted by each input's mean square, as int4's)")
 
 
 # ---------------------------------------------------------------- combination

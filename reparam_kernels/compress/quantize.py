@@ -165,7 +165,7 @@ def _clip_search(wg, lo, hi, qmax, integer_zero, clip_steps, min_clip, err, scal
     return scale, zero
 
 
-def _check_energy(e, k):
+def check_input_energy(e, k):
     if not isinstance(e, torch.Tensor) or e.shape != (k,) or not e.is_floating_point():
         raise ValueError(f"`input_energy` must be a floating-point tensor [in_features = {k}], got "
                          f"{tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__}")
@@ -199,7 +199,7 @@ def quantize_linear(w, bits=8, group_size=None, symmetric=True, integer_zero=Tru
     if input_energy is not None:
         if symmetric:
             raise ValueError("`input_energy` weights the asymmetric grid's search: it needs symmetric=False")
-        importance = _grouped(_check_energy(input_energy, k).to(wg.device)[None], g)
+        importance = _grouped(check_input_energy(input_energy, k).to(wg.device)[None], g)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         scale = wg.abs().amax(-1) / qmax
@@ -292,28 +292,30 @@ def _log_codes(w64, scale, bits):
 
 
 @torch.no_grad()
-def quantize_log(w, bits=4, scale_search=0):
+def quantize_log(w, bits=4, scale_search=0, input_energy=None):
     """Log quantization of ``w`` [N, K]: returns (codes uint8 [N, K], scale float32 [N]).
 
     ``w ≈ scale[:, None] * log_levels(bits)[codes]``. scale_search=0: scale = max|w_row|.
     scale_search=s > 0: the best of s scales α·max|w_row|, α in [1/2, 1] (geometric grid),
-    per row by squared error; levels are powers of two, so [1/2, 1] covers every distinct
-    placement of the grid (a smaller α only clips the row's largest weights).
+    per row by squared error (weighted by ``input_energy`` [K] if given, as in quantize_linear);
+    levels are powers of two, so [1/2, 1] covers every distinct placement of the grid (a smaller α
+    only clips the row's largest weights).
     """
     _check_weight(w)
     if not isinstance(scale_search, int) or scale_search < 0:
         raise ValueError(f"`scale_search` must be a non-negative int, got {scale_search!r}")
+    e = 1.0 if input_energy is None else check_input_energy(input_energy, w.shape[1]).to(w.device, torch.float64)
     w64 = w.to(torch.float64)
     levels = log_levels(bits, torch.float64, w64.device)
     scale = w64.abs().amax(1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     best_scale, best_codes = scale, _log_codes(w64, scale, bits)
     if scale_search > 0:
-        best_err = ((scale[:, None] * levels[best_codes] - w64) ** 2).sum(1)
+        best_err = (e * (scale[:, None] * levels[best_codes] - w64) ** 2).sum(1)
         for alpha in torch.pow(2.0, -torch.arange(1, scale_search + 1, dtype=torch.float64, device="cpu") / (scale_search + 1)).tolist():
             sc = scale * alpha
             codes = _log_codes(w64, sc, bits)
-            err = ((sc[:, None] * levels[codes] - w64) ** 2).sum(1)
+            err = (e * (sc[:, None] * levels[codes] - w64) ** 2).sum(1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_scale = torch.where(better, sc, best_scale)

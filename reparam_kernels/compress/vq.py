@@ -22,14 +22,20 @@ weight (see nn/quant.py).
 """
 import torch
 
-
-def _sqdist(x, c):
-    # ‖x − c‖² = ‖x‖² − 2 x·c + ‖c‖² for a batch of codebooks: x [L, P, d], c [L, k, d] → [L, P, k]
-    return (x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + (c * c).sum(-1)[:, None, :]
+from .quantize import check_input_energy
 
 
-def _assign(x, c, budget=1 << 24):
-    """Nearest centroid of every point, in chunks of ≤ `budget` distances (codebooks × points)."""
+def _sqdist(x, c, wt=None):
+    # ‖x − c‖² = ‖x‖² − 2 x·c + ‖c‖² for a batch of codebooks: x [L, P, d], c [L, k, d] → [L, P, k];
+    # with per-coordinate weights wt [L, P, d]: Σ_j wt_j (x_j − c_j)² = Σ wt x² − 2 (wt x)·c + wt·c²
+    if wt is None:
+        return (x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + (c * c).sum(-1)[:, None, :]
+    return (wt * x * x).sum(-1, keepdim=True) - 2 * (wt * x) @ c.transpose(1, 2) + wt @ (c * c).transpose(1, 2)
+
+
+def _assign(x, c, wt=None, budget=1 << 24):
+    """Nearest centroid of every point (by the wt-weighted distance if given), in chunks of ≤ `budget`
+    distances (codebooks × points)."""
     nl, p, _ = x.shape
     pstep = min(p, max(1, budget // c.shape[1]))  # points per chunk (all of them unless one codebook is huge)
     step = max(1, budget // (pstep * c.shape[1]))  # codebooks per chunk
@@ -37,44 +43,61 @@ def _assign(x, c, budget=1 << 24):
     dmin = torch.empty(nl, p, dtype=x.dtype, device=x.device)
     for i in range(0, nl, step):
         for j in range(0, p, pstep):
-            d = _sqdist(x[i:i + step, j:j + pstep], c[i:i + step])
+            w = None if wt is None else wt[i:i + step, j:j + pstep]
+            d = _sqdist(x[i:i + step, j:j + pstep], c[i:i + step], w)
             dmin[i:i + step, j:j + pstep], idx[i:i + step, j:j + pstep] = d.min(-1)
     return idx, dmin.clamp(min=0)
 
 
-def kmeans_pp_init(x, k, gen):
+def kmeans_pp_init(x, k, gen, wt=None):
     """k-means++ for a batch of codebooks, x [L, P, d]: each next centroid is drawn with probability
-    ∝ squared distance to the nearest one chosen so far (uniformly where all points coincide)."""
+    ∝ squared distance (wt-weighted if given) to the nearest one chosen so far (uniformly where all
+    points coincide)."""
     nl, p, _ = x.shape
     rows = torch.arange(nl, device=x.device)
     first = torch.randint(p, (nl,), generator=gen).to(x.device)
     cents = [x[rows, first]]
-    dmin = ((x - cents[0][:, None, :]) ** 2).sum(-1)
+
+    def dist(c):
+        sq = (x - c[:, None, :]) ** 2
+        return (sq if wt is None else wt * sq).sum(-1)
+
+    dmin = dist(cents[0])
     for _ in range(1, k):
         total = dmin.sum(1, keepdim=True)
         probs = torch.where(total > 0, dmin / total.clamp(min=1e-30), torch.full_like(dmin, 1.0 / p))
         nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(x.device)
         cents.append(x[rows, nxt])
-        dmin = torch.minimum(dmin, ((x - cents[-1][:, None, :]) ** 2).sum(-1))
+        dmin = torch.minimum(dmin, dist(cents[-1]))
     return torch.stack(cents, 1)
 
 
-def kmeans_batched(x, k, iters=25, seed=0, max_init_points=1 << 16):
+def kmeans_batched(x, k, iters=25, seed=0, max_init_points=1 << 16, weights=None):
     """k-means of L independent point sets x [L, P, d] into k centroids each, all at once;
-    returns (centroids [L, k, d], assignment [L, P]). Seeded: the same call gives the same result."""
+    returns (centroids [L, k, d], assignment [L, P]). Seeded: the same call gives the same result.
+    weights: optional non-negative [L, P, d] weights of each coordinate — Lloyd then minimizes
+    Σ wt (x − c)² (seeded by that distance; a centroid coordinate is the weighted mean of its points')."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = x.float()
-    pts = x
+    wt = None if weights is None else torch.broadcast_to(weights, x.shape).float()
+    pts, pwt = x, wt
     if x.shape[1] > max_init_points:  # k-means++ is O(P·k): seed it on a random sample
-        pts = x[:, torch.randperm(x.shape[1], generator=gen)[:max_init_points].to(x.device)]
-    c = kmeans_pp_init(pts, k, gen)
+        sample = torch.randperm(x.shape[1], generator=gen)[:max_init_points].to(x.device)
+        pts, pwt = x[:, sample], None if wt is None else wt[:, sample]
+    c = kmeans_pp_init(pts, k, gen, pwt)
     for _ in range(iters):
-        idx, dmin = _assign(x, c)
-        flat = idx + (torch.arange(x.shape[0], device=x.device) * k)[:, None]
+        idx, dmin = _assign(x, c, wt)
+        flat = (idx + (torch.arange(x.shape[0], device=x.device) * k)[:, None]).reshape(-1)
         sums = torch.zeros(x.shape[0] * k, x.shape[2], dtype=x.dtype, device=x.device)
-        sums.index_add_(0, flat.reshape(-1), x.reshape(-1, x.shape[2]))
-        counts = torch.bincount(flat.reshape(-1), minlength=x.shape[0] * k).to(x.dtype).reshape(-1, k)
-        new = sums.reshape(-1, k, x.shape[2]) / counts.clamp(min=1)[..., None]
+        sums.index_add_(0, flat, (x if wt is None else wt * x).reshape(-1, x.shape[2]))
+        sums = sums.reshape(-1, k, x.shape[2])
+        counts = torch.bincount(flat, minlength=x.shape[0] * k).to(x.dtype).reshape(-1, k)
+        if wt is None:
+            new = sums / counts.clamp(min=1)[..., None]
+        else:  # weighted means; a coordinate whose points all weigh 0 keeps its value (nothing moves it)
+            mass = torch.zeros(x.shape[0] * k, x.shape[2], dtype=x.dtype, device=x.device)
+            mass = mass.index_add_(0, flat, wt.reshape(-1, x.shape[2])).reshape(-1, k, x.shape[2])
+            new = torch.where(mass > 0, sums / mass.clamp(min=1e-30), c)
         for li in torch.nonzero((counts == 0).any(1)).flatten().tolist():  # re-seed empty clusters at the
             empty = counts[li] == 0                                         # worst-served points
             new[li, empty] = x[li, torch.topk(dmin[li], int(empty.sum())).indices]
@@ -82,7 +105,7 @@ def kmeans_batched(x, k, iters=25, seed=0, max_init_points=1 << 16):
         c = new
         if done:
             break
-    idx, _ = _assign(x, c)
+    idx, _ = _assign(x, c, wt)
     return c, idx
 
 
@@ -93,8 +116,11 @@ def kmeans(x, k, iters=25, seed=0, max_init_points=1 << 16):
 
 
 @torch.no_grad()
-def vq_quantize(w, d=1, bits=4, rows_per_codebook=None, iters=25, seed=0):
-    """Vector-quantize ``w`` [N, K]; returns (codes [N, K // d] int64, codebooks [L, 2^bits, d] float32)."""
+def vq_quantize(w, d=1, bits=4, rows_per_codebook=None, iters=25, seed=0, input_energy=None):
+    """Vector-quantize ``w`` [N, K]; returns (codes [N, K // d] int64, codebooks [L, 2^bits, d] float32).
+
+    input_energy: optional [K] mean squares of the layer's inputs: k-means then minimizes the squared error
+    weighted by them (the output error on average), as int4's ``weighted_grid`` does (docs/quant.md)."""
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError("`w` must be a 2-D floating-point tensor [out_features, in_features]")
     if not isinstance(d, int) or not 1 <= d <= 8:
@@ -107,12 +133,17 @@ def vq_quantize(w, d=1, bits=4, rows_per_codebook=None, iters=25, seed=0):
     r = n if rows_per_codebook is None else rows_per_codebook
     if not isinstance(r, int) or r <= 0 or n % r != 0:
         raise ValueError(f"`rows_per_codebook` must be a positive divisor of out_features N = {n}, got {rows_per_codebook!r}")
+    wts = None
+    if input_energy is not None:
+        wts = check_input_energy(input_energy, k).to(w.device).reshape(1, 1, k // d, d).expand(n // r, r, k // d, d)
+        wts = wts.reshape(n // r, r * (k // d), d)
     # all codebooks of the layer at once (batched k-means); chunks bound the [L, P, 2^bits] distances
     pts = w.float().reshape(n // r, r * (k // d), d)
     chunk = max(1, (1 << 26) // (r * (k // d) * 2 ** bits))
     books, codes = [], []
     for i in range(0, n // r, chunk):
-        c, idx = kmeans_batched(pts[i:i + chunk], 2 ** bits, iters=iters, seed=seed + i)
+        c, idx = kmeans_batched(pts[i:i + chunk], 2 ** bits, iters=iters, seed=seed + i,
+                                weights=None if wts is None else wts[i:i + chunk])
         books.append(c)
         codes.append(idx)
     return torch.cat(codes).reshape(n, k // d), torch.cat(books)

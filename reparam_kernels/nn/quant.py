@@ -178,21 +178,24 @@ class LUTLinear(_QuantBase):
             self.register_buffer("codebooks", torch.zeros(num_tables, 2 ** bits, d, dtype=dtype, device=device))
 
     @classmethod
-    def from_linear(cls, linear, method="log", bits=4, d=1, rows_per_codebook=None, calib=None, iters=25, seed=0):
+    def from_linear(cls, linear, method="log", bits=4, d=1, rows_per_codebook=None, calib=None, iters=25, seed=0,
+                    input_energy=None):
         """method="log": sign + power-of-two codes (bits 4 or 8), one table per row.
         method="vq": k-means codebook of 2^bits d-element sub-vectors, one per layer or per
-        ``rows_per_codebook`` rows."""
+        ``rows_per_codebook`` rows. input_energy: [in_features] mean squares of the inputs that weight
+        the squared error the row scale search (log) or k-means (vq) minimizes, as in Int4Linear."""
         if calib is not None:
             raise NotImplementedError("LUTLinear.from_linear: calibration-aware log/VQ quantization is not "
                                       "implemented; pass calib=None")
         w = _weight_of(linear)
         n, k = w.shape
         if method == "log":
-            codes, scale = Q.quantize_log(w, bits, scale_search=16)  # per-row scale by least squares
+            codes, scale = Q.quantize_log(w, bits, scale_search=16, input_energy=input_energy)  # best row scale
             books = Q.log_lut(scale, bits)[:, :, None]  # [N, 2^bits, 1]
             codes, d = codes.long(), 1
         elif method == "vq":
-            codes, books = vq_quantize(w, d=d, bits=bits, rows_per_codebook=rows_per_codebook, iters=iters, seed=seed)
+            codes, books = vq_quantize(w, d=d, bits=bits, rows_per_codebook=rows_per_codebook, iters=iters, seed=seed,
+                                       input_energy=input_energy)
         else:
             raise ValueError(f"`method` must be 'log' or 'vq', got {method!r}")
         layer = cls(k, n, bits=bits, d=d, num_tables=books.shape[0], bias=linear.bias is not None,
