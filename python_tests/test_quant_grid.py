@@ -310,8 +310,10 @@ def test_weighted_grid_method_uses_the_layer_input_energy(rng):
     assert torch.equal(direct.qweight, built.qweight)
     plain = Int4Linear.from_linear(lin, group_size=64)
     assert not torch.equal(plain.zeros, built.zeros)  # the weighting changed some group's grid
-    out_err = [(x @ (m.to_dense() - lin.weight).t()).norm() for m in (built, plain)]
-    assert out_err[0] < out_err[1]  # and lowered the output error on the very inputs it was weighted by
+    # per group, the energy-weighted weight error (the diagonal part of the output error on x) never rises
+    werr = [((m.to_dense() - lin.weight).detach().double() ** 2 * energy.double()).reshape(16, 2, 64).sum(-1)
+            for m in (built, plain)]
+    assert (werr[0] <= werr[1] * (1 + 1e-5) + 1e-12).all() and werr[0].sum() < werr[1].sum()
     m = METHODS["int4"]
     assert m.needs_calib(dict(weighted_grid=True)) and not m.needs_calib({})
     with pytest.raises(ValueError, match="weighted_grid"):

@@ -37,12 +37,16 @@ def test_weighted_kmeans_is_a_fixed_point_of_weighted_lloyd(rng):
 
 @pytest.mark.parametrize("d", [1, 2])
 def test_vq_input_energy_lowers_the_weighted_error(rng, d):
-    w = torch.randn(32, 96, generator=rng)
-    e = skewed_energy(rng, 96)
-    werr = lambda codes, books: ((vq_dequantize(codes, books).double() - w.double()) ** 2 * e.double()).sum()  # noqa: E731
-    weighted = werr(*vq_quantize(w, d=d, bits=4, rows_per_codebook=4, input_energy=e))
-    plain = werr(*vq_quantize(w, d=d, bits=4, rows_per_codebook=4))
-    assert weighted < (0.95 if d == 1 else 0.6) * plain  # 40 draws: ratios 0.58-0.86 (d = 1), 0.18-0.44 (d = 2)
+    """Summed over 8 layers (k-means ends in local optima: one small layer alone can come out either way;
+    one layer's ratio ranged 0.58-1.05 at d = 1 and 0.18-0.44 at d = 2 over hundreds of draws)."""
+    weighted = plain = 0.0
+    for _ in range(8):
+        w = torch.randn(32, 96, generator=rng)
+        e = skewed_energy(rng, 96)
+        werr = lambda codes, books: ((vq_dequantize(codes, books).double() - w.double()) ** 2 * e.double()).sum()  # noqa: E731,B023
+        weighted += werr(*vq_quantize(w, d=d, bits=4, rows_per_codebook=4, input_energy=e))
+        plain += werr(*vq_quantize(w, d=d, bits=4, rows_per_codebook=4))
+    assert weighted < (0.95 if d == 1 else 0.6) * plain
     for bad in (e[:10], -e):
         with pytest.raises(ValueError, match="`input_energy`"):
             vq_quantize(w, d=d, input_energy=bad)
@@ -74,6 +78,10 @@ def test_lut_layer_and_methods_weighted_grid(rng, method, kw):
     plain = LUTLinear.from_linear(lin, method=method, **kw)
     built = get_method(method).build(lin, dict(weighted_grid=True, **kw), CalibStats.from_inputs(x))
     assert torch.equal(built.codes, layer.codes) and torch.allclose(built.lut, layer.lut)
-    out = [(x @ (m.to_dense() - lin.weight).t()).pow(2).sum() for m in (layer, plain)]
-    assert out[0] <= out[1] * (1 + 1e-6)
+    # the energy-weighted weight error: per row never higher for log (the best of the same scales), and
+    # lower over the layer for VQ (k-means finds local optima: not row by row)
+    werr = [((m.to_dense() - lin.weight).detach().double() ** 2 * e.double()).sum(1) for m in (layer, plain)]
+    if method == "log":
+        assert (werr[0] <= werr[1] * (1 + 1e-5) + 1e-12).all()
+    assert werr[0].sum() < werr[1].sum()
     assert METHODS[method].needs_calib(dict(weighted_grid=True)) and not METHODS[method].needs_calib({})
