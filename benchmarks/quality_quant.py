@@ -62,8 +62,7 @@ METHODS = {
     "vq_d1_b4_row_random": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1, "weighted_grid": True},
 }
 NEEDS_CALIB = {name for name, st in METHODS.items() if st.get("gptq") or st.get("weighted_grid")}
-RANDOM_CALIB = {"int4_g128_rtn_random", "int4_g128_rtn_random_ls", "int4_g128_gptq_random", "log4_random",
-                "vq_d1_b4_row_random"}  # calibrated on random tokens, not Emma
+RANDOM_CALIB = {name for name in NEEDS_CALIB if "_random" in name}  # on random tokens, not Emma
 
 
 def calib_of(name, calib):

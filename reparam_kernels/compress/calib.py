@@ -6,6 +6,8 @@ so it is accumulated batch by batch instead of keeping the activations:
 * ``gram``       — XᵀX [in, in] in float64 (whitened SVD, GPTQ-style methods,
                    and the output error of any approximation on these inputs);
 * ``abs_mean``   — mean |x| per input channel (activation scales for AWQ);
+* ``mean_square`` — mean x² per input channel (diag XᵀX / n: the input energy that weights the
+                   quantizers' grids, ``weighted_grid``);
 * ``count``      — number of rows seen.
 """
 import contextlib
@@ -34,6 +36,10 @@ class CalibStats:
     @property
     def abs_mean(self):
         return self.abs_sum / max(self.count, 1)
+
+    @property
+    def mean_square(self):
+        return self.gram.diagonal() / max(self.count, 1)
 
     @classmethod
     def from_inputs(cls, x):
@@ -82,12 +88,12 @@ def random_tokens(model, n=16, seq_len=512, seed=0):
     each input channel's typical energy, and that is mostly a property of the model (its normalisation
     gains, the channels it keeps large), which random tokens bring out as well as text does
     (SmolLM2: docs/quant.md). ``compress(..., calib="random")`` uses this."""
+    cfg = getattr(model, "config", None)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab = getattr(emb, "num_embeddings", None) or getattr(cfg, "vocab_size", None)
     if not vocab:
         raise ValueError("calib='random' needs a model with token embeddings (get_input_embeddings() or "
                          "config.vocab_size) to draw token ids from")
-    cfg = getattr(model, "config", None)
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if isinstance(limit, int) and limit > 0:
         seq_len = min(seq_len, limit)  # learned position tables (GPT-2) end there

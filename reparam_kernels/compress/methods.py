@@ -145,9 +145,9 @@ def _int4_needs_calib(s):
     return _gptq(s) or _weighted(s)
 
 
-def _input_energy(stats):
-    """Mean square of each input channel (diag XᵀX / n) from a layer's CalibStats."""
-    return (stats.gram.diagonal() / max(stats.count, 1)).float()
+def _grid_energy(s, stats):
+    """The input energy that weights a quantizer's grid (``weighted_grid``), or None."""
+    return stats.mean_square.float() if _weighted(s) else None
 
 
 def _build_int8(linear, s, stats):
@@ -169,22 +169,20 @@ def _int4_grid(s):
 def _build_int4(linear, s, stats):
     cls = _layer_class("quant", "Int4Linear", "int4")
     g = _auto_group(linear.in_features, s.get("group_size"))
-    energy = _input_energy(stats) if _weighted(s) else None
     return cls.from_linear(linear, group_size=g, symmetric=bool(s.get("symmetric", False)),
-                           calib=stats if _gptq(s) else None, input_energy=energy, **_int4_grid(s))
+                           calib=stats if _gptq(s) else None, input_energy=_grid_energy(s, stats), **_int4_grid(s))
 
 
 def _build_log(linear, s, stats):
     cls = _layer_class("quant", "LUTLinear", "log")
-    return cls.from_linear(linear, method="log", bits=s.get("bits", 4),
-                           input_energy=_input_energy(stats) if _weighted(s) else None)
+    return cls.from_linear(linear, method="log", bits=s.get("bits", 4), input_energy=_grid_energy(s, stats))
 
 
 def _build_vq(linear, s, stats):
     cls = _layer_class("quant", "LUTLinear", "vq")
     return cls.from_linear(linear, method="vq", bits=s.get("bits", 4), d=s.get("d", 1),
                            rows_per_codebook=s.get("rows_per_codebook"),
-                           input_energy=_input_energy(stats) if _weighted(s) else None)
+                           input_energy=_grid_energy(s, stats))
 
 
 register_method("int8", _build_int8, ("gptq",), None, _gptq, "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)")
