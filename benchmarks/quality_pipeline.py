@@ -67,7 +67,7 @@ CONFIGS = {  # in run order: the headline rows first
     "lowrank-whitened-10": (lowrank(0.1, True), False),
     "lowrank-plain-10": (lowrank(0.1, False), False),
     "int8-rtn": (both("int8"), False),
-    "int4-rtn": (both("int4"), False),
+    "int4-rtn": (both("int4", weighted_grid=False), False),  # plain round to nearest, though calib is passed
     "combo-lowrank20-int4": (both("lowrank_int4", ratio=0.2), True),
     "combo-mlp-lowrank20-attn-int8": ({ATTN: {"method": "int8"}, MLP: {"method": "lowrank", "ratio": 0.2}}, False),
     "block-circulant-b64": (both("block_circulant", block_size=64), False),

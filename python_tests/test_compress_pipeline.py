@@ -189,6 +189,54 @@ def test_calib_random_draws_tokens_from_the_model_vocabulary():
         rk.compress(model, recipe, calib="text", progress=False)
 
 
+def test_weighted_grid_auto_uses_calibration_data_when_given():
+    """weighted_grid defaults to 'auto': with calibration data round to nearest's grid search is weighted by the
+    inputs' energies (the same as true), without it plain (the same as false); GPTQ is not affected; a value
+    other than true / false / 'auto' is refused by name."""
+    model = tiny_llama(seed=12, hidden=64, ffn=96)
+    ids = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(3))
+
+    def up(rule, calib):
+        out, _ = rk.compress(model, {MLP: rule}, calib=calib, progress=False)
+        return out.model.layers[1].mlp.up_proj
+
+    for base in ({"method": "int4", "group_size": 32}, {"method": "vq", "bits": 4, "rows_per_codebook": 1},
+                 {"method": "log", "bits": 4}):
+        auto, on = up(base, ids), up({**base, "weighted_grid": True}, ids)
+        off, free = up({**base, "weighted_grid": False}, ids), up(base, None)
+        state = lambda m: {k: v for k, v in m.state_dict().items()}  # noqa: E731
+        for k, v in state(auto).items():
+            assert torch.equal(v, state(on)[k]) and torch.equal(state(off)[k], state(free)[k]), (base, k)
+        assert any(not torch.equal(v, state(off)[k]) for k, v in state(auto).items()), base
+    gptq = {"method": "int4", "group_size": 32, "gptq": True}
+    a, b = up(gptq, ids), up({**gptq, "weighted_grid": False}, ids)
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.zeros, b.zeros)
+    with pytest.raises(ValueError, match="weighted_grid"):
+        rk.compress(model, {MLP: {"method": "int4", "weighted_grid": "yes"}}, calib=ids, progress=False)
+
+
+def test_calib_random_warns_for_methods_that_need_text():
+    """Random tokens stand in for text only for the input energies; whitened SVD, GPTQ and Fisher weights get a
+    warning naming the rule, the data-free weighted grid none."""
+    import warnings
+    model = tiny_llama(seed=11, hidden=64, ffn=96)
+    for rule, warned in [({"method": "int4", "weighted_grid": True, "group_size": 32}, False),
+                         ({"method": "int4", "gptq": True, "group_size": 32}, True),
+                         ({"method": "lowrank", "rank": 8}, True),  # whiten defaults to true
+                         ({"method": "lowrank", "rank": 8, "whiten": False}, False)]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rk.compress(model, {MLP: rule}, calib="random", progress=False)
+        ours = [w for w in caught if "calib='random'" in str(w.message)]
+        assert len(ours) == int(warned), rule
+        if warned:
+            assert MLP in str(ours[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # text calibration: no warning
+        rk.compress(model, {MLP: {"method": "lowrank", "rank": 8}}, calib=torch.randint(0, 101, (4, 16)),
+                    progress=False)
+
+
 def test_default_recipe_file_matches_the_builtin_default():
     from pathlib import Path
 

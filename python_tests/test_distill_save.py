@@ -200,11 +200,13 @@ def test_cli_compress_and_eval(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ppl = json.loads(r.stdout.strip().splitlines()[-1])["perplexity"]
     assert 1 < ppl < 1e4
-    # --calib random: calibration statistics from random token ids (here the whitening of the same recipe)
+    # --calib random: calibration statistics from random token ids (here the whitening of the same recipe,
+    # which random tokens mislead: the CLI says so, as compress(calib="random") does)
     r = run("compress", "--model", str(tmp_path / "dense"), "--recipe", str(recipe), "--calib", "random",
             "--calib-seqs", "4", "--calib-len", "32", "--out", str(tmp_path / "q"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "total (6 layers)" in r.stdout
+    assert "calib='random': rule(s) 'model.layers.*.mlp.*_proj'" in r.stderr
 
 
 def _tokenizer():

@@ -25,7 +25,8 @@ def main(argv):
 
     from ..compress import compress
     from ..compress.calib import random_tokens
-    from ..compress.recipe import DEFAULT_RECIPE
+    from ..compress.pipeline import warn_random_calib
+    from ..compress.recipe import DEFAULT_RECIPE, plan
     from ..evaluate import token_windows
     from ._models import load_any, read_text, save_with_tokenizer
 
@@ -33,6 +34,7 @@ def main(argv):
     model, tok = load_any(args.model, args.dtype)
     if args.calib == "random":
         calib = random_tokens(model, args.calib_seqs, args.calib_len)
+        warn_random_calib(plan(model, recipe, has_calib=True))  # as compress(calib="random") does
     else:
         calib = token_windows(tok, read_text(args.calib), args.calib_len, args.calib_seqs) if args.calib else None
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ handled last, with statistics from a full forward pass.
 """
 import copy
 import time
+import warnings
 
 import torch
 
@@ -20,7 +21,7 @@ from .allocate import resolve_global
 from .blocks import batches_of, block_inputs, find_blocks, move, next_inputs
 from .calib import collect_inputs, random_tokens
 from .fisher import channel_weights, output_fisher
-from .methods import get_method
+from .methods import get_method, uses_more_than_energy
 from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
 from .report import CompressionReport, LayerReport, state_bytes
 
@@ -75,6 +76,17 @@ def _weights_and_ranks(model, plan_, batches, progress):
     return plan_, fisher
 
 
+def warn_random_calib(plan_):
+    """calib='random' is for the quantizers' input energies; say so when a rule wants more from it."""
+    patterns = sorted({r.pattern for r in plan_.values() if uses_more_than_energy(r)})
+    if patterns:
+        warnings.warn(f"calib='random': rule(s) {', '.join(map(repr, patterns))} use statistics beyond each input's "
+                      "energy (whitened SVD, GPTQ or Fisher weights), which random tokens mislead — on SmolLM2 the "
+                      "default recipe gives +200% perplexity instead of +15% on text, GPTQ int4 +11% instead of +3%. "
+                      "Pass real text as calib, or use them without (whiten=false, gptq=false, fisher=false).",
+                      stacklevel=4)  # the caller of compress (under its no_grad wrapper)
+
+
 @torch.no_grad()
 def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None, progress=True):
     """Compress the Linears of `model` that `recipe` matches; returns (model, CompressionReport).
@@ -89,12 +101,16 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
+    random_calib = False
     if isinstance(calib, str):
         if calib != "random":
             raise ValueError(f"`calib` must be token ids, a list of them, None or 'random', got {calib!r}")
         calib = random_tokens(model)
+        random_calib = True
     batches = batches_of(calib, batch_size)
     plan_ = plan(model, recipe, has_calib=bool(batches))  # validates before anything changes
+    if random_calib:
+        warn_random_calib(plan_)
     if not inplace:
         model = copy.deepcopy(model)
     # GPT-2 style Conv1D → the equivalent nn.Linear, so every method sees a Linear; the ones that stay
