@@ -89,6 +89,7 @@ setup(
     version="0.1.0",
     description="Compressed (reparameterized) linear layers for LLMs with fast CUDA/Triton kernels",
     packages=find_packages(include=["reparam_kernels", "reparam_kernels.*"]),
+    package_data={"reparam_kernels": ["recipes/*.yaml"]},  # the built-in recipes (compress.recipe.BUILTIN)
     python_requires=">=3.10",
     install_requires=["torch>=2.10", "numpy", "scipy"],  # scipy: pivoted QR (nn/pivoted.py)
     extras_require={"models": ["transformers", "gguf", "accelerate", "safetensors", "tqdm", "pyyaml"],

@@ -244,3 +244,24 @@ def test_default_recipe_file_matches_the_builtin_default():
 
     path = Path(rk.__file__).parent / "recipes" / "default.yaml"
     assert [r.to_dict() for r in parse_recipe(path)] == [r.to_dict() for r in parse_recipe(DEFAULT_RECIPE)]
+
+
+def test_builtin_recipes_by_name(tmp_path, monkeypatch):
+    """compress(model, "int4") and --recipe int4 take the recipes shipped in reparam_kernels/recipes by name
+    (setup.py's package_data puts them in the wheel); a file of that name wins; an unknown name lists them."""
+    from reparam_kernels.compress.recipe import DEFAULT_RECIPE, builtin_recipes, parse_recipe
+    from reparam_kernels.nn import Int4Linear, Int8Linear
+
+    assert {"default", "int8", "int4", "int4-gptq"} <= set(builtin_recipes())
+    assert [r.to_dict() for r in parse_recipe("default")] == [r.to_dict() for r in parse_recipe(DEFAULT_RECIPE)]
+    assert [r.to_dict() for r in parse_recipe("int4-gptq")] == [
+        {"match": "model.layers.*", "method": "int4", "gptq": True}]
+    model = tiny_llama(seed=13, hidden=64, ffn=96)
+    for name, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
+        out, _ = rk.compress(model, name, progress=False)
+        assert all(isinstance(m, cls) for n, m in out.named_modules() if n.endswith("_proj"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "int4").write_text("rules:\n  - match: 'model.layers.*.mlp.*'\n    method: int8\n")
+    assert [r.method for r in parse_recipe("int4")] == ["int8"]
+    with pytest.raises(ValueError, match="built-in recipe .*int4-gptq"):
+        parse_recipe("int5")

@@ -59,10 +59,22 @@ class Rule:
         return {"match": self.pattern, "method": self.method, **self.settings}
 
 
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes():
+    """Names of the recipes shipped in reparam_kernels/recipes (default, int8, int4, int4-gptq, …)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
 def _read_file(path):
+    name = str(path)
     path = Path(path)
+    if not path.is_file() and name in builtin_recipes():  # a built-in name; a file of that name wins
+        path = RECIPES_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"`recipe`: file {path} does not exist")
+        raise ValueError(f"`recipe`: file {path} does not exist, nor is it a built-in recipe "
+                         f"({', '.join(builtin_recipes())})")
     text = path.read_text()
     if path.suffix.lower() == ".json":
         return json.loads(text)
@@ -96,7 +108,8 @@ def _rule(entry, where):
 
 
 def parse_recipe(recipe):
-    """A list of Rules from a dict, a list of rule dicts, a Rule list or a YAML/JSON path."""
+    """A list of Rules from a dict, a list of rule dicts, a Rule list, a YAML/JSON path or the name of a
+    built-in recipe (``builtin_recipes()``: "default", "int8", "int4", "int4-gptq")."""
     if isinstance(recipe, (str, Path)):
         recipe = _read_file(recipe)
     if isinstance(recipe, list):
