@@ -207,6 +207,13 @@ def test_cli_compress_and_eval(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "total (6 layers)" in r.stdout
     assert "calib='random': rule(s) 'model.layers.*.mlp.*_proj'" in r.stderr
+    assert "note: without --calib" not in r.stdout
+    # a quantizer whose grid calibration would weight, run without --calib: the CLI says what --calib random gives
+    log = tmp_path / "log.yaml"
+    log.write_text("rules:\n  - match: 'model.layers.*.mlp.*_proj'\n    method: log\n")
+    r = run("compress", "--model", str(tmp_path / "dense"), "--recipe", str(log), "--out", str(tmp_path / "l"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: without --calib the int4 / log / vq grids are not weighted" in r.stdout
 
 
 def _tokenizer():
