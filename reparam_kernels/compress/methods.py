@@ -153,9 +153,23 @@ def _check_weighted(s):
                               f"given), got {s.get('weighted_grid')!r}")
 
 
+def _check_weighted_lut(out_f, in_f, s):  # log / vq: weighted_grid is their only checked setting
+    _check_weighted(s)
+
+
 def _weighted(s):
     """weighted_grid: true — it needs calibration data (compress refuses to run without)."""
     return s.get("weighted_grid", "auto") is True
+
+
+def _auto_weighted(s):
+    """weighted_grid 'auto' (the default) on a grid the weighting applies to: round to nearest's asymmetric search."""
+    return s.get("weighted_grid", "auto") == "auto" and not _gptq(s) and not s.get("symmetric")
+
+
+def calibration_would_weight(rule):
+    """Whether calibration data would weight this rule's quantizer grid under weighted_grid 'auto'."""
+    return rule.method in ("int4", "log", "vq") and _auto_weighted(rule.settings)
 
 
 def _int4_needs_calib(s):
@@ -168,11 +182,8 @@ def _grid_energy(s, stats):
     "auto" (the default) weights whenever calibration statistics are there and the grid is round to nearest's
     asymmetric search: given data, the unweighted grid only throws it away (SmolLM2 int4 g128: +22.0% → +7.3%
     with Emma's energies, +8.5% with random tokens'; docs/quant.md)."""
-    mode = s.get("weighted_grid", "auto")
     has_stats = stats is not None and getattr(stats, "count", 0) > 0
-    if mode == "auto":
-        mode = has_stats and not _gptq(s) and not s.get("symmetric")
-    return stats.mean_square.float() if mode and has_stats else None
+    return stats.mean_square.float() if has_stats and (_weighted(s) or _auto_weighted(s)) else None
 
 
 def _build_int8(linear, s, stats):
@@ -218,11 +229,11 @@ register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", "weight
                 "search; weighted_grid (default 'auto': whenever calibration data is given; true: required): round to nearest "
                 "with that search weighted by each input's mean square on the calibration data — calib='random' "
                 "measures it on random tokens, no data needed)")
-register_method("log", _build_log, ("bits", "weighted_grid"), lambda out_f, in_f, s: _check_weighted(s), _weighted,
+register_method("log", _build_log, ("bits", "weighted_grid"), _check_weighted_lut, _weighted,
                 doc="log (power-of-two) quantization via a lookup table (weighted_grid, default 'auto' as int4's: "
                     "each row's scale chosen by input-energy-weighted error when calibration data is given)")
 register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook", "weighted_grid"),
-                lambda out_f, in_f, s: _check_weighted(s), _weighted,
+                _check_weighted_lut, _weighted,
                 doc="vector quantization, k-means codebook of 2^bits d-element sub-vectors (weighted_grid, default "
                     "'auto' as int4's: k-means weighted by each input's mean square when calibration data is given)")
 
