@@ -252,7 +252,7 @@ def test_builtin_recipes_by_name(tmp_path, monkeypatch):
     from reparam_kernels.compress.recipe import DEFAULT_RECIPE, builtin_recipes, parse_recipe
     from reparam_kernels.nn import Int4Linear, Int8Linear
 
-    assert {"default", "int8", "int4", "int4-gptq"} <= set(builtin_recipes())
+    assert {"default", "int8", "int4", "int4-mixed", "int4-gptq"} <= set(builtin_recipes())
     assert [r.to_dict() for r in parse_recipe("default")] == [r.to_dict() for r in parse_recipe(DEFAULT_RECIPE)]
     assert [r.to_dict() for r in parse_recipe("int4-gptq")] == [
         {"match": "model.layers.*", "method": "int4", "gptq": True}]
@@ -260,6 +260,9 @@ def test_builtin_recipes_by_name(tmp_path, monkeypatch):
     for name, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
         out, _ = rk.compress(model, name, progress=False)
         assert all(isinstance(m, cls) for n, m in out.named_modules() if n.endswith("_proj"))
+    out, _ = rk.compress(model, "int4-mixed", calib="random", progress=False)  # mean_bits 5: some of each
+    kinds = {type(m) for n, m in out.named_modules() if n.endswith("_proj")}
+    assert kinds == {Int4Linear, Int8Linear}
     monkeypatch.chdir(tmp_path)
     (tmp_path / "int4").write_text("rules:\n  - match: 'model.layers.*.mlp.*'\n    method: int8\n")
     assert [r.method for r in parse_recipe("int4")] == ["int8"]

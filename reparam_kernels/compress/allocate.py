@@ -27,8 +27,7 @@ import fnmatch
 import torch
 from torch import nn
 
-from .blocks import batches_of, block_inputs, find_blocks, next_inputs
-from .calib import collect_inputs
+from .blocks import batches_of, visit_layers
 from .fisher import channel_weights, output_fisher
 from .methods import int4_settings_of_combo
 from .recipe import Rule
@@ -38,36 +37,16 @@ from .svd import whitened_spectrum
 LOWRANK_METHODS = ("lowrank", "lowrank_int4")  # the methods whose rank `allocate: global` chooses
 
 
-@torch.no_grad()
 def layer_spectra(model, batches, names, fisher=None, progress=True):
     """{name: σ² of diag(√F)·W·S} for the Linears `names` (inside the transformer blocks) of the
     dense `model`, with statistics gathered block by block on the calibration batches."""
-    from tqdm.auto import tqdm
-
-    prefix, blocks = find_blocks(model, names)
-    if not blocks or any(not n.startswith(prefix + ".") for n in names):
-        raise ValueError("`recipe`: global rank allocation handles Linears inside the transformer blocks only")
-    last = max(int(n[len(prefix) + 1:].split(".", 1)[0]) for n in names)  # the last block holding a name
-    inputs = block_inputs(model, blocks[0], batches)
     spectra = {}
-    bar = tqdm(total=len(names), desc="allocate", unit="layer", disable=not progress)
-    try:
-        for i, block in enumerate(blocks):
-            bp = f"{prefix}.{i}."
-            local = [n[len(bp):] for n in names if n.startswith(bp)]
-            if local:
-                with collect_inputs({n: block.get_submodule(n) for n in local}) as stats:
-                    for a, k in inputs:
-                        block(*a, **k)
-                for n in local:
-                    d = channel_weights(fisher[bp + n]) if fisher is not None else None
-                    spectra[bp + n] = whitened_spectrum(block.get_submodule(n).weight, stats[n].gram, d)
-                    bar.update(1)
-            if i == last:
-                break
-            inputs = next_inputs(block, inputs)
-    finally:
-        bar.close()
+
+    def visit(name, linear, stats):
+        d = channel_weights(fisher[name]) if fisher is not None else None
+        spectra[name] = whitened_spectrum(linear.weight, stats.gram, d)
+
+    visit_layers(model, batches, names, visit, "allocate", progress)
     return spectra
 
 

@@ -8,6 +8,8 @@ those inputs, hand its outputs to block i+1 — so only one block (with
 import torch
 from torch import nn
 
+from .calib import collect_inputs
+
 
 class _Stop(Exception):
     pass
@@ -75,6 +77,37 @@ def _with_hidden(args, kwargs, hidden):
 def next_inputs(block, inputs):
     """The inputs of the next block: `block`'s hidden-state outputs with the same other arguments."""
     return [_with_hidden(a, k, _first_tensor(block(*a, **k))) for a, k in inputs]
+
+
+@torch.no_grad()
+def visit_layers(model, batches, names, visit, desc, progress=True):
+    """visit(name, linear, stats) for each Linear of `names` (all inside the transformer blocks) with its
+    CalibStats on the calibration batches, run block by block through the unchanged model (what the global
+    allocations plan from: rank in ``allocate.py``, int4 / int8 in ``allocate_bits.py``)."""
+    from tqdm.auto import tqdm
+
+    prefix, blocks = find_blocks(model, names)
+    if not blocks or any(not n.startswith(prefix + ".") for n in names):
+        raise ValueError(f"`recipe`: the global allocation ({desc}) handles Linears inside the transformer blocks only")
+    last = max(int(n[len(prefix) + 1:].split(".", 1)[0]) for n in names)  # the last block holding a name
+    inputs = block_inputs(model, blocks[0], batches)
+    bar = tqdm(total=len(names), desc=desc, unit="layer", disable=not progress)
+    try:
+        for i, block in enumerate(blocks):
+            bp = f"{prefix}.{i}."
+            local = [n[len(bp):] for n in names if n.startswith(bp)]
+            if local:
+                with collect_inputs({n: block.get_submodule(n) for n in local}) as stats:
+                    for a, k in inputs:
+                        block(*a, **k)
+                for n in local:
+                    visit(bp + n, block.get_submodule(n), stats[n])
+                    bar.update(1)
+            if i == last:
+                break
+            inputs = next_inputs(block, inputs)
+    finally:
+        bar.close()
 
 
 def move(obj, device):

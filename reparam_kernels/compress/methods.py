@@ -116,7 +116,9 @@ register_method("lowrank", _build_lowrank, _RANK_KEYS + ("whiten", "damping", "f
 
 def uses_more_than_energy(rule):
     """Whether a rule's method uses calibration statistics beyond each input's mean square: XᵀX (whitened SVD,
-    GPTQ) or the loss's Fisher. Those need real text; measured on random tokens they mislead (docs/quant.md)."""
+    GPTQ) or the loss's Fisher. Those need real text; measured on random tokens they mislead (docs/quant.md).
+    int4's mean_bits is not among them: its Fisher only ranks layers, and random tokens ranked them as text did
+    (SmolLM2: +3.40% against +3.49% at 5.38 bits, docs/quant.md)."""
     s = rule.settings
     if s.get("gptq") or s.get("fisher"):
         return True
@@ -141,6 +143,10 @@ def _check_int4(out_f, in_f, s):
     if s.get("weighted_grid") is True and (_gptq(s) or s.get("symmetric")):
         _bad("weighted_grid", "weights round to nearest's asymmetric grid search: not with gptq (which always "
                               "weights its grid) or symmetric")
+    b = s.get("mean_bits")
+    if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 4 <= b <= 16):
+        _bad("mean_bits", f"mean bits per weight of the rule's layers (int4 where it costs least, int8 elsewhere), "
+                          f"a number in [4, 16]; got {b!r}")
 
 
 def _gptq(s):
@@ -173,7 +179,7 @@ def calibration_would_weight(rule):
 
 
 def _int4_needs_calib(s):
-    return _gptq(s) or _weighted(s)
+    return _gptq(s) or _weighted(s) or s.get("mean_bits") is not None  # mean_bits: Fisher + inputs pick the int8
 
 
 def _grid_energy(s, stats):
@@ -222,13 +228,15 @@ def _build_vq(linear, s, stats):
 
 
 register_method("int8", _build_int8, ("gptq",), None, _gptq, "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)")
-register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", "weighted_grid", *INT4_GRID_DEFAULTS),
+register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", "weighted_grid", "mean_bits",
+                                      *INT4_GRID_DEFAULTS),
                 _check_int4, _int4_needs_calib,
                 "group-wise int4 (group_size: auto = largest of 128/64/32 dividing in_features; gptq=true calibrates; "
                 "integer_zero / clip_steps / min_clip / refine_steps: the grid, default float zero + 11x11 clipping "
                 "search; weighted_grid (default 'auto': whenever calibration data is given; true: required): round to nearest "
                 "with that search weighted by each input's mean square on the calibration data — calib='random' "
-                "measures it on random tokens, no data needed)")
+                "measures it on random tokens, no data needed; mean_bits: a size budget for all such rules, the layers where "
+                "int8 saves the most estimated loss per bit become int8 — compress/allocate_bits.py)")
 register_method("log", _build_log, ("bits", "weighted_grid"), _check_weighted_lut, _weighted,
                 doc="log (power-of-two) quantization via a lookup table (weighted_grid, default 'auto' as int4's: "
                     "each row's scale chosen by input-energy-weighted error when calibration data is given)")

@@ -18,6 +18,7 @@ import torch
 
 from . import svd as _svd
 from .allocate import resolve_global
+from .allocate_bits import resolve_bits
 from .blocks import batches_of, block_inputs, find_blocks, move, next_inputs
 from .calib import collect_inputs, random_tokens
 from .fisher import channel_weights, output_fisher
@@ -68,8 +69,10 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
 
 
 def _weights_and_ranks(model, plan_, batches, progress):
-    """Fisher weights for rules with fisher=true, then global rank allocation; returns (plan, fisher)."""
+    """Global rank allocation and mean_bits' int4 / int8 choice, then the Fisher weights of rules with
+    fisher=true; returns (plan, fisher)."""
     plan_, fisher = resolve_global(model, plan_, batches, progress)
+    plan_ = resolve_bits(model, plan_, batches, progress)
     want = [n for n, r in plan_.items() if r.settings.get("fisher") and (fisher is None or n not in fisher)]
     if want:
         fisher = {**(fisher or {}), **output_fisher(model, batches, want, progress)}

@@ -188,5 +188,5 @@ def plan(model, recipe, has_calib):
         if m.needs_calib is not None and m.needs_calib(rule.settings) and not has_calib:
             raise ValueError(f"`calib`: method {rule.method!r} with settings {rule.settings} (rule {rule.pattern!r}) "
                              f"needs calibration data; pass calib=token ids (calib='random': random tokens, no data) or use "
-                             f"whiten=false / gptq=false / weighted_grid=false")
+                             f"whiten=false / gptq=false / weighted_grid=false / no mean_bits")
     return {n: r for n, r in chosen.items() if r.method != "skip"}

@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .recipe import linear_features
 

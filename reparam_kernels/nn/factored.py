@@ -5,7 +5,6 @@ factorization whose two factors are themselves compressed layers (int4 …).
 rank → out_features (it holds u [out, r] and the bias), so each factor runs
 through its own kernel (e.g. two int4_linear calls for int4-quantized factors).
 """
-import torch
 from torch import nn
 
 
