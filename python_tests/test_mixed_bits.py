@@ -5,7 +5,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import reparam_kernels as rk  # noqa: E402
-from reparam_kernels.compress.allocate_bits import choose_int8, deployed_bits, plan_int8, quantization_loss  # noqa: E402
+from reparam_kernels.compress.allocate_bits import (allocate_bits, choose_int8, deployed_bits, plan_int8,  # noqa: E402
+                                                    quantization_loss)
 from reparam_kernels.compress.calib import CalibStats  # noqa: E402
 from reparam_kernels.compress.recipe import plan  # noqa: E402
 from reparam_kernels.nn.quant import Int4Linear, Int8Linear  # noqa: E402
@@ -62,6 +63,18 @@ def test_compress_with_mean_bits_keeps_the_budget_and_lowers_the_estimated_loss(
         assert isinstance(layer, Int8Linear if up else Int4Linear)
         assert "mean_bits" not in layer._reparam_settings
         assert deployed_bits(layer) == cands[n][1 if up else 0]
+
+
+def test_allocate_bits_writes_out_the_choice_compress_makes():
+    model, ids = _model(), _ids(8, 32, seed=5)
+    recipe = allocate_bits(model, ids, ALL, 5.5, progress=False)
+    direct, rep = rk.compress(model, {ALL: {"method": "int4", "mean_bits": 5.5}}, calib=ids, progress=False)
+    assert [(r["match"], r["method"]) for r in recipe["rules"]] == [(r.name, r.method) for r in rep.layers]
+    via, _ = rk.compress(model, recipe, calib=ids, progress=False)
+    x = _ids(2, 16, seed=6)
+    torch.testing.assert_close(via(input_ids=x).logits, direct(input_ids=x).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="match no"):
+        allocate_bits(model, ids, "nothing.*", 5.5)
 
 
 def test_mean_bits_checkpoint_reloads_bit_identical(tmp_path):

@@ -99,3 +99,36 @@ def resolve_bits(model, plan_, batches, progress=True):
         else:
             out[n] = Rule(rule.pattern, rule.method, {k: v for k, v in rule.settings.items() if k != "mean_bits"})
     return out
+
+
+def allocate_bits(model, calib, patterns, mean_bits, batch_size=4, progress=True, **int4_settings):
+    """Recipe {rules: [...]} naming, for each Linear matched by `patterns` (globs, inside the transformer
+    blocks), int4 (with `int4_settings`) or int8 — the choice ``compress`` makes for a rule
+    ``{method: int4, mean_bits: mean_bits, **int4_settings}``, written out to read or edit."""
+    import fnmatch
+
+    from torch import nn
+
+    from .blocks import batches_of
+    from .recipe import plan
+
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not names:
+        raise ValueError(f"`patterns` {patterns} match no nn.Linear of the model")
+    batches = batches_of(calib, batch_size)
+    if not batches:
+        raise ValueError("`calib`: mean_bits needs calibration token ids (random ones serve: calib.random_tokens)")
+    rule = {"method": "int4", "mean_bits": mean_bits, **int4_settings}
+    plan_ = plan(model, {"rules": [{"match": n, **rule} for n in names]}, has_calib=True)  # validates
+    was_training = model.training
+    model.eval()
+    try:
+        chosen, _ = plan_int8(model, plan_, batches, progress)
+    finally:
+        model.train(was_training)
+    return {"name": f"int4-int8-mean-bits-{mean_bits:g}",
+            "rules": [{"match": n, "method": "int8"} if chosen[n] else {"match": n, "method": "int4", **int4_settings}
+                      for n in names]}
