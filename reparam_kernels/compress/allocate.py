@@ -22,12 +22,9 @@ version normalized them per layer and measured *worse* than uniform. Keep
 ``lowrank_int4`` layer kept dense becomes ``int4``); ``allocate_ranks``
 returns the same choice as a recipe.
 """
-import fnmatch
-
 import torch
-from torch import nn
 
-from .blocks import batches_of, visit_layers
+from .blocks import matched_linears_and_batches, visit_layers
 from .fisher import channel_weights, output_fisher
 from .methods import int4_settings_of_combo
 from .recipe import Rule
@@ -138,15 +135,7 @@ def allocate_ranks(model, calib, patterns, ratio, fisher=True, batch_size=4, pro
     stay dense), so that those layers lose `ratio` of their parameters in total."""
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"`ratio` must satisfy 0 < ratio < 1, got {ratio!r}")
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not names:
-        raise ValueError(f"`patterns` {patterns} match no nn.Linear of the model")
-    batches = batches_of(calib, batch_size)
-    if not batches:
-        raise ValueError("`calib`: global allocation needs calibration token ids")
+    names, batches = matched_linears_and_batches(model, patterns, calib, batch_size, "global allocation")
     model.eval()
     ranks, _ = _plan_ranks(model, batches, names, float(ratio), fisher, progress, bool(pivoted))
     extra = {"pivoted": True} if pivoted else {}

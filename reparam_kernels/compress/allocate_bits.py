@@ -15,10 +15,10 @@ down_proj int8 (the usual hand-written choice).
 """
 import torch
 
-from .blocks import visit_layers
+from .blocks import matched_linears_and_batches, visit_layers
 from .fisher import output_fisher
 from .methods import get_method
-from .recipe import Rule
+from .recipe import Rule, plan
 
 CODE_METHODS = ("int4",)  # the methods whose rules may carry mean_bits
 
@@ -105,22 +105,8 @@ def allocate_bits(model, calib, patterns, mean_bits, batch_size=4, progress=True
     """Recipe {rules: [...]} naming, for each Linear matched by `patterns` (globs, inside the transformer
     blocks), int4 (with `int4_settings`) or int8 — the choice ``compress`` makes for a rule
     ``{method: int4, mean_bits: mean_bits, **int4_settings}``, written out to read or edit."""
-    import fnmatch
-
-    from torch import nn
-
-    from .blocks import batches_of
-    from .recipe import plan
-
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if not names:
-        raise ValueError(f"`patterns` {patterns} match no nn.Linear of the model")
-    batches = batches_of(calib, batch_size)
-    if not batches:
-        raise ValueError("`calib`: mean_bits needs calibration token ids (random ones serve: calib.random_tokens)")
+    names, batches = matched_linears_and_batches(model, patterns, calib, batch_size,
+                                                 "mean_bits (random token ids serve: calib.random_tokens)")
     rule = {"method": "int4", "mean_bits": mean_bits, **int4_settings}
     plan_ = plan(model, {"rules": [{"match": n, **rule} for n in names]}, has_calib=True)  # validates
     was_training = model.training

@@ -5,6 +5,8 @@ both walk the blocks in order: capture what block 0 receives, run block i on
 those inputs, hand its outputs to block i+1 — so only one block (with
 ``device=``) need be on the accelerator at once.
 """
+import fnmatch
+
 import torch
 from torch import nn
 
@@ -28,6 +30,21 @@ def batches_of(calib, batch_size):
     if not out or not all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in out):
         raise ValueError("`calib` must be token ids [n, seq_len] or a non-empty list of [b, seq_len] tensors")
     return out
+
+
+def matched_linears_and_batches(model, patterns, calib, batch_size, what):
+    """(names of the nn.Linears matched by `patterns` (globs), calibration batches) for the allocation
+    functions that write their choice out as a recipe; `what` names the allocation in the error."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if not names:
+        raise ValueError(f"`patterns` {patterns} match no nn.Linear of the model")
+    batches = batches_of(calib, batch_size)
+    if not batches:
+        raise ValueError(f"`calib`: {what} needs calibration token ids")
+    return names, batches
 
 
 def find_blocks(model, names):
