@@ -94,6 +94,19 @@ def test_lut_fallback_settings_warn_and_stay_correct(rng, kw):
     assert rel_err(y, lin(x).detach()) <= 0.4
 
 
+@pytest.mark.parametrize("bits, d, code_dtype", [(8, 2, torch.uint8), (8, 1, torch.uint8), (10, 2, torch.int16)])
+def test_lut_fallback_codes_take_the_narrowest_integer(rng, bits, d, code_dtype):
+    """Codes of the dense-fallback settings are stored in the narrowest integer holding 2^bits values (they
+    were int32: vq d=2, bits=8 stored 16 bits per weight instead of 4); int32 codes of older checkpoints load."""
+    lin = make_linear(rng)
+    layer = LUTLinear.from_linear(lin, method="vq", d=d, bits=bits, iters=3)
+    assert layer.codes.dtype == code_dtype
+    old = {k: (v.to(torch.int32) if k == "codes" else v) for k, v in layer.state_dict().items()}
+    again = LUTLinear(128, 48, bits=bits, d=d, num_tables=layer.num_tables)
+    again.load_state_dict(old)
+    assert torch.equal(again.to_dense(), layer.to_dense())
+
+
 def test_state_dict_round_trip(rng):
     lin = make_linear(rng)
     a = Int4Linear.from_linear(lin, group_size=64)

@@ -174,7 +174,10 @@ class LUTLinear(_QuantBase):
             self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
             self.register_buffer("lut", torch.zeros(num_tables, 16, dtype=dtype, device=device))
         else:
-            self.register_buffer("codes", torch.zeros(out_features, in_features // d, dtype=torch.int32, device=device))
+            # the narrowest integer holding 2^bits codes (vq allows bits ≤ 12): int32 made d=2, bits=8 cost 16
+            # bits per weight stored instead of 4 (checkpoints with int32 codes still load: load_state_dict casts)
+            code_dtype = torch.uint8 if bits <= 8 else torch.int16
+            self.register_buffer("codes", torch.zeros(out_features, in_features // d, dtype=code_dtype, device=device))
             self.register_buffer("codebooks", torch.zeros(num_tables, 2 ** bits, d, dtype=dtype, device=device))
 
     @classmethod
@@ -206,7 +209,7 @@ class LUTLinear(_QuantBase):
             layer.codes.copy_(Q.pack_int4(codes.to(torch.uint8)))
             layer.lut.copy_(lut)
         else:
-            layer.codes.copy_(codes.to(torch.int32))
+            layer.codes.copy_(codes.to(layer.codes.dtype))
             layer.codebooks.copy_(books)
         layer._set_bias(linear)
         return layer
