@@ -60,6 +60,7 @@ METHODS = {
     # the same two lookup-table formats with their error weighted by input energy from random tokens
     "log4_random": {"method": "log", "bits": 4, "weighted_grid": True},
     "vq_d1_b4_row_random": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1, "weighted_grid": True},
+    "vq_d2_b8_random": {"method": "vq", "bits": 8, "d": 2, "weighted_grid": True},
 }
 NEEDS_CALIB = {name for name, st in METHODS.items() if st.get("gptq") or st.get("weighted_grid")}
 RANDOM_CALIB = {name for name in NEEDS_CALIB if "_random" in name}  # on random tokens, not Emma
