@@ -52,9 +52,13 @@ class QualityRun:
         value = perplexity(self.model, windows=self.evals, progress=False, desc=name)
         for n, mod in self.linears.items():
             mod.weight.data.copy_(self.dense[n])
-        self.rows.append({"method": name, **settings, "ppl": value, "increase_pct": 100 * (value / self.base - 1),
+        return self.add_row(name, value, t0, **settings)
+
+    def add_row(self, name, ppl, t0, **fields):
+        """The row of a variant measured at perplexity `ppl`, started at time.perf_counter() `t0`; printed."""
+        self.rows.append({"method": name, **fields, "ppl": ppl, "increase_pct": 100 * (ppl / self.base - 1),
                           "seconds": time.perf_counter() - t0})
-        print(f"{name}: ppl {value:.3f} ({self.rows[-1]['increase_pct']:+.2f}%)", flush=True)
+        print(f"{name}: ppl {ppl:.3f} ({self.rows[-1]['increase_pct']:+.2f}%)", flush=True)
         return self.rows[-1]
 
     def write(self, out, **fields):

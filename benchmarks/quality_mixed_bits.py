@@ -37,11 +37,8 @@ def measure(run, name, recipe, ids, **fields):
     bits = sum(deployed_bits(m) for m in layers) / params
     int8 = sorted(r.name for r in report.layers if r.method == "int8")
     ppl = perplexity(small, windows=run.evals, progress=False, desc=name)
-    run.rows.append({"method": name, **fields, "bits_per_weight": bits, "int8_layers": len(int8),
-                     "ppl": ppl, "increase_pct": 100 * (ppl / run.base - 1), "seconds": time.perf_counter() - t0,
-                     "int8": int8})
-    print(f"{name}: {bits:.3f} bits/weight, {len(int8)} int8 layers, ppl {ppl:.3f} "
-          f"({run.rows[-1]['increase_pct']:+.2f}%)", flush=True)
+    print(f"{name}: {bits:.3f} bits/weight, {len(int8)} int8 layers", flush=True)
+    run.add_row(name, ppl, t0, **fields, bits_per_weight=bits, int8_layers=len(int8), int8=int8)
 
 
 def main(argv=None):

@@ -56,6 +56,11 @@ def choose_int8(cands, mean_bits):
     return chosen
 
 
+def _int4_settings(rule):
+    """The rule's settings for the layers that stay int4: all but the budget."""
+    return {k: v for k, v in rule.settings.items() if k != "mean_bits"}
+
+
 def _mean_bits_rules(plan_):
     names = [n for n, r in plan_.items() if r.method in CODE_METHODS and r.settings.get("mean_bits") is not None]
     values = {plan_[n].settings["mean_bits"] for n in names}
@@ -75,8 +80,7 @@ def plan_int8(model, plan_, batches, progress=True):
     cands = {}
 
     def visit(name, linear, stats):
-        s = {k: v for k, v in plan_[name].settings.items() if k != "mean_bits"}
-        q4 = get_method("int4").build(linear, s, stats)
+        q4 = get_method("int4").build(linear, _int4_settings(plan_[name]), stats)
         q8 = get_method("int8").build(linear, {}, None)
         cands[name] = (deployed_bits(q4), deployed_bits(q8),
                        quantization_loss(linear.weight, q4.to_dense(), fisher[name], stats),
@@ -97,7 +101,7 @@ def resolve_bits(model, plan_, batches, progress=True):
         elif chosen[n]:
             out[n] = Rule(rule.pattern, "int8", {})
         else:
-            out[n] = Rule(rule.pattern, rule.method, {k: v for k, v in rule.settings.items() if k != "mean_bits"})
+            out[n] = Rule(rule.pattern, rule.method, _int4_settings(rule))
     return out
 
 
