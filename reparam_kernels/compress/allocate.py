@@ -34,16 +34,16 @@ from .svd import whitened_spectrum
 LOWRANK_METHODS = ("lowrank", "lowrank_int4")  # the methods whose rank `allocate: global` chooses
 
 
-def layer_spectra(model, batches, names, fisher=None, progress=True):
-    """{name: σ² of diag(√F)·W·S} for the Linears `names` (inside the transformer blocks) of the
-    dense `model`, with statistics gathered block by block on the calibration batches."""
+def layer_spectra(model, batches, names, fisher=None, progress=True, device=None):
+    """{name: σ² of diag(√F)·W·S (on the CPU)} for the Linears `names` (inside the transformer blocks) of
+    the dense `model`, with statistics gathered block by block on the calibration batches (on `device`)."""
     spectra = {}
 
     def visit(name, linear, stats):
         d = channel_weights(fisher[name]) if fisher is not None else None
-        spectra[name] = whitened_spectrum(linear.weight, stats.gram, d)
+        spectra[name] = whitened_spectrum(linear.weight, stats.gram, d).cpu()
 
-    visit_layers(model, batches, names, visit, "allocate", progress)
+    visit_layers(model, batches, names, visit, "allocate", progress, device)
     return spectra
 
 
@@ -94,19 +94,23 @@ def choose_ranks(spectra, shapes, ratio, pivoted=False):
     return pick(hi)[1]
 
 
-def _plan_ranks(model, batches, names, ratio, fisher_names, progress, pivoted=False):
-    fisher = output_fisher(model, batches, names, progress) if fisher_names else None
-    spectra = layer_spectra(model, batches, names, fisher, progress)
+def _plan_ranks(model, batches, names, ratio, use_fisher, progress, pivoted=False, fisher=None, device=None):
+    """({name: rank or None}, {name: F} or None); fisher: the Fisher already computed (else one pass here)."""
+    if use_fisher and (fisher is None or any(n not in fisher for n in names)):
+        fisher = output_fisher(model, batches, names, progress, device)
+    fisher = {n: fisher[n] for n in names} if use_fisher else None
+    spectra = layer_spectra(model, batches, names, fisher, progress, device)
     mods = dict(model.named_modules())
     shapes = {n: tuple(mods[n].weight.shape) for n in names}
     return choose_ranks(spectra, shapes, ratio, pivoted), fisher
 
 
-def resolve_global(model, plan_, batches, progress=True):
+def resolve_global(model, plan_, batches, progress=True, fisher=None, device=None):
     """Replace the plan's ``allocate: global`` low-rank rules by per-layer ranks.
 
     Returns (plan, fisher): layers allocation keeps dense leave the plan; fisher is
-    {name: F} for those rules (or None)."""
+    {name: F} for those rules (or None). fisher: the Fisher of those layers if already computed;
+    device: where the blocks run (``compress(device=)``)."""
     names = [n for n, r in plan_.items() if r.method in LOWRANK_METHODS and r.settings.get("allocate") == "global"]
     if not names:
         return plan_, None
@@ -117,7 +121,7 @@ def resolve_global(model, plan_, batches, progress=True):
         raise ValueError(f"`recipe`: rules with allocate='global' share one budget, so they need the same `ratio`, "
                          f"`fisher` and `pivoted`; got ratios {sorted(ratios)}, fisher {sorted(fishers)}, "
                          f"pivoted {sorted(pivots)}")
-    ranks, fisher = _plan_ranks(model, batches, names, ratios.pop(), fishers.pop(), progress, pivots.pop())
+    ranks, fisher = _plan_ranks(model, batches, names, ratios.pop(), fishers.pop(), progress, pivots.pop(), fisher, device)
     out = {}
     for n, rule in plan_.items():
         if n not in ranks:
@@ -130,14 +134,16 @@ def resolve_global(model, plan_, batches, progress=True):
     return out, fisher
 
 
-def allocate_ranks(model, calib, patterns, ratio, fisher=True, batch_size=4, progress=True, pivoted=False):
+def allocate_ranks(model, calib, patterns, ratio, fisher=True, batch_size=4, progress=True, pivoted=False,
+                   device=None):
     """Recipe {rules: [...]} giving each Linear matched by `patterns` (globs) a rank (or `skip` to
-    stay dense), so that those layers lose `ratio` of their parameters in total."""
+    stay dense), so that those layers lose `ratio` of their parameters in total. device: run the
+    blocks there one at a time (a CPU-resident model, device="cuda"), as ``compress(device=)``."""
     if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise ValueError(f"`ratio` must satisfy 0 < ratio < 1, got {ratio!r}")
     names, batches = matched_linears_and_batches(model, patterns, calib, batch_size, "global allocation")
     model.eval()
-    ranks, _ = _plan_ranks(model, batches, names, float(ratio), fisher, progress, bool(pivoted))
+    ranks, _ = _plan_ranks(model, batches, names, float(ratio), fisher, progress, bool(pivoted), device=device)
     extra = {"pivoted": True} if pivoted else {}
     rules = [{"match": n, "method": "skip"} if r is None else
              {"match": n, "method": "lowrank", "rank": r, "whiten": True, "fisher": bool(fisher), **extra}

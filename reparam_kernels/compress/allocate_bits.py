@@ -71,12 +71,14 @@ def _mean_bits_rules(plan_):
 
 
 @torch.no_grad()
-def plan_int8(model, plan_, batches, progress=True):
-    """({name: True = int8}, {name: (bits4, bits8, loss4, loss8, params)}) for the plan's mean_bits rules."""
+def plan_int8(model, plan_, batches, progress=True, fisher=None, device=None):
+    """({name: True = int8}, {name: (bits4, bits8, loss4, loss8, params)}) for the plan's mean_bits rules.
+    fisher: {name: F} if already computed (else one pass here); device: where the blocks run."""
     names, mean_bits = _mean_bits_rules(plan_)
     if not names:
         return {}, {}
-    fisher = output_fisher(model, batches, names, progress)
+    if fisher is None or any(n not in fisher for n in names):
+        fisher = output_fisher(model, batches, names, progress, device)
     cands = {}
 
     def visit(name, linear, stats):
@@ -86,14 +88,14 @@ def plan_int8(model, plan_, batches, progress=True):
                        quantization_loss(linear.weight, q4.to_dense(), fisher[name], stats),
                        quantization_loss(linear.weight, q8.to_dense(), fisher[name], stats), linear.weight.numel())
 
-    visit_layers(model, batches, names, visit, "mean_bits", progress)
+    visit_layers(model, batches, names, visit, "mean_bits", progress, device)
     return choose_int8(cands, mean_bits), cands
 
 
-def resolve_bits(model, plan_, batches, progress=True):
+def resolve_bits(model, plan_, batches, progress=True, fisher=None, device=None):
     """The plan with its ``mean_bits`` int4 rules split per layer into int4 (the rule without mean_bits) or
     int8 (round to nearest)."""
-    chosen, _ = plan_int8(model, plan_, batches, progress)
+    chosen, _ = plan_int8(model, plan_, batches, progress, fisher, device)
     out = {}
     for n, rule in plan_.items():
         if n not in chosen:
@@ -105,10 +107,11 @@ def resolve_bits(model, plan_, batches, progress=True):
     return out
 
 
-def allocate_bits(model, calib, patterns, mean_bits, batch_size=4, progress=True, **int4_settings):
+def allocate_bits(model, calib, patterns, mean_bits, batch_size=4, progress=True, device=None, **int4_settings):
     """Recipe {rules: [...]} naming, for each Linear matched by `patterns` (globs, inside the transformer
     blocks), int4 (with `int4_settings`) or int8 — the choice ``compress`` makes for a rule
-    ``{method: int4, mean_bits: mean_bits, **int4_settings}``, written out to read or edit."""
+    ``{method: int4, mean_bits: mean_bits, **int4_settings}``, written out to read or edit.
+    device: run the blocks there one at a time (a CPU-resident model, device="cuda")."""
     names, batches = matched_linears_and_batches(model, patterns, calib, batch_size,
                                                  "mean_bits (random token ids serve: calib.random_tokens)")
     rule = {"method": "int4", "mean_bits": mean_bits, **int4_settings}
@@ -116,7 +119,7 @@ def allocate_bits(model, calib, patterns, mean_bits, batch_size=4, progress=True
     was_training = model.training
     model.eval()
     try:
-        chosen, _ = plan_int8(model, plan_, batches, progress)
+        chosen, _ = plan_int8(model, plan_, batches, progress, device=device)
     finally:
         model.train(was_training)
     return {"name": f"int4-int8-mean-bits-{mean_bits:g}",

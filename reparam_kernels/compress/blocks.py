@@ -5,6 +5,7 @@ both walk the blocks in order: capture what block 0 receives, run block i on
 those inputs, hand its outputs to block i+1 — so only one block (with
 ``device=``) need be on the accelerator at once.
 """
+import contextlib
 import fnmatch
 
 import torch
@@ -84,6 +85,11 @@ def _first_tensor(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def hidden_of(args, kwargs):
+    """The hidden state among a block's inputs (the first argument, or the keyword hidden_states)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _with_hidden(args, kwargs, hidden):
     if args:
         return (hidden,) + tuple(args[1:]), kwargs
@@ -91,16 +97,57 @@ def _with_hidden(args, kwargs, hidden):
 
 
 @torch.no_grad()
+def run_block(block, inputs):
+    """(the inputs of the next block: `block`'s hidden-state outputs with the same other arguments,
+    whether `block` returns a tuple led by the hidden state rather than the tensor)."""
+    outs = [block(*a, **k) for a, k in inputs]
+    astuple = bool(outs) and isinstance(outs[0], (tuple, list))
+    return [_with_hidden(a, k, _first_tensor(o)) for (a, k), o in zip(inputs, outs)], astuple
+
+
 def next_inputs(block, inputs):
     """The inputs of the next block: `block`'s hidden-state outputs with the same other arguments."""
-    return [_with_hidden(a, k, _first_tensor(block(*a, **k))) for a, k in inputs]
+    return run_block(block, inputs)[0]
+
+
+def home_device(module):
+    """The device of `module`'s first parameter (or buffer); None for a module with neither."""
+    t = next(module.parameters(), None)
+    t = next(module.buffers(), None) if t is None else t
+    return None if t is None else t.device
+
+
+def same_device(a, b):
+    """Whether devices `a` and `b` (str or torch.device) name the same device ("cuda" = "cuda:<current>")."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type == "cuda" and (a.index is None or b.index is None):
+        cur = torch.cuda.current_device()
+        return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
+    return a.index == b.index
+
+
+@contextlib.contextmanager
+def on_device(block, device):
+    """`block` on `device` for the body of the with, back on its own device after (device None: no move)."""
+    home = home_device(block)
+    if device is None or home is None:
+        yield block
+        return
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
 
 
 @torch.no_grad()
-def visit_layers(model, batches, names, visit, desc, progress=True):
+def visit_layers(model, batches, names, visit, desc, progress=True, device=None):
     """visit(name, linear, stats) for each Linear of `names` (all inside the transformer blocks) with its
     CalibStats on the calibration batches, run block by block through the unchanged model (what the global
-    allocations plan from: rank in ``allocate.py``, int4 / int8 in ``allocate_bits.py``)."""
+    allocations plan from: rank in ``allocate.py``, int4 / int8 in ``allocate_bits.py``). device: each
+    block is moved there for its turn (and back), as ``compress(device=)`` does."""
     from tqdm.auto import tqdm
 
     prefix, blocks = find_blocks(model, names)
@@ -108,21 +155,24 @@ def visit_layers(model, batches, names, visit, desc, progress=True):
         raise ValueError(f"`recipe`: the global allocation ({desc}) handles Linears inside the transformer blocks only")
     last = max(int(n[len(prefix) + 1:].split(".", 1)[0]) for n in names)  # the last block holding a name
     inputs = block_inputs(model, blocks[0], batches)
+    if device is not None:
+        inputs = move(inputs, device)
     bar = tqdm(total=len(names), desc=desc, unit="layer", disable=not progress)
     try:
         for i, block in enumerate(blocks):
             bp = f"{prefix}.{i}."
             local = [n[len(bp):] for n in names if n.startswith(bp)]
-            if local:
-                with collect_inputs({n: block.get_submodule(n) for n in local}) as stats:
-                    for a, k in inputs:
-                        block(*a, **k)
-                for n in local:
-                    visit(bp + n, block.get_submodule(n), stats[n])
-                    bar.update(1)
-            if i == last:
-                break
-            inputs = next_inputs(block, inputs)
+            with on_device(block, device):
+                if local:
+                    with collect_inputs({n: block.get_submodule(n) for n in local}) as stats:
+                        for a, k in inputs:
+                            block(*a, **k)
+                    for n in local:
+                        visit(bp + n, block.get_submodule(n), stats[n])
+                        bar.update(1)
+                if i == last:
+                    break
+                inputs = next_inputs(block, inputs)
     finally:
         bar.close()
 

@@ -16,55 +16,82 @@ the layer's outputs, F_j = E_tokens[(∂L/∂y_j)²], turns output errors into
   27.2 perplexity (dense 20.3); docs/quality.md.
 
 ``output_fisher`` costs one forward + backward pass of the whole model over the
-calibration batches (no parameter gradients are formed).
+calibration batches (no parameter gradients are formed); with ``device=`` it runs
+one block at a time there (``fisher_blockwise.py``).
 """
 import torch
 import torch.nn.functional as F
 
+from . import blocks
+
 FLOOR = 1e-3  # F + FLOOR·mean(F): channels no calibration token moved still count a little
 
 
+class _FisherHooks:
+    """Accumulates (∂L/∂y_j)² over tokens into fisher[name] [out] (float64, CPU) for the modules `mods`
+    {name: Linear} whenever a backward pass runs through their outputs, while active (a context)."""
+
+    def __init__(self, mods, fisher):
+        self.mods, self.fisher, self.handles = mods, fisher, []
+
+    def __enter__(self):
+        for n, m in self.mods.items():
+            def fwd(_m, _args, out, _n=n):
+                if out.requires_grad:
+                    out.register_hook(lambda g, _n=_n: self._add(_n, g))
+            self.handles.append(m.register_forward_hook(fwd))
+        return self
+
+    def _add(self, name, g):  # returns None: the gradient flows on unchanged
+        self.fisher[name] += g.detach().reshape(-1, g.shape[-1]).float().pow(2).sum(0).to("cpu", torch.float64)
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def _sequence_loss(model, ids):
+    """Summed next-token cross entropy of the token ids [b, seq_len] (logits in float32)."""
+    out = model(input_ids=ids, use_cache=False)
+    logits = getattr(out, "logits", out)[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+
+
 @torch.enable_grad()
-def output_fisher(model, batches, names, progress=True):
+def output_fisher(model, batches, names, progress=True, device=None):
     """{name: F [out_features] float64}: mean over calibration tokens of (∂L/∂y_j)², with L the summed
-    next-token cross entropy of the token's sequence (batches: token ids [b, seq_len])."""
+    next-token cross entropy of the token's sequence (batches: token ids [b, seq_len]).
+
+    device: where to compute when the model is elsewhere (a CPU-resident model, device="cuda"): the pass
+    then runs one transformer block at a time on `device` (``fisher_blockwise.py``), same result."""
     from tqdm.auto import tqdm
 
     mods = {n: model.get_submodule(n) for n in names}
     fisher = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
-    handles = []
-
-    def grad_hook(name):
-        def hook(g):
-            fisher[name] += g.detach().reshape(-1, g.shape[-1]).float().pow(2).sum(0).to("cpu", torch.float64)
-        return hook
-
-    for n, m in mods.items():
-        def fwd(_m, _args, out, _n=n):
-            if out.requires_grad:
-                out.register_hook(grad_hook(_n))
-        handles.append(m.register_forward_hook(fwd))
-    # gradients flow from the embedding output, so no parameter needs (or gets) a .grad
-    emb = model.get_input_embeddings()
-    handles.append(emb.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True)))
     req = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in req:
         p.requires_grad_(False)
     was_training = model.training
     model.eval()
-    dev = next(model.parameters()).device
+    home = blocks.home_device(model)
     tokens = 0
     try:
-        seqs = [s for b in batches for s in b.split(1)]  # one sequence at a time: the logits' memory is the peak
-        for ids in tqdm(seqs, desc="fisher", unit="seq", disable=not progress, leave=False):
-            ids = ids.to(dev)
-            out = model(input_ids=ids, use_cache=False)
-            logits = getattr(out, "logits", out)[:, :-1].float()
-            F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").backward()
-            tokens += ids.numel()
+        if device is not None and not blocks.same_device(device, home):
+            from .fisher_blockwise import blockwise_fisher
+            tokens = blockwise_fisher(model, batches, mods, fisher, device, progress)
+        else:
+            # gradients flow from the embedding output, so no parameter needs (or gets) a .grad
+            emb = model.get_input_embeddings()
+            h = emb.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True))
+            seqs = [s for b in batches for s in b.split(1)]  # one sequence at a time: the logits' memory is the peak
+            try:
+                with _FisherHooks(mods, fisher):
+                    for ids in tqdm(seqs, desc="fisher", unit="seq", disable=not progress, leave=False):
+                        _sequence_loss(model, ids.to(home)).backward()
+                        tokens += ids.numel()
+            finally:
+                h.remove()
     finally:
-        for h in handles:
-            h.remove()
         for p, r in req:
             p.requires_grad_(r)
         model.train(was_training)

@@ -19,9 +19,11 @@ import torch
 from . import svd as _svd
 from .allocate import resolve_global
 from .allocate_bits import resolve_bits
-from .blocks import batches_of, block_inputs, find_blocks, move, next_inputs
+from .blocks import (batches_of, block_inputs, find_blocks, hidden_of, home_device, move, next_inputs, on_device,
+                     run_block, same_device)
 from .calib import collect_inputs, random_tokens
 from .fisher import channel_weights, output_fisher
+from .fisher_blockwise import head_only
 from .methods import get_method, uses_more_than_energy
 from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
 from .report import CompressionReport, LayerReport, state_bytes
@@ -68,15 +70,38 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
         bar.update(1)
 
 
-def _weights_and_ranks(model, plan_, batches, progress):
-    """Global rank allocation and mean_bits' int4 / int8 choice, then the Fisher weights of rules with
-    fisher=true; returns (plan, fisher)."""
-    plan_, fisher = resolve_global(model, plan_, batches, progress)
-    plan_ = resolve_bits(model, plan_, batches, progress)
-    want = [n for n, r in plan_.items() if r.settings.get("fisher") and (fisher is None or n not in fisher)]
-    if want:
-        fisher = {**(fisher or {}), **output_fisher(model, batches, want, progress)}
+def _weights_and_ranks(model, plan_, batches, progress, device=None):
+    """One Fisher pass for every layer that needs it (rules with fisher=true, global rank allocation,
+    mean_bits), then the global rank allocation and mean_bits' int4 / int8 choice; returns (plan, fisher)."""
+    want = [n for n, r in plan_.items() if r.settings.get("fisher") or r.settings.get("mean_bits") is not None]
+    fisher = output_fisher(model, batches, want, progress, device) if want and batches else None
+    plan_, _ = resolve_global(model, plan_, batches, progress, fisher, device)
+    plan_ = resolve_bits(model, plan_, batches, progress, fisher, device)
     return plan_, fisher
+
+
+def _compress_outside(model, names, plan_, batches, report, bar, fisher, device, blocks, last):
+    """The Linears the block loop left (outside the transformer blocks, e.g. lm_head; or all of them without
+    calibration data), with statistics from a forward pass of the model with its compressed blocks — on `device` without the blocks' weights when the blocks ran there
+    (`last`: their outputs and format from run_block), else a whole-model forward where the model is."""
+    if not batches:
+        _compress_layers(model, names, plan_, None, report, bar, "", fisher)
+        return
+    mods = {n: model.get_submodule(n) for n in names}
+    if last is not None and not same_device(device, home_device(model)):
+        outputs, astuple = last
+        with head_only(model, blocks, astuple, device) as stand_in, torch.no_grad():
+            with collect_inputs(mods) as stats:
+                for ids, (a, k) in zip(batches, outputs):
+                    stand_in.value = hidden_of(a, k)
+                    model(input_ids=ids.to(device), use_cache=False)
+            _compress_layers(model, names, plan_, stats, report, bar, "", fisher)  # on `device`; back with the model
+        return
+    dev = home_device(model)
+    with torch.no_grad(), collect_inputs(mods) as stats:
+        for ids in batches:
+            model(input_ids=ids.to(dev), use_cache=False)
+    _compress_layers(model, names, plan_, stats, report, bar, "", fisher)
 
 
 def warn_random_calib(plan_):
@@ -99,7 +124,8 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
       (then only data-free methods are allowed and output errors are not measured), or "random":
       16 × 512 random token ids (``calib.random_tokens``: the statistics of int4 ``weighted_grid``, no data).
     inplace: False (default) compresses a deep copy and never modifies `model`.
-    device: if given, each transformer block is moved there while it is calibrated and compressed.
+    device: if given, each transformer block is moved there while it is calibrated and compressed, and the
+      passes that plan before (Fisher weights, global rank allocation, mean_bits) run there a block at a time.
     """
     from tqdm.auto import tqdm
 
@@ -128,7 +154,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     model.eval()
     try:
         planned = set(plan_)
-        plan_, fisher = _weights_and_ranks(model, plan_, batches, progress)
+        plan_, fisher = _weights_and_ranks(model, plan_, batches, progress, device)
         for name in planned - plan_.keys():  # layers a global allocation keeps dense: in the totals too
             lin = model.get_submodule(name)
             n, b = state_bytes(lin)
@@ -136,35 +162,29 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
                                              tuple(lin.weight.shape), n, n, b, b, 0.0, 0.0))
         bar.reset(total=len(plan_))
         prefix, blocks = find_blocks(model, plan_)
-        done = set()
+        done, outside = set(), [n for n in plan_ if not (blocks and n.startswith(prefix + "."))]
+        last = None  # with device= and Linears outside the blocks: the last block's outputs, and their format
         if blocks and batches:
             inputs = block_inputs(model, blocks[0], batches)
             for i, block in enumerate(blocks):
                 bprefix = f"{prefix}.{i}."
                 names = [n[len(bprefix):] for n in plan_ if n.startswith(bprefix)]
-                home = next(block.parameters()).device
                 if device is not None:
-                    block.to(device)
                     inputs = move(inputs, device)
-                if names:
-                    with collect_inputs({n: block.get_submodule(n) for n in names}) as stats:
-                        for args, kwargs in inputs:
-                            block(*args, **kwargs)
-                    _compress_layers(block, names, plan_, stats, report, bar, bprefix, fisher)
-                    done.update(bprefix + n for n in names)
-                if i + 1 < len(blocks):  # next block's inputs come from the compressed block
-                    inputs = next_inputs(block, inputs)
-                if device is not None:
-                    block.to(home)
-        rest = [n for n in plan_ if n not in done]
+                with on_device(block, device):  # the compressed layers go back with the block
+                    if names:
+                        with collect_inputs({n: block.get_submodule(n) for n in names}) as stats:
+                            for args, kwargs in inputs:
+                                block(*args, **kwargs)
+                        _compress_layers(block, names, plan_, stats, report, bar, bprefix, fisher)
+                        done.update(bprefix + n for n in names)
+                    if i + 1 < len(blocks):  # next block's inputs come from the compressed block
+                        inputs = next_inputs(block, inputs)
+                    elif outside and device is not None:
+                        last = run_block(block, inputs)
+        rest = [n for n in plan_ if n not in done]  # outside the blocks, or all of them without calibration data
         if rest:
-            stats = None
-            if batches:
-                dev = next(model.parameters()).device
-                with torch.no_grad(), collect_inputs({n: model.get_submodule(n) for n in rest}) as stats:
-                    for ids in batches:
-                        model(input_ids=ids.to(dev), use_cache=False)
-            _compress_layers(model, rest, plan_, stats, report, bar, "", fisher)
+            _compress_outside(model, rest, plan_, batches, report, bar, fisher, device, blocks, last)
     finally:
         bar.close()
         for name, conv in conv1d.items():  # kept dense (or not reached): the original Conv1D again
