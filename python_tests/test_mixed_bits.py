@@ -63,6 +63,14 @@ def test_compress_with_mean_bits_keeps_the_budget_and_lowers_the_estimated_loss(
         assert isinstance(layer, Int8Linear if up else Int4Linear)
         assert "mean_bits" not in layer._reparam_settings
         assert deployed_bits(layer) == cands[n][1 if up else 0]
+    # the report counts both ways: as stored (this model is fp32: scales at 32 bits) and as mean_bits does
+    t = rep.totals()
+    assert t["bits_per_weight_16bit"] == pytest.approx(bits / sum(c[4] for c in cands.values()))
+    assert t["bits_per_weight"] > t["bits_per_weight_16bit"] + 0.1
+    assert f"({t['bits_per_weight_16bit']:.2f} in fp16)" in rep.table()
+    _, rep16 = rk.compress(model.to(torch.bfloat16), recipe, calib=ids, progress=False)
+    t16 = rep16.totals()
+    assert t16["bits_per_weight"] == t16["bits_per_weight_16bit"] <= 6.0 and "in fp16" not in rep16.table()
 
 
 def test_allocate_bits_writes_out_the_choice_compress_makes():

@@ -1,7 +1,7 @@
 """Compress a model with a recipe (calibrating on a text) and save it.
 
     python -m reparam_kernels compress --model <HF folder | .gguf | smollm2> --recipe recipe.yaml \
-        --calib <text file | austen:emma | random> --out DIR [--calib-seqs 16 --calib-len 256] [--report report.json]
+        --calib <text file | austen:emma | random> --out DIR [--calib-seqs N --calib-len T] [--report report.json]
 """
 import argparse
 import json
@@ -16,8 +16,9 @@ def main(argv):
                     "+ MLP as a whole, ranks allocated globally)")
     ap.add_argument("--calib", default=None, help="calibration text (file or austen:<novel>), or 'random': random token ids (the int4 "
                     "weighted_grid statistics without data); none: data-free")
-    ap.add_argument("--calib-seqs", type=int, default=16)
-    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--calib-seqs", type=int, default=None, help="calibration sequences (default 16)")
+    ap.add_argument("--calib-len", type=int, default=None,
+                    help="tokens a sequence (default 256 of text; 512 random, as compress(calib='random'))")
     ap.add_argument("--out", required=True)
     ap.add_argument("--report", default=None, help="also write the per-layer report as JSON here")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -34,11 +35,12 @@ def main(argv):
 
     recipe = args.recipe or DEFAULT_RECIPE
     model, tok = load_any(args.model, args.dtype)
+    seqs = args.calib_seqs or 16
     if args.calib == "random":
-        calib = random_tokens(model, args.calib_seqs, args.calib_len)
+        calib = random_tokens(model, seqs, args.calib_len or 512)
         warn_random_calib(plan(model, recipe, has_calib=True))  # as compress(calib="random") does
     else:
-        calib = token_windows(tok, read_text(args.calib), args.calib_len, args.calib_seqs) if args.calib else None
+        calib = token_windows(tok, read_text(args.calib), args.calib_len or 256, seqs) if args.calib else None
     t0 = time.perf_counter()
     model, report = compress(model, recipe, calib=calib, inplace=True, device=args.device)
     print(report.table(max_rows=None if len(report.layers) <= 40 else 20))

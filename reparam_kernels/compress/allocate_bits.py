@@ -19,6 +19,7 @@ from .blocks import matched_linears_and_batches, visit_layers
 from .fisher import output_fisher
 from .methods import get_method
 from .recipe import Rule, plan
+from .report import state_bytes
 
 CODE_METHODS = ("int4",)  # the methods whose rules may carry mean_bits
 
@@ -26,8 +27,7 @@ CODE_METHODS = ("int4",)  # the methods whose rules may carry mean_bits
 def deployed_bits(module):
     """Bits of `module`'s state with floating tensors at 16 bits (scales, zeros, bias as deployed in
     fp16 / bf16, whatever dtype the model is in now) and integer tensors (packed codes) as stored."""
-    return sum(t.numel() * (16 if t.is_floating_point() else 8 * t.element_size())
-               for t in module.state_dict().values())
+    return 8 * state_bytes(module, float_bytes=2)[1]
 
 
 def quantization_loss(w, approx, fisher, stats):

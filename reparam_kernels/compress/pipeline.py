@@ -65,7 +65,7 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
             full, rule.method, dict(rule.settings), tuple(W.shape), n_b, n_a, b_b, b_a,
             _svd.weight_error(W, approx),
             _svd.output_error(W, approx, st.gram) if st is not None and st.count else None,
-            time.perf_counter() - t0))
+            time.perf_counter() - t0, state_bytes(new, float_bytes=2)[1]))
         bar.set_postfix_str(f"{full}: {rule.method}")
         bar.update(1)
 
@@ -159,7 +159,8 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
             lin = model.get_submodule(name)
             n, b = state_bytes(lin)
             report.layers.append(LayerReport(name, "skip", {"reason": "allocate: global kept it dense"},
-                                             tuple(lin.weight.shape), n, n, b, b, 0.0, 0.0))
+                                             tuple(lin.weight.shape), n, n, b, b, 0.0, 0.0,
+                                             bytes_after_16bit=state_bytes(lin, float_bytes=2)[1]))
         bar.reset(total=len(plan_))
         prefix, blocks = find_blocks(model, plan_)
         done, outside = set(), [n for n in plan_ if not (blocks and n.startswith(prefix + "."))]

@@ -2,8 +2,10 @@
 from dataclasses import asdict, dataclass, field
 
 
-def state_bytes(module):
-    """(elements, bytes) of a module's persistent state (parameters and buffers), shared storage counted once."""
+def state_bytes(module, float_bytes=None):
+    """(elements, bytes) of a module's persistent state (parameters and buffers), shared storage counted once.
+    float_bytes: count each floating-point element at that many bytes (2: as deployed in fp16 / bf16,
+    whatever dtype the model is in now); integer tensors (packed codes) always as stored."""
     seen, n, b = set(), 0, 0
     for t in module.state_dict(keep_vars=True).values():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
@@ -11,7 +13,7 @@ def state_bytes(module):
             continue
         seen.add(key)
         n += t.numel()
-        b += t.numel() * t.element_size()
+        b += t.numel() * (float_bytes if float_bytes and t.is_floating_point() else t.element_size())
     return n, b
 
 
@@ -28,10 +30,22 @@ class LayerReport:
     weight_error: float     # ‖W − Ŵ‖_F / ‖W‖_F
     output_error: float = None  # ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ on the calibration inputs (None without calib)
     seconds: float = 0.0
+    bytes_after_16bit: int = None  # bytes_after with floating tensors (scales, zeros, factors) at 16 bits
 
     @property
     def bits_per_weight(self):
+        """As stored now (an fp32 model's scales at 32 bits)."""
         return 8.0 * self.bytes_after / (self.shape[0] * self.shape[1])
+
+    @property
+    def bits_per_weight_16bit(self):
+        """As deployed in fp16 / bf16 — what `mean_bits` budgets; None where not recorded."""
+        return None if self.bytes_after_16bit is None else 8.0 * self.bytes_after_16bit / (self.shape[0] * self.shape[1])
+
+
+def _bits(stored, at16):
+    """'5.37 (5.00 in fp16)' where the model's floats are not 16-bit, else '5.00'."""
+    return f"{stored:.2f}" if at16 is None or abs(stored - at16) < 0.005 else f"{stored:.2f} ({at16:.2f} in fp16)"
 
 
 @dataclass
@@ -46,6 +60,8 @@ class CompressionReport:
         t["layers"] = len(self.layers)
         t["param_reduction"] = 1 - t["params_after"] / t["params_before"] if t["params_before"] else 0.0
         t["bits_per_weight"] = 8.0 * t["bytes_after"] / weights if weights else 0.0
+        at16 = [l.bytes_after_16bit for l in self.layers]
+        t["bits_per_weight_16bit"] = 8.0 * sum(at16) / weights if weights and None not in at16 else None
         errs = [l.output_error for l in self.layers if l.output_error is not None]
         t["mean_output_error"] = sum(errs) / len(errs) if errs else None
         t["mean_weight_error"] = sum(l.weight_error for l in self.layers) / max(len(self.layers), 1)
@@ -53,7 +69,8 @@ class CompressionReport:
         return t
 
     def to_dict(self):
-        return {"layers": [dict(asdict(l), bits_per_weight=l.bits_per_weight) for l in self.layers],
+        return {"layers": [dict(asdict(l), bits_per_weight=l.bits_per_weight, bits_per_weight_16bit=l.bits_per_weight_16bit)
+                           for l in self.layers],
                 "totals": self.totals()}
 
     def table(self, max_rows=None):
@@ -64,14 +81,15 @@ class CompressionReport:
         for l in layers:
             oe = "—" if l.output_error is None else f"{l.output_error:.4f}"
             rows.append(f"| {l.name} | {l.method} | {l.params_before:,} → {l.params_after:,} | "
-                        f"{l.bytes_before:,} → {l.bytes_after:,} | {l.bits_per_weight:.2f} | {l.weight_error:.4f} | {oe} |")
+                        f"{l.bytes_before:,} → {l.bytes_after:,} | {_bits(l.bits_per_weight, l.bits_per_weight_16bit)} | "
+                        f"{l.weight_error:.4f} | {oe} |")
         if max_rows is not None and len(self.layers) > max_rows:
             rows.append(f"| … {len(self.layers) - max_rows} more | | | | | | |")
         t = self.totals()
         oe = "—" if t["mean_output_error"] is None else f"{t['mean_output_error']:.4f} (mean)"
         rows.append(f"| **total ({t['layers']} layers)** | | {t['params_before']:,} → {t['params_after']:,} "
                     f"(−{100 * t['param_reduction']:.1f}%) | {t['bytes_before']:,} → {t['bytes_after']:,} | "
-                    f"{t['bits_per_weight']:.2f} | {t['mean_weight_error']:.4f} (mean) | {oe} |")
+                    f"{_bits(t['bits_per_weight'], t['bits_per_weight_16bit'])} | {t['mean_weight_error']:.4f} (mean) | {oe} |")
         return "\n".join(rows)
 
     def __str__(self):
