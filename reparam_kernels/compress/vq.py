@@ -25,17 +25,26 @@ import torch
 from .quantize import check_input_energy
 
 
+def _features(x, c, wt=None):
+    """(per-point term [L, P, 1], features [L, P, 2d], centroid features [L, k, 2d]) with
+    Σ_j wt_j (x_j − c_j)² = Σ_j wt_j x_j² + [wt·x, wt] · [−2c, c²]: the [L, P, k] distances in one batched
+    matmul of depth 2d (one pass over them, not five), wt = 1 without weights — the same arithmetic, so
+    weights of ones give bit-identical distances."""
+    w = torch.ones_like(x) if wt is None else wt
+    wx = w * x
+    return (wx * x).sum(-1, keepdim=True), torch.cat([wx, w], -1), torch.cat([-2 * c, c * c], -1)
+
+
 def _sqdist(x, c, wt=None):
-    # ‖x − c‖² = ‖x‖² − 2 x·c + ‖c‖² for a batch of codebooks: x [L, P, d], c [L, k, d] → [L, P, k];
-    # with per-coordinate weights wt [L, P, d]: Σ_j wt_j (x_j − c_j)² = Σ wt x² − 2 (wt x)·c + wt·c²
-    if wt is None:
-        return (x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + (c * c).sum(-1)[:, None, :]
-    return (wt * x * x).sum(-1, keepdim=True) - 2 * (wt * x) @ c.transpose(1, 2) + wt @ (c * c).transpose(1, 2)
+    """Squared distances (wt-weighted if given) of points x [L, P, d] to centroids c [L, k, d] → [L, P, k]."""
+    xx, f, cf = _features(x, c, wt)
+    return torch.bmm(f, cf.transpose(1, 2)) + xx
 
 
-def _assign(x, c, wt=None, budget=1 << 24):
+def _assign(x, c, wt=None, budget=1 << 22):
     """Nearest centroid of every point (by the wt-weighted distance if given), in chunks of ≤ `budget`
-    distances (codebooks × points)."""
+    distances (codebooks × points; 2^22: 16 MB chunks measured 2.2× faster than 64 MB on a 2-core CPU,
+    442 k points × 256 centroids); the per-point term is added to the minimum only."""
     nl, p, _ = x.shape
     pstep = min(p, max(1, budget // c.shape[1]))  # points per chunk (all of them unless one codebook is huge)
     step = max(1, budget // (pstep * c.shape[1]))  # codebooks per chunk
@@ -44,8 +53,9 @@ def _assign(x, c, wt=None, budget=1 << 24):
     for i in range(0, nl, step):
         for j in range(0, p, pstep):
             w = None if wt is None else wt[i:i + step, j:j + pstep]
-            d = _sqdist(x[i:i + step, j:j + pstep], c[i:i + step], w)
-            dmin[i:i + step, j:j + pstep], idx[i:i + step, j:j + pstep] = d.min(-1)
+            xx, f, cf = _features(x[i:i + step, j:j + pstep], c[i:i + step], w)
+            d, ix = torch.bmm(f, cf.transpose(1, 2)).min(-1)
+            dmin[i:i + step, j:j + pstep], idx[i:i + step, j:j + pstep] = d + xx[..., 0], ix
     return idx, dmin.clamp(min=0)
 
 
