@@ -139,7 +139,7 @@ def test_blockwise_fisher_needs_a_list_of_blocks(blockwise):
         output_fisher(model, [torch.zeros(1, 4, dtype=torch.long)], ["1"], progress=False, device="cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_cpu_model_planned_on_the_gpu_matches_the_cpu():
     model, ids = _llama(), _ids(8, 16, seed=6)
     batches = list(ids.split(4))
@@ -153,3 +153,16 @@ def test_cpu_model_planned_on_the_gpu_matches_the_cpu():
     assert all(p.device.type == "cpu" for p in out.parameters())  # compressed on the GPU, handed back on the CPU
     _, rep_cpu = rk.compress(model, recipe, calib=ids, progress=False)
     assert [(r.name, r.method) for r in rep_gpu.layers] == [(r.name, r.method) for r in rep_cpu.layers]
+
+
+def test_stand_in_holds_no_weights_and_answers_for_the_block():
+    from reparam_kernels.compress.fisher_blockwise import _StandIn
+
+    block = torch.nn.Linear(4, 4)
+    block.attention_type = "sliding_attention"  # read by some models' block loops
+    stand = _StandIn(block, astuple=True)
+    assert list(stand.parameters()) == [] and stand.attention_type == "sliding_attention"
+    h = torch.randn(1, 2, 4)
+    assert stand(h)[0] is h  # hands its input on, as a tuple like the real block's output
+    stand.value = torch.zeros(1, 2, 4)
+    assert stand(h)[0] is stand.value

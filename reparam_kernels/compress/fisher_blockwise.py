@@ -28,11 +28,20 @@ from .blocks import _first_tensor, _with_hidden, block_inputs, find_blocks, hidd
 
 class _StandIn(nn.Module):
     """Block i during the head pass: hands its input hidden state on, or returns `value` (set on the
-    last one), shaped as the real block's output (a tensor, or a tuple led by the hidden state)."""
+    last one), shaped as the real block's output (a tensor, or a tuple led by the hidden state). Other
+    attributes are the real block's (some models' loops read e.g. `decoder_layer.attention_type`); the
+    block is held outside the module tree, so its weights do not move with the model."""
 
-    def __init__(self, astuple):
+    def __init__(self, block, astuple):
         super().__init__()
+        object.__setattr__(self, "_block", block)
         self.astuple, self.value = astuple, None
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._block, name)
 
     def forward(self, *args, **kwargs):
         h = self.value if self.value is not None else hidden_of(args, kwargs)
@@ -63,7 +72,7 @@ def head_only(model, blocks, astuple, device):
     Yields that last stand-in; the blocks and the model's device are restored after."""
     home = home_device(model)
     originals = list(blocks)
-    stand = [_StandIn(astuple) for _ in blocks]
+    stand = [_StandIn(b, astuple) for b in originals]
     try:
         for i, s in enumerate(stand):
             blocks[i] = s
