@@ -69,7 +69,7 @@ def block_inputs(model, block, batches):
         raise _Stop
 
     h = block.register_forward_pre_hook(hook, with_kwargs=True)
-    dev = next(model.parameters()).device
+    dev = home_device(model)
     try:
         for ids in batches:
             try:

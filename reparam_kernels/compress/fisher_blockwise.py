@@ -23,7 +23,8 @@ import contextlib
 import torch
 from torch import nn
 
-from .blocks import _first_tensor, _with_hidden, block_inputs, find_blocks, hidden_of, home_device, move, on_device
+from .blocks import (_first_tensor, _with_hidden, block_inputs, find_blocks, hidden_of, home_device, move, on_device,
+                     run_block)
 
 
 class _StandIn(nn.Module):
@@ -52,16 +53,11 @@ def _forward(blocks, inputs, device):
     """[(args, kwargs) block i received per batch, for each block], the last block's outputs (as the
     next inputs), and whether the blocks return tuples; hidden states kept on the inputs' device."""
     kept, astuple = [], False
-    with torch.no_grad():
-        for block in blocks:
-            kept.append(inputs)
-            outs = []
-            with on_device(block, device):
-                for a, k in inputs:
-                    out = block(*move(a, device), **move(k, device))
-                    astuple = isinstance(out, (tuple, list))
-                    outs.append(_with_hidden(a, k, _first_tensor(out).to(hidden_of(a, k).device)))
-            inputs = outs
+    for block in blocks:
+        kept.append(inputs)
+        with on_device(block, device):
+            outs, astuple = run_block(block, move(inputs, device))
+        inputs = [_with_hidden(a, k, hidden_of(*o).to(hidden_of(a, k).device)) for (a, k), o in zip(inputs, outs)]
     return kept, inputs, astuple
 
 

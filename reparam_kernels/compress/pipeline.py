@@ -82,13 +82,14 @@ def _weights_and_ranks(model, plan_, batches, progress, device=None):
 
 def _compress_outside(model, names, plan_, batches, report, bar, fisher, device, blocks, last):
     """The Linears the block loop left (outside the transformer blocks, e.g. lm_head; or all of them without
-    calibration data), with statistics from a forward pass of the model with its compressed blocks — on `device` without the blocks' weights when the blocks ran there
-    (`last`: their outputs and format from run_block), else a whole-model forward where the model is."""
+    calibration data), with statistics from a forward pass of the model with its compressed blocks: given
+    `last` (the blocks' outputs and format from run_block, kept when the blocks ran on a `device` away from
+    the model), the head alone on `device`; else a whole-model forward where the model is."""
     if not batches:
         _compress_layers(model, names, plan_, None, report, bar, "", fisher)
         return
     mods = {n: model.get_submodule(n) for n in names}
-    if last is not None and not same_device(device, home_device(model)):
+    if last is not None:
         outputs, astuple = last
         with head_only(model, blocks, astuple, device) as stand_in, torch.no_grad():
             with collect_inputs(mods) as stats:
@@ -163,8 +164,12 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
                                              bytes_after_16bit=state_bytes(lin, float_bytes=2)[1]))
         bar.reset(total=len(plan_))
         prefix, blocks = find_blocks(model, plan_)
-        done, outside = set(), [n for n in plan_ if not (blocks and n.startswith(prefix + "."))]
-        last = None  # with device= and Linears outside the blocks: the last block's outputs, and their format
+        done = set()
+        # the model kept off `device` with Linears after the blocks: keep the last block's outputs (and their
+        # format) for those Linears' statistics, so that the head runs alone on the device
+        keep_last = (device is not None and not same_device(device, home_device(model))
+                     and any(not n.startswith(f"{prefix}.") for n in plan_))
+        last = None
         if blocks and batches:
             inputs = block_inputs(model, blocks[0], batches)
             for i, block in enumerate(blocks):
@@ -181,7 +186,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
                         done.update(bprefix + n for n in names)
                     if i + 1 < len(blocks):  # next block's inputs come from the compressed block
                         inputs = next_inputs(block, inputs)
-                    elif outside and device is not None:
+                    elif keep_last:
                         last = run_block(block, inputs)
         rest = [n for n in plan_ if n not in done]  # outside the blocks, or all of them without calibration data
         if rest:
