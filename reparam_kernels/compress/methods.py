@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from .svd import rank_for_ratio
+from .svd import factor_device, rank_for_ratio
 
 
 @dataclass
@@ -309,11 +309,12 @@ def _build_lowrank_int4(linear, s, stats):
     u = lr.u.detach().double()
     u_stats = None
     if calibrated:  # u* = W·G·v_qᵀ (v_q·G·v_qᵀ)⁻¹: the best u for the quantized v on the calibration inputs
-        G = stats.gram.to("cpu", torch.float64)
-        vq = first.to_dense().detach().to("cpu", torch.float64)
+        fdev = factor_device(linear.weight)
+        G = stats.gram.to(fdev, torch.float64)
+        vq = first.to_dense().detach().to(fdev, torch.float64)
         H = vq @ G @ vq.t()
-        H = H + 1e-6 * H.diagonal().mean() * torch.eye(r, dtype=H.dtype)
-        u = torch.linalg.solve(H, vq @ G @ linear.weight.detach().to("cpu", torch.float64).t()).t()
+        H = H + 1e-6 * H.diagonal().mean() * torch.eye(r, dtype=H.dtype, device=fdev)
+        u = torch.linalg.solve(H, vq @ G @ linear.weight.detach().to(fdev, torch.float64).t()).t()
         u_stats = CalibStats(r)
         u_stats.gram, u_stats.count = H, stats.count
     u_lin = nn.Linear(r, linear.out_features, bias=linear.bias is not None, dtype=dt, device=dev)

@@ -19,16 +19,30 @@ Whitened SVD (SVD-LLM): with calibration inputs X [n, in] of the layer and
 G = XᵀX = S·Sᵀ (Cholesky), ‖X·(W − Ŵ)ᵀ‖_F = ‖(W − Ŵ)·S‖_F, so truncating
 the SVD of W·S minimizes the layer's OUTPUT error on the calibration inputs,
 not the weight error. The factors map back with ``v = sqrt(Σ)·V_rᵀ·S⁻¹``.
-Factorization runs on the CPU in float64 (Cholesky of near-singular Gram
-matrices in fp32 is unreliable); the factors are returned in float32 (float64
-for a float64 weight).
+Factorization runs in float64 (Cholesky of near-singular Gram matrices in
+fp32 is unreliable), on the weight's GPU when it is on one, else on the CPU
+(``factor_device``); the factors are returned in float32 (float64 for a float64
+weight) on that device.
 """
 import contextlib
 import math
+import os
 
 import torch
 
 FACTOR_DTYPE = torch.float64
+
+
+def factor_device(weight):
+    """Where a weight's factorizations run: its GPU if it is on one, else the CPU.
+
+    A whitened SVD of an 8B model's down projection (4096 × 14336) is ~4 TFLOP of float64 (W·S,
+    the Cholesky, the eigh, the triangular solve): ~2 min on one CPU core, seconds (predicted; not
+    yet timed) on an H100/H200 (~60 TFLOP/s float64). ``REPARAM_FACTOR_DEVICE=cpu`` keeps them on the CPU (GPUs with
+    slow float64 — consumer and L40S parts run it at 1/64 rate — may prefer that)."""
+    if weight.device.type == "cuda" and os.environ.get("REPARAM_FACTOR_DEVICE", "").lower() != "cpu":
+        return weight.device
+    return torch.device("cpu")
 
 
 def _bad(name, message):
@@ -146,7 +160,7 @@ def truncated_svd(weight, rank=None, ratio=None, energy=None):
     Returns (u [out, r], v [r, in], singular_values) in float32.
     """
     _check_weight(weight)
-    W = weight.detach().to("cpu", FACTOR_DTYPE)
+    W = weight.detach().to(factor_device(weight), FACTOR_DTYPE)
     U, S, Vh = thin_svd(W)
     r = select_rank(*W.shape, singular_values=S, rank=rank, ratio=ratio, energy=energy)
     u, v = _split(U, S, Vh, r)
@@ -154,8 +168,8 @@ def truncated_svd(weight, rank=None, ratio=None, energy=None):
     return u.to(dt), v.to(dt), S.to(dt)
 
 
-def gram_of(calib, in_features):
-    """XᵀX in float64 from calibration inputs [..., in] (or a ready Gram matrix wrapper)."""
+def gram_of(calib, in_features, device="cpu"):
+    """XᵀX in float64 on `device` from calibration inputs [..., in] (or a ready Gram matrix wrapper)."""
     from .calib import CalibStats  # local: calib imports nothing from here
 
     if isinstance(calib, CalibStats):
@@ -163,11 +177,11 @@ def gram_of(calib, in_features):
             _bad("calib", f"statistics are for {calib.in_features} input features, the layer has {in_features}")
         if calib.count == 0:
             _bad("calib", "statistics hold no samples")
-        return calib.gram
+        return calib.gram.to(device)
     if not isinstance(calib, torch.Tensor) or calib.dim() < 2 or calib.shape[-1] != in_features:
         _bad("calib", f"must be a tensor [n, in_features={in_features}] of the layer's inputs or CalibStats, "
                       f"got {getattr(calib, 'shape', type(calib))}")
-    X = calib.detach().reshape(-1, in_features).to("cpu", FACTOR_DTYPE)
+    X = calib.detach().reshape(-1, in_features).to(device, FACTOR_DTYPE)
     if not torch.isfinite(X).all():
         _bad("calib", "contains NaN or Inf")
     return X.t() @ X
@@ -202,10 +216,10 @@ def whitened_svd(weight, calib, rank=None, ratio=None, energy=None, damping=1e-5
     Returns (u [out, r], v [r, in], singular values of [diag(d)·]W·S) in float32.
     """
     _check_weight(weight)
-    W = weight.detach().to("cpu", FACTOR_DTYPE)
-    d = _check_out_weight(out_weight, W.shape[0])
+    W = weight.detach().to(factor_device(weight), FACTOR_DTYPE)
+    d = _check_out_weight(out_weight, W.shape[0], W.device)
     with _one_thread():
-        S = whitening_factor(gram_of(calib, W.shape[1]), damping)
+        S = whitening_factor(gram_of(calib, W.shape[1], W.device), damping)
     U, sig, Vh = thin_svd(W @ S if d is None else d[:, None] * (W @ S))
     r = select_rank(*W.shape, singular_values=sig, rank=rank, ratio=ratio, energy=energy)
     u, vs = _split(U, sig, Vh, r)
@@ -221,20 +235,20 @@ def whitened_svd(weight, calib, rank=None, ratio=None, energy=None, damping=1e-5
 
 def whitened_spectrum(weight, gram, out_weight=None, damping=1e-5):
     """σ² of [diag(out_weight)·]W·S (the matrix ``whitened_svd`` factors), descending, via the smaller Gram."""
-    W = weight.detach().to("cpu", FACTOR_DTYPE)
-    d = _check_out_weight(out_weight, W.shape[0])
+    W = weight.detach().to(factor_device(weight), FACTOR_DTYPE)
+    d = _check_out_weight(out_weight, W.shape[0], W.device)
     if d is not None:
         W = d[:, None] * W
     with _one_thread():
-        A = W @ whitening_factor(gram, damping)
+        A = W @ whitening_factor(gram.to(W.device), damping)
         lam = torch.linalg.eigvalsh(A @ A.t() if A.shape[0] <= A.shape[1] else A.t() @ A)
     return lam.flip(0).clamp_min(0)
 
 
-def _check_out_weight(out_weight, out_features):
+def _check_out_weight(out_weight, out_features, device):
     if out_weight is None:
         return None
-    d = torch.as_tensor(out_weight).detach().to("cpu", FACTOR_DTYPE)
+    d = torch.as_tensor(out_weight).detach().to(device, FACTOR_DTYPE)
     if d.shape != (out_features,) or not bool(torch.isfinite(d).all()) or not bool((d > 0).all()):
         _bad("out_weight", f"must be {out_features} finite positive channel weights, got "
                            f"{tuple(d.shape)} (min {float(d.min()) if d.numel() else 'n/a'})")
@@ -258,10 +272,11 @@ def balance(u, v):
 
 def output_error(weight, approx, gram):
     """Relative output error ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ computed from G = XᵀX alone."""
-    # float32 is plenty for a reported error and twice as fast as float64 here
-    W = weight.detach().to("cpu", torch.float32)
-    E = W - approx.detach().to("cpu", torch.float32)
-    G = gram.to("cpu", torch.float32)
+    # float32 is plenty for a reported error and twice as fast as float64 on the CPU
+    dev = factor_device(weight)
+    W = weight.detach().to(dev, torch.float32)
+    E = W - approx.detach().to(dev, torch.float32)
+    G = gram.to(dev, torch.float32)
     num = ((E @ G) * E).sum().double().clamp_min(0)
     den = ((W @ G) * W).sum().double().clamp_min(1e-300)
     return float((num / den).sqrt())
@@ -269,5 +284,6 @@ def output_error(weight, approx, gram):
 
 def weight_error(weight, approx):
     """Relative weight error ‖W − Ŵ‖_F / ‖W‖_F."""
-    W = weight.detach().to("cpu", FACTOR_DTYPE)
-    return float(torch.linalg.norm(W - approx.detach().to("cpu", FACTOR_DTYPE)) / torch.linalg.norm(W).clamp_min(1e-300))
+    dev = factor_device(weight)
+    W = weight.detach().to(dev, FACTOR_DTYPE)
+    return float(torch.linalg.norm(W - approx.detach().to(dev, FACTOR_DTYPE)) / torch.linalg.norm(W).clamp_min(1e-300))

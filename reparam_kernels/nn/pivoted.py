@@ -23,10 +23,11 @@ def pivot_factors(u, v):
         import scipy.linalg  # QR with column pivoting (LAPACK geqp3); torch has none
     except ImportError as e:
         raise ImportError("pivoted low-rank factors need SciPy (QR with column pivoting): pip install scipy") from e
-    u64, v64 = u.detach().double().cpu(), v.detach().double().cpu()
+    dev = _svd.factor_device(v)  # the pivot choice needs LAPACK (CPU); the solve and product run there
+    u64, v64 = u.detach().to(dev, torch.float64), v.detach().to(dev, torch.float64)
     r = v64.shape[0]
-    _, piv = scipy.linalg.qr(v64.numpy(), mode="r", pivoting=True)  # greedy: best-conditioned columns first
-    perm = torch.from_numpy(np.ascontiguousarray(piv)).long()
+    _, piv = scipy.linalg.qr(v64.cpu().numpy(), mode="r", pivoting=True)  # greedy: best-conditioned columns first
+    perm = torch.from_numpy(np.ascontiguousarray(piv)).long().to(dev)
     vp = v64[:, perm[:r]]
     w = torch.linalg.solve(vp, v64[:, perm[r:]])
     return u64 @ vp, w, perm

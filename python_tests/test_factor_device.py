@@ -1,0 +1,80 @@
+"""Factorizations (SVD, whitening, spectra, pivoting) run on the weight's GPU, in float64, and give the
+CPU's result there; REPARAM_FACTOR_DEVICE=cpu keeps them on the CPU."""
+import pytest
+import torch
+
+from reparam_kernels.compress import svd
+from reparam_kernels.compress.calib import CalibStats
+from reparam_kernels.nn.pivoted import pivot_factors
+
+
+def _layer_and_inputs(out_f=96, in_f=160, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # decaying spectrum and uneven input channels, as trained layers have
+    W = torch.randn(out_f, 24, generator=g) @ torch.randn(24, in_f, generator=g) + 0.05 * torch.randn(out_f, in_f, generator=g)
+    X = torch.randn(n, in_f, generator=g) * torch.logspace(-1, 1, in_f)
+    return W, X
+
+
+def _rel(a, b):
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
+
+
+def test_cpu_weights_factor_on_the_cpu(monkeypatch):
+    W, X = _layer_and_inputs()
+    assert svd.factor_device(W) == torch.device("cpu")
+    monkeypatch.setenv("REPARAM_FACTOR_DEVICE", "cuda")  # only a CUDA weight moves the work to its GPU
+    assert svd.factor_device(W) == torch.device("cpu")
+    u, v, _ = svd.whitened_svd(W, CalibStats.from_inputs(X), rank=16)
+    assert u.device.type == v.device.type == "cpu"
+
+
+def test_pivot_factors_are_exact_on_the_cpu():
+    W, _ = _layer_and_inputs()
+    u, v, _ = svd.truncated_svd(W, rank=20)
+    up, w, perm = pivot_factors(u, v)
+    r = v.shape[0]
+    dense = torch.empty(r, v.shape[1], dtype=torch.float64)
+    dense[:, perm[:r]] = torch.eye(r, dtype=torch.float64)
+    dense[:, perm[r:]] = w
+    assert _rel(up @ dense, u.double() @ v.double()) < 1e-10
+
+
+@pytest.mark.gpu
+def test_gpu_factorizations_match_the_cpu(monkeypatch):
+    monkeypatch.delenv("REPARAM_FACTOR_DEVICE", raising=False)
+    W, X = _layer_and_inputs()
+    stats = CalibStats.from_inputs(X)
+    d = torch.rand(W.shape[0], generator=torch.Generator().manual_seed(1)) + 0.5
+    Wc = W.cuda()
+    assert svd.factor_device(Wc) == Wc.device
+
+    u, v, s = svd.truncated_svd(W, rank=20)
+    uc, vc, sc = svd.truncated_svd(Wc, rank=20)
+    assert uc.device.type == "cuda" and vc.dtype == torch.float32
+    assert _rel(uc @ vc, u @ v) < 1e-5 and _rel(sc, s) < 1e-6
+
+    u, v, s = svd.whitened_svd(W, stats, rank=20, out_weight=d)
+    uc, vc, sc = svd.whitened_svd(Wc, stats, rank=20, out_weight=d.cuda())
+    assert uc.device.type == "cuda"
+    assert _rel(uc @ vc, u @ v) < 1e-5 and _rel(sc, s) < 1e-6
+
+    spec = svd.whitened_spectrum(W, stats.gram, d)
+    spec_c = svd.whitened_spectrum(Wc, stats.gram, d)
+    assert spec_c.device.type == "cuda" and _rel(spec_c[:20], spec[:20]) < 1e-8
+
+    approx = u @ v
+    assert abs(svd.output_error(Wc, approx.cuda(), stats.gram) - svd.output_error(W, approx, stats.gram)) < 1e-5
+    assert abs(svd.weight_error(Wc, approx.cuda()) - svd.weight_error(W, approx)) < 1e-9
+
+    up, w, perm = pivot_factors(uc, vc)
+    assert up.device.type == w.device.type == perm.device.type == "cuda"
+    r = vc.shape[0]
+    dense = torch.empty(r, vc.shape[1], dtype=torch.float64, device="cuda")
+    dense[:, perm[:r]] = torch.eye(r, dtype=torch.float64, device="cuda")
+    dense[:, perm[r:]] = w
+    assert _rel(up @ dense, uc.double() @ vc.double()) < 1e-10
+
+    monkeypatch.setenv("REPARAM_FACTOR_DEVICE", "cpu")
+    uk, vk, _ = svd.whitened_svd(Wc, stats, rank=20, out_weight=d.cuda())
+    assert uk.device.type == "cpu" and _rel(uk @ vk, u @ v) < 1e-6
