@@ -91,7 +91,7 @@ setup(
     packages=find_packages(include=["reparam_kernels", "reparam_kernels.*"]),
     package_data={"reparam_kernels": ["recipes/*.yaml"]},  # the built-in recipes (compress.recipe.BUILTIN)
     python_requires=">=3.10",
-    install_requires=["torch>=2.10", "numpy", "scipy"],  # scipy: pivoted QR (nn/pivoted.py)
+    install_requires=["torch>=2.10", "numpy", "scipy"],  # scipy: pivoted QR on the CPU (nn/pivoted.py)
     extras_require={"models": ["transformers", "gguf", "accelerate", "safetensors", "tqdm", "pyyaml"],
                     "test": ["pytest"]},
     ext_modules=ext_modules,

@@ -5,7 +5,7 @@ import torch
 
 from reparam_kernels.compress import svd
 from reparam_kernels.compress.calib import CalibStats
-from reparam_kernels.nn.pivoted import pivot_factors
+from reparam_kernels.nn.pivoted import greedy_pivots, pivot_factors
 
 
 def _layer_and_inputs(out_f=96, in_f=160, n=400, seed=0):
@@ -38,6 +38,34 @@ def test_pivot_factors_are_exact_on_the_cpu():
     dense[:, perm[:r]] = torch.eye(r, dtype=torch.float64)
     dense[:, perm[r:]] = w
     assert _rel(up @ dense, u.double() @ v.double()) < 1e-10
+
+
+@pytest.mark.parametrize("r,n,seed", [(16, 200, 0), (64, 300, 1), (96, 1000, 2)])
+def test_greedy_pivots_choose_lapacks_columns(r, n, seed):
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-2, 1, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    v = torch.randn(r, n, generator=g, dtype=torch.float64) * scales
+    _, lapack = scipy_linalg.qr(v.numpy(), mode="r", pivoting=True)
+    assert greedy_pivots(v).tolist() == lapack[:r].tolist()
+
+
+def test_pivot_factors_without_scipy(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError("no scipy here")
+        return real_import(name, *args, **kwargs)
+
+    W, _ = _layer_and_inputs()
+    u, v, _ = svd.truncated_svd(W, rank=20)
+    with_scipy = pivot_factors(u, v)
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    up, w, perm = pivot_factors(u, v)
+    assert perm.tolist() == with_scipy[2].tolist()
+    assert _rel(up, with_scipy[0]) < 1e-12 and _rel(w, with_scipy[1]) < 1e-10
 
 
 @pytest.mark.gpu

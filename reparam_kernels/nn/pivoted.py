@@ -18,19 +18,49 @@ from .lowrank import LowRankBase, LowRankLinear, build_from_factors, check_facto
 
 
 def pivot_factors(u, v):
-    """(u' [out, r], w [r, in − r], perm [in] int64) with u @ v == u' @ [I | w] @ P, in float64."""
-    try:
-        import scipy.linalg  # QR with column pivoting (LAPACK geqp3); torch has none
-    except ImportError as e:
-        raise ImportError("pivoted low-rank factors need SciPy (QR with column pivoting): pip install scipy") from e
-    dev = _svd.factor_device(v)  # the pivot choice needs LAPACK (CPU); the solve and product run there
+    """(u' [out, r], w [r, in − r], perm [in] int64) with u @ v == u' @ [I | w] @ P, in float64, on the
+    device the factorizations run on (``svd.factor_device``)."""
+    dev = _svd.factor_device(v)
     u64, v64 = u.detach().to(dev, torch.float64), v.detach().to(dev, torch.float64)
-    r = v64.shape[0]
-    _, piv = scipy.linalg.qr(v64.cpu().numpy(), mode="r", pivoting=True)  # greedy: best-conditioned columns first
-    perm = torch.from_numpy(np.ascontiguousarray(piv)).long().to(dev)
-    vp = v64[:, perm[:r]]
+    r, n = v64.shape
+    piv = _pivots(v64)
+    rest = torch.ones(n, dtype=torch.bool, device=dev)
+    rest[piv] = False
+    perm = torch.cat([piv, rest.nonzero().squeeze(1)])
+    vp = v64[:, piv]
     w = torch.linalg.solve(vp, v64[:, perm[r:]])
     return u64 @ vp, w, perm
+
+
+def _pivots(v):
+    """The r pivot columns of QR with column pivoting of v [r, n]: on the CPU LAPACK's geqp3 (5× faster
+    than the loop below there), on a GPU (or without SciPy) ``greedy_pivots``; both choose the same columns."""
+    if v.device.type == "cpu":
+        try:
+            import scipy.linalg
+        except ImportError:
+            return greedy_pivots(v)
+        _, piv = scipy.linalg.qr(v.numpy(), mode="r", pivoting=True)
+        return torch.from_numpy(np.ascontiguousarray(piv[:v.shape[0]])).long()
+    return greedy_pivots(v)
+
+
+def greedy_pivots(v):
+    """Businger–Golub column pivoting in torch: r times, take the column of largest remaining norm and
+    project its direction out of every column. r rank-1 updates of v (float64), no host syncs — on a
+    GPU for an 8B down projection (r ≈ 2600, n = 14336) ~3 TB of memory traffic, against ~50 s of
+    LAPACK on two CPU cores (measured at 1/64 scale: 0.76 s for 1024 × 3584).
+    Norms are recomputed each step rather than downdated, which loses accuracy as they shrink."""
+    R = v.to(torch.float64).clone()
+    r = R.shape[0]
+    piv = torch.empty(r, dtype=torch.long, device=R.device)
+    for k in range(r):
+        norms = R.square().sum(0)
+        j = norms.argmax()
+        piv[k] = j
+        q = R.index_select(1, j.view(1)).squeeze(1) / norms[j].sqrt().clamp_min(1e-300)
+        R -= torch.outer(q, q @ R)
+    return piv
 
 
 def expand_right_factor(w, perm, dtype=None):
