@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reparam_kernels.compress import svd
-from reparam_kernels.compress.calib import CalibStats
+from reparam_kernels.compress.calib import CalibStats, collect_inputs
 from reparam_kernels.nn.pivoted import greedy_pivots, pivot_factors
 
 
@@ -106,3 +106,18 @@ def test_gpu_factorizations_match_the_cpu(monkeypatch):
     monkeypatch.setenv("REPARAM_FACTOR_DEVICE", "cpu")
     uk, vk, _ = svd.whitened_svd(Wc, stats, rank=20, out_weight=d.cuda())
     assert uk.device.type == "cpu" and _rel(uk @ vk, u @ v) < 1e-6
+
+
+@pytest.mark.gpu
+def test_block_statistics_stay_on_the_gpu(monkeypatch):
+    monkeypatch.delenv("REPARAM_FACTOR_DEVICE", raising=False)
+    _, X = _layer_and_inputs()
+    lin = torch.nn.Linear(X.shape[1], 32).cuda()
+    with collect_inputs({"a": lin}, on_weight_device=True) as on_gpu, collect_inputs({"a": lin}) as on_cpu:
+        lin(X.cuda())
+    assert on_gpu["a"].gram.device.type == "cuda" and on_cpu["a"].gram.device.type == "cpu"
+    assert _rel(on_gpu["a"].gram, on_cpu["a"].gram) < 1e-12
+    monkeypatch.setenv("REPARAM_FACTOR_DEVICE", "cpu")
+    with collect_inputs({"a": lin}, on_weight_device=True) as kept:
+        lin(X.cuda())
+    assert kept["a"].gram.device.type == "cpu"

@@ -179,7 +179,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
                     inputs = move(inputs, device)
                 with on_device(block, device):  # the compressed layers go back with the block
                     if names:
-                        with collect_inputs({n: block.get_submodule(n) for n in names}) as stats:
+                        with collect_inputs({n: block.get_submodule(n) for n in names}, on_weight_device=True) as stats:
                             for args, kwargs in inputs:
                                 block(*args, **kwargs)
                         _compress_layers(block, names, plan_, stats, report, bar, bprefix, fisher)
