@@ -18,10 +18,11 @@ def load_any(path, dtype="fp32"):
     if (path / "manifest.json").is_file():
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from ..compress.serialize import load_compressed
+        from ..compress.serialize import empty_weights, load_compressed
 
         cfg = AutoConfig.from_pretrained(path)
-        skeleton = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+        with empty_weights():  # no dense weights made only to be replaced
+            skeleton = AutoModelForCausalLM.from_config(cfg, dtype=dt)
         return load_compressed(skeleton, path).eval(), AutoTokenizer.from_pretrained(path)
     return data.load_model(path, dt)
 

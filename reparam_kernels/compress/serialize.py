@@ -12,7 +12,12 @@ failure never leaves a half-written checkpoint. Loading checks everything
 (hash, layer classes, skeleton names and shapes, the exact set of tensors)
 before it touches the skeleton, so a corrupted file, a missing tensor or a
 mismatched skeleton raises ValueError and changes nothing.
+
+The skeleton need not hold weights: built under ``empty_weights()`` its parameters are
+on the meta device (no memory, no random init — an 8B model's dense skeleton would
+take 16–32 GB only to be overwritten), and loading assigns the checkpoint's tensors.
 """
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -66,6 +71,30 @@ def layer_config(module):
             raise ValueError(f"`model`: {cls.__name__} has no attribute `{name}` to record its constructor argument")
     cfg["args"] = args
     return cfg
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Context: modules created inside get their parameters on the meta device (shapes and dtypes,
+    no storage); buffers stay real — a model's derived buffers (rotary frequencies) are computed
+    when it is built and are not in its checkpoint. For the skeleton that ``load_compressed`` fills::
+
+        with empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = load_compressed(skeleton, path)
+    """
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def build_layer(cfg, dtype=None):
@@ -206,11 +235,56 @@ def load_compressed(model, path, strict_hash=True):
         if tuple(full[k].shape) != tuple(v.shape):
             raise ValueError(f"`model`/`path` mismatch: {k} is {tuple(full[k].shape)} in the checkpoint, "
                              f"{tuple(v.shape)} in the skeleton")
+    empty = any(v.is_meta for v in expected.values())
+    if empty:
+        _check_no_meta_left(model, expected, new_layers)
     # validated: now change the model
     from .pipeline import _set_module
 
     for n, layer in new_layers.items():
         _set_module(model, n, layer)
-    model.load_state_dict(full, strict=True)
+    if empty:  # a skeleton without weights (empty_weights()): take the checkpoint's tensors as they are
+        model.load_state_dict(_in_skeleton_dtypes(full, expected), strict=True, assign=True)
+        _retie(model, manifest.get("aliases", {}))
+        for mod in model.modules():
+            if hasattr(mod, "refresh_cols"):  # derived, not stored: computed from the loaded spectrum
+                mod.refresh_cols()
+    else:
+        model.load_state_dict(full, strict=True)
     model.reparam_recipe = manifest.get("recipe")
     return model
+
+
+def _check_no_meta_left(model, expected, new_layers):
+    """A meta skeleton is filled by assignment: every tensor it holds off the meta device must be in the
+    checkpoint, but buffers that are not (non-persistent, e.g. rotary frequencies) must already be real."""
+    derived = {n + "." for n, m in model.named_modules() if hasattr(m, "refresh_cols")}
+    left = [k for k, b in model.named_buffers() if b.is_meta and k not in expected
+            and not any(k.startswith(n + ".") for n in new_layers) and not any(k.startswith(d) for d in derived)]
+    if left:
+        raise ValueError(f"`model`: the skeleton's buffers {left[:5]} are on the meta device and not in the "
+                         f"checkpoint; build it with empty_weights(), which keeps buffers real")
+
+
+def _in_skeleton_dtypes(full, expected):
+    """The checkpoint's floating tensors cast to the skeleton's dtypes (what copying into it would do);
+    tied tensors stay one tensor."""
+    out, cast = {}, {}
+    for k, v in full.items():
+        want = expected[k].dtype
+        if v.is_floating_point() and torch.empty((), dtype=want).is_floating_point() and v.dtype != want:
+            if id(v) not in cast:
+                cast[id(v)] = v.to(want)
+            v = cast[id(v)]
+        out[k] = v
+    return out
+
+
+def _retie(model, aliases):
+    """Assignment gives each key its own Parameter; make tied ones (lm_head = embeddings) one again."""
+    for key, src in aliases.items():
+        owner, _, name = key.rpartition(".")
+        src_owner, _, src_name = src.rpartition(".")
+        mod, src_mod = model.get_submodule(owner), model.get_submodule(src_owner)
+        if name in mod._parameters and src_name in src_mod._parameters:
+            mod._parameters[name] = src_mod._parameters[src_name]
