@@ -268,3 +268,29 @@ def test_builtin_recipes_by_name(tmp_path, monkeypatch):
     assert [r.method for r in parse_recipe("int4")] == ["int8"]
     with pytest.raises(ValueError, match="built-in recipe .*int4-gptq"):
         parse_recipe("int5")
+
+
+def test_the_copy_shares_only_what_it_replaces_and_ends_sharing_nothing():
+    from reparam_kernels.compress.sharing_copy import copy_sharing, shares_storage
+
+    model = tiny_llama()
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+    twin = copy_sharing(model, names)
+    for name, m in model.named_modules():
+        t = twin.get_submodule(name)
+        if name in names:
+            assert t.weight is not m.weight and t.weight.data_ptr() == m.weight.data_ptr()
+        elif isinstance(m, nn.Linear):
+            assert not shares_storage(t, m)
+    # a global allocation keeps some of the matched layers dense: they must not stay tied to the original
+    before = {k: (v.clone(), v.device) for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    out, rep = rk.compress(model, {MLP: {"method": "lowrank", "ratio": 0.2, "allocate": "global"}},
+                           calib=_ids(), progress=False, device="cpu")
+    kept = [l.name for l in rep.layers if l.method == "skip"]
+    assert kept and not shares_storage(out, model)
+    assert all(p is params[n] for n, p in model.named_parameters())  # the original's objects, values, devices
+    assert all(torch.equal(before[k][0], v) and before[k][1] == v.device for k, v in model.state_dict().items())
+    with torch.no_grad():
+        out.get_submodule(kept[0]).weight.add_(1.0)  # training the result leaves the original alone
+    assert torch.equal(before[kept[0] + ".weight"][0], model.get_submodule(kept[0]).weight)

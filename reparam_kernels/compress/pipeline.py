@@ -27,6 +27,7 @@ from .fisher_blockwise import head_only
 from .methods import get_method, uses_more_than_energy
 from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
 from .report import CompressionReport, LayerReport, state_bytes
+from .sharing_copy import copy_sharing, unshare
 
 
 def _set_module(root, name, new):
@@ -124,7 +125,9 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     calib: token ids [n, seq_len] (or a list of [b, seq_len] batches) for calibration, or None
       (then only data-free methods are allowed and output errors are not measured), or "random":
       16 × 512 random token ids (``calib.random_tokens``: the statistics of int4 ``weighted_grid``, no data).
-    inplace: False (default) compresses a deep copy and never modifies `model`.
+    inplace: False (default) compresses a copy and never modifies `model`; the copy shares the weights of
+      the Linears it replaces with `model` while it reads them (no second copy of a big model's weights),
+      and those it keeps dense get their own at the end (``sharing_copy``).
     device: if given, each transformer block is moved there while it is calibrated and compressed, and the
       passes that plan before (Fisher weights, global rank allocation, mean_bits) run there a block at a time.
     """
@@ -141,8 +144,9 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     plan_ = plan(model, recipe, has_calib=bool(batches))  # validates before anything changes
     if random_calib:
         warn_random_calib(plan_)
+    original = None
     if not inplace:
-        model = copy.deepcopy(model)
+        original, model = model, copy_sharing(model, plan_)  # the replaced Linears' weights are not copied
     # GPT-2 style Conv1D → the equivalent nn.Linear, so every method sees a Linear; the ones that stay
     # dense (a global allocation's choice) get their Conv1D back at the end, so the model's state dict
     # keeps its layout for those ([in, out]) and a skeleton of the original architecture still loads it.
@@ -197,6 +201,8 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
             if type(model.get_submodule(name)) is torch.nn.Linear:
                 _set_module(model, name, conv)
         model.train(was_training)
+    if original is not None:
+        unshare(model, original)  # what stayed dense gets its own copy now
     report.seconds = time.perf_counter() - t_start
     model.reparam_recipe = list(getattr(model, "reparam_recipe", [])) + [r.to_dict() for r in parse_recipe(recipe)]
     return model, report
