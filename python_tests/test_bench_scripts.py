@@ -109,3 +109,15 @@ def test_bench_lowrank_main_glue_on_cpu(tmp_path, fake_timer, monkeypatch, capsy
     assert "partial" not in data and data["ceilings"]["copy_tbps"] == 4.0
     assert len(data["rows"]) == 2 * 2 * 2  # dtypes x batches x modes
     assert {r["backend"] for r in data["rows"]} <= {"cuda", "triton", "reference"}
+
+
+def test_factor_time_runs_small_on_cpu(tmp_path, monkeypatch):
+    import json
+
+    bench = importlib.import_module("factor_time")
+    monkeypatch.setattr(sys, "argv", ["factor_time.py", "--device", "cpu", "--scale", "32", "--out", str(tmp_path / "f.json")])
+    bench.main()
+    rows = json.loads((tmp_path / "f.json").read_text())["rows"]
+    assert [r["layer"] for r in rows] == ["q_proj", "up_proj", "down_proj"]
+    assert rows[2]["shape"] == [128, 448] and rows[2]["factor_device"] == "cpu"
+    assert all(r["whitened_svd_s"] > 0 and r["pivot_s"] > 0 for r in rows)
