@@ -164,7 +164,7 @@ def visit_layers(model, batches, names, visit, desc, progress=True, device=None)
             local = [n[len(bp):] for n in names if n.startswith(bp)]
             with on_device(block, device):
                 if local:
-                    with collect_inputs({n: block.get_submodule(n) for n in local}) as stats:
+                    with collect_inputs({n: block.get_submodule(n) for n in local}, on_weight_device=True) as stats:
                         for a, k in inputs:
                             block(*a, **k)
                     for n in local:
