@@ -46,9 +46,10 @@ METHODS = {
     "int4_g128_gptq_clip_ls": {"method": "int4", "gptq": True, **CLIP, "refine_steps": 5},
     # round to nearest with the clipping search weighted by each input's mean square (weighted_grid): measured
     # on random tokens (no data: compress(calib="random")) and, for comparison, on the Emma calibration text
-    "int4_g128_rtn_random": {"method": "int4", **CLIP, "weighted_grid": True},
+    "int4_g128_rtn_random": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 0},
     "int4_g128_rtn_random_ls": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5},
-    "int4_g128_rtn_emma": {"method": "int4", **CLIP, "weighted_grid": True},
+    "int4_g128_rtn_emma": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 0},
+    "int4_g128_rtn_emma_ls": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5},
     "int4_g128_gptq_random": {"method": "int4", "gptq": True, **CLIP},  # GPTQ on random tokens: it needs text
     # group 32 = the Q4_1 blocks the "dense" weights come from: shows how much of the g128 loss is re-gridding
     "int4_g32_rtn_clip": {"method": "int4", "group_size": 32, **CLIP},

@@ -215,6 +215,27 @@ def test_weighted_grid_auto_uses_calibration_data_when_given():
         rk.compress(model, {MLP: {"method": "int4", "weighted_grid": "yes"}}, calib=ids, progress=False)
 
 
+def test_refine_steps_auto_polishes_the_weighted_grid_only():
+    """refine_steps 'auto' (the default): 5 rounds of least-squares polish where round to nearest's grid is
+    weighted by input energy, none for the unweighted grid or GPTQ; an explicit value wins; others refused."""
+    model = tiny_llama(seed=13, hidden=64, ffn=96)
+    ids = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(4))
+
+    def up(rule, calib=ids):
+        out, _ = rk.compress(model, {MLP: {"method": "int4", "group_size": 32, **rule}}, calib=calib, progress=False)
+        return out.model.layers[1].mlp.up_proj.state_dict()
+
+    def same(a, b):
+        return all(torch.equal(v, b[k]) for k, v in a.items())
+
+    assert same(up({}), up({"refine_steps": 5})) and not same(up({}), up({"refine_steps": 0}))
+    assert same(up({"weighted_grid": False}), up({"weighted_grid": False, "refine_steps": 0}))
+    assert same(up({}, None), up({"refine_steps": 0}, None))
+    assert same(up({"gptq": True}), up({"gptq": True, "refine_steps": 0}))
+    with pytest.raises(ValueError, match="refine_steps"):
+        rk.compress(model, {MLP: {"method": "int4", "refine_steps": "some"}}, calib=ids, progress=False)
+
+
 def test_calib_random_warns_for_methods_that_need_text():
     """Random tokens stand in for text only for the input energies; whitened SVD, GPTQ and Fisher weights get a
     warning naming the rule, the data-free weighted grid none."""

@@ -303,10 +303,11 @@ def test_weighted_grid_method_uses_the_layer_input_energy(rng):
     x = correlated(rng, 128, 300)[0].float()
     built = get_method("int4").build(lin, dict(group_size=64, weighted_grid=True), CalibStats.from_inputs(x))
     energy = (x.double() ** 2).mean(0).float()
+    # the method polishes a weighted grid by default (refine_steps 'auto' = 5)
     want = Q.quantize_linear(lin.weight.detach(), 4, 64, symmetric=False, integer_zero=False, clip_steps=10,
-                             input_energy=energy)
+                             input_energy=energy, refine_steps=5)
     assert torch.equal(Q.unpack_int4(built.qweight), want[0]) and torch.allclose(built.zeros, want[2])
-    direct = Int4Linear.from_linear(lin, group_size=64, input_energy=energy)
+    direct = Int4Linear.from_linear(lin, group_size=64, input_energy=energy, refine_steps=5)
     assert torch.equal(direct.qweight, built.qweight)
     plain = Int4Linear.from_linear(lin, group_size=64)
     assert not torch.equal(plain.zeros, built.zeros)  # the weighting changed some group's grid
