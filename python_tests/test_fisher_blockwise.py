@@ -166,3 +166,21 @@ def test_stand_in_holds_no_weights_and_answers_for_the_block():
     assert stand(h)[0] is h  # hands its input on, as a tuple like the real block's output
     stand.value = torch.zeros(1, 2, 4)
     assert stand(h)[0] is stand.value
+
+
+def test_a_recipe_for_lm_head_alone_still_runs_the_blocks_on_the_device(blockwise, monkeypatch):
+    """No block holds a matched Linear, yet with device= the blocks run there one at a time (once per batch)
+    and lm_head's inputs come from the head alone — not from a whole-model forward where the model is."""
+    model, ids = _llama(), _ids(8, 16, seed=6)
+    runs, heads = [], []
+    for blk in model.model.layers:
+        blk.register_forward_hook(lambda m, a, o: runs.append(1))
+    real = pipeline.head_only
+    monkeypatch.setattr(pipeline, "head_only", lambda *a: heads.append(1) or real(*a))
+    out_dev, rep_dev = rk.compress(model, {"rules": [LM_HEAD]}, calib=ids, progress=False, device="cpu")
+    assert len(runs) == 3 * 2 and heads == [1]  # 3 blocks × 2 batches, once each; then the head alone
+    blocks.same_device = pipeline.same_device = lambda a, b: True
+    out, rep = rk.compress(model, {"rules": [LM_HEAD]}, calib=ids, progress=False)
+    assert heads == [1] and rep_dev.layers[0].method == rep.layers[0].method == "lowrank"
+    x = _ids(2, 16, seed=7)
+    torch.testing.assert_close(out_dev(x).logits, out(x).logits, rtol=1e-4, atol=1e-4)

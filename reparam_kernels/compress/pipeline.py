@@ -25,7 +25,7 @@ from .calib import collect_inputs, random_tokens
 from .fisher import channel_weights, output_fisher
 from .fisher_blockwise import head_only
 from .methods import get_method, uses_more_than_energy
-from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
+from .recipe import conv1d_as_linear, is_conv1d, linear_features, parse_recipe, plan
 from .report import CompressionReport, LayerReport, state_bytes
 from .sharing_copy import copy_sharing, unshare
 
@@ -169,10 +169,12 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
         bar.reset(total=len(plan_))
         prefix, blocks = find_blocks(model, plan_)
         done = set()
+        away = device is not None and not same_device(device, home_device(model))
+        if away and not blocks:  # only Linears after the blocks (lm_head): the blocks still run on the device
+            prefix, blocks = find_blocks(model, [n for n, m in model.named_modules() if linear_features(m)])
         # the model kept off `device` with Linears after the blocks: keep the last block's outputs (and their
         # format) for those Linears' statistics, so that the head runs alone on the device
-        keep_last = (device is not None and not same_device(device, home_device(model))
-                     and any(not n.startswith(f"{prefix}.") for n in plan_))
+        keep_last = away and any(not n.startswith(f"{prefix}.") for n in plan_)
         last = None
         if blocks and batches:
             inputs = block_inputs(model, blocks[0], batches)
