@@ -38,8 +38,8 @@ def factor_device(weight):
 
     A whitened SVD of an 8B model's down projection (4096 × 14336) is ~4 TFLOP of float64 (W·S,
     the Cholesky, the eigh, the triangular solve): ~2 min on one CPU core, seconds (predicted; not
-    yet timed) on an H100/H200 (~60 TFLOP/s float64). ``REPARAM_FACTOR_DEVICE=cpu`` keeps them on the CPU (GPUs with
-    slow float64 — consumer and L40S parts run it at 1/64 rate — may prefer that)."""
+    yet timed) on an H100/H200 (~60 TFLOP/s float64). ``REPARAM_FACTOR_DEVICE=cpu`` keeps them on
+    the CPU (GPUs with slow float64 — consumer and L40S parts run it at 1/64 rate — may prefer that)."""
     if weight.device.type == "cuda" and os.environ.get("REPARAM_FACTOR_DEVICE", "").lower() != "cpu":
         return weight.device
     return torch.device("cpu")
@@ -170,7 +170,7 @@ def truncated_svd(weight, rank=None, ratio=None, energy=None):
 
 def gram_of(calib, in_features, device="cpu"):
     """XᵀX in float64 on `device` from calibration inputs [..., in] (or a ready Gram matrix wrapper)."""
-    from .calib import CalibStats  # local: calib imports nothing from here
+    from .calib import CalibStats  # local: calib imports factor_device from here
 
     if isinstance(calib, CalibStats):
         if calib.in_features != in_features:
@@ -272,11 +272,13 @@ def balance(u, v):
 
 def output_error(weight, approx, gram):
     """Relative output error ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ computed from G = XᵀX alone."""
-    # float32 is plenty for a reported error and twice as fast as float64 on the CPU
+    # float32 is plenty for a reported error and twice as fast as float64 on the CPU; on a GPU float64
+    # (fast there, and safe from TF32 matmuls where a user allowed them)
     dev = factor_device(weight)
-    W = weight.detach().to(dev, torch.float32)
-    E = W - approx.detach().to(dev, torch.float32)
-    G = gram.to(dev, torch.float32)
+    dt = torch.float32 if dev.type == "cpu" else torch.float64
+    W = weight.detach().to(dev, dt)
+    E = W - approx.detach().to(dev, dt)
+    G = gram.to(dev, dt)
     num = ((E @ G) * E).sum().double().clamp_min(0)
     den = ((W @ G) * W).sum().double().clamp_min(1e-300)
     return float((num / den).sqrt())
