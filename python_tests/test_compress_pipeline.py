@@ -315,3 +315,17 @@ def test_the_copy_shares_only_what_it_replaces_and_ends_sharing_nothing():
     with torch.no_grad():
         out.get_submodule(kept[0]).weight.add_(1.0)  # training the result leaves the original alone
     assert torch.equal(before[kept[0] + ".weight"][0], model.get_submodule(kept[0]).weight)
+
+
+def test_compress_runs_float32_matmuls_in_full_precision():
+    """A user's set_float32_matmul_precision("high") (TF32 on a GPU) is lifted while compressing, restored after."""
+    model = tiny_llama(seed=14, hidden=64, ffn=96)
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(torch.get_float32_matmul_precision()))
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        rk.compress(model, {MLP: {"method": "lowrank", "ratio": 0.3}}, calib=_ids(), progress=False, inplace=True)
+        assert seen and set(seen) == {"highest"} and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(prev)

@@ -28,7 +28,7 @@ from .blocks import matched_linears_and_batches, visit_layers
 from .fisher import channel_weights, output_fisher
 from .methods import int4_settings_of_combo
 from .recipe import Rule
-from .svd import whitened_spectrum
+from .svd import full_precision_matmuls, whitened_spectrum
 
 
 LOWRANK_METHODS = ("lowrank", "lowrank_int4")  # the methods whose rank `allocate: global` chooses
@@ -134,6 +134,7 @@ def resolve_global(model, plan_, batches, progress=True, fisher=None, device=Non
     return out, fisher
 
 
+@full_precision_matmuls()
 def allocate_ranks(model, calib, patterns, ratio, fisher=True, batch_size=4, progress=True, pivoted=False,
                    device=None):
     """Recipe {rules: [...]} giving each Linear matched by `patterns` (globs) a rank (or `skip` to

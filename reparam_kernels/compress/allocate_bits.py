@@ -20,6 +20,7 @@ from .fisher import output_fisher
 from .methods import get_method
 from .recipe import Rule, plan
 from .report import state_bytes
+from .svd import full_precision_matmuls
 
 CODE_METHODS = ("int4",)  # the methods whose rules may carry mean_bits
 
@@ -107,6 +108,7 @@ def resolve_bits(model, plan_, batches, progress=True, fisher=None, device=None)
     return out
 
 
+@full_precision_matmuls()
 def allocate_bits(model, calib, patterns, mean_bits, batch_size=4, progress=True, device=None, **int4_settings):
     """Recipe {rules: [...]} naming, for each Linear matched by `patterns` (globs, inside the transformer
     blocks), int4 (with `int4_settings`) or int8 — the choice ``compress`` makes for a rule

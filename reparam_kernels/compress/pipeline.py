@@ -118,6 +118,7 @@ def warn_random_calib(plan_):
 
 
 @torch.no_grad()
+@_svd.full_precision_matmuls()
 def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None, progress=True):
     """Compress the Linears of `model` that `recipe` matches; returns (model, CompressionReport).
 
