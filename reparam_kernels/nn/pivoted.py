@@ -55,11 +55,11 @@ def greedy_pivots(v):
     r = R.shape[0]
     piv = torch.empty(r, dtype=torch.long, device=R.device)
     for k in range(r):
-        norms = R.square().sum(0)
+        norms = torch.linalg.vector_norm(R, dim=0)  # one reduction pass, no squared copy of R
         j = norms.argmax()
         piv[k] = j
-        q = R.index_select(1, j.view(1)).squeeze(1) / norms[j].sqrt().clamp_min(1e-300)
-        R -= torch.outer(q, q @ R)
+        q = R.index_select(1, j.view(1)).squeeze(1) / norms[j].clamp_min(1e-300)
+        R.addr_(q, q @ R, alpha=-1.0)  # R −= q·(qᵀR) in place (a rank-1 update, no temporary)
     return piv
 
 
