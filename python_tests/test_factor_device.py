@@ -121,3 +121,30 @@ def test_block_statistics_stay_on_the_gpu(monkeypatch):
     with collect_inputs({"a": lin}, on_weight_device=True) as kept:
         lin(X.cuda())
     assert kept["a"].gram.device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_pipeline_on_a_gpu_model_matches_the_cpu(monkeypatch):
+    """compress with the model on the GPU (whitened, Fisher-weighted, pivoted low rank: factorizations,
+    pivots and statistics there) gives, up to float rounding, the CPU's model. Ranks come from the ratio, so
+    no near-tie of a global allocation can make the two differ."""
+    transformers = pytest.importorskip("transformers")
+    import reparam_kernels as rk
+
+    monkeypatch.delenv("REPARAM_FACTOR_DEVICE", raising=False)
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 101, (8, 32), generator=torch.Generator().manual_seed(1))
+    recipe = {"model.layers.*.*_proj": {"method": "lowrank", "ratio": 0.3, "whiten": True, "fisher": True,
+                                        "pivoted": True}}
+    cpu, rep_cpu = rk.compress(model, recipe, calib=ids, progress=False)
+    gpu, rep_gpu = rk.compress(model.cuda(), recipe, calib=ids, progress=False)
+    assert [(r.name, r.method, r.params_after) for r in rep_gpu.layers] == \
+        [(r.name, r.method, r.params_after) for r in rep_cpu.layers]
+    assert all(p.device.type == "cuda" for p in gpu.parameters())
+    x = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = cpu(x).logits, gpu(x.cuda()).logits.cpu()
+    assert _rel(got, want) < 1e-3
