@@ -301,8 +301,10 @@ def test_weighted_grid_method_uses_the_layer_input_energy(rng):
     with torch.no_grad():
         lin.weight.copy_(heavy_w(rng, 16, 128) * 0.05)
     x = correlated(rng, 128, 300)[0].float()
-    built = get_method("int4").build(lin, dict(group_size=64, weighted_grid=True), CalibStats.from_inputs(x))
-    energy = (x.double() ** 2).mean(0).float()
+    stats = CalibStats.from_inputs(x)
+    built = get_method("int4").build(lin, dict(group_size=64, weighted_grid=True), stats)
+    energy = stats.mean_square.float()  # = mean x² per input (the polish below is continuous: the very same energy)
+    assert torch.allclose(energy, (x.double() ** 2).mean(0).float(), rtol=1e-5)
     # the method polishes a weighted grid by default (refine_steps 'auto' = 5)
     want = Q.quantize_linear(lin.weight.detach(), 4, 64, symmetric=False, integer_zero=False, clip_steps=10,
                              input_energy=energy, refine_steps=5)
