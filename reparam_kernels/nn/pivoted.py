@@ -35,14 +35,14 @@ def pivot_factors(u, v):
 def _pivots(v):
     """The r pivot columns of QR with column pivoting of v [r, n]: on the CPU LAPACK's geqp3 (5× faster
     than the loop below there), on a GPU (or without SciPy) ``greedy_pivots``; both choose the same columns."""
-    if v.device.type == "cpu":
-        try:
-            import scipy.linalg
-        except ImportError:
-            return greedy_pivots(v)
-        _, piv = scipy.linalg.qr(v.numpy(), mode="r", pivoting=True)
-        return torch.from_numpy(np.ascontiguousarray(piv[:v.shape[0]])).long()
-    return greedy_pivots(v)
+    try:
+        import scipy.linalg
+    except ImportError:
+        scipy = None
+    if v.device.type != "cpu" or scipy is None:
+        return greedy_pivots(v)
+    _, piv = scipy.linalg.qr(v.numpy(), mode="r", pivoting=True)
+    return torch.from_numpy(np.ascontiguousarray(piv[:v.shape[0]])).long()
 
 
 def greedy_pivots(v):
