@@ -1,4 +1,6 @@
 """load_compressed into a skeleton without weights (empty_weights(): parameters on meta, buffers real)."""
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -45,6 +47,30 @@ def test_empty_weights_keeps_parameters_off_memory_and_buffers_real():
     assert all(p.is_meta for p in skel.parameters())
     assert all(not b.is_meta for b in skel.buffers())  # rotary frequencies, computed at build
     assert not any(p.is_meta for p in nn.Linear(3, 4).parameters())  # the patch is gone after the context
+
+
+def test_empty_weights_is_per_thread_and_nests():
+    inside, outside = threading.Event(), threading.Event()
+    other = {}
+
+    def build_elsewhere():
+        inside.wait(10)
+        other["linear"] = nn.Linear(3, 4)  # built while the main thread is inside the context
+        outside.set()
+
+    worker = threading.Thread(target=build_elsewhere)
+    worker.start()
+    register = nn.Module.register_parameter
+    with empty_weights():
+        with empty_weights():
+            inner = nn.Linear(2, 2)
+        after_inner = nn.Linear(2, 2)  # still inside the outer context
+        inside.set()
+        assert outside.wait(10)
+    worker.join()
+    assert inner.weight.is_meta and after_inner.weight.is_meta
+    assert not any(p.is_meta for p in other["linear"].parameters())
+    assert nn.Module.register_parameter is register  # put back once the last context is left
 
 
 def test_load_into_an_empty_skeleton_is_bit_identical(checkpoint):

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -73,6 +74,17 @@ def layer_config(module):
     return cfg
 
 
+_META = threading.local()      # how deep this thread is inside empty_weights()
+_PATCH_LOCK = threading.Lock()
+_PATCH = {"users": 0, "register": None}
+
+
+def _register_parameter(module, name, param):
+    _PATCH["register"](module, name, param)
+    if getattr(_META, "depth", 0) and param is not None and param.device.type != "meta":
+        module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextlib.contextmanager
 def empty_weights():
     """Context: modules created inside get their parameters on the meta device (shapes and dtypes,
@@ -82,19 +94,25 @@ def empty_weights():
         with empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         model = load_compressed(skeleton, path)
+
+    Only the thread inside the context is affected (modules other threads build meanwhile keep real
+    parameters); contexts nest.
     """
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = on_meta
+    with _PATCH_LOCK:
+        if _PATCH["users"] == 0:
+            _PATCH["register"] = torch.nn.Module.register_parameter
+            torch.nn.Module.register_parameter = _register_parameter
+        _PATCH["users"] += 1
+    _META.depth = getattr(_META, "depth", 0) + 1
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = register
+        _META.depth -= 1
+        with _PATCH_LOCK:
+            _PATCH["users"] -= 1
+            if _PATCH["users"] == 0:
+                torch.nn.Module.register_parameter = _PATCH["register"]
+                _PATCH["register"] = None
 
 
 def build_layer(cfg, dtype=None):
