@@ -121,3 +121,16 @@ def test_factor_time_runs_small_on_cpu(tmp_path, monkeypatch):
     assert [r["layer"] for r in rows] == ["q_proj", "up_proj", "down_proj"]
     assert rows[2]["shape"] == [128, 448] and rows[2]["factor_device"] == "cpu"
     assert all(r["whitened_svd_s"] > 0 and r["pivot_s"] > 0 for r in rows)
+
+
+def test_cp_line_search_runs_small(tmp_path, monkeypatch):
+    import json
+
+    bench = importlib.import_module("cp_line_search")
+    out = tmp_path / "cp.json"
+    monkeypatch.setattr(sys, "argv", ["cp_line_search.py", "--draws", "6", "--weight-sweeps", "3", "--out", str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["line_search"] for r in rows[:4]] == [False, False, True, True]
+    assert rows[0]["draws"] == 6 and rows[1]["draws"] == 1
+    assert len(rows) == 8 and all(r["sweeps"] == 3 and 0 < r["rel_error"] < 1 for r in rows[4:])
