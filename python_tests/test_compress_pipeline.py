@@ -114,6 +114,9 @@ def test_recipe_files_yaml_and_json(tmp_path):
     ({"rules": [], "x": 1}, None, "unknown top-level"),
     ({MLP: {"method": "int4", "group_size": 40}}, None, "group_size"),
     ({MLP: {"method": "lowrank", "rank": 3}}, torch.randn(2, 5), "`calib`"),
+    ({MLP: {"method": "lowrank", "rank": 3}}, torch.full((2, 5), 101), r"\[0, 101\) \(the model's vocabulary\)"),
+    ({MLP: {"method": "lowrank", "rank": 3}}, [torch.zeros(1, 4, dtype=torch.long), -torch.ones(1, 4, dtype=torch.long)],
+     "from -1 to -1"),
 ])
 def test_recipe_errors_are_clear_and_change_nothing(recipe, calib, match):
     model = tiny_llama()

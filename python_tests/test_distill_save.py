@@ -91,6 +91,8 @@ def test_distill_bad_arguments():
         distill(t, t, _ids(2), alpha=1.5, steps=1)
     with pytest.raises(ValueError, match="`data`"):
         distill(t, t, torch.randn(2, 5), steps=1)
+    with pytest.raises(ValueError, match=r"`data`: token ids must lie in \[0, 101\)"):
+        distill(t, t, _ids(2) + 101, steps=1)
     with pytest.raises(ValueError, match="`amp_dtype`"):
         distill(t, t, _ids(2), steps=1, amp_dtype=torch.float16)
     with pytest.raises(ValueError, match="no compressed parameters"):

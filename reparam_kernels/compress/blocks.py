@@ -18,19 +18,38 @@ class _Stop(Exception):
     pass
 
 
-def batches_of(calib, batch_size):
-    """Calibration token ids [n, seq_len] (or a list of [b, seq_len]) → list of batches."""
+def batches_of(calib, batch_size, model=None):
+    """Calibration token ids [n, seq_len] (or a list of [b, seq_len]) → list of batches; with `model`, ids
+    outside its vocabulary are refused here rather than as an IndexError from inside its embedding."""
     if calib is None:
         return []
     if isinstance(calib, torch.Tensor):
         if calib.dtype not in (torch.int32, torch.int64) or calib.dim() != 2:
             raise ValueError(f"`calib` must be token ids [n, seq_len] (int64) or a list of them, "
                              f"got {calib.dtype} {tuple(calib.shape)}")
-        return list(calib.split(batch_size))
-    out = list(calib)
-    if not out or not all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in out):
-        raise ValueError("`calib` must be token ids [n, seq_len] or a non-empty list of [b, seq_len] tensors")
+        out = list(calib.split(batch_size))
+    else:
+        out = list(calib)
+        if not out or not all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in out):
+            raise ValueError("`calib` must be token ids [n, seq_len] or a non-empty list of [b, seq_len] tensors")
+    if model is not None:
+        check_token_ids(model, out, "calib")
     return out
+
+
+def check_token_ids(model, batches, what):
+    """Raise if any id of `batches` is outside [0, vocabulary) of `model`'s input embedding (when it has one)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if not isinstance(vocab, int):
+        return
+    for b in batches:
+        if b.dtype.is_floating_point or b.is_complex():
+            raise ValueError(f"`{what}` must be token ids (integers), got {b.dtype}")
+        if b.numel() and (int(b.min()) < 0 or int(b.max()) >= vocab):
+            raise ValueError(f"`{what}`: token ids must lie in [0, {vocab}) (the model's vocabulary), "
+                             f"got ids from {int(b.min())} to {int(b.max())}")
 
 
 def matched_linears_and_batches(model, patterns, calib, batch_size, what):
@@ -42,7 +61,7 @@ def matched_linears_and_batches(model, patterns, calib, batch_size, what):
              if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
         raise ValueError(f"`patterns` {patterns} match no nn.Linear of the model")
-    batches = batches_of(calib, batch_size)
+    batches = batches_of(calib, batch_size, model)
     if not batches:
         raise ValueError(f"`calib`: {what} needs calibration token ids")
     return names, batches

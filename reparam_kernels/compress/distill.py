@@ -21,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .blocks import check_token_ids
+
 
 def compressed_parameters(model):
     """Trainable parameters of the layers `compress` replaced (marked with `_reparam_method`)."""
@@ -85,6 +87,7 @@ def distill(student, teacher, data, alpha=0.0, temperature=2.0, steps=200, lr=1e
     weight, swapped in place for the run — and stored pivoted again at the end (both conversions exact).
     """
     _check(alpha, temperature, steps, lr, batch_size, grad_accum, data, amp_dtype)
+    check_token_ids(student, [data], "data")
     from ..nn.pivoted import PivotedLowRankLinear, swap_layers, to_balanced_lowrank, to_pivoted
 
     pivoted = []

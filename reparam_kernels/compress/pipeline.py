@@ -141,7 +141,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
             raise ValueError(f"`calib` must be token ids, a list of them, None or 'random', got {calib!r}")
         calib = random_tokens(model)
         random_calib = True
-    batches = batches_of(calib, batch_size)
+    batches = batches_of(calib, batch_size, model)
     plan_ = plan(model, recipe, has_calib=bool(batches))  # validates before anything changes
     if random_calib:
         warn_random_calib(plan_)
