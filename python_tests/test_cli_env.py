@@ -117,3 +117,22 @@ def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
     assert "OFF [REPARAM_SMALL_M]" in text and "never [REPARAM_DEQUANT_MIN_M]" in text
     monkeypatch.setenv("REPARAM_BC_LARGE_M_MIN_M", "0")
     assert "never [REPARAM_BC_LARGE_M_MIN_M]" in env.render(env.collect())
+
+
+@pytest.mark.parametrize("name", commands())
+def test_every_option_of_every_command_says_what_it_is(name, monkeypatch):
+    import argparse
+    import importlib
+
+    seen = {}
+
+    def capture(parser, *args, **kwargs):
+        seen["parser"] = parser
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"reparam_kernels.cli.{name}").main([])
+    bare = [a.option_strings or [a.dest] for a in seen["parser"]._actions
+            if not isinstance(a, argparse._HelpAction) and not a.help]
+    assert not bare, f"`{name}` options without help: {bare}"

@@ -7,10 +7,12 @@ import argparse
 import json
 import time
 
+from ._help import DTYPE_HELP, MODEL_HELP
+
 
 def main(argv):
     ap = argparse.ArgumentParser(prog="python -m reparam_kernels compress", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", required=True, help=MODEL_HELP)
     ap.add_argument("--recipe", default=None, help="YAML/JSON recipe, or a built-in one by name: default, int8, int4, int4-mixed, int4-gptq "
                     "(reparam_kernels/recipes/; default: Fisher-weighted whitened low rank, 20%% fewer parameters in attention "
                     "+ MLP as a whole, ranks allocated globally)")
@@ -19,9 +21,9 @@ def main(argv):
     ap.add_argument("--calib-seqs", type=int, default=None, help="calibration sequences (default 16)")
     ap.add_argument("--calib-len", type=int, default=None,
                     help="tokens a sequence (default 256 of text; 512 random, as compress(calib='random'))")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="folder to write the compressed checkpoint to (with the tokenizer)")
     ap.add_argument("--report", default=None, help="also write the per-layer report as JSON here")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=DTYPE_HELP)
     ap.add_argument("--device", default=None, help="move each block here while compressing it (e.g. cuda)")
     args = ap.parse_args(argv)
 

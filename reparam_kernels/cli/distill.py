@@ -5,21 +5,23 @@
 """
 import argparse
 
+from ._help import MODEL_HELP, TEXT_HELP
+
 
 def main(argv):
     ap = argparse.ArgumentParser(prog="python -m reparam_kernels distill", description=__doc__.splitlines()[0])
-    ap.add_argument("--student", required=True)
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--text", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--alpha", type=float, default=0.0)
-    ap.add_argument("--temperature", type=float, default=2.0)
-    ap.add_argument("--reverse-kl", action="store_true")
+    ap.add_argument("--student", required=True, help="the compressed model to train: " + MODEL_HELP)
+    ap.add_argument("--teacher", required=True, help="the dense model it learns from: " + MODEL_HELP)
+    ap.add_argument("--text", required=True, help="training text: " + TEXT_HELP)
+    ap.add_argument("--out", required=True, help="folder to write the trained checkpoint to")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens a training sequence (default 128)")
+    ap.add_argument("--batch-size", type=int, default=1, help="sequences a micro step (default 1)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro steps an optimizer step (default 1)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, cosine decay (default 1e-4)")
+    ap.add_argument("--alpha", type=float, default=0.0, help="loss = alpha·next-token loss + (1 - alpha)·T²·KL to the teacher (default 0: KL only)")
+    ap.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL (default 2)")
+    ap.add_argument("--reverse-kl", action="store_true", help="KL(student || teacher) instead of KL(teacher || student)")
     ap.add_argument("--bf16", action="store_true", help="run forward/backward under bf16 autocast (fp32 parameters)")
     args = ap.parse_args(argv)
 

@@ -6,15 +6,17 @@
 import argparse
 import json
 
+from ._help import DTYPE_HELP, MODEL_HELP, TEXT_HELP
+
 
 def main(argv):
     ap = argparse.ArgumentParser(prog="python -m reparam_kernels eval", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--text", required=True)
-    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--model", required=True, help=MODEL_HELP)
+    ap.add_argument("--text", required=True, help=TEXT_HELP)
+    ap.add_argument("--window", type=int, default=1024, help="tokens a window (default 1024)")
     ap.add_argument("--windows", type=int, default=4, help="number of windows scored (0: all)")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=DTYPE_HELP)
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     args = ap.parse_args(argv)
 
     from ..evaluate import perplexity
