@@ -218,6 +218,29 @@ def test_cli_compress_and_eval(tmp_path):
     assert "note: without --calib the int4 / log / vq grids are not weighted" in r.stdout
 
 
+def test_cli_compress_dry_run_and_clear_errors(tmp_path, capsys):
+    from reparam_kernels.__main__ import main
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "dense")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=_tokenizer(), eos_token="</s>").save_pretrained(tmp_path / "dense")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rules:\n  - match: 'model.layers.*.mlp.*_proj'\n    method: int8\n"
+                      "  - match: 'model.layers.0.self_attn.q_proj'\n    method: lowrank\n    rank: 4\n    whiten: false\n")
+    assert main(["compress", "--model", str(tmp_path / "dense"), "--recipe", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    mlp = sum(m.weight.numel() for n, m in model.named_modules() if ".mlp." in n and isinstance(m, nn.Linear))
+    assert f"| `model.layers.*.mlp.*_proj` | int8 | - | 6 | {mlp:,} |" in out
+    assert "| lowrank | rank=4, whiten=False | 1 |" in out
+    assert "7 of 15 Linears would be compressed" in out and not (tmp_path / "c").exists()
+    # a recipe that needs calibration data, without it: the message, exit 2, no traceback
+    assert main(["compress", "--model", str(tmp_path / "dense"), "--recipe", "default", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "compress: error: `calib`: method 'lowrank'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):  # neither --out nor --dry-run
+        main(["compress", "--model", str(tmp_path / "dense")])
+
+
 def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -8,6 +8,7 @@ dependencies are missing cannot break the others.
 import ast
 import importlib
 import importlib.util
+import os
 import pkgutil
 import sys
 
@@ -44,7 +45,15 @@ def main(argv=None):
         print(f"reparam_kernels: unknown command {name!r}\n\n{_help()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"{cli.__name__}.{name}")
-    return module.main(rest) or 0
+    try:
+        return module.main(rest) or 0
+    except ValueError as e:
+        # the library's ValueErrors name the argument and what it takes: say that, not a traceback
+        # (REPARAM_TRACEBACK=1 shows where it came from)
+        if os.environ.get("REPARAM_TRACEBACK") == "1":
+            raise
+        print(f"python -m reparam_kernels {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,11 +21,15 @@ def main(argv):
     ap.add_argument("--calib-seqs", type=int, default=None, help="calibration sequences (default 16)")
     ap.add_argument("--calib-len", type=int, default=None,
                     help="tokens a sequence (default 256 of text; 512 random, as compress(calib='random'))")
-    ap.add_argument("--out", required=True, help="folder to write the compressed checkpoint to (with the tokenizer)")
+    ap.add_argument("--out", default=None, help="folder to write the compressed checkpoint to (with the tokenizer)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the recipe against the model and print which layers each rule takes; compress nothing")
     ap.add_argument("--report", default=None, help="also write the per-layer report as JSON here")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=DTYPE_HELP)
     ap.add_argument("--device", default=None, help="move each block here while compressing it (e.g. cuda)")
     args = ap.parse_args(argv)
+    if not args.out and not args.dry_run:
+        ap.error("--out is required (or --dry-run)")
 
     from ..compress import compress
     from ..compress.calib import random_tokens
@@ -37,6 +41,9 @@ def main(argv):
 
     recipe = args.recipe or DEFAULT_RECIPE
     model, tok = load_any(args.model, args.dtype)
+    if args.dry_run:
+        print(plan_table(model, recipe, has_calib=args.calib is not None))
+        return 0
     seqs = args.calib_seqs or 16
     if args.calib == "random":
         calib = random_tokens(model, seqs, args.calib_len or 512)
@@ -56,3 +63,31 @@ def main(argv):
         print("note: without --calib the int4 / log / vq grids are not weighted by input energy; --calib random "
               "weights them without data (SmolLM2 int4 g128: +22.0% perplexity → +8.9%, docs/quant.md)")
     return 0
+
+
+def plan_table(model, recipe, has_calib):
+    """What compress would do, rule by rule: the layers each takes, their parameters; and what stays dense."""
+    from torch import nn
+
+    from ..compress.recipe import is_conv1d, linear_features, parse_recipe, plan
+
+    chosen = plan(model, recipe, has_calib=has_calib)  # raises as compress would
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
+    params = {n: int(m.weight.numel()) for n, m in linears.items()}
+    lines = ["| rule | method | settings | layers | parameters | e.g. |", "|---|---|---|---|---|---|"]
+    printed = []
+    for rule in parse_recipe(recipe):  # plan() parsed its own copy: rules compare by value
+        names = [n for n, r in chosen.items() if r == rule]
+        if not names or rule in printed:
+            continue
+        printed.append(rule)
+        settings = ", ".join(f"{k}={v}" for k, v in rule.settings.items()) or "-"
+        first = names[0]
+        out_f, in_f = linear_features(linears[first])[::-1]
+        lines.append(f"| `{rule.pattern}` | {rule.method} | {settings} | {len(names)} | "
+                     f"{sum(params[n] for n in names):,} | {first} [{out_f}×{in_f}] |")
+    dense = [n for n in linears if n not in chosen]
+    lines.append(f"| (no rule, or skip) | dense | - | {len(dense)} | {sum(params[n] for n in dense):,} | "
+                 f"{dense[0] if dense else '-'} |")
+    lines.append(f"\n{len(chosen)} of {len(linears)} Linears would be compressed; nothing was written (--dry-run).")
+    return "\n".join(lines)
