@@ -114,6 +114,8 @@ def test_recipe_files_yaml_and_json(tmp_path):
     ({"rules": [], "x": 1}, None, "unknown top-level"),
     ({MLP: {"method": "int4", "group_size": 40}}, None, "group_size"),
     ({MLP: {"method": "lowrank", "rank": 3}}, torch.randn(2, 5), "`calib`"),
+    ({MLP: {"method": "log", "bits": 3}}, None, "`bits` must be 4 or 8"),
+    ({MLP: {"method": "vq", "d": 3}}, None, "down_proj.*`d` = 3 does not divide"),  # gate/up (in 48) would take it
     ({MLP: {"method": "lowrank", "rank": 3}}, torch.full((2, 5), 101), r"\[0, 101\) \(the model's vocabulary\)"),
     ({MLP: {"method": "lowrank", "rank": 3}}, [torch.zeros(1, 4, dtype=torch.long), -torch.ones(1, 4, dtype=torch.long)],
      "from -1 to -1"),

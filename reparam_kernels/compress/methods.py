@@ -163,7 +163,16 @@ def _check_weighted(s):
                               f"given), got {s.get('weighted_grid')!r}")
 
 
-def _check_weighted_lut(out_f, in_f, s):  # log / vq: weighted_grid is their only checked setting
+def _check_log(out_f, in_f, s):
+    if s.get("bits", 4) not in (4, 8) or isinstance(s.get("bits", 4), bool):
+        raise ValueError(f"`bits` must be 4 or 8 for log quantization, got {s['bits']!r}")
+    _check_weighted(s)
+
+
+def _check_vq(out_f, in_f, s):
+    from .vq import check_vq_settings
+
+    check_vq_settings(out_f, in_f, s.get("bits", 4), s.get("d", 1), s.get("rows_per_codebook"))
     _check_weighted(s)
 
 
@@ -251,11 +260,11 @@ register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", "weight
                 "with that search weighted by each input's mean square on the calibration data — calib='random' "
                 "measures it on random tokens, no data needed; mean_bits: a size budget for all such rules, the layers where "
                 "int8 saves the most estimated loss per bit become int8 — compress/allocate_bits.py)")
-register_method("log", _build_log, ("bits", "weighted_grid"), _check_weighted_lut, _weighted,
+register_method("log", _build_log, ("bits", "weighted_grid"), _check_log, _weighted,
                 doc="log (power-of-two) quantization via a lookup table (weighted_grid, default 'auto' as int4's: "
                     "each row's scale chosen by input-energy-weighted error when calibration data is given)")
 register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook", "weighted_grid"),
-                _check_weighted_lut, _weighted,
+                _check_vq, _weighted,
                 doc="vector quantization, k-means codebook of 2^bits d-element sub-vectors (weighted_grid, default "
                     "'auto' as int4's: k-means weighted by each input's mean square when calibration data is given)")
 

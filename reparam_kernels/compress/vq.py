@@ -125,6 +125,20 @@ def kmeans(x, k, iters=25, seed=0, max_init_points=1 << 16):
     return c[0], idx[0]
 
 
+def check_vq_settings(n, k, bits, d, rows_per_codebook):
+    """Raise ValueError unless (bits, d, rows_per_codebook) can quantize an [n, k] weight (compress checks
+    a recipe with it before it changes any layer)."""
+    if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= 8:
+        raise ValueError(f"`d` (sub-vector length) must be an int in 1..8, got {d!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 12:
+        raise ValueError(f"`bits` must be an int in 1..12 (2^bits centroids), got {bits!r}")
+    if k % d != 0:
+        raise ValueError(f"`d` = {d} does not divide in_features K = {k}")
+    r = n if rows_per_codebook is None else rows_per_codebook
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or n % r != 0:
+        raise ValueError(f"`rows_per_codebook` must be a positive divisor of out_features N = {n}, got {rows_per_codebook!r}")
+
+
 @torch.no_grad()
 def vq_quantize(w, d=1, bits=4, rows_per_codebook=None, iters=25, seed=0, input_energy=None):
     """Vector-quantize ``w`` [N, K]; returns (codes [N, K // d] int64, codebooks [L, 2^bits, d] float32).
@@ -133,16 +147,9 @@ def vq_quantize(w, d=1, bits=4, rows_per_codebook=None, iters=25, seed=0, input_
     weighted by them (the output error on average), as int4's ``weighted_grid`` does (docs/quant.md)."""
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError("`w` must be a 2-D floating-point tensor [out_features, in_features]")
-    if not isinstance(d, int) or not 1 <= d <= 8:
-        raise ValueError(f"`d` (sub-vector length) must be an int in 1..8, got {d!r}")
-    if not isinstance(bits, int) or not 1 <= bits <= 12:
-        raise ValueError(f"`bits` must be an int in 1..12 (2^bits centroids), got {bits!r}")
     n, k = w.shape
-    if k % d != 0:
-        raise ValueError(f"`d` = {d} does not divide in_features K = {k}")
+    check_vq_settings(n, k, bits, d, rows_per_codebook)
     r = n if rows_per_codebook is None else rows_per_codebook
-    if not isinstance(r, int) or r <= 0 or n % r != 0:
-        raise ValueError(f"`rows_per_codebook` must be a positive divisor of out_features N = {n}, got {rows_per_codebook!r}")
     wts = None
     if input_energy is not None:
         wts = check_input_energy(input_energy, k).to(w.device).reshape(1, 1, k // d, d).expand(n // r, r, k // d, d)
