@@ -5,9 +5,9 @@
   Each sweep solves, mode by mode, A_n = T_(n) · KR(A_m, m ≠ n) · (⊛_{m≠n} A_mᵀA_m)⁺
   (KR: Khatri–Rao product, ⊛: Hadamard product). Initialized from the
   leading singular vectors of each unfolding (random columns fill the rest);
-  columns are normalized every step, an extrapolating line search gets it out
-  of swamps, and each component's norm is split evenly across its factors at
-  the end.
+  columns are normalized every step, an exact line search along the last
+  sweep's step every 4th sweep gets it out of swamps, and each component's
+  norm is split evenly across its factors at the end.
 * Tucker by HOSVD (leading left singular vectors of each unfolding), refined
   by HOOI (higher-order orthogonal iteration: each factor = leading singular
   vectors of T projected by all the other factors), T ≈ G ×₁ U₁ ×₂ U₂ … ×_d U_d,
@@ -103,11 +103,12 @@ LINE_SEARCH_EVERY = 4  # an exact line search costs about one sweep; every 4th c
 def cp_als(tensor, rank, max_iter=200, tol=1e-10, seed=0, line_search=True):
     """CP decomposition of rank `rank` by ALS; stops when the error changes by less than `tol`.
 
-    `line_search`: after each sweep, also try the step from the previous sweep's factors to this one's,
-    lengthened (Bro's extrapolation, step it^(1/p): p grows each time four tries in a row fail), and keep
-    it where it lowers the error. Plain ALS crawls through "swamps" (long plateaus where factors become
-    nearly collinear): from the HOSVD start ~1% of random exact rank-5 (9, 8, 7) tensors stayed at 0.13
-    relative error for 1000 sweeps. A rejected step costs one error evaluation; the errors stay monotone.
+    `line_search`: every LINE_SEARCH_EVERY-th sweep, also minimize the error exactly along the line from
+    the previous sweep's factors through this one's (``_exact_line_search``) and keep that point where it
+    is better. Plain ALS crawls through "swamps" (long plateaus where components become nearly
+    collinear): from the HOSVD start 5 of 600 random exact rank-5 (9, 8, 7) tensors stayed above 1e-6
+    relative error for 1000 sweeps, 1 with the search (benchmarks/cp_line_search.py). The errors stay
+    monotone: a point is only ever replaced by a better one, and an ALS sweep never makes it worse.
     """
     _check_tensor(tensor)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -141,7 +142,7 @@ def cp_als(tensor, rank, max_iter=200, tol=1e-10, seed=0, line_search=True):
             scale = a.norm(dim=0).clamp_min(1e-300)
             factors[n] = a / scale
             grams[n] = factors[n].t() @ factors[n]
-        # the scale belongs to the last mode updated; folding it into the first gives the same tensor
+        # the column norms belong to the last mode updated: fold them into that factor
         full = [f * scale if n == d - 1 else f for n, f in enumerate(factors)]
         err = _rel_error(t, cp_to_tensor(full))
         if line_search and last is not None and it % LINE_SEARCH_EVERY == 0:
@@ -174,8 +175,9 @@ def _exact_line_search(t, base, end):
     terms come as polynomials without building any tensor along the line: the norm is Σ_rs of the
     elementwise product over modes of the R×R quadratics (B_n + μΔ_n)ᵀ(B_n + μΔ_n); the inner product
     contracts T with B_n + μΔ_n one mode at a time, keeping each power of μ apart (the first contraction,
-    the only one as large as T, costs two products of an ALS sweep's size). The leading coefficient ‖[[Δ]]‖² is ≥ 0,
-    so the minimum over all real μ is at a real root of the derivative; the one reconstruction is the caller's check that the step really helps.
+    the only one as large as T, costs two products of an ALS sweep's size). The leading coefficient
+    ‖[[Δ]]‖² is ≥ 0, so the minimum over all real μ is at a real root of the derivative. The returned
+    error comes from the point itself, not the polynomial (whose terms cancel near an exact fit).
     """
     diff = [e - b for b, e in zip(base, end)]
     norm2 = None
