@@ -97,7 +97,7 @@ def tucker_to_tensor(core, factors):
     return out
 
 
-LINE_SEARCH_EVERY = 4  # an exact line search costs about one sweep; every 4th catches swamps as well as every one
+LINE_SEARCH_EVERY = 4  # a search costs 1-2 sweeps; every 4th caught swamps as well as every one (docs/structured.md)
 
 
 def cp_als(tensor, rank, max_iter=200, tol=1e-10, seed=0, line_search=True):
