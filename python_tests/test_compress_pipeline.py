@@ -334,3 +334,15 @@ def test_compress_runs_float32_matmuls_in_full_precision():
         assert seen and set(seen) == {"highest"} and torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(prev)
+
+
+def test_token_id_check_passes_over_a_model_without_a_known_embedding():
+    from reparam_kernels.compress.blocks import check_token_ids
+
+    class NoEmbedding(nn.Module):
+        def get_input_embeddings(self):  # as transformers' base class does where it finds none
+            raise NotImplementedError
+
+    check_token_ids(NoEmbedding(), [torch.full((1, 3), 10 ** 6)], "calib")  # nothing to check against
+    with pytest.raises(ValueError, match=r"\[0, 101\)"):
+        check_token_ids(tiny_llama(), [torch.full((1, 3), 101)], "calib")

@@ -69,23 +69,20 @@ def plan_table(model, recipe, has_calib):
     """What compress would do, rule by rule: the layers each takes, their parameters; and what stays dense."""
     from torch import nn
 
-    from ..compress.recipe import is_conv1d, linear_features, parse_recipe, plan
+    from ..compress.recipe import is_conv1d, linear_features, plan
 
     chosen = plan(model, recipe, has_calib=has_calib)  # raises as compress would
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
     params = {n: int(m.weight.numel()) for n, m in linears.items()}
+    by_rule = {}  # plan()'s Rule objects, in the order of their first layer
+    for name, rule in chosen.items():
+        by_rule.setdefault(id(rule), (rule, []))[1].append(name)
     lines = ["| rule | method | settings | layers | parameters | e.g. |", "|---|---|---|---|---|---|"]
-    printed = []
-    for rule in parse_recipe(recipe):  # plan() parsed its own copy: rules compare by value
-        names = [n for n, r in chosen.items() if r == rule]
-        if not names or rule in printed:
-            continue
-        printed.append(rule)
+    for rule, names in by_rule.values():
         settings = ", ".join(f"{k}={v}" for k, v in rule.settings.items()) or "-"
-        first = names[0]
-        out_f, in_f = linear_features(linears[first])[::-1]
+        in_f, out_f = linear_features(linears[names[0]])
         lines.append(f"| `{rule.pattern}` | {rule.method} | {settings} | {len(names)} | "
-                     f"{sum(params[n] for n in names):,} | {first} [{out_f}×{in_f}] |")
+                     f"{sum(params[n] for n in names):,} | {names[0]} [{out_f}×{in_f}] |")
     dense = [n for n in linears if n not in chosen]
     lines.append(f"| (no rule, or skip) | dense | - | {len(dense)} | {sum(params[n] for n in dense):,} | "
                  f"{dense[0] if dense else '-'} |")

@@ -30,7 +30,8 @@ def batches_of(calib, batch_size, model=None):
         out = list(calib.split(batch_size))
     else:
         out = list(calib)
-        if not out or not all(isinstance(b, torch.Tensor) and b.dim() == 2 for b in out):
+        if not out or not all(isinstance(b, torch.Tensor) and b.dim() == 2 and b.dtype in (torch.int32, torch.int64)
+                              for b in out):
             raise ValueError("`calib` must be token ids [n, seq_len] or a non-empty list of [b, seq_len] tensors")
     if model is not None:
         check_token_ids(model, out, "calib")
@@ -42,14 +43,12 @@ def check_token_ids(model, batches, what):
     get = getattr(model, "get_input_embeddings", None)
     try:
         emb = get() if callable(get) else None
-    except NotImplementedError:  # a model class that does not say: nothing to check against
+    except NotImplementedError:  # transformers raises this where it finds no embedding to return
         return
     vocab = getattr(emb, "num_embeddings", None)
     if not isinstance(vocab, int):
         return
-    for b in batches:
-        if b.dtype.is_floating_point or b.is_complex():
-            raise ValueError(f"`{what}` must be token ids (integers), got {b.dtype}")
+    for b in batches:  # integer ids: batches_of and distill's argument check see to the dtype
         if b.numel() and (int(b.min()) < 0 or int(b.max()) >= vocab):
             raise ValueError(f"`{what}`: token ids must lie in [0, {vocab}) (the model's vocabulary), "
                              f"got ids from {int(b.min())} to {int(b.max())}")

@@ -17,7 +17,9 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from .quantize import check_log_bits
 from .svd import factor_device, rank_for_ratio
+from .vq import check_vq_settings
 
 
 @dataclass
@@ -164,14 +166,11 @@ def _check_weighted(s):
 
 
 def _check_log(out_f, in_f, s):
-    if s.get("bits", 4) not in (4, 8) or isinstance(s.get("bits", 4), bool):
-        raise ValueError(f"`bits` must be 4 or 8 for log quantization, got {s['bits']!r}")
+    check_log_bits(s.get("bits", 4))
     _check_weighted(s)
 
 
 def _check_vq(out_f, in_f, s):
-    from .vq import check_vq_settings
-
     check_vq_settings(out_f, in_f, s.get("bits", 4), s.get("d", 1), s.get("rows_per_codebook"))
     _check_weighted(s)
 

@@ -271,10 +271,14 @@ def unpack_int4(packed):
 
 # ---------------------------------------------------------------- log quantization
 
+def check_log_bits(bits):
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"`bits` must be 4 or 8 for log quantization, got {bits!r}")
+
+
 def log_levels(bits, dtype=torch.float32, device=None):
     """The 2^bits signed decode values (unit scale), indexed by code: sign << (bits-1) | m."""
-    if bits not in (4, 8):
-        raise ValueError(f"`bits` must be 4 or 8 for log quantization, got {bits!r}")
+    check_log_bits(bits)
     nm = 2 ** (bits - 1)
     m = torch.arange(nm, dtype=torch.float64, device=device)
     mag = torch.where(m == 0, torch.zeros_like(m), torch.pow(2.0, m - (nm - 1)))
