@@ -78,6 +78,10 @@ CONFIGS = {  # in run order: the headline rows first
     "int4-gptq": (both("int4", gptq=True), False),
     # GPTQ (act order) on the float-zero + clipping grid, then distillation of the int4 scales and zeros
     "int4-gptq-clip": (both("int4", gptq=True, integer_zero=False, clip_steps=10), True),
+    # the int4 recipe's layers (grid weighted by Emma's input energies, polished), distilled: scales and zeros
+    # train; and the same plus a rank-16 correction of each layer's error, whose factors train too (QLoRA-like)
+    "int4-weighted": (both("int4"), True),
+    "int4-weighted-c16": (both("int4", correction_rank=16), True),
 }
 DEFAULT_RUN = list(CONFIGS)
 

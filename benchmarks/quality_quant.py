@@ -62,8 +62,22 @@ METHODS = {
     "log4_random": {"method": "log", "bits": 4, "weighted_grid": True},
     "vq_d1_b4_row_random": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1, "weighted_grid": True},
     "vq_d2_b8_random": {"method": "vq", "bits": 8, "d": 2, "weighted_grid": True},
+    # + a rank-r correction of each layer's quantization error (compress/correction.py), whitened by Emma's inputs
+    # (`_it3`: three rounds of refitting the quantized weight and the correction in turn)
+    "int4_g128_rtn_emma_ls_c16": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5,
+                                  "correction_rank": 16},
+    "int4_g128_rtn_emma_ls_c8": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5,
+                                 "correction_rank": 8},
+    "int4_g128_rtn_emma_ls_c32": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5,
+                                  "correction_rank": 32},
+    "int4_g128_rtn_emma_ls_c16_it3": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5,
+                                      "correction_rank": 16, "correction_iters": 3},
+    "int4_g128_gptq_clip_c16": {"method": "int4", "gptq": True, **CLIP, "correction_rank": 16},
+    "int4_g128_rtn_random_ls_c16": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5,
+                                    "correction_rank": 16},
 }
-NEEDS_CALIB = {name for name, st in METHODS.items() if st.get("gptq") or st.get("weighted_grid")}
+NEEDS_CALIB = {name for name, st in METHODS.items()
+               if st.get("gptq") or st.get("weighted_grid") or st.get("correction_rank")}
 RANDOM_CALIB = {name for name in NEEDS_CALIB if "_random" in name}  # on random tokens, not Emma
 
 
@@ -72,18 +86,22 @@ def calib_of(name, calib):
     return "random" if name in RANDOM_CALIB else calib if name in NEEDS_CALIB else None
 
 
-def bits_per_weight(model):
-    """Stored bits of the matched Linears' weight representation per original weight."""
+def bits_per_weight(model, float_bytes=None):
+    """Stored bits of the matched Linears' weight representation per original weight (float_bytes=2: with
+    the floats — scales, zeros, tables, correction factors — counted at 16 bits, as deployed in fp16 / bf16)."""
     from reparam_kernels.compress.report import state_bytes
     from reparam_kernels.nn import Int4Linear, Int8Linear, LUTLinear
+    from reparam_kernels.nn.corrected import CorrectedLinear
 
     bits = weights = 0
     for mod in model.modules():
         if isinstance(mod, (Int8Linear, Int4Linear, LUTLinear)):
             weights += mod.in_features * mod.out_features
             # codes, scales, zeros and tables (buffers or frozen parameters), not the bias
-            bias = 0 if mod.bias is None else mod.bias.numel() * mod.bias.element_size()
-            bits += 8 * (state_bytes(mod)[1] - bias)
+            bias = 0 if mod.bias is None else mod.bias.numel() * (float_bytes or mod.bias.element_size())
+            bits += 8 * (state_bytes(mod, float_bytes=float_bytes)[1] - bias)
+        elif isinstance(mod, CorrectedLinear):  # its base is counted above; here its correction's u and v
+            bits += 8 * state_bytes(mod.correction, float_bytes=float_bytes)[1]
     return bits / weights if weights else None
 
 
@@ -161,7 +179,8 @@ def main(argv=None):
         qmodel, _ = compress(model, recipe, calib=calib_of(name, calib), progress=False)
         value = ppl(qmodel, name)
         row = {"method": name, "settings": METHODS[name], "ppl": value, "increase_pct": 100 * (value / base - 1),
-               "bits_per_weight": bits_per_weight(qmodel), "seconds": time.perf_counter() - t0}
+               "bits_per_weight": bits_per_weight(qmodel), "bits_per_weight_16bit": bits_per_weight(qmodel, 2),
+               "seconds": time.perf_counter() - t0}
         rows.append(row)
         print(f"{name}: ppl {value:.3f} ({row['increase_pct']:+.2f}%), {row['bits_per_weight']:.2f} bits/weight, "
               f"{row['seconds']:.0f} s", flush=True)

@@ -32,6 +32,8 @@ def random_rule(r):
         lambda: {"method": "int4", "mean_bits": r.choice([4.5, 5.0, 6.0])},
         lambda: {"method": "log", "bits": r.choice([3, 4])},  # 3 is refused
         lambda: {"method": "vq", "bits": 4, "d": r.choice([1, 2, 3])},  # 3 divides no in_features here
+        lambda: {"method": r.choice(["int4", "int8", "log", "vq"]), "correction_rank": r.choice([0, 4, 100]),
+                 "correction_iters": r.choice([1, 2]), "fisher": r.choice([True, False])},  # 100 is refused
         lambda: {"method": "lowrank_int4", "ratio": r.choice([0.3, 0.5]), "allocate": r.choice(["uniform", "global"])},
         lambda: {"method": "block_circulant", "block_size": r.choice([16, 32, 64])},
         lambda: {"method": "circulant"}, lambda: {"method": "toeplitz"}, lambda: {"method": "ldr", "rank": 2},

@@ -85,6 +85,17 @@ def _pivoted_random(i, o, bias, dtype, device):
     return layer
 
 
+def _int4_c32_from_linear(linear):
+    """int4 (group as int4_g128) plus a rank-32 correction of its error (plain SVD of the residual)."""
+    base = rnn.Int4Linear.from_linear(linear, group_size=group_for(linear.in_features))
+    return rnn.CorrectedLinear.from_linear(linear, base, min(32, linear.in_features, linear.out_features))
+
+
+def _int4_c32_random(i, o, bias, dtype, device):
+    base = rnn.Int4Linear(i, o, group_size=group_for(i), bias=bias, dtype=dtype, device=device)
+    return rnn.CorrectedLinear(base, rnn.LowRankLinear(i, o, min(32, i, o), bias=False, dtype=dtype, device=device))
+
+
 def _tucker_from_linear(linear):
     """Tucker with each mode's rank half its size (modes: out and in split in two)."""
     from ..nn.tensorized import split_features
@@ -116,6 +127,8 @@ def _table():
                                  lambda i, o, b, dt, dev: rnn.BlockCirculantLinear(i, o, block(i, o), bias=b, dtype=dt,
                                                                                    device=dev)),
         "lowrank40_int4": (["LowRankLinear", "Int4Linear", "FactoredLinear"], _combo_from_linear, _combo_random),
+        "int4_g128_c32": (["Int4Linear", "LowRankLinear", "CorrectedLinear"], _int4_c32_from_linear,
+                          _int4_c32_random),
         "circulant": (["CirculantLinear"], lambda l: rnn.CirculantLinear.from_linear(l), None),
         "toeplitz": (["ToeplitzLinear"], lambda l: rnn.ToeplitzLinear.from_linear(l), None),
         "ldr_r2": (["LDRLinear"], lambda l: rnn.LDRLinear.from_linear(l, rank=2), None),
@@ -126,7 +139,7 @@ def _table():
 
 
 DECODE_KINDS = ("int4_g128", "int8", "lowrank_20", "lowrank_40", "block_circulant_b256", "lowrank40_int4",
-                "lowrank_40_pivoted")  # last: the newest kernel, so a cut-short run loses it first
+                "lowrank_40_pivoted", "int4_g128_c32")  # last: the newest, so a cut-short run loses it first
 
 
 def available(kinds=None):

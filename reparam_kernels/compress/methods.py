@@ -17,6 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from .correction import CORRECTION_KEYS, check_correction, correction_needs_calib, correction_rank, with_correction
 from .quantize import check_log_bits
 from .svd import factor_device, rank_for_ratio
 from .vq import check_vq_settings
@@ -122,7 +123,7 @@ def uses_more_than_energy(rule):
     int4's mean_bits is not among them: its Fisher only ranks layers, and random tokens ranked them as text did
     (SmolLM2: +3.40% against +3.49% at 5.38 bits, docs/quant.md)."""
     s = rule.settings
-    if s.get("gptq") or s.get("fisher"):
+    if s.get("gptq") or s.get("fisher") or correction_rank(s):  # the correction: a whitened SVD
         return True
     return rule.method in ("lowrank", "lowrank_int4") and _whiten(s)
 
@@ -249,23 +250,37 @@ def _build_vq(linear, s, stats):
                            input_energy=_grid_energy(s, stats))
 
 
-register_method("int8", _build_int8, ("gptq",), None, _gptq, "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)")
-register_method("int4", _build_int4, ("group_size", "symmetric", "gptq", "weighted_grid", "mean_bits",
-                                      *INT4_GRID_DEFAULTS),
-                _check_int4, _int4_needs_calib,
+def _corrected(check=None, needs_calib=None):
+    """check / needs_calib of a quantizer extended with its low-rank correction's (compress/correction.py)."""
+    def check_both(out_f, in_f, s):
+        check_correction(out_f, in_f, s)
+        if check is not None:
+            check(out_f, in_f, s)
+    return check_both, (lambda s: correction_needs_calib(s) or bool(needs_calib and needs_calib(s)))
+
+
+_CORRECTION_DOC = ("; correction_rank: r > 0 adds a rank-r correction of the quantization error (CorrectedLinear; "
+                   "whitened SVD of W − Q when calibrated, fisher=true weights it by the loss, correction_iters: "
+                   "rounds of refitting Q and the correction in turn)")
+register_method("int8", with_correction(_build_int8), ("gptq", *CORRECTION_KEYS), *_corrected(None, _gptq),
+                "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)" + _CORRECTION_DOC)
+register_method("int4", with_correction(_build_int4), ("group_size", "symmetric", "gptq", "weighted_grid", "mean_bits",
+                                                      *INT4_GRID_DEFAULTS, *CORRECTION_KEYS),
+                *_corrected(_check_int4, _int4_needs_calib),
                 "group-wise int4 (group_size: auto = largest of 128/64/32 dividing in_features; gptq=true calibrates; "
                 "integer_zero / clip_steps / min_clip / refine_steps: the grid, default float zero + 11x11 clipping "
                 "search (+ 5 rounds of least-squares polish where weighted: refine_steps 'auto'); weighted_grid (default 'auto': whenever calibration data is given; true: required): round to nearest "
                 "with that search weighted by each input's mean square on the calibration data — calib='random' "
                 "measures it on random tokens, no data needed; mean_bits: a size budget for all such rules, the layers where "
-                "int8 saves the most estimated loss per bit become int8 — compress/allocate_bits.py)")
-register_method("log", _build_log, ("bits", "weighted_grid"), _check_log, _weighted,
+                "int8 saves the most estimated loss per bit become int8 — compress/allocate_bits.py)" + _CORRECTION_DOC)
+register_method("log", with_correction(_build_log), ("bits", "weighted_grid", *CORRECTION_KEYS),
+                *_corrected(_check_log, _weighted),
                 doc="log (power-of-two) quantization via a lookup table (weighted_grid, default 'auto' as int4's: "
-                    "each row's scale chosen by input-energy-weighted error when calibration data is given)")
-register_method("vq", _build_vq, ("bits", "d", "rows_per_codebook", "weighted_grid"),
-                _check_vq, _weighted,
+                    "each row's scale chosen by input-energy-weighted error when calibration data is given)" + _CORRECTION_DOC)
+register_method("vq", with_correction(_build_vq), ("bits", "d", "rows_per_codebook", "weighted_grid", *CORRECTION_KEYS),
+                *_corrected(_check_vq, _weighted),
                 doc="vector quantization, k-means codebook of 2^bits d-element sub-vectors (weighted_grid, default "
-                    "'auto' as int4's: k-means weighted by each input's mean square when calibration data is given)")
+                    "'auto' as int4's: k-means weighted by each input's mean square when calibration data is given)" + _CORRECTION_DOC)
 
 
 # ---------------------------------------------------------------- combination

@@ -46,13 +46,13 @@ def _sha256(path):
 
 
 def layer_config(module):
-    """{class, module, args} rebuilding `module` (from its constructor's argument names), or children for FactoredLinear."""
+    """{class, module, args} rebuilding `module` (from its constructor's argument names), or {class, module,
+    children} for a combination layer whose constructor takes layers (its class's CHILDREN: FactoredLinear …)."""
     cls = type(module)
     cfg = {"class": cls.__name__, "module": cls.__module__}
-    from ..nn.factored import FactoredLinear
-
-    if isinstance(module, FactoredLinear):
-        cfg["children"] = {"first": layer_config(module.first), "second": layer_config(module.second)}
+    children = getattr(cls, "CHILDREN", None)
+    if children:
+        cfg["children"] = {name: layer_config(getattr(module, name)) for name in children}
         return cfg
     args = {}
     for name in inspect.signature(cls.__init__).parameters:
@@ -123,7 +123,7 @@ def build_layer(cfg, dtype=None):
         raise ValueError(f"`path`: manifest names layer class {cfg.get('module')}.{cfg.get('class')}, "
                          f"which this installation lacks ({e})") from None
     if "children" in cfg:
-        return cls(build_layer(cfg["children"]["first"], dtype), build_layer(cfg["children"]["second"], dtype))
+        return cls(**{name: build_layer(child, dtype) for name, child in cfg["children"].items()})
     kw = dict(cfg["args"])
     if "dtype" in inspect.signature(cls.__init__).parameters:
         kw["dtype"] = dtype

@@ -9,6 +9,8 @@ from torch import nn
 
 
 class FactoredLinear(nn.Module):
+    CHILDREN = ("first", "second")  # constructor arguments that are layers (save_compressed records them)
+
     def __init__(self, first, second):
         super().__init__()
         if first.out_features != second.in_features:
