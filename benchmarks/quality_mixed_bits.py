@@ -1,7 +1,8 @@
 """int4 with int8 where the loss cares most, under one size budget (`mean_bits`), on SmolLM2 (issue 3; measured)
 
     python benchmarks/quality_mixed_bits.py [--windows 4] [--bits 4.75,5,5.378,6] [--text-bits 5.378]
-                                            [--gptq-bits 5] [--only-extra] [--update]
+                                            [--gptq-bits 5] [--corrected-bits 5] [--corrected-gptq-bits 5]
+                                            [--only-extra] [--update]
 
 Every row runs the real `compress` on every Linear of model.layers, then perplexity on Pride and Prejudice:
   int4              int4 g128 weighted grid everywhere (the built-in `int4` recipe)
@@ -10,6 +11,9 @@ Every row runs the real `compress` on every Linear of model.layers, then perplex
                     (compress/allocate_bits.py); calibrated on 16 x 512 random token ids (no data)
   mean_bits_B_text  the same, calibrated on 16 x 512 tokens of Emma
   mean_bits_B_gptq_text  the same with `gptq: true` (the int4 layers GPTQ'd, act order)
+  mean_bits_B_corrected_text  `mean_bits: B, correction_rank: auto`: int4 layers may also take a low-rank
+                    correction of their error, the budget choosing each rank (calibrated on Emma)
+  mean_bits_B_corrected_gptq_text  the same with `gptq: true`
 Bits per weight count scales and zeros at 16 bits (deployed fp16 / bf16), whatever dtype the model is in.
 Writes benchmarks/results/quality/mixed_bits.json.
 """
@@ -36,9 +40,11 @@ def measure(run, name, recipe, ids, **fields):
     params = sum(r.shape[0] * r.shape[1] for r in report.layers)
     bits = sum(deployed_bits(m) for m in layers) / params
     int8 = sorted(r.name for r in report.layers if r.method == "int8")
+    ranks = {r.name: r.settings["correction_rank"] for r in report.layers if r.settings.get("correction_rank")}
     ppl = perplexity(small, windows=run.evals, progress=False, desc=name)
-    print(f"{name}: {bits:.3f} bits/weight, {len(int8)} int8 layers", flush=True)
-    run.add_row(name, ppl, t0, **fields, bits_per_weight=bits, int8_layers=len(int8), int8=int8)
+    print(f"{name}: {bits:.3f} bits/weight, {len(int8)} int8 layers, {len(ranks)} corrected", flush=True)
+    run.add_row(name, ppl, t0, **fields, bits_per_weight=bits, int8_layers=len(int8), int8=int8,
+                **({"corrected_layers": len(ranks), "correction_ranks": ranks} if ranks else {}))
 
 
 def main(argv=None):
@@ -48,6 +54,9 @@ def main(argv=None):
                                                              "(5.378: what down_int8 takes)")
     p.add_argument("--text-bits", default="5.378", help="mean_bits budgets calibrated on Emma")
     p.add_argument("--gptq-bits", default="5", help="mean_bits budgets with gptq=true, calibrated on Emma")
+    p.add_argument("--corrected-bits", default="", help="mean_bits budgets with correction_rank: auto, calibrated "
+                                                         "on Emma")
+    p.add_argument("--corrected-gptq-bits", default="", help="the same with gptq: true")
     p.add_argument("--only-extra", action="store_true", help="skip the int4 and down_int8 rows")
     p.add_argument("--update", action="store_true", help="keep the rows of --out this run does not measure")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality",
@@ -67,6 +76,12 @@ def main(argv=None):
     for b in [float(x) for x in args.gptq_bits.split(",") if x]:
         measure(run, f"mean_bits_{b:g}_gptq_text", {ALL: {"method": "int4", "mean_bits": b, "gptq": True}}, emma,
                 calib="emma", mean_bits=b, gptq=True)
+    for gptq, budgets in ((False, args.corrected_bits), (True, args.corrected_gptq_bits)):
+        for b in [float(x) for x in budgets.split(",") if x]:
+            extra = {"gptq": True} if gptq else {}
+            measure(run, f"mean_bits_{b:g}_corrected{'_gptq' if gptq else ''}_text",
+                    {ALL: {"method": "int4", "mean_bits": b, "correction_rank": "auto", **extra}}, emma,
+                    calib="emma", mean_bits=b, correction_rank="auto", **extra)
     if args.update and os.path.exists(args.out):
         with open(args.out) as f:
             new = {r["method"] for r in run.rows}

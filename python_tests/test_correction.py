@@ -132,7 +132,8 @@ def test_distill_trains_the_correction_and_scales_not_the_codes():
     ({"correction_rank": 65}, r"0\.\.64"),
     ({"correction_rank": 4, "correction_iters": 0}, "correction_iters"),
     ({"fisher": True}, "give correction_rank > 0"),
-    ({"correction_rank": 4, "mean_bits": 5.0}, "not with mean_bits"),
+    ({"correction_rank": 4, "mean_bits": 5.0}, "with mean_bits give 'auto'"),
+    ({"correction_rank": "auto"}, "give mean_bits"),
 ])
 def test_bad_correction_settings_are_refused_before_anything_changes(settings, match):
     model = _model()

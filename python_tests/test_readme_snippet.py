@@ -36,3 +36,4 @@ def test_readme_using_it_runs(tmp_path, monkeypatch):
     assert scope["lr"].to_dense().shape == (256, 256)
     assert (tmp_path / "smollm2-int4" / "manifest.json").is_file()
     assert any(type(m).__name__ == "Int8Linear" for m in scope["model_m"].modules())  # mean_bits chose some int8
+    assert any(type(m).__name__ == "CorrectedLinear" for m in scope["model_k"].modules())

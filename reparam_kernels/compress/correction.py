@@ -1,5 +1,6 @@
 """Low-rank correction of a quantized layer's error: the recipe settings ``correction_rank`` (and
-``correction_iters``, ``fisher``) of the methods int8, int4, log and vq.
+``correction_iters``, ``fisher``) of the methods int8, int4, log and vq. With int4's ``mean_bits``,
+``correction_rank: auto`` lets the size budget choose each layer's rank (``allocate_bits.py``).
 
 With ``correction_rank: r`` a layer becomes ``CorrectedLinear(base, correction)``: y = Q(x) + u·v·x,
 where u·v is the rank-r SVD of the residual W − Q — whitened by the layer's inputs when calibration
@@ -27,16 +28,20 @@ def correction_rank(s):
 def check_correction(out_f, in_f, s):
     """Raise ValueError if the correction settings do not fit an [out_f × in_f] layer."""
     r = s.get("correction_rank", 0)
-    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= min(out_f, in_f):
+    if r == "auto":
+        if s.get("mean_bits") is None:
+            _bad("correction_rank", "'auto' lets int4's mean_bits budget choose each layer's rank: give mean_bits")
+    elif s.get("mean_bits") is not None and r:
+        _bad("correction_rank", "with mean_bits give 'auto' (the budget chooses each layer's rank) or 0")
+    elif isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= min(out_f, in_f):
         _bad("correction_rank", f"the rank of the low-rank correction of the quantization error, an int in "
-                                f"0..{min(out_f, in_f)} for a [{out_f}×{in_f}] layer (0: none); got {r!r}")
+                                f"0..{min(out_f, in_f)} for a [{out_f}×{in_f}] layer (0: none) or 'auto' with "
+                                f"mean_bits; got {r!r}")
     k = s.get("correction_iters", 1)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         _bad("correction_iters", f"rounds of quantize-then-correct, an int >= 1; got {k!r}")
     if not r and ("correction_iters" in s or s.get("fisher")):
         _bad("correction_rank", "correction_iters and fisher set the low-rank correction: give correction_rank > 0")
-    if r and s.get("mean_bits") is not None:
-        _bad("correction_rank", "not with mean_bits (its bit budget does not count the correction's parameters)")
 
 
 def correction_needs_calib(s):
