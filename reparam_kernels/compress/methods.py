@@ -261,7 +261,8 @@ def _corrected(check=None, needs_calib=None):
 
 _CORRECTION_DOC = ("; correction_rank: r > 0 adds a rank-r correction of the quantization error (CorrectedLinear; "
                    "whitened SVD of W − Q when calibrated, fisher=true weights it by the loss, correction_iters: "
-                   "rounds of refitting Q and the correction in turn)")
+                   "rounds of refitting Q and the correction in turn; int4 with mean_bits: 'auto' lets the budget "
+                   "choose each layer's rank)")
 register_method("int8", with_correction(_build_int8), ("gptq", *CORRECTION_KEYS), *_corrected(None, _gptq),
                 "per-channel symmetric int8 (RTN, or GPTQ with gptq=true)" + _CORRECTION_DOC)
 register_method("int4", with_correction(_build_int4), ("group_size", "symmetric", "gptq", "weighted_grid", "mean_bits",
