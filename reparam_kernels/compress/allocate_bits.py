@@ -81,7 +81,7 @@ def choose(menus, mean_bits):
              for i, (a, b) in enumerate(zip(h, h[1:]), 1)]
     at, blocked = {n: 0 for n in hulls}, set()
     for _, n, i in sorted(steps, key=lambda t: (-t[0], t[1], t[2])):
-        if n in blocked or at[n] != i - 1:
+        if n in blocked:  # a hull's gains fall step by step, so its steps come in order
             continue
         extra = hulls[n][i][0] - hulls[n][i - 1][0]
         if used + extra <= budget:
@@ -128,7 +128,10 @@ def _menu(linear, stats, rule, fisher):
     ranks = [0]
     if rule.settings.get("correction_rank") == "auto":
         ranks += [r for r in range(8, min(n, k) + 1, 8) if b4 + 16 * r * (n + k) < b8]
-    losses = correction_losses(linear.weight, q4.to_dense(), fisher, stats, ranks)
+    if len(ranks) > 1:  # one eigh and one SVD give every rank's loss
+        losses = correction_losses(linear.weight, q4.to_dense(), fisher, stats, ranks)
+    else:  # no menu of ranks: the plain estimate, as for int8
+        losses = {0: quantization_loss(linear.weight, q4.to_dense(), fisher, stats)}
     options = {r: (b4 + 16 * r * (n + k), losses[r]) for r in ranks}
     options["int8"] = (b8, quantization_loss(linear.weight, q8.to_dense(), fisher, stats))
     return linear.weight.numel(), options
