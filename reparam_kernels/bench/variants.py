@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import nn as rnn
+from .._linear import linear_from
 
 
 def _cls(name, module="reparam_kernels.nn"):
@@ -45,22 +46,13 @@ def _combo_rank(i, o):
     return rank_for(i, o, 0.4, multiple=g or 32), g
 
 
-def _linear(w, bias=None):
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-        if bias is not None:
-            lin.bias.copy_(bias)
-    return lin
-
-
 def _combo_from_linear(linear):
     """Low rank at 40% fewer parameters whose two factors are then int4-quantized."""
     i, o = linear.in_features, linear.out_features
     r, g = _combo_rank(i, o)
     lr = rnn.LowRankLinear.from_linear(linear, rank=r)
-    first = rnn.Int4Linear.from_linear(_linear(lr.v.detach()), group_size=g)
-    second = rnn.Int4Linear.from_linear(_linear(lr.u.detach(), linear.bias), group_size=group_for(r))
+    first = rnn.Int4Linear.from_linear(linear_from(lr.v.detach()), group_size=g)
+    second = rnn.Int4Linear.from_linear(linear_from(lr.u.detach(), linear.bias), group_size=group_for(r))
     return _cls("FactoredLinear", "reparam_kernels.nn.factored")(first, second)
 
 

@@ -12,7 +12,8 @@ r·(in + out) more parameters per layer: on an [N×K] layer in fp16 that is 16·
 bits per weight (0.25 at r = 32 on 4096²; 0.6–1.8 at r = 16 on SmolLM2's small layers).
 """
 import torch
-from torch import nn
+
+from .._linear import linear_from
 
 CORRECTION_KEYS = ("correction_rank", "correction_iters", "fisher")
 
@@ -52,12 +53,7 @@ def correction_needs_calib(s):
 def _shifted(linear, shift):
     """An nn.Linear like `linear` whose weight is W − shift (what the base quantizes in later rounds)."""
     w = linear.weight.detach()
-    out = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, dtype=w.dtype, device=w.device)
-    with torch.no_grad():
-        out.weight.copy_((w.float() - shift.to(w.device, torch.float32)).to(w.dtype))
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias.detach())
-    return out
+    return linear_from((w.float() - shift.to(w.device, torch.float32)).to(w.dtype), linear.bias)
 
 
 def with_correction(build):

@@ -17,6 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from .._linear import linear_from
 from .correction import CORRECTION_KEYS, check_correction, correction_needs_calib, correction_rank, with_correction
 from .quantize import check_log_bits
 from .svd import factor_device, rank_for_ratio
@@ -324,7 +325,6 @@ def _build_lowrank_int4(linear, s, stats):
     """Low rank, then int4 factors: v quantized first (GPTQ on the layer's inputs when calibrated), then u
     refit by least squares to the quantized v and quantized (GPTQ on the inputs it sees, v_q·X)."""
     import torch
-    from torch import nn
 
     from ..nn.factored import FactoredLinear
     from .calib import CalibStats
@@ -340,10 +340,8 @@ def _build_lowrank_int4(linear, s, stats):
     gv = _combo_group(s, linear.in_features)
     sym = bool(s.get("symmetric", False))
     calibrated = stats is not None and _whiten(s)
-    v_lin = nn.Linear(linear.in_features, r, bias=False, dtype=dt, device=dev)
-    with torch.no_grad():
-        v_lin.weight.copy_(lr.v)
-    first = int4.from_linear(v_lin, group_size=gv, symmetric=sym, calib=stats if calibrated else None)
+    first = int4.from_linear(linear_from(lr.v.detach().to(dev, dt)), group_size=gv, symmetric=sym,
+                             calib=stats if calibrated else None)
     u = lr.u.detach().double()
     u_stats = None
     if calibrated:  # u* = W·G·v_qᵀ (v_q·G·v_qᵀ)⁻¹: the best u for the quantized v on the calibration inputs
@@ -355,12 +353,8 @@ def _build_lowrank_int4(linear, s, stats):
         u = torch.linalg.solve(H, vq @ G @ linear.weight.detach().to(fdev, torch.float64).t()).t()
         u_stats = CalibStats(r)
         u_stats.gram, u_stats.count = H, stats.count
-    u_lin = nn.Linear(r, linear.out_features, bias=linear.bias is not None, dtype=dt, device=dev)
-    with torch.no_grad():
-        u_lin.weight.copy_(u.to(dt))
-        if linear.bias is not None:
-            u_lin.bias.copy_(linear.bias)
-    second = int4.from_linear(u_lin, group_size=group_near(r), symmetric=sym, calib=u_stats)
+    second = int4.from_linear(linear_from(u.to(dev, dt), linear.bias), group_size=group_near(r), symmetric=sym,
+                              calib=u_stats)
     return FactoredLinear(first, second)
 
 

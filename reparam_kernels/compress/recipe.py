@@ -26,9 +26,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from .._linear import linear_from
 from .methods import get_method
 
 _TOP_KEYS = {"rules", "name", "description"}
@@ -140,12 +140,7 @@ def is_conv1d(m):
 
 def conv1d_as_linear(m):
     """The nn.Linear computing exactly what Conv1D `m` computes (weight transposed, same bias)."""
-    lin = nn.Linear(m.weight.shape[0], m.weight.shape[1], bias=m.bias is not None,
-                    device=m.weight.device, dtype=m.weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(m.weight.t())
-        if m.bias is not None:
-            lin.bias.copy_(m.bias)
+    lin = linear_from(m.weight.detach().t(), m.bias)
     lin.train(m.training)
     return lin
 

@@ -9,6 +9,7 @@ instead of out·in.
 import torch
 from torch import nn
 
+from .._linear import linear_from
 from ..compress import svd as _svd
 from ..ops import lowrank_linear
 
@@ -121,13 +122,7 @@ class LowRankLinear(LowRankBase):
         return (self.u.to(acc) @ self.v.to(acc)).to(self.u.dtype)
 
     def to_linear(self):
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        dtype=self.u.dtype, device=self.u.device)
-        with torch.no_grad():
-            lin.weight.copy_(self.to_dense())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return linear_from(self.to_dense().detach(), self.bias)
 
     def forward(self, x):
         return lowrank_linear(x, self.u, self.v, self.bias)

@@ -42,6 +42,7 @@ from torch import nn
 from ..compress import ldr as _ldr
 from ..compress import structured as _st
 from .. import _dispatch
+from .._linear import linear_from
 from ..cli.env import bc_cols_max_m
 from ..ops import block_circulant_cols_linear, block_circulant_linear, toeplitz_linear
 from ..ops.block_circulant_cols_linear import CUDA_BLOCK_SIZES as _COLS_BLOCK_SIZES
@@ -100,14 +101,7 @@ class _StructuredBase(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def to_linear(self):
-        dense = self.to_dense()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        dtype=dense.dtype, device=dense.device)
-        with torch.no_grad():
-            lin.weight.copy_(dense)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return linear_from(self.to_dense().detach(), self.bias)
 
 
 class _DecodesFromColumns:

@@ -20,6 +20,7 @@ import string
 import torch
 from torch import nn
 
+from .._linear import linear_from
 from ..compress import tensor_decomp as td
 
 
@@ -83,13 +84,7 @@ class _Tensorized(nn.Module):
             raise ValueError(f"`x` has {x.shape[-1]} features in its last dimension, expected {self.in_features}")
 
     def to_linear(self):
-        dense = self.to_dense()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=dense.dtype, device=dense.device)
-        with torch.no_grad():
-            lin.weight.copy_(dense)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return linear_from(self.to_dense().detach(), self.bias)
 
 
 def _weight_tensor(linear, out_modes, in_modes):
