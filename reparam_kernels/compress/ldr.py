@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .structured import _check_weight, relative_error
+from .._dtypes import acc_dtype
 
 
 def shift_matrix(n, f, dtype=torch.float64, device=None):
@@ -99,7 +100,7 @@ def ldr_to_dense(g, h):
 def ldr_matvec(x, g, h):
     """y = M·x for M of generators (g, h) [n, r]; x [..., n], computed in x's dtype (≥ fp32)."""
     n, r = g.shape
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(x.dtype)
     cdt = torch.complex128 if dt == torch.float64 else torch.complex64
     xs = x.to(dt)
     k = torch.arange(n, device=x.device, dtype=dt)

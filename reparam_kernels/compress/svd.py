@@ -30,6 +30,8 @@ import os
 
 import torch
 
+from .._dtypes import acc_dtype
+
 FACTOR_DTYPE = torch.float64
 
 
@@ -158,10 +160,6 @@ def thin_svd(A):
     return U, sig, Vh
 
 
-def _out_dtype(weight):
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
-
-
 def _split(U, S, Vh, r):
     root = S[:r].sqrt()
     return U[:, :r] * root, root[:, None] * Vh[:r]
@@ -177,7 +175,7 @@ def truncated_svd(weight, rank=None, ratio=None, energy=None):
     U, S, Vh = thin_svd(W)
     r = select_rank(*W.shape, singular_values=S, rank=rank, ratio=ratio, energy=energy)
     u, v = _split(U, S, Vh, r)
-    dt = _out_dtype(weight)
+    dt = acc_dtype(weight.dtype)
     return u.to(dt), v.to(dt), S.to(dt)
 
 
@@ -242,7 +240,7 @@ def whitened_svd(weight, calib, rank=None, ratio=None, energy=None, damping=1e-5
     with _one_thread():
         v = torch.linalg.solve_triangular(S.t(), vs.t(), upper=True).t()
         u, v = balance(u, v)
-    dt = _out_dtype(weight)
+    dt = acc_dtype(weight.dtype)
     return u.to(dt), v.to(dt), sig.to(dt)
 
 

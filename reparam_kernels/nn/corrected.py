@@ -10,14 +10,10 @@ kernel (e.g. ``int4_linear`` then ``lowrank_linear``: r·(in + out) more weights
 The correction is trainable: ``distill`` fine-tunes its factors (and the base's float
 scales) while the integer codes stay frozen, as QLoRA adapters do on a 4-bit model.
 """
-import torch
 from torch import nn
 
 from .lowrank import LowRankLinear, factor_linear
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dtypes import acc_dtype
 
 
 class _Residual:
@@ -56,7 +52,7 @@ class CorrectedLinear(nn.Module):
         output error on them (whitened SVD) instead of the weight error; out_weight: with calib,
         per-output-channel weights of that error (√Fisher: a loss estimate)."""
         w = linear.weight.detach()
-        acc = _acc_dtype(w.dtype)
+        acc = acc_dtype(w.dtype)
         residual = w.to(acc) - base.to_dense().detach().to(w.device, acc)
         u, v, _ = factor_linear(_Residual(residual), rank=rank, calib=calib, damping=damping, out_weight=out_weight)
         return cls(base, LowRankLinear.from_factors(u, v, None, dtype=w.dtype, device=w.device))
@@ -64,7 +60,7 @@ class CorrectedLinear(nn.Module):
     def to_dense(self):
         """The effective [out, in] weight: base.to_dense() + u @ v (summed in fp32, or fp64 for fp64 layers)."""
         a = self.base.to_dense()
-        acc = _acc_dtype(a.dtype)
+        acc = acc_dtype(a.dtype)
         return (a.to(acc) + self.correction.to_dense().to(acc)).to(a.dtype)
 
     def forward(self, x):

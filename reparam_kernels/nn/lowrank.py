@@ -12,6 +12,7 @@ from torch import nn
 from .._linear import linear_from
 from ..compress import svd as _svd
 from ..ops import lowrank_linear
+from .._dtypes import acc_dtype
 
 
 def check_dims(in_features, out_features, rank):
@@ -118,7 +119,7 @@ class LowRankLinear(LowRankBase):
 
     def to_dense(self):
         """The effective dense weight [out, in] = u @ v (in the layer's dtype, fp32 accumulation)."""
-        acc = torch.float64 if self.u.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(self.u.dtype)
         return (self.u.to(acc) @ self.v.to(acc)).to(self.u.dtype)
 
     def to_linear(self):

@@ -15,6 +15,7 @@ from torch import nn
 from ..compress import svd as _svd
 from ..ops import pivoted_lowrank_linear
 from .lowrank import LowRankBase, LowRankLinear, build_from_factors, check_factors, factor_linear
+from .._dtypes import acc_dtype
 
 
 def pivot_factors(u, v):
@@ -99,7 +100,7 @@ class PivotedLowRankLinear(LowRankBase):
 
     def to_dense(self):
         """The effective dense weight [out, in] = u @ [I | w] @ P (layer's dtype, fp32 accumulation)."""
-        acc = torch.float64 if self.u.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(self.u.dtype)
         return (self.u.to(acc) @ expand_right_factor(self.w, self.perm, acc)).to(self.u.dtype)
 
     def forward(self, x):

@@ -46,6 +46,7 @@ from .._linear import linear_from
 from ..cli.env import bc_cols_max_m
 from ..ops import block_circulant_cols_linear, block_circulant_linear, toeplitz_linear
 from ..ops.block_circulant_cols_linear import CUDA_BLOCK_SIZES as _COLS_BLOCK_SIZES
+from .._dtypes import acc_dtype
 
 COLS_MAX_M = bc_cols_max_m()  # rows up to which eval mode decodes from w_cols
 
@@ -53,10 +54,6 @@ COLS_MAX_M = bc_cols_max_m()  # rows up to which eval mode decodes from w_cols
 def _positive_int(name, val):
     if isinstance(val, bool) or not isinstance(val, int) or val < 1:
         raise ValueError(f"`{name}` must be a positive int, got {val!r}")
-
-
-def _param_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _weight_of(linear):
@@ -71,7 +68,7 @@ def _spectrum_for(spec, x):
     .half()/.to(dtype) holds another dtype, so cast (the spectrum is small)."""
     if spec.dtype == torch.float32 or (spec.dtype == torch.float64 and x.dtype == torch.float64):
         return spec
-    return spec.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return spec.to(acc_dtype(x.dtype))
 
 
 def _copy_bias(layer, linear):
@@ -164,8 +161,8 @@ class BlockCirculantLinear(_DecodesFromColumns, _StructuredBase):
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
         dtype = dtype or torch.get_default_dtype()
         p, q = math.ceil(out_features / block_size), math.ceil(in_features / block_size)
-        self.w_spectrum = nn.Parameter(torch.empty(p, q, 2, block_size // 2 + 1, dtype=_param_dtype(dtype), device=device))
-        self._init_cols((p, q, block_size), _param_dtype(dtype), device)
+        self.w_spectrum = nn.Parameter(torch.empty(p, q, 2, block_size // 2 + 1, dtype=acc_dtype(dtype), device=device))
+        self._init_cols((p, q, block_size), acc_dtype(dtype), device)
         self._init_bias(bias, dtype, device)
         self.projection_error = None
         self.reset_spectrum()
@@ -247,8 +244,9 @@ class ToeplitzLinear(_DecodesFromColumns, _StructuredBase):
         self.in_features, self.out_features = in_features, out_features
         self.fft_size = _st.toeplitz_fft_size(out_features, in_features)
         dtype = dtype or torch.get_default_dtype()
-        self.t_spectrum = nn.Parameter(torch.empty(1, 1, 2, self.fft_size // 2 + 1, dtype=_param_dtype(dtype), device=device))
-        self._init_cols((1, 1, self.fft_size), _param_dtype(dtype), device)
+        self.t_spectrum = nn.Parameter(torch.empty(1, 1, 2, self.fft_size // 2 + 1, dtype=acc_dtype(dtype),
+                                                   device=device))
+        self._init_cols((1, 1, self.fft_size), acc_dtype(dtype), device)
         self._init_bias(bias, dtype, device)
         self.projection_error = None
         bound = 1.0 / math.sqrt(in_features)
@@ -307,7 +305,7 @@ class LDRLinear(_StructuredBase):
             raise ValueError(f"`rank` {rank} exceeds max(in_features, out_features) = {n}")
         self.in_features, self.out_features, self.rank, self.n = in_features, out_features, rank, n
         dtype = dtype or torch.get_default_dtype()
-        pdt = _param_dtype(dtype)
+        pdt = acc_dtype(dtype)
         # ½·Σ Z₁(g)·Z₋₁(Jh) sums r·n products of entries: scale so outputs are O(|x|/√in).
         bound = (1.0 / (rank * n * math.sqrt(in_features))) ** 0.5 * 2
         self.g = nn.Parameter(torch.empty(n, rank, dtype=pdt, device=device).uniform_(-bound, bound))

@@ -23,6 +23,7 @@ from .. import _dispatch, reference
 from .._checks import check, check_tensor
 from .._dispatch import OpSpec
 from .block_circulant_linear import _route, check_block_grid
+from .._dtypes import acc_dtype
 
 OP = "block_circulant_cols_linear"
 CUDA_BLOCK_SIZES = tuple(1 << e for e in range(6, 17))  # 64..65536: what the CUDA kernel takes
@@ -59,7 +60,7 @@ def transposed_cols(w_cols):
 
 def cols_grad(x, gy, p, q, b, dtype):
     """gc [p, q, b] of the loss w.r.t. the columns (see the module docstring)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     x2 = torch.nn.functional.pad(x.reshape(-1, x.shape[-1]).to(acc), (0, q * b - x.shape[-1]))
     g2 = torch.nn.functional.pad(gy.reshape(-1, gy.shape[-1]).to(acc), (0, p * b - gy.shape[-1]))
     xf = torch.fft.rfft(x2.reshape(-1, q, b), dim=-1)  # [M, q, h]

@@ -18,6 +18,7 @@ import torch
 from .. import _dispatch, reference, triton as _triton
 from .._checks import check, check_bias, check_tensor, check_x
 from .._dispatch import OpSpec
+from .._dtypes import acc_dtype
 
 CUDA_BLOCK_SIZES = tuple(1 << e for e in range(6, 13))  # 64..4096: what the fused CUDA kernel takes
 
@@ -88,7 +89,7 @@ def transposed_spectrum(w_spectrum):
 
 def spectrum_grad(x, gy, block_size, p, q, dtype):
     """gS [p, q, 2, h] of the loss w.r.t. the spectrum (see the module docstring)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     b = block_size
     x2 = x.reshape(-1, x.shape[-1]).to(acc)
     g2 = gy.reshape(-1, gy.shape[-1]).to(acc)

@@ -1,6 +1,7 @@
 import torch
 
-from .block_circulant_linear import _acc_dtype, block_circulant_linear
+from .block_circulant_linear import block_circulant_linear
+from .._dtypes import acc_dtype
 
 
 def cols_spectrum(w_cols, dtype):
@@ -13,5 +14,5 @@ def block_circulant_cols_linear(x, w_cols, out_features, bias=None):
     """y = W x + bias, W [N, K] of b×b circulant blocks given by their first columns:
     W[i b + n, j b + m] = w_cols[i, j, (n − m) mod b]. Through the spectrum (the same math as
     block_circulant_linear); fp32 math (fp64 for fp64 x); returns x's dtype."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return block_circulant_linear(x, cols_spectrum(w_cols, acc), w_cols.shape[-1], out_features, bias)

@@ -1,8 +1,6 @@
 import torch
 
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dtypes import acc_dtype
 
 
 def spectrum_products(xf, w_spectrum):
@@ -20,7 +18,7 @@ def block_circulant_linear(x, w_spectrum, block_size, out_features, bias=None):
     y_i = irfft(Σ_j S_ij ⊙ rfft(x_j)); x is zero-padded to q·b features and the
     p·b outputs are cut to out_features. fp32 math (fp64 for fp64 x); returns x's dtype.
     """
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     b = block_size
     p, q = w_spectrum.shape[0], w_spectrum.shape[1]
     k = x.shape[-1]

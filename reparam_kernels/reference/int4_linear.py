@@ -1,8 +1,6 @@
 import torch
 
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dtypes import acc_dtype
 
 
 def dequantize_int4(qweight, scales, zeros, group_size, dtype):
@@ -18,7 +16,7 @@ def dequantize_int4(qweight, scales, zeros, group_size, dtype):
 
 def int4_linear(x, qweight, scales, zeros, group_size, bias=None):
     """y = x @ W.T + bias with W dequantized from group-wise int4 (see dequantize_int4); fp32 accumulation."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     w = dequantize_int4(qweight, scales, zeros, group_size, acc)
     y = x.to(acc) @ w.t()
     if bias is not None:

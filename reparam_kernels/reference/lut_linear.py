@@ -1,8 +1,6 @@
 import torch
 
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._dtypes import acc_dtype
 
 
 def dequantize_lut(codes, lut, dtype):
@@ -17,7 +15,7 @@ def dequantize_lut(codes, lut, dtype):
 
 def lut_linear(x, codes, lut, bias=None):
     """y = x @ W.T + bias with W decoded through the per-row-group lookup table; fp32 accumulation."""
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     w = dequantize_lut(codes, lut, acc)
     y = x.to(acc) @ w.t()
     if bias is not None:

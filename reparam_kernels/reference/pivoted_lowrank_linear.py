@@ -1,11 +1,11 @@
-import torch
+from .._dtypes import acc_dtype
 
 
 def pivoted_lowrank_linear(x, u, w, perm, bias=None):
     """y = (x[..., perm[:r]] + x[..., perm[r:]] @ w.T) @ u.T + bias; u [N, r], w [r, K - r], perm [K].
 
     The weight is W = u @ [I | w] @ P (P the column permutation `perm`); fp32 accumulation."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(x.dtype)
     r = u.shape[1]
     xp = x.to(acc).index_select(-1, perm)
     t = xp[..., :r] + xp[..., r:] @ w.to(acc).t()
