@@ -81,6 +81,18 @@ def test_correction_losses_match_the_corrections_built():
     assert quantization_loss(w, approx + u @ v, fisher, st) == pytest.approx(losses[4], rel=1e-4)
 
 
+def test_covariance_root_is_computed_once_per_set_of_inputs():
+    g = torch.Generator().manual_seed(5)
+    st = CalibStats.from_inputs(torch.randn(6, 10, generator=g, dtype=torch.float64))  # rank 6 of 10
+    r = st.covariance_root("cpu")
+    torch.testing.assert_close(r @ r.t(), st.gram / 6, atol=1e-6, rtol=1e-6)  # XᵀX summed from fp32
+    assert st.covariance_root("cpu") is r  # q, k and v share the statistics and this eigh
+    st.add(torch.randn(30, 10, generator=g, dtype=torch.float64))
+    r2 = st.covariance_root("cpu")
+    assert r2 is not r
+    torch.testing.assert_close(r2 @ r2.t(), st.gram / 36, atol=1e-6, rtol=1e-6)
+
+
 def test_compress_with_mean_bits_keeps_the_budget_and_lowers_the_estimated_loss():
     model, ids = _model(), _ids(8, 32, seed=2)
     recipe = {ALL: {"method": "int4", "mean_bits": 6.0}}

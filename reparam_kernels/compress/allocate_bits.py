@@ -110,9 +110,7 @@ def correction_losses(w, approx, fisher, stats, ranks):
     largest σ² of diag(√F)·ΔW·H^½ removed), for r in `ranks` (0: no correction)."""
     dev = factor_device(w)
     d = (w.detach().to(dev, torch.float64) - approx.detach().to(dev, torch.float64))
-    lam, q = torch.linalg.eigh((stats.gram / max(stats.count, 1)).to(dev, torch.float64))
-    root = q * lam.clamp_min(0).sqrt()  # root·rootᵀ = H, rank-deficient H (few calibration rows) included
-    m = fisher.to(dev, torch.float64).sqrt()[:, None] * d @ root
+    m = fisher.to(dev, torch.float64).sqrt()[:, None] * d @ stats.covariance_root(dev)
     s2 = torch.linalg.svdvals(m).pow(2).cpu()
     total = float(s2.sum())
     return {r: 0.5 * max(total - float(s2[:r].sum()), 0.0) for r in ranks}

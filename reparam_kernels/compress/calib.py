@@ -43,6 +43,16 @@ class CalibStats:
     def mean_square(self):
         return self.gram.diagonal() / max(self.count, 1)
 
+    def covariance_root(self, device):
+        """R [in, in] in float64 on `device` with R·Rᵀ = XᵀX / n (by eigh: a rank-deficient XᵀX, from few
+        rows, included). Kept until more inputs are added: layers sharing these statistics (q, k and v)
+        reuse one eigh."""
+        key = (self.count, str(device))
+        if getattr(self, "_root_key", None) != key:
+            lam, q = torch.linalg.eigh((self.gram / max(self.count, 1)).to(device, torch.float64))
+            self._root, self._root_key = q * lam.clamp_min(0).sqrt(), key
+        return self._root
+
     @classmethod
     def from_inputs(cls, x):
         s = cls(x.shape[-1])
