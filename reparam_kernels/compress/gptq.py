@@ -22,6 +22,8 @@ Details that matter:
   its input energy H_kk (``weighted_clip``), the diagonal of the output error.
 Computation runs in float64 on w's device.
 """
+import contextlib
+
 import torch
 
 from .quantize import _check_grid_args, asymmetric_grid, check_group_size
@@ -72,9 +74,7 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
         blk = block_size
     W = w.detach().to(torch.float64).clone()
     H = hessian.detach().to(device=W.device, dtype=torch.float64).clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    drop_dead_inputs(W, H)
     energy = torch.diag(H).clone()  # input energy per column, before damping (original order)
     static = None
     perm = None
@@ -83,26 +83,60 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
         static = _group_params(W.reshape(n, k // g, g), bits, symmetric, grid, energy.reshape(k // g, g))
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype, device=H.device)
-    L = torch.linalg.cholesky(H)
-    # H⁻¹ by cholesky_solve (torch.cholesky_inverse is ~20x slower on the CPU), then its upper factor
-    eye = torch.eye(k, dtype=H.dtype, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_solve(eye, L), upper=True)
-
-    # The column loop is thousands of tiny ops: on the CPU, intra-op threads only add sync
-    # overhead (measured 15x slower with 2 busy threads), so it runs single-threaded.
-    threads = torch.get_num_threads()
-    if W.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    Hinv = inverse_hessian_factor(H, damp)
+    with single_threaded(W.device):
         if perm is None:
             return _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric, grid, energy)
         Qp = _gptq_static(W, Hinv, n, k, g, blk, qmax, static, perm)
         Q = torch.empty_like(Qp)
         Q[:, perm] = Qp
         return Q, static[0].float(), static[1].float()
+
+
+def drop_dead_inputs(W, H):
+    """In place: inputs that never fire (H_ii = 0) get H_ii = 1 and zero weights (their value is irrelevant)."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+
+def inverse_hessian_factor(H, damp):
+    """The upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹, whose rows spread each column's error."""
+    k = H.shape[0]
+    eye = torch.eye(k, dtype=H.dtype, device=H.device)
+    L = torch.linalg.cholesky(H + damp * torch.mean(torch.diag(H)) * eye)
+    # H⁻¹ by cholesky_solve (torch.cholesky_inverse is ~20x slower on the CPU), then its upper factor
+    return torch.linalg.cholesky(torch.cholesky_solve(eye, L), upper=True)
+
+
+@contextlib.contextmanager
+def single_threaded(device):
+    """The column loop is thousands of tiny ops: on the CPU, intra-op threads only add sync overhead
+    (measured 15x slower with 2 busy threads), so it runs single-threaded."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def propagate(W, Hinv, blk, quantize_column):
+    """The GPTQ column loop over W [N, K] (modified in place), blocks of `blk` columns: column c (as updated
+    by the earlier columns' errors) becomes ``quantize_column(c, W1, i)`` (W1: the current block, i: c's
+    index in it), whose error, divided by Hinv_cc, is spread over the later columns by row c of Hinv."""
+    k = W.shape[1]
+    for i1 in range(0, k, blk):
+        i2 = min(i1 + blk, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            err = (W1[:, i] - quantize_column(i1 + i, W1, i)) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of the remaining columns
 
 
 def _gptq_static(W, Hinv, n, k, g, blk, qmax, static, perm):
@@ -110,21 +144,15 @@ def _gptq_static(W, Hinv, n, k, g, blk, qmax, static, perm):
     scales, zeros = static
     group_of = perm // g  # permuted column -> its group in the original order
     Q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
-    for i1 in range(0, k, blk):
-        i2 = min(i1 + blk, k)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            gi = int(group_of[i1 + i])
-            s, z = scales[:, gi], zeros[:, gi]
-            wcol = W1[:, i]
-            q = torch.clamp(torch.round(wcol / s + z), 0, qmax)
-            Q[:, i1 + i] = q.to(torch.uint8)
-            err = (wcol - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    def quantize_column(c, W1, i):
+        gi = int(group_of[c])
+        s, z = scales[:, gi], zeros[:, gi]
+        q = torch.clamp(torch.round(W1[:, i] / s + z), 0, qmax)
+        Q[:, c] = q.to(torch.uint8)
+        return (q - z) * s
+
+    propagate(W, Hinv, blk, quantize_column)
     return Q
 
 
@@ -132,23 +160,15 @@ def _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric, grid, energy):
     Q = torch.zeros(n, k, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(n, k // g, dtype=torch.float64, device=W.device)
     zeros = torch.zeros_like(scales)
-    for i1 in range(0, k, blk):
-        i2 = min(i1 + blk, k)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % g == 0:
-                gi = col // g
-                scales[:, gi], zeros[:, gi] = _group_params(W1[:, i:i + g], bits, symmetric, grid,
-                                                            energy[col:col + g])
-            s, z = scales[:, col // g], zeros[:, col // g]
-            wcol = W1[:, i]
-            q = torch.clamp(torch.round(wcol / s + z), 0, qmax)
-            Q[:, col] = q.to(torch.uint8)
-            err = (wcol - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of the remaining columns
+
+    def quantize_column(c, W1, i):
+        if c % g == 0:  # a group's grid from its columns as updated so far (blocks never split a group)
+            scales[:, c // g], zeros[:, c // g] = _group_params(W1[:, i:i + g], bits, symmetric, grid,
+                                                                energy[c:c + g])
+        s, z = scales[:, c // g], zeros[:, c // g]
+        q = torch.clamp(torch.round(W1[:, i] / s + z), 0, qmax)
+        Q[:, c] = q.to(torch.uint8)
+        return (q - z) * s
+
+    propagate(W, Hinv, blk, quantize_column)
     return Q, scales.float(), zeros.float()
