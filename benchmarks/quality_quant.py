@@ -62,6 +62,13 @@ METHODS = {
     "log4_random": {"method": "log", "bits": 4, "weighted_grid": True},
     "vq_d1_b4_row_random": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1, "weighted_grid": True},
     "vq_d2_b8_random": {"method": "vq", "bits": 8, "d": 2, "weighted_grid": True},
+    # lookup tables calibrated on Emma: the per-row tables fitted weighted by input energy, then GPTQ codes and
+    # least-squares tables (compress/gptq_table.py; _r2: two rounds of both); _emma: the weighted fit alone
+    "vq_d1_b4_row_emma": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1, "weighted_grid": True},
+    "vq_d1_b4_row_gptq": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1, "gptq": True},
+    "vq_d1_b4_row_gptq_r2": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1, "gptq": True,
+                             "gptq_rounds": 2},
+    "log4_gptq": {"method": "log", "bits": 4, "gptq": True},
     # + a rank-r correction of each layer's quantization error (compress/correction.py), whitened by Emma's inputs
     # (`_it3`: three rounds of refitting the quantized weight and the correction in turn)
     "int4_g128_rtn_emma_ls_c16": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5,

@@ -30,8 +30,9 @@ def random_rule(r):
                  "symmetric": r.choice([True, False])},
         lambda: {"method": "int4", "weighted_grid": True, "refine_steps": r.choice([0, 2, "auto"])},
         lambda: {"method": "int4", "mean_bits": r.choice([4.5, 5.0, 6.0])},
-        lambda: {"method": "log", "bits": r.choice([3, 4])},  # 3 is refused
-        lambda: {"method": "vq", "bits": 4, "d": r.choice([1, 2, 3])},  # 3 divides no in_features here
+        lambda: {"method": "log", "bits": r.choice([3, 4]), "gptq": r.choice([True, False])},  # 3 is refused
+        lambda: {"method": "vq", "bits": 4, "d": r.choice([1, 2, 3]),  # 3 divides no in_features here
+                 "gptq": r.choice([True, False]), "rows_per_codebook": r.choice([None, 1])},  # d 2 + gptq: refused
         lambda: {"method": r.choice(["int4", "int8", "log", "vq"]), "correction_rank": r.choice([0, 4, 100]),
                  "correction_iters": r.choice([1, 2]), "fisher": r.choice([True, False])},  # 100 is refused
         lambda: {"method": "lowrank_int4", "ratio": r.choice([0.3, 0.5]), "allocate": r.choice(["uniform", "global"])},

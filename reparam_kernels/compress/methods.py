@@ -167,14 +167,32 @@ def _check_weighted(s):
                               f"given), got {s.get('weighted_grid')!r}")
 
 
+def _check_lut_gptq(s):
+    if s.get("weighted_grid") is True and _gptq(s):
+        _bad("weighted_grid", "weights round to nearest's table fit: not with gptq (which always weights it)")
+    r = s.get("gptq_rounds", 1)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        _bad("gptq_rounds", f"rounds of GPTQ codes then least-squares tables, an int >= 1; got {r!r}")
+    if "gptq_rounds" in s and not _gptq(s):
+        _bad("gptq_rounds", "sets GPTQ's rounds: give gptq: true")
+
+
 def _check_log(out_f, in_f, s):
     check_log_bits(s.get("bits", 4))
     _check_weighted(s)
+    _check_lut_gptq(s)
 
 
 def _check_vq(out_f, in_f, s):
     check_vq_settings(out_f, in_f, s.get("bits", 4), s.get("d", 1), s.get("rows_per_codebook"))
     _check_weighted(s)
+    _check_lut_gptq(s)
+    if _gptq(s) and s.get("d", 1) != 1:
+        _bad("gptq", f"GPTQ onto codebooks of d > 1 sub-vectors (GPTVQ) is not implemented; d = {s.get('d')}")
+
+
+def _lut_needs_calib(s):
+    return _weighted(s) or _gptq(s)
 
 
 def _weighted(s):
@@ -239,16 +257,22 @@ def _build_int4(linear, s, stats):
                            calib=stats if _gptq(s) else None, input_energy=energy, **_int4_grid(s, energy))
 
 
+def _lut_calib(s, stats):
+    """What LUTLinear.from_linear takes from the calibration statistics: XᵀX for GPTQ, else the inputs' energy."""
+    if _gptq(s):
+        return {"calib": stats, "rounds": s.get("gptq_rounds", 1)}
+    return {"input_energy": _grid_energy(s, stats)}
+
+
 def _build_log(linear, s, stats):
     cls = _layer_class("quant", "LUTLinear", "log")
-    return cls.from_linear(linear, method="log", bits=s.get("bits", 4), input_energy=_grid_energy(s, stats))
+    return cls.from_linear(linear, method="log", bits=s.get("bits", 4), **_lut_calib(s, stats))
 
 
 def _build_vq(linear, s, stats):
     cls = _layer_class("quant", "LUTLinear", "vq")
     return cls.from_linear(linear, method="vq", bits=s.get("bits", 4), d=s.get("d", 1),
-                           rows_per_codebook=s.get("rows_per_codebook"),
-                           input_energy=_grid_energy(s, stats))
+                           rows_per_codebook=s.get("rows_per_codebook"), **_lut_calib(s, stats))
 
 
 def _corrected(check=None, needs_calib=None):
@@ -275,14 +299,19 @@ register_method("int4", with_correction(_build_int4), ("group_size", "symmetric"
                 "with that search weighted by each input's mean square on the calibration data — calib='random' "
                 "measures it on random tokens, no data needed; mean_bits: a size budget for all such rules, the layers where "
                 "int8 saves the most estimated loss per bit become int8 — compress/allocate_bits.py)" + _CORRECTION_DOC)
-register_method("log", with_correction(_build_log), ("bits", "weighted_grid", *CORRECTION_KEYS),
-                *_corrected(_check_log, _weighted),
+_LUT_GPTQ_DOC = ("; gptq=true: GPTQ chooses the codes on the calibration inputs and each table is refitted by least "
+                 "squares to the output error (gptq_rounds: rounds of both, default 1; compress/gptq_table.py)")
+register_method("log", with_correction(_build_log), ("bits", "weighted_grid", "gptq", "gptq_rounds", *CORRECTION_KEYS),
+                *_corrected(_check_log, _lut_needs_calib),
                 doc="log (power-of-two) quantization via a lookup table (weighted_grid, default 'auto' as int4's: "
-                    "each row's scale chosen by input-energy-weighted error when calibration data is given)" + _CORRECTION_DOC)
-register_method("vq", with_correction(_build_vq), ("bits", "d", "rows_per_codebook", "weighted_grid", *CORRECTION_KEYS),
-                *_corrected(_check_vq, _weighted),
+                    "each row's scale chosen by input-energy-weighted error when calibration data is given)"
+                    + _LUT_GPTQ_DOC + _CORRECTION_DOC)
+register_method("vq", with_correction(_build_vq), ("bits", "d", "rows_per_codebook", "weighted_grid", "gptq",
+                                                  "gptq_rounds", *CORRECTION_KEYS),
+                *_corrected(_check_vq, _lut_needs_calib),
                 doc="vector quantization, k-means codebook of 2^bits d-element sub-vectors (weighted_grid, default "
-                    "'auto' as int4's: k-means weighted by each input's mean square when calibration data is given)" + _CORRECTION_DOC)
+                    "'auto' as int4's: k-means weighted by each input's mean square when calibration data is given)"
+                    + _LUT_GPTQ_DOC + " (d = 1)" + _CORRECTION_DOC)
 
 
 # ---------------------------------------------------------------- combination

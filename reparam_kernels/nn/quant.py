@@ -15,7 +15,8 @@ effective dense weight with ``to_dense()``.
   vector quantization with d = 1, bits ≤ 4. Other settings (log 8-bit, VQ with
   d > 1 or more than 16 centroids) have no fused kernel: the layer stores codes
   [N, K/d] and codebooks [L, 2^bits, d] and its forward decodes the dense
-  weight and calls F.linear (warned once, and ``uses_kernel`` is False).
+  weight and calls F.linear (warned once, and ``uses_kernel`` is False). With
+  ``calib``, GPTQ chooses the codes and the tables are refitted (log, VQ d = 1).
 
 ``calib``: the layer's inputs X [n, in_features], or a ``compress.calib.CalibStats``.
 """
@@ -26,6 +27,7 @@ from torch import nn
 from .._dispatch import as_dtype, warn_once
 from ..compress import quantize as Q
 from ..compress.gptq import gptq_quantize
+from ..compress.gptq_table import gptq_log, gptq_vq
 from ..compress.vq import vq_dequantize, vq_quantize
 from ..ops import int4_linear, int8_linear, lut_linear
 
@@ -182,23 +184,39 @@ class LUTLinear(_QuantBase):
 
     @classmethod
     def from_linear(cls, linear, method="log", bits=4, d=1, rows_per_codebook=None, calib=None, iters=25, seed=0,
-                    input_energy=None):
+                    input_energy=None, rounds=1, damp=0.01, act_order=True):
         """method="log": sign + power-of-two codes (bits 4 or 8), one table per row.
         method="vq": k-means codebook of 2^bits d-element sub-vectors, one per layer or per
         ``rows_per_codebook`` rows. input_energy: [in_features] mean squares of the inputs that weight
-        the squared error the row scale search (log) or k-means (vq) minimizes, as in Int4Linear."""
-        if calib is not None:
-            raise NotImplementedError("LUTLinear.from_linear: calibration-aware log/VQ quantization is not "
-                                      "implemented; pass calib=None")
+        the squared error the row scale search (log) or k-means (vq) minimizes, as in Int4Linear.
+
+        calib (inputs or CalibStats): the tables are fitted weighted by the inputs' energy (XᵀX's diagonal), then
+        GPTQ chooses the codes and the tables are refitted by least squares to the layer's output error on
+        those inputs, `rounds` times (``compress/gptq_table.py``; vq with d = 1 only)."""
         w = _weight_of(linear)
         n, k = w.shape
+        H = None
+        if calib is not None:
+            if method == "vq" and d != 1:
+                raise NotImplementedError("LUTLinear.from_linear: GPTQ onto codebooks of d > 1 sub-vectors (GPTVQ) "
+                                          "is not implemented; use d=1 or calib=None")
+            if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+                raise ValueError(f"`rounds` must be a positive int, got {rounds!r}")
+            H = _hessian(calib, k)
+            if input_energy is None:
+                input_energy = torch.diag(H).float()  # only their ratios matter to the fits
         if method == "log":
             codes, scale = Q.quantize_log(w, bits, scale_search=16, input_energy=input_energy)  # best row scale
+            if H is not None:
+                codes, scale = gptq_log(w, H, scale, Q.log_levels(bits, torch.float64), rounds, damp, act_order)
             books = Q.log_lut(scale, bits)[:, :, None]  # [N, 2^bits, 1]
             codes, d = codes.long(), 1
         elif method == "vq":
             codes, books = vq_quantize(w, d=d, bits=bits, rows_per_codebook=rows_per_codebook, iters=iters, seed=seed,
                                        input_energy=input_energy)
+            if H is not None:
+                codes, tables = gptq_vq(w, H, books[:, :, 0], rows_per_codebook or n, rounds, damp, act_order)
+                books = tables.float()[:, :, None]
         else:
             raise ValueError(f"`method` must be 'log' or 'vq', got {method!r}")
         layer = cls(k, n, bits=bits, d=d, num_tables=books.shape[0], bias=linear.bias is not None,
