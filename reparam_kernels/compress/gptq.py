@@ -57,14 +57,8 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
     zero = 2^(bits−1)). integer_zero / clip_steps / min_clip / refine_steps choose each group's grid as in
     ``quantize_linear``; weighted_clip weights the squared error of the grid search by H_kk.
     """
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
-        raise ValueError("`w` must be a 2-D floating-point tensor [out_features, in_features]")
+    check_gptq_args(w, hessian, damp)
     n, k = w.shape
-    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
-        raise ValueError(f"`hessian` must be [K, K] = [{k}, {k}] (XᵀX of the layer inputs), got "
-                         f"{tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__}")
-    if not 0 <= damp < 1:
-        raise ValueError(f"`damp` must be in [0, 1), got {damp}")
     g = check_group_size(k, group_size)
     _check_grid_args(integer_zero, clip_steps, min_clip, refine_steps)
     grid = (integer_zero, clip_steps, min_clip, bool(weighted_clip), refine_steps)
@@ -91,6 +85,18 @@ def gptq_quantize(w, hessian, bits=4, group_size=128, symmetric=False, damp=0.01
         Q = torch.empty_like(Qp)
         Q[:, perm] = Qp
         return Q, static[0].float(), static[1].float()
+
+
+def check_gptq_args(w, hessian, damp):
+    """Raise ValueError unless w is a 2-D float weight [N, K], hessian [K, K] and damp in [0, 1)."""
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError("`w` must be a 2-D floating-point tensor [out_features, in_features]")
+    k = w.shape[1]
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
+        raise ValueError(f"`hessian` must be [K, K] = [{k}, {k}] (XᵀX of the layer inputs), got "
+                         f"{tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__}")
+    if not 0 <= damp < 1:
+        raise ValueError(f"`damp` must be in [0, 1), got {damp}")
 
 
 def drop_dead_inputs(W, H):

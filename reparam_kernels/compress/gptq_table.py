@@ -13,16 +13,12 @@ tables have one free number per row, the scale, refitted the same way (``refit_s
 """
 import torch
 
-from .gptq import drop_dead_inputs, inverse_hessian_factor, propagate, single_threaded
+from .gptq import check_gptq_args, drop_dead_inputs, inverse_hessian_factor, propagate, single_threaded
 
 
-def _check(w, hessian, tables, rows_per_table):
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
-        raise ValueError("`w` must be a 2-D floating-point tensor [out_features, in_features]")
-    n, k = w.shape
-    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (k, k):
-        raise ValueError(f"`hessian` must be [K, K] = [{k}, {k}] (XᵀX of the layer inputs), got "
-                         f"{tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__}")
+def _check(w, hessian, tables, rows_per_table, damp=0.0):
+    check_gptq_args(w, hessian, damp)
+    n = w.shape[0]
     if not isinstance(rows_per_table, int) or rows_per_table < 1 or n % rows_per_table:
         raise ValueError(f"`rows_per_table` must be a positive int dividing out_features = {n}, got {rows_per_table!r}")
     if not isinstance(tables, torch.Tensor) or tables.dim() != 2 or tables.shape[0] * rows_per_table != n:
@@ -35,9 +31,7 @@ def gptq_table(w, hessian, tables, rows_per_table=1, damp=0.01, block_size=128, 
     """Codes [N, K] (int64) of ``w`` [N, K] into ``tables`` [L, E] (row n uses table n // rows_per_table) by GPTQ
     with ``hessian`` = XᵀX [K, K]: columns in order of decreasing input energy when act_order, each rounded to
     its row's nearest entry, its error spread over the later columns. Runs in float64 on w's device."""
-    _check(w, hessian, tables, rows_per_table)
-    if not 0 <= damp < 1:
-        raise ValueError(f"`damp` must be in [0, 1), got {damp}")
+    _check(w, hessian, tables, rows_per_table, damp)
     n, k = w.shape
     W = w.detach().to(torch.float64).clone()
     H = hessian.detach().to(device=W.device, dtype=torch.float64).clone()
