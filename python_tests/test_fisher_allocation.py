@@ -227,6 +227,37 @@ def test_int4_scale_and_zero_gradients_match_autograd_through_the_dequantized_we
     torch.testing.assert_close(zeros.grad, z2.grad)
 
 
+@pytest.mark.parametrize("tables", [1, 4, 24])
+def test_lut_table_gradients_match_autograd_through_the_decoded_weight(tables):
+    from reparam_kernels.compress.quantize import pack_int4
+    from reparam_kernels.ops.lut_linear import lut_linear
+    from reparam_kernels.reference.lut_linear import dequantize_lut
+
+    g = torch.Generator().manual_seed(32)
+    n, k = 24, 96
+    codes = pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+    lut = torch.randn(tables, 16, generator=g, dtype=torch.float64).requires_grad_(True)
+    x = torch.randn(3, 5, k, generator=g, dtype=torch.float64)
+    gy = torch.randn(3, 5, n, generator=g, dtype=torch.float64)
+    (lut_linear(x, codes, lut) * gy).sum().backward()
+    l2 = lut.detach().clone().requires_grad_(True)
+    ((x @ dequantize_lut(codes, l2, torch.float64).t()) * gy).sum().backward()
+    torch.testing.assert_close(lut.grad, l2.grad)
+    assert torch.autograd.gradcheck(lambda t: lut_linear(x[0, :2], codes, t), (lut.detach().clone().requires_grad_(True),))
+
+
+def test_distillation_trains_lut_tables_and_keeps_the_codes():
+    model = tiny_llama(seed=19, layers=2, hidden=64, ffn=96)
+    ids = _ids(8, 32, seed=20)
+    out, _ = rk.compress(model, {MLP: {"method": "vq", "rows_per_codebook": 1, "gptq": True}}, calib=ids,
+                         progress=False)
+    q = out.model.layers[0].mlp.up_proj
+    before = (q.lut.detach().clone(), q.codes.clone())
+    rk.distill(out, model, ids, steps=3, lr=1e-2, progress=False)
+    assert not torch.equal(q.lut.detach(), before[0]) and torch.equal(q.codes, before[1])
+    assert not q.lut.requires_grad
+
+
 def test_distillation_trains_int4_scales_of_a_lowrank_int4_model():
     model = tiny_llama(seed=17, layers=2, hidden=64, ffn=96)
     ids = _ids(8, 32, seed=18)

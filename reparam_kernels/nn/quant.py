@@ -174,13 +174,15 @@ class LUTLinear(_QuantBase):
         dtype = dtype or torch.get_default_dtype()
         if self.uses_kernel:
             self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("lut", torch.zeros(num_tables, 16, dtype=dtype, device=device))
+            # a frozen Parameter, not a buffer: distill() trains the tables (the codes stay fixed)
+            self.lut = nn.Parameter(torch.zeros(num_tables, 16, dtype=dtype, device=device), requires_grad=False)
         else:
             # the narrowest integer holding 2^bits codes (vq allows bits ≤ 12): int32 made d=2, bits=8 cost 16
             # bits per weight stored instead of 4 (checkpoints with int32 codes still load: load_state_dict casts)
             code_dtype = torch.uint8 if bits <= 8 else torch.int16
             self.register_buffer("codes", torch.zeros(out_features, in_features // d, dtype=code_dtype, device=device))
-            self.register_buffer("codebooks", torch.zeros(num_tables, 2 ** bits, d, dtype=dtype, device=device))
+            self.codebooks = nn.Parameter(torch.zeros(num_tables, 2 ** bits, d, dtype=dtype, device=device),
+                                          requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear, method="log", bits=4, d=1, rows_per_codebook=None, calib=None, iters=25, seed=0,

@@ -6,7 +6,7 @@ even k (``compress.quantize.pack_int4``); lut [L, 16] in x's dtype, one
 row, L = 1: per layer). Serves log quantization at 4 bits (per-row tables
 ``scale[n] · log_levels(4)``) and vector quantization with d = 1 and up to
 16 centroids (the codebook of each row group is its table).
-Autograd: gradient for x (and bias) only.
+Autograd: gradients for x, the tables (the codes stay fixed: distillation tunes the tables) and bias.
 """
 import torch
 
@@ -44,18 +44,26 @@ def _fake(x, codes, lut, bias):
 
 def _setup(ctx, inputs, output):
     x, codes, lut, bias = inputs
-    ctx.save_for_backward(codes, lut)
+    ctx.save_for_backward(codes, lut, x if lut.requires_grad else None)  # x only for the tables' gradient
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, gy):
-    codes, lut = ctx.saved_tensors
-    gx = gb = None
+    codes, lut, x = ctx.saved_tensors
+    gx = gl = gb = None
     if ctx.needs_input_grad[0]:
         gx = gy @ dequantize_lut(codes, lut, gy.dtype)
+    if ctx.needs_input_grad[2]:
+        # ∂L/∂lut[t, e] = Σ of ∂L/∂W[n, k] over the rows n of table t and the k whose code is e
+        n, k = codes.shape[0], x.shape[-1]
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+        gw = gy.reshape(-1, n).to(acc).t() @ x.reshape(-1, k).to(acc)
+        c = torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(n, -1).long()
+        per_row = torch.zeros(n, 16, dtype=acc, device=gw.device).scatter_add_(1, c, gw)
+        gl = per_row.view(lut.shape[0], -1, 16).sum(1).to(lut.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         gb = gy.reshape(-1, gy.shape[-1]).sum(0)
-    return gx, None, None, gb
+    return gx, None, gl, gb
 
 
 torch.library.register_autograd("reparam::lut_linear", _backward, setup_context=_setup)
