@@ -82,6 +82,9 @@ CONFIGS = {  # in run order: the headline rows first
     # train; and the same plus a rank-16 correction of each layer's error, whose factors train too (QLoRA-like)
     "int4-weighted": (both("int4"), True),
     "int4-weighted-c16": (both("int4", correction_rank=16), True),
+    # per-row 16-entry tables (lut_linear), GPTQ codes + least-squares tables on Emma, then distillation of the
+    # tables (codes frozen)
+    "vq-row-gptq": (both("vq", rows_per_codebook=1, gptq=True), True),
 }
 DEFAULT_RUN = list(CONFIGS)
 

@@ -105,13 +105,24 @@ def test_skeleton_with_meta_buffers_is_refused_unchanged(checkpoint):
     assert type(skel.model.layers[0].mlp.up_proj) is nn.Linear
 
 
+def test_load_pretrained_rebuilds_the_model_from_the_folder_alone(checkpoint, tmp_path):
+    path, ref = checkpoint
+    assert (path / "config.json").is_file()  # save_compressed wrote the Hugging Face config
+    model = rk.load_pretrained(path)
+    assert not model.training and isinstance(model.model.layers[1].mlp.up_proj, rk.nn.BlockCirculantLinear)
+    with torch.no_grad():
+        assert torch.equal(model(_ids(3, seed=5)).logits, ref)
+    assert rk.load_pretrained(path, dtype=torch.bfloat16).model.embed_tokens.weight.dtype == torch.bfloat16
+    plain = save_compressed(nn.Sequential(nn.Linear(4, 4)), tmp_path / "plain")
+    with pytest.raises(ValueError, match="no config.json"):
+        rk.load_pretrained(plain)
+
+
 def test_cli_loads_a_checkpoint_without_dense_weights(checkpoint, monkeypatch):
     from reparam_kernels.cli import _models
 
     path, ref = checkpoint
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda p: "tokenizer")
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CFG))
-    model.config.save_pretrained(path)
     made = []
     real = transformers.AutoModelForCausalLM.from_config
     def from_config(cfg, **kw):

@@ -32,7 +32,8 @@ def test_readme_using_it_runs(tmp_path, monkeypatch):
     scope = {"model": model, "calib_ids": ids}
     exec(compile(code, str(README) + ":Using it", "exec"), scope)
     with torch.no_grad():
-        assert torch.equal(scope["model_q"](ids).logits, scope["skeleton"](ids).logits)
+        assert torch.equal(scope["model_q"](ids).logits, scope["loaded"](ids).logits)
+    assert scope["loaded"] is not scope["model_q"]
     assert scope["lr"].to_dense().shape == (256, 256)
     assert (tmp_path / "smollm2-int4" / "manifest.json").is_file()
     assert any(type(m).__name__ == "Int8Linear" for m in scope["model_m"].modules())  # mean_bits chose some int8

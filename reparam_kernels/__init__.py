@@ -1,5 +1,5 @@
 """reparam_kernels: compressed (reparameterized) linear layers for LLMs, with fast kernels."""
 from . import _extension, ops  # noqa: F401  (ops registers torch.ops.reparam.*)
-from .compress import compress, distill, empty_weights, load_compressed, save_compressed  # noqa: F401,E402  (the function; submodules stay importable)
+from .compress import compress, distill, empty_weights, load_compressed, load_pretrained, save_compressed  # noqa: F401,E402  (the function; submodules stay importable)
 
 __version__ = "0.1.0"

@@ -16,14 +16,11 @@ def load_any(path, dtype="fp32"):
         return data.load_smollm2(dtype=dt)
     path = Path(path)
     if (path / "manifest.json").is_file():
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from ..compress.serialize import empty_weights, load_compressed
+        from ..compress.serialize import load_pretrained
 
-        cfg = AutoConfig.from_pretrained(path)
-        with empty_weights():  # no dense weights made only to be replaced
-            skeleton = AutoModelForCausalLM.from_config(cfg, dtype=dt)
-        return load_compressed(skeleton, path).eval(), AutoTokenizer.from_pretrained(path)
+        return load_pretrained(path, dt), AutoTokenizer.from_pretrained(path)
     return data.load_model(path, dt)
 
 
@@ -38,12 +35,3 @@ def read_text(spec):
         raise SystemExit(f"text file {spec} does not exist (or use austen:<novel>, novels: {', '.join(data.NOVELS)})")
     return p.read_text(encoding="utf-8", errors="replace")
 
-
-def save_with_tokenizer(model, tokenizer, out):
-    from ..compress.serialize import save_compressed
-
-    def extra(tmp):
-        model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return save_compressed(model, out, extra=extra)

@@ -36,8 +36,9 @@ def main(argv):
     from ..compress.methods import calibration_would_weight
     from ..compress.pipeline import warn_random_calib
     from ..compress.recipe import DEFAULT_RECIPE, parse_recipe, plan
+    from ..compress.serialize import save_compressed
     from ..evaluate import token_windows
-    from ._models import load_any, read_text, save_with_tokenizer
+    from ._models import load_any, read_text
 
     recipe = args.recipe or DEFAULT_RECIPE
     model, tok = load_any(args.model, args.dtype)
@@ -54,7 +55,7 @@ def main(argv):
     model, report = compress(model, recipe, calib=calib, inplace=True, device=args.device)
     print(report.table(max_rows=None if len(report.layers) <= 40 else 20))
     print(f"compressed in {time.perf_counter() - t0:.1f} s")
-    save_with_tokenizer(model, tok, args.out)
+    save_compressed(model, args.out, tokenizer=tok)
     if args.report:
         with open(args.report, "w") as f:
             json.dump(report.to_dict(), f, indent=1)

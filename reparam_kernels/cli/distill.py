@@ -28,8 +28,9 @@ def main(argv):
     import torch
 
     from ..compress import distill
+    from ..compress.serialize import save_compressed
     from ..evaluate import token_windows
-    from ._models import load_any, read_text, save_with_tokenizer
+    from ._models import load_any, read_text
 
     student, tok = load_any(args.student)
     teacher, _ = load_any(args.teacher)
@@ -39,6 +40,6 @@ def main(argv):
                    lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, reverse_kl=args.reverse_kl,
                    amp_dtype=torch.bfloat16 if args.bf16 else None)
     print(f"distilled {args.steps} steps in {hist['seconds']:.0f} s; loss {hist['loss'][0]:.4f} → {hist['loss'][-1]:.4f}")
-    save_with_tokenizer(student, tok, args.out)
+    save_compressed(student, args.out, tokenizer=tok)
     print(f"saved to {args.out}")
     return 0

@@ -130,11 +130,13 @@ def build_layer(cfg, dtype=None):
     return cls(**kw)
 
 
-def save_compressed(model, path, recipe=None, extra=None):
+def save_compressed(model, path, recipe=None, extra=None, tokenizer=None):
     """Write `model` (compressed by ``compress``) to folder `path` atomically.
 
+    A Hugging Face model's config is written beside the tensors (config.json: ``load_pretrained`` rebuilds
+    the model from the folder alone), and `tokenizer`'s files when one is given.
     extra: optional function called with the temporary folder before it is renamed into
-    place, to add files that belong to the checkpoint (config, tokenizer, …).
+    place, to add other files that belong to the checkpoint.
     """
     from safetensors.torch import save_file
 
@@ -170,6 +172,10 @@ def save_compressed(model, path, recipe=None, extra=None):
             "sha256": _sha256(tmp / TENSORS),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        if hasattr(getattr(model, "config", None), "save_pretrained"):
+            model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)
         if path.exists():  # replace an old checkpoint: move it aside first, delete after the swap
@@ -271,6 +277,21 @@ def load_compressed(model, path, strict_hash=True):
         model.load_state_dict(full, strict=True)
     model.reparam_recipe = manifest.get("recipe")
     return model
+
+
+def load_pretrained(path, dtype=torch.float32, strict_hash=True):
+    """The Hugging Face causal LM that ``save_compressed`` wrote to folder `path`, in eval mode: its architecture
+    from the saved config.json (under ``empty_weights()``: no dense weights made), then ``load_compressed``."""
+    path = Path(path)
+    read_manifest(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"`path`: {path} has no config.json (the model saved there had no Hugging Face config): "
+                         f"build its architecture and call load_compressed(skeleton, path)")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    return load_compressed(skeleton, path, strict_hash).eval()
 
 
 def _check_no_meta_left(model, expected, new_layers):
