@@ -139,3 +139,32 @@ def test_compress_with_lut_gptq_lowers_the_model_error(tmp_path):
     back = rk.load_compressed(skeleton, tmp_path / "c").eval()
     with torch.no_grad():
         assert torch.equal(back(ids).logits, small(ids).logits)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_codes_tables_and_table_gradients_match_the_cpu():
+    """gptq_table / refit_tables on CUDA tensors reach the CPU's output error; the lut_linear kernel's table
+    gradient (a Python backward around the CUDA forward) matches the CPU's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from reparam_kernels.compress.quantize import pack_int4
+    from reparam_kernels.ops.lut_linear import lut_linear
+
+    w, x, g = _problem(7, n=64, k=256)
+    H = x.t() @ x
+    T = _tables(w, g)
+    errs = []
+    for dev in ("cpu", "cuda"):
+        codes = gptq_table(w.to(dev), H.to(dev), T.to(dev))
+        t2 = refit_tables(w.to(dev), H.to(dev), codes, T.to(dev))
+        errs.append(_out_err(w, x, t2.cpu().gather(1, codes.cpu())))
+    assert errs[1] == pytest.approx(errs[0], rel=0.02), errs
+    codes = pack_int4(torch.randint(0, 16, (64, 256), generator=g, dtype=torch.uint8))
+    lut = torch.randn(8, 16, generator=g, dtype=torch.float32)
+    xs, gy = torch.randn(5, 256, generator=g), torch.randn(5, 64, generator=g)
+    grads = []
+    for dev in ("cpu", "cuda"):
+        t = lut.to(dev, torch.float16).requires_grad_(True)
+        (lut_linear(xs.to(dev, torch.float16), codes.to(dev), t).float() * gy.to(dev)).sum().backward()
+        grads.append(t.grad.float().cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=2e-2, atol=2e-2)
