@@ -71,6 +71,19 @@ def test_refit_scales_is_the_least_squares_scale():
     assert float(refit_scales(w[:1], x.t() @ x, torch.zeros(1, 40, dtype=torch.float64))[0]) == 1.0
 
 
+def test_more_rounds_never_end_worse_than_one():
+    from reparam_kernels.compress.gptq_table import gptq_log, gptq_vq
+
+    w, x, g = _problem(6)
+    H = x.t() @ x
+    T = _tables(w, g)
+    one, three = gptq_vq(w, H, T, rounds=1), gptq_vq(w, H, T, rounds=3)
+    assert _out_err(w, x, three[1].gather(1, three[0])) <= _out_err(w, x, one[1].gather(1, one[0]))
+    lv = Q.log_levels(4, torch.float64)
+    (c1, s1), (c3, s3) = (gptq_log(w, H, w.abs().amax(1), lv, rounds=r) for r in (1, 3))
+    assert _out_err(w, x, s3[:, None] * lv[c3]) <= _out_err(w, x, s1[:, None] * lv[c1])
+
+
 def test_dead_inputs_are_handled():
     w, x, g = _problem(4)
     x[:, 5] = 0  # an input that never fires: H_55 = 0

@@ -97,35 +97,38 @@ def refit_scales(w, hessian, unit_values):
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(den))
 
 
-def _output_error(w, hessian, approx):
-    d = (w.detach().to(torch.float64) - approx.to(w.device, torch.float64))
-    return float(((d @ hessian.to(d.device, torch.float64)) * d).sum())
+def _alternate(w, hessian, rounds, state, codes_for, refit, decode):
+    """`rounds` of codes = codes_for(state), then state = refit(codes, state); returns (codes, state) of the round whose
+    output error tr((W − Ŵ)·H·(W − Ŵ)ᵀ), Ŵ = decode(codes, state), is smallest (the last one when rounds = 1)."""
+    best = None
+    for _ in range(rounds):
+        codes = codes_for(state)
+        state = refit(codes, state)
+        if rounds == 1:
+            return codes, state
+        d = w.detach().to(torch.float64) - decode(codes, state)
+        err = float(((d @ hessian.to(d.device, torch.float64)) * d).sum())
+        if best is None or err < best[0]:
+            best = (err, codes, state)
+    return best[1], best[2]
 
 
 def gptq_vq(w, hessian, tables, rows_per_table=1, rounds=1, damp=0.01, act_order=True):
     """(codes [N, K] int64, tables [L, E] float64): `rounds` of GPTQ codes then refitted tables, starting from
     ``tables`` (k-means on the weights); the round whose output error on H is smallest."""
-    best = None
-    for _ in range(rounds):
-        codes = gptq_table(w, hessian, tables, rows_per_table, damp, act_order=act_order)
-        tables = refit_tables(w, hessian, codes, tables, rows_per_table)
-        approx = tables.repeat_interleave(rows_per_table, 0).gather(1, codes)
-        err = _output_error(w, hessian, approx)
-        if best is None or err < best[0]:
-            best = (err, codes, tables)
-    return best[1], best[2]
+    return _alternate(
+        w, hessian, rounds, tables.to(w.device, torch.float64),
+        lambda t: gptq_table(w, hessian, t, rows_per_table, damp, act_order=act_order),
+        lambda codes, t: refit_tables(w, hessian, codes, t, rows_per_table),
+        lambda codes, t: t.repeat_interleave(rows_per_table, 0).gather(1, codes))
 
 
 def gptq_log(w, hessian, scale, levels, rounds=1, damp=0.01, act_order=True):
     """(codes [N, K] int64, scale [N] float64) of log quantization (table of row n = scale_n·levels): `rounds`
     of GPTQ codes then least-squares scales, starting from ``scale``; the round with the smallest output error."""
-    best = None
     levels = levels.to(w.device, torch.float64)
-    scale = scale.to(w.device, torch.float64)
-    for _ in range(rounds):
-        codes = gptq_table(w, hessian, scale[:, None] * levels[None, :], 1, damp, act_order=act_order)
-        scale = refit_scales(w, hessian, levels[codes])
-        err = _output_error(w, hessian, scale[:, None] * levels[codes])
-        if best is None or err < best[0]:
-            best = (err, codes, scale)
-    return best[1], best[2]
+    return _alternate(
+        w, hessian, rounds, scale.to(w.device, torch.float64),
+        lambda s: gptq_table(w, hessian, s[:, None] * levels[None, :], 1, damp, act_order=act_order),
+        lambda codes, _: refit_scales(w, hessian, levels[codes]),
+        lambda codes, s: s[:, None] * levels[codes])
