@@ -147,8 +147,8 @@ def test_registry_plugs_in_new_methods_and_reports_missing_layers():
         del METHODS["test_scaled"]
     # a method whose layer module is missing says so
     with pytest.raises(ValueError, match="not available"):
-        from reparam_kernels.compress.methods import _layer_class
-        _layer_class("no_such_module", "X", "demo")
+        from reparam_kernels.compress.registry import layer_class
+        layer_class("no_such_module", "X", "demo")
 
 
 def test_quantized_and_combined_methods():
