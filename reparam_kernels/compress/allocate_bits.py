@@ -123,14 +123,18 @@ def _menu(linear, stats, rule, fisher):
     q8 = get_method("int8").build(linear, {}, None)
     n, k = linear.weight.shape
     b4, b8 = deployed_bits(q4), deployed_bits(q8)
+
+    def bits(r):  # int4 + a rank-r correction in fp16
+        return b4 + 16 * r * (n + k)
+
     ranks = [0]
     if rule.settings.get("correction_rank") == "auto":
-        ranks += [r for r in range(8, min(n, k) + 1, 8) if b4 + 16 * r * (n + k) < b8]
+        ranks += [r for r in range(8, min(n, k) + 1, 8) if bits(r) < b8]
     if len(ranks) > 1:  # one eigh and one SVD give every rank's loss
         losses = correction_losses(linear.weight, q4.to_dense(), fisher, stats, ranks)
     else:  # no menu of ranks: the plain estimate, as for int8
         losses = {0: quantization_loss(linear.weight, q4.to_dense(), fisher, stats)}
-    options = {r: (b4 + 16 * r * (n + k), losses[r]) for r in ranks}
+    options = {r: (bits(r), losses[r]) for r in ranks}
     options["int8"] = (b8, quantization_loss(linear.weight, q8.to_dense(), fisher, stats))
     return linear.weight.numel(), options
 

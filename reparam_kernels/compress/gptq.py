@@ -145,6 +145,13 @@ def propagate(W, Hinv, blk, quantize_column):
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # the lazy batch update of the remaining columns
 
 
+def _round_to_grid(Q, c, wcol, s, z, qmax):
+    """Column c's codes on the grid (s, z) into Q; returns the values they stand for."""
+    q = torch.clamp(torch.round(wcol / s + z), 0, qmax)
+    Q[:, c] = q.to(torch.uint8)
+    return (q - z) * s
+
+
 def _gptq_static(W, Hinv, n, k, g, blk, qmax, static, perm):
     """Column loop in permuted order with fixed per-group scales; returns codes in permuted order."""
     scales, zeros = static
@@ -153,10 +160,7 @@ def _gptq_static(W, Hinv, n, k, g, blk, qmax, static, perm):
 
     def quantize_column(c, W1, i):
         gi = int(group_of[c])
-        s, z = scales[:, gi], zeros[:, gi]
-        q = torch.clamp(torch.round(W1[:, i] / s + z), 0, qmax)
-        Q[:, c] = q.to(torch.uint8)
-        return (q - z) * s
+        return _round_to_grid(Q, c, W1[:, i], scales[:, gi], zeros[:, gi], qmax)
 
     propagate(W, Hinv, blk, quantize_column)
     return Q
@@ -171,10 +175,7 @@ def _gptq_columns(W, Hinv, n, k, g, blk, bits, qmax, symmetric, grid, energy):
         if c % g == 0:  # a group's grid from its columns as updated so far (blocks never split a group)
             scales[:, c // g], zeros[:, c // g] = _group_params(W1[:, i:i + g], bits, symmetric, grid,
                                                                 energy[c:c + g])
-        s, z = scales[:, c // g], zeros[:, c // g]
-        q = torch.clamp(torch.round(W1[:, i] / s + z), 0, qmax)
-        Q[:, c] = q.to(torch.uint8)
-        return (q - z) * s
+        return _round_to_grid(Q, c, W1[:, i], scales[:, c // g], zeros[:, c // g], qmax)
 
     propagate(W, Hinv, blk, quantize_column)
     return Q, scales.float(), zeros.float()

@@ -48,6 +48,8 @@ Log quantization (``quantize_log``)
 """
 import torch
 
+from ..reference.int4_linear import unpack_nibbles
+
 
 def _check_weight(w, name="w"):
     if not isinstance(w, torch.Tensor) or w.dim() != 2:
@@ -264,9 +266,7 @@ def unpack_int4(packed):
     """uint8 [N, K/2] → uint8 codes [N, K] (inverse of ``pack_int4``)."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"`packed` must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    lo = packed & 0xF
-    hi = packed >> 4
-    return torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+    return unpack_nibbles(packed)
 
 
 # ---------------------------------------------------------------- log quantization

@@ -13,6 +13,7 @@ import torch
 from .. import _dispatch, reference, triton as _triton
 from .._checks import check, check_bias, check_tensor, check_x
 from .._dispatch import OpSpec
+from .._dtypes import acc_dtype
 from ..reference.int4_linear import dequantize_int4
 
 OP = "int4_linear"
@@ -61,7 +62,7 @@ def _backward(ctx, gy):
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
         # W[n, k] = (q − z[n, g])·s[n, g]: the codes stay fixed, the grid (scale, zero) learns (distillation)
         n, k = qweight.shape[0], x.shape[-1]
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+        acc = acc_dtype(x.dtype)
         gw = (gy.reshape(-1, n).to(acc).t() @ x.reshape(-1, k).to(acc)).view(n, k // ctx.group_size, ctx.group_size)
         q = dequantize_int4(qweight, torch.ones_like(scales), torch.zeros_like(zeros), ctx.group_size, acc)
         q = q.view_as(gw)

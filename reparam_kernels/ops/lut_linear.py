@@ -13,6 +13,8 @@ import torch
 from .. import _dispatch, reference, triton as _triton
 from .._checks import check, check_bias, check_tensor, check_x
 from .._dispatch import OpSpec
+from .._dtypes import acc_dtype
+from ..reference.int4_linear import unpack_nibbles
 from ..reference.lut_linear import dequantize_lut
 
 OP = "lut_linear"
@@ -56,9 +58,9 @@ def _backward(ctx, gy):
     if ctx.needs_input_grad[2]:
         # ∂L/∂lut[t, e] = Σ of ∂L/∂W[n, k] over the rows n of table t and the k whose code is e
         n, k = codes.shape[0], x.shape[-1]
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+        acc = acc_dtype(x.dtype)
         gw = gy.reshape(-1, n).to(acc).t() @ x.reshape(-1, k).to(acc)
-        c = torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(n, -1).long()
+        c = unpack_nibbles(codes).long()
         per_row = torch.zeros(n, 16, dtype=acc, device=gw.device).scatter_add_(1, c, gw)
         gl = per_row.view(lut.shape[0], -1, 16).sum(1).to(lut.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:

@@ -1,13 +1,14 @@
 import torch
 
 from .._dtypes import acc_dtype
+from .int4_linear import unpack_nibbles
 
 
 def dequantize_lut(codes, lut, dtype):
     """W [N, K] with W[n, k] = lut[n // (N / L), code[n, k]], codes packed 4-bit uint8 [N, K/2]
     (low nibble = even k), lut [L, 16]."""
     n = codes.shape[0]
-    c = torch.stack((codes & 0xF, codes >> 4), dim=-1).reshape(n, -1).long()
+    c = unpack_nibbles(codes).long()
     rows_per_table = n // lut.shape[0]
     table = lut.to(dtype).repeat_interleave(rows_per_table, dim=0)  # [N, 16]
     return torch.gather(table, 1, c)
