@@ -68,6 +68,31 @@ def test_triton_matches_float64(rng, op, dtype, lead, K, N, group, tables):
     assert rel_err(y, exact(args, w)) <= TOL[dtype]
 
 
+@pytest.mark.skipif(rk_triton.int4_linear is None, reason="triton not installed")
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("M,K,N,group,split", [(1, 512, 70, 32, 3), (1, 384, 33, 96, None), (5, 640, 40, 64, 4),
+                                               (70, 256, 130, 128, 2), (130, 192, 24, 64, None)])
+def test_triton_tiles_and_split_k(rng, op, M, K, N, group, split):
+    """Every tile class of _tiles.choose (GEMV at M = 1, 16-row dots, 128 × 128 dots) with K split
+    into uneven parts (int4 K = 640, g64: 192 + 192 + 192 + 64) or the automatic choice; the bias
+    through the split's reduction."""
+    args, w = make(op, rng, (M,), K, N, torch.float16, group=group, tables=N if N % 2 else 2)
+    y = getattr(rk_triton, op)(*args, split=split)
+    assert rel_err(y, exact(args, w)) <= TOL[torch.float16]
+
+
+def test_triton_split_choice():
+    from reparam_kernels.triton import _tiles
+    cpu = torch.device("cpu")  # stands in for a 4-SM GPU
+    t = _tiles.choose(1, 64, 8192, cpu)  # one output tile: split up to 2 × 4 programs
+    assert t.gemv and t.split == 8 and t.k_split * t.split >= 8192 and t.k_split % t.bk == 0
+    assert _tiles.choose(1, 64, 256, cpu).split == 1  # two steps of K: nothing to split
+    assert _tiles.choose(300, 4096, 4096, cpu).split == 1  # tiles enough
+    assert _tiles.choose(16, 64, 4096, cpu, bk_limit=32).bk == 32
+    t = _tiles.choose(1, 64, 1024, cpu, split=3)  # 8 steps → 3, 3, 2
+    assert (t.split, t.k_split) == (3, 384)
+
+
 @pytest.mark.skipif(rk_triton.int8_linear is None, reason="triton not installed")
 @pytest.mark.parametrize("K", [37, 130])  # int8 takes any K, not only tile multiples
 def test_triton_int8_odd_k(rng, K):

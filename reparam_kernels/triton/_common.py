@@ -22,9 +22,48 @@ def dot_nt(acc, a, b, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
         return acc + tl.dot(a, tl.trans(b))
 
 
-def block_m(m):
-    """Rows of x per program: small for decode so masked rows waste little."""
-    return 16 if m <= 16 else (32 if m <= 32 else 64)
+@triton.jit
+def tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """(row tile, column tile) of this program from a 1-D grid axis 0, in column bands of 8 row
+    tiles: the programs running together share their weight (column) tiles in L2."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BM)
+    tiles_n = tl.cdiv(N, BN)
+    band = 8 * tiles_n
+    first_m = (pid // band) * 8
+    rows = tl.minimum(tiles_m - first_m, 8)
+    return first_m + (pid % band) % rows, (pid % band) // rows
+
+
+@triton.jit
+def split_k_tile(M, N, K, k_split, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's rows and columns (tile_ids), their masks, and its K range [k_lo, k_hi)
+    (grid axis 1 = the split of K)."""
+    pid_m, pid_n = tile_ids(M, N, BM, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    k_lo = tl.program_id(1) * k_split
+    return rm, rn, rm[:, None] < M, rn < N, k_lo, tl.minimum(k_lo + k_split, K)
+
+
+@triton.jit
+def store_tile(acc, bias_ptr, y_ptr, rm, rn, xmask, nmask, stride_ym, stride_ys, HAS_BIAS: tl.constexpr):
+    """acc (+ bias) into y, or into this split's fp32 partial (y = the partials, stride_ys apart)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + tl.program_id(1) * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=xmask & nmask[None, :])
+
+
+@triton.jit
+def nibbles_f32(p):
+    """uint8 codes → (low nibble, high nibble) as fp32, through the exponent trick: OR-ing a
+    code into the mantissa of 2²³ gives 2²³ + code exactly, one subtraction leaves the code
+    (an integer → float conversion is a quarter-rate instruction; this is two full-rate ones)."""
+    p = p.to(tl.int32)
+    lo = ((p & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    hi = (((p >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return lo, hi
 
 
 def rows_and_output(x, n, out_dtype=None):
@@ -32,3 +71,8 @@ def rows_and_output(x, n, out_dtype=None):
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty((x2.shape[0], n), dtype=out_dtype or x.dtype, device=x.device)
     return x2, y
+
+
+def block_m(m):
+    """Rows of x per program: small for decode so masked rows waste little."""
+    return 16 if m <= 16 else (32 if m <= 32 else 64)

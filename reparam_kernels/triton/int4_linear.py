@@ -1,58 +1,79 @@
 """Triton W4A16 linear with group-wise scales and zero points.
 
-Each program dequantizes a [BN, BK] weight tile in registers: the packed byte of
-(n, k) is qweight[n, k // 2] and its nibble is the low one for even k, so every
-byte is read for two adjacent k (the second read hits the cache). BK divides the
-group size (the op requires group_size % 32 == 0), so a k-step lies in one group
-and loads one scale and zero per row. Dequantized as (q - z) * s in fp32, rounded
-to x's dtype, then tl.dot with fp32 accumulation.
+BK divides the group size, so a K step reads one scale and zero per row: w = q·s − z·s in fp32
+(one FMA), the code turned into a float by two full-rate instructions (``nibbles_f32``'s
+exponent trick). Tiles, warps, stages and the split of K: ``_tiles.choose``. Instructions per
+weight byte, registers and load widths of each path: tools/triton_aot.py.
+
+- M = 1 (GEMV): the codes are read as int32 words [BN, BK/8] (8-byte loads); nibble j of a word
+  is k = 8·word + j, multiplied by x[k] into an fp32 [BN, BK/8] accumulator that is reduced once
+  at the end — no tensor-core operand conversion in the loop, w never rounded, 72 registers
+  (the byte-wise form took 128 and ~10% more instructions).
+- M > 1: the packed bytes [BN, BK/2] split into their low (even k) and high (odd k) nibbles,
+  decoded, interleaved back into a [BN, BK] tile in x's dtype (cheaper than splitting x instead)
+  and multiplied on tensor cores.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, block_m, dot_nt, rows_and_output
+from . import _tiles
+from ._common import INTERPRET, dot_nt, nibbles_f32, rows_and_output, split_k_tile, store_tile
 
 
 @triton.jit
-def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, G, group_size,
-                        stride_xm, stride_ym,
-                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    nmask = rn < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        byte = tl.load(q_ptr + rn[:, None] * (K // 2) + (kk // 2)[None, :],
-                       mask=nmask[:, None] & (kk[None, :] < K), other=0).to(tl.int32)
-        nib = (byte >> ((kk % 2) * 4)[None, :]) & 0xF
-        g = k0 // group_size
-        s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)
-        w = ((nib.to(tl.float32) - z[:, None]) * s[:, None]).to(x_ptr.dtype.element_ty)
-        acc = dot_nt(acc, x, w, IEEE, DOT_F32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & nmask[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, G, k_split,
+                        stride_qn, stride_xm, stride_ym, stride_ys,
+                        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                        DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        GEMV: tl.constexpr):
+    rm, rn, xmask, nmask, k_lo, k_hi = split_k_tile(M, N, K, k_split, BM, BN)
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    if GEMV:  # q_ptr: the codes as int32 words [N, K/8]; nibble j of a word is k = 8·word + j
+        rw = tl.arange(0, BK // 8)
+        q_rows = q_ptr + rn[:, None].to(tl.int64) * stride_qn
+        acc2 = tl.zeros((BN, BK // 8), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            words = tl.load(q_rows + (k0 // 8 + rw)[None, :], mask=nmask[:, None], other=0)
+            g = k0 // GROUP
+            s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            zs = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)[:, None] * s
+            for j in tl.static_range(8):
+                q = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                xj = tl.load(x_rows + (k0 + 8 * rw + j)[None, :]).to(tl.float32)  # L1 hits
+                acc2 += (q * s - zs) * xj
+        acc = tl.sum(acc2, axis=1)[None, :]
+    else:  # q_ptr: the packed bytes [N, K/2]
+        rh = tl.arange(0, BK // 2)
+        q_rows = q_ptr + rn[:, None].to(tl.int64) * stride_qn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):  # BK | GROUP | K: every step is whole and in one group
+            p = tl.load(q_rows + (k0 // 2 + rh)[None, :], mask=nmask[:, None], other=0)
+            g = k0 // GROUP
+            s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
+            zs = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)[:, None] * s
+            lo, hi = nibbles_f32(p)
+            w = tl.interleave((lo * s - zs).to(x_ptr.dtype.element_ty), (hi * s - zs).to(x_ptr.dtype.element_ty))
+            x = tl.load(x_rows + (k0 + tl.arange(0, BK))[None, :], mask=xmask, other=0.0)  # pipelined copies
+            acc = dot_nt(acc, x, w, IEEE, DOT_F32)
+    store_tile(acc, bias_ptr, y_ptr, rm, rn, xmask, nmask, stride_ym, stride_ys, HAS_BIAS)
 
 
-def int4_linear(x, qweight, scales, zeros, group_size, bias=None):
+def int4_linear(x, qweight, scales, zeros, group_size, bias=None, split=None):
+    """split: force the number of K splits (tests); None lets _tiles.choose decide."""
     k = x.shape[-1]
     n = qweight.shape[0]
     x2, y = rows_and_output(x, n)
     m = x2.shape[0]
-    BM = block_m(m)
-    BN, BK = 64, 32  # BK = 32 divides every allowed group size
-    grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
-    _int4_linear_kernel[grid](x2, qweight, scales, zeros, bias if bias is not None else y, y, m, n, k,
-                              scales.shape[1], group_size, x2.stride(0), y.stride(0),
-                              HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET,
-                              BM=BM, BN=BN, BK=BK)
-    return y.reshape(*x.shape[:-1], n)
+    # K steps: the largest power of two dividing the group size (≥ 32, the op's requirement)
+    t = _tiles.choose(m, n, k, x.device, bk_limit=group_size & -group_size, split=split,
+                      fp32=x.dtype == torch.float32)
+    out = _tiles.output(t, y)
+    qweight = qweight.contiguous()
+    q, stride_qn = (qweight.view(torch.int32), k // 8) if t.gemv else (qweight, k // 2)
+    _int4_linear_kernel[_tiles.grid(t, m, n)](
+        x2, q, scales, zeros, bias if bias is not None else y, out, m, n, k, scales.shape[1], t.k_split,
+        stride_qn, x2.stride(0), n, m * n, GROUP=group_size, HAS_BIAS=bias is not None and t.split == 1,
+        IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET, BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv,
+        num_warps=t.warps, num_stages=t.stages)
+    return _tiles.finish(t, out, y, bias).reshape(*x.shape[:-1], n)

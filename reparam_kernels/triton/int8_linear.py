@@ -1,48 +1,54 @@
-"""Triton W8A16 linear: int8 weight tiles converted to x's dtype in registers, tl.dot with
-fp32 accumulation, the per-channel scale applied once to the accumulator (it is constant
-along K), then the bias."""
+"""Triton W8A16 linear: int8 weight tiles converted in registers, fp32 accumulation, the
+per-channel scale applied once to the accumulator (it is constant along K), then the bias.
+Same tiles as int4_linear (``_tiles``): a GEMV form at M = 1 (elementwise fp32 products,
+reduced once), tl.dot above, split-K when the output tiles cannot fill the GPU. Any K."""
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, block_m, dot_nt, rows_and_output
+from . import _tiles
+from ._common import INTERPRET, dot_nt, rows_and_output, split_k_tile, store_tile
 
 
 @triton.jit
-def _int8_linear_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+def _int8_linear_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, k_split, stride_xm, stride_ym,
+                        stride_ys, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GEMV: tl.constexpr):
+    rm, rn, xmask, nmask, k_lo, k_hi = split_k_tile(M, N, K, k_split, BM, BN)
     rk = tl.arange(0, BK)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    q_rows = q_ptr + rn[:, None].to(tl.int64) * K
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    if GEMV:
+        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        q = tl.load(q_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0)
-        if DOT_F32:  # the interpreter converts int8 -> bf16 wrongly; int8 -> fp32 is exact
+        kmask = kk < K
+        q = tl.load(q_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+        x = tl.load(x_rows + kk[None, :], mask=xmask & kmask[None, :], other=0.0)
+        if GEMV:
+            acc2 += q.to(tl.float32) * x.to(tl.float32)
+        elif DOT_F32:  # the interpreter converts int8 -> bf16 wrongly; int8 -> fp32 is exact
             acc = dot_nt(acc, x, q, IEEE, DOT_F32)
         else:  # exact: |q| <= 128 fits fp16/bf16 mantissas
             acc = dot_nt(acc, x, q.to(x_ptr.dtype.element_ty), IEEE, DOT_F32)
-    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-    acc = acc * s[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if GEMV:
+        acc = tl.sum(acc2, axis=1)[None, :]
+    acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    store_tile(acc, bias_ptr, y_ptr, rm, rn, xmask, nmask, stride_ym, stride_ys, HAS_BIAS)
 
 
-def int8_linear(x, qweight, scales, bias=None):
+def int8_linear(x, qweight, scales, bias=None, split=None):
+    """split: force the number of K splits (tests); None lets _tiles.choose decide."""
     k = x.shape[-1]
     n = qweight.shape[0]
     x2, y = rows_and_output(x, n)
     m = x2.shape[0]
-    BM = block_m(m)
-    BN, BK = 64, 64
-    grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
-    _int8_linear_kernel[grid](x2, qweight, scales, bias if bias is not None else y, y, m, n, k,
-                              x2.stride(0), y.stride(0), HAS_BIAS=bias is not None,
-                              IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET, BM=BM, BN=BN, BK=BK)
-    return y.reshape(*x.shape[:-1], n)
+    t = _tiles.choose(m, n, k, x.device, split=split, fp32=x.dtype == torch.float32)
+    out = _tiles.output(t, y)
+    _int8_linear_kernel[_tiles.grid(t, m, n)](
+        x2, qweight, scales, bias if bias is not None else y, out, m, n, k, t.k_split, x2.stride(0), n, m * n,
+        HAS_BIAS=bias is not None and t.split == 1, IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET,
+        BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv, num_warps=t.warps, num_stages=t.stages)
+    return _tiles.finish(t, out, y, bias).reshape(*x.shape[:-1], n)

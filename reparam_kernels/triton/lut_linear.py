@@ -1,52 +1,65 @@
 """Triton lookup-table linear: 4-bit codes (two per byte, low nibble = even k) decoded
 through the 16-entry table of each row's group, W[n, k] = lut[n // rows_per_table, code],
-then tl.dot with fp32 accumulation. The table gather reads 16 values per row group,
-which stay in L1 across the K loop."""
+then multiplied as in int4_linear (same tiles, GEMV form at M = 1, split-K; ``_tiles``).
+
+Each program loads its rows' tables once, [BN, 16], before the K loop and decodes with
+tl.gather from those registers (warp shuffles on the GPU); the codes are read once, [BN, BK/2]
+contiguous, and split into their two nibbles.
+"""
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, block_m, dot_nt, rows_and_output
+from . import _tiles
+from ._common import INTERPRET, dot_nt, rows_and_output, split_k_tile, store_tile
 
 
 @triton.jit
-def _lut_linear_kernel(x_ptr, c_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, rows_per_table,
-                       stride_xm, stride_ym,
+def _lut_linear_kernel(x_ptr, c_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, rows_per_table, k_split,
+                       stride_qn, stride_xm, stride_ym, stride_ys,
                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    nmask = rn < N
-    table_row = (rn // rows_per_table) * 16
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + rk
-        kmask = kk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
-        byte = tl.load(c_ptr + rn[:, None] * (K // 2) + (kk // 2)[None, :],
-                       mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)
-        code = (byte >> ((kk % 2) * 4)[None, :]) & 0xF
-        w = tl.load(lut_ptr + table_row[:, None] + code, mask=nmask[:, None] & kmask[None, :], other=0.0)
-        acc = dot_nt(acc, x, w, IEEE, DOT_F32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & nmask[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GEMV: tl.constexpr):
+    rm, rn, xmask, nmask, k_lo, k_hi = split_k_tile(M, N, K, k_split, BM, BN)
+    rh = tl.arange(0, BK // 2)
+    table = tl.load(lut_ptr + (rn // rows_per_table)[:, None] * 16 + tl.arange(0, 16)[None, :],
+                    mask=nmask[:, None], other=0.0).to(tl.float32)
+    c_rows = c_ptr + rn[:, None].to(tl.int64) * stride_qn
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    if GEMV:
+        acc2 = tl.zeros((BN, BK // 2), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        kh = k0 // 2 + rh  # byte index: codes of k = 2·kh (low nibble) and 2·kh + 1
+        kmask = kh < stride_qn  # the row's K / 2 bytes (compared in bytes: the loads vectorize)
+        p = tl.load(c_rows + kh[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)
+        w_lo = tl.gather(table, p & 0xF, axis=1)
+        w_hi = tl.gather(table, (p >> 4) & 0xF, axis=1)
+        if GEMV:  # one row of x: two strided loads (they hit L1)
+            x_even = tl.load(x_rows + (2 * kh)[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
+            x_odd = tl.load(x_rows + (2 * kh + 1)[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
+            acc2 += w_lo * x_even + w_hi * x_odd
+        else:  # x's contiguous [BM, BK] tile, the decoded nibbles interleaved to match
+            kk = k0 + tl.arange(0, BK)
+            x = tl.load(x_rows + kk[None, :], mask=xmask & (kk < K)[None, :], other=0.0)
+            w = tl.interleave(w_lo.to(x_ptr.dtype.element_ty), w_hi.to(x_ptr.dtype.element_ty))
+            acc = dot_nt(acc, x, w, IEEE, DOT_F32)
+    if GEMV:
+        acc = tl.sum(acc2, axis=1)[None, :]
+    store_tile(acc, bias_ptr, y_ptr, rm, rn, xmask, nmask, stride_ym, stride_ys, HAS_BIAS)
 
 
-def lut_linear(x, codes, lut, bias=None):
+def lut_linear(x, codes, lut, bias=None, split=None):
+    """split: force the number of K splits (tests); None lets _tiles.choose decide."""
     k = x.shape[-1]
     n = codes.shape[0]
     x2, y = rows_and_output(x, n)
     m = x2.shape[0]
-    BM = block_m(m)
-    BN, BK = 64, 64
-    grid = (triton.cdiv(m, BM), triton.cdiv(n, BN))
-    _lut_linear_kernel[grid](x2, codes, lut, bias if bias is not None else y, y, m, n, k,
-                             n // lut.shape[0], x2.stride(0), y.stride(0),
-                             HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET,
-                             BM=BM, BN=BN, BK=BK)
-    return y.reshape(*x.shape[:-1], n)
+    t = _tiles.choose(m, n, k, x.device, split=split, fp32=x.dtype == torch.float32)
+    out = _tiles.output(t, y)
+    _lut_linear_kernel[_tiles.grid(t, m, n)](
+        x2, codes, lut, bias if bias is not None else y, out, m, n, k, n // lut.shape[0], t.k_split,
+        k // 2, x2.stride(0), n, m * n, HAS_BIAS=bias is not None and t.split == 1,
+        IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET, BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv,
+        num_warps=t.warps, num_stages=t.stages)
+    return _tiles.finish(t, out, y, bias).reshape(*x.shape[:-1], n)

@@ -1,0 +1,107 @@
+"""Tile sizes, warps, pipeline stages and the split of K for the quantized Triton GEMMs.
+
+Chosen by shape, not by autotuning: an autotuner would time configs at the first call, which
+may be inside a CUDA-graph capture or torch.compile, and its choice would differ run to run.
+The rules (docs/quant.md, "Triton backend"):
+
+- M = 1 (decode of one sequence): GEMV form. Each program keeps an fp32 accumulator of weight × x
+  products ([BN, BK] or, for packed codes, a fraction of it) and reduces it once at the end, so the
+  K loop has no tensor-core operand conversion and no shuffles: a load, the decode and one FMA
+  per weight.
+- M ≤ 64: tl.dot on [16/32/64, 64] tiles, BK = 128 (64 bytes of int4 codes per row and step).
+- M > 64: 128 × 128 tiles, 8 warps, BK = 64, programs ordered in column bands of 8 row tiles
+  so the weight tiles a band reads stay in L2.
+- Split-K whenever the output tiles alone give fewer than two programs per SM: the decode
+  shapes (M ≤ 16, N = 4096..8192) have 64–128 column tiles for 132 SMs. Each split writes an
+  fp32 partial [split, M, N]; one more launch (finish) adds them, the bias, and casts. K per split is a whole
+  number of BK steps, at least four, so the pipeline has something to overlap.
+"""
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+class Tiles(NamedTuple):
+    bm: int
+    bn: int
+    bk: int
+    split: int      # programs along K; 1 = no partial sums
+    k_split: int    # K elements per split, a multiple of bk
+    warps: int
+    stages: int
+    gemv: bool      # M = 1: elementwise products instead of tl.dot
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device):
+    """SMs of x's GPU. Under the CPU interpreter a small stand-in (4), so that the tests'
+    small shapes still take split-K."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose(m, n, k, device, bk_limit=128, split=None, fp32=False):
+    """Tiles for an [m, k] × [n, k]ᵀ product. bk_limit: the largest K step the format allows
+    (int4: a power of two dividing the group size, so a step reads one scale per row).
+    split: force a split count (tests); None chooses. fp32: x is float32 (twice the shared memory
+    a stage: two stages, so the tiles fit the 99 KB of sm_86 / sm_89)."""
+    if m == 1:
+        bm, bn, bk, warps, stages, gemv = 1, 64, 128, 4, 4, True
+    elif m <= 64:
+        bm, bn, bk, warps, stages, gemv = (16 if m <= 16 else 32 if m <= 32 else 64), 64, 128, 4, 4, False
+    else:
+        bm, bn, bk, warps, stages, gemv = 128, 128, 64, 8, 3, False
+    bk = min(bk, bk_limit)
+    if fp32 and not gemv:
+        stages = 2
+    steps = triton.cdiv(k, bk)
+    if split is None:
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        want = triton.cdiv(2 * sm_count(device), tiles)
+        split = max(1, min(want, steps // 4, 16))
+    split = max(1, min(split, steps))
+    k_split = triton.cdiv(steps, split) * bk
+    split = triton.cdiv(k, k_split)  # no empty split
+    return Tiles(bm, bn, bk, split, k_split, warps, stages, gemv)
+
+
+def grid(t, m, n):
+    """Axis 0: the output tiles (tile_ids orders them); axis 1: the splits of K."""
+    return (triton.cdiv(m, t.bm) * triton.cdiv(n, t.bn), t.split)
+
+
+def output(t, y):
+    """Where the kernel writes: y itself, or fp32 partials [split, M, N] to be summed by finish."""
+    return y if t.split == 1 else y.new_empty((t.split, *y.shape), dtype=torch.float32)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, bias_ptr, y_ptr, SPLIT, MN, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(part_ptr + s * MN + i, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + i % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def finish(t, out, y, bias):
+    """y: the kernel's output as it is, or its fp32 partials summed, the bias added (the kernel
+    adds it only without a split: HAS_BIAS = bias is not None and t.split == 1) and cast into y —
+    one launch, which in a CUDA graph costs ~2 µs against a decode kernel's ~20."""
+    if t.split == 1:
+        return out
+    mn = y.numel()
+    _sum_splits_kernel[(triton.cdiv(mn, 1024),)](out, bias if bias is not None else y, y, t.split, mn, y.shape[-1],
+                                                 HAS_BIAS=bias is not None, BLOCK=1024)
+    return y

@@ -1,0 +1,124 @@
+"""Compile the quantized Triton kernels for a GPU architecture on a machine without one, and print
+what the compiler made of each tile class: registers, spills, shared memory, the global loads'
+widths, cp.async copies (the software pipeline) and the SASS instructions per weight byte in the
+K loop. A CPU-side check of the Triton backend's code before a GPU times it.
+
+    python tools/triton_aot.py            # sm_80 and sm_90, every op and tile class
+    python tools/triton_aot.py --arch 90 --op int4_linear
+"""
+import argparse
+import collections
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from reparam_kernels.triton import _tiles  # noqa: E402
+
+int4_linear, int8_linear, lut_linear = (importlib.import_module(f"reparam_kernels.triton.{op}")
+                                        for op in ("int4_linear", "int8_linear", "lut_linear"))
+
+CUDA = torch.device("cuda")  # only for choose(); sm_count is given below
+SHAPES = {"gemv": (1, 8192, 8192), "m16": (16, 8192, 8192), "m256": (256, 8192, 8192)}
+COMMON = {"bias_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "k_split": "i32",
+          "stride_qn": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_ys": "i32"}
+KERNELS = {
+    "int4_linear": (int4_linear._int4_linear_kernel,
+                    {"x_ptr": "*fp16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "G": "i32"},
+                    {"GROUP": 128}, 128, 0.5),
+    "int8_linear": (int8_linear._int8_linear_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp16"},
+                    {}, 128, 1.0),
+    "lut_linear": (lut_linear._lut_linear_kernel,
+                   {"x_ptr": "*fp16", "c_ptr": "*u8", "lut_ptr": "*fp16", "rows_per_table": "i32"}, {}, 128, 0.5),
+}
+
+
+def _bin(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_one(op, cls, arch, dtype="fp16"):
+    fn, sig_extra, const_extra, bk_limit, bytes_per_weight = KERNELS[op]
+    m, n, k = SHAPES[cls]
+    _tiles._cuda_sm_count.cache_clear()
+    t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32")
+    sig = {name: sig_extra.get(name, COMMON.get(name)) for name in fn.arg_names}
+    sig = {name: v.replace("fp16", dtype) if v else v for name, v in sig.items()}
+    consts = dict(const_extra, HAS_BIAS=False, IEEE=dtype == "fp32", DOT_F32=False, BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv)
+    # what the JIT specializes at a launch: integer arguments equal to 1 become constants, pointers and
+    # integers divisible by 16 are marked so (how loads get vectorized)
+    values = dict(M=m, N=n, K=k, k_split=t.k_split, stride_qn=k // 2, stride_xm=k, stride_ym=n, stride_ys=m * n,
+                  G=k // const_extra.get("GROUP", 1), rows_per_table=1)
+    if op == "int4_linear" and t.gemv:  # the GEMV reads the codes as int32 words (int4_linear.py)
+        sig["q_ptr"], values["stride_qn"] = "*i32", k // 8
+    consts.update({a: 1 for a, v in values.items() if v == 1 and a in sig})
+    for name in consts:
+        sig[name] = "constexpr"
+    missing = [a for a, v in sig.items() if v is None]
+    assert not missing, f"{op}: no type for {missing}"
+    aligned = [i for i, a in enumerate(fn.arg_names)
+               if sig[a].startswith("*") or (sig[a] == "i32" and values[a] % 16 == 0)]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": t.warps, "num_stages": t.stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_bin("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([_bin("cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    loads = collections.Counter(re.findall(r"ld\.global(?:\.\w+)*?\.(v\d\.)?(b\d+|u\d+|f\d+|s\d+)", c.asm["ptx"]))
+    cp_async = len(re.findall(r"cp\.async\.(?:ca|cg)", c.asm["ptx"]))
+    loop = _loop_instructions(sass)
+    weight_bytes = t.bn * t.bk * bytes_per_weight
+    return dict(op=op, cls=cls, arch=arch, tiles=t._asdict(), regs=regs, spill_bytes=local,
+                shared=c.metadata.shared, loads={f"{v or ''}{w}": cnt for (v, w), cnt in loads.items()},
+                cp_async=cp_async, loop_instructions=loop,
+                instructions_per_weight_byte=round(loop * t.warps / weight_bytes, 3) if loop else None)
+
+
+def _loop_instructions(sass):
+    """Instructions of the longest backward branch's loop in the SASS (the K loop), per warp."""
+    best = 0
+    for ln in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/.*\bBRA\s+(?:`\()?0x([0-9a-f]+)", ln)
+        if m and int(m.group(2), 16) < int(m.group(1), 16):
+            best = max(best, (int(m.group(1), 16) - int(m.group(2), 16)) // 16 + 1)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, action="append", help="80, 90 (default both)")
+    ap.add_argument("--op", action="append", choices=sorted(KERNELS))
+    ap.add_argument("--cls", action="append", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", action="append", choices=["fp16", "bf16", "fp32"], help="x's dtype (default fp16)")
+    ap.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
+    a = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    for arch in a.arch or [80, 90]:
+        for op in a.op or sorted(KERNELS):
+            for cls, dtype in ((c, d) for c in a.cls or list(SHAPES) for d in a.dtype or ["fp16"]):
+                r = compile_one(op, cls, arch, dtype)
+                if a.json:
+                    print(json.dumps(dict(r, dtype=dtype)), flush=True)
+                    continue
+                t = r["tiles"]
+                print(f"sm_{arch} {op:12s} {cls:5s} {dtype} BM{t['bm']:>3} BN{t['bn']:>3} BK{t['bk']:>3} w{t['warps']} s{t['stages']}"
+                      f" | regs {r['regs']:3d} spill {r['spill_bytes']:4d} B smem {r['shared']:6d}"
+                      f" | loads {r['loads']} cp.async {r['cp_async']} | loop {r['loop_instructions']} instr/warp,"
+                      f" {r['instructions_per_weight_byte']} warp-instr per weight byte")
+
+
+if __name__ == "__main__":
+    main()
