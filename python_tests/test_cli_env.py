@@ -136,3 +136,34 @@ def test_every_option_of_every_command_says_what_it_is(name, monkeypatch):
     bare = [a.option_strings or [a.dest] for a in seen["parser"]._actions
             if not isinstance(a, argparse._HelpAction) and not a.help]
     assert not bare, f"`{name}` options without help: {bare}"
+
+
+def test_backend_env_forces_triton_or_reference(monkeypatch):
+    """REPARAM_BACKEND=triton / reference overrides the CUDA kernel for GPU tensors (ops without a Triton
+    kernel keep theirs), CPU tensors stay on the reference, a bad value names the variable."""
+    monkeypatch.setenv("REPARAM_BACKEND", "triton")
+    backend, why = _dispatch.backend_for("int4_linear", "cuda", torch.float16)
+    assert (backend, why) == ("triton", "REPARAM_BACKEND=triton")
+    assert _dispatch.backend_for("int4_linear", "cpu", torch.float16)[0] == "reference"
+    assert _dispatch.backend_for("block_circulant_cols_linear", "cuda", torch.float16)[0] != "triton"
+    monkeypatch.setenv("REPARAM_BACKEND", "reference")
+    assert _dispatch.backend_for("lowrank_linear", "cuda", torch.bfloat16) == ("reference", "REPARAM_BACKEND=reference")
+    monkeypatch.setenv("REPARAM_BACKEND", "cublas")
+    with pytest.raises(ValueError, match="REPARAM_BACKEND='cublas'"):
+        _dispatch.backend_for("int4_linear", "cuda", torch.float16)
+    monkeypatch.setenv("REPARAM_BACKEND", "auto")
+    if _dispatch.has_cuda_kernel("int4_linear"):
+        assert _dispatch.backend_for("int4_linear", "cuda", torch.float16)[0] == "cuda"
+
+
+def test_backend_env_runs_the_forced_backend_without_warning(monkeypatch):
+    import warnings
+
+    spec = _dispatch.REGISTRY["int8_linear"]
+    calls = []
+    monkeypatch.setattr(spec, "triton", lambda *a: calls.append(a) or "ran")
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch._run(spec, "triton", "REPARAM_BACKEND=triton", (torch.zeros(1),)) == "ran"
+    assert len(calls) == 1

@@ -89,12 +89,30 @@ def gpu_supported():
     return True, f"sm_{cap[0]}{cap[1]}"
 
 
+BACKEND_ENV = "REPARAM_BACKEND"  # auto (default) | triton | reference: which backend GPU tensors take
+
+
+def forced_backend():
+    """The backend REPARAM_BACKEND asks for on the GPU, or None (auto: the CUDA kernel where it exists).
+    For A/B runs and for a GPU where a measurement puts the Triton kernels ahead; read once per
+    (op, device, dtype) like the rest of the choice (BACKEND_CACHE)."""
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    if value not in ("auto", "", "triton", "reference"):
+        raise ValueError(f"{BACKEND_ENV}={value!r}: expected auto, triton or reference")
+    return None if value in ("auto", "") else value
+
+
 @torch.compiler.assume_constant_result  # a constant per (op, device, dtype): torch.compile must not trace into it
 def backend_for(name, device_type, dtype):
     """Which backend runs op `name` for inputs on `device_type` of `dtype`, and why."""
     spec = REGISTRY[name]
     if device_type != "cuda":
         return "reference", f"{device_type} tensors run the plain-PyTorch reference"
+    forced = forced_backend()
+    if forced == "reference":
+        return "reference", f"{BACKEND_ENV}=reference"
+    if forced == "triton" and spec.triton is not None and dtype in spec.triton_dtypes and triton_status("cuda")[0]:
+        return "triton", f"{BACKEND_ENV}=triton"
     gpu_ok, gpu_why = gpu_supported()
     if has_cuda_kernel(name) and spec.cuda_impl_registered is False and not gpu_ok:
         why = gpu_why
@@ -119,6 +137,8 @@ def _names(dtypes):
 
 
 def _run(spec, backend, why, args):
+    if why.startswith(BACKEND_ENV):  # asked for: no warning
+        return (spec.triton if backend == "triton" else spec.reference)(*args)
     if backend == "triton":
         if (spec.name, why) not in _WARNED and not torch.compiler.is_compiling() and not gpu_supported()[0]:
             warn_once((spec.name, why), f"reparam.{spec.name}: {why}; running the Triton kernel instead")
