@@ -41,6 +41,20 @@ def test_triton_matches_float64(rng, dtype, lead, K, N, r):
     assert rel_err(y, exact(x, u, v, b)) <= TOL[dtype]
 
 
+@pytest.mark.skipif(rk_triton.lowrank_linear is None, reason="triton not installed")
+@pytest.mark.parametrize("M,split", [(1, 3), (5, 4), (1, None), (130, 2)])
+def test_triton_matmul_nt_split_k(rng, M, split):
+    """The shared Triton GEMM with K (700: not a multiple of the 128-wide step) split unevenly, the bias
+    added after the split's reduction, an fp32 output (the low-rank intermediate)."""
+    from reparam_kernels.triton._matmul_nt import matmul_nt
+    a = torch.randn(M, 700, generator=rng).half()
+    b = torch.randn(90, 700, generator=rng).half()
+    bias = torch.randn(90, generator=rng).half()
+    y = matmul_nt(a, b, bias, out_dtype=torch.float32, split=split)
+    assert y.dtype == torch.float32
+    assert rel_err(y, a.double() @ b.double().t() + bias.double()) <= TOL[torch.float16]
+
+
 def test_op_cpu_dispatches_to_reference(rng):
     x, u, v, b = make(rng, (4,), 33, 21, 7, torch.float32)
     y = torch.ops.reparam.lowrank_linear(x, u, v, b)

@@ -24,8 +24,8 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from reparam_kernels.triton import _tiles  # noqa: E402
 
-int4_linear, int8_linear, lut_linear = (importlib.import_module(f"reparam_kernels.triton.{op}")
-                                        for op in ("int4_linear", "int8_linear", "lut_linear"))
+int4_linear, int8_linear, lut_linear, matmul_nt = (importlib.import_module(f"reparam_kernels.triton.{op}")
+                                                   for op in ("int4_linear", "int8_linear", "lut_linear", "_matmul_nt"))
 
 CUDA = torch.device("cuda")  # only for choose(); sm_count is given below
 SHAPES = {"gemv": (1, 8192, 8192), "m16": (16, 8192, 8192), "m256": (256, 8192, 8192)}
@@ -39,6 +39,10 @@ KERNELS = {
                     {}, 128, 1.0),
     "lut_linear": (lut_linear._lut_linear_kernel,
                    {"x_ptr": "*fp16", "c_ptr": "*u8", "lut_ptr": "*fp16", "rows_per_table": "i32"}, {}, 128, 0.5),
+    # the low-rank ops' products (x·vᵀ, t·uᵀ): 16-bit weights, 2 bytes each
+    "matmul_nt": (matmul_nt._matmul_nt_kernel,
+                  {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "stride_am": "i32", "stride_bn": "i32",
+                   "stride_cm": "i32", "stride_cs": "i32"}, {}, 128, 2.0),
 }
 
 
@@ -57,7 +61,8 @@ def compile_one(op, cls, arch, dtype="fp16"):
     # what the JIT specializes at a launch: integer arguments equal to 1 become constants, pointers and
     # integers divisible by 16 are marked so (how loads get vectorized)
     values = dict(M=m, N=n, K=k, k_split=t.k_split, stride_qn=k // 2, stride_xm=k, stride_ym=n, stride_ys=m * n,
-                  G=k // const_extra.get("GROUP", 1), rows_per_table=1)
+                  G=k // const_extra.get("GROUP", 1), rows_per_table=1, stride_am=k, stride_bn=k, stride_cm=n,
+                  stride_cs=m * n)
     if op == "int4_linear" and t.gemv:  # the GEMV reads the codes as int32 words (int4_linear.py)
         sig["q_ptr"], values["stride_qn"] = "*i32", k // 8
     consts.update({a: 1 for a, v in values.items() if v == 1 and a in sig})
