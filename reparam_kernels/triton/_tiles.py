@@ -2,7 +2,7 @@
 
 Chosen by shape, not by autotuning: an autotuner would time configs at the first call, which
 may be inside a CUDA-graph capture or torch.compile, and its choice would differ run to run.
-The rules (docs/quant.md, "Triton backend"):
+The rules (measured against the compiler: docs/quant.md, the Triton paragraph):
 
 - M = 1 (decode of one sequence): GEMV form. Each program keeps an fp32 accumulator of weight × x
   products ([BN, BK] or, for packed codes, a fraction of it) and reduces it once at the end, so the
@@ -11,10 +11,11 @@ The rules (docs/quant.md, "Triton backend"):
 - M ≤ 64: tl.dot on [16/32/64, 64] tiles, BK = 128 (64 bytes of int4 codes per row and step).
 - M > 64: 128 × 128 tiles, 8 warps, BK = 64, programs ordered in column bands of 8 row tiles
   so the weight tiles a band reads stay in L2.
-- Split-K whenever the output tiles alone give fewer than two programs per SM: the decode
-  shapes (M ≤ 16, N = 4096..8192) have 64–128 column tiles for 132 SMs. Each split writes an
-  fp32 partial [split, M, N]; one more launch (finish) adds them, the bias, and casts. K per split is a whole
-  number of BK steps, at least four, so the pipeline has something to overlap.
+- Split-K whenever the output tiles alone give fewer than two programs per SM (M ≤ 64; above,
+  fewer than one): the decode shapes (M ≤ 16, N = 4096..8192) have 64–128 column tiles for 132
+  SMs. Each split writes an fp32 partial [split, M, N]; one more launch (finish) adds them and
+  the bias, and casts. K per split is a whole number of BK steps, at least four, so the
+  pipeline has something to overlap.
 """
 import functools
 from typing import NamedTuple
@@ -65,7 +66,10 @@ def choose(m, n, k, device, bk_limit=128, split=None, fp32=False):
     steps = triton.cdiv(k, bk)
     if split is None:
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        want = triton.cdiv(2 * sm_count(device), tiles)
+        sms = sm_count(device)
+        # big tiles: partials cost split × M × N × 4 bytes of traffic (M = 256, N = 8192: 8 MB a split against
+        # 33 MB of int4 weights), so split only as far as one wave of programs
+        want = triton.cdiv(2 * sms, tiles) if m <= 64 else max(1, sms // tiles)
         split = max(1, min(want, steps // 4, 16))
     split = max(1, min(split, steps))
     k_split = triton.cdiv(steps, split) * bk
