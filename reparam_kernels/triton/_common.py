@@ -40,7 +40,7 @@ def split_k_tile(M, N, K, k_split, BM: tl.constexpr, BN: tl.constexpr):
     """This program's rows and columns (tile_ids), their masks, and its K range [k_lo, k_hi)
     (grid axis 1 = the split of K)."""
     pid_m, pid_n = tile_ids(M, N, BM, BN)
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # row × K or × N passes 2³¹ (long prefill × vocabulary)
     rn = pid_n * BN + tl.arange(0, BN)
     k_lo = tl.program_id(1) * k_split
     return rm, rn, rm[:, None] < M, rn < N, k_lo, tl.minimum(k_lo + k_split, K)
