@@ -52,9 +52,10 @@ def _bin(name):
 
 def compile_one(op, cls, arch, dtype="fp16"):
     fn, sig_extra, const_extra, bk_limit, bytes_per_weight = KERNELS[op]
+    gemv_bk = 64 if op in ("int8_linear", "lut_linear") else 128  # as their launchers ask
     m, n, k = SHAPES[cls]
     _tiles._cuda_sm_count.cache_clear()
-    t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32")
+    t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32", gemv_bk=gemv_bk)
     sig = {name: sig_extra.get(name, COMMON.get(name)) for name in fn.arg_names}
     sig = {name: v.replace("fp16", dtype) if v else v for name, v in sig.items()}
     consts = dict(const_extra, HAS_BIAS=False, IEEE=dtype == "fp32", DOT_F32=False, BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv)

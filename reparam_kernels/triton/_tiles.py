@@ -49,13 +49,15 @@ def sm_count(device):
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def choose(m, n, k, device, bk_limit=128, split=None, fp32=False):
+def choose(m, n, k, device, bk_limit=128, split=None, fp32=False, gemv_bk=128):
     """Tiles for an [m, k] × [n, k]ᵀ product. bk_limit: the largest K step the format allows
     (int4: a power of two dividing the group size, so a step reads one scale per row).
     split: force a split count (tests); None chooses. fp32: x is float32 (twice the shared memory
-    a stage: two stages, so the tiles fit the 99 KB of sm_86 / sm_89)."""
+    a stage: two stages, so the tiles fit the 99 KB of sm_86 / sm_89). gemv_bk: the GEMV's K step
+    (int8 and lut take 64: their [BN, BK]-shaped accumulators then hold 71 / 80 registers instead of
+    168, so more programs fit an SM; the same instructions per byte, tools/triton_aot.py)."""
     if m == 1:
-        bm, bn, bk, warps, stages, gemv = 1, 64, 128, 4, 4, True
+        bm, bn, bk, warps, stages, gemv = 1, 64, gemv_bk, 4, 4, True
     elif m <= 64:
         bm, bn, bk, warps, stages, gemv = (16 if m <= 16 else 32 if m <= 32 else 64), 64, 128, 4, 4, False
     else:

@@ -45,7 +45,7 @@ def int8_linear(x, qweight, scales, bias=None, split=None):
     n = qweight.shape[0]
     x2, y = rows_and_output(x, n)
     m = x2.shape[0]
-    t = _tiles.choose(m, n, k, x.device, split=split, fp32=x.dtype == torch.float32)
+    t = _tiles.choose(m, n, k, x.device, split=split, fp32=x.dtype == torch.float32, gemv_bk=64)
     out = _tiles.output(t, y)
     _int8_linear_kernel[_tiles.grid(t, m, n)](
         x2, qweight, scales, bias if bias is not None else y, out, m, n, k, t.k_split, x2.stride(0), n, m * n,

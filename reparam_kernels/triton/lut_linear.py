@@ -55,7 +55,7 @@ def lut_linear(x, codes, lut, bias=None, split=None):
     n = codes.shape[0]
     x2, y = rows_and_output(x, n)
     m = x2.shape[0]
-    t = _tiles.choose(m, n, k, x.device, split=split, fp32=x.dtype == torch.float32)
+    t = _tiles.choose(m, n, k, x.device, split=split, fp32=x.dtype == torch.float32, gemv_bk=64)
     out = _tiles.output(t, y)
     _lut_linear_kernel[_tiles.grid(t, m, n)](
         x2, codes, lut, bias if bias is not None else y, out, m, n, k, n // lut.shape[0], t.k_split,
