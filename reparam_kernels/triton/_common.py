@@ -56,14 +56,18 @@ def store_tile(acc, bias_ptr, y_ptr, rm, rn, xmask, nmask, stride_ym, stride_ys,
 
 
 @triton.jit
+def code_f32(bits):
+    """The low 4 bits of an int32 as fp32, through the exponent trick: OR-ing a code into the
+    mantissa of 2²³ gives 2²³ + code exactly, one subtraction leaves the code (an integer → float
+    conversion is a quarter-rate instruction; these are two full-rate ones)."""
+    return ((bits & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def nibbles_f32(p):
-    """uint8 codes → (low nibble, high nibble) as fp32, through the exponent trick: OR-ing a
-    code into the mantissa of 2²³ gives 2²³ + code exactly, one subtraction leaves the code
-    (an integer → float conversion is a quarter-rate instruction; this is two full-rate ones)."""
+    """uint8 codes → (low nibble, high nibble) as fp32."""
     p = p.to(tl.int32)
-    lo = ((p & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    hi = (((p >> 4) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return lo, hi
+    return code_f32(p), code_f32(p >> 4)
 
 
 def rows_and_output(x, n, out_dtype=None):

@@ -1,7 +1,7 @@
 """Triton W4A16 linear with group-wise scales and zero points.
 
 BK divides the group size, so a K step reads one scale and zero per row: w = q·s − z·s in fp32
-(one FMA), the code turned into a float by two full-rate instructions (``nibbles_f32``'s
+(one FMA), the code turned into a float by two full-rate instructions (``code_f32``'s
 exponent trick). Tiles, warps, stages and the split of K: ``_tiles.choose``. Instructions per
 weight byte, registers and load widths of each path: tools/triton_aot.py.
 
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _tiles
-from ._common import INTERPRET, dot_nt, nibbles_f32, rows_and_output, split_k_tile, store_tile
+from ._common import INTERPRET, code_f32, dot_nt, nibbles_f32, rows_and_output, split_k_tile, store_tile
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, G,
             s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
             zs = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)[:, None] * s
             for j in tl.static_range(8):
-                q = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                q = code_f32(words >> (4 * j))
                 xj = tl.load(x_rows + (k0 + 8 * rw + j)[None, :]).to(tl.float32)  # L1 hits
                 acc2 += (q * s - zs) * xj
         acc = tl.sum(acc2, axis=1)[None, :]
