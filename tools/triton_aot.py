@@ -27,7 +27,6 @@ from reparam_kernels.triton import _tiles  # noqa: E402
 int4_linear, int8_linear, lut_linear, matmul_nt = (importlib.import_module(f"reparam_kernels.triton.{op}")
                                                    for op in ("int4_linear", "int8_linear", "lut_linear", "_matmul_nt"))
 
-CUDA = torch.device("cuda")  # only for choose(); sm_count is given below
 SHAPES = {"gemv": (1, 8192, 8192), "m16": (16, 8192, 8192), "m256": (256, 8192, 8192)}
 COMMON = {"bias_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "k_split": "i32",
           "stride_qn": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_ys": "i32"}
@@ -54,8 +53,8 @@ def compile_one(op, cls, arch, dtype="fp16"):
     fn, sig_extra, const_extra, bk_limit, bytes_per_weight = KERNELS[op]
     gemv_bk = 64 if op in ("int8_linear", "lut_linear") else 128  # as their launchers ask
     m, n, k = SHAPES[cls]
-    _tiles._cuda_sm_count.cache_clear()
-    t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32", gemv_bk=gemv_bk)
+    t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32", gemv_bk=gemv_bk,
+                      sms=132)  # the splits an H200 gets
     sig = {name: sig_extra.get(name, COMMON.get(name)) for name in fn.arg_names}
     sig = {name: v.replace("fp16", dtype) if v else v for name, v in sig.items()}
     consts = dict(const_extra, HAS_BIAS=False, IEEE=dtype == "fp32", DOT_F32=False, BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv)

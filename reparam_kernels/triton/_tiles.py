@@ -49,13 +49,14 @@ def sm_count(device):
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def choose(m, n, k, device, bk_limit=128, split=None, fp32=False, gemv_bk=128):
+def choose(m, n, k, device, bk_limit=128, split=None, fp32=False, gemv_bk=128, sms=None):
     """Tiles for an [m, k] × [n, k]ᵀ product. bk_limit: the largest K step the format allows
     (int4: a power of two dividing the group size, so a step reads one scale per row).
     split: force a split count (tests); None chooses. fp32: x is float32 (twice the shared memory
     a stage: two stages, so the tiles fit the 99 KB of sm_86 / sm_89). gemv_bk: the GEMV's K step
     (int8 and lut take 64: their [BN, BK]-shaped accumulators then hold 71 / 80 registers instead of
-    168, so more programs fit an SM; the same instructions per byte, tools/triton_aot.py)."""
+    168, so more programs fit an SM; the same instructions per byte, tools/triton_aot.py).
+    sms: the SM count to split for (default: the device's)."""
     if m == 1:
         bm, bn, bk, warps, stages, gemv = 1, 64, gemv_bk, 4, 4, True
     elif m <= 64:
@@ -68,7 +69,7 @@ def choose(m, n, k, device, bk_limit=128, split=None, fp32=False, gemv_bk=128):
     steps = triton.cdiv(k, bk)
     if split is None:
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        sms = sm_count(device)
+        sms = sms or sm_count(device)
         # big tiles: partials cost split × M × N × 4 bytes of traffic (M = 256, N = 8192: 8 MB a split against
         # 33 MB of int4 weights), so split only as far as one wave of programs
         want = triton.cdiv(2 * sms, tiles) if m <= 64 else max(1, sms // tiles)
