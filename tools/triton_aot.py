@@ -32,7 +32,7 @@ COMMON = {"bias_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i
           "stride_qn": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_ys": "i32"}
 KERNELS = {
     "int4_linear": (int4_linear._int4_linear_kernel,
-                    {"x_ptr": "*fp16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "G": "i32"},
+                    {"x_ptr": "*fp16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "G": "i32", "one_bits": "i32"},
                     {"GROUP": 128}, 128, 0.5),
     "int8_linear": (int8_linear._int8_linear_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp16"},
                     {}, 128, 1.0),
@@ -62,7 +62,7 @@ def compile_one(op, cls, arch, dtype="fp16"):
     # integers divisible by 16 are marked so (how loads get vectorized)
     values = dict(M=m, N=n, K=k, k_split=t.k_split, stride_qn=k // 2, stride_xm=k, stride_ym=n, stride_ys=m * n,
                   G=k // const_extra.get("GROUP", 1), rows_per_table=1, stride_am=k, stride_bn=k, stride_cm=n,
-                  stride_cs=m * n)
+                  stride_cs=m * n, one_bits=0x3F800000)
     if op == "int4_linear" and t.gemv:  # the GEMV reads the codes as int32 words (int4_linear.py)
         sig["q_ptr"], values["stride_qn"] = "*i32", k // 8
     consts.update({a: 1 for a, v in values.items() if v == 1 and a in sig})

@@ -64,6 +64,19 @@ def code_f32(bits):
 
 
 @triton.jit
+def one_plus_code16(words, SHIFT: tl.constexpr, one_bits):
+    """1 + c/16 as fp32 for the 4-bit code c at bit SHIFT of each int32: c moved to the top four
+    bits of the mantissa of 1.0 (exact; a shift and one LOP3, no float arithmetic). one_bits is
+    0x3F800000 (1.0's bits) passed in a register: a LOP3 takes one immediate, and with both the mask
+    and 1.0 as immediates ptxas spent two."""
+    if SHIFT <= 19:
+        top = (words << (19 - SHIFT)) & 0x780000
+    else:
+        top = (words >> (SHIFT - 19)) & 0x780000
+    return (top | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def nibbles_f32(p):
     """uint8 codes → (low nibble, high nibble) as fp32."""
     p = p.to(tl.int32)
