@@ -56,6 +56,15 @@ def test_triton_matches_float64(rng, dtype, lead, K, N, r):
     assert rel_err(y, exact(x, u, w, perm, b)) <= TOL[dtype]
 
 
+@pytest.mark.skipif(rk_triton.pivoted_lowrank_linear is None, reason="triton not installed")
+@pytest.mark.parametrize("M,split", [(1, 3), (5, 2), (1, None)])
+def test_triton_split_k_adds_the_pivots_once(rng, M, split):
+    """K − r split across programs: the partials summed, x's pivot columns added by one split only."""
+    x, u, w, perm, b = make(rng, (M,), 600, 40, 24, torch.float16)
+    y = rk_triton.pivoted_lowrank_linear(x, u, w, perm, b, split=split)
+    assert rel_err(y, exact(x, u, w, perm, b)) <= TOL[torch.float16]
+
+
 def test_opcheck_compile_and_gradcheck(rng):
     x, u, w, perm, b = make(rng, (3, 2), 24, 16, 4, torch.float32)
     for args in [(x, u, w, perm, b), (x, u, w, perm, None)]:

@@ -1,4 +1,4 @@
-"""The quantized Triton kernels (and the low-rank ops' shared GEMM) compiled for GPUs on a machine without one (tools/triton_aot.py):
+"""The quantized Triton kernels (and the low-rank ops' GEMMs) compiled for GPUs on a machine without one (tools/triton_aot.py):
 every tile class and dtype compiles, spills nothing, fits the 99 KB of shared memory a block may
 have on sm_86 / sm_89 (the smallest of the supported GPUs), and reads its weights the fast way —
 8- or 16-byte loads in the GEMV loop, asynchronous pipelined copies (cp.async) in the tl.dot loops.
@@ -17,7 +17,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 pytestmark = pytest.mark.skipif(not os.path.exists(PTXAS), reason="Triton's NVIDIA backend tools are missing")
 
 SMEM_LIMIT = 99 * 1024
-OPS = ["int4_linear", "int8_linear", "lut_linear", "matmul_nt"]
+OPS = ["int4_linear", "int8_linear", "lut_linear", "matmul_nt", "pivot_t"]
 CLASSES = ["gemv", "m16", "m256"]
 DTYPES = ["fp16", "fp32"]
 

@@ -24,8 +24,9 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from reparam_kernels.triton import _tiles  # noqa: E402
 
-int4_linear, int8_linear, lut_linear, matmul_nt = (importlib.import_module(f"reparam_kernels.triton.{op}")
-                                                   for op in ("int4_linear", "int8_linear", "lut_linear", "_matmul_nt"))
+int4_linear, int8_linear, lut_linear, matmul_nt, pivoted = (
+    importlib.import_module(f"reparam_kernels.triton.{op}")
+    for op in ("int4_linear", "int8_linear", "lut_linear", "_matmul_nt", "pivoted_lowrank_linear"))
 
 SHAPES = {"gemv": (1, 8192, 8192), "m16": (16, 8192, 8192), "m256": (256, 8192, 8192)}
 COMMON = {"bias_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "k_split": "i32",
@@ -42,6 +43,10 @@ KERNELS = {
     "matmul_nt": (matmul_nt._matmul_nt_kernel,
                   {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "stride_am": "i32", "stride_bn": "i32",
                    "stride_cm": "i32", "stride_cs": "i32"}, {}, 128, 2.0),
+    # pivoted low rank's first product t = x[:, perm[:r]] + x[:, perm[r:]]·wᵀ (N = r, K = K − r; x's columns gathered)
+    "pivot_t": (pivoted._pivot_t_kernel,
+                {"x_ptr": "*fp16", "w_ptr": "*fp16", "perm_ptr": "*i64", "t_ptr": "*fp32", "R": "i32", "KR": "i32",
+                 "stride_wr": "i32", "stride_ts": "i32"}, {}, 128, 2.0),
 }
 
 
@@ -62,9 +67,10 @@ def compile_one(op, cls, arch, dtype="fp16"):
     # integers divisible by 16 are marked so (how loads get vectorized)
     values = dict(M=m, N=n, K=k, k_split=t.k_split, stride_qn=k // 2, stride_xm=k, stride_ym=n, stride_ys=m * n,
                   G=k // const_extra.get("GROUP", 1), rows_per_table=1, stride_am=k, stride_bn=k, stride_cm=n,
-                  stride_cs=m * n, one_bits=0x3F800000)
+                  stride_cs=m * n, one_bits=0x3F800000, R=n, KR=k, stride_wr=k, stride_ts=m * n)
     if op == "int4_linear" and t.gemv:  # the GEMV reads the codes as int32 words (int4_linear.py)
         sig["q_ptr"], values["stride_qn"] = "*i32", k // 8
+    consts = {a: v for a, v in consts.items() if a in sig}  # (pivot_t has no bias)
     consts.update({a: 1 for a, v in values.items() if v == 1 and a in sig})
     for name in consts:
         sig[name] = "constexpr"

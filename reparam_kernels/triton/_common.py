@@ -88,8 +88,3 @@ def rows_and_output(x, n, out_dtype=None):
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty((x2.shape[0], n), dtype=out_dtype or x.dtype, device=x.device)
     return x2, y
-
-
-def block_m(m):
-    """Rows of x per program: small for decode so masked rows waste little."""
-    return 16 if m <= 16 else (32 if m <= 32 else 64)

@@ -75,8 +75,8 @@ def choose(m, n, k, device, bk_limit=128, split=None, fp32=False, gemv_bk=128, s
         want = triton.cdiv(2 * sms, tiles) if m <= 64 else max(1, sms // tiles)
         split = max(1, min(want, steps // 4, 16))
     split = max(1, min(split, steps))
-    k_split = triton.cdiv(steps, split) * bk
-    split = triton.cdiv(k, k_split)  # no empty split
+    k_split = max(triton.cdiv(steps, split), 1) * bk
+    split = max(triton.cdiv(k, k_split), 1)  # no empty split (K = 0: one program column, no K loop)
     return Tiles(bm, bn, bk, split, k_split, warps, stages, gemv)
 
 
