@@ -23,6 +23,34 @@ def dot_nt(acc, a, b, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def acc_init(BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GEMV: tl.constexpr):
+    """The fp32 accumulator: [BN, BK] elementwise products for a GEMV (reduced once, by acc_result), else
+    the [BM, BN] output tile."""
+    if GEMV:
+        return tl.zeros((BN, BK), dtype=tl.float32)
+    else:
+        return tl.zeros((BM, BN), dtype=tl.float32)
+
+
+@triton.jit
+def acc_step(acc, a, b, IEEE: tl.constexpr, DOT_F32: tl.constexpr, GEMV: tl.constexpr):
+    """acc + a @ bᵀ for a [BM, BK] and b [BN, BK] tile (GEMV: a is x's one row, the products kept apart)."""
+    if GEMV:
+        return acc + b.to(tl.float32) * a.to(tl.float32)
+    else:
+        return dot_nt(acc, a, b, IEEE, DOT_F32)
+
+
+@triton.jit
+def acc_result(acc, GEMV: tl.constexpr):
+    """The [BM, BN] output tile of an accumulator."""
+    if GEMV:
+        return tl.sum(acc, axis=1)[None, :]
+    else:
+        return acc
+
+
+@triton.jit
 def tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr):
     """(row tile, column tile) of this program from a 1-D grid axis 0, in column bands of 8 row
     tiles: the programs running together share their weight (column) tiles in L2."""

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import _tiles
-from ._common import INTERPRET, dot_nt, split_k_tile, store_tile
+from ._common import INTERPRET, acc_init, acc_result, acc_step, split_k_tile, store_tile
 
 
 @triton.jit
@@ -21,21 +21,14 @@ def _matmul_nt_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, M, N, K, k_split, stride_am
     rk = tl.arange(0, BK)
     a_rows = a_ptr + rm[:, None] * stride_am
     b_rows = b_ptr + rn[:, None].to(tl.int64) * stride_bn
-    if GEMV:
-        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = acc_init(BM, BN, BK, GEMV)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
         kmask = kk < K
         a = tl.load(a_rows + kk[None, :], mask=amask & kmask[None, :], other=0.0).to(b_ptr.dtype.element_ty)
         b = tl.load(b_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        if GEMV:
-            acc2 += b.to(tl.float32) * a.to(tl.float32)
-        else:
-            acc = dot_nt(acc, a, b, IEEE, DOT_F32)
-    if GEMV:
-        acc = tl.sum(acc2, axis=1)[None, :]
+        acc = acc_step(acc, a, b, IEEE, DOT_F32, GEMV)
+    acc = acc_result(acc, GEMV)
     store_tile(acc, bias_ptr, c_ptr, rm, rn, amask, nmask, stride_cm, stride_cs, HAS_BIAS)
 
 

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from . import _tiles
-from ._common import INTERPRET, dot_nt, rows_and_output, split_k_tile, store_tile
+from ._common import INTERPRET, acc_init, acc_result, acc_step, rows_and_output, split_k_tile, store_tile
 
 
 @triton.jit
@@ -18,23 +18,15 @@ def _int8_linear_kernel(x_ptr, q_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, k_split, 
     rk = tl.arange(0, BK)
     q_rows = q_ptr + rn[:, None].to(tl.int64) * K
     x_rows = x_ptr + rm[:, None] * stride_xm
-    if GEMV:
-        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = acc_init(BM, BN, BK, GEMV)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + rk
         kmask = kk < K
         q = tl.load(q_rows + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
         x = tl.load(x_rows + kk[None, :], mask=xmask & kmask[None, :], other=0.0)
-        if GEMV:
-            acc2 += q.to(tl.float32) * x.to(tl.float32)
-        elif DOT_F32:  # the interpreter converts int8 -> bf16 wrongly; int8 -> fp32 is exact
-            acc = dot_nt(acc, x, q, IEEE, DOT_F32)
-        else:  # exact: |q| <= 128 fits fp16/bf16 mantissas
-            acc = dot_nt(acc, x, q.to(x_ptr.dtype.element_ty), IEEE, DOT_F32)
-    if GEMV:
-        acc = tl.sum(acc2, axis=1)[None, :]
+        # exact: |q| <= 128 fits fp16/bf16 mantissas (the interpreter converts int8 -> bf16 wrongly: fp32 there)
+        acc = acc_step(acc, x, q if DOT_F32 else q.to(x_ptr.dtype.element_ty), IEEE, DOT_F32, GEMV)
+    acc = acc_result(acc, GEMV)
     acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     store_tile(acc, bias_ptr, y_ptr, rm, rn, xmask, nmask, stride_ym, stride_ys, HAS_BIAS)
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import _tiles
-from ._common import INTERPRET, dot_nt, rows_and_output, split_k_tile, store_tile
+from ._common import INTERPRET, acc_init, acc_result, acc_step, rows_and_output, split_k_tile, store_tile
 from ._matmul_nt import matmul_nt
 
 
@@ -25,22 +25,15 @@ def _pivot_t_kernel(x_ptr, w_ptr, perm_ptr, t_ptr, M, R, KR, k_split, stride_xm,
     rm, rr, xmask, rmask, k_lo, k_hi = split_k_tile(M, R, KR, k_split, BM, BN)  # BN: a tile of t's r columns
     x_rows = x_ptr + rm[:, None] * stride_xm
     w_rows = w_ptr + rr[:, None].to(tl.int64) * stride_wr
-    if GEMV:
-        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = acc_init(BM, BN, BK, GEMV)
     for k0 in range(k_lo, k_hi, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < KR
         cols = tl.load(perm_ptr + R + kk, mask=kmask, other=0)  # x columns of this tile of w's columns
         a = tl.load(x_rows + cols[None, :], mask=xmask & kmask[None, :], other=0.0).to(w_ptr.dtype.element_ty)
         b = tl.load(w_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        if GEMV:
-            acc2 += b.to(tl.float32) * a.to(tl.float32)
-        else:
-            acc = dot_nt(acc, a, b, IEEE, DOT_F32)
-    if GEMV:
-        acc = tl.sum(acc2, axis=1)[None, :]
+        acc = acc_step(acc, a, b, IEEE, DOT_F32, GEMV)
+    acc = acc_result(acc, GEMV)
     if tl.program_id(1) == 0:  # the pivot columns (v's identity block), added by the first split only
         piv = tl.load(perm_ptr + rr, mask=rmask, other=0)
         acc += tl.load(x_rows + piv[None, :], mask=xmask & rmask[None, :], other=0.0).to(tl.float32)
