@@ -1,7 +1,8 @@
 """Compile the quantized Triton kernels for a GPU architecture on a machine without one, and print
 what the compiler made of each tile class: registers, spills, shared memory, the global loads'
 widths, cp.async copies (the software pipeline) and the SASS instructions per weight byte in the
-K loop. A CPU-side check of the Triton backend's code before a GPU times it.
+K loop, and the bandwidth that count allows. A CPU-side check of the Triton backend's code before a GPU
+times it.
 
     python tools/triton_aot.py            # sm_80 and sm_90, every op and tile class
     python tools/triton_aot.py --arch 90 --op int4_linear
@@ -97,6 +98,13 @@ def compile_one(op, cls, arch, dtype="fp16"):
                 instructions_per_weight_byte=round(loop * t.warps / weight_bytes, 3) if loop else None)
 
 
+def issue_ceiling_tbps(r, sms=132, clock_ghz=1.98):
+    """Weight bytes a second the K loop can stream if issuing instructions is all it does: 4 warp
+    instructions per SM per clock (as tools/sass_budget.py counts the CUDA kernels)."""
+    per_byte = r["instructions_per_weight_byte"]
+    return round(4 * sms * clock_ghz * 1e9 / per_byte / 1e12, 2) if per_byte else None
+
+
 def _loop_instructions(sass):
     """Instructions of the longest backward branch's loop in the SASS (the K loop), per warp."""
     best = 0
@@ -128,7 +136,8 @@ def main():
                 print(f"sm_{arch} {op:12s} {cls:5s} {dtype} BM{t['bm']:>3} BN{t['bn']:>3} BK{t['bk']:>3} w{t['warps']} s{t['stages']}"
                       f" | regs {r['regs']:3d} spill {r['spill_bytes']:4d} B smem {r['shared']:6d}"
                       f" | loads {r['loads']} cp.async {r['cp_async']} | loop {r['loop_instructions']} instr/warp,"
-                      f" {r['instructions_per_weight_byte']} warp-instr per weight byte")
+                      f" {r['instructions_per_weight_byte']} warp-instr per weight byte"
+                      f" (issue ceiling {issue_ceiling_tbps(r)} TB/s on an H200)")
 
 
 if __name__ == "__main__":
