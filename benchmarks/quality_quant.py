@@ -196,7 +196,8 @@ def main(argv=None):
                 raise SystemExit(f"--lm-head {args.lm_head} needs calibration data, {name} gives none")
         qmodel, _ = compress(model, recipe, calib=calib_of(name, calib), progress=False)
         value = ppl(qmodel, label)
-        row = {"method": label, "settings": recipe if args.lm_head else METHODS[name], "ppl": value, "increase_pct": 100 * (value / base - 1),
+        row = {"method": label, "settings": recipe if args.lm_head else METHODS[name], "ppl": value,
+               "increase_pct": 100 * (value / base - 1),
                "bits_per_weight": bits_per_weight(qmodel), "bits_per_weight_16bit": bits_per_weight(qmodel, 2),
                "seconds": time.perf_counter() - t0}
         rows.append(row)

@@ -32,14 +32,15 @@ int4_linear, int8_linear, lut_linear, matmul_nt, pivoted = (
 SHAPES = {"gemv": (1, 8192, 8192), "m16": (16, 8192, 8192), "m256": (256, 8192, 8192)}
 COMMON = {"bias_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "k_split": "i32",
           "stride_qn": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_ys": "i32"}
+# op: (kernel, argument types, constexprs, the GEMV's K step as the launcher asks, weight bytes per weight)
 KERNELS = {
     "int4_linear": (int4_linear._int4_linear_kernel,
                     {"x_ptr": "*fp16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "G": "i32", "one_bits": "i32"},
                     {"GROUP": 128}, 128, 0.5),
     "int8_linear": (int8_linear._int8_linear_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp16"},
-                    {}, 128, 1.0),
+                    {}, 64, 1.0),
     "lut_linear": (lut_linear._lut_linear_kernel,
-                   {"x_ptr": "*fp16", "c_ptr": "*u8", "lut_ptr": "*fp16", "rows_per_table": "i32"}, {}, 128, 0.5),
+                   {"x_ptr": "*fp16", "c_ptr": "*u8", "lut_ptr": "*fp16", "rows_per_table": "i32"}, {}, 64, 0.5),
     # the low-rank ops' products (x·vᵀ, t·uᵀ): 16-bit weights, 2 bytes each
     "matmul_nt": (matmul_nt._matmul_nt_kernel,
                   {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "stride_am": "i32", "stride_bn": "i32",
@@ -56,8 +57,8 @@ def _bin(name):
 
 
 def compile_one(op, cls, arch, dtype="fp16"):
-    fn, sig_extra, const_extra, bk_limit, bytes_per_weight = KERNELS[op]
-    gemv_bk = 64 if op in ("int8_linear", "lut_linear") else 128  # as their launchers ask
+    fn, sig_extra, const_extra, gemv_bk, bytes_per_weight = KERNELS[op]
+    bk_limit = const_extra.get("GROUP", 128)  # int4: the group size (a power of two here)
     m, n, k = SHAPES[cls]
     t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32", gemv_bk=gemv_bk,
                       sms=132)  # the splits an H200 gets

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 
-
 @dataclass
 class Method:
     name: str

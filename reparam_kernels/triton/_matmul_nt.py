@@ -40,8 +40,9 @@ def matmul_nt(a, b, bias=None, out_dtype=None, split=None):
     c = torch.empty((M, N), dtype=out_dtype or a.dtype, device=a.device)
     t = _tiles.choose(M, N, K, a.device, split=split, fp32=b.dtype == torch.float32)
     out = _tiles.output(t, c)
+    bias_ptr, has_bias = _tiles.kernel_bias(t, bias, c)
     _matmul_nt_kernel[_tiles.grid(t, M, N)](
-        a, b, bias if bias is not None else c, out, M, N, K, t.k_split, a.stride(0), b.stride(0), N, M * N,
-        HAS_BIAS=bias is not None and t.split == 1, IEEE=b.dtype == torch.float32, DOT_F32=INTERPRET,
+        a, b, bias_ptr, out, M, N, K, t.k_split, a.stride(0), b.stride(0), N, M * N,
+        HAS_BIAS=has_bias, IEEE=b.dtype == torch.float32, DOT_F32=INTERPRET,
         BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv, num_warps=t.warps, num_stages=t.stages)
     return _tiles.finish(t, out, c, bias)

@@ -90,6 +90,12 @@ def output(t, y):
     return y if t.split == 1 else y.new_empty((t.split, *y.shape), dtype=torch.float32)
 
 
+def kernel_bias(t, bias, y):
+    """(bias pointer, HAS_BIAS) for the GEMM kernel: it adds the bias only without a split — with one,
+    finish adds it once to the summed partials. y stands in for the pointer when there is no bias."""
+    return (bias if bias is not None else y), (bias is not None and t.split == 1)
+
+
 @triton.jit
 def _sum_splits_kernel(part_ptr, bias_ptr, y_ptr, SPLIT, MN, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -103,9 +109,8 @@ def _sum_splits_kernel(part_ptr, bias_ptr, y_ptr, SPLIT, MN, N, HAS_BIAS: tl.con
 
 
 def finish(t, out, y, bias):
-    """y: the kernel's output as it is, or its fp32 partials summed, the bias added (the kernel
-    adds it only without a split: HAS_BIAS = bias is not None and t.split == 1) and cast into y —
-    one launch, which in a CUDA graph costs ~2 µs against a decode kernel's ~20."""
+    """y: the kernel's output as it is, or its fp32 partials summed, the bias added (kernel_bias) and
+    cast into y — one launch, which in a CUDA graph costs ~2 µs against a decode kernel's ~20."""
     if t.split == 1:
         return out
     mn = y.numel()

@@ -77,11 +77,12 @@ def int4_linear(x, qweight, scales, zeros, group_size, bias=None, split=None):
     t = _tiles.choose(m, n, k, x.device, bk_limit=group_size & -group_size, split=split,
                       fp32=x.dtype == torch.float32)
     out = _tiles.output(t, y)
+    bias_ptr, has_bias = _tiles.kernel_bias(t, bias, y)
     qweight = qweight.contiguous()
     q, stride_qn = (qweight.view(torch.int32), k // 8) if t.gemv else (qweight, k // 2)
     _int4_linear_kernel[_tiles.grid(t, m, n)](
-        x2, q, scales, zeros, bias if bias is not None else y, out, m, n, k, scales.shape[1], t.k_split,
-        stride_qn, x2.stride(0), n, m * n, 0x3F800000, GROUP=group_size, HAS_BIAS=bias is not None and t.split == 1,
+        x2, q, scales, zeros, bias_ptr, out, m, n, k, scales.shape[1], t.k_split,
+        stride_qn, x2.stride(0), n, m * n, 0x3F800000, GROUP=group_size, HAS_BIAS=has_bias,
         IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET, BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv,
         num_warps=t.warps, num_stages=t.stages)
     return _tiles.finish(t, out, y, bias).reshape(*x.shape[:-1], n)

@@ -39,8 +39,9 @@ def int8_linear(x, qweight, scales, bias=None, split=None):
     m = x2.shape[0]
     t = _tiles.choose(m, n, k, x.device, split=split, fp32=x.dtype == torch.float32, gemv_bk=64)
     out = _tiles.output(t, y)
+    bias_ptr, has_bias = _tiles.kernel_bias(t, bias, y)
     _int8_linear_kernel[_tiles.grid(t, m, n)](
-        x2, qweight, scales, bias if bias is not None else y, out, m, n, k, t.k_split, x2.stride(0), n, m * n,
-        HAS_BIAS=bias is not None and t.split == 1, IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET,
+        x2, qweight, scales, bias_ptr, out, m, n, k, t.k_split, x2.stride(0), n, m * n,
+        HAS_BIAS=has_bias, IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET,
         BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv, num_warps=t.warps, num_stages=t.stages)
     return _tiles.finish(t, out, y, bias).reshape(*x.shape[:-1], n)

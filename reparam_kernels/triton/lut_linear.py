@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _tiles
-from ._common import INTERPRET, dot_nt, rows_and_output, split_k_tile, store_tile
+from ._common import INTERPRET, acc_init, acc_result, dot_nt, rows_and_output, split_k_tile, store_tile
 
 
 @triton.jit
@@ -25,10 +25,7 @@ def _lut_linear_kernel(x_ptr, c_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, rows_per
                     mask=nmask[:, None], other=0.0).to(tl.float32)
     c_rows = c_ptr + rn[:, None].to(tl.int64) * stride_qn
     x_rows = x_ptr + rm[:, None] * stride_xm
-    if GEMV:
-        acc2 = tl.zeros((BN, BK // 2), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = acc_init(BM, BN, BK // 2, GEMV)  # GEMV: [BN, BK/2], the two nibbles' products summed in
     for k0 in range(k_lo, k_hi, BK):
         kh = k0 // 2 + rh  # byte index: codes of k = 2·kh (low nibble) and 2·kh + 1
         kmask = kh < stride_qn  # the row's K / 2 bytes (compared in bytes: the loads vectorize)
@@ -38,14 +35,13 @@ def _lut_linear_kernel(x_ptr, c_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, rows_per
         if GEMV:  # one row of x: two strided loads (they hit L1)
             x_even = tl.load(x_rows + (2 * kh)[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
             x_odd = tl.load(x_rows + (2 * kh + 1)[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
-            acc2 += w_lo * x_even + w_hi * x_odd
+            acc += w_lo * x_even + w_hi * x_odd
         else:  # x's contiguous [BM, BK] tile, the decoded nibbles interleaved to match
             kk = k0 + tl.arange(0, BK)
             x = tl.load(x_rows + kk[None, :], mask=xmask & (kk < K)[None, :], other=0.0)
             w = tl.interleave(w_lo.to(x_ptr.dtype.element_ty), w_hi.to(x_ptr.dtype.element_ty))
             acc = dot_nt(acc, x, w, IEEE, DOT_F32)
-    if GEMV:
-        acc = tl.sum(acc2, axis=1)[None, :]
+    acc = acc_result(acc, GEMV)
     store_tile(acc, bias_ptr, y_ptr, rm, rn, xmask, nmask, stride_ym, stride_ys, HAS_BIAS)
 
 
@@ -57,9 +53,10 @@ def lut_linear(x, codes, lut, bias=None, split=None):
     m = x2.shape[0]
     t = _tiles.choose(m, n, k, x.device, split=split, fp32=x.dtype == torch.float32, gemv_bk=64)
     out = _tiles.output(t, y)
+    bias_ptr, has_bias = _tiles.kernel_bias(t, bias, y)
     _lut_linear_kernel[_tiles.grid(t, m, n)](
-        x2, codes, lut, bias if bias is not None else y, out, m, n, k, n // lut.shape[0], t.k_split,
-        k // 2, x2.stride(0), n, m * n, HAS_BIAS=bias is not None and t.split == 1,
+        x2, codes, lut, bias_ptr, out, m, n, k, n // lut.shape[0], t.k_split,
+        k // 2, x2.stride(0), n, m * n, HAS_BIAS=has_bias,
         IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET, BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv,
         num_warps=t.warps, num_stages=t.stages)
     return _tiles.finish(t, out, y, bias).reshape(*x.shape[:-1], n)
