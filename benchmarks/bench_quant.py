@@ -1,16 +1,17 @@
-"""Quantized linears (int8_linear, int4_linear, lut_linear) vs cuBLAS fp16/bf16 F.linear, in one run.
+"""Quantized linears (int8_linear, int4_linear, lut_linear, vq_linear) vs cuBLAS fp16/bf16 F.linear, in one run.
 
-    python benchmarks/bench_quant.py [--quick] [--ops int8_linear,int4_linear,lut_linear] [--dtypes fp16,bf16]
+    python benchmarks/bench_quant.py [--quick] [--ops int8_linear,int4_linear,lut_linear,vq_linear] [--dtypes fp16,bf16]
 
 Peers in the same run: torch's int4 "tinygemm" (``torch._weight_int4pack_mm``,
 group 128, bf16 only: it takes no fp16) for int4_linear, our own Triton
-kernel for every op, and the CUDA paths the op does not take at that M
+kernel for every op with a CUDA kernel (vq_linear has none: Triton is its
+backend), and the CUDA paths the op does not take at that M
 (``other_paths``: the general GEMV / WMMA path, dequantize + cuBLAS, wgmma and
 the small-M path, each where another one runs). cuBLAS runs the dequantized weight in x's dtype. Each
 case is checked against float64 (x and the dequantized weight in float64)
 before it is timed; a contender that fails the check is not timed (recorded in
 the file's ``failures``). Writes benchmarks/results/<gpu>/{int8_linear,
-int4_linear,lut_linear}.json in DESIGN.md's format, each row with ``bytes``
+int4_linear,lut_linear,vq_linear}.json in DESIGN.md's format, each row with ``bytes``
 (the packed weight, its scales/tables, x and y moved once) and ``flops``.
 """
 import os
@@ -28,8 +29,9 @@ from reparam_kernels import triton as rk_triton
 from reparam_kernels.compress.quantize import pack_int4
 from reparam_kernels.reference.int4_linear import dequantize_int4
 from reparam_kernels.reference.lut_linear import dequantize_lut
+from reparam_kernels.reference.vq_linear import dequantize_vq
 
-OPS = ("int4_linear", "int8_linear", "lut_linear")  # int4 first: a time-capped run measures it first
+OPS = ("int4_linear", "int8_linear", "lut_linear", "vq_linear")  # int4 first: a time-capped run measures it first
 GROUP = 128
 LUT_TABLES = "per_row"  # one 16-entry table per output row, as log quantization uses
 
@@ -46,6 +48,10 @@ def make_weights(op, N, K, dtype, device, gen):
         s = ((torch.rand(N, K // GROUP, device=device, generator=gen) + 0.5) * amp / 4).to(dtype)
         z = torch.randint(0, 16, (N, K // GROUP), device=device, generator=gen).to(dtype)
         return (pack_int4(q), s, z, GROUP), {"bits": 4, "group": GROUP}
+    if op == "vq_linear":  # GPTVQ's format: a byte a pair of inputs, one 256-pair codebook per layer
+        q = torch.randint(0, 256, (N, K // 2), device=device, dtype=torch.uint8, generator=gen)
+        books = (torch.randn(1, 256, 2, device=device, generator=gen) * amp).to(dtype)
+        return (q, books), {"bits": 4, "d": 2, "codebooks": "per_layer"}
     q = torch.randint(0, 16, (N, K), device=device, dtype=torch.uint8, generator=gen)
     lut = (torch.randn(N, 16, device=device, generator=gen) * amp).to(dtype)
     return (pack_int4(q), lut), {"bits": 4, "tables": LUT_TABLES}
@@ -58,6 +64,8 @@ def dense_weight(op, wargs, dtype):
         return (q.to(torch.float64) * s.to(torch.float64)[:, None]).to(dtype)
     if op == "int4_linear":
         return dequantize_int4(*wargs, torch.float64).to(dtype)
+    if op == "vq_linear":
+        return dequantize_vq(*wargs, torch.float64).to(dtype)
     return dequantize_lut(*wargs, torch.float64).to(dtype)
 
 
@@ -140,6 +148,8 @@ def weight_bytes(op, N, K, elt):
         return N * K + N * elt
     if op == "int4_linear":
         return N * K // 2 + 2 * N * (K // GROUP) * elt
+    if op == "vq_linear":
+        return N * K // 2 + 256 * 2 * elt
     return N * K // 2 + N * 16 * elt
 
 
@@ -159,19 +169,19 @@ def bench_shape(res, op, N, K, M, dtype, modes, device="cuda", count=None, seed=
     dense_sets = [(ours_sets[i % ours_count][0], dense_weight(op, ours_sets[i % ours_count][1:], dtype))
                   for i in range(dense_count)]
     fn = getattr(reparam_kernels.ops, op)
+    backend, why = _dispatch.backend_for(op, device, dtype)
     peers = {}
-    tfn = getattr(rk_triton, op, None)
+    tfn = getattr(rk_triton, op, None) if backend != "triton" else None  # (ours is the Triton kernel: no peer)
     if tfn is not None and (device == "cuda" or M * N * K <= 1 << 22):  # the CPU interpreter: small cases only
         peers["triton"] = Contender(tfn, ours_sets)
     if op == "int4_linear":
         tg = [tinygemm_args(s[0], s[1:]) for s in ours_sets]
         if all(a is not None for a in tg):
             peers["tinygemm"] = Contender(tinygemm, tg)
-    if device == "cuda":
+    if device == "cuda" and _dispatch.has_cuda_kernel(op):
         for name, other in other_paths(op, M).items():  # (not `fn`: that is ours)
             peers[name] = Contender(other, ours_sets)
     x0, w0 = ours_sets[0][0], ours_sets[0][1:]
-    backend, why = _dispatch.backend_for(op, device, dtype)
     rows = run_case(
         res, dtype=dtype, M=M, N=N, K=K, params=params, modes=modes,
         ours=Contender(fn, ours_sets), cublas=Contender(F.linear, dense_sets), peers=peers,

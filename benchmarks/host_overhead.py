@@ -40,6 +40,7 @@ OUT_FEATURES = {
     "int8_linear": lambda a: a[1].shape[0],
     "int4_linear": lambda a: a[1].shape[0],
     "lut_linear": lambda a: a[1].shape[0],
+    "vq_linear": lambda a: a[1].shape[0],
     "block_circulant_linear": lambda a: a[3],
     "toeplitz_linear": lambda a: a[3],
     "block_circulant_cols_linear": lambda a: a[2],

@@ -69,6 +69,11 @@ METHODS = {
     "vq_d1_b4_row_gptq_r2": {"method": "vq", "bits": 4, "d": 1, "rows_per_codebook": 1, "gptq": True,
                              "gptq_rounds": 2},
     "log4_gptq": {"method": "log", "bits": 4, "gptq": True},
+    # GPTVQ: pairs of inputs, 256-vector codebooks (4 bits/weight) calibrated on Emma — one per layer, or one per
+    # 64 output rows (fitted weighted by input energy: _emma; then GPTQ codes and least-squares codebooks: _gptq)
+    "vq_d2_b8_gptq": {"method": "vq", "bits": 8, "d": 2, "gptq": True},
+    "vq_d2_b8_r64_emma": {"method": "vq", "bits": 8, "d": 2, "rows_per_codebook": 64, "weighted_grid": True},
+    "vq_d2_b8_r64_gptq": {"method": "vq", "bits": 8, "d": 2, "rows_per_codebook": 64, "gptq": True},
     # + a rank-r correction of each layer's quantization error (compress/correction.py), whitened by Emma's inputs
     # (`_it3`: three rounds of refitting the quantized weight and the correction in turn)
     "int4_g128_rtn_emma_ls_c16": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5,

@@ -111,13 +111,10 @@ def test_lut_layer_with_calib_beats_round_to_nearest_on_its_inputs(method, kw):
 
 def test_settings_refused_clearly():
     lin = torch.nn.Linear(32, 8)
-    with pytest.raises(NotImplementedError, match="d > 1"):
-        LUTLinear.from_linear(lin, method="vq", bits=8, d=2, calib=torch.randn(50, 32))
     with pytest.raises(ValueError, match="rounds"):
         LUTLinear.from_linear(lin, method="log", calib=torch.randn(50, 32), rounds=0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 8))
-    for rule, match in [({"method": "vq", "d": 2, "bits": 8, "gptq": True}, "GPTVQ"),
-                        ({"method": "log", "gptq_rounds": 2}, "give gptq"),
+    for rule, match in [({"method": "log", "gptq_rounds": 2}, "give gptq"),
                         ({"method": "vq", "gptq": True, "weighted_grid": True}, "not with gptq"),
                         ({"method": "log", "gptq": True, "gptq_rounds": 0}, "gptq_rounds")]:
         with pytest.raises(ValueError, match=match):

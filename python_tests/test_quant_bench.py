@@ -24,7 +24,7 @@ def fake_timer(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("op", ["int8_linear", "int4_linear", "lut_linear"])
+@pytest.mark.parametrize("op", ["int8_linear", "int4_linear", "lut_linear", "vq_linear"])
 def test_bench_quant_case_on_cpu(tmp_path, fake_timer, op):
     bench = importlib.import_module("bench_quant")
     res = common.Results(op, root=str(tmp_path), env=common.environment("test"))

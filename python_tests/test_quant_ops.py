@@ -1,4 +1,4 @@
-"""int8_linear, int4_linear, lut_linear: reference, Triton, CUDA against float64 dequantized math;
+"""int8_linear, int4_linear, lut_linear, vq_linear: reference, Triton, CUDA against float64 dequantized math;
 opcheck, torch.compile, autograd, bad inputs naming the argument."""
 import pytest
 import torch
@@ -9,7 +9,7 @@ from reparam_kernels import reference
 from reparam_kernels import triton as rk_triton
 from conftest import HAS_GPU, TOL, rel_err
 
-OPS = ["int8_linear", "int4_linear", "lut_linear"]
+OPS = ["int8_linear", "int4_linear", "lut_linear", "vq_linear"]
 
 
 def make(op, rng, lead, K, N, dtype, device="cpu", bias=True, group=32, tables=1):
@@ -29,6 +29,11 @@ def make(op, rng, lead, K, N, dtype, device="cpu", bias=True, group=32, tables=1
         w = (q.double().reshape(N, g, group) - z.double()[..., None]) * s.double()[..., None]
         args = (x, pack_int4(q).to(device), s.to(device), z.to(device), group, b)
         w = w.reshape(N, K)
+    elif op == "vq_linear":  # pairs, 256 entries a codebook (GPTVQ's 4 bits a weight)
+        q = torch.randint(0, 256, (N, K // 2), generator=rng, dtype=torch.uint8)
+        books = (torch.randn(tables, 256, 2, generator=rng) * 0.1).to(dtype)
+        w = books.double()[torch.arange(N)[:, None] // (N // tables), q.long()].reshape(N, K)
+        args = (x, q.to(device), books.to(device), b)
     else:
         q = torch.randint(0, 16, (N, K), generator=rng, dtype=torch.uint8)
         lut = (torch.randn(tables, 16, generator=rng) * 0.1).to(dtype)
@@ -159,6 +164,15 @@ BAD = {
         (lambda a: (a[0], a[1], a[2].double(), a[3]), "`lut` must have dtype"),
         (lambda a: (a[0], a[1].to(torch.int32), *a[2:]), "`codes` must have dtype"),
         (lambda a: (a[0][..., :-2], *a[1:]), "`x` has 62 features"),
+    ],
+    "vq_linear": [
+        (lambda a: (a[0], a[1], a[2][:, :, 0], a[3]), "`codebooks` must be 3-D"),
+        (lambda a: (a[0], a[1], torch.zeros(4, 300, 2), a[3]), "E <= 256"),
+        (lambda a: (a[0], a[1], torch.zeros(5, 256, 2), a[3]), "`codebooks` has 5 codebooks"),
+        (lambda a: (a[0], a[1], a[2].double(), a[3]), "`codebooks` must have dtype"),
+        (lambda a: (a[0], a[1].to(torch.int16), *a[2:]), "`codes` must have dtype"),
+        (lambda a: (a[0], a[1], a[2].repeat(1, 1, 2), a[3]), "`x` has 64 features in its last dimension, expected 128"),
+        (lambda a: (a[0], a[1], a[2].transpose(1, 2).contiguous().transpose(1, 2), a[3]), "`codebooks` must be contiguous"),
     ],
 }
 

@@ -30,6 +30,9 @@ SCHEMAS = {
     "int4_linear": "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
     # W[n,k] = lut[n // (N/L), code[n,k]] ; codes uint8 [N, K/2] 4-bit (low nibble = even k), lut [L, 16] (x's dtype)
     "lut_linear": "lut_linear(Tensor x, Tensor codes, Tensor lut, Tensor? bias) -> Tensor",
+    # W[n,k] = codebooks[n // (N/L), codes[n, k // d], k % d] ; codes uint8 [N, K/d], codebooks [L, E <= 256, d]
+    # (x's dtype): vector quantization of d-element sub-vectors (GPTVQ's pairs), log 8-bit as d = 1
+    "vq_linear": "vq_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor? bias) -> Tensor",
 }
 
 LIB = torch.library.Library("reparam", "DEF")

@@ -25,9 +25,9 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from reparam_kernels.triton import _tiles  # noqa: E402
 
-int4_linear, int8_linear, lut_linear, matmul_nt, pivoted = (
+int4_linear, int8_linear, lut_linear, vq_linear, matmul_nt, pivoted = (
     importlib.import_module(f"reparam_kernels.triton.{op}")
-    for op in ("int4_linear", "int8_linear", "lut_linear", "_matmul_nt", "pivoted_lowrank_linear"))
+    for op in ("int4_linear", "int8_linear", "lut_linear", "vq_linear", "_matmul_nt", "pivoted_lowrank_linear"))
 
 SHAPES = {"gemv": (1, 8192, 8192), "m16": (16, 8192, 8192), "m256": (256, 8192, 8192)}
 COMMON = {"bias_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "k_split": "i32",
@@ -41,6 +41,10 @@ KERNELS = {
                     {}, 64, 1.0),
     "lut_linear": (lut_linear._lut_linear_kernel,
                    {"x_ptr": "*fp16", "c_ptr": "*u8", "lut_ptr": "*fp16", "rows_per_table": "i32"}, {}, 64, 0.5),
+    # GPTVQ's format: a byte a pair of inputs, one 256-pair codebook per layer (rows_per_book = N)
+    "vq_linear": (vq_linear._vq_linear_kernel,
+                  {"x_ptr": "*fp16", "c_ptr": "*u8", "book_ptr": "*fp16", "rows_per_book": "i32", "book_stride": "i32"},
+                  {"D": 2}, 64, 0.5),
     # the low-rank ops' products (x·vᵀ, t·uᵀ): 16-bit weights, 2 bytes each
     "matmul_nt": (matmul_nt._matmul_nt_kernel,
                   {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "stride_am": "i32", "stride_bn": "i32",
@@ -69,7 +73,8 @@ def compile_one(op, cls, arch, dtype="fp16"):
     # integers divisible by 16 are marked so (how loads get vectorized)
     values = dict(M=m, N=n, K=k, k_split=t.k_split, stride_qn=k // 2, stride_xm=k, stride_ym=n, stride_ys=m * n,
                   G=k // const_extra.get("GROUP", 1), rows_per_table=1, stride_am=k, stride_bn=k, stride_cm=n,
-                  stride_cs=m * n, one_bits=0x3F800000, R=n, KR=k, stride_wr=k, stride_ts=m * n)
+                  stride_cs=m * n, one_bits=0x3F800000, R=n, KR=k, stride_wr=k, stride_ts=m * n, rows_per_book=n,
+                  book_stride=512)
     if op == "int4_linear" and t.gemv:  # the GEMV reads the codes as int32 words (int4_linear.py)
         sig["q_ptr"], values["stride_qn"] = "*i32", k // 8
     consts = {a: v for a, v in consts.items() if a in sig}  # (pivot_t has no bias)

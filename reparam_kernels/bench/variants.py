@@ -88,6 +88,14 @@ def _int4_c32_random(i, o, bias, dtype, device):
     return rnn.CorrectedLinear(base, rnn.LowRankLinear(i, o, min(32, i, o), bias=False, dtype=dtype, device=device))
 
 
+def _vq_d2_random(i, o, bias, dtype, device):
+    """GPTVQ's format: a byte a pair of inputs, one 256-pair codebook per layer (random entries, std 0.02)."""
+    layer = rnn.LUTLinear(i, o, bits=8, d=2, bias=bias, dtype=dtype, device=device)
+    with torch.no_grad():
+        layer.codebooks.normal_(0, 0.02)
+    return layer
+
+
 def _tucker_from_linear(linear):
     """Tucker with each mode's rank half its size (modes: out and in split in two)."""
     from ..nn.tensorized import split_features
@@ -125,13 +133,15 @@ def _table():
         "toeplitz": (["ToeplitzLinear"], lambda l: rnn.ToeplitzLinear.from_linear(l), None),
         "ldr_r2": (["LDRLinear"], lambda l: rnn.LDRLinear.from_linear(l, rank=2), None),
         "lut_log4": (["LUTLinear"], lambda l: rnn.LUTLinear.from_linear(l), None),
+        "vq_d2": (["LUTLinear"], lambda l: rnn.LUTLinear.from_linear(l, method="vq", d=2, bits=8, iters=3),
+                  _vq_d2_random),
         "cp_r8": (["CPLinear"], lambda l: rnn.CPLinear.from_linear(l, rank=8, max_iter=10), None),
         "tucker_half": (["TuckerLinear"], _tucker_from_linear, None),
     }
 
 
 DECODE_KINDS = ("int4_g128", "int8", "lowrank_20", "lowrank_40", "block_circulant_b256", "lowrank40_int4",
-                "lowrank_40_pivoted", "int4_g128_c32")  # last: the newest, so a cut-short run loses it first
+                "lowrank_40_pivoted", "int4_g128_c32", "vq_d2")  # last: the newest, so a cut-short run loses them first
 
 
 def available(kinds=None):

@@ -63,8 +63,6 @@ def _check_vq(out_f, in_f, s):
     check_vq_settings(out_f, in_f, s.get("bits", 4), s.get("d", 1), s.get("rows_per_codebook"))
     _check_weighted(s)
     _check_lut_gptq(s)
-    if _gptq(s) and s.get("d", 1) != 1:
-        bad("gptq", f"GPTQ onto codebooks of d > 1 sub-vectors (GPTVQ) is not implemented; d = {s.get('d')}")
 
 
 def _lut_needs_calib(s):

@@ -15,13 +15,14 @@ k-means: k-means++ initialisation (seeded ``torch.Generator``, so results are
 reproducible), then Lloyd iterations; empty clusters are re-seeded with the
 points farthest from their centroids. Runs in float32 on w's device.
 
-Which settings the ``lut_linear`` op runs directly: d = 1 with bits ≤ 4 (the
-codes are 4-bit indices and the codebook is the 16-entry lookup table of each
-row group). d > 1 is served by ``LUTLinear`` through the dense dequantized
-weight (see nn/quant.py).
+Which op serves the result (``LUTLinear``, nn/quant.py): ``lut_linear`` for d = 1
+with bits ≤ 4 (two 4-bit codes a byte, the codebook as each row group's 16-entry
+table), ``vq_linear`` for any other d with bits ≤ 8 (a byte a sub-vector); codes
+of 9–12 bits decode the dense weight.
 """
 import torch
 
+from ..reference.vq_linear import dequantize_vq
 from .quantize import check_input_energy
 
 
@@ -168,11 +169,6 @@ def vq_quantize(w, d=1, bits=4, rows_per_codebook=None, iters=25, seed=0, input_
 
 def vq_dequantize(codes, codebooks, dtype=torch.float32):
     """Inverse of ``vq_quantize``: W [N, K] from codes [N, K // d] and codebooks [L, 2^bits, d]."""
-    n, kd = codes.shape
-    nl, _, d = codebooks.shape
-    if n % nl != 0:
-        raise ValueError(f"`codebooks` has {nl} codebooks, which does not divide N = {n} rows")
-    r = n // nl
-    book_of_row = torch.arange(n, device=codes.device) // r
-    w = codebooks[book_of_row[:, None], codes]  # [N, K/d, d]
-    return w.reshape(n, kd * d).to(dtype)
+    if codes.shape[0] % codebooks.shape[0] != 0:
+        raise ValueError(f"`codebooks` has {codebooks.shape[0]} codebooks, which does not divide N = {codes.shape[0]} rows")
+    return dequantize_vq(codes, codebooks, dtype)

@@ -10,13 +10,14 @@ effective dense weight with ``to_dense()``.
 * ``Int4Linear``: packed uint8 [N, K/2] (low nibble = even k) + scales and
   zero points [N, K // group_size] (op ``int4_linear``). Round-to-nearest, or
   GPTQ when ``calib`` is given.
-* ``LUTLinear``: 4-bit codes decoded through a 16-entry table per row group
-  (op ``lut_linear``): log quantization at 4 bits (one table per row) and
-  vector quantization with d = 1, bits ≤ 4. Other settings (log 8-bit, VQ with
-  d > 1 or more than 16 centroids) have no fused kernel: the layer stores codes
-  [N, K/d] and codebooks [L, 2^bits, d] and its forward decodes the dense
-  weight and calls F.linear (warned once, and ``uses_kernel`` is False). With
-  ``calib``, GPTQ chooses the codes and the tables are refitted (log, VQ d = 1).
+* ``LUTLinear``: codes decoded through a table per row group. 4-bit codes with
+  16-entry tables (log 4-bit, VQ with d = 1 and bits ≤ 4) run op ``lut_linear``
+  (two codes a byte); VQ of d-element sub-vectors and tables of up to 256 entries
+  (VQ d > 1 with bits ≤ 8, log 8-bit) store codes uint8 [N, K/d] and codebooks
+  [L, 2^bits, d] and run op ``vq_linear`` (``kernel`` says which). 9–12-bit
+  codes (int16) have no kernel: the forward decodes the dense weight and calls
+  F.linear (warned once, ``uses_kernel`` is False). With ``calib``, GPTQ chooses
+  the codes and the tables are refitted (log, VQ; d > 1 is GPTVQ).
 
 ``calib``: the layer's inputs X [n, in_features], or a ``compress.calib.CalibStats``.
 """
@@ -29,7 +30,7 @@ from ..compress import quantize as Q
 from ..compress.gptq import gptq_quantize
 from ..compress.gptq_table import gptq_log, gptq_vq
 from ..compress.vq import vq_dequantize, vq_quantize
-from ..ops import int4_linear, int8_linear, lut_linear
+from ..ops import int4_linear, int8_linear, lut_linear, vq_linear
 
 
 def _weight_of(linear):
@@ -170,9 +171,10 @@ class LUTLinear(_QuantBase):
         if in_features % d or out_features % num_tables:
             raise ValueError(f"`d` = {d} must divide in_features and `num_tables` = {num_tables} out_features")
         self.bits, self.d, self.num_tables = bits, d, num_tables
-        self.uses_kernel = d == 1 and bits <= 4 and in_features % 2 == 0
+        self.packed = d == 1 and bits <= 4 and in_features % 2 == 0  # lut_linear's two codes a byte
+        self.kernel = "lut_linear" if self.packed else "vq_linear" if bits <= 8 else None
         dtype = dtype or torch.get_default_dtype()
-        if self.uses_kernel:
+        if self.packed:
             self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
             # a frozen Parameter, not a buffer: distill() trains the tables (the codes stay fixed)
             self.lut = nn.Parameter(torch.zeros(num_tables, 16, dtype=dtype, device=device), requires_grad=False)
@@ -194,14 +196,11 @@ class LUTLinear(_QuantBase):
 
         calib (inputs or CalibStats): the tables are fitted weighted by the inputs' energy (XᵀX's diagonal), then
         GPTQ chooses the codes and the tables are refitted by least squares to the layer's output error on
-        those inputs, `rounds` times (``compress/gptq_table.py``; vq with d = 1 only)."""
+        those inputs, `rounds` times (``compress/gptq_table.py``; vq with d > 1: GPTVQ, a code per sub-vector)."""
         w = _weight_of(linear)
         n, k = w.shape
         H = None
         if calib is not None:
-            if method == "vq" and d != 1:
-                raise NotImplementedError("LUTLinear.from_linear: GPTQ onto codebooks of d > 1 sub-vectors (GPTVQ) "
-                                          "is not implemented; use d=1 or calib=None")
             if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
                 raise ValueError(f"`rounds` must be a positive int, got {rounds!r}")
             H = _hessian(calib, k)
@@ -217,13 +216,13 @@ class LUTLinear(_QuantBase):
             codes, books = vq_quantize(w, d=d, bits=bits, rows_per_codebook=rows_per_codebook, iters=iters, seed=seed,
                                        input_energy=input_energy)
             if H is not None:
-                codes, tables = gptq_vq(w, H, books[:, :, 0], rows_per_codebook or n, rounds, damp, act_order)
-                books = tables.float()[:, :, None]
+                codes, books = gptq_vq(w, H, books, rows_per_codebook or n, rounds, damp, act_order)
+                books = books.float()
         else:
             raise ValueError(f"`method` must be 'log' or 'vq', got {method!r}")
         layer = cls(k, n, bits=bits, d=d, num_tables=books.shape[0], bias=linear.bias is not None,
                     dtype=w.dtype, device=w.device)
-        if layer.uses_kernel:
+        if layer.packed:
             lut = torch.zeros(books.shape[0], 16, dtype=torch.float32, device=w.device)
             lut[:, :books.shape[1]] = books[:, :, 0]  # fewer than 16 centroids: unused entries stay 0
             layer.codes.copy_(Q.pack_int4(codes.to(torch.uint8)))
@@ -234,19 +233,25 @@ class LUTLinear(_QuantBase):
         layer._set_bias(linear)
         return layer
 
+    @property
+    def uses_kernel(self):
+        return self.kernel is not None
+
     def to_dense(self):
-        if self.uses_kernel:
+        if self.packed:
             from ..reference.lut_linear import dequantize_lut
             return dequantize_lut(self.codes, self.lut, torch.float32).to(self.lut.dtype)
         return vq_dequantize(self.codes.long(), self.codebooks.float()).to(self.codebooks.dtype)
 
     def forward(self, x):
-        if self.uses_kernel:
+        if self.packed:
             return lut_linear(x, self.codes, as_dtype(self.lut, x.dtype), self._bias_for(x))
+        if self.kernel == "vq_linear":
+            return vq_linear(x, self.codes, as_dtype(self.codebooks, x.dtype), self._bias_for(x))
         warn_once(("LUTLinear", self.bits, self.d),
-                  f"LUTLinear(bits={self.bits}, d={self.d}): no lookup-table kernel for this setting "
-                  "(lut_linear takes d=1, bits<=4); decoding the dense weight and using F.linear")
+                  f"LUTLinear(bits={self.bits}, d={self.d}): no kernel for codes of more than 8 bits "
+                  "(vq_linear takes up to 256 entries); decoding the dense weight and using F.linear")
         return F.linear(x, self.to_dense().to(x.dtype), self._bias_for(x))
 
     def extra_repr(self):
-        return super().extra_repr() + f", bits={self.bits}, d={self.d}, num_tables={self.num_tables}, kernel={self.uses_kernel}"
+        return super().extra_repr() + f", bits={self.bits}, d={self.d}, num_tables={self.num_tables}, kernel={self.kernel}"

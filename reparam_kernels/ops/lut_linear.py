@@ -13,9 +13,9 @@ import torch
 from .. import _dispatch, reference, triton as _triton
 from .._checks import check, check_bias, check_tensor, check_x
 from .._dispatch import OpSpec
-from .._dtypes import acc_dtype
 from ..reference.int4_linear import unpack_nibbles
 from ..reference.lut_linear import dequantize_lut
+from .vq_linear import codebook_grad
 
 OP = "lut_linear"
 
@@ -55,14 +55,8 @@ def _backward(ctx, gy):
     gx = gl = gb = None
     if ctx.needs_input_grad[0]:
         gx = gy @ dequantize_lut(codes, lut, gy.dtype)
-    if ctx.needs_input_grad[2]:
-        # ∂L/∂lut[t, e] = Σ of ∂L/∂W[n, k] over the rows n of table t and the k whose code is e
-        n, k = codes.shape[0], x.shape[-1]
-        acc = acc_dtype(x.dtype)
-        gw = gy.reshape(-1, n).to(acc).t() @ x.reshape(-1, k).to(acc)
-        c = unpack_nibbles(codes).long()
-        per_row = torch.zeros(n, 16, dtype=acc, device=gw.device).scatter_add_(1, c, gw)
-        gl = per_row.view(lut.shape[0], -1, 16).sum(1).to(lut.dtype)
+    if ctx.needs_input_grad[2]:  # vq_linear's codebook gradient with d = 1
+        gl = codebook_grad(gy, x, unpack_nibbles(codes).long(), (*lut.shape, 1)).reshape(lut.shape).to(lut.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         gb = gy.reshape(-1, gy.shape[-1]).sum(0)
     return gx, None, gl, gb
