@@ -85,6 +85,9 @@ CONFIGS = {  # in run order: the headline rows first
     # per-row 16-entry tables (lut_linear), GPTQ codes + least-squares tables on Emma, then distillation of the
     # tables (codes frozen)
     "vq-row-gptq": (both("vq", rows_per_codebook=1, gptq=True), True),
+    # GPTVQ: pairs of inputs, a 256-pair codebook per 64 output rows (vq_linear), GPTQ codes + least-squares
+    # codebooks on Emma, then distillation of the codebooks (codes frozen)
+    "vq-d2-r64-gptq": (both("vq", d=2, bits=8, rows_per_codebook=64, gptq=True), True),
 }
 DEFAULT_RUN = list(CONFIGS)
 

@@ -130,3 +130,21 @@ def test_recipes_take_gptq_with_d_above_one():
     plan(model, {"0": {"method": "vq", "d": 2, "bits": 8, "gptq": True}}, has_calib=True)
     with pytest.raises(ValueError, match="does not divide"):
         plan(model, {"0": {"method": "vq", "d": 3, "bits": 8, "gptq": True}}, has_calib=True)
+
+
+def test_the_gptvq_recipe_compresses_a_llama_through_vq_linear():
+    transformers = pytest.importorskip("transformers")
+    import reparam_kernels as rk
+    from reparam_kernels.compress.recipe import builtin_recipes
+
+    assert "gptvq" in builtin_recipes()
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 101, (4, 32), generator=torch.Generator().manual_seed(1))
+    small, _ = rk.compress(model, "gptvq", calib=ids, progress=False)
+    layers = [m for n, m in small.named_modules() if n.endswith("_proj")]
+    assert len(layers) == 7 and all(isinstance(m, LUTLinear) and m.kernel == "vq_linear" and m.d == 2 for m in layers)
+    with torch.no_grad():
+        assert torch.isfinite(small(ids).logits).all()

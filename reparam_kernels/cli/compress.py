@@ -13,7 +13,7 @@ from ._help import DTYPE_HELP, MODEL_HELP
 def main(argv):
     ap = argparse.ArgumentParser(prog="python -m reparam_kernels compress", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help=MODEL_HELP)
-    ap.add_argument("--recipe", default=None, help="YAML/JSON recipe, or a built-in one by name: default, int8, int4, int4-mixed, int4-gptq "
+    ap.add_argument("--recipe", default=None, help="YAML/JSON recipe, or a built-in one by name: default, int8, int4, int4-mixed, int4-gptq, gptvq "
                     "(reparam_kernels/recipes/; default: Fisher-weighted whitened low rank, 20%% fewer parameters in attention "
                     "+ MLP as a whole, ranks allocated globally)")
     ap.add_argument("--calib", default=None, help="calibration text (file or austen:<novel>), or 'random': random token ids (the int4 "

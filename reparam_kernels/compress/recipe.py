@@ -109,7 +109,7 @@ def _rule(entry, where):
 
 def parse_recipe(recipe):
     """A list of Rules from a dict, a list of rule dicts, a Rule list, a YAML/JSON path or the name of a
-    built-in recipe (``builtin_recipes()``: "default", "int8", "int4", "int4-gptq")."""
+    built-in recipe (``builtin_recipes()``: "default", "int8", "int4", "int4-gptq", "gptvq", …)."""
     if isinstance(recipe, (str, Path)):
         recipe = _read_file(recipe)
     if isinstance(recipe, list):
