@@ -198,16 +198,16 @@ def test_kmeans_assignment_chunking_changes_only_rounding(rng):
     """Chunking the distance computation (by codebooks and, for a huge codebook, by points) changes the
     distances only by float rounding (BLAS may take another kernel for another chunk shape: seen with MKL on
     AVX-512, ~2e-6 here), so the nearest centroid stays the same wherever it is not a near tie."""
-    from reparam_kernels.compress.vq import _assign, _sqdist
+    from reparam_kernels.compress.vq import nearest_centroids, _sqdist
 
     x = torch.randn(3, 1000, 2, generator=rng)
     c = torch.randn(3, 7, 2, generator=rng)
-    i1, d1 = _assign(x, c)
+    i1, d1 = nearest_centroids(x, c)
     two = _sqdist(x.double(), c.double()).topk(2, -1, largest=False).values
     clear = (two[..., 1] - two[..., 0]) > 1e-4  # not a near tie in float64
     assert clear.float().mean() > 0.99
     for budget in (50, 7000, 7 * 1000 * 2):
-        i2, d2 = _assign(x, c, budget=budget)
+        i2, d2 = nearest_centroids(x, c, budget=budget)
         torch.testing.assert_close(d2, d1, rtol=1e-5, atol=1e-5)
         assert torch.equal(i1[clear], i2[clear])
         torch.testing.assert_close(d1.double(), two[..., 0].clamp(min=0), rtol=1e-5, atol=1e-5)  # and it is the nearest
