@@ -13,13 +13,13 @@ transformers = pytest.importorskip("transformers")
 
 
 def mixed_llama(dtype, device, seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).to(dtype=dtype, device=device).eval()
     kinds = variants.available()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    for i, name in enumerate(names):  # the layer kinds in turn, every kind at least once (14 Linears)
+    for i, name in enumerate(names):  # the layer kinds in turn, every kind at least once (21 Linears)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, variants.make(kinds[i % len(kinds)], model.get_submodule(name)))
     assert len(names) >= len(kinds)

@@ -66,7 +66,7 @@ def kmeans_pp_init(x, k, gen, wt=None):
     points coincide)."""
     nl, p, _ = x.shape
     rows = torch.arange(nl, device=x.device)
-    first = torch.randint(p, (nl,), generator=gen).to(x.device)
+    first = torch.randint(p, (nl,), generator=gen, device="cpu").to(x.device)
     cents = [x[rows, first]]
 
     def dist(c):
@@ -93,7 +93,7 @@ def kmeans_batched(x, k, iters=25, seed=0, max_init_points=1 << 16, weights=None
     wt = None if weights is None else torch.broadcast_to(weights, x.shape).float()
     pts, pwt = x, wt
     if x.shape[1] > max_init_points:  # k-means++ is O(P·k): seed it on a random sample
-        sample = torch.randperm(x.shape[1], generator=gen)[:max_init_points].to(x.device)
+        sample = torch.randperm(x.shape[1], generator=gen, device="cpu")[:max_init_points].to(x.device)
         pts, pwt = x[:, sample], None if wt is None else wt[:, sample]
     c = kmeans_pp_init(pts, k, gen, pwt)
     for _ in range(iters):
