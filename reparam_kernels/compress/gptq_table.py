@@ -88,6 +88,7 @@ def _nearest_vector(books, rows_per_table, Hinv, codes):
     Euclidean nearest neighbour after mapping rows and codebook by U⁻¹. Later columns of F return c's entries."""
     nb, _, d = books.shape
     eye = torch.eye(d, dtype=books.dtype, device=books.device)
+    book = torch.arange(nb, device=books.device)[:, None]
     chosen = None
 
     def quantize_column(c, W1, i):
@@ -96,7 +97,7 @@ def _nearest_vector(books, rows_per_table, Hinv, codes):
             u_inv = torch.linalg.solve_triangular(Hinv[c:c + d, c:c + d], eye, upper=True)
             idx, _ = nearest_centroids((W1[:, i:i + d] @ u_inv).reshape(nb, rows_per_table, d), books @ u_inv)
             codes[:, c // d] = idx.reshape(-1)
-            chosen = books[torch.arange(nb, device=books.device)[:, None], idx].reshape(-1, d)
+            chosen = books[book, idx].reshape(-1, d)
         return chosen[:, c % d]
     return quantize_column
 
@@ -180,6 +181,7 @@ def _pcg(apply, b, x, diag, iters, rtol=1e-10):
     return x
 
 
+@torch.no_grad()
 def refit_scales(w, hessian, unit_values):
     """Per-row scales s [N] minimizing Σ_n (w_n − s_n·z_n)ᵀ·H·(w_n − s_n·z_n), z = ``unit_values`` [N, K] (the
     codes' values at scale 1: log_levels[codes]); float64 on w's device. A row of zeros keeps scale 1."""

@@ -171,10 +171,10 @@ class LUTLinear(_QuantBase):
         if in_features % d or out_features % num_tables:
             raise ValueError(f"`d` = {d} must divide in_features and `num_tables` = {num_tables} out_features")
         self.bits, self.d, self.num_tables = bits, d, num_tables
-        self.packed = d == 1 and bits <= 4 and in_features % 2 == 0  # lut_linear's two codes a byte
-        self.kernel = "lut_linear" if self.packed else "vq_linear" if bits <= 8 else None
+        packed = d == 1 and bits <= 4 and in_features % 2 == 0  # lut_linear's two codes a byte
+        self.kernel = "lut_linear" if packed else "vq_linear" if bits <= 8 else None
         dtype = dtype or torch.get_default_dtype()
-        if self.packed:
+        if packed:
             self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
             # a frozen Parameter, not a buffer: distill() trains the tables (the codes stay fixed)
             self.lut = nn.Parameter(torch.zeros(num_tables, 16, dtype=dtype, device=device), requires_grad=False)
@@ -232,6 +232,11 @@ class LUTLinear(_QuantBase):
             layer.codebooks.copy_(books)
         layer._set_bias(linear)
         return layer
+
+    @property
+    def packed(self):
+        """lut_linear's layout: two 4-bit codes a byte and [L, 16] tables."""
+        return self.kernel == "lut_linear"
 
     @property
     def uses_kernel(self):

@@ -32,9 +32,10 @@ def _vq_linear_kernel(x_ptr, c_ptr, book_ptr, bias_ptr, y_ptr, M, N, K, rows_per
         for k0 in range(k_lo, k_hi, BK):
             s = k0 // D + rs
             smask = s < K // D
-            code = tl.load(c_rows + s[None, :], mask=nmask[:, None] & smask[None, :], other=0).to(tl.int32)
+            cmask = nmask[:, None] & smask[None, :]
+            code = tl.load(c_rows + s[None, :], mask=cmask, other=0).to(tl.int32)
             for j in tl.static_range(D):  # coordinate j of every sub-vector against x's inputs D·s + j (L1)
-                w = tl.load(books + code * D + j, mask=nmask[:, None] & smask[None, :], other=0.0).to(tl.float32)
+                w = tl.load(books + code * D + j, mask=cmask, other=0.0).to(tl.float32)
                 x = tl.load(x_rows + (s * D + j)[None, :], mask=smask[None, :], other=0.0).to(tl.float32)
                 acc += w * x
         acc = tl.sum(acc, axis=1)[None, :]
