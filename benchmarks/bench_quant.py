@@ -4,8 +4,7 @@
 
 Peers in the same run: torch's int4 "tinygemm" (``torch._weight_int4pack_mm``,
 group 128, bf16 only: it takes no fp16) for int4_linear, our own Triton
-kernel for every op with a CUDA kernel (vq_linear has none: Triton is its
-backend), and the CUDA paths the op does not take at that M
+kernel for every op, and the CUDA paths the op does not take at that M
 (``other_paths``: the general GEMV / WMMA path, dequantize + cuBLAS, wgmma and
 the small-M path, each where another one runs). cuBLAS runs the dequantized weight in x's dtype. Each
 case is checked against float64 (x and the dequantized weight in float64)
@@ -90,6 +89,10 @@ def tinygemm(x, packed, group, sz):
     return torch._weight_int4pack_mm(x, packed, group, sz)
 
 
+# Ops whose small-M format keeps its codebooks in shared memory (csrc/vq_linear.cu): no wgmma path, no ring
+SMEM_TABLE_OPS = ("vq_linear",)
+
+
 def other_paths(op, M):
     """{peer name: fn}: `op` through the CUDA paths it does not take at this M, for A/B in one run:
     the general path (``cuda_general_path``: GEMV / WMMA tiles, every other path switched off)
@@ -108,7 +111,7 @@ def other_paths(op, M):
     paths = cuda_paths()
     fn = getattr(reparam_kernels.ops, op)  # the typed wrapper (bias optional), as `ours` is called
     dq = paths["dequant_cublas"]["min_m"] or float("inf")
-    hopper = paths["wgmma"]["on"] and torch.cuda.get_device_capability()[0] == 9
+    hopper = paths["wgmma"]["on"] and op not in SMEM_TABLE_OPS and torch.cuda.get_device_capability()[0] == 9
     takes_wgmma = hopper and paths["wgmma"]["min_m"] <= M < dq
     takes_small = not takes_wgmma and paths["small_m"]["on"] and M <= paths["small_m"]["max_m"]
     peers = {}
@@ -136,7 +139,7 @@ def other_paths(op, M):
                 peers[f"cuda_l2_ahead{d}"] = with_env(fn, "REPARAM_SMALL_M_L2_AHEAD", d)
         # the weights through a shared-memory ring (off by default; an explicit 0, as run_gpu.sh sets
         # after a failed smoke run, skips it)
-        if not paths["small_m"]["ring"] and not paths["small_m"]["ring_vetoed"]:
+        if not paths["small_m"]["ring"] and not paths["small_m"]["ring_vetoed"] and op not in SMEM_TABLE_OPS:
             peers["cuda_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "1")
             if M > paths["small_m"]["transposed_max_m"]:  # x in the ring too (the tiles with x as A)
                 peers["cuda_ring_x"] = with_env(fn, "REPARAM_SMALL_M_RING", "2")

@@ -29,9 +29,10 @@ from reparam_kernels.cli.env import cuda_paths  # noqa: E402
 # (kind, out_features, in_features): the DESIGN.md decode shapes, one per kind
 SHAPES = [("int4_g128", 8192, 8192), ("int8", 8192, 8192), ("lowrank_40", 8192, 8192),
           ("lowrank_40_pivoted", 8192, 8192), ("lowrank40_int4", 8192, 8192), ("block_circulant_b256", 4096, 4096),
-          ("lut_log4", 8192, 8192)]
+          ("lut_log4", 8192, 8192), ("vq_d2", 8192, 8192)]
 SMALL = {"int4_g128": (512, 512), "int8": (512, 512), "lowrank_40": (512, 512), "lowrank_40_pivoted": (512, 512),
-         "lowrank40_int4": (512, 512), "block_circulant_b256": (512, 512), "lut_log4": (256, 256)}
+         "lowrank40_int4": (512, 512), "block_circulant_b256": (512, 512), "lut_log4": (256, 256),
+         "vq_d2": (512, 512)}
 
 
 def layer_for(kind, n, k, device, dtype):

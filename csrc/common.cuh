@@ -178,12 +178,25 @@ __device__ __forceinline__ uint4 ld_shared16(const void* smem) {
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(s));
   return v;
 }
+// A shared-memory address as the 32-bit offset ld.shared takes: a table lookup is then one LEA of the
+// index onto it and one LDS (through a generic pointer the compiler adds 64-bit and may not prove the
+// space). Volatile like ld_shared16: kept after the barrier that published the table.
+using smem_addr = uint32_t;
+__device__ __forceinline__ smem_addr smem_address(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint32_t ld_shared32(smem_addr a) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(a));
+  return v;
+}
 #else  // the CPU execution harness (python_tests/cuda_on_cpu) models the copies instead of the PTX
 inline void cp_async16(void* smem, const void* gmem, int src_bytes) { ::rk_cpu::cp_async16(smem, gmem, src_bytes); }
 inline void cp_async_commit() { ::rk_cpu::cp_async_commit(); }
 inline void prefetch_l2(const void* p) { ::rk_cpu::prefetch_l2(p); }
 template <int N> inline void cp_async_wait() { ::rk_cpu::cp_async_wait(N); }
 inline uint4 ld_shared16(const void* smem) { return *static_cast<const uint4*>(smem); }
+using smem_addr = uintptr_t;  // (a host pointer here: see the device version below)
+inline smem_addr smem_address(const void* p) { return reinterpret_cast<uintptr_t>(p); }
+inline uint32_t ld_shared32(smem_addr a) { return *reinterpret_cast<const uint32_t*>(a); }
 template <int kId>
 inline void warpgroup_bar(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   ::rk_cpu::warpgroup_barrier(file, line);

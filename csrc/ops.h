@@ -13,6 +13,7 @@ Tensor pivoted_lowrank_linear_cuda(Tensor x, Tensor u, Tensor w, Tensor perm, st
 Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<Tensor> bias);
 Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size, std::optional<Tensor> bias);
 Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor> bias);
+Tensor vq_linear_cuda(Tensor x, Tensor codes, Tensor codebooks, std::optional<Tensor> bias);
 Tensor block_circulant_linear_cuda(Tensor x, Tensor w_spectrum, int64_t block_size, int64_t out_features, std::optional<Tensor> bias);
 Tensor block_circulant_cols_linear_cuda(Tensor x, Tensor w_cols, int64_t out_features, std::optional<Tensor> bias);
 Tensor toeplitz_linear_cuda(Tensor x, Tensor t_spectrum, int64_t fft_size, int64_t out_features, std::optional<Tensor> bias);

@@ -44,5 +44,14 @@ struct has_side : std::false_type {};
 template <class F>
 struct has_side<F, std::void_t<decltype(&F::side)>> : std::true_type {};
 
+// Formats with kTableBytes (and stage_tables(smem, col0), row_state(smem, col0, n)) keep lookup tables
+// too large for registers in shared memory (VqPairFrag: a 256-entry codebook, one copy per lane so that
+// the 32 lanes' lookups never share a bank): the kernel gets kTableBytes of dynamic shared memory, the
+// CTA stages its column block's tables there before the loop, and the row state is the row's table.
+template <class F, class = void>
+struct has_smem_tables : std::false_type {};
+template <class F>
+struct has_smem_tables<F, std::void_t<decltype(F::kTableBytes)>> : std::true_type {};
+
 }  // namespace small_m
 }  // namespace reparam

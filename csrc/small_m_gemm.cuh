@@ -149,7 +149,8 @@ constexpr bool fold_x_offsets() {
 // shared memory; see kRingStages) instead of registers, and no L2 prefetch runs; kXRing: x too (after
 // the weights' slots, x_ring_bytes<Frag, T, MT>() more; see x_fits_ring).
 template <class Frag, class T, int MT, int NG, bool kXConst, bool kL2 = false, bool kRing = false, bool kXRing = false>
-__device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by, uint4* ring = nullptr) {
+__device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by, uint4* ring = nullptr,
+                                         uint32_t* tables = nullptr) {
   static_assert(!kXRing || (kRing && kXConst && x_fits_ring<Frag, MT>()), "x rides the ring only where it fits");
   static_assert(!kXRing || sizeof(T) == 2, "x rows of 4 kLaneK halves: 8 or 16 units");
   constexpr bool kT = MT == 0;
@@ -307,9 +308,15 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
     for (int st = 0; st < kRingStages - 1; ++st) ring_copy(st);
   }
   if (nst > 0) load(0, cur);
-  // Per-row state that does not change along K (LutFrag: the row's table in registers), once per unit.
+  // Per-row state that does not change along K (LutFrag: the row's table in registers; VqPairFrag: where
+  // the row's table sits in shared memory, staged here while stage 0's weights are in flight), once per unit.
   typename row_state_of<Frag>::type rs[NG];
-  if constexpr (has_row_state<Frag>::value) {
+  if constexpr (has_smem_tables<Frag>::value) {
+    frag.stage_tables(tables, col0);
+    __syncthreads();  // (every thread: outside the nst test)
+#pragma unroll
+    for (int j = 0; j < NG; ++j) rs[j] = frag.row_state(tables, col0, min(row0 + 8 * j, uint32_t(N - 1)));
+  } else if constexpr (has_row_state<Frag>::value) {
 #pragma unroll
     for (int j = 0; j < NG; ++j) rs[j] = frag.row_state(min(row0 + 8 * j, uint32_t(N - 1)));
   }
@@ -468,31 +475,9 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
       &red[0][0][0][0]);
 }
 
-// One launch of one problem: CTA (bx, by) = work unit (bx, by).
-template <class Frag, class T, int MT, int NG>
-__global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_kernel(Problem<Frag, T> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
-#else
-  run_unit<Frag, T, MT, NG, true, true>(p, blockIdx.x, blockIdx.y);
-#endif
-}
-
-// The same with the weights through the shared-memory ring (ring_bytes<NG>() of dynamic shared memory),
-// and with kX x too (x_ring_bytes<Frag, T, MT>() more).
-template <class Frag, class T, int MT, int NG, bool kX>
-__global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_ring_kernel(Problem<Frag, T> p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();
-#else
-  extern __shared__ __align__(16) uint4 small_m_ring[];
-  run_unit<Frag, T, MT, NG, true, true, true, kX>(p, blockIdx.x, blockIdx.y, small_m_ring);
-#endif
-}
-
 }  // namespace small_m
 }  // namespace reparam
 
-// The plain-row formats (RowLoads, HalfFrag, PivotFrag), then the host side: occupancy, the split
-// plan, the launch and when this path applies.
+// The plain-row formats (RowLoads, HalfFrag, PivotFrag); the standalone kernels and the host side (occupancy,
+// the split plan, the launch and when this path applies) are in small_m_launch.cuh.
 #include "small_m_plain_formats.cuh"

@@ -1,5 +1,6 @@
-// Host side of the small-M tensor-core GEMM (small_m_gemm.cuh): how many CTAs fit, how the
-// work is cut into column blocks x K splits, the launch, and when the path applies.
+// The standalone kernels of the small-M tensor-core GEMM (small_m_gemm.cuh's run_unit, one work unit a CTA)
+// and their host side: how many CTAs fit, how the work is cut into column blocks x K splits, the launch,
+// and when the path applies.
 #pragma once
 
 #include <cstdlib>
@@ -9,6 +10,33 @@
 
 namespace reparam {
 namespace small_m {
+
+// One launch of one problem: CTA (bx, by) = work unit (bx, by).
+template <class Frag, class T, int MT, int NG>
+__global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_kernel(Problem<Frag, T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
+#else
+  if constexpr (has_smem_tables<Frag>::value) {  // Frag::kTableBytes of dynamic shared memory
+    extern __shared__ __align__(16) uint4 small_m_tables[];
+    run_unit<Frag, T, MT, NG, true, true>(p, blockIdx.x, blockIdx.y, nullptr, reinterpret_cast<uint32_t*>(small_m_tables));
+  } else {
+    run_unit<Frag, T, MT, NG, true, true>(p, blockIdx.x, blockIdx.y);
+  }
+#endif
+}
+
+// The same with the weights through the shared-memory ring (ring_bytes<NG>() of dynamic shared memory),
+// and with kX x too (x_ring_bytes<Frag, T, MT>() more).
+template <class Frag, class T, int MT, int NG, bool kX>
+__global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_ring_kernel(Problem<Frag, T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  extern __shared__ __align__(16) uint4 small_m_ring[];
+  run_unit<Frag, T, MT, NG, true, true, true, kX>(p, blockIdx.x, blockIdx.y, small_m_ring);
+#endif
+}
 
 inline int compute_major(int device) { return device_attribute<cudaDevAttrComputeCapabilityMajor>(device); }
 
@@ -127,14 +155,21 @@ bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_
             const Tensor& like, cudaStream_t stream) {
   constexpr auto kernel = small_m_kernel<Frag, T, MT, NG>;
   const Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0, l2_ahead_from_env()};
-  if constexpr (x_fits_ring<Frag, MT>()) {
-    if (ring_mode() == 2 && try_ring<small_m_ring_kernel<Frag, T, MT, NG, true>, kernel, NG>(
-                                p, ring_bytes<NG>() + x_ring_bytes<Frag, T, MT>(), like, stream))
+  if constexpr (has_smem_tables<Frag>::value) {  // the tables take the shared memory a ring would
+    const int device = like.get_device_index();
+    if (Frag::kTableBytes + 16 * 1024 > max_smem_optin(device)) return false;  // (+ the K-warp sums)
+    allow_smem_optin<kernel>(device, Frag::kTableBytes);
+    return launch_with<kernel, NG>(p, Frag::kTableBytes, like, stream);
+  } else {
+    if constexpr (x_fits_ring<Frag, MT>()) {
+      if (ring_mode() == 2 && try_ring<small_m_ring_kernel<Frag, T, MT, NG, true>, kernel, NG>(
+                                  p, ring_bytes<NG>() + x_ring_bytes<Frag, T, MT>(), like, stream))
+        return true;
+    }
+    if (ring_enabled() && try_ring<small_m_ring_kernel<Frag, T, MT, NG, false>, kernel, NG>(p, ring_bytes<NG>(), like, stream))
       return true;
+    return launch_with<kernel, NG>(p, 0, like, stream);
   }
-  if (ring_enabled() && try_ring<small_m_ring_kernel<Frag, T, MT, NG, false>, kernel, NG>(p, ring_bytes<NG>(), like, stream))
-    return true;
-  return launch_with<kernel, NG>(p, 0, like, stream);
 }
 
 // REPARAM_SMALL_M=0 turns this path off (A/B benchmarks, bisecting).

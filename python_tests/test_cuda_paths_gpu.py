@@ -35,6 +35,14 @@ def test_quantized_ops_take_their_path(rng, op, M, expected):
     assert expected in kernels(lambda: run(op, args))
 
 
+@pytest.mark.parametrize("M,expected", [(1, "small_m_kernel"), (64, "small_m_kernel"), (200, "mma_kernel"),
+                                        (256, "dequantize_kernel")])
+def test_vq_pairs_take_their_path(rng, M, expected):
+    # no wgmma path for vq_linear: 64 < M < 256 runs the WMMA tiles of the general path
+    args, _ = make(rng, "vq_linear", M, 2048, 512, torch.float16)
+    assert expected in kernels(lambda: run("vq_linear", args))
+
+
 # default: M = 1 fused, M >= 2 two cuBLAS products (measured); "0": the fused kernels at every M
 @pytest.mark.parametrize("M,expected,two_gemm_min_m", [(1, "lowrank_small_m_kernel", ""), (2, None, ""), (256, None, ""),
                                                       (16, "lowrank_small_m_kernel", "0"), (256, "wgmma_kernel", "0"),

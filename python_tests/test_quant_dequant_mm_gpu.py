@@ -1,4 +1,4 @@
-"""The large-M path of int8_linear, int4_linear and lut_linear (csrc/quant_dequant_mm.cuh:
+"""The large-M path of int8_linear, int4_linear, lut_linear and vq_linear (csrc/quant_dequant_mm.cuh:
 dequantize W once, cuBLAS through aten::mm.out into y, then the bias) on the GPU: against float64
 and against the general path (REPARAM_DEQUANT_MIN_M=0) at odd sizes, with and without bias, with
 leading dims, and inside a CUDA graph."""
@@ -9,7 +9,7 @@ from conftest import TOL, env_var, rel_err
 from test_quant_ops import exact, make
 
 pytestmark = pytest.mark.gpu
-OPS = ["int8_linear", "int4_linear", "lut_linear"]
+OPS = ["int8_linear", "int4_linear", "lut_linear", "vq_linear"]
 
 
 def run(op, args):

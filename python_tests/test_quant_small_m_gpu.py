@@ -1,4 +1,4 @@
-"""The small-M tensor-core path of int4_linear, int8_linear and lut_linear (csrc/small_m_gemm.cuh, M <= 64)
+"""The small-M tensor-core path of int4_linear, int8_linear, lut_linear and vq_linear (pairs: csrc/small_m_gemm.cuh, M <= 64)
 on the GPU: against float64 and against the general path (REPARAM_SMALL_M=0) at odd sizes,
 split-K fixups with different split counts back to back (the self-resetting counters),
 bit-identical repeats, a CUDA graph captured before any eager call on its stream, non-integer
@@ -18,9 +18,11 @@ pytestmark = pytest.mark.gpu
 
 def make(rng, op, M, K, N, dtype, group=128, int_zeros=True):
     """(args as a list, W64): test_quant_ops.make's case on the GPU (lut: one table per 8 rows where N
-    allows); int_zeros=False replaces int4's zero points by non-integer ones."""
+    allows; vq: one codebook per 64 rows, GPTVQ's, where N allows — the small-M path's shared-memory
+    tables serve 64 or >= 128 rows a codebook); int_zeros=False replaces int4's zero points by non-integer ones."""
+    per = 64 if op == "vq_linear" else 8
     args, w = quant_ops.make(op, rng, (M,), K, N, dtype, device="cuda", group=group,
-                             tables=N // 8 if N % 8 == 0 else 1)
+                             tables=N // per if N % per == 0 else 1)
     args = list(args)
     if not int_zeros:
         args[3] = (torch.rand(args[3].shape, generator=rng) * 15).to(device="cuda", dtype=dtype)
@@ -37,7 +39,7 @@ def general_path(op, args):
         return run(op, args)
 
 
-@pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
+@pytest.mark.parametrize("op", quant_ops.OPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 5, 16, 17, 33, 64])
 @pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32), (544, 72, 32), (8192, 264, 64)])
@@ -68,7 +70,7 @@ def test_ring_matches_float64_and_the_register_loop(rng, mode, op, M, K, N, grou
     assert rel_err(run(op, args), ref) <= TOL[torch.float16]
 
 
-@pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
+@pytest.mark.parametrize("op", quant_ops.OPS)
 def test_split_counts_back_to_back(rng, op):
     # Different column and split counts in a row on one stream: each launch must leave its
     # counters at 0 for the next.
@@ -79,7 +81,7 @@ def test_split_counts_back_to_back(rng, op):
             assert rel_err(run(op, args), exact(args, w)) <= 5e-3
 
 
-@pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
+@pytest.mark.parametrize("op", quant_ops.OPS)
 def test_graph_captured_before_any_eager_call(rng, op):
     args, w = make(rng, op, 1, 8192, 512, torch.float16)  # 4 column blocks: K is split
     stream = torch.cuda.Stream()

@@ -102,6 +102,9 @@ BUDGET = {
     "small_m_kernel<Int4Frag<bfloat16>, bfloat16, 1, 4>": 425,
     "small_m_kernel<Int8Frag<__half>, __half, 1, 4>": 170,
     "small_m_kernel<LutFrag<__half>, __half, 1, 4>": 480,
+    # VQ pairs: a PRMT, an IMAD and an LDS per code (259 / 302 now)
+    "small_m_kernel<VqPairFrag<__half>, __half, 0, 4>": 275,
+    "small_m_kernel<VqPairFrag<__half>, __half, 1, 4>": 320,
     "lowrank_small_m_kernel<HalfFrag<__half>, __half, 1, 4, false>": 54,
     # the same loops with the weights through the shared-memory ring (REPARAM_SMALL_M_RING=1; 348 and 70 now)
     "small_m_ring_kernel<Int4Frag<__half>, __half, 0, 4, false>": 365,
@@ -154,7 +157,7 @@ def test_prefetch_uses_flags_a_loaded_value_used_inside_the_load_branch():
     assert sass_budget.prefetch_uses(ins(rewritten)) == []
 
 
-@pytest.mark.parametrize("frag", ["Int4Frag", "Int8Frag", "LutFrag", "HalfFrag"])
+@pytest.mark.parametrize("frag", ["Int4Frag", "Int8Frag", "LutFrag", "VqPairFrag", "HalfFrag"])
 def test_decode_loops_do_not_wait_on_their_prefetch(frag):
     """No small-M kernel computes on the next stage's weights inside the branch that loads them: the
     first H200 run found int4's scale handling there (tools/sass_budget.py, prefetch_uses)."""

@@ -154,9 +154,9 @@ def main_path(ins, decode_first: bool = False):
 
 
 # k per lane per 16-byte weight load of each small-M format (Frag::kLaneK)
-LANE_K = {"Int4Frag": 32, "LutFrag": 32, "Int8Frag": 16, "HalfFrag": 8, "PivotFrag": 8}
+LANE_K = {"Int4Frag": 32, "LutFrag": 32, "VqPairFrag": 32, "Int8Frag": 16, "HalfFrag": 8, "PivotFrag": 8}
 # bits per weight of each format; the wgmma path's stage is 128 k of 16 weight rows per warp
-BITS = {"Int4Frag": 4, "LutFrag": 4, "Int8Frag": 8, "HalfFrag": 16, "PivotFrag": 16}
+BITS = {"Int4Frag": 4, "LutFrag": 4, "VqPairFrag": 4, "Int8Frag": 8, "HalfFrag": 16, "PivotFrag": 16}
 WGMMA_STAGE_K, WGMMA_MMA_PER_STAGE = 128, 8
 
 

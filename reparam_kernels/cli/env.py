@@ -60,7 +60,8 @@ def cuda_paths():
     """Which CUDA path each batch size M takes, as the environment switches set it."""
     small = not os.environ.get("REPARAM_SMALL_M", "").startswith("0")
     return {"small_m": {"on": small, "max_m": 64, "switch": "REPARAM_SMALL_M",
-                        "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear",
+                        "ops": "int4_linear, int8_linear, lut_linear, vq_linear (pairs), lowrank_linear, "
+                               "pivoted_lowrank_linear",
                         # M <= 8: the transposed tile (csrc/small_m_gemm.cuh, MT = 0); off: the M <= 16 one
                         "transposed_max_m": 0 if os.environ.get("REPARAM_SMALL_M_T", "").startswith("0") else 8,
                         "transposed_switch": "REPARAM_SMALL_M_T",
@@ -83,7 +84,7 @@ def cuda_paths():
                       "switch": "REPARAM_WGMMA",
                       "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear; sm_90"},
             "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 256), "switch": "REPARAM_DEQUANT_MIN_M",
-                               "ops": "int8_linear, int4_linear, lut_linear"},
+                               "ops": "int8_linear, int4_linear, lut_linear, vq_linear"},
             "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 2),
                                "switch": "REPARAM_LOWRANK_CUBLAS_MIN_M",
                                "ops": "lowrank_linear, pivoted_lowrank_linear",

@@ -3,8 +3,9 @@
 Layout: codes uint8 [N, K/d], one code per sub-vector of d consecutive inputs (d = 1..8, up to 256
 entries: 8 bits); codebooks [L, E, d] in x's dtype, one per group of N / L consecutive output rows.
 Serves what ``lut_linear`` (4-bit codes, d = 1) cannot: VQ of pairs or longer sub-vectors (GPTVQ's
-d = 2 with 256 entries is 4 bits a weight), up to 256 scalar entries (log 8-bit). Kernels: Triton and the
-reference (no CUDA kernel yet: `python -m reparam_kernels env` says so).
+d = 2 with 256 entries is 4 bits a weight), up to 256 scalar entries (log 8-bit). Kernels: CUDA
+(csrc/vq_linear.cu: pairs at M <= 64 on the register-fed tensor-core loop with the codebooks in shared
+memory; any d on the general dequantizing path), Triton, and the reference.
 Autograd: gradients for x, the codebooks (the codes stay fixed: distillation tunes the codebooks) and bias.
 """
 import torch
