@@ -1,5 +1,5 @@
 // GEMM for small M (1..64) with weights streamed from memory, shared by
-// int4_linear, int8_linear and lut_linear (standalone kernel below) and the low-rank ops'
+// int4_linear, int8_linear, lut_linear and vq_linear (standalone kernels in small_m_launch.cuh) and the low-rank ops'
 // decode path (lowrank_small_m.cuh, two phases of it in one cooperative
 // launch): tensor cores fed straight from registers.
 // y[M, N] = x[M, K] @ W[N, K]^T + bias, W given by a "Frag" (its format).
