@@ -74,6 +74,7 @@ METHODS = {
     "vq_d2_b8_gptq": {"method": "vq", "bits": 8, "d": 2, "gptq": True},
     "vq_d2_b8_r64_emma": {"method": "vq", "bits": 8, "d": 2, "rows_per_codebook": 64, "weighted_grid": True},
     "vq_d2_b8_r64_gptq": {"method": "vq", "bits": 8, "d": 2, "rows_per_codebook": 64, "gptq": True},
+    "vq_d2_b8_r192_gptq": {"method": "vq", "bits": 8, "d": 2, "rows_per_codebook": 192, "gptq": True},  # 192 | 192, 576, 1536
     # + a rank-r correction of each layer's quantization error (compress/correction.py), whitened by Emma's inputs
     # (`_it3`: three rounds of refitting the quantized weight and the correction in turn)
     "int4_g128_rtn_emma_ls_c16": {"method": "int4", **CLIP, "weighted_grid": True, "refine_steps": 5,

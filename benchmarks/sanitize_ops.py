@@ -53,10 +53,12 @@ def path_cases():
          (1, 40)),
         ("lut small-M split", lambda dt, dev: rnn.LUTLinear.from_linear(lin(1024, 72, dt, dev), method="log", bits=4),
          (1, 40)),
-        # VQ pairs (GPTVQ's format, vq_linear): codebooks per 64 rows staged in shared memory, two per column block
-        ("vq small-M split", lambda dt, dev: rnn.LUTLinear.from_linear(lin(1024, 256, dt, dev), method="vq", d=2, bits=8,
+        # VQ pairs (GPTVQ's format, vq_linear): codebooks per 64 rows staged in shared memory, two per column block;
+        # then the general path's dequantize + cuBLAS ("vq-pairs": run_gpu.sh smoke-tests them apart from the
+        # other formats' small-M and dequantize cases, with a switch of their own, REPARAM_VQ_SMALL_M)
+        ("vq-pairs split", lambda dt, dev: rnn.LUTLinear.from_linear(lin(1024, 256, dt, dev), method="vq", d=2, bits=8,
                                                                        rows_per_codebook=64, iters=2), (1, 40)),
-        ("vq dequant+cuBLAS", lambda dt, dev: rnn.LUTLinear.from_linear(lin(256, 72, dt, dev), method="vq", d=2, bits=8,
+        ("vq-pairs large-M", lambda dt, dev: rnn.LUTLinear.from_linear(lin(256, 72, dt, dev), method="vq", d=2, bits=8,
                                                                         iters=2), (600,)),
         # the quantized small-M loop with its weights through the shared-memory ring (REPARAM_SMALL_M_RING,
         # off by default; smoke-tested on its own by run_gpu.sh): the transposed, M <= 16 and M <= 64 tiles;

@@ -8,6 +8,8 @@
 // any M, rows not 16-byte aligned) takes the general dequantizing path (quant_dequant_mm.cuh:
 // dequantize + cuBLAS from M = 256, GEMV / WMMA tiles below) with VqDec, which reads entries through
 // the read-only cache.
+#include <cstdlib>
+
 #include "ops.h"
 #include "quant_dequant_mm.cuh"
 #include "quant_gemm.cuh"
@@ -123,6 +125,13 @@ struct VqPairFrag {
   __device__ __forceinline__ float out_scale(int64_t) const { return 1.f; }
 };
 
+// REPARAM_VQ_SMALL_M=0 keeps pairs off the small-M path (its own switch beside REPARAM_SMALL_M, which still
+// applies: run_gpu.sh smoke-tests this path alone and switches off only it if it fails on a GPU).
+bool pairs_small_m_enabled() {
+  const char* v = std::getenv("REPARAM_VQ_SMALL_M");
+  return v == nullptr || v[0] != '0';
+}
+
 // Whether every column block of the small-M path (BN = 64 or 128 rows, starting at multiples of BN)
 // reads at most VqPairFrag::kSlots codebooks.
 bool books_fit_slots(int64_t L, int64_t rows_per_book) {
@@ -159,7 +168,7 @@ Tensor vq_linear_cuda(Tensor x, Tensor codes, Tensor codebooks, std::optional<Te
     const int64_t rpb = N / L;
     // 16-byte code rows (K % 32 == 0), 4-byte entries
     const bool aligned = K % 32 == 0 && aligned16(cp) && reinterpret_cast<uintptr_t>(bp) % 4 == 0;
-    if (d == 2 && books_fit_slots(L, rpb) &&
+    if (d == 2 && books_fit_slots(L, rpb) && pairs_small_m_enabled() &&
         small_m::linear_small_m(VqPairFrag<T>{cp, bp, K, rpb, L, E}, aligned, xp, biasp, static_cast<T*>(y.data_ptr()),
                                 M, N, K, xc, stream))
       return;

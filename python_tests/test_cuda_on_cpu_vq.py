@@ -64,6 +64,9 @@ def test_vq_pairs_fall_back_where_the_books_do_not_fit(rng):
     # 3 codebooks of 32 rows: a 128-row column block would read 4 -> the general path, still correct
     traces = run(rng, [(4, 64, 96, {"books": 3})], torch.float16, "gemv_kernel")
     assert not any("VqPairFrag" in line for t in traces for line in t)
+    # ... and where REPARAM_VQ_SMALL_M=0 switches the pairs' path off (run_gpu.sh after a failed smoke run)
+    run(rng, [(1, 544, 128, {"books": 2}), (17, 256, 384, {"books": 2})], torch.float16, "VqDec",
+        env={"REPARAM_VQ_SMALL_M": "0"})
 
 
 MUTATIONS = {

@@ -74,7 +74,10 @@ def cuda_paths():
                         "ring": {"1": 1, "2": 2}.get(os.environ.get("REPARAM_SMALL_M_RING", "")[:1], 0),
                         # an explicit 0 (run_gpu.sh after a failed smoke run): no script switches it on
                         "ring_vetoed": os.environ.get("REPARAM_SMALL_M_RING", "") == "0",
-                        "ring_switch": "REPARAM_SMALL_M_RING"},
+                        "ring_switch": "REPARAM_SMALL_M_RING",
+                        # vq_linear's pairs have a switch of their own besides this path's (csrc/vq_linear.cu)
+                        "vq_pairs": not os.environ.get("REPARAM_VQ_SMALL_M", "").startswith("0"),
+                        "vq_pairs_switch": "REPARAM_VQ_SMALL_M"},
             "wgmma": {"on": not os.environ.get("REPARAM_WGMMA", "").startswith("0"),
                       "min_m": max(1, _atoll("REPARAM_WGMMA_MIN_M", 65)),  # csrc/quant_wgmma.cuh min_m()
                       # weights also prefetched into L2 this many stages ahead (csrc/quant_wgmma.cuh l2_ahead();
@@ -148,7 +151,8 @@ def render(info):
                  f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]; M <= 8 on its transposed tile: "
                  f"{'on' if sm['transposed_max_m'] else 'OFF'} [{sm['transposed_switch']}]; L2 prefetch "
                  f"{sm['l2_ahead'] or 'off'}{' stages ahead' if sm['l2_ahead'] else ''} [{sm['l2_ahead_switch']}]; "
-                 f"shared-memory ring: {('off', 'weights', 'weights and x')[sm['ring']]} [{sm['ring_switch']}]")
+                 f"shared-memory ring: {('off', 'weights', 'weights and x')[sm['ring']]} [{sm['ring_switch']}]; "
+                 f"vq_linear pairs: {'on' if sm['vq_pairs'] else 'OFF'} [{sm['vq_pairs_switch']}]")
     wg = paths["wgmma"]
     lines.append(f"  {wg['min_m']} <= M < the cuBLAS thresholds below: warpgroup MMA ({wg['ops']}): "
                  f"{'on' if wg['on'] else 'OFF'} [{wg['switch']}, REPARAM_WGMMA_MIN_M]; L2 prefetch "
