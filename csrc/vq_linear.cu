@@ -66,9 +66,10 @@ struct VqDec {
 // the entries of bytes 2h (k, k + 1) and 2h + 1 (k + 2, k + 3): the consecutive slot map of int8 and
 // lut, so x is a_consecutive. An entry is one 32-bit word (half2 / bfloat162, coordinate 0 in the
 // low half, the mma's lower k). A 256-entry codebook is 1 KB: 32 lanes picking random entries would
-// collide on banks (~3.5-way), so shared memory holds 32 copies interleaved word by word, entry e of
-// lane l at word 32 e + l: every lane reads its own bank. A column block (BN <= 128 rows) reads at most
-// kSlots codebooks (the host checks it: vq_linear_cuda), 64 KB. Per code: one PRMT, one LEA, one LDS.
+// collide on banks (3.2-way on average, simulated), so shared memory holds 32 copies interleaved word
+// by word, entry e of lane l at word 32 e + l: every lane reads its own bank. A column block (BN <= 128
+// rows) reads at most kSlots codebooks (the host checks it: books_fit_slots), 64 KB. Per code: one
+// PRMT, one IMAD (code x 128 onto the lane's address), one LDS.
 template <class T>
 struct VqPairFrag {
   static constexpr int kLaneK = 32;
