@@ -23,13 +23,13 @@ def vq_case(rng, M, K, N, dtype, d=2, entries=256, books=1, bias=True):
     return {"op": "vq_linear", "args": [x, codes, cb, b], "ints": []}, ref
 
 
-def run(rng, shapes, dtype, kernel, env=None, mutations=()):
+def run(rng, shapes, dtype, kernel, env=None):
     cases, refs = [], []
     for M, K, N, kw in shapes:
         c, r = vq_case(rng, M, K, N, dtype, **kw)
         cases.append(c)
         refs.append(r)
-    return check(cases, refs, env=env, kernel=kernel, mutations=mutations)
+    return check(cases, refs, env=env, kernel=kernel)
 
 
 # Pairs on the small-M path: all four tile shapes (M = 1, 5: transposed; 16; 17..32; 33..64), a codebook
