@@ -133,10 +133,19 @@ bool pairs_small_m_enabled() {
   return v == nullptr || v[0] != '0';
 }
 
-// Whether every column block of the small-M path (BN = 64 or 128 rows, starting at multiples of BN)
-// reads at most VqPairFrag::kSlots codebooks.
+// Whether every column block of the small-M path reads at most VqPairFrag::kSlots codebooks. Its blocks are
+// BN = kWarpsN x 8 x groups_for<MT>() rows starting at multiples of BN (64 or 128 today, derived here so a
+// change of tile cannot leave a block reading a slot that was never staged): a block crosses at most one
+// codebook boundary when a codebook has >= BN rows, and holds BN / rows codebooks when rows divide BN.
 bool books_fit_slots(int64_t L, int64_t rows_per_book) {
-  return L <= 2 || rows_per_book == 64 || rows_per_book >= 128;
+  constexpr int kSlots = VqPairFrag<__half>::kSlots;
+  static_assert(kSlots >= 2, "a block straddling one boundary reads two codebooks");
+  auto fits = [&](int64_t bn) {
+    return rows_per_book >= bn || (bn % rows_per_book == 0 && bn / rows_per_book <= kSlots);
+  };
+  using small_m::groups_for, small_m::kWarpsN;
+  return L <= kSlots || (fits(kWarpsN * 8 * groups_for<0>()) && fits(kWarpsN * 8 * groups_for<1>()) &&
+                         fits(kWarpsN * 8 * groups_for<2>()) && fits(kWarpsN * 8 * groups_for<4>()));
 }
 
 }  // namespace
