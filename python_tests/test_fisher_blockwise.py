@@ -108,7 +108,13 @@ def test_compress_plans_with_one_fisher_pass(monkeypatch):
 LM_HEAD = {"match": "lm_head", "method": "lowrank", "ratio": 0.3, "whiten": True}  # statistics after the blocks
 
 
-@pytest.mark.parametrize("recipe", [MIXED, {"rules": MIXED["rules"] + [LM_HEAD]}], ids=["blocks", "with-lm_head"])
+# lm_head inside the global allocations: in the rank budget, in the mean_bits budget
+PLANNED_LM_HEAD = [{"rules": MIXED["rules"] + [{**MIXED["rules"][0], "match": "lm_head"}]},
+                   {"rules": MIXED["rules"] + [{**MIXED["rules"][1], "match": "lm_head"}]}]
+
+
+@pytest.mark.parametrize("recipe", [MIXED, {"rules": MIXED["rules"] + [LM_HEAD]}, *PLANNED_LM_HEAD],
+                         ids=["blocks", "with-lm_head", "lm_head-in-rank-budget", "lm_head-in-mean-bits"])
 def test_compress_with_a_device_gives_the_same_model(recipe, blockwise):
     model, ids = _llama(), _ids(8, 16, seed=6)
     out_dev, rep_dev = rk.compress(model, recipe, calib=ids, progress=False, device="cpu")
@@ -130,6 +136,35 @@ def test_lm_head_statistics_with_a_device_run_no_block_again(blockwise):
     _, rep = rk.compress(model, recipe, calib=ids, progress=False, inplace=True, device="cpu")
     assert {r.name: r.method for r in rep.layers}["lm_head"] == "lowrank"
     assert len(runs) == 3 * 2 * 2  # 3 blocks × 2 batches × (statistics + outputs)
+
+
+@pytest.mark.parametrize("names", [["model.layers.1.mlp.up_proj", "lm_head"], ["lm_head"]], ids=["both", "lm_head"])
+@pytest.mark.parametrize("away", [False, True], ids=["whole-model", "block-by-block"])
+def test_visit_layers_gives_lm_head_the_final_norms_outputs(names, away, monkeypatch):
+    """The global allocations' pass (blocks.visit_layers) reaches Linears after the blocks: lm_head's
+    statistics are those of its real inputs, with the model's home device or a device away from it."""
+    model, ids = _llama(), _ids(6, 16, seed=8)
+    batches = list(ids.split(4))
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b, use_cache=False)
+    hook.remove()
+    x = torch.cat(seen).double()
+    if away:
+        monkeypatch.setattr(blocks, "same_device", lambda a, b: False)
+    got, runs = {}, []
+    for blk in model.model.layers:
+        blk.register_forward_hook(lambda m, a, o: runs.append(1))
+    blocks.visit_layers(model, batches, names, lambda n, lin, st: got.setdefault(n, st), "test", progress=False,
+                        device="cpu" if away else None)
+    assert list(got) == names and got["lm_head"].count == x.shape[0]
+    torch.testing.assert_close(got["lm_head"].gram, x.T @ x, rtol=1e-5, atol=1e-5 * float((x.T @ x).abs().max()))
+    # per batch: up_proj's statistics take blocks 0 and 1 (block 1 once more for its outputs when the walk goes
+    # on); then at home one whole-model forward, away the last block's outputs for the head alone
+    inner = len(names) - 1
+    assert len(runs) == ((3 + inner) if away else (3 + 2 * inner)) * len(batches)
 
 
 def test_blockwise_fisher_needs_a_list_of_blocks(blockwise):
@@ -175,8 +210,8 @@ def test_a_recipe_for_lm_head_alone_still_runs_the_blocks_on_the_device(blockwis
     runs, heads = [], []
     for blk in model.model.layers:
         blk.register_forward_hook(lambda m, a, o: runs.append(1))
-    real = pipeline.head_only
-    monkeypatch.setattr(pipeline, "head_only", lambda *a: heads.append(1) or real(*a))
+    real = fisher_blockwise.head_only  # (blocks.outside_inputs looks it up there at each call)
+    monkeypatch.setattr(fisher_blockwise, "head_only", lambda *a: heads.append(1) or real(*a))
     out_dev, rep_dev = rk.compress(model, {"rules": [LM_HEAD]}, calib=ids, progress=False, device="cpu")
     assert len(runs) == 3 * 2 and heads == [1]  # 3 blocks × 2 batches, once each; then the head alone
     blocks.same_device = pipeline.same_device = lambda a, b: True

@@ -35,8 +35,9 @@ LOWRANK_METHODS = ("lowrank", "lowrank_int4")  # the methods whose rank `allocat
 
 
 def layer_spectra(model, batches, names, fisher=None, progress=True, device=None):
-    """{name: σ² of diag(√F)·W·S (on the CPU)} for the Linears `names` (inside the transformer blocks) of
-    the dense `model`, with statistics gathered block by block on the calibration batches (on `device`)."""
+    """{name: σ² of diag(√F)·W·S (on the CPU)} for the Linears `names` (in the transformer blocks, or after
+    them: lm_head) of the dense `model`, with statistics gathered block by block on the calibration batches
+    (on `device`)."""
     spectra = {}
 
     def visit(name, linear, stats):

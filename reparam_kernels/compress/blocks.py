@@ -7,6 +7,7 @@ those inputs, hand its outputs to block i+1 — so only one block (with
 """
 import contextlib
 import fnmatch
+import re
 
 import torch
 from torch import nn
@@ -59,6 +60,7 @@ def matched_linears_and_batches(model, patterns, calib, batch_size, what):
     functions that write their choice out as a recipe; `what` names the allocation in the error."""
     if isinstance(patterns, str):
         patterns = [patterns]
+    patterns = [expand_blocks(p, model) for p in patterns]
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
@@ -78,6 +80,24 @@ def find_blocks(model, names):
             if hits > best[2]:
                 best = (prefix, mod, hits)
     return best[0], best[1]
+
+
+BLOCKS = "{blocks}"  # in a recipe's pattern: the name of the model's list of transformer blocks
+
+
+def expand_blocks(pattern, model, regex=False):
+    """`pattern` with "{blocks}" replaced by the name of `model`'s list of transformer blocks — the ModuleList
+    holding the most Linears (Llama "model.layers", GPT-2 "transformer.h", OPT "model.decoder.layers", …), so
+    one recipe serves every architecture; regex: escaped for a "re:" pattern."""
+    if BLOCKS not in pattern:
+        return pattern
+    from .recipe import linear_features  # (recipe.py imports this module)
+
+    prefix, _ = find_blocks(model, [n for n, m in model.named_modules() if linear_features(m)])
+    if prefix is None:
+        raise ValueError(f"`recipe`: pattern {pattern!r} names the model's transformer blocks, but the model has no "
+                         f"list of them (an nn.ModuleList of 2 or more modules holding Linears); name the Linears")
+    return pattern.replace(BLOCKS, re.escape(prefix) if regex else prefix)
 
 
 @torch.no_grad()
@@ -165,24 +185,31 @@ def on_device(block, device):
 
 @torch.no_grad()
 def visit_layers(model, batches, names, visit, desc, progress=True, device=None):
-    """visit(name, linear, stats) for each Linear of `names` (all inside the transformer blocks) with its
-    CalibStats on the calibration batches, run block by block through the unchanged model (what the global
-    allocations plan from: rank in ``allocate.py``, int4 / int8 in ``allocate_bits.py``). device: each
-    block is moved there for its turn (and back), as ``compress(device=)`` does."""
+    """visit(name, linear, stats) for each Linear of `names` with its CalibStats on the calibration batches,
+    run block by block through the unchanged model (what the global allocations plan from: rank in
+    ``allocate.py``, int4 / int8 in ``allocate_bits.py``); Linears outside the blocks (lm_head) come last,
+    from a pass of the model itself. device: each block is moved there for its turn (and back), and the
+    model without its blocks for the Linears outside them, as ``compress(device=)`` does."""
     from tqdm.auto import tqdm
 
     prefix, blocks = find_blocks(model, names)
-    if not blocks or any(not n.startswith(prefix + ".") for n in names):
-        raise ValueError(f"`recipe`: the global allocation ({desc}) handles Linears inside the transformer blocks only")
-    last = max(int(n[len(prefix) + 1:].split(".", 1)[0]) for n in names)  # the last block holding a name
-    inputs = block_inputs(model, blocks[0], batches)
-    if device is not None:
-        inputs = move(inputs, device)
+    inner = [n for n in names if blocks and n.startswith(prefix + ".")]
+    outer = [n for n in names if n not in set(inner)]
+    away = device is not None and not same_device(device, home_device(model))
+    if outer and away and not inner:  # only lm_head: the blocks still run on the device to reach it
+        prefix, blocks = find_blocks(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+    keep_last = bool(outer and away and blocks)  # the head then runs alone on the device, from these outputs
+    stop = max((int(n[len(prefix) + 1:].split(".", 1)[0]) for n in inner), default=-1)  # last block with a name
+    last = None
     bar = tqdm(total=len(names), desc=desc, unit="layer", disable=not progress)
     try:
-        for i, block in enumerate(blocks):
+        if inner or keep_last:
+            inputs = block_inputs(model, blocks[0], batches)
+        for i, block in enumerate(blocks if inner or keep_last else []):
             bp = f"{prefix}.{i}."
-            local = [n[len(bp):] for n in names if n.startswith(bp)]
+            local = [n[len(bp):] for n in inner if n.startswith(bp)]
+            if device is not None:
+                inputs = move(inputs, device)
             with on_device(block, device):
                 if local:
                     with collect_inputs({n: block.get_submodule(n) for n in local}, on_weight_device=True) as stats:
@@ -191,11 +218,44 @@ def visit_layers(model, batches, names, visit, desc, progress=True, device=None)
                     for n in local:
                         visit(bp + n, block.get_submodule(n), stats[n])
                         bar.update(1)
-                if i == last:
+                if i == stop and not keep_last:
                     break
-                inputs = next_inputs(block, inputs)
+                if i + 1 < len(blocks):
+                    inputs = next_inputs(block, inputs)
+                else:
+                    last = run_block(block, inputs) if keep_last else None
+        if outer:
+            mods = {n: model.get_submodule(n) for n in outer}
+            with outside_inputs(model, mods, batches, blocks, last, device) as stats:
+                for n in outer:
+                    visit(n, mods[n], stats[n])
+                    bar.update(1)
     finally:
         bar.close()
+
+
+@contextlib.contextmanager
+def outside_inputs(model, mods, batches, blocks=None, last=None, device=None):
+    """CalibStats {name: stats} of the Linears `mods` {name: module} outside the blocks (e.g. lm_head), from
+    the model's own forward on `batches`: given `last` ((the last block's outputs per batch, whether blocks
+    return tuples), from ``run_block``), the model without its blocks runs on `device` from those outputs,
+    and stays there — `mods` with it — for the body of the with; else the whole model runs where it is."""
+    if last is not None:
+        from .fisher_blockwise import head_only  # (it imports this module)
+
+        outputs, astuple = last
+        with head_only(model, blocks, astuple, device) as stand_in:
+            with collect_inputs(mods) as stats:
+                for ids, (a, k) in zip(batches, outputs):
+                    stand_in.value = hidden_of(a, k)
+                    model(input_ids=ids.to(device), use_cache=False)
+            yield stats  # the hooks are off: the body may replace or run the modules
+        return
+    dev = home_device(model)
+    with collect_inputs(mods) as stats:
+        for ids in batches:
+            model(input_ids=ids.to(dev), use_cache=False)
+    yield stats
 
 
 def move(obj, device):

@@ -19,11 +19,10 @@ import torch
 from . import svd as _svd
 from .allocate import resolve_global
 from .allocate_bits import resolve_bits
-from .blocks import (batches_of, block_inputs, find_blocks, hidden_of, home_device, move, next_inputs, on_device,
+from .blocks import (batches_of, block_inputs, find_blocks, home_device, move, next_inputs, on_device, outside_inputs,
                      run_block, same_device)
 from .calib import collect_inputs, random_tokens
 from .fisher import channel_weights, output_fisher
-from .fisher_blockwise import head_only
 from .methods import get_method, uses_more_than_energy
 from .recipe import conv1d_as_linear, is_conv1d, linear_features, parse_recipe, plan
 from .report import CompressionReport, LayerReport, state_bytes
@@ -90,20 +89,8 @@ def _compress_outside(model, names, plan_, batches, report, bar, fisher, device,
         _compress_layers(model, names, plan_, None, report, bar, "", fisher)
         return
     mods = {n: model.get_submodule(n) for n in names}
-    if last is not None:
-        outputs, astuple = last
-        with head_only(model, blocks, astuple, device) as stand_in, torch.no_grad():
-            with collect_inputs(mods) as stats:
-                for ids, (a, k) in zip(batches, outputs):
-                    stand_in.value = hidden_of(a, k)
-                    model(input_ids=ids.to(device), use_cache=False)
-            _compress_layers(model, names, plan_, stats, report, bar, "", fisher)  # on `device`; back with the model
-        return
-    dev = home_device(model)
-    with torch.no_grad(), collect_inputs(mods) as stats:
-        for ids in batches:
-            model(input_ids=ids.to(dev), use_cache=False)
-    _compress_layers(model, names, plan_, stats, report, bar, "", fisher)
+    with outside_inputs(model, mods, batches, blocks, last, device) as stats:  # on `device` given `last`
+        _compress_layers(model, names, plan_, stats, report, bar, "", fisher)  # the compressed layers go back with the model
 
 
 def warn_random_calib(plan_):
