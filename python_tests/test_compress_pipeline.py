@@ -281,7 +281,7 @@ def test_builtin_recipes_by_name(tmp_path, monkeypatch):
     assert {"default", "int8", "int4", "int4-mixed", "int4-gptq"} <= set(builtin_recipes())
     assert [r.to_dict() for r in parse_recipe("default")] == [r.to_dict() for r in parse_recipe(DEFAULT_RECIPE)]
     assert [r.to_dict() for r in parse_recipe("int4-gptq")] == [
-        {"match": "model.layers.*", "method": "int4", "gptq": True}]
+        {"match": "{blocks}.*", "method": "int4", "gptq": True}]
     model = tiny_llama(seed=13, hidden=64, ffn=96)
     for name, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
         out, _ = rk.compress(model, name, progress=False)
@@ -294,6 +294,65 @@ def test_builtin_recipes_by_name(tmp_path, monkeypatch):
     assert [r.method for r in parse_recipe("int4")] == ["int8"]
     with pytest.raises(ValueError, match="built-in recipe .*int4-gptq"):
         parse_recipe("int5")
+
+
+def _tiny(arch):
+    """Tiny random causal LMs whose blocks live under different names (none downloaded)."""
+    t = transformers
+    if arch == "llama":
+        return tiny_llama(seed=2, hidden=64, ffn=96), "model.layers"
+    if arch == "gpt2":  # Conv1D layers
+        from test_compress_conv1d import tiny_gpt2
+        return tiny_gpt2(), "transformer.h"
+    torch.manual_seed(0)
+    if arch == "opt":
+        cfg = t.OPTConfig(vocab_size=101, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                          word_embed_proj_dim=64, max_position_embeddings=64)
+        return t.OPTForCausalLM(cfg).eval(), "model.decoder.layers"
+    cfg = t.GPTNeoXConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=64)
+    return t.GPTNeoXForCausalLM(cfg).eval(), "gpt_neox.layers"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "gpt_neox"])
+def test_builtin_recipes_find_each_architectures_blocks(arch):
+    """"{blocks}" in a pattern is the model's list of transformer blocks, so the built-in recipes (written
+    with it) compress the same Linears whatever the architecture names them; lm_head stays dense."""
+    from reparam_kernels.compress.recipe import builtin_recipes, is_conv1d, parse_recipe, plan
+
+    assert all(r.pattern.startswith("{blocks}") for name in builtin_recipes() for r in parse_recipe(name))
+    model, prefix = _tiny(arch)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)}
+    inside = {n for n in linears if n.startswith(prefix + ".")}
+    assert inside and linears - inside  # some Linears outside the blocks (lm_head)
+    for name in ("default", "int8", "int4", "int4-gptq", "int4-mixed"):  # (gptvq's 64-row codebooks: too big here)
+        assert set(plan(model, name, has_calib=True)) == inside, name
+    assert set(plan(model, {"re:{blocks}\\.0\\..*": "int8"}, has_calib=False)) == {
+        n for n in inside if n.startswith(prefix + ".0.")}
+    ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
+    out, rep = rk.compress(model, "default", calib=ids, progress=False)
+    assert {r.name for r in rep.layers} == inside and torch.isfinite(out(ids[:1]).logits).all()
+
+
+def test_default_recipe_plans_as_the_two_llama_rules_it_replaced():
+    """The default recipe was two rules (model.layers.*.self_attn.*_proj, model.layers.*.mlp.*_proj) with one
+    global budget; "{blocks}.*" matches the same Linears of a Llama-style model, so the ranks are the same."""
+    from reparam_kernels.compress.recipe import DEFAULT_RECIPE
+
+    rule = {k: v for k, v in DEFAULT_RECIPE["rules"][0].items() if k != "match"}
+    old = {"rules": [{"match": "model.layers.*.self_attn.*_proj", **rule}, {"match": MLP, **rule}]}
+    model, ids = tiny_llama(seed=4, hidden=64, ffn=96), _ids(8, 16, seed=3)
+    _, new_rep = rk.compress(model, "default", calib=ids, progress=False)
+    _, old_rep = rk.compress(model, old, calib=ids, progress=False)
+    assert sorted((r.name, r.method, r.settings.get("rank")) for r in new_rep.layers) == sorted(
+        (r.name, r.method, r.settings.get("rank")) for r in old_rep.layers)
+    assert any(r.method == "lowrank" for r in new_rep.layers)
+
+
+def test_blocks_in_a_pattern_needs_a_list_of_blocks():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="no list of them"):
+        rk.compress(model, {"{blocks}.*": "int8"}, progress=False)
 
 
 def test_the_copy_shares_only_what_it_replaces_and_ends_sharing_nothing():

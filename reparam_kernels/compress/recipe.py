@@ -13,6 +13,11 @@ A recipe is a dict, or a YAML / JSON file holding one, in either form::
     "model.layers.*.self_attn.*_proj": {method: int8}
     "lm_head": skip
 
+    # "{blocks}" stands for the model's list of transformer blocks (the ModuleList holding the most
+    # Linears: Llama "model.layers", GPT-2 "transformer.h", OPT "model.decoder.layers", Falcon
+    # "transformer.h", GPT-NeoX "gpt_neox.layers"), so a recipe serves every architecture:
+    "{blocks}.*": int4                       # every Linear of every block; lm_head and the rest stay dense
+
 Only ``nn.Linear`` modules are matched — and Hugging Face's ``Conv1D`` (GPT-2 style: weight stored
 [in, out]), which ``compress`` first swaps for the equivalent ``nn.Linear``; Linears no rule matches
 stay dense.
@@ -29,19 +34,18 @@ from pathlib import Path
 from torch import nn
 
 from .._linear import linear_from
+from .blocks import expand_blocks
 from .methods import get_method
 
 _TOP_KEYS = {"rules", "name", "description"}
 
 # The default recipe (also reparam_kernels/recipes/default.yaml): activation-aware low rank with
-# output channels weighted by the loss's Fisher, 20% fewer parameters in the attention and MLP
-# Linears of a Llama-style model as a whole, ranks allocated globally (some layers stay dense),
-# factors stored pivoted (a larger rank for the same parameters).
-_DEFAULT_RULE = {"method": "lowrank", "ratio": 0.2, "whiten": True, "fisher": True, "allocate": "global",
-                 "pivoted": True}
+# output channels weighted by the loss's Fisher, 20% fewer parameters in the Linears of the transformer
+# blocks as a whole (in a Llama-style model: the attention and MLP projections), ranks allocated globally
+# (some layers stay dense), factors stored pivoted (a larger rank for the same parameters).
 DEFAULT_RECIPE = {"name": "lowrank-pivoted-fisher-global-20", "rules": [
-    {"match": "model.layers.*.self_attn.*_proj", **_DEFAULT_RULE},
-    {"match": "model.layers.*.mlp.*_proj", **_DEFAULT_RULE}]}
+    {"match": "{blocks}.*", "method": "lowrank", "ratio": 0.2, "whiten": True, "fisher": True, "allocate": "global",
+     "pivoted": True}]}
 
 
 @dataclass
@@ -156,7 +160,8 @@ def linear_features(m):
 
 def plan(model, recipe, has_calib):
     """Validate `recipe` against `model`: {module name: Rule} for every Linear (or Conv1D) a rule matches."""
-    rules = parse_recipe(recipe)
+    rules = [Rule(expand_blocks(r.pattern, model, regex=r.pattern.startswith("re:")), r.method, r.settings)
+             for r in parse_recipe(recipe)]  # "{blocks}" → the model's list of blocks ("model.layers", …)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)]
     chosen, used = {}, [False] * len(rules)
     for name, lin in linears:
