@@ -118,6 +118,28 @@ def test_load_pretrained_rebuilds_the_model_from_the_folder_alone(checkpoint, tm
         rk.load_pretrained(plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_pretrained_gives_a_half_model_back_in_its_dtype(dtype, tmp_path):
+    """A model cast to bf16 / fp16 after loading keeps "float32" in its config; the manifest records the dtype
+    it was saved in, so load_pretrained() rebuilds it in that dtype with every tensor bit-identical (before,
+    the config's float32 doubled its memory and changed its outputs)."""
+    import json
+
+    student, _ = rk.compress(tiny_llama(dtype=dtype), RECIPE, calib=_ids(8), progress=False)
+    path = save_compressed(student, tmp_path / "ck")
+    assert json.loads((path / "manifest.json").read_text())["dtype"] == str(dtype)
+    model = rk.load_pretrained(path)
+    want, got = student.state_dict(), model.state_dict()
+    assert want.keys() == got.keys()
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert rk.load_pretrained(path, dtype=torch.float32).model.embed_tokens.weight.dtype == torch.float32
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["dtype"]  # a checkpoint from before the manifest recorded it: float32, as then
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert rk.load_pretrained(path).model.embed_tokens.weight.dtype == torch.float32
+
+
 def test_cli_loads_a_checkpoint_without_dense_weights(checkpoint, monkeypatch):
     from reparam_kernels.cli import _models
 

@@ -169,6 +169,7 @@ def save_compressed(model, path, recipe=None, extra=None, tokenizer=None):
             "format": FORMAT, "reparam_kernels": reparam_kernels.__version__, "torch": torch.__version__,
             "recipe": recipe if recipe is not None else getattr(model, "reparam_recipe", None),
             "layers": layers, "aliases": aliases, "num_tensors": len(tensors),
+            "dtype": _dtype_name(model_dtype(model)),  # what load_pretrained builds the model in (a config may not say)
             "sha256": _sha256(tmp / TENSORS),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
@@ -279,11 +280,36 @@ def load_compressed(model, path, strict_hash=True):
     return model
 
 
-def load_pretrained(path, dtype=torch.float32, strict_hash=True):
+def model_dtype(model):
+    """The floating dtype holding most of `model`'s parameters (None if it has none)."""
+    sizes = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    return max(sizes, key=sizes.get) if sizes else None
+
+
+def _dtype_name(dtype):
+    return None if dtype is None else str(dtype)
+
+
+def _saved_dtype(manifest):
+    """The dtype the checkpoint's model was in when saved (float32 for checkpoints that do not record it)."""
+    name = str(manifest.get("dtype") or "torch.float32").rpartition(".")[2]
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"`path`: the manifest's dtype {manifest.get('dtype')!r} is not a floating torch dtype")
+    return dtype
+
+
+def load_pretrained(path, dtype=None, strict_hash=True):
     """The Hugging Face causal LM that ``save_compressed`` wrote to folder `path`, in eval mode: its architecture
-    from the saved config.json (under ``empty_weights()``: no dense weights made), then ``load_compressed``."""
+    from the saved config.json (under ``empty_weights()``: no dense weights made), then ``load_compressed``.
+    dtype: that of its floating tensors; None (default): the model's when it was saved (a bf16 model comes back
+    bf16, whatever its config says), float32 for checkpoints that did not record it."""
     path = Path(path)
-    read_manifest(path)
+    manifest = read_manifest(path)
+    dtype = _saved_dtype(manifest) if dtype is None else dtype
     if not (path / "config.json").is_file():
         raise ValueError(f"`path`: {path} has no config.json (the model saved there had no Hugging Face config): "
                          f"build its architecture and call load_compressed(skeleton, path)")
