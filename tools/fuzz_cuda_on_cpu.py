@@ -20,6 +20,7 @@ import test_pivoted_lowrank as piv  # noqa: E402
 import test_quant_ops as quant  # noqa: E402
 import test_structured_op as structured  # noqa: E402
 from conftest import TOL, rel_err  # noqa: E402
+from test_cuda_on_cpu_vq import vq_case  # noqa: E402
 
 
 def pick_m(r):
@@ -27,7 +28,8 @@ def pick_m(r):
 
 
 OPS = ["int4_linear", "int8_linear", "lut_linear", "lowrank_linear", "pivoted_lowrank_linear",
-       "block_circulant_linear", "block_circulant_linear", "toeplitz_linear", "block_circulant_cols_linear"]
+       "block_circulant_linear", "block_circulant_linear", "toeplitz_linear", "block_circulant_cols_linear",
+       "vq_linear", "vq_linear"]
 
 
 def make_case(r, gen, ops=OPS):
@@ -45,6 +47,14 @@ def make_case(r, gen, ops=OPS):
         tensors = [a for a in args if not isinstance(a, int)]
         ints = [a for a in args if isinstance(a, int)]
         return {"op": op, "args": tensors, "ints": ints}, quant.exact(args, w), dtype
+    if op == "vq_linear":  # pairs mostly (their small-M path with shared-memory codebooks), every d sometimes
+        d = 2 if r.random() < 0.7 else r.randint(1, 8)
+        K = d * r.choice([8, 16, 48, 64, 100, 272, 520, 1040]) if d != 2 else r.choice([32, 64, 96, 544, 1056, 2080, 34])
+        N = r.choice([8, 24, 36, 64, 72, 130, 192, 264, 384])
+        books = r.choice([b for b in (1, 2, 3, N // 64, N // 8, N // 4) if b >= 1 and N % b == 0])
+        case, ref = vq_case(gen, M, K, N, dtype, d=d, entries=r.choice([256, 256, 100, 17]), books=books,
+                            bias=r.random() < 0.5)
+        return case, ref, dtype
     if op in ("lowrank_linear", "pivoted_lowrank_linear"):
         r_ = r.choice([8, 13, 16, 24, 40, 64])
         K = r_ + r.choice([8, 16, 40, 57, 96, 200])
@@ -87,7 +97,7 @@ def random_env(r):
                         ("REPARAM_WGMMA_BN", ["64"]), ("REPARAM_DEQUANT_MIN_M", ["0", "100"]),
                         ("REPARAM_LOWRANK_CUBLAS_MIN_M", ["0", "100"]), ("RK_CPU_CP_ASYNC_EARLY", ["1"]),
                         ("REPARAM_BC_LARGE_M_MIN_M", ["1", "9", "0"]), ("REPARAM_SMALL_M_L2_AHEAD", ["1", "2", "5"]),
-                        ("REPARAM_SMALL_M_RING", ["1", "2"])):
+                        ("REPARAM_SMALL_M_RING", ["1", "2"]), ("REPARAM_VQ_SMALL_M", ["0"])):
         if r.random() < 0.25:
             env[var] = r.choice(values)
     # the low-rank ops take two cuBLAS products at M >= 2 by default: mostly keep the fused kernels
