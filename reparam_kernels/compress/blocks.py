@@ -82,6 +82,13 @@ def find_blocks(model, names):
     return best[0], best[1]
 
 
+def linear_names(model):
+    """Names of every Linear (or GPT-2 style Conv1D) of `model`."""
+    from .recipe import linear_features  # (recipe.py imports this module)
+
+    return [n for n, m in model.named_modules() if linear_features(m)]
+
+
 BLOCKS = "{blocks}"  # in a recipe's pattern: the name of the model's list of transformer blocks
 
 
@@ -91,9 +98,7 @@ def expand_blocks(pattern, model, regex=False):
     one recipe serves every architecture; regex: escaped for a "re:" pattern."""
     if BLOCKS not in pattern:
         return pattern
-    from .recipe import linear_features  # (recipe.py imports this module)
-
-    prefix, _ = find_blocks(model, [n for n, m in model.named_modules() if linear_features(m)])
+    prefix, _ = find_blocks(model, linear_names(model))
     if prefix is None:
         raise ValueError(f"`recipe`: pattern {pattern!r} names the model's transformer blocks, but the model has no "
                          f"list of them (an nn.ModuleList of 2 or more modules holding Linears); name the Linears")
@@ -197,7 +202,7 @@ def visit_layers(model, batches, names, visit, desc, progress=True, device=None)
     outer = [n for n in names if n not in set(inner)]
     away = device is not None and not same_device(device, home_device(model))
     if outer and away and not inner:  # only lm_head: the blocks still run on the device to reach it
-        prefix, blocks = find_blocks(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+        prefix, blocks = find_blocks(model, linear_names(model))
     keep_last = bool(outer and away and blocks)  # the head then runs alone on the device, from these outputs
     stop = max((int(n[len(prefix) + 1:].split(".", 1)[0]) for n in inner), default=-1)  # last block with a name
     last = None
@@ -245,14 +250,14 @@ def outside_inputs(model, mods, batches, blocks=None, last=None, device=None):
 
         outputs, astuple = last
         with head_only(model, blocks, astuple, device) as stand_in:
-            with collect_inputs(mods) as stats:
+            with collect_inputs(mods) as stats, torch.no_grad():
                 for ids, (a, k) in zip(batches, outputs):
                     stand_in.value = hidden_of(a, k)
                     model(input_ids=ids.to(device), use_cache=False)
             yield stats  # the hooks are off: the body may replace or run the modules
         return
     dev = home_device(model)
-    with collect_inputs(mods) as stats:
+    with collect_inputs(mods) as stats, torch.no_grad():
         for ids in batches:
             model(input_ids=ids.to(dev), use_cache=False)
     yield stats

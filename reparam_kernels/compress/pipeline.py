@@ -19,12 +19,12 @@ import torch
 from . import svd as _svd
 from .allocate import resolve_global
 from .allocate_bits import resolve_bits
-from .blocks import (batches_of, block_inputs, find_blocks, home_device, move, next_inputs, on_device, outside_inputs,
-                     run_block, same_device)
+from .blocks import (batches_of, block_inputs, find_blocks, home_device, linear_names, move, next_inputs, on_device,
+                     outside_inputs, run_block, same_device)
 from .calib import collect_inputs, random_tokens
 from .fisher import channel_weights, output_fisher
 from .methods import get_method, uses_more_than_energy
-from .recipe import conv1d_as_linear, is_conv1d, linear_features, parse_recipe, plan
+from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
 from .report import CompressionReport, LayerReport, state_bytes
 from .sharing_copy import copy_sharing, unshare
 
@@ -159,7 +159,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
         done = set()
         away = device is not None and not same_device(device, home_device(model))
         if away and not blocks:  # only Linears after the blocks (lm_head): the blocks still run on the device
-            prefix, blocks = find_blocks(model, [n for n, m in model.named_modules() if linear_features(m)])
+            prefix, blocks = find_blocks(model, linear_names(model))
         # the model kept off `device` with Linears after the blocks: keep the last block's outputs (and their
         # format) for those Linears' statistics, so that the head runs alone on the device
         keep_last = away and any(not n.startswith(f"{prefix}.") for n in plan_)
