@@ -14,6 +14,7 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <vector>
 
@@ -139,6 +140,13 @@ inline std::vector<int64_t> out_shape(const Tensor& x, int64_t last) {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// A path's off switch: on unless environment variable `name` starts with '0' (REPARAM_SMALL_M=0 etc.: A/B
+// timing, bisecting; run_gpu.sh turns a path off this way when its smoke test fails on the GPU).
+inline bool env_switch_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || v[0] != '0';
+}
 
 template <class T> __device__ __forceinline__ float to_f32(T v);
 template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }

@@ -79,10 +79,7 @@ __global__ void __launch_bounds__(small_m::kThreads, 2)
 // REPARAM_LOWRANK_PREFETCH_U=0: phase 2's factor is not prefetched into L2 at the start (A/B: the
 // peer cuda_no_prefetch_u of bench_lowrank). It is only where u takes at most half the L2, so that
 // it is still there when phase 2 reads it.
-inline bool prefetch_u_enabled() {
-  const char* v = std::getenv("REPARAM_LOWRANK_PREFETCH_U");
-  return v == nullptr || v[0] != '0';
-}
+inline bool prefetch_u_enabled() { return env_switch_on("REPARAM_LOWRANK_PREFETCH_U"); }
 
 template <auto Kernel, int NG, class Frag1, class T>
 bool launch_with(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,

@@ -303,10 +303,7 @@ __global__ void __launch_bounds__(128 * kGroups)
 }
 
 // REPARAM_WGMMA=0 turns this path off (A/B benchmarks, bisecting).
-inline bool enabled() {
-  const char* v = std::getenv("REPARAM_WGMMA");
-  return v == nullptr || v[0] != '0';
-}
+inline bool enabled() { return env_switch_on("REPARAM_WGMMA"); }
 
 // REPARAM_WGMMA_L2_AHEAD=d: the weights are also prefetched into L2 d stages ahead (0 or 1..2: off;
 // default 4; bench_quant's peer cuda_wgmma_no_l2 times it off). Clamped to 0..16.

@@ -66,10 +66,7 @@ inline int l2_ahead_from_env(const char* name = "REPARAM_SMALL_M_L2_AHEAD", int 
 }
 
 // REPARAM_SMALL_M_T=0: M <= 8 takes the M <= 16 tile instead of the transposed one (A/B timing).
-inline bool transposed_tile_enabled() {
-  const char* v = std::getenv("REPARAM_SMALL_M_T");
-  return v == nullptr || v[0] != '0';
-}
+inline bool transposed_tile_enabled() { return env_switch_on("REPARAM_SMALL_M_T"); }
 
 // REPARAM_SMALL_M_RING=1: the weights stream through a shared-memory ring (kRingStages in
 // small_m_gemm.cuh) where it keeps as many CTAs per SM as the register-fed loop; 2: x too, for the
@@ -173,10 +170,7 @@ bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_
 }
 
 // REPARAM_SMALL_M=0 turns this path off (A/B benchmarks, bisecting).
-inline bool enabled() {
-  const char* v = std::getenv("REPARAM_SMALL_M");
-  return v == nullptr || v[0] != '0';
-}
+inline bool enabled() { return env_switch_on("REPARAM_SMALL_M"); }
 
 // Whether this path may run M rows on like's GPU: 1 <= M <= 64, switched on, sm_80+.
 inline bool applies(int64_t M, const Tensor& like) {

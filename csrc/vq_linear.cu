@@ -128,10 +128,7 @@ struct VqPairFrag {
 
 // REPARAM_VQ_SMALL_M=0 keeps pairs off the small-M path (its own switch beside REPARAM_SMALL_M, which still
 // applies: run_gpu.sh smoke-tests this path alone and switches off only it if it fails on a GPU).
-bool pairs_small_m_enabled() {
-  const char* v = std::getenv("REPARAM_VQ_SMALL_M");
-  return v == nullptr || v[0] != '0';
-}
+bool pairs_small_m_enabled() { return env_switch_on("REPARAM_VQ_SMALL_M"); }
 
 // Whether every column block of the small-M path reads at most VqPairFrag::kSlots codebooks. Its blocks are
 // BN = kWarpsN x 8 x groups_for<MT>() rows starting at multiples of BN (64 or 128 today, derived here so a
