@@ -176,9 +176,10 @@ def resolve_bits(model, plan_, batches, progress=True, fisher=None, device=None)
 
 @full_precision_matmuls()
 def allocate_bits(model, calib, patterns, mean_bits, batch_size=4, progress=True, device=None, **int4_settings):
-    """Recipe {rules: [...]} naming, for each Linear matched by `patterns` (globs; lm_head may be one), int4
-    (with `int4_settings`; plus its correction's rank where ``correction_rank="auto"`` chose one) or int8 — the choice ``compress`` makes for a rule
-    ``{method: int4, mean_bits: mean_bits, **int4_settings}``, written out to read or edit.
+    """Recipe {rules: [...]} naming, for each Linear matched by `patterns` (globs, "{blocks}" allowed; lm_head
+    may be one), int4 (with `int4_settings`; plus its correction's rank where ``correction_rank="auto"`` chose
+    one) or int8 — the choice ``compress`` makes for a rule ``{method: int4, mean_bits: mean_bits,
+    **int4_settings}``, written out to read or edit.
     device: run the blocks there one at a time (a CPU-resident model, device="cuda")."""
     names, batches = matched_linears_and_batches(model, patterns, calib, batch_size,
                                                  "mean_bits (random token ids serve: calib.random_tokens)")

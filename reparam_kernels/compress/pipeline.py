@@ -90,7 +90,7 @@ def _compress_outside(model, names, plan_, batches, report, bar, fisher, device,
         return
     mods = {n: model.get_submodule(n) for n in names}
     with outside_inputs(model, mods, batches, blocks, last, device) as stats:  # on `device` given `last`
-        _compress_layers(model, names, plan_, stats, report, bar, "", fisher)  # the compressed layers go back with the model
+        _compress_layers(model, names, plan_, stats, report, bar, "", fisher)  # (back with the model after)
 
 
 def warn_random_calib(plan_):

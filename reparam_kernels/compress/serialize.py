@@ -205,9 +205,11 @@ def read_manifest(path):
     return manifest
 
 
-def load_compressed(model, path, strict_hash=True):
+def load_compressed(model, path, strict_hash=True, cast=True):
     """Rebuild the compressed layers of checkpoint `path` into `model` (a skeleton of the dense
     architecture, e.g. from ``from_config``) and load every tensor. Returns `model`.
+    cast: into a skeleton without weights (``empty_weights()``), the checkpoint's floating tensors are cast
+    to the skeleton's dtypes; False keeps each as it was saved (a model mixing dtypes comes back as it was).
 
     Everything is validated first; on any error `model` is left unchanged.
     """
@@ -269,7 +271,7 @@ def load_compressed(model, path, strict_hash=True):
     for n, layer in new_layers.items():
         _set_module(model, n, layer)
     if empty:  # a skeleton without weights (empty_weights()): take the checkpoint's tensors as they are
-        model.load_state_dict(_in_skeleton_dtypes(full, expected), strict=True, assign=True)
+        model.load_state_dict(_in_skeleton_dtypes(full, expected) if cast else full, strict=True, assign=True)
         _retie(model, manifest.get("aliases", {}))
         for mod in model.modules():
             if hasattr(mod, "refresh_cols"):  # derived, not stored: computed from the loaded spectrum
@@ -305,10 +307,12 @@ def _saved_dtype(manifest):
 def load_pretrained(path, dtype=None, strict_hash=True):
     """The Hugging Face causal LM that ``save_compressed`` wrote to folder `path`, in eval mode: its architecture
     from the saved config.json (under ``empty_weights()``: no dense weights made), then ``load_compressed``.
-    dtype: that of its floating tensors; None (default): the model's when it was saved (a bf16 model comes back
-    bf16, whatever its config says), float32 for checkpoints that did not record it."""
+    dtype: that of its floating tensors; None (default): each tensor as it was saved, the rest of the model (e.g.
+    rotary frequencies) in the dtype of most of its parameters then — a bf16 model comes back bf16 whatever its
+    config says; float32 for checkpoints that did not record it."""
     path = Path(path)
     manifest = read_manifest(path)
+    as_saved = dtype is None and manifest.get("dtype") is not None  # every tensor keeps its saved dtype
     dtype = _saved_dtype(manifest) if dtype is None else dtype
     if not (path / "config.json").is_file():
         raise ValueError(f"`path`: {path} has no config.json (the model saved there had no Hugging Face config): "
@@ -317,7 +321,7 @@ def load_pretrained(path, dtype=None, strict_hash=True):
 
     with empty_weights():
         skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    return load_compressed(skeleton, path, strict_hash).eval()
+    return load_compressed(skeleton, path, strict_hash, cast=not as_saved).eval()
 
 
 def _check_no_meta_left(model, expected, new_layers):
