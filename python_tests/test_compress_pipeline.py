@@ -349,6 +349,19 @@ def test_default_recipe_plans_as_the_two_llama_rules_it_replaced():
     assert any(r.method == "lowrank" for r in new_rep.layers)
 
 
+def test_compress_says_when_fused_experts_stay_dense(recwarn):
+    """transformers 5 keeps a mixture-of-experts block's experts as [experts, out, in] parameters, not Linears:
+    "int8" then quantizes only the attention, and compress says so rather than look like the whole model."""
+    cfg = transformers.MixtralConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
+    torch.manual_seed(0)
+    moe = transformers.MixtralForCausalLM(cfg).eval()
+    with pytest.warns(UserWarning, match=r"weights are in 4 tensors of 3\+ dimensions .*experts\.gate_up_proj"):
+        rk.compress(moe, "int8", progress=False)
+    rk.compress(tiny_llama(), "int8", progress=False)
+    assert not [w for w in recwarn if "3+ dimensions" in str(w.message)]
+
+
 def test_blocks_in_a_pattern_needs_a_list_of_blocks():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match="no list of them"):

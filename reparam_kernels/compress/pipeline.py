@@ -93,6 +93,20 @@ def _compress_outside(model, names, plan_, batches, report, bar, fisher, device,
         _compress_layers(model, names, plan_, stats, report, bar, "", fisher)  # (back with the model after)
 
 
+def warn_weights_no_method_takes(model, share=0.1):
+    """Warn when `share` or more of the model's weights sit in tensors of 3+ dimensions — the fused experts of
+    mixture-of-experts blocks in transformers 5 ([experts, out, in] parameters, not Linears): no recipe
+    reaches them, so a recipe that looks like "the whole model" leaves most of it dense."""
+    total = sum(p.numel() for p in model.parameters())
+    big = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.dim() >= 3 and p.is_floating_point()]
+    held = sum(model.get_parameter(n).numel() for n, _ in big)
+    if total and held >= share * total:
+        name, shape = big[0]
+        warnings.warn(f"compress: {held / total:.0%} of the model's weights are in {len(big)} tensors of 3+ dimensions "
+                      f"(e.g. {name} {list(shape)}: fused mixture-of-experts weights), not Linears; no method "
+                      "compresses them, so they stay dense", stacklevel=4)
+
+
 def warn_random_calib(plan_):
     """calib='random' is for the quantizers' input energies; say so when a rule wants more from it."""
     patterns = sorted({r.pattern for r in plan_.values() if uses_more_than_energy(r)})
@@ -132,6 +146,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     plan_ = plan(model, recipe, has_calib=bool(batches))  # validates before anything changes
     if random_calib:
         warn_random_calib(plan_)
+    warn_weights_no_method_takes(model)
     original = None
     if not inplace:
         original, model = model, copy_sharing(model, plan_)  # the replaced Linears' weights are not copied
