@@ -356,8 +356,9 @@ def test_compress_says_when_fused_experts_stay_dense(recwarn):
                                      num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)
     torch.manual_seed(0)
     moe = transformers.MixtralForCausalLM(cfg).eval()
-    with pytest.warns(UserWarning, match=r"weights are in 4 tensors of 3\+ dimensions .*experts\.gate_up_proj"):
+    with pytest.warns(UserWarning, match=r"weights are in 4 tensors of 3\+ dimensions .*experts\.gate_up_proj") as w:
         rk.compress(moe, "int8", progress=False)
+    assert w[0].filename == __file__  # attributed to the caller's line, not to compress's decorators
     rk.compress(tiny_llama(), "int8", progress=False)
     assert not [w for w in recwarn if "3+ dimensions" in str(w.message)]
 

@@ -104,7 +104,7 @@ def warn_weights_no_method_takes(model, share=0.1):
         name, shape = big[0]
         warnings.warn(f"compress: {held / total:.0%} of the model's weights are in {len(big)} tensors of 3+ dimensions "
                       f"(e.g. {name} {list(shape)}: fused mixture-of-experts weights), not Linears; no method "
-                      "compresses them, so they stay dense", stacklevel=4)
+                      "compresses them, so they stay dense", stacklevel=5)  # the caller of compress
 
 
 def warn_random_calib(plan_):
@@ -115,7 +115,7 @@ def warn_random_calib(plan_):
                       "energy (whitened SVD, GPTQ or Fisher weights), which random tokens mislead — on SmolLM2 the "
                       "default recipe gives +200% perplexity instead of +15% on text, GPTQ int4 +11% instead of +3%. "
                       "Pass real text as calib, or use them without (whiten=false, gptq=false, fisher=false).",
-                      stacklevel=4)  # the caller of compress (under its no_grad wrapper)
+                      stacklevel=5)  # the caller of compress (under its two decorators)
 
 
 @torch.no_grad()
