@@ -103,8 +103,8 @@ def warn_weights_no_method_takes(model, share=0.1):
     if total and held >= share * total:
         name, shape = big[0]
         warnings.warn(f"compress: {held / total:.0%} of the model's weights are in {len(big)} tensors of 3+ dimensions "
-                      f"(e.g. {name} {list(shape)}: fused mixture-of-experts weights), not Linears; no method "
-                      "compresses them, so they stay dense", stacklevel=5)  # the caller of compress
+                      f"(e.g. {name} {list(shape)}; fused mixture-of-experts weights in transformers 5), not "
+                      "Linears; no method compresses them, so they stay dense", stacklevel=5)  # the caller of compress
 
 
 def warn_random_calib(plan_):
