@@ -367,6 +367,9 @@ def test_blocks_in_a_pattern_needs_a_list_of_blocks():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match="no list of them"):
         rk.compress(model, {"{blocks}.*": "int8"}, progress=False)
+    one = tiny_llama(layers=1)  # a list of one block is still the list of blocks
+    from reparam_kernels.compress.recipe import plan
+    assert len(plan(one, {"{blocks}.*": "int8"}, has_calib=False)) == 7
 
 
 def test_the_copy_shares_only_what_it_replaces_and_ends_sharing_nothing():

@@ -71,11 +71,12 @@ def matched_linears_and_batches(model, patterns, calib, batch_size, what):
     return names, batches
 
 
-def find_blocks(model, names):
-    """The ModuleList (prefix, list) holding most of the Linears `names`, or (None, [])."""
+def find_blocks(model, names, min_len=2):
+    """The ModuleList (prefix, list) of at least `min_len` modules holding most of the Linears `names`, or
+    (None, [])."""
     best = (None, [], 0)
     for prefix, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 1:
+        if isinstance(mod, nn.ModuleList) and len(mod) >= min_len:
             hits = sum(1 for n in names if n.startswith(prefix + "."))
             if hits > best[2]:
                 best = (prefix, mod, hits)
@@ -98,10 +99,10 @@ def expand_blocks(pattern, model, regex=False):
     one recipe serves every architecture; regex: escaped for a "re:" pattern."""
     if BLOCKS not in pattern:
         return pattern
-    prefix, _ = find_blocks(model, linear_names(model))
+    prefix, _ = find_blocks(model, linear_names(model), min_len=1)  # a one-block model has a list of one
     if prefix is None:
         raise ValueError(f"`recipe`: pattern {pattern!r} names the model's transformer blocks, but the model has no "
-                         f"list of them (an nn.ModuleList of 2 or more modules holding Linears); name the Linears")
+                         f"list of them (an nn.ModuleList of modules holding Linears); name the Linears")
     return pattern.replace(BLOCKS, re.escape(prefix) if regex else prefix)
 
 
