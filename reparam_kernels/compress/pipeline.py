@@ -97,11 +97,12 @@ def warn_weights_no_method_takes(model, share=0.1):
     """Warn when `share` or more of the model's weights sit in tensors of 3+ dimensions — the fused experts of
     mixture-of-experts blocks in transformers 5 ([experts, out, in] parameters, not Linears): no recipe
     reaches them, so a recipe that looks like "the whole model" leaves most of it dense."""
-    total = sum(p.numel() for p in model.parameters())
-    big = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.dim() >= 3 and p.is_floating_point()]
-    held = sum(model.get_parameter(n).numel() for n, _ in big)
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    big = {n: p for n, p in params.items() if p.dim() >= 3 and p.is_floating_point()}
+    held = sum(p.numel() for p in big.values())
     if total and held >= share * total:
-        name, shape = big[0]
+        name, shape = next(iter(big)), tuple(next(iter(big.values())).shape)
         warnings.warn(f"compress: {held / total:.0%} of the model's weights are in {len(big)} tensors of 3+ dimensions "
                       f"(e.g. {name} {list(shape)}; fused mixture-of-experts weights in transformers 5), not "
                       "Linears; no method compresses them, so they stay dense", stacklevel=5)  # the caller of compress

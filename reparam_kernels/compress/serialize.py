@@ -169,7 +169,8 @@ def save_compressed(model, path, recipe=None, extra=None, tokenizer=None):
             "format": FORMAT, "reparam_kernels": reparam_kernels.__version__, "torch": torch.__version__,
             "recipe": recipe if recipe is not None else getattr(model, "reparam_recipe", None),
             "layers": layers, "aliases": aliases, "num_tensors": len(tensors),
-            "dtype": _dtype_name(model_dtype(model)),  # what load_pretrained builds the model in (a config may not say)
+            # what load_pretrained builds the model in (a config may not say); None for a model without floats
+            "dtype": str(dt) if (dt := model_dtype(model)) is not None else None,
             "sha256": _sha256(tmp / TENSORS),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
@@ -289,10 +290,6 @@ def model_dtype(model):
         if p.is_floating_point():
             sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
     return max(sizes, key=sizes.get) if sizes else None
-
-
-def _dtype_name(dtype):
-    return None if dtype is None else str(dtype)
 
 
 def _saved_dtype(manifest):
