@@ -22,6 +22,7 @@ from .allocate_bits import resolve_bits
 from .blocks import (batches_of, block_inputs, find_blocks, home_device, linear_names, move, next_inputs, on_device,
                      outside_inputs, run_block, same_device)
 from .calib import collect_inputs, random_tokens
+from .experts import fused_experts_names, unfuse_experts
 from .fisher import channel_weights, output_fisher
 from .methods import get_method, uses_more_than_energy
 from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
@@ -45,6 +46,24 @@ def _layer_stats(stats, name, fisher):
     return st
 
 
+_DATA_FREE = {"whiten": False, "fisher": False, "gptq": False, "weighted_grid": False}
+
+
+def _without_calibration(rule):
+    """The rule's settings for a layer no calibration token reached (a mixture-of-experts expert the router
+    never chose): its data-free form (plain SVD, round to nearest)."""
+    keys = get_method(rule.method).keys
+    return {**rule.settings, **{k: v for k, v in _DATA_FREE.items() if k in keys}}
+
+
+def _warn_uncalibrated(names):
+    if names:
+        warnings.warn(f"compress: no calibration token reached {len(names)} layer(s) ({', '.join(names[:3])}"
+                      f"{' …' if len(names) > 3 else ''}: experts the router never chose?); they are compressed "
+                      "without calibration statistics (plain SVD, round to nearest). Pass more calibration text "
+                      "to calibrate them (report.uncalibrated lists them)", stacklevel=5)  # the caller of compress
+
+
 @torch.no_grad()
 def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=None):
     for name in names:
@@ -53,7 +72,11 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
         lin = root.get_submodule(name)
         t0 = time.perf_counter()
         st = _layer_stats(stats, name, fisher.get(full) if fisher else None)
-        new = get_method(rule.method).build(lin, rule.settings, st)
+        settings = rule.settings
+        if st is not None and st.count == 0:  # no calibration token reached it (an expert none was routed to)
+            st, settings = None, _without_calibration(rule)
+            report.uncalibrated.append(full)
+        new = get_method(rule.method).build(lin, settings, st)
         new._reparam_method = rule.method  # marks it for distill() and save_compressed()
         new._reparam_settings = dict(rule.settings)
         _set_module(root, name, new)
@@ -94,9 +117,9 @@ def _compress_outside(model, names, plan_, batches, report, bar, fisher, device,
 
 
 def warn_weights_no_method_takes(model, share=0.1):
-    """Warn when `share` or more of the model's weights sit in tensors of 3+ dimensions — the fused experts of
-    mixture-of-experts blocks in transformers 5 ([experts, out, in] parameters, not Linears): no recipe
-    reaches them, so a recipe that looks like "the whole model" leaves most of it dense."""
+    """Warn when `share` or more of the model's weights sit in tensors of 3+ dimensions (after the fused experts
+    transformers marks as such were split per expert, experts.py): no recipe reaches them, so a recipe that
+    looks like "the whole model" leaves most of it dense."""
     params = dict(model.named_parameters())
     total = sum(p.numel() for p in params.values())
     big = {n: p for n, p in params.items() if p.dim() >= 3 and p.is_floating_point()}
@@ -104,7 +127,7 @@ def warn_weights_no_method_takes(model, share=0.1):
     if total and held >= share * total:
         name, shape = next(iter(big)), tuple(next(iter(big.values())).shape)
         warnings.warn(f"compress: {held / total:.0%} of the model's weights are in {len(big)} tensors of 3+ dimensions "
-                      f"(e.g. {name} {list(shape)}; fused mixture-of-experts weights in transformers 5), not "
+                      f"(e.g. {name} {list(shape)}; mixture-of-experts weights not in transformers' experts form), not "
                       "Linears; no method compresses them, so they stay dense", stacklevel=5)  # the caller of compress
 
 
@@ -144,12 +167,18 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
         calib = random_tokens(model)
         random_calib = True
     batches = batches_of(calib, batch_size, model)
-    plan_ = plan(model, recipe, has_calib=bool(batches))  # validates before anything changes
+    original = None
+    fused = fused_experts_names(model)
+    if fused:  # per-expert Linears (experts.py), so rules reach them; an inplace model stays unfused after an error
+        if not inplace:
+            shared = fused + [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
+            original, model = model, copy_sharing(model, shared)  # what stays dense is unshared at the end
+        unfuse_experts(model, fused)
+    plan_ = plan(model, recipe, has_calib=bool(batches))  # validates before any weight changes
     if random_calib:
         warn_random_calib(plan_)
     warn_weights_no_method_takes(model)
-    original = None
-    if not inplace:
+    if not inplace and original is None:
         original, model = model, copy_sharing(model, plan_)  # the replaced Linears' weights are not copied
     # GPT-2 style Conv1D → the equivalent nn.Linear, so every method sees a Linear; the ones that stay
     # dense (a global allocation's choice) get their Conv1D back at the end, so the model's state dict
@@ -209,6 +238,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
         model.train(was_training)
     if original is not None:
         unshare(model, original)  # what stayed dense gets its own copy now
+    _warn_uncalibrated(report.uncalibrated)
     report.seconds = time.perf_counter() - t_start
     model.reparam_recipe = list(getattr(model, "reparam_recipe", [])) + [r.to_dict() for r in parse_recipe(recipe)]
     return model, report

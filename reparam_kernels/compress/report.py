@@ -52,6 +52,7 @@ def _bits(stored, at16):
 class CompressionReport:
     layers: list = field(default_factory=list)
     seconds: float = 0.0
+    uncalibrated: list = field(default_factory=list)  # layers no calibration token reached, built data-free
 
     def totals(self):
         t = {k: sum(getattr(l, k) for l in self.layers)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .experts import UnfusedExperts, is_fused_experts, unfuse_experts
 from .recipe import linear_features
 
 FORMAT = "reparam_kernels.compressed/1"
@@ -169,6 +170,8 @@ def save_compressed(model, path, recipe=None, extra=None, tokenizer=None):
             "format": FORMAT, "reparam_kernels": reparam_kernels.__version__, "torch": torch.__version__,
             "recipe": recipe if recipe is not None else getattr(model, "reparam_recipe", None),
             "layers": layers, "aliases": aliases, "num_tensors": len(tensors),
+            # fused mixture-of-experts modules compress() split into per-expert Linears (experts.py)
+            "unfused_experts": [n for n, m in model.named_modules() if isinstance(m, UnfusedExperts)],
             # what load_pretrained builds the model in (a config may not say); None for a model without floats
             "dtype": str(dt) if (dt := model_dtype(model)) is not None else None,
             "sha256": _sha256(tmp / TENSORS),
@@ -212,7 +215,8 @@ def load_compressed(model, path, strict_hash=True, cast=True):
     cast: into a skeleton without weights (``empty_weights()``), the checkpoint's floating tensors are cast
     to the skeleton's dtypes; False keeps each as it was saved (a model mixing dtypes comes back as it was).
 
-    Everything is validated first; on any error `model` is left unchanged.
+    Everything is validated first; on any error `model` is left unchanged — but for its fused experts modules
+    that the checkpoint holds per expert: those are unfused first (``experts.py``; the same outputs).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -225,6 +229,7 @@ def load_compressed(model, path, strict_hash=True, cast=True):
         tensors = load_file(str(path / TENSORS))
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"`path`: cannot read {path / TENSORS}: {e}") from None
+    _unfuse_like_checkpoint(model, manifest.get("unfused_experts", []))
     ref = next(iter(model.parameters()), None)
     new_layers = {}
     for name, info in manifest["layers"].items():
@@ -281,6 +286,22 @@ def load_compressed(model, path, strict_hash=True, cast=True):
         model.load_state_dict(full, strict=True)
     model.reparam_recipe = manifest.get("recipe")
     return model
+
+
+def _unfuse_like_checkpoint(model, names):
+    """Swap the skeleton's fused experts modules `names` for per-expert Linears, as compress() did."""
+    todo = []
+    for name in names:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"`model`: the skeleton has no experts module {name!r} that the checkpoint holds") from None
+        if not isinstance(mod, UnfusedExperts):
+            if not is_fused_experts(mod):
+                raise ValueError(f"`model`: skeleton module {name!r} is a {type(mod).__name__}, not the fused "
+                                 "experts module the checkpoint split per expert")
+            todo.append(name)
+    unfuse_experts(model, todo)
 
 
 def model_dtype(model):

@@ -1,0 +1,151 @@
+"""Fused mixture-of-experts weights (transformers 5) split into per-expert Linears (compress/experts.py), so
+recipes reach them: same outputs, routed-token calibration, compress / save / load."""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import reparam_kernels as rk  # noqa: E402
+from reparam_kernels._linear import linear_from  # noqa: E402
+from reparam_kernels.compress.calib import collect_inputs  # noqa: E402
+from reparam_kernels.compress.experts import UnfusedExperts, fused_experts_names, unfuse_experts  # noqa: E402
+from reparam_kernels.compress.sharing_copy import shares_storage  # noqa: E402
+from reparam_kernels.nn import Int4Linear  # noqa: E402
+
+# per architecture: the config's MoE settings (4 experts, 2 a token)
+ARCHS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                      mlp_only_layers=[], head_dim=8),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, eos_token_id=None, pad_token_id=None),
+    # weights stored [in, out], gate and up interleaved, biases, its own clamped gate
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8, layer_types=["full_attention"] * 2),
+    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=0,
+                        n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+                        qk_nope_head_dim=8, v_head_dim=8, n_shared_experts=1, num_key_value_heads=4),
+}
+EXPERTS = "{blocks}.*.mlp.experts.*.*"
+
+
+def tiny_moe(arch="mixtral", seed=0, **overrides):
+    kw = {"num_key_value_heads": 2, **ARCHS[arch], **overrides}
+    cfg = transformers.AutoConfig.for_model(arch, vocab_size=97, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+                                            **kw)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # some architectures leave the 3-D experts at zero until loaded
+        for p in model.parameters():
+            if p.dim() == 3:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _ids(n=4, length=12, seed=1):
+    return torch.randint(0, 97, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_unfused_experts_give_the_fused_outputs(arch):
+    model, ids = tiny_moe(arch), _ids()
+    want = model(ids).logits
+    fused = {n: p for n, p in model.named_parameters() if p.dim() == 3}
+    assert fused
+    names = unfuse_experts(model)
+    assert names == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not any(p.dim() == 3 for p in model.parameters())
+    ex = model.get_submodule("model.layers.1.mlp.experts.3")
+    assert isinstance(ex.down_proj, torch.nn.Linear) and ex.down_proj.out_features == 32
+    storages = {p.untyped_storage().data_ptr() for p in fused.values()}
+    assert ex.down_proj.weight.untyped_storage().data_ptr() in storages  # a view, not a copy
+
+
+@torch.no_grad()
+def test_expert_linears_see_only_their_routed_tokens():
+    model, ids = tiny_moe(), _ids()
+    routed = []
+    gate = model.get_submodule("model.layers.0.mlp.gate")
+    h = gate.register_forward_hook(lambda m, a, out: routed.append(out[-1]))  # (logits, weights, top-k index)
+    unfuse_experts(model)
+    lins = {f"e{e}": model.get_submodule(f"model.layers.0.mlp.experts.{e}.gate_up_proj") for e in range(4)}
+    with collect_inputs(lins) as stats:
+        model(ids)
+    h.remove()
+    top = routed[0]
+    for e in range(4):
+        assert stats[f"e{e}"].count == int((top == e).any(-1).sum())
+    assert sum(stats[f"e{e}"].count for e in range(4)) == ids.numel() * 2
+
+
+def test_compress_reaches_the_experts_and_leaves_the_model_as_it_was():
+    model, ids = tiny_moe(), _ids(8, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "3+-dim tensors stay dense" warning
+        small, report = rk.compress(model, {EXPERTS: {"method": "int4", "group_size": 32, "gptq": True}},
+                                    calib=ids, progress=False)
+    assert len(report.layers) == 2 * 4 * 2 and {r.method for r in report.layers} == {"int4"}
+    assert fused_experts_names(model) and not fused_experts_names(small)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not shares_storage(small, model)
+    for r in report.layers:  # each expert's own weight, GPTQ'd on the tokens routed to it
+        layer, e = small.get_submodule(r.name), int(r.name.split(".")[5])
+        w = getattr(model.get_submodule(r.name.rsplit(".", 2)[0]), r.name.rsplit(".", 1)[1])[e].detach()
+        assert type(layer).__name__ == "Int4Linear"
+        err = float((layer.to_dense().detach() - w).norm() / w.norm())
+        assert err == pytest.approx(r.weight_error, rel=1e-3) and err < 0.25
+        assert r.output_error < 0.8 * r.weight_error  # GPTQ trades weight error for the routed outputs'
+    with torch.no_grad():
+        ref, got = model(ids).logits, small(ids).logits
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.3
+
+
+def test_compressed_experts_save_and_load(tmp_path):
+    model, ids = tiny_moe("qwen3_moe"), _ids(8, 16)
+    # down projections int8, the rest of the experts stay dense Linears: both must come back
+    small, _ = rk.compress(model, {"{blocks}.*.mlp.experts.*.down_proj": "int8"}, calib=ids, progress=False)
+    rk.save_compressed(small, tmp_path / "ck")
+    back = rk.load_pretrained(tmp_path / "ck")
+    assert isinstance(back.get_submodule("model.layers.0.mlp.experts"), UnfusedExperts)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, small(ids).logits, rtol=0, atol=0)
+
+
+def test_default_recipe_compresses_a_moe_model():
+    model, ids = tiny_moe(), _ids(8, 16)
+    small, report = rk.compress(model, "default", calib=ids, progress=False)
+    names = {r.name for r in report.layers}
+    assert any(".mlp.experts." in n for n in names) and any("self_attn" in n for n in names)
+    with torch.no_grad():
+        assert torch.isfinite(small(ids).logits).all()
+
+
+def test_experts_no_calibration_token_reached_are_built_without_statistics():
+    model = tiny_moe(num_local_experts=8, num_experts_per_tok=1)
+    ids = _ids(1, 3)  # 3 tokens, one of 8 experts each: 5+ experts a layer see none
+    rule = {"method": "int4", "group_size": 32, "gptq": True}
+    with pytest.warns(UserWarning, match="no calibration token reached"):
+        small, report = rk.compress(model, {EXPERTS: rule}, calib=ids, progress=False)
+    assert report.uncalibrated and all(".mlp.experts." in n for n in report.uncalibrated)
+    for name in report.uncalibrated:  # round to nearest, as without calibration data
+        e, proj = int(name.split(".")[5]), name.rsplit(".", 1)[1]
+        w = getattr(model.get_submodule(name.rsplit(".", 2)[0]), proj)[e].detach()
+        want = Int4Linear.from_linear(linear_from(w), group_size=32)
+        torch.testing.assert_close(small.get_submodule(name).to_dense(), want.to_dense(), rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.isfinite(small(_ids()).logits).all()
+
+
+def test_the_docs_recipe_quantizes_the_experts_only():
+    model, ids = tiny_moe(), _ids(8, 16)
+    recipe = {"{blocks}.*.mlp.experts.*.down_proj": "int8",  # docs/compression.md § Mixture-of-experts models
+              "{blocks}.*.mlp.experts.*": {"method": "int4", "gptq": True}}
+    small, report = rk.compress(model, recipe, calib=ids, progress=False)
+    methods = {r.name: r.method for r in report.layers}
+    assert len(methods) == 2 * 4 * 2 and not any("self_attn" in n for n in methods)
+    assert all(m == ("int8" if n.endswith("down_proj") else "int4") for n, m in methods.items())

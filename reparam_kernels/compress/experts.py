@@ -1,0 +1,105 @@
+"""Fused mixture-of-experts weights as one pair of Linears per expert, so every method reaches them.
+
+transformers 5 keeps a MoE block's experts as 3-D parameters of one module (`gate_up_proj` [experts,
+2·ffn, hidden], `down_proj` [experts, hidden, ffn]; classes decorated with `use_experts_implementation`:
+Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, …), not Linears, so no recipe matched them.
+``unfuse_experts`` swaps each such module for an ``UnfusedExperts`` whose children "0", "1", … hold
+``gate_up_proj`` (``up_proj`` for experts without a gate) and ``down_proj`` as nn.Linear — names like
+``model.layers.3.mlp.experts.7.down_proj`` that recipes match ("{blocks}.*.mlp.experts.*.down_proj") —
+with the same outputs. The Linears' weights are views of the 3-D storage (no copy). Calibration is
+per expert for free: a Linear's hooks see only the tokens routed to its expert, so GPTQ, whitening and
+the weighted grids use the routed tokens' statistics (an expert no calibration token reached gets
+none: methods that need statistics treat it as they treat any unreached layer).
+
+Forward: the experts a batch routes to, one after the other (transformers' "eager" implementation):
+data-dependent, so not capturable in a CUDA graph and a graph break under torch.compile; a grouped
+kernel over all experts is not written yet. ``compress`` unfuses a model's experts before planning and
+``save_compressed`` records them, so ``load_compressed`` unfuses the skeleton the same way.
+"""
+import torch
+from torch import nn
+
+_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def is_fused_experts(module):
+    """A transformers experts module with 3-D expert weights (decorated by `use_experts_implementation`)."""
+    w = getattr(module, "down_proj", None)
+    return (isinstance(w, nn.Parameter) and w.dim() == 3 and hasattr(module, "has_gate")
+            and hasattr(module, "is_transposed") and hasattr(module, "num_experts"))
+
+
+def _linear(w, b, transposed):
+    """nn.Linear over a view of one expert's weight ([out, in], or [in, out] when stored transposed)."""
+    w = w.t() if transposed else w
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+    lin.weight = nn.Parameter(w.detach(), requires_grad=w.requires_grad)  # a view: same storage
+    if b is not None:
+        lin.bias = nn.Parameter(b.detach(), requires_grad=b.requires_grad)
+    return lin
+
+
+class UnfusedExperts(nn.Module):
+    """The experts of `fused` as children "0".."E-1", each a module with `gate_up_proj` (or `up_proj`) and
+    `down_proj` Linears; forward(hidden_states [tokens, hidden], top_k_index, top_k_weights [tokens, k])
+    as the fused module's. The gating (`_apply_gate`, `act_fn`, a model's own constants) stays the fused
+    module's, kept outside the module tree without its weights."""
+
+    def __init__(self, fused):
+        super().__init__()
+        if getattr(fused, "_is_expert_parallel", False):
+            raise ValueError("unfuse_experts: expert-parallel experts modules are not supported")
+        up = "gate_up_proj" if fused.has_gate else "up_proj"
+        self.num_experts, self.has_gate, self.up_name = fused.num_experts, fused.has_gate, up
+        for e in range(fused.num_experts):
+            expert = nn.Module()
+            for name in (up, "down_proj"):
+                bias = getattr(fused, f"{name}_bias", None) if fused.has_bias else None
+                setattr(expert, name, _linear(getattr(fused, name)[e], None if bias is None else bias[e],
+                                              fused.is_transposed))
+            self.add_module(str(e), expert)
+        if fused.has_post_expert_norm:
+            self.post_expert_norm = fused.post_expert_norm
+        for name in _WEIGHTS + tuple(f"{w}_bias" for w in _WEIGHTS):
+            fused._parameters.pop(name, None)
+        fused._modules.pop("post_expert_norm", None)
+        left = [n for n, _ in fused.named_parameters()] + [n for n, _ in fused.named_buffers()]
+        if left:
+            raise ValueError(f"unfuse_experts: {type(fused).__name__} holds tensors {left} besides the expert "
+                             "weights; it is not supported")
+        object.__setattr__(self, "_fused", fused)  # gating code and constants; no tensors left in it
+
+    def expert(self, e):
+        return self._modules[str(e)]
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            if e >= self.num_experts:  # an expert-parallel sentinel
+                continue
+            tok, pos = torch.where(top_k_index == e)
+            ex = self.expert(e)
+            h = getattr(ex, self.up_name)(hidden_states[tok])
+            h = self._fused._apply_gate(h) if self.has_gate else self._fused.act_fn(h)
+            y = ex.down_proj(h)
+            if "post_expert_norm" in self._modules:
+                y = self.post_expert_norm(y)
+            out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
+        return out
+
+
+def fused_experts_names(model):
+    return [n for n, m in model.named_modules() if is_fused_experts(m)]
+
+
+def unfuse_experts(model, names=None):
+    """Swap the fused experts modules `names` (default: every one) of `model` for UnfusedExperts, in place;
+    returns the names swapped."""
+    names = fused_experts_names(model) if names is None else list(names)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        fused = model.get_submodule(name)
+        if not is_fused_experts(fused):
+            raise ValueError(f"`model`: {name!r} is a {type(fused).__name__}, not a fused experts module")
+        setattr(model.get_submodule(parent) if parent else model, child, UnfusedExperts(fused))
+    return names
