@@ -2,7 +2,7 @@
 
     python benchmarks/quality_mixed_bits.py [--windows 4] [--bits 4.75,5,5.378,6] [--text-bits 5.378]
                                             [--gptq-bits 5] [--corrected-bits 5] [--corrected-gptq-bits 5]
-                                            [--only-extra] [--lm-head] [--update]
+                                            [--only-extra] [--lm-head] [--update] [--fisher-labels sampled]
 
 Every row runs the real `compress` on every Linear of model.layers, then perplexity on Pride and Prejudice:
   int4              int4 g128 weighted grid everywhere (the built-in `int4` recipe)
@@ -17,6 +17,7 @@ Every row runs the real `compress` on every Linear of model.layers, then perplex
 With --lm-head the mean_bits rows put lm_head (49152 x 576, tied to the embedding, which keeps the dense
 weight) in the same rule, so its int4 / int8 choice shares the budget; their rows end in "+lm_head".
 `decode_mb` is what a decode step reads of all 211 Linears (lm_head at 16 bits where it stays dense).
+--fisher-labels: the labels of the Fisher pass behind mean_bits (compress/fisher.py; default its DEFAULT_LABELS).
 Bits per weight count scales and zeros at 16 bits (deployed fp16 / bf16), whatever dtype the model is in.
 Writes benchmarks/results/quality/mixed_bits.json.
 """
@@ -29,6 +30,7 @@ from quality_common import QualityRun
 
 import reparam_kernels as rk
 from reparam_kernels import data
+from reparam_kernels.compress import fisher
 from reparam_kernels.compress.allocate_bits import deployed_bits
 from reparam_kernels.compress.calib import random_tokens
 from reparam_kernels.evaluate import perplexity, token_windows
@@ -65,9 +67,11 @@ def main(argv=None):
     p.add_argument("--only-extra", action="store_true", help="skip the int4 and down_int8 rows")
     p.add_argument("--lm-head", action="store_true", help="mean_bits rows: lm_head in the same rule (and budget)")
     p.add_argument("--update", action="store_true", help="keep the rows of --out this run does not measure")
+    p.add_argument("--fisher-labels", choices=fisher.LABELS, default=fisher.DEFAULT_LABELS)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality",
                                                   "mixed_bits.json"))
     args = p.parse_args(argv)
+    fisher.DEFAULT_LABELS = args.fisher_labels
     run = QualityRun(args.windows)
     rnd = random_tokens(run.model, n=16, seq_len=512, seed=0)
     emma = token_windows(run.tok, data.austen("emma"), 512, 16)
@@ -79,7 +83,7 @@ def main(argv=None):
     def mean_bits(b, suffix, ids, calib, **rule):
         r = {"method": "int4", "mean_bits": b, **rule}
         measure(run, f"mean_bits_{b:g}{suffix}{tag}", {p: r for p in [ALL] + head}, ids, calib=calib, mean_bits=b,
-                **rule, **({"lm_head": True} if head else {}))
+                fisher_labels=args.fisher_labels, **rule, **({"lm_head": True} if head else {}))
 
     for b in [float(x) for x in args.bits.split(",") if x]:
         mean_bits(b, "", rnd, "random")

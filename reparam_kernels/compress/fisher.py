@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from . import blocks
 
 FLOOR = 1e-3  # F + FLOOR·mean(F): channels no calibration token moved still count a little
+LABELS = ("text", "sampled")  # what the loss is taken against: the calibration text's next tokens, or draws
+DEFAULT_LABELS = "text"       # from the model's own softmax (the true Fisher; see output_fisher)
+SEED = 0                      # of the sampled labels
 
 
 class _FisherHooks:
@@ -50,22 +53,48 @@ class _FisherHooks:
             h.remove()
 
 
-def _sequence_loss(model, ids):
-    """Summed next-token cross entropy of the token ids [b, seq_len] (logits in float32)."""
+def sample_labels(logits, gen):
+    """A next token per row of `logits` [n, vocab], drawn from its softmax: inverse CDF at uniforms drawn on the
+    CPU from `gen`, so the draw is the same wherever the logits are (the blockwise pass: same labels)."""
+    u = torch.rand(logits.shape[0], 1, generator=gen, dtype=torch.float64).to(logits.device)
+    cdf = torch.softmax(logits.detach().float(), -1).cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1:].double()).to(cdf.dtype)).squeeze(1).clamp_max(logits.shape[-1] - 1)
+
+
+def _sequence_loss(model, ids, gen=None):
+    """Summed next-token cross entropy of the token ids [b, seq_len] (logits in float32); with `gen` (a CPU
+    torch.Generator) against labels drawn from the model's own softmax instead of the text's next tokens."""
     out = model(input_ids=ids, use_cache=False)
     logits = getattr(out, "logits", out)[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    flat = logits.reshape(-1, logits.shape[-1])
+    labels = ids[:, 1:].reshape(-1) if gen is None else sample_labels(flat, gen)
+    return F.cross_entropy(flat, labels, reduction="sum")
+
+
+def label_generator(labels):
+    """The generator `_sequence_loss` draws labels with (None: the text's own next tokens)."""
+    if labels not in LABELS:
+        raise ValueError(f"`labels`: expected one of {LABELS}, got {labels!r}")
+    return torch.Generator().manual_seed(SEED) if labels == "sampled" else None
 
 
 @torch.enable_grad()
-def output_fisher(model, batches, names, progress=True, device=None):
+def output_fisher(model, batches, names, progress=True, device=None, labels=None):
     """{name: F [out_features] float64}: mean over calibration tokens of (∂L/∂y_j)², with L the summed
     next-token cross entropy of the token's sequence (batches: token ids [b, seq_len]).
+
+    labels (None: DEFAULT_LABELS, read at each call, so a script may set it for every pass): "text" — L
+    against the text's next tokens (the empirical Fisher); "sampled" — against tokens drawn from the
+    model's softmax (seeded; the true Fisher). L sums the sequence's tokens, so the
+    gradient at a block Linear's output at token t adds the losses of every later token and its square
+    has cross terms; under sampled labels each token's gradient has mean zero, so they vanish in
+    expectation, as in the Fisher a second-order loss estimate wants (docs/quant.md § lm_head too).
 
     device: where to compute when the model is elsewhere (a CPU-resident model, device="cuda"): the pass
     then runs one transformer block at a time on `device` (``fisher_blockwise.py``), same result."""
     from tqdm.auto import tqdm
 
+    gen = label_generator(labels or DEFAULT_LABELS)
     mods = {n: model.get_submodule(n) for n in names}
     fisher = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
     req = [(p, p.requires_grad) for p in model.parameters()]
@@ -78,7 +107,7 @@ def output_fisher(model, batches, names, progress=True, device=None):
     try:
         if device is not None and not blocks.same_device(device, home):
             from .fisher_blockwise import blockwise_fisher
-            tokens = blockwise_fisher(model, batches, mods, fisher, device, progress)
+            tokens = blockwise_fisher(model, batches, mods, fisher, device, progress, gen)
         else:
             # gradients flow from the embedding output, so no parameter needs (or gets) a .grad
             emb = model.get_input_embeddings()
@@ -87,7 +116,7 @@ def output_fisher(model, batches, names, progress=True, device=None):
             try:
                 with _FisherHooks(mods, fisher):
                     for ids in tqdm(seqs, desc="fisher", unit="seq", disable=not progress, leave=False):
-                        _sequence_loss(model, ids.to(home)).backward()
+                        _sequence_loss(model, ids.to(home), gen).backward()
                         tokens += ids.numel()
             finally:
                 h.remove()

@@ -81,7 +81,7 @@ def head_only(model, blocks, astuple, device):
             blocks[i] = b
 
 
-def _head_grads(model, blocks, last_outputs, batches, astuple, hooks, device, bar):
+def _head_grads(model, blocks, last_outputs, batches, astuple, hooks, device, bar, gen):
     """∂L/∂(last block's output) per batch (kept where the outputs are), the head on `device`; returns
     (grads, tokens)."""
     from .fisher import _sequence_loss
@@ -93,7 +93,7 @@ def _head_grads(model, blocks, last_outputs, batches, astuple, hooks, device, ba
             g = torch.empty_like(h_last)
             for s in range(ids.shape[0]):
                 last.value = h_last[s:s + 1].to(device).requires_grad_(True)
-                _sequence_loss(model, ids[s:s + 1].to(device)).backward()
+                _sequence_loss(model, ids[s:s + 1].to(device), gen).backward()
                 g[s:s + 1] = last.value.grad.to(g.device)
                 tokens += ids[s].numel()
                 bar.update(1)
@@ -101,9 +101,10 @@ def _head_grads(model, blocks, last_outputs, batches, astuple, hooks, device, ba
     return grads, tokens
 
 
-def blockwise_fisher(model, batches, mods, fisher, device, progress=True):
+def blockwise_fisher(model, batches, mods, fisher, device, progress=True, gen=None):
     """Adds Σ_tokens (∂L/∂y_j)² into fisher[name] for the Linears `mods` {name: module} (inside the blocks
-    or after them, e.g. lm_head), running one block at a time on `device`; returns the tokens counted."""
+    or after them, e.g. lm_head), running one block at a time on `device`; returns the tokens counted.
+    gen: draws the labels (fisher.label_generator), sequence by sequence in the whole-model pass's order."""
     from tqdm.auto import tqdm
 
     from .fisher import _FisherHooks
@@ -122,7 +123,8 @@ def blockwise_fisher(model, batches, mods, fisher, device, progress=True):
         inputs = block_inputs(model, blocks[0], batches)
         kept, last, astuple = _forward(blocks, inputs, device)
         bar.update(len(blocks))
-        grads, tokens = _head_grads(model, blocks, last, batches, astuple, _FisherHooks(outside, fisher), device, bar)
+        grads, tokens = _head_grads(model, blocks, last, batches, astuple, _FisherHooks(outside, fisher), device, bar,
+                                    gen)
         for i in range(len(blocks) - 1, lowest - 1, -1):
             local = {n: m for n, m in inside.items() if n.startswith(f"{prefix}.{i}.")}
             new = []
