@@ -149,3 +149,27 @@ def test_the_docs_recipe_quantizes_the_experts_only():
     methods = {r.name: r.method for r in report.layers}
     assert len(methods) == 2 * 4 * 2 and not any("self_attn" in n for n in methods)
     assert all(m == ("int8" if n.endswith("down_proj") else "int4") for n, m in methods.items())
+
+
+def test_default_recipe_on_a_moe_model_with_a_device_gives_the_same_model(monkeypatch):
+    """compress(device=) moves one block at a time (the planning passes too); a CPU "device" takes that path
+    when same_device says no (test_fisher_blockwise.py)."""
+    from reparam_kernels.compress import blocks, pipeline
+
+    model, ids = tiny_moe(), _ids(8, 16)
+    monkeypatch.setattr(blocks, "same_device", lambda a, b: False)
+    monkeypatch.setattr(pipeline, "same_device", lambda a, b: False)
+    away, rep_away = rk.compress(model, "default", calib=ids, progress=False, device="cpu")
+    monkeypatch.setattr(blocks, "same_device", lambda a, b: True)
+    monkeypatch.setattr(pipeline, "same_device", lambda a, b: True)
+    home, rep = rk.compress(model, "default", calib=ids, progress=False)
+    assert [(r.name, r.settings) for r in rep_away.layers] == [(r.name, r.settings) for r in rep.layers]
+    with torch.no_grad():
+        torch.testing.assert_close(away(_ids()).logits, home(_ids()).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_distillation_trains_compressed_experts():
+    teacher, ids = tiny_moe(), _ids(8, 16)
+    student, _ = rk.compress(teacher, {EXPERTS: {"method": "lowrank", "ratio": 0.5}}, calib=ids, progress=False)
+    hist = rk.distill(student, teacher, _ids(16, 16, seed=2), steps=20, lr=3e-3, batch_size=4, progress=False)
+    assert hist["loss"][-1] < hist["loss"][0]
