@@ -173,3 +173,42 @@ def test_distillation_trains_compressed_experts():
     student, _ = rk.compress(teacher, {EXPERTS: {"method": "lowrank", "ratio": 0.5}}, calib=ids, progress=False)
     hist = rk.distill(student, teacher, _ids(16, 16, seed=2), steps=20, lr=3e-3, batch_size=4, progress=False)
     assert hist["loss"][-1] < hist["loss"][0]
+
+
+@pytest.mark.parametrize("flags", [dict(has_gate=False, has_post_expert_norm=True),
+                                   dict(is_transposed=True, has_bias=True, is_concatenated=True)])
+@torch.no_grad()
+def test_unfused_experts_follow_transformers_layout_flags(flags):
+    """Every layout flag of transformers' experts decorator, against its own batched implementation."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.moe import use_experts_implementation
+
+    hidden, ffn, n = 24, 40, 5
+    gated = flags.get("has_gate", True)
+
+    @use_experts_implementation(**flags)
+    class Toy(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts, self.act_fn = n, torch.nn.GELU()
+            up, out = ("gate_up_proj", 2 * ffn) if gated else ("up_proj", ffn)
+            shapes = {up: (n, out, hidden), "down_proj": (n, hidden, ffn)}
+            for name, (e, o, i) in shapes.items():
+                setattr(self, name, torch.nn.Parameter(torch.randn(e, i, o) if flags.get("is_transposed")
+                                                       else torch.randn(e, o, i)))
+                if flags.get("has_bias"):
+                    setattr(self, name + "_bias", torch.nn.Parameter(torch.randn(e, o)))
+            if flags.get("has_post_expert_norm"):
+                self.post_expert_norm = torch.nn.LayerNorm(hidden)
+                self.post_expert_norm.weight.normal_()
+
+    toy = Toy(SimpleNamespace(_experts_implementation="batched_mm"))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(9, hidden, generator=g)
+    idx = torch.stack([torch.randperm(n, generator=g)[:2] for _ in range(9)])
+    w = torch.rand(9, 2, generator=g)
+    want = toy(h, idx, w)
+    unfused = UnfusedExperts(toy)
+    torch.testing.assert_close(unfused(h, idx, w), want, rtol=1e-5, atol=1e-4)
+    assert {n for n, _ in unfused.named_parameters()} >= {"0.down_proj.weight", "4.down_proj.weight"}
