@@ -1,7 +1,7 @@
 """How well the Fisher estimate behind `mean_bits` predicts what int4 costs, per kind of Linear (SmolLM2;
 an exploration, docs/quant.md § lm_head too).
 
-    python benchmarks/explore_fisher_estimate.py [--kinds q_proj,...,lm_head] [--sampled]
+    python benchmarks/explore_fisher_estimate.py [--kinds q_proj,...,lm_head] [--sampled] [--estimates-only]
 
 For each kind (30 layers; or lm_head) int4 round to nearest on the weighted grid with its polish, calibrated
 on 16 x 512 tokens of Emma, is applied to that kind alone: measured = ln(perplexity ratio) on the 4 windows of
@@ -16,7 +16,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,16 +29,6 @@ from reparam_kernels.evaluate import perplexity, token_windows  # noqa: E402
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
-def sampled_labels_loss(gen):
-    """fisher._sequence_loss with each next token drawn from the model's softmax (seeded)."""
-    def loss(model, ids):
-        logits = getattr(model(input_ids=ids, use_cache=False), "logits")[:, :-1].float()
-        flat = logits.reshape(-1, logits.shape[-1])
-        labels = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=gen).squeeze(1)
-        return F.cross_entropy(flat, labels, reduction="sum")
-    return loss
-
-
 def pattern(kind):
     return "lm_head" if kind == "lm_head" else f"model.layers.*.{kind}"
 
@@ -48,10 +37,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--sampled", action="store_true", help="the true Fisher (labels sampled from the model)")
+    p.add_argument("--estimates-only", action="store_true", help="skip the measured column (the menus only)")
     args = p.parse_args(argv)
     kinds = args.kinds.split(",")
     if args.sampled:
-        fisher._sequence_loss = sampled_labels_loss(torch.Generator().manual_seed(0))
+        fisher.DEFAULT_LABELS = "sampled"  # output_fisher(labels="sampled"), seed fisher.SEED
     torch.manual_seed(0)
     model, tok = data.load_smollm2()
     evals = token_windows(tok, data.austen("prideprejudice"), window=1024, max_windows=4)
@@ -62,8 +52,10 @@ def main(argv=None):
                           progress=False)
     print(f"{'kind':10s} {'measured':>9s} {'estimated':>9s}")
     for kind in kinds:
-        small, _ = rk.compress(model, {pattern(kind): {"method": "int4"}}, calib=emma, progress=False)
-        measured = math.log(perplexity(small, windows=evals, progress=False) / base)
+        measured = float("nan")
+        if not args.estimates_only:
+            small, _ = rk.compress(model, {pattern(kind): {"method": "int4"}}, calib=emma, progress=False)
+            measured = math.log(perplexity(small, windows=evals, progress=False) / base)
         estimated = sum(opts[0][1] for n, (_, opts) in menus.items() if n == kind or n.endswith("." + kind))
         print(f"{kind:10s} {measured:9.4f} {estimated:9.4f}", flush=True)
 

@@ -212,3 +212,35 @@ def test_unfused_experts_follow_transformers_layout_flags(flags):
     unfused = UnfusedExperts(toy)
     torch.testing.assert_close(unfused(h, idx, w), want, rtol=1e-5, atol=1e-4)
     assert {n for n, _ in unfused.named_parameters()} >= {"0.down_proj.weight", "4.down_proj.weight"}
+
+
+@torch.no_grad()
+def test_upcycled_model_of_the_moe_benchmark_computes_what_the_dense_one_does():
+    """benchmarks/quality_moe_upcycled.py measures on SmolLM2 upcycled into a Mixtral; its premise: the same
+    outputs (Mixtral renormalizes the chosen experts' weights, and every expert is the MLP)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from quality_moe_upcycled import upcycle
+
+    from test_compress_pipeline import tiny_llama
+
+    dense = tiny_llama(seed=2)
+    dense.config.head_dim = dense.config.hidden_size // dense.config.num_attention_heads
+    moe = upcycle(dense, experts=4, top_k=2)
+    assert fused_experts_names(moe)
+    ids = torch.randint(0, 101, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_compress_in_place_splits_the_model_itself():
+    model, ids = tiny_moe(), _ids(8, 16)
+    with torch.no_grad():
+        want = model(ids).logits
+    same, report = rk.compress(model, {"{blocks}.*.mlp.experts.0.*": "int8"}, calib=ids, inplace=True, progress=False)
+    assert same is model and isinstance(model.get_submodule("model.layers.0.mlp.experts"), UnfusedExperts)
+    assert len(report.layers) == 2 * 2  # expert 0's two Linears in each of the 2 blocks; the others stay dense
+    assert type(model.get_submodule("model.layers.0.mlp.experts.1.down_proj")) is torch.nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=0.05, atol=0.05)
