@@ -244,3 +244,32 @@ def test_compress_in_place_splits_the_model_itself():
     assert type(model.get_submodule("model.layers.0.mlp.experts.1.down_proj")) is torch.nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, rtol=0.05, atol=0.05)
+
+
+def test_global_ranks_give_experts_no_calibration_token_reached_the_uniform_ratio():
+    """The loss estimate of an expert nothing was routed to is zero for lack of evidence, not because it is
+    cheap: the global allocation would cut it to the smallest rank. It keeps the rule's own ratio instead."""
+    model = tiny_moe(num_local_experts=8, num_experts_per_tok=1)
+    with pytest.warns(UserWarning, match="no calibration token reached"):
+        small, report = rk.compress(model, "default", calib=_ids(1, 3), progress=False)
+    layers = {r.name: r for r in report.layers}
+    assert report.uncalibrated
+    for name in report.uncalibrated:  # pivoted factors: r·(out + in − r) parameters, as the allocation counts
+        s, (o, i) = layers[name].settings, layers[name].shape
+        assert "allocate" not in s and "ratio" not in s
+        r = s["rank"]
+        assert r % 8 == 0 and r * (o + i - r) <= 0.8 * o * i < (r + 8) * (o + i - r - 8)
+
+
+def test_cli_dry_run_names_the_experts(tmp_path, capsys):
+    from reparam_kernels.__main__ import main
+
+    from test_distill_save import _tokenizer
+
+    tiny_moe().save_pretrained(tmp_path / "moe")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=_tokenizer(), eos_token="</s>").save_pretrained(tmp_path / "moe")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rules:\n  - match: '{blocks}.*.mlp.experts.*.down_proj'\n    method: int8\n")
+    assert main(["compress", "--model", str(tmp_path / "moe"), "--recipe", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "| int8 | - | 8 |" in out and "model.layers.0.mlp.experts.0.down_proj [32×64]" in out

@@ -33,6 +33,7 @@ def main(argv):
 
     from ..compress import compress
     from ..compress.calib import random_tokens
+    from ..compress.experts import unfuse_experts
     from ..compress.methods import calibration_would_weight
     from ..compress.pipeline import warn_random_calib
     from ..compress.recipe import DEFAULT_RECIPE, parse_recipe, plan
@@ -42,6 +43,7 @@ def main(argv):
 
     recipe = args.recipe or DEFAULT_RECIPE
     model, tok = load_any(args.model, args.dtype)
+    unfuse_experts(model)  # what compress() does first (same outputs), so the plan below names the experts
     if args.dry_run:
         print(plan_table(model, recipe, has_calib=args.calib is not None))
         return 0

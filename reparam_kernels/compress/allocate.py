@@ -37,10 +37,12 @@ LOWRANK_METHODS = ("lowrank", "lowrank_int4")  # the methods whose rank `allocat
 def layer_spectra(model, batches, names, fisher=None, progress=True, device=None):
     """{name: σ² of diag(√F)·W·S (on the CPU)} for the Linears `names` (in the transformer blocks, or after
     them: lm_head) of the dense `model`, with statistics gathered block by block on the calibration batches
-    (on `device`)."""
+    (on `device`). A Linear no calibration token reached (an expert the router never chose) has none."""
     spectra = {}
 
     def visit(name, linear, stats):
+        if stats.count == 0:
+            return
         d = channel_weights(fisher[name]) if fisher is not None else None
         spectra[name] = whitened_spectrum(linear.weight, stats.gram, d).cpu()
 
@@ -55,6 +57,13 @@ def kernel_friendly_rank(r):
     """r rounded down to a multiple of 8 once r >= 16: the GPU decode path (csrc/lowrank_small_m.cuh)
     takes r (and, pivoted, in − r) in multiples of 8 for its 16-byte loads; smaller ranks stay exact."""
     return r - r % RANK_MULTIPLE if r >= 2 * RANK_MULTIPLE else r
+
+
+def uniform_rank(out_f, in_f, ratio, pivoted=False):
+    """The largest kernel-friendly rank storing at most (1 − ratio)·out·in parameters (at least 1)."""
+    keep = (1.0 - ratio) * out_f * in_f
+    fits = [r for r in range(1, min(out_f, in_f)) if r * (out_f + in_f - r if pivoted else out_f + in_f) <= keep]
+    return kernel_friendly_rank(max(fits, default=1))
 
 
 def choose_ranks(spectra, shapes, ratio, pivoted=False):
@@ -102,14 +111,16 @@ def _plan_ranks(model, batches, names, ratio, use_fisher, progress, pivoted=Fals
     fisher = {n: fisher[n] for n in names} if use_fisher else None
     spectra = layer_spectra(model, batches, names, fisher, progress, device)
     mods = dict(model.named_modules())
-    shapes = {n: tuple(mods[n].weight.shape) for n in names}
-    return choose_ranks(spectra, shapes, ratio, pivoted), fisher
+    shapes = {n: tuple(mods[n].weight.shape) for n in spectra}
+    return (choose_ranks(spectra, shapes, ratio, pivoted) if spectra else {}), fisher
 
 
 def resolve_global(model, plan_, batches, progress=True, fisher=None, device=None):
     """Replace the plan's ``allocate: global`` low-rank rules by per-layer ranks.
 
-    Returns (plan, fisher): layers allocation keeps dense leave the plan; fisher is
+    A layer no calibration token reached keeps the uniform `ratio` instead (the loss estimate has no evidence
+    on it; the others share their part of the budget). Returns (plan, fisher): layers allocation keeps dense
+    leave the plan; fisher is
     {name: F} for those rules (or None). fisher: the Fisher of those layers if already computed;
     device: where the blocks run (``compress(device=)``)."""
     names = [n for n, r in plan_.items() if r.method in LOWRANK_METHODS and r.settings.get("allocate") == "global"]
@@ -125,7 +136,12 @@ def resolve_global(model, plan_, batches, progress=True, fisher=None, device=Non
     ranks, fisher = _plan_ranks(model, batches, names, ratios.pop(), fishers.pop(), progress, pivots.pop(), fisher, device)
     out = {}
     for n, rule in plan_.items():
-        if n not in ranks:
+        if n in names and n not in ranks:  # no calibration token reached it: no evidence, its own share (ratio)
+            s = {k: v for k, v in rule.settings.items() if k not in ("ratio", "allocate")}
+            o, i = model.get_submodule(n).weight.shape
+            out[n] = Rule(rule.pattern, rule.method, {**s, "rank": uniform_rank(o, i, rule.settings["ratio"],
+                                                                                 rule.settings.get("pivoted", False))})
+        elif n not in ranks:
             out[n] = rule
         elif ranks[n] is not None:
             s = {k: v for k, v in rule.settings.items() if k not in ("ratio", "allocate")}
