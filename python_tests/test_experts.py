@@ -273,3 +273,18 @@ def test_cli_dry_run_names_the_experts(tmp_path, capsys):
     assert main(["compress", "--model", str(tmp_path / "moe"), "--recipe", str(recipe), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "| int8 | - | 8 |" in out and "model.layers.0.mlp.experts.0.down_proj [32×64]" in out
+
+
+def test_planning_helpers_on_fused_experts_say_how_to_split_them():
+    from reparam_kernels.compress.allocate import allocate_ranks
+
+    from reparam_kernels.compress.recipe import plan
+
+    model = tiny_moe()
+    with pytest.raises(ValueError, match="still fused .*unfuse_experts"):
+        plan(model, {EXPERTS: "int8"}, has_calib=False)
+    with pytest.raises(ValueError, match="still fused .*unfuse_experts"):
+        allocate_ranks(model, _ids(4, 16), ["{blocks}.*.mlp.experts.*"], 0.2, progress=False)
+    unfuse_experts(model)
+    recipe = allocate_ranks(model, _ids(4, 16), ["{blocks}.*.mlp.experts.*"], 0.2, progress=False)
+    assert recipe

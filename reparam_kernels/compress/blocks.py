@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .calib import collect_inputs
+from .experts import fused_hint
 
 
 class _Stop(Exception):
@@ -64,7 +65,7 @@ def matched_linears_and_batches(model, patterns, calib, batch_size, what):
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
-        raise ValueError(f"`patterns` {patterns} match no nn.Linear of the model")
+        raise ValueError(f"`patterns` {patterns} match no nn.Linear of the model{fused_hint(model)}")
     batches = batches_of(calib, batch_size, model)
     if not batches:
         raise ValueError(f"`calib`: {what} needs calibration token ids")

@@ -92,6 +92,13 @@ def fused_experts_names(model):
     return [n for n, m in model.named_modules() if is_fused_experts(m)]
 
 
+def fused_hint(model):
+    """For "pattern matches no Linear" errors: why, when the model's experts are still fused ("" if not)."""
+    fused = fused_experts_names(model)
+    return (f"; its mixture-of-experts weights are still fused ({fused[0]}): compress() splits them per expert "
+            "first, elsewhere call reparam_kernels.compress.experts.unfuse_experts(model)") if fused else ""
+
+
 def unfuse_experts(model, names=None):
     """Swap the fused experts modules `names` (default: every one) of `model` for UnfusedExperts, in place;
     returns the names swapped."""

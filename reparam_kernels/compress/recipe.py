@@ -35,6 +35,7 @@ from torch import nn
 
 from .._linear import linear_from
 from .blocks import expand_blocks
+from .experts import fused_hint
 from .methods import get_method
 
 _TOP_KEYS = {"rules", "name", "description"}
@@ -174,7 +175,7 @@ def plan(model, recipe, has_calib):
         if not used[i] and not any(rule.matches(n) for n, _ in linears):
             examples = ", ".join(n for n, _ in linears[:4])
             raise ValueError(f"`recipe`: pattern {rule.pattern!r} matches no nn.Linear (or Conv1D) of the model "
-                             f"(Linear names look like: {examples} …)")
+                             f"(Linear names look like: {examples} …){fused_hint(model)}")
     mods = dict(linears)
     for name, rule in chosen.items():
         m = get_method(rule.method)
