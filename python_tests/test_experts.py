@@ -288,3 +288,21 @@ def test_planning_helpers_on_fused_experts_say_how_to_split_them():
     unfuse_experts(model)
     recipe = allocate_ranks(model, _ids(4, 16), ["{blocks}.*.mlp.experts.*"], 0.2, progress=False)
     assert recipe
+
+
+@pytest.mark.gpu
+def test_compressed_experts_on_the_gpu_match_the_cpu():
+    """The experts' int4 layers through the GPU kernels (fp16), and a CPU model compressed block by block on
+    the GPU (device=), against the CPU model."""
+    model, ids = tiny_moe(), _ids(8, 16)
+    recipe = {EXPERTS: {"method": "int4", "group_size": 32, "gptq": True}}
+    small, rep = rk.compress(model, recipe, calib=ids, progress=False)
+    away, rep_away = rk.compress(model, recipe, calib=ids, progress=False, device="cuda")
+    assert all(p.device.type == "cpu" for p in away.parameters())
+    assert [r.name for r in rep_away.layers] == [r.name for r in rep.layers]
+    with torch.no_grad():
+        want = small(ids).logits.double()
+        got = small.to("cuda", torch.float16)(ids.cuda()).logits.double().cpu()
+        assert float((got - want).norm() / want.norm()) < 2e-2
+        got = away.to("cuda", torch.float16)(ids.cuda()).logits.double().cpu()
+        assert float((got - want).norm() / want.norm()) < 5e-2  # GPTQ on the GPU: other rounding ties
