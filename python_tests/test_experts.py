@@ -132,6 +132,9 @@ def test_experts_no_calibration_token_reached_are_built_without_statistics():
     with pytest.warns(UserWarning, match="no calibration token reached"):
         small, report = rk.compress(model, {EXPERTS: rule}, calib=ids, progress=False)
     assert report.uncalibrated and all(".mlp.experts." in n for n in report.uncalibrated)
+    built = {r.name: r.settings for r in report.layers}
+    assert all(built[n]["gptq"] is False for n in report.uncalibrated)  # what they were built with
+    assert small.get_submodule(report.uncalibrated[0])._reparam_settings["gptq"] is False
     for name in report.uncalibrated:  # round to nearest, as without calibration data
         e, proj = int(name.split(".")[5]), name.rsplit(".", 1)[1]
         w = getattr(model.get_submodule(name.rsplit(".", 2)[0]), proj)[e].detach()

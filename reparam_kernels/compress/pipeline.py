@@ -78,14 +78,14 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
             report.uncalibrated.append(full)
         new = get_method(rule.method).build(lin, settings, st)
         new._reparam_method = rule.method  # marks it for distill() and save_compressed()
-        new._reparam_settings = dict(rule.settings)
+        new._reparam_settings = dict(settings)  # what it was built with (data-free where uncalibrated)
         _set_module(root, name, new)
         W = lin.weight.detach()
         approx = new.to_dense().detach()
         n_b, b_b = state_bytes(lin)
         n_a, b_a = state_bytes(new)
         report.layers.append(LayerReport(
-            full, rule.method, dict(rule.settings), tuple(W.shape), n_b, n_a, b_b, b_a,
+            full, rule.method, dict(settings), tuple(W.shape), n_b, n_a, b_b, b_a,
             _svd.weight_error(W, approx),
             _svd.output_error(W, approx, st.gram) if st is not None and st.count else None,
             time.perf_counter() - t0, state_bytes(new, float_bytes=2)[1]))
