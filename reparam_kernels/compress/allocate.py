@@ -111,8 +111,12 @@ def _plan_ranks(model, batches, names, ratio, use_fisher, progress, pivoted=Fals
     fisher = {n: fisher[n] for n in names} if use_fisher else None
     spectra = layer_spectra(model, batches, names, fisher, progress, device)
     mods = dict(model.named_modules())
-    shapes = {n: tuple(mods[n].weight.shape) for n in spectra}
-    return (choose_ranks(spectra, shapes, ratio, pivoted) if spectra else {}), fisher
+    shapes = {n: tuple(mods[n].weight.shape) for n in names}
+    ranks = choose_ranks(spectra, {n: shapes[n] for n in spectra}, ratio, pivoted) if spectra else {}
+    for n in names:  # no calibration token reached it: no evidence, so its own share of the budget (ratio)
+        if n not in spectra:
+            ranks[n] = uniform_rank(*shapes[n], ratio, pivoted)
+    return ranks, fisher
 
 
 def resolve_global(model, plan_, batches, progress=True, fisher=None, device=None):
@@ -136,12 +140,7 @@ def resolve_global(model, plan_, batches, progress=True, fisher=None, device=Non
     ranks, fisher = _plan_ranks(model, batches, names, ratios.pop(), fishers.pop(), progress, pivots.pop(), fisher, device)
     out = {}
     for n, rule in plan_.items():
-        if n in names and n not in ranks:  # no calibration token reached it: no evidence, its own share (ratio)
-            s = {k: v for k, v in rule.settings.items() if k not in ("ratio", "allocate")}
-            o, i = model.get_submodule(n).weight.shape
-            out[n] = Rule(rule.pattern, rule.method, {**s, "rank": uniform_rank(o, i, rule.settings["ratio"],
-                                                                                 rule.settings.get("pivoted", False))})
-        elif n not in ranks:
+        if n not in ranks:
             out[n] = rule
         elif ranks[n] is not None:
             s = {k: v for k, v in rule.settings.items() if k not in ("ratio", "allocate")}

@@ -171,8 +171,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     fused = fused_experts_names(model)
     if fused:  # per-expert Linears (experts.py), so rules reach them; an inplace model stays unfused after an error
         if not inplace:
-            shared = fused + [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_conv1d(m)]
-            original, model = model, copy_sharing(model, shared)  # what stays dense is unshared at the end
+            original, model = model, copy_sharing(model, fused + linear_names(model))  # what stays dense is unshared at the end
         unfuse_experts(model, fused)
     plan_ = plan(model, recipe, has_calib=bool(batches))  # validates before any weight changes
     if random_calib:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .experts import UnfusedExperts, is_fused_experts, unfuse_experts
+from .experts import UnfusedExperts, unfuse_experts
 from .recipe import linear_features
 
 FORMAT = "reparam_kernels.compressed/1"
@@ -289,18 +289,12 @@ def load_compressed(model, path, strict_hash=True, cast=True):
 
 
 def _unfuse_like_checkpoint(model, names):
-    """Swap the skeleton's fused experts modules `names` for per-expert Linears, as compress() did."""
-    todo = []
-    for name in names:
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"`model`: the skeleton has no experts module {name!r} that the checkpoint holds") from None
-        if not isinstance(mod, UnfusedExperts):
-            if not is_fused_experts(mod):
-                raise ValueError(f"`model`: skeleton module {name!r} is a {type(mod).__name__}, not the fused "
-                                 "experts module the checkpoint split per expert")
-            todo.append(name)
+    """Swap the skeleton's fused experts modules `names` for per-expert Linears, as compress() did
+    (unfuse_experts raises for a module that is not one)."""
+    try:
+        todo = [n for n in names if not isinstance(model.get_submodule(n), UnfusedExperts)]
+    except AttributeError as e:
+        raise ValueError(f"`model`: the skeleton lacks an experts module the checkpoint holds ({e})") from None
     unfuse_experts(model, todo)
 
 
