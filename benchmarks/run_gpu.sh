@@ -7,7 +7,7 @@
 #   bash benchmarks/run_gpu.sh            # results into $OUT if set, else benchmarks/results/
 #   RUN_GPU_BUDGET=480 RUN_GPU_FULL=1 bash benchmarks/run_gpu.sh   # full shapes instead of --quick
 #   OUT=/tmp/res RUN_GPU_ARCHIVE=/somewhere/results.tgz bash benchmarks/run_gpu.sh   # + one archive
-#   RUN_GPU_FOCUS=1 RUN_GPU_BUDGET=540 bash benchmarks/run_gpu.sh   # ~9 min: the path tests only, bench_quant / bench_lowrank /
+#   RUN_GPU_FOCUS=1 RUN_GPU_BUDGET=540 bash benchmarks/run_gpu.sh   # ~9 min: the path tests only, bench_quant / bench_lowrank / bench_structured / bench_moe /
 #       bench_decode (batch 1 and 16), memcheck over the path cases (no racecheck), Nsight Compute with stall reasons on
 #       int4, low rank (also with the small-M ring) and block-circulant at M = 1, 16, 64, 128: the measurements
 #       that decide the open path choices
@@ -84,7 +84,8 @@ done
 NEW_TESTS="python_tests/test_cuda_paths_gpu.py python_tests/test_wgmma_gpu.py python_tests/test_quant_small_m_gpu.py python_tests/test_lowrank_small_m_gpu.py
   python_tests/test_quant_dequant_mm_gpu.py python_tests/test_lowrank_large_m.py python_tests/test_block_circulant_cols_op.py
   python_tests/test_fisher_blockwise.py python_tests/test_factor_device.py python_tests/test_generate.py python_tests/test_correction.py
-  python_tests/test_gptq_table.py python_tests/test_triton_quant_gpu.py python_tests/test_gptvq.py python_tests/test_experts.py"
+  python_tests/test_gptq_table.py python_tests/test_triton_quant_gpu.py python_tests/test_gptvq.py python_tests/test_experts.py
+  python_tests/test_grouped_int4_op.py python_tests/test_grouped_experts.py"
 IGNORE=(); for f in $NEW_TESTS; do IGNORE+=("--ignore=$f"); done
 step gpu_tests_new 120 "$DEST/gpu_tests_new.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
   --continue-on-collection-errors $NEW_TESTS --junitxml="$DEST/gpu_tests_new.xml"
@@ -108,7 +109,7 @@ BENCH_RC=0
 # The per-op benchmarks first, the end-to-end decode (slow to compile) last.
 SCRIPTS=()
 for s in benchmarks/bench_*.py; do [ "$s" != benchmarks/bench_decode.py ] && SCRIPTS+=("$s"); done
-[ "$FOCUS" = 1 ] && SCRIPTS=(benchmarks/bench_quant.py benchmarks/bench_lowrank.py benchmarks/bench_structured.py)
+[ "$FOCUS" = 1 ] && SCRIPTS=(benchmarks/bench_quant.py benchmarks/bench_lowrank.py benchmarks/bench_structured.py benchmarks/bench_moe.py)
 [ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py)
 SAN_RESERVE=150   # keep this much for compute-sanitizer (memcheck <= 80 s, racecheck <= 30 s) and Nsight Compute (<= 40 s)
 [ "$FOCUS" = 1 ] && SAN_RESERVE=160   # no racecheck; ncu up to 90 s (~30 kernels)

@@ -134,3 +134,25 @@ def test_cp_line_search_runs_small(tmp_path, monkeypatch):
     assert [r["line_search"] for r in rows[:4]] == [False, False, True, True]
     assert rows[0]["draws"] == 6 and rows[1]["draws"] == 1
     assert len(rows) == 8 and all(r["sweeps"] == 3 and 0 < r["rel_error"] < 1 for r in rows[4:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_bench_moe_case_on_cpu(tmp_path, fake_timer, dtype):
+    """The grouped experts against the dense per-expert loop on the CPU (the reference backend), rows
+    sorted by expert from a random routing; a peer absent on the CPU."""
+    bench = importlib.import_module("bench_moe")
+    res = common.Results("grouped_int4_linear", root=str(tmp_path), env=common.environment("test"))
+    rows = bench.bench_case(res, (6, 2), "down", 40, 256, 5, dtype, ("graph", "eager"), device="cpu", count=2)
+    assert res.failures == []
+    assert [r["mode"] for r in rows] == ["graph", "eager"] and rows[0]["M"] == 10
+    assert rows[0]["params"]["experts"] == 6 and rows[0]["params"]["tokens"] == 5
+    assert rows[0]["flops"] == 2 * 10 * 40 * 256
+    data = common.load(res.write())
+    assert data["rows"][0]["op"] == "grouped_int4_linear"
+
+
+def test_bench_moe_routing_gives_top_k_distinct_experts():
+    bench = importlib.import_module("bench_moe")
+    offsets = bench.routing(8, 2, 50, "cpu", torch.Generator().manual_seed(0))
+    assert offsets[0] == 0 and offsets[-1] == 100 and bool((offsets[1:] >= offsets[:-1]).all())
+    assert int((offsets[1:] - offsets[:-1]).max()) <= 50  # an expert at most once a token

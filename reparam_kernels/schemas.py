@@ -28,6 +28,9 @@ SCHEMAS = {
     "int8_linear": "int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor",
     # W[n,k] = (q[n,k] - zeros[n,g]) * scales[n,g], g = k // group_size ; qweight uint8 [N, K/2] (low nibble = even k)
     "int4_linear": "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
+    # rows expert_offsets[e]:expert_offsets[e+1] of x [T, K] through int4_linear with qweight[e] [N, K/2],
+    # scales[e] / zeros[e] [N, K // group_size], bias[e] [N]; other rows give 0 (one MoE layer's experts, no host sync)
+    "grouped_int4_linear": "grouped_int4_linear(Tensor x, Tensor expert_offsets, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
     # W[n,k] = lut[n // (N/L), code[n,k]] ; codes uint8 [N, K/2] 4-bit (low nibble = even k), lut [L, 16] (x's dtype)
     "lut_linear": "lut_linear(Tensor x, Tensor codes, Tensor lut, Tensor? bias) -> Tensor",
     # W[n,k] = codebooks[n // (N/L), codes[n, k // d], k % d] ; codes uint8 [N, K/d], codebooks [L, E <= 256, d]

@@ -25,10 +25,12 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from reparam_kernels.triton import _tiles  # noqa: E402
 
-int4_linear, int8_linear, lut_linear, vq_linear, matmul_nt, pivoted = (
+int4_linear, grouped_int4, int8_linear, lut_linear, vq_linear, matmul_nt, pivoted = (
     importlib.import_module(f"reparam_kernels.triton.{op}")
-    for op in ("int4_linear", "int8_linear", "lut_linear", "vq_linear", "_matmul_nt", "pivoted_lowrank_linear"))
+    for op in ("int4_linear", "grouped_int4_linear", "int8_linear", "lut_linear", "vq_linear", "_matmul_nt",
+               "pivoted_lowrank_linear"))
 
+GROUPED_EXPERTS = 8
 SHAPES = {"gemv": (1, 8192, 8192), "m16": (16, 8192, 8192), "m256": (256, 8192, 8192)}
 COMMON = {"bias_ptr": "*fp16", "y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32", "k_split": "i32",
           "stride_qn": "i32", "stride_xm": "i32", "stride_ym": "i32", "stride_ys": "i32"}
@@ -37,6 +39,10 @@ KERNELS = {
     "int4_linear": (int4_linear._int4_linear_kernel,
                     {"x_ptr": "*fp16", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16", "G": "i32", "one_bits": "i32"},
                     {"GROUP": 128}, 128, 0.5),
+    # a MoE layer's int4 experts (8 here); SHAPES' M = the routed rows of all experts together
+    "grouped_int4": (grouped_int4._grouped_int4_kernel,
+                     {"x_ptr": "*fp16", "off_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16",
+                      "T": "i32", "G": "i32", "tiles_m": "i32"}, {"GROUP": 128}, 128, 0.5),
     "int8_linear": (int8_linear._int8_linear_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp16"},
                     {}, 64, 1.0),
     "lut_linear": (lut_linear._lut_linear_kernel,
@@ -64,8 +70,11 @@ def compile_one(op, cls, arch, dtype="fp16"):
     fn, sig_extra, const_extra, gemv_bk, bytes_per_weight = KERNELS[op]
     bk_limit = const_extra.get("GROUP", 128)  # int4: the group size (a power of two here)
     m, n, k = SHAPES[cls]
-    t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32", gemv_bk=gemv_bk,
-                      sms=132)  # the splits an H200 gets
+    if op == "grouped_int4":
+        t = grouped_int4.tiles(m, GROUPED_EXPERTS, n, k, bk_limit, fp32=dtype == "fp32")
+    else:
+        t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32", gemv_bk=gemv_bk,
+                          sms=132)  # the splits an H200 gets
     sig = {name: sig_extra.get(name, COMMON.get(name)) for name in fn.arg_names}
     sig = {name: v.replace("fp16", dtype) if v else v for name, v in sig.items()}
     consts = dict(const_extra, HAS_BIAS=False, IEEE=dtype == "fp32", DOT_F32=False, BM=t.bm, BN=t.bn, BK=t.bk, GEMV=t.gemv)
@@ -74,7 +83,7 @@ def compile_one(op, cls, arch, dtype="fp16"):
     values = dict(M=m, N=n, K=k, k_split=t.k_split, stride_qn=k // 2, stride_xm=k, stride_ym=n, stride_ys=m * n,
                   G=k // const_extra.get("GROUP", 1), rows_per_table=1, stride_am=k, stride_bn=k, stride_cm=n,
                   stride_cs=m * n, one_bits=0x3F800000, R=n, KR=k, stride_wr=k, stride_ts=m * n, rows_per_book=n,
-                  book_stride=512)
+                  book_stride=512, T=m, tiles_m=triton.cdiv(m, t.bm))
     if op == "int4_linear" and t.gemv:  # the GEMV reads the codes as int32 words (int4_linear.py)
         sig["q_ptr"], values["stride_qn"] = "*i32", k // 8
     consts = {a: v for a, v in consts.items() if a in sig}  # (pivot_t has no bias)

@@ -11,13 +11,23 @@ per expert for free: a Linear's hooks see only the tokens routed to its expert, 
 the weighted grids use the routed tokens' statistics (an expert no calibration token reached gets
 none: methods that need statistics treat it as they treat any unreached layer).
 
-Forward: the experts a batch routes to, one after the other (transformers' "eager" implementation):
-data-dependent, so not capturable in a CUDA graph and a graph break under torch.compile; a grouped
-kernel over all experts is not written yet. ``compress`` unfuses a model's experts before planning and
-``save_compressed`` records them, so ``load_compressed`` unfuses the skeleton the same way.
+Forward, two paths:
+- grouped: when every expert's two layers are Int4Linear of one configuration, ``group()`` stacks their
+  tensors into [E, …] storage (the experts' own tensors become views of it, no second copy) and forward
+  runs each projection of all experts as one ``reparam.grouped_int4_linear`` call over the routed rows
+  sorted by expert: no host sync, so capturable in a CUDA graph and free of graph breaks under
+  torch.compile. ``compress`` and ``load_compressed`` group what they build (``group_experts``); moving or
+  casting the module (``.to``) groups again. Used when no expert tensor needs a gradient (under
+  torch.no_grad / inference_mode, or with the experts' scales, zeros and biases frozen).
+- per expert: the experts a batch routes to, one after the other (transformers' "eager" implementation),
+  for every other format and for training: a host sync to list the routed experts, so not capturable.
+``compress`` unfuses a model's experts before planning and ``save_compressed`` records them, so
+``load_compressed`` unfuses the skeleton the same way.
 """
 import torch
 from torch import nn
+
+from .._dispatch import as_dtype
 
 _WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -68,11 +78,92 @@ class UnfusedExperts(nn.Module):
             raise ValueError(f"unfuse_experts: {type(fused).__name__} holds tensors {left} besides the expert "
                              "weights; it is not supported")
         object.__setattr__(self, "_fused", fused)  # gating code and constants; no tensors left in it
+        self._grouped = None  # {projection: (qweight, scales, zeros, bias, group_size)} stacked, see group()
 
     def expert(self, e):
         return self._modules[str(e)]
 
+    def _layers(self, proj):
+        return [getattr(self.expert(e), proj) for e in range(self.num_experts)]
+
+    def group(self):
+        """Stack the experts' int4 tensors per projection into [E, …] storage, the experts' tensors becoming
+        views of it, for the grouped forward. Returns whether it could: every expert's layers must be
+        Int4Linear of one configuration (shape, group size, bias or not, dtypes, device)."""
+        from ..nn.quant import Int4Linear
+
+        self._grouped = None
+        stacked = {}
+        for proj in (self.up_name, "down_proj"):
+            layers = self._layers(proj)
+            first = layers[0]
+            key = lambda m: (type(m), m.in_features, m.out_features, getattr(m, "group_size", None),  # noqa: E731
+                             m.bias is None, m.scales.dtype, m.scales.device)
+            if type(first) is not Int4Linear or any(key(m) != key(first) for m in layers):
+                return False
+            with torch.no_grad():
+                tensors = {name: torch.stack([getattr(m, name) for m in layers])
+                           for name in ("qweight", "scales", "zeros") + (() if first.bias is None else ("bias",))}
+            for e, m in enumerate(layers):  # the experts' tensors now live in the stacked storage
+                m.qweight = tensors["qweight"][e]
+                for name in ("scales", "zeros", "bias"):
+                    if name in tensors:
+                        old = getattr(m, name)
+                        setattr(m, name, nn.Parameter(tensors[name][e], requires_grad=old.requires_grad))
+            stacked[proj] = (tensors["qweight"], tensors["scales"], tensors["zeros"], tensors.get("bias"),
+                             first.group_size)
+        self._grouped = stacked
+        return True
+
+    def _apply(self, fn, recurse=True):
+        """.to() / .half() / .cuda() give each expert tensor its own storage: stack them again."""
+        out = super()._apply(fn, recurse)
+        if self._grouped is not None:
+            self.group()
+        return out
+
+    def _grouped_ok(self):
+        """The grouped path applies: stacked (again, if a load with assign=True or a copy gave the experts
+        other storage) and no expert tensor wants a gradient (the stacked tensors are not the experts'
+        Parameters: gradients reach x only)."""
+        if self._grouped is None:
+            return False
+        if not torch.compiler.is_compiling():  # (data_ptr is not traceable; under torch.compile it is trusted)
+            for proj, (q, s, *_rest) in self._grouped.items():
+                layers = self._layers(proj)
+                if any(layers[e].qweight.data_ptr() != q[e].data_ptr() or layers[e].scales.data_ptr() != s[e].data_ptr()
+                       for e in (0, len(layers) - 1)) and not self.group():
+                    return False
+        if torch.is_grad_enabled():
+            return not any(t is not None and t.requires_grad for proj in self._grouped for m in self._layers(proj)
+                           for t in (m.scales, m.zeros, m.bias))
+        return True
+
+    def _forward_grouped(self, hidden_states, top_k_index, top_k_weights):
+        from ..ops import grouped_int4_linear
+
+        k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # rows sorted by expert; sentinels (≥ E) last, outside the offsets
+        ids = flat[order]
+        offsets = torch.searchsorted(ids, torch.arange(self.num_experts + 1, device=ids.device, dtype=ids.dtype))
+        tok = order // k
+        h = hidden_states[tok]
+        for proj in (self.up_name, "down_proj"):
+            q, s, z, b, group_size = self._grouped[proj]
+            dt = h.dtype
+            h = grouped_int4_linear(h, offsets, q, as_dtype(s, dt), as_dtype(z, dt), group_size, as_dtype(b, dt))
+            if proj != "down_proj":
+                h = self._fused._apply_gate(h) if self.has_gate else self._fused.act_fn(h)
+        if "post_expert_norm" in self._modules:
+            h = self.post_expert_norm(h)
+        w = top_k_weights.reshape(-1)[order]
+        out = torch.zeros_like(hidden_states)
+        return out.index_add_(0, tok, (h * w[:, None]).to(out.dtype))
+
     def forward(self, hidden_states, top_k_index, top_k_weights):
+        if self._grouped_ok():
+            return self._forward_grouped(hidden_states, top_k_index, top_k_weights)
         out = torch.zeros_like(hidden_states)
         for e in torch.unique(top_k_index).tolist():
             if e >= self.num_experts:  # an expert-parallel sentinel
@@ -86,6 +177,12 @@ class UnfusedExperts(nn.Module):
                 y = self.post_expert_norm(y)
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
+
+
+def group_experts(model):
+    """Stack every UnfusedExperts of `model` whose experts allow it for the grouped forward
+    (``UnfusedExperts.group``); returns the names grouped."""
+    return [n for n, m in model.named_modules() if isinstance(m, UnfusedExperts) and m.group()]
 
 
 def fused_experts_names(model):

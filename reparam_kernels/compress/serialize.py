@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .experts import UnfusedExperts, unfuse_experts
+from .experts import UnfusedExperts, group_experts, unfuse_experts
 from .recipe import linear_features
 
 FORMAT = "reparam_kernels.compressed/1"
@@ -284,6 +284,7 @@ def load_compressed(model, path, strict_hash=True, cast=True):
                 mod.refresh_cols()
     else:
         model.load_state_dict(full, strict=True)
+    group_experts(model)  # int4 experts: the grouped forward, as compress() left them
     model.reparam_recipe = manifest.get("recipe")
     return model
 

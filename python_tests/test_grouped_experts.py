@@ -1,0 +1,150 @@
+"""The grouped forward of int4 experts (compress/experts.py: UnfusedExperts.group, reparam.grouped_int4_linear):
+the per-expert path's outputs, the experts' tensors as views of the stacked storage, regrouping after .to() /
+load / copy, the per-expert path kept for training and other formats, no graph break under torch.compile."""
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import reparam_kernels as rk  # noqa: E402
+from reparam_kernels.compress.experts import UnfusedExperts, group_experts  # noqa: E402
+from test_experts import EXPERTS, _ids, tiny_moe  # noqa: E402
+
+INT4 = {EXPERTS: {"method": "int4", "group_size": 32}}
+
+
+def experts_of(model):
+    return [m for m in model.modules() if isinstance(m, UnfusedExperts)]
+
+
+def per_expert(model, ids):
+    """The logits through the per-expert path (the grouping dropped on a copy)."""
+    other = copy.deepcopy(model)
+    for m in experts_of(other):
+        m._grouped = None
+    with torch.no_grad():
+        return other(ids).logits
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "qwen3_moe"])
+def test_grouped_forward_gives_the_per_expert_outputs(arch, monkeypatch):
+    model, ids = tiny_moe(arch), _ids(8, 16)
+    small, _ = rk.compress(model, INT4, calib=ids, progress=False)
+    assert all(m._grouped is not None for m in experts_of(small))
+    calls = []
+    real = UnfusedExperts._forward_grouped
+    monkeypatch.setattr(UnfusedExperts, "_forward_grouped", lambda self, *a: calls.append(1) or real(self, *a))
+    with torch.no_grad():
+        got = small(_ids()).logits
+    assert len(calls) == 2  # both layers took the grouped path
+    torch.testing.assert_close(got, per_expert(small, _ids()), rtol=1e-5, atol=1e-5)
+
+
+def test_experts_tensors_are_views_of_the_stacked_storage():
+    small, _ = rk.compress(tiny_moe(), INT4, calib=_ids(8, 16), progress=False)
+    ex = experts_of(small)[0]
+    q, s, z, b, group = ex._grouped["down_proj"]
+    assert q.shape == (4, 32, 32) and s.shape == (4, 32, 2) and b is None and group == 32
+    for e in range(4):
+        layer = ex.expert(e).down_proj
+        assert layer.qweight.data_ptr() == q[e].data_ptr() and layer.zeros.data_ptr() == z[e].data_ptr()
+        assert isinstance(layer.scales, torch.nn.Parameter) and not layer.scales.requires_grad
+    stored = {t.untyped_storage().data_ptr() for m in ex.modules() for t in m.buffers()}
+    assert len(stored) == 2  # qweight of both projections, one storage each: no copy kept per expert
+
+
+def test_to_and_cast_group_again():
+    small, _ = rk.compress(tiny_moe(), INT4, calib=_ids(8, 16), progress=False)
+    want = per_expert(small, _ids())
+    small.double()
+    ex = experts_of(small)[1]
+    q, s = ex._grouped["gate_up_proj"][:2]
+    assert s.dtype == torch.float64 and ex.expert(3).gate_up_proj.scales.data_ptr() == s[3].data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(small(_ids()).logits.float(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_save_load_and_copies_come_back_grouped(tmp_path):
+    small, _ = rk.compress(tiny_moe("qwen3_moe"), INT4, calib=_ids(8, 16), progress=False)
+    rk.save_compressed(small, tmp_path / "ck")
+    back = rk.load_pretrained(tmp_path / "ck")
+    assert all(m._grouped is not None for m in experts_of(back))
+    twin = copy.deepcopy(small)  # the stacked tensors and the experts' copied apart: regrouped at the forward
+    with torch.no_grad():
+        want = small(_ids()).logits
+        torch.testing.assert_close(back(_ids()).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(twin(_ids()).logits, want, rtol=0, atol=0)
+    ex = experts_of(twin)[0]
+    assert ex.expert(2).down_proj.qweight.data_ptr() == ex._grouped["down_proj"][0][2].data_ptr()
+
+
+def test_other_formats_and_training_take_the_per_expert_path(monkeypatch):
+    model, ids = tiny_moe(), _ids(8, 16)
+    mixed = {"{blocks}.*.mlp.experts.0.*": "int8", EXPERTS: {"method": "int4", "group_size": 32}}
+    small, _ = rk.compress(model, mixed, calib=ids, progress=False)
+    assert not group_experts(small) and all(m._grouped is None for m in experts_of(small))
+    small, _ = rk.compress(model, INT4, calib=ids, progress=False)
+    monkeypatch.setattr(UnfusedExperts, "_forward_grouped", lambda *a: pytest.fail("grouped path while training"))
+    for p in small.parameters():
+        p.requires_grad_(p.is_floating_point())
+    small(ids).logits.sum().backward()  # scales and zeros train through the per-expert int4_linear
+    assert small.get_submodule("model.layers.0.mlp.experts.1.down_proj").scales.grad is not None
+
+
+def test_x_gradient_through_the_grouped_path():
+    """Experts frozen, grad mode on (a LoRA or an upstream layer training): the grouped op passes x's
+    gradient, the same as the per-expert path's."""
+    small, _ = rk.compress(tiny_moe(), INT4, calib=_ids(8, 16), progress=False)
+    ex = experts_of(small)[0]
+    h = torch.randn(6, 32, requires_grad=True)
+    idx, w = torch.tensor([[0, 2], [1, 2], [3, 0], [2, 1], [0, 3], [1, 0]]), torch.rand(6, 2)
+    assert ex._grouped_ok()
+    (ex(h, idx, w) ** 2).sum().backward()
+    g_grouped = h.grad.clone()
+    h.grad = None
+    ex._grouped = None
+    (ex(h, idx, w) ** 2).sum().backward()
+    torch.testing.assert_close(g_grouped, h.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sentinel_experts_and_compile_without_graph_breaks():
+    small, _ = rk.compress(tiny_moe(), INT4, calib=_ids(8, 16), progress=False)
+    ex = experts_of(small)[0]
+    h = torch.randn(5, 32)
+    idx = torch.tensor([[0, 4], [4, 4], [3, 1], [2, 2 + 2], [1, 0]])  # 4: an expert-parallel sentinel (skipped)
+    w = torch.rand(5, 2)
+    with torch.no_grad():
+        got = ex(h, idx, w)
+        compiled = torch.compile(ex, fullgraph=True, backend="aot_eager")(h, idx, w)
+        ex._grouped = None
+        want = ex(h, idx, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled, want, rtol=1e-5, atol=1e-6)
+    assert not got[1].any()
+
+
+@pytest.mark.gpu
+def test_grouped_experts_on_the_gpu_in_a_cuda_graph():
+    """fp16 on the GPU (the Triton kernel): the per-expert outputs, and a captured forward replayed with other
+    routing gives that routing's outputs (no host sync in the grouped path)."""
+    small, _ = rk.compress(tiny_moe(), INT4, calib=_ids(8, 16), progress=False)
+    small = small.to("cuda", torch.float16)
+    ex = experts_of(small)[0]
+    assert ex._grouped is not None and ex._grouped["down_proj"][0].is_cuda
+    h = torch.randn(3, 32, device="cuda", dtype=torch.float16)
+    idx = torch.tensor([[0, 1], [2, 3], [1, 2]], device="cuda")
+    w = torch.rand(3, 2, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        ex(h, idx, w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = ex(h, idx, w)
+        idx.copy_(torch.tensor([[3, 0], [0, 1], [2, 0]]))
+        graph.replay()
+        grouped = ex._grouped
+        ex._grouped = None
+        want = ex(h, idx, w)
+        ex._grouped = grouped
+    torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)

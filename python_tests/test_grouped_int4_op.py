@@ -1,0 +1,155 @@
+"""grouped_int4_linear (a MoE layer's int4 experts in one call): reference, Triton and the registered op
+against float64 per-expert math on odd sizes, empty experts and rows no expert takes; opcheck,
+torch.compile, autograd, bad inputs; on a GPU, the Triton kernel and CUDA-graph capture."""
+import pytest
+import torch
+
+import reparam_kernels as rk
+from reparam_kernels import reference
+from reparam_kernels import triton as rk_triton
+from reparam_kernels.compress.quantize import pack_int4
+from conftest import TOL, rel_err
+
+needs_triton = pytest.mark.skipif(rk_triton.grouped_int4_linear is None, reason="triton not installed")
+
+
+def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu"):
+    """(args, want): rows routed counts[e] to expert e in order, then `tail` rows no expert takes; want is
+    the float64 product of each row with its expert's dequantized weight (zeros for the tail)."""
+    E, T = len(counts), sum(counts) + tail
+    g = K // group
+    x = torch.randn(T, K, generator=rng).to(dtype)
+    q = torch.randint(0, 16, (E, N, K), generator=rng, dtype=torch.uint8)
+    s = (torch.rand(E, N, g, generator=rng) * 0.05 + 0.01).to(dtype)
+    z = torch.randint(0, 16, (E, N, g), generator=rng).to(dtype)
+    b = torch.randn(E, N, generator=rng).to(dtype) if bias else None
+    w = ((q.double().reshape(E, N, g, group) - z.double()[..., None]) * s.double()[..., None]).reshape(E, N, K)
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    want = torch.zeros(T, N, dtype=torch.float64)
+    for e in range(E):
+        lo, hi = offsets[e].item(), offsets[e + 1].item()
+        want[lo:hi] = x[lo:hi].double() @ w[e].t() + (b[e].double() if bias else 0)
+    packed = torch.stack([pack_int4(q[e]) for e in range(E)])
+    args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in (x, offsets, packed, s, z, group, b)]
+    return tuple(args), want.to(device)
+
+
+CASES = [([3, 0, 5, 1], 64, 33, 32, 0), ([20, 1, 0], 96, 70, 32, 4), ([0, 0, 2], 128, 65, 64, 0),
+         ([40, 17], 256, 40, 128, 3), ([1] * 6, 64, 24, 32, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_reference_matches_float64(rng, dtype, case):
+    counts, K, N, group, tail = CASES[case]
+    args, want = make(rng, counts, K, N, dtype, group=group, tail=tail)
+    y = reference.grouped_int4_linear(*args)
+    assert y.dtype == dtype and y.shape == want.shape
+    assert rel_err(y, want) <= TOL[dtype]
+    assert not y[sum(counts):].any()  # rows no expert takes: zeros
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_triton_matches_float64(rng, dtype, case):
+    """Row tiles of 16 and 32 (20 and 40 rows an expert span several), experts without rows, a tail."""
+    counts, K, N, group, tail = CASES[case]
+    args, want = make(rng, counts, K, N, dtype, group=group, tail=tail, bias=case % 2 == 0)
+    y = rk_triton.grouped_int4_linear(*args)
+    assert y.dtype == dtype and y.shape == want.shape
+    assert rel_err(y, want) <= TOL[dtype]
+    assert not y[sum(counts):].any()
+
+
+@needs_triton
+def test_triton_clamps_offsets_past_the_rows(rng):
+    """Offsets beyond T (a caller's bug the op cannot see without a host sync) read no row past x."""
+    args, want = make(rng, [3, 4], 64, 16, torch.float32)
+    x, offsets, *rest = args
+    y = rk_triton.grouped_int4_linear(x, torch.tensor([0, 3, 1000]), *rest)
+    assert rel_err(y, want) <= TOL[torch.float32]
+
+
+def test_op_cpu_opcheck_and_wrapper(rng):
+    args, want = make(rng, [2, 0, 3], 64, 24, torch.float32, tail=1)
+    assert rel_err(torch.ops.reparam.grouped_int4_linear(*args), want) <= 1e-5
+    torch.library.opcheck(torch.ops.reparam.grouped_int4_linear, args)
+    nob = (*args[:-1], None)
+    torch.library.opcheck(torch.ops.reparam.grouped_int4_linear, nob)
+    assert rel_err(rk.ops.grouped_int4_linear(*args), want) <= 1e-5
+
+
+def test_x_and_bias_gradient_and_no_scales_gradient(rng):
+    args, _ = make(rng, [2, 0, 3], 64, 5, torch.float64, tail=1)
+    x, b = args[0].requires_grad_(True), args[-1].requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x_, b_: rk.ops.grouped_int4_linear(x_, *args[1:-1], b_), (x, b))
+    s = args[3].clone().requires_grad_(True)
+    y = rk.ops.grouped_int4_linear(args[0], args[1], args[2], s, *args[4:])
+    with pytest.raises(NotImplementedError, match="no gradient for the experts' scales"):
+        y.sum().backward()
+
+
+class Net(torch.nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args[1:]
+
+    def forward(self, x):
+        return torch.relu(rk.ops.grouped_int4_linear(x, *self.args)) * 2
+
+
+def test_torch_compile_fullgraph(rng):
+    args, _ = make(rng, [2, 0, 3], 64, 24, torch.float32, tail=1)
+    m = Net(args)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(args[0]), m(args[0])) <= 1e-6
+
+
+BAD = [
+    (lambda a: (a[0], a[1][:-1], *a[2:]), "`expert_offsets` must have experts \\+ 1 = 3 entries"),
+    (lambda a: (a[0], a[1].int(), *a[2:]), "`expert_offsets` must have dtype torch.int64"),
+    (lambda a: (a[0][None], *a[1:]), "`x` must be 2-D"),
+    (lambda a: (a[0], a[1], a[2][0], *a[3:]), "`qweight` must be 3-D"),
+    (lambda a: (a[0], a[1], a[2], a[3][:, :-1].contiguous(), *a[4:]), "`scales` must be \\[E, N, K // group_size\\]"),
+    (lambda a: (a[0], a[1], a[2], a[3], a[4].half(), *a[5:]), "`zeros` must have dtype"),
+    (lambda a: (*a[:5], 48, a[6]), "`group_size` must be a positive multiple of 32"),
+    (lambda a: (*a[:6], a[6][0]), "`bias` must be 2-D"),
+    (lambda a: (a[0][:, :-2], *a[1:]), "`x` has 62 features"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD)))
+def test_bad_inputs_name_the_argument(rng, case):
+    args, _ = make(rng, [2, 3], 64, 24, torch.float32)
+    bad, match = BAD[case]
+    with pytest.raises(ValueError, match=match):
+        rk.ops.grouped_int4_linear(*bad(args))
+
+
+# ---------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("counts,K,N,group,tail", [([1, 0, 0, 1, 0, 0, 0, 0], 4096, 1536, 128, 0),
+                                                    ([300, 0, 77, 1000, 5], 1024, 2816, 128, 9),
+                                                    *CASES])
+def test_gpu_matches_float64(rng, dtype, counts, K, N, group, tail):
+    args, want = make(rng, counts, K, N, dtype, group=group, tail=tail, device="cuda")
+    y = rk.ops.grouped_int4_linear(*args)
+    assert rel_err(y, want) <= TOL[dtype]
+    assert not y[sum(counts):].any()
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replays_new_routing(rng):
+    """Captured once, replayed with other offsets in the same buffer: the routing lives on the device."""
+    args, _ = make(rng, [2, 0, 3, 1], 256, 128, torch.float16, device="cuda")
+    x, offsets, *rest = args
+    rk.ops.grouped_int4_linear(x, offsets, *rest)  # compile the kernel outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = rk.ops.grouped_int4_linear(x, offsets, *rest)
+    offsets.copy_(torch.tensor([0, 0, 6, 6, 6]))  # every row to expert 1 now
+    graph.replay()
+    torch.testing.assert_close(y, reference.grouped_int4_linear(x, offsets, *rest), rtol=2e-2, atol=2e-2)
