@@ -35,7 +35,9 @@ def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu"):
 
 
 CASES = [([3, 0, 5, 1], 64, 33, 32, 0), ([20, 1, 0], 96, 70, 32, 4), ([0, 0, 2], 128, 65, 64, 0),
-         ([40, 17], 256, 40, 128, 3), ([1] * 6, 64, 24, 32, 1)]
+         ([40, 17], 256, 40, 128, 3), ([1] * 6, 64, 24, 32, 1),
+         # more than two row tiles of T: the packed map (each expert's rows in tiles of its own)
+         ([0, 50, 3, 0, 33], 64, 40, 32, 2), ([10, 0, 7, 12, 9, 0, 11, 1, 0], 64, 24, 32, 0)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -63,12 +65,33 @@ def test_triton_matches_float64(rng, dtype, case):
 
 
 @needs_triton
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_triton_both_row_tile_maps(rng, packed, case):
+    """Either map of programs to row tiles (per expert, or packed with the bisection) on every case."""
+    counts, K, N, group, tail = CASES[case]
+    args, want = make(rng, counts, K, N, torch.float16, group=group, tail=tail)
+    assert rel_err(rk_triton.grouped_int4_linear(*args, packed=packed), want) <= TOL[torch.float16]
+
+
+def test_launch_plan_packs_long_inputs():
+    from reparam_kernels.triton.grouped_int4_linear import launch_plan, tile_ends
+    t, tiles_m, packed, search, programs = launch_plan(2, 8, 28672, 4096, 128)  # decode: one tile
+    assert (t.bm, tiles_m, packed, programs) == (16, 1, False, 8)
+    t, tiles_m, packed, search, programs = launch_plan(4096 * 8, 128, 1536, 2048, 128)  # prefill
+    assert packed and programs == tiles_m + 128 < 128 * tiles_m and search == 8
+    ends = tile_ends(torch.tensor([0, 5, 5, 40, 41]), 41, 16)
+    assert ends.tolist() == [1, 1, 4, 5]
+
+
+@needs_triton
 def test_triton_clamps_offsets_past_the_rows(rng):
     """Offsets beyond T (a caller's bug the op cannot see without a host sync) read no row past x."""
     args, want = make(rng, [3, 4], 64, 16, torch.float32)
     x, offsets, *rest = args
-    y = rk_triton.grouped_int4_linear(x, torch.tensor([0, 3, 1000]), *rest)
-    assert rel_err(y, want) <= TOL[torch.float32]
+    for packed in (False, True):
+        y = rk_triton.grouped_int4_linear(x, torch.tensor([0, 3, 1000]), *rest, packed=packed)
+        assert rel_err(y, want) <= TOL[torch.float32]
 
 
 def test_op_cpu_opcheck_and_wrapper(rng):

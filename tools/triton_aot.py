@@ -41,8 +41,8 @@ KERNELS = {
                     {"GROUP": 128}, 128, 0.5),
     # a MoE layer's int4 experts (8 here); SHAPES' M = the routed rows of all experts together
     "grouped_int4": (grouped_int4._grouped_int4_kernel,
-                     {"x_ptr": "*fp16", "off_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16",
-                      "T": "i32", "G": "i32", "tiles_m": "i32"}, {"GROUP": 128}, 128, 0.5),
+                     {"x_ptr": "*fp16", "off_ptr": "*i64", "ends_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*fp16",
+                      "z_ptr": "*fp16", "T": "i32", "G": "i32", "E": "i32", "tiles_m": "i32"}, {"GROUP": 128}, 128, 0.5),
     "int8_linear": (int8_linear._int8_linear_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp16"},
                     {}, 64, 1.0),
     "lut_linear": (lut_linear._lut_linear_kernel,
@@ -70,8 +70,9 @@ def compile_one(op, cls, arch, dtype="fp16"):
     fn, sig_extra, const_extra, gemv_bk, bytes_per_weight = KERNELS[op]
     bk_limit = const_extra.get("GROUP", 128)  # int4: the group size (a power of two here)
     m, n, k = SHAPES[cls]
-    if op == "grouped_int4":
-        t = grouped_int4.tiles(m, GROUPED_EXPERTS, n, k, bk_limit, fp32=dtype == "fp32")
+    if op == "grouped_int4":  # (m256: 256 rows are 16 row tiles, the packed map)
+        t, _, packed, search, _ = grouped_int4.launch_plan(m, GROUPED_EXPERTS, n, k, bk_limit, fp32=dtype == "fp32")
+        const_extra = dict(const_extra, PACKED=packed, SEARCH=search)
     else:
         t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32", gemv_bk=gemv_bk,
                           sms=132)  # the splits an H200 gets
@@ -83,7 +84,7 @@ def compile_one(op, cls, arch, dtype="fp16"):
     values = dict(M=m, N=n, K=k, k_split=t.k_split, stride_qn=k // 2, stride_xm=k, stride_ym=n, stride_ys=m * n,
                   G=k // const_extra.get("GROUP", 1), rows_per_table=1, stride_am=k, stride_bn=k, stride_cm=n,
                   stride_cs=m * n, one_bits=0x3F800000, R=n, KR=k, stride_wr=k, stride_ts=m * n, rows_per_book=n,
-                  book_stride=512, T=m, tiles_m=triton.cdiv(m, t.bm))
+                  book_stride=512, T=m, tiles_m=triton.cdiv(m, t.bm), E=GROUPED_EXPERTS)
     if op == "int4_linear" and t.gemv:  # the GEMV reads the codes as int32 words (int4_linear.py)
         sig["q_ptr"], values["stride_qn"] = "*i32", k // 8
     consts = {a: v for a, v in consts.items() if a in sig}  # (pivot_t has no bias)
