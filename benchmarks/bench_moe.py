@@ -1,12 +1,14 @@
-"""A mixture-of-experts layer's int4 experts in one call (grouped_int4_linear) vs the same experts dense through cuBLAS.
+"""A mixture-of-experts layer's quantized experts in one call (grouped_int4_linear, grouped_int8_linear) vs the same
+experts dense through cuBLAS.
 
-    python benchmarks/bench_moe.py [--quick] [--models mixtral,qwen3_moe] [--dtypes fp16,bf16]
+    python benchmarks/bench_moe.py [--quick] [--models mixtral,qwen3_moe] [--formats int4,int8] [--dtypes fp16,bf16]
 
 Each case is one projection (gate_up or down) of one MoE layer for T tokens, each routed to top_k distinct
 experts drawn at random; M = T·top_k routed rows, sorted by expert (what UnfusedExperts' grouped forward
 passes). Contenders, all on the same rows:
 
-- ours: ``reparam.grouped_int4_linear`` (group 128): one launch, the routing read on the device;
+- ours: ``reparam.grouped_int4_linear`` (group 128) or ``grouped_int8_linear``: one launch, the routing read on
+  the device;
 - cublas: the dequantized experts in x's dtype, one ``torch.matmul`` per expert that has rows, the
   routing known on the host when the call is recorded — the dense per-expert loop without its host sync,
   so a CUDA graph can hold it (generous to the baseline: a real forward must sync or pad);
@@ -15,8 +17,9 @@ passes). Contenders, all on the same rows:
 
 Several routings (and x) rotate through the timed calls, so the experts one call reads are not left in L2
 by the previous one. Checked against float64 before timing. Writes
-benchmarks/results/<gpu>/grouped_int4_linear.json; rows carry params {model, projection, experts, top_k,
-tokens}, ``bytes`` (the routed experts' packed weights and scales, x and y, once) and ``flops``.
+benchmarks/results/<gpu>/grouped_int{4,8}_linear.json; rows carry params {model, projection, experts, top_k,
+tokens, bits}, ``bytes`` (the routed experts' weights and scales at most — min(E, M) experts —, x and y, once)
+and ``flops``. int4 only by default (``--formats``): the formats of issue 3's decode targets first.
 """
 import torch
 
@@ -26,6 +29,8 @@ from common import (DTYPES, Contender, Results, bench_arg_parser, measure_ceilin
 import reparam_kernels
 from reparam_kernels.compress.quantize import pack_int4
 from reparam_kernels.reference.int4_linear import dequantize_int4
+
+OPS = {"int4": "grouped_int4_linear", "int8": "grouped_int8_linear"}
 
 GROUP = 128
 # model: (experts, top_k, hidden, expert ffn) — Mixtral-8x7B and Qwen3-30B-A3B
@@ -39,13 +44,23 @@ def projections(model):
     return [("gate_up", 2 * ffn, hidden), ("down", hidden, ffn)]
 
 
-def make_experts(E, N, K, dtype, device, gen):
-    """(qweight [E, N, K/2], scales, zeros) with outputs of O(1)."""
+def make_experts(fmt, E, N, K, dtype, device, gen):
+    """(the op's weight tensors [E, …] with outputs of O(1), a function giving expert e's dense weight in a dtype)."""
     amp = 1.0 / (4.0 * K ** 0.5)
+    if fmt == "int8":
+        q = torch.randint(-127, 128, (E, N, K), device=device, dtype=torch.int8, generator=gen)
+        s = ((torch.rand(E, N, device=device, generator=gen) + 0.5) * amp / 64).to(dtype)
+        return (q, s), lambda e, dt: q[e].to(dt) * s[e].to(dt)[:, None]
     q = torch.randint(0, 16, (E * N, K), device=device, dtype=torch.uint8, generator=gen)
     s = ((torch.rand(E, N, K // GROUP, device=device, generator=gen) + 0.5) * amp / 4).to(dtype)
     z = torch.randint(0, 16, (E, N, K // GROUP), device=device, generator=gen).to(dtype)
-    return pack_int4(q).view(E, N, K // 2), s, z
+    q = pack_int4(q).view(E, N, K // 2)
+    return (q, s, z, GROUP), lambda e, dt: dequantize_int4(q[e], s[e], z[e], GROUP, dt)
+
+
+def weight_bytes(fmt, N, K, elt):
+    """One expert's weight and scales."""
+    return N * K + N * elt if fmt == "int8" else N * K // 2 + 2 * N * (K // GROUP) * elt
 
 
 def routing(E, top_k, T, device, gen):
@@ -71,24 +86,24 @@ def grouped_mm(x, w_t, ends):
     return torch._grouped_mm(x, w_t, offs=ends)
 
 
-def bench_case(res, model, proj, N, K, T, dtype, modes, device="cuda", count=None, seed=0):
+def bench_case(res, model, proj, N, K, T, dtype, modes, fmt="int4", device="cuda", count=None, seed=0):
     """Check, then time, one projection at T tokens; `device`/`count` let the CPU tests run it small."""
     E, top_k = MODELS[model][:2] if isinstance(model, str) else model
     gen = torch.Generator(device=device).manual_seed(seed)
-    q, s, z = make_experts(E, N, K, dtype, device, gen)
-    w = torch.stack([dequantize_int4(q[e], s[e], z[e], GROUP, dtype) for e in range(E)])
+    weights, dense = make_experts(fmt, E, N, K, dtype, device, gen)
+    w = torch.stack([dense(e, dtype) for e in range(E)])
     M = T * top_k
     elt = torch.empty((), dtype=dtype).element_size()
-    hit = min(E, M)  # experts a call reads, at most
-    per_call = hit * (N * K // 2 + 2 * N * (K // GROUP) * elt) + (M * K + M * N) * elt
+    per_call = min(E, M) * weight_bytes(fmt, N, K, elt) + (M * K + M * N) * elt  # experts a call reads, at most
     n_sets = count or rotation_count(per_call)
     sets = []
     for _ in range(n_sets):
         offsets = routing(E, top_k, T, device, gen)
         sets.append((torch.randn(M, K, device=device, generator=gen).to(dtype), offsets))
-    ours = Contender(lambda x, o: reparam_kernels.ops.grouped_int4_linear(x, o, q, s, z, GROUP, None), sets)
+    op = getattr(reparam_kernels.ops, OPS[fmt])
+    ours = Contender(lambda x, o: op(x, o, *weights, None), sets)
     loops = [dense_loop(list(zip(o[:-1].tolist(), o[1:].tolist()))) for _, o in sets]
-    cublas = Contender(lambda x, i, dense: loops[i](x, dense), [(x, i, w) for i, (x, _) in enumerate(sets)])
+    cublas = Contender(lambda x, i, dense_w: loops[i](x, dense_w), [(x, i, w) for i, (x, _) in enumerate(sets)])
     peers = {}
     if hasattr(torch, "_grouped_mm") and device == "cuda":
         w_t = w.transpose(1, 2)
@@ -100,12 +115,13 @@ def bench_case(res, model, proj, N, K, T, dtype, modes, device="cuda", count=Non
         y = torch.zeros(M, N, dtype=torch.float64, device=device)
         for e in range(E):
             if bounds[e + 1] > bounds[e]:
-                y[bounds[e]:bounds[e + 1]] = x0[bounds[e]:bounds[e + 1]].double() @ dequantize_int4(
-                    q[e], s[e], z[e], GROUP, torch.float64).t()
+                y[bounds[e]:bounds[e + 1]] = x0[bounds[e]:bounds[e + 1]].double() @ dense(e, torch.float64).t()
         return y
 
     params = {"model": model if isinstance(model, str) else "custom", "projection": proj, "experts": E,
-              "top_k": top_k, "tokens": T, "bits": 4, "group": GROUP}
+              "top_k": top_k, "tokens": T, "bits": 8 if fmt == "int8" else 4}
+    if fmt == "int4":
+        params["group"] = GROUP
     rows = run_case(res, dtype=dtype, M=M, N=N, K=K, params=params, modes=modes, ours=ours, cublas=cublas,
                     peers=peers, reference=reference, bytes=per_call, flops=2 * M * N * K)
     del sets, w, peers
@@ -117,29 +133,35 @@ def bench_case(res, model, proj, N, K, T, dtype, modes, device="cuda", count=Non
 def main(argv=None):
     p = bench_arg_parser(__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ",".join(MODELS))
+    p.add_argument("--formats", default="int4", help="comma-separated, from " + ",".join(OPS))
     args = p.parse_args(argv)
     require_cuda(__file__)
-    models = args.models.split(",")
-    for m in models:
-        if m not in MODELS:
-            raise SystemExit(f"--models: unknown model {m!r}; choose from {', '.join(MODELS)}")
+    models, formats = args.models.split(","), args.formats.split(",")
+    for name, given, known in (("models", models, MODELS), ("formats", formats, OPS)):
+        for g in given:
+            if g not in known:
+                raise SystemExit(f"--{name}: unknown {g!r}; choose from {', '.join(known)}")
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     modes = tuple(args.modes.split(","))
     tokens = QUICK_TOKENS if args.quick else TOKENS
-    res = Results("grouped_int4_linear", root=args.out)
-    res.ceilings = measure_ceilings()
-    cases = [(m, proj, N, K, T, d) for d in dtypes for T in tokens for m in models for proj, N, K in projections(m)]
-    for m, proj, N, K, T, dtype in progress(cases, "MoE experts"):
-        for row in bench_case(res, m, proj, N, K, T, dtype, modes):
+    ceilings = measure_ceilings()
+    results = {f: Results(OPS[f], root=args.out) for f in formats}
+    for res in results.values():
+        res.ceilings = ceilings
+    cases = [(f, m, proj, N, K, T, d) for d in dtypes for T in tokens for m in models for proj, N, K in projections(m)
+             for f in formats]
+    for fmt, m, proj, N, K, T, dtype in progress(cases, "MoE experts"):
+        for row in bench_case(results[fmt], m, proj, N, K, T, dtype, modes, fmt=fmt):
             peers = "  ".join(f"{k} {v:8.2f} us" for k, v in row["peers"].items())
-            print(f"grouped_int4 {row['mode']:5} {row['dtype']} {m} {proj} T={T:4} M={row['M']:5} N={N:5} K={K:5} "
+            print(f"{OPS[fmt]} {row['mode']:5} {row['dtype']} {m} {proj} T={T:4} M={row['M']:5} N={N:5} K={K:5} "
                   f"ours {row['ours_us']:8.2f} us  cuBLAS loop {row['cublas_us']:8.2f} us  ratio {row['ratio']:5.2f}x  "
                   f"{peers}", flush=True)
     status = 0
-    for fail in res.failures:
-        print(f"NOT TIMED {fail['case']}: {fail['reason']}")
-        status = 1
-    print(res.write())
+    for res in results.values():
+        for fail in res.failures:
+            print(f"NOT TIMED {res.op} {fail['case']}: {fail['reason']}")
+            status = 1
+        print(res.write())
     return status
 
 

@@ -1,4 +1,5 @@
-"""The grouped forward of int4 experts (compress/experts.py: UnfusedExperts.group, reparam.grouped_int4_linear):
+"""The grouped forward of int4 / int8 experts (compress/experts.py: UnfusedExperts.group, reparam.grouped_int4_linear
+and grouped_int8_linear):
 the per-expert path's outputs, the experts' tensors as views of the stacked storage, regrouping after .to() /
 load / copy, the per-expert path kept for training and other formats, no graph break under torch.compile."""
 import copy
@@ -13,6 +14,8 @@ from reparam_kernels.compress.experts import UnfusedExperts, group_experts  # no
 from test_experts import EXPERTS, _ids, tiny_moe  # noqa: E402
 
 INT4 = {EXPERTS: {"method": "int4", "group_size": 32}}
+# docs/compression.md's MoE recipe: down projections int8, the rest int4
+MIXED = {"{blocks}.*.mlp.experts.*.down_proj": "int8", EXPERTS: {"method": "int4", "group_size": 32}}
 
 
 def experts_of(model):
@@ -28,10 +31,11 @@ def per_expert(model, ids):
         return other(ids).logits
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "qwen3_moe"])
-def test_grouped_forward_gives_the_per_expert_outputs(arch, monkeypatch):
+@pytest.mark.parametrize("arch,recipe", [("mixtral", INT4), ("gpt_oss", INT4), ("qwen3_moe", INT4),
+                                         ("mixtral", MIXED), ("gpt_oss", MIXED)])
+def test_grouped_forward_gives_the_per_expert_outputs(arch, recipe, monkeypatch):
     model, ids = tiny_moe(arch), _ids(8, 16)
-    small, _ = rk.compress(model, INT4, calib=ids, progress=False)
+    small, _ = rk.compress(model, recipe, calib=ids, progress=False)
     assert all(m._grouped is not None for m in experts_of(small))
     calls = []
     real = UnfusedExperts._forward_grouped
@@ -45,8 +49,9 @@ def test_grouped_forward_gives_the_per_expert_outputs(arch, monkeypatch):
 def test_experts_tensors_are_views_of_the_stacked_storage():
     small, _ = rk.compress(tiny_moe(), INT4, calib=_ids(8, 16), progress=False)
     ex = experts_of(small)[0]
-    q, s, z, b, group = ex._grouped["down_proj"]
-    assert q.shape == (4, 32, 32) and s.shape == (4, 32, 2) and b is None and group == 32
+    op, (q, s, z), consts, b = ex._grouped["down_proj"]
+    assert op is rk.ops.grouped_int4_linear and consts == (32,) and b is None
+    assert q.shape == (4, 32, 32) and s.shape == (4, 32, 2)
     for e in range(4):
         layer = ex.expert(e).down_proj
         assert layer.qweight.data_ptr() == q[e].data_ptr() and layer.zeros.data_ptr() == z[e].data_ptr()
@@ -60,7 +65,7 @@ def test_to_and_cast_group_again():
     want = per_expert(small, _ids())
     small.double()
     ex = experts_of(small)[1]
-    q, s = ex._grouped["gate_up_proj"][:2]
+    q, s, z = ex._grouped["gate_up_proj"][1]
     assert s.dtype == torch.float64 and ex.expert(3).gate_up_proj.scales.data_ptr() == s[3].data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(small(_ids()).logits.float(), want, rtol=1e-4, atol=1e-4)
@@ -77,7 +82,7 @@ def test_save_load_and_copies_come_back_grouped(tmp_path):
         torch.testing.assert_close(back(_ids()).logits, want, rtol=0, atol=0)
         torch.testing.assert_close(twin(_ids()).logits, want, rtol=0, atol=0)
     ex = experts_of(twin)[0]
-    assert ex.expert(2).down_proj.qweight.data_ptr() == ex._grouped["down_proj"][0][2].data_ptr()
+    assert ex.expert(2).down_proj.qweight.data_ptr() == ex._grouped["down_proj"][1][0][2].data_ptr()
 
 
 def test_other_formats_and_training_take_the_per_expert_path(monkeypatch):
@@ -85,6 +90,12 @@ def test_other_formats_and_training_take_the_per_expert_path(monkeypatch):
     mixed = {"{blocks}.*.mlp.experts.0.*": "int8", EXPERTS: {"method": "int4", "group_size": 32}}
     small, _ = rk.compress(model, mixed, calib=ids, progress=False)
     assert not group_experts(small) and all(m._grouped is None for m in experts_of(small))
+    lowrank = {"{blocks}.*.mlp.experts.*.down_proj": {"method": "lowrank", "ratio": 0.5}, **INT4}
+    small, _ = rk.compress(model, lowrank, calib=ids, progress=False)
+    ex = experts_of(small)[0]
+    assert ex._grouped is None  # down_proj has no grouped op: gate_up is not stacked either (nothing changed)
+    ptrs = {ex.expert(e).gate_up_proj.qweight.untyped_storage().data_ptr() for e in range(4)}
+    assert len(ptrs) == 4
     small, _ = rk.compress(model, INT4, calib=ids, progress=False)
     monkeypatch.setattr(UnfusedExperts, "_forward_grouped", lambda *a: pytest.fail("grouped path while training"))
     for p in small.parameters():

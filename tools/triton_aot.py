@@ -25,10 +25,10 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from reparam_kernels.triton import _tiles  # noqa: E402
 
-int4_linear, grouped_int4, int8_linear, lut_linear, vq_linear, matmul_nt, pivoted = (
+int4_linear, grouped_int4, grouped_int8, int8_linear, lut_linear, vq_linear, matmul_nt, pivoted = (
     importlib.import_module(f"reparam_kernels.triton.{op}")
-    for op in ("int4_linear", "grouped_int4_linear", "int8_linear", "lut_linear", "vq_linear", "_matmul_nt",
-               "pivoted_lowrank_linear"))
+    for op in ("int4_linear", "grouped_int4_linear", "grouped_int8_linear", "int8_linear", "lut_linear", "vq_linear",
+               "_matmul_nt", "pivoted_lowrank_linear"))
 
 GROUPED_EXPERTS = 8
 SHAPES = {"gemv": (1, 8192, 8192), "m16": (16, 8192, 8192), "m256": (256, 8192, 8192)}
@@ -43,6 +43,9 @@ KERNELS = {
     "grouped_int4": (grouped_int4._grouped_int4_kernel,
                      {"x_ptr": "*fp16", "off_ptr": "*i64", "ends_ptr": "*i64", "q_ptr": "*u8", "s_ptr": "*fp16",
                       "z_ptr": "*fp16", "T": "i32", "G": "i32", "E": "i32", "tiles_m": "i32"}, {"GROUP": 128}, 128, 0.5),
+    "grouped_int8": (grouped_int8._grouped_int8_kernel,
+                     {"x_ptr": "*fp16", "off_ptr": "*i64", "ends_ptr": "*i64", "q_ptr": "*i8", "s_ptr": "*fp16",
+                      "T": "i32", "E": "i32", "tiles_m": "i32"}, {}, 128, 1.0),
     "int8_linear": (int8_linear._int8_linear_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp16"},
                     {}, 64, 1.0),
     "lut_linear": (lut_linear._lut_linear_kernel,
@@ -70,9 +73,11 @@ def compile_one(op, cls, arch, dtype="fp16"):
     fn, sig_extra, const_extra, gemv_bk, bytes_per_weight = KERNELS[op]
     bk_limit = const_extra.get("GROUP", 128)  # int4: the group size (a power of two here)
     m, n, k = SHAPES[cls]
-    if op == "grouped_int4":  # (m256: 256 rows are 16 row tiles, the packed map)
-        t, _, packed, search, _ = grouped_int4.launch_plan(m, GROUPED_EXPERTS, n, k, bk_limit, fp32=dtype == "fp32")
-        const_extra = dict(const_extra, PACKED=packed, SEARCH=search)
+    if op.startswith("grouped_"):  # (m256: 256 rows of 8 experts are 8 row tiles of 32, the packed map)
+        plan = grouped_int4.plan(m, GROUPED_EXPERTS, n, k, bk_limit, fp32=dtype == "fp32") if op == "grouped_int4" \
+            else grouped_int8.plan(m, GROUPED_EXPERTS, n, k, fp32=dtype == "fp32")
+        t = plan.tiles
+        const_extra = dict(const_extra, PACKED=plan.packed, SEARCH=plan.search)
     else:
         t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32", gemv_bk=gemv_bk,
                           sms=132)  # the splits an H200 gets

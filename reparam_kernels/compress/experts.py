@@ -12,9 +12,10 @@ the weighted grids use the routed tokens' statistics (an expert no calibration t
 none: methods that need statistics treat it as they treat any unreached layer).
 
 Forward, two paths:
-- grouped: when every expert's two layers are Int4Linear of one configuration, ``group()`` stacks their
-  tensors into [E, …] storage (the experts' own tensors become views of it, no second copy) and forward
-  runs each projection of all experts as one ``reparam.grouped_int4_linear`` call over the routed rows
+- grouped: when each projection's experts are Int4Linear or Int8Linear of one configuration, ``group()``
+  stacks their tensors into [E, …] storage (the experts' own tensors become views of it, no second copy) and
+  forward runs each projection of all experts as one ``reparam.grouped_int4_linear`` /
+  ``grouped_int8_linear`` call over the routed rows
   sorted by expert: no host sync, so capturable in a CUDA graph and free of graph breaks under
   torch.compile. ``compress`` and ``load_compressed`` group what they build (``group_experts``); moving or
   casting the module (``.to``) groups again. Used when no expert tensor needs a gradient (under
@@ -78,7 +79,7 @@ class UnfusedExperts(nn.Module):
             raise ValueError(f"unfuse_experts: {type(fused).__name__} holds tensors {left} besides the expert "
                              "weights; it is not supported")
         object.__setattr__(self, "_fused", fused)  # gating code and constants; no tensors left in it
-        self._grouped = None  # {projection: (qweight, scales, zeros, bias, group_size)} stacked, see group()
+        self._grouped = None  # {projection: (grouped op, stacked tensors, constants, stacked bias)}, see group()
 
     def expert(self, e):
         return self._modules[str(e)]
@@ -87,31 +88,33 @@ class UnfusedExperts(nn.Module):
         return [getattr(self.expert(e), proj) for e in range(self.num_experts)]
 
     def group(self):
-        """Stack the experts' int4 tensors per projection into [E, …] storage, the experts' tensors becoming
-        views of it, for the grouped forward. Returns whether it could: every expert's layers must be
-        Int4Linear of one configuration (shape, group size, bias or not, dtypes, device)."""
-        from ..nn.quant import Int4Linear
-
+        """Stack each projection's expert tensors into [E, …] storage, the experts' tensors becoming views of it,
+        for the grouped forward. Returns whether it could: each projection's experts must be one format with a
+        grouped op (``_grouped_formats``) in one configuration (shape, settings, bias or not, dtypes, device);
+        if one cannot, nothing changes."""
         self._grouped = None
-        stacked = {}
+        formats = _grouped_formats()
+        plans = {}
         for proj in (self.up_name, "down_proj"):
             layers = self._layers(proj)
-            first = layers[0]
-            key = lambda m: (type(m), m.in_features, m.out_features, getattr(m, "group_size", None),  # noqa: E731
-                             m.bias is None, m.scales.dtype, m.scales.device)
-            if type(first) is not Int4Linear or any(key(m) != key(first) for m in layers):
+            fmt = formats.get(type(layers[0]))
+            if fmt is None or any(type(m) is not type(layers[0]) for m in layers) \
+                    or len({_config(m, fmt) for m in layers}) != 1:
                 return False
+            plans[proj] = (layers, fmt)
+        stacked = {}
+        for proj, (layers, (op, names, consts)) in plans.items():
+            names = names + (() if layers[0].bias is None else ("bias",))
             with torch.no_grad():
-                tensors = {name: torch.stack([getattr(m, name) for m in layers])
-                           for name in ("qweight", "scales", "zeros") + (() if first.bias is None else ("bias",))}
+                tensors = {name: torch.stack([getattr(m, name) for m in layers]) for name in names}
             for e, m in enumerate(layers):  # the experts' tensors now live in the stacked storage
-                m.qweight = tensors["qweight"][e]
-                for name in ("scales", "zeros", "bias"):
-                    if name in tensors:
-                        old = getattr(m, name)
-                        setattr(m, name, nn.Parameter(tensors[name][e], requires_grad=old.requires_grad))
-            stacked[proj] = (tensors["qweight"], tensors["scales"], tensors["zeros"], tensors.get("bias"),
-                             first.group_size)
+                for name in names:
+                    old = getattr(m, name)
+                    view = tensors[name][e]
+                    setattr(m, name, nn.Parameter(view, requires_grad=old.requires_grad)
+                            if name in m._parameters else view)
+            bias = tensors.pop("bias", None)
+            stacked[proj] = (op, tuple(tensors.values()), consts(layers[0]), bias)
         self._grouped = stacked
         return True
 
@@ -124,24 +127,23 @@ class UnfusedExperts(nn.Module):
 
     def _grouped_ok(self):
         """The grouped path applies: stacked (again, if a load with assign=True or a copy gave the experts
-        other storage) and no expert tensor wants a gradient (the stacked tensors are not the experts'
+        other storage) and no expert parameter wants a gradient (the stacked tensors are not the experts'
         Parameters: gradients reach x only)."""
         if self._grouped is None:
             return False
         if not torch.compiler.is_compiling():  # (data_ptr is not traceable; under torch.compile it is trusted)
-            for proj, (q, s, *_rest) in self._grouped.items():
+            formats = _grouped_formats()
+            for proj, (_op, tensors, *_rest) in self._grouped.items():
                 layers = self._layers(proj)
-                if any(layers[e].qweight.data_ptr() != q[e].data_ptr() or layers[e].scales.data_ptr() != s[e].data_ptr()
-                       for e in (0, len(layers) - 1)) and not self.group():
+                names = formats[type(layers[0])][1]
+                if any(getattr(layers[e], name).data_ptr() != t[e].data_ptr()
+                       for e in (0, len(layers) - 1) for name, t in zip(names[:2], tensors)) and not self.group():
                     return False
         if torch.is_grad_enabled():
-            return not any(t is not None and t.requires_grad for proj in self._grouped for m in self._layers(proj)
-                           for t in (m.scales, m.zeros, m.bias))
+            return not any(p.requires_grad for proj in self._grouped for m in self._layers(proj) for p in m.parameters())
         return True
 
     def _forward_grouped(self, hidden_states, top_k_index, top_k_weights):
-        from ..ops import grouped_int4_linear
-
         k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)  # rows sorted by expert; sentinels (≥ E) last, outside the offsets
@@ -150,9 +152,10 @@ class UnfusedExperts(nn.Module):
         tok = order // k
         h = hidden_states[tok]
         for proj in (self.up_name, "down_proj"):
-            q, s, z, b, group_size = self._grouped[proj]
+            op, tensors, consts, bias = self._grouped[proj]
             dt = h.dtype
-            h = grouped_int4_linear(h, offsets, q, as_dtype(s, dt), as_dtype(z, dt), group_size, as_dtype(b, dt))
+            h = op(h, offsets, *(as_dtype(t, dt) if t.is_floating_point() else t for t in tensors), *consts,
+                   as_dtype(bias, dt))
             if proj != "down_proj":
                 h = self._fused._apply_gate(h) if self.has_gate else self._fused.act_fn(h)
         if "post_expert_norm" in self._modules:
@@ -177,6 +180,22 @@ class UnfusedExperts(nn.Module):
                 y = self.post_expert_norm(y)
             out.index_add_(0, tok, (y * top_k_weights[tok, pos, None]).to(out.dtype))
         return out
+
+
+def _grouped_formats():
+    """Layer type → (its grouped op, the tensors stacked for it in the op's order, the op's constant
+    arguments after them from a layer). Other layer types run per expert."""
+    from ..nn.quant import Int4Linear, Int8Linear
+    from ..ops import grouped_int4_linear, grouped_int8_linear
+
+    return {Int4Linear: (grouped_int4_linear, ("qweight", "scales", "zeros"), lambda m: (m.group_size,)),
+            Int8Linear: (grouped_int8_linear, ("qweight", "scales"), lambda m: ())}
+
+
+def _config(layer, fmt):
+    """What must agree across experts for their tensors to stack: shapes, settings, dtypes, device."""
+    return (layer.in_features, layer.out_features, fmt[2](layer), layer.bias is None,
+            *((t.dtype, t.device) for t in (getattr(layer, name) for name in fmt[1])))
 
 
 def group_experts(model):

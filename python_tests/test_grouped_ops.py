@@ -1,0 +1,213 @@
+"""grouped_int4_linear and grouped_int8_linear (a MoE layer's experts in one call): reference, Triton and the
+registered ops against float64 per-expert math on odd sizes, empty experts, rows no expert takes and both maps
+of programs to row tiles; opcheck, torch.compile, autograd, bad inputs; on a GPU, the Triton kernels and
+CUDA-graph capture."""
+import pytest
+import torch
+
+import reparam_kernels as rk
+from reparam_kernels import reference
+from reparam_kernels import triton as rk_triton
+from reparam_kernels.compress.quantize import pack_int4
+from conftest import TOL, rel_err
+
+needs_triton = pytest.mark.skipif(rk_triton.grouped_int4_linear is None, reason="triton not installed")
+OPS = ["grouped_int4_linear", "grouped_int8_linear"]
+
+
+def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu", op="grouped_int4_linear"):
+    """(args, want): rows routed counts[e] to expert e in order, then `tail` rows no expert takes; want is
+    the float64 product of each row with its expert's dequantized weight (zeros for the tail)."""
+    E, T = len(counts), sum(counts) + tail
+    x = torch.randn(T, K, generator=rng).to(dtype)
+    b = torch.randn(E, N, generator=rng).to(dtype) if bias else None
+    if op == "grouped_int4_linear":
+        g = K // group
+        q = torch.randint(0, 16, (E, N, K), generator=rng, dtype=torch.uint8)
+        s = (torch.rand(E, N, g, generator=rng) * 0.05 + 0.01).to(dtype)
+        z = torch.randint(0, 16, (E, N, g), generator=rng).to(dtype)
+        w = ((q.double().reshape(E, N, g, group) - z.double()[..., None]) * s.double()[..., None]).reshape(E, N, K)
+        fmt = (torch.stack([pack_int4(q[e]) for e in range(E)]), s, z, group)
+    else:
+        q = torch.randint(-127, 128, (E, N, K), generator=rng, dtype=torch.int8)
+        s = (torch.rand(E, N, generator=rng) * 0.02 + 0.005).to(dtype)
+        w = q.double() * s.double()[..., None]
+        fmt = (q, s)
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    want = torch.zeros(T, N, dtype=torch.float64)
+    for e in range(E):
+        lo, hi = offsets[e].item(), offsets[e + 1].item()
+        want[lo:hi] = x[lo:hi].double() @ w[e].t() + (b[e].double() if bias else 0)
+    args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in (x, offsets, *fmt, b)]
+    return tuple(args), want.to(device)
+
+
+CASES = [([3, 0, 5, 1], 64, 33, 32, 0), ([20, 1, 0], 96, 70, 32, 4), ([0, 0, 2], 128, 65, 64, 0),
+         ([40, 17], 256, 40, 128, 3), ([1] * 6, 64, 24, 32, 1),
+         # more than two row tiles of T: the packed map (each expert's rows in tiles of its own)
+         ([0, 50, 3, 0, 33], 64, 40, 32, 2), ([10, 0, 7, 12, 9, 0, 11, 1, 0], 64, 24, 32, 0)]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_reference_matches_float64(rng, op, dtype, case):
+    counts, K, N, group, tail = CASES[case]
+    args, want = make(rng, counts, K, N, dtype, group=group, tail=tail, op=op)
+    y = getattr(reference, op)(*args)
+    assert y.dtype == dtype and y.shape == want.shape
+    assert rel_err(y, want) <= TOL[dtype]
+    assert not y[sum(counts):].any()  # rows no expert takes: zeros
+
+
+@needs_triton
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_triton_matches_float64(rng, op, dtype, case):
+    """Row tiles of 16 and 32 (20 and 40 rows an expert span several), experts without rows, a tail."""
+    counts, K, N, group, tail = CASES[case]
+    args, want = make(rng, counts, K, N, dtype, group=group, tail=tail, bias=case % 2 == 0, op=op)
+    y = getattr(rk_triton, op)(*args)
+    assert y.dtype == dtype and y.shape == want.shape
+    assert rel_err(y, want) <= TOL[dtype]
+    assert not y[sum(counts):].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_triton_both_row_tile_maps(rng, op, packed, case):
+    """Either map of programs to row tiles (per expert, or packed with the bisection) on every case."""
+    counts, K, N, group, tail = CASES[case]
+    args, want = make(rng, counts, K, N, torch.float16, group=group, tail=tail, op=op)
+    assert rel_err(getattr(rk_triton, op)(*args, packed=packed), want) <= TOL[torch.float16]
+
+
+@needs_triton
+def test_triton_int8_any_k(rng):
+    args, want = make(rng, [3, 0, 9], 37, 21, torch.float16, op="grouped_int8_linear")
+    assert rel_err(rk_triton.grouped_int8_linear(*args, packed=True), want) <= TOL[torch.float16]
+
+
+def test_launch_plan_packs_long_inputs():
+    from reparam_kernels.triton._grouped import Plan, tile_ends
+    p = Plan(2, 8, 28672, 4096)  # decode: one tile
+    assert (p.tiles.bm, p.tiles_m, p.packed, p.programs) == (16, 1, False, 8)
+    p = Plan(4096 * 8, 128, 1536, 2048)  # prefill
+    assert p.packed and p.programs == p.tiles_m + 128 < 128 * p.tiles_m and p.search == 8
+    ends = tile_ends(torch.tensor([0, 5, 5, 40, 41]), 41, 16)
+    assert ends.tolist() == [1, 1, 4, 5]
+
+
+@needs_triton
+@pytest.mark.parametrize("op", OPS)
+def test_triton_clamps_offsets_past_the_rows(rng, op):
+    """Offsets beyond T (a caller's bug the op cannot see without a host sync) read no row past x."""
+    args, want = make(rng, [3, 4], 64, 16, torch.float32, op=op)
+    x, offsets, *rest = args
+    for packed in (False, True):
+        y = getattr(rk_triton, op)(x, torch.tensor([0, 3, 1000]), *rest, packed=packed)
+        assert rel_err(y, want) <= TOL[torch.float32]
+        assert rel_err(getattr(reference, op)(x, torch.tensor([0, 3, 1000]), *rest), want) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_op_cpu_opcheck_and_wrapper(rng, op):
+    args, want = make(rng, [2, 0, 3], 64, 24, torch.float32, tail=1, op=op)
+    assert rel_err(getattr(torch.ops.reparam, op)(*args), want) <= 1e-5
+    torch.library.opcheck(getattr(torch.ops.reparam, op), args)
+    nob = (*args[:-1], None)
+    torch.library.opcheck(getattr(torch.ops.reparam, op), nob)
+    assert rel_err(getattr(rk.ops, op)(*args), want) <= 1e-5
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_x_and_bias_gradient_and_no_scales_gradient(rng, op):
+    args, _ = make(rng, [2, 0, 3], 64, 5, torch.float64, tail=1, op=op)
+    fn = getattr(rk.ops, op)
+    x, b = args[0].requires_grad_(True), args[-1].requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x_, b_: fn(x_, *args[1:-1], b_), (x, b))
+    s = args[3].clone().requires_grad_(True)
+    y = fn(args[0], args[1], args[2], s, *args[4:])
+    with pytest.raises(NotImplementedError, match="no gradient for the experts' quantization tensors"):
+        y.sum().backward()
+
+
+class Net(torch.nn.Module):
+    def __init__(self, op, args):
+        super().__init__()
+        self.fn, self.args = getattr(rk.ops, op), args[1:]
+
+    def forward(self, x):
+        return torch.relu(self.fn(x, *self.args)) * 2
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_torch_compile_fullgraph(rng, op):
+    args, _ = make(rng, [2, 0, 3], 64, 24, torch.float32, tail=1, op=op)
+    m = Net(op, args)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    assert rel_err(compiled(args[0]), m(args[0])) <= 1e-6
+
+
+BAD_INT8 = [
+    (lambda a: (a[0], a[1], a[2].to(torch.uint8), *a[3:]), "`qweight` must have dtype torch.int8"),
+    (lambda a: (a[0], a[1], a[2], a[3][:, :-1].contiguous(), a[4]), "`scales` must be \\[E, N\\] = \\[2, 24\\]"),
+    (lambda a: (a[0], a[1][1:], *a[2:]), "`expert_offsets` must have experts \\+ 1 = 3 entries"),
+    (lambda a: (*a[:4], a[4][:, :-1].contiguous()), "`bias` must be \\[E, N\\]"),
+]
+BAD = [
+    (lambda a: (a[0], a[1][:-1], *a[2:]), "`expert_offsets` must have experts \\+ 1 = 3 entries"),
+    (lambda a: (a[0], a[1].int(), *a[2:]), "`expert_offsets` must have dtype torch.int64"),
+    (lambda a: (a[0][None], *a[1:]), "`x` must be 2-D"),
+    (lambda a: (a[0], a[1], a[2][0], *a[3:]), "`qweight` must be 3-D"),
+    (lambda a: (a[0], a[1], a[2], a[3][:, :-1].contiguous(), *a[4:]), "`scales` must be \\[E, N, K // group_size\\]"),
+    (lambda a: (a[0], a[1], a[2], a[3], a[4].half(), *a[5:]), "`zeros` must have dtype"),
+    (lambda a: (*a[:5], 48, a[6]), "`group_size` must be a positive multiple of 32"),
+    (lambda a: (*a[:6], a[6][0]), "`bias` must be 2-D"),
+    (lambda a: (a[0][:, :-2], *a[1:]), "`x` has 62 features"),
+]
+
+
+@pytest.mark.parametrize("op,case", [("grouped_int4_linear", i) for i in range(len(BAD))]
+                         + [("grouped_int8_linear", i) for i in range(len(BAD_INT8))])
+def test_bad_inputs_name_the_argument(rng, op, case):
+    args, _ = make(rng, [2, 3], 64, 24, torch.float32, op=op)
+    bad, match = (BAD if op == "grouped_int4_linear" else BAD_INT8)[case]
+    with pytest.raises(ValueError, match=match):
+        getattr(rk.ops, op)(*bad(args))
+
+
+# ---------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("counts,K,N,group,tail", [([1, 0, 0, 1, 0, 0, 0, 0], 4096, 1536, 128, 0),
+                                                    ([300, 0, 77, 1000, 5], 1024, 2816, 128, 9),
+                                                    *CASES])
+def test_gpu_matches_float64(rng, op, dtype, counts, K, N, group, tail):
+    args, want = make(rng, counts, K, N, dtype, group=group, tail=tail, device="cuda", op=op)
+    y = getattr(rk.ops, op)(*args)
+    assert rel_err(y, want) <= TOL[dtype]
+    assert not y[sum(counts):].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("counts", [[2, 0, 3, 1], [40, 0, 33, 1]])  # one row tile; the packed map
+def test_gpu_cuda_graph_replays_new_routing(rng, op, counts):
+    """Captured once, replayed with other offsets in the same buffer: the routing lives on the device."""
+    args, _ = make(rng, counts, 256, 128, torch.float16, device="cuda", op=op)
+    x, offsets, *rest = args
+    fn = getattr(rk.ops, op)
+    fn(x, offsets, *rest)  # compile the kernel outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = fn(x, offsets, *rest)
+    rows = sum(counts)
+    offsets.copy_(torch.tensor([0, 0, rows, rows, rows]))  # every row to expert 1 now
+    graph.replay()
+    torch.testing.assert_close(y, getattr(reference, op)(x, offsets, *rest), rtol=2e-2, atol=2e-2)
