@@ -4,6 +4,13 @@ transformers) with its Linears swapped for each compressed layer type, vs dense 
     python benchmarks/bench_decode.py                 # H200: 32 layers, batch 1 and 16, 512 context
     python benchmarks/bench_decode.py --quick         # 4 layers, batch 1, fewer variants (GPU runner)
     python benchmarks/bench_decode.py --tiny          # 2-layer tiny config on the CPU (CI: the script works)
+    python benchmarks/bench_decode.py --model mixtral_8x7b --quick   # a mixture-of-experts model
+
+`--model mixtral_8x7b`: the Mixtral-8x7B configuration (8 experts, 2 a token). Its dense baseline runs
+transformers' default experts implementation (``grouped_mm``: one grouped GEMM a projection, no host sync;
+recorded in the file); the compressed variants split the experts per expert (``unfuse_experts``), swap their
+Linears too, and group them again where the format has a grouped op (``group_experts``: int4, int8), so a
+decode step stays one CUDA graph. Results: decode_mixtral_8x7b.json beside decode.json.
 
 Each variant: prefill `--context` random tokens into a static KV cache (not timed),
 compile the one-token decode step (torch.compile, mode="reduce-overhead": CUDA
@@ -34,18 +41,27 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
             rope_theta=10000.0)
+MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                    tie_word_embeddings=False, rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2)
+TINY_MIXTRAL = dict(TINY, num_local_experts=4, num_experts_per_tok=2)
+# --model: (config class, model class, full config, tiny config, what the results call it, results file)
+MODELS = {"llama3_8b": ("LlamaConfig", "LlamaForCausalLM", LLAMA3_8B, TINY, "Llama-3-8B config", "decode.json"),
+          "mixtral_8x7b": ("MixtralConfig", "MixtralForCausalLM", MIXTRAL_8X7B, TINY_MIXTRAL, "Mixtral-8x7B config",
+                           "decode_mixtral_8x7b.json")}
 
 
-def llama_config(overrides):
-    from transformers import LlamaConfig
+def llama_config(overrides, config_class="LlamaConfig"):
+    import transformers
 
+    cls = getattr(transformers, config_class)
     kw = dict(overrides)
     theta = kw.pop("rope_theta")
-    if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:  # transformers >= 5
+    if "rope_parameters" in inspect.signature(cls.__init__).parameters:  # transformers >= 5
         kw["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
     else:
         kw["rope_theta"] = theta
-    return LlamaConfig(**kw)
+    return cls(**kw)
 
 
 def static_cache(config, batch, length, device, dtype):
@@ -59,28 +75,47 @@ def static_cache(config, batch, length, device, dtype):
 
 @torch.no_grad()
 def build_model(config, kind, dtype, device):
-    """The model with random weights, its Linears (not lm_head) swapped for layer `kind` (None: dense)."""
-    from transformers import LlamaForCausalLM
+    """The model with random weights, its Linears (not lm_head) swapped for layer `kind` (None: dense); a
+    mixture-of-experts model's experts split into Linears first and grouped again after (module doc)."""
+    import transformers
+    from reparam_kernels.compress.experts import group_experts, unfuse_experts
 
+    cls = getattr(transformers, config.architectures[0] if config.architectures else "LlamaForCausalLM")
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = cls(config)
     finally:
         torch.set_default_dtype(old)
     swapped = 0
     if kind is not None:
+        unfuse_experts(model)
         swapped = variants.replace_linears(model, kind, random=True)
+        group_experts(model)
     return model.eval(), swapped
 
 
-def _cache_arg():
+def _cache_arg(model=None):
     """`cache` in recent transformers, `past_key_values` before (and deprecated since)."""
     from transformers import LlamaForCausalLM
 
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    forward = type(model).forward if model is not None else LlamaForCausalLM.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
+
+
+def experts_path(model):
+    """How a mixture-of-experts model's experts run (None for a dense model): transformers' implementation
+    for fused experts, ours grouped, or ours one expert after the other (a host sync per layer)."""
+    from reparam_kernels.compress.experts import UnfusedExperts, fused_experts_names
+
+    split = [m for m in model.modules() if isinstance(m, UnfusedExperts)]
+    if split:
+        return "reparam grouped" if all(m._grouped is not None for m in split) else "reparam per expert"
+    if fused_experts_names(model):
+        return f"transformers {getattr(model.config, '_experts_implementation', None)}"
+    return None
 
 
 def weight_bytes(model):
@@ -91,7 +126,7 @@ def weight_bytes(model):
 def decode_speed(model, config, batch, context, tokens, compile_mode, device, warmup=3):
     """(tokens/s, max relative difference compiled vs eager on the first step)."""
     dtype = model.model.embed_tokens.weight.dtype
-    arg = _cache_arg()
+    arg = _cache_arg(model)
     prompt = torch.randint(0, config.vocab_size, (batch, context), device=device)
 
     def prefilled():
@@ -162,6 +197,8 @@ def run_variant(data, kind, config, batches, context, tokens, mode, dtype, devic
         row = {"variant": kind, "batch": batch, "context": context, "tokens_per_s": tps,
                "speedup_vs_dense": tps / dense_tps[batch] if batch in dense_tps else None,
                "linears_swapped": swapped, "weight_bytes": wbytes, "compiled_vs_eager_rel_diff": diff}
+        if experts_path(model) is not None:
+            row["experts"] = experts_path(model)
         data["rows"].append(row)
         print(f"{kind:22} batch {batch:3}: {tps:10.1f} tok/s"
               + (f"  {row['speedup_vs_dense']:.2f}x dense" if row["speedup_vs_dense"] else ""), flush=True)
@@ -181,6 +218,8 @@ def parse(argv):
     p.add_argument("--budget", type=float, default=None,
                    help="seconds; later variants are skipped past it (--quick: 100, so the GPU runner fits)")
     p.add_argument("--out", default=None, help="results root (default benchmarks/results or $REPARAM_BENCH_OUT)")
+    p.add_argument("--model", default="llama3_8b", choices=sorted(MODELS),
+                   help="the configuration (default llama3_8b; mixtral_8x7b: a mixture-of-experts model)")
     return p.parse_args(argv)
 
 
@@ -190,29 +229,32 @@ def main(argv=None):
         import transformers  # noqa: F401
     except ImportError:
         raise SystemExit("bench_decode: needs the `transformers` package (pip install transformers)")
+    config_class, model_class, full, tiny, described, filename = MODELS[a.model]
     if a.tiny:
-        device, dtype, cfg = "cpu", torch.float32, dict(TINY)
+        device, dtype, cfg = "cpu", torch.float32, dict(tiny)
         defaults = dict(batches="1", context=32, tokens=4, compile="eager", layers=2)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench_decode: no CUDA GPU visible (use --tiny to check the script on the CPU)")
-        device, dtype, cfg = "cuda", torch.float16, dict(LLAMA3_8B)
+        device, dtype, cfg = "cuda", torch.float16, dict(full)
         defaults = dict(batches="1" if a.quick else "1,16", context=512, tokens=32 if a.quick else 64,
                         compile="reduce-overhead", layers=4 if a.quick else 32)
     batches = [int(b) for b in (a.batches or defaults["batches"]).split(",")]
     context, tokens = a.context or defaults["context"], a.tokens or defaults["tokens"]
     mode = a.compile or defaults["compile"]
     cfg["num_hidden_layers"] = a.layers or defaults["layers"]
-    config = llama_config(cfg)
+    config = llama_config(cfg, config_class)
+    config.architectures = [model_class]
     quick_kinds = ("int4_g128", "int8", "lowrank_40")
     kinds = a.variants.split(",") if a.variants else ["dense"] + variants.available(
         quick_kinds if (a.quick or a.tiny) else variants.DECODE_KINDS)
     env = environment()
     root = a.out or os.environ.get(OUT_ENV) or DEFAULT_ROOT
-    path = os.path.join(root, gpu_slug(env["gpu"]), "decode.json")
-    data = dict(env, model="Llama-3-8B config, random weights" + (" (tiny)" if a.tiny else ""),
-                config={k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                            "num_attention_heads", "num_key_value_heads", "vocab_size")},
+    path = os.path.join(root, gpu_slug(env["gpu"]), filename)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "num_local_experts", "num_experts_per_tok")
+    data = dict(env, model=f"{described}, random weights" + (" (tiny)" if a.tiny else ""),
+                config={k: cfg[k] for k in keys if k in cfg},
                 dtype=str(dtype).replace("torch.", ""), compile=mode, context=context, new_tokens=tokens,
                 rows=[], skipped=[])
     t_start, dense_tps = time.time(), {}

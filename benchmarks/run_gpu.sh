@@ -110,18 +110,22 @@ BENCH_RC=0
 SCRIPTS=()
 for s in benchmarks/bench_*.py; do [ "$s" != benchmarks/bench_decode.py ] && SCRIPTS+=("$s"); done
 [ "$FOCUS" = 1 ] && SCRIPTS=(benchmarks/bench_quant.py benchmarks/bench_lowrank.py benchmarks/bench_structured.py benchmarks/bench_moe.py)
-[ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py)
+# (SCRIPT:MODEL: bench_decode on another --model; the MoE model last, the newest)
+[ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py benchmarks/bench_decode.py:mixtral_8x7b)
 SAN_RESERVE=150   # keep this much for compute-sanitizer (memcheck <= 80 s, racecheck <= 30 s) and Nsight Compute (<= 40 s)
 [ "$FOCUS" = 1 ] && SAN_RESERVE=160   # no racecheck; ncu up to 90 s (~30 kernels)
 for i in "${!SCRIPTS[@]}"; do
-  script="${SCRIPTS[$i]}"; name="$(basename "$script" .py)"
+  script="${SCRIPTS[$i]}"; model=""
+  case "$script" in *:*) model="${script##*:}"; script="${script%%:*}";; esac
+  name="$(basename "$script" .py)${model:+_$model}"
   # an even share of what is left, at most 150 s a script; results are saved row by row,
   # so a script cut short still leaves what it measured (its JSON says "partial": true)
   share=$(( ($(left) - RESERVE - SAN_RESERVE) / (${#SCRIPTS[@]} - i) )); [ "$share" -gt 150 ] && share=150
   EXTRA=()  # focus: decode at batch 16 too (issue 6's int4 target there), within the step's share
   [ "$FOCUS" = 1 ] && [ "$name" = bench_decode ] && EXTRA=(--batches 1,16 --budget $(( share - 30 )))
   # focus: fp16 only (the targets' dtype), so the A/B peers of every case fit the script's share
-  [ "$FOCUS" = 1 ] && [ "$name" != bench_decode ] && EXTRA=(--dtypes fp16)
+  [ "$FOCUS" = 1 ] && [ "${name#bench_decode}" = "$name" ] && EXTRA=(--dtypes fp16)
+  [ -n "$model" ] && EXTRA+=(--model "$model" --budget $(( share - 30 )))
   step "$name" "$share" "$DEST/$name.log" "$PY" "$script" $QUICK "${EXTRA[@]}" || BENCH_RC=$?
   tail -n 4 "$DEST/$name.log" 2>/dev/null  # (no log when the step was skipped)
 done

@@ -45,3 +45,23 @@ def test_bench_decode_a_failing_variant_is_recorded(tmp_path, monkeypatch):
     data = json.load(open(tmp_path / "cpu" / "decode.json"))
     assert [r["variant"] for r in data["rows"]] == ["dense"]
     assert data["skipped"][0]["variant"] == "int8" and "no kernel image" in data["skipped"][0]["reason"]
+
+
+def test_bench_decode_tiny_mixtral_groups_the_experts(tmp_path):
+    """--model mixtral_8x7b --tiny: the experts split, swapped (int4: 4 experts × 2 Linears a layer besides the
+    attention's 4) and grouped again, compiled and checked against eager; the dense baseline keeps transformers'
+    fused experts. Its own results file."""
+    pytest.importorskip("transformers")
+    import json
+
+    decode = importlib.import_module("bench_decode")
+    assert decode.main(["--tiny", "--model", "mixtral_8x7b", "--variants", "dense,int4_g128,lowrank_40",
+                        "--context", "16", "--tokens", "2", "--out", str(tmp_path)]) == 0
+    data = json.load(open(tmp_path / "cpu" / "decode_mixtral_8x7b.json"))
+    assert data["config"]["num_local_experts"] == 4 and data["skipped"] == []
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["dense"]["experts"].startswith("transformers ")
+    assert rows["int4_g128"]["experts"] == "reparam grouped" and rows["int4_g128"]["linears_swapped"] == 2 * (4 + 8)
+    assert rows["lowrank_40"]["experts"] == "reparam per expert"  # no grouped op for low rank
+    assert all(r["compiled_vs_eager_rel_diff"] < 5e-2 for r in rows.values())
+    assert not (tmp_path / "cpu" / "decode.json").exists()

@@ -72,11 +72,17 @@ def test_render_includes_decode_and_skips_cpu_runs(tmp_path):
                    "weight_bytes": 16e9},
                   {"variant": "int4_g128", "batch": 1, "tokens_per_s": 250.0, "speedup_vs_dense": 2.5,
                    "weight_bytes": 5e9}])))
+    (root / "h200" / "decode_mixtral_8x7b.json").write_text(json.dumps(dict(
+        ENV, model="Mixtral-8x7B config, random weights", config={"num_hidden_layers": 4}, dtype="float16",
+        compile="reduce-overhead", context=512, new_tokens=32, skipped=[],
+        rows=[{"variant": "int4_g128", "batch": 1, "tokens_per_s": 90.0, "speedup_vs_dense": 1.8,
+               "weight_bytes": 3e9, "experts": "reparam grouped"}])))
     doc = tmp_path / "b.md"
     assert bench.main(["--render-only", "--out", str(root), "--docs", str(doc)]) == 0
     text = doc.read_text()
     assert "### h200" in text and "### cpu" not in text
     assert "| int4_g128 | 1 | 250.0 | 2.50× | 5.00 |" in text and "Not timed: int8 batch 16" in text
+    assert "Mixtral-8x7B config" in text and "| int4_g128 (experts: reparam grouped) | 1 | 90.0 | 1.80× |" in text
     assert "roofline" not in text  # no op files: no plot
 
 

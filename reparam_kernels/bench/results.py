@@ -239,7 +239,8 @@ def render_decode(data):
              "| variant | batch | tokens/s | × dense | weight GB |", "|---|---|---|---|---|"]
     for r in data["rows"]:
         speed = f"{r['speedup_vs_dense']:.2f}×" if r.get("speedup_vs_dense") else "-"
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:.1f} | {speed} | "
+        variant = r["variant"] + (f" (experts: {r['experts']})" if r.get("experts") else "")
+        lines.append(f"| {variant} | {r['batch']} | {r['tokens_per_s']:.1f} | {speed} | "
                      f"{r.get('weight_bytes', 0) / 1e9:.2f} |")
     for s in data.get("skipped", []):
         lines.append(f"\nNot timed: {s.get('variant')} batch {s.get('batch', '-')} — {s.get('reason')}")

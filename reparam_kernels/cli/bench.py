@@ -37,6 +37,12 @@ def find_scripts(bench_dir, only=None, decode=False):
     return names
 
 
+def is_decode(path):
+    """bench_decode's files (decode.json, decode_<model>.json): end-to-end rows, not an op's."""
+    name = os.path.basename(path)
+    return name == "decode.json" or (name.startswith("decode_") and name.endswith(".json"))
+
+
 def write_docs(result_dir, doc_path, png_dir):
     """Results section of `doc_path` and one roofline PNG per GPU folder of `result_dir`."""
     sections = []
@@ -45,13 +51,13 @@ def write_docs(result_dir, doc_path, png_dir):
         if os.path.basename(gpu_dir) in ("cpu", "quality") or not os.path.isdir(gpu_dir):
             continue
         files = sorted(glob.glob(os.path.join(gpu_dir, "*.json")))
-        op_files = [f for f in files if os.path.basename(f) != "decode.json"]
-        if not op_files and not os.path.exists(os.path.join(gpu_dir, "decode.json")):
+        op_files = [f for f in files if not is_decode(f)]
+        decodes = [f for f in files if is_decode(f)]
+        if not op_files and not decodes:
             continue
         slug = os.path.basename(gpu_dir)
         sections.append(f"### {slug}\n\n" + (render_files(op_files) if op_files else ""))
-        decode = os.path.join(gpu_dir, "decode.json")
-        if os.path.exists(decode):
+        for decode in decodes:
             with open(decode) as f:
                 sections.append(render_decode(json.load(f)))
         png = op_files and plot([load(f) for f in op_files], os.path.join(png_dir, f"roofline_{slug}.png"))
@@ -71,14 +77,14 @@ def write_docs(result_dir, doc_path, png_dir):
 
 def merge_run(run_dir, out):
     """Every <gpu>/<op>.json under run_dir merged over out/<gpu>/<op>.json (results.merge: the rows the run
-    did not measure stay, marked with their own run); a decode.json replaces the committed one whole."""
+    did not measure stay, marked with their own run); a decode file replaces the committed one whole."""
     done = []
     for path in sorted(glob.glob(os.path.join(run_dir, "**", "*.json"), recursive=True)):
         slug, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
         if slug in ("cpu", "quality"):
             continue
         dest = os.path.join(out, slug, name)
-        if name == "decode.json":
+        if is_decode(name):
             with open(path) as f:
                 data = json.load(f)
         else:
