@@ -1,14 +1,14 @@
 """A mixture-of-experts layer's quantized experts in one call (grouped_int4_linear, grouped_int8_linear) vs the same
 experts dense through cuBLAS.
 
-    python benchmarks/bench_moe.py [--quick] [--models mixtral,qwen3_moe] [--formats int4,int8] [--dtypes fp16,bf16]
+    python benchmarks/bench_moe.py [--quick] [--models mixtral,qwen3_moe] [--formats int4,int8,gptvq] [--dtypes fp16,bf16]
 
 Each case is one projection (gate_up or down) of one MoE layer for T tokens, each routed to top_k distinct
 experts drawn at random; M = T·top_k routed rows, sorted by expert (what UnfusedExperts' grouped forward
 passes). Contenders, all on the same rows:
 
-- ours: ``reparam.grouped_int4_linear`` (group 128) or ``grouped_int8_linear``: one launch, the routing read on
-  the device;
+- ours: ``reparam.grouped_int4_linear`` (group 128), ``grouped_int8_linear`` or ``grouped_vq_linear`` (GPTVQ's
+  pairs, 256 a codebook per 64 rows): one launch, the routing read on the device;
 - cublas: the dequantized experts in x's dtype, one ``torch.matmul`` per expert that has rows, the
   routing known on the host when the call is recorded — the dense per-expert loop without its host sync,
   so a CUDA graph can hold it (generous to the baseline: a real forward must sync or pad);
@@ -17,7 +17,7 @@ passes). Contenders, all on the same rows:
 
 Several routings (and x) rotate through the timed calls, so the experts one call reads are not left in L2
 by the previous one. Checked against float64 before timing. Writes
-benchmarks/results/<gpu>/grouped_int{4,8}_linear.json; rows carry params {model, projection, experts, top_k,
+benchmarks/results/<gpu>/grouped_{int4,int8,vq}_linear.json; rows carry params {model, projection, experts, top_k,
 tokens, bits}, ``bytes`` (the routed experts' weights and scales at most — min(E, M) experts —, x and y, once)
 and ``flops``. int4 only by default (``--formats``): the formats of issue 3's decode targets first.
 """
@@ -30,7 +30,8 @@ import reparam_kernels
 from reparam_kernels.compress.quantize import pack_int4
 from reparam_kernels.reference.int4_linear import dequantize_int4
 
-OPS = {"int4": "grouped_int4_linear", "int8": "grouped_int8_linear"}
+OPS = {"int4": "grouped_int4_linear", "int8": "grouped_int8_linear", "gptvq": "grouped_vq_linear"}
+ROWS_PER_CODEBOOK = 64  # gptvq: the recipe's 256 pairs per 64 output rows
 
 GROUP = 128
 # model: (experts, top_k, hidden, expert ffn) — Mixtral-8x7B and Qwen3-30B-A3B
@@ -47,6 +48,12 @@ def projections(model):
 def make_experts(fmt, E, N, K, dtype, device, gen):
     """(the op's weight tensors [E, …] with outputs of O(1), a function giving expert e's dense weight in a dtype)."""
     amp = 1.0 / (4.0 * K ** 0.5)
+    if fmt == "gptvq":
+        from reparam_kernels.reference.vq_linear import dequantize_vq
+
+        c = torch.randint(0, 256, (E, N, K // 2), device=device, dtype=torch.uint8, generator=gen)
+        books = (torch.randn(E, N // ROWS_PER_CODEBOOK, 256, 2, device=device, generator=gen) * amp).to(dtype)
+        return (c, books), lambda e, dt: dequantize_vq(c[e], books[e], dt)
     if fmt == "int8":
         q = torch.randint(-127, 128, (E, N, K), device=device, dtype=torch.int8, generator=gen)
         s = ((torch.rand(E, N, device=device, generator=gen) + 0.5) * amp / 64).to(dtype)
@@ -59,7 +66,9 @@ def make_experts(fmt, E, N, K, dtype, device, gen):
 
 
 def weight_bytes(fmt, N, K, elt):
-    """One expert's weight and scales."""
+    """One expert's weight and scales (codebooks)."""
+    if fmt == "gptvq":
+        return N * K // 2 + (N // ROWS_PER_CODEBOOK) * 256 * 2 * elt
     return N * K + N * elt if fmt == "int8" else N * K // 2 + 2 * N * (K // GROUP) * elt
 
 
@@ -120,6 +129,8 @@ def bench_case(res, model, proj, N, K, T, dtype, modes, fmt="int4", device="cuda
 
     params = {"model": model if isinstance(model, str) else "custom", "projection": proj, "experts": E,
               "top_k": top_k, "tokens": T, "bits": 8 if fmt == "int8" else 4}
+    if fmt == "gptvq":
+        params.update(d=2, rows_per_codebook=ROWS_PER_CODEBOOK)
     if fmt == "int4":
         params["group"] = GROUP
     rows = run_case(res, dtype=dtype, M=M, N=N, K=K, params=params, modes=modes, ours=ours, cublas=cublas,

@@ -16,6 +16,8 @@ from test_experts import EXPERTS, _ids, tiny_moe  # noqa: E402
 INT4 = {EXPERTS: {"method": "int4", "group_size": 32}}
 # docs/compression.md's MoE recipe: down projections int8, the rest int4
 MIXED = {"{blocks}.*.mlp.experts.*.down_proj": "int8", EXPERTS: {"method": "int4", "group_size": 32}}
+# the gptvq recipe's rule on the experts (a codebook per 16 rows here: the tiny experts have 32 or 128)
+GPTVQ = {EXPERTS: {"method": "vq", "d": 2, "bits": 8, "rows_per_codebook": 16, "gptq": True}}
 
 
 def experts_of(model):
@@ -32,7 +34,7 @@ def per_expert(model, ids):
 
 
 @pytest.mark.parametrize("arch,recipe", [("mixtral", INT4), ("gpt_oss", INT4), ("qwen3_moe", INT4),
-                                         ("mixtral", MIXED), ("gpt_oss", MIXED)])
+                                         ("mixtral", MIXED), ("gpt_oss", MIXED), ("mixtral", GPTVQ)])
 def test_grouped_forward_gives_the_per_expert_outputs(arch, recipe, monkeypatch):
     model, ids = tiny_moe(arch), _ids(8, 16)
     small, _ = rk.compress(model, recipe, calib=ids, progress=False)

@@ -1,4 +1,4 @@
-"""grouped_int4_linear and grouped_int8_linear (a MoE layer's experts in one call): reference, Triton and the
+"""grouped_int4_linear, grouped_int8_linear and grouped_vq_linear (a MoE layer's experts in one call): reference, Triton and the
 registered ops against float64 per-expert math on odd sizes, empty experts, rows no expert takes and both maps
 of programs to row tiles; opcheck, torch.compile, autograd, bad inputs; on a GPU, the Triton kernels and
 CUDA-graph capture."""
@@ -12,10 +12,10 @@ from reparam_kernels.compress.quantize import pack_int4
 from conftest import TOL, rel_err
 
 needs_triton = pytest.mark.skipif(rk_triton.grouped_int4_linear is None, reason="triton not installed")
-OPS = ["grouped_int4_linear", "grouped_int8_linear"]
+OPS = ["grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear"]
 
 
-def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu", op="grouped_int4_linear"):
+def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu", op="grouped_int4_linear", d=2):
     """(args, want): rows routed counts[e] to expert e in order, then `tail` rows no expert takes; want is
     the float64 product of each row with its expert's dequantized weight (zeros for the tail)."""
     E, T = len(counts), sum(counts) + tail
@@ -28,11 +28,18 @@ def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu", op
         z = torch.randint(0, 16, (E, N, g), generator=rng).to(dtype)
         w = ((q.double().reshape(E, N, g, group) - z.double()[..., None]) * s.double()[..., None]).reshape(E, N, K)
         fmt = (torch.stack([pack_int4(q[e]) for e in range(E)]), s, z, group)
-    else:
+    elif op == "grouped_int8_linear":
         q = torch.randint(-127, 128, (E, N, K), generator=rng, dtype=torch.int8)
         s = (torch.rand(E, N, generator=rng) * 0.02 + 0.005).to(dtype)
         w = q.double() * s.double()[..., None]
         fmt = (q, s)
+    else:  # GPTVQ's layout: a code per d inputs, 256 entries, a codebook per N / L rows (L = 2 where N is even)
+        tables = 2 if N % 2 == 0 else 1
+        q = torch.randint(0, 256, (E, N, K // d), generator=rng, dtype=torch.uint8)
+        books = (torch.randn(E, tables, 256, d, generator=rng) * 0.1).to(dtype)
+        book_of_row = torch.arange(N) // (N // tables)
+        w = torch.stack([books[e].double()[book_of_row[:, None], q[e].long()].reshape(N, K) for e in range(E)])
+        fmt = (q, books)
     offsets = torch.tensor([0] + counts).cumsum(0)
     want = torch.zeros(T, N, dtype=torch.float64)
     for e in range(E):
@@ -89,6 +96,14 @@ def test_triton_both_row_tile_maps(rng, op, packed, case):
 def test_triton_int8_any_k(rng):
     args, want = make(rng, [3, 0, 9], 37, 21, torch.float16, op="grouped_int8_linear")
     assert rel_err(rk_triton.grouped_int8_linear(*args, packed=True), want) <= TOL[torch.float16]
+
+
+@needs_triton
+@pytest.mark.parametrize("d", [1, 3, 4])
+def test_triton_vq_other_sub_vector_lengths(rng, d):
+    args, want = make(rng, [3, 0, 20], 48, 22, torch.float16, op="grouped_vq_linear", d=d)
+    for packed in (False, True):
+        assert rel_err(rk_triton.grouped_vq_linear(*args, packed=packed), want) <= TOL[torch.float16]
 
 
 def test_launch_plan_packs_long_inputs():
@@ -158,6 +173,13 @@ BAD_INT8 = [
     (lambda a: (a[0], a[1][1:], *a[2:]), "`expert_offsets` must have experts \\+ 1 = 3 entries"),
     (lambda a: (*a[:4], a[4][:, :-1].contiguous()), "`bias` must be \\[E, N\\]"),
 ]
+BAD_VQ = [
+    (lambda a: (a[0], a[1], a[2].to(torch.int16), *a[3:]), "`codes` must have dtype torch.uint8"),
+    (lambda a: (a[0], a[1], a[2], a[3][0], a[4]), "`codebooks` must be 4-D"),
+    (lambda a: (a[0], a[1], a[2][:1].contiguous(), *a[3:]), "`codes` holds 1 experts, `codebooks` 2"),
+    (lambda a: (a[0], a[1], a[2], torch.zeros(2, 5, 256, 2), a[4]), "`codebooks` has 5 codebooks an expert"),
+    (lambda a: (a[0][:, :-2].contiguous(), *a[1:]), "`x` has 62 features"),
+]
 BAD = [
     (lambda a: (a[0], a[1][:-1], *a[2:]), "`expert_offsets` must have experts \\+ 1 = 3 entries"),
     (lambda a: (a[0], a[1].int(), *a[2:]), "`expert_offsets` must have dtype torch.int64"),
@@ -172,10 +194,11 @@ BAD = [
 
 
 @pytest.mark.parametrize("op,case", [("grouped_int4_linear", i) for i in range(len(BAD))]
-                         + [("grouped_int8_linear", i) for i in range(len(BAD_INT8))])
+                         + [("grouped_int8_linear", i) for i in range(len(BAD_INT8))]
+                         + [("grouped_vq_linear", i) for i in range(len(BAD_VQ))])
 def test_bad_inputs_name_the_argument(rng, op, case):
     args, _ = make(rng, [2, 3], 64, 24, torch.float32, op=op)
-    bad, match = (BAD if op == "grouped_int4_linear" else BAD_INT8)[case]
+    bad, match = {"grouped_int4_linear": BAD, "grouped_int8_linear": BAD_INT8, "grouped_vq_linear": BAD_VQ}[op][case]
     with pytest.raises(ValueError, match=match):
         getattr(rk.ops, op)(*bad(args))
 

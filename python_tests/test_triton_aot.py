@@ -17,7 +17,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 pytestmark = pytest.mark.skipif(not os.path.exists(PTXAS), reason="Triton's NVIDIA backend tools are missing")
 
 SMEM_LIMIT = 99 * 1024
-OPS = ["int4_linear", "grouped_int4", "grouped_int8", "int8_linear", "lut_linear", "vq_linear", "matmul_nt", "pivot_t"]
+OPS = ["int4_linear", "grouped_int4", "grouped_int8", "grouped_vq", "int8_linear", "lut_linear", "vq_linear", "matmul_nt", "pivot_t"]
 CLASSES = ["gemv", "m16", "m256"]
 DTYPES = ["fp16", "fp32"]
 

@@ -33,6 +33,9 @@ SCHEMAS = {
     "grouped_int4_linear": "grouped_int4_linear(Tensor x, Tensor expert_offsets, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor",
     # the same for int8 experts: qweight[e] int8 [N, K], scales[e] [N] (int8_linear's layout), bias[e] [N]
     "grouped_int8_linear": "grouped_int8_linear(Tensor x, Tensor expert_offsets, Tensor qweight, Tensor scales, Tensor? bias) -> Tensor",
+    # the same for vector-quantized experts: codes[e] uint8 [N, K/d], codebooks[e] [L, C <= 256, d] (vq_linear's
+    # layout), bias[e] [N]
+    "grouped_vq_linear": "grouped_vq_linear(Tensor x, Tensor expert_offsets, Tensor codes, Tensor codebooks, Tensor? bias) -> Tensor",
     # W[n,k] = lut[n // (N/L), code[n,k]] ; codes uint8 [N, K/2] 4-bit (low nibble = even k), lut [L, 16] (x's dtype)
     "lut_linear": "lut_linear(Tensor x, Tensor codes, Tensor lut, Tensor? bias) -> Tensor",
     # W[n,k] = codebooks[n // (N/L), codes[n, k // d], k % d] ; codes uint8 [N, K/d], codebooks [L, E <= 256, d]

@@ -25,10 +25,10 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from reparam_kernels.triton import _tiles  # noqa: E402
 
-int4_linear, grouped_int4, grouped_int8, int8_linear, lut_linear, vq_linear, matmul_nt, pivoted = (
+int4_linear, grouped_int4, grouped_int8, grouped_vq, int8_linear, lut_linear, vq_linear, matmul_nt, pivoted = (
     importlib.import_module(f"reparam_kernels.triton.{op}")
-    for op in ("int4_linear", "grouped_int4_linear", "grouped_int8_linear", "int8_linear", "lut_linear", "vq_linear",
-               "_matmul_nt", "pivoted_lowrank_linear"))
+    for op in ("int4_linear", "grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear", "int8_linear",
+               "lut_linear", "vq_linear", "_matmul_nt", "pivoted_lowrank_linear"))
 
 GROUPED_EXPERTS = 8
 SHAPES = {"gemv": (1, 8192, 8192), "m16": (16, 8192, 8192), "m256": (256, 8192, 8192)}
@@ -46,6 +46,10 @@ KERNELS = {
     "grouped_int8": (grouped_int8._grouped_int8_kernel,
                      {"x_ptr": "*fp16", "off_ptr": "*i64", "ends_ptr": "*i64", "q_ptr": "*i8", "s_ptr": "*fp16",
                       "T": "i32", "E": "i32", "tiles_m": "i32"}, {}, 128, 1.0),
+    "grouped_vq": (grouped_vq._grouped_vq_kernel,
+                   {"x_ptr": "*fp16", "off_ptr": "*i64", "ends_ptr": "*i64", "c_ptr": "*u8", "book_ptr": "*fp16",
+                    "T": "i32", "E": "i32", "tiles_m": "i32", "rows_per_book": "i32", "book_stride": "i32",
+                    "books_per_expert": "i32"}, {"D": 2}, 128, 0.5),
     "int8_linear": (int8_linear._int8_linear_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp16"},
                     {}, 64, 1.0),
     "lut_linear": (lut_linear._lut_linear_kernel,
@@ -75,7 +79,7 @@ def compile_one(op, cls, arch, dtype="fp16"):
     m, n, k = SHAPES[cls]
     if op.startswith("grouped_"):  # (m256: 256 rows of 8 experts are 8 row tiles of 32, the packed map)
         plan = grouped_int4.plan(m, GROUPED_EXPERTS, n, k, bk_limit, fp32=dtype == "fp32") if op == "grouped_int4" \
-            else grouped_int8.plan(m, GROUPED_EXPERTS, n, k, fp32=dtype == "fp32")
+            else (grouped_int8 if op == "grouped_int8" else grouped_vq).plan(m, GROUPED_EXPERTS, n, k, fp32=dtype == "fp32")
         t = plan.tiles
         const_extra = dict(const_extra, PACKED=plan.packed, SEARCH=plan.search)
     else:
@@ -89,7 +93,8 @@ def compile_one(op, cls, arch, dtype="fp16"):
     values = dict(M=m, N=n, K=k, k_split=t.k_split, stride_qn=k // 2, stride_xm=k, stride_ym=n, stride_ys=m * n,
                   G=k // const_extra.get("GROUP", 1), rows_per_table=1, stride_am=k, stride_bn=k, stride_cm=n,
                   stride_cs=m * n, one_bits=0x3F800000, R=n, KR=k, stride_wr=k, stride_ts=m * n, rows_per_book=n,
-                  book_stride=512, T=m, tiles_m=triton.cdiv(m, t.bm), E=GROUPED_EXPERTS)
+                  book_stride=512, T=m, tiles_m=triton.cdiv(m, t.bm), E=GROUPED_EXPERTS,
+                  books_per_expert=n // 64)  # grouped_vq: GPTVQ's codebook per 64 rows
     if op == "int4_linear" and t.gemv:  # the GEMV reads the codes as int32 words (int4_linear.py)
         sig["q_ptr"], values["stride_qn"] = "*i32", k // 8
     consts = {a: v for a, v in consts.items() if a in sig}  # (pivot_t has no bias)

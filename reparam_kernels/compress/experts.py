@@ -12,10 +12,10 @@ the weighted grids use the routed tokens' statistics (an expert no calibration t
 none: methods that need statistics treat it as they treat any unreached layer).
 
 Forward, two paths:
-- grouped: when each projection's experts are Int4Linear or Int8Linear of one configuration, ``group()``
-  stacks their tensors into [E, …] storage (the experts' own tensors become views of it, no second copy) and
-  forward runs each projection of all experts as one ``reparam.grouped_int4_linear`` /
-  ``grouped_int8_linear`` call over the routed rows
+- grouped: when each projection's experts are Int4Linear, Int8Linear or vector-quantized LUTLinear (GPTVQ) of
+  one configuration, ``group()`` stacks their tensors into [E, …] storage (the experts' own tensors become views
+  of it, no second copy) and forward runs each projection of all experts as one ``reparam.grouped_int4_linear``
+  / ``grouped_int8_linear`` / ``grouped_vq_linear`` call over the routed rows
   sorted by expert: no host sync, so capturable in a CUDA graph and free of graph breaks under
   torch.compile. ``compress`` and ``load_compressed`` group what they build (``group_experts``); moving or
   casting the module (``.to``) groups again. Used when no expert tensor needs a gradient (under
@@ -90,18 +90,16 @@ class UnfusedExperts(nn.Module):
     def group(self):
         """Stack each projection's expert tensors into [E, …] storage, the experts' tensors becoming views of it,
         for the grouped forward. Returns whether it could: each projection's experts must be one format with a
-        grouped op (``_grouped_formats``) in one configuration (shape, settings, bias or not, dtypes, device);
+        grouped op (``_grouped_format``) in one configuration (shape, settings, bias or not, dtypes, device);
         if one cannot, nothing changes."""
         self._grouped = None
-        formats = _grouped_formats()
         plans = {}
         for proj in (self.up_name, "down_proj"):
             layers = self._layers(proj)
-            fmt = formats.get(type(layers[0]))
-            if fmt is None or any(type(m) is not type(layers[0]) for m in layers) \
-                    or len({_config(m, fmt) for m in layers}) != 1:
+            fmts = [_grouped_format(m) for m in layers]
+            if fmts[0] is None or any(f is None for f in fmts) or len({_config(m, f) for m, f in zip(layers, fmts)}) != 1:
                 return False
-            plans[proj] = (layers, fmt)
+            plans[proj] = (layers, fmts[0])
         stacked = {}
         for proj, (layers, (op, names, consts)) in plans.items():
             names = names + (() if layers[0].bias is None else ("bias",))
@@ -132,10 +130,9 @@ class UnfusedExperts(nn.Module):
         if self._grouped is None:
             return False
         if not torch.compiler.is_compiling():  # (data_ptr is not traceable; under torch.compile it is trusted)
-            formats = _grouped_formats()
             for proj, (_op, tensors, *_rest) in self._grouped.items():
                 layers = self._layers(proj)
-                names = formats[type(layers[0])][1]
+                names = _grouped_format(layers[0])[1]
                 if any(getattr(layers[e], name).data_ptr() != t[e].data_ptr()
                        for e in (0, len(layers) - 1) for name, t in zip(names[:2], tensors)) and not self.group():
                     return False
@@ -182,20 +179,26 @@ class UnfusedExperts(nn.Module):
         return out
 
 
-def _grouped_formats():
-    """Layer type → (its grouped op, the tensors stacked for it in the op's order, the op's constant
-    arguments after them from a layer). Other layer types run per expert."""
-    from ..nn.quant import Int4Linear, Int8Linear
-    from ..ops import grouped_int4_linear, grouped_int8_linear
+def _grouped_format(layer):
+    """(the grouped op of `layer`'s format, the tensors stacked for it in the op's order, the op's constant
+    arguments after them from a layer), or None: that format runs per expert."""
+    from ..nn.quant import Int4Linear, Int8Linear, LUTLinear
+    from ..ops import grouped_int4_linear, grouped_int8_linear, grouped_vq_linear
 
-    return {Int4Linear: (grouped_int4_linear, ("qweight", "scales", "zeros"), lambda m: (m.group_size,)),
-            Int8Linear: (grouped_int8_linear, ("qweight", "scales"), lambda m: ())}
+    kind = type(layer)
+    if kind is Int4Linear:
+        return grouped_int4_linear, ("qweight", "scales", "zeros"), lambda m: (m.group_size,)
+    if kind is Int8Linear:
+        return grouped_int8_linear, ("qweight", "scales"), lambda m: ()
+    if kind is LUTLinear and layer.kernel == "vq_linear" and layer.codes.dtype == torch.uint8:  # GPTVQ, log 8-bit
+        return grouped_vq_linear, ("codes", "codebooks"), lambda m: ()
+    return None
 
 
 def _config(layer, fmt):
-    """What must agree across experts for their tensors to stack: shapes, settings, dtypes, device."""
-    return (layer.in_features, layer.out_features, fmt[2](layer), layer.bias is None,
-            *((t.dtype, t.device) for t in (getattr(layer, name) for name in fmt[1])))
+    """What must agree across experts for their tensors to stack: format, shapes, settings, dtypes, device."""
+    return (type(layer), fmt[0], layer.in_features, layer.out_features, fmt[2](layer), layer.bias is None,
+            *((t.dtype, t.device, tuple(t.shape)) for t in (getattr(layer, name) for name in fmt[1])))
 
 
 def group_experts(model):

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRET
 from ._tiles import choose
 
 
@@ -85,3 +86,19 @@ def tile_ends(expert_offsets, rows, bm):
     off = expert_offsets.clamp(0, rows)
     counts = (off[1:] - off[:-1]).clamp_(min=0)
     return torch.cumsum(torch.div(counts + (bm - 1), bm, rounding_mode="floor"), 0)
+
+
+def launch(kernel, plan, x, expert_offsets, weights, bias, n, k, format_ints=(), **constexprs):
+    """y [T, n] of a grouped kernel whose arguments are (x, offsets, tile ends, *weights, bias, y, T, N, K, E,
+    row tiles, x's row stride, y's row stride, *format_ints, constexprs…); rows no expert takes stay zero."""
+    rows = x.shape[0]
+    y = torch.zeros((rows, n), dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return y
+    x = x.contiguous()
+    kernel[plan.grid()](
+        x, expert_offsets, plan.ends(expert_offsets), *(w.contiguous() for w in weights),
+        y if bias is None else bias.contiguous(), y, rows, n, k, weights[0].shape[0], plan.tiles_m, x.stride(0), n,
+        *format_ints, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET,
+        **constexprs, **plan.constexprs())
+    return y

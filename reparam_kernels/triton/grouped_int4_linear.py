@@ -8,13 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_nt, nibbles_f32, store_tile
-from ._grouped import Plan, expert_and_first_row, rows_and_cols
+from ._common import dot_nt, nibbles_f32, store_tile
+from ._grouped import Plan, expert_and_first_row, launch, rows_and_cols
 
 
 @triton.jit
-def _grouped_int4_kernel(x_ptr, off_ptr, ends_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, T, N, K, G, E, tiles_m,
-                         stride_xm, stride_ym, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _grouped_int4_kernel(x_ptr, off_ptr, ends_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, T, N, K, E, tiles_m,
+                         stride_xm, stride_ym, G, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                          IEEE: tl.constexpr, DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, PACKED: tl.constexpr, SEARCH: tl.constexpr):
     e, r0, hi = expert_and_first_row(tl.program_id(0), off_ptr, ends_ptr, T, E, tiles_m, BM, PACKED, SEARCH)
@@ -46,15 +46,6 @@ def plan(rows, experts, n, k, group_size, fp32=False, packed=None):
 def grouped_int4_linear(x, expert_offsets, qweight, scales, zeros, group_size, bias=None, packed=None):
     """packed: force the row-tile map (tests); None chooses from the shapes."""
     experts, n, k = qweight.shape[0], qweight.shape[1], 2 * qweight.shape[2]
-    rows = x.shape[0]
-    y = torch.zeros((rows, n), dtype=x.dtype, device=x.device)  # rows no expert takes stay zero
-    if rows == 0:
-        return y
-    p = plan(rows, experts, n, k, group_size, x.dtype == torch.float32, packed)
-    x = x.contiguous()
-    _grouped_int4_kernel[p.grid()](
-        x, expert_offsets, p.ends(expert_offsets), qweight.contiguous(), scales.contiguous(), zeros.contiguous(),
-        y if bias is None else bias.contiguous(), y, rows, n, k, k // group_size, experts, p.tiles_m, x.stride(0), n,
-        GROUP=group_size, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET,
-        **p.constexprs())
-    return y
+    p = plan(x.shape[0], experts, n, k, group_size, x.dtype == torch.float32, packed)
+    return launch(_grouped_int4_kernel, p, x, expert_offsets, (qweight, scales, zeros), bias, n, k,
+                  (k // group_size,), GROUP=group_size)

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, dot_nt, store_tile
-from ._grouped import Plan, expert_and_first_row, rows_and_cols
+from ._common import dot_nt, store_tile
+from ._grouped import Plan, expert_and_first_row, launch, rows_and_cols
 
 
 @triton.jit
@@ -43,14 +43,5 @@ def plan(rows, experts, n, k, fp32=False, packed=None):
 def grouped_int8_linear(x, expert_offsets, qweight, scales, bias=None, packed=None):
     """packed: force the row-tile map (tests); None chooses from the shapes."""
     experts, n, k = qweight.shape
-    rows = x.shape[0]
-    y = torch.zeros((rows, n), dtype=x.dtype, device=x.device)  # rows no expert takes stay zero
-    if rows == 0:
-        return y
-    p = plan(rows, experts, n, k, x.dtype == torch.float32, packed)
-    x = x.contiguous()
-    _grouped_int8_kernel[p.grid()](
-        x, expert_offsets, p.ends(expert_offsets), qweight.contiguous(), scales.contiguous(),
-        y if bias is None else bias.contiguous(), y, rows, n, k, experts, p.tiles_m, x.stride(0), n,
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, DOT_F32=INTERPRET, **p.constexprs())
-    return y
+    p = plan(x.shape[0], experts, n, k, x.dtype == torch.float32, packed)
+    return launch(_grouped_int8_kernel, p, x, expert_offsets, (qweight, scales), bias, n, k)

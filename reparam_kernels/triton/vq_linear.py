@@ -18,6 +18,14 @@ from ._common import INTERPRET, acc_init, acc_result, acc_step, rows_and_output,
 
 
 @triton.jit
+def gather_tile(c_rows, books, kk, wmask, D: tl.constexpr):
+    """The [BN, BK] weight tile at inputs kk: each weight's code (one byte for the D weights of a sub-vector),
+    then its entry in the row's codebook."""
+    code = tl.load(c_rows + (kk // D)[None, :], mask=wmask, other=0).to(tl.int32)
+    return tl.load(books + code * D + (kk % D)[None, :], mask=wmask, other=0.0)
+
+
+@triton.jit
 def _vq_linear_kernel(x_ptr, c_ptr, book_ptr, bias_ptr, y_ptr, M, N, K, rows_per_book, book_stride, k_split,
                       stride_xm, stride_ym, stride_ys, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                       DOT_F32: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -45,9 +53,7 @@ def _vq_linear_kernel(x_ptr, c_ptr, book_ptr, bias_ptr, y_ptr, M, N, K, rows_per
         for k0 in range(k_lo, k_hi, BK):
             kk = k0 + rk
             kmask = kk < K
-            wmask = nmask[:, None] & kmask[None, :]
-            code = tl.load(c_rows + (kk // D)[None, :], mask=wmask, other=0).to(tl.int32)
-            w = tl.load(books + code * D + (kk % D)[None, :], mask=wmask, other=0.0)
+            w = gather_tile(c_rows, books, kk, nmask[:, None] & kmask[None, :], D)
             x = tl.load(x_rows + kk[None, :], mask=xmask & kmask[None, :], other=0.0)
             acc = acc_step(acc, x, w, IEEE, DOT_F32, GEMV)
         acc = acc_result(acc, GEMV)
