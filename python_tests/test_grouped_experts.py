@@ -161,3 +161,30 @@ def test_grouped_experts_on_the_gpu_in_a_cuda_graph():
         want = ex(h, idx, w)
         ex._grouped = grouped
     torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_experts_no_rule_compressed_are_fused_again(arch, tmp_path):
+    """A recipe that leaves the experts dense gives back transformers' own experts module (its fast, sync-free
+    implementation), the same weights in their own storage; the checkpoint keeps the original layout."""
+    from reparam_kernels.compress.experts import fused_experts_names
+    from reparam_kernels.compress.sharing_copy import shares_storage
+
+    model, ids = tiny_moe(arch), _ids(8, 16)
+    experts_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".mlp.experts." in n}
+    small, _ = rk.compress(model, {"{blocks}.*.self_attn.*": "int8"}, calib=ids, progress=False)
+    assert not experts_of(small) and fused_experts_names(small) == fused_experts_names(model)
+    after = {n: p for n, p in small.named_parameters() if ".mlp.experts." in n}
+    assert after.keys() == experts_before.keys()
+    assert all(torch.equal(after[n], w) for n, w in experts_before.items())
+    assert not shares_storage(small, model)
+    h = torch.randn(5, 32)
+    idx, w = torch.tensor([[0, 1], [2, 3], [1, 2], [3, 0], [0, 2]]), torch.rand(5, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(small.model.layers[0].mlp.experts(h, idx, w),
+                                   model.model.layers[0].mlp.experts(h, idx, w), rtol=0, atol=0)
+    rk.save_compressed(small, tmp_path / "ck")
+    back = rk.load_pretrained(tmp_path / "ck")
+    assert not experts_of(back) and fused_experts_names(back)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, small(ids).logits, rtol=0, atol=0)

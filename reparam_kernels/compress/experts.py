@@ -22,8 +22,9 @@ Forward, two paths:
   torch.no_grad / inference_mode, or with the experts' scales, zeros and biases frozen).
 - per expert: the experts a batch routes to, one after the other (transformers' "eager" implementation),
   for every other format and for training: a host sync to list the routed experts, so not capturable.
-``compress`` unfuses a model's experts before planning and ``save_compressed`` records them, so
-``load_compressed`` unfuses the skeleton the same way.
+``compress`` unfuses a model's experts before planning, fuses back the experts modules no rule compressed
+(``fuse_dense_experts``: transformers' own implementation again, and the checkpoint's layout the original's)
+and ``save_compressed`` records the rest, so ``load_compressed`` unfuses the skeleton the same way.
 """
 import torch
 from torch import nn
@@ -83,6 +84,31 @@ class UnfusedExperts(nn.Module):
 
     def expert(self, e):
         return self._modules[str(e)]
+
+    def is_dense(self):
+        """Every expert's layers are still plain nn.Linear (no rule compressed them)."""
+        return all(type(getattr(self.expert(e), proj)) is nn.Linear
+                   for e in range(self.num_experts) for proj in (self.up_name, "down_proj"))
+
+    def fused_again(self):
+        """The original experts module with the experts' current weights stacked back into its 3-D parameters
+        (a copy; the Linears' storage goes with them): where no rule compressed an expert, transformers' own
+        implementation (e.g. grouped_mm: no host sync) serves better than the per-expert loop. Needs is_dense()."""
+        if not self.is_dense():
+            raise ValueError("fused_again: some experts are compressed; only dense experts fuse back")
+        fused = self._fused
+        for proj in (self.up_name, "down_proj"):
+            lins = self._layers(proj)
+            with torch.no_grad():
+                w = torch.stack([lin.weight.t() if fused.is_transposed else lin.weight for lin in lins])
+            fused.register_parameter(proj, nn.Parameter(w, requires_grad=lins[0].weight.requires_grad))
+            if fused.has_bias:
+                with torch.no_grad():
+                    b = torch.stack([lin.bias for lin in lins])
+                fused.register_parameter(f"{proj}_bias", nn.Parameter(b, requires_grad=lins[0].bias.requires_grad))
+        if "post_expert_norm" in self._modules:
+            fused.post_expert_norm = self.post_expert_norm
+        return fused
 
     def _layers(self, proj):
         return [getattr(self.expert(e), proj) for e in range(self.num_experts)]
@@ -199,6 +225,16 @@ def _config(layer, fmt):
     """What must agree across experts for their tensors to stack: format, shapes, settings, dtypes, device."""
     return (type(layer), fmt[0], layer.in_features, layer.out_features, fmt[2](layer), layer.bias is None,
             *((t.dtype, t.device, tuple(t.shape)) for t in (getattr(layer, name) for name in fmt[1])))
+
+
+def fuse_dense_experts(model):
+    """Put back the original experts module wherever every expert of an UnfusedExperts is still dense
+    (``UnfusedExperts.fused_again``), in place; returns the names fused again."""
+    names = [n for n, m in model.named_modules() if isinstance(m, UnfusedExperts) and m.is_dense()]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, model.get_submodule(name).fused_again())
+    return names
 
 
 def group_experts(model):

@@ -22,7 +22,7 @@ from .allocate_bits import resolve_bits
 from .blocks import (batches_of, block_inputs, find_blocks, home_device, linear_names, move, next_inputs, on_device,
                      outside_inputs, run_block, same_device)
 from .calib import collect_inputs, random_tokens
-from .experts import fused_experts_names, group_experts, unfuse_experts
+from .experts import fuse_dense_experts, fused_experts_names, group_experts, unfuse_experts
 from .fisher import channel_weights, output_fisher
 from .methods import get_method, uses_more_than_energy
 from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
@@ -235,9 +235,10 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
             if type(model.get_submodule(name)) is torch.nn.Linear:
                 _set_module(model, name, conv)
         model.train(was_training)
+    fuse_dense_experts(model)  # experts no rule reached: the original module again (its own fast forward)
     if original is not None:
         unshare(model, original)  # what stayed dense gets its own copy now
-    group_experts(model)  # int4 experts: one grouped kernel a projection (experts.py)
+    group_experts(model)  # quantized experts: one grouped kernel a projection (experts.py)
     _warn_uncalibrated(report.uncalibrated)
     report.seconds = time.perf_counter() - t_start
     model.reparam_recipe = list(getattr(model, "reparam_recipe", [])) + [r.to_dict() for r in parse_recipe(recipe)]
