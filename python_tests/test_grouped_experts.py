@@ -188,3 +188,20 @@ def test_experts_no_rule_compressed_are_fused_again(arch, tmp_path):
     assert not experts_of(back) and fused_experts_names(back)
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, small(ids).logits, rtol=0, atol=0)
+
+
+def test_distilled_int4_experts_still_group_with_their_trained_tensors():
+    """distill trains the experts' scales and zeros through the per-expert path; the grouped forward afterwards
+    reads the trained values (the experts' Parameters are views of the stacked storage)."""
+    teacher, ids = tiny_moe(), _ids(8, 16)
+    student, _ = rk.compress(teacher, INT4, calib=ids, progress=False)
+    before = student.get_submodule("model.layers.0.mlp.experts.2.down_proj").scales.detach().clone()
+    rk.distill(student, teacher, _ids(16, 16, seed=2), steps=5, lr=1e-2, batch_size=4, progress=False)
+    after = student.get_submodule("model.layers.0.mlp.experts.2.down_proj").scales
+    assert not torch.equal(before, after.detach())
+    for m in experts_of(student):
+        m.requires_grad_(False)
+    assert all(m._grouped_ok() for m in experts_of(student))
+    with torch.no_grad():
+        got = student(_ids()).logits
+    torch.testing.assert_close(got, per_expert(student, _ids()), rtol=1e-5, atol=1e-5)
