@@ -51,8 +51,9 @@ def test_grouped_forward_gives_the_per_expert_outputs(arch, recipe, monkeypatch)
 def test_experts_tensors_are_views_of_the_stacked_storage():
     small, _ = rk.compress(tiny_moe(), INT4, calib=_ids(8, 16), progress=False)
     ex = experts_of(small)[0]
-    op, (q, s, z), consts, b = ex._grouped["down_proj"]
+    op, (q, s, z), consts, b, names = ex._grouped["down_proj"]
     assert op is rk.ops.grouped_int4_linear and consts == (32,) and b is None
+    assert names == ("qweight", "scales", "zeros")
     assert q.shape == (4, 32, 32) and s.shape == (4, 32, 2)
     for e in range(4):
         layer = ex.expert(e).down_proj
@@ -67,7 +68,7 @@ def test_to_and_cast_group_again():
     want = per_expert(small, _ids())
     small.double()
     ex = experts_of(small)[1]
-    q, s, z = ex._grouped["gate_up_proj"][1]
+    q, s, z = ex._grouped["gate_up_proj"].tensors
     assert s.dtype == torch.float64 and ex.expert(3).gate_up_proj.scales.data_ptr() == s[3].data_ptr()
     with torch.no_grad():
         torch.testing.assert_close(small(_ids()).logits.float(), want, rtol=1e-4, atol=1e-4)
@@ -84,7 +85,7 @@ def test_save_load_and_copies_come_back_grouped(tmp_path):
         torch.testing.assert_close(back(_ids()).logits, want, rtol=0, atol=0)
         torch.testing.assert_close(twin(_ids()).logits, want, rtol=0, atol=0)
     ex = experts_of(twin)[0]
-    assert ex.expert(2).down_proj.qweight.data_ptr() == ex._grouped["down_proj"][1][0][2].data_ptr()
+    assert ex.expert(2).down_proj.qweight.data_ptr() == ex._grouped["down_proj"].tensors[0][2].data_ptr()
 
 
 def test_other_formats_and_training_take_the_per_expert_path(monkeypatch):

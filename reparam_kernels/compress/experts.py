@@ -26,10 +26,21 @@ Forward, two paths:
 (``fuse_dense_experts``: transformers' own implementation again, and the checkpoint's layout the original's)
 and ``save_compressed`` records the rest, so ``load_compressed`` unfuses the skeleton the same way.
 """
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from .._dispatch import as_dtype
+
+
+class Stacked(NamedTuple):
+    """One projection's experts stacked for its grouped op: op(x, offsets, *tensors, *consts, bias)."""
+    op: object
+    tensors: tuple  # [E, …] each, in the op's order; the experts' own tensors (`names`) are views of them
+    consts: tuple
+    bias: object    # [E, N] or None
+    names: tuple    # the layers' attribute names of `tensors`
 
 _WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -80,7 +91,7 @@ class UnfusedExperts(nn.Module):
             raise ValueError(f"unfuse_experts: {type(fused).__name__} holds tensors {left} besides the expert "
                              "weights; it is not supported")
         object.__setattr__(self, "_fused", fused)  # gating code and constants; no tensors left in it
-        self._grouped = None  # {projection: (grouped op, stacked tensors, constants, stacked bias)}, see group()
+        self._grouped = None  # {projection: Stacked}, see group()
 
     def expert(self, e):
         return self._modules[str(e)]
@@ -138,7 +149,7 @@ class UnfusedExperts(nn.Module):
                     setattr(m, name, nn.Parameter(view, requires_grad=old.requires_grad)
                             if name in m._parameters else view)
             bias = tensors.pop("bias", None)
-            stacked[proj] = (op, tuple(tensors.values()), consts(layers[0]), bias)
+            stacked[proj] = Stacked(op, tuple(tensors.values()), consts(layers[0]), bias, tuple(tensors))
         self._grouped = stacked
         return True
 
@@ -156,12 +167,12 @@ class UnfusedExperts(nn.Module):
         if self._grouped is None:
             return False
         if not torch.compiler.is_compiling():  # (data_ptr is not traceable; under torch.compile it is trusted)
-            for proj, (_op, tensors, *_rest) in self._grouped.items():
-                layers = self._layers(proj)
-                names = _grouped_format(layers[0])[1]
-                if any(getattr(layers[e], name).data_ptr() != t[e].data_ptr()
-                       for e in (0, len(layers) - 1) for name, t in zip(names[:2], tensors)) and not self.group():
-                    return False
+            for proj, st in self._grouped.items():  # the first and last experts' first two tensors: a cheap test
+                for e in (0, self.num_experts - 1):
+                    layer = getattr(self._modules[str(e)], proj)
+                    if any(getattr(layer, name, None) is None or getattr(layer, name).data_ptr() != t[e].data_ptr()
+                           for name, t in zip(st.names[:2], st.tensors)):
+                        return self.group() and self._grouped_ok()
         if torch.is_grad_enabled():
             return not any(p.requires_grad for proj in self._grouped for m in self._layers(proj) for p in m.parameters())
         return True
@@ -175,10 +186,10 @@ class UnfusedExperts(nn.Module):
         tok = order // k
         h = hidden_states[tok]
         for proj in (self.up_name, "down_proj"):
-            op, tensors, consts, bias = self._grouped[proj]
+            st = self._grouped[proj]
             dt = h.dtype
-            h = op(h, offsets, *(as_dtype(t, dt) if t.is_floating_point() else t for t in tensors), *consts,
-                   as_dtype(bias, dt))
+            h = st.op(h, offsets, *(as_dtype(t, dt) if t.is_floating_point() else t for t in st.tensors), *st.consts,
+                      as_dtype(st.bias, dt))
             if proj != "down_proj":
                 h = self._fused._apply_gate(h) if self.has_gate else self._fused.act_fn(h)
         if "post_expert_norm" in self._modules:
