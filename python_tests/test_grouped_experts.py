@@ -206,3 +206,13 @@ def test_distilled_int4_experts_still_group_with_their_trained_tensors():
     with torch.no_grad():
         got = student(_ids()).logits
     torch.testing.assert_close(got, per_expert(student, _ids()), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_through_grouped_experts():
+    small, _ = rk.compress(tiny_moe(), MIXED, calib=_ids(8, 16), progress=False)
+    other = copy.deepcopy(small)
+    for m in experts_of(other):
+        m._grouped = None
+    ids = _ids(2, 5, seed=3)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(small.generate(ids, **kw), other.generate(ids, **kw))
