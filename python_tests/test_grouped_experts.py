@@ -216,3 +216,26 @@ def test_generate_through_grouped_experts():
     ids = _ids(2, 5, seed=3)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(small.generate(ids, **kw), other.generate(ids, **kw))
+
+
+def test_bias_and_x_gradients_through_the_grouped_path():
+    """GPT-OSS's experts have biases (trainable Parameters by default): in grad mode the grouped path still
+    runs and their gradients, and x's, are the per-expert path's."""
+    small, _ = rk.compress(tiny_moe("gpt_oss"), INT4, calib=_ids(8, 16), progress=False)
+    ex = experts_of(small)[0]
+    assert ex._grouped_ok() and ex.expert(1).down_proj.bias.requires_grad
+    h = torch.randn(6, 32, requires_grad=True)
+    idx, w = torch.tensor([[0, 2], [1, 2], [3, 0], [2, 1], [0, 3], [1, 0]]), torch.rand(6, 2)
+    grads = []
+    for grouped in (True, False):
+        if not grouped:
+            ex._grouped = None
+        h.grad = None
+        ex.zero_grad()
+        (ex(h, idx, w) ** 2).sum().backward()
+        grads.append((h.grad.clone(), [ex.expert(e).down_proj.bias.grad.clone() for e in range(4)],
+                      [ex.expert(e).gate_up_proj.bias.grad.clone() for e in range(4)]))
+    (gx, gd, gu), (lx, ld, lu) = grads
+    torch.testing.assert_close(gx, lx, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gd + gu, ld + lu):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

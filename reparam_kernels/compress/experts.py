@@ -18,8 +18,8 @@ Forward, two paths:
   / ``grouped_int8_linear`` / ``grouped_vq_linear`` call over the routed rows
   sorted by expert: no host sync, so capturable in a CUDA graph and free of graph breaks under
   torch.compile. ``compress`` and ``load_compressed`` group what they build (``group_experts``); moving or
-  casting the module (``.to``) groups again. Used when no expert tensor needs a gradient (under
-  torch.no_grad / inference_mode, or with the experts' scales, zeros and biases frozen).
+  casting the module (``.to``) groups again. Used unless an expert's scales, zeros or codebooks need a gradient
+  (distillation); gradients reach x and the experts' biases.
 - per expert: the experts a batch routes to, one after the other (transformers' "eager" implementation),
   for every other format and for training: a host sync to list the routed experts, so not capturable.
 ``compress`` unfuses a model's experts before planning, fuses back the experts modules no rule compressed
@@ -162,8 +162,8 @@ class UnfusedExperts(nn.Module):
 
     def _grouped_ok(self):
         """The grouped path applies: stacked (again, if a load with assign=True or a copy gave the experts
-        other storage) and no expert parameter wants a gradient (the stacked tensors are not the experts'
-        Parameters: gradients reach x only)."""
+        other storage) and no expert parameter but a bias wants a gradient (the grouped ops give x's and the
+        bias's; the experts' scales, zeros and codebooks train through the per-expert path)."""
         if self._grouped is None:
             return False
         if not torch.compiler.is_compiling():  # (data_ptr is not traceable; under torch.compile it is trusted)
@@ -173,9 +173,18 @@ class UnfusedExperts(nn.Module):
                     if any(getattr(layer, name, None) is None or getattr(layer, name).data_ptr() != t[e].data_ptr()
                            for name, t in zip(st.names[:2], st.tensors)):
                         return self.group() and self._grouped_ok()
-        if torch.is_grad_enabled():
-            return not any(p.requires_grad for proj in self._grouped for m in self._layers(proj) for p in m.parameters())
+        if torch.is_grad_enabled():  # (a bias may train: the forward stacks the experts' own biases then)
+            return not any(p.requires_grad for proj in self._grouped for m in self._layers(proj)
+                           for name, p in m.named_parameters() if name != "bias")
         return True
+
+    def _bias(self, proj, st):
+        """The stacked bias, or where a bias trains a stack of the experts' own bias Parameters (a copy of E·N
+        values that autograd follows back to them)."""
+        if st.bias is None or not torch.is_grad_enabled():
+            return st.bias
+        layers = self._layers(proj)
+        return torch.stack([m.bias for m in layers]) if any(m.bias.requires_grad for m in layers) else st.bias
 
     def _forward_grouped(self, hidden_states, top_k_index, top_k_weights):
         k = top_k_index.shape[-1]
@@ -189,7 +198,7 @@ class UnfusedExperts(nn.Module):
             st = self._grouped[proj]
             dt = h.dtype
             h = st.op(h, offsets, *(as_dtype(t, dt) if t.is_floating_point() else t for t in st.tensors), *st.consts,
-                      as_dtype(st.bias, dt))
+                      as_dtype(self._bias(proj, st), dt))
             if proj != "down_proj":
                 h = self._fused._apply_gate(h) if self.has_gate else self._fused.act_fn(h)
         if "post_expert_norm" in self._modules:
