@@ -284,7 +284,7 @@ def load_compressed(model, path, strict_hash=True, cast=True):
                 mod.refresh_cols()
     else:
         model.load_state_dict(full, strict=True)
-    group_experts(model)  # int4 experts: the grouped forward, as compress() left them
+    group_experts(model)  # quantized experts: the grouped forward, as compress() left them
     model.reparam_recipe = manifest.get("recipe")
     return model
 
