@@ -93,6 +93,18 @@ def test_triton_both_row_tile_maps(rng, op, packed, case):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_triton_int4_gemv_form(rng, dtype, case):
+    """int4's GEMV form (an expert's rows one after the other) forced on every case, many rows an expert too."""
+    counts, K, N, group, tail = CASES[case]
+    args, want = make(rng, counts, K, N, dtype, group=group, tail=tail, bias=case % 2 == 1)
+    y = rk_triton.grouped_int4_linear(*args, gemv=True)
+    assert rel_err(y, want) <= TOL[dtype]
+    assert not y[sum(counts):].any()
+
+
+@needs_triton
 def test_triton_int8_any_k(rng):
     args, want = make(rng, [3, 0, 9], 37, 21, torch.float16, op="grouped_int8_linear")
     assert rel_err(rk_triton.grouped_int8_linear(*args, packed=True), want) <= TOL[torch.float16]
@@ -110,6 +122,9 @@ def test_launch_plan_packs_long_inputs():
     from reparam_kernels.triton._grouped import Plan, tile_ends
     p = Plan(2, 8, 28672, 4096)  # decode: one tile
     assert (p.tiles.bm, p.tiles_m, p.packed, p.programs) == (16, 1, False, 8)
+    p = Plan(2, 8, 28672, 4096, gemv="auto")  # decode, a format with a GEMV form: one program an expert
+    assert p.gemv and p.tiles.gemv and (p.tiles_m, p.packed, p.programs) == (1, False, 8)
+    assert not Plan(9, 8, 28672, 4096, gemv="auto").gemv
     p = Plan(4096 * 8, 128, 1536, 2048)  # prefill
     assert p.packed and p.programs == p.tiles_m + 128 < 128 * p.tiles_m and p.search == 8
     ends = tile_ends(torch.tensor([0, 5, 5, 40, 41]), 41, 16)

@@ -82,6 +82,8 @@ def compile_one(op, cls, arch, dtype="fp16"):
             else (grouped_int8 if op == "grouped_int8" else grouped_vq).plan(m, GROUPED_EXPERTS, n, k, fp32=dtype == "fp32")
         t = plan.tiles
         const_extra = dict(const_extra, PACKED=plan.packed, SEARCH=plan.search)
+        if plan.gemv:  # int4's GEMV form (one row an expert): its own kernel, the codes as int32 words
+            fn, sig_extra = grouped_int4._grouped_int4_gemv_kernel, dict(sig_extra, q_ptr="*i32", one_bits="i32")
     else:
         t = _tiles.choose(m, n, k, torch.device("cpu"), bk_limit=bk_limit, fp32=dtype == "fp32", gemv_bk=gemv_bk,
                           sms=132)  # the splits an H200 gets

@@ -13,7 +13,8 @@ torch.compile sees one launch either way):
   its expert by bisection in those sums (log₂E loads).
 
 Axis 1 is the column tiles. The tiles are the format's single-expert ones (``_tiles.choose``) for the mean
-rows per expert, never the GEMV form (one row an expert takes tl.dot's 16-row tile) and never split along K.
+rows per expert, never split along K; a format with a GEMV form (int4) takes it where the rows are at most one
+an expert on average (decode): one program an expert and column tile, the expert's rows one after the other.
 """
 import torch
 import triton
@@ -58,12 +59,15 @@ def rows_and_cols(r0, hi, N, BM: tl.constexpr, BN: tl.constexpr):
 class Plan:
     """The launch of a grouped kernel: tiles, row tiles of T, the map, bisection steps, programs on axis 0."""
 
-    def __init__(self, rows, experts, n, k, bk_limit=128, fp32=False, packed=None, gemv_bk=128):
-        per_expert = max(2, triton.cdiv(rows, max(experts, 1)))
-        self.tiles = choose(per_expert, n, k, torch.device("cpu"), bk_limit=bk_limit, split=1, fp32=fp32,
-                            gemv_bk=gemv_bk)
-        self.tiles_m = triton.cdiv(rows, self.tiles.bm)
-        self.packed = self.tiles_m > 2 if packed is None else packed
+    def __init__(self, rows, experts, n, k, bk_limit=128, fp32=False, packed=None, gemv=False):
+        """gemv: the format has a GEMV form (one program an expert and column tile, the expert's rows one
+        after the other): True takes it (per-expert map), "auto" where the rows are at most one an expert on
+        average (decode)."""
+        self.gemv = rows <= experts if gemv == "auto" else bool(gemv)
+        per_expert = 1 if self.gemv else max(2, triton.cdiv(rows, max(experts, 1)))
+        self.tiles = choose(per_expert, n, k, torch.device("cpu"), bk_limit=bk_limit, split=1, fp32=fp32)
+        self.tiles_m = 1 if self.gemv else triton.cdiv(rows, self.tiles.bm)
+        self.packed = False if self.gemv else self.tiles_m > 2 if packed is None else packed
         self.search = max(1, experts.bit_length())  # bisection steps over [0, E)
         self.programs = self.tiles_m + experts if self.packed else experts * self.tiles_m
         self.rows, self.n = rows, n

@@ -24,6 +24,19 @@ from ._common import INTERPRET, dot_nt, nibbles_f32, one_plus_code16, rows_and_o
 
 
 @triton.jit
+def word_products(words, s, zs, x_step, one_bits, BN: tl.constexpr, BK: tl.constexpr):
+    """[BN, BK/8]: Σ_j w_j·x_j over each int32 word of codes (nibble j: input x_step[j] of that word) for
+    W = q·s − z·s — s·16·(Σ_j f_j·x_j − Σ_j x_j) − z·s·Σ_j x_j with f_j = 1 + q_j/16 (module doc)."""
+    fx = tl.zeros((BN, BK // 8), dtype=tl.float32)
+    xs = tl.zeros((1, BK // 8), dtype=tl.float32)
+    for j in tl.static_range(8):
+        xj = tl.load(x_step + j).to(tl.float32)  # L1 hits
+        fx += one_plus_code16(words, 4 * j, one_bits) * xj
+        xs += xj
+    return (16.0 * s) * (fx - xs) - zs * xs
+
+
+@triton.jit
 def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, G, k_split,
                         stride_qn, stride_xm, stride_ym, stride_ys, one_bits,
                         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
@@ -41,15 +54,7 @@ def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, G,
             g = k0 // GROUP
             s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
             zs = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)[:, None] * s
-            # Σ_j w_j·x_j over a word = s·16·(Σ_j f_j·x_j − Σ_j x_j) − z·s·Σ_j x_j, f_j = 1 + q_j/16
-            fx = tl.zeros((BN, BK // 8), dtype=tl.float32)
-            xs = tl.zeros((1, BK // 8), dtype=tl.float32)
-            x_step = x_words + k0
-            for j in tl.static_range(8):
-                xj = tl.load(x_step + j).to(tl.float32)  # L1 hits
-                fx += one_plus_code16(words, 4 * j, one_bits) * xj
-                xs += xj
-            acc2 += (16.0 * s) * (fx - xs) - zs * xs
+            acc2 += word_products(words, s, zs, x_words + k0, one_bits, BN, BK)
         acc = tl.sum(acc2, axis=1)[None, :]
     else:  # q_ptr: the packed bytes [N, K/2]
         rh = tl.arange(0, BK // 2)
