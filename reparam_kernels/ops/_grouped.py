@@ -25,10 +25,10 @@ def check_rows_offsets_bias(op, x, expert_offsets, experts, k, n, bias):
               lambda: f"`bias` must be [E, N] = [{experts}, {n}], got {tuple(bias.shape)}")
 
 
-def backward_x_and_bias(op, ctx, gy, offsets, experts, k, dense_weight, frozen_grads):
-    """(gx, gb) of a grouped op; dense_weight(e, dtype) is expert e's [N, K] weight. frozen_grads: whether the
-    format's own tensors were asked for a gradient (they are not trained through the grouped op)."""
-    if frozen_grads:
+def backward_x_and_bias(op, ctx, gy, offsets, experts, k, dense_weight, weights_need_grad):
+    """(gx, gb) of a grouped op; dense_weight(e, dtype) is expert e's [N, K] weight. weights_need_grad: whether
+    the format's own tensors (scales, codebooks …) were asked for a gradient, which the grouped ops do not give."""
+    if weights_need_grad:
         raise NotImplementedError(f"reparam.{op}: no gradient for the experts' quantization tensors; train them "
                                   "through the per-expert op (UnfusedExperts does when they require grad)")
     gx = torch.zeros(gy.shape[0], k, dtype=gy.dtype, device=gy.device)

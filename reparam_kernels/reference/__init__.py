@@ -18,4 +18,5 @@ from .vq_linear import vq_linear
 
 __all__ = ["lowrank_linear", "pivoted_lowrank_linear"]
 __all__ += ["block_circulant_linear", "block_circulant_cols_linear", "toeplitz_linear"]
-__all__ += ["int8_linear", "int4_linear", "grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear", "lut_linear", "vq_linear"]
+__all__ += ["int8_linear", "int4_linear", "lut_linear", "vq_linear"]
+__all__ += ["grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear"]

@@ -1,6 +1,3 @@
-import torch
-
-
 def per_expert(x, expert_offsets, experts, n, linear):
     """y [T, n]: rows expert_offsets[e]:expert_offsets[e+1] of x through linear(rows, e); rows in no expert's range
     give zeros. The reference reads the offsets on the host; the kernels do not."""
