@@ -4,13 +4,14 @@ transformers) with its Linears swapped for each compressed layer type, vs dense 
     python benchmarks/bench_decode.py                 # H200: 32 layers, batch 1 and 16, 512 context
     python benchmarks/bench_decode.py --quick         # 4 layers, batch 1, fewer variants (GPU runner)
     python benchmarks/bench_decode.py --tiny          # 2-layer tiny config on the CPU (CI: the script works)
-    python benchmarks/bench_decode.py --model mixtral_8x7b --quick   # a mixture-of-experts model
+    python benchmarks/bench_decode.py --model mixtral_8x7b --quick   # a mixture-of-experts model (qwen3_30b_a3b too)
 
-`--model mixtral_8x7b`: the Mixtral-8x7B configuration (8 experts, 2 a token). Its dense baseline runs
+`--model mixtral_8x7b`: the Mixtral-8x7B configuration (8 experts, 2 a token); `--model qwen3_30b_a3b`:
+Qwen3-30B-A3B's (128 experts of 768, 8 a token). Its dense baseline runs
 transformers' default experts implementation (``grouped_mm``: one grouped GEMM a projection, no host sync;
 recorded in the file); the compressed variants split the experts per expert (``unfuse_experts``), swap their
 Linears too, and group them again where the format has a grouped op (``group_experts``: int4, int8), so a
-decode step stays one CUDA graph. Results: decode_mixtral_8x7b.json beside decode.json.
+decode step stays one CUDA graph. Results: decode_<model>.json beside decode.json.
 
 Each variant: prefill `--context` random tokens into a static KV cache (not timed),
 compile the one-token decode step (torch.compile, mode="reduce-overhead": CUDA
@@ -45,10 +46,20 @@ MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
                     tie_word_embeddings=False, rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2)
 TINY_MIXTRAL = dict(TINY, num_local_experts=4, num_experts_per_tok=2)
+QWEN3_30B_A3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                     num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1e6,
+                     num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+                     norm_topk_prob=True)
+TINY_QWEN3_MOE = dict(TINY, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, head_dim=64,
+                      decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
 # --model: (config class, model class, full config, tiny config, what the results call it, results file)
 MODELS = {"llama3_8b": ("LlamaConfig", "LlamaForCausalLM", LLAMA3_8B, TINY, "Llama-3-8B config", "decode.json"),
           "mixtral_8x7b": ("MixtralConfig", "MixtralForCausalLM", MIXTRAL_8X7B, TINY_MIXTRAL, "Mixtral-8x7B config",
-                           "decode_mixtral_8x7b.json")}
+                           "decode_mixtral_8x7b.json"),
+          # 128 small experts, 8 a token: where a per-expert loop pays most and grouping matters most
+          "qwen3_30b_a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", QWEN3_30B_A3B, TINY_QWEN3_MOE,
+                            "Qwen3-30B-A3B config", "decode_qwen3_30b_a3b.json")}
 
 
 def llama_config(overrides, config_class="LlamaConfig"):
@@ -252,7 +263,7 @@ def main(argv=None):
     root = a.out or os.environ.get(OUT_ENV) or DEFAULT_ROOT
     path = os.path.join(root, gpu_slug(env["gpu"]), filename)
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "vocab_size", "num_local_experts", "num_experts_per_tok")
+            "vocab_size", "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size")
     data = dict(env, model=f"{described}, random weights" + (" (tiny)" if a.tiny else ""),
                 config={k: cfg[k] for k in keys if k in cfg},
                 dtype=str(dtype).replace("torch.", ""), compile=mode, context=context, new_tokens=tokens,

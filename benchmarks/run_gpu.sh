@@ -110,8 +110,9 @@ BENCH_RC=0
 SCRIPTS=()
 for s in benchmarks/bench_*.py; do [ "$s" != benchmarks/bench_decode.py ] && SCRIPTS+=("$s"); done
 [ "$FOCUS" = 1 ] && SCRIPTS=(benchmarks/bench_quant.py benchmarks/bench_lowrank.py benchmarks/bench_structured.py benchmarks/bench_moe.py)
-# (SCRIPT:MODEL: bench_decode on another --model; the MoE model last, the newest)
-[ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py benchmarks/bench_decode.py:mixtral_8x7b)
+# (SCRIPT:MODEL: bench_decode on another --model; the MoE models last, the newest)
+[ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py benchmarks/bench_decode.py:mixtral_8x7b
+  benchmarks/bench_decode.py:qwen3_30b_a3b)
 SAN_RESERVE=150   # keep this much for compute-sanitizer (memcheck <= 80 s, racecheck <= 30 s) and Nsight Compute (<= 40 s)
 [ "$FOCUS" = 1 ] && SAN_RESERVE=160   # no racecheck; ncu up to 90 s (~30 kernels)
 for i in "${!SCRIPTS[@]}"; do

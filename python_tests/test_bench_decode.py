@@ -47,6 +47,19 @@ def test_bench_decode_a_failing_variant_is_recorded(tmp_path, monkeypatch):
     assert data["skipped"][0]["variant"] == "int8" and "no kernel image" in data["skipped"][0]["reason"]
 
 
+def test_bench_decode_tiny_qwen3_moe_runs(tmp_path):
+    pytest.importorskip("transformers")
+    import json
+
+    decode = importlib.import_module("bench_decode")
+    assert decode.main(["--tiny", "--model", "qwen3_30b_a3b", "--variants", "dense,int8", "--context", "16",
+                        "--tokens", "2", "--out", str(tmp_path)]) == 0
+    data = json.load(open(tmp_path / "cpu" / "decode_qwen3_30b_a3b.json"))
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert data["config"]["num_experts"] == 8 and data["skipped"] == []
+    assert rows["int8"]["experts"] == "reparam grouped" and rows["int8"]["linears_swapped"] == 2 * (4 + 16)
+
+
 def test_bench_decode_tiny_mixtral_groups_the_experts(tmp_path):
     """--model mixtral_8x7b --tiny: the experts split, swapped (int4: 4 experts × 2 Linears a layer besides the
     attention's 4) and grouped again, compiled and checked against eager; the dense baseline keeps transformers'

@@ -33,8 +33,9 @@ def per_expert(model, ids):
         return other(ids).logits
 
 
-@pytest.mark.parametrize("arch,recipe", [("mixtral", INT4), ("gpt_oss", INT4), ("qwen3_moe", INT4),
-                                         ("mixtral", MIXED), ("gpt_oss", MIXED), ("mixtral", GPTVQ)])
+@pytest.mark.parametrize("arch,recipe", [("mixtral", INT4), ("gpt_oss", INT4), ("qwen3_moe", INT4), ("olmoe", INT4),
+                                         ("deepseek_v3", INT4), ("mixtral", MIXED), ("gpt_oss", MIXED),
+                                         ("mixtral", GPTVQ)])
 def test_grouped_forward_gives_the_per_expert_outputs(arch, recipe, monkeypatch):
     model, ids = tiny_moe(arch), _ids(8, 16)
     small, _ = rk.compress(model, recipe, calib=ids, progress=False)
