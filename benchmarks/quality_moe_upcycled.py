@@ -2,6 +2,8 @@
 into a Mixtral (every expert a copy of the layer's MLP, a random router; compress/experts.py)
 
     python benchmarks/quality_moe_upcycled.py [--experts 4] [--top-k 2] [--windows 4]
+    python benchmarks/quality_moe_upcycled.py --experts 16 --top-k 1 --calib-seqs 2 --experts-only \
+        --recipes int4,int4_gptq --out benchmarks/results/quality/moe_upcycled_few_tokens.json   # ~64 tokens an expert
 
 No MoE model is in the offline data, so this builds one by sparse upcycling: each block's MLP becomes
 `--experts` identical experts behind a seeded random router choosing `--top-k` (Mixtral renormalizes the
@@ -65,25 +67,29 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--windows", type=int, default=4, help="evaluation windows of 1024 tokens")
     p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences of 512 tokens of Emma")
+    p.add_argument("--experts-only", action="store_true", help="skip the rows of SmolLM2's own MLPs")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality",
                                                   "moe_upcycled.json"))
     args = p.parse_args(argv)
     run = QualityRun(args.windows)
-    emma = token_windows(run.tok, data.austen("emma"), 512, 16)
+    emma = token_windows(run.tok, data.austen("emma"), 512, args.calib_seqs)
     moe = upcycle(run.model, args.experts, args.top_k)
     t0 = time.perf_counter()
     run.add_row("upcycled (dense experts)", perplexity(moe, windows=run.evals, progress=False), t0,
                 experts=args.experts, top_k=args.top_k)
     for name in args.recipes.split(","):
         rule = RECIPES[name]
-        t0 = time.perf_counter()
-        small, rep = rk.compress(run.model, {"{blocks}.*.mlp.*": rule}, calib=emma, progress=False)
-        run.add_row(f"dense MLP {name}", perplexity(small, windows=run.evals, progress=False), t0, layers=len(rep.layers))
+        if not args.experts_only:
+            t0 = time.perf_counter()
+            small, rep = rk.compress(run.model, {"{blocks}.*.mlp.*": rule}, calib=emma, progress=False)
+            run.add_row(f"dense MLP {name}", perplexity(small, windows=run.evals, progress=False), t0,
+                        layers=len(rep.layers))
         t0 = time.perf_counter()
         small, rep = rk.compress(moe, {"{blocks}.*.mlp.experts.*": rule}, calib=emma, progress=False)
         run.add_row(f"experts {name}", perplexity(small, windows=run.evals, progress=False), t0,
                     layers=len(rep.layers), uncalibrated=len(rep.uncalibrated), experts=args.experts, top_k=args.top_k)
-    run.write(args.out, calib="Emma, 16 x 512 tokens", quantized="the MLPs of every block (SmolLM2) / every expert "
+    run.write(args.out, calib=f"Emma, {args.calib_seqs} x 512 tokens", quantized="the MLPs of every block (SmolLM2) / every expert "
               f"of every block (SmolLM2 upcycled: {args.experts} experts, top {args.top_k}, random router seed 0)")
 
 
