@@ -140,8 +140,39 @@ def test_experts_no_calibration_token_reached_are_built_without_statistics():
         w = getattr(model.get_submodule(name.rsplit(".", 2)[0]), proj)[e].detach()
         want = Int4Linear.from_linear(linear_from(w), group_size=32)
         torch.testing.assert_close(small.get_submodule(name).to_dense(), want.to_dense(), rtol=0, atol=0)
+    assert all(n.endswith(".down_proj") for n in report.uncalibrated)  # the up projections: pooled (next test)
     with torch.no_grad():
         assert torch.isfinite(small(_ids()).logits).all()
+
+
+def test_unreached_experts_up_projections_take_their_siblings_pooled_inputs():
+    """Every expert of a block reads the block's hidden states (the router picks rows): an expert no calibration
+    token reached gets its gate_up GPTQ'd on the pooled inputs of its siblings — with one expert a token, every
+    token of the block once — and is listed in report.pooled, not as uncalibrated."""
+    from reparam_kernels.compress.calib import CalibStats
+
+    model = tiny_moe(num_local_experts=8, num_experts_per_tok=1)
+    ids = _ids(1, 3)
+    seen = []
+    h = model.model.layers[0].mlp.experts.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    rule = {"method": "int4", "group_size": 32, "gptq": True}
+    with pytest.warns(UserWarning, match="no calibration token reached"):
+        small, report = rk.compress(model, {EXPERTS: rule}, calib=ids, progress=False)
+    assert report.pooled and all(n.endswith(".gate_up_proj") for n in report.pooled)
+    assert not set(report.pooled) & set(report.uncalibrated)
+    layer0 = [n for n in report.pooled if n.startswith("model.layers.0.")]
+    assert layer0
+    built = {r.name: r.settings for r in report.layers}
+    pool = CalibStats.from_inputs(seen[0])  # layer 0's MoE inputs: the original model's (its attention kept)
+    for name in layer0:
+        assert built[name]["gptq"] is True
+        e = int(name.split(".")[5])
+        w = model.model.layers[0].mlp.experts.gate_up_proj[e].detach()
+        want = Int4Linear.from_linear(linear_from(w), group_size=32, calib=pool)
+        torch.testing.assert_close(small.get_submodule(name).to_dense(), want.to_dense(), rtol=1e-5, atol=1e-6)
 
 
 def test_the_docs_recipe_quantizes_the_experts_only():

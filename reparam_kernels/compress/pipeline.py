@@ -21,8 +21,8 @@ from .allocate import resolve_global
 from .allocate_bits import resolve_bits
 from .blocks import (batches_of, block_inputs, find_blocks, home_device, linear_names, move, next_inputs, on_device,
                      outside_inputs, run_block, same_device)
-from .calib import collect_inputs, random_tokens
-from .experts import fuse_dense_experts, fused_experts_names, group_experts, unfuse_experts
+from .calib import CalibStats, collect_inputs, random_tokens
+from .experts import UnfusedExperts, fuse_dense_experts, fused_experts_names, group_experts, unfuse_experts
 from .fisher import channel_weights, output_fisher
 from .methods import get_method, uses_more_than_energy
 from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
@@ -56,16 +56,49 @@ def _without_calibration(rule):
     return {**rule.settings, **{k: v for k, v in _DATA_FREE.items() if k in keys}}
 
 
+def _pooled_stats(root, stats):
+    """{name: CalibStats} for the experts' up projections (gate_up_proj / up_proj) under `root` that no calibration
+    token reached: the statistics of their siblings' inputs, pooled. Every expert of a block reads the same
+    hidden states (the router only picks which rows), so the pool is an unbiased sample of an unreached
+    expert's inputs; its down projection reads its own activations, which no sibling sees (built data-free)."""
+    pooled = {}
+    for prefix, m in root.named_modules():
+        if not isinstance(m, UnfusedExperts):
+            continue
+        names = [f"{prefix}.{e}.{m.up_name}" if prefix else f"{e}.{m.up_name}" for e in range(m.num_experts)]
+        seen = {id(st): st for n in names if (st := stats.get(n)) is not None and st.count}  # (shared: once)
+        missing = [n for n in names if n in stats and stats[n].count == 0]
+        if not seen or not missing:
+            continue
+        first = next(iter(seen.values()))
+        pool = CalibStats(first.in_features, first.gram.device)
+        for st in seen.values():
+            pool.gram += st.gram
+            pool.abs_sum += st.abs_sum
+            pool.count += st.count
+        pooled.update({n: pool for n in missing})
+    return pooled
+
+
+def _with_pooled_stats(rule):
+    """The rule's settings for an unreached expert's up projection on pooled statistics: all of them but the
+    Fisher weights (no gradient reached the layer)."""
+    keys = get_method(rule.method).keys
+    return {**rule.settings, **({"fisher": False} if "fisher" in keys else {})}
+
+
 def _warn_uncalibrated(names):
     if names:
         warnings.warn(f"compress: no calibration token reached {len(names)} layer(s) ({', '.join(names[:3])}"
                       f"{' …' if len(names) > 3 else ''}: experts the router never chose?); they are compressed "
-                      "without calibration statistics (plain SVD, round to nearest). Pass more calibration text "
+                      "without calibration statistics (plain SVD, round to nearest; an expert's up projection "
+                      "takes its sibling experts' inputs instead: report.pooled). Pass more calibration text "
                       "to calibrate them (report.uncalibrated lists them)", stacklevel=5)  # the caller of compress
 
 
 @torch.no_grad()
 def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=None):
+    pooled = _pooled_stats(root, stats) if stats else {}
     for name in names:
         full = prefix + name
         rule = plan_[full]
@@ -73,7 +106,10 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
         t0 = time.perf_counter()
         st = _layer_stats(stats, name, fisher.get(full) if fisher else None)
         settings = rule.settings
-        if st is not None and st.count == 0:  # no calibration token reached it (an expert none was routed to)
+        if st is not None and st.count == 0 and name in pooled:  # an unreached expert's up projection
+            st, settings = pooled[name], _with_pooled_stats(rule)
+            report.pooled.append(full)
+        elif st is not None and st.count == 0:  # no calibration token reached it (an expert none was routed to)
             st, settings = None, _without_calibration(rule)
             report.uncalibrated.append(full)
         new = get_method(rule.method).build(lin, settings, st)

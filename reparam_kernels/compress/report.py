@@ -53,6 +53,8 @@ class CompressionReport:
     layers: list = field(default_factory=list)
     seconds: float = 0.0
     uncalibrated: list = field(default_factory=list)  # layers no calibration token reached, built data-free
+    # experts' up projections no calibration token reached, calibrated on their sibling experts' inputs (pooled)
+    pooled: list = field(default_factory=list)
 
     def totals(self):
         t = {k: sum(getattr(l, k) for l in self.layers)
