@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_nt, nibbles_f32, store_tile
+from ._common import dot_nt, store_tile
 from ._grouped import Plan, expert_and_first_row, launch, rows_and_cols
-from .int4_linear import word_products
+from .int4_linear import decode_tile, word_products
 
 
 @triton.jit
@@ -34,8 +34,7 @@ def _grouped_int4_kernel(x_ptr, off_ptr, ends_ptr, q_ptr, s_ptr, z_ptr, bias_ptr
             g = k0 // GROUP
             s = tl.load(s_ptr + sz_rows + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
             zs = tl.load(z_ptr + sz_rows + g, mask=nmask, other=0.0).to(tl.float32)[:, None] * s
-            lo4, hi4 = nibbles_f32(p)
-            w = tl.interleave((lo4 * s - zs).to(x_ptr.dtype.element_ty), (hi4 * s - zs).to(x_ptr.dtype.element_ty))
+            w = decode_tile(p, s, zs, x_ptr.dtype.element_ty)
             x = tl.load(x_rows + (k0 + tl.arange(0, BK))[None, :], mask=xmask, other=0.0)
             acc = dot_nt(acc, x, w, IEEE, DOT_F32)
         store_tile(acc, bias_ptr + e64 * N, y_ptr, rm, rn, xmask, nmask, stride_ym, 0, HAS_BIAS)

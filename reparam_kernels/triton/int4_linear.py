@@ -37,6 +37,14 @@ def word_products(words, s, zs, x_step, one_bits, BN: tl.constexpr, BK: tl.const
 
 
 @triton.jit
+def decode_tile(p, s, zs, dtype: tl.constexpr):
+    """[BN, BK] weights in `dtype` from the packed bytes p [BN, BK/2]: low (even k) and high (odd k) nibbles as
+    q·s − z·s, interleaved back into k order."""
+    lo, hi = nibbles_f32(p)
+    return tl.interleave((lo * s - zs).to(dtype), (hi * s - zs).to(dtype))
+
+
+@triton.jit
 def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, G, k_split,
                         stride_qn, stride_xm, stride_ym, stride_ys, one_bits,
                         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
@@ -65,8 +73,7 @@ def _int4_linear_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, M, N, K, G,
             g = k0 // GROUP
             s = tl.load(s_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)[:, None]
             zs = tl.load(z_ptr + rn * G + g, mask=nmask, other=0.0).to(tl.float32)[:, None] * s
-            lo, hi = nibbles_f32(p)
-            w = tl.interleave((lo * s - zs).to(x_ptr.dtype.element_ty), (hi * s - zs).to(x_ptr.dtype.element_ty))
+            w = decode_tile(p, s, zs, x_ptr.dtype.element_ty)
             x = tl.load(x_rows + (k0 + tl.arange(0, BK))[None, :], mask=xmask, other=0.0)  # pipelined copies
             acc = dot_nt(acc, x, w, IEEE, DOT_F32)
     store_tile(acc, bias_ptr, y_ptr, rm, rn, xmask, nmask, stride_ym, stride_ys, HAS_BIAS)
