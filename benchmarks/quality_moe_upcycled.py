@@ -68,6 +68,8 @@ def main(argv=None):
     p.add_argument("--windows", type=int, default=4, help="evaluation windows of 1024 tokens")
     p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences of 512 tokens of Emma")
+    p.add_argument("--expert-prior", type=int, default=None,
+                   help="compress(expert_prior=): rows of prior in each expert's statistics (default in_features; 0 none)")
     p.add_argument("--experts-only", action="store_true", help="skip the rows of SmolLM2's own MLPs")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality",
                                                   "moe_upcycled.json"))
@@ -86,9 +88,11 @@ def main(argv=None):
             run.add_row(f"dense MLP {name}", perplexity(small, windows=run.evals, progress=False), t0,
                         layers=len(rep.layers))
         t0 = time.perf_counter()
-        small, rep = rk.compress(moe, {"{blocks}.*.mlp.experts.*": rule}, calib=emma, progress=False)
+        small, rep = rk.compress(moe, {"{blocks}.*.mlp.experts.*": rule}, calib=emma, progress=False,
+                                 expert_prior=args.expert_prior)
         run.add_row(f"experts {name}", perplexity(small, windows=run.evals, progress=False), t0,
-                    layers=len(rep.layers), uncalibrated=len(rep.uncalibrated), experts=args.experts, top_k=args.top_k)
+                    layers=len(rep.layers), uncalibrated=len(rep.uncalibrated), experts=args.experts, top_k=args.top_k,
+                    expert_prior="in_features" if args.expert_prior is None else args.expert_prior)
     run.write(args.out, calib=f"Emma, {args.calib_seqs} x 512 tokens", quantized="the MLPs of every block (SmolLM2) / every expert "
               f"of every block (SmolLM2 upcycled: {args.experts} experts, top {args.top_k}, random router seed 0)")
 

@@ -287,8 +287,11 @@ def test_global_ranks_give_experts_no_calibration_token_reached_the_uniform_rati
     with pytest.warns(UserWarning, match="no calibration token reached"):
         small, report = rk.compress(model, "default", calib=_ids(1, 3), progress=False)
     layers = {r.name: r for r in report.layers}
-    assert report.uncalibrated
-    for name in report.uncalibrated:  # pivoted factors: r·(out + in − r) parameters, as the allocation counts
+    # block 0 only: the allocation routes the dense model's hidden states, compression the compressed blocks'
+    # outputs, so past block 0 the two passes may route a few tokens differently (an expert reached in one only)
+    first = [n for n in report.uncalibrated if n.startswith("model.layers.0.")]
+    assert first
+    for name in first:  # pivoted factors: r·(out + in − r) parameters, as the allocation counts
         s, (o, i) = layers[name].settings, layers[name].shape
         assert "allocate" not in s and "ratio" not in s
         r = s["rank"]

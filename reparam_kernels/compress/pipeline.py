@@ -21,8 +21,9 @@ from .allocate import resolve_global
 from .allocate_bits import resolve_bits
 from .blocks import (batches_of, block_inputs, find_blocks, home_device, linear_names, move, next_inputs, on_device,
                      outside_inputs, run_block, same_device)
-from .calib import CalibStats, collect_inputs, random_tokens
-from .experts import UnfusedExperts, fuse_dense_experts, fused_experts_names, group_experts, unfuse_experts
+from .calib import collect_inputs, random_tokens
+from .expert_stats import expert_stats
+from .experts import fuse_dense_experts, fused_experts_names, group_experts, unfuse_experts
 from .fisher import channel_weights, output_fisher
 from .methods import get_method, uses_more_than_energy
 from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
@@ -35,10 +36,9 @@ def _set_module(root, name, new):
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def _layer_stats(stats, name, fisher):
-    """The layer's CalibStats; with its Fisher `fisher` [out], a shallow copy carrying `out_weight`
+def _with_fisher(st, fisher):
+    """The layer's CalibStats `st`; with its Fisher `fisher` [out], a shallow copy carrying `out_weight`
     (q/k/v share one CalibStats but each has its own output channels)."""
-    st = stats.get(name) if stats else None
     if st is None or fisher is None:
         return st
     st = copy.copy(st)
@@ -54,30 +54,6 @@ def _without_calibration(rule):
     never chose): its data-free form (plain SVD, round to nearest)."""
     keys = get_method(rule.method).keys
     return {**rule.settings, **{k: v for k, v in _DATA_FREE.items() if k in keys}}
-
-
-def _pooled_stats(root, stats):
-    """{name: CalibStats} for the experts' up projections (gate_up_proj / up_proj) under `root` that no calibration
-    token reached: the statistics of their siblings' inputs, pooled. Every expert of a block reads the same
-    hidden states (the router only picks which rows), so the pool is an unbiased sample of an unreached
-    expert's inputs; its down projection reads its own activations, which no sibling sees (built data-free)."""
-    pooled = {}
-    for prefix, m in root.named_modules():
-        if not isinstance(m, UnfusedExperts):
-            continue
-        names = [f"{prefix}.{e}.{m.up_name}" if prefix else f"{e}.{m.up_name}" for e in range(m.num_experts)]
-        seen = {id(st): st for n in names if (st := stats.get(n)) is not None and st.count}  # (shared: once)
-        missing = [n for n in names if n in stats and stats[n].count == 0]
-        if not seen or not missing:
-            continue
-        first = next(iter(seen.values()))
-        pool = CalibStats(first.in_features, first.gram.device)
-        for st in seen.values():
-            pool.gram += st.gram
-            pool.abs_sum += st.abs_sum
-            pool.count += st.count
-        pooled.update({n: pool for n in missing})
-    return pooled
 
 
 def _with_pooled_stats(rule):
@@ -97,21 +73,24 @@ def _warn_uncalibrated(names):
 
 
 @torch.no_grad()
-def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=None):
-    pooled = _pooled_stats(root, stats) if stats else {}
+def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=None, expert_prior=None):
+    experts = expert_stats(root, stats, expert_prior) if stats else {}  # experts' statistics, shrunk
     for name in names:
         full = prefix + name
         rule = plan_[full]
         lin = root.get_submodule(name)
         t0 = time.perf_counter()
-        st = _layer_stats(stats, name, fisher.get(full) if fisher else None)
-        settings = rule.settings
-        if st is not None and st.count == 0 and name in pooled:  # an unreached expert's up projection
-            st, settings = pooled[name], _with_pooled_stats(rule)
+        own = stats.get(name) if stats else None  # the inputs the layer saw (the output error is measured on them)
+        st, settings = experts.get(name, own), rule.settings
+        if own is not None and own.count == 0 and name in experts:  # an unreached expert's up projection
+            own, settings = st, _with_pooled_stats(rule)
             report.pooled.append(full)
-        elif st is not None and st.count == 0:  # no calibration token reached it (an expert none was routed to)
-            st, settings = None, _without_calibration(rule)
+        elif own is not None and own.count == 0:  # no calibration token reached it (an expert none was routed to)
+            own = st = None
+            settings = _without_calibration(rule)
             report.uncalibrated.append(full)
+        else:
+            st = _with_fisher(st, fisher.get(full) if fisher else None)
         new = get_method(rule.method).build(lin, settings, st)
         new._reparam_method = rule.method  # marks it for distill() and save_compressed()
         new._reparam_settings = dict(settings)  # what it was built with (data-free where uncalibrated)
@@ -123,7 +102,7 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
         report.layers.append(LayerReport(
             full, rule.method, dict(settings), tuple(W.shape), n_b, n_a, b_b, b_a,
             _svd.weight_error(W, approx),
-            _svd.output_error(W, approx, st.gram) if st is not None and st.count else None,
+            _svd.output_error(W, approx, own.gram) if own is not None and own.count else None,
             time.perf_counter() - t0, state_bytes(new, float_bytes=2)[1]))
         bar.set_postfix_str(f"{full}: {rule.method}")
         bar.update(1)
@@ -180,7 +159,7 @@ def warn_random_calib(plan_):
 
 @torch.no_grad()
 @_svd.full_precision_matmuls()
-def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None, progress=True):
+def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None, progress=True, expert_prior=None):
     """Compress the Linears of `model` that `recipe` matches; returns (model, CompressionReport).
 
     recipe: dict / list of rules / YAML or JSON path (see ``reparam_kernels.compress.recipe``).
@@ -192,10 +171,16 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
       and those it keeps dense get their own at the end (``sharing_copy``).
     device: if given, each transformer block is moved there while it is calibrated and compressed, and the
       passes that plan before (Fisher weights, global rank allocation, mean_bits) run there a block at a time.
+    expert_prior: how many rows of prior the calibration statistics of a mixture-of-experts expert get (the block's
+      pooled inputs for its up projection, its own channel energies for its down projection; ``expert_stats``):
+      None (default) its in_features, 0 none — then an expert's statistics are only the tokens routed to it.
     """
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
+    if expert_prior is not None and (isinstance(expert_prior, bool) or not isinstance(expert_prior, int)
+                                     or expert_prior < 0):
+        raise ValueError(f"`expert_prior` must be None or a number of rows ≥ 0, got {expert_prior!r}")
     random_calib = False
     if isinstance(calib, str):
         if calib != "random":
@@ -256,7 +241,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
                         with collect_inputs({n: block.get_submodule(n) for n in names}, on_weight_device=True) as stats:
                             for args, kwargs in inputs:
                                 block(*args, **kwargs)
-                        _compress_layers(block, names, plan_, stats, report, bar, bprefix, fisher)
+                        _compress_layers(block, names, plan_, stats, report, bar, bprefix, fisher, expert_prior)
                         done.update(bprefix + n for n in names)
                     if i + 1 < len(blocks):  # next block's inputs come from the compressed block
                         inputs = next_inputs(block, inputs)
