@@ -116,3 +116,32 @@ def _dense(model, name):
 def test_bad_expert_prior_is_refused(bad):
     with pytest.raises(ValueError, match="expert_prior"):
         rk.compress(tiny_moe(), {EXPERTS: "int8"}, calib=_ids(1, 8), progress=False, expert_prior=bad)
+
+
+def test_planning_stats_keep_each_experts_row_count():
+    """The plans sum losses over layers: an expert weighs by the tokens routed to it, so its shrunk covariance is
+    scaled back to its own rows; unreached experts are left to the plans' uniform share."""
+    from reparam_kernels.compress.expert_stats import planning_stats
+
+    model, stats = _routed_stats(_ids(1, 12))
+    shrunk, planned = expert_stats(model, stats, 5), planning_stats(model, stats, 5)
+    assert set(planned) == {n for n, st in stats.items() if st.count}
+    for n, st in planned.items():
+        assert st.count == stats[n].count
+        torch.testing.assert_close(st.gram, shrunk[n].gram * stats[n].count / (stats[n].count + 5))
+        torch.testing.assert_close(st.gram / st.count, shrunk[n].gram / shrunk[n].count)
+
+
+def test_allocation_no_longer_sees_a_free_cut_to_a_few_token_experts_row_count():
+    """n tokens give an expert's XᵀX rank n: without a prior its whitened spectrum is zero past n, so the global
+    allocation reads "rank n costs nothing"; with the prior the tail past n carries loss."""
+    from reparam_kernels.compress.allocate import layer_spectra
+
+    ids = _ids(1, 12)
+    model, stats = _routed_stats(ids)
+    ups = [n for n in stats if n.endswith("gate_up_proj")]  # the pool: the inputs of the experts being planned
+    name = next(n for n in ups if 0 < stats[n].count <= 3)
+    n = stats[name].count
+    spectra = {p: layer_spectra(model, [ids], ups, progress=False, expert_prior=p)[name] for p in (0, None)}
+    tail = {p: float(s[n:].sum() / s.sum()) for p, s in spectra.items()}
+    assert tail[0] < 1e-4 and tail[None] > 0.05, tail

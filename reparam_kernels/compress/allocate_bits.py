@@ -23,6 +23,7 @@ budget lasts (the greedy of a multiple-choice knapsack).
 import torch
 
 from .blocks import matched_linears_and_batches, visit_layers
+from .expert_stats import check_expert_prior
 from .fisher import output_fisher
 from .methods import get_method
 from .recipe import Rule, plan
@@ -140,7 +141,7 @@ def _menu(linear, stats, rule, fisher):
 
 
 @torch.no_grad()
-def plan_mixed(model, plan_, batches, progress=True, fisher=None, device=None):
+def plan_mixed(model, plan_, batches, progress=True, fisher=None, device=None, expert_prior=None):
     """({name: choice}, {name: menu}) for the plan's mean_bits rules: choice "int8", or the rank of the
     int4 layer's correction (0: none). fisher: {name: F} if already computed (else one pass here);
     device: where the blocks run."""
@@ -154,7 +155,7 @@ def plan_mixed(model, plan_, batches, progress=True, fisher=None, device=None):
     def visit(name, linear, stats):
         menus[name] = _menu(linear, stats, plan_[name], fisher[name])
 
-    visit_layers(model, batches, names, visit, "mean_bits", progress, device)
+    visit_layers(model, batches, names, visit, "mean_bits", progress, device, expert_prior)
     return choose(menus, mean_bits), menus
 
 
@@ -166,21 +167,24 @@ def chosen_settings(rule_settings, choice):
     return "int4", {**_int4_settings(rule_settings), **extra}
 
 
-def resolve_bits(model, plan_, batches, progress=True, fisher=None, device=None):
+def resolve_bits(model, plan_, batches, progress=True, fisher=None, device=None, expert_prior=None):
     """The plan with its ``mean_bits`` int4 rules split per layer into int4 (the rule without mean_bits, with
     its correction where chosen) or int8 (round to nearest)."""
-    chosen, _ = plan_mixed(model, plan_, batches, progress, fisher, device)
+    chosen, _ = plan_mixed(model, plan_, batches, progress, fisher, device, expert_prior)
     return {n: Rule(rule.pattern, *chosen_settings(rule.settings, chosen[n])) if n in chosen else rule
             for n, rule in plan_.items()}
 
 
 @full_precision_matmuls()
-def allocate_bits(model, calib, patterns, mean_bits, batch_size=4, progress=True, device=None, **int4_settings):
+def allocate_bits(model, calib, patterns, mean_bits, batch_size=4, progress=True, device=None, expert_prior=None,
+                  **int4_settings):
     """Recipe {rules: [...]} naming, for each Linear matched by `patterns` (globs, "{blocks}" allowed; lm_head
     may be one), int4 (with `int4_settings`; plus its correction's rank where ``correction_rank="auto"`` chose
     one) or int8 — the choice ``compress`` makes for a rule ``{method: int4, mean_bits: mean_bits,
     **int4_settings}``, written out to read or edit.
-    device: run the blocks there one at a time (a CPU-resident model, device="cuda")."""
+    device: run the blocks there one at a time (a CPU-resident model, device="cuda"); expert_prior: the prior in
+    mixture-of-experts experts' statistics, as ``compress(expert_prior=)``."""
+    check_expert_prior(expert_prior)
     names, batches = matched_linears_and_batches(model, patterns, calib, batch_size,
                                                  "mean_bits (random token ids serve: calib.random_tokens)")
     rule = {"method": "int4", "mean_bits": mean_bits, **int4_settings}
@@ -188,7 +192,7 @@ def allocate_bits(model, calib, patterns, mean_bits, batch_size=4, progress=True
     was_training = model.training
     model.eval()
     try:
-        chosen, _ = plan_mixed(model, plan_, batches, progress, device=device)
+        chosen, _ = plan_mixed(model, plan_, batches, progress, device=device, expert_prior=expert_prior)
     finally:
         model.train(was_training)
     rules = []

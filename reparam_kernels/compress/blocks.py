@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .calib import collect_inputs
+from .expert_stats import planning_stats
 from .experts import fused_hint
 
 
@@ -191,12 +192,14 @@ def on_device(block, device):
 
 
 @torch.no_grad()
-def visit_layers(model, batches, names, visit, desc, progress=True, device=None):
+def visit_layers(model, batches, names, visit, desc, progress=True, device=None, expert_prior=None):
     """visit(name, linear, stats) for each Linear of `names` with its CalibStats on the calibration batches,
     run block by block through the unchanged model (what the global allocations plan from: rank in
     ``allocate.py``, int4 / int8 in ``allocate_bits.py``); Linears outside the blocks (lm_head) come last,
     from a pass of the model itself. device: each block is moved there for its turn (and back), and the
-    model without its blocks for the Linears outside them, as ``compress(device=)`` does."""
+    model without its blocks for the Linears outside them, as ``compress(device=)`` does. Mixture-of-experts
+    experts get their statistics shrunk toward a prior of `expert_prior` rows (``expert_stats.planning_stats``),
+    as ``compress(expert_prior=)``."""
     from tqdm.auto import tqdm
 
     prefix, blocks = find_blocks(model, names)
@@ -222,8 +225,9 @@ def visit_layers(model, batches, names, visit, desc, progress=True, device=None)
                     with collect_inputs({n: block.get_submodule(n) for n in local}, on_weight_device=True) as stats:
                         for a, k in inputs:
                             block(*a, **k)
+                    shrunk = planning_stats(block, stats, expert_prior)
                     for n in local:
-                        visit(bp + n, block.get_submodule(n), stats[n])
+                        visit(bp + n, block.get_submodule(n), shrunk.get(n, stats[n]))
                         bar.update(1)
                 if i == stop and not keep_last:
                     break

@@ -7,14 +7,20 @@ expert). So each expert's statistics are shrunk toward a prior worth `tokens` ro
 in_features) — with n rows of its own, XᵀX/n becomes (XᵀX + tokens·P) / (n + tokens), P the prior's XᵀX per
 row: many rows outweigh the prior, few lean on it.
 
-* up projection (gate_up_proj / up_proj): the prior is the pooled inputs of all the block's experts, the same
-  hidden states routed elsewhere; an expert no token reached takes the pool itself (report.pooled).
+* up projection (gate_up_proj / up_proj): the prior is the pooled inputs of the block's experts (those being
+  compressed, or planned), the same hidden states routed elsewhere; an expert no token reached takes the pool
+  itself (report.pooled).
 * down projection: its inputs are its own activations, which no sibling sees, so there is no pool to borrow;
   the prior is its own inputs' diagonal (each channel's energy, no correlations) — a per-channel damping of
   the correlations few rows estimate. An expert no token reached stays data-free (report.uncalibrated).
 """
 from .calib import CalibStats
 from .experts import UnfusedExperts
+
+
+def check_expert_prior(tokens):
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+        raise ValueError(f"`expert_prior` must be None or a number of rows ≥ 0, got {tokens!r}")
 
 
 def _blend(own, prior_gram, prior_abs, prior_count, tokens):
@@ -67,4 +73,20 @@ def expert_stats(root, stats, tokens=None):
                     else:
                         shrunk[id(own)] = _blend(own, own.gram.diagonal().diag(), own.abs_sum, own.count, k)
                 out[n] = shrunk[id(own)]
+    return out
+
+
+def planning_stats(root, stats, tokens=None):
+    """{name: CalibStats} for the plans made before compressing (``allocate: global`` ranks, ``mean_bits``): each
+    reached expert's shrunk statistics scaled back to its own row count — the prior fills the directions its
+    few rows miss (else a rank-deficient XᵀX says cutting the expert to its row count costs nothing), while its
+    weight in a sum over all layers stays the tokens the router sent it. Unreached experts are absent: the
+    plans give them their rule's uniform share."""
+    out = {}
+    for name, st in expert_stats(root, stats, tokens).items():
+        own = stats[name].count
+        if own:
+            scaled = CalibStats(st.in_features, st.gram.device)
+            scaled.gram, scaled.abs_sum, scaled.count = st.gram * (own / st.count), st.abs_sum * (own / st.count), own
+            out[name] = scaled
     return out

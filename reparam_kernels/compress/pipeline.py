@@ -22,7 +22,7 @@ from .allocate_bits import resolve_bits
 from .blocks import (batches_of, block_inputs, find_blocks, home_device, linear_names, move, next_inputs, on_device,
                      outside_inputs, run_block, same_device)
 from .calib import collect_inputs, random_tokens
-from .expert_stats import expert_stats
+from .expert_stats import check_expert_prior, expert_stats
 from .experts import fuse_dense_experts, fused_experts_names, group_experts, unfuse_experts
 from .fisher import channel_weights, output_fisher
 from .methods import get_method, uses_more_than_energy
@@ -108,13 +108,13 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
         bar.update(1)
 
 
-def _weights_and_ranks(model, plan_, batches, progress, device=None):
+def _weights_and_ranks(model, plan_, batches, progress, device=None, expert_prior=None):
     """One Fisher pass for every layer that needs it (rules with fisher=true, global rank allocation,
     mean_bits), then the global rank allocation and mean_bits' int4 / int8 choice; returns (plan, fisher)."""
     want = [n for n, r in plan_.items() if r.settings.get("fisher") or r.settings.get("mean_bits") is not None]
     fisher = output_fisher(model, batches, want, progress, device) if want and batches else None
-    plan_, _ = resolve_global(model, plan_, batches, progress, fisher, device)
-    plan_ = resolve_bits(model, plan_, batches, progress, fisher, device)
+    plan_, _ = resolve_global(model, plan_, batches, progress, fisher, device, expert_prior)
+    plan_ = resolve_bits(model, plan_, batches, progress, fisher, device, expert_prior)
     return plan_, fisher
 
 
@@ -178,9 +178,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    if expert_prior is not None and (isinstance(expert_prior, bool) or not isinstance(expert_prior, int)
-                                     or expert_prior < 0):
-        raise ValueError(f"`expert_prior` must be None or a number of rows ≥ 0, got {expert_prior!r}")
+    check_expert_prior(expert_prior)
     random_calib = False
     if isinstance(calib, str):
         if calib != "random":
@@ -212,7 +210,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     model.eval()
     try:
         planned = set(plan_)
-        plan_, fisher = _weights_and_ranks(model, plan_, batches, progress, device)
+        plan_, fisher = _weights_and_ranks(model, plan_, batches, progress, device, expert_prior)
         for name in planned - plan_.keys():  # layers a global allocation keeps dense: in the totals too
             lin = model.get_submodule(name)
             n, b = state_bytes(lin)
