@@ -145,3 +145,25 @@ def test_allocation_no_longer_sees_a_free_cut_to_a_few_token_experts_row_count()
     spectra = {p: layer_spectra(model, [ids], ups, progress=False, expert_prior=p)[name] for p in (0, None)}
     tail = {p: float(s[n:].sum() / s.sum()) for p, s in spectra.items()}
     assert tail[0] < 1e-4 and tail[None] > 0.05, tail
+
+
+@pytest.mark.parametrize("flag, want", [([], None), (["--expert-prior", "0"], 0), (["--expert-prior", "64"], 64)])
+def test_cli_compress_passes_expert_prior(tmp_path, monkeypatch, flag, want):
+    import sys
+
+    from reparam_kernels.__main__ import main
+
+    from test_distill_save import _tokenizer
+
+    tiny_moe().save_pretrained(tmp_path / "moe")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=_tokenizer(), eos_token="</s>").save_pretrained(tmp_path / "moe")
+    seen = {}
+
+    def fake(model, recipe, **kw):
+        seen.update(kw)
+        raise KeyboardInterrupt  # stop before saving: only the arguments are under test
+
+    monkeypatch.setattr(sys.modules["reparam_kernels.compress"], "compress", fake)  # (the package, not rk.compress)
+    with pytest.raises(KeyboardInterrupt):
+        main(["compress", "--model", str(tmp_path / "moe"), "--recipe", "int8", "--out", str(tmp_path / "o"), *flag])
+    assert seen["expert_prior"] == want

@@ -27,6 +27,9 @@ def main(argv):
     ap.add_argument("--report", default=None, help="also write the per-layer report as JSON here")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=DTYPE_HELP)
     ap.add_argument("--device", default=None, help="move each block here while compressing it (e.g. cuda)")
+    ap.add_argument("--expert-prior", type=int, default=None,
+                    help="mixture-of-experts: rows of prior in each expert's calibration statistics (default: its input "
+                    "width; 0: only the tokens routed to it)")
     args = ap.parse_args(argv)
     if not args.out and not args.dry_run:
         ap.error("--out is required (or --dry-run)")
@@ -54,7 +57,8 @@ def main(argv):
     else:
         calib = token_windows(tok, read_text(args.calib), args.calib_len or 256, seqs) if args.calib else None
     t0 = time.perf_counter()
-    model, report = compress(model, recipe, calib=calib, inplace=True, device=args.device)
+    model, report = compress(model, recipe, calib=calib, inplace=True, device=args.device,
+                             expert_prior=args.expert_prior)
     print(report.table(max_rows=None if len(report.layers) <= 40 else 20))
     print(f"compressed in {time.perf_counter() - t0:.1f} s")
     save_compressed(model, args.out, tokenizer=tok)
