@@ -28,6 +28,9 @@ RECIPES = {  # name: (the rule's settings; the patterns on the dense model and o
     "int8": "int8",
     "int4": "int4",  # group_size auto: 64 on the 576 inputs, 128 on the 1536 (as the built-in recipe)
     "int4_gptq": {"method": "int4", "gptq": True},
+    # the default recipe's rule: whitened, Fisher-weighted, pivoted low rank, 20% fewer parameters allocated globally
+    "lowrank_global": {"method": "lowrank", "ratio": 0.2, "whiten": True, "fisher": True, "allocate": "global",
+                       "pivoted": True},
 }
 
 

@@ -1,5 +1,7 @@
 """Mixture-of-experts experts' calibration statistics shrunk toward a prior (compress/expert_stats.py): the block's
 pooled inputs for an up projection, its own channel energies for a down projection."""
+import warnings
+
 import pytest
 import torch
 
@@ -167,3 +169,20 @@ def test_cli_compress_passes_expert_prior(tmp_path, monkeypatch, flag, want):
     with pytest.raises(KeyboardInterrupt):
         main(["compress", "--model", str(tmp_path / "moe"), "--recipe", "int8", "--out", str(tmp_path / "o"), *flag])
     assert seen["expert_prior"] == want
+
+
+def test_report_counts_each_layers_tokens_and_warns_of_few_token_experts():
+    model, ids = tiny_moe(num_local_experts=E, num_experts_per_tok=1), _ids(2, 12)
+    _, stats = _routed_stats(ids)
+    with pytest.warns(UserWarning, match=r"expert layer\(s\) .* saw fewer calibration tokens than their input width"):
+        _, report = rk.compress(model, {EXPERTS: {"method": "int4", "group_size": 32, "gptq": True}}, calib=ids,
+                                progress=False)
+    rows = {r.name: r.calib_rows for r in report.layers}
+    for n, st in stats.items():
+        if n.startswith("model.layers.0."):  # block 0: the compressed model routes as the dense one
+            assert rows[n] == st.count
+    assert set(report.few_tokens) == {r.name for r in report.layers if 0 < r.calib_rows < r.shape[1]}
+    assert report.few_tokens and not set(report.few_tokens) & set(report.pooled + report.uncalibrated)
+    with warnings.catch_warnings():  # round to nearest: its grid reads only each input's energy, no warning
+        warnings.filterwarnings("error", message=".*fewer calibration tokens.*")
+        rk.compress(model, {EXPERTS: {"method": "int4", "group_size": 32}}, calib=ids, progress=False)

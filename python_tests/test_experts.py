@@ -83,10 +83,10 @@ def test_expert_linears_see_only_their_routed_tokens():
 
 
 def test_compress_reaches_the_experts_and_leaves_the_model_as_it_was():
-    model, ids = tiny_moe(), _ids(8, 16)
+    model, ids = tiny_moe(), _ids(32, 16)  # ~256 tokens an expert, past every expert Linear's input width
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "3+-dim tensors stay dense" warning
+        warnings.simplefilter("error")  # no "3+-dim tensors stay dense" warning, no "few tokens" one
         small, report = rk.compress(model, {EXPERTS: {"method": "int4", "group_size": 32, "gptq": True}},
                                     calib=ids, progress=False)
     assert len(report.layers) == 2 * 4 * 2 and {r.method for r in report.layers} == {"int4"}
@@ -99,7 +99,7 @@ def test_compress_reaches_the_experts_and_leaves_the_model_as_it_was():
         assert type(layer).__name__ == "Int4Linear"
         err = float((layer.to_dense().detach() - w).norm() / w.norm())
         assert err == pytest.approx(r.weight_error, rel=1e-3) and err < 0.25
-        assert r.output_error < 0.8 * r.weight_error  # GPTQ trades weight error for the routed outputs'
+        assert r.output_error < 0.85 * r.weight_error  # GPTQ trades weight error for the routed outputs' (RTN: ≥ 0.88)
     with torch.no_grad():
         ref, got = model(ids).logits, small(ids).logits
     assert 0 < float((got - ref).norm() / ref.norm()) < 0.3

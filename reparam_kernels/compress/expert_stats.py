@@ -43,36 +43,47 @@ def _pool(stats_list):
     return pool
 
 
+def _projections(root):
+    """(prefix, UnfusedExperts module, projection name) for each projection of each experts module under root."""
+    for prefix, m in root.named_modules():
+        if isinstance(m, UnfusedExperts):
+            for proj in (m.up_name, "down_proj"):
+                yield prefix, m, proj
+
+
+def expert_layer_names(root):
+    """The names (relative to root) of every expert Linear under `root`."""
+    return {f"{prefix}.{e}.{proj}" if prefix else f"{e}.{proj}"
+            for prefix, m, proj in _projections(root) for e in range(m.num_experts)}
+
+
 def expert_stats(root, stats, tokens=None):
     """{name: CalibStats} to calibrate each expert projection under `root` with (names as in `stats`): the
     shrunk statistics above; the pool itself for an up projection no token reached; absent for a down
     projection no token reached. tokens: the prior's weight in rows (None: in_features; 0: no shrinking,
     only the pool for unreached up projections)."""
     out = {}
-    for prefix, m in root.named_modules():
-        if not isinstance(m, UnfusedExperts):
-            continue
-        for proj in (m.up_name, "down_proj"):
-            names = [f"{prefix}.{e}.{proj}" if prefix else f"{e}.{proj}" for e in range(m.num_experts)]
-            names = [n for n in names if n in stats]
-            seen = list({id(stats[n]): stats[n] for n in names if stats[n].count}.values())  # shared: once
-            pool = _pool(seen) if seen and proj == m.up_name else None
-            shrunk = {}  # id(own) → shrunk stats: projections sharing their inputs share one (one eigh)
-            for n in names:
-                own = stats[n]
-                k = own.in_features if tokens is None else tokens
-                if own.count == 0:
-                    if pool is not None:
-                        out[n] = pool
-                    continue
-                if k == 0:
-                    continue
-                if id(own) not in shrunk:
-                    if pool is not None:
-                        shrunk[id(own)] = _blend(own, pool.gram, pool.abs_sum, pool.count, k)
-                    else:
-                        shrunk[id(own)] = _blend(own, own.gram.diagonal().diag(), own.abs_sum, own.count, k)
-                out[n] = shrunk[id(own)]
+    for prefix, m, proj in _projections(root):
+        names = [f"{prefix}.{e}.{proj}" if prefix else f"{e}.{proj}" for e in range(m.num_experts)]
+        names = [n for n in names if n in stats]
+        seen = list({id(stats[n]): stats[n] for n in names if stats[n].count}.values())  # shared: once
+        pool = _pool(seen) if seen and proj == m.up_name else None
+        shrunk = {}  # id(own) → shrunk stats: projections sharing their inputs share one (one eigh)
+        for n in names:
+            own = stats[n]
+            k = own.in_features if tokens is None else tokens
+            if own.count == 0:
+                if pool is not None:
+                    out[n] = pool
+                continue
+            if k == 0:
+                continue
+            if id(own) not in shrunk:
+                if pool is not None:
+                    shrunk[id(own)] = _blend(own, pool.gram, pool.abs_sum, pool.count, k)
+                else:
+                    shrunk[id(own)] = _blend(own, own.gram.diagonal().diag(), own.abs_sum, own.count, k)
+            out[n] = shrunk[id(own)]
     return out
 
 

@@ -22,7 +22,7 @@ from .allocate_bits import resolve_bits
 from .blocks import (batches_of, block_inputs, find_blocks, home_device, linear_names, move, next_inputs, on_device,
                      outside_inputs, run_block, same_device)
 from .calib import collect_inputs, random_tokens
-from .expert_stats import check_expert_prior, expert_stats
+from .expert_stats import check_expert_prior, expert_layer_names, expert_stats
 from .experts import fuse_dense_experts, fused_experts_names, group_experts, unfuse_experts
 from .fisher import channel_weights, output_fisher
 from .methods import get_method, uses_more_than_energy
@@ -63,6 +63,16 @@ def _with_pooled_stats(rule):
     return {**rule.settings, **({"fisher": False} if "fisher" in keys else {})}
 
 
+def _warn_few_tokens(names, report):
+    if names:
+        rows = sorted(l.calib_rows for l in report.layers if l.name in set(names))
+        warnings.warn(f"compress: {len(names)} expert layer(s) ({', '.join(names[:3])}{' …' if len(names) > 3 else ''}) "
+                      f"saw fewer calibration tokens than their input width (from {rows[0]} to {rows[-1]}): too few for "
+                      "statistics of their own, so GPTQ and whitening lean on a prior (compress(expert_prior=), "
+                      "docs/compression.md); pass more calibration text (report.few_tokens lists them)",
+                      stacklevel=5)  # the caller of compress
+
+
 def _warn_uncalibrated(names):
     if names:
         warnings.warn(f"compress: no calibration token reached {len(names)} layer(s) ({', '.join(names[:3])}"
@@ -75,13 +85,17 @@ def _warn_uncalibrated(names):
 @torch.no_grad()
 def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=None, expert_prior=None):
     experts = expert_stats(root, stats, expert_prior) if stats else {}  # experts' statistics, shrunk
+    expert_names = expert_layer_names(root) if stats else set()
     for name in names:
         full = prefix + name
         rule = plan_[full]
         lin = root.get_submodule(name)
         t0 = time.perf_counter()
         own = stats.get(name) if stats else None  # the inputs the layer saw (the output error is measured on them)
+        rows = None if own is None else own.count
         st, settings = experts.get(name, own), rule.settings
+        if name in expert_names and 0 < rows < lin.in_features and uses_more_than_energy(rule):
+            report.few_tokens.append(full)
         if own is not None and own.count == 0 and name in experts:  # an unreached expert's up projection
             own, settings = st, _with_pooled_stats(rule)
             report.pooled.append(full)
@@ -103,7 +117,7 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
             full, rule.method, dict(settings), tuple(W.shape), n_b, n_a, b_b, b_a,
             _svd.weight_error(W, approx),
             _svd.output_error(W, approx, own.gram) if own is not None and own.count else None,
-            time.perf_counter() - t0, state_bytes(new, float_bytes=2)[1]))
+            time.perf_counter() - t0, state_bytes(new, float_bytes=2)[1], rows))
         bar.set_postfix_str(f"{full}: {rule.method}")
         bar.update(1)
 
@@ -259,6 +273,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
         unshare(model, original)  # what stayed dense gets its own copy now
     group_experts(model)  # quantized experts: one grouped kernel a projection (experts.py)
     _warn_uncalibrated(report.uncalibrated)
+    _warn_few_tokens(report.few_tokens, report)
     report.seconds = time.perf_counter() - t_start
     model.reparam_recipe = list(getattr(model, "reparam_recipe", [])) + [r.to_dict() for r in parse_recipe(recipe)]
     return model, report

@@ -31,6 +31,7 @@ class LayerReport:
     output_error: float = None  # ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ on the calibration inputs (None without calib)
     seconds: float = 0.0
     bytes_after_16bit: int = None  # bytes_after with floating tensors (scales, zeros, factors) at 16 bits
+    calib_rows: int = None  # calibration tokens the layer saw (an expert: those routed to it); None without calib
 
     @property
     def bits_per_weight(self):
@@ -55,6 +56,9 @@ class CompressionReport:
     uncalibrated: list = field(default_factory=list)  # layers no calibration token reached, built data-free
     # experts' up projections no calibration token reached, calibrated on their sibling experts' inputs (pooled)
     pooled: list = field(default_factory=list)
+    # experts that saw fewer calibration tokens than their input width, under a method using XᵀX or the Fisher:
+    # their statistics lean on the prior (expert_stats.py)
+    few_tokens: list = field(default_factory=list)
 
     def totals(self):
         t = {k: sum(getattr(l, k) for l in self.layers)
