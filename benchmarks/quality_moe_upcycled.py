@@ -74,6 +74,7 @@ def main(argv=None):
     p.add_argument("--expert-prior", type=int, default=None,
                    help="compress(expert_prior=): rows of prior in each expert's statistics (default in_features; 0 none)")
     p.add_argument("--experts-only", action="store_true", help="skip the rows of SmolLM2's own MLPs")
+    p.add_argument("--dense-only", action="store_true", help="only the rows of SmolLM2's own MLPs")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality",
                                                   "moe_upcycled.json"))
     args = p.parse_args(argv)
@@ -90,6 +91,8 @@ def main(argv=None):
             small, rep = rk.compress(run.model, {"{blocks}.*.mlp.*": rule}, calib=emma, progress=False)
             run.add_row(f"dense MLP {name}", perplexity(small, windows=run.evals, progress=False), t0,
                         layers=len(rep.layers))
+        if args.dense_only:
+            continue
         t0 = time.perf_counter()
         small, rep = rk.compress(moe, {"{blocks}.*.mlp.experts.*": rule}, calib=emma, progress=False,
                                  expert_prior=args.expert_prior)

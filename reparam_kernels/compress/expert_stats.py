@@ -1,11 +1,11 @@
 """Calibration statistics of mixture-of-experts experts, which the router feeds unevenly.
 
 An expert sees only the tokens routed to it. With few of them its XᵀX is noisy and rank-deficient, and the
-methods that trust it (GPTQ, whitened SVD) fit the noise: at ~64 tokens an expert GPTQ int4 measured +27.9%
-perplexity against the data-light weighted grid's +16.8% (docs/compression.md § few calibration tokens an
-expert). So each expert's statistics are shrunk toward a prior worth `tokens` rows (default: its
-in_features) — with n rows of its own, XᵀX/n becomes (XᵀX + tokens·P) / (n + tokens), P the prior's XᵀX per
-row: many rows outweigh the prior, few lean on it.
+methods that trust it (GPTQ, whitened SVD, the weighted grids' input energies) fit the noise. So each expert's
+statistics are shrunk toward a prior worth `tokens` rows (default: its in_features) — with n rows of its own,
+XᵀX/n becomes (XᵀX + tokens·P) / (n + tokens), P the prior's XᵀX per row: many rows outweigh the prior, few
+lean on it. Measured at ~64 tokens an expert (docs/compression.md § few calibration tokens an expert): int4
+GPTQ +27.9% → +16.3% perplexity, int4 weighted grid +16.8% → +9.6%.
 
 * up projection (gate_up_proj / up_proj): the prior is the pooled inputs of the block's experts (those being
   compressed, or planned), the same hidden states routed elsewhere; an expert no token reached takes the pool
