@@ -11,13 +11,19 @@ import reparam_kernels as rk  # noqa: E402
 from reparam_kernels._linear import linear_from  # noqa: E402
 from reparam_kernels.compress import svd as _svd  # noqa: E402
 from reparam_kernels.compress.calib import collect_inputs  # noqa: E402
-from reparam_kernels.compress.expert_stats import expert_stats  # noqa: E402
+from reparam_kernels.compress.expert_stats import ExpertPriors  # noqa: E402
 from reparam_kernels.compress.experts import unfuse_experts  # noqa: E402
 from reparam_kernels.nn import Int4Linear  # noqa: E402
 
 from test_experts import EXPERTS, _ids, tiny_moe  # noqa: E402
 
 E = 8  # experts, one a token: few tokens each
+
+
+def expert_stats(root, stats, tokens=None):
+    """{name: the statistics compress calibrates the expert Linear with} where they are not its own."""
+    priors = ExpertPriors(root, stats, tokens)
+    return {n: priors.get(n) for n in stats if n in priors}
 
 
 def _routed_stats(ids):
@@ -123,10 +129,10 @@ def test_bad_expert_prior_is_refused(bad):
 def test_planning_stats_keep_each_experts_row_count():
     """The plans sum losses over layers: an expert weighs by the tokens routed to it, so its shrunk covariance is
     scaled back to its own rows; unreached experts are left to the plans' uniform share."""
-    from reparam_kernels.compress.expert_stats import planning_stats
-
     model, stats = _routed_stats(_ids(1, 12))
-    shrunk, planned = expert_stats(model, stats, 5), planning_stats(model, stats, 5)
+    priors = ExpertPriors(model, stats, 5)
+    shrunk, planned = expert_stats(model, stats, 5), {n: priors.for_planning(n) for n in stats}
+    planned = {n: st for n, st in planned.items() if st is not None}
     assert set(planned) == {n for n, st in stats.items() if st.count}
     for n, st in planned.items():
         assert st.count == stats[n].count

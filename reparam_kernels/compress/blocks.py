@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .calib import collect_inputs
-from .expert_stats import planning_stats
+from .expert_stats import ExpertPriors
 from .experts import fused_hint
 
 
@@ -198,7 +198,7 @@ def visit_layers(model, batches, names, visit, desc, progress=True, device=None,
     ``allocate.py``, int4 / int8 in ``allocate_bits.py``); Linears outside the blocks (lm_head) come last,
     from a pass of the model itself. device: each block is moved there for its turn (and back), and the
     model without its blocks for the Linears outside them, as ``compress(device=)`` does. Mixture-of-experts
-    experts get their statistics shrunk toward a prior of `expert_prior` rows (``expert_stats.planning_stats``),
+    experts get their statistics shrunk toward a prior of `expert_prior` rows (``ExpertPriors.for_planning``),
     as ``compress(expert_prior=)``."""
     from tqdm.auto import tqdm
 
@@ -225,9 +225,9 @@ def visit_layers(model, batches, names, visit, desc, progress=True, device=None,
                     with collect_inputs({n: block.get_submodule(n) for n in local}, on_weight_device=True) as stats:
                         for a, k in inputs:
                             block(*a, **k)
-                    shrunk = planning_stats(block, stats, expert_prior)
+                    priors = ExpertPriors(block, stats, expert_prior)
                     for n in local:
-                        visit(bp + n, block.get_submodule(n), shrunk.get(n, stats[n]))
+                        visit(bp + n, block.get_submodule(n), priors.for_planning(n, stats[n]))
                         bar.update(1)
                 if i == stop and not keep_last:
                     break

@@ -57,47 +57,52 @@ def expert_layer_names(root):
             for prefix, m, proj in _projections(root) for e in range(m.num_experts)}
 
 
-def expert_stats(root, stats, tokens=None):
-    """{name: CalibStats} to calibrate each expert projection under `root` with (names as in `stats`): the
-    shrunk statistics above; the pool itself for an up projection no token reached; absent for a down
-    projection no token reached. tokens: the prior's weight in rows (None: in_features; 0: no shrinking,
-    only the pool for unreached up projections)."""
-    out = {}
-    for prefix, m, proj in _projections(root):
-        names = [f"{prefix}.{e}.{proj}" if prefix else f"{e}.{proj}" for e in range(m.num_experts)]
-        names = [n for n in names if n in stats]
-        seen = list({id(stats[n]): stats[n] for n in names if stats[n].count}.values())  # shared: once
-        pool = _pool(seen) if seen and proj == m.up_name else None
-        shrunk = {}  # id(own) → shrunk stats: projections sharing their inputs share one (one eigh)
-        for n in names:
-            own = stats[n]
-            k = own.in_features if tokens is None else tokens
-            if own.count == 0:
-                if pool is not None:
-                    out[n] = pool
-                continue
-            if k == 0:
-                continue
-            if id(own) not in shrunk:
-                if pool is not None:
-                    shrunk[id(own)] = _blend(own, pool.gram, pool.abs_sum, pool.count, k)
-                else:
-                    shrunk[id(own)] = _blend(own, own.gram.diagonal().diag(), own.abs_sum, own.count, k)
-            out[n] = shrunk[id(own)]
-    return out
+class ExpertPriors:
+    """The statistics to calibrate each expert projection under `root` with (names as in `stats`), built when
+    asked — one [in, in] copy at a time, as a block of 128 experts already holds 128 Gram matrices; only the
+    pools are kept. tokens: the prior's weight in rows (None: in_features; 0: no shrinking, only the pool for
+    unreached up projections)."""
 
+    def __init__(self, root, stats, tokens=None):
+        check_expert_prior(tokens)
+        self._stats, self._tokens, self._pool = stats, tokens, {}  # name → its pool (up) or None (down)
+        for prefix, m, proj in _projections(root):
+            names = [n for e in range(m.num_experts) if (n := f"{prefix}.{e}.{proj}" if prefix else f"{e}.{proj}") in stats]
+            seen = list({id(stats[n]): stats[n] for n in names if stats[n].count}.values())  # shared: once
+            pool = _pool(seen) if seen and proj == m.up_name else None
+            self._pool.update({n: pool for n in names})
 
-def planning_stats(root, stats, tokens=None):
-    """{name: CalibStats} for the plans made before compressing (``allocate: global`` ranks, ``mean_bits``): each
-    reached expert's shrunk statistics scaled back to its own row count — the prior fills the directions its
-    few rows miss (else a rank-deficient XᵀX says cutting the expert to its row count costs nothing), while its
-    weight in a sum over all layers stays the tokens the router sent it. Unreached experts are absent: the
-    plans give them their rule's uniform share."""
-    out = {}
-    for name, st in expert_stats(root, stats, tokens).items():
-        own = stats[name].count
-        if own:
-            scaled = CalibStats(st.in_features, st.gram.device)
-            scaled.gram, scaled.abs_sum, scaled.count = st.gram * (own / st.count), st.abs_sum * (own / st.count), own
-            out[name] = scaled
-    return out
+    def _weight(self, own):
+        return own.in_features if self._tokens is None else self._tokens
+
+    def __contains__(self, name):
+        if name not in self._pool:
+            return False
+        own = self._stats[name]
+        return self._pool[name] is not None if own.count == 0 else self._weight(own) > 0
+
+    def get(self, name, default=None):
+        """The shrunk statistics; the pool itself for an up projection no token reached; `default` for a down
+        projection no token reached, a layer that is no expert, or with tokens=0 an expert that was reached."""
+        if name not in self:
+            return default
+        own, pool, k = self._stats[name], self._pool[name], self._weight(self._stats[name])
+        if own.count == 0:
+            return pool
+        if pool is not None:
+            return _blend(own, pool.gram, pool.abs_sum, pool.count, k)
+        return _blend(own, own.gram.diagonal().diag(), own.abs_sum, own.count, k)
+
+    def for_planning(self, name, default=None):
+        """For the plans made before compressing (``allocate: global`` ranks, ``mean_bits``): a reached expert's
+        shrunk statistics scaled back to its own row count — the prior fills the directions its few rows miss
+        (else a rank-deficient XᵀX says cutting the expert to its row count costs nothing), while its weight in
+        a sum over all layers stays the tokens the router sent it. `default` for an unreached expert (the plans
+        give it its rule's uniform share) and for what `get` gives `default`."""
+        own = self._stats.get(name)
+        st = self.get(name) if own is not None and own.count else None
+        if st is None:
+            return default
+        scaled = CalibStats(st.in_features, st.gram.device)
+        scaled.gram, scaled.abs_sum, scaled.count = st.gram * (own.count / st.count), st.abs_sum * (own.count / st.count), own.count
+        return scaled

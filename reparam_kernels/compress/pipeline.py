@@ -22,7 +22,7 @@ from .allocate_bits import resolve_bits
 from .blocks import (batches_of, block_inputs, find_blocks, home_device, linear_names, move, next_inputs, on_device,
                      outside_inputs, run_block, same_device)
 from .calib import collect_inputs, random_tokens
-from .expert_stats import check_expert_prior, expert_layer_names, expert_stats
+from .expert_stats import ExpertPriors, check_expert_prior, expert_layer_names
 from .experts import fuse_dense_experts, fused_experts_names, group_experts, unfuse_experts
 from .fisher import channel_weights, output_fisher
 from .methods import get_method, uses_more_than_energy
@@ -84,7 +84,7 @@ def _warn_uncalibrated(names):
 
 @torch.no_grad()
 def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=None, expert_prior=None):
-    experts = expert_stats(root, stats, expert_prior) if stats else {}  # experts' statistics, shrunk
+    experts = ExpertPriors(root, stats, expert_prior) if stats else {}  # experts' statistics, shrunk
     expert_names = expert_layer_names(root) if stats else set()
     for name in names:
         full = prefix + name
