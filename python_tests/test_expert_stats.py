@@ -189,6 +189,9 @@ def test_report_counts_each_layers_tokens_and_warns_of_few_token_experts():
             assert rows[n] == st.count
     assert set(report.few_tokens) == {r.name for r in report.layers if 0 < r.calib_rows < r.shape[1]}
     assert report.few_tokens and not set(report.few_tokens) & set(report.pooled + report.uncalibrated)
+    with pytest.warns(UserWarning, match="expert_prior=0 gives them no prior"):
+        rk.compress(model, {EXPERTS: {"method": "int4", "group_size": 32, "gptq": True}}, calib=ids, progress=False,
+                    expert_prior=0)
     with warnings.catch_warnings():  # round to nearest: its grid reads only each input's energy, no warning
         warnings.filterwarnings("error", message=".*fewer calibration tokens.*")
         rk.compress(model, {EXPERTS: {"method": "int4", "group_size": 32}}, calib=ids, progress=False)

@@ -63,13 +63,14 @@ def _with_pooled_stats(rule):
     return {**rule.settings, **({"fisher": False} if "fisher" in keys else {})}
 
 
-def _warn_few_tokens(names, report):
+def _warn_few_tokens(names, report, expert_prior):
     if names:
         rows = sorted(l.calib_rows for l in report.layers if l.name in set(names))
+        lean = ("and expert_prior=0 gives them no prior to lean on" if expert_prior == 0 else
+                "so GPTQ and whitening lean on a prior (compress(expert_prior=), docs/compression.md)")
         warnings.warn(f"compress: {len(names)} expert layer(s) ({', '.join(names[:3])}{' …' if len(names) > 3 else ''}) "
                       f"saw fewer calibration tokens than their input width (from {rows[0]} to {rows[-1]}): too few for "
-                      "statistics of their own, so GPTQ and whitening lean on a prior (compress(expert_prior=), "
-                      "docs/compression.md); pass more calibration text (report.few_tokens lists them)",
+                      f"statistics of their own, {lean}; pass more calibration text (report.few_tokens lists them)",
                       stacklevel=5)  # the caller of compress
 
 
@@ -273,7 +274,7 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
         unshare(model, original)  # what stayed dense gets its own copy now
     group_experts(model)  # quantized experts: one grouped kernel a projection (experts.py)
     _warn_uncalibrated(report.uncalibrated)
-    _warn_few_tokens(report.few_tokens, report)
+    _warn_few_tokens(report.few_tokens, report, expert_prior)
     report.seconds = time.perf_counter() - t_start
     model.reparam_recipe = list(getattr(model, "reparam_recipe", [])) + [r.to_dict() for r in parse_recipe(recipe)]
     return model, report
