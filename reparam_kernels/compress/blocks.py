@@ -192,14 +192,14 @@ def on_device(block, device):
 
 
 @torch.no_grad()
-def visit_layers(model, batches, names, visit, desc, progress=True, device=None, expert_prior=None):
+def visit_layers(model, batches, names, visit, desc, progress=True, device=None, expert_prior=0):
     """visit(name, linear, stats) for each Linear of `names` with its CalibStats on the calibration batches,
     run block by block through the unchanged model (what the global allocations plan from: rank in
     ``allocate.py``, int4 / int8 in ``allocate_bits.py``); Linears outside the blocks (lm_head) come last,
     from a pass of the model itself. device: each block is moved there for its turn (and back), and the
-    model without its blocks for the Linears outside them, as ``compress(device=)`` does. Mixture-of-experts
-    experts get their statistics shrunk toward a prior of `expert_prior` rows (``ExpertPriors.for_planning``),
-    as ``compress(expert_prior=)``."""
+    model without its blocks for the Linears outside them, as ``compress(device=)`` does. expert_prior: 0 (the
+    default) visits each layer with its own statistics; else mixture-of-experts experts get theirs shrunk toward a
+    prior of that many rows (None: in_features; ``ExpertPriors.for_planning``), as ``compress(expert_prior=)``."""
     from tqdm.auto import tqdm
 
     prefix, blocks = find_blocks(model, names)

@@ -1,11 +1,12 @@
 """Calibration statistics of mixture-of-experts experts, which the router feeds unevenly.
 
 An expert sees only the tokens routed to it. With few of them its XᵀX is noisy and rank-deficient, and the
-methods that trust it (GPTQ, whitened SVD, the weighted grids' input energies) fit the noise. So each expert's
-statistics are shrunk toward a prior worth `tokens` rows (default: its in_features) — with n rows of its own,
-XᵀX/n becomes (XᵀX + tokens·P) / (n + tokens), P the prior's XᵀX per row: many rows outweigh the prior, few
-lean on it. Measured at ~64 tokens an expert (docs/compression.md § few calibration tokens an expert): int4
-GPTQ +27.9% → +16.3% perplexity, int4 weighted grid +16.8% → +9.6%.
+quantizers fit the noise (GPTQ pushes its error into directions the few rows never take; the weighted grids
+read each input's energy off a few samples). So for them each expert's statistics are shrunk toward a prior
+worth `tokens` rows (default: its in_features) — with n rows of its own, XᵀX/n becomes
+(XᵀX + tokens·P) / (n + tokens), P the prior's XᵀX per row: many rows outweigh the prior, few lean on it. Measured at ~64 tokens an expert (docs/compression.md § few calibration tokens an expert): int4
+GPTQ +27.9% → +16.3% perplexity, int4 weighted grid +16.8% → +9.6%. Whitened low rank does not use it
+(``pipeline.py``, ``allocate.py``): measured worse there, both to factor and to allocate ranks.
 
 * up projection (gate_up_proj / up_proj): the prior is the pooled inputs of the block's experts (those being
   compressed, or planned), the same hidden states routed elsewhere; an expert no token reached takes the pool
@@ -94,7 +95,7 @@ class ExpertPriors:
         return _blend(own, own.gram.diagonal().diag(), own.abs_sum, own.count, k)
 
     def for_planning(self, name, default=None):
-        """For the plans made before compressing (``allocate: global`` ranks, ``mean_bits``): a reached expert's
+        """For the plans made before compressing (``mean_bits``; not the rank allocation): a reached expert's
         shrunk statistics scaled back to its own row count — the prior fills the directions its few rows miss
         (else a rank-deficient XᵀX says cutting the expert to its row count costs nothing), while its weight in
         a sum over all layers stays the tokens the router sent it. `default` for an unreached expert (the plans

@@ -95,7 +95,7 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
         own = stats.get(name) if stats else None  # the inputs the layer saw (the output error is measured on them)
         rows = None if own is None else own.count
         # whitened low rank keeps a reached expert's own rows: measured worse leaning on the prior (tiny model:
-        # held-out error up at every token count; upcycled SmolLM2 +105% → +193%), as GPTQ and the grids gain
+        # held-out error up at every token count; upcycled SmolLM2 +175% → +193%), where GPTQ and the grids gain
         st = own if rows and rule.method in LOWRANK_METHODS else experts.get(name, own)
         settings = rule.settings
         if name in expert_names and 0 < rows < lin.in_features and uses_more_than_energy(rule):
@@ -131,7 +131,7 @@ def _weights_and_ranks(model, plan_, batches, progress, device=None, expert_prio
     mean_bits), then the global rank allocation and mean_bits' int4 / int8 choice; returns (plan, fisher)."""
     want = [n for n, r in plan_.items() if r.settings.get("fisher") or r.settings.get("mean_bits") is not None]
     fisher = output_fisher(model, batches, want, progress, device) if want and batches else None
-    plan_, _ = resolve_global(model, plan_, batches, progress, fisher, device, expert_prior)
+    plan_, _ = resolve_global(model, plan_, batches, progress, fisher, device)  # experts: their own rows
     plan_ = resolve_bits(model, plan_, batches, progress, fisher, device, expert_prior)
     return plan_, fisher
 
