@@ -28,8 +28,8 @@ def main(argv):
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help=DTYPE_HELP)
     ap.add_argument("--device", default=None, help="move each block here while compressing it (e.g. cuda)")
     ap.add_argument("--expert-prior", type=int, default=None,
-                    help="mixture-of-experts: rows of prior in each expert's calibration statistics (default: its input "
-                    "width; 0: only the tokens routed to it)")
+                    help="mixture-of-experts: rows of prior in each expert's calibration statistics where a quantizer "
+                    "reads them (default: its input width; 0: only the tokens routed to it)")
     args = ap.parse_args(argv)
     if not args.out and not args.dry_run:
         ap.error("--out is required (or --dry-run)")

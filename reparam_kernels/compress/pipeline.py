@@ -189,9 +189,10 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
       and those it keeps dense get their own at the end (``sharing_copy``).
     device: if given, each transformer block is moved there while it is calibrated and compressed, and the
       passes that plan before (Fisher weights, global rank allocation, mean_bits) run there a block at a time.
-    expert_prior: how many rows of prior the calibration statistics of a mixture-of-experts expert get (the block's
-      pooled inputs for its up projection, its own channel energies for its down projection; ``expert_stats``):
-      None (default) its in_features, 0 none — then an expert's statistics are only the tokens routed to it.
+    expert_prior: how many rows of prior the calibration statistics of a mixture-of-experts expert get where a
+      quantizer reads them (GPTQ, the weighted grids, mean_bits; the block's pooled inputs for its up projection,
+      its own channel energies for its down projection; ``expert_stats``): None (default) its in_features, 0 none
+      — then an expert's statistics are only the tokens routed to it, as whitened low rank always takes them.
     """
     from tqdm.auto import tqdm
 

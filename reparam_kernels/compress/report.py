@@ -56,8 +56,8 @@ class CompressionReport:
     uncalibrated: list = field(default_factory=list)  # layers no calibration token reached, built data-free
     # experts' up projections no calibration token reached, calibrated on their sibling experts' inputs (pooled)
     pooled: list = field(default_factory=list)
-    # experts that saw fewer calibration tokens than their input width, under a method using XᵀX or the Fisher:
-    # their statistics lean on the prior (expert_stats.py)
+    # experts that saw fewer calibration tokens than their input width, under a method using XᵀX or the Fisher
+    # (the quantizers among them lean on a prior there: expert_stats.py)
     few_tokens: list = field(default_factory=list)
 
     def totals(self):
