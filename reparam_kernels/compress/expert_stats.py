@@ -62,15 +62,21 @@ class ExpertPriors:
     """The statistics to calibrate each expert projection under `root` with (names as in `stats`), built when
     asked — one [in, in] copy at a time, as a block of 128 experts already holds 128 Gram matrices; only the
     pools are kept. tokens: the prior's weight in rows (None: in_features; 0: no shrinking, only the pool for
-    unreached up projections)."""
+    unreached up projections). pools: {experts module prefix: CalibStats} gathered beforehand
+    (stat_chunks.collect_pools), where `stats` holds only some of the experts; else pooled from `stats`."""
 
-    def __init__(self, root, stats, tokens=None):
+    def __init__(self, root, stats, tokens=None, pools=None):
         check_expert_prior(tokens)
         self._stats, self._tokens, self._pool = stats, tokens, {}  # name → its pool (up) or None (down)
         for prefix, m, proj in _projections(root):
             names = [n for e in range(m.num_experts) if (n := f"{prefix}.{e}.{proj}" if prefix else f"{e}.{proj}") in stats]
-            seen = list({id(stats[n]): stats[n] for n in names if stats[n].count}.values())  # shared: once
-            pool = _pool(seen) if seen and proj == m.up_name else None
+            if proj != m.up_name:
+                pool = None
+            elif pools is not None:
+                pool = pools.get(prefix) if pools.get(prefix) is not None and pools[prefix].count else None
+            else:
+                seen = list({id(stats[n]): stats[n] for n in names if stats[n].count}.values())  # shared: once
+                pool = _pool(seen) if seen else None
             self._pool.update({n: pool for n in names})
 
     def _weight(self, own):

@@ -29,6 +29,8 @@ from .methods import get_method, uses_more_than_energy
 from .recipe import conv1d_as_linear, is_conv1d, parse_recipe, plan
 from .report import CompressionReport, LayerReport, state_bytes
 from .sharing_copy import copy_sharing, unshare
+from .stat_chunks import check_stats_memory, chunks, collect_pools, default_budget
+from .svd import factor_device
 
 
 def _set_module(root, name, new):
@@ -84,8 +86,8 @@ def _warn_uncalibrated(names):
 
 
 @torch.no_grad()
-def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=None, expert_prior=None):
-    experts = ExpertPriors(root, stats, expert_prior) if stats else {}  # experts' statistics, shrunk
+def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=None, expert_prior=None, pools=None):
+    experts = ExpertPriors(root, stats, expert_prior, pools) if stats else {}  # experts' statistics, shrunk
     expert_names = expert_layer_names(root) if stats else set()
     for name in names:
         full = prefix + name
@@ -124,6 +126,28 @@ def _compress_layers(root, names, plan_, stats, report, bar, prefix="", fisher=N
             time.perf_counter() - t0, state_bytes(new, float_bytes=2)[1], rows))
         bar.set_postfix_str(f"{full}: {rule.method}")
         bar.update(1)
+
+
+def _run(block, inputs):
+    for args, kwargs in inputs:
+        block(*args, **kwargs)
+
+
+def _calibrate_block(block, names, inputs, plan_, report, bar, prefix, fisher, expert_prior, stats_memory):
+    """Gather the statistics of the block's Linears `names` on its calibration inputs and compress them — in
+    chunks of whole experts, the rest last, where the statistics would pass `stats_memory` bytes
+    (``stat_chunks``; default half the free memory where they are kept)."""
+    first = next(block.parameters(), None)
+    device = factor_device(first.detach()) if first is not None else torch.device("cpu")
+    parts = chunks(block, names, stats_memory if stats_memory is not None else default_budget(device))
+    pools = None
+    if len(parts) > 1:
+        with collect_pools(block, names) as pools:
+            _run(block, inputs)
+    for part in parts:
+        with collect_inputs({n: block.get_submodule(n) for n in part}, on_weight_device=True) as stats:
+            _run(block, inputs)
+        _compress_layers(block, part, plan_, stats, report, bar, prefix, fisher, expert_prior, pools)
 
 
 def _weights_and_ranks(model, plan_, batches, progress, device=None, expert_prior=None):
@@ -177,7 +201,8 @@ def warn_random_calib(plan_):
 
 @torch.no_grad()
 @_svd.full_precision_matmuls()
-def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None, progress=True, expert_prior=None):
+def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None, progress=True, expert_prior=None,
+             stats_memory=None):
     """Compress the Linears of `model` that `recipe` matches; returns (model, CompressionReport).
 
     recipe: dict / list of rules / YAML or JSON path (see ``reparam_kernels.compress.recipe``).
@@ -193,11 +218,16 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
       quantizer reads them (GPTQ, the weighted grids, mean_bits; the block's pooled inputs for its up projection,
       its own channel energies for its down projection; ``expert_stats``): None (default) its in_features, 0 none
       — then an expert's statistics are only the tokens routed to it, as whitened low rank always takes them.
+    stats_memory: bytes one block's calibration statistics may take (float64 XᵀX per Linear; a mixture-of-experts
+      block holds one per expert): past it the block's experts are calibrated a chunk at a time, one more forward
+      of the block each, with the same statistics (``stat_chunks``). None (default): half the free memory of the
+      device they are kept on.
     """
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
     check_expert_prior(expert_prior)
+    check_stats_memory(stats_memory)
     random_calib = False
     if isinstance(calib, str):
         if calib != "random":
@@ -255,10 +285,8 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
                     inputs = move(inputs, device)
                 with on_device(block, device):  # the compressed layers go back with the block
                     if names:
-                        with collect_inputs({n: block.get_submodule(n) for n in names}, on_weight_device=True) as stats:
-                            for args, kwargs in inputs:
-                                block(*args, **kwargs)
-                        _compress_layers(block, names, plan_, stats, report, bar, bprefix, fisher, expert_prior)
+                        _calibrate_block(block, names, inputs, plan_, report, bar, bprefix, fisher, expert_prior,
+                                         stats_memory)
                         done.update(bprefix + n for n in names)
                     if i + 1 < len(blocks):  # next block's inputs come from the compressed block
                         inputs = next_inputs(block, inputs)
