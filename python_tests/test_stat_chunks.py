@@ -35,6 +35,8 @@ def test_chunks_hold_whole_experts_within_the_budget_and_the_rest_last():
             ids = {n.split(".")[2] for n in part}
             assert len(part) == 2 * len(ids) and len(ids) <= per  # both projections of each expert together
         assert sorted(sum(parts, [])) == sorted(names)
+    dense = [n for n in names if ".experts." not in n]  # nothing to split: one pass, whatever the budget
+    assert chunks(block, dense, 1) == [dense]
 
 
 @pytest.mark.parametrize("rule", [{"method": "int4", "group_size": 32, "gptq": True}, {"method": "lowrank", "rank": 8}])

@@ -67,9 +67,10 @@ def chunks(block, names, budget):
             out.append(cur)
             cur, size = [], 0
         cur, size = cur + group, size + b
-    out.append(cur)
+    if cur:
+        out.append(cur)
     rest = [n for n in names if n not in expert_of]
-    return out + [rest] if rest else out
+    return out + [rest] if rest else out  # (no experts: one chunk, however big)
 
 
 @contextlib.contextmanager
