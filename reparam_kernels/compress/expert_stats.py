@@ -73,7 +73,8 @@ class ExpertPriors:
             if proj != m.up_name:
                 pool = None
             elif pools is not None:
-                pool = pools.get(prefix) if pools.get(prefix) is not None and pools[prefix].count else None
+                pool = pools.get(prefix)
+                pool = pool if pool is not None and pool.count else None
             else:
                 seen = list({id(stats[n]): stats[n] for n in names if stats[n].count}.values())  # shared: once
                 pool = _pool(seen) if seen else None
@@ -102,9 +103,8 @@ class ExpertPriors:
 
     def for_planning(self, name, default=None):
         """For the plans made before compressing (``mean_bits``; not the rank allocation): a reached expert's
-        shrunk statistics scaled back to its own row count — the prior fills the directions its few rows miss
-        (else a rank-deficient XᵀX says cutting the expert to its row count costs nothing), while its weight in
-        a sum over all layers stays the tokens the router sent it. `default` for an unreached expert (the plans
+        shrunk statistics — those its quantizer will be built on — scaled back to its own row count, so its
+        weight in a sum over all layers stays the tokens the router sent it. `default` for an unreached expert (the plans
         give it its rule's uniform share) and for what `get` gives `default`."""
         own = self._stats.get(name)
         st = self.get(name) if own is not None and own.count else None
