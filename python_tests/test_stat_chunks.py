@@ -73,3 +73,12 @@ def test_bad_stats_memory_is_refused(bad):
     with pytest.raises(ValueError, match="stats_memory"):
         rk.compress(tiny_moe(), {"{blocks}.*.mlp.experts.*.*": "int8"}, calib=_ids(1, 8), progress=False,
                     stats_memory=bad)
+
+
+def test_default_budget_is_half_the_hosts_available_memory():
+    from reparam_kernels.compress.stat_chunks import _host_available, default_budget
+
+    free = _host_available()
+    assert free is None or free > 0
+    if free:
+        assert abs(default_budget("cpu") - free // 2) < free // 20  # (memory moves a little between the calls)

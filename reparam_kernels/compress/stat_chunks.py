@@ -28,15 +28,29 @@ def gram_bytes(block, names):
     return sum(8 * block.get_submodule(n).in_features ** 2 for n in names)
 
 
+def _host_available():
+    """The host's available memory in bytes (Linux MemAvailable: free pages plus what the page cache would give
+    back; else the free pages), None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def default_budget(device):
-    """Half the free memory of `device` (the GPU's, else the host's available RAM)."""
+    """Half the free memory of `device` (the GPU's, else the host's available RAM; never split where unknown)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] // 2
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-    except (ValueError, OSError, AttributeError):  # no sysconf: never split
-        return 1 << 62
+    free = _host_available()
+    return free // 2 if free else 1 << 62
 
 
 def _expert_of(block):
