@@ -1,14 +1,16 @@
-"""A mixture-of-experts layer's quantized experts in one call (grouped_int4_linear, grouped_int8_linear) vs the same
-experts dense through cuBLAS.
+"""A mixture-of-experts layer's compressed experts in one call (grouped_int4_linear, grouped_int8_linear,
+grouped_vq_linear, grouped_lowrank_linear) vs the same experts dense through cuBLAS.
 
-    python benchmarks/bench_moe.py [--quick] [--models mixtral,qwen3_moe] [--formats int4,int8,gptvq] [--dtypes fp16,bf16]
+    python benchmarks/bench_moe.py [--quick] [--models mixtral,qwen3_moe] [--formats int4,int8,gptvq,lowrank] [--dtypes fp16,bf16]
 
 Each case is one projection (gate_up or down) of one MoE layer for T tokens, each routed to top_k distinct
 experts drawn at random; M = T·top_k routed rows, sorted by expert (what UnfusedExperts' grouped forward
 passes). Contenders, all on the same rows:
 
-- ours: ``reparam.grouped_int4_linear`` (group 128), ``grouped_int8_linear`` or ``grouped_vq_linear`` (GPTVQ's
-  pairs, 256 a codebook per 64 rows): one launch, the routing read on the device;
+- ours: ``reparam.grouped_int4_linear`` (group 128), ``grouped_int8_linear``, ``grouped_vq_linear`` (GPTVQ's
+  pairs, 256 a codebook per 64 rows): one launch, the routing read on the device; or ``grouped_lowrank_linear``
+  (pivoted factors of ragged ranks, 20/30/40% of min(N, K) rounded to 8 in turn, as a global allocation
+  gives: two launches);
 - cublas: the dequantized experts in x's dtype, one ``torch.matmul`` per expert that has rows, the
   routing known on the host when the call is recorded — the dense per-expert loop without its host sync,
   so a CUDA graph can hold it (generous to the baseline: a real forward must sync or pad);
@@ -17,7 +19,7 @@ passes). Contenders, all on the same rows:
 
 Several routings (and x) rotate through the timed calls, so the experts one call reads are not left in L2
 by the previous one. Checked against float64 before timing. Writes
-benchmarks/results/<gpu>/grouped_{int4,int8,vq}_linear.json; rows carry params {model, projection, experts, top_k,
+benchmarks/results/<gpu>/grouped_{int4,int8,vq,lowrank}_linear.json; rows carry params {model, projection, experts, top_k,
 tokens, bits}, ``bytes`` (the routed experts' weights and scales at most — min(E, M) experts —, x and y, once)
 and ``flops``. int4 only by default (``--formats``): the formats of issue 3's decode targets first.
 """
@@ -30,7 +32,9 @@ import reparam_kernels
 from reparam_kernels.compress.quantize import pack_int4
 from reparam_kernels.reference.int4_linear import dequantize_int4
 
-OPS = {"int4": "grouped_int4_linear", "int8": "grouped_int8_linear", "gptvq": "grouped_vq_linear"}
+OPS = {"int4": "grouped_int4_linear", "int8": "grouped_int8_linear", "gptvq": "grouped_vq_linear",
+       "lowrank": "grouped_lowrank_linear"}
+RANK_FRACTIONS = (0.2, 0.3, 0.4)  # lowrank: expert e's rank, a fraction (in turn) of min(N, K)
 ROWS_PER_CODEBOOK = 64  # gptvq: the recipe's 256 pairs per 64 output rows
 
 GROUP = 128
@@ -48,6 +52,22 @@ def projections(model):
 def make_experts(fmt, E, N, K, dtype, device, gen):
     """(the op's weight tensors [E, …] with outputs of O(1), a function giving expert e's dense weight in a dtype)."""
     amp = 1.0 / (4.0 * K ** 0.5)
+    if fmt == "lowrank":
+        from reparam_kernels.ops.grouped_lowrank_linear import stack_factors
+        from reparam_kernels.reference.grouped_lowrank_linear import expert_factors
+        from reparam_kernels.reference.pivoted_lowrank_linear import expand_right_factor
+
+        ranks = [rank_of(e, N, K) for e in range(E)]
+        us = [(torch.randn(N, r, device=device, generator=gen) / (4 * r ** 0.5)).to(dtype) for r in ranks]
+        ws = [(torch.randn(r, K - r, device=device, generator=gen) / K ** 0.5).to(dtype) for r in ranks]
+        perms = [torch.randperm(K, device=device, generator=gen) for _ in ranks]
+        u, v, perm, fo, max_rank = stack_factors(us, ws, perms)
+        bounds = fo.tolist()
+
+        def dense(e, dt):
+            ue, we, pe = expert_factors(u, v, perm, fo, N, K, e, bounds)
+            return (ue.double() @ expand_right_factor(we, pe, torch.float64)).to(dt)
+        return (u, v, perm, fo, N, max_rank), dense
     if fmt == "gptvq":
         from reparam_kernels.reference.vq_linear import dequantize_vq
 
@@ -65,8 +85,14 @@ def make_experts(fmt, E, N, K, dtype, device, gen):
     return (q, s, z, GROUP), lambda e, dt: dequantize_int4(q[e], s[e], z[e], GROUP, dt)
 
 
+def rank_of(e, N, K):
+    return max(8, int(min(N, K) * RANK_FRACTIONS[e % len(RANK_FRACTIONS)]) // 8 * 8)
+
+
 def weight_bytes(fmt, N, K, elt):
-    """One expert's weight and scales (codebooks)."""
+    """One expert's weight and scales (codebooks); low rank: the largest expert's factors and perm."""
+    if fmt == "lowrank":
+        return max(r * (N + K - r) * elt + 8 * K for r in (rank_of(e, N, K) for e in range(len(RANK_FRACTIONS))))
     if fmt == "gptvq":
         return N * K // 2 + (N // ROWS_PER_CODEBOOK) * 256 * 2 * elt
     return N * K + N * elt if fmt == "int8" else N * K // 2 + 2 * N * (K // GROUP) * elt
@@ -128,7 +154,9 @@ def bench_case(res, model, proj, N, K, T, dtype, modes, fmt="int4", device="cuda
         return y
 
     params = {"model": model if isinstance(model, str) else "custom", "projection": proj, "experts": E,
-              "top_k": top_k, "tokens": T, "bits": 8 if fmt == "int8" else 4}
+              "top_k": top_k, "tokens": T, "bits": {"int8": 8, "lowrank": 16}.get(fmt, 4)}
+    if fmt == "lowrank":
+        params.update(pivoted=True, rank_fractions=list(RANK_FRACTIONS))
     if fmt == "gptvq":
         params.update(d=2, rows_per_codebook=ROWS_PER_CODEBOOK)
     if fmt == "int4":

@@ -136,7 +136,7 @@ def test_cp_line_search_runs_small(tmp_path, monkeypatch):
     assert len(rows) == 8 and all(r["sweeps"] == 3 and 0 < r["rel_error"] < 1 for r in rows[4:])
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8", "gptvq"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "gptvq", "lowrank"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_bench_moe_case_on_cpu(tmp_path, fake_timer, dtype, fmt):
     """The grouped experts against the dense per-expert loop on the CPU (the reference backend), rows
@@ -149,7 +149,7 @@ def test_bench_moe_case_on_cpu(tmp_path, fake_timer, dtype, fmt):
     assert res.failures == []
     assert [r["mode"] for r in rows] == ["graph", "eager"] and rows[0]["M"] == 10
     assert rows[0]["params"]["experts"] == 6 and rows[0]["params"]["tokens"] == 5
-    assert rows[0]["params"]["bits"] == (8 if fmt == "int8" else 4)  # (gptvq: a byte a pair)
+    assert rows[0]["params"]["bits"] == {"int8": 8, "lowrank": 16}.get(fmt, 4)  # (gptvq: a byte a pair)
     assert rows[0]["flops"] == 2 * 10 * 128 * 256
     data = common.load(res.write())
     assert data["rows"][0]["op"] == op

@@ -1,5 +1,5 @@
-"""The grouped forward of int4 / int8 experts (compress/experts.py: UnfusedExperts.group, reparam.grouped_int4_linear
-and grouped_int8_linear):
+"""The grouped forward of int4 / int8 / GPTVQ / low-rank experts (compress/experts.py: UnfusedExperts.group,
+reparam.grouped_int4_linear, grouped_int8_linear, grouped_vq_linear, grouped_lowrank_linear):
 the per-expert path's outputs, the experts' tensors as views of the stacked storage, regrouping after .to() /
 load / copy, the per-expert path kept for training and other formats, no graph break under torch.compile."""
 import copy
@@ -18,6 +18,10 @@ INT4 = {EXPERTS: {"method": "int4", "group_size": 32}}
 MIXED = {"{blocks}.*.mlp.experts.*.down_proj": "int8", EXPERTS: {"method": "int4", "group_size": 32}}
 # the gptvq recipe's rule on the experts (a codebook per 16 rows here: the tiny experts have 32 or 128)
 GPTVQ = {EXPERTS: {"method": "vq", "d": 2, "bits": 8, "rows_per_codebook": 16, "gptq": True}}
+# the default recipe's rule on the experts (pivoted factors, ranks from one global allocation: ragged), and plain
+# factors at per-layer ratios
+LOWRANK_PIVOTED = {EXPERTS: {"method": "lowrank", "ratio": 0.3, "whiten": True, "allocate": "global", "pivoted": True}}
+LOWRANK = {EXPERTS: {"method": "lowrank", "ratio": 0.5}}
 
 
 def experts_of(model):
@@ -35,7 +39,8 @@ def per_expert(model, ids):
 
 @pytest.mark.parametrize("arch,recipe", [("mixtral", INT4), ("gpt_oss", INT4), ("qwen3_moe", INT4), ("olmoe", INT4),
                                          ("deepseek_v3", INT4), ("mixtral", MIXED), ("gpt_oss", MIXED),
-                                         ("mixtral", GPTVQ)])
+                                         ("mixtral", GPTVQ), ("mixtral", LOWRANK_PIVOTED),
+                                         ("gpt_oss", LOWRANK_PIVOTED), ("qwen3_moe", LOWRANK)])
 def test_grouped_forward_gives_the_per_expert_outputs(arch, recipe, monkeypatch):
     model, ids = tiny_moe(arch), _ids(8, 16)
     small, _ = rk.compress(model, recipe, calib=ids, progress=False)
@@ -52,7 +57,7 @@ def test_grouped_forward_gives_the_per_expert_outputs(arch, recipe, monkeypatch)
 def test_experts_tensors_are_views_of_the_stacked_storage():
     small, _ = rk.compress(tiny_moe(), INT4, calib=_ids(8, 16), progress=False)
     ex = experts_of(small)[0]
-    op, (q, s, z), consts, b, names = ex._grouped["down_proj"]
+    op, (q, s, z), consts, b, names, _ = ex._grouped["down_proj"]
     assert op is rk.ops.grouped_int4_linear and consts == (32,) and b is None
     assert names == ("qweight", "scales", "zeros")
     assert q.shape == (4, 32, 32) and s.shape == (4, 32, 2)
@@ -94,10 +99,10 @@ def test_other_formats_and_training_take_the_per_expert_path(monkeypatch):
     mixed = {"{blocks}.*.mlp.experts.0.*": "int8", EXPERTS: {"method": "int4", "group_size": 32}}
     small, _ = rk.compress(model, mixed, calib=ids, progress=False)
     assert not group_experts(small) and all(m._grouped is None for m in experts_of(small))
-    lowrank = {"{blocks}.*.mlp.experts.*.down_proj": {"method": "lowrank", "ratio": 0.5}, **INT4}
-    small, _ = rk.compress(model, lowrank, calib=ids, progress=False)
+    log4 = {"{blocks}.*.mlp.experts.*.down_proj": {"method": "log", "bits": 4}, **INT4}
+    small, _ = rk.compress(model, log4, calib=ids, progress=False)
     ex = experts_of(small)[0]
-    assert ex._grouped is None  # down_proj has no grouped op: gate_up is not stacked either (nothing changed)
+    assert ex._grouped is None  # 4-bit log has no grouped op: gate_up is not stacked either (nothing changed)
     ptrs = {ex.expert(e).gate_up_proj.qweight.untyped_storage().data_ptr() for e in range(4)}
     assert len(ptrs) == 4
     small, _ = rk.compress(model, INT4, calib=ids, progress=False)
@@ -141,10 +146,11 @@ def test_sentinel_experts_and_compile_without_graph_breaks():
 
 
 @pytest.mark.gpu
-def test_grouped_experts_on_the_gpu_in_a_cuda_graph():
+@pytest.mark.parametrize("recipe", [INT4, LOWRANK_PIVOTED])
+def test_grouped_experts_on_the_gpu_in_a_cuda_graph(recipe):
     """fp16 on the GPU (the Triton kernel): the per-expert outputs, and a captured forward replayed with other
     routing gives that routing's outputs (no host sync in the grouped path)."""
-    small, _ = rk.compress(tiny_moe(), INT4, calib=_ids(8, 16), progress=False)
+    small, _ = rk.compress(tiny_moe(), recipe, calib=_ids(8, 16), progress=False)
     small = small.to("cuda", torch.float16)
     ex = experts_of(small)[0]
     assert ex._grouped is not None and ex._grouped["down_proj"][0].is_cuda
@@ -240,3 +246,49 @@ def test_bias_and_x_gradients_through_the_grouped_path():
     torch.testing.assert_close(gx, lx, rtol=1e-5, atol=1e-6)
     for a, b in zip(gd + gu, ld + lu):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lowrank_experts_of_ragged_ranks_are_views_of_flat_storage():
+    """A global allocation gives each expert its own rank and keeps some dense: the factors are stacked flat (no
+    padding), each expert's u, w and perm (a dense expert's weight) views of it; the same after .double()."""
+    small, _ = rk.compress(tiny_moe(), LOWRANK_PIVOTED, calib=_ids(8, 16), progress=False)
+    ex = experts_of(small)[0]
+    kinds = {type(getattr(ex.expert(e), p)).__name__ for e in range(4) for p in ("gate_up_proj", "down_proj")}
+    assert kinds == {"PivotedLowRankLinear", "Linear"}  # (the allocation kept some gate_up experts dense)
+    for proj, n, k in (("gate_up_proj", 128, 32), ("down_proj", 32, 64)):
+        st = ex._grouped[proj]
+        assert st.op is rk.ops.grouped_lowrank_linear
+        layers = [getattr(ex.expert(e), proj) for e in range(4)]
+        ranks = [getattr(m, "rank", min(n, k)) for m in layers]
+        u, w, perm = st.tensors
+        fo, n_out, max_rank = st.consts
+        assert fo[0].tolist() == [0] + torch.tensor(ranks).cumsum(0).tolist() and n_out == n
+        assert max_rank == max(ranks) and u.numel() == n * sum(ranks) and perm.shape == (4, k)
+        for e, m in enumerate(layers):
+            views = st.views(e)
+            names = ("weight",) if type(m) is torch.nn.Linear else ("u", "w", "perm")
+            assert tuple(views) == names
+            for name in names:
+                assert getattr(m, name).data_ptr() == views[name].data_ptr() and getattr(m, name).is_contiguous()
+    small.double()
+    assert experts_of(small)[0]._grouped["down_proj"].tensors[0].dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(small(_ids()).logits, per_expert(small, _ids()), rtol=1e-10, atol=1e-10)
+
+
+def test_lowrank_experts_compile_and_save_load(tmp_path):
+    small, _ = rk.compress(tiny_moe("qwen3_moe"), LOWRANK, calib=_ids(8, 16), progress=False)
+    ex = experts_of(small)[0]
+    st = ex._grouped["down_proj"]
+    assert tuple(st.views(1)) == ("u", "v") and len(st.tensors) == 2 and st.consts[0] is None  # plain: no perm
+    h, w = torch.randn(5, 32), torch.rand(5, 2)
+    idx = torch.tensor([[0, 4], [4, 4], [3, 1], [2, 2], [1, 0]])  # 4: a sentinel
+    with torch.no_grad():
+        got = ex(h, idx, w)
+        compiled = torch.compile(ex, fullgraph=True, backend="aot_eager")(h, idx, w)
+    torch.testing.assert_close(compiled, got, rtol=1e-5, atol=1e-6)
+    rk.save_compressed(small, tmp_path / "ck")
+    back = rk.load_pretrained(tmp_path / "ck")
+    assert all(m._grouped is not None for m in experts_of(back))
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids()).logits, small(_ids()).logits, rtol=0, atol=0)

@@ -25,10 +25,11 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from reparam_kernels.triton import _tiles  # noqa: E402
 
-int4_linear, grouped_int4, grouped_int8, grouped_vq, int8_linear, lut_linear, vq_linear, matmul_nt, pivoted = (
-    importlib.import_module(f"reparam_kernels.triton.{op}")
-    for op in ("int4_linear", "grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear", "int8_linear",
-               "lut_linear", "vq_linear", "_matmul_nt", "pivoted_lowrank_linear"))
+(int4_linear, grouped_int4, grouped_int8, grouped_vq, grouped_lowrank, int8_linear, lut_linear, vq_linear, matmul_nt,
+ pivoted) = (importlib.import_module(f"reparam_kernels.triton.{op}")
+             for op in ("int4_linear", "grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear",
+                        "grouped_lowrank_linear", "int8_linear", "lut_linear", "vq_linear", "_matmul_nt",
+                        "pivoted_lowrank_linear"))
 
 GROUPED_EXPERTS = 8
 SHAPES = {"gemv": (1, 8192, 8192), "m16": (16, 8192, 8192), "m256": (256, 8192, 8192)}
@@ -50,6 +51,17 @@ KERNELS = {
                    {"x_ptr": "*fp16", "off_ptr": "*i64", "ends_ptr": "*i64", "c_ptr": "*u8", "book_ptr": "*fp16",
                     "T": "i32", "E": "i32", "tiles_m": "i32", "rows_per_book": "i32", "book_stride": "i32",
                     "books_per_expert": "i32"}, {"D": 2}, 128, 0.5),
+    # low-rank experts of ragged ranks (max rank N/4 here): step 1 x·wᵀ, pivoted (x's columns gathered; N = the
+    # max rank), step 2 h·uᵀ (h fp32; K = the max rank). The experts' row lengths are runtime values, so the
+    # weight loads cannot be proved aligned: scalar loads (tools' report says how many)
+    "grouped_lowrank_v": (grouped_lowrank._grouped_lowrank_kernel,
+                          {"a_ptr": "*fp16", "off_ptr": "*i64", "ends_ptr": "*i64", "b_ptr": "*fp16", "fo_ptr": "*i64",
+                           "perm_ptr": "*i64", "T": "i32", "E": "i32", "tiles_m": "i32", "stride_am": "i32",
+                           "b_numel": "i64", "R": "i32"}, {"SECOND": False, "PIVOTED": True}, 128, 2.0),
+    "grouped_lowrank_u": (grouped_lowrank._grouped_lowrank_kernel,
+                          {"a_ptr": "*fp32", "off_ptr": "*i64", "ends_ptr": "*i64", "b_ptr": "*fp16", "fo_ptr": "*i64",
+                           "perm_ptr": "*i64", "T": "i32", "E": "i32", "tiles_m": "i32", "stride_am": "i32",
+                           "b_numel": "i64", "R": "i32"}, {"SECOND": True, "PIVOTED": False}, 128, 2.0),
     "int8_linear": (int8_linear._int8_linear_kernel, {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp16"},
                     {}, 64, 1.0),
     "lut_linear": (lut_linear._lut_linear_kernel,
@@ -77,9 +89,14 @@ def compile_one(op, cls, arch, dtype="fp16"):
     fn, sig_extra, const_extra, gemv_bk, bytes_per_weight = KERNELS[op]
     bk_limit = const_extra.get("GROUP", 128)  # int4: the group size (a power of two here)
     m, n, k = SHAPES[cls]
-    if op.startswith("grouped_"):  # (m256: 256 rows of 8 experts are 8 row tiles of 32, the packed map)
+    if op.startswith("grouped_lowrank"):
+        n = n // 4 if op.endswith("_v") else n  # step 1's columns: the max rank
+        k = n // 4 if op.endswith("_u") else k  # step 2's inner length: the max rank
+        plan = grouped_lowrank.plans(m, GROUPED_EXPERTS, n, k, n, fp32=dtype == "fp32")[0]
+    if op.startswith("grouped_") and not op.startswith("grouped_lowrank"):  # (m256: 256 rows of 8 experts ...
         plan = grouped_int4.plan(m, GROUPED_EXPERTS, n, k, bk_limit, fp32=dtype == "fp32") if op == "grouped_int4" \
             else (grouped_int8 if op == "grouped_int8" else grouped_vq).plan(m, GROUPED_EXPERTS, n, k, fp32=dtype == "fp32")
+    if op.startswith("grouped_"):  # ... are 8 row tiles of 32, the packed map)
         t = plan.tiles
         const_extra = dict(const_extra, PACKED=plan.packed, SEARCH=plan.search)
         if plan.gemv:  # int4's GEMV form (one row an expert): its own kernel, the codes as int32 words
@@ -96,7 +113,8 @@ def compile_one(op, cls, arch, dtype="fp16"):
                   G=k // const_extra.get("GROUP", 1), rows_per_table=1, stride_am=k, stride_bn=k, stride_cm=n,
                   stride_cs=m * n, one_bits=0x3F800000, R=n, KR=k, stride_wr=k, stride_ts=m * n, rows_per_book=n,
                   book_stride=512, T=m, tiles_m=triton.cdiv(m, t.bm), E=GROUPED_EXPERTS,
-                  books_per_expert=n // 64)  # grouped_vq: GPTVQ's codebook per 64 rows
+                  books_per_expert=n // 64,  # grouped_vq: GPTVQ's codebook per 64 rows
+                  b_numel=GROUPED_EXPERTS * n * k)
     if op == "int4_linear" and t.gemv:  # the GEMV reads the codes as int32 words (int4_linear.py)
         sig["q_ptr"], values["stride_qn"] = "*i32", k // 8
     consts = {a: v for a, v in consts.items() if a in sig}  # (pivot_t has no bias)

@@ -37,10 +37,22 @@ from .._dispatch import as_dtype
 class Stacked(NamedTuple):
     """One projection's experts stacked for its grouped op: op(x, offsets, *tensors, *consts, bias)."""
     op: object
-    tensors: tuple  # [E, …] each, in the op's order; the experts' own tensors (`names`) are views of them
+    tensors: tuple  # in the op's order ([E, …] each, or flat: low rank); the experts' own tensors are views of them
     consts: tuple
     bias: object    # [E, N] or None
-    names: tuple    # the layers' attribute names of `tensors`
+    names: tuple    # the format's attribute names of the views
+    views: object   # e -> {attribute of expert e's layer: its view of `tensors`}
+
+
+class Format(NamedTuple):
+    """A layer type that runs grouped: its op, the layers' tensors it takes (``names``), ``stack(layers)`` →
+    (tensors, consts, views) as in Stacked, ``accepts(layer)``: the layers that may join the group (the format's
+    type; low rank also takes experts a rank allocation kept dense), ``key(layer)``: what must agree to stack."""
+    op: object
+    names: tuple
+    stack: object
+    accepts: object
+    key: object
 
 _WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -133,23 +145,21 @@ class UnfusedExperts(nn.Module):
         plans = {}
         for proj in (self.up_name, "down_proj"):
             layers = self._layers(proj)
-            fmts = [_grouped_format(m) for m in layers]
-            if fmts[0] is None or any(f is None for f in fmts) or len({_config(m, f) for m, f in zip(layers, fmts)}) != 1:
+            fmt = next((f for f in map(_grouped_format, layers) if f is not None), None)
+            if fmt is None or not all(map(fmt.accepts, layers)) or len({_config(m, fmt) for m in layers}) != 1:
                 return False
-            plans[proj] = (layers, fmts[0])
+            plans[proj] = (layers, fmt)
         stacked = {}
-        for proj, (layers, (op, names, consts)) in plans.items():
-            names = names + (() if layers[0].bias is None else ("bias",))
+        for proj, (layers, fmt) in plans.items():
             with torch.no_grad():
-                tensors = {name: torch.stack([getattr(m, name) for m in layers]) for name in names}
+                tensors, consts, views = fmt.stack(layers)
+                bias = None if layers[0].bias is None else torch.stack([m.bias for m in layers])
             for e, m in enumerate(layers):  # the experts' tensors now live in the stacked storage
-                for name in names:
+                for name, view in {**views(e), **({} if bias is None else {"bias": bias[e]})}.items():
                     old = getattr(m, name)
-                    view = tensors[name][e]
                     setattr(m, name, nn.Parameter(view, requires_grad=old.requires_grad)
                             if name in m._parameters else view)
-            bias = tensors.pop("bias", None)
-            stacked[proj] = Stacked(op, tuple(tensors.values()), consts(layers[0]), bias, tuple(tensors))
+            stacked[proj] = Stacked(fmt.op, tensors, consts, bias, fmt.names, views)
         self._grouped = stacked
         return True
 
@@ -170,8 +180,8 @@ class UnfusedExperts(nn.Module):
             for proj, st in self._grouped.items():  # the first and last experts' first two tensors: a cheap test
                 for e in (0, self.num_experts - 1):
                     layer = getattr(self._modules[str(e)], proj)
-                    if any(getattr(layer, name, None) is None or getattr(layer, name).data_ptr() != t[e].data_ptr()
-                           for name, t in zip(st.names[:2], st.tensors)):
+                    if any(getattr(layer, name, None) is None or getattr(layer, name).data_ptr() != t.data_ptr()
+                           for name, t in list(st.views(e).items())[:2]):
                         return self.group() and self._grouped_ok()
         if torch.is_grad_enabled():  # (a bias may train: the forward stacks the experts' own biases then)
             return not any(p.requires_grad for proj in self._grouped for m in self._layers(proj)
@@ -226,25 +236,78 @@ class UnfusedExperts(nn.Module):
 
 
 def _grouped_format(layer):
-    """(the grouped op of `layer`'s format, the tensors stacked for it in the op's order, the op's constant
-    arguments after them from a layer), or None: that format runs per expert."""
+    """The ``Format`` of `layer`'s type, or None: that format runs per expert."""
+    from ..nn.lowrank import LowRankLinear
+    from ..nn.pivoted import PivotedLowRankLinear
     from ..nn.quant import Int4Linear, Int8Linear, LUTLinear
-    from ..ops import grouped_int4_linear, grouped_int8_linear, grouped_vq_linear
+    from ..ops import grouped_int4_linear, grouped_int8_linear, grouped_lowrank_linear, grouped_vq_linear
 
     kind = type(layer)
     if kind is Int4Linear:
-        return grouped_int4_linear, ("qweight", "scales", "zeros"), lambda m: (m.group_size,)
+        return _along_experts(grouped_int4_linear, kind, ("qweight", "scales", "zeros"), lambda m: (m.group_size,))
     if kind is Int8Linear:
-        return grouped_int8_linear, ("qweight", "scales"), lambda m: ()
+        return _along_experts(grouped_int8_linear, kind, ("qweight", "scales"), lambda m: ())
     if kind is LUTLinear and layer.kernel == "vq_linear" and layer.codes.dtype == torch.uint8:  # GPTVQ, log 8-bit
-        return grouped_vq_linear, ("codes", "codebooks"), lambda m: ()
+        return _along_experts(grouped_vq_linear, kind, ("codes", "codebooks"), lambda m: ())
+    if kind in (LowRankLinear, PivotedLowRankLinear):
+        kinds = (LowRankLinear, PivotedLowRankLinear, nn.Linear)
+        return Format(grouped_lowrank_linear, ("u", "v", "w", "perm"), _stack_factors, lambda m: type(m) in kinds,
+                      lambda m: (m.u.dtype, m.u.device) if hasattr(m, "u") else (m.weight.dtype, m.weight.device))
     return None
 
 
+def _along_experts(op, kind, names, consts):
+    """A format whose experts' tensors share a shape: stacked along a new first dimension."""
+    def stack(layers):
+        tensors = tuple(torch.stack([getattr(m, name) for m in layers]) for name in names)
+        return tensors, consts(layers[0]), lambda e: {name: t[e] for name, t in zip(names, tensors)}
+
+    def key(m):
+        return (op, consts(m), *((t.dtype, t.device, tuple(t.shape)) for t in (getattr(m, n) for n in names)))
+
+    return Format(op, names, stack, lambda m: type(m) is kind, key)
+
+
+def _stack_factors(layers):
+    """Low-rank experts of any ranks, plain or pivoted, flat one after the other (ops/grouped_lowrank_linear.py);
+    an expert kept dense joins as exact factors (``stack_factors``), its weight a view of them too."""
+    from ..ops.grouped_lowrank_linear import stack_factors
+    from ..reference.grouped_lowrank_linear import expert_factors
+
+    n, k = layers[0].out_features, layers[0].in_features
+    pivots = any(not hasattr(m, "v") for m in layers)  # a pivoted or a dense expert: a perm for every expert
+    us, vs, perms = [], [], []
+    for m in layers:
+        if hasattr(m, "u"):
+            us.append(m.u)
+            vs.append(m.v if hasattr(m, "v") else m.w)
+            perms.append(getattr(m, "perm", None))
+        elif n >= k:  # dense, pivoted form: u = W, no w, the identity perm
+            us.append(m.weight)
+            vs.append(m.weight.new_empty(k, 0))
+            perms.append(torch.arange(k, device=m.weight.device))
+        else:  # dense, plain form: u = I, v = W
+            us.append(torch.eye(n, dtype=m.weight.dtype, device=m.weight.device))
+            vs.append(m.weight)
+            perms.append(None)
+    u, v, perm, fo, max_rank = stack_factors(us, vs, perms if pivots else None)
+    bounds = fo.tolist()
+
+    def views(e):
+        ue, ve, pe = expert_factors(u, v, perm, fo, n, k, e, bounds)
+        m = layers[e]
+        if not hasattr(m, "u"):
+            return {"weight": ue if n >= k else ve}
+        out = {"u": ue, "v" if hasattr(m, "v") else "w": ve}
+        return {**out, "perm": pe} if hasattr(m, "perm") else out
+
+    consts = (fo, n, max_rank)
+    return ((u, v, perm), consts, views) if pivots else ((u, v), (None, *consts), views)
+
+
 def _config(layer, fmt):
-    """What must agree across experts for their tensors to stack: format, shapes, settings, dtypes, device."""
-    return (type(layer), fmt[0], layer.in_features, layer.out_features, fmt[2](layer), layer.bias is None,
-            *((t.dtype, t.device, tuple(t.shape)) for t in (getattr(layer, name) for name in fmt[1])))
+    """What must agree across experts for their tensors to stack: sizes, bias or not, the format's key."""
+    return (layer.in_features, layer.out_features, layer.bias is None, fmt.key(layer))
 
 
 def fuse_dense_experts(model):

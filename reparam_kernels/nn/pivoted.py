@@ -16,6 +16,7 @@ from ..compress import svd as _svd
 from ..ops import pivoted_lowrank_linear
 from .lowrank import LowRankBase, LowRankLinear, build_from_factors, check_factors, factor_linear
 from .._dtypes import acc_dtype
+from ..reference.pivoted_lowrank_linear import expand_right_factor  # noqa: F401 (its home: beside the reference)
 
 
 def pivot_factors(u, v):
@@ -62,15 +63,6 @@ def greedy_pivots(v):
         q = R.index_select(1, j.view(1)).squeeze(1) / norms[j].clamp_min(1e-300)
         R.addr_(q, q @ R, alpha=-1.0)  # R −= q·(qᵀR) in place (a rank-1 update, no temporary)
     return piv
-
-
-def expand_right_factor(w, perm, dtype=None):
-    """v = [I | w]·P [r, in] from w [r, in − r] and perm [in]: the plain right factor of the same weight."""
-    r = w.shape[0]
-    v = torch.empty(r, perm.numel(), dtype=dtype or w.dtype, device=w.device)
-    v[:, perm[:r]] = torch.eye(r, dtype=v.dtype, device=v.device)
-    v[:, perm[r:]] = w.to(v.dtype)
-    return v
 
 
 class PivotedLowRankLinear(LowRankBase):

@@ -1,3 +1,5 @@
+import torch
+
 from .._dtypes import acc_dtype
 
 
@@ -13,3 +15,12 @@ def pivoted_lowrank_linear(x, u, w, perm, bias=None):
     if bias is not None:
         y = y + bias.to(acc)
     return y.to(x.dtype)
+
+
+def expand_right_factor(w, perm, dtype=None):
+    """v = [I | w]·P [r, in] from w [r, in − r] and perm [in]: the plain right factor of the same weight."""
+    r = w.shape[0]
+    v = torch.empty(r, perm.numel(), dtype=dtype or w.dtype, device=w.device)
+    v[:, perm[:r]] = torch.eye(r, dtype=v.dtype, device=v.device)
+    v[:, perm[r:]] = w.to(v.dtype)
+    return v
