@@ -13,9 +13,11 @@ none: methods that need statistics treat it as they treat any unreached layer).
 
 Forward, two paths:
 - grouped: when each projection's experts are Int4Linear, Int8Linear or vector-quantized LUTLinear (GPTVQ) of
-  one configuration, ``group()`` stacks their tensors into [E, …] storage (the experts' own tensors become views
-  of it, no second copy) and forward runs each projection of all experts as one ``reparam.grouped_int4_linear``
-  / ``grouped_int8_linear`` / ``grouped_vq_linear`` call over the routed rows
+  one configuration, or low-rank (LowRankLinear / PivotedLowRankLinear of any ranks, with Linears a rank
+  allocation kept dense), ``group()`` stacks their tensors into [E, …] storage (low rank: flat, one expert after
+  the other; the experts' own tensors become views of it, no second copy) and forward runs each projection of
+  all experts as one ``reparam.grouped_int4_linear`` / ``grouped_int8_linear`` / ``grouped_vq_linear`` /
+  ``grouped_lowrank_linear`` call over the routed rows
   sorted by expert: no host sync, so capturable in a CUDA graph and free of graph breaks under
   torch.compile. ``compress`` and ``load_compressed`` group what they build (``group_experts``); moving or
   casting the module (``.to``) groups again. Used unless an expert's scales, zeros or codebooks need a gradient
