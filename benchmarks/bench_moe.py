@@ -61,13 +61,13 @@ def make_experts(fmt, E, N, K, dtype, device, gen):
         us = [(torch.randn(N, r, device=device, generator=gen) / (4 * r ** 0.5)).to(dtype) for r in ranks]
         ws = [(torch.randn(r, K - r, device=device, generator=gen) / K ** 0.5).to(dtype) for r in ranks]
         perms = [torch.randperm(K, device=device, generator=gen) for _ in ranks]
-        u, v, perm, fo, max_rank = stack_factors(us, ws, perms)
+        u, v, perm, fo, max_rank, row_align = stack_factors(us, ws, perms)
         bounds = fo.tolist()
 
         def dense(e, dt):
             ue, we, pe = expert_factors(u, v, perm, fo, N, K, e, bounds)
             return (ue.double() @ expand_right_factor(we, pe, torch.float64)).to(dt)
-        return (u, v, perm, fo, N, max_rank), dense
+        return (u, v, perm, fo, N, max_rank, row_align), dense
     if fmt == "gptvq":
         from reparam_kernels.reference.vq_linear import dequantize_vq
 

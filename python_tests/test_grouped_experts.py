@@ -261,9 +261,10 @@ def test_lowrank_experts_of_ragged_ranks_are_views_of_flat_storage():
         layers = [getattr(ex.expert(e), proj) for e in range(4)]
         ranks = [getattr(m, "rank", min(n, k)) for m in layers]
         u, w, perm = st.tensors
-        fo, n_out, max_rank = st.consts
+        fo, n_out, max_rank, row_align = st.consts
         assert fo[0].tolist() == [0] + torch.tensor(ranks).cumsum(0).tolist() and n_out == n
         assert max_rank == max(ranks) and u.numel() == n * sum(ranks) and perm.shape == (4, k)
+        assert row_align == next(a for a in (8, 4, 2, 1) if all(r % a == 0 for r in ranks + [k - r for r in ranks]))
         for e, m in enumerate(layers):
             views = st.views(e)
             names = ("weight",) if type(m) is torch.nn.Linear else ("u", "w", "perm")

@@ -25,7 +25,7 @@ def make(rng, counts, ranks, K, N, dtype, pivoted, bias=True, tail=0, device="cp
     us = [(torch.randn(N, r, generator=rng) / max(r, 1) ** 0.5).to(dtype) for r in ranks]
     vs = [(torch.randn(r, K - r if p else K, generator=rng) / K ** 0.5).to(dtype) for r, p in zip(ranks, piv)]
     perms = [torch.randperm(K, generator=rng) if p else None for p in piv] if pivoted else None
-    u, v, perm, fo, max_rank = stack_factors(us, vs, perms)
+    u, v, perm, fo, max_rank, align = stack_factors(us, vs, perms)
     offsets = torch.tensor([0] + counts).cumsum(0)
     want = torch.zeros(T, N, dtype=torch.float64)
     for e in range(E):
@@ -36,7 +36,8 @@ def make(rng, counts, ranks, K, N, dtype, pivoted, bias=True, tail=0, device="cp
             right[:, perms[e][ranks[e]:]] = vs[e].double()
         lo, hi = offsets[e].item(), offsets[e + 1].item()
         want[lo:hi] = x[lo:hi].double() @ (us[e].double() @ right).t() + (b[e].double() if bias else 0)
-    args = [t.to(device) if isinstance(t, torch.Tensor) else t for t in (x, offsets, u, v, perm, fo, N, max_rank, b)]
+    args = [t.to(device) if isinstance(t, torch.Tensor) else t
+            for t in (x, offsets, u, v, perm, fo, N, max_rank, align, b)]
     return tuple(args), want.to(device)
 
 
@@ -44,7 +45,9 @@ def make(rng, counts, ranks, K, N, dtype, pivoted, bias=True, tail=0, device="cp
 # the last two have more than two row tiles of T (the packed map)
 CASES = [([3, 0, 5, 1], [5, 9, 0, 17], 45, 37, 0), ([20, 1, 0], [33, 8, 3], 70, 29, 4),
          ([1] * 6, [1, 2, 3, 4, 5, 6], 24, 19, 1), ([0, 50, 3, 0, 33], [16, 40, 7, 2, 24], 64, 40, 2),
-         ([10, 0, 7, 12, 9, 0, 11, 1, 0], [8] * 9, 33, 24, 0)]
+         ([10, 0, 7, 12, 9, 0, 11, 1, 0], [8] * 9, 33, 24, 0),
+         # ranks and K in multiples of 8 (the default recipe's rounding): row_align 8, the kernels' 16-byte loads
+         ([5, 0, 9, 30], [16, 8, 24, 8], 64, 40, 1)]
 
 
 @pytest.mark.parametrize("pivoted", [False, True, "mixed"])
@@ -98,8 +101,8 @@ def test_dense_experts_in_a_group(rng, backend):
             dense = (wd, torch.zeros(K, 0), torch.arange(K))
         else:
             dense = (torch.eye(N), wd, None)
-        u, v, perm, fo, r = stack_factors([ul, dense[0]], [vl, dense[1]], [pl, dense[2]])
-        args = (x, torch.tensor([0, 4, 9]), u, v, perm, fo, N, r, None)
+        u, v, perm, fo, r, align = stack_factors([ul, dense[0]], [vl, dense[1]], [pl, dense[2]])
+        args = (x, torch.tensor([0, 4, 9]), u, v, perm, fo, N, r, align, None)
         y = getattr(rk_triton if backend == "triton" else reference, "grouped_lowrank_linear")(*args)
         right = torch.zeros(5, K, dtype=torch.float64)
         right[:, pl[:5]] = torch.eye(5, dtype=torch.float64)
@@ -108,21 +111,31 @@ def test_dense_experts_in_a_group(rng, backend):
         assert rel_err(y, want) <= TOL[torch.float32]
 
 
+def test_row_align_from_the_ranks():
+    for ranks, k, pivoted, want in (([16, 8, 24], 64, True, 8), ([16, 8, 24], 60, True, 4), ([16, 8, 24], 60, False, 4),
+                                    ([8, 6], 64, False, 2), ([8, 5], 64, False, 1)):
+        us = [torch.zeros(10, r) for r in ranks]
+        vs = [torch.zeros(r, k - r if pivoted else k) for r in ranks]
+        perms = [torch.arange(k) for _ in ranks] if pivoted else None
+        assert stack_factors(us, vs, perms)[5] == want, (ranks, k, pivoted)
+
+
 @needs_triton
 def test_triton_clamps_bad_layouts(rng):
     """Offsets past T, a rank past max_rank and factor offsets past the tensors (bugs the kernels cannot see
     without a host sync) read nothing out of bounds: the tensors are views of larger buffers filled with NaN,
     and the rows that stay in range come out right."""
     args, want = make(rng, [3, 4], [5, 6], 40, 16, torch.float32, True)
-    x, offsets, u, v, perm, fo, n, r, b = args
-    y = rk_triton.grouped_lowrank_linear(x, torch.tensor([0, 3, 1000]), u, v, perm, fo, n, r, b)
+    x, offsets, u, v, perm, fo, n, r, align, b = args
+    y = rk_triton.grouped_lowrank_linear(x, torch.tensor([0, 3, 1000]), u, v, perm, fo, n, r, align, b)
     assert rel_err(y, want) <= TOL[torch.float32]
     big = torch.full((2, v.numel() + 64), float("nan"))
     big[0, :v.numel()] = v
     bad_fo = torch.tensor([[0, 5, 11], [0, 175, 10**6]])  # expert 1's w starts far past v
-    y = rk_triton.grouped_lowrank_linear(x, offsets, u, big[0, :v.numel()], perm, bad_fo, n, r, b)
+    y = rk_triton.grouped_lowrank_linear(x, offsets, u, big[0, :v.numel()], perm, bad_fo, n, r, align, b)
     assert rel_err(y[:3], want[:3]) <= TOL[torch.float32] and torch.isfinite(y).all()
-    y = rk_triton.grouped_lowrank_linear(x, offsets, u, v, perm, torch.tensor([[0, 5, 90], [0, 175, 379]]), n, r, b)
+    y = rk_triton.grouped_lowrank_linear(x, offsets, u, v, perm, torch.tensor([[0, 5, 90], [0, 175, 379]]), n, r,
+                                         align, b)
     assert rel_err(y[:3], want[:3]) <= TOL[torch.float32]  # expert 1's rank 85 > max_rank: clamped
 
 
@@ -171,11 +184,13 @@ BAD = [
     (lambda a: _swap(a, 5, a[5][:1]), "`factor_offsets` must be \\[2, E \\+ 1\\]"),
     (lambda a: _swap(a, 5, a[5].flip(1).contiguous()), "must start at 0 and not decrease"),
     (lambda a: _swap(a, 5, a[5] * torch.tensor([[1], [2]])), "row 1 must step by each expert's r·K or r·\\(K − r\\)"),
-    (lambda a: (*a[:6], a[6] + 1, a[7], None), "`u` must hold N·Σr"),
+    (lambda a: (*a[:6], a[6] + 1, *a[7:9], None), "`u` must hold N·Σr"),
     (lambda a: _swap(a, 7, 3), "exceeds `max_rank` = 3"),
     (lambda a: _swap(a, 7, 0), "`max_rank` must be a positive int"),
     (lambda a: _swap(a, 1, a[1][1:]), "`expert_offsets` must have experts \\+ 1 = 3 entries"),
-    (lambda a: _swap(a, 8, a[8][0]), "`bias` must be 2-D"),
+    (lambda a: _swap(a, 9, a[9][0]), "`bias` must be 2-D"),
+    (lambda a: _swap(a, 8, 3), "`row_align` must be 1, 2, 4 or 8"),
+    (lambda a: _swap(a, 8, 4), "`row_align` = 4 must divide every rank"),
     (lambda a: _swap(a, 0, a[0][:, :-2]), "`x` has 38 features"),
     (lambda a: (a[0][:, :-2], *a[1:4], None, *a[5:]), "row 1 must step by each expert's r·K elements"),  # K from x
 ]

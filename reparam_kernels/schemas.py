@@ -38,8 +38,9 @@ SCHEMAS = {
     "grouped_vq_linear": "grouped_vq_linear(Tensor x, Tensor expert_offsets, Tensor codes, Tensor codebooks, Tensor? bias) -> Tensor",
     # the same for low-rank experts of ragged ranks r_e (no padding): u flat, expert e's u[e] [N, r_e] at element
     # N·factor_offsets[0, e]; v flat, expert e's v[e] [r_e, K] (pivoted, perm [E, K] given: w[e] [r_e, K - r_e]) at
-    # element factor_offsets[1, e]; factor_offsets int64 [2, E + 1]; max_rank >= every r_e (ops/grouped_lowrank_linear.py)
-    "grouped_lowrank_linear": "grouped_lowrank_linear(Tensor x, Tensor expert_offsets, Tensor u, Tensor v, Tensor? perm, Tensor factor_offsets, int out_features, int max_rank, Tensor? bias) -> Tensor",
+    # element factor_offsets[1, e]; factor_offsets int64 [2, E + 1]; max_rank >= every r_e; row_align divides every
+    # rank and factor row length (ops/grouped_lowrank_linear.py)
+    "grouped_lowrank_linear": "grouped_lowrank_linear(Tensor x, Tensor expert_offsets, Tensor u, Tensor v, Tensor? perm, Tensor factor_offsets, int out_features, int max_rank, int row_align, Tensor? bias) -> Tensor",
     # W[n,k] = lut[n // (N/L), code[n,k]] ; codes uint8 [N, K/2] 4-bit (low nibble = even k), lut [L, 16] (x's dtype)
     "lut_linear": "lut_linear(Tensor x, Tensor codes, Tensor lut, Tensor? bias) -> Tensor",
     # W[n,k] = codebooks[n // (N/L), codes[n, k // d], k % d] ; codes uint8 [N, K/d], codebooks [L, E <= 256, d]

@@ -292,7 +292,7 @@ def _stack_factors(layers):
             us.append(torch.eye(n, dtype=m.weight.dtype, device=m.weight.device))
             vs.append(m.weight)
             perms.append(None)
-    u, v, perm, fo, max_rank = stack_factors(us, vs, perms if pivots else None)
+    u, v, perm, fo, max_rank, row_align = stack_factors(us, vs, perms if pivots else None)
     bounds = fo.tolist()
 
     def views(e):
@@ -303,7 +303,7 @@ def _stack_factors(layers):
         out = {"u": ue, "v" if hasattr(m, "v") else "w": ve}
         return {**out, "perm": pe} if hasattr(m, "perm") else out
 
-    consts = (fo, n, max_rank)
+    consts = (fo, n, max_rank, row_align)
     return ((u, v, perm), consts, views) if pivots else ((u, v), (None, *consts), views)
 
 

@@ -8,11 +8,15 @@ r_e·(K − r_e) elements is pivoted, v[e] its right factor w[e] [r_e, K − r_e
 (PivotedLowRankLinear), and one of r_e·K elements plain, its perm row the identity (so one group mixes both,
 and dense experts: ``stack_factors``). ``max_rank`` (≥ every r_e) is the width of the
 kernels' intermediate x·vᵀ [T, max_rank] (fp32, the one global round trip: two grouped GEMMs as two cuBLAS calls
-would be). x, expert_offsets and the rows no expert takes as every grouped op's (ops/_grouped.py).
+would be). ``row_align`` (1, 2, 4 or 8) divides every rank and every factor row's length: the kernels' weight
+rows have runtime lengths, and this promise is what lets them load 16 bytes at a time (8: ranks in multiples of
+8 and K a multiple of 8, as the default recipe's rounding gives; a broken promise is a misaligned-address error
+on the GPU). x, expert_offsets and the rows no expert takes as every grouped op's (ops/_grouped.py).
 
 The flat layout is trusted on a GPU (checking it would read factor_offsets on the host every call); the kernels
-clamp each rank to [0, max_rank] and every factor read to the tensor, so a bad layout gives wrong numbers, never
-a read out of bounds. On the CPU the wrapper checks it.
+clamp each rank to [0, max_rank] and the pivots to [0, K), and skip an expert whose factor would reach outside its
+tensor, so a bad layout gives wrong numbers, never a read out of bounds (a broken row_align: a misaligned-address
+error). On the CPU the wrapper checks it.
 Autograd: gradient for x and bias; the factors train through the per-expert path.
 """
 import torch
@@ -27,8 +31,8 @@ from ._grouped import backward_x_and_bias, check_rows_offsets_bias
 OP = "grouped_lowrank_linear"
 
 
-def check_grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, bias,
-                                 layout=True):
+def check_grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, row_align,
+                                 bias, layout=True):
     """layout: also check the flat layout's values where they are on the CPU (not for fake tensors)."""
     check_tensor(OP, "factor_offsets", factor_offsets, ndim=2, dtype=torch.int64, device=x.device)
     check(factor_offsets.shape[0] == 2 and factor_offsets.shape[1] >= 2, OP,
@@ -37,6 +41,8 @@ def check_grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, 
     for name, val in (("out_features", out_features), ("max_rank", max_rank)):
         check(isinstance(val, int) and not isinstance(val, bool) and val > 0, OP,
               lambda: f"`{name}` must be a positive int, got {val!r}")
+    check(row_align in (1, 2, 4, 8) and not isinstance(row_align, bool), OP,
+          lambda: f"`row_align` must be 1, 2, 4 or 8, got {row_align!r}")
     if perm is not None:  # (K from perm, so a wrong x is named as x)
         check_tensor(OP, "perm", perm, ndim=2, dtype=torch.int64, device=factor_offsets.device)
         check(perm.shape[0] == e, OP, lambda: f"`perm` must be [E, K] with E = {e}, got {tuple(perm.shape)}")
@@ -45,10 +51,10 @@ def check_grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, 
     for name, t in (("u", u), ("v", v)):
         check_tensor(OP, name, t, ndim=1, dtype=x.dtype, device=x.device)
     if layout and factor_offsets.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_layout(factor_offsets, u, v, perm is not None, out_features, k, max_rank)
+        _check_layout(factor_offsets, u, v, perm is not None, out_features, k, max_rank, row_align)
 
 
-def _check_layout(factor_offsets, u, v, pivoted, n, k, max_rank):
+def _check_layout(factor_offsets, u, v, pivoted, n, k, max_rank, row_align):
     """The flat layout itself (host values: only where they cost no device sync)."""
     ro, vo = factor_offsets.tolist()
     ranks = [b - a for a, b in zip(ro, ro[1:])]
@@ -60,20 +66,25 @@ def _check_layout(factor_offsets, u, v, pivoted, n, k, max_rank):
     check(all(s == r * k or (pivoted and s == r * (k - r)) for s, r in zip(steps, ranks)), OP,
           lambda: f"`factor_offsets` row 1 must step by each expert's r·K{' or r·(K − r)' if pivoted else ''} "
                   f"elements of `v` (ranks {ranks}), got {vo}")
+    check(all(r % row_align == 0 and (r == 0 or (s // r) % row_align == 0) for r, s in zip(ranks, steps)), OP,
+          lambda: f"`row_align` = {row_align} must divide every rank ({ranks}) and factor row length")
     check(u.numel() == n * ro[-1] and v.numel() == vo[-1], OP,
           lambda: f"`u` must hold N·Σr = {n * ro[-1]} and `v` {vo[-1]} elements, got {u.numel()} and {v.numel()}")
 
 
-def grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, bias=None):
+def grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, row_align=1,
+                           bias=None):
     """y [T, N]: x's rows through their experts' low-rank weights (see the module doc; ``stack_factors`` builds
-    u, v, perm, factor_offsets and max_rank from per-expert factors)."""
+    u, v, perm, factor_offsets, max_rank and row_align from per-expert factors)."""
     x, u, v, bias = _dispatch.autocast(x, u, v, bias)
-    check_grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, bias)
-    return _dispatch.call(OP, x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, bias)
+    check_grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, row_align,
+                                 bias)
+    return _dispatch.call(OP, x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, row_align,
+                          bias)
 
 
 def stack_factors(us, vs, perms=None):
-    """(u, v, perm, factor_offsets, max_rank) for the op from each expert's u [N, r_e] and v [r_e, K] (pivoted:
+    """(u, v, perm, factor_offsets, max_rank, row_align) for the op from each expert's u [N, r_e] and v [r_e, K] (pivoted:
     w [r_e, K − r_e] and perms[e] [K]; a perms entry None for a plain expert among pivoted ones); the flat
     tensors are new storage, on the factors' device. A dense expert W [N, K] is exactly u = W, w [K, 0], perm the
     identity (pivoted, N ≥ K: nothing added) or u = I_N, v = W (plain: N² more elements, N < K)."""
@@ -90,18 +101,20 @@ def stack_factors(us, vs, perms=None):
     k = vs[0].shape[1] + (0 if perms is None or perms[0] is None else ranks[0])
     perm = None if perms is None else torch.stack(
         [torch.arange(k, device=device) if p is None else p for p in perms])
-    return u, v, perm, torch.stack([ro, vo]).to(device), max(max(ranks), 1)
+    lengths = ranks + [t.shape[1] for t in vs if t.shape[0] > 0]  # u's rows are r long, v's K or K − r
+    align = next(a for a in (8, 4, 2, 1) if all(length % a == 0 for length in lengths))
+    return u, v, perm, torch.stack([ro, vo]).to(device), max(max(ranks), 1), align
 
 
 @torch.library.register_fake("reparam::grouped_lowrank_linear")
-def _fake(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, bias):
-    check_grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, bias,
-                                 layout=False)
+def _fake(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, row_align, bias):
+    check_grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, row_align,
+                                 bias, layout=False)
     return x.new_empty((x.shape[0], out_features))
 
 
 def _setup(ctx, inputs, output):
-    x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, bias = inputs
+    x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, row_align, bias = inputs
     ctx.save_for_backward(expert_offsets, u, v, perm, factor_offsets)
     ctx.has_bias, ctx.n, ctx.k = bias is not None, out_features, x.shape[-1]
 
@@ -117,7 +130,7 @@ def _backward(ctx, gy):
 
     gx, gb = backward_x_and_bias(OP, ctx, gy, offsets, factor_offsets.shape[1] - 1, ctx.k, dense_weight,
                                  ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
-    return gx, None, None, None, None, None, None, None, gb
+    return gx, None, None, None, None, None, None, None, None, gb
 
 
 torch.library.register_autograd("reparam::grouped_lowrank_linear", _backward, setup_context=_setup)

@@ -15,10 +15,12 @@ def expert_factors(u, v, perm, factor_offsets, n, k, e, bounds=None):
     return ue, v[vo[e]:vo[e + 1]].view(r, k - r), perm[e]
 
 
-def grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, bias=None):
+def grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, row_align,
+                           bias=None):
     """Rows expert_offsets[e]:expert_offsets[e+1] of x through expert e's low-rank weight (lowrank_linear, or
     pivoted_lowrank_linear when perm is given, with expert_factors' views and bias[e]); rows in no expert's range
-    give zeros. fp32 accumulation. max_rank is the kernels' intermediate width; the reference needs none."""
+    give zeros. fp32 accumulation. max_rank (the kernels' intermediate width) and row_align (their load widths)
+    the reference does not need."""
     bounds = factor_offsets.tolist()
     k = x.shape[-1]
 

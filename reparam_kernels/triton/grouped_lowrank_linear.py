@@ -5,7 +5,10 @@ step 1 the columns are the expert's r_e rank directions over K (with perm: over 
 x after the first K − k_e in the expert's perm order, gathered, then those first K − k_e columns added as the
 identity's product — K − k_e = r_e for a pivoted expert, 0 for a plain one), step 2 the inner length is r_e. The intermediate [T, max_rank] is fp32, cast to the factors' dtype before step 2's dot as the CUDA low-rank
 kernels round it. Rows, experts and the two maps of programs to row tiles: ``_grouped.py``, each step with its own
-plan (its own N and K). Not tuned on a GPU yet: no GEMV form for one row an expert, no split of K.
+plan (its own N and K). The weight rows' lengths and starts are runtime values (each expert's rank), so only the
+layout's ``row_align`` promise (a constexpr ALIGN: tl.multiple_of on them) lets the compiler load 16 bytes at a
+time; with ALIGN = 1 the loads are scalar. Not tuned on a GPU yet: no GEMV form for one row an expert, no split of
+K, and a pivoted expert's x columns are gathered one by one (x is small at decode).
 """
 import torch
 import triton
@@ -17,7 +20,7 @@ from ._grouped import Plan, expert_and_first_row, rows_and_cols
 
 @triton.jit
 def _grouped_lowrank_kernel(a_ptr, off_ptr, ends_ptr, b_ptr, fo_ptr, perm_ptr, bias_ptr, y_ptr, T, N, K, E,
-                            tiles_m, stride_am, stride_ym, b_numel, R, SECOND: tl.constexpr,
+                            tiles_m, stride_am, stride_ym, b_numel, R, ALIGN: tl.constexpr, SECOND: tl.constexpr,
                             PIVOTED: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                             DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                             PACKED: tl.constexpr, SEARCH: tl.constexpr):
@@ -38,6 +41,12 @@ def _grouped_lowrank_kernel(a_ptr, off_ptr, ends_ptr, b_ptr, fo_ptr, perm_ptr, b
             else:
                 k_e = K
         p_e = K - k_e  # identity columns (with perm): r for a pivoted expert, 0 for a plain one
+        if ALIGN > 1:  # the layout's promise: every row of every expert's factor starts ALIGN-element aligned
+            base = tl.multiple_of(base, ALIGN)
+            k_e = tl.multiple_of(k_e, ALIGN)
+        # an expert whose factor would reach outside the tensor (a bad layout) is skipped as a whole: one scalar
+        # test here rather than a bound in every load's mask, which would keep the loads from being vectorized
+        n_e = tl.where((base >= 0) & (base + n_e.to(tl.int64) * k_e <= b_numel), n_e, 0)
         rm, rn, amask, nmask = rows_and_cols(r0, hi, n_e, BM, BN)
         rk = tl.arange(0, BK)
         a_rows = a_ptr + rm[:, None] * stride_am
@@ -53,8 +62,7 @@ def _grouped_lowrank_kernel(a_ptr, off_ptr, ends_ptr, b_ptr, fo_ptr, perm_ptr, b
             else:
                 cols = kk
             a = tl.load(a_rows + cols[None, :], mask=amask & kmask[None, :], other=0.0)
-            bi = b_idx + kk[None, :]
-            b = tl.load(b_ptr + bi, mask=nmask[:, None] & kmask[None, :] & (bi < b_numel) & (bi >= 0), other=0.0)
+            b = tl.load(b_ptr + b_idx + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
             acc = dot_nt(acc, a.to(b_ptr.dtype.element_ty), b, IEEE, DOT_F32)
         if PIVOTED and not SECOND:  # + x's pivot columns (the identity block of [I | w]), exact in fp32
             imask = nmask & (rn < p_e)
@@ -69,17 +77,17 @@ def plans(rows, experts, n, k, max_rank, fp32=False, packed=None):
             Plan(rows, experts, n, max_rank, fp32=fp32, packed=packed))
 
 
-def _step(plan, second, a, expert_offsets, b, factor_offsets, perm, bias, y, n, k, max_rank, ieee):
+def _step(plan, second, a, expert_offsets, b, factor_offsets, perm, bias, y, n, k, max_rank, row_align, ieee):
     plan_args = plan.constexprs()
     _grouped_lowrank_kernel[plan.grid()](
         a, expert_offsets, plan.ends(expert_offsets), b, factor_offsets, factor_offsets if perm is None else perm,
         y if bias is None else bias, y, a.shape[0], n, k, factor_offsets.shape[1] - 1, plan.tiles_m, a.stride(0),
-        y.stride(0), b.numel(), max_rank, SECOND=second, PIVOTED=perm is not None and not second,
+        y.stride(0), b.numel(), max_rank, ALIGN=row_align, SECOND=second, PIVOTED=perm is not None and not second,
         HAS_BIAS=bias is not None, IEEE=ieee, DOT_F32=INTERPRET, **plan_args)
 
 
-def grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, bias=None,
-                           packed=None):
+def grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, row_align=1,
+                           bias=None, packed=None):
     """packed: force the row-tile map (tests); None chooses from the shapes."""
     rows, k = x.shape
     experts = factor_offsets.shape[1] - 1
@@ -92,7 +100,7 @@ def grouped_lowrank_linear(x, expert_offsets, u, v, perm, factor_offsets, out_fe
     fo = factor_offsets.contiguous()
     perm = None if perm is None else perm.contiguous()
     h = torch.empty((rows, max_rank), dtype=torch.float32, device=x.device)
-    _step(first, False, x, expert_offsets, v, fo, perm, None, h, max_rank, k, max_rank, fp32)
+    _step(first, False, x, expert_offsets, v, fo, perm, None, h, max_rank, k, max_rank, row_align, fp32)
     _step(second, True, h, expert_offsets, u, fo, None, None if bias is None else bias.contiguous(), y,
-          out_features, max_rank, max_rank, fp32)
+          out_features, max_rank, max_rank, row_align, fp32)
     return y
