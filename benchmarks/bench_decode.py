@@ -10,8 +10,8 @@ transformers) with its Linears swapped for each compressed layer type, vs dense 
 Qwen3-30B-A3B's (128 experts of 768, 8 a token). Its dense baseline runs
 transformers' default experts implementation (``grouped_mm``: one grouped GEMM a projection, no host sync;
 recorded in the file); the compressed variants split the experts per expert (``unfuse_experts``), swap their
-Linears too, and group them again where the format has a grouped op (``group_experts``: int4, int8), so a
-decode step stays one CUDA graph. Results: decode_<model>.json beside decode.json.
+Linears too, and group them again where the format has a grouped op (``group_experts``: int4, int8, GPTVQ, low
+rank), so a decode step stays one CUDA graph. Results: decode_<model>.json beside decode.json.
 
 Each variant: prefill `--context` random tokens into a static KV cache (not timed),
 compile the one-token decode step (torch.compile, mode="reduce-overhead": CUDA

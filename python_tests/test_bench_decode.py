@@ -75,6 +75,6 @@ def test_bench_decode_tiny_mixtral_groups_the_experts(tmp_path):
     rows = {r["variant"]: r for r in data["rows"]}
     assert rows["dense"]["experts"].startswith("transformers ")
     assert rows["int4_g128"]["experts"] == "reparam grouped" and rows["int4_g128"]["linears_swapped"] == 2 * (4 + 8)
-    assert rows["lowrank_40"]["experts"] == "reparam per expert"  # no grouped op for low rank
+    assert rows["lowrank_40"]["experts"] == "reparam grouped"  # (grouped_lowrank_linear since session 32)
     assert all(r["compiled_vs_eager_rel_diff"] < 5e-2 for r in rows.values())
     assert not (tmp_path / "cpu" / "decode.json").exists()
