@@ -22,6 +22,7 @@ from quality_common import QualityRun
 
 import reparam_kernels as rk
 from reparam_kernels import data
+from reparam_kernels.compress.experts import UnfusedExperts
 from reparam_kernels.evaluate import perplexity, token_windows
 
 RECIPES = {  # name: (the rule's settings; the patterns on the dense model and on the upcycled one)
@@ -75,6 +76,8 @@ def main(argv=None):
                    help="compress(expert_prior=): rows of prior in each expert's statistics (default in_features; 0 none)")
     p.add_argument("--experts-only", action="store_true", help="skip the rows of SmolLM2's own MLPs")
     p.add_argument("--dense-only", action="store_true", help="only the rows of SmolLM2's own MLPs")
+    p.add_argument("--check-grouped", action="store_true",
+                   help="experts rows: also the perplexity through the per-expert path (the grouped ops' check)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "quality",
                                                   "moe_upcycled.json"))
     args = p.parse_args(argv)
@@ -96,9 +99,16 @@ def main(argv=None):
         t0 = time.perf_counter()
         small, rep = rk.compress(moe, {"{blocks}.*.mlp.experts.*": rule}, calib=emma, progress=False,
                                  expert_prior=args.expert_prior)
-        run.add_row(f"experts {name}", perplexity(small, windows=run.evals, progress=False), t0,
-                    layers=len(rep.layers), uncalibrated=len(rep.uncalibrated), experts=args.experts, top_k=args.top_k,
-                    expert_prior="in_features" if args.expert_prior is None else args.expert_prior)
+        split = [m for m in small.modules() if isinstance(m, UnfusedExperts)]
+        row = run.add_row(f"experts {name}", perplexity(small, windows=run.evals, progress=False), t0,
+                          layers=len(rep.layers), uncalibrated=len(rep.uncalibrated), experts=args.experts,
+                          top_k=args.top_k, grouped=all(m._grouped is not None for m in split),
+                          expert_prior="in_features" if args.expert_prior is None else args.expert_prior)
+        if args.check_grouped and row["grouped"]:
+            for m in split:
+                m._grouped = None
+            row["ppl_per_expert_path"] = perplexity(small, windows=run.evals, progress=False)
+            print(f"  per-expert path: ppl {row['ppl_per_expert_path']:.6f} (grouped {row['ppl']:.6f})", flush=True)
     run.write(args.out, calib=f"Emma, {args.calib_seqs} x 512 tokens", quantized="the MLPs of every block (SmolLM2) / every expert "
               f"of every block (SmolLM2 upcycled: {args.experts} experts, top {args.top_k}, random router seed 0)")
 

@@ -248,10 +248,16 @@ def test_bias_and_x_gradients_through_the_grouped_path():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_lowrank_experts_of_ragged_ranks_are_views_of_flat_storage():
+def test_lowrank_experts_of_ragged_ranks_are_views_of_flat_storage(tmp_path):
     """A global allocation gives each expert its own rank and keeps some dense: the factors are stacked flat (no
-    padding), each expert's u, w and perm (a dense expert's weight) views of it; the same after .double()."""
+    padding), each expert's u, w and perm (a dense expert's weight) views of it; the same after a save / load and
+    .double()."""
     small, _ = rk.compress(tiny_moe(), LOWRANK_PIVOTED, calib=_ids(8, 16), progress=False)
+    rk.save_compressed(small, tmp_path / "ck")
+    back = rk.load_pretrained(tmp_path / "ck")
+    assert all(m._grouped is not None for m in experts_of(back))
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids()).logits, small(_ids()).logits, rtol=0, atol=0)
     ex = experts_of(small)[0]
     kinds = {type(getattr(ex.expert(e), p)).__name__ for e in range(4) for p in ("gate_up_proj", "down_proj")}
     assert kinds == {"PivotedLowRankLinear", "Linear"}  # (the allocation kept some gate_up experts dense)

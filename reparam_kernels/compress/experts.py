@@ -277,7 +277,8 @@ def _stack_factors(layers):
     from ..reference.grouped_lowrank_linear import expert_factors
 
     n, k = layers[0].out_features, layers[0].in_features
-    pivots = any(not hasattr(m, "v") for m in layers)  # a pivoted or a dense expert: a perm for every expert
+    # a perm for every expert where one is pivoted, or dense with out ≥ in (a plain expert's x is then gathered too)
+    pivots = any(hasattr(m, "w") or (not hasattr(m, "u") and n >= k) for m in layers)
     us, vs, perms = [], [], []
     for m in layers:
         if hasattr(m, "u"):
