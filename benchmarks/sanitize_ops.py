@@ -31,6 +31,45 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class GroupedProbe(nn.Module):
+    """E int4 (or int8) experts of K -> N as one grouped op call (csrc/grouped_quant.cuh on the GPU): the M rows of
+    x split between experts 0 and 2 (expert 1 none, the last row no expert's); reference() is the per-expert
+    float64 product."""
+
+    def __init__(self, fmt, K, N, dtype, device, experts=3):
+        super().__init__()
+        from reparam_kernels import nn as rnn
+
+        def one():
+            dense = nn.Linear(K, N, bias=True).to(device=device, dtype=dtype)
+            return (rnn.Int4Linear.from_linear(dense, group_size=128) if fmt == "int4" else
+                    rnn.Int8Linear.from_linear(dense))
+        self.fmt, self.in_features, self.experts = fmt, K, [one() for _ in range(experts)]
+        self.names = ("qweight", "scales", "zeros") if fmt == "int4" else ("qweight", "scales")
+        self.stacked = [torch.stack([getattr(e, n) for e in self.experts]) for n in self.names]
+        self.stacked_bias = torch.stack([e.bias for e in self.experts])
+
+    def offsets(self, m, device):
+        half = (m - 1) // 2
+        return torch.tensor([0, half, half, m - 1] + [m - 1] * (len(self.experts) - 3), device=device)
+
+    def forward(self, x):
+        from reparam_kernels import ops
+        o = self.offsets(x.shape[0], x.device)
+        if self.fmt == "int4":
+            return ops.grouped_int4_linear(x, o, *self.stacked, self.experts[0].group_size, self.stacked_bias)
+        return ops.grouped_int8_linear(x, o, *self.stacked, self.stacked_bias)
+
+    def reference(self, x):
+        bounds = self.offsets(x.shape[0], x.device).tolist()
+        y = torch.zeros(x.shape[0], self.stacked_bias.shape[1], dtype=torch.float64, device=x.device)
+        for e, layer in enumerate(self.experts):
+            lo, hi = bounds[e], bounds[e + 1]
+            if hi > lo:
+                y[lo:hi] = x[lo:hi].double() @ layer.to_dense().double().t() + layer.bias.double()
+        return y
+
+
 def path_cases():
     """(name, layer factory(dtype, device), batches): the shapes that take each CUDA path besides the
     variants' own: register-fed small M with K split over CTAs (int8, int4, both low-rank forms; ranks in
@@ -96,6 +135,11 @@ def path_cases():
         # split K fixed up by the last CTA; a block wider than a chunk, N and K off the blocks, two row groups
         ("block-circulant cols", lambda dt, dev: rnn.BlockCirculantLinear.from_linear(lin(1000, 700, dt, dev), 512).eval(),
          (1, 12)),
+        # a MoE layer's experts in one launch (csrc/grouped_quant.cuh): the small-M loop per expert with K split,
+        # the transposed tile at 3 rows, 64-row chunks past 64 ("grouped": run_gpu.sh smoke-tests it apart, with
+        # its own switch REPARAM_GROUPED_SMALL_M)
+        ("grouped int4 experts", lambda dt, dev: GroupedProbe("int4", 1024, 72, dt, dev), (3, 40, 150)),
+        ("grouped int8 experts", lambda dt, dev: GroupedProbe("int8", 1024, 72, dt, dev), (3, 40, 150)),
     ]
 
 
@@ -107,8 +151,9 @@ def check(name, layer, m, k_in, dtype, device, recorder, bad):
         y = layer(x)
     if device == "cuda":
         torch.cuda.synchronize()
-    if dense is not None:
-        ref = x.double() @ dense.t() + (layer.bias.double() if getattr(layer, "bias", None) is not None else 0)
+    if dense is not None or hasattr(layer, "reference"):
+        ref = layer.reference(x) if hasattr(layer, "reference") else (
+            x.double() @ dense.t() + (layer.bias.double() if getattr(layer, "bias", None) is not None else 0))
         err = float((y.double() - ref).norm() / ref.norm())
         if not err < 5e-2:
             bad.append(f"{name} {dtype} M={m}: relative error {err:.3g} against to_dense()")

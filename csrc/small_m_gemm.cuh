@@ -115,6 +115,9 @@ struct Problem {
   // registers hold one stage ahead (32 KB of weights per SM in flight at M <= 16); an L2 prefetch
   // costs no register, so the memory system can hold more requests than the registers allow.
   int l2_ahead;
+  // The format's row of this problem's output 0: 0, or e * N for expert e of a grouped launch (the
+  // experts' weights one [E * N, ...] stack; small_m_grouped.cuh). Read at setup and in the epilogue only.
+  uint32_t row_base = 0;
 };
 
 // CTAs per SM the kernel is compiled for (its register cap: 2 -> 128 registers). Decode lives on the
@@ -201,7 +204,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   typename Frag::Row wrow[NG];
 #pragma unroll
   for (int j = 0; j < NG; ++j) {
-    wrow[j] = frag.row(min(row0 + 8 * j, uint32_t(N - 1)));
+    wrow[j] = frag.row(p.row_base + min(row0 + 8 * j, uint32_t(N - 1)));
     keep_in_register(wrow[j].off);  // every Frag's Row is one offset, `off`
   }
   const T* xrow[MTA][XR];
@@ -289,7 +292,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   };
   // y = acc * out_scale(n) + out_add(m, n) + bias[n]
   auto finish = [&](float acc_v, int m, int64_t n) -> float {
-    float v = acc_v * frag.out_scale(n) + (p.bias ? to_f32<T>(p.bias[n]) : 0.f);
+    float v = acc_v * frag.out_scale(p.row_base + n) + (p.bias ? to_f32<T>(p.bias[n]) : 0.f);
     if constexpr (gathers_x<Frag>::value) v += frag.out_add(m, n);
     return v;
   };
@@ -318,7 +321,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
     for (int j = 0; j < NG; ++j) rs[j] = frag.row_state(tables, col0, min(row0 + 8 * j, uint32_t(N - 1)));
   } else if constexpr (has_row_state<Frag>::value) {
 #pragma unroll
-    for (int j = 0; j < NG; ++j) rs[j] = frag.row_state(min(row0 + 8 * j, uint32_t(N - 1)));
+    for (int j = 0; j < NG; ++j) rs[j] = frag.row_state(p.row_base + min(row0 + 8 * j, uint32_t(N - 1)));
   }
   // One stage's mmas. kTail (the partial stage only): a lane past the range end reads no x (zeros; its
   // weights are zero() chunks, finite), so it adds nothing. Full stages test nothing.

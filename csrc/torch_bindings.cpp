@@ -10,6 +10,8 @@ STABLE_TORCH_LIBRARY_IMPL(reparam, CUDA, m) {
   m.impl("pivoted_lowrank_linear", TORCH_BOX(&reparam::pivoted_lowrank_linear_cuda));
   m.impl("int8_linear", TORCH_BOX(&reparam::int8_linear_cuda));
   m.impl("int4_linear", TORCH_BOX(&reparam::int4_linear_cuda));
+  m.impl("grouped_int8_linear", TORCH_BOX(&reparam::grouped_int8_linear_cuda));
+  m.impl("grouped_int4_linear", TORCH_BOX(&reparam::grouped_int4_linear_cuda));
   m.impl("lut_linear", TORCH_BOX(&reparam::lut_linear_cuda));
   m.impl("vq_linear", TORCH_BOX(&reparam::vq_linear_cuda));
   m.impl("block_circulant_linear", TORCH_BOX(&reparam::block_circulant_linear_cuda));

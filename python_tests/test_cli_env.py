@@ -107,6 +107,10 @@ def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
     assert "transposed tile: OFF [REPARAM_SMALL_M_T]" in env.render(env.collect())
     monkeypatch.setenv("REPARAM_WGMMA", "0")
     assert not env.cuda_paths()["wgmma"]["on"] and "OFF [REPARAM_WGMMA," in env.render(env.collect())
+    monkeypatch.delenv("REPARAM_GROUPED_SMALL_M", raising=False)
+    assert env.cuda_paths()["small_m"]["grouped"]
+    monkeypatch.setenv("REPARAM_GROUPED_SMALL_M", "0")
+    assert "OFF (a plain fallback kernel) [REPARAM_GROUPED_SMALL_M]" in env.render(env.collect())
     monkeypatch.setenv("REPARAM_SMALL_M", "0")
     monkeypatch.setenv("REPARAM_DEQUANT_MIN_M", "0")
     monkeypatch.setenv("REPARAM_LOWRANK_CUBLAS_MIN_M", " 1024x")  # read like atoll: 1024

@@ -292,7 +292,7 @@ def test_lowrank_decode_prefetches_u_within_bounds(rng):
 
 MUTATIONS = {
     # int4's A operand built with the wrong byte permute: x no longer follows the weights' slot map
-    "slot map": ("int4_linear.cu", "a[0] = __byte_perm(word(r0, h), word(r0, h + 2), 0x5410);",
+    "slot map": ("int4_format.cuh", "a[0] = __byte_perm(word(r0, h), word(r0, h + 2), 0x5410);",
                  "a[0] = __byte_perm(word(r0, h), word(r0, h + 2), 0x5432);"),
     # the K-warp partials read before the other warps wrote them
     "missing barrier": ("small_m_gemm.cuh", "  __syncthreads();\n  if (wk == 0) {", "  if (wk == 0) {"),
@@ -300,8 +300,8 @@ MUTATIONS = {
     "split counter": ("split_k_counters.h", "atomicInc(counter, unsigned(splits - 1))",
                       "atomicInc(counter, unsigned(splits))"),
     # weight rows past N not clamped: reads run off the end of qweight
-    "row clamp": ("small_m_gemm.cuh", "wrow[j] = frag.row(min(row0 + 8 * j, uint32_t(N - 1)));",
-                  "wrow[j] = frag.row(row0 + 8 * j);"),
+    "row clamp": ("small_m_gemm.cuh", "wrow[j] = frag.row(p.row_base + min(row0 + 8 * j, uint32_t(N - 1)));",
+                  "wrow[j] = frag.row(p.row_base + row0 + 8 * j);"),
     # x rows past M not clamped: reads run off the end of x
     "x row clamp": ("small_m_gemm.cuh", "xm[mt][r] = min(16 * mt + 8 * r + g, M - 1);", "xm[mt][r] = 16 * mt + 8 * r + g;"),
     # the partial last stage (K = 2080: 32 past a multiple of 128) reads weights past the range end

@@ -283,6 +283,32 @@ def test_lowrank_experts_of_ragged_ranks_are_views_of_flat_storage(tmp_path):
         torch.testing.assert_close(small(_ids()).logits, per_expert(small, _ids()), rtol=1e-10, atol=1e-10)
 
 
+# one projection compressed, the other left dense (nn.Linear experts): the dense one joins as exact factors
+GATE_UP_LOWRANK = {"{blocks}.*.mlp.experts.*.gate_up_proj": {"method": "lowrank", "ratio": 0.5}}
+DOWN_INT8 = {"{blocks}.*.mlp.experts.*.down_proj": "int8"}
+
+
+@pytest.mark.parametrize("recipe,dense,n,k", [(GATE_UP_LOWRANK, "down_proj", 32, 64), (DOWN_INT8, "gate_up_proj", 128, 32)])
+def test_a_projection_left_dense_groups_beside_a_compressed_one(recipe, dense, n, k, tmp_path):
+    small, _ = rk.compress(tiny_moe(), recipe, calib=_ids(8, 16), progress=False)
+    for ex in experts_of(small):
+        assert ex._grouped is not None and ex._grouped[dense].op is rk.ops.grouped_lowrank_linear
+        layers = [getattr(ex.expert(e), dense) for e in range(4)]
+        assert all(type(m) is torch.nn.Linear for m in layers)
+        u = ex._grouped[dense].tensors[0]  # the weights are views of the flat factors (out < in: v = W, u = I)
+        assert all(m.weight.untyped_storage().data_ptr() == ex._grouped[dense].tensors[0 if n >= k else 1]
+                   .untyped_storage().data_ptr() for m in layers)
+        assert u.numel() == 4 * n * min(n, k)
+    with torch.no_grad():
+        got = small(_ids()).logits
+    torch.testing.assert_close(got, per_expert(small, _ids()), rtol=1e-5, atol=1e-5)
+    rk.save_compressed(small, tmp_path / "ck")
+    back = rk.load_pretrained(tmp_path / "ck")
+    assert all(m._grouped is not None for m in experts_of(back))
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids()).logits, got, rtol=0, atol=0)
+
+
 def test_lowrank_experts_compile_and_save_load(tmp_path):
     small, _ = rk.compress(tiny_moe("qwen3_moe"), LOWRANK, calib=_ids(8, 16), progress=False)
     ex = experts_of(small)[0]

@@ -231,17 +231,40 @@ GPU_CASES = [([1, 0, 0, 1, 0, 0, 0, 0], 4096, 1536, 128, 0), ([300, 0, 77, 1000,
 def test_gpu_matches_float64(rng, op, dtype, case):
     counts, K, N, group, tail = GPU_CASES[case]
     args, want = make(rng, counts, K, N, dtype, group=group, tail=tail, device="cuda", op=op)
-    y = getattr(rk.ops, op)(*args)
-    assert rel_err(y, want) <= TOL[dtype]
-    assert not y[sum(counts):].any()
+    for fn in (getattr(rk.ops, op), getattr(rk_triton, op)):  # the registered op (CUDA for int4 / int8) and Triton
+        y = fn(*args)
+        assert rel_err(y, want) <= TOL[dtype]
+        assert not y[sum(counts):].any()
+
+
+# the CUDA kernels' paths (csrc/grouped_quant.cuh): the small-M kernel's tiles (T = 1, 2, 8, 16, 32, 64; 70 rows of
+# one expert in two 64-row chunks), split K at decode, and the fallback (int8 rows of 100 bytes; switched off)
+CUDA_CASES = [([1, 0, 0, 0, 0, 0, 0, 0], 4096, 1024, {}), ([0, 1, 0, 1], 2048, 512, {}),
+              ([3, 0, 5], 1024, 700, {"tail": 1}), ([9, 0, 7], 512, 264, {}), ([20, 1, 11], 256, 72, {}),
+              ([40, 17, 0, 7], 640, 130, {}), ([0, 70, 3, 27], 256, 96, {"tail": 5})]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["grouped_int4_linear", "grouped_int8_linear"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("small_m", ["1", "0"])
+def test_gpu_cuda_kernel_paths(rng, monkeypatch, op, dtype, small_m):
+    monkeypatch.setenv("REPARAM_GROUPED_SMALL_M", small_m)  # read by the C++ op at every call
+    cases = CUDA_CASES + ([([3, 0, 5], 100, 33, {"tail": 2})] if op == "grouped_int8_linear" else [])
+    for counts, K, N, kw in cases:
+        args, want = make(rng, counts, K, N, dtype, group=64, device="cuda", op=op, **kw)
+        y = getattr(rk.ops, op)(*args)
+        assert rel_err(y, want) <= TOL[dtype], (counts, K, N)
+        assert not y[sum(counts):].any()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("counts", [[2, 0, 3, 1], [40, 0, 33, 1]])  # one row tile; the packed map
-def test_gpu_cuda_graph_replays_new_routing(rng, op, counts):
+# one row tile; the packed map; decode with K split over CTAs (the CUDA kernel's split-K counters, replayed)
+@pytest.mark.parametrize("counts,k", [([2, 0, 3, 1], 256), ([40, 0, 33, 1], 256), ([1, 0, 1, 0], 4096)])
+def test_gpu_cuda_graph_replays_new_routing(rng, op, counts, k):
     """Captured once, replayed with other offsets in the same buffer: the routing lives on the device."""
-    args, _ = make(rng, counts, 256, 128, torch.float16, device="cuda", op=op)
+    args, _ = make(rng, counts, k, 128, torch.float16, device="cuda", op=op)
     x, offsets, *rest = args
     fn = getattr(rk.ops, op)
     fn(x, offsets, *rest)  # compile the kernel outside the capture
@@ -250,5 +273,6 @@ def test_gpu_cuda_graph_replays_new_routing(rng, op, counts):
         y = fn(x, offsets, *rest)
     rows = sum(counts)
     offsets.copy_(torch.tensor([0, 0, rows, rows, rows]))  # every row to expert 1 now
-    graph.replay()
-    torch.testing.assert_close(y, getattr(reference, op)(x, offsets, *rest), rtol=2e-2, atol=2e-2)
+    for _ in range(2):  # (a second replay: split-K counters back at zero)
+        graph.replay()
+        torch.testing.assert_close(y, getattr(reference, op)(x, offsets, *rest), rtol=2e-2, atol=2e-2)

@@ -102,6 +102,10 @@ BUDGET = {
     "small_m_kernel<Int4Frag<bfloat16>, bfloat16, 1, 4>": 425,
     "small_m_kernel<Int8Frag<__half>, __half, 1, 4>": 170,
     "small_m_kernel<LutFrag<__half>, __half, 1, 4>": 480,
+    # the grouped ops' loop (csrc/grouped_quant.cuh): run_unit as above, one expert's rows (330 / 374 / 152 now)
+    "small_m_grouped_kernel<Int4Frag<__half>, __half, 0, 4>": 345,
+    "small_m_grouped_kernel<Int4Frag<__half>, __half, 1, 4>": 395,
+    "small_m_grouped_kernel<Int8Frag<__half>, __half, 1, 4>": 170,
     # VQ pairs: a PRMT, an IMAD and an LDS per code (259 / 302 now)
     "small_m_kernel<VqPairFrag<__half>, __half, 0, 4>": 275,
     "small_m_kernel<VqPairFrag<__half>, __half, 1, 4>": 320,

@@ -163,7 +163,7 @@ WGMMA_STAGE_K, WGMMA_MMA_PER_STAGE = 128, 8
 def stage_shape(name: str):
     """(mma per stage, weight bytes per warp per stage) of small_m_kernel<Frag, T, MT, NG> and
     wgmma_kernel<Frag, T, BM, groups>, or None."""
-    m = re.search(r"small_m_(?:ring_)?kernel<(?:small_m::)?(\w+)<.*?, (\d+), (\d+)(?:, (?:true|false))?>\(", name)
+    m = re.search(r"small_m_(?:ring_|grouped_)?kernel<(?:small_m::)?(\w+)<.*?, (\d+), (\d+)(?:, (?:true|false))?>\(", name)
     if m and m.group(1) in LANE_K:
         mt, ng = int(m.group(2)), int(m.group(3))
         steps = LANE_K[m.group(1)] // 8 * 2  # mma k-steps per stage: kLaneK / 8 step pairs
@@ -293,7 +293,7 @@ def threads_of(name: str) -> int | None:
     return 128 * int(m.group(2)) if m else None
 
 
-SMALL_M = re.compile(r"small_m_(?:ring_)?kernel<")
+SMALL_M = re.compile(r"small_m_(?:ring_|grouped_)?kernel<")
 RING_STAGES = 4  # small_m_gemm.cuh kRingStages: the ring kernels' dynamic shared memory, stages in flight
 
 
@@ -323,7 +323,7 @@ def disassemble(so: str, arch: str = "sm_90a") -> str:
                           check=True).stdout
 
 
-def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_(?:ring_)?kernel<|wgmma_kernel<") -> list[Row]:
+def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_(?:ring_|grouped_)?kernel<|wgmma_kernel<") -> list[Row]:
     """A Row per kernel of `so` whose demangled name matches `pattern` and that has an mma loop."""
     sass = disassemble(so, arch)
     res = resources(find_cuobjdump(), arch, so)
@@ -394,7 +394,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--so", default=os.path.join(os.path.dirname(__file__), "..", "reparam_kernels", "_C.abi3.so"))
     ap.add_argument("--arch", default="sm_90a")
-    ap.add_argument("--filter", default=r"small_m_(?:ring_)?kernel<|wgmma_kernel<")
+    ap.add_argument("--filter", default=r"small_m_(?:ring_|grouped_)?kernel<|wgmma_kernel<")
     ap.add_argument("--ops", action="store_true", help="also print the opcode mix of each hot path")
     ap.add_argument("--loops", action="store_true",
                     help="print every loop of the kernels --filter matches (size, hot trip, opcode mix) instead")

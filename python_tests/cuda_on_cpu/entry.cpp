@@ -15,6 +15,8 @@ Tensor lowrank_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attr
 Tensor pivoted_lowrank_linear_cuda(Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor int8_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor int4_linear_cuda(Tensor, Tensor, Tensor, Tensor, int64_t, std::optional<Tensor>) __attribute__((weak));
+Tensor grouped_int8_linear_cuda(Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
+Tensor grouped_int4_linear_cuda(Tensor, Tensor, Tensor, Tensor, Tensor, int64_t, std::optional<Tensor>) __attribute__((weak));
 Tensor lut_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor vq_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor block_circulant_linear_cuda(Tensor, Tensor, int64_t, int64_t, std::optional<Tensor>) __attribute__((weak));
@@ -66,6 +68,11 @@ Tensor call(const std::string& op, const RkTensor* t, int nt, const int64_t* int
   if (op == "int8_linear") return built(&int8_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));
   if (op == "int4_linear")
     return built(&int4_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), ints[0], opt(t, nt, 4));
+  if (op == "grouped_int8_linear")
+    return built(&grouped_int8_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), opt(t, nt, 4));
+  if (op == "grouped_int4_linear")
+    return built(&grouped_int4_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), adopt(t[4]), ints[0],
+                                               opt(t, nt, 5));
   if (op == "lut_linear") return built(&lut_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));
   if (op == "vq_linear") return built(&vq_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));
   if (op == "block_circulant_linear")

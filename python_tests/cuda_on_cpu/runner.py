@@ -8,7 +8,8 @@ _CODES = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.i
           torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}
 
 
-# ops whose output width is an int argument (its index in "ints"); the others': their weight's first dimension
+# ops whose output width is an int argument (its index in "ints"); the grouped ops': their weight's second
+# dimension; the others': their weight's first dimension
 OUT_FEATURES_AT = {"block_circulant_linear": 1, "toeplitz_linear": 1, "block_circulant_cols_linear": 0}
 
 
@@ -34,7 +35,12 @@ def run(lib, case):
         descs[i].offset = int(case["offsets"].get(i, 0))
     ints = (ctypes.c_int64 * max(1, len(case["ints"])))(*case["ints"])
     x, op = args[0], case["op"]
-    n_out = case["ints"][OUT_FEATURES_AT[op]] if op in OUT_FEATURES_AT else args[1].shape[0]
+    if op in OUT_FEATURES_AT:
+        n_out = case["ints"][OUT_FEATURES_AT[op]]
+    elif op.startswith("grouped_"):  # (x, expert_offsets, weight [E, N, ...], ...)
+        n_out = args[2].shape[1]
+    else:
+        n_out = args[1].shape[0]
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype)
     err = ctypes.create_string_buffer(8192)
     rc = lib.rk_call(op.encode(), descs, len(args), ints, ctypes.c_void_p(y.data_ptr()),

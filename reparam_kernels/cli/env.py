@@ -77,7 +77,12 @@ def cuda_paths():
                         "ring_switch": "REPARAM_SMALL_M_RING",
                         # vq_linear's pairs have a switch of their own besides this path's (csrc/vq_linear.cu)
                         "vq_pairs": not os.environ.get("REPARAM_VQ_SMALL_M", "").startswith("0"),
-                        "vq_pairs_switch": "REPARAM_VQ_SMALL_M"},
+                        "vq_pairs_switch": "REPARAM_VQ_SMALL_M",
+                        # the grouped ops' small-M kernel (any T; csrc/grouped_quant.cuh): its own switch; off (or
+                        # where a layout does not fit it) a plain fallback kernel
+                        "grouped": not os.environ.get("REPARAM_GROUPED_SMALL_M", "").startswith("0"),
+                        "grouped_ops": "grouped_int4_linear, grouped_int8_linear",
+                        "grouped_switch": "REPARAM_GROUPED_SMALL_M"},
             "wgmma": {"on": not os.environ.get("REPARAM_WGMMA", "").startswith("0"),
                       "min_m": max(1, _atoll("REPARAM_WGMMA_MIN_M", 65)),  # csrc/quant_wgmma.cuh min_m()
                       # weights also prefetched into L2 this many stages ahead (csrc/quant_wgmma.cuh l2_ahead();
@@ -153,6 +158,8 @@ def render(info):
                  f"{sm['l2_ahead'] or 'off'}{' stages ahead' if sm['l2_ahead'] else ''} [{sm['l2_ahead_switch']}]; "
                  f"shared-memory ring: {('off', 'weights', 'weights and x')[sm['ring']]} [{sm['ring_switch']}]; "
                  f"vq_linear pairs: {'on' if sm['vq_pairs'] else 'OFF'} [{sm['vq_pairs_switch']}]")
+    lines.append(f"  any M, one expert's rows a CTA ({sm['grouped_ops']}): the same loop "
+                 f"{'on' if sm['grouped'] else 'OFF (a plain fallback kernel)'} [{sm['grouped_switch']}]")
     wg = paths["wgmma"]
     lines.append(f"  {wg['min_m']} <= M < the cuBLAS thresholds below: warpgroup MMA ({wg['ops']}): "
                  f"{'on' if wg['on'] else 'OFF'} [{wg['switch']}, REPARAM_WGMMA_MIN_M]; L2 prefetch "

@@ -147,10 +147,17 @@ class UnfusedExperts(nn.Module):
         plans = {}
         for proj in (self.up_name, "down_proj"):
             layers = self._layers(proj)
-            fmt = next((f for f in map(_grouped_format, layers) if f is not None), None)
+            plans[proj] = (layers, next((f for f in map(_grouped_format, layers) if f is not None), None))
+        if all(fmt is None for _, fmt in plans.values()):
+            return False
+        for proj, (layers, fmt) in plans.items():
+            if fmt is None and all(type(m) is nn.Linear for m in layers):
+                # a projection no rule compressed beside one that runs grouped: its dense experts as exact factors
+                # (_stack_factors), so the whole forward stays sync-free (out < in reads an N x N identity more)
+                fmt = _lowrank_format()
+                plans[proj] = (layers, fmt)
             if fmt is None or not all(map(fmt.accepts, layers)) or len({_config(m, fmt) for m in layers}) != 1:
                 return False
-            plans[proj] = (layers, fmt)
         stacked = {}
         for proj, (layers, fmt) in plans.items():
             with torch.no_grad():
@@ -242,8 +249,7 @@ def _grouped_format(layer):
     from ..nn.lowrank import LowRankLinear
     from ..nn.pivoted import PivotedLowRankLinear
     from ..nn.quant import Int4Linear, Int8Linear, LUTLinear
-    from ..ops import grouped_int4_linear, grouped_int8_linear, grouped_lowrank_linear, grouped_vq_linear
-
+    from ..ops import grouped_int4_linear, grouped_int8_linear, grouped_vq_linear
     kind = type(layer)
     if kind is Int4Linear:
         return _along_experts(grouped_int4_linear, kind, ("qweight", "scales", "zeros"), lambda m: (m.group_size,))
@@ -252,10 +258,19 @@ def _grouped_format(layer):
     if kind is LUTLinear and layer.kernel == "vq_linear" and layer.codes.dtype == torch.uint8:  # GPTVQ, log 8-bit
         return _along_experts(grouped_vq_linear, kind, ("codes", "codebooks"), lambda m: ())
     if kind in (LowRankLinear, PivotedLowRankLinear):
-        kinds = (LowRankLinear, PivotedLowRankLinear, nn.Linear)
-        return Format(grouped_lowrank_linear, ("u", "v", "w", "perm"), _stack_factors, lambda m: type(m) in kinds,
-                      lambda m: (m.u.dtype, m.u.device) if hasattr(m, "u") else (m.weight.dtype, m.weight.device))
+        return _lowrank_format()
     return None
+
+
+def _lowrank_format():
+    """Low-rank experts, plain or pivoted, of any ranks; dense experts (nn.Linear) join as exact factors."""
+    from ..nn.lowrank import LowRankLinear
+    from ..nn.pivoted import PivotedLowRankLinear
+    from ..ops import grouped_lowrank_linear
+
+    kinds = (LowRankLinear, PivotedLowRankLinear, nn.Linear)
+    return Format(grouped_lowrank_linear, ("u", "v", "w", "perm"), _stack_factors, lambda m: type(m) in kinds,
+                  lambda m: (m.u.dtype, m.u.device) if hasattr(m, "u") else (m.weight.dtype, m.weight.device))
 
 
 def _along_experts(op, kind, names, consts):
