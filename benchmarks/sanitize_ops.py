@@ -45,8 +45,8 @@ class GroupedProbe(nn.Module):
             return (rnn.Int4Linear.from_linear(dense, group_size=128) if fmt == "int4" else
                     rnn.Int8Linear.from_linear(dense))
         self.fmt, self.in_features, self.experts = fmt, K, [one() for _ in range(experts)]
-        self.names = ("qweight", "scales", "zeros") if fmt == "int4" else ("qweight", "scales")
-        self.stacked = [torch.stack([getattr(e, n) for e in self.experts]) for n in self.names]
+        names = ("qweight", "scales", "zeros") if fmt == "int4" else ("qweight", "scales")
+        self.stacked = [torch.stack([getattr(e, n) for e in self.experts]) for n in names]
         self.stacked_bias = torch.stack([e.bias for e in self.experts])
 
     def offsets(self, m, device):

@@ -9,11 +9,11 @@
 //
 // Two kernels:
 // * small_m_grouped_kernel: small_m_gemm.cuh's run_unit (the register-fed mma.sync loop timed on the H200
-//   for int4_linear / int8_linear at M <= 64) on one expert's rows. Grid (columns x layers, splits, E x slots): CTA z
-//   takes expert z / slots and its rows chunk z % slots + slots (x / columns) of kCap rows (the tile's rows;
-//   slots = chunks unless E x chunks passes the grid's 65535: then the rest ride on x, past the columns). The host knows only T, so the tile is chosen by T (at
-//   decode an expert has at most T = tokens x top_k rows) and chunks = ceil(T / kCap) covers an expert that
-//   takes all of them; a CTA past its expert's rows returns before reading anything (at one token, E - top_k
+//   for int4_linear / int8_linear at M <= 64) on one expert's rows. Grid (columns x layers, splits, E x slots):
+//   CTA z takes expert z / slots and its rows chunk z % slots + slots (x / columns) of kCap rows (the tile's
+//   rows; slots = chunks unless E x chunks passes the grid's 65535: then the rest ride on x, past the
+//   columns). The host knows only T, so the tile is chosen by T (at decode an expert has at most T = tokens x
+//   top_k rows) and chunks = ceil(T / kCap) covers an expert that takes all of them; a CTA past its expert's rows returns before reading anything (at one token, E - top_k
 //   experts' CTAs). K is split for the (expert, chunk) pairs that can have rows; each pair has its own
 //   split-K counters and its own fp32 partials.
 // * grouped_dec_kernel: the fallback where the loop's layout requirements fail (K not a multiple of the
@@ -33,7 +33,7 @@ struct Rows {
   const int64_t* offsets;  // [E + 1]
   int64_t T;               // rows of x
   int chunks;              // row chunks per expert (an expert holding all T rows needs them all)
-  int slots;               // chunks an expert along z (grid z <= 65535); the rest along y, past the K splits
+  int slots;               // chunks an expert along z (grid z <= 65535); the rest along x, past the columns
 };
 
 // Expert e's rows [lo, hi) as the reference reads them (reference/_grouped.py: clamped; none when hi <= lo).

@@ -116,7 +116,7 @@ struct Problem {
   // costs no register, so the memory system can hold more requests than the registers allow.
   int l2_ahead;
   // The format's row of this problem's output 0: 0, or e * N for expert e of a grouped launch (the
-  // experts' weights one [E * N, ...] stack; small_m_grouped.cuh). Read at setup and in the epilogue only.
+  // experts' weights one [E * N, ...] stack; grouped_quant.cuh). Read at setup and in the epilogue only.
   uint32_t row_base = 0;
 };
 

@@ -250,6 +250,7 @@ def _grouped_format(layer):
     from ..nn.pivoted import PivotedLowRankLinear
     from ..nn.quant import Int4Linear, Int8Linear, LUTLinear
     from ..ops import grouped_int4_linear, grouped_int8_linear, grouped_vq_linear
+
     kind = type(layer)
     if kind is Int4Linear:
         return _along_experts(grouped_int4_linear, kind, ("qweight", "scales", "zeros"), lambda m: (m.group_size,))
