@@ -16,8 +16,8 @@ passes). Contenders, all on the same rows:
   so a CUDA graph can hold it (generous to the baseline: a real forward must sync or pad);
 - peer ``torch_grouped_mm``: ``torch._grouped_mm`` on the dense experts (one launch; where torch has it
   for the dtype and GPU — otherwise recorded as not timed);
-- peer ``triton`` (int4, int8): the op's Triton kernel, which the CUDA kernel (csrc/grouped_quant.cuh) replaced
-  untimed; the run says which is faster.
+- peer ``triton`` (int4, int8, gptvq): the op's Triton kernel, which the CUDA kernel (csrc/grouped_quant.cuh)
+  replaced untimed; the run says which is faster.
 
 Several routings (and x) rotate through the timed calls, so the experts one call reads are not left in L2
 by the previous one. Checked against float64 before timing. Writes
@@ -145,7 +145,7 @@ def bench_case(res, model, proj, N, K, T, dtype, modes, fmt="int4", device="cuda
     if hasattr(torch, "_grouped_mm") and device == "cuda":
         w_t = w.transpose(1, 2)
         peers["torch_grouped_mm"] = Contender(grouped_mm, [(x, w_t, o[1:].to(torch.int32)) for x, o in sets])
-    if fmt in ("int4", "int8") and device == "cuda":  # the Triton kernel the CUDA one replaced, in the same run
+    if fmt in ("int4", "int8", "gptvq") and device == "cuda":  # the Triton kernel the CUDA one replaced, in the same run
         triton_fn = getattr(reparam_kernels.triton, OPS[fmt])
         peers["triton"] = Contender(lambda x, o: triton_fn(x, o, *weights, None), sets)
     x0, o0 = sets[0]

@@ -32,41 +32,55 @@ class RecordOps(TorchDispatchMode):
 
 
 class GroupedProbe(nn.Module):
-    """E int4 (or int8) experts of K -> N as one grouped op call (csrc/grouped_quant.cuh on the GPU): the M rows of
-    x split between experts 0 and 2 (expert 1 none, the last row no expert's); reference() is the per-expert
-    float64 product."""
+    """E int4, int8 or GPTVQ experts of K -> N as one grouped op call (csrc/grouped_quant.cuh on the GPU): the M
+    rows of x split between experts 0 and 2 (expert 1 none, the last row no expert's); reference() is the
+    per-expert float64 product. GPTVQ: random codes, 256 pairs a codebook per 64 rows (the recipe's layout)."""
 
     def __init__(self, fmt, K, N, dtype, device, experts=3):
         super().__init__()
         from reparam_kernels import nn as rnn
+        from reparam_kernels.reference.vq_linear import dequantize_vq
+
+        self.fmt, self.in_features, self.n_experts = fmt, K, experts
+        self.stacked_bias = torch.randn(experts, N, device=device).to(dtype)
+        if fmt == "gptvq":
+            codes = torch.randint(0, 256, (experts, N, K // 2), device=device, dtype=torch.uint8)
+            books = (torch.randn(experts, N // 64, 256, 2, device=device) * 0.05).to(dtype)
+            self.stacked = [codes, books]
+            self.dense = [dequantize_vq(codes[e], books[e], torch.float64) for e in range(experts)]
+            return
 
         def one():
             dense = nn.Linear(K, N, bias=True).to(device=device, dtype=dtype)
             return (rnn.Int4Linear.from_linear(dense, group_size=128) if fmt == "int4" else
                     rnn.Int8Linear.from_linear(dense))
-        self.fmt, self.in_features, self.experts = fmt, K, [one() for _ in range(experts)]
+        layers = [one() for _ in range(experts)]
+        self.group_size = layers[0].group_size if fmt == "int4" else None
         names = ("qweight", "scales", "zeros") if fmt == "int4" else ("qweight", "scales")
-        self.stacked = [torch.stack([getattr(e, n) for e in self.experts]) for n in names]
-        self.stacked_bias = torch.stack([e.bias for e in self.experts])
+        self.stacked = [torch.stack([getattr(e, n) for e in layers]) for n in names]
+        self.stacked_bias = torch.stack([e.bias for e in layers])
+        self.dense = [e.to_dense().double() for e in layers]
 
     def offsets(self, m, device):
         half = (m - 1) // 2
-        return torch.tensor([0, half, half, m - 1] + [m - 1] * (len(self.experts) - 3), device=device)
+        return torch.tensor([0, half, half, m - 1] + [m - 1] * (self.n_experts - 3), device=device)
 
     def forward(self, x):
         from reparam_kernels import ops
         o = self.offsets(x.shape[0], x.device)
         if self.fmt == "int4":
-            return ops.grouped_int4_linear(x, o, *self.stacked, self.experts[0].group_size, self.stacked_bias)
+            return ops.grouped_int4_linear(x, o, *self.stacked, self.group_size, self.stacked_bias)
+        if self.fmt == "gptvq":
+            return ops.grouped_vq_linear(x, o, *self.stacked, self.stacked_bias)
         return ops.grouped_int8_linear(x, o, *self.stacked, self.stacked_bias)
 
     def reference(self, x):
         bounds = self.offsets(x.shape[0], x.device).tolist()
         y = torch.zeros(x.shape[0], self.stacked_bias.shape[1], dtype=torch.float64, device=x.device)
-        for e, layer in enumerate(self.experts):
+        for e, w in enumerate(self.dense):
             lo, hi = bounds[e], bounds[e + 1]
             if hi > lo:
-                y[lo:hi] = x[lo:hi].double() @ layer.to_dense().double().t() + layer.bias.double()
+                y[lo:hi] = x[lo:hi].double() @ w.t() + self.stacked_bias[e].double()
         return y
 
 
@@ -140,6 +154,7 @@ def path_cases():
         # its own switch REPARAM_GROUPED_SMALL_M)
         ("grouped int4 experts", lambda dt, dev: GroupedProbe("int4", 1024, 72, dt, dev), (3, 40, 150)),
         ("grouped int8 experts", lambda dt, dev: GroupedProbe("int8", 1024, 72, dt, dev), (3, 40, 150)),
+        ("grouped gptvq experts", lambda dt, dev: GroupedProbe("gptvq", 1024, 192, dt, dev), (3, 40, 150)),
     ]
 
 

@@ -1,6 +1,6 @@
-// What the grouped quantized ops (grouped_int4_linear.cu, grouped_int8_linear.cu) share: a mixture-of-experts
-// layer's experts in one launch, with the rows of each expert found on the device (no host sync, so the call
-// is capturable in a CUDA graph).
+// What the grouped quantized ops (grouped_int4_linear.cu, grouped_int8_linear.cu, grouped_vq_linear.cu) share: a
+// mixture-of-experts layer's experts in one launch, with the rows of each expert found on the device (no host sync,
+// so the call is capturable in a CUDA graph).
 //
 // x [T, K] holds the routed rows sorted by expert: rows offsets[e] .. offsets[e + 1] (clamped to [0, T]) go
 // through expert e; rows in no expert's range come out as zeros (reparam_kernels/ops/_grouped.py). The
@@ -15,7 +15,8 @@
 //   columns). The host knows only T, so the tile is chosen by T (at decode an expert has at most T = tokens x
 //   top_k rows) and chunks = ceil(T / kCap) covers an expert that takes all of them; a CTA past its expert's rows returns before reading anything (at one token, E - top_k
 //   experts' CTAs). K is split for the (expert, chunk) pairs that can have rows; each pair has its own
-//   split-K counters and its own fp32 partials.
+//   split-K counters and its own fp32 partials. A format with shared-memory tables (VqPairFrag's codebooks)
+//   has each CTA stage its column block's tables of its expert (run_unit finds them by the stack's rows).
 // * grouped_dec_kernel: the fallback where the loop's layout requirements fail (K not a multiple of the
 //   format's lane block, a power-of-two group for int4, 16-byte aligned x and weights, 32-bit row offsets)
 //   or REPARAM_GROUPED_SMALL_M=0: a warp per output, the format's general decoder (quant_gemm.cuh's Dec).
@@ -73,7 +74,13 @@ __global__ void __launch_bounds__(small_m::kThreads, (small_m::ctas_per_sm<Frag,
     p.part += r0 * p.N * p.splits;
     p.counters += (int64_t(e) * rows.chunks + c) * p.columns;
   }
-  small_m::run_unit<Frag, T, MT, NG, true, true>(p, blockIdx.x - layer * columns, blockIdx.y);
+  if constexpr (small_m::has_smem_tables<Frag>::value) {  // Frag::kTableBytes of dynamic shared memory
+    extern __shared__ __align__(16) uint4 grouped_tables[];
+    small_m::run_unit<Frag, T, MT, NG, true, true>(p, blockIdx.x - layer * columns, blockIdx.y, nullptr,
+                                                   reinterpret_cast<uint32_t*>(grouped_tables));
+  } else {
+    small_m::run_unit<Frag, T, MT, NG, true, true>(p, blockIdx.x - layer * columns, blockIdx.y);
+  }
 #endif
 }
 
@@ -81,7 +88,6 @@ __global__ void __launch_bounds__(small_m::kThreads, (small_m::ctas_per_sm<Frag,
 template <class Frag, class T, int MT, int NG>
 bool launch_small_m(const Frag& frag, const T* x, const int64_t* offsets, int64_t E, const T* bias, T* y, int64_t T_,
                     int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
-  static_assert(!small_m::has_smem_tables<Frag>::value, "formats with shared-memory tables stage them per column block");
   constexpr auto small_m_grouped = small_m_grouped_kernel<Frag, T, MT, NG>;  // (the name the CPU harness traces)
   constexpr int kCap = rows_per_tile<MT>();
   const int64_t chunks = (T_ + kCap - 1) / kCap;
@@ -89,10 +95,16 @@ bool launch_small_m(const Frag& frag, const T* x, const int64_t* offsets, int64_
   if (slots < 1 || chunks >= (int64_t(1) << 31)) return false;
   const int64_t layers = (chunks + slots - 1) / slots;  // of chunks along x, each `columns` CTAs
   const int device = like.get_device_index();
+  int smem = 0;  // the format's shared-memory tables (VqPairFrag's codebooks), staged by each CTA
+  if constexpr (small_m::has_smem_tables<Frag>::value) {
+    if (Frag::kTableBytes + 16 * 1024 > max_smem_optin(device)) return false;  // (+ the K-warp sums)
+    allow_smem_optin<small_m_grouped>(device, Frag::kTableBytes);
+    smem = Frag::kTableBytes;
+  }
   small_m::Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, kCap, N, K, 0, 0, 0, small_m::l2_ahead_from_env()};
   // (expert, chunk) pairs that can hold rows: every chunk but each expert's last is full
   const int64_t busy = std::max<int64_t>(1, std::min(E * slots, T_ / kCap + std::min(E, T_)));
-  small_m::plan<NG>(p, std::max<int64_t>(1, small_m::resident_ctas<small_m_grouped>(device) / busy));
+  small_m::plan<NG>(p, std::max<int64_t>(1, small_m::resident_ctas<small_m_grouped>(device, smem) / busy));
   if (p.columns * layers >= (int64_t(1) << 31)) return false;
   if (p.splits > 1) {
     p.counters = split_k_counters(device, stream, E * chunks * p.columns);
@@ -100,7 +112,7 @@ bool launch_small_m(const Frag& frag, const T* x, const int64_t* offsets, int64_
   }
   Tensor part = torch::stable::new_empty(like, {p.splits > 1 ? p.splits * T_ * N : 1}, ScalarType::Float);
   p.part = static_cast<float*>(part.data_ptr());
-  small_m_grouped<<<dim3(unsigned(p.columns * layers), unsigned(p.splits), unsigned(E * slots)), small_m::kThreads, 0, stream>>>(
+  small_m_grouped<<<dim3(unsigned(p.columns * layers), unsigned(p.splits), unsigned(E * slots)), small_m::kThreads, smem, stream>>>(
       p, Rows{offsets, T_, int(chunks), int(slots)});
   RK_CUDA_CHECK(cudaGetLastError());
   return true;

@@ -48,6 +48,7 @@ struct has_side<F, std::void_t<decltype(&F::side)>> : std::true_type {};
 // too large for registers in shared memory (VqPairFrag: a 256-entry codebook, one copy per lane so that
 // the 32 lanes' lookups never share a bank): the kernel gets kTableBytes of dynamic shared memory, the
 // CTA stages its column block's tables there before the loop, and the row state is the row's table.
+// col0 and n are the format's rows (Problem::row_base added: a grouped launch's stack of experts).
 template <class F, class = void>
 struct has_smem_tables : std::false_type {};
 template <class F>

@@ -315,10 +315,12 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // the row's table sits in shared memory, staged here while stage 0's weights are in flight), once per unit.
   typename row_state_of<Frag>::type rs[NG];
   if constexpr (has_smem_tables<Frag>::value) {
-    frag.stage_tables(tables, col0);
+    const int64_t table0 = p.row_base + col0;  // the format's row of the block's first output
+    frag.stage_tables(tables, table0);
     __syncthreads();  // (every thread: outside the nst test)
 #pragma unroll
-    for (int j = 0; j < NG; ++j) rs[j] = frag.row_state(tables, col0, min(row0 + 8 * j, uint32_t(N - 1)));
+    for (int j = 0; j < NG; ++j)
+      rs[j] = frag.row_state(tables, table0, p.row_base + min(row0 + 8 * j, uint32_t(N - 1)));
   } else if constexpr (has_row_state<Frag>::value) {
 #pragma unroll
     for (int j = 0; j < NG; ++j) rs[j] = frag.row_state(p.row_base + min(row0 + 8 * j, uint32_t(N - 1)));

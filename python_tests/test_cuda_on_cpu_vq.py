@@ -1,4 +1,4 @@
-"""vq_linear's CUDA sources (csrc/vq_linear.cu) run on the CPU through python_tests/cuda_on_cpu, as
+"""vq_linear's CUDA sources (csrc/vq_linear.cu, the format in vq_format.cuh) run on the CPU through python_tests/cuda_on_cpu, as
 test_cuda_on_cpu.py does for the other quantized ops: pairs on the small-M path with their codebooks in
 shared memory (one copy per lane), every d on the general path (GEMV, WMMA tiles, dequantize + GEMM),
 against float64; then mutations of the lookup that must be caught."""
@@ -42,7 +42,7 @@ SMALL_M = [(1, 544, 128, {"books": 2}), (5, 1056, 300, {"books": 2}), (16, 512, 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_vq_pairs_small_m_path(rng, dtype):
-    run(rng, SMALL_M, dtype, "small_m::Problem<reparam::{anonymous}::VqPairFrag", env={"RK_CPU_SMS": "4"})
+    run(rng, SMALL_M, dtype, "small_m::Problem<reparam::VqPairFrag", env={"RK_CPU_SMS": "4"})
 
 
 def test_vq_general_path_every_d(rng):
@@ -71,11 +71,11 @@ def test_vq_pairs_fall_back_where_the_books_do_not_fit(rng):
 
 MUTATIONS = {
     # entries 64 bytes apart instead of 128 (32 copies of 4 bytes): another entry's copies
-    "entry stride": ("vq_linear.cu", "<< 7));  // byte 2h", "<< 6));  // byte 2h"),
-    "second slot": ("vq_linear.cu", "const int64_t slot = n / rows_per_book - col0 / rows_per_book;",
+    "entry stride": ("vq_format.cuh", "<< 7));  // byte 2h", "<< 6));  // byte 2h"),
+    "second slot": ("vq_format.cuh", "const int64_t slot = n / rows_per_book - col0 / rows_per_book;",
                     "const int64_t slot = 0;"),
     "no barrier": ("small_m_gemm.cuh", "    __syncthreads();  // (every thread: outside the nst test)\n", ""),
-    "byte order": ("vq_linear.cu", "0x4441u + 2 * h", "0x4443u - 2 * h"),
+    "byte order": ("vq_format.cuh", "0x4441u + 2 * h", "0x4443u - 2 * h"),
 }
 
 

@@ -15,9 +15,11 @@ needs_triton = pytest.mark.skipif(rk_triton.grouped_int4_linear is None, reason=
 OPS = ["grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear"]
 
 
-def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu", op="grouped_int4_linear", d=2):
+def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu", op="grouped_int4_linear", d=2,
+         books=None, entries=256):
     """(args, want): rows routed counts[e] to expert e in order, then `tail` rows no expert takes; want is
-    the float64 product of each row with its expert's dequantized weight (zeros for the tail)."""
+    the float64 product of each row with its expert's dequantized weight (zeros for the tail). VQ: `books`
+    codebooks an expert (default 2 where N is even, else 1) of `entries` entries."""
     E, T = len(counts), sum(counts) + tail
     x = torch.randn(T, K, generator=rng).to(dtype)
     b = torch.randn(E, N, generator=rng).to(dtype) if bias else None
@@ -33,13 +35,13 @@ def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu", op
         s = (torch.rand(E, N, generator=rng) * 0.02 + 0.005).to(dtype)
         w = q.double() * s.double()[..., None]
         fmt = (q, s)
-    else:  # GPTVQ's layout: a code per d inputs, 256 entries, a codebook per N / L rows (L = 2 where N is even)
-        tables = 2 if N % 2 == 0 else 1
-        q = torch.randint(0, 256, (E, N, K // d), generator=rng, dtype=torch.uint8)
-        books = (torch.randn(E, tables, 256, d, generator=rng) * 0.1).to(dtype)
+    else:  # GPTVQ's layout: a code per d inputs, a codebook per N / L rows
+        tables = books or (2 if N % 2 == 0 else 1)
+        q = torch.randint(0, entries, (E, N, K // d), generator=rng, dtype=torch.uint8)
+        cb = (torch.randn(E, tables, entries, d, generator=rng) * 0.1).to(dtype)
         book_of_row = torch.arange(N) // (N // tables)
-        w = torch.stack([books[e].double()[book_of_row[:, None], q[e].long()].reshape(N, K) for e in range(E)])
-        fmt = (q, books)
+        w = torch.stack([cb[e].double()[book_of_row[:, None], q[e].long()].reshape(N, K) for e in range(E)])
+        fmt = (q, cb)
     offsets = torch.tensor([0] + counts).cumsum(0)
     want = torch.zeros(T, N, dtype=torch.float64)
     for e in range(E):
@@ -231,26 +233,29 @@ GPU_CASES = [([1, 0, 0, 1, 0, 0, 0, 0], 4096, 1536, 128, 0), ([300, 0, 77, 1000,
 def test_gpu_matches_float64(rng, op, dtype, case):
     counts, K, N, group, tail = GPU_CASES[case]
     args, want = make(rng, counts, K, N, dtype, group=group, tail=tail, device="cuda", op=op)
-    for fn in (getattr(rk.ops, op), getattr(rk_triton, op)):  # the registered op (CUDA for int4 / int8) and Triton
+    for fn in (getattr(rk.ops, op), getattr(rk_triton, op)):  # the registered op (CUDA in fp16 / bf16) and Triton
         y = fn(*args)
         assert rel_err(y, want) <= TOL[dtype]
         assert not y[sum(counts):].any()
 
 
 # the CUDA kernels' paths (csrc/grouped_quant.cuh): the small-M kernel's tiles (T = 1, 2, 8, 16, 32, 64; 70 rows of
-# one expert in two 64-row chunks), split K at decode, and the fallback (int8 rows of 100 bytes; switched off)
+# one expert in two 64-row chunks), split K at decode, and the fallback (int8 rows of 100 bytes; VQ with d = 3, and
+# pairs with a codebook per 4 rows; switched off)
 CUDA_CASES = [([1, 0, 0, 0, 0, 0, 0, 0], 4096, 1024, {}), ([0, 1, 0, 1], 2048, 512, {}),
               ([3, 0, 5], 1024, 700, {"tail": 1}), ([9, 0, 7], 512, 264, {}), ([20, 1, 11], 256, 72, {}),
               ([40, 17, 0, 7], 640, 130, {}), ([0, 70, 3, 27], 256, 96, {"tail": 5})]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("op", ["grouped_int4_linear", "grouped_int8_linear"])
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("small_m", ["1", "0"])
 def test_gpu_cuda_kernel_paths(rng, monkeypatch, op, dtype, small_m):
     monkeypatch.setenv("REPARAM_GROUPED_SMALL_M", small_m)  # read by the C++ op at every call
-    cases = CUDA_CASES + ([([3, 0, 5], 100, 33, {"tail": 2})] if op == "grouped_int8_linear" else [])
+    extra = {"grouped_int8_linear": [([3, 0, 5], 100, 33, {"tail": 2})],
+             "grouped_vq_linear": [([3, 0, 5], 99, 33, {"tail": 2, "d": 3}), ([2, 9], 64, 40, {"books": 10})]}
+    cases = CUDA_CASES + extra.get(op, [])
     for counts, K, N, kw in cases:
         args, want = make(rng, counts, K, N, dtype, group=64, device="cuda", op=op, **kw)
         y = getattr(rk.ops, op)(*args)

@@ -106,7 +106,10 @@ BUDGET = {
     "small_m_grouped_kernel<Int4Frag<__half>, __half, 0, 4>": 345,
     "small_m_grouped_kernel<Int4Frag<__half>, __half, 1, 4>": 395,
     "small_m_grouped_kernel<Int8Frag<__half>, __half, 1, 4>": 170,
-    # VQ pairs: a PRMT, an IMAD and an LDS per code (259 / 302 now)
+    # ... and VQ pairs with each CTA's codebooks of its expert in shared memory (257 / 304 now; vq_linear: 256 / 302)
+    "small_m_grouped_kernel<VqPairFrag<__half>, __half, 0, 4>": 275,
+    "small_m_grouped_kernel<VqPairFrag<__half>, __half, 1, 4>": 320,
+    # VQ pairs: a PRMT, an IMAD and an LDS per code (256 / 302 now)
     "small_m_kernel<VqPairFrag<__half>, __half, 0, 4>": 275,
     "small_m_kernel<VqPairFrag<__half>, __half, 1, 4>": 320,
     "lowrank_small_m_kernel<HalfFrag<__half>, __half, 1, 4, false>": 54,
