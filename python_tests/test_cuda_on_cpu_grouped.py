@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from reparam_kernels import reference
+from reparam_kernels import _dispatch, reference
 import test_grouped_ops as grouped
 from test_cuda_on_cpu import check, run_twice, within
 
@@ -27,7 +27,8 @@ def case(rng, op, counts, K, N, dtype, group=32, bias=True, tail=0, offsets=None
                                         for a in args])
     tensors = [a for a in args if not isinstance(a, int)]
     ints = [a for a in args if isinstance(a, int)]
-    return {"op": op, "args": tensors, "ints": ints}, want
+    # "fast": the wrapper's copy of the C++ layout conditions (the other layouts go to Triton)
+    return {"op": op, "args": tensors, "ints": ints, "fast": _dispatch.REGISTRY[op].fast_layout(*args)}, want
 
 
 def run(rng, shapes, dtype, kernel, env=None):
@@ -50,6 +51,7 @@ SMALL_M = [([0, 1, 0], 64, 33, {}), ([1, 0, 1], 96, 70, {"bias": False}), ([3, 0
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_small_m_grouped_kernel(rng, dtype):
     run(rng, SMALL_M, dtype, "small_m_grouped", env={"RK_CPU_SMS": "4"})
+    assert all(case(rng, op, *shape[:3], dtype, **shape[3])[0]["fast"] for op in OPS for shape in SMALL_M)
 
 
 SPLIT_ENV = {"RK_CPU_SMS": "16", "RK_CPU_SEED": "3"}
@@ -101,6 +103,7 @@ def test_fallback_where_the_layout_does_not_fit(rng):
         refs.append(r)
     traces = check(cases, refs, kernel="grouped_dec_kernel")
     assert not any("small_m_grouped" in line for t in traces for line in t)
+    assert not any(c["fast"] for c in cases)
 
 
 def test_fallback_when_switched_off_or_x_misaligned(rng):

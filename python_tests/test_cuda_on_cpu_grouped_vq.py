@@ -9,6 +9,7 @@ import torch
 
 import cuda_on_cpu
 import test_grouped_ops as grouped
+from reparam_kernels.ops.grouped_vq_linear import fast_layout
 from test_cuda_on_cpu import check, run_twice, within
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -22,8 +23,14 @@ def case(rng, counts, K, N, dtype, **kw):
 
 
 def run(rng, shapes, dtype, kernel, env=None):
+    """check() on the cases; without env, also: the wrapper's fast_layout (Python's copy of the C++ conditions,
+    which sends the other layouts to Triton) says small-M loop exactly where the C++ op launched it."""
     cases, refs = zip(*[case(rng, counts, K, N, dtype, **kw) for counts, K, N, kw in shapes])
-    return check(list(cases), list(refs), env=env, kernel=kernel)
+    traces = check(list(cases), list(refs), env=env, kernel=kernel)
+    if env is None or env == {"RK_CPU_SMS": "4"}:
+        for c, t in zip(cases, traces):
+            assert fast_layout(*c["args"]) == any("small_m_grouped" in line for line in t), t
+    return traces
 
 
 # T = 1 and 2 (the transposed tile), 5 with a tail, 16, 17..32, 33..64 and 70 rows of one expert (two chunks);

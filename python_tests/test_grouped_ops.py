@@ -155,6 +155,34 @@ def test_op_cpu_opcheck_and_wrapper(rng, op):
     assert rel_err(getattr(rk.ops, op)(*args), want) <= 1e-5
 
 
+# (op, make's arguments, whether the CUDA kernel's small-M loop takes the layout)
+LAYOUTS = [("grouped_int4_linear", {"group": 64}, True), ("grouped_int4_linear", {"K": 192, "group": 96}, False),
+           ("grouped_int8_linear", {"K": 96}, True), ("grouped_int8_linear", {"K": 100}, False),
+           ("grouped_vq_linear", {"books": 2}, True), ("grouped_vq_linear", {"N": 256, "books": 2}, True),
+           ("grouped_vq_linear", {"books": 1, "d": 4}, False), ("grouped_vq_linear", {"K": 48}, False),
+           ("grouped_vq_linear", {"N": 128, "books": 4}, False), ("grouped_vq_linear", {"N": 640, "books": 10}, True)]
+
+
+@pytest.mark.parametrize("op,kw,fast", LAYOUTS)
+def test_layouts_off_the_cuda_loop_run_triton(rng, monkeypatch, op, kw, fast):
+    """Where the C++ op would take a layout only through its warp-per-output fallback (csrc/grouped_quant.cuh), the
+    wrapper runs the Triton kernel instead (OpSpec.fast_layout); elsewhere the C++ op. The CUDA backend and Triton
+    are faked, so this runs on the CPU; test_cuda_on_cpu_grouped*.py check fast_layout against the C++ op."""
+    kw = {"K": 128, "N": 64, **kw}
+    K, N = kw.pop("K"), kw.pop("N")
+    args, _ = make(rng, [2, 0, 3], K, N, torch.float16, op=op, **kw)
+    assert rk._dispatch.REGISTRY[op].fast_layout(*args) is fast
+    monkeypatch.setattr(rk._dispatch, "BACKEND_CACHE", {})
+    monkeypatch.setattr(rk._dispatch, "backend_of", lambda name, x: ("cuda", "faked"))
+    monkeypatch.setattr(rk._dispatch, "triton_status", lambda device_type="cuda": (True, "faked"))
+    assert rk._dispatch.route(op, *args)[0] == ("cuda" if fast else "triton")
+    assert rk._dispatch.route(op, *args, needs_grad=True)[0] == "cuda"  # (the C++ op holds the autograd)
+    # no Triton: the C++ op all the same (its fallback is correct, only slow)
+    monkeypatch.setattr(rk._dispatch, "BACKEND_CACHE", {})
+    monkeypatch.setattr(rk._dispatch, "triton_status", lambda device_type="cuda": (False, "faked"))
+    assert rk._dispatch.route(op, *args)[0] == "cuda"
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_x_and_bias_gradient_and_no_scales_gradient(rng, op):
     args, _ = make(rng, [2, 0, 3], 64, 5, torch.float64, tail=1, op=op)
@@ -258,7 +286,7 @@ def test_gpu_cuda_kernel_paths(rng, monkeypatch, op, dtype, small_m):
     cases = CUDA_CASES + extra.get(op, [])
     for counts, K, N, kw in cases:
         args, want = make(rng, counts, K, N, dtype, group=64, device="cuda", op=op, **kw)
-        y = getattr(rk.ops, op)(*args)
+        y = getattr(torch.ops.reparam, op)(*args)  # the C++ op itself (the wrapper sends `extra` to Triton)
         assert rel_err(y, want) <= TOL[dtype], (counts, K, N)
         assert not y[sum(counts):].any()
 

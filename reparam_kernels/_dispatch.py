@@ -12,7 +12,8 @@ How each dispatch key is served:
   to the CUDA dispatch key, so eager calls pay no Python dispatch); otherwise a
   Python implementation that runs the Triton kernel, or the reference.
 * dtypes the C++ kernel does not take (e.g. fp32) are routed by the wrapper in
-  ``ops.py`` through ``call`` before they reach the dispatcher.
+  ``ops.py`` through ``call`` before they reach the dispatcher; so are layouts it
+  takes only through a slow fallback (``OpSpec.fast_layout``: the grouped ops), to Triton.
 """
 import contextlib
 import os
@@ -42,6 +43,10 @@ class OpSpec:
     triton: Optional[Callable] = None
     cuda_dtypes: tuple = HALF_DTYPES  # what the C++ kernel accepts for x
     triton_dtypes: tuple = HALF_DTYPES + (torch.float32,)
+    # fast_layout(*args) -> bool: False where the C++ kernel would take the call's layout only through a slow
+    # fallback (the grouped ops' warp-per-output kernel: csrc/grouped_quant.cuh), so the wrapper runs the
+    # Triton kernel instead when it can. Shapes and int arguments only (cheap, and traceable).
+    fast_layout: Optional[Callable] = None
     cuda_impl_registered: bool = field(default=False, init=False)
 
 
@@ -203,15 +208,46 @@ def backend_of(name, x):
     return _cached_backend(name, x)
 
 
+def off_layout_backend_for(name, device_type, dtype):
+    """Where a call goes whose layout the C++ kernel serves only through a slow fallback (OpSpec.fast_layout):
+    the Triton kernel where it runs these inputs, else the C++ kernel all the same."""
+    spec = REGISTRY[name]
+    ok, twhy = triton_status(device_type)
+    if spec.triton is not None and ok and dtype in spec.triton_dtypes:
+        return "triton", "a layout the CUDA kernel takes only through its slow fallback"
+    return "cuda", f"a layout off the CUDA kernel's fast path ({twhy}: its fallback runs it)"
+
+
+def _off_layout_backend(name, x):
+    key = ("off layout", name, x.device, x.dtype)
+    hit = BACKEND_CACHE.get(key)
+    if hit is None:
+        hit = BACKEND_CACHE[key] = off_layout_backend_for(name, x.device.type, x.dtype)
+    return hit
+
+
+def route(name, *args, needs_grad=False):
+    """(backend, why) for this call of op `name`: backend_of's choice, but a layout the C++ kernel takes only
+    through a slow fallback (OpSpec.fast_layout) goes to Triton where it can in eager mode without gradients
+    (the C++ op holds the op's autograd, and a compiled graph keeps the op: a Triton launch traced into it is
+    not tested)."""
+    backend, why = backend_of(name, args[0])
+    fast_layout = REGISTRY[name].fast_layout
+    if (backend == "cuda" and fast_layout is not None and not needs_grad and not torch.compiler.is_compiling()
+            and not fast_layout(*args)):
+        return _off_layout_backend(name, args[0])
+    return backend, why
+
+
 def call(name, *args):
     """Entry used by the typed wrappers: the CUDA op if it takes these inputs, else the best fallback.
     Every op's first argument is x (the schemas in schemas.py)."""
     x = args[0]
     spec = REGISTRY[name]
     compiling = torch.compiler.is_compiling()
-    backend, why = backend_of(name, x)
     # (dynamo cannot trace torch's C test of requires_grad; the generator it can)
     needs_grad = torch.is_grad_enabled() and (_any_requires_grad_py if compiling else _any_requires_grad)(*args)
+    backend, why = route(name, *args, needs_grad=needs_grad)
     if backend == "cuda" or not x.is_cuda or spec.cuda_impl_registered:
         # Through the dispatcher, so the op's registered autograd applies; a
         # Python CUDA impl (no C++ kernel) makes the same backend choice below it.

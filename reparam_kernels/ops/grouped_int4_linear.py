@@ -58,4 +58,10 @@ def _backward(ctx, gy):
 
 
 torch.library.register_autograd("reparam::grouped_int4_linear", _backward, setup_context=_setup)
-_dispatch.register(OpSpec(OP, reference.grouped_int4_linear, triton=_triton.grouped_int4_linear))
+def fast_layout(x, expert_offsets, qweight, scales, zeros, group_size, bias):
+    """Whether the CUDA kernel's small-M loop takes the groups (a power of two: csrc/grouped_int4_linear.cu)."""
+    return group_size & (group_size - 1) == 0
+
+
+_dispatch.register(OpSpec(OP, reference.grouped_int4_linear, triton=_triton.grouped_int4_linear,
+                          fast_layout=fast_layout))

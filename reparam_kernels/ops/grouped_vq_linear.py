@@ -56,4 +56,17 @@ def _backward(ctx, gy):
 
 
 torch.library.register_autograd("reparam::grouped_vq_linear", _backward, setup_context=_setup)
-_dispatch.register(OpSpec(OP, reference.grouped_vq_linear, triton=_triton.grouped_vq_linear))
+def fast_layout(x, expert_offsets, codes, codebooks, bias):
+    """Whether the CUDA kernel's small-M loop takes the layout (csrc/grouped_vq_linear.cu): pairs, code rows of
+    whole 16-byte vectors, and a column block of the loop (64 or 128 rows) reading at most two codebooks
+    (vq_format.cuh's books_fit_slots)."""
+    books, d = codebooks.shape[1], codebooks.shape[3]
+    rows = codes.shape[1] // books
+
+    def fits(block):
+        return rows >= block or (block % rows == 0 and block // rows <= 2)
+    return d == 2 and codes.shape[2] % 16 == 0 and (books <= 2 or (fits(64) and fits(128)))
+
+
+_dispatch.register(OpSpec(OP, reference.grouped_vq_linear, triton=_triton.grouped_vq_linear,
+                          fast_layout=fast_layout))
