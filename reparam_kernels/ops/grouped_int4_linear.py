@@ -58,6 +58,8 @@ def _backward(ctx, gy):
 
 
 torch.library.register_autograd("reparam::grouped_int4_linear", _backward, setup_context=_setup)
+
+
 def fast_layout(x, expert_offsets, qweight, scales, zeros, group_size, bias):
     """Whether the CUDA kernel's small-M loop takes the groups (a power of two: csrc/grouped_int4_linear.cu)."""
     return group_size & (group_size - 1) == 0

@@ -49,6 +49,8 @@ def _backward(ctx, gy):
 
 
 torch.library.register_autograd("reparam::grouped_int8_linear", _backward, setup_context=_setup)
+
+
 def fast_layout(x, expert_offsets, qweight, scales, bias):
     """Whether the CUDA kernel's small-M loop takes the rows (whole 16-byte vectors: csrc/grouped_int8_linear.cu)."""
     return qweight.shape[2] % 16 == 0

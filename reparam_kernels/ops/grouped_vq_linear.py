@@ -56,6 +56,8 @@ def _backward(ctx, gy):
 
 
 torch.library.register_autograd("reparam::grouped_vq_linear", _backward, setup_context=_setup)
+
+
 def fast_layout(x, expert_offsets, codes, codebooks, bias):
     """Whether the CUDA kernel's small-M loop takes the layout (csrc/grouped_vq_linear.cu): pairs, code rows of
     whole 16-byte vectors, and a column block of the loop (64 or 128 rows) reading at most two codebooks
