@@ -1,14 +1,16 @@
 """A mixture-of-experts layer's compressed experts in one call (grouped_int4_linear, grouped_int8_linear,
-grouped_vq_linear, grouped_lowrank_linear) vs the same experts dense through cuBLAS.
+grouped_vq_linear, grouped_lut_linear, grouped_lowrank_linear) vs the same experts dense through cuBLAS.
 
-    python benchmarks/bench_moe.py [--quick] [--models mixtral,qwen3_moe] [--formats int4,int8,gptvq,lowrank] [--dtypes fp16,bf16]
+    python benchmarks/bench_moe.py [--quick] [--models mixtral,qwen3_moe] [--formats int4,int8,gptvq,log4,lowrank]
+        [--dtypes fp16,bf16]
 
 Each case is one projection (gate_up or down) of one MoE layer for T tokens, each routed to top_k distinct
 experts drawn at random; M = T·top_k routed rows, sorted by expert (what UnfusedExperts' grouped forward
 passes). Contenders, all on the same rows:
 
 - ours: ``reparam.grouped_int4_linear`` (group 128), ``grouped_int8_linear``, ``grouped_vq_linear`` (GPTVQ's
-  pairs, 256 a codebook per 64 rows): one launch, the routing read on the device; or ``grouped_lowrank_linear``
+  pairs, 256 a codebook per 64 rows), ``grouped_lut_linear`` (log 4-bit: a 16-entry table a row): one launch,
+  the routing read on the device; or ``grouped_lowrank_linear``
   (pivoted factors of ragged ranks, 20/30/40% of min(N, K) rounded to 8 in turn, as a global allocation
   gives: two launches);
 - cublas: the dequantized experts in x's dtype, one ``torch.matmul`` per expert that has rows, the
@@ -16,12 +18,12 @@ passes). Contenders, all on the same rows:
   so a CUDA graph can hold it (generous to the baseline: a real forward must sync or pad);
 - peer ``torch_grouped_mm``: ``torch._grouped_mm`` on the dense experts (one launch; where torch has it
   for the dtype and GPU — otherwise recorded as not timed);
-- peer ``triton`` (int4, int8, gptvq): the op's Triton kernel, which the CUDA kernel (csrc/grouped_quant.cuh)
+- peer ``triton`` (int4, int8, gptvq, log4): the op's Triton kernel, which the CUDA kernel (csrc/grouped_quant.cuh)
   replaced untimed; the run says which is faster.
 
 Several routings (and x) rotate through the timed calls, so the experts one call reads are not left in L2
 by the previous one. Checked against float64 before timing. Writes
-benchmarks/results/<gpu>/grouped_{int4,int8,vq,lowrank}_linear.json; rows carry params {model, projection, experts, top_k,
+benchmarks/results/<gpu>/grouped_{int4,int8,vq,lut,lowrank}_linear.json; rows carry params {model, projection, experts, top_k,
 tokens, bits}, ``bytes`` (the routed experts' weights and scales at most — min(E, M) experts —, x and y, once)
 and ``flops``. int4 only by default (``--formats``): the formats of issue 3's decode targets first.
 """
@@ -35,7 +37,7 @@ from reparam_kernels.compress.quantize import pack_int4
 from reparam_kernels.reference.int4_linear import dequantize_int4
 
 OPS = {"int4": "grouped_int4_linear", "int8": "grouped_int8_linear", "gptvq": "grouped_vq_linear",
-       "lowrank": "grouped_lowrank_linear"}
+       "log4": "grouped_lut_linear", "lowrank": "grouped_lowrank_linear"}
 RANK_FRACTIONS = (0.2, 0.3, 0.4)  # lowrank: expert e's rank, a fraction (in turn) of min(N, K)
 ROWS_PER_CODEBOOK = 64  # gptvq: the recipe's 256 pairs per 64 output rows
 
@@ -76,6 +78,12 @@ def make_experts(fmt, E, N, K, dtype, device, gen):
         c = torch.randint(0, 256, (E, N, K // 2), device=device, dtype=torch.uint8, generator=gen)
         books = (torch.randn(E, N // ROWS_PER_CODEBOOK, 256, 2, device=device, generator=gen) * amp).to(dtype)
         return (c, books), lambda e, dt: dequantize_vq(c[e], books[e], dt)
+    if fmt == "log4":  # a 16-entry table a row, as the log method stores
+        from reparam_kernels.reference.lut_linear import dequantize_lut
+
+        c = torch.randint(0, 256, (E, N, K // 2), device=device, dtype=torch.uint8, generator=gen)
+        lut = (torch.randn(E, N, 16, device=device, generator=gen) * amp).to(dtype)
+        return (c, lut), lambda e, dt: dequantize_lut(c[e], lut[e], dt)
     if fmt == "int8":
         q = torch.randint(-127, 128, (E, N, K), device=device, dtype=torch.int8, generator=gen)
         s = ((torch.rand(E, N, device=device, generator=gen) + 0.5) * amp / 64).to(dtype)
@@ -97,6 +105,8 @@ def weight_bytes(fmt, N, K, elt):
         return max(r * (N + K - r) * elt + 8 * K for r in (rank_of(e, N, K) for e in range(len(RANK_FRACTIONS))))
     if fmt == "gptvq":
         return N * K // 2 + (N // ROWS_PER_CODEBOOK) * 256 * 2 * elt
+    if fmt == "log4":
+        return N * K // 2 + N * 16 * elt
     return N * K + N * elt if fmt == "int8" else N * K // 2 + 2 * N * (K // GROUP) * elt
 
 
@@ -145,7 +155,7 @@ def bench_case(res, model, proj, N, K, T, dtype, modes, fmt="int4", device="cuda
     if hasattr(torch, "_grouped_mm") and device == "cuda":
         w_t = w.transpose(1, 2)
         peers["torch_grouped_mm"] = Contender(grouped_mm, [(x, w_t, o[1:].to(torch.int32)) for x, o in sets])
-    if fmt in ("int4", "int8", "gptvq") and device == "cuda":  # the Triton kernel the CUDA one replaced, in the same run
+    if fmt in ("int4", "int8", "gptvq", "log4") and device == "cuda":  # the Triton kernel the CUDA one replaced, in the same run
         triton_fn = getattr(reparam_kernels.triton, OPS[fmt])
         peers["triton"] = Contender(lambda x, o: triton_fn(x, o, *weights, None), sets)
     x0, o0 = sets[0]

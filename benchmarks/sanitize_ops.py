@@ -32,13 +32,15 @@ class RecordOps(TorchDispatchMode):
 
 
 class GroupedProbe(nn.Module):
-    """E int4, int8 or GPTVQ experts of K -> N as one grouped op call (csrc/grouped_quant.cuh on the GPU): the M
-    rows of x split between experts 0 and 2 (expert 1 none, the last row no expert's); reference() is the
-    per-expert float64 product. GPTVQ: random codes, 256 pairs a codebook per 64 rows (the recipe's layout)."""
+    """E int4, int8, GPTVQ or log 4-bit experts of K -> N as one grouped op call (csrc/grouped_quant.cuh on the GPU):
+    the M rows of x split between experts 0 and 2 (expert 1 none, the last row no expert's); reference() is the
+    per-expert float64 product. GPTVQ: random codes, 256 pairs a codebook per 64 rows (the recipe's layout); log
+    4-bit: random codes, a 16-entry table a row."""
 
     def __init__(self, fmt, K, N, dtype, device, experts=3):
         super().__init__()
         from reparam_kernels import nn as rnn
+        from reparam_kernels.reference.lut_linear import dequantize_lut
         from reparam_kernels.reference.vq_linear import dequantize_vq
 
         self.fmt, self.in_features, self.n_experts = fmt, K, experts
@@ -48,6 +50,12 @@ class GroupedProbe(nn.Module):
             books = (torch.randn(experts, N // 64, 256, 2, device=device) * 0.05).to(dtype)
             self.stacked = [codes, books]
             self.dense = [dequantize_vq(codes[e], books[e], torch.float64) for e in range(experts)]
+            return
+        if fmt == "log4":
+            codes = torch.randint(0, 256, (experts, N, K // 2), device=device, dtype=torch.uint8)
+            lut = (torch.randn(experts, N, 16, device=device) * 0.05).to(dtype)
+            self.stacked = [codes, lut]
+            self.dense = [dequantize_lut(codes[e], lut[e], torch.float64) for e in range(experts)]
             return
 
         def one():
@@ -72,6 +80,8 @@ class GroupedProbe(nn.Module):
             return ops.grouped_int4_linear(x, o, *self.stacked, self.group_size, self.stacked_bias)
         if self.fmt == "gptvq":
             return ops.grouped_vq_linear(x, o, *self.stacked, self.stacked_bias)
+        if self.fmt == "log4":
+            return ops.grouped_lut_linear(x, o, *self.stacked, self.stacked_bias)
         return ops.grouped_int8_linear(x, o, *self.stacked, self.stacked_bias)
 
     def reference(self, x):
@@ -155,6 +165,7 @@ def path_cases():
         ("grouped int4 experts", lambda dt, dev: GroupedProbe("int4", 1024, 72, dt, dev), (3, 40, 150)),
         ("grouped int8 experts", lambda dt, dev: GroupedProbe("int8", 1024, 72, dt, dev), (3, 40, 150)),
         ("grouped gptvq experts", lambda dt, dev: GroupedProbe("gptvq", 1024, 192, dt, dev), (3, 40, 150)),
+        ("grouped log4 experts", lambda dt, dev: GroupedProbe("log4", 1024, 72, dt, dev), (3, 40, 150)),
     ]
 
 

@@ -1,4 +1,4 @@
-// What the grouped quantized ops (grouped_int4_linear.cu, grouped_int8_linear.cu, grouped_vq_linear.cu) share: a
+// What the grouped quantized ops (grouped_{int4,int8,vq,lut}_linear.cu) share: a
 // mixture-of-experts layer's experts in one launch, with the rows of each expert found on the device (no host sync,
 // so the call is capturable in a CUDA graph).
 //

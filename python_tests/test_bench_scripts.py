@@ -136,7 +136,7 @@ def test_cp_line_search_runs_small(tmp_path, monkeypatch):
     assert len(rows) == 8 and all(r["sweeps"] == 3 and 0 < r["rel_error"] < 1 for r in rows[4:])
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8", "gptvq", "lowrank"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "gptvq", "log4", "lowrank"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_bench_moe_case_on_cpu(tmp_path, fake_timer, dtype, fmt):
     """The grouped experts against the dense per-expert loop on the CPU (the reference backend), rows

@@ -1,5 +1,5 @@
-"""grouped_int4_linear and grouped_int8_linear's CUDA sources (csrc/grouped_quant.cuh and the two ops' units) run on
-the CPU through python_tests/cuda_on_cpu, against float64 per-expert math: the small-M grouped kernel at every tile
+"""grouped_int4_linear, grouped_int8_linear and grouped_lut_linear's CUDA sources (csrc/grouped_quant.cuh and the ops'
+units) run on the CPU through python_tests/cuda_on_cpu, against float64 per-expert math: the small-M grouped kernel at every tile
 shape (rows of an expert in several chunks past 64, experts without rows, rows no expert takes, offsets past T, split
 K run twice so a counter left set shows), the fallback kernel where the layout does not fit the loop; then mutations
 that must be caught."""
@@ -14,7 +14,7 @@ from test_cuda_on_cpu import check, run_twice, within
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
-OPS = ["grouped_int4_linear", "grouped_int8_linear"]
+OPS = ["grouped_int4_linear", "grouped_int8_linear", "grouped_lut_linear"]
 
 
 def case(rng, op, counts, K, N, dtype, group=32, bias=True, tail=0, offsets=None):
@@ -92,6 +92,7 @@ def test_chunks_on_x_where_the_grid_is_short(rng):
 FALLBACK = [  # int8 rows of 100 bytes (not a multiple of 16), int4 in groups of 96 (not a power of two)
     ("grouped_int8_linear", [3, 0, 5], 100, 33, {"tail": 2}),
     ("grouped_int4_linear", [3, 0, 5], 192, 33, {"tail": 2, "group": 96}),
+    ("grouped_lut_linear", [3, 0, 5], 100, 33, {"tail": 2}),  # code rows of 50 bytes
 ]
 
 
@@ -127,6 +128,8 @@ MUTATIONS = {
     "counters": ("grouped_quant.cuh", "    p.counters += (int64_t(e) * rows.chunks + c) * p.columns;\n", ""),
     # int8's per-channel scale of the expert-local row
     "out scale": ("small_m_gemm.cuh", "frag.out_scale(p.row_base + n)", "frag.out_scale(n)"),
+    # lut's tables (registers, per row) of the expert-local row: expert 0's tables for every expert
+    "row state": ("small_m_gemm.cuh", "rs[j] = frag.row_state(p.row_base + min(", "rs[j] = frag.row_state(min("),
     # a chunk of an expert's rows starting at the expert's first row
     "chunk rows": ("grouped_quant.cuh", "const int64_t r0 = lo + c * rows_per_tile<MT>();",
                    "const int64_t r0 = lo + c * 0;"),
@@ -138,7 +141,7 @@ MUTATIONS = {
 
 @pytest.mark.parametrize("name", sorted(MUTATIONS))
 def test_mutations_are_caught(rng, name):
-    op = "grouped_int8_linear" if name == "out scale" else "grouped_int4_linear"
+    op = {"out scale": "grouped_int8_linear", "row state": "grouped_lut_linear"}.get(name, "grouped_int4_linear")
     counts, K = ([0, 70, 3], 64) if name in ("chunk rows", "rows of a chunk") else ([2, 0, 1], 2080)
     c, r = case(rng, op, counts, K, 72, torch.float16)
     assert within(run_twice(c, SPLIT_ENV), r)  # unmutated

@@ -1,5 +1,6 @@
-"""The grouped forward of int4 / int8 / GPTVQ / low-rank experts (compress/experts.py: UnfusedExperts.group,
-reparam.grouped_int4_linear, grouped_int8_linear, grouped_vq_linear, grouped_lowrank_linear):
+"""The grouped forward of int4 / int8 / GPTVQ / 4-bit LUT / low-rank experts (compress/experts.py:
+UnfusedExperts.group, reparam.grouped_int4_linear, grouped_int8_linear, grouped_vq_linear, grouped_lut_linear,
+grouped_lowrank_linear):
 the per-expert path's outputs, the experts' tensors as views of the stacked storage, regrouping after .to() /
 load / copy, the per-expert path kept for training and other formats, no graph break under torch.compile."""
 import copy
@@ -18,6 +19,9 @@ INT4 = {EXPERTS: {"method": "int4", "group_size": 32}}
 MIXED = {"{blocks}.*.mlp.experts.*.down_proj": "int8", EXPERTS: {"method": "int4", "group_size": 32}}
 # the gptvq recipe's rule on the experts (a codebook per 16 rows here: the tiny experts have 32 or 128)
 GPTVQ = {EXPERTS: {"method": "vq", "d": 2, "bits": 8, "rows_per_codebook": 16, "gptq": True}}
+# 4-bit lookup tables: log (a table a row) on the down projections, k-means (a table per 16 rows) on the rest
+LUT4 = {"{blocks}.*.mlp.experts.*.down_proj": {"method": "log", "bits": 4},
+        EXPERTS: {"method": "vq", "d": 1, "bits": 4, "rows_per_codebook": 16}}
 # the default recipe's rule on the experts (pivoted factors, ranks from one global allocation: ragged), and plain
 # factors at per-layer ratios
 LOWRANK_PIVOTED = {EXPERTS: {"method": "lowrank", "ratio": 0.3, "whiten": True, "allocate": "global", "pivoted": True}}
@@ -39,7 +43,8 @@ def per_expert(model, ids):
 
 @pytest.mark.parametrize("arch,recipe", [("mixtral", INT4), ("gpt_oss", INT4), ("qwen3_moe", INT4), ("olmoe", INT4),
                                          ("deepseek_v3", INT4), ("mixtral", MIXED), ("gpt_oss", MIXED),
-                                         ("mixtral", GPTVQ), ("mixtral", LOWRANK_PIVOTED),
+                                         ("mixtral", GPTVQ), ("mixtral", LUT4), ("gpt_oss", LUT4),
+                                         ("mixtral", LOWRANK_PIVOTED),
                                          ("gpt_oss", LOWRANK_PIVOTED), ("qwen3_moe", LOWRANK)])
 def test_grouped_forward_gives_the_per_expert_outputs(arch, recipe, monkeypatch):
     model, ids = tiny_moe(arch), _ids(8, 16)
@@ -99,10 +104,10 @@ def test_other_formats_and_training_take_the_per_expert_path(monkeypatch):
     mixed = {"{blocks}.*.mlp.experts.0.*": "int8", EXPERTS: {"method": "int4", "group_size": 32}}
     small, _ = rk.compress(model, mixed, calib=ids, progress=False)
     assert not group_experts(small) and all(m._grouped is None for m in experts_of(small))
-    log4 = {"{blocks}.*.mlp.experts.*.down_proj": {"method": "log", "bits": 4}, **INT4}
-    small, _ = rk.compress(model, log4, calib=ids, progress=False)
+    circulant = {"{blocks}.*.mlp.experts.*.down_proj": {"method": "block_circulant", "block_size": 16}, **INT4}
+    small, _ = rk.compress(model, circulant, calib=ids, progress=False)
     ex = experts_of(small)[0]
-    assert ex._grouped is None  # 4-bit log has no grouped op: gate_up is not stacked either (nothing changed)
+    assert ex._grouped is None  # block-circulant has no grouped op: gate_up is not stacked either (nothing changed)
     ptrs = {ex.expert(e).gate_up_proj.qweight.untyped_storage().data_ptr() for e in range(4)}
     assert len(ptrs) == 4
     small, _ = rk.compress(model, INT4, calib=ids, progress=False)

@@ -12,14 +12,15 @@ from reparam_kernels.compress.quantize import pack_int4
 from conftest import TOL, rel_err
 
 needs_triton = pytest.mark.skipif(rk_triton.grouped_int4_linear is None, reason="triton not installed")
-OPS = ["grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear"]
+OPS = ["grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear", "grouped_lut_linear"]
 
 
 def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu", op="grouped_int4_linear", d=2,
          books=None, entries=256):
     """(args, want): rows routed counts[e] to expert e in order, then `tail` rows no expert takes; want is
     the float64 product of each row with its expert's dequantized weight (zeros for the tail). VQ: `books`
-    codebooks an expert (default 2 where N is even, else 1) of `entries` entries."""
+    codebooks an expert (default 2 where N is even, else 1) of `entries` entries; LUT: `books` tables an expert
+    (default one a row, as log 4-bit's)."""
     E, T = len(counts), sum(counts) + tail
     x = torch.randn(T, K, generator=rng).to(dtype)
     b = torch.randn(E, N, generator=rng).to(dtype) if bias else None
@@ -35,6 +36,13 @@ def make(rng, counts, K, N, dtype, group=32, bias=True, tail=0, device="cpu", op
         s = (torch.rand(E, N, generator=rng) * 0.02 + 0.005).to(dtype)
         w = q.double() * s.double()[..., None]
         fmt = (q, s)
+    elif op == "grouped_lut_linear":
+        tables = books or N
+        q = torch.randint(0, 16, (E, N, K), generator=rng, dtype=torch.uint8)
+        lut = (torch.randn(E, tables, 16, generator=rng) * 0.1).to(dtype)
+        table_of_row = torch.arange(N) // (N // tables)
+        w = torch.stack([lut[e].double()[table_of_row[:, None], q[e].long()] for e in range(E)])
+        fmt = (torch.stack([pack_int4(q[e]) for e in range(E)]), lut)
     else:  # GPTVQ's layout: a code per d inputs, a codebook per N / L rows
         tables = books or (2 if N % 2 == 0 else 1)
         q = torch.randint(0, entries, (E, N, K // d), generator=rng, dtype=torch.uint8)
@@ -160,7 +168,8 @@ LAYOUTS = [("grouped_int4_linear", {"group": 64}, True), ("grouped_int4_linear",
            ("grouped_int8_linear", {"K": 96}, True), ("grouped_int8_linear", {"K": 100}, False),
            ("grouped_vq_linear", {"books": 2}, True), ("grouped_vq_linear", {"N": 256, "books": 2}, True),
            ("grouped_vq_linear", {"books": 1, "d": 4}, False), ("grouped_vq_linear", {"K": 48}, False),
-           ("grouped_vq_linear", {"N": 128, "books": 4}, False), ("grouped_vq_linear", {"N": 640, "books": 10}, True)]
+           ("grouped_vq_linear", {"N": 128, "books": 4}, False), ("grouped_vq_linear", {"N": 640, "books": 10}, True),
+           ("grouped_lut_linear", {}, True), ("grouped_lut_linear", {"K": 100}, False)]
 
 
 @pytest.mark.parametrize("op,kw,fast", LAYOUTS)
@@ -225,6 +234,14 @@ BAD_VQ = [
     (lambda a: (a[0], a[1], a[2], torch.zeros(2, 5, 256, 2), a[4]), "`codebooks` has 5 codebooks an expert"),
     (lambda a: (a[0][:, :-2].contiguous(), *a[1:]), "`x` has 62 features"),
 ]
+BAD_LUT = [
+    (lambda a: (a[0], a[1], a[2].to(torch.int16), *a[3:]), "`codes` must have dtype torch.uint8"),
+    (lambda a: (a[0], a[1], a[2], a[3][0], a[4]), "`lut` must be 3-D"),
+    (lambda a: (a[0], a[1], a[2], a[3][:, :, :8].contiguous(), a[4]), "`lut` must be \\[E, L, 16\\]"),
+    (lambda a: (a[0], a[1], a[2][:1].contiguous(), *a[3:]), "`lut` must be \\[E, L, 16\\] with E = 1"),
+    (lambda a: (a[0], a[1], a[2], torch.zeros(2, 5, 16), a[4]), "`lut` has 5 tables an expert"),
+    (lambda a: (a[0][:, :-2].contiguous(), *a[1:]), "`x` has 62 features"),
+]
 BAD = [
     (lambda a: (a[0], a[1][:-1], *a[2:]), "`expert_offsets` must have experts \\+ 1 = 3 entries"),
     (lambda a: (a[0], a[1].int(), *a[2:]), "`expert_offsets` must have dtype torch.int64"),
@@ -240,10 +257,12 @@ BAD = [
 
 @pytest.mark.parametrize("op,case", [("grouped_int4_linear", i) for i in range(len(BAD))]
                          + [("grouped_int8_linear", i) for i in range(len(BAD_INT8))]
-                         + [("grouped_vq_linear", i) for i in range(len(BAD_VQ))])
+                         + [("grouped_vq_linear", i) for i in range(len(BAD_VQ))]
+                         + [("grouped_lut_linear", i) for i in range(len(BAD_LUT))])
 def test_bad_inputs_name_the_argument(rng, op, case):
     args, _ = make(rng, [2, 3], 64, 24, torch.float32, op=op)
-    bad, match = {"grouped_int4_linear": BAD, "grouped_int8_linear": BAD_INT8, "grouped_vq_linear": BAD_VQ}[op][case]
+    bad, match = {"grouped_int4_linear": BAD, "grouped_int8_linear": BAD_INT8, "grouped_vq_linear": BAD_VQ,
+                  "grouped_lut_linear": BAD_LUT}[op][case]
     with pytest.raises(ValueError, match=match):
         getattr(rk.ops, op)(*bad(args))
 
@@ -269,7 +288,7 @@ def test_gpu_matches_float64(rng, op, dtype, case):
 
 # the CUDA kernels' paths (csrc/grouped_quant.cuh): the small-M kernel's tiles (T = 1, 2, 8, 16, 32, 64; 70 rows of
 # one expert in two 64-row chunks), split K at decode, and the fallback (int8 rows of 100 bytes; VQ with d = 3, and
-# pairs with a codebook per 4 rows; switched off)
+# pairs with a codebook per 4 rows; LUT code rows of 50 bytes; switched off)
 CUDA_CASES = [([1, 0, 0, 0, 0, 0, 0, 0], 4096, 1024, {}), ([0, 1, 0, 1], 2048, 512, {}),
               ([3, 0, 5], 1024, 700, {"tail": 1}), ([9, 0, 7], 512, 264, {}), ([20, 1, 11], 256, 72, {}),
               ([40, 17, 0, 7], 640, 130, {}), ([0, 70, 3, 27], 256, 96, {"tail": 5})]
@@ -282,7 +301,8 @@ CUDA_CASES = [([1, 0, 0, 0, 0, 0, 0, 0], 4096, 1024, {}), ([0, 1, 0, 1], 2048, 5
 def test_gpu_cuda_kernel_paths(rng, monkeypatch, op, dtype, small_m):
     monkeypatch.setenv("REPARAM_GROUPED_SMALL_M", small_m)  # read by the C++ op at every call
     extra = {"grouped_int8_linear": [([3, 0, 5], 100, 33, {"tail": 2})],
-             "grouped_vq_linear": [([3, 0, 5], 99, 33, {"tail": 2, "d": 3}), ([2, 9], 64, 40, {"books": 10})]}
+             "grouped_vq_linear": [([3, 0, 5], 99, 33, {"tail": 2, "d": 3}), ([2, 9], 64, 40, {"books": 10})],
+             "grouped_lut_linear": [([3, 0, 5], 100, 33, {"tail": 2})]}
     cases = CUDA_CASES + extra.get(op, [])
     for counts, K, N, kw in cases:
         args, want = make(rng, counts, K, N, dtype, group=64, device="cuda", op=op, **kw)

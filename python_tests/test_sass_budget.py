@@ -109,6 +109,9 @@ BUDGET = {
     # ... and VQ pairs with each CTA's codebooks of its expert in shared memory (257 / 304 now; vq_linear: 256 / 302)
     "small_m_grouped_kernel<VqPairFrag<__half>, __half, 0, 4>": 275,
     "small_m_grouped_kernel<VqPairFrag<__half>, __half, 1, 4>": 320,
+    # ... and 4-bit LUT, the row's table in registers (396 / 443 now; lut_linear: 396 / 442)
+    "small_m_grouped_kernel<LutFrag<__half>, __half, 0, 4>": 425,
+    "small_m_grouped_kernel<LutFrag<__half>, __half, 1, 4>": 480,
     # VQ pairs: a PRMT, an IMAD and an LDS per code (256 / 302 now)
     "small_m_kernel<VqPairFrag<__half>, __half, 0, 4>": 275,
     "small_m_kernel<VqPairFrag<__half>, __half, 1, 4>": 320,

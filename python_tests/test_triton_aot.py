@@ -17,8 +17,8 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 pytestmark = pytest.mark.skipif(not os.path.exists(PTXAS), reason="Triton's NVIDIA backend tools are missing")
 
 SMEM_LIMIT = 99 * 1024
-OPS = ["int4_linear", "grouped_int4", "grouped_int8", "grouped_vq", "int8_linear", "lut_linear", "vq_linear", "matmul_nt", "pivot_t",
-       "grouped_lowrank_v", "grouped_lowrank_u"]
+OPS = ["int4_linear", "grouped_int4", "grouped_int8", "grouped_vq", "grouped_lut", "int8_linear", "lut_linear", "vq_linear",
+       "matmul_nt", "pivot_t", "grouped_lowrank_v", "grouped_lowrank_u"]
 # (grouped_lowrank_*: compiled with the layout's row_align = 8 promise, without which its weight rows — runtime
 # lengths, each expert's rank — load 2 bytes at a time, as the first version of it did: 0.33 warp instructions a
 # weight byte against 0.04)

@@ -36,6 +36,9 @@ SCHEMAS = {
     # the same for vector-quantized experts: codes[e] uint8 [N, K/d], codebooks[e] [L, C <= 256, d] (vq_linear's
     # layout), bias[e] [N]
     "grouped_vq_linear": "grouped_vq_linear(Tensor x, Tensor expert_offsets, Tensor codes, Tensor codebooks, Tensor? bias) -> Tensor",
+    # the same for 4-bit lookup-table experts: codes[e] uint8 [N, K/2] (low nibble = even k), lut[e] [L, 16]
+    # (lut_linear's layout), bias[e] [N]
+    "grouped_lut_linear": "grouped_lut_linear(Tensor x, Tensor expert_offsets, Tensor codes, Tensor lut, Tensor? bias) -> Tensor",
     # the same for low-rank experts of ragged ranks r_e (no padding): u flat, expert e's u[e] [N, r_e] at element
     # N·factor_offsets[0, e]; v flat, expert e's v[e] [r_e, K] (pivoted, perm [E, K] given: w[e] [r_e, K - r_e]) at
     # element factor_offsets[1, e]; factor_offsets int64 [2, E + 1]; max_rank >= every r_e; row_align divides every

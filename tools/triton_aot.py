@@ -25,10 +25,10 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from reparam_kernels.triton import _tiles  # noqa: E402
 
-(int4_linear, grouped_int4, grouped_int8, grouped_vq, grouped_lowrank, int8_linear, lut_linear, vq_linear, matmul_nt,
- pivoted) = (importlib.import_module(f"reparam_kernels.triton.{op}")
-             for op in ("int4_linear", "grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear",
-                        "grouped_lowrank_linear", "int8_linear", "lut_linear", "vq_linear", "_matmul_nt",
+(int4_linear, grouped_int4, grouped_int8, grouped_vq, grouped_lut, grouped_lowrank, int8_linear, lut_linear, vq_linear,
+ matmul_nt, pivoted) = (importlib.import_module(f"reparam_kernels.triton.{op}")
+                        for op in ("int4_linear", "grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear",
+                                   "grouped_lut_linear", "grouped_lowrank_linear", "int8_linear", "lut_linear", "vq_linear", "_matmul_nt",
                         "pivoted_lowrank_linear"))
 
 GROUPED_EXPERTS = 8
@@ -51,6 +51,11 @@ KERNELS = {
                    {"x_ptr": "*fp16", "off_ptr": "*i64", "ends_ptr": "*i64", "c_ptr": "*u8", "book_ptr": "*fp16",
                     "T": "i32", "E": "i32", "tiles_m": "i32", "rows_per_book": "i32", "book_stride": "i32",
                     "books_per_expert": "i32"}, {"D": 2}, 128, 0.5),
+    # log 4-bit experts: a table a row (rows_per_table = 1)
+    "grouped_lut": (grouped_lut._grouped_lut_kernel,
+                    {"x_ptr": "*fp16", "off_ptr": "*i64", "ends_ptr": "*i64", "c_ptr": "*u8", "lut_ptr": "*fp16",
+                     "T": "i32", "E": "i32", "tiles_m": "i32", "rows_per_table": "i32", "tables_per_expert": "i32"},
+                    {}, 128, 0.5),
     # low-rank experts of ragged ranks (max rank N/4 here): step 1 x·wᵀ, pivoted (x's columns gathered; N = the
     # max rank), step 2 h·uᵀ (h fp32; K = the max rank). The experts' row lengths are runtime values, so the
     # weight loads cannot be proved aligned: scalar loads (tools' report says how many)
@@ -95,7 +100,8 @@ def compile_one(op, cls, arch, dtype="fp16"):
         plan = grouped_lowrank.plans(m, GROUPED_EXPERTS, n, k, n, fp32=dtype == "fp32")[0]
     if op.startswith("grouped_") and not op.startswith("grouped_lowrank"):  # (m256: 256 rows of 8 experts ...
         plan = grouped_int4.plan(m, GROUPED_EXPERTS, n, k, bk_limit, fp32=dtype == "fp32") if op == "grouped_int4" \
-            else (grouped_int8 if op == "grouped_int8" else grouped_vq).plan(m, GROUPED_EXPERTS, n, k, fp32=dtype == "fp32")
+            else {"grouped_int8": grouped_int8, "grouped_vq": grouped_vq, "grouped_lut": grouped_lut}[op].plan(
+                m, GROUPED_EXPERTS, n, k, fp32=dtype == "fp32")
     if op.startswith("grouped_"):  # ... are 8 row tiles of 32, the packed map)
         t = plan.tiles
         const_extra = dict(const_extra, PACKED=plan.packed, SEARCH=plan.search)
@@ -114,6 +120,7 @@ def compile_one(op, cls, arch, dtype="fp16"):
                   stride_cs=m * n, one_bits=0x3F800000, R=n, KR=k, stride_wr=k, stride_ts=m * n, rows_per_book=n,
                   book_stride=512, T=m, tiles_m=triton.cdiv(m, t.bm), E=GROUPED_EXPERTS,
                   books_per_expert=n // 64,  # grouped_vq: GPTVQ's codebook per 64 rows
+                  tables_per_expert=n,  # grouped_lut: log 4-bit's table a row
                   b_numel=GROUPED_EXPERTS * n * k)
     if op == "int4_linear" and t.gemv:  # the GEMV reads the codes as int32 words (int4_linear.py)
         sig["q_ptr"], values["stride_qn"] = "*i32", k // 8

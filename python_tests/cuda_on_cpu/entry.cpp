@@ -17,6 +17,7 @@ Tensor int8_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribu
 Tensor int4_linear_cuda(Tensor, Tensor, Tensor, Tensor, int64_t, std::optional<Tensor>) __attribute__((weak));
 Tensor grouped_int8_linear_cuda(Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor grouped_int4_linear_cuda(Tensor, Tensor, Tensor, Tensor, Tensor, int64_t, std::optional<Tensor>) __attribute__((weak));
+Tensor grouped_lut_linear_cuda(Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor grouped_vq_linear_cuda(Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor lut_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor vq_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
@@ -74,6 +75,8 @@ Tensor call(const std::string& op, const RkTensor* t, int nt, const int64_t* int
   if (op == "grouped_int4_linear")
     return built(&grouped_int4_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), adopt(t[4]), ints[0],
                                                opt(t, nt, 5));
+  if (op == "grouped_lut_linear")
+    return built(&grouped_lut_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), opt(t, nt, 4));
   if (op == "grouped_vq_linear")
     return built(&grouped_vq_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), opt(t, nt, 4));
   if (op == "lut_linear") return built(&lut_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), opt(t, nt, 3));

@@ -12,12 +12,12 @@ the weighted grids use the routed tokens' statistics (an expert no calibration t
 none: methods that need statistics treat it as they treat any unreached layer).
 
 Forward, two paths:
-- grouped: when each projection's experts are Int4Linear, Int8Linear or vector-quantized LUTLinear (GPTVQ) of
-  one configuration, or low-rank (LowRankLinear / PivotedLowRankLinear of any ranks, with Linears a rank
+- grouped: when each projection's experts are Int4Linear, Int8Linear or LUTLinear (GPTVQ, log 8-bit; log and
+  k-means 4-bit) of one configuration, or low-rank (LowRankLinear / PivotedLowRankLinear of any ranks, with Linears a rank
   allocation kept dense), ``group()`` stacks their tensors into [E, …] storage (low rank: flat, one expert after
   the other; the experts' own tensors become views of it, no second copy) and forward runs each projection of
   all experts as one ``reparam.grouped_int4_linear`` / ``grouped_int8_linear`` / ``grouped_vq_linear`` /
-  ``grouped_lowrank_linear`` call over the routed rows
+  ``grouped_lut_linear`` / ``grouped_lowrank_linear`` call over the routed rows
   sorted by expert: no host sync, so capturable in a CUDA graph and free of graph breaks under
   torch.compile. ``compress`` and ``load_compressed`` group what they build (``group_experts``); moving or
   casting the module (``.to``) groups again. Used unless an expert's scales, zeros or codebooks need a gradient
@@ -249,7 +249,7 @@ def _grouped_format(layer):
     from ..nn.lowrank import LowRankLinear
     from ..nn.pivoted import PivotedLowRankLinear
     from ..nn.quant import Int4Linear, Int8Linear, LUTLinear
-    from ..ops import grouped_int4_linear, grouped_int8_linear, grouped_vq_linear
+    from ..ops import grouped_int4_linear, grouped_int8_linear, grouped_lut_linear, grouped_vq_linear
 
     kind = type(layer)
     if kind is Int4Linear:
@@ -258,6 +258,8 @@ def _grouped_format(layer):
         return _along_experts(grouped_int8_linear, kind, ("qweight", "scales"), lambda m: ())
     if kind is LUTLinear and layer.kernel == "vq_linear" and layer.codes.dtype == torch.uint8:  # GPTVQ, log 8-bit
         return _along_experts(grouped_vq_linear, kind, ("codes", "codebooks"), lambda m: ())
+    if kind is LUTLinear and layer.kernel == "lut_linear":  # log and k-means 4-bit: two codes a byte, [L, 16] tables
+        return _along_experts(grouped_lut_linear, kind, ("codes", "lut"), lambda m: ())
     if kind in (LowRankLinear, PivotedLowRankLinear):
         return _lowrank_format()
     return None

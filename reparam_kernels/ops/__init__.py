@@ -12,6 +12,7 @@ from .int4_linear import int4_linear
 from .grouped_int4_linear import grouped_int4_linear
 from .grouped_int8_linear import grouped_int8_linear
 from .grouped_vq_linear import grouped_vq_linear
+from .grouped_lut_linear import grouped_lut_linear
 from .grouped_lowrank_linear import grouped_lowrank_linear
 from .lut_linear import lut_linear
 from .vq_linear import vq_linear
@@ -19,4 +20,5 @@ from .vq_linear import vq_linear
 __all__ = ["lowrank_linear", "pivoted_lowrank_linear"]
 __all__ += ["block_circulant_linear", "block_circulant_cols_linear", "toeplitz_linear"]
 __all__ += ["int8_linear", "int4_linear", "lut_linear", "vq_linear"]
-__all__ += ["grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear", "grouped_lowrank_linear"]
+__all__ += ["grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear", "grouped_lut_linear",
+            "grouped_lowrank_linear"]
