@@ -123,7 +123,8 @@ def backend_for(name, device_type, dtype):
         why = gpu_why
     elif has_cuda_kernel(name) and spec.cuda_impl_registered is False:
         if dtype in spec.cuda_dtypes:
-            return "cuda", "CUDA extension kernel"
+            return "cuda", ("CUDA extension kernel" if spec.fast_layout is None else
+                            "CUDA extension kernel (layouts its fast loop does not take: the Triton kernel)")
         why = f"CUDA kernel takes {_names(spec.cuda_dtypes)}, not {_names((dtype,))}"
     elif _extension.LOADED:
         why = "the CUDA extension has no kernel for this op"
