@@ -29,6 +29,8 @@ RECIPES = {  # name: (the rule's settings; the patterns on the dense model and o
     "int8": "int8",
     "int4": "int4",  # group_size auto: 64 on the 576 inputs, 128 on the 1536 (as the built-in recipe)
     "int4_gptq": {"method": "int4", "gptq": True},
+    # 4-bit log codes, a 16-entry table a row (grouped_lut_linear's layout since session 34)
+    "log4": {"method": "log", "bits": 4},
     # the default recipe's rule: whitened, Fisher-weighted, pivoted low rank, 20% fewer parameters allocated globally
     "lowrank_global": {"method": "lowrank", "ratio": 0.2, "whiten": True, "fisher": True, "allocate": "global",
                        "pivoted": True},
@@ -70,7 +72,7 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--windows", type=int, default=4, help="evaluation windows of 1024 tokens")
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--recipes", default="int8,int4,int4_gptq,lowrank_global", help="from " + ",".join(RECIPES))
     p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences of 512 tokens of Emma")
     p.add_argument("--expert-prior", type=int, default=None,
                    help="compress(expert_prior=): rows of prior in each expert's statistics (default in_features; 0 none)")
