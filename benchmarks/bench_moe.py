@@ -19,7 +19,10 @@ passes). Contenders, all on the same rows:
 - peer ``torch_grouped_mm``: ``torch._grouped_mm`` on the dense experts (one launch; where torch has it
   for the dtype and GPU — otherwise recorded as not timed);
 - peer ``triton`` (int4, int8, gptvq, log4): the op's Triton kernel, which the CUDA kernel (csrc/grouped_quant.cuh)
-  replaced untimed; the run says which is faster.
+  replaced untimed; the run says which is faster;
+- peer ``cuda_fallback`` (the same formats, M <= 128): the CUDA op with ``REPARAM_GROUPED_SMALL_M=0``, its
+  warp-per-output fallback kernel — what the layouts off the loop would cost without the wrappers' routing to
+  Triton.
 
 Several routings (and x) rotate through the timed calls, so the experts one call reads are not left in L2
 by the previous one. Checked against float64 before timing. Writes
@@ -30,7 +33,7 @@ and ``flops``. int4 only by default (``--formats``): the formats of issue 3's de
 import torch
 
 from common import (DTYPES, Contender, Results, bench_arg_parser, measure_ceilings, progress, require_cuda,
-                    rotation_count, run_case)
+                    rotation_count, run_case, with_env)
 
 import reparam_kernels
 from reparam_kernels.compress.quantize import pack_int4
@@ -158,6 +161,12 @@ def bench_case(res, model, proj, N, K, T, dtype, modes, fmt="int4", device="cuda
     if fmt in ("int4", "int8", "gptvq", "log4") and device == "cuda":  # the Triton kernel the CUDA one replaced, in the same run
         triton_fn = getattr(reparam_kernels.triton, OPS[fmt])
         peers["triton"] = Contender(lambda x, o: triton_fn(x, o, *weights, None), sets)
+        # the CUDA op's fallback kernel (a warp per output), which layouts off its loop would take but for the
+        # wrappers' routing to Triton (docs/quant.md): what that routing saves. Up to 128 rows: it reads the
+        # weights once a row, so a prefill would spend the script's time budget on it
+        if M <= 128:
+            peers["cuda_fallback"] = Contender(with_env(lambda x, o: op(x, o, *weights, None),
+                                                        "REPARAM_GROUPED_SMALL_M", "0"), sets)
     x0, o0 = sets[0]
 
     def reference():
