@@ -39,23 +39,20 @@ class GroupedProbe(nn.Module):
 
     def __init__(self, fmt, K, N, dtype, device, experts=3):
         super().__init__()
-        from reparam_kernels import nn as rnn
+        from reparam_kernels import nn as rnn, ops
         from reparam_kernels.reference.lut_linear import dequantize_lut
         from reparam_kernels.reference.vq_linear import dequantize_vq
 
-        self.fmt, self.in_features, self.n_experts = fmt, K, experts
-        self.stacked_bias = torch.randn(experts, N, device=device).to(dtype)
-        if fmt == "gptvq":
+        self.in_features, self.consts = K, ()
+        self.op = {"int4": ops.grouped_int4_linear, "int8": ops.grouped_int8_linear, "gptvq": ops.grouped_vq_linear,
+                   "log4": ops.grouped_lut_linear}[fmt]
+        if fmt in ("gptvq", "log4"):  # random codes, a byte a pair (gptvq) or two 4-bit codes (log4)
             codes = torch.randint(0, 256, (experts, N, K // 2), device=device, dtype=torch.uint8)
-            books = (torch.randn(experts, N // 64, 256, 2, device=device) * 0.05).to(dtype)
-            self.stacked = [codes, books]
-            self.dense = [dequantize_vq(codes[e], books[e], torch.float64) for e in range(experts)]
-            return
-        if fmt == "log4":
-            codes = torch.randint(0, 256, (experts, N, K // 2), device=device, dtype=torch.uint8)
-            lut = (torch.randn(experts, N, 16, device=device) * 0.05).to(dtype)
-            self.stacked = [codes, lut]
-            self.dense = [dequantize_lut(codes[e], lut[e], torch.float64) for e in range(experts)]
+            shape, dequantize = ((N // 64, 256, 2), dequantize_vq) if fmt == "gptvq" else ((N, 16), dequantize_lut)
+            tables = (torch.randn(experts, *shape, device=device) * 0.05).to(dtype)
+            self.stacked = [codes, tables]
+            self.stacked_bias = torch.randn(experts, N, device=device).to(dtype)
+            self.dense = [dequantize(codes[e], tables[e], torch.float64) for e in range(experts)]
             return
 
         def one():
@@ -63,7 +60,8 @@ class GroupedProbe(nn.Module):
             return (rnn.Int4Linear.from_linear(dense, group_size=128) if fmt == "int4" else
                     rnn.Int8Linear.from_linear(dense))
         layers = [one() for _ in range(experts)]
-        self.group_size = layers[0].group_size if fmt == "int4" else None
+        if fmt == "int4":
+            self.consts = (layers[0].group_size,)
         names = ("qweight", "scales", "zeros") if fmt == "int4" else ("qweight", "scales")
         self.stacked = [torch.stack([getattr(e, n) for e in layers]) for n in names]
         self.stacked_bias = torch.stack([e.bias for e in layers])
@@ -71,18 +69,10 @@ class GroupedProbe(nn.Module):
 
     def offsets(self, m, device):
         half = (m - 1) // 2
-        return torch.tensor([0, half, half, m - 1] + [m - 1] * (self.n_experts - 3), device=device)
+        return torch.tensor([0, half, half, m - 1] + [m - 1] * (len(self.dense) - 3), device=device)
 
     def forward(self, x):
-        from reparam_kernels import ops
-        o = self.offsets(x.shape[0], x.device)
-        if self.fmt == "int4":
-            return ops.grouped_int4_linear(x, o, *self.stacked, self.group_size, self.stacked_bias)
-        if self.fmt == "gptvq":
-            return ops.grouped_vq_linear(x, o, *self.stacked, self.stacked_bias)
-        if self.fmt == "log4":
-            return ops.grouped_lut_linear(x, o, *self.stacked, self.stacked_bias)
-        return ops.grouped_int8_linear(x, o, *self.stacked, self.stacked_bias)
+        return self.op(x, self.offsets(x.shape[0], x.device), *self.stacked, *self.consts, self.stacked_bias)
 
     def reference(self, x):
         bounds = self.offsets(x.shape[0], x.device).tolist()

@@ -30,11 +30,9 @@ Tensor grouped_int4_linear_cuda(Tensor x, Tensor expert_offsets, Tensor qweight,
     const bool pow2_group = (group_size & (group_size - 1)) == 0;
     const int shift = pow2_group ? ilog2(group_size) : -1;
     // the [E N, K / 2] stack: K % 32 == 0, so every row is 16-byte aligned when the base is
-    grouped::linear(Int4Frag<T>{qp, sp, zp, K, shift}, pow2_group && aligned16(qp),
-                    Int4Dec<T>{qp, sp, zp, K, G, group_size, aligned16(qp), shift}, static_cast<const T*>(xc.data_ptr()),
-                    static_cast<const int64_t*>(expert_offsets.data_ptr()), E,
-                    bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr, static_cast<T*>(y.data_ptr()),
-                    xc.size(0), N, K, xc, stream);
+    grouped::linear<T>(Int4Frag<T>{qp, sp, zp, K, shift}, pow2_group && aligned16(qp),
+                       Int4Dec<T>{qp, sp, zp, K, G, group_size, aligned16(qp), shift}, xc, expert_offsets, E, bias, y,
+                       N, K, stream);
   });
 }
 

@@ -21,10 +21,8 @@ Tensor grouped_int8_linear_cuda(Tensor x, Tensor expert_offsets, Tensor qweight,
     const uint8_t* qp = static_cast<const uint8_t*>(qweight.data_ptr());
     const T* sp = static_cast<const T*>(scales.data_ptr());
     const bool rows_aligned = K % 16 == 0 && aligned16(qp);  // of the [E N, K] stack
-    grouped::linear(Int8Frag<T>{{qp, K}, sp}, rows_aligned, Int8Dec<T>{qp, sp, K, rows_aligned},
-                    static_cast<const T*>(xc.data_ptr()), static_cast<const int64_t*>(expert_offsets.data_ptr()), E,
-                    bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr, static_cast<T*>(y.data_ptr()),
-                    xc.size(0), N, K, xc, stream);
+    grouped::linear<T>(Int8Frag<T>{{qp, K}, sp}, rows_aligned, Int8Dec<T>{qp, sp, K, rows_aligned}, xc,
+                       expert_offsets, E, bias, y, N, K, stream);
   });
 }
 

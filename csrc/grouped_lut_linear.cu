@@ -26,10 +26,8 @@ Tensor grouped_lut_linear_cuda(Tensor x, Tensor expert_offsets, Tensor codes, Te
     const T* lp = static_cast<const T*>(lut.data_ptr());
     const bool aligned = K % 32 == 0 && aligned16(cp) && aligned16(lp);  // 16-byte code rows, 32-byte tables
     const bool vec = (K / 2) % 16 == 0 && aligned16(cp);
-    grouped::linear(LutFrag<T>{cp, lp, K, N / L}, aligned, LutDec<T>{cp, lp, K, N / L, vec},
-                    static_cast<const T*>(xc.data_ptr()), static_cast<const int64_t*>(expert_offsets.data_ptr()), E,
-                    bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr, static_cast<T*>(y.data_ptr()),
-                    xc.size(0), N, K, xc, stream);
+    grouped::linear<T>(LutFrag<T>{cp, lp, K, N / L}, aligned, LutDec<T>{cp, lp, K, N / L, vec}, xc, expert_offsets, E,
+                       bias, y, N, K, stream);
   });
 }
 

@@ -13,8 +13,8 @@
 //   CTA z takes expert z / slots and its rows chunk z % slots + slots (x / columns) of kCap rows (the tile's
 //   rows; slots = chunks unless E x chunks passes the grid's 65535: then the rest ride on x, past the
 //   columns). The host knows only T, so the tile is chosen by T (at decode an expert has at most T = tokens x
-//   top_k rows) and chunks = ceil(T / kCap) covers an expert that takes all of them; a CTA past its expert's rows returns before reading anything (at one token, E - top_k
-//   experts' CTAs). K is split for the (expert, chunk) pairs that can have rows; each pair has its own
+//   top_k rows) and chunks = ceil(T / kCap) covers an expert that takes all of them; a CTA past its expert's
+//   rows returns before reading anything (at one token, E - top_k experts' CTAs). K is split for the (expert, chunk) pairs that can have rows; each pair has its own
 //   split-K counters and its own fp32 partials. A format with shared-memory tables (VqPairFrag's codebooks)
 //   has each CTA stage its column block's tables of its expert (run_unit finds them by the stack's rows).
 // * grouped_dec_kernel: the fallback where the loop's layout requirements fail (K not a multiple of the
@@ -95,12 +95,8 @@ bool launch_small_m(const Frag& frag, const T* x, const int64_t* offsets, int64_
   if (slots < 1 || chunks >= (int64_t(1) << 31)) return false;
   const int64_t layers = (chunks + slots - 1) / slots;  // of chunks along x, each `columns` CTAs
   const int device = like.get_device_index();
-  int smem = 0;  // the format's shared-memory tables (VqPairFrag's codebooks), staged by each CTA
-  if constexpr (small_m::has_smem_tables<Frag>::value) {
-    if (Frag::kTableBytes + 16 * 1024 > max_smem_optin(device)) return false;  // (+ the K-warp sums)
-    allow_smem_optin<small_m_grouped>(device, Frag::kTableBytes);
-    smem = Frag::kTableBytes;
-  }
+  const int smem = small_m::table_smem<small_m_grouped, Frag>(device);  // (VqPairFrag's codebooks, staged by each CTA)
+  if (smem < 0) return false;
   small_m::Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, kCap, N, K, 0, 0, 0, small_m::l2_ahead_from_env()};
   // (expert, chunk) pairs that can hold rows: every chunk but each expert's last is full
   const int64_t busy = std::max<int64_t>(1, std::min(E * slots, T_ / kCap + std::min(E, T_)));
@@ -171,11 +167,10 @@ void launch_dec(const Dec& dec, const T* x, const int64_t* offsets, int64_t E, c
   RK_CUDA_CHECK(cudaGetLastError());
 }
 
-// The checks every grouped op makes besides its format's: x [T, K] (the weights' K), expert_offsets int64
-// [E + 1], bias [E, N]; all on x's device.
+// The checks every grouped op makes besides its format's and check_x (which each op makes first): x [T, K] (the
+// weights' K), expert_offsets int64 [E + 1], bias [E, N]; all on x's device.
 inline void check_rows(const char* op, const Tensor& x, const Tensor& expert_offsets, int64_t E, int64_t N, int64_t K,
                        const std::optional<Tensor>& bias) {
-  check_x(op, x);
   STD_TORCH_CHECK(x.dim() == 2, "reparam.", op, ": `x` must be 2-D [rows, in_features]");
   STD_TORCH_CHECK(K > 0, "reparam.", op, ": in_features K must be positive");
   STD_TORCH_CHECK(x.size(1) == K, "reparam.", op, ": `x` last dimension must equal the experts' in_features ", K);
@@ -203,12 +198,19 @@ Tensor with_output(const char* op, const Tensor& x, int64_t N, F&& run) {
 // REPARAM_GROUPED_SMALL_M=0: every grouped call takes the fallback kernel (A/B runs, bisecting).
 inline bool small_m_enabled() { return env_switch_on("REPARAM_GROUPED_SMALL_M"); }
 
-// y [T, N] = each expert's rows of x through its weights: the small-M kernel where `frag_ok` (the format's
-// layout fits it: lane-block K, aligned rows, 32-bit offsets of the stack) and the GPU takes it, else the
-// fallback. Rows in no expert's range are zeroed first (the small-M kernel writes only its experts' rows).
-template <class Frag, class Dec, class T>
-void linear(const Frag& frag, bool frag_ok, const Dec& dec, const T* x, const int64_t* offsets, int64_t E,
-            const T* bias, T* y, int64_t T_, int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
+// y [T, N] = each expert's rows of x [T, K] (contiguous, of dtype T) through its weights: the small-M kernel where
+// `frag_ok` (the format's layout fits it: lane-block K, aligned rows, 32-bit offsets of the stack) and the GPU
+// takes it, else the fallback. Rows in no expert's range are zeroed first (the small-M kernel writes only its
+// experts' rows).
+template <class T, class Frag, class Dec>
+void linear(const Frag& frag, bool frag_ok, const Dec& dec, const Tensor& xc, const Tensor& expert_offsets, int64_t E,
+            const std::optional<Tensor>& bias_t, Tensor& y_t, int64_t N, int64_t K, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(xc.data_ptr());
+  const int64_t* offsets = static_cast<const int64_t*>(expert_offsets.data_ptr());
+  const T* bias = bias_t.has_value() ? static_cast<const T*>(bias_t->data_ptr()) : nullptr;
+  T* y = static_cast<T*>(y_t.data_ptr());
+  const int64_t T_ = xc.size(0);
+  const Tensor& like = xc;
   const bool fits = frag_ok && small_m_enabled() && small_m::compute_major(like.get_device_index()) >= 8 &&
                     K % Frag::kLaneK == 0 && K < small_m::kMaxK && small_m::rows_fit32(E * N, K) && aligned16(x);
   if (fits) {

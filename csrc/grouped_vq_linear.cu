@@ -37,10 +37,8 @@ Tensor grouped_vq_linear_cuda(Tensor x, Tensor expert_offsets, Tensor codes, Ten
     const bool pairs = d == 2 && K % 32 == 0 && aligned16(cp) && reinterpret_cast<uintptr_t>(bp) % 4 == 0 &&
                        books_fit_slots(L, rpb) && pairs_small_m_enabled();
     const bool vec = aligned16(cp) && ((d == 1 && len % 16 == 0) || (d == 2 && len % 8 == 0));
-    grouped::linear(VqPairFrag<T>{cp, bp, K, rpb, E * L, C}, pairs, VqDec<T>{cp, bp, K, rpb, C * d, int(d), vec},
-                    static_cast<const T*>(xc.data_ptr()), static_cast<const int64_t*>(expert_offsets.data_ptr()), E,
-                    bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr, static_cast<T*>(y.data_ptr()),
-                    xc.size(0), N, K, xc, stream);
+    grouped::linear<T>(VqPairFrag<T>{cp, bp, K, rpb, E * L, C}, pairs, VqDec<T>{cp, bp, K, rpb, C * d, int(d), vec},
+                       xc, expert_offsets, E, bias, y, N, K, stream);
   });
 }
 

@@ -147,16 +147,27 @@ bool try_ring(const Problem<Frag, T>& p, int smem, const Tensor& like, cudaStrea
          launch_with<RingKernel, NG>(p, smem, like, stream);
 }
 
+// The dynamic shared memory a kernel running Frag needs for its tables (0: Frag has none), with Kernel allowed
+// to take it; -1 where the tables and the K-warp sums (16 KB) do not fit the device.
+template <auto Kernel, class Frag>
+int table_smem(int device) {
+  if constexpr (has_smem_tables<Frag>::value) {
+    if (Frag::kTableBytes + 16 * 1024 > max_smem_optin(device)) return -1;
+    allow_smem_optin<Kernel>(device, Frag::kTableBytes);
+    return Frag::kTableBytes;
+  } else {
+    return 0;
+  }
+}
+
 template <class Frag, class T, int MT, int NG>
 bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
             const Tensor& like, cudaStream_t stream) {
   constexpr auto kernel = small_m_kernel<Frag, T, MT, NG>;
   const Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0, l2_ahead_from_env()};
   if constexpr (has_smem_tables<Frag>::value) {  // the tables take the shared memory a ring would
-    const int device = like.get_device_index();
-    if (Frag::kTableBytes + 16 * 1024 > max_smem_optin(device)) return false;  // (+ the K-warp sums)
-    allow_smem_optin<kernel>(device, Frag::kTableBytes);
-    return launch_with<kernel, NG>(p, Frag::kTableBytes, like, stream);
+    const int smem = table_smem<kernel, Frag>(like.get_device_index());
+    return smem >= 0 && launch_with<kernel, NG>(p, smem, like, stream);
   } else {
     if constexpr (x_fits_ring<Frag, MT>()) {
       if (ring_mode() == 2 && try_ring<small_m_ring_kernel<Frag, T, MT, NG, true>, kernel, NG>(

@@ -192,12 +192,14 @@ def autocast(x, *side):
 BACKEND_CACHE = {}
 
 
-def _cached_backend(name, x):
-    key = (name, x.device, x.dtype)
+def _cached_backend(name, x, choose=None):
+    """`choose`(name, device type, dtype) (backend_for by default) for x, once per process (BACKEND_CACHE)."""
+    choose = choose or backend_for
+    key = (choose, name, x.device, x.dtype)
     hit = BACKEND_CACHE.get(key)
     if hit is None:
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            hit = BACKEND_CACHE[key] = backend_for(name, x.device.type, x.dtype)
+            hit = BACKEND_CACHE[key] = choose(name, x.device.type, x.dtype)
     return hit
 
 
@@ -219,25 +221,19 @@ def off_layout_backend_for(name, device_type, dtype):
     return "cuda", f"a layout off the CUDA kernel's fast path ({twhy}: its fallback runs it)"
 
 
-def _off_layout_backend(name, x):
-    key = ("off layout", name, x.device, x.dtype)
-    hit = BACKEND_CACHE.get(key)
-    if hit is None:
-        hit = BACKEND_CACHE[key] = off_layout_backend_for(name, x.device.type, x.dtype)
-    return hit
+def _route_layout(spec, args, backend, why, needs_grad):
+    """(backend, why) given backend_of's: a layout the C++ kernel takes only through a slow fallback
+    (spec.fast_layout) goes to Triton where it can in eager mode without gradients (the C++ op holds the op's
+    autograd, and a compiled graph keeps the op: a Triton launch traced into it is not tested)."""
+    if (backend == "cuda" and spec.fast_layout is not None and not needs_grad and not torch.compiler.is_compiling()
+            and not spec.fast_layout(*args)):
+        return _cached_backend(spec.name, args[0], off_layout_backend_for)
+    return backend, why
 
 
 def route(name, *args, needs_grad=False):
-    """(backend, why) for this call of op `name`: backend_of's choice, but a layout the C++ kernel takes only
-    through a slow fallback (OpSpec.fast_layout) goes to Triton where it can in eager mode without gradients
-    (the C++ op holds the op's autograd, and a compiled graph keeps the op: a Triton launch traced into it is
-    not tested)."""
-    backend, why = backend_of(name, args[0])
-    fast_layout = REGISTRY[name].fast_layout
-    if (backend == "cuda" and fast_layout is not None and not needs_grad and not torch.compiler.is_compiling()
-            and not fast_layout(*args)):
-        return _off_layout_backend(name, args[0])
-    return backend, why
+    """(backend, why) for this call of op `name` (what ``call`` runs)."""
+    return _route_layout(REGISTRY[name], args, *backend_of(name, args[0]), needs_grad)
 
 
 def call(name, *args):
@@ -248,7 +244,9 @@ def call(name, *args):
     compiling = torch.compiler.is_compiling()
     # (dynamo cannot trace torch's C test of requires_grad; the generator it can)
     needs_grad = torch.is_grad_enabled() and (_any_requires_grad_py if compiling else _any_requires_grad)(*args)
-    backend, why = route(name, *args, needs_grad=needs_grad)
+    backend, why = backend_of(name, x)
+    if spec.fast_layout is not None:  # (one attribute test on the other ops' path)
+        backend, why = _route_layout(spec, args, backend, why, needs_grad)
     if backend == "cuda" or not x.is_cuda or spec.cuda_impl_registered:
         # Through the dispatcher, so the op's registered autograd applies; a
         # Python CUDA impl (no C++ kernel) makes the same backend choice below it.

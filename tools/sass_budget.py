@@ -294,6 +294,7 @@ def threads_of(name: str) -> int | None:
 
 
 SMALL_M = re.compile(r"small_m_(?:ring_|grouped_)?kernel<")
+LOOP_KERNELS = r"small_m_(?:ring_|grouped_)?kernel<|wgmma_kernel<"  # the kernels budget() reports by default
 RING_STAGES = 4  # small_m_gemm.cuh kRingStages: the ring kernels' dynamic shared memory, stages in flight
 
 
@@ -323,7 +324,7 @@ def disassemble(so: str, arch: str = "sm_90a") -> str:
                           check=True).stdout
 
 
-def budget(so: str, arch: str = "sm_90a", pattern: str = r"small_m_(?:ring_|grouped_)?kernel<|wgmma_kernel<") -> list[Row]:
+def budget(so: str, arch: str = "sm_90a", pattern: str = LOOP_KERNELS) -> list[Row]:
     """A Row per kernel of `so` whose demangled name matches `pattern` and that has an mma loop."""
     sass = disassemble(so, arch)
     res = resources(find_cuobjdump(), arch, so)
@@ -394,7 +395,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--so", default=os.path.join(os.path.dirname(__file__), "..", "reparam_kernels", "_C.abi3.so"))
     ap.add_argument("--arch", default="sm_90a")
-    ap.add_argument("--filter", default=r"small_m_(?:ring_|grouped_)?kernel<|wgmma_kernel<")
+    ap.add_argument("--filter", default=LOOP_KERNELS)
     ap.add_argument("--ops", action="store_true", help="also print the opcode mix of each hot path")
     ap.add_argument("--loops", action="store_true",
                     help="print every loop of the kernels --filter matches (size, hot trip, opcode mix) instead")

@@ -3,8 +3,8 @@
 
 Rows, experts and the two maps of programs to row tiles: ``_grouped.py``. The K loop is lut_linear's tl.dot
 path: the program's rows' tables of its expert loaded once, [BN, 16], before the loop; each [BN, BK/2] tile of
-code bytes split into its two nibbles, decoded by tl.gather from those registers and interleaved to match x's
-[BM, BK] tile. Any even K. Not tuned on a GPU yet: no GEMV form for one row an expert, no split of K.
+code bytes split into its two nibbles, decoded by tl.gather from those registers (lut_linear's decode_nibbles)
+and interleaved to match x's [BM, BK] tile. Any even K. Not tuned on a GPU yet: no GEMV form for one row an expert, no split of K.
 """
 import torch
 import triton
@@ -12,6 +12,7 @@ import triton.language as tl
 
 from ._common import dot_nt, store_tile
 from ._grouped import Plan, expert_and_first_row, launch, rows_and_cols
+from .lut_linear import decode_nibbles
 
 
 @triton.jit
@@ -34,8 +35,7 @@ def _grouped_lut_kernel(x_ptr, off_ptr, ends_ptr, c_ptr, lut_ptr, bias_ptr, y_pt
         for k0 in range(0, K, BK):
             kh = k0 // 2 + rh  # byte index: codes of k = 2·kh (low nibble) and 2·kh + 1
             p = tl.load(c_rows + kh[None, :], mask=nmask[:, None] & (kh < half)[None, :], other=0).to(tl.int32)
-            w_lo = tl.gather(table, p & 0xF, axis=1)
-            w_hi = tl.gather(table, (p >> 4) & 0xF, axis=1)
+            w_lo, w_hi = decode_nibbles(table, p)
             kk = k0 + tl.arange(0, BK)
             x = tl.load(x_rows + kk[None, :], mask=xmask & (kk < K)[None, :], other=0.0)
             w = tl.interleave(w_lo.to(x_ptr.dtype.element_ty), w_hi.to(x_ptr.dtype.element_ty))

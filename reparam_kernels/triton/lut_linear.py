@@ -15,6 +15,13 @@ from ._common import INTERPRET, acc_init, acc_result, dot_nt, rows_and_output, s
 
 
 @triton.jit
+def decode_nibbles(table, p):
+    """Code bytes p [BN, BK/2] (int32) through their rows' tables [BN, 16]: the weights of the low nibbles (even k)
+    and of the high nibbles (odd k)."""
+    return tl.gather(table, p & 0xF, axis=1), tl.gather(table, (p >> 4) & 0xF, axis=1)
+
+
+@triton.jit
 def _lut_linear_kernel(x_ptr, c_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, rows_per_table, k_split,
                        stride_qn, stride_xm, stride_ym, stride_ys,
                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
@@ -30,8 +37,7 @@ def _lut_linear_kernel(x_ptr, c_ptr, lut_ptr, bias_ptr, y_ptr, M, N, K, rows_per
         kh = k0 // 2 + rh  # byte index: codes of k = 2·kh (low nibble) and 2·kh + 1
         kmask = kh < stride_qn  # the row's K / 2 bytes (compared in bytes: the loads vectorize)
         p = tl.load(c_rows + kh[None, :], mask=nmask[:, None] & kmask[None, :], other=0).to(tl.int32)
-        w_lo = tl.gather(table, p & 0xF, axis=1)
-        w_hi = tl.gather(table, (p >> 4) & 0xF, axis=1)
+        w_lo, w_hi = decode_nibbles(table, p)
         if GEMV:  # one row of x: two strided loads (they hit L1)
             x_even = tl.load(x_rows + (2 * kh)[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
             x_odd = tl.load(x_rows + (2 * kh + 1)[None, :], mask=kmask[None, :], other=0.0).to(tl.float32)
