@@ -45,9 +45,39 @@ __device__ __forceinline__ void expert_rows(const Rows& r, int e, int64_t& lo, i
 
 constexpr int64_t kMaxGridZ = 65535;  // grid z (a test shrinks it to put chunks on x)
 
+// The expert whose range holds row t (the last such, as the reference's loop writes), or -1.
+__device__ __forceinline__ int64_t expert_of(const Rows& r, int64_t E, int64_t t) {
+  int64_t e = -1;
+  for (int64_t i = 0; i < E; ++i) {
+    int64_t lo, hi;
+    expert_rows(r, int(i), lo, hi);
+    if (lo <= t && t < hi) e = i;
+  }
+  return e;
+}
+
 template <int MT>
 constexpr int rows_per_tile() {
   return MT == 0 ? 8 : 16 * MT;
+}
+
+// How a launch of kCap-row tiles covers T rows of E experts (the host knows only T): `chunks` an expert, `slots`
+// of them along z (E slots <= kMaxGridZ), the rest in `layers` along x; `busy` (expert, chunk) pairs can hold
+// rows (every chunk but each expert's last is full). ok: false where the grid cannot hold it.
+struct ChunkPlan {
+  int64_t chunks, slots, layers, busy;
+  bool ok;
+};
+template <int MT>
+ChunkPlan chunk_plan(int64_t T_, int64_t E) {
+  constexpr int kCap = rows_per_tile<MT>();
+  ChunkPlan c;
+  c.chunks = (T_ + kCap - 1) / kCap;
+  c.slots = std::min<int64_t>(c.chunks, kMaxGridZ / E);
+  c.ok = c.slots >= 1 && c.chunks < (int64_t(1) << 31);
+  c.layers = c.ok ? (c.chunks + c.slots - 1) / c.slots : 0;
+  c.busy = std::max<int64_t>(1, std::min(E * c.slots, T_ / kCap + std::min(E, T_)));
+  return c;
 }
 
 template <class Frag, class T, int MT, int NG>
@@ -84,32 +114,38 @@ __global__ void __launch_bounds__(small_m::kThreads, (small_m::ctas_per_sm<Frag,
 #endif
 }
 
+// Cuts p (its N and K those of the widest expert) into columns x splits so that the busy (expert, chunk) pairs
+// fill the `resident` CTAs, with split-K counters for every (expert, chunk, column) (none: no split) and the fp32
+// partials, `rows` (T x the widest N) a split. Keep the returned tensor until the launch is enqueued.
+template <int NG, class Frag, class T>
+Tensor plan_split(small_m::Problem<Frag, T>& p, const ChunkPlan& c, int64_t E, int64_t rows, int64_t resident,
+                  const Tensor& like, cudaStream_t stream) {
+  small_m::plan<NG>(p, std::max<int64_t>(1, resident / c.busy));
+  if (p.splits > 1) {
+    p.counters = split_k_counters(like.get_device_index(), stream, E * c.chunks * p.columns);
+    if (p.counters == nullptr) small_m::plan<NG>(p, 0);  // more counters than the buffer: no split
+  }
+  Tensor part = torch::stable::new_empty(like, {p.splits > 1 ? p.splits * rows : 1}, ScalarType::Float);
+  p.part = static_cast<float*>(part.data_ptr());
+  return part;
+}
+
 // Launches the small-M grouped kernel with tile MT; false where it cannot (the caller falls back).
 template <class Frag, class T, int MT, int NG>
 bool launch_small_m(const Frag& frag, const T* x, const int64_t* offsets, int64_t E, const T* bias, T* y, int64_t T_,
                     int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
   constexpr auto small_m_grouped = small_m_grouped_kernel<Frag, T, MT, NG>;  // (the name the CPU harness traces)
-  constexpr int kCap = rows_per_tile<MT>();
-  const int64_t chunks = (T_ + kCap - 1) / kCap;
-  const int64_t slots = std::min<int64_t>(chunks, kMaxGridZ / E);  // grid z = E slots
-  if (slots < 1 || chunks >= (int64_t(1) << 31)) return false;
-  const int64_t layers = (chunks + slots - 1) / slots;  // of chunks along x, each `columns` CTAs
+  const ChunkPlan c = chunk_plan<MT>(T_, E);
+  if (!c.ok) return false;
   const int device = like.get_device_index();
   const int smem = small_m::table_smem<small_m_grouped, Frag>(device);  // (VqPairFrag's codebooks, staged by each CTA)
   if (smem < 0) return false;
-  small_m::Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, kCap, N, K, 0, 0, 0, small_m::l2_ahead_from_env()};
-  // (expert, chunk) pairs that can hold rows: every chunk but each expert's last is full
-  const int64_t busy = std::max<int64_t>(1, std::min(E * slots, T_ / kCap + std::min(E, T_)));
-  small_m::plan<NG>(p, std::max<int64_t>(1, small_m::resident_ctas<small_m_grouped>(device, smem) / busy));
-  if (p.columns * layers >= (int64_t(1) << 31)) return false;
-  if (p.splits > 1) {
-    p.counters = split_k_counters(device, stream, E * chunks * p.columns);
-    if (p.counters == nullptr) small_m::plan<NG>(p, 0);  // more counters than the buffer: no split
-  }
-  Tensor part = torch::stable::new_empty(like, {p.splits > 1 ? p.splits * T_ * N : 1}, ScalarType::Float);
-  p.part = static_cast<float*>(part.data_ptr());
-  small_m_grouped<<<dim3(unsigned(p.columns * layers), unsigned(p.splits), unsigned(E * slots)), small_m::kThreads, smem, stream>>>(
-      p, Rows{offsets, T_, int(chunks), int(slots)});
+  small_m::Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, rows_per_tile<MT>(), N, K, 0, 0, 0,
+                              small_m::l2_ahead_from_env()};
+  Tensor part = plan_split<NG>(p, c, E, T_ * N, small_m::resident_ctas<small_m_grouped>(device, smem), like, stream);
+  if (p.columns * c.layers >= (int64_t(1) << 31)) return false;
+  small_m_grouped<<<dim3(unsigned(p.columns * c.layers), unsigned(p.splits), unsigned(E * c.slots)), small_m::kThreads, smem, stream>>>(
+      p, Rows{offsets, T_, int(c.chunks), int(c.slots)});
   RK_CUDA_CHECK(cudaGetLastError());
   return true;
 }
@@ -127,12 +163,7 @@ __global__ void __launch_bounds__(kDecWarps * 32)
   const int64_t n = int64_t(blockIdx.y) * kDecWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (n >= N) return;
-  int64_t e = -1;
-  for (int64_t i = 0; i < E; ++i) {
-    int64_t lo, hi;
-    expert_rows(rows, int(i), lo, hi);
-    if (lo <= t && t < hi) e = i;
-  }
+  const int64_t e = expert_of(rows, E, t);
   float acc = 0.f;
   if (e >= 0) {
     const int64_t row = e * N + n;

@@ -14,6 +14,7 @@ Tensor int8_linear_cuda(Tensor x, Tensor qweight, Tensor scales, std::optional<T
 Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size, std::optional<Tensor> bias);
 Tensor grouped_int8_linear_cuda(Tensor x, Tensor expert_offsets, Tensor qweight, Tensor scales, std::optional<Tensor> bias);
 Tensor grouped_int4_linear_cuda(Tensor x, Tensor expert_offsets, Tensor qweight, Tensor scales, Tensor zeros, int64_t group_size, std::optional<Tensor> bias);
+Tensor grouped_lowrank_linear_cuda(Tensor x, Tensor expert_offsets, Tensor u, Tensor v, std::optional<Tensor> perm, Tensor factor_offsets, int64_t out_features, int64_t max_rank, int64_t row_align, std::optional<Tensor> bias);
 Tensor grouped_lut_linear_cuda(Tensor x, Tensor expert_offsets, Tensor codes, Tensor lut, std::optional<Tensor> bias);
 Tensor grouped_vq_linear_cuda(Tensor x, Tensor expert_offsets, Tensor codes, Tensor codebooks, std::optional<Tensor> bias);
 Tensor lut_linear_cuda(Tensor x, Tensor codes, Tensor lut, std::optional<Tensor> bias);

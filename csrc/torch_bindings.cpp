@@ -12,6 +12,7 @@ STABLE_TORCH_LIBRARY_IMPL(reparam, CUDA, m) {
   m.impl("int4_linear", TORCH_BOX(&reparam::int4_linear_cuda));
   m.impl("grouped_int8_linear", TORCH_BOX(&reparam::grouped_int8_linear_cuda));
   m.impl("grouped_int4_linear", TORCH_BOX(&reparam::grouped_int4_linear_cuda));
+  m.impl("grouped_lowrank_linear", TORCH_BOX(&reparam::grouped_lowrank_linear_cuda));
   m.impl("grouped_lut_linear", TORCH_BOX(&reparam::grouped_lut_linear_cuda));
   m.impl("grouped_vq_linear", TORCH_BOX(&reparam::grouped_vq_linear_cuda));
   m.impl("lut_linear", TORCH_BOX(&reparam::lut_linear_cuda));

@@ -17,6 +17,8 @@ Tensor int8_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribu
 Tensor int4_linear_cuda(Tensor, Tensor, Tensor, Tensor, int64_t, std::optional<Tensor>) __attribute__((weak));
 Tensor grouped_int8_linear_cuda(Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor grouped_int4_linear_cuda(Tensor, Tensor, Tensor, Tensor, Tensor, int64_t, std::optional<Tensor>) __attribute__((weak));
+Tensor grouped_lowrank_linear_cuda(Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>, Tensor, int64_t, int64_t, int64_t,
+                                   std::optional<Tensor>) __attribute__((weak));
 Tensor grouped_lut_linear_cuda(Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor grouped_vq_linear_cuda(Tensor, Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
 Tensor lut_linear_cuda(Tensor, Tensor, Tensor, std::optional<Tensor>) __attribute__((weak));
@@ -75,6 +77,9 @@ Tensor call(const std::string& op, const RkTensor* t, int nt, const int64_t* int
   if (op == "grouped_int4_linear")
     return built(&grouped_int4_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), adopt(t[4]), ints[0],
                                                opt(t, nt, 5));
+  if (op == "grouped_lowrank_linear")
+    return built(&grouped_lowrank_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), opt(t, nt, 4),
+                                                  adopt(t[5]), ints[0], ints[1], ints[2], opt(t, nt, 6));
   if (op == "grouped_lut_linear")
     return built(&grouped_lut_linear_cuda, o)(adopt(t[0]), adopt(t[1]), adopt(t[2]), adopt(t[3]), opt(t, nt, 4));
   if (op == "grouped_vq_linear")

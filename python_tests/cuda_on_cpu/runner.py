@@ -10,7 +10,8 @@ _CODES = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.i
 
 # ops whose output width is an int argument (its index in "ints"); the grouped ops': their weight's second
 # dimension; the others': their weight's first dimension
-OUT_FEATURES_AT = {"block_circulant_linear": 1, "toeplitz_linear": 1, "block_circulant_cols_linear": 0}
+OUT_FEATURES_AT = {"block_circulant_linear": 1, "toeplitz_linear": 1, "block_circulant_cols_linear": 0,
+                   "grouped_lowrank_linear": 0}
 
 
 class RkTensor(ctypes.Structure):

@@ -134,4 +134,12 @@ def _backward(ctx, gy):
 
 
 torch.library.register_autograd("reparam::grouped_lowrank_linear", _backward, setup_context=_setup)
-_dispatch.register(OpSpec(OP, reference.grouped_lowrank_linear, triton=_triton.grouped_lowrank_linear))
+
+
+def fast_layout(x, expert_offsets, u, v, perm, factor_offsets, out_features, max_rank, row_align=1, bias=None):
+    """Whether the CUDA kernel's small-M loop takes the factors (16-byte rows: csrc/grouped_lowrank_linear.cu)."""
+    return row_align == 8 and (x.shape[-1] if perm is None else perm.shape[1]) % 8 == 0
+
+
+_dispatch.register(OpSpec(OP, reference.grouped_lowrank_linear, triton=_triton.grouped_lowrank_linear,
+                          fast_layout=fast_layout))
