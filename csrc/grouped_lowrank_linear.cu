@@ -63,25 +63,12 @@ __device__ __forceinline__ Expert expert_factors(const Factors<T>& f, int64_t e)
 
 __device__ __forceinline__ int64_t clamp_col(int64_t c, int64_t K) { return min(max(c, int64_t(0)), K - 1); }
 
-// PivotFrag for one expert of the group: its pivot count `r` is K minus its row length (0 for a plain expert
-// among pivoted ones: perm is then the identity), and the pivots are clamped to [0, K).
+// PivotFrag for one expert of the group: its pivot count `r` is K minus its row length, 0 for a plain expert
+// among pivoted ones (perm is then the identity), so only the first r outputs add a pivot column.
 template <class T>
 struct ExpertPivotFrag : small_m::PivotFrag<T> {
-  __device__ __forceinline__ uint4 gather_x(int m, int64_t k) const {
-    uint32_t w[4];
-    const T* row = this->xin + int64_t(m) * this->Kx;
-    const int64_t* cols = this->perm + this->r + k;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const T lo = __ldg(row + clamp_col(__ldg(cols + 2 * e), this->Kx));
-      const T hi = __ldg(row + clamp_col(__ldg(cols + 2 * e + 1), this->Kx));
-      w[e] = uint32_t(*reinterpret_cast<const uint16_t*>(&lo)) | (uint32_t(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
   __device__ __forceinline__ float out_add(int m, int64_t n) const {
-    return n < this->r ? to_f32<T>(__ldg(this->xin + int64_t(m) * this->Kx + clamp_col(__ldg(this->perm + n), this->Kx)))
-                       : 0.f;
+    return n < this->r ? small_m::PivotFrag<T>::out_add(m, n) : 0.f;
   }
 };
 

@@ -13,6 +13,15 @@ template <class F, class = void>
 struct gathers_x : std::false_type {};
 template <class F>
 struct gathers_x<F, std::void_t<decltype(&F::gather_x)>> : std::true_type {};
+// ... and their Cols: a step pair's columns of x, read once for every row a lane gathers (gather_cols / gather).
+template <class F, class = void>
+struct x_cols_of {
+  struct type {};
+};
+template <class F>
+struct x_cols_of<F, std::void_t<typename F::Cols>> {
+  using type = typename F::Cols;
+};
 
 // Formats whose A operand is a_consecutive of plain x (kPlainX; not gathered) take x word by word
 // straight into the A registers instead of as 16-byte vectors.

@@ -28,7 +28,7 @@
 // registers of step 2i + h), a(x_row_g, x_row_g8, h, a[4]) (the A registers of
 // step 2i + h from that step pair's x vectors) and out_scale(n) (a per-output
 // factor applied in the epilogue: int8's per-channel scale); optionally
-// gather_x(m, k) / out_add(m, n) (PivotFrag: x read through a column map, a
+// gather_x(m, k) = gather(m, gather_cols(k)) / out_add(m, n) (PivotFrag: x read through a column map, a
 // per-output term added in the epilogue), RowState / row_state(n) (LutFrag:
 // per-row registers loaded once per work unit, passed to b()) and kPlainX (a() is
 // a_consecutive: the loop then loads x word by word into the A registers).
@@ -280,9 +280,9 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   // x[m, k .. k + 8) as one 16-byte vector, or gathered by the format (pivoted factors).
   // (kt and the vector's offset 8 i added to the pointer separately: as one 32-bit sum they could
   // wrap, so the compiler could not fold 8 i into the load's immediate offset; fold_x_offsets.)
-  auto load_x = [&](int mt, int r, uint32_t kt, int i) -> uint4 {
+  auto load_x = [&](int mt, int r, uint32_t kt, int i, const typename x_cols_of<Frag>::type& cols) -> uint4 {
     if constexpr (gathers_x<Frag>::value) {
-      return frag.gather_x(xm[mt][r], kt + 8 * i);
+      return frag.gather(xm[mt][r], cols);
     } else {
       const uint4* v = reinterpret_cast<const uint4*>(fold_x_offsets<Frag, MT>() ? xrow[mt][r] + kt + 8 * i
                                                                                 : xrow[mt][r] + (kt + 8 * i));
@@ -361,10 +361,14 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
           for (int r = 0; r < XR; ++r)
             xv[mt][r] = kin ? ld_shared16(xs + kXU * (16 * mt + 8 * r) + (i ^ x_swz)) : make_uint4(0u, 0u, 0u, 0u);
       } else if constexpr (!kWordX) {
+        typename x_cols_of<Frag>::type cols{};  // (gathered x: the pair's columns, once for every row)
+        if constexpr (gathers_x<Frag>::value) {
+          if (kin) cols = frag.gather_cols(kt + 8 * i);
+        }
 #pragma unroll
         for (int mt = 0; mt < MTA; ++mt)
 #pragma unroll
-          for (int r = 0; r < XR; ++r) xv[mt][r] = kin ? load_x(mt, r, kt, i) : make_uint4(0u, 0u, 0u, 0u);
+          for (int r = 0; r < XR; ++r) xv[mt][r] = kin ? load_x(mt, r, kt, i, cols) : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {

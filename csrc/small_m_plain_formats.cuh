@@ -60,24 +60,37 @@ struct HalfFrag : RowLoads<T> {
 // The first product of pivoted low-rank factors, t = x[:, perm[:r]] + x[:, perm[r:]] @ w^T, with
 // w [r, K - r] as HalfFrag weights ((K - r) % 8 == 0): the A operand is gathered from x through perm
 // (8 scalar loads per vector; x is small at M <= 64 and stays in L1/L2), and the pivot columns are
-// added in the epilogue. x is read-only in the launch.
+// added in the epilogue. x is read-only in the launch. The loop reads a step pair's 8 columns once
+// (gather_cols) for all the x rows a lane gathers (gather); a column outside [0, Kx) is read as
+// one inside (a bad perm: wrong numbers, never a read outside x).
 template <class T>
 struct PivotFrag : HalfFrag<T> {
   const T* xin;          // [M, Kx]
   const int64_t* perm;   // [Kx], pivots first
   int64_t Kx, r;
-  __device__ __forceinline__ uint4 gather_x(int m, int64_t k) const {
+  struct Cols {
+    uint32_t c[8];
+  };
+  // x's columns of reduction offsets k .. k + 8 (non-pivot columns perm[r + k ..]), 32-bit (Kx < 2^30)
+  __device__ __forceinline__ Cols gather_cols(int64_t k) const {
+    Cols cols;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) cols.c[e] = min(uint32_t(__ldg(perm + r + k + e)), uint32_t(Kx - 1));
+    return cols;
+  }
+  __device__ __forceinline__ uint4 gather(int m, const Cols& cols) const {
     uint32_t w[4];
-    const T* row = xin + int64_t(m) * Kx;
+    const T* row = xin + uint64_t(uint32_t(m)) * uint32_t(Kx);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const T lo = __ldg(row + __ldg(perm + r + k + 2 * e)), hi = __ldg(row + __ldg(perm + r + k + 2 * e + 1));
+      const T lo = __ldg(row + cols.c[2 * e]), hi = __ldg(row + cols.c[2 * e + 1]);
       w[e] = uint32_t(*reinterpret_cast<const uint16_t*>(&lo)) | (uint32_t(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
     }
     return make_uint4(w[0], w[1], w[2], w[3]);
   }
+  __device__ __forceinline__ uint4 gather_x(int m, int64_t k) const { return gather(m, gather_cols(k)); }
   __device__ __forceinline__ float out_add(int m, int64_t n) const {
-    return to_f32<T>(__ldg(xin + int64_t(m) * Kx + __ldg(perm + n)));
+    return to_f32<T>(__ldg(xin + int64_t(m) * Kx + min(uint32_t(__ldg(perm + n)), uint32_t(Kx - 1))));
   }
 };
 
