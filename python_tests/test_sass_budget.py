@@ -64,6 +64,10 @@ def test_stage_shape_from_the_kernel_name():
     lowrank = "void lowrank_small_m::lowrank_small_m_kernel<HalfFrag<__half>, __half, 4, 2, {}>(Problem<...>)"
     assert sass_budget.stage_shape(lowrank.format("true")) == (2 * 2 * 4, 2 * 512)
     assert sass_budget.ring_bytes(lowrank.format("true")) == 32768 and sass_budget.ring_bytes(lowrank.format("false")) == 0
+    # the grouped low-rank steps (the last argument: which step), a pivoted expert's gathered x among them
+    grouped = "void grouped_lowrank_kernel<ExpertPivotFrag<__half>, __half, 1, 4, false>(Problem<...>)"
+    assert sass_budget.stage_shape(grouped) == (2 * 4, 4 * 512) and sass_budget.threads_of(grouped) == 256
+    assert sass_budget.ring_bytes(grouped) == 0
     assert sass_budget.ring_bytes(int4) == 0
 
 
@@ -112,6 +116,13 @@ BUDGET = {
     # ... and 4-bit LUT, the row's table in registers (396 / 443 now; lut_linear: 396 / 442)
     "small_m_grouped_kernel<LutFrag<__half>, __half, 0, 4>": 425,
     "small_m_grouped_kernel<LutFrag<__half>, __half, 1, 4>": 480,
+    # ... and the low-rank experts' two steps (csrc/grouped_lowrank_linear.cu), each CTA's shape its expert's: plain
+    # rows 62 / 60 at step 1 and 68 / 68 at step 2 now (lowrank_linear's decode loop: 48 / 47); a pivoted expert's first step gathers x through its
+    # perm, 8 columns a step pair read once for every row (154 / 206 now; 210 / 266 gathering per row)
+    "grouped_lowrank_kernel<HalfFrag<__half>, __half, 0, 4, false>": 68,
+    "grouped_lowrank_kernel<HalfFrag<__half>, __half, 1, 4, true>": 75,
+    "grouped_lowrank_kernel<ExpertPivotFrag<__half>, __half, 0, 4, false>": 170,
+    "grouped_lowrank_kernel<ExpertPivotFrag<__half>, __half, 1, 4, false>": 225,
     # VQ pairs: a PRMT, an IMAD and an LDS per code (256 / 302 now)
     "small_m_kernel<VqPairFrag<__half>, __half, 0, 4>": 275,
     "small_m_kernel<VqPairFrag<__half>, __half, 1, 4>": 320,

@@ -56,7 +56,7 @@ def demangle(name: str) -> str:
         out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip() or name
     except FileNotFoundError:  # no binutils: the mangled name (the filters still match its pieces)
         out = name
-    return re.sub(r"reparam::|\(anonymous namespace\)::|__nv_|small_m::|lowrank_small_m::", "", out)
+    return re.sub(r"reparam::|\(anonymous namespace\)::|__nv_|small_m::|lowrank_small_m::|grouped_lowrank::", "", out)
 
 
 def functions(sass: str):
@@ -154,16 +154,18 @@ def main_path(ins, decode_first: bool = False):
 
 
 # k per lane per 16-byte weight load of each small-M format (Frag::kLaneK)
-LANE_K = {"Int4Frag": 32, "LutFrag": 32, "VqPairFrag": 32, "Int8Frag": 16, "HalfFrag": 8, "PivotFrag": 8}
+LANE_K = {"Int4Frag": 32, "LutFrag": 32, "VqPairFrag": 32, "Int8Frag": 16, "HalfFrag": 8, "PivotFrag": 8,
+          "ExpertPivotFrag": 8}
 # bits per weight of each format; the wgmma path's stage is 128 k of 16 weight rows per warp
-BITS = {"Int4Frag": 4, "LutFrag": 4, "VqPairFrag": 4, "Int8Frag": 8, "HalfFrag": 16, "PivotFrag": 16}
+BITS = {"Int4Frag": 4, "LutFrag": 4, "VqPairFrag": 4, "Int8Frag": 8, "HalfFrag": 16, "PivotFrag": 16, "ExpertPivotFrag": 16}
 WGMMA_STAGE_K, WGMMA_MMA_PER_STAGE = 128, 8
 
 
 def stage_shape(name: str):
     """(mma per stage, weight bytes per warp per stage) of small_m_kernel<Frag, T, MT, NG> and
     wgmma_kernel<Frag, T, BM, groups>, or None."""
-    m = re.search(r"small_m_(?:ring_|grouped_)?kernel<(?:small_m::)?(\w+)<.*?, (\d+), (\d+)(?:, (?:true|false))?>\(", name)
+    m = re.search(r"(?:small_m_(?:ring_|grouped_)?|grouped_lowrank_)kernel<(?:small_m::)?(\w+)<.*?, (\d+), (\d+)"
+                  r"(?:, (?:true|false))?>\(", name)
     if m and m.group(1) in LANE_K:
         mt, ng = int(m.group(2)), int(m.group(3))
         steps = LANE_K[m.group(1)] // 8 * 2  # mma k-steps per stage: kLaneK / 8 step pairs
@@ -293,8 +295,8 @@ def threads_of(name: str) -> int | None:
     return 128 * int(m.group(2)) if m else None
 
 
-SMALL_M = re.compile(r"small_m_(?:ring_|grouped_)?kernel<")
-LOOP_KERNELS = r"small_m_(?:ring_|grouped_)?kernel<|wgmma_kernel<"  # the kernels budget() reports by default
+SMALL_M = re.compile(r"(?:small_m_(?:ring_|grouped_)?|grouped_lowrank_)kernel<")
+LOOP_KERNELS = r"(?:small_m_(?:ring_|grouped_)?|grouped_lowrank_)kernel<|wgmma_kernel<"  # the kernels budget() reports by default
 RING_STAGES = 4  # small_m_gemm.cuh kRingStages: the ring kernels' dynamic shared memory, stages in flight
 
 
