@@ -18,9 +18,9 @@ passes). Contenders, all on the same rows:
   so a CUDA graph can hold it (generous to the baseline: a real forward must sync or pad);
 - peer ``torch_grouped_mm``: ``torch._grouped_mm`` on the dense experts (one launch; where torch has it
   for the dtype and GPU — otherwise recorded as not timed);
-- peer ``triton`` (int4, int8, gptvq, log4): the op's Triton kernel, which the CUDA kernel (csrc/grouped_quant.cuh)
-  replaced untimed; the run says which is faster;
-- peer ``cuda_fallback`` (the same formats, M <= 128): the CUDA op with ``REPARAM_GROUPED_SMALL_M=0``, its
+- peer ``triton``: the op's Triton kernel, which the CUDA kernel (csrc/grouped_quant.cuh; for low rank
+  csrc/grouped_lowrank_linear.cu, session 35) replaced untimed; the run says which is faster;
+- peer ``cuda_fallback`` (M <= 128): the CUDA op with ``REPARAM_GROUPED_SMALL_M=0``, its
   warp-per-output fallback kernel — what the layouts off the loop would cost without the wrappers' routing to
   Triton.
 
@@ -158,7 +158,7 @@ def bench_case(res, model, proj, N, K, T, dtype, modes, fmt="int4", device="cuda
     if hasattr(torch, "_grouped_mm") and device == "cuda":
         w_t = w.transpose(1, 2)
         peers["torch_grouped_mm"] = Contender(grouped_mm, [(x, w_t, o[1:].to(torch.int32)) for x, o in sets])
-    if fmt in ("int4", "int8", "gptvq", "log4") and device == "cuda":  # the Triton kernel the CUDA one replaced, in the same run
+    if device == "cuda":  # the Triton kernel the CUDA one replaced, in the same run
         triton_fn = getattr(reparam_kernels.triton, OPS[fmt])
         peers["triton"] = Contender(lambda x, o: triton_fn(x, o, *weights, None), sets)
         # the CUDA op's fallback kernel (a warp per output), which layouts off its loop would take but for the

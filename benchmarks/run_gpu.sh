@@ -86,7 +86,7 @@ NEW_TESTS="python_tests/test_cuda_paths_gpu.py python_tests/test_wgmma_gpu.py py
   python_tests/test_quant_dequant_mm_gpu.py python_tests/test_lowrank_large_m.py python_tests/test_block_circulant_cols_op.py
   python_tests/test_fisher_blockwise.py python_tests/test_factor_device.py python_tests/test_generate.py python_tests/test_correction.py
   python_tests/test_gptq_table.py python_tests/test_triton_quant_gpu.py python_tests/test_gptvq.py python_tests/test_experts.py
-  python_tests/test_grouped_ops.py python_tests/test_grouped_experts.py"
+  python_tests/test_grouped_ops.py python_tests/test_grouped_experts.py python_tests/test_grouped_lowrank_op.py"
 IGNORE=(); for f in $NEW_TESTS; do IGNORE+=("--ignore=$f"); done
 step gpu_tests_new 120 "$DEST/gpu_tests_new.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
   --continue-on-collection-errors $NEW_TESTS --junitxml="$DEST/gpu_tests_new.xml"

@@ -32,10 +32,11 @@ class RecordOps(TorchDispatchMode):
 
 
 class GroupedProbe(nn.Module):
-    """E int4, int8, GPTVQ or log 4-bit experts of K -> N as one grouped op call (csrc/grouped_quant.cuh on the GPU):
-    the M rows of x split between experts 0 and 2 (expert 1 none, the last row no expert's); reference() is the
-    per-expert float64 product. GPTVQ: random codes, 256 pairs a codebook per 64 rows (the recipe's layout); log
-    4-bit: random codes, a 16-entry table a row."""
+    """E int4, int8, GPTVQ, log 4-bit or low-rank experts of K -> N as one grouped op call (csrc/grouped_quant.cuh,
+    csrc/grouped_lowrank_linear.cu on the GPU): the M rows of x split between experts 0 and 2 (expert 1 none, the
+    last row no expert's); reference() is the per-expert float64 product. GPTVQ: random codes, 256 pairs a codebook
+    per 64 rows (the recipe's layout); log 4-bit: random codes, a 16-entry table a row; low rank: pivoted factors of
+    ranks 24, 0, 136, ... (multiples of 8: the CUDA loop; one past a 128-column block)."""
 
     def __init__(self, fmt, K, N, dtype, device, experts=3):
         super().__init__()
@@ -45,7 +46,19 @@ class GroupedProbe(nn.Module):
 
         self.in_features, self.consts = K, ()
         self.op = {"int4": ops.grouped_int4_linear, "int8": ops.grouped_int8_linear, "gptvq": ops.grouped_vq_linear,
-                   "log4": ops.grouped_lut_linear}[fmt]
+                   "log4": ops.grouped_lut_linear, "lowrank": ops.grouped_lowrank_linear}[fmt]
+        if fmt == "lowrank":
+            from reparam_kernels.ops.grouped_lowrank_linear import stack_factors
+            from reparam_kernels.reference.pivoted_lowrank_linear import expand_right_factor
+            ranks = [(24, 0, 136)[e % 3] for e in range(experts)]
+            us = [(torch.randn(N, r, device=device) / max(r, 1) ** 0.5).to(dtype) for r in ranks]
+            ws = [(torch.randn(r, K - r, device=device) / K ** 0.5).to(dtype) for r in ranks]
+            perms = [torch.randperm(K, device=device) for _ in ranks]
+            u, v, perm, fo, max_rank, align = stack_factors(us, ws, perms)
+            self.stacked, self.consts = [u, v, perm, fo], (N, max_rank, align)
+            self.stacked_bias = torch.randn(experts, N, device=device).to(dtype)
+            self.dense = [ue.double() @ expand_right_factor(we, pe, torch.float64) for ue, we, pe in zip(us, ws, perms)]
+            return
         if fmt in ("gptvq", "log4"):  # random codes, a byte a pair (gptvq) or two 4-bit codes (log4)
             codes = torch.randint(0, 256, (experts, N, K // 2), device=device, dtype=torch.uint8)
             shape, dequantize = ((N // 64, 256, 2), dequantize_vq) if fmt == "gptvq" else ((N, 16), dequantize_lut)
@@ -156,6 +169,7 @@ def path_cases():
         ("grouped int8 experts", lambda dt, dev: GroupedProbe("int8", 1024, 72, dt, dev), (3, 40, 150)),
         ("grouped gptvq experts", lambda dt, dev: GroupedProbe("gptvq", 1024, 192, dt, dev), (3, 40, 150)),
         ("grouped log4 experts", lambda dt, dev: GroupedProbe("log4", 1024, 72, dt, dev), (3, 40, 150)),
+        ("grouped lowrank experts", lambda dt, dev: GroupedProbe("lowrank", 1024, 72, dt, dev), (3, 40, 150)),
     ]
 
 

@@ -10,6 +10,7 @@ from reparam_kernels import reference
 from reparam_kernels import triton as rk_triton
 from reparam_kernels.ops.grouped_lowrank_linear import stack_factors
 from conftest import TOL, rel_err
+from test_grouped_ops import assert_routes
 
 needs_triton = pytest.mark.skipif(rk_triton.grouped_lowrank_linear is None, reason="triton not installed")
 
@@ -209,6 +210,18 @@ def test_stack_factors_refuses_mismatched_factors():
         stack_factors([torch.zeros(4, 2), torch.zeros(5, 2)], [torch.zeros(2, 8), torch.zeros(2, 8)])
 
 
+@pytest.mark.parametrize("ranks,K,fast", [([16, 8, 24], 64, True), ([16, 0, 8], 32, True), ([16, 8, 3], 64, False),
+                                          ([16, 8, 24], 60, False), ([0, 0, 0], 60, False)])
+def test_layouts_off_the_cuda_loop_run_triton(rng, monkeypatch, ranks, K, fast):
+    """Where the C++ op would take the factors only through its warp-per-output fallback (row_align < 8, or K not
+    a multiple of 8: csrc/grouped_lowrank_linear.cu), the wrapper runs the Triton kernel instead
+    (OpSpec.fast_layout); elsewhere, with gradients wanted or without Triton, the C++ op. The CUDA backend and
+    Triton are faked, so this runs on the CPU; test_cuda_on_cpu_grouped_lowrank.py checks fast_layout against
+    the C++ op."""
+    args, _ = make(rng, [2, 0, 3], ranks, K, 24, torch.float16, True)
+    assert_routes(monkeypatch, "grouped_lowrank_linear", args, fast)
+
+
 # ---------------------------------------------------------------- GPU
 
 # decode (one row an expert of 8), a prefill (the packed map), two odd CPU cases
@@ -227,10 +240,33 @@ def test_gpu_matches_float64(rng, pivoted, dtype, case):
     assert not y[sum(counts):].any()
 
 
+# ranks in multiples of 8 (row_align 8: the CUDA kernel's small-M loop) at decode with an expert of rank 0 (K split
+# over CTAs), then the prefill case of GPU_CASES and two odd ones (its fallback)
+CUDA_CASES = [([1, 0, 0, 1, 0, 0, 0, 0], [256, 512, 384, 208, 64, 8, 0, 512], 4096, 1536, 0), GPU_CASES[1],
+              ([5, 0, 9, 30], [16, 8, 24, 8], 64, 40, 1), CASES[0]]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("counts", [[2, 0, 3, 1], [40, 0, 33, 1]])  # one row tile; the packed map
-def test_gpu_cuda_graph_replays_new_routing(rng, counts):
-    args, _ = make(rng, counts, [16, 8, 24, 1], 256, 128, torch.float16, True, device="cuda")
+@pytest.mark.parametrize("pivoted", [False, True, "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("small_m", ["1", "0"])
+def test_gpu_cuda_kernel_paths(rng, monkeypatch, pivoted, dtype, small_m):
+    """The C++ op itself (the wrapper sends row_align < 8 to Triton): the small-M loop and its fallback."""
+    monkeypatch.setenv("REPARAM_GROUPED_SMALL_M", small_m)  # read by the C++ op at every call
+    for counts, ranks, K, N, tail in CUDA_CASES:
+        args, want = make(rng, counts, ranks, K, N, dtype, pivoted, tail=tail, device="cuda")
+        y = torch.ops.reparam.grouped_lowrank_linear(*args)
+        assert rel_err(y, want) <= TOL[dtype], (counts, ranks, K, N)
+        assert not y[sum(counts):].any()
+
+
+@pytest.mark.gpu
+# one row tile (the CUDA loop, and the Triton kernel at row_align 1); the packed map; decode with K split over CTAs
+# (the CUDA kernel's split-K counters: replayed twice)
+@pytest.mark.parametrize("counts,last,k", [([2, 0, 3, 1], 8, 256), ([2, 0, 3, 1], 1, 256), ([40, 0, 33, 1], 8, 256),
+                                           ([1, 0, 1, 0], 8, 4096)])
+def test_gpu_cuda_graph_replays_new_routing(rng, counts, last, k):
+    args, _ = make(rng, counts, [16, 8, 24, last], k, 128, torch.float16, True, device="cuda")
     x, offsets, *rest = args
     fn = rk.ops.grouped_lowrank_linear
     fn(x, offsets, *rest)  # compile the kernels outside the capture
@@ -239,5 +275,6 @@ def test_gpu_cuda_graph_replays_new_routing(rng, counts):
         y = fn(x, offsets, *rest)
     rows = sum(counts)
     offsets.copy_(torch.tensor([0, 0, rows, rows, rows]))  # every row to expert 1 now
-    graph.replay()
-    torch.testing.assert_close(y, reference.grouped_lowrank_linear(x, offsets, *rest), rtol=2e-2, atol=2e-2)
+    for _ in range(2):
+        graph.replay()
+        torch.testing.assert_close(y, reference.grouped_lowrank_linear(x, offsets, *rest), rtol=2e-2, atol=2e-2)

@@ -180,6 +180,12 @@ def test_layouts_off_the_cuda_loop_run_triton(rng, monkeypatch, op, kw, fast):
     kw = {"K": 128, "N": 64, **kw}
     K, N = kw.pop("K"), kw.pop("N")
     args, _ = make(rng, [2, 0, 3], K, N, torch.float16, op=op, **kw)
+    assert_routes(monkeypatch, op, args, fast)
+
+
+def assert_routes(monkeypatch, op, args, fast):
+    """With a faked CUDA backend and Triton: the wrapper's route for args (the C++ op where fast, else Triton; the
+    C++ op with gradients wanted or without Triton)."""
     assert rk._dispatch.REGISTRY[op].fast_layout(*args) is fast
     monkeypatch.setattr(rk._dispatch, "BACKEND_CACHE", {})
     monkeypatch.setattr(rk._dispatch, "backend_of", lambda name, x: ("cuda", "faked"))

@@ -82,7 +82,8 @@ def cuda_paths():
                         # where a layout does not fit it) a plain fallback kernel
                         "grouped": not os.environ.get("REPARAM_GROUPED_SMALL_M", "").startswith("0"),
                         # (grouped_vq_linear's pairs obey the vq_pairs switch too)
-                        "grouped_ops": "grouped_int4_linear, grouped_int8_linear, grouped_vq_linear, grouped_lut_linear",
+                        "grouped_ops": "grouped_int4_linear, grouped_int8_linear, grouped_vq_linear, grouped_lut_linear, "
+                                       "grouped_lowrank_linear (two launches)",
                         "grouped_switch": "REPARAM_GROUPED_SMALL_M"},
             "wgmma": {"on": not os.environ.get("REPARAM_WGMMA", "").startswith("0"),
                       "min_m": max(1, _atoll("REPARAM_WGMMA_MIN_M", 65)),  # csrc/quant_wgmma.cuh min_m()
