@@ -15,6 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_tests"))
 import cuda_on_cpu  # noqa: E402
+import test_grouped_lowrank_op as grouped_lowrank  # noqa: E402
+import test_grouped_ops as grouped  # noqa: E402
 import test_lowrank_op as plain  # noqa: E402
 import test_pivoted_lowrank as piv  # noqa: E402
 import test_quant_ops as quant  # noqa: E402
@@ -29,13 +31,60 @@ def pick_m(r):
 
 OPS = ["int4_linear", "int8_linear", "lut_linear", "lowrank_linear", "pivoted_lowrank_linear",
        "block_circulant_linear", "block_circulant_linear", "toeplitz_linear", "block_circulant_cols_linear",
-       "vq_linear", "vq_linear"]
+       "vq_linear", "vq_linear", "grouped_int4_linear", "grouped_int8_linear", "grouped_vq_linear",
+       "grouped_lut_linear", "grouped_lowrank_linear", "grouped_lowrank_linear"]
+
+
+def pick_counts(r, M):
+    """Rows an expert for M routed rows over 1..9 experts (some without rows), and rows no expert takes."""
+    E = r.randint(1, 9)
+    cuts = sorted(r.randint(0, M) for _ in range(E - 1))
+    counts = [b - a for a, b in zip([0] + cuts, cuts + [M])]
+    tail = r.choice([0, 0, 0, 1, 5]) if M > 5 else 0
+    return [max(0, c - (tail if i == E - 1 else 0)) for i, c in enumerate(counts)], tail
+
+
+def grouped_case(r, gen, op, M, dtype):
+    """A grouped op's case: the small-M loop's layouts mostly, the fallback's sometimes."""
+    counts, tail = pick_counts(r, min(M, 200))
+    bias = r.random() < 0.5
+    if op == "grouped_lowrank_linear":
+        fast = r.random() < 0.75  # ranks and K in multiples of 8 (row_align 8)
+        K = r.choice([32, 64, 96, 136, 264, 1056]) if fast else r.choice([24, 45, 70, 100])
+        ranks = [r.choice([0, 8, 16, 24, 40, 64, 136]) if fast else r.randint(0, 20) for _ in counts]
+        ranks = [min(x, K) for x in ranks]
+        N = r.choice([8, 24, 40, 72, 130, 264])
+        args, want = grouped_lowrank.make(gen, counts, ranks, K, N, dtype, r.choice([False, True, "mixed"]),
+                                          bias=bias, tail=tail)
+        x, offsets, u, v, perm, fo, n, max_rank, align, b = args
+        return {"op": op, "args": [x, offsets, u, v, perm, fo, b], "ints": [n, max_rank, align]}, want, dtype
+    kw = {}
+    if op == "grouped_int4_linear":
+        kw["group"] = r.choice([32, 64, 128, 96])
+        K = kw["group"] * r.randint(1, 8)
+    elif op == "grouped_vq_linear":
+        kw["d"] = 2 if r.random() < 0.7 else r.randint(1, 8)
+        K = kw["d"] * r.choice([16, 32, 48, 50, 272])
+    else:
+        K = r.choice([32, 64, 96, 100, 256, 520, 1056])
+    N = r.choice([8, 24, 40, 64, 72, 130, 192, 264])
+    if op == "grouped_vq_linear":
+        kw["books"] = r.choice([b for b in (1, 2, N // 64, N // 8) if b >= 1 and N % b == 0])
+        kw["entries"] = r.choice([256, 256, 100, 17])
+    if op == "grouped_lut_linear":
+        K += K % 2
+        kw["books"] = r.choice([b for b in (1, N // 8, N) if b >= 1 and N % b == 0])
+    args, want = grouped.make(gen, counts, K, N, dtype, bias=bias, tail=tail, op=op, **kw)
+    tensors = [a for a in args if not isinstance(a, int)]
+    return {"op": op, "args": tensors, "ints": [a for a in args if isinstance(a, int)]}, want, dtype
 
 
 def make_case(r, gen, ops=OPS):
     op = r.choice(ops)
     dtype = r.choice([torch.float16, torch.bfloat16])
     M = pick_m(r)
+    if op.startswith("grouped_"):
+        return grouped_case(r, gen, op, M, dtype)
     if op in ("int4_linear", "int8_linear", "lut_linear"):
         group = r.choice([32, 64, 128, 96])
         K = group * r.randint(1, 12) if op == "int4_linear" else r.choice([16, 32, 48, 64, 130, 256, 37, 96, 320, 1056])
@@ -97,7 +146,8 @@ def random_env(r):
                         ("REPARAM_WGMMA_BN", ["64"]), ("REPARAM_DEQUANT_MIN_M", ["0", "100"]),
                         ("REPARAM_LOWRANK_CUBLAS_MIN_M", ["0", "100"]), ("RK_CPU_CP_ASYNC_EARLY", ["1"]),
                         ("REPARAM_BC_LARGE_M_MIN_M", ["1", "9", "0"]), ("REPARAM_SMALL_M_L2_AHEAD", ["1", "2", "5"]),
-                        ("REPARAM_SMALL_M_RING", ["1", "2"]), ("REPARAM_VQ_SMALL_M", ["0"])):
+                        ("REPARAM_SMALL_M_RING", ["1", "2"]), ("REPARAM_VQ_SMALL_M", ["0"]),
+                        ("REPARAM_GROUPED_SMALL_M", ["0"])):
         if r.random() < 0.25:
             env[var] = r.choice(values)
     # the low-rank ops take two cuBLAS products at M >= 2 by default: mostly keep the fused kernels
