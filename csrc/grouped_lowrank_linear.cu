@@ -19,7 +19,7 @@
 // warp-per-output fallback runs both steps (scalar loads, fp32 sums; correct for every layout, not fast).
 // An expert whose factors would reach outside u or v (a bad layout, trusted on the GPU), or whose rank or
 // offsets break the alignment the kernel needs, is skipped by both kernels: its rows come out as zeros, never
-// a read out of bounds or a misaligned address. Pivots are clamped to [0, K).
+// a read out of bounds or a misaligned address. Pivots are kept inside [0, K).
 #include "grouped_quant.cuh"
 #include "ops.h"
 
