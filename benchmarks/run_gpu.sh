@@ -10,8 +10,8 @@
 #   RUN_GPU_FOCUS=1 RUN_GPU_BUDGET=540 bash benchmarks/run_gpu.sh   # ~9 min: the path tests only, bench_quant / bench_lowrank / bench_structured /
 #       bench_decode (batch 1 and 16), memcheck over the path cases (no racecheck), Nsight Compute with stall reasons on
 #       int4, low rank (also with the small-M ring) and block-circulant at M = 1, 16, 64, 128: the measurements
-#       that decide the open path choices (RUN_GPU_MOE=1 adds bench_moe and bench_decode on the Mixtral and
-#       Qwen3-MoE configurations)
+#       that decide the open path choices (RUN_GPU_MOE=1 adds bench_moe — formats RUN_GPU_MOE_FORMATS, default
+#       int4,lowrank — and bench_decode on the Mixtral and Qwen3-MoE configurations)
 #
 # Output folder: env.txt, gpu_tests_new.log/.xml (the newest paths' tests), gpu_tests.log/.xml, bench_<name>.log, <gpu>/<op>.json,
 # sanitizer.log, racecheck.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS),
@@ -133,6 +133,8 @@ for i in "${!SCRIPTS[@]}"; do
   # focus: fp16 only (the targets' dtype), so the A/B peers of every case fit the script's share
   [ "$FOCUS" = 1 ] && [ "${name#bench_decode}" = "$name" ] && EXTRA=(--dtypes fp16)
   [ -n "$model" ] && EXTRA+=(--model "$model" --budget $(( share - 30 )))
+  # the MoE layers: int4 (issue 3's format) and low rank (the default recipe's; its CUDA kernel since session 35)
+  [ "$name" = bench_moe ] && EXTRA+=(--formats "${RUN_GPU_MOE_FORMATS:-int4,lowrank}")
   step "$name" "$share" "$DEST/$name.log" "$PY" "$script" $QUICK "${EXTRA[@]}" || BENCH_RC=$?
   tail -n 4 "$DEST/$name.log" 2>/dev/null  # (no log when the step was skipped)
 done
