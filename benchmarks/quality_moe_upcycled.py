@@ -34,6 +34,9 @@ RECIPES = {  # name: (the rule's settings; the patterns on the dense model and o
     # the default recipe's rule: whitened, Fisher-weighted, pivoted low rank, 20% fewer parameters allocated globally
     "lowrank_global": {"method": "lowrank", "ratio": 0.2, "whiten": True, "fisher": True, "allocate": "global",
                        "pivoted": True},
+    # ... without the Fisher weights (does a few-token expert's Fisher help or mislead?)
+    "lowrank_global_nofisher": {"method": "lowrank", "ratio": 0.2, "whiten": True, "fisher": False,
+                                "allocate": "global", "pivoted": True},
 }
 
 
