@@ -61,8 +61,6 @@ __device__ __forceinline__ Expert expert_factors(const Factors<T>& f, int64_t e)
   return x;
 }
 
-__device__ __forceinline__ int64_t clamp_col(int64_t c, int64_t K) { return min(max(c, int64_t(0)), K - 1); }
-
 // PivotFrag for one expert of the group: its pivot count `r` is K minus its row length, 0 for a plain expert
 // among pivoted ones (perm is then the identity), so only the first r outputs add a pivot column.
 template <class T>
@@ -172,11 +170,11 @@ __global__ void __launch_bounds__(kDecWarps * 32)
   const int64_t* pe = f.perm == nullptr ? nullptr : f.perm + e * f.K;
   float acc = 0.f;
   for (int64_t k = lane; k < ex.k; k += 32)
-    acc += to_f32<T>(vr[k]) * to_f32<T>(xr[pe == nullptr ? k : clamp_col(pe[pivots + k], f.K)]);
+    acc += to_f32<T>(vr[k]) * to_f32<T>(xr[pe == nullptr ? k : small_m::col_inside(pe[pivots + k], f.K)]);
 #pragma unroll
   for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
   if (lane == 0) {
-    if (j < pivots) acc += to_f32<T>(xr[clamp_col(pe[j], f.K)]);
+    if (j < pivots) acc += to_f32<T>(xr[small_m::col_inside(pe[j], f.K)]);
     t[row * ldt + j] = from_f32<T>(acc);
   }
 }
@@ -229,9 +227,9 @@ void linear(Factors<T> f, int64_t row_align, const Tensor& xc, const Tensor& exp
                     small_m::compute_major(xc.get_device_index()) >= 8 && f.K < small_m::kMaxK &&
                     small_m::rows_fit32(f.max_rank, f.K) && small_m::rows_fit32(f.N, f.max_rank) && aligned16(x) &&
                     aligned16(f.u) && aligned16(f.v);
-  // every row of y: the kernels write only their experts' rows (the fallback's step 2 writes them all)
-  RK_CUDA_CHECK(cudaMemsetAsync(y, 0, size_t(T_ * f.N) * sizeof(T), stream));
   if (fits) {
+    // the loop writes only its experts' rows (the fallback's step 2 writes them all)
+    RK_CUDA_CHECK(cudaMemsetAsync(y, 0, size_t(T_ * f.N) * sizeof(T), stream));
     Factors<T> f8 = f;
     f8.align = 8;
     const bool done = small_m::for_tile_shape(std::min<int64_t>(T_, small_m::kMaxM), [&](auto mt) {

@@ -57,6 +57,10 @@ struct HalfFrag : RowLoads<T> {
   __device__ __forceinline__ float out_scale(int64_t) const { return 1.f; }
 };
 
+// Column c of a perm kept inside [0, K) in 32 bits (K < 2^30): a bad perm gives wrong numbers, never a read
+// outside x. One instruction, so the gather pays it per column.
+__device__ __forceinline__ uint32_t col_inside(int64_t c, int64_t K) { return min(uint32_t(c), uint32_t(K - 1)); }
+
 // The first product of pivoted low-rank factors, t = x[:, perm[:r]] + x[:, perm[r:]] @ w^T, with
 // w [r, K - r] as HalfFrag weights ((K - r) % 8 == 0): the A operand is gathered from x through perm
 // (8 scalar loads per vector; x is small at M <= 64 and stays in L1/L2), and the pivot columns are
@@ -75,7 +79,7 @@ struct PivotFrag : HalfFrag<T> {
   __device__ __forceinline__ Cols gather_cols(int64_t k) const {
     Cols cols;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) cols.c[e] = min(uint32_t(__ldg(perm + r + k + e)), uint32_t(Kx - 1));
+    for (int e = 0; e < 8; ++e) cols.c[e] = col_inside(__ldg(perm + r + k + e), Kx);
     return cols;
   }
   __device__ __forceinline__ uint4 gather(int m, const Cols& cols) const {
@@ -90,7 +94,7 @@ struct PivotFrag : HalfFrag<T> {
   }
   __device__ __forceinline__ uint4 gather_x(int m, int64_t k) const { return gather(m, gather_cols(k)); }
   __device__ __forceinline__ float out_add(int m, int64_t n) const {
-    return to_f32<T>(__ldg(xin + int64_t(m) * Kx + min(uint32_t(__ldg(perm + n)), uint32_t(Kx - 1))));
+    return to_f32<T>(__ldg(xin + int64_t(m) * Kx + col_inside(__ldg(perm + n), Kx)));
   }
 };
 

@@ -359,14 +359,20 @@ def test_l2_prefetch_past_the_range_is_caught(rng):
     assert run_twice(c, env, mutation) is None  # faulted on the guard page after the last row
 
 
-def run_twice(case, env, mutation=None):
-    """The case run twice in one process (a counter left non-zero shows on the second launch), or
-    None when the run faulted reading outside every tensor (a fault ends the process with a report)."""
+def run_or_fault(cases, env, mutations=()):
+    """run_cases, or None when the run faulted reading outside every tensor (a fault ends the process with a
+    report; a mutation that reads out of bounds is caught that way)."""
     try:
-        return cuda_on_cpu.run_cases([case, case], env, mutations=[mutation] if mutation else ())
+        return cuda_on_cpu.run_cases(cases, env, mutations=mutations)
     except cuda_on_cpu.KernelError as e:
         assert "outside every tensor" in str(e)
         return None
+
+
+def run_twice(case, env, mutation=None):
+    """The case run twice in one process (a counter left non-zero shows on the second launch), or
+    None when the run faulted reading outside every tensor."""
+    return run_or_fault([case, case], env, [mutation] if mutation else ())
 
 
 def within(results, ref):
