@@ -209,6 +209,23 @@ def test_distillation_trains_compressed_experts():
     assert hist["loss"][-1] < hist["loss"][0]
 
 
+@torch.no_grad()
+def test_unfused_experts_take_transformers_without_the_post_norm_flag():
+    """transformers 5.17's experts (the H200 image's) have no has_post_expert_norm: unfusing read it and failed
+    there; a missing flag now means its default (no norm), and the unfused experts still compute the same."""
+    model = tiny_moe()
+    fused = next(m for m in model.modules() if hasattr(m, "has_post_expert_norm"))
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, model.config.hidden_size, generator=g)
+    idx = torch.stack([torch.randperm(fused.num_experts, generator=g)[:2] for _ in range(7)])
+    w = torch.rand(7, 2, generator=g)
+    want = fused(h, idx, w)  # (this release's own forward reads the flag: computed before it goes)
+    del fused.has_post_expert_norm
+    unfused = UnfusedExperts(fused)
+    assert "post_expert_norm" not in unfused._modules
+    torch.testing.assert_close(unfused(h, idx, w), want, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("flags", [dict(has_gate=False, has_post_expert_norm=True),
                                    dict(is_transposed=True, has_bias=True, is_concatenated=True)])
 @torch.no_grad()

@@ -76,6 +76,15 @@ def _linear(w, b, transposed):
     return lin
 
 
+# transformers' experts decorator's layout flags and their defaults there; releases before the flag existed
+# (5.17 has no has_post_expert_norm) lay the experts out as the default says
+_LAYOUT_DEFAULTS = {"has_gate": True, "has_bias": False, "is_transposed": False, "has_post_expert_norm": False}
+
+
+def _layout_flag(fused, name):
+    return bool(getattr(fused, name, _LAYOUT_DEFAULTS[name]))
+
+
 class UnfusedExperts(nn.Module):
     """The experts of `fused` as children "0".."E-1", each a module with `gate_up_proj` (or `up_proj`) and
     `down_proj` Linears; forward(hidden_states [tokens, hidden], top_k_index, top_k_weights [tokens, k])
@@ -86,16 +95,17 @@ class UnfusedExperts(nn.Module):
         super().__init__()
         if getattr(fused, "_is_expert_parallel", False):
             raise ValueError("unfuse_experts: expert-parallel experts modules are not supported")
-        up = "gate_up_proj" if fused.has_gate else "up_proj"
-        self.num_experts, self.has_gate, self.up_name = fused.num_experts, fused.has_gate, up
+        has_gate = _layout_flag(fused, "has_gate")
+        up = "gate_up_proj" if has_gate else "up_proj"
+        self.num_experts, self.has_gate, self.up_name = fused.num_experts, has_gate, up
         for e in range(fused.num_experts):
             expert = nn.Module()
             for name in (up, "down_proj"):
-                bias = getattr(fused, f"{name}_bias", None) if fused.has_bias else None
+                bias = getattr(fused, f"{name}_bias", None) if _layout_flag(fused, "has_bias") else None
                 setattr(expert, name, _linear(getattr(fused, name)[e], None if bias is None else bias[e],
-                                              fused.is_transposed))
+                                              _layout_flag(fused, "is_transposed")))
             self.add_module(str(e), expert)
-        if fused.has_post_expert_norm:
+        if _layout_flag(fused, "has_post_expert_norm"):
             self.post_expert_norm = fused.post_expert_norm
         for name in _WEIGHTS + tuple(f"{w}_bias" for w in _WEIGHTS):
             fused._parameters.pop(name, None)
@@ -122,12 +132,13 @@ class UnfusedExperts(nn.Module):
         if not self.is_dense():
             raise ValueError("fused_again: some experts are compressed; only dense experts fuse back")
         fused = self._fused
+        transposed = _layout_flag(fused, "is_transposed")
         for proj in (self.up_name, "down_proj"):
             lins = self._layers(proj)
             with torch.no_grad():
-                w = torch.stack([lin.weight.t() if fused.is_transposed else lin.weight for lin in lins])
+                w = torch.stack([lin.weight.t() if transposed else lin.weight for lin in lins])
             fused.register_parameter(proj, nn.Parameter(w, requires_grad=lins[0].weight.requires_grad))
-            if fused.has_bias:
+            if _layout_flag(fused, "has_bias"):
                 with torch.no_grad():
                     b = torch.stack([lin.bias for lin in lins])
                 fused.register_parameter(f"{proj}_bias", nn.Parameter(b, requires_grad=lins[0].bias.requires_grad))
