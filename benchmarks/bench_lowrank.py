@@ -68,7 +68,7 @@ def wmma_fused(M):
 
 def fused(M):
     """lowrank_linear through its fused kernels (small-M, wgmma, WMMA: REPARAM_LOWRANK_CUBLAS_MIN_M=0) where
-    the op takes two cuBLAS products at this M (by default every M >= 2, from the H200's measurements): the
+    the op takes two cuBLAS products at this M (by default every M, from the H200's measurements): the
     A/B peer that says when a fused kernel wins that M back. None where the op runs them anyway."""
     min_m = cuda_paths()["lowrank_cublas"]["min_m"]
     if min_m is None or M < min_m:
@@ -95,7 +95,7 @@ def ring(M):
     min_m = paths["lowrank_cublas"]["min_m"]
     if not paths["small_m"]["on"] or M > paths["small_m"]["max_m"] or (min_m is not None and M >= min_m):
         return None
-    if paths["small_m"]["ring"] or paths["small_m"]["ring_vetoed"]:
+    if paths["small_m"]["ring"] in (1, 2) or paths["small_m"]["ring_vetoed"]:  # (3, the default, leaves low rank off)
         return None
     return with_env(_lowrank_op, "REPARAM_SMALL_M_RING", "1")
 

@@ -103,8 +103,8 @@ def other_paths(op, M):
     (``cuda_wgmma_bn64``) where it runs with two, at M <= 8 the small-M path's M <= 16 tile
     (``cuda_small_m16``) instead of its transposed one, and the small-M path with its weights also
     prefetched into L2 2 or 4 stages ahead (``cuda_l2_ahead2`` / ``4``) or streamed through its
-    shared-memory ring (``cuda_ring``, where it is off; ``cuda_ring_x``: x too, above the transposed
-    tile's M), and wgmma without its L2
+    shared-memory ring (``cuda_ring``: the weights alone; ``cuda_no_ring``: neither, above the transposed
+    tile's M, where x and the weights go through it by default; ``cuda_ring_x`` where rings are off), and wgmma without its L2
     prefetch of the weights (``cuda_wgmma_no_l2``, above M = 64) where it runs or is forced. Where the crossovers lie is a
     measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling variables
     costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
@@ -137,11 +137,16 @@ def other_paths(op, M):
         for d in ("2", "4"):
             if str(paths["small_m"]["l2_ahead"]) != d:
                 peers[f"cuda_l2_ahead{d}"] = with_env(fn, "REPARAM_SMALL_M_L2_AHEAD", d)
-        # the weights through a shared-memory ring (off by default; an explicit 0, as run_gpu.sh sets
-        # after a failed smoke run, skips it)
-        if not paths["small_m"]["ring"] and not paths["small_m"]["ring_vetoed"] and op not in SMEM_TABLE_OPS:
-            peers["cuda_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "1")
-            if M > paths["small_m"]["transposed_max_m"]:  # x in the ring too (the tiles with x as A)
+        # the shared-memory rings against what this M runs by default (x and the weights above the
+        # transposed tile, none below: ring mode 3); an explicit 0, as run_gpu.sh sets after a failed smoke
+        # run, skips them
+        ring, x_tile = paths["small_m"]["ring"], M > paths["small_m"]["transposed_max_m"]
+        if not paths["small_m"]["ring_vetoed"] and op not in SMEM_TABLE_OPS:
+            if ring == 3 and x_tile:  # the register-fed loop the ring replaced
+                peers["cuda_no_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "0")
+            if ring in (0, 3):  # the weights alone through the ring
+                peers["cuda_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "1")
+            if ring == 0 and x_tile:  # x in the ring too (the tiles with x as A)
                 peers["cuda_ring_x"] = with_env(fn, "REPARAM_SMALL_M_RING", "2")
     return peers
 

@@ -82,11 +82,13 @@ done
 
 # The newest paths' test files first, in their own step (a step cut at its limit still leaves the
 # results it got), then every other GPU test.
-NEW_TESTS="python_tests/test_cuda_paths_gpu.py python_tests/test_wgmma_gpu.py python_tests/test_quant_small_m_gpu.py python_tests/test_lowrank_small_m_gpu.py
-  python_tests/test_quant_dequant_mm_gpu.py python_tests/test_lowrank_large_m.py python_tests/test_block_circulant_cols_op.py
-  python_tests/test_fisher_blockwise.py python_tests/test_factor_device.py python_tests/test_generate.py python_tests/test_correction.py
-  python_tests/test_gptq_table.py python_tests/test_triton_quant_gpu.py python_tests/test_gptvq.py python_tests/test_experts.py
-  python_tests/test_grouped_ops.py python_tests/test_grouped_experts.py python_tests/test_grouped_lowrank_op.py"
+# Newest first: the step's limit cuts the last ones (the 2026-12-04 run reached 633 of ~710 in 120 s).
+NEW_TESTS="python_tests/test_grouped_lowrank_op.py python_tests/test_grouped_experts.py python_tests/test_grouped_ops.py
+  python_tests/test_experts.py python_tests/test_cuda_paths_gpu.py python_tests/test_lowrank_large_m.py
+  python_tests/test_quant_small_m_gpu.py python_tests/test_lowrank_small_m_gpu.py python_tests/test_gptvq.py
+  python_tests/test_triton_quant_gpu.py python_tests/test_gptq_table.py python_tests/test_correction.py python_tests/test_generate.py
+  python_tests/test_factor_device.py python_tests/test_fisher_blockwise.py python_tests/test_block_circulant_cols_op.py
+  python_tests/test_quant_dequant_mm_gpu.py python_tests/test_wgmma_gpu.py"
 IGNORE=(); for f in $NEW_TESTS; do IGNORE+=("--ignore=$f"); done
 step gpu_tests_new 120 "$DEST/gpu_tests_new.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
   --continue-on-collection-errors $NEW_TESTS --junitxml="$DEST/gpu_tests_new.xml"
@@ -114,7 +116,9 @@ for s in benchmarks/bench_*.py; do [ "$s" != benchmarks/bench_decode.py ] && SCR
 # focus: the issues' targets only, unless RUN_GPU_MOE=1 adds the mixture-of-experts ones (bench_moe and the MoE
 # decode): seven scripts would leave each a share too short for bench_quant's peers
 MOE="${RUN_GPU_MOE:-0}"; [ "$FOCUS" != 1 ] && MOE=1
-[ "$FOCUS" = 1 ] && SCRIPTS=(benchmarks/bench_quant.py benchmarks/bench_lowrank.py benchmarks/bench_structured.py)
+# (bench_quant after the two that finish inside their shares: it takes what they leave; on 2026-12-04 its
+# even share of 42 s covered 20 of its 40 cases)
+[ "$FOCUS" = 1 ] && SCRIPTS=(benchmarks/bench_lowrank.py benchmarks/bench_structured.py benchmarks/bench_quant.py)
 [ "$FOCUS" = 1 ] && [ "$MOE" = 1 ] && SCRIPTS+=(benchmarks/bench_moe.py)
 [ -f benchmarks/bench_decode.py ] && SCRIPTS+=(benchmarks/bench_decode.py)
 # (SCRIPT:MODEL: bench_decode on another --model; the MoE models last, the newest)
@@ -179,7 +183,9 @@ if command -v ncu >/dev/null 2>&1; then
   NCU_MORE=(); PROFILE=(--m 1,256); NCU_MAX=60
   [ "$FOCUS" = 1 ] && NCU_MORE=(--section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis_Tables) \
     && PROFILE=(--m 1,16,64,128 --kinds int4_g128,lowrank_40,block_circulant_b256 --ring) && NCU_MAX=90
-  step ncu "$NCU_MAX" "$DEST/ncu.log" ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+  # --clock-control none: the GPU's own clocks, as the benchmarks ran (ncu's default locks the base clock:
+  # the 2026-12-04 run's profiles read 1.35 GHz SM clocks, durations ~1.4x the benchmarks')
+  step ncu "$NCU_MAX" "$DEST/ncu.log" ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     --section ComputeWorkloadAnalysis --section InstructionStats "${NCU_MORE[@]}" --csv --page details \
     --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py "${PROFILE[@]}"

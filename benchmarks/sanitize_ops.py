@@ -100,8 +100,8 @@ class GroupedProbe(nn.Module):
 def path_cases():
     """(name, layer factory(dtype, device), batches): the shapes that take each CUDA path besides the
     variants' own: register-fed small M with K split over CTAs (int8, int4, both low-rank forms; ranks in
-    multiples of 8), wgmma at 64 < M < 256 (Hopper), the cuBLAS routes (quantized M >= 256, low rank M >= 2
-    by default: the low-rank kernel cases here turn that off to reach the fused kernels), and the
+    multiples of 8), wgmma at 64 < M < 256 (Hopper), the cuBLAS routes (quantized M >= 256, low rank at
+    every M by default, pivoted from M = 2: the low-rank kernel cases here turn that off to reach the fused kernels), and the
     block-circulant large-M and columns (decode) kernels."""
     from reparam_kernels import nn as rnn
 
@@ -213,7 +213,7 @@ def main(argv=None):
     for name, make, batches in path_cases():
         if args.paths_only and args.match not in name:
             continue
-        # the fused low-rank kernels at every M (by default M >= 2 takes two cuBLAS products); the
+        # the fused low-rank kernels at every M (by default two cuBLAS products take plain factors at every M); the
         # two-GEMM cases keep the default
         fused = name.startswith(("lowrank", "pivoted")) and "two-GEMM" not in name
         # the ring cases switch the ring on, unless it is switched off outright (run_gpu.sh after a failed smoke run)

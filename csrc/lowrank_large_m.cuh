@@ -8,11 +8,15 @@
 // the point. Pivoted factors (w [r, K - r], perm [K]) are first expanded to the
 // plain right factor [I | w] P [r, K] by one small kernel (r * K writes).
 //
-// Taken for M >= REPARAM_LOWRANK_CUBLAS_MIN_M (default 2; 0 turns it off). Measured on the H200
-// (benchmarks/results/h200/lowrank_linear.json, r = 512, CUDA graph): the fused kernels lose to these
-// two products at every M >= 16 (8192^2: 45.9 vs 13.2 us at M = 16, 69.3 vs 14.1 at 64, 78.2 vs 19.3 at
-// 256; 28672 x 8192 likewise) and tie at 2048; only M = 1 stays fused (graph 15.2 vs 13.1 us, but eager
-// 29.2 vs 32.7: one launch instead of two and no [M, r] temporary).
+// Taken for M >= REPARAM_LOWRANK_CUBLAS_MIN_M (0 turns it off); by default every M for plain factors and
+// M >= 2 for pivoted ones. Measured on the H200 (benchmarks/results/h200/lowrank_linear.json, r = 512):
+// session 11's run had the fused kernels losing to these two products at every M >= 16 (8192^2 graph:
+// 45.9 vs 13.2 us at M = 16, 69.3 vs 14.1 at 64, 78.2 vs 19.3 at 256; 28672 x 8192 likewise), tying at
+// 2048, and M = 1 split (graph 15.2 vs 13.1 us, eager 29.2 vs 32.7); the 2026-12-04 run had them winning
+// M = 1 too, graph and eager, on both shapes (8192^2: 13.0 vs 17.0 us graph, 18.2 vs 21.6 eager;
+// 28672 x 8192: 18.2 vs 24.5, 24.1 vs 31.8), so plain factors take them at every M. Pivoted factors
+// keep their fused launch at M = 1 (18.4 us there; two products plus the expansion below, predicted
+// ~20 us, are not yet timed against it).
 #pragma once
 
 #include "cublas_mm.cuh"
@@ -20,17 +24,31 @@
 namespace reparam {
 namespace lowrank_large_m {
 
-inline int64_t min_m() { return min_m_from_env("REPARAM_LOWRANK_CUBLAS_MIN_M", 2); }
+inline int64_t min_m(bool pivoted) { return min_m_from_env("REPARAM_LOWRANK_CUBLAS_MIN_M", pivoted ? 2 : 1); }
 
-// v[j, perm[c]] = [I | w][j, c]: the pivoted right factor expanded to [r, K] (each entry written once:
-// perm is a permutation).
+// The pivoted right factor expanded to [r, K]: v[j, q] = [I | w][j, inv[q]], inv = perm^-1. Written
+// column after column of each row (coalesced, 16-bit stores in order) after a K-thread pass inverts perm;
+// w's row j is read in permuted order, from L1 / L2 (it is r * (K - r) values, read once from DRAM).
+// The version the H200 timed (2026-12-04) scattered the stores instead (v[j, perm[c]] for consecutive c,
+// a 64-bit division per element) and cost ~60 us at r = 512, K = 8192 (pivoted 75.2 vs plain 13.2 us at
+// M = 16, graph); this one moves 2 r K bytes each way in order: predicted ~6 us there, not yet timed.
+__global__ void invert_perm_kernel(const int64_t* __restrict__ perm, int32_t* __restrict__ inv, int64_t K) {
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < K; c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t q = perm[c];
+    if (q >= 0 && q < K) inv[q] = int32_t(c);  // (not a permutation breaks the op's contract, not memory)
+  }
+}
+
 template <class T>
-__global__ void expand_kernel(const T* __restrict__ w, const int64_t* __restrict__ perm, T* __restrict__ v,
+__global__ void expand_kernel(const T* __restrict__ w, const int32_t* __restrict__ inv, T* __restrict__ v,
                               int64_t K, int64_t r) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < r * K; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = i / K, c = i % K;
-    const float value = c < r ? (c == j ? 1.f : 0.f) : to_f32<T>(w[j * (K - r) + (c - r)]);
-    v[j * K + perm[c]] = from_f32<T>(value);
+  for (int64_t j = blockIdx.y; j < r; j += gridDim.y) {  // rows of v down the grid's y
+    const T* wj = w + j * (K - r);
+    T* vj = v + j * K;
+    for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < K; q += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t c = inv[q];  // -1 where perm missed q: a zero column
+      vj[q] = c < 0 ? from_f32<T>(0.0f) : c < r ? from_f32<T>(c == j ? 1.0f : 0.0f) : wj[c - r];
+    }
   }
 }
 
@@ -44,10 +62,17 @@ void run(const Tensor& xc, const Tensor& u, const Tensor& v, const Tensor* perm,
   if (perm == nullptr) {
     linear_out(x2, v, std::nullopt, t);
   } else {  // expand w to the plain right factor (r * K writes: far less than a pass over x at large M)
+    Tensor inv = torch::stable::new_empty(xc, {K}, ScalarType::Int);
     Tensor vf = torch::stable::new_empty(xc, {r, K});
-    expand_kernel<T><<<grid_stride_blocks(r * K, device), 256, 0, stream>>>(static_cast<const T*>(v.data_ptr()),
-                                                                   static_cast<const int64_t*>(perm->data_ptr()),
-                                                                   static_cast<T*>(vf.data_ptr()), K, r);
+    int32_t* invp = static_cast<int32_t*>(inv.data_ptr());
+    STD_TORCH_CHECK(K < INT32_MAX, "reparam.pivoted_lowrank_linear: K must be below 2^31");
+    RK_CUDA_CHECK(cudaMemsetAsync(invp, 0xFF, size_t(K) * sizeof(int32_t), stream));
+    invert_perm_kernel<<<grid_stride_blocks(K, device), 256, 0, stream>>>(
+        static_cast<const int64_t*>(perm->data_ptr()), invp, K);
+    RK_CUDA_CHECK(cudaGetLastError());
+    const unsigned cols = unsigned(std::min<int64_t>((K + 255) / 256, 32));  // <= 32 x 256 threads a row
+    expand_kernel<T><<<dim3(cols, unsigned(std::min<int64_t>(r, 65535))), 256, 0, stream>>>(static_cast<const T*>(v.data_ptr()), invp,
+                                                                 static_cast<T*>(vf.data_ptr()), K, r);
     RK_CUDA_CHECK(cudaGetLastError());
     linear_out(x2, vf, std::nullopt, t);
   }

@@ -15,8 +15,9 @@
 // (so phase 1 streams it with the same 16-byte loads) and starts t at x's pivot columns; phase 1
 // is t += xg @ w^T; phases 2-3 are unchanged.
 //
-// At M >= 2 (REPARAM_LOWRANK_CUBLAS_MIN_M; measured on the H200, see lowrank_large_m.cuh) the ops take
-// two cuBLAS products instead. Below the threshold (M = 1 by default, any M with it raised or 0),
+// From REPARAM_LOWRANK_CUBLAS_MIN_M on (by default every M for plain factors, M >= 2 for pivoted ones;
+// measured on the H200, see lowrank_large_m.cuh) the ops take two cuBLAS products instead. Below the
+// threshold (pivoted M = 1 by default, any M with it raised or 0),
 // M <= 64 takes the register-fed tensor-core path of lowrank_small_m.cuh (one grid barrier; REPARAM_SMALL_M=0 turns it off); on Hopper the sizes
 // between take wgmma (lowrank_wgmma.cuh; REPARAM_WGMMA=0 turns it off). What follows serves the
 // rest. Decode (M <= 16) is memory-bound: the tile puts 64 weight rows against a
@@ -217,7 +218,7 @@ Tensor lowrank_product(const char* op, Tensor x, Tensor u, Tensor v, const Tenso
   Tensor y = torch::stable::new_empty(xc, out_shape(xc, N));
   if (M == 0 || N == 0) return y;
   cudaStream_t stream = current_stream(xc);
-  if (M >= lowrank_large_m::min_m()) {  // prefill: two cuBLAS products (lowrank_large_m.cuh)
+  if (M >= lowrank_large_m::min_m(perm != nullptr)) {  // prefill: two cuBLAS products (lowrank_large_m.cuh)
     dispatch_half(xc.scalar_type(), op, [&](auto tag) {
       lowrank_large_m::run<decltype(tag)>(xc, u, v, perm, bias, y, M, N, K, r, stream);
     });

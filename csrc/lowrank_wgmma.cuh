@@ -22,7 +22,7 @@ template <class T>
 bool run(const T* x, const T* v, const T* u, const int64_t* perm, const T* bias, T* y, int64_t M, int64_t N,
          int64_t K, int64_t r, const Tensor& like, cudaStream_t stream) {
   const int64_t K1 = perm ? K - r : K;  // the first product's reduction length
-  const int64_t top = lowrank_large_m::min_m();  // M from here on takes two cuBLAS GEMMs
+  const int64_t top = lowrank_large_m::min_m(perm != nullptr);  // M from here on takes two cuBLAS GEMMs
   if (!quant_wgmma::applies(M, top, like) || K1 < 8 || K1 % 8 != 0 || r % 8 != 0 || K >= small_m::kMaxK) return false;
   if (!small_m::rows_fit32(r, K1) || !small_m::rows_fit32(N, r)) return false;  // both products' rows
   if (!aligned16(v) || !aligned16(u) || (!perm && !aligned16(x))) return false;

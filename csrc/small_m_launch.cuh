@@ -68,15 +68,24 @@ inline int l2_ahead_from_env(const char* name = "REPARAM_SMALL_M_L2_AHEAD", int 
 // REPARAM_SMALL_M_T=0: M <= 8 takes the M <= 16 tile instead of the transposed one (A/B timing).
 inline bool transposed_tile_enabled() { return env_switch_on("REPARAM_SMALL_M_T"); }
 
-// REPARAM_SMALL_M_RING=1: the weights stream through a shared-memory ring (kRingStages in
-// small_m_gemm.cuh) where it keeps as many CTAs per SM as the register-fed loop; 2: x too, for the
-// formats and tiles where it fits (x_fits_ring). Off by default until the H200 has timed them
-// (the peers cuda_ring / cuda_ring_x). Returns 0, 1 or 2.
+// REPARAM_SMALL_M_RING selects the shared-memory rings (kRingStages in small_m_gemm.cuh), each taken only
+// where it keeps as many CTAs per SM as the register-fed loop. Unset (the default, kRingX): x and the
+// weights through the ring on the tiles where x fits it (x_fits_ring: M > 8), the register loop elsewhere
+// -- measured on the H200 (benchmarks/results/h200/int4_linear.json and beside it, peers cuda_ring_x /
+// cuda_ring): 8192^2 fp16 graph, M = 64 int4 46.1 vs 90.2 us, int8 50.0 vs 74.0, lut 46.0 vs 87.5; M = 16
+// int4 25.7 vs 25.7, int8 29.0 vs 33.5, lut 28.5 vs 48.8; at M = 1 the weights' ring alone lost (int4
+// 20.8 vs 19.0 us). 1: the weights' ring on every tile; 2: x too where it fits, the weights' ring
+// elsewhere; 0 (anything else): no ring. Returns 0, 1, 2 or kRingX.
+constexpr int kRingX = 3;
 inline int ring_mode() {
   const char* v = std::getenv("REPARAM_SMALL_M_RING");
-  return v == nullptr ? 0 : v[0] == '1' ? 1 : v[0] == '2' ? 2 : 0;
+  if (v == nullptr || v[0] == '\0') return kRingX;
+  return v[0] == '1' ? 1 : v[0] == '2' ? 2 : 0;
 }
-inline bool ring_enabled() { return ring_mode() > 0; }
+// The weights' ring on the tiles that do not carry x in it (modes 1 and 2).
+inline bool ring_enabled() { const int m = ring_mode(); return m == 1 || m == 2; }
+// x and the weights in the ring where x fits it (mode 2 and the default).
+inline bool x_ring_enabled() { const int m = ring_mode(); return m == 2 || m == kRingX; }
 
 // The n8-groups per warp for MT m16 tiles (BN = 4 * 8 * groups rows per column block).
 template <int MT> constexpr int groups_for() { return MT <= 2 ? 4 : 2; }
@@ -170,7 +179,7 @@ bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_
     return smem >= 0 && launch_with<kernel, NG>(p, smem, like, stream);
   } else {
     if constexpr (x_fits_ring<Frag, MT>()) {
-      if (ring_mode() == 2 && try_ring<small_m_ring_kernel<Frag, T, MT, NG, true>, kernel, NG>(
+      if (x_ring_enabled() && try_ring<small_m_ring_kernel<Frag, T, MT, NG, true>, kernel, NG>(
                                   p, ring_bytes<NG>() + x_ring_bytes<Frag, T, MT>(), like, stream))
         return true;
     }

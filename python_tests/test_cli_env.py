@@ -99,9 +99,17 @@ def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     paths = env.cuda_paths()
     assert paths["bc_large_m"]["min_m"] == 64
-    assert paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] == 256 and paths["lowrank_cublas"]["min_m"] == 2
+    assert paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] == 256
+    assert paths["lowrank_cublas"]["min_m"] == 1 and paths["lowrank_cublas"]["pivoted_min_m"] == 2
+    assert "M >= 1 (pivoted factors: M >= 2) [REPARAM_LOWRANK_CUBLAS_MIN_M]" in env.render(env.collect())
     assert paths["wgmma"]["on"] and paths["wgmma"]["min_m"] == paths["small_m"]["max_m"] + 1
     assert paths["small_m"]["transposed_max_m"] == 8
+    # the ring as csrc/small_m_launch.cuh's ring_mode() reads the variable: unset = x and weights above M = 8
+    for value, mode in (("", 3), ("1", 1), ("2", 2), ("0", 0), ("x", 0)):
+        monkeypatch.setenv("REPARAM_SMALL_M_RING", value)
+        assert env.cuda_paths()["small_m"]["ring"] == mode, value
+    monkeypatch.delenv("REPARAM_SMALL_M_RING")
+    assert "shared-memory ring: x and weights above M = 8 [REPARAM_SMALL_M_RING]" in env.render(env.collect())
     monkeypatch.setenv("REPARAM_SMALL_M_T", "0")
     assert env.cuda_paths()["small_m"]["transposed_max_m"] == 0
     assert "transposed tile: OFF [REPARAM_SMALL_M_T]" in env.render(env.collect())
@@ -116,7 +124,7 @@ def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
     monkeypatch.setenv("REPARAM_LOWRANK_CUBLAS_MIN_M", " 1024x")  # read like atoll: 1024
     paths = env.cuda_paths()
     assert not paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] is None
-    assert paths["lowrank_cublas"]["min_m"] == 1024
+    assert paths["lowrank_cublas"]["min_m"] == 1024 == paths["lowrank_cublas"]["pivoted_min_m"]
     text = env.render(env.collect())
     assert "OFF [REPARAM_SMALL_M]" in text and "never [REPARAM_DEQUANT_MIN_M]" in text
     monkeypatch.setenv("REPARAM_BC_LARGE_M_MIN_M", "0")

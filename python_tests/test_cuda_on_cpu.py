@@ -264,10 +264,25 @@ def test_lowrank_two_gemm_path(rng):
     cases, refs = lowrank_cases(rng, [(70, 136, 50, 24)], torch.bfloat16)
     traces = check(cases, refs, env={"REPARAM_LOWRANK_CUBLAS_MIN_M": "65"})
     assert any("expand_kernel" in line for line in traces[1])  # pivoted: [I | w] P expanded first
-    # the default threshold (2, measured on the H200): M = 2 takes the two products, M = 1 the fused kernel
+    # the default thresholds (measured on the H200): plain factors take the two products at every M, M = 1
+    # included; pivoted ones from M = 2, their fused kernel at M = 1
     cases, refs = lowrank_cases(rng, [(2, 136, 50, 24), (1, 136, 50, 24)], torch.float16)
     traces = check(cases, refs, env={"REPARAM_LOWRANK_CUBLAS_MIN_M": ""})
-    assert not any("small_m::" in line for line in traces[0]) and any("small_m::" in line for line in traces[2])
+    fused = [any("small_m::" in line for line in t) for t in traces]
+    assert fused == [False, False, False, True]  # (plain M = 2, pivoted M = 2, plain M = 1, pivoted M = 1)
+    assert all(any("expand_kernel" in line for line in traces[i]) == (i == 1) for i in range(4))
+
+
+def test_pivoted_expansion_mutations_are_caught(rng):
+    # The two-product route's expansion of [I | w] P (lowrank_large_m.cuh): one row past v, or perm's inverse
+    # written as the identity, must show (a fault outside every tensor, or a wrong result)
+    cases, refs = lowrank_cases(rng, [(70, 136, 50, 24)], torch.float16)
+    c, ref = cases[1], refs[1]  # the pivoted case
+    env = {"REPARAM_LOWRANK_CUBLAS_MIN_M": "65", "RK_CPU_SMS": "2"}
+    assert within(run_twice(c, env), ref)
+    for mutation in [("lowrank_large_m.cuh", "j < r; j += gridDim.y", "j <= r; j += gridDim.y"),
+                     ("lowrank_large_m.cuh", "inv[q] = int32_t(c);", "inv[q] = int32_t(q);")]:
+        assert not within(run_twice(c, env, mutation), ref), mutation
 
 
 def test_lowrank_decode_prefetches_u_within_bounds(rng):
@@ -330,9 +345,10 @@ def test_mutated_small_m_path_is_caught(rng, name):
 @pytest.mark.parametrize("name", ["x row clamp", "tail x", "tail weights"])
 def test_mutated_m16_tile_is_caught(rng, name):
     # the mutations above run at M = 3 (the transposed tile); those of x's rows and the tail also on
-    # the M <= 16 tile
+    # the M <= 16 tile's register loop, which M > 8 takes only with the ring off (by default x and the
+    # weights go through the ring there: its own mutations in test_cuda_on_cpu_ring.py)
     c, r = quant_case(rng, "int4_linear", 12, 2080, 40, torch.float16, group=32)
-    env = {"RK_CPU_SEED": "3"}
+    env = {"RK_CPU_SEED": "3", "REPARAM_SMALL_M_RING": "0"}
     assert within(run_twice(c, env), r)
     assert not within(run_twice(c, env, MUTATIONS[name]), r)
 

@@ -26,9 +26,10 @@ def kernels(fn):
 
 
 @pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
-@pytest.mark.parametrize("M,expected", [(1, "small_m_kernel"), (64, "small_m_kernel"), (200, "wgmma_kernel"),
+@pytest.mark.parametrize("M,expected", [(1, "small_m_kernel"), (64, "small_m_ring_kernel"), (200, "wgmma_kernel"),
                                         (256, "dequantize_kernel"), (600, "dequantize_kernel")])
 def test_quantized_ops_take_their_path(rng, op, M, expected):
+    # (M = 64: x and the weights through the shared-memory ring, the default above M = 8)
     if expected == "wgmma_kernel" and not HOPPER:
         expected = "mma_kernel"  # the WMMA tiles below sm_90
     args, _ = make(rng, op, M, 2048, 512, torch.float16, 128)
@@ -43,8 +44,10 @@ def test_vq_pairs_take_their_path(rng, M, expected):
     assert expected in kernels(lambda: run("vq_linear", args))
 
 
-# default: M = 1 fused, M >= 2 two cuBLAS products (measured); "0": the fused kernels at every M
-@pytest.mark.parametrize("M,expected,two_gemm_min_m", [(1, "lowrank_small_m_kernel", ""), (2, None, ""), (256, None, ""),
+# default: two cuBLAS products at every M (measured; pivoted factors keep M = 1 fused); "0": the fused kernels
+# at every M
+@pytest.mark.parametrize("M,expected,two_gemm_min_m", [(1, None, ""), (2, None, ""), (256, None, ""),
+                                                      (1, "lowrank_small_m_kernel", "2"),
                                                       (16, "lowrank_small_m_kernel", "0"), (256, "wgmma_kernel", "0"),
                                                       (600, None, "512")])
 def test_lowrank_takes_its_path(rng, M, expected, two_gemm_min_m):

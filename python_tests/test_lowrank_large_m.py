@@ -1,5 +1,6 @@
 """The large-M route of lowrank_linear and pivoted_lowrank_linear (csrc/lowrank_large_m.cuh: two
-cuBLAS products; pivoted factors expanded to [I | w] P first): the expansion's index math emulated
+cuBLAS products; pivoted factors expanded to [I | w] P first, by a gather through perm's inverse): the
+expansion's index math emulated
 against the dense right factor, and on the GPU against float64 and the fused kernel (REPARAM_LOWRANK_CUBLAS_MIN_M=0) at odd
 sizes, with and without bias, leading dims, inside a CUDA graph."""
 import numpy as np
@@ -12,12 +13,18 @@ from conftest import TOL, env_var, rel_err
 
 
 def emulate_expand(w, perm):
-    """expand_kernel: element i -> (j, c) = (i // K, i % K); v[j, perm[c]] = [I | w][j, c]."""
+    """invert_perm_kernel then expand_kernel: inv = -1, inv[perm[c]] = c (perm entries in 0..K-1 only);
+    v[j, q] = [I | w][j, inv[q]], a zero column where inv[q] = -1."""
     r, K = w.shape[0], perm.size
+    inv = np.full(K, -1)
+    for c in range(K):
+        if 0 <= perm[c] < K:
+            inv[perm[c]] = c
     v = np.full((r, K), np.nan)
-    for i in range(r * K):
-        j, c = divmod(i, K)
-        v[j, perm[c]] = (1.0 if c == j else 0.0) if c < r else w[j, c - r]
+    for j in range(r):
+        for q in range(K):
+            c = inv[q]
+            v[j, q] = 0.0 if c < 0 else (1.0 if c == j else 0.0) if c < r else w[j, c - r]
     return v
 
 
@@ -27,6 +34,14 @@ def test_expand_emulation_matches_the_dense_right_factor(rng, K, r):
     perm = torch.randperm(K, generator=rng)
     u = torch.eye(r, dtype=torch.float64)  # W = u @ [I | w] @ P is then the right factor itself
     assert np.array_equal(emulate_expand(w.numpy(), perm.numpy()), piv.dense(u, w, perm).numpy())
+
+
+def test_expand_emulation_stays_in_bounds_off_contract():
+    """perm with a repeat and an out-of-range entry (not a permutation: the op's contract broken) reads
+    and writes nothing outside w and v: the columns no entry reached are zero."""
+    w = np.arange(1.0, 1.0 + 2 * 3).reshape(2, 3)  # r = 2, K = 5
+    v = emulate_expand(w, np.array([4, 4, 0, 9, 1]))  # q = 2 and 3 unreached; 9 out of range
+    assert not np.isnan(v).any() and (v[:, 2] == 0).all() and (v[:, 3] == 0).all()
 
 
 def fused(fn, *args):

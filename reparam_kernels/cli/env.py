@@ -56,6 +56,14 @@ def bc_cols_max_m():
     return max(0, _atoll("REPARAM_BC_COLS_MAX_M", 16))
 
 
+RING_MODES = ("off", "weights", "weights and x", "x and weights above M = 8")
+
+
+def _ring_mode(value):
+    """REPARAM_SMALL_M_RING as csrc/small_m_launch.cuh's ring_mode() reads it (unset or empty: 3)."""
+    return 3 if value == "" else {"1": 1, "2": 2}.get(value[:1], 0)
+
+
 def cuda_paths():
     """Which CUDA path each batch size M takes, as the environment switches set it."""
     small = not os.environ.get("REPARAM_SMALL_M", "").startswith("0")
@@ -68,10 +76,10 @@ def cuda_paths():
                         # quantized ops: weights also prefetched this many stages ahead into L2 (0: off)
                         "l2_ahead": min(16, max(0, _atoll("REPARAM_SMALL_M_L2_AHEAD", 0))),
                         "l2_ahead_switch": "REPARAM_SMALL_M_L2_AHEAD",
-                        # quantized ops: weights streamed through a shared-memory ring (csrc/small_m_gemm.cuh
-                        # kRingStages; off by default until timed)
-                        # (1: the weights, 2: x too where it fits; anything else: off)
-                        "ring": {"1": 1, "2": 2}.get(os.environ.get("REPARAM_SMALL_M_RING", "")[:1], 0),
+                        # quantized ops: a shared-memory ring (csrc/small_m_launch.cuh ring_mode; 1: the
+                        # weights, 2: x too where it fits, 3 = unset, the default measured on the H200: x and the
+                        # weights above M = 8 only; anything else: off)
+                        "ring": _ring_mode(os.environ.get("REPARAM_SMALL_M_RING", "")),
                         # an explicit 0 (run_gpu.sh after a failed smoke run): no script switches it on
                         "ring_vetoed": os.environ.get("REPARAM_SMALL_M_RING", "") == "0",
                         "ring_switch": "REPARAM_SMALL_M_RING",
@@ -95,7 +103,9 @@ def cuda_paths():
                       "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear; sm_90"},
             "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 256), "switch": "REPARAM_DEQUANT_MIN_M",
                                "ops": "int8_linear, int4_linear, lut_linear, vq_linear"},
-            "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 2),
+            # plain factors at every M, pivoted ones from M = 2 (csrc/lowrank_large_m.cuh min_m; one variable sets both)
+            "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 1),
+                               "pivoted_min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 2),
                                "switch": "REPARAM_LOWRANK_CUBLAS_MIN_M",
                                "ops": "lowrank_linear, pivoted_lowrank_linear",
                                # the fused decode launch prefetches u into L2 (where u <= half the L2)
@@ -158,7 +168,7 @@ def render(info):
                  f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]; M <= 8 on its transposed tile: "
                  f"{'on' if sm['transposed_max_m'] else 'OFF'} [{sm['transposed_switch']}]; L2 prefetch "
                  f"{sm['l2_ahead'] or 'off'}{' stages ahead' if sm['l2_ahead'] else ''} [{sm['l2_ahead_switch']}]; "
-                 f"shared-memory ring: {('off', 'weights', 'weights and x')[sm['ring']]} [{sm['ring_switch']}]; "
+                 f"shared-memory ring: {RING_MODES[sm['ring']]} [{sm['ring_switch']}]; "
                  f"vq_linear pairs: {'on' if sm['vq_pairs'] else 'OFF'} [{sm['vq_pairs_switch']}]")
     lines.append(f"  any M, one expert's rows a CTA ({sm['grouped_ops']}): the same loop "
                  f"{'on' if sm['grouped'] else 'OFF (a plain fallback kernel)'} [{sm['grouped_switch']}]")
@@ -169,6 +179,8 @@ def render(info):
     for name, d in (("dequantize + cuBLAS", dq), ("two cuBLAS GEMMs", lr),
                     ("spectrum sums in registers", paths["bc_large_m"])):
         when = f"M >= {d['min_m']}" if d["min_m"] else "never"
+        if d.get("pivoted_min_m") not in (None, d["min_m"]):
+            when += f" (pivoted factors: M >= {d['pivoted_min_m']})"
         lines.append(f"  {name} ({d['ops']}): {when} [{d['switch']}]")
     bc = paths["bc_cols"]
     lines.append(f"  block-circulant decode from the blocks' columns ({bc['ops']}): "
