@@ -9,12 +9,18 @@
 // fraction of cuBLAS's Hopper kernels. The cost is a temporary N x K buffer
 // (128 MB for 8192 x 8192 fp16) from the caching allocator.
 //
-// Taken for M >= REPARAM_DEQUANT_MIN_M (default 256; 0 turns it off). From the first H200 run
+// Taken for M >= REPARAM_DEQUANT_MIN_M (default 129; 0 turns it off; 256 until the third H200 run). From the first H200 run
 // (benchmarks/results/h200/*_linear.json, CUDA graph, 8192 x 8192): at M = 2048 this path costs cuBLAS
 // plus 96 / 61 / 119 us (int4 / int8 / lut: the dequantization pass), and at M = 256 cuBLAS takes 57 us
 // while the wgmma path took 190-193 us, so this path's predicted 153 / 118 / 177 us wins there; at M = 64
 // (cuBLAS 37 us) the small-M path's 90 / 69 / 86 us beats its 133 / 98 / 156. The crossover between 64 and
 // 256 is not measured yet (bench_quant's peers cuda_dequant_cublas / cuda_wgmma time both sides).
+// The third run (2026-12-04, same shape, after the wgmma rework): this path 110 / 104 / 107 us at M = 256
+// against wgmma's 178 / 190 / 178 (cuBLAS 57), and Nsight Compute timed one wgmma M tile (BM = 128,
+// M = 128) at 128 us with the SM clock locked at 1.35 GHz (~87 us at 1.98): wgmma's time goes by M tiles,
+// each re-reading every weight, so M = 129..255 (two tiles, like 256) costs what 256 does while this
+// path costs at most its 256 time. From 129 on it is taken; 65..128 (one tile, ~87 us, against ~93 here
+// predicted) stays wgmma. Inferred from those two points, not timed at M = 129..255 directly.
 #pragma once
 
 #include "cublas_mm.cuh"
@@ -23,7 +29,7 @@
 namespace reparam {
 namespace quant {
 
-inline int64_t dequant_min_m() { return min_m_from_env("REPARAM_DEQUANT_MIN_M", 256); }
+inline int64_t dequant_min_m() { return min_m_from_env("REPARAM_DEQUANT_MIN_M", 129); }
 
 // W[n, k] in T for every n < N, k < K. A CTA takes a row at a time; a thread decodes one unit of 8 weights
 // (16 output bytes) at a time, units t, t + 256, ... of the row, kUnroll of them with their loads issued

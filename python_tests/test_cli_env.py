@@ -99,7 +99,7 @@ def test_env_reports_the_cuda_paths_as_the_switches_set_them(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     paths = env.cuda_paths()
     assert paths["bc_large_m"]["min_m"] == 64
-    assert paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] == 256
+    assert paths["small_m"]["on"] and paths["dequant_cublas"]["min_m"] == 129
     assert paths["lowrank_cublas"]["min_m"] == 1 and paths["lowrank_cublas"]["pivoted_min_m"] == 2
     assert "M >= 1 (pivoted factors: M >= 2) [REPARAM_LOWRANK_CUBLAS_MIN_M]" in env.render(env.collect())
     assert paths["wgmma"]["on"] and paths["wgmma"]["min_m"] == paths["small_m"]["max_m"] + 1

@@ -26,8 +26,8 @@ def kernels(fn):
 
 
 @pytest.mark.parametrize("op", ["int4_linear", "int8_linear", "lut_linear"])
-@pytest.mark.parametrize("M,expected", [(1, "small_m_kernel"), (64, "small_m_ring_kernel"), (200, "wgmma_kernel"),
-                                        (256, "dequantize_kernel"), (600, "dequantize_kernel")])
+@pytest.mark.parametrize("M,expected", [(1, "small_m_kernel"), (64, "small_m_ring_kernel"), (100, "wgmma_kernel"),
+                                        (200, "dequantize_kernel"), (600, "dequantize_kernel")])
 def test_quantized_ops_take_their_path(rng, op, M, expected):
     # (M = 64: x and the weights through the shared-memory ring, the default above M = 8)
     if expected == "wgmma_kernel" and not HOPPER:
@@ -36,10 +36,10 @@ def test_quantized_ops_take_their_path(rng, op, M, expected):
     assert expected in kernels(lambda: run(op, args))
 
 
-@pytest.mark.parametrize("M,expected", [(1, "small_m_kernel"), (64, "small_m_kernel"), (200, "mma_kernel"),
-                                        (256, "dequantize_kernel")])
+@pytest.mark.parametrize("M,expected", [(1, "small_m_kernel"), (64, "small_m_kernel"), (100, "mma_kernel"),
+                                        (200, "dequantize_kernel")])
 def test_vq_pairs_take_their_path(rng, M, expected):
-    # no wgmma path for vq_linear: 64 < M < 256 runs the WMMA tiles of the general path
+    # no wgmma path for vq_linear: 64 < M < 129 runs the WMMA tiles of the general path
     args, _ = make(rng, "vq_linear", M, 2048, 512, torch.float16)
     assert expected in kernels(lambda: run("vq_linear", args))
 

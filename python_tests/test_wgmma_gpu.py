@@ -23,7 +23,7 @@ OPS = ["int4_linear", "int8_linear", "lut_linear"]
 @pytest.mark.parametrize("M", [65, 200, 511])
 @pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32), (8192, 264, 64)])
 def test_wgmma_matches_float64_and_wmma_tiles(rng, op, dtype, M, K, N, group, monkeypatch):
-    monkeypatch.setenv("REPARAM_DEQUANT_MIN_M", "512")  # wgmma's whole range (by default M >= 256 dequantizes)
+    monkeypatch.setenv("REPARAM_DEQUANT_MIN_M", "512")  # wgmma's whole range (by default M >= 129 dequantizes)
     args, w = make(rng, op, M, K, N, dtype, group)
     y = run(op, args)
     ref = exact(args, w)

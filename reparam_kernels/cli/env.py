@@ -101,7 +101,7 @@ def cuda_paths():
                       "l2_ahead_switch": "REPARAM_WGMMA_L2_AHEAD",
                       "switch": "REPARAM_WGMMA",
                       "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear; sm_90"},
-            "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 256), "switch": "REPARAM_DEQUANT_MIN_M",
+            "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 129), "switch": "REPARAM_DEQUANT_MIN_M",
                                "ops": "int8_linear, int4_linear, lut_linear, vq_linear"},
             # plain factors at every M, pivoted ones from M = 2 (csrc/lowrank_large_m.cuh min_m; one variable sets both)
             "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 1),
