@@ -100,9 +100,9 @@ class GroupedProbe(nn.Module):
 def path_cases():
     """(name, layer factory(dtype, device), batches): the shapes that take each CUDA path besides the
     variants' own: register-fed small M with K split over CTAs (int8, int4, both low-rank forms; ranks in
-    multiples of 8), wgmma at 64 < M < 256 (Hopper), the cuBLAS routes (quantized M >= 256, low rank at
-    every M by default, pivoted from M = 2: the low-rank kernel cases here turn that off to reach the fused kernels), and the
-    block-circulant large-M and columns (decode) kernels."""
+    multiples of 8), wgmma at 64 < M < 129 (Hopper; the cases here up to 512), the cuBLAS routes
+    (quantized M >= 129, low rank at every M by default, pivoted from M = 2: the low-rank kernel cases here
+    turn that off to reach the fused kernels), and the block-circulant large-M and columns (decode) kernels."""
     from reparam_kernels import nn as rnn
 
     def lin(k, n, dtype, device):
@@ -225,6 +225,8 @@ def main(argv=None):
             with contextlib.ExitStack() as stack:
                 if fused:
                     stack.enter_context(env_var("REPARAM_LOWRANK_CUBLAS_MIN_M", "0"))
+                if name.endswith(" wgmma"):  # two batch tiles too (by default M >= 129 dequantizes)
+                    stack.enter_context(env_var("REPARAM_DEQUANT_MIN_M", "512"))
                 if ring:
                     stack.enter_context(env_var("REPARAM_SMALL_M_RING", ring))
                 for m in batches:
