@@ -19,7 +19,7 @@ from common import (Contender, Results, bench_arg_parser, check_rows, measure_ce
 
 import reparam_kernels
 from reparam_kernels import _dispatch
-from reparam_kernels.cli.env import cuda_paths
+from reparam_kernels.cli.env import RING_WEIGHTS, cuda_paths
 from reparam_kernels.nn.pivoted import expand_right_factor
 
 RANKS = (128, 512, 1024)
@@ -95,7 +95,7 @@ def ring(M):
     min_m = paths["lowrank_cublas"]["min_m"]
     if not paths["small_m"]["on"] or M > paths["small_m"]["max_m"] or (min_m is not None and M >= min_m):
         return None
-    if paths["small_m"]["ring"] in (1, 2) or paths["small_m"]["ring_vetoed"]:  # (3, the default, leaves low rank off)
+    if paths["small_m"]["ring"] in RING_WEIGHTS or paths["small_m"]["ring_vetoed"]:  # (RING_X leaves low rank off)
         return None
     return with_env(_lowrank_op, "REPARAM_SMALL_M_RING", "1")
 

@@ -23,7 +23,7 @@ from common import (DTYPES, Contender, Results, bench_arg_parser, check_rows, me
 
 import reparam_kernels
 from reparam_kernels import _dispatch
-from reparam_kernels.cli.env import cuda_paths
+from reparam_kernels.cli.env import RING_X, cuda_paths
 from reparam_kernels import triton as rk_triton
 from reparam_kernels.compress.quantize import pack_int4
 from reparam_kernels.reference.int4_linear import dequantize_int4
@@ -138,13 +138,13 @@ def other_paths(op, M):
             if str(paths["small_m"]["l2_ahead"]) != d:
                 peers[f"cuda_l2_ahead{d}"] = with_env(fn, "REPARAM_SMALL_M_L2_AHEAD", d)
         # the shared-memory rings against what this M runs by default (x and the weights above the
-        # transposed tile, none below: ring mode 3); an explicit 0, as run_gpu.sh sets after a failed smoke
+        # transposed tile, none below: RING_X); an explicit 0, as run_gpu.sh sets after a failed smoke
         # run, skips them
         ring, x_tile = paths["small_m"]["ring"], M > paths["small_m"]["transposed_max_m"]
         if not paths["small_m"]["ring_vetoed"] and op not in SMEM_TABLE_OPS:
-            if ring == 3 and x_tile:  # the register-fed loop the ring replaced
+            if ring == RING_X and x_tile:  # the register-fed loop the ring replaced
                 peers["cuda_no_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "0")
-            if ring in (0, 3):  # the weights alone through the ring
+            if ring in (0, RING_X):  # the weights alone through the ring
                 peers["cuda_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "1")
             if ring == 0 and x_tile:  # x in the ring too (the tiles with x as A)
                 peers["cuda_ring_x"] = with_env(fn, "REPARAM_SMALL_M_RING", "2")

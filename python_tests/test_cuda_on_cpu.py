@@ -176,6 +176,10 @@ def test_quant_dequantize_then_gemm_path(rng):
     check(cases, refs, env={"REPARAM_DEQUANT_MIN_M": "65", "RK_CPU_SMS": "1"}, kernel="dequantize_kernel")
 
 
+# wgmma's whole range for the cases below (by default M >= 129 dequantizes)
+WGMMA_RANGE = {"REPARAM_DEQUANT_MIN_M": "512"}
+
+
 def wgmma_cases(rng):
     cases, refs = [], []
     for op in QUANT:
@@ -192,9 +196,8 @@ def test_quant_wgmma_path(rng, bn):
     # Hopper, 64 < M < 512 (csrc/quant_wgmma.cuh): x put in slot order, decoded weights as wgmma's A
     # operand; one or two warpgroups per CTA; cp.async landing late (default) and early
     cases, refs = wgmma_cases(rng)
-    wide = {"REPARAM_DEQUANT_MIN_M": "512"}  # wgmma's whole range (by default M >= 129 dequantizes)
-    check(cases, refs, env={"REPARAM_WGMMA_BN": bn, **wide}, kernel="wgmma_kernel<")
-    check(cases[:3], refs[:3], env={"REPARAM_WGMMA_BN": bn, "RK_CPU_CP_ASYNC_EARLY": "1", **wide},
+    check(cases, refs, env={"REPARAM_WGMMA_BN": bn, **WGMMA_RANGE}, kernel="wgmma_kernel<")
+    check(cases[:3], refs[:3], env={"REPARAM_WGMMA_BN": bn, "RK_CPU_CP_ASYNC_EARLY": "1", **WGMMA_RANGE},
           kernel="wgmma_kernel<")
     # REPARAM_WGMMA_MIN_M=1: the 64-row batch tiles at decode sizes (the small-M path's range)
     small, small_refs = [], []
@@ -210,11 +213,11 @@ def test_quant_wgmma_only_on_hopper_and_when_on(rng):
     cases, refs = wgmma_cases(rng)
     # (RK_CPU_PTX_VERSION=80: a Hopper GPU, but a build without sm_90a code: the kernel would only trap)
     for env in ({"RK_CPU_CC_MAJOR": "8"}, {"REPARAM_WGMMA": "0"}, {"RK_CPU_PTX_VERSION": "80"}):
-        for t in check(cases[:3], refs[:3], env={**env, "REPARAM_DEQUANT_MIN_M": "512"}):
+        for t in check(cases[:3], refs[:3], env={**env, **WGMMA_RANGE}):
             assert not any("wgmma_kernel" in line for line in t) and any("mma_kernel" in line for line in t)
     for c in cases[:3]:
         c["offsets"] = {0: 2}  # x 2 bytes off 16-byte alignment: the WMMA tiles instead
-    for t in check(cases[:3], refs[:3], env={"REPARAM_DEQUANT_MIN_M": "512"}):
+    for t in check(cases[:3], refs[:3], env=WGMMA_RANGE):
         assert not any("wgmma_kernel" in line for line in t) and any("mma_kernel" in line for line in t)
 
 

@@ -57,11 +57,12 @@ def bc_cols_max_m():
 
 
 RING_MODES = ("off", "weights", "weights and x", "x and weights above M = 8")
+RING_WEIGHTS, RING_X = (1, 2), 3  # the modes with the weights' ring on every tile; the default (kRingX there)
 
 
 def _ring_mode(value):
-    """REPARAM_SMALL_M_RING as csrc/small_m_launch.cuh's ring_mode() reads it (unset or empty: 3)."""
-    return 3 if value == "" else {"1": 1, "2": 2}.get(value[:1], 0)
+    """REPARAM_SMALL_M_RING as csrc/small_m_launch.cuh's ring_mode() reads it (unset or empty: RING_X)."""
+    return RING_X if value == "" else {"1": 1, "2": 2}.get(value[:1], 0)
 
 
 def cuda_paths():
