@@ -167,6 +167,8 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 // A hint: bring the line holding p into L2 (no registers, no wait). Only valid addresses are passed.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
+// The same into L1 (and L2): for data a few hundred cycles from its use that the SM's own loads will read.
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p)); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
@@ -200,6 +202,7 @@ __device__ __forceinline__ uint32_t ld_shared32(smem_addr a) {
 inline void cp_async16(void* smem, const void* gmem, int src_bytes) { ::rk_cpu::cp_async16(smem, gmem, src_bytes); }
 inline void cp_async_commit() { ::rk_cpu::cp_async_commit(); }
 inline void prefetch_l2(const void* p) { ::rk_cpu::prefetch_l2(p); }
+inline void prefetch_l1(const void* p) { ::rk_cpu::prefetch_l2(p); }  // (the model: a read of the address)
 template <int N> inline void cp_async_wait() { ::rk_cpu::cp_async_wait(N); }
 inline uint4 ld_shared16(const void* smem) { return *static_cast<const uint4*>(smem); }
 using smem_addr = uintptr_t;  // (a host pointer here: see the device version below)

@@ -118,6 +118,16 @@ struct Problem {
   // The format's row of this problem's output 0: 0, or e * N for expert e of a grouped launch (the
   // experts' weights one [E * N, ...] stack; grouped_quant.cuh). Read at setup and in the epilogue only.
   uint32_t row_base = 0;
+  // x of the stage being loaded prefetched into L1 with its weights, one stage before the mmas read it
+  // (REPARAM_SMALL_M_X_AHEAD=1; the standalone kernels' register loop and weights' ring, x not gathered).
+  // Without it every stage begins with an L2 round trip for x: a CTA's stages read fresh x, and its
+  // four N-warps miss L1 together (the SASS: the first mma of a stage waits on x's loads issued ~36
+  // instructions before it). A hint: no register, no wait.
+  int x_ahead = 0;
+  // Stream-K (REPARAM_SMALL_M_STREAM_K=1; the standalone kernels, run_cta): > 0, the CTAs of a 1-D grid
+  // that share the columns x ceil(K / kUnitK) stages evenly (p.splits: then the most pieces a column
+  // block can have, the partials' slots); 0, the even split's (columns, splits) grid.
+  int64_t stream = 0;
 };
 
 // CTAs per SM the kernel is compiled for (its register cap: 2 -> 128 registers). Decode lives on the
@@ -138,9 +148,13 @@ constexpr bool fold_x_offsets() {
   return MT <= 1 || ctas_per_sm<Frag, MT>() == 1;
 }
 
-// The work unit (column block bx, K range by) of problem p, by the whole CTA. kXConst: x is not
-// written during this kernel (read through the non-coherent cache); false when an earlier phase of
-// the same launch wrote it. Every thread of the CTA must call this with the same (bx, by).
+// One piece of work of problem p, by the whole CTA: column block bx over K range [kb, ke) (kb a multiple
+// of the CTA stage, kUnitK; `stages` >= ceil((ke - kb) / kUnitK), given by the caller in the form its
+// split knows: from p.kchunk, the even split's loops keep the SASS they had before stream-K), piece `piece` of the `pieces` that cover the column block (pieces > 1: its
+// fp32 partial goes to p.part's slot `piece`, and the last piece to arrive sums the column block's
+// partials in piece order). kXConst: x is not written during this kernel (read through the non-coherent
+// cache); false when an earlier phase of the same launch wrote it. Every thread of the CTA must call this
+// with the same arguments. run_unit below is the piece (bx, by) of the even split (p.kchunk, p.splits).
 //
 // MT = 0 is the transposed tile for M <= 8: the weights are the mma's A operand (16 rows: n8-groups
 // 2q and 2q + 1 of the lane's rows, the same loads and decode) and x the B operand (its 8 columns
@@ -152,8 +166,9 @@ constexpr bool fold_x_offsets() {
 // shared memory; see kRingStages) instead of registers, and no L2 prefetch runs; kXRing: x too (after
 // the weights' slots, x_ring_bytes<Frag, T, MT>() more; see x_fits_ring).
 template <class Frag, class T, int MT, int NG, bool kXConst, bool kL2 = false, bool kRing = false, bool kXRing = false>
-__device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by, uint4* ring = nullptr,
-                                         uint32_t* tables = nullptr) {
+__device__ __forceinline__ void run_range(const Problem<Frag, T>& p, int64_t bx, int64_t kb, int64_t ke, int64_t stages,
+                                          int64_t piece, int64_t pieces, uint4* ring = nullptr,
+                                          uint32_t* tables = nullptr) {
   static_assert(!kXRing || (kRing && kXConst && x_fits_ring<Frag, MT>()), "x rides the ring only where it fits");
   static_assert(!kXRing || sizeof(T) == 2, "x rows of 4 kLaneK halves: 8 or 16 units");
   constexpr bool kT = MT == 0;
@@ -179,8 +194,6 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
   const int64_t col0 = bx * BN;
   // This lane's weight row in n8-group 0, in 32 bits (N < 2^31, checked by the host): cheap row setup.
   const uint32_t row0 = uint32_t(col0) + wn * 8 * NG + g;
-  const int64_t kb = by * p.kchunk, ke = min(K, kb + p.kchunk);
-  const int stages = int(p.kchunk / kUnitK);
 
   // Stages of this warp: [0, full) lie wholly inside [kb, ke); stage `full` (when < nst) is the one
   // partial stage of a K range that kStepK does not divide. K % kLaneK == 0, so a lane's block is
@@ -216,6 +229,25 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
       xm[mt][r] = min(16 * mt + 8 * r + g, M - 1);
       xrow[mt][r] = x + uint64_t(uint32_t(xm[mt][r])) * uint32_t(K);  // one wide multiply (K < 2^30)
     }
+  // x of the next stage into L1 (p.x_ahead), issued as stage st (full) starts computing: the lane's block
+  // of each of its x rows, kLaneK elements from lane_k(st + 1), inside one 128-byte line (the block is
+  // aligned to its size). Written as load_x's address + kUnitK, so it is this stage's x address with an
+  // immediate offset (one instruction and one test a stage; the test of a loop-invariant flag and
+  // st + 1 < full: in the loops around load() instead, the compiler re-laid load()'s branches, +7).
+  // (the register loop only: the x ring copies x; the weights' ring alone did not pay, H200 run 3)
+  constexpr bool kXAhead = kL2 && !kRing && !gathers_x<Frag>::value;
+  const bool x_ahead = kXAhead && p.x_ahead != 0;
+  auto prefetch_x = [&](int st, uint32_t kt) {
+    if constexpr (kXAhead) {
+      if (x_ahead && st + 1 < full) {
+#pragma unroll
+        for (int mt = 0; mt < MTA; ++mt)
+#pragma unroll
+          for (int r = 0; r < XR; ++r)
+            prefetch_l1(fold_x_offsets<Frag, MT>() ? xrow[mt][r] + kt + kUnitK : xrow[mt][r] + (kt + kUnitK));
+      }
+    }
+  };
   // The weights of stage st (in the partial stage, a lane past the range end takes zero(): finite).
   // With the ring only their side data (has_side), and the 16 bytes by ring_copy.
   auto load = [&](int st, typename Frag::Chunk (&c)[NG]) {
@@ -338,6 +370,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 #pragma unroll
     for (int j = 0; j < NG; ++j) cur[j] = held[j];
     [[maybe_unused]] const uint4* xs = nullptr;
+    if constexpr (!kTail) prefetch_x(st, kt);
     if constexpr (kRing) {
       cp_async_wait<kRingStages - 2>();  // this thread's copies of stage st landed ...
       if constexpr (kXRing) {  // ... and the warpgroup's; all done reading stage st - 1
@@ -454,7 +487,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
     }
     // Accumulator c of (mt, j): row 16 mt + g (+ 8 for c >= 2), column 8 j + 2 t + c % 2; of the
     // transposed tile (j = q): weight row 8 (2q + c / 2) + g, x row 2 t + c % 2.
-    float* out = p.splits == 1 ? nullptr : p.part + by * M * N;
+    float* out = pieces == 1 ? nullptr : p.part + piece * M * N;
 #pragma unroll
     for (int mt = 0; mt < MTA; ++mt)
 #pragma unroll
@@ -471,17 +504,68 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
           }
         }
   }
-  if (p.splits == 1) return;
+  if (pieces == 1) return;
 
-  // Split K: the last CTA of this column block to arrive sums every split's partial.
-  if (!arrived_last(&p.counters[bx], p.splits)) return;
+  // Split K: the last CTA of this column block to arrive sums every piece's partial.
+  if (!arrived_last(&p.counters[bx], pieces)) return;
   // (red, free again: arrived_last synced, is the scratch of a split shared between threads)
   static_assert(sizeof(red) / sizeof(float) >= kThreads, "the split shares fit in red");
   finish_split_tile<kThreads>(
-      p.part, p.splits, int64_t(M) * N, M * BN,
+      p.part, pieces, int64_t(M) * N, M * BN,
       [&](int e) { return col0 + e % BN < N ? int64_t(e / BN) * N + col0 + e % BN : int64_t(-1); },
       [&](int e, float v) { p.y[int64_t(e / BN) * N + col0 + e % BN] = from_f32<T>(finish(v, e / BN, col0 + e % BN)); },
       &red[0][0][0][0]);
+}
+
+// The work unit (column block bx, K range by) of the even split: p.splits ranges of p.kchunk.
+template <class Frag, class T, int MT, int NG, bool kXConst, bool kL2 = false, bool kRing = false, bool kXRing = false>
+__device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by, uint4* ring = nullptr,
+                                         uint32_t* tables = nullptr) {
+  const int64_t kb = by * p.kchunk;
+  run_range<Frag, T, MT, NG, kXConst, kL2, kRing, kXRing>(p, bx, kb, min(p.K, kb + p.kchunk),
+                                                          p.kchunk / (kWarpsK * 4 * Frag::kLaneK), by, p.splits,
+                                                          ring, tables);
+}
+
+// A standalone kernel's CTA: the work unit (blockIdx.x, blockIdx.y) of the even split, or with p.stream
+// CTAs (stream-K) range i of the problem's stages flattened column block by column block and cut into
+// p.stream near-equal contiguous ranges [i U / P, (i + 1) U / P): a column block's stages then lie in the
+// ranges of CTAs first..last (cta_of), its pieces in K order. The even split runs ceil(columns / splits)
+// ... CTAs in whole work units, so at most slots / columns splits of whole column blocks: 224 column
+// blocks (28672 rows) fill 224 of an H200's 264 slots, 8 (1024 rows, Llama-3-8B's k and v at M <= 8)
+// 128; stream-K fills them all with equal work. One loop around run_range (inlined once): the even
+// split passes once.
+template <class Frag, class T, int MT, int NG, bool kL2 = false, bool kRing = false, bool kXRing = false>
+__device__ __forceinline__ void run_cta(const Problem<Frag, T>& p, uint4* ring = nullptr, uint32_t* tables = nullptr) {
+  constexpr int kUnitK = kWarpsK * 4 * Frag::kLaneK;
+  // Only u and u_end live across run_range, 32-bit (U < 2^31, checked by the host): with 64-bit state
+  // held across the main loop ptxas spilled it on sm_80 (4 local loads or stores a stage at M <= 16).
+  const uint32_t P = uint32_t(p.stream), i = blockIdx.x;
+  const uint32_t S = uint32_t((p.K + kUnitK - 1) / kUnitK), U = uint32_t(p.columns) * S;  // stages: a column block's, all
+  auto cta_of = [&](uint32_t v) { return uint32_t(((uint64_t(v) + 1) * P + U - 1) / U) - 1; };  // the range holding v
+  uint32_t u = P > 0 ? uint32_t(uint64_t(i) * U / P) : 0u;
+  const uint32_t u_end = P > 0 ? uint32_t(uint64_t(i + 1) * U / P) : 1u;
+  while (u < u_end) {
+    int64_t bx, kb, ke, stages, piece, pieces;
+    if (P > 0) {
+      const uint32_t c = u / S, c_end = min(u_end, (c + 1) * S), first = cta_of(c * S);
+      bx = c;
+      kb = int64_t(u - c * S) * kUnitK;
+      ke = min(p.K, int64_t(c_end - c * S) * kUnitK);
+      stages = c_end - u;
+      piece = i - first;
+      pieces = cta_of((c + 1) * S - 1) - first + 1;
+    } else {
+      bx = blockIdx.x;
+      kb = blockIdx.y * p.kchunk;
+      ke = min(p.K, kb + p.kchunk);
+      stages = p.kchunk / kUnitK;
+      piece = blockIdx.y;
+      pieces = p.splits;
+    }
+    run_range<Frag, T, MT, NG, true, kL2, kRing, kXRing>(p, bx, kb, ke, stages, piece, pieces, ring, tables);
+    u = P > 0 ? min(u_end, (u / S + 1) * S) : u_end;  // the next column block's first stage
+  }
 }
 
 }  // namespace small_m

@@ -19,9 +19,9 @@ __global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_k
 #else
   if constexpr (has_smem_tables<Frag>::value) {  // Frag::kTableBytes of dynamic shared memory
     extern __shared__ __align__(16) uint4 small_m_tables[];
-    run_unit<Frag, T, MT, NG, true, true>(p, blockIdx.x, blockIdx.y, nullptr, reinterpret_cast<uint32_t*>(small_m_tables));
+    run_cta<Frag, T, MT, NG, true>(p, nullptr, reinterpret_cast<uint32_t*>(small_m_tables));
   } else {
-    run_unit<Frag, T, MT, NG, true, true>(p, blockIdx.x, blockIdx.y);
+    run_cta<Frag, T, MT, NG, true>(p);
   }
 #endif
 }
@@ -56,13 +56,20 @@ inline int64_t resident_ctas(int device, size_t smem = 0) {
 }
 
 // Stages ahead to prefetch weights into L2, from variable `name` (unset or empty: `fallback`),
-// clamped to 0..16. REPARAM_SMALL_M_L2_AHEAD=d: the quantized ops' small-M loop (default 0, off until
-// the H200 has timed it: bench_quant's peers cuda_l2_ahead2 / cuda_l2_ahead4); the wgmma loop reads
+// clamped to 0..16. REPARAM_SMALL_M_L2_AHEAD=d: the quantized ops' small-M loop (default 0: H200 run 3 timed
+// 2 and 4 stages ahead at M = 1, 16, 64 and found no gain, 20.0 / 20.4 against 19.0 us at M = 1); the wgmma loop reads
 // REPARAM_WGMMA_L2_AHEAD the same way (quant_wgmma.cuh).
 inline int l2_ahead_from_env(const char* name = "REPARAM_SMALL_M_L2_AHEAD", int fallback = 0) {
   const char* v = std::getenv(name);
   const long long d = v == nullptr || v[0] == '\0' ? fallback : std::atoll(v);
   return d < 0 ? 0 : d > 16 ? 16 : int(d);
+}
+
+// REPARAM_SMALL_M_X_AHEAD=1: x of each stage prefetched into L1 a stage ahead (Problem::x_ahead). Off
+// until the H200 has timed it (bench_quant's peer cuda_x_ahead); the prediction is in docs/quant.md.
+inline bool x_ahead_enabled() {
+  const char* v = std::getenv("REPARAM_SMALL_M_X_AHEAD");
+  return v != nullptr && v[0] == '1';
 }
 
 // REPARAM_SMALL_M_T=0: M <= 8 takes the M <= 16 tile instead of the transposed one (A/B timing).
@@ -100,10 +107,19 @@ bool for_tile_shape(int64_t M, F&& f) {
   return f(std::integral_constant<int, 4>{});
 }
 
+// REPARAM_SMALL_M_STREAM_K=1: the standalone kernels share their stages evenly among every slot (run_cta's
+// stream-K) where the even split leaves slots idle. Off until the H200 has timed it (bench_quant's peer
+// cuda_stream_k); the prediction is in docs/quant.md.
+inline bool stream_k_enabled() {
+  const char* v = std::getenv("REPARAM_SMALL_M_STREAM_K");
+  return v != nullptr && v[0] == '1';
+}
+
 // Cuts p into columns x splits: split K just enough that `slots` (the CTAs resident at once) cover
-// the GPU in one wave.
+// the GPU in one wave. stream_k: where that leaves slots idle, min(slots, stages) CTAs share the stages
+// instead (p.stream; run_cta), p.splits then the most pieces of one column block.
 template <int NG, class Frag, class T>
-void plan(Problem<Frag, T>& p, int64_t slots) {
+void plan(Problem<Frag, T>& p, int64_t slots, bool stream_k = false) {
   constexpr int BN = kWarpsN * 8 * NG;
   constexpr int kUnitK = kWarpsK * 4 * Frag::kLaneK;
   p.columns = (p.N + BN - 1) / BN;
@@ -112,6 +128,13 @@ void plan(Problem<Frag, T>& p, int64_t slots) {
   const int64_t per_split = (units + p.splits - 1) / p.splits;
   p.splits = (units + per_split - 1) / per_split;
   p.kchunk = per_split * kUnitK;
+  p.stream = 0;
+  const int64_t total = p.columns * units, ctas = std::min(slots, total);
+  if (stream_k && ctas > p.columns * p.splits && total < (int64_t(1) << 31)) {  // (run_cta: 32-bit stages)
+    const int64_t least = total / ctas;  // stages of the shortest range (>= 1)
+    p.stream = ctas;
+    p.splits = (units - 1 + least - 1) / least + 1;  // ranges of >= least stages meeting `units` of them
+  }
 }
 
 // The fp32 partials of p (a one-element placeholder when K is not split); sets p.part. Keep the
@@ -124,18 +147,20 @@ Tensor attach_partials(Problem<Frag, T>& p, const Tensor& like) {
 }
 
 // One launch of `Kernel` (small_m_kernel or small_m_ring_kernel) with `smem` bytes of dynamic
-// shared memory.
-template <auto Kernel, int NG, class Frag, class T>
+// shared memory; kStreamK: Kernel runs run_cta (small_m_kernel: the register loop; the rings keep the even
+// split: run_cta's loop around them cost the x ring 17 instructions a stage, 416 -> 433 at M <= 16).
+template <auto Kernel, int NG, bool kStreamK = false, class Frag, class T>
 bool launch_with(Problem<Frag, T> p, size_t smem, const Tensor& like, cudaStream_t stream) {
   const int device = like.get_device_index();
-  plan<NG>(p, resident_ctas<Kernel>(device, smem));
+  plan<NG>(p, resident_ctas<Kernel>(device, smem), kStreamK && stream_k_enabled());
   if (p.columns >= (int64_t(1) << 31) || p.splits >= 65536) return false;
   if (p.splits > 1) {
     p.counters = split_k_counters(device, stream, p.columns);
     if (p.counters == nullptr) return false;
   }
   Tensor part = attach_partials(p, like);
-  Kernel<<<dim3(unsigned(p.columns), unsigned(p.splits)), kThreads, smem, stream>>>(p);
+  const dim3 grid = p.stream > 0 ? dim3(unsigned(p.stream)) : dim3(unsigned(p.columns), unsigned(p.splits));
+  Kernel<<<grid, kThreads, smem, stream>>>(p);
   RK_CUDA_CHECK(cudaGetLastError());
   return true;
 }
@@ -173,10 +198,11 @@ template <class Frag, class T, int MT, int NG>
 bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
             const Tensor& like, cudaStream_t stream) {
   constexpr auto kernel = small_m_kernel<Frag, T, MT, NG>;
-  const Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0, l2_ahead_from_env()};
+  Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0, l2_ahead_from_env()};
+  p.x_ahead = x_ahead_enabled() ? 1 : 0;
   if constexpr (has_smem_tables<Frag>::value) {  // the tables take the shared memory a ring would
     const int smem = table_smem<kernel, Frag>(like.get_device_index());
-    return smem >= 0 && launch_with<kernel, NG>(p, smem, like, stream);
+    return smem >= 0 && launch_with<kernel, NG, true>(p, smem, like, stream);
   } else {
     if constexpr (x_fits_ring<Frag, MT>()) {
       if (x_ring_enabled() && try_ring<small_m_ring_kernel<Frag, T, MT, NG, true>, kernel, NG>(
@@ -185,7 +211,7 @@ bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_
     }
     if (ring_enabled() && try_ring<small_m_ring_kernel<Frag, T, MT, NG, false>, kernel, NG>(p, ring_bytes<NG>(), like, stream))
       return true;
-    return launch_with<kernel, NG>(p, 0, like, stream);
+    return launch_with<kernel, NG, true>(p, 0, like, stream);
   }
 }
 

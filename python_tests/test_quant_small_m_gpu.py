@@ -1,7 +1,8 @@
 """The small-M tensor-core path of int4_linear, int8_linear, lut_linear and vq_linear (pairs: csrc/small_m_gemm.cuh, M <= 64)
 on the GPU: against float64 and against the general path (REPARAM_SMALL_M=0) at odd sizes,
 split-K fixups with different split counts back to back (the self-resetting counters),
-bit-identical repeats, a CUDA graph captured before any eager call on its stream, non-integer
+bit-identical repeats, x prefetched a stage ahead and stream-K (off by default), a CUDA graph captured
+before any eager call on its stream, non-integer
 zero points, and the cases that take the general path instead: misaligned x, an int4 group that
 is not a power of two, an int8 K that is not a multiple of 16."""
 import pytest
@@ -68,6 +69,41 @@ def test_ring_matches_float64_and_the_register_loop(rng, mode, op, M, K, N, grou
     assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL[torch.float16]
     assert torch.equal(again, y)
     assert rel_err(run(op, args), ref) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("op", quant_ops.OPS)
+@pytest.mark.parametrize("M", [1, 5, 12, 40])
+@pytest.mark.parametrize("K,N,group", [(4096, 4096, 128), (1056, 1000, 32)])
+def test_x_prefetch_matches_the_register_loop(rng, op, M, K, N, group):
+    # REPARAM_SMALL_M_X_AHEAD=1: the next stage's x prefetched into L1 (a hint: the result is bit-identical
+    # to the register loop's without it), the rings off so M > 8 runs the register loop too
+    args, w = make(rng, op, M, K, N, torch.float16, group)
+    with env_var("REPARAM_SMALL_M_RING", "0"):
+        plain = run(op, args)
+        with env_var("REPARAM_SMALL_M_X_AHEAD", "1"):
+            y = run(op, args)
+    assert rel_err(y, exact(args, w)) <= TOL[torch.float16]
+    assert torch.equal(y, plain)
+
+
+@pytest.mark.parametrize("op", quant_ops.OPS)
+@pytest.mark.parametrize("M", [1, 5, 12])
+@pytest.mark.parametrize("K,N,group", [(1024, 28672, 128), (8192, 1280, 128), (1056, 20480, 32), (1056, 1000, 32)])
+def test_stream_k_matches_float64(rng, op, M, K, N, group):
+    # REPARAM_SMALL_M_STREAM_K=1: every slot an equal share of the stages where the even split leaves slots
+    # idle (224, 10 or 160 column blocks on an H200's 264 slots: 224, 160 and 160 CTAs; a partial last stage at
+    # K = 1056; 8 column blocks of 5 stages: the even split's 40 CTAs already take one stage each), twice in a
+    # row (bit-identical: the pieces are summed in K order), and x prefetched with it; the rings off so
+    # M = 12 runs the register loop too
+    args, w = make(rng, op, M, K, N, torch.float16, group)
+    ref = exact(args, w)
+    with env_var("REPARAM_SMALL_M_RING", "0"), env_var("REPARAM_SMALL_M_STREAM_K", "1"):
+        y = run(op, args)
+        again = run(op, args)
+        with env_var("REPARAM_SMALL_M_X_AHEAD", "1"):
+            both = run(op, args)
+    assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL[torch.float16]
+    assert torch.equal(again, y) and torch.equal(both, y)
 
 
 @pytest.mark.parametrize("op", quant_ops.OPS)

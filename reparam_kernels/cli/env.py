@@ -77,6 +77,15 @@ def cuda_paths():
                         # quantized ops: weights also prefetched this many stages ahead into L2 (0: off)
                         "l2_ahead": min(16, max(0, _atoll("REPARAM_SMALL_M_L2_AHEAD", 0))),
                         "l2_ahead_switch": "REPARAM_SMALL_M_L2_AHEAD",
+                        # quantized ops' register loop: x of the next stage prefetched into L1 (off by default)
+                        "x_ahead": os.environ.get("REPARAM_SMALL_M_X_AHEAD", "").startswith("1"),
+                        "x_ahead_switch": "REPARAM_SMALL_M_X_AHEAD",
+                        # quantized ops' register loop: stream-K where the even split leaves slots idle (off by default)
+                        "stream_k": os.environ.get("REPARAM_SMALL_M_STREAM_K", "").startswith("1"),
+                        "stream_k_switch": "REPARAM_SMALL_M_STREAM_K",
+                        # an explicit 0 (run_gpu.sh after a failed smoke run): no script switches them on
+                        "x_ahead_vetoed": os.environ.get("REPARAM_SMALL_M_X_AHEAD", "") == "0",
+                        "stream_k_vetoed": os.environ.get("REPARAM_SMALL_M_STREAM_K", "") == "0",
                         # quantized ops: a shared-memory ring (csrc/small_m_launch.cuh ring_mode; 1: the
                         # weights, 2: x too where it fits, 3 = unset, the default measured on the H200: x and the
                         # weights above M = 8 only; anything else: off)
@@ -168,7 +177,9 @@ def render(info):
     lines.append(f"  M <= {sm['max_m']}: register-fed tensor cores ({sm['ops']}): "
                  f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]; M <= 8 on its transposed tile: "
                  f"{'on' if sm['transposed_max_m'] else 'OFF'} [{sm['transposed_switch']}]; L2 prefetch "
-                 f"{sm['l2_ahead'] or 'off'}{' stages ahead' if sm['l2_ahead'] else ''} [{sm['l2_ahead_switch']}]; "
+                 f"{sm['l2_ahead'] or 'off'}{' stages ahead' if sm['l2_ahead'] else ''} [{sm['l2_ahead_switch']}]; x prefetched into "
+                 f"L1 a stage ahead: {'on' if sm['x_ahead'] else 'off'} [{sm['x_ahead_switch']}]; stream-K where the even split "
+                 f"leaves slots idle: {'on' if sm['stream_k'] else 'off'} [{sm['stream_k_switch']}]; "
                  f"shared-memory ring: {RING_MODES[sm['ring']]} [{sm['ring_switch']}]; "
                  f"vq_linear pairs: {'on' if sm['vq_pairs'] else 'OFF'} [{sm['vq_pairs_switch']}]")
     lines.append(f"  any M, one expert's rows a CTA ({sm['grouped_ops']}): the same loop "
