@@ -100,11 +100,11 @@ def other_paths(op, M):
     does not run, on Hopper wgmma (``cuda_wgmma``) where it does not run below M = 512 (M = 256
     included, which takes dequantize + cuBLAS by default) and the small-M path
     (``cuda_small_m``) where wgmma takes an M it could serve, wgmma with one warpgroup per CTA
-    (``cuda_wgmma_bn64``) where it runs with two, at M <= 8 the small-M path's M <= 16 tile
-    (``cuda_small_m16``) instead of its transposed one, and the small-M path with its weights also
-    prefetched into L2 2 or 4 stages ahead (``cuda_l2_ahead2`` / ``4``) or streamed through its
-    shared-memory ring (``cuda_ring``: the weights alone; ``cuda_no_ring``: neither, above the transposed
-    tile's M, where x and the weights go through it by default; ``cuda_ring_x`` where rings are off), and wgmma without its L2
+    (``cuda_wgmma_bn64``) where it runs with two, the small-M path's register loop with the next stage's x
+    prefetched into L1 (``cuda_x_ahead``, where the register loop runs), stream-K there (``cuda_stream_k``;
+    ``cuda_stream_k_x_ahead`` with both), without its shared-memory ring (``cuda_no_ring``, above the
+    transposed tile's M, where x and the weights go through it by default; ``cuda_ring_x`` where rings
+    are off), and wgmma without its L2
     prefetch of the weights (``cuda_wgmma_no_l2``, above M = 64) where it runs or is forced. Where the crossovers lie is a
     measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling variables
     costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
@@ -131,21 +131,31 @@ def other_paths(op, M):
     # wgmma without its L2 prefetch (below 3 stages the registers' loads are ahead of it: off anyway)
     if wgmma_env is not None and M > paths["small_m"]["max_m"] and paths["wgmma"]["l2_ahead"] > 2:
         peers["cuda_wgmma_no_l2"] = with_env(fn, *wgmma_env, "REPARAM_WGMMA_L2_AHEAD", "0")
-    if takes_small and M <= paths["small_m"]["transposed_max_m"]:  # M <= 8 on the M <= 16 tile instead
-        peers["cuda_small_m16"] = with_env(fn, "REPARAM_SMALL_M_T", "0")
-    if takes_small:  # the weights also prefetched into L2 2 and 4 stages ahead (off by default)
-        for d in ("2", "4"):
-            if str(paths["small_m"]["l2_ahead"]) != d:
-                peers[f"cuda_l2_ahead{d}"] = with_env(fn, "REPARAM_SMALL_M_L2_AHEAD", d)
+    # (H200 run 3 timed the small-M path's M <= 16 tile at M <= 8, its L2 prefetch 2 and 4 stages ahead and its
+    # weights' ring alone at M = 1, 16 and 64, fp16 8192^2: none beat the default anywhere, so their peers
+    # cuda_small_m16, cuda_l2_ahead2 / 4 and cuda_ring left the run; the switches stay)
+    if takes_small:
+        # x of the next stage prefetched into L1 (off by default), where the register loop runs: the
+        # transposed tile, and every tile with the rings off
+        ring, x_tile = paths["small_m"]["ring"], M > paths["small_m"]["transposed_max_m"]
+        # (an explicit 0, as run_gpu.sh sets after a failed smoke run, skips them)
+        sm = paths["small_m"]
+        if not x_tile or ring == 0 or op in SMEM_TABLE_OPS:
+            x_ok = not sm["x_ahead"] and not sm["x_ahead_vetoed"]
+            s_ok = not sm["stream_k"] and not sm["stream_k_vetoed"]  # every slot an equal share of the stages
+            if x_ok:
+                peers["cuda_x_ahead"] = with_env(fn, "REPARAM_SMALL_M_X_AHEAD", "1")
+            if s_ok:
+                peers["cuda_stream_k"] = with_env(fn, "REPARAM_SMALL_M_STREAM_K", "1")
+            if x_ok and s_ok:
+                peers["cuda_stream_k_x_ahead"] = with_env(fn, "REPARAM_SMALL_M_STREAM_K", "1",
+                                                          "REPARAM_SMALL_M_X_AHEAD", "1")
         # the shared-memory rings against what this M runs by default (x and the weights above the
         # transposed tile, none below: RING_X); an explicit 0, as run_gpu.sh sets after a failed smoke
         # run, skips them
-        ring, x_tile = paths["small_m"]["ring"], M > paths["small_m"]["transposed_max_m"]
         if not paths["small_m"]["ring_vetoed"] and op not in SMEM_TABLE_OPS:
             if ring == RING_X and x_tile:  # the register-fed loop the ring replaced
                 peers["cuda_no_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "0")
-            if ring in (0, RING_X):  # the weights alone through the ring
-                peers["cuda_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "1")
             if ring == 0 and x_tile:  # x in the ring too (the tiles with x as A)
                 peers["cuda_ring_x"] = with_env(fn, "REPARAM_SMALL_M_RING", "2")
     return peers
@@ -237,10 +247,11 @@ def main(argv=None):
 
 
 def case_list(ops, shapes, batches, dtypes):
-    """(op, N, K, M, dtype) in the order they run: the first dtype first, then shape by shape and batch by
-    batch, every op at each, so a run cut short by the GPU budget has each op's first (target) cases
-    rather than all of the first op's."""
-    return [(op, N, K, M, d) for d in dtypes for (N, K) in shapes for M in batches for op in ops]
+    """(op, N, K, M, dtype) in the order they run: the first dtype first, then batch by batch and shape by
+    shape, every op at each, so a run cut short by the GPU budget has each op's first (target) cases
+    rather than all of the first op's, and the decode batch on every shape (the H200's third run, shape
+    first, timed 8192^2 only) before the larger ones."""
+    return [(op, N, K, M, d) for d in dtypes for M in batches for (N, K) in shapes for op in ops]
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ shared-memory ring switched on (REPARAM_SMALL_M_RING=1; its kernels are small_m_
 and lowrank_small_m_kernel<..., true>), int4 above M = 8 also with x in it (2: small_m_ring_kernel<...,
 true>), so one profile compares them. Block-circulant at M <= 16 is called once more in eval mode, where
 BlockCirculantLinear takes the tensor-core kernel on its blocks' columns (cols_kernel) instead of the FFT one.
+`--x-ahead`: the quantized kinds at M <= 8 are called once more with the next stage's x prefetched into L1
+(REPARAM_SMALL_M_X_AHEAD=1: the same kernel, small_m_kernel<..., 0, 4>, profiled twice, off then on).
 `--device cpu` runs the same calls on the CPU (checks the script itself; no profile).
 """
 import argparse
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 RING_KINDS = ("int4_g128", "int8", "lut_log4", "lowrank_40", "lowrank_40_pivoted")
+X_AHEAD_KINDS = ("int4_g128", "int8", "lut_log4", "vq_d2")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reparam_kernels.bench import variants  # noqa: E402
@@ -62,6 +65,8 @@ def main(argv=None):
     p.add_argument("--m", default="1,16", help="comma-separated batch sizes")
     p.add_argument("--kinds", default=None, help=f"comma-separated subset of {','.join(k for k, _, _ in SHAPES)}")
     p.add_argument("--ring", action="store_true", help="also call the small-M kinds with the shared-memory ring on")
+    p.add_argument("--x-ahead", action="store_true",
+                   help="also call the quantized kinds at M <= 8 with x prefetched into L1 a stage ahead")
     args = p.parse_args(argv)
     wanted = None if args.kinds is None else set(args.kinds.split(","))
     if wanted is not None and not wanted <= {k for k, _, _ in SHAPES}:
@@ -100,6 +105,10 @@ def main(argv=None):
                 y_eval = profiled(layer.eval(), x, cuda)
                 layer.train()
                 print(f"profile_ops: {kind} {n}x{k} M={m} eval: out {tuple(y_eval.shape)}", flush=True)
+            if args.x_ahead and kind in X_AHEAD_KINDS and m <= 8:
+                with env_var("REPARAM_SMALL_M_X_AHEAD", "1"):
+                    y_x = profiled(layer, x, cuda)
+                print(f"profile_ops: {kind} {n}x{k} M={m} x ahead: out {tuple(y_x.shape)}", flush=True)
             modes = ("1", "2") if kind == "int4_g128" and m > 8 else ("1",)  # 2: x in the ring too (int4, M > 8)
             for mode in modes if args.ring and kind in RING_KINDS and m <= 64 else ():
                 if cuda_paths()["small_m"]["ring_vetoed"]:  # switched off by the runner

@@ -14,7 +14,8 @@
 #       int4,lowrank — and bench_decode on the Mixtral and Qwen3-MoE configurations)
 #
 # Output folder: env.txt, gpu_tests_new.log/.xml (the newest paths' tests), gpu_tests.log/.xml, bench_<name>.log, <gpu>/<op>.json,
-# sanitizer.log, racecheck.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS),
+# sanitizer.log, racecheck.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS; focus also
+# ncu_source_int4_m1.csv: int4's M = 1 kernel as SASS with its sampled stalls),
 # benchmarks.md + roofline_<gpu>.png (table and plot of the JSON), summary.txt.
 # Exit status: 1 if the GPU tests fail, 2 if compute-sanitizer reports errors, 3 if a
 # benchmark script fails, else 0 (the first of these that applies).
@@ -57,15 +58,16 @@ fi
 step env 60 "$DEST/env.txt" "$PY" -m reparam_kernels env; cat "$DEST/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$DEST/env.txt" 2>&1
 
-# Smoke-test each kernel path added in sessions 5, 6, 10, 13, 15, 27 and 33 in its own process first (vq_linear's
+# Smoke-test each kernel path added in sessions 5, 6, 10, 13, 15, 27, 33 and 37 (x-ahead, stream-K: off by default;
+# a failure sets their variable to 0, which also drops their bench peers) in its own process first (vq_linear's
 # pairs, the grouped ops' small-M kernel, the transposed small-M tile and the small-M ring before the rest of the small-M path, so that a failure
-# switches off only them; the ring is off by default, its smoke cases switch it on, and a failure sets it to 0, which
-# also drops bench_quant's cuda_ring peer). A path
+# switches off only them; the ring's smoke cases switch it on, and a failure sets it to 0, which also drops
+# bench_quant's ring peers). A path
 # that crashes or computes wrong on the GPU is switched off (its variable) for the rest of the run, so
 # one bad kernel cannot take every later test and benchmark down with a sticky CUDA error;
 # smoke_<path>.log says why. A failure with no sign of the GPU in it (a Python error building a layer)
 # leaves the path on: switching it off cost the first H200 run every small-M and wgmma test.
-for pair in "vq-pairs:REPARAM_VQ_SMALL_M" "grouped:REPARAM_GROUPED_SMALL_M" "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M" "cols:REPARAM_BC_COLS_MAX_M"; do
+for pair in "x-ahead:REPARAM_SMALL_M_X_AHEAD" "stream-K:REPARAM_SMALL_M_STREAM_K" "vq-pairs:REPARAM_VQ_SMALL_M" "grouped:REPARAM_GROUPED_SMALL_M" "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M" "cols:REPARAM_BC_COLS_MAX_M"; do
   match="${pair%%:*}"; var="${pair##*:}"
   if ! timeout 90 "$PY" benchmarks/sanitize_ops.py --paths-only --match "$match" > "$DEST/smoke_$match.log" 2>&1; then
     if grep -qiE "CUDA error|AcceleratorError|illegal|launch failure|relative error|FAIL|Killed|Terminated" \
@@ -125,7 +127,7 @@ MOE="${RUN_GPU_MOE:-0}"; [ "$FOCUS" != 1 ] && MOE=1
 [ -f benchmarks/bench_decode.py ] && [ "$MOE" = 1 ] && SCRIPTS+=(benchmarks/bench_decode.py:mixtral_8x7b
   benchmarks/bench_decode.py:qwen3_30b_a3b)
 SAN_RESERVE=150   # keep this much for compute-sanitizer (memcheck <= 80 s, racecheck <= 30 s) and Nsight Compute (<= 40 s)
-[ "$FOCUS" = 1 ] && SAN_RESERVE=160   # no racecheck; ncu up to 90 s (~30 kernels)
+[ "$FOCUS" = 1 ] && SAN_RESERVE=200   # no racecheck; ncu up to 90 s (~30 kernels) and its source view 45 s
 for i in "${!SCRIPTS[@]}"; do
   script="${SCRIPTS[$i]}"; model=""
   case "$script" in *:*) model="${script##*:}"; script="${script%%:*}";; esac
@@ -180,15 +182,25 @@ if command -v ncu >/dev/null 2>&1; then
   # Focus: where the warps wait (WarpStateStats, SchedulerStats) in the kernels whose targets are furthest,
   # the small-M kernels also with their shared-memory ring (--ring), and block-circulant decode (1.19x
   # measured at M = 1 against a predicted 3-4x: its time is latency, which the stall reasons locate).
+  # The stall reasons as metrics: the WarpStateStats section's breakdown is a chart, absent from the details page's
+  # CSV (the 2026-12-04 run got an empty row), so the per-reason averages are asked for by name.
   NCU_MORE=(); PROFILE=(--m 1,256); NCU_MAX=60
-  [ "$FOCUS" = 1 ] && NCU_MORE=(--section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis_Tables) \
-    && PROFILE=(--m 1,16,64,128 --kinds int4_g128,lowrank_40,block_circulant_b256 --ring) && NCU_MAX=90
+  [ "$FOCUS" = 1 ] && NCU_MORE=(--section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis_Tables
+    --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$") \
+    && PROFILE=(--m 1,16,64,128 --kinds int4_g128,lowrank_40,block_circulant_b256 --ring --x-ahead) && NCU_MAX=90
   # --clock-control none: the GPU's own clocks, as the benchmarks ran (ncu's default locks the base clock:
   # the 2026-12-04 run's profiles read 1.35 GHz SM clocks, durations ~1.4x the benchmarks')
   step ncu "$NCU_MAX" "$DEST/ncu.log" ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
     --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     --section ComputeWorkloadAnalysis --section InstructionStats "${NCU_MORE[@]}" --csv --page details \
     --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py "${PROFILE[@]}"
+  # Focus: where int4's M = 1 kernel waits, instruction by instruction (PC sampling: SourceCounters; the source
+  # page as SASS), with x prefetched into L1 a stage ahead off and on (its two calls, in that order). At
+  # M = 1 that kernel ran at 1.9 TB/s with 0.75 eligible warps a scheduler and its stalls unrecorded.
+  [ "$FOCUS" = 1 ] && step ncu_source 45 "$DEST/ncu_source.log" ncu --clock-control none --nvtx --nvtx-include "profile/" \
+    --kernel-name regex:small_m_kernel --section SourceCounters --section WarpStateStats --page source \
+    --print-source sass --csv --log-file "$DEST/ncu_source_int4_m1.csv" \
+    "$PY" benchmarks/profile_ops.py --m 1 --kinds int4_g128 --x-ahead
 else
   note "ncu not found on PATH: kernel profiles skipped"
 fi

@@ -139,6 +139,15 @@ def path_cases():
          (1, 12, 40)),
         ("lut small-M ring+x", lambda dt, dev: rnn.LUTLinear.from_linear(lin(1056, 72, dt, dev), method="log", bits=4),
          (12, 40)),
+        # the register loop with x prefetched into L1 a stage ahead (REPARAM_SMALL_M_X_AHEAD=1) and with stream-K
+        # (REPARAM_SMALL_M_STREAM_K=1; 160 column blocks of 5 or 9 stages, the last partial: the even split runs 160
+        # CTAs on an H200's 264 slots), both off by default and smoke-tested on their own by run_gpu.sh; the rings
+        # off, so M = 12 runs the register loop too
+        ("int4 x-ahead", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1056, 72, dt, dev), group_size=32), (1, 5, 12)),
+        ("lut x-ahead", lambda dt, dev: rnn.LUTLinear.from_linear(lin(1056, 72, dt, dev), method="log", bits=4), (1, 12)),
+        ("int4 stream-K", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1088, 20480, dt, dev), group_size=64),
+         (1, 5, 12)),
+        ("int8 stream-K", lambda dt, dev: rnn.Int8Linear.from_linear(lin(1088, 20480, dt, dev)), (1, 12)),
         ("lowrank small-M", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64), (1, 40)),
         ("lowrank two-GEMM", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32), (600,)),
         ("pivoted small-M", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64),
@@ -229,6 +238,10 @@ def main(argv=None):
                     stack.enter_context(env_var("REPARAM_DEQUANT_MIN_M", "512"))
                 if ring:
                     stack.enter_context(env_var("REPARAM_SMALL_M_RING", ring))
+                for suffix, var in ((" x-ahead", "REPARAM_SMALL_M_X_AHEAD"), (" stream-K", "REPARAM_SMALL_M_STREAM_K")):
+                    if name.endswith(suffix) and os.environ.get(var, "") != "0":  # (0: vetoed by a smoke run)
+                        stack.enter_context(env_var(var, "1"))
+                        stack.enter_context(env_var("REPARAM_SMALL_M_RING", "0"))
                 for m in batches:
                     check(name, layer, m, layer.in_features, dtype, device, recorder, bad)
             print(f"sanitize_ops: {name} {str(dtype)[6:]} ok", flush=True)
