@@ -21,8 +21,12 @@ Every Linear but lm_head is swapped; lm_head and embeddings stay dense fp16 in a
 variants, so the speedups are those of a real deployment, not of the Linears alone.
 Random weights: the speed is what is measured, not the text.
 Results: benchmarks/results/<gpu>/decode.json, rewritten after every variant.
+
+A variant `KIND:SWITCHES` (e.g. ``int4_g128:stream_k``) runs KIND with one of SWITCH_SETS' environment
+switches set while it is built, compiled, captured and timed: the CUDA paths that are off by default, end to end.
 """
 import argparse
+import contextlib
 import gc
 import inspect
 import json
@@ -34,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reparam_kernels.bench import variants  # noqa: E402
+from reparam_kernels.bench.cases import env_var  # noqa: E402
 from reparam_kernels.bench.results import DEFAULT_ROOT, OUT_ENV, environment, gpu_slug  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -191,10 +196,31 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+# KIND:NAME variants: the small-M register loop's switches that are off until timed (docs/quant.md)
+SWITCH_SETS = {"x_ahead": {"REPARAM_SMALL_M_X_AHEAD": "1"}, "stream_k": {"REPARAM_SMALL_M_STREAM_K": "1"},
+               "stream_k_x_ahead": {"REPARAM_SMALL_M_STREAM_K": "1", "REPARAM_SMALL_M_X_AHEAD": "1"}}
+
+
+def split_variant(kind):
+    """(layer kind or None for dense, {variable: value}) of a variant name KIND or KIND:SWITCHES."""
+    base, _, switches = kind.partition(":")
+    if switches and switches not in SWITCH_SETS:
+        raise ValueError(f"variant {kind!r}: unknown switches {switches!r}; choose from {', '.join(SWITCH_SETS)}")
+    return (None if base == "dense" else base), SWITCH_SETS.get(switches, {})
+
+
 def run_variant(data, kind, config, batches, context, tokens, mode, dtype, device, dense_tps):
-    """Build one variant, then check and time it at every batch size; rows go into `data`."""
+    """Build one variant, then check and time it at every batch size (under its switches); rows go into `data`."""
+    base, switches = split_variant(kind)
+    with contextlib.ExitStack() as stack:
+        for name, value in switches.items():
+            stack.enter_context(env_var(name, value))
+        time_variant(data, kind, base, config, batches, context, tokens, mode, dtype, device, dense_tps)
+
+
+def time_variant(data, kind, base, config, batches, context, tokens, mode, dtype, device, dense_tps):
     torch._dynamo.reset()
-    model, swapped = build_model(config, None if kind == "dense" else kind, dtype, device)
+    model, swapped = build_model(config, base, dtype, device)
     wbytes = weight_bytes(model)
     for batch in batches:
         tps, diff = decode_speed(model, config, batch, context, tokens, mode, device)
@@ -223,7 +249,8 @@ def parse(argv):
     p.add_argument("--batches", default=None, help="comma-separated (default 1,16; --quick/--tiny: 1)")
     p.add_argument("--context", type=int, default=None, help="prompt tokens in the cache (default 512)")
     p.add_argument("--tokens", type=int, default=None, help="timed decode steps (default 64)")
-    p.add_argument("--variants", default=None, help=f"comma-separated from dense,{','.join(variants.DECODE_KINDS)}")
+    p.add_argument("--variants", default=None, help=f"comma-separated from dense,{','.join(variants.DECODE_KINDS)}; "
+                                                     f"KIND:SWITCHES runs KIND with one of {', '.join(SWITCH_SETS)} on")
     p.add_argument("--compile", default=None, help="reduce-overhead (default on GPU), max-autotune, cudagraphs, "
                                                     "eager, aot_eager, none")
     p.add_argument("--budget", type=float, default=None,
@@ -259,6 +286,11 @@ def main(argv=None):
     quick_kinds = ("int4_g128", "int8", "lowrank_40")
     kinds = a.variants.split(",") if a.variants else ["dense"] + variants.available(
         quick_kinds if (a.quick or a.tiny) else variants.DECODE_KINDS)
+    for kind in kinds:
+        try:
+            split_variant(kind)
+        except ValueError as exc:
+            raise SystemExit(f"bench_decode: {exc}")
     env = environment()
     root = a.out or os.environ.get(OUT_ENV) or DEFAULT_ROOT
     path = os.path.join(root, gpu_slug(env["gpu"]), filename)

@@ -118,11 +118,11 @@ struct Problem {
   // The format's row of this problem's output 0: 0, or e * N for expert e of a grouped launch (the
   // experts' weights one [E * N, ...] stack; grouped_quant.cuh). Read at setup and in the epilogue only.
   uint32_t row_base = 0;
-  // x of the stage being loaded prefetched into L1 with its weights, one stage before the mmas read it
-  // (REPARAM_SMALL_M_X_AHEAD=1; the standalone kernels' register loop and weights' ring, x not gathered).
-  // Without it every stage begins with an L2 round trip for x: a CTA's stages read fresh x, and its
-  // four N-warps miss L1 together (the SASS: the first mma of a stage waits on x's loads issued ~36
-  // instructions before it). A hint: no register, no wait.
+  // x of the next stage prefetched into L1 as a stage starts computing, a stage before the mmas read it
+  // (REPARAM_SMALL_M_X_AHEAD=1; the standalone kernels' register loop, x not gathered). Without it every
+  // stage begins with an L2 round trip for x: a CTA's stages read fresh x, and its four N-warps miss L1
+  // together (the SASS: the first mma of a stage waits on x's loads issued ~36 instructions before it).
+  // A hint: no register, no wait.
   int x_ahead = 0;
   // Stream-K (REPARAM_SMALL_M_STREAM_K=1; the standalone kernels, run_cta): > 0, the CTAs of a 1-D grid
   // that share the columns x ceil(K / kUnitK) stages evenly (p.splits: then the most pieces a column
@@ -149,10 +149,10 @@ constexpr bool fold_x_offsets() {
 }
 
 // One piece of work of problem p, by the whole CTA: column block bx over K range [kb, ke) (kb a multiple
-// of the CTA stage, kUnitK; `stages` >= ceil((ke - kb) / kUnitK), given by the caller in the form its
-// split knows: from p.kchunk, the even split's loops keep the SASS they had before stream-K), piece `piece` of the `pieces` that cover the column block (pieces > 1: its
-// fp32 partial goes to p.part's slot `piece`, and the last piece to arrive sums the column block's
-// partials in piece order). kXConst: x is not written during this kernel (read through the non-coherent
+// of the CTA stage, kUnitK; `stages` >= ceil((ke - kb) / kUnitK), in the form the caller's split knows
+// it: from p.kchunk the even split's loops keep the SASS they had before stream-K), piece `piece` of the
+// `pieces` that cover the column block (pieces > 1: its fp32 partial goes to p.part's slot `piece`, and
+// the last piece to arrive sums the column block's partials in piece order). kXConst: x is not written during this kernel (read through the non-coherent
 // cache); false when an earlier phase of the same launch wrote it. Every thread of the CTA must call this
 // with the same arguments. run_unit below is the piece (bx, by) of the even split (p.kchunk, p.splits).
 //
@@ -530,11 +530,10 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 // A standalone kernel's CTA: the work unit (blockIdx.x, blockIdx.y) of the even split, or with p.stream
 // CTAs (stream-K) range i of the problem's stages flattened column block by column block and cut into
 // p.stream near-equal contiguous ranges [i U / P, (i + 1) U / P): a column block's stages then lie in the
-// ranges of CTAs first..last (cta_of), its pieces in K order. The even split runs ceil(columns / splits)
-// ... CTAs in whole work units, so at most slots / columns splits of whole column blocks: 224 column
-// blocks (28672 rows) fill 224 of an H200's 264 slots, 8 (1024 rows, Llama-3-8B's k and v at M <= 8)
-// 128; stream-K fills them all with equal work. One loop around run_range (inlined once): the even
-// split passes once.
+// ranges of CTAs first..last (cta_of), its pieces in K order. The even split gives every CTA one K range
+// of one column block, columns x splits <= slots CTAs in all: 224 column blocks (28672 rows) fill 224 of
+// an H200's 264 slots, 10 of them 160; stream-K fills every slot with equal work wherever there are more
+// stages than slots. One loop around run_range (inlined once): the even split passes once.
 template <class Frag, class T, int MT, int NG, bool kL2 = false, bool kRing = false, bool kXRing = false>
 __device__ __forceinline__ void run_cta(const Problem<Frag, T>& p, uint4* ring = nullptr, uint32_t* tables = nullptr) {
   constexpr int kUnitK = kWarpsK * 4 * Frag::kLaneK;

@@ -27,6 +27,32 @@ def test_bench_decode_tiny_end_to_end(tmp_path):
 
 
 
+def test_bench_decode_switch_variants(tmp_path, monkeypatch):
+    # KIND:SWITCHES builds and times KIND with the switch set's variables on (and only then); a name outside
+    # SWITCH_SETS stops the run before any model is built
+    pytest.importorskip("transformers")
+    import json
+
+    decode = importlib.import_module("bench_decode")
+    real, seen = decode.build_model, []
+
+    def build(config, kind, dtype, device):
+        seen.append((kind, os.environ.get("REPARAM_SMALL_M_STREAM_K"), os.environ.get("REPARAM_SMALL_M_X_AHEAD")))
+        return real(config, kind, dtype, device)
+
+    monkeypatch.setattr(decode, "build_model", build)
+    monkeypatch.delenv("REPARAM_SMALL_M_STREAM_K", raising=False)
+    monkeypatch.delenv("REPARAM_SMALL_M_X_AHEAD", raising=False)
+    assert decode.main(["--tiny", "--variants", "dense,int8,int8:stream_k_x_ahead", "--context", "8", "--tokens", "1",
+                        "--compile", "none", "--out", str(tmp_path)]) == 0
+    assert seen == [(None, None, None), ("int8", None, None), ("int8", "1", "1")]
+    assert "REPARAM_SMALL_M_STREAM_K" not in os.environ
+    data = json.load(open(tmp_path / "cpu" / "decode.json"))
+    assert [r["variant"] for r in data["rows"]] == ["dense", "int8", "int8:stream_k_x_ahead"]
+    with pytest.raises(SystemExit, match="unknown switches"):
+        decode.main(["--tiny", "--variants", "int8:fast", "--out", str(tmp_path)])
+
+
 def test_bench_decode_a_failing_variant_is_recorded(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     import json
