@@ -143,11 +143,10 @@ bool launch_small_m(const Frag1& frag1, const Factors<T>& f, const T* x, const i
   Tensor t = torch::stable::new_empty(like, {T_ * ldt});
   T* tp = static_cast<T*>(t.data_ptr());
   const int kCap = grouped::rows_per_tile<MT>();
-  const int l2 = small_m::l2_ahead_from_env();
   // N and K of the widest expert: the grid's columns and K splits
-  const small_m::Problem<Frag1, T> p1{frag1, x, nullptr, tp, nullptr, nullptr, kCap, f.max_rank, f.K, 0, 0, 0, l2};
+  const small_m::Problem<Frag1, T> p1{frag1, x, nullptr, tp, nullptr, nullptr, kCap, f.max_rank, f.K, 0, 0, 0};
   const small_m::Problem<small_m::HalfFrag<T>, T> p2{{{f.u, 0}}, tp, bias, y, nullptr, nullptr, kCap, f.N, f.max_rank,
-                                                     0, 0, 0, l2};
+                                                     0, 0, 0};
   return launch_step<Frag1, T, MT, false>(p1, rows, c, f, ldt, T_ * ldt, like, stream) &&
          launch_step<small_m::HalfFrag<T>, T, MT, true>(p2, rows, c, f, ldt, T_ * f.N, like, stream);
 }

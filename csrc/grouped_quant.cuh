@@ -140,8 +140,7 @@ bool launch_small_m(const Frag& frag, const T* x, const int64_t* offsets, int64_
   const int device = like.get_device_index();
   const int smem = small_m::table_smem<small_m_grouped, Frag>(device);  // (VqPairFrag's codebooks, staged by each CTA)
   if (smem < 0) return false;
-  small_m::Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, rows_per_tile<MT>(), N, K, 0, 0, 0,
-                              small_m::l2_ahead_from_env()};
+  small_m::Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, rows_per_tile<MT>(), N, K, 0, 0, 0};
   Tensor part = plan_split<NG>(p, c, E, T_ * N, small_m::resident_ctas<small_m_grouped>(device, smem), like, stream);
   if (p.columns * c.layers >= (int64_t(1) << 31)) return false;
   small_m_grouped<<<dim3(unsigned(p.columns * c.layers), unsigned(p.splits), unsigned(E * c.slots)), small_m::kThreads, smem, stream>>>(

@@ -111,10 +111,10 @@ struct Problem {
   unsigned* counters;  // [columns], zero at rest (split_k_counters.h), when splits > 1
   int M;
   int64_t N, K, kchunk, columns, splits;
-  // Stages ahead of the current one to prefetch into L2 (0: none; REPARAM_SMALL_M_L2_AHEAD). The
-  // registers hold one stage ahead (32 KB of weights per SM in flight at M <= 16); an L2 prefetch
-  // costs no register, so the memory system can hold more requests than the registers allow.
-  int l2_ahead;
+  // (Until session 37 an int l2_ahead here prefetched the weights d stages ahead into L2,
+  // REPARAM_SMALL_M_L2_AHEAD: H200 run 3 timed d = 2 and 4 at M = 1, 16 and 64 in every format and none
+  // beat d = 0 — int4 M = 1 20.0 / 20.4 against 19.0 us — while its bookkeeping cost the loop 8
+  // instructions a stage when off: removed.)
   // The format's row of this problem's output 0: 0, or e * N for expert e of a grouped launch (the
   // experts' weights one [E * N, ...] stack; grouped_quant.cuh). Read at setup and in the epilogue only.
   uint32_t row_base = 0;
@@ -161,11 +161,11 @@ constexpr bool fold_x_offsets() {
 // are the x rows), so each mma takes 256 weights instead of 128 (half the mmas) and x needs one row
 // per lane instead of two (half the x loads and permutes), at no extra registers: C = W x^T, the
 // accumulators (weight row, x row) the transpose of the other tiles'.
-// kL2: the loop can prefetch weights into L2 (p.l2_ahead; the standalone kernel only: the low-rank
-// launch keeps its loop as it was). kRing: the weights stream through `ring` (ring_bytes<NG>() of
-// shared memory; see kRingStages) instead of registers, and no L2 prefetch runs; kXRing: x too (after
+// kAhead: the loop may prefetch x a stage ahead into L1 (p.x_ahead; the standalone and grouped kernels:
+// the low-rank launch keeps its loop as it was). kRing: the weights stream through `ring` (ring_bytes<NG>() of
+// shared memory; see kRingStages) instead of registers; kXRing: x too (after
 // the weights' slots, x_ring_bytes<Frag, T, MT>() more; see x_fits_ring).
-template <class Frag, class T, int MT, int NG, bool kXConst, bool kL2 = false, bool kRing = false, bool kXRing = false>
+template <class Frag, class T, int MT, int NG, bool kXConst, bool kAhead = false, bool kRing = false, bool kXRing = false>
 __device__ __forceinline__ void run_range(const Problem<Frag, T>& p, int64_t bx, int64_t kb, int64_t ke, int64_t stages,
                                           int64_t piece, int64_t pieces, uint4* ring = nullptr,
                                           uint32_t* tables = nullptr) {
@@ -206,10 +206,6 @@ __device__ __forceinline__ void run_range(const Problem<Frag, T>& p, int64_t bx,
   // per address instead of 64-bit index arithmetic.
   const uint32_t kt0 = uint32_t(kb) + wk * kStepK + Frag::kLaneK * t;  // unsigned: no sign extension
   auto lane_k = [&](int st) { return kt0 + uint32_t(st) * kUnitK; };
-  // L2 prefetch (kL2, p.l2_ahead > 0): stage st also prefetches stage st + l2_ahead while that one is a
-  // full stage, i.e. for st < pf_end; set up once, so the loop pays one compare per stage when off.
-  const int pf_end = kL2 && !kRing && p.l2_ahead > 0 ? full - p.l2_ahead : 0;
-  const uint32_t pf_dk = kL2 ? uint32_t(p.l2_ahead) * kUnitK : 0u;
 
   // Rows at or past N are read as row N - 1 and x rows at or past M as row M - 1: an mma's B
   // column n feeds only output column n and its A row m only output row m, and those are never
@@ -235,7 +231,7 @@ __device__ __forceinline__ void run_range(const Problem<Frag, T>& p, int64_t bx,
   // immediate offset (one instruction and one test a stage; the test of a loop-invariant flag and
   // st + 1 < full: in the loops around load() instead, the compiler re-laid load()'s branches, +7).
   // (the register loop only: the x ring copies x; the weights' ring alone did not pay, H200 run 3)
-  constexpr bool kXAhead = kL2 && !kRing && !gathers_x<Frag>::value;
+  constexpr bool kXAhead = kAhead && !kRing && !gathers_x<Frag>::value;
   const bool x_ahead = kXAhead && p.x_ahead != 0;
   auto prefetch_x = [&](int st, uint32_t kt) {
     if constexpr (kXAhead) {
@@ -262,10 +258,6 @@ __device__ __forceinline__ void run_range(const Problem<Frag, T>& p, int64_t bx,
     } else if (st < full) {
 #pragma unroll
       for (int j = 0; j < NG; ++j) c[j] = frag.load(wrow[j], kt);
-      if (kL2 && st < pf_end) {  // uniform; the target is a full stage: every address valid
-#pragma unroll
-        for (int j = 0; j < NG; ++j) prefetch_l2(frag.at(wrow[j], kt + pf_dk));
-      }
     } else {
       const bool kin = kt < ke;
 #pragma unroll
@@ -518,11 +510,11 @@ __device__ __forceinline__ void run_range(const Problem<Frag, T>& p, int64_t bx,
 }
 
 // The work unit (column block bx, K range by) of the even split: p.splits ranges of p.kchunk.
-template <class Frag, class T, int MT, int NG, bool kXConst, bool kL2 = false, bool kRing = false, bool kXRing = false>
+template <class Frag, class T, int MT, int NG, bool kXConst, bool kAhead = false, bool kRing = false, bool kXRing = false>
 __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, int64_t by, uint4* ring = nullptr,
                                          uint32_t* tables = nullptr) {
   const int64_t kb = by * p.kchunk;
-  run_range<Frag, T, MT, NG, kXConst, kL2, kRing, kXRing>(p, bx, kb, min(p.K, kb + p.kchunk),
+  run_range<Frag, T, MT, NG, kXConst, kAhead, kRing, kXRing>(p, bx, kb, min(p.K, kb + p.kchunk),
                                                           p.kchunk / (kWarpsK * 4 * Frag::kLaneK), by, p.splits,
                                                           ring, tables);
 }
@@ -534,7 +526,7 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
 // of one column block, columns x splits <= slots CTAs in all: 224 column blocks (28672 rows) fill 224 of
 // an H200's 264 slots, 10 of them 160; stream-K fills every slot with equal work wherever there are more
 // stages than slots. One loop around run_range (inlined once): the even split passes once.
-template <class Frag, class T, int MT, int NG, bool kL2 = false, bool kRing = false, bool kXRing = false>
+template <class Frag, class T, int MT, int NG, bool kAhead = false, bool kRing = false, bool kXRing = false>
 __device__ __forceinline__ void run_cta(const Problem<Frag, T>& p, uint4* ring = nullptr, uint32_t* tables = nullptr) {
   constexpr int kUnitK = kWarpsK * 4 * Frag::kLaneK;
   // Only u and u_end live across run_range, 32-bit (U < 2^31, checked by the host): with 64-bit state
@@ -562,7 +554,7 @@ __device__ __forceinline__ void run_cta(const Problem<Frag, T>& p, uint4* ring =
       piece = blockIdx.y;
       pieces = p.splits;
     }
-    run_range<Frag, T, MT, NG, true, kL2, kRing, kXRing>(p, bx, kb, ke, stages, piece, pieces, ring, tables);
+    run_range<Frag, T, MT, NG, true, kAhead, kRing, kXRing>(p, bx, kb, ke, stages, piece, pieces, ring, tables);
     u = P > 0 ? min(u_end, (u / S + 1) * S) : u_end;  // the next column block's first stage
   }
 }

@@ -55,11 +55,10 @@ inline int64_t resident_ctas(int device, size_t smem = 0) {
   return int64_t(cached[d]) * sm_count(device);
 }
 
-// Stages ahead to prefetch weights into L2, from variable `name` (unset or empty: `fallback`),
-// clamped to 0..16. REPARAM_SMALL_M_L2_AHEAD=d: the quantized ops' small-M loop (default 0: H200 run 3 timed
-// 2 and 4 stages ahead at M = 1, 16, 64 and found no gain, 20.0 / 20.4 against 19.0 us at M = 1); the wgmma loop reads
-// REPARAM_WGMMA_L2_AHEAD the same way (quant_wgmma.cuh).
-inline int l2_ahead_from_env(const char* name = "REPARAM_SMALL_M_L2_AHEAD", int fallback = 0) {
+// Stages ahead to prefetch weights into L2, from variable `name` (unset or empty: `fallback`), clamped to
+// 0..16: the wgmma loop's REPARAM_WGMMA_L2_AHEAD (quant_wgmma.cuh). (The small-M loop's
+// REPARAM_SMALL_M_L2_AHEAD is gone since session 37: Problem says why.)
+inline int l2_ahead_from_env(const char* name, int fallback = 0) {
   const char* v = std::getenv(name);
   const long long d = v == nullptr || v[0] == '\0' ? fallback : std::atoll(v);
   return d < 0 ? 0 : d > 16 ? 16 : int(d);
@@ -198,7 +197,7 @@ template <class Frag, class T, int MT, int NG>
 bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_t N, int64_t K,
             const Tensor& like, cudaStream_t stream) {
   constexpr auto kernel = small_m_kernel<Frag, T, MT, NG>;
-  Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0, l2_ahead_from_env()};
+  Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0};
   p.x_ahead = x_ahead_enabled() ? 1 : 0;
   if constexpr (has_smem_tables<Frag>::value) {  // the tables take the shared memory a ring would
     const int smem = table_smem<kernel, Frag>(like.get_device_index());

@@ -358,28 +358,6 @@ def test_mutated_m16_tile_is_caught(rng, name):
     assert not within(run_twice(c, env, MUTATIONS[name]), r)
 
 
-def test_small_m_l2_prefetch(rng):
-    # REPARAM_SMALL_M_L2_AHEAD: the weights also prefetched d stages ahead into L2 (the model reads each
-    # prefetched address, so one past a tensor faults); the result is unchanged, at every tile shape
-    cases, refs = [], []
-    for op in QUANT:
-        for M, K, N, g in [(1, 2080, 72, 32), (12, 1056, 40, 32), (40, 544, 24, 32)]:
-            c, r = quant_case(rng, op, M, K, N, torch.float16, group=g)
-            cases.append(c)
-            refs.append(r)
-    for ahead in ("1", "3"):
-        check(cases, refs, env={"REPARAM_SMALL_M_L2_AHEAD": ahead, "RK_CPU_SMS": "1"}, kernel="small_m::Problem")
-
-
-def test_l2_prefetch_past_the_range_is_caught(rng):
-    # the prefetch's guard off by one (a stage past the CTA's K range: past the last row's end)
-    c, r = quant_case(rng, "int8_linear", 1, 2048, 24, torch.float16)
-    env = {"REPARAM_SMALL_M_L2_AHEAD": "1", "RK_CPU_SMS": "1"}
-    assert within(run_twice(c, env), r)
-    mutation = ("small_m_gemm.cuh", "? full - p.l2_ahead : 0;", "? full - p.l2_ahead + 1 : 0;")
-    assert run_twice(c, env, mutation) is None  # faulted on the guard page after the last row
-
-
 def test_small_m_x_prefetch(rng):
     # REPARAM_SMALL_M_X_AHEAD=1: the next stage's x prefetched into L1 by the register loop (the model reads
     # each prefetched address, so one past x faults); the result is unchanged at every tile shape (the ring

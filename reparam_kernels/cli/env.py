@@ -74,9 +74,6 @@ def cuda_paths():
                         # M <= 8: the transposed tile (csrc/small_m_gemm.cuh, MT = 0); off: the M <= 16 one
                         "transposed_max_m": 0 if os.environ.get("REPARAM_SMALL_M_T", "").startswith("0") else 8,
                         "transposed_switch": "REPARAM_SMALL_M_T",
-                        # quantized ops: weights also prefetched this many stages ahead into L2 (0: off)
-                        "l2_ahead": min(16, max(0, _atoll("REPARAM_SMALL_M_L2_AHEAD", 0))),
-                        "l2_ahead_switch": "REPARAM_SMALL_M_L2_AHEAD",
                         # quantized ops' register loop: x of the next stage prefetched into L1 (off by default)
                         "x_ahead": os.environ.get("REPARAM_SMALL_M_X_AHEAD", "").startswith("1"),
                         "x_ahead_switch": "REPARAM_SMALL_M_X_AHEAD",
@@ -176,9 +173,8 @@ def render(info):
     lines.append("CUDA paths by batch M (docs/quant.md, docs/lowrank_kernel.md, docs/structured.md):")
     lines.append(f"  M <= {sm['max_m']}: register-fed tensor cores ({sm['ops']}): "
                  f"{'on' if sm['on'] else 'OFF'} [{sm['switch']}]; M <= 8 on its transposed tile: "
-                 f"{'on' if sm['transposed_max_m'] else 'OFF'} [{sm['transposed_switch']}]; L2 prefetch "
-                 f"{sm['l2_ahead'] or 'off'}{' stages ahead' if sm['l2_ahead'] else ''} [{sm['l2_ahead_switch']}]; x prefetched into "
-                 f"L1 a stage ahead: {'on' if sm['x_ahead'] else 'off'} [{sm['x_ahead_switch']}]; stream-K where the even split "
+                 f"{'on' if sm['transposed_max_m'] else 'OFF'} [{sm['transposed_switch']}]; x prefetched "
+                 f"into L1 a stage ahead: {'on' if sm['x_ahead'] else 'off'} [{sm['x_ahead_switch']}]; stream-K where the even split "
                  f"leaves slots idle: {'on' if sm['stream_k'] else 'off'} [{sm['stream_k_switch']}]; "
                  f"shared-memory ring: {RING_MODES[sm['ring']]} [{sm['ring_switch']}]; "
                  f"vq_linear pairs: {'on' if sm['vq_pairs'] else 'OFF'} [{sm['vq_pairs_switch']}]")
