@@ -135,11 +135,11 @@ def other_paths(op, M):
     # weights' ring alone at M = 1, 16 and 64, fp16 8192^2: none beat the default anywhere, so their peers
     # cuda_small_m16, cuda_l2_ahead2 / 4 and cuda_ring left the run; the switches stay)
     if takes_small:
-        # x of the next stage prefetched into L1 (off by default), where the register loop runs: the
-        # transposed tile, and every tile with the rings off
-        ring, x_tile = paths["small_m"]["ring"], M > paths["small_m"]["transposed_max_m"]
-        # (an explicit 0, as run_gpu.sh sets after a failed smoke run, skips them)
+        # x of the next stage prefetched into L1 and stream-K (both off by default), where the register loop
+        # runs: the transposed tile, and every tile with the rings off; an explicit 0, as run_gpu.sh sets
+        # after a failed smoke run, skips them
         sm = paths["small_m"]
+        ring, x_tile = sm["ring"], M > sm["transposed_max_m"]
         if not x_tile or ring == 0 or op in SMEM_TABLE_OPS:
             x_ok = not sm["x_ahead"] and not sm["x_ahead_vetoed"]
             s_ok = not sm["stream_k"] and not sm["stream_k_vetoed"]  # every slot an equal share of the stages
@@ -153,7 +153,7 @@ def other_paths(op, M):
         # the shared-memory rings against what this M runs by default (x and the weights above the
         # transposed tile, none below: RING_X); an explicit 0, as run_gpu.sh sets after a failed smoke
         # run, skips them
-        if not paths["small_m"]["ring_vetoed"] and op not in SMEM_TABLE_OPS:
+        if not sm["ring_vetoed"] and op not in SMEM_TABLE_OPS:
             if ring == RING_X and x_tile:  # the register-fed loop the ring replaced
                 peers["cuda_no_ring"] = with_env(fn, "REPARAM_SMALL_M_RING", "0")
             if ring == 0 and x_tile:  # x in the ring too (the tiles with x as A)

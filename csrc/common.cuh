@@ -147,6 +147,11 @@ inline bool env_switch_on(const char* name) {
   const char* v = std::getenv(name);
   return v == nullptr || v[0] != '0';
 }
+// A path that is off until timed: on only where `name` starts with '1' (REPARAM_SMALL_M_X_AHEAD=1 etc.).
+inline bool env_opt_in(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] == '1';
+}
 
 template <class T> __device__ __forceinline__ float to_f32(T v);
 template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }

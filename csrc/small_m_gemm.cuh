@@ -519,46 +519,6 @@ __device__ __forceinline__ void run_unit(const Problem<Frag, T>& p, int64_t bx, 
                                                           ring, tables);
 }
 
-// A standalone kernel's CTA: the work unit (blockIdx.x, blockIdx.y) of the even split, or with p.stream
-// CTAs (stream-K) range i of the problem's stages flattened column block by column block and cut into
-// p.stream near-equal contiguous ranges [i U / P, (i + 1) U / P): a column block's stages then lie in the
-// ranges of CTAs first..last (cta_of), its pieces in K order. The even split gives every CTA one K range
-// of one column block, columns x splits <= slots CTAs in all: 224 column blocks (28672 rows) fill 224 of
-// an H200's 264 slots, 10 of them 160; stream-K fills every slot with equal work wherever there are more
-// stages than slots. One loop around run_range (inlined once): the even split passes once.
-template <class Frag, class T, int MT, int NG, bool kAhead = false, bool kRing = false, bool kXRing = false>
-__device__ __forceinline__ void run_cta(const Problem<Frag, T>& p, uint4* ring = nullptr, uint32_t* tables = nullptr) {
-  constexpr int kUnitK = kWarpsK * 4 * Frag::kLaneK;
-  // Only u and u_end live across run_range, 32-bit (U < 2^31, checked by the host): with 64-bit state
-  // held across the main loop ptxas spilled it on sm_80 (4 local loads or stores a stage at M <= 16).
-  const uint32_t P = uint32_t(p.stream), i = blockIdx.x;
-  const uint32_t S = uint32_t((p.K + kUnitK - 1) / kUnitK), U = uint32_t(p.columns) * S;  // stages: a column block's, all
-  auto cta_of = [&](uint32_t v) { return uint32_t(((uint64_t(v) + 1) * P + U - 1) / U) - 1; };  // the range holding v
-  uint32_t u = P > 0 ? uint32_t(uint64_t(i) * U / P) : 0u;
-  const uint32_t u_end = P > 0 ? uint32_t(uint64_t(i + 1) * U / P) : 1u;
-  while (u < u_end) {
-    int64_t bx, kb, ke, stages, piece, pieces;
-    if (P > 0) {
-      const uint32_t c = u / S, c_end = min(u_end, (c + 1) * S), first = cta_of(c * S);
-      bx = c;
-      kb = int64_t(u - c * S) * kUnitK;
-      ke = min(p.K, int64_t(c_end - c * S) * kUnitK);
-      stages = c_end - u;
-      piece = i - first;
-      pieces = cta_of((c + 1) * S - 1) - first + 1;
-    } else {
-      bx = blockIdx.x;
-      kb = blockIdx.y * p.kchunk;
-      ke = min(p.K, kb + p.kchunk);
-      stages = p.kchunk / kUnitK;
-      piece = blockIdx.y;
-      pieces = p.splits;
-    }
-    run_range<Frag, T, MT, NG, true, kAhead, kRing, kXRing>(p, bx, kb, ke, stages, piece, pieces, ring, tables);
-    u = P > 0 ? min(u_end, (u / S + 1) * S) : u_end;  // the next column block's first stage
-  }
-}
-
 }  // namespace small_m
 }  // namespace reparam
 

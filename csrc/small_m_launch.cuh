@@ -11,7 +11,47 @@
 namespace reparam {
 namespace small_m {
 
-// One launch of one problem: CTA (bx, by) = work unit (bx, by).
+// A standalone kernel's CTA: the work unit (blockIdx.x, blockIdx.y) of the even split, or with p.stream
+// CTAs (stream-K) range i of the problem's stages flattened column block by column block and cut into
+// p.stream near-equal contiguous ranges [i U / P, (i + 1) U / P): a column block's stages then lie in the
+// ranges of CTAs first..last (cta_of), its pieces in K order. The even split gives every CTA one K range
+// of one column block, columns x splits <= slots CTAs in all: 224 column blocks (28672 rows) fill 224 of
+// an H200's 264 slots, 10 of them 160; stream-K fills every slot with equal work wherever there are more
+// stages than slots. One loop around run_range (inlined once): the even split passes once.
+template <class Frag, class T, int MT, int NG, bool kAhead = false, bool kRing = false, bool kXRing = false>
+__device__ __forceinline__ void run_cta(const Problem<Frag, T>& p, uint4* ring = nullptr, uint32_t* tables = nullptr) {
+  constexpr int kUnitK = kWarpsK * 4 * Frag::kLaneK;
+  // Only u and u_end live across run_range, 32-bit (U < 2^31, checked by the host): with 64-bit state
+  // held across the main loop ptxas spilled it on sm_80 (4 local loads or stores a stage at M <= 16).
+  const uint32_t P = uint32_t(p.stream), i = blockIdx.x;
+  const uint32_t S = uint32_t((p.K + kUnitK - 1) / kUnitK), U = uint32_t(p.columns) * S;  // stages: a column block's, all
+  auto cta_of = [&](uint32_t v) { return uint32_t(((uint64_t(v) + 1) * P + U - 1) / U) - 1; };  // the range holding v
+  uint32_t u = P > 0 ? uint32_t(uint64_t(i) * U / P) : 0u;
+  const uint32_t u_end = P > 0 ? uint32_t(uint64_t(i + 1) * U / P) : 1u;
+  while (u < u_end) {
+    int64_t bx, kb, ke, stages, piece, pieces;
+    if (P > 0) {
+      const uint32_t c = u / S, c_end = min(u_end, (c + 1) * S), first = cta_of(c * S);
+      bx = c;
+      kb = int64_t(u - c * S) * kUnitK;
+      ke = min(p.K, int64_t(c_end - c * S) * kUnitK);
+      stages = c_end - u;
+      piece = i - first;
+      pieces = cta_of((c + 1) * S - 1) - first + 1;
+    } else {
+      bx = blockIdx.x;
+      kb = blockIdx.y * p.kchunk;
+      ke = min(p.K, kb + p.kchunk);
+      stages = p.kchunk / kUnitK;
+      piece = blockIdx.y;
+      pieces = p.splits;
+    }
+    run_range<Frag, T, MT, NG, true, kAhead, kRing, kXRing>(p, bx, kb, ke, stages, piece, pieces, ring, tables);
+    u = P > 0 ? min(u_end, (u / S + 1) * S) : u_end;  // the next column block's first stage
+  }
+}
+
+// One launch of one problem: run_cta: the even split's work unit (bx, by), or stream-K's range.
 template <class Frag, class T, int MT, int NG>
 __global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_kernel(Problem<Frag, T> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -66,10 +106,7 @@ inline int l2_ahead_from_env(const char* name, int fallback = 0) {
 
 // REPARAM_SMALL_M_X_AHEAD=1: x of each stage prefetched into L1 a stage ahead (Problem::x_ahead). Off
 // until the H200 has timed it (bench_quant's peer cuda_x_ahead); the prediction is in docs/quant.md.
-inline bool x_ahead_enabled() {
-  const char* v = std::getenv("REPARAM_SMALL_M_X_AHEAD");
-  return v != nullptr && v[0] == '1';
-}
+inline bool x_ahead_enabled() { return env_opt_in("REPARAM_SMALL_M_X_AHEAD"); }
 
 // REPARAM_SMALL_M_T=0: M <= 8 takes the M <= 16 tile instead of the transposed one (A/B timing).
 inline bool transposed_tile_enabled() { return env_switch_on("REPARAM_SMALL_M_T"); }
@@ -109,10 +146,7 @@ bool for_tile_shape(int64_t M, F&& f) {
 // REPARAM_SMALL_M_STREAM_K=1: the standalone kernels share their stages evenly among every slot (run_cta's
 // stream-K) where the even split leaves slots idle. Off until the H200 has timed it (bench_quant's peer
 // cuda_stream_k); the prediction is in docs/quant.md.
-inline bool stream_k_enabled() {
-  const char* v = std::getenv("REPARAM_SMALL_M_STREAM_K");
-  return v != nullptr && v[0] == '1';
-}
+inline bool stream_k_enabled() { return env_opt_in("REPARAM_SMALL_M_STREAM_K"); }
 
 // Cuts p into columns x splits: split K just enough that `slots` (the CTAs resident at once) cover
 // the GPU in one wave. stream_k: where that leaves slots idle, min(slots, stages) CTAs share the stages
