@@ -24,6 +24,9 @@ Results: benchmarks/results/<gpu>/decode.json, rewritten after every variant.
 
 A variant `KIND:SWITCHES` (e.g. ``int4_g128:stream_k``) runs KIND with one of SWITCH_SETS' environment
 switches set while it is built, compiled, captured and timed: the CUDA paths that are off by default, end to end.
+A variant `KIND+fused` (``int4_g128+fused``, ``dense+fused``; ``int4_g128+fused:x_ahead`` with switches) runs
+KIND with q/k/v and gate/up fused into one layer each (``reparam_kernels.fuse_projections``): 4 launches a
+decoder layer instead of 7. Its speedup is still against plain dense; ``dense+fused`` says what fusing alone buys.
 """
 import argparse
 import contextlib
@@ -90,10 +93,12 @@ def static_cache(config, batch, length, device, dtype):
 
 
 @torch.no_grad()
-def build_model(config, kind, dtype, device):
+def build_model(config, kind, dtype, device, fused=False):
     """The model with random weights, its Linears (not lm_head) swapped for layer `kind` (None: dense); a
-    mixture-of-experts model's experts split into Linears first and grouped again after (module doc)."""
+    mixture-of-experts model's experts split into Linears first and grouped again after (module doc);
+    `fused`: sibling projections fused after (``fuse_projections``)."""
     import transformers
+    from reparam_kernels import fuse_projections
     from reparam_kernels.compress.experts import group_experts, unfuse_experts
 
     cls = getattr(transformers, config.architectures[0] if config.architectures else "LlamaForCausalLM")
@@ -109,6 +114,8 @@ def build_model(config, kind, dtype, device):
         unfuse_experts(model)
         swapped = variants.replace_linears(model, kind, random=True)
         group_experts(model)
+    if fused:
+        fuse_projections(model)
     return model.eval(), swapped
 
 
@@ -202,25 +209,28 @@ SWITCH_SETS = {"x_ahead": {"REPARAM_SMALL_M_X_AHEAD": "1"}, "stream_k": {"REPARA
 
 
 def split_variant(kind):
-    """(layer kind or None for dense, {variable: value}) of a variant name KIND or KIND:SWITCHES."""
-    base, _, switches = kind.partition(":")
+    """(layer kind or None for dense, {variable: value}, fused) of a variant name KIND[+fused][:SWITCHES]."""
+    head, _, switches = kind.partition(":")
+    base, plus, extra = head.partition("+")
+    if plus and extra != "fused":
+        raise ValueError(f"variant {kind!r}: unknown suffix +{extra}; the one there is is +fused")
     if switches and switches not in SWITCH_SETS:
         raise ValueError(f"variant {kind!r}: unknown switches {switches!r}; choose from {', '.join(SWITCH_SETS)}")
-    return (None if base == "dense" else base), SWITCH_SETS.get(switches, {})
+    return (None if base == "dense" else base), SWITCH_SETS.get(switches, {}), bool(plus)
 
 
 def run_variant(data, kind, config, batches, context, tokens, mode, dtype, device, dense_tps):
     """Build one variant, then check and time it at every batch size (under its switches); rows go into `data`."""
-    base, switches = split_variant(kind)
+    base, switches, fused = split_variant(kind)
     with contextlib.ExitStack() as stack:
         for name, value in switches.items():
             stack.enter_context(env_var(name, value))
-        time_variant(data, kind, base, config, batches, context, tokens, mode, dtype, device, dense_tps)
+        time_variant(data, kind, (base, fused), config, batches, context, tokens, mode, dtype, device, dense_tps)
 
 
-def time_variant(data, kind, base, config, batches, context, tokens, mode, dtype, device, dense_tps):
+def time_variant(data, kind, built, config, batches, context, tokens, mode, dtype, device, dense_tps):
     torch._dynamo.reset()
-    model, swapped = build_model(config, base, dtype, device)
+    model, swapped = build_model(config, built[0], dtype, device, fused=built[1])
     wbytes = weight_bytes(model)
     for batch in batches:
         tps, diff = decode_speed(model, config, batch, context, tokens, mode, device)
@@ -241,6 +251,15 @@ def time_variant(data, kind, base, config, batches, context, tokens, mode, dtype
               + (f"  {row['speedup_vs_dense']:.2f}x dense" if row["speedup_vs_dense"] else ""), flush=True)
 
 
+def default_variants(quick, quick_kinds):
+    """dense, then the layer kinds; int4 g128 (issue 6's first target) fused right after it unfused; the full
+    run ends on dense fused (what fusing alone buys)."""
+    kinds = ["dense"]
+    for kind in variants.available(quick_kinds if quick else variants.DECODE_KINDS):
+        kinds += [kind, kind + "+fused"] if kind == "int4_g128" else [kind]
+    return kinds if quick else kinds + ["dense+fused"]
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="2-layer tiny config on the CPU (proves the script works)")
@@ -250,7 +269,8 @@ def parse(argv):
     p.add_argument("--context", type=int, default=None, help="prompt tokens in the cache (default 512)")
     p.add_argument("--tokens", type=int, default=None, help="timed decode steps (default 64)")
     p.add_argument("--variants", default=None, help=f"comma-separated from dense,{','.join(variants.DECODE_KINDS)}; "
-                                                     f"KIND:SWITCHES runs KIND with one of {', '.join(SWITCH_SETS)} on")
+                                                     f"KIND:SWITCHES runs KIND with one of {', '.join(SWITCH_SETS)} on; "
+                                                     "KIND+fused with q/k/v and gate/up fused")
     p.add_argument("--compile", default=None, help="reduce-overhead (default on GPU), max-autotune, cudagraphs, "
                                                     "eager, aot_eager, none")
     p.add_argument("--budget", type=float, default=None,
@@ -284,8 +304,7 @@ def main(argv=None):
     config = llama_config(cfg, config_class)
     config.architectures = [model_class]
     quick_kinds = ("int4_g128", "int8", "lowrank_40")
-    kinds = a.variants.split(",") if a.variants else ["dense"] + variants.available(
-        quick_kinds if (a.quick or a.tiny) else variants.DECODE_KINDS)
+    kinds = a.variants.split(",") if a.variants else default_variants(a.quick or a.tiny, quick_kinds)
     for kind in kinds:
         try:
             split_variant(kind)

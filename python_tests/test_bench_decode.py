@@ -36,9 +36,9 @@ def test_bench_decode_switch_variants(tmp_path, monkeypatch):
     decode = importlib.import_module("bench_decode")
     real, seen = decode.build_model, []
 
-    def build(config, kind, dtype, device):
+    def build(config, kind, dtype, device, fused=False):
         seen.append((kind, os.environ.get("REPARAM_SMALL_M_STREAM_K"), os.environ.get("REPARAM_SMALL_M_X_AHEAD")))
-        return real(config, kind, dtype, device)
+        return real(config, kind, dtype, device, fused)
 
     monkeypatch.setattr(decode, "build_model", build)
     monkeypatch.delenv("REPARAM_SMALL_M_STREAM_K", raising=False)
@@ -53,6 +53,35 @@ def test_bench_decode_switch_variants(tmp_path, monkeypatch):
         decode.main(["--tiny", "--variants", "int8:fast", "--out", str(tmp_path)])
 
 
+def test_bench_decode_fused_variants(tmp_path, monkeypatch):
+    # KIND+fused builds KIND with q/k/v and gate/up fused (4 fused layers in the tiny config's 2 decoder
+    # layers), with switches too; another suffix stops the run before any model is built
+    pytest.importorskip("transformers")
+    import json
+
+    from reparam_kernels.nn import FusedProjections
+
+    decode = importlib.import_module("bench_decode")
+    real, seen = decode.build_model, []
+
+    def build(config, kind, dtype, device, fused=False):
+        model, swapped = real(config, kind, dtype, device, fused)
+        seen.append((kind, fused, sum(isinstance(m, FusedProjections) for m in model.modules()),
+                     os.environ.get("REPARAM_SMALL_M_X_AHEAD")))
+        return model, swapped
+
+    monkeypatch.setattr(decode, "build_model", build)
+    monkeypatch.delenv("REPARAM_SMALL_M_X_AHEAD", raising=False)
+    assert decode.main(["--tiny", "--variants", "dense,dense+fused,int8+fused:x_ahead", "--context", "8",
+                        "--tokens", "1", "--compile", "none", "--out", str(tmp_path)]) == 0
+    assert seen == [(None, False, 0, None), (None, True, 4, None), ("int8", True, 4, "1")]
+    data = json.load(open(tmp_path / "cpu" / "decode.json"))
+    assert [r["variant"] for r in data["rows"]] == ["dense", "dense+fused", "int8+fused:x_ahead"]
+    assert not data["skipped"]
+    with pytest.raises(SystemExit, match=r"unknown suffix \+fast"):
+        decode.main(["--tiny", "--variants", "int8+fast", "--out", str(tmp_path)])
+
+
 def test_bench_decode_a_failing_variant_is_recorded(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     import json
@@ -60,10 +89,10 @@ def test_bench_decode_a_failing_variant_is_recorded(tmp_path, monkeypatch):
     decode = importlib.import_module("bench_decode")
     real = decode.build_model
 
-    def build(config, kind, dtype, device):
+    def build(config, kind, dtype, device, fused=False):
         if kind == "int8":
             raise RuntimeError("no kernel image for this GPU")
-        return real(config, kind, dtype, device)
+        return real(config, kind, dtype, device, fused)
 
     monkeypatch.setattr(decode, "build_model", build)
     assert decode.main(["--tiny", "--variants", "int8,dense", "--context", "8", "--tokens", "1",

@@ -225,7 +225,10 @@ def compress(model, recipe, calib=None, inplace=False, batch_size=4, device=None
     """
     from tqdm.auto import tqdm
 
+    from ..nn.fused import refuse_fused
+
     t_start = time.perf_counter()
+    refuse_fused(model, "compress")
     check_expert_prior(expert_prior)
     check_stats_memory(stats_memory)
     random_calib = False

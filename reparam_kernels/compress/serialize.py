@@ -142,7 +142,9 @@ def save_compressed(model, path, recipe=None, extra=None, tokenizer=None):
     from safetensors.torch import save_file
 
     import reparam_kernels
+    from ..nn.fused import refuse_fused
 
+    refuse_fused(model, "save_compressed")
     path = Path(path)
     layers = {}
     for name, mod in model.named_modules():

@@ -1,0 +1,165 @@
+"""fuse_projections: siblings of one input (q/k/v, gate/up) run as one layer of their format, the model's code
+unchanged; the outputs are the unfused model's, compiled with fullgraph=True too, and unfusing gives back
+the same tensors."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import reparam_kernels
+from reparam_kernels.bench import variants
+from reparam_kernels.nn import FusedProjections, Int4Linear, Int8Linear, LUTLinear, ProjectionSlice
+from reparam_kernels.nn.fused import fuse_projections, unfuse_projections
+
+transformers = pytest.importorskip("transformers")
+BACKEND = os.environ.get("REPARAM_COMPILE_BACKEND", "aot_eager")
+
+
+class Attn(nn.Module):
+    """Calls its three projections on one input, in an order that is not the group's."""
+
+    def __init__(self, make, sizes=(48, 16, 16), k=64):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (make(k, n, i) for i, n in enumerate(sizes))
+
+    def forward(self, x):
+        v = self.v_proj(x)
+        return torch.cat([self.q_proj(x), self.k_proj(x) * 2, v * 3], -1)
+
+
+def _from(layer_fn, seed=0):
+    def make(k, n, i):
+        torch.manual_seed(seed + i)
+        return layer_fn(nn.Linear(k, n, bias=i != 1))  # k_proj without a bias: the fused bias has zeros there
+    return make
+
+
+FORMATS = {
+    "linear": lambda lin: lin,
+    "int8": Int8Linear.from_linear,
+    "int4_g32": lambda lin: Int4Linear.from_linear(lin, group_size=32),
+    "log4": lambda lin: LUTLinear.from_linear(lin, method="log", bits=4),  # a table a row
+    "vq_d2_8rows": lambda lin: LUTLinear.from_linear(lin, method="vq", d=2, bits=4, rows_per_codebook=8, iters=2),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_fused_outputs_and_unfused_tensors_are_the_originals(fmt):
+    model = Attn(_from(FORMATS[fmt])).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cls = type(model.q_proj)
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        ref = model(x)
+        assert fuse_projections(model) == {"": [["q_proj", "k_proj", "v_proj"]]}
+        owner = model.fused_q_proj_k_proj_v_proj
+        assert isinstance(owner, FusedProjections) and isinstance(model.k_proj, ProjectionSlice)
+        assert owner.layer.out_features == 80 and type(owner.layer) is cls
+        out = model(x)
+        assert owner._cache is None  # the last slice let go of the fused output
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        # the fused model's tensors are the fused layer's only (the slices hold none)
+        assert all(k.startswith("fused_q_proj_k_proj_v_proj.layer.") for k in model.state_dict())
+        assert unfuse_projections(model) == 1
+        after = model.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]), k
+    assert torch.equal(model(x), ref)
+
+
+def test_one_launch_a_group_and_a_new_input_runs_again():
+    model = Attn(_from(FORMATS["int4_g32"])).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+        fuse_projections(model)
+        calls = []
+        layer = model.fused_q_proj_k_proj_v_proj.layer
+        layer.register_forward_hook(lambda *a: calls.append(1))
+        torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)
+        assert len(calls) == 1
+        # a slice called alone (another input each time, as cross-attention's k / v would be): still right
+        y = torch.randn(2, 64)
+        torch.testing.assert_close(model.q_proj(y), Attn(_from(FORMATS["int4_g32"])).q_proj(y), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)  # the stale y result is not reused
+        assert len(calls) == 3
+
+
+def test_mixed_formats_fuse_the_siblings_that_match_and_leave_the_rest():
+    fmts = [FORMATS["int4_g32"], FORMATS["int8"], FORMATS["int8"]]
+
+    def make(k, n, i):
+        torch.manual_seed(i)
+        return fmts[i](nn.Linear(k, n))
+    model = Attn(make).eval()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = model(x)
+        assert fuse_projections(model) == {"": [["k_proj", "v_proj"]]}
+        assert type(model.q_proj) is Int4Linear
+        torch.testing.assert_close(model(x), ref, rtol=1e-6, atol=1e-6)
+    # other group sizes, a low-rank layer: nothing to fuse
+    other = Attn(lambda k, n, i: Int4Linear.from_linear(nn.Linear(k, n), group_size=32 if i else 64))
+    assert fuse_projections(other) == {"": [["k_proj", "v_proj"]]}
+    lowrank = Attn(lambda k, n, i: variants.make("lowrank_40", nn.Linear(k, n)))
+    assert fuse_projections(lowrank) == {}
+
+
+def tiny_llama(kind, seed=0):
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    if kind != "dense":
+        variants.replace_linears(model, kind, random=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["dense", "int4_g128", "int8"])
+def test_llama_logits_eager_and_fullgraph_compiled(kind):
+    torch._dynamo.reset()
+    model = tiny_llama(kind)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        done = fuse_projections(model)
+        assert len(done) == 4 and all(len(v) == 1 for v in done.values())  # 2 layers x (attention, MLP)
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+        torch.testing.assert_close(compiled(ids).logits, ref, rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # the slices' state is back where it began
+            compiled(ids.flip(0))
+    assert all(m._cache is None for m in model.modules() if isinstance(m, FusedProjections))
+
+
+def test_fused_models_are_refused_where_they_cannot_go(tmp_path):
+    model = tiny_llama("int8")
+    fuse_projections(model)
+    with pytest.raises(ValueError, match="fused projections already"):
+        fuse_projections(model)
+    with pytest.raises(ValueError, match="save_compressed: the model has fused projections"):
+        reparam_kernels.save_compressed(model, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    with pytest.raises(ValueError, match="compress: the model has fused projections"):
+        reparam_kernels.compress(model, {"default": "int8"}, calib=None, progress=False)
+    assert reparam_kernels.unfuse_projections(model) == 4
+    reparam_kernels.save_compressed(model, tmp_path / "ckpt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["int4_g128", "int8"])
+def test_fused_llama_decode_under_cuda_graphs(kind):
+    """reduce-overhead (CUDA graphs) replays of the fused model match the unfused eager model, step after step."""
+    torch._dynamo.reset()
+    model = tiny_llama(kind).to(device="cuda", dtype=torch.float16)
+    fused = tiny_llama(kind).to(device="cuda", dtype=torch.float16)
+    fuse_projections(fused)
+    step = torch.compile(fused, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for i in range(4):
+            ids = torch.randint(0, 101, (2, 1), device="cuda", generator=None)
+            got = step(ids).logits.float().clone()
+            torch.testing.assert_close(got, model(ids).logits.float(), rtol=2e-2, atol=2e-2)
