@@ -40,7 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from reparam_kernels.bench import variants  # noqa: E402
+from reparam_kernels.bench import kernel_profile, variants  # noqa: E402
 from reparam_kernels.bench.cases import env_var  # noqa: E402
 from reparam_kernels.bench.results import DEFAULT_ROOT, OUT_ENV, environment, gpu_slug  # noqa: E402
 
@@ -146,14 +146,15 @@ def weight_bytes(model):
 
 
 @torch.no_grad()
-def decode_speed(model, config, batch, context, tokens, compile_mode, device, warmup=3):
-    """(tokens/s, max relative difference compiled vs eager on the first step)."""
+def decode_speed(model, config, batch, context, tokens, compile_mode, device, warmup=3, profile=0):
+    """(tokens/s, max relative difference compiled vs eager on the first step, `profile` more steps' time by
+    kernel category — ``reparam_kernels.bench.kernel_profile``; None when profile is 0)."""
     dtype = model.model.embed_tokens.weight.dtype
     arg = _cache_arg(model)
     prompt = torch.randint(0, config.vocab_size, (batch, context), device=device)
 
     def prefilled():
-        cache = static_cache(config, batch, context + warmup + tokens + 2, device, dtype)
+        cache = static_cache(config, batch, context + warmup + tokens + profile + 2, device, dtype)
         out = model(input_ids=prompt, **{arg: cache}, cache_position=torch.arange(context, device=device),
                     use_cache=True)
         return cache, out.logits[:, -1].argmax(-1, keepdim=True)
@@ -171,7 +172,7 @@ def decode_speed(model, config, batch, context, tokens, compile_mode, device, wa
     compiled = run(tok, pos).float().clone()
     diff = float((compiled - eager).norm() / eager.norm().clamp_min(1e-30))
     if not (torch.isfinite(compiled).all() and diff < 5e-2):
-        return None, diff
+        return None, diff, None
     p = context + 1
     for _ in range(warmup):
         _mark_step()
@@ -184,7 +185,16 @@ def decode_speed(model, config, batch, context, tokens, compile_mode, device, wa
         tok = run(tok, torch.tensor([p], device=device)).argmax(-1, keepdim=True)
         p += 1
     _sync(device)
-    return batch * tokens / (time.perf_counter() - t0), diff
+    tps = batch * tokens / (time.perf_counter() - t0)
+    if not profile:
+        return tps, diff, None
+    state = [tok, p]
+
+    def one():
+        _mark_step()
+        state[0] = run(state[0], torch.tensor([state[1]], device=device)).argmax(-1, keepdim=True)
+        state[1] += 1
+    return tps, diff, kernel_profile.profile_steps(one, profile, str(device).startswith("cuda"))
 
 
 def compile_kwargs(mode):
@@ -219,21 +229,22 @@ def split_variant(kind):
     return (None if base == "dense" else base), SWITCH_SETS.get(switches, {}), bool(plus)
 
 
-def run_variant(data, kind, config, batches, context, tokens, mode, dtype, device, dense_tps):
+def run_variant(data, kind, config, batches, context, tokens, mode, dtype, device, dense_tps, profile=0):
     """Build one variant, then check and time it at every batch size (under its switches); rows go into `data`."""
     base, switches, fused = split_variant(kind)
     with contextlib.ExitStack() as stack:
         for name, value in switches.items():
             stack.enter_context(env_var(name, value))
-        time_variant(data, kind, (base, fused), config, batches, context, tokens, mode, dtype, device, dense_tps)
+        time_variant(data, kind, (base, fused), config, batches, context, tokens, mode, dtype, device, dense_tps,
+                     profile)
 
 
-def time_variant(data, kind, built, config, batches, context, tokens, mode, dtype, device, dense_tps):
+def time_variant(data, kind, built, config, batches, context, tokens, mode, dtype, device, dense_tps, profile=0):
     torch._dynamo.reset()
     model, swapped = build_model(config, built[0], dtype, device, fused=built[1])
     wbytes = weight_bytes(model)
     for batch in batches:
-        tps, diff = decode_speed(model, config, batch, context, tokens, mode, device)
+        tps, diff, prof = decode_speed(model, config, batch, context, tokens, mode, device, profile=profile)
         if tps is None:
             data["skipped"].append({"variant": kind, "batch": batch,
                                     "reason": f"compiled step disagrees with eager (relative diff {diff:.3g})"})
@@ -246,6 +257,8 @@ def time_variant(data, kind, built, config, batches, context, tokens, mode, dtyp
                "linears_swapped": swapped, "weight_bytes": wbytes, "compiled_vs_eager_rel_diff": diff}
         if experts_path(model) is not None:
             row["experts"] = experts_path(model)
+        if prof is not None:
+            row["profile"] = prof
         data["rows"].append(row)
         print(f"{kind:22} batch {batch:3}: {tps:10.1f} tok/s"
               + (f"  {row['speedup_vs_dense']:.2f}x dense" if row["speedup_vs_dense"] else ""), flush=True)
@@ -268,14 +281,17 @@ def parse(argv):
     p.add_argument("--batches", default=None, help="comma-separated (default 1,16; --quick/--tiny: 1)")
     p.add_argument("--context", type=int, default=None, help="prompt tokens in the cache (default 512)")
     p.add_argument("--tokens", type=int, default=None, help="timed decode steps (default 64)")
-    p.add_argument("--variants", default=None, help=f"comma-separated from dense,{','.join(variants.DECODE_KINDS)}; "
-                                                     f"KIND:SWITCHES runs KIND with one of {', '.join(SWITCH_SETS)} on; "
-                                                     "KIND+fused with q/k/v and gate/up fused")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated from dense,{','.join(variants.DECODE_KINDS)}; KIND:SWITCHES runs KIND "
+                        f"with one of {', '.join(SWITCH_SETS)} on; KIND+fused with q/k/v and gate/up fused")
     p.add_argument("--compile", default=None, help="reduce-overhead (default on GPU), max-autotune, cudagraphs, "
                                                     "eager, aot_eager, none")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds; later variants are skipped past it (--quick: 100, so the GPU runner fits)")
     p.add_argument("--out", default=None, help="results root (default benchmarks/results or $REPARAM_BENCH_OUT)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS more decode steps (torch.profiler): each row gets its GPU time "
+                        "by kernel category (ours, inductor's, cuBLAS, attention, other) and its top kernels")
     p.add_argument("--model", default="llama3_8b", choices=sorted(MODELS),
                    help="the configuration (default llama3_8b; mixtral_8x7b: a mixture-of-experts model)")
     return p.parse_args(argv)
@@ -326,7 +342,7 @@ def main(argv=None):
             data["skipped"].append({"variant": kind, "reason": f"time budget {budget:.0f} s spent"})
             continue
         try:
-            run_variant(data, kind, config, batches, context, tokens, mode, dtype, device, dense_tps)
+            run_variant(data, kind, config, batches, context, tokens, mode, dtype, device, dense_tps, a.profile)
         except Exception as exc:  # one variant failing to build or compile must not lose the others
             data["skipped"].append({"variant": kind, "reason": f"{type(exc).__name__}: {str(exc)[:300]}"})
             print(f"{kind:22} FAILED: {type(exc).__name__}: {str(exc)[:300]}", flush=True)

@@ -136,7 +136,8 @@ for i in "${!SCRIPTS[@]}"; do
   # so a script cut short still leaves what it measured (its JSON says "partial": true)
   share=$(( ($(left) - RESERVE - SAN_RESERVE) / (${#SCRIPTS[@]} - i) )); [ "$share" -gt 150 ] && share=150
   EXTRA=()  # focus: decode at batch 16 too (issue 6's int4 target there), within the step's share
-  [ "$FOCUS" = 1 ] && [ "$name" = bench_decode ] && EXTRA=(--batches 1,16 --budget $(( share - 30 )))
+  # and each row's kernel time by category over 8 more steps (where a layer's non-Linear time goes)
+  [ "$FOCUS" = 1 ] && [ "$name" = bench_decode ] && EXTRA=(--batches 1,16 --profile 8 --budget $(( share - 30 )))
   # focus: fp16 only (the targets' dtype), so the A/B peers of every case fit the script's share
   [ "$FOCUS" = 1 ] && [ "${name#bench_decode}" = "$name" ] && EXTRA=(--dtypes fp16)
   [ -n "$model" ] && EXTRA+=(--model "$model" --budget $(( share - 30 )))

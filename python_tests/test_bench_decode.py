@@ -82,6 +82,25 @@ def test_bench_decode_fused_variants(tmp_path, monkeypatch):
         decode.main(["--tiny", "--variants", "int8+fast", "--out", str(tmp_path)])
 
 
+def test_bench_decode_profile(tmp_path):
+    # --profile N: each row gets N more steps' time by category (on the CPU: the operators' own times)
+    pytest.importorskip("transformers")
+    import json
+
+    decode = importlib.import_module("bench_decode")
+    assert decode.main(["--tiny", "--variants", "int8+fused", "--context", "8", "--tokens", "1", "--profile", "2",
+                        "--compile", "none", "--out", str(tmp_path)]) == 0
+    (row,) = json.load(open(tmp_path / "cpu" / "decode.json"))["rows"]
+    prof = row["profile"]
+    assert prof["steps"] == 2 and prof["count_per_step"] > 0 and prof["wall_us_per_step"] > 0
+    assert prof["us_per_step"]["reparam"] > 0 and prof["us_per_step"]["cuBLAS"] > 0  # int8 ops; lm_head's mm
+    assert abs(sum(prof["us_per_step"].values()) - prof["sum_us_per_step"]) < 1e-6 * prof["sum_us_per_step"]
+    # 2 layers x (qkv, o, gate_up, down) int8 launches a step
+    assert [t["calls_per_step"] for t in prof["top"] if t["name"] == "reparam::int8_linear"] == [8]
+    times = [t["us_per_step"] for t in prof["top"]]
+    assert times == sorted(times, reverse=True)
+
+
 def test_bench_decode_a_failing_variant_is_recorded(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     import json
@@ -133,3 +152,16 @@ def test_bench_decode_tiny_mixtral_groups_the_experts(tmp_path):
     assert rows["lowrank_40"]["experts"] == "reparam grouped"  # (grouped_lowrank_linear since session 32)
     assert all(r["compiled_vs_eager_rel_diff"] < 5e-2 for r in rows.values())
     assert not (tmp_path / "cpu" / "decode.json").exists()
+
+
+def test_kernel_categories_of_gpu_names():
+    from reparam_kernels.bench.kernel_profile import category
+
+    names = {"void reparam::small_m::kernel<reparam::Int4Frag<__half>, 0>(reparam::small_m::Problem<...>)": "reparam",
+             "_int4_linear_kernel": "reparam Triton", "triton_poi_fused_add_mul_0": "inductor Triton",
+             "triton_red_fused__to_copy_mean_pow_rsqrt_1": "inductor Triton",
+             "nvjet_hsh_64x32_64x16_2x4_v_bz_splitK_TNT": "cuBLAS",
+             "void gemv2T_kernel_val<int, int, __half>": "cuBLAS",
+             "void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64>>": "attention",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<c10::Half>>": "other"}
+    assert {n: category(n) for n in names} == names
