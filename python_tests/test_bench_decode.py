@@ -101,6 +101,30 @@ def test_bench_decode_profile(tmp_path):
     assert times == sorted(times, reverse=True)
 
 
+def test_bench_decode_attention_implementation(tmp_path, monkeypatch):
+    # --attn: every variant's model built with it, recorded, in a file of its own (eager: flex's compiled
+    # kernel needs a GPU)
+    pytest.importorskip("transformers")
+    import json
+
+    decode = importlib.import_module("bench_decode")
+    real, seen = decode.build_model, []
+
+    def build(config, kind, dtype, device, fused=False):
+        model, swapped = real(config, kind, dtype, device, fused)
+        seen.append(model.model.layers[0].self_attn.config._attn_implementation)
+        return model, swapped
+
+    monkeypatch.setattr(decode, "build_model", build)
+    assert decode.main(["--tiny", "--variants", "dense,int8+fused", "--context", "8", "--tokens", "1",
+                        "--attn", "flex_attention", "--compile", "none", "--out", str(tmp_path)]) == 0
+    assert not (tmp_path / "cpu" / "decode.json").exists()
+    data = json.load(open(tmp_path / "cpu" / "decode_flex_attention.json"))
+    assert data["attn_implementation"] == "flex_attention" and not data["skipped"]
+    assert [r["variant"] for r in data["rows"]] == ["dense", "int8+fused"]
+    assert seen == ["flex_attention", "flex_attention"]
+
+
 def test_bench_decode_a_failing_variant_is_recorded(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     import json
