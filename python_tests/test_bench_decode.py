@@ -53,6 +53,19 @@ def test_bench_decode_switch_variants(tmp_path, monkeypatch):
         decode.main(["--tiny", "--variants", "int8:fast", "--out", str(tmp_path)])
 
 
+def record_builds(decode, monkeypatch, what):
+    """bench_decode builds its models as before; returns the list of what(model, kind, fused) of each."""
+    real, seen = decode.build_model, []
+
+    def build(config, kind, dtype, device, fused=False):
+        model, swapped = real(config, kind, dtype, device, fused)
+        seen.append(what(model, kind, fused))
+        return model, swapped
+
+    monkeypatch.setattr(decode, "build_model", build)
+    return seen
+
+
 def test_bench_decode_fused_variants(tmp_path, monkeypatch):
     # KIND+fused builds KIND with q/k/v and gate/up fused (4 fused layers in the tiny config's 2 decoder
     # layers), with switches too; another suffix stops the run before any model is built
@@ -62,15 +75,9 @@ def test_bench_decode_fused_variants(tmp_path, monkeypatch):
     from reparam_kernels.nn import FusedProjections
 
     decode = importlib.import_module("bench_decode")
-    real, seen = decode.build_model, []
-
-    def build(config, kind, dtype, device, fused=False):
-        model, swapped = real(config, kind, dtype, device, fused)
-        seen.append((kind, fused, sum(isinstance(m, FusedProjections) for m in model.modules()),
-                     os.environ.get("REPARAM_SMALL_M_X_AHEAD")))
-        return model, swapped
-
-    monkeypatch.setattr(decode, "build_model", build)
+    seen = record_builds(decode, monkeypatch, lambda model, kind, fused: (
+        kind, fused, sum(isinstance(m, FusedProjections) for m in model.modules()),
+        os.environ.get("REPARAM_SMALL_M_X_AHEAD")))
     monkeypatch.delenv("REPARAM_SMALL_M_X_AHEAD", raising=False)
     assert decode.main(["--tiny", "--variants", "dense,dense+fused,int8+fused:x_ahead", "--context", "8",
                         "--tokens", "1", "--compile", "none", "--out", str(tmp_path)]) == 0
@@ -108,14 +115,8 @@ def test_bench_decode_attention_implementation(tmp_path, monkeypatch):
     import json
 
     decode = importlib.import_module("bench_decode")
-    real, seen = decode.build_model, []
-
-    def build(config, kind, dtype, device, fused=False):
-        model, swapped = real(config, kind, dtype, device, fused)
-        seen.append(model.model.layers[0].self_attn.config._attn_implementation)
-        return model, swapped
-
-    monkeypatch.setattr(decode, "build_model", build)
+    seen = record_builds(decode, monkeypatch,
+                         lambda model, kind, fused: model.model.layers[0].self_attn.config._attn_implementation)
     assert decode.main(["--tiny", "--variants", "dense,int8+fused", "--context", "8", "--tokens", "1",
                         "--attn", "flex_attention", "--compile", "none", "--out", str(tmp_path)]) == 0
     assert not (tmp_path / "cpu" / "decode.json").exists()
