@@ -24,10 +24,11 @@ Results: benchmarks/results/<gpu>/decode.json, rewritten after every variant.
 
 A variant `KIND:SWITCHES` (e.g. ``int4_g128:stream_k``) runs KIND with one of SWITCH_SETS' environment
 switches set while it is built, compiled, captured and timed: the CUDA paths that are off by default, end to end.
-`--attn flex_attention` builds every variant with transformers' flex attention (results in
-decode_flex_attention.json): with a static cache's mask, sdpa copies the cache to all query heads each step
-(repeat_kv: at batch 16 on Llama-3-8B ~190 MB a layer, against 436 MB of dense weights), which dilutes every
-variant's speedup alike; flex attention reads the cache once.
+`--attn reparam_gqa_sdpa` (or `flex_attention`) builds every variant with that attention implementation
+(results in decode_<impl>.json): with a static cache's mask, transformers' sdpa copies the cache to all query
+heads each step (repeat_kv: at batch 16 on Llama-3-8B ~190 MB a layer, against 436 MB of dense weights), which
+dilutes every variant's speedup alike; `reparam_kernels.hf_attention`'s packs a group's query heads as rows
+of its KV head at decode instead and reads the cache once (flex attention also reads it once).
 A variant `KIND+fused` (``int4_g128+fused``, ``dense+fused``; ``int4_g128+fused:x_ahead`` with switches) runs
 KIND with q/k/v and gate/up fused into one layer each (``reparam_kernels.fuse_projections``): 4 launches a
 decoder layer instead of 7. Its speedup is still against plain dense; ``dense+fused`` says what fusing alone buys.
@@ -46,6 +47,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reparam_kernels.bench import kernel_profile, variants  # noqa: E402
 from reparam_kernels.bench.cases import env_var  # noqa: E402
+from reparam_kernels.hf_attention import GQA_SDPA  # noqa: E402
+from reparam_kernels.hf_attention import register as register_gqa_sdpa  # noqa: E402
 from reparam_kernels.bench.results import DEFAULT_ROOT, OUT_ENV, environment, gpu_slug  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -296,10 +299,11 @@ def parse(argv):
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile STEPS more decode steps (torch.profiler): each row gets its GPU time "
                         "by kernel category (ours, inductor's, cuBLAS, attention, other) and its top kernels")
-    p.add_argument("--attn", default="sdpa", choices=("sdpa", "flex_attention", "eager"),
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", GQA_SDPA, "flex_attention", "eager"),
                    help="transformers' attention implementation for every variant (default sdpa; results of another "
                         "go to decode_<impl>.json). sdpa with a static cache's mask copies the KV cache to every "
-                        "query head a step (repeat_kv); flex_attention reads it once (GQA)")
+                        f"query head a step (repeat_kv); {GQA_SDPA} (reparam_kernels.hf_attention) and "
+                        "flex_attention read it once")
     p.add_argument("--model", default="llama3_8b", choices=sorted(MODELS),
                    help="the configuration (default llama3_8b; mixtral_8x7b: a mixture-of-experts model)")
     return p.parse_args(argv)
@@ -328,6 +332,8 @@ def main(argv=None):
     config = llama_config(cfg, config_class)
     config.architectures = [model_class]
     if a.attn != "sdpa":
+        if a.attn == GQA_SDPA:
+            register_gqa_sdpa()
         config._attn_implementation = a.attn
         filename = filename.replace(".json", f"_{a.attn}.json")  # its own file: sdpa's rows stay
     quick_kinds = ("int4_g128", "int8", "lowrank_40")

@@ -108,7 +108,8 @@ def test_bench_decode_profile(tmp_path):
     assert times == sorted(times, reverse=True)
 
 
-def test_bench_decode_attention_implementation(tmp_path, monkeypatch):
+@pytest.mark.parametrize("impl", ["flex_attention", "reparam_gqa_sdpa"])
+def test_bench_decode_attention_implementation(tmp_path, monkeypatch, impl):
     # --attn: every variant's model built with it, recorded, in a file of its own (eager: flex's compiled
     # kernel needs a GPU)
     pytest.importorskip("transformers")
@@ -118,12 +119,12 @@ def test_bench_decode_attention_implementation(tmp_path, monkeypatch):
     seen = record_builds(decode, monkeypatch,
                          lambda model, kind, fused: model.model.layers[0].self_attn.config._attn_implementation)
     assert decode.main(["--tiny", "--variants", "dense,int8+fused", "--context", "8", "--tokens", "1",
-                        "--attn", "flex_attention", "--compile", "none", "--out", str(tmp_path)]) == 0
+                        "--attn", impl, "--compile", "none", "--out", str(tmp_path)]) == 0
     assert not (tmp_path / "cpu" / "decode.json").exists()
-    data = json.load(open(tmp_path / "cpu" / "decode_flex_attention.json"))
-    assert data["attn_implementation"] == "flex_attention" and not data["skipped"]
+    data = json.load(open(tmp_path / "cpu" / f"decode_{impl}.json"))
+    assert data["attn_implementation"] == impl and not data["skipped"]
     assert [r["variant"] for r in data["rows"]] == ["dense", "int8+fused"]
-    assert seen == ["flex_attention", "flex_attention"]
+    assert seen == [impl, impl]
 
 
 def test_bench_decode_a_failing_variant_is_recorded(tmp_path, monkeypatch):
