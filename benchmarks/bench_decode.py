@@ -180,27 +180,28 @@ def decode_speed(model, config, batch, context, tokens, compile_mode, device, wa
     diff = float((compiled - eager).norm() / eager.norm().clamp_min(1e-30))
     if not (torch.isfinite(compiled).all() and diff < 5e-2):
         return None, diff, None
-    p = context + 1
-    for _ in range(warmup):
+    # Every step's position is on the device already, as in generate(): torch.tensor([p], device=...) would copy
+    # from pageable host memory and synchronize the stream each step (until 2026-12-04: run 3's decode.json),
+    # leaving the GPU idle while the host prepares the next replay.
+    positions = torch.arange(context + 1, context + 1 + warmup + tokens + profile, device=device)
+    state = [tok, 0]
+
+    def one():
         _mark_step()
-        tok = run(tok, torch.tensor([p], device=device)).argmax(-1, keepdim=True)
-        p += 1
+        i = state[1]
+        state[0] = run(state[0], positions[i:i + 1]).argmax(-1, keepdim=True)
+        state[1] = i + 1
+
+    for _ in range(warmup):
+        one()
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(tokens):
-        _mark_step()
-        tok = run(tok, torch.tensor([p], device=device)).argmax(-1, keepdim=True)
-        p += 1
+        one()
     _sync(device)
     tps = batch * tokens / (time.perf_counter() - t0)
     if not profile:
         return tps, diff, None
-    state = [tok, p]
-
-    def one():
-        _mark_step()
-        state[0] = run(state[0], torch.tensor([state[1]], device=device)).argmax(-1, keepdim=True)
-        state[1] += 1
     return tps, diff, kernel_profile.profile_steps(one, profile, str(device).startswith("cuda"))
 
 
@@ -351,7 +352,7 @@ def main(argv=None):
     data = dict(env, model=f"{described}, random weights" + (" (tiny)" if a.tiny else ""),
                 config={k: cfg[k] for k in keys if k in cfg},
                 dtype=str(dtype).replace("torch.", ""), compile=mode, attn_implementation=a.attn, context=context,
-                new_tokens=tokens,
+                new_tokens=tokens, positions="on the device (no host sync a step)",
                 rows=[], skipped=[])
     t_start, dense_tps = time.time(), {}
     budget = a.budget if a.budget is not None else (100.0 if a.quick else None)

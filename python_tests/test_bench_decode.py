@@ -191,3 +191,20 @@ def test_kernel_categories_of_gpu_names():
              "void pytorch_flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64>>": "attention",
              "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<c10::Half>>": "other"}
     assert {n: category(n) for n in names} == names
+
+
+def test_decode_steps_walk_the_positions_on_the_device():
+    # the timed steps take positions from a device tensor, one after the other, past the prompt
+    pytest.importorskip("transformers")
+    import torch
+
+    decode = importlib.import_module("bench_decode")
+    config = decode.llama_config(dict(decode.TINY, num_hidden_layers=1))
+    config.architectures = ["LlamaForCausalLM"]
+    model, _ = decode.build_model(config, None, torch.float32, "cpu")
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["cache_position"].tolist()), with_kwargs=True)
+    tps, diff, prof = decode.decode_speed(model, config, 1, 8, 3, "none", "cpu", warmup=2, profile=2)
+    assert tps > 0 and diff < 1e-6 and prof["steps"] == 2
+    # prefill, the eager reference step, prefill again, the compiled first step; then 2 + 3 + 2 steps
+    assert seen == [list(range(8)), [8], list(range(8)), [8]] + [[p] for p in range(9, 16)]
