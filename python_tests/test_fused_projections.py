@@ -163,3 +163,18 @@ def test_fused_llama_decode_under_cuda_graphs(kind):
             ids = torch.randint(0, 101, (2, 1), device="cuda", generator=None)
             got = step(ids).logits.float().clone()
             torch.testing.assert_close(got, model(ids).logits.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_generate_with_fused_projections_picks_the_same_tokens():
+    # transformers' generate (its own cache, one token a step after the prompt) on the fused model: the same
+    # greedy tokens and logits as the unfused one
+    model = tiny_llama("int4_g128")
+    ids = torch.randint(0, 101, (2, 6), generator=torch.Generator().manual_seed(5))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        fuse_projections(model)
+        out = model.generate(ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
