@@ -15,6 +15,8 @@ For inference: ``compress`` and ``save_compressed`` refuse a fused model (``unfu
 exactly; fuse again after ``load_compressed``). The fused layer's parameters are new tensors (an optimizer made
 before fusing does not see them), and hooks on the original siblings are not carried.
 """
+import warnings
+
 import torch
 from torch import nn
 
@@ -128,10 +130,12 @@ def fuse_projections(model, groups=DEFAULT_GROUPS):
     left alone (q int4 with k / v int8: k and v fused). Raises if `model` is fused already."""
     if is_fused(model):
         raise ValueError("fuse_projections: the model has fused projections already")
-    done = {}
+    done, apart = {}, set()
     for parent_name, parent in list(model.named_modules()):
         for group in groups:
             present = [n for n in group if isinstance(getattr(parent, n, None), nn.Module)]
+            if len(present) > 1:
+                apart.update(type(getattr(parent, n)).__name__ for n in present)
             by_key = {}
             for n in present:
                 key = _fuse_key(getattr(parent, n))
@@ -147,6 +151,10 @@ def fuse_projections(model, groups=DEFAULT_GROUPS):
                 for i, n in enumerate(names):
                     setattr(parent, n, ProjectionSlice(owner, i))
                 done.setdefault(parent_name, []).append(list(names))
+    if not done and apart:  # siblings found, none fusable: say why rather than return {} silently
+        warnings.warn(f"fuse_projections: no sibling projections share a fusable format (found "
+                      f"{', '.join(sorted(apart))}; fusable: nn.Linear, Int8Linear, Int4Linear, LUTLinear)",
+                      stacklevel=2)
     return done
 
 
