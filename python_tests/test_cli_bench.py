@@ -72,6 +72,14 @@ def test_render_includes_decode_and_skips_cpu_runs(tmp_path):
                    "weight_bytes": 16e9},
                   {"variant": "int4_g128", "batch": 1, "tokens_per_s": 250.0, "speedup_vs_dense": 2.5,
                    "weight_bytes": 5e9}])))
+    prof = {"steps": 4, "source": "CUDA kernels", "wall_us_per_step": 5200.0, "sum_us_per_step": 4900.0,
+            "count_per_step": 420.0, "us_per_step": {"reparam": 2500.0, "inductor Triton": 1400.0,
+                                                      "cuBLAS": 1000.0}, "top": []}
+    (root / "h200" / "decode_reparam_gqa_sdpa.json").write_text(json.dumps(dict(
+        ENV, model="Llama-3-8B config, random weights", config={"num_hidden_layers": 32}, dtype="float16",
+        compile="reduce-overhead", attn_implementation="reparam_gqa_sdpa", context=512, new_tokens=64, skipped=[],
+        rows=[{"variant": "int4_g128+fused", "batch": 1, "tokens_per_s": 190.0, "speedup_vs_dense": 1.4,
+               "weight_bytes": 5e9, "profile": prof}])))
     (root / "h200" / "decode_mixtral_8x7b.json").write_text(json.dumps(dict(
         ENV, model="Mixtral-8x7B config, random weights", config={"num_hidden_layers": 4}, dtype="float16",
         compile="reduce-overhead", context=512, new_tokens=32, skipped=[],
@@ -83,6 +91,9 @@ def test_render_includes_decode_and_skips_cpu_runs(tmp_path):
     assert "### h200" in text and "### cpu" not in text
     assert "| int4_g128 | 1 | 250.0 | 2.50× | 5.00 |" in text and "Not timed: int8 batch 16" in text
     assert "Mixtral-8x7B config" in text and "| int4_g128 (experts: reparam grouped) | 1 | 90.0 | 1.80× |" in text
+    assert "attention `reparam_gqa_sdpa`" in text
+    assert "| variant | batch | reparam | inductor Triton | cuBLAS | sum | wall | kernels |" in text
+    assert "| int4_g128+fused | 1 | 2500.0 | 1400.0 | 1000.0 | 4900.0 | 5200.0 | 420 |" in text
     assert "roofline" not in text  # no op files: no plot
 
 

@@ -234,7 +234,9 @@ def render_decode(data):
     cfg = data.get("config", {})
     lines = [f"**decode** on {data['gpu']} (torch {data['torch']}, {data.get('model', '')}, "
              f"{cfg.get('num_hidden_layers', '?')} layers, {data.get('dtype', '')}, compile `{data['compile']}`, "
-             f"{data['context']} tokens of context, {data.get('new_tokens', '?')} timed tokens; {data.get('date', '')})"
+             f"{data['context']} tokens of context, {data.get('new_tokens', '?')} timed tokens"
+             + (f", attention `{data['attn_implementation']}`" if data.get("attn_implementation") else "")
+             + f"; {data.get('date', '')})"
              + (" — **partial**" if data.get("partial") else ""), "",
              "| variant | batch | tokens/s | × dense | weight GB |", "|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -244,4 +246,25 @@ def render_decode(data):
                      f"{r.get('weight_bytes', 0) / 1e9:.2f} |")
     for s in data.get("skipped", []):
         lines.append(f"\nNot timed: {s.get('variant')} batch {s.get('batch', '-')} — {s.get('reason')}")
+    lines += _decode_profile_table(data["rows"])
     return "\n".join(lines) + "\n"
+
+
+def _decode_profile_table(rows):
+    """Where a decode step's time goes, for the rows bench_decode --profile measured (µs a step)."""
+    rows = [r for r in rows if r.get("profile")]
+    if not rows:
+        return []
+    cats = []
+    for r in rows:
+        cats += [c for c in r["profile"]["us_per_step"] if c not in cats]
+    out = ["", f"Decode step by kernel category (µs a step, {rows[0]['profile'].get('source', '')}; "
+               "wall − sum: the gaps between kernels):", "",
+           "| variant | batch | " + " | ".join(cats) + " | sum | wall | kernels |",
+           "|---|---|" + "---|" * (len(cats) + 3)]
+    for r in rows:
+        p = r["profile"]
+        out.append(f"| {r['variant']} | {r['batch']} | "
+                   + " | ".join(f"{p['us_per_step'].get(c, 0.0):.1f}" for c in cats)
+                   + f" | {p['sum_us_per_step']:.1f} | {p['wall_us_per_step']:.1f} | {p['count_per_step']:.0f} |")
+    return out
