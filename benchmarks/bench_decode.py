@@ -231,7 +231,7 @@ def split_variant(kind):
     head, _, switches = kind.partition(":")
     base, plus, extra = head.partition("+")
     if plus and extra != "fused":
-        raise ValueError(f"variant {kind!r}: unknown suffix +{extra}; the one there is is +fused")
+        raise ValueError(f"variant {kind!r}: unknown suffix +{extra}; the only one is +fused")
     if switches and switches not in SWITCH_SETS:
         raise ValueError(f"variant {kind!r}: unknown switches {switches!r}; choose from {', '.join(SWITCH_SETS)}")
     return (None if base == "dense" else base), SWITCH_SETS.get(switches, {}), bool(plus)
@@ -243,13 +243,14 @@ def run_variant(data, kind, config, batches, context, tokens, mode, dtype, devic
     with contextlib.ExitStack() as stack:
         for name, value in switches.items():
             stack.enter_context(env_var(name, value))
-        time_variant(data, kind, (base, fused), config, batches, context, tokens, mode, dtype, device, dense_tps,
+        time_variant(data, kind, base, fused, config, batches, context, tokens, mode, dtype, device, dense_tps,
                      profile)
 
 
-def time_variant(data, kind, built, config, batches, context, tokens, mode, dtype, device, dense_tps, profile=0):
+def time_variant(data, kind, base, fused, config, batches, context, tokens, mode, dtype, device, dense_tps,
+                 profile=0):
     torch._dynamo.reset()
-    model, swapped = build_model(config, built[0], dtype, device, fused=built[1])
+    model, swapped = build_model(config, base, dtype, device, fused=fused)
     wbytes = weight_bytes(model)
     for batch in batches:
         tps, diff, prof = decode_speed(model, config, batch, context, tokens, mode, device, profile=profile)

@@ -56,7 +56,8 @@ def profile_steps(step, steps, on_gpu, top=25):
         wall = time.perf_counter() - t0
     by_cat, by_name = {}, {}
     for name, us in _durations(prof, on_gpu):
-        by_cat[category(name)] = by_cat.get(category(name), 0.0) + us / steps
+        cat = category(name)
+        by_cat[cat] = by_cat.get(cat, 0.0) + us / steps
         total, calls = by_name.get(name, (0.0, 0))
         by_name[name] = (total + us / steps, calls + 1)
     kernels = sorted(by_name.items(), key=lambda kv: -kv[1][0])

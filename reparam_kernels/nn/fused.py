@@ -119,10 +119,6 @@ class ProjectionSlice(nn.Module):
         return f"{self._owner.names[self.index]}: out_features={self.out_features} of the fused layer"
 
 
-def _owner_name(names):
-    return "fused_" + "_".join(names)
-
-
 def fuse_projections(model, groups=DEFAULT_GROUPS):
     """Fuse each module's children named in one of `groups` that share a format (see the module doc).
 
@@ -130,12 +126,12 @@ def fuse_projections(model, groups=DEFAULT_GROUPS):
     left alone (q int4 with k / v int8: k and v fused). Raises if `model` is fused already."""
     if is_fused(model):
         raise ValueError("fuse_projections: the model has fused projections already")
-    done, apart = {}, set()
+    done, types_seen = {}, set()
     for parent_name, parent in list(model.named_modules()):
         for group in groups:
             present = [n for n in group if isinstance(getattr(parent, n, None), nn.Module)]
             if len(present) > 1:
-                apart.update(type(getattr(parent, n)).__name__ for n in present)
+                types_seen.update(type(getattr(parent, n)).__name__ for n in present)
             by_key = {}
             for n in present:
                 key = _fuse_key(getattr(parent, n))
@@ -147,13 +143,13 @@ def fuse_projections(model, groups=DEFAULT_GROUPS):
                     continue
                 layer, sizes, biased = _concat(members)
                 owner = FusedProjections(layer, names, sizes, biased)
-                parent.add_module(_owner_name(names), owner)
+                parent.add_module("fused_" + "_".join(names), owner)
                 for i, n in enumerate(names):
                     setattr(parent, n, ProjectionSlice(owner, i))
                 done.setdefault(parent_name, []).append(list(names))
-    if not done and apart:  # siblings found, none fusable: say why rather than return {} silently
+    if not done and types_seen:  # siblings found, none fusable: say why rather than return {} silently
         warnings.warn(f"fuse_projections: no sibling projections share a fusable format (found "
-                      f"{', '.join(sorted(apart))}; fusable: nn.Linear, Int8Linear, Int4Linear, LUTLinear)",
+                      f"{', '.join(sorted(types_seen))}; fusable: nn.Linear, Int8Linear, Int4Linear, LUTLinear)",
                       stacklevel=2)
     return done
 
