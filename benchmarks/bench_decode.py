@@ -223,7 +223,11 @@ def _sync(device):
 
 # KIND:NAME variants: the small-M register loop's switches that are off until timed (docs/quant.md)
 SWITCH_SETS = {"x_ahead": {"REPARAM_SMALL_M_X_AHEAD": "1"}, "stream_k": {"REPARAM_SMALL_M_STREAM_K": "1"},
-               "stream_k_x_ahead": {"REPARAM_SMALL_M_STREAM_K": "1", "REPARAM_SMALL_M_X_AHEAD": "1"}}
+               "stream_k_x_ahead": {"REPARAM_SMALL_M_STREAM_K": "1", "REPARAM_SMALL_M_X_AHEAD": "1"},
+               "post_scale": {"REPARAM_SMALL_M_POST_SCALE": "1"},
+               "post_scale_x_ahead": {"REPARAM_SMALL_M_POST_SCALE": "1", "REPARAM_SMALL_M_X_AHEAD": "1"},
+               "post_scale_stream_k_x_ahead": {"REPARAM_SMALL_M_POST_SCALE": "1", "REPARAM_SMALL_M_STREAM_K": "1",
+                                               "REPARAM_SMALL_M_X_AHEAD": "1"}}
 
 
 def split_variant(kind):

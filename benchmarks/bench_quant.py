@@ -102,7 +102,8 @@ def other_paths(op, M):
     (``cuda_small_m``) where wgmma takes an M it could serve, wgmma with one warpgroup per CTA
     (``cuda_wgmma_bn64``) where it runs with two, the small-M path's register loop with the next stage's x
     prefetched into L1 (``cuda_x_ahead``, where the register loop runs), stream-K there (``cuda_stream_k``;
-    ``cuda_stream_k_x_ahead`` with both), without its shared-memory ring (``cuda_no_ring``, above the
+    ``cuda_stream_k_x_ahead`` with both), int4's scales applied after the mma at M <= 8 (``cuda_post_scale``;
+    ``cuda_post_scale_x_ahead`` with the prefetch), without its shared-memory ring (``cuda_no_ring``, above the
     transposed tile's M, where x and the weights go through it by default; ``cuda_ring_x`` where rings
     are off), and wgmma without its L2
     prefetch of the weights (``cuda_wgmma_no_l2``, above M = 64) where it runs or is forced. Where the crossovers lie is a
@@ -150,6 +151,13 @@ def other_paths(op, M):
             if x_ok and s_ok:
                 peers["cuda_stream_k_x_ahead"] = with_env(fn, "REPARAM_SMALL_M_STREAM_K", "1",
                                                           "REPARAM_SMALL_M_X_AHEAD", "1")
+            # int4's scales after the mma (off by default): the transposed tile, groups of a multiple of 128
+            if (op == "int4_linear" and GROUP % 128 == 0 and M <= sm["transposed_max_m"] and not sm["post_scale"]
+                    and not sm["post_scale_vetoed"]):
+                peers["cuda_post_scale"] = with_env(fn, "REPARAM_SMALL_M_POST_SCALE", "1")
+                if x_ok:
+                    peers["cuda_post_scale_x_ahead"] = with_env(fn, "REPARAM_SMALL_M_POST_SCALE", "1",
+                                                                "REPARAM_SMALL_M_X_AHEAD", "1")
         # the shared-memory rings against what this M runs by default (x and the weights above the
         # transposed tile, none below: RING_X); an explicit 0, as run_gpu.sh sets after a failed smoke
         # run, skips them

@@ -12,6 +12,8 @@ true>), so one profile compares them. Block-circulant at M <= 16 is called once 
 BlockCirculantLinear takes the tensor-core kernel on its blocks' columns (cols_kernel) instead of the FFT one.
 `--x-ahead`: the quantized kinds at M <= 8 are called once more with the next stage's x prefetched into L1
 (REPARAM_SMALL_M_X_AHEAD=1: the same kernel, small_m_kernel<..., 0, 4>, profiled twice, off then on).
+`--post-scale`: int4_g128 at M <= 8 is called once more with its scales applied after the mma
+(REPARAM_SMALL_M_POST_SCALE=1: small_m_kernel<Int4PostFrag<...>, ..., 0, 4>), after the x-ahead call if any.
 `--device cpu` runs the same calls on the CPU (checks the script itself; no profile).
 """
 import argparse
@@ -67,6 +69,8 @@ def main(argv=None):
     p.add_argument("--ring", action="store_true", help="also call the small-M kinds with the shared-memory ring on")
     p.add_argument("--x-ahead", action="store_true",
                    help="also call the quantized kinds at M <= 8 with x prefetched into L1 a stage ahead")
+    p.add_argument("--post-scale", action="store_true",
+                   help="also call int4_g128 at M <= 8 with its scales applied after the mma")
     args = p.parse_args(argv)
     wanted = None if args.kinds is None else set(args.kinds.split(","))
     if wanted is not None and not wanted <= {k for k, _, _ in SHAPES}:
@@ -109,6 +113,10 @@ def main(argv=None):
                 with env_var("REPARAM_SMALL_M_X_AHEAD", "1"):
                     y_x = profiled(layer, x, cuda)
                 print(f"profile_ops: {kind} {n}x{k} M={m} x ahead: out {tuple(y_x.shape)}", flush=True)
+            if args.post_scale and kind == "int4_g128" and m <= 8 and not cuda_paths()["small_m"]["post_scale_vetoed"]:
+                with env_var("REPARAM_SMALL_M_POST_SCALE", "1"):
+                    y_p = profiled(layer, x, cuda)
+                print(f"profile_ops: {kind} {n}x{k} M={m} post-scale: out {tuple(y_p.shape)}", flush=True)
             modes = ("1", "2") if kind == "int4_g128" and m > 8 else ("1",)  # 2: x in the ring too (int4, M > 8)
             for mode in modes if args.ring and kind in RING_KINDS and m <= 64 else ():
                 if cuda_paths()["small_m"]["ring_vetoed"]:  # switched off by the runner

@@ -58,7 +58,7 @@ fi
 step env 60 "$DEST/env.txt" "$PY" -m reparam_kernels env; cat "$DEST/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$DEST/env.txt" 2>&1
 
-# Smoke-test each kernel path added in sessions 5, 6, 10, 13, 15, 27, 33 and 37 (x-ahead, stream-K: off by default;
+# Smoke-test each kernel path added in sessions 5, 6, 10, 13, 15, 27, 33, 37 and 39 (x-ahead, stream-K, post-scale: off by default;
 # a failure sets their variable to 0, which also drops their bench peers) in its own process first (vq_linear's
 # pairs, the grouped ops' small-M kernel, the transposed small-M tile and the small-M ring before the rest of the small-M path, so that a failure
 # switches off only them; the ring's smoke cases switch it on, and a failure sets it to 0, which also drops
@@ -67,7 +67,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 # one bad kernel cannot take every later test and benchmark down with a sticky CUDA error;
 # smoke_<path>.log says why. A failure with no sign of the GPU in it (a Python error building a layer)
 # leaves the path on: switching it off cost the first H200 run every small-M and wgmma test.
-for pair in "x-ahead:REPARAM_SMALL_M_X_AHEAD" "stream-K:REPARAM_SMALL_M_STREAM_K" "vq-pairs:REPARAM_VQ_SMALL_M" "grouped:REPARAM_GROUPED_SMALL_M" "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M" "cols:REPARAM_BC_COLS_MAX_M"; do
+for pair in "post-scale:REPARAM_SMALL_M_POST_SCALE" "x-ahead:REPARAM_SMALL_M_X_AHEAD" "stream-K:REPARAM_SMALL_M_STREAM_K" "vq-pairs:REPARAM_VQ_SMALL_M" "grouped:REPARAM_GROUPED_SMALL_M" "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M" "cols:REPARAM_BC_COLS_MAX_M"; do
   match="${pair%%:*}"; var="${pair##*:}"
   if ! timeout 90 "$PY" benchmarks/sanitize_ops.py --paths-only --match "$match" > "$DEST/smoke_$match.log" 2>&1; then
     if grep -qiE "CUDA error|AcceleratorError|illegal|launch failure|relative error|FAIL|Killed|Terminated" \
@@ -188,7 +188,7 @@ if command -v ncu >/dev/null 2>&1; then
   NCU_MORE=(); PROFILE=(--m 1,256); NCU_MAX=60
   [ "$FOCUS" = 1 ] && NCU_MORE=(--section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis_Tables
     --metrics "regex:^smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio$") \
-    && PROFILE=(--m 1,16,64,128 --kinds int4_g128,lowrank_40,block_circulant_b256 --ring --x-ahead) && NCU_MAX=90
+    && PROFILE=(--m 1,16,64,128 --kinds int4_g128,lowrank_40,block_circulant_b256 --ring --x-ahead --post-scale) && NCU_MAX=90
   # --clock-control none: the GPU's own clocks, as the benchmarks ran (ncu's default locks the base clock:
   # the 2026-12-04 run's profiles read 1.35 GHz SM clocks, durations ~1.4x the benchmarks')
   step ncu "$NCU_MAX" "$DEST/ncu.log" ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
@@ -196,12 +196,13 @@ if command -v ncu >/dev/null 2>&1; then
     --section ComputeWorkloadAnalysis --section InstructionStats "${NCU_MORE[@]}" --csv --page details \
     --log-file "$DEST/ncu.csv" "$PY" benchmarks/profile_ops.py "${PROFILE[@]}"
   # Focus: where int4's M = 1 kernel waits, instruction by instruction (PC sampling: SourceCounters; the source
-  # page as SASS), with x prefetched into L1 a stage ahead off and on (its two calls, in that order). At
-  # M = 1 that kernel ran at 1.9 TB/s with 0.75 eligible warps a scheduler and its stalls unrecorded.
-  [ "$FOCUS" = 1 ] && step ncu_source 45 "$DEST/ncu_source.log" ncu --clock-control none --nvtx --nvtx-include "profile/" \
+  # page as SASS), with x prefetched into L1 a stage ahead off and on, then with the scales after the mma (its
+  # three calls, in that order). At M = 1 that kernel ran at 1.9 TB/s with 0.75 eligible warps a scheduler and
+  # its stalls unrecorded.
+  [ "$FOCUS" = 1 ] && step ncu_source 55 "$DEST/ncu_source.log" ncu --clock-control none --nvtx --nvtx-include "profile/" \
     --kernel-name regex:small_m_kernel --section SourceCounters --section WarpStateStats --page source \
     --print-source sass --csv --log-file "$DEST/ncu_source_int4_m1.csv" \
-    "$PY" benchmarks/profile_ops.py --m 1 --kinds int4_g128 --x-ahead
+    "$PY" benchmarks/profile_ops.py --m 1 --kinds int4_g128 --x-ahead --post-scale
 else
   note "ncu not found on PATH: kernel profiles skipped"
 fi

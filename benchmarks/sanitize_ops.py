@@ -148,6 +148,12 @@ def path_cases():
         ("int4 stream-K", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1088, 20480, dt, dev), group_size=64),
          (1, 5, 12)),
         ("int8 stream-K", lambda dt, dev: rnn.Int8Linear.from_linear(lin(1088, 20480, dt, dev)), (1, 12)),
+        # int4's scales applied after the mma (REPARAM_SMALL_M_POST_SCALE=1, off by default, smoke-tested on its own
+        # by run_gpu.sh): the transposed tile, groups of 128 and 256, a partial last stage (K = 1152 = 9 x 128)
+        ("int4 post-scale", lambda dt, dev: rnn.Int4Linear.from_linear(lin(1152, 200, dt, dev), group_size=128),
+         (1, 5, 8)),
+        ("int4 post-scale g256", lambda dt, dev: rnn.Int4Linear.from_linear(lin(2048, 72, dt, dev), group_size=256),
+         (1, 3)),
         ("lowrank small-M", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64), (1, 40)),
         ("lowrank two-GEMM", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32), (600,)),
         ("pivoted small-M", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64),
@@ -238,7 +244,9 @@ def main(argv=None):
                     stack.enter_context(env_var("REPARAM_DEQUANT_MIN_M", "512"))
                 if ring:
                     stack.enter_context(env_var("REPARAM_SMALL_M_RING", ring))
-                for suffix, var in ((" x-ahead", "REPARAM_SMALL_M_X_AHEAD"), (" stream-K", "REPARAM_SMALL_M_STREAM_K")):
+                for suffix, var in ((" x-ahead", "REPARAM_SMALL_M_X_AHEAD"), (" stream-K", "REPARAM_SMALL_M_STREAM_K"),
+                                    (" post-scale", "REPARAM_SMALL_M_POST_SCALE"),
+                                    (" post-scale g256", "REPARAM_SMALL_M_POST_SCALE")):
                     if name.endswith(suffix) and os.environ.get(var, "") != "0":  # (0: vetoed by a smoke run)
                         stack.enter_context(env_var(var, "1"))
                         stack.enter_context(env_var("REPARAM_SMALL_M_RING", "0"))

@@ -140,4 +140,63 @@ struct Int4Frag {
   __device__ __forceinline__ float out_scale(int64_t) const { return 1.f; }
 };
 
+// Int4Frag with the scales applied after the mma (REPARAM_SMALL_M_POST_SCALE=1, the transposed tile at
+// M <= 8, groups of a multiple of 128: small_m::linear_small_m_transposed). Int4Frag spends three
+// instructions on a weight pair (mask-and-or, subtract the magic, FMA with the scale): 96 HFMA2 + 32 HADD2 +
+// 64 LOP3 of its 318 a stage (int4 fp16, sm_90a). Here the mma takes the pair as the mask-and-or leaves it,
+// (1024 + q) in fp16, (1024 + 16 q) for the high nibble (bf16: 128 + q, the high nibble shifted), and
+// x's high-nibble slots are divided by 16 (exact: a power of two), so a stage's mmas sum
+//   D = sum_k q_k x_k + 1024 * sum_k b_k,      b_k the x value as the mma sees it (x or x / 16),
+// in fp32 (products of two 16-bit floats are exact in it). One more mma of the same x against a constant A
+// gives, per x row, O = 1024 * sum b (A rows g: the magic) and X = sum x (A rows g + 8: 1 for the low
+// slots, 16 for the high), so the stage adds (D - O - z X) * s to the row's sum in fp32: (q - z) * s never
+// rounds to 16 bits. A warp's stage is 128 consecutive k (4 lanes x 32) starting at a multiple of 128,
+// so with group % 128 == 0 it lies in one group (one s, z for each of the lane's rows), and K % 128 == 0
+// makes a stage wholly inside or past the range. D - O cancels: O is ~1024 / 7.5 times a group's sum of
+// |q x| (codes average 7.5), so ~7 of fp32's 24 bits go, an error ~1e-5 of |x| |W|: far under the tests' 5e-3.
+template <class T>
+struct Int4PostFrag : Int4Frag<T> {
+  using Base = Int4Frag<T>;
+  using Chunk = typename Base::Chunk;
+  using Base::kHalf;
+  using Base::kMagic;
+  static constexpr bool kPostScale = true;
+  // The raw pairs of step 2i + h: one LOP3 each (bf16's high nibble: a shift first).
+  __device__ __forceinline__ void b(const Chunk& c, int i, int h, uint32_t& b0, uint32_t& b1) const {
+    const uint32_t w = small_m::word(c.q, i) >> (8 * h);
+    b0 = small_m::and_or(w, 0x000F000Fu, kMagic);                             // 1024 + q (bf16: 128 + q)
+    if constexpr (kHalf) b1 = small_m::and_or(w, 0x00F000F0u, kMagic);       // 1024 + 16 q
+    else b1 = small_m::and_or(w >> 4, 0x000F000Fu, kMagic);                  // 128 + q
+  }
+  // Int4Frag's x pairs, the high-nibble slots (a[2], a[3]) divided by 16 in fp16.
+  static __device__ __forceinline__ void a(const uint4& r0, const uint4& r1, int h, uint32_t (&a)[4]) {
+    Base::a(r0, r1, h, a);
+    if constexpr (kHalf) {
+      a[2] = small_m::Pair<T>::mul(a[2], 0x2C002C00u);  // 1/16
+      a[3] = small_m::Pair<T>::mul(a[3], 0x2C002C00u);
+    }
+  }
+  // The constant A of the sums' mma: rows g the magic (O), rows g + 8 what makes X = sum x.
+  static __device__ __forceinline__ void ones(uint32_t (&o)[4]) {
+    o[0] = kMagic;                             // row g, low slots
+    o[2] = kMagic;                             // row g, high slots
+    o[1] = kHalf ? 0x3C003C00u : 0x3F803F80u;  // row g + 8, low slots: 1
+    o[3] = kHalf ? 0x4C004C00u : 0x3F803F80u;  // row g + 8, high slots: 16 (fp16: b = x / 16), bf16 1
+  }
+  static __device__ __forceinline__ float f32(uint32_t bits) {
+    const unsigned short u = static_cast<unsigned short>(bits);
+    return to_f32<T>(*reinterpret_cast<const T*>(&u));
+  }
+  // acc (the transposed tile's accumulators: weight rows of chunks lo (c 0, 1) and hi (c 2, 3), x rows 2t,
+  // 2t + 1) += (d - O - z X) * s, from the stage's mma sums d and the sums' mma o (c 0, 1: O; c 2, 3: X).
+  static __device__ __forceinline__ void post(const Chunk& lo, const Chunk& hi, const float (&d)[4],
+                                              const float (&o)[4], float (&acc)[4]) {
+    const float s0 = f32(lo.s), z0 = f32(lo.z), s1 = f32(hi.s), z1 = f32(hi.z);
+    acc[0] = fmaf(s0, fmaf(-z0, o[2], d[0] - o[0]), acc[0]);
+    acc[1] = fmaf(s0, fmaf(-z0, o[3], d[1] - o[1]), acc[1]);
+    acc[2] = fmaf(s1, fmaf(-z1, o[2], d[2] - o[0]), acc[2]);
+    acc[3] = fmaf(s1, fmaf(-z1, o[3], d[3] - o[1]), acc[3]);
+  }
+};
+
 }  // namespace reparam

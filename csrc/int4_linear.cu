@@ -40,11 +40,17 @@ Tensor int4_linear_cuda(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, i
     const T* sp = static_cast<const T*>(scales.data_ptr());
     const T* zp = static_cast<const T*>(zeros.data_ptr());
     const bool pow2_group = (group_size & (group_size - 1)) == 0;
+    const T* xp = static_cast<const T*>(xc.data_ptr());
+    const T* bp = bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr;
+    T* yp = static_cast<T*>(y.data_ptr());
+    // (opt-in, untimed: one stage of 128 k lies in one group when group_size % 128 == 0)
+    if (pow2_group && group_size % 128 == 0 && small_m::post_scale_enabled() &&
+        small_m::linear_small_m_transposed(Int4PostFrag<T>{{qp, sp, zp, K, ilog2(group_size)}}, aligned16(qp), xp,
+                                           bp, yp, M, N, K, xc, stream))
+      return;
     // (the register-fed paths shift instead of dividing)
     if (pow2_group && quant_wgmma::register_fed_linear(Int4Frag<T>{qp, sp, zp, K, ilog2(group_size)}, aligned16(qp),
-                                              static_cast<const T*>(xc.data_ptr()),
-                                              bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
-                                              static_cast<T*>(y.data_ptr()), M, N, K, xc, stream))
+                                                       xp, bp, yp, M, N, K, xc, stream))
       return;
     // K % 32 == 0, so every row is 16-byte aligned when the base is
     const Int4Dec<T> dec{qp, sp, zp, K, G, group_size, aligned16(qp), pow2_group ? ilog2(group_size) : -1};

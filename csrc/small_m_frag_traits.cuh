@@ -63,5 +63,14 @@ struct has_smem_tables : std::false_type {};
 template <class F>
 struct has_smem_tables<F, std::void_t<decltype(F::kTableBytes)>> : std::true_type {};
 
+// Formats with kPostScale (and ones(o), post(lo, hi, d, o, acc)) hand the mma raw codes and apply their
+// scales after it, a stage at a time (Int4PostFrag): the loop sums the stage into its own accumulators,
+// adds one mma of x against ones() for the sums post() needs, and lets post() fold the stage into acc.
+// The transposed tile and the register loop only.
+template <class F, class = void>
+struct post_scales : std::false_type {};
+template <class F>
+struct post_scales<F, std::void_t<decltype(F::kPostScale)>> : std::bool_constant<F::kPostScale> {};
+
 }  // namespace small_m
 }  // namespace reparam

@@ -264,6 +264,10 @@ __device__ __forceinline__ void run_range(const Problem<Frag, T>& p, int64_t bx,
   using Chunks = typename Frag::Chunk[NG];
   // x word by word only at M <= 16: with more m16 tiles the loads held ahead spill registers.
   constexpr bool kWordX = MT <= 1 && loads_x_words<Frag>::value && !kXRing;  // (the x ring: 16-byte vectors)
+  // Post-scaling formats (post_scales: Int4PostFrag): a stage's mmas go to st_acc, x against Frag::ones()
+  // to sums, and Frag::post folds them into acc at the stage's end.
+  constexpr bool kPost = post_scales<Frag>::value;
+  static_assert(!kPost || (kT && !kRing), "post-scaling: the transposed tile's register loop only");
   auto compute = [&](auto tail, int st, const Chunks& held) {
     constexpr bool kTail = decltype(tail)::value;
     const uint32_t kt = lane_k(st);
@@ -272,6 +276,17 @@ __device__ __forceinline__ void run_range(const Problem<Frag, T>& p, int64_t bx,
 #pragma unroll
     for (int j = 0; j < NG; ++j) cur[j] = held[j];
     [[maybe_unused]] const uint4* xs = nullptr;
+    [[maybe_unused]] float st_acc[NA][4], sums[4];  // (unused, so not allocated, without kPost)
+    [[maybe_unused]] uint32_t ones[4];
+    if constexpr (kPost) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        sums[c] = 0.f;
+#pragma unroll
+        for (int q = 0; q < NA; ++q) st_acc[q][c] = 0.f;
+      }
+      Frag::ones(ones);
+    }
     if constexpr (!kTail) prefetch_x(st, kt);
     if constexpr (kRing) {
       cp_async_wait<kRingStages - 2>();  // this thread's copies of stage st landed ...
@@ -340,8 +355,10 @@ __device__ __forceinline__ void run_range(const Problem<Frag, T>& p, int64_t bx,
             uint32_t w[4];
             wb(2 * q, w[0], w[2]);
             wb(2 * q + 1, w[1], w[3]);
-            Pair<T>::mma(acc[0][q], w, a[0][0], a[0][2]);
+            if constexpr (kPost) Pair<T>::mma(st_acc[q], w, a[0][0], a[0][2]);
+            else Pair<T>::mma(acc[0][q], w, a[0][0], a[0][2]);
           }
+          if constexpr (kPost) Pair<T>::mma(sums, ones, a[0][0], a[0][2]);
         } else {
 #pragma unroll
           for (int j = 0; j < NG; ++j) {
@@ -352,6 +369,10 @@ __device__ __forceinline__ void run_range(const Problem<Frag, T>& p, int64_t bx,
           }
         }
       }
+    }
+    if constexpr (kPost) {
+#pragma unroll
+      for (int q = 0; q < NA; ++q) Frag::post(cur[2 * q], cur[2 * q + 1], st_acc[q], sums, acc[0][q]);
     }
   };
   // Stage st on chunks c while stage st + 1 loads into n (in flight during the mmas).

@@ -233,7 +233,9 @@ bool launch(const Frag& frag, const T* x, const T* bias, T* y, int64_t M, int64_
   constexpr auto kernel = small_m_kernel<Frag, T, MT, NG>;
   Problem<Frag, T> p{frag, x, bias, y, nullptr, nullptr, int(M), N, K, 0, 0, 0};
   p.x_ahead = x_ahead_enabled() ? 1 : 0;
-  if constexpr (has_smem_tables<Frag>::value) {  // the tables take the shared memory a ring would
+  if constexpr (post_scales<Frag>::value) {  // (the register loop only)
+    return launch_with<kernel, NG, true>(p, 0, like, stream);
+  } else if constexpr (has_smem_tables<Frag>::value) {  // the tables take the shared memory a ring would
     const int smem = table_smem<kernel, Frag>(like.get_device_index());
     return smem >= 0 && launch_with<kernel, NG, true>(p, smem, like, stream);
   } else {
@@ -267,6 +269,21 @@ bool linear_small_m(const Frag& frag, bool weights_aligned, const T* x, const T*
     constexpr int MT = decltype(mt)::value;
     return launch<Frag, T, MT, groups_for<MT>()>(frag, x, bias, y, M, N, K, like, stream);
   });
+}
+
+// REPARAM_SMALL_M_POST_SCALE=1: int4 at M <= 8 with groups of a multiple of 128 applies its scales after the
+// mma (Int4PostFrag, int4_format.cuh). Off until the H200 has timed it (bench_quant's peer cuda_post_scale);
+// the prediction is in docs/quant.md.
+inline bool post_scale_enabled() { return env_opt_in("REPARAM_SMALL_M_POST_SCALE"); }
+
+// linear_small_m on the transposed tile alone (M <= 8): for formats that have no other tile (post_scales).
+template <class Frag, class T>
+bool linear_small_m_transposed(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M,
+                               int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
+  if (M > 8 || !transposed_tile_enabled() || !applies(M, like) || K % Frag::kLaneK != 0 || K >= kMaxK ||
+      !rows_fit32(N, K) || !weights_aligned || !aligned16(x))
+    return false;
+  return launch<Frag, T, 0, groups_for<0>()>(frag, x, bias, y, M, N, K, like, stream);
 }
 
 }  // namespace small_m

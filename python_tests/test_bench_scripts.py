@@ -69,6 +69,11 @@ def test_profile_ops_script_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "int4_g128 512x512 M=1 ring 1:" in out and "M=1 ring 2" not in out and "M=16 ring 2:" in out
     assert "block_circulant_b256 512x512 M=1 ring" not in out
+    # --x-ahead / --post-scale: int4 at M <= 8 once more each (post-scale: int4 only)
+    assert profile.main(["--device", "cpu", "--m", "1,16", "--kinds", "int4_g128,int8", "--x-ahead", "--post-scale"]) == 0
+    out = capsys.readouterr().out
+    assert "int4_g128 512x512 M=1 x ahead:" in out and "int4_g128 512x512 M=1 post-scale:" in out
+    assert "M=16 post-scale" not in out and "int8 512x512 M=1 post-scale" not in out
 
 
 def test_random_variants_have_sane_weights():

@@ -1,7 +1,7 @@
 """The small-M tensor-core path of int4_linear, int8_linear, lut_linear and vq_linear (pairs: csrc/small_m_gemm.cuh, M <= 64)
 on the GPU: against float64 and against the general path (REPARAM_SMALL_M=0) at odd sizes,
 split-K fixups with different split counts back to back (the self-resetting counters),
-bit-identical repeats, x prefetched a stage ahead and stream-K (off by default), a CUDA graph captured
+bit-identical repeats, x prefetched a stage ahead, stream-K and int4's scales after the mma (off by default), a CUDA graph captured
 before any eager call on its stream, non-integer
 zero points, and the cases that take the general path instead: misaligned x, an int4 group that
 is not a power of two, an int8 K that is not a multiple of 16."""
@@ -104,6 +104,28 @@ def test_stream_k_matches_float64(rng, op, M, K, N, group):
             both = run(op, args)
     assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL[torch.float16]
     assert torch.equal(again, y) and torch.equal(both, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 5, 8])
+@pytest.mark.parametrize("K,N,group,int_zeros", [(4096, 4096, 128, True), (8192, 1280, 256, False),
+                                                 (1152, 28672, 128, False), (8192, 264, 128, True)])
+def test_post_scale_matches_float64(rng, dtype, M, K, N, group, int_zeros):
+    # REPARAM_SMALL_M_POST_SCALE=1 (int4 at M <= 8, groups of a multiple of 128: the scales applied after the mma
+    # in fp32): no weight is rounded to 16 bits, so its error is at most the register loop's (~the output's
+    # rounding; the tensor cores' own fp32 sums may add a little), twice in a row bit-identical; stream-K with it
+    args, w = make(rng, "int4_linear", M, K, N, dtype, group, int_zeros=int_zeros)
+    ref = exact(args, w)
+    plain = run("int4_linear", args)
+    with env_var("REPARAM_SMALL_M_POST_SCALE", "1"):
+        y = run("int4_linear", args)
+        again = run("int4_linear", args)
+        with env_var("REPARAM_SMALL_M_STREAM_K", "1"):
+            streamed = run("int4_linear", args)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) <= max(rel_err(plain, ref), 1.25 * rel_err(ref.to(dtype), ref))
+    assert torch.equal(again, y)
+    assert rel_err(streamed, ref) <= max(rel_err(plain, ref), 1.25 * rel_err(ref.to(dtype), ref))
 
 
 @pytest.mark.parametrize("op", quant_ops.OPS)

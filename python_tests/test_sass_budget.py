@@ -54,6 +54,9 @@ def test_stage_shape_from_the_kernel_name():
     assert sass_budget.stage_shape(int8) == (2 * 2 * 2 * 4, 2 * 512)
     # the transposed tile (M <= 8): one mma per pair of n8-groups, the same weight bytes
     assert sass_budget.stage_shape(int4.replace("1, 4>", "0, 4>")) == (4 * 2 * 4 // 2, 4 * 512)
+    # ... with the scales after the mma: one more mma a k-step (x against the constant A of the sums)
+    post = int4.replace("1, 4>", "0, 4>").replace("Int4Frag", "Int4PostFrag")
+    assert sass_budget.stage_shape(post) == (4 * 2 * 4 // 2 + 8, 4 * 512)
     assert sass_budget.stage_shape("void quant_wgmma::wgmma_kernel<Int4Frag<__half>, __half, 64, 1>(...)") == (8, 1024)
     assert sass_budget.stage_shape("void other_kernel<float>()") is None
     # the ring kernels: the same stage; their dynamic shared memory (4 stages x NG x 256 threads x 16 B)
@@ -101,6 +104,9 @@ def _built_rows():
 BUDGET = {
     # M <= 8: the transposed tile (half the mmas and x loads of the M <= 16 one)
     "small_m_kernel<Int4Frag<__half>, __half, 0, 4>": 345,
+    # ... with the scales after the mma (REPARAM_SMALL_M_POST_SCALE=1): one LOP3 a weight pair (223 / 247 now)
+    "small_m_kernel<Int4PostFrag<__half>, __half, 0, 4>": 240,
+    "small_m_kernel<Int4PostFrag<bfloat16>, bfloat16, 0, 4>": 265,
     "small_m_kernel<LutFrag<__half>, __half, 0, 4>": 425,
     "small_m_kernel<Int4Frag<__half>, __half, 1, 4>": 395,
     "small_m_kernel<Int4Frag<bfloat16>, bfloat16, 1, 4>": 425,

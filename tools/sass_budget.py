@@ -154,10 +154,13 @@ def main_path(ins, decode_first: bool = False):
 
 
 # k per lane per 16-byte weight load of each small-M format (Frag::kLaneK)
-LANE_K = {"Int4Frag": 32, "LutFrag": 32, "VqPairFrag": 32, "Int8Frag": 16, "HalfFrag": 8, "PivotFrag": 8,
-          "ExpertPivotFrag": 8}
+LANE_K = {"Int4Frag": 32, "Int4PostFrag": 32, "LutFrag": 32, "VqPairFrag": 32, "Int8Frag": 16, "HalfFrag": 8,
+          "PivotFrag": 8, "ExpertPivotFrag": 8}
 # bits per weight of each format; the wgmma path's stage is 128 k of 16 weight rows per warp
-BITS = {"Int4Frag": 4, "LutFrag": 4, "VqPairFrag": 4, "Int8Frag": 8, "HalfFrag": 16, "PivotFrag": 16, "ExpertPivotFrag": 16}
+BITS = {"Int4Frag": 4, "Int4PostFrag": 4, "LutFrag": 4, "VqPairFrag": 4, "Int8Frag": 8, "HalfFrag": 16, "PivotFrag": 16,
+        "ExpertPivotFrag": 16}
+# formats that scale after the mma (small_m_frag_traits.cuh, post_scales): one more mma a k-step, x against ones()
+POST_SCALED = {"Int4PostFrag"}
 WGMMA_STAGE_K, WGMMA_MMA_PER_STAGE = 128, 8
 
 
@@ -171,6 +174,7 @@ def stage_shape(name: str):
         steps = LANE_K[m.group(1)] // 8 * 2  # mma k-steps per stage: kLaneK / 8 step pairs
         # MT = 0: the transposed tile (M <= 8), one mma per pair of n8-groups
         mmas = steps * ng // 2 if mt == 0 else steps * ng * mt
+        mmas += steps if m.group(1) in POST_SCALED else 0
         return mmas, ng * WARP_BYTES_PER_LOAD
     m = re.search(r"wgmma_kernel<(?:small_m::)?(\w+)<", name)
     if m and m.group(1) in BITS:

@@ -80,9 +80,13 @@ def cuda_paths():
                         # quantized ops' register loop: stream-K where the even split leaves slots idle (off by default)
                         "stream_k": os.environ.get("REPARAM_SMALL_M_STREAM_K", "").startswith("1"),
                         "stream_k_switch": "REPARAM_SMALL_M_STREAM_K",
+                        # int4 at M <= 8, groups of a multiple of 128: scales applied after the mma (off by default)
+                        "post_scale": os.environ.get("REPARAM_SMALL_M_POST_SCALE", "").startswith("1"),
+                        "post_scale_switch": "REPARAM_SMALL_M_POST_SCALE",
                         # an explicit 0 (run_gpu.sh after a failed smoke run): no script switches them on
                         "x_ahead_vetoed": os.environ.get("REPARAM_SMALL_M_X_AHEAD", "") == "0",
                         "stream_k_vetoed": os.environ.get("REPARAM_SMALL_M_STREAM_K", "") == "0",
+                        "post_scale_vetoed": os.environ.get("REPARAM_SMALL_M_POST_SCALE", "") == "0",
                         # quantized ops: a shared-memory ring (csrc/small_m_launch.cuh ring_mode; 1: the
                         # weights, 2: x too where it fits, 3 = unset, the default measured on the H200: x and the
                         # weights above M = 8 only; anything else: off)
@@ -176,6 +180,8 @@ def render(info):
                  f"{'on' if sm['transposed_max_m'] else 'OFF'} [{sm['transposed_switch']}]; x prefetched "
                  f"into L1 a stage ahead: {'on' if sm['x_ahead'] else 'off'} [{sm['x_ahead_switch']}]; stream-K where the even split "
                  f"leaves slots idle: {'on' if sm['stream_k'] else 'off'} [{sm['stream_k_switch']}]; "
+                 f"int4 scales after the mma (M <= 8, groups of 128k): {'on' if sm['post_scale'] else 'off'} "
+                 f"[{sm['post_scale_switch']}]; "
                  f"shared-memory ring: {RING_MODES[sm['ring']]} [{sm['ring_switch']}]; "
                  f"vq_linear pairs: {'on' if sm['vq_pairs'] else 'OFF'} [{sm['vq_pairs_switch']}]")
     lines.append(f"  any M, one expert's rows a CTA ({sm['grouped_ops']}): the same loop "
