@@ -7,6 +7,7 @@
 #   bash benchmarks/run_gpu.sh            # results into $OUT if set, else benchmarks/results/
 #   RUN_GPU_BUDGET=480 RUN_GPU_FULL=1 bash benchmarks/run_gpu.sh   # full shapes instead of --quick
 #   OUT=/tmp/res RUN_GPU_ARCHIVE=/somewhere/results.tgz bash benchmarks/run_gpu.sh   # + one archive
+#   RUN_GPU_WHEEL=dist/reparam_kernels-*.whl bash benchmarks/run_gpu.sh   # the newest tests against the installed wheel
 #   RUN_GPU_FOCUS=1 RUN_GPU_BUDGET=540 bash benchmarks/run_gpu.sh   # ~9 min: the path tests only, bench_quant / bench_lowrank / bench_structured /
 #       bench_decode (batch 1 and 16), memcheck over the path cases (no racecheck), Nsight Compute with stall reasons on
 #       int4, low rank (also with the small-M ring) and block-circulant at M = 1, 16, 64, 128: the measurements
@@ -51,6 +52,14 @@ step() {
 }
 
 note "run_gpu.sh $(date -u +%FT%TZ) budget ${BUDGET}s repo $REPO"
+# RUN_GPU_WHEEL=FILE: the wheel built on a CPU machine (issue 6): its _C.abi3.so serves the tree (unpacked
+# when the tree has none), and the newest paths' GPU tests run against the wheel installed from the file
+# (tools/check_wheel.sh: outside the tree, the wheel's package imported).
+WHEEL="${RUN_GPU_WHEEL:-}"
+if [ -n "$WHEEL" ] && ! ls reparam_kernels/_C*.so >/dev/null 2>&1; then
+  "$PY" -c "import sys, zipfile; open('reparam_kernels/_C.abi3.so', 'wb').write(zipfile.ZipFile(sys.argv[1]).read('reparam_kernels/_C.abi3.so'))" \
+    "$WHEEL" && note "extension unpacked from $(basename "$WHEEL")"
+fi
 if ! ls reparam_kernels/_C*.so >/dev/null 2>&1; then
   note "WARNING: reparam_kernels/_C*.so is not in the tree: CUDA kernels will not run (Triton/reference only)"
 fi
@@ -92,8 +101,13 @@ NEW_TESTS="python_tests/test_grouped_lowrank_op.py python_tests/test_grouped_exp
   python_tests/test_factor_device.py python_tests/test_fisher_blockwise.py python_tests/test_block_circulant_cols_op.py
   python_tests/test_quant_dequant_mm_gpu.py python_tests/test_wgmma_gpu.py"
 IGNORE=(); for f in $NEW_TESTS; do IGNORE+=("--ignore=$f"); done
-step gpu_tests_new 120 "$DEST/gpu_tests_new.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-  --continue-on-collection-errors $NEW_TESTS --junitxml="$DEST/gpu_tests_new.xml"
+if [ -n "$WHEEL" ]; then
+  step gpu_tests_new 130 "$DEST/gpu_tests_new.log" env PYTHON="$PY" bash tools/check_wheel.sh "$WHEEL" \
+    ${NEW_TESTS//python_tests\//} -- -m gpu --continue-on-collection-errors --junitxml="$DEST/gpu_tests_new.xml"
+else
+  step gpu_tests_new 120 "$DEST/gpu_tests_new.log" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+    --continue-on-collection-errors $NEW_TESTS --junitxml="$DEST/gpu_tests_new.xml"
+fi
 NEW_RC=$?
 tail -n 8 "$DEST/gpu_tests_new.log"
 TESTS_RC=0
