@@ -261,10 +261,16 @@ inline bool applies(int64_t M, const Tensor& like) {
 // Runs y = x @ W^T + bias on this path when it applies (see applies(); K a multiple of the
 // format's lane block, 16-byte aligned x and weight rows); false means the caller takes the
 // general path (quant_dequant_mm.cuh's general_linear).
+// Whether this path takes the layout: applies(), K a multiple of the format's lane block, 16-byte aligned rows.
+template <class Frag, class T>
+bool takes(bool weights_aligned, const T* x, int64_t M, int64_t N, int64_t K, const Tensor& like) {
+  return applies(M, like) && K % Frag::kLaneK == 0 && K < kMaxK && rows_fit32(N, K) && weights_aligned && aligned16(x);
+}
+
 template <class Frag, class T>
 bool linear_small_m(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M,
                     int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
-  if (!applies(M, like) || K % Frag::kLaneK != 0 || K >= kMaxK || !rows_fit32(N, K) || !weights_aligned || !aligned16(x)) return false;
+  if (!takes<Frag>(weights_aligned, x, M, N, K, like)) return false;
   return for_tile_shape(M, [&](auto mt) {
     constexpr int MT = decltype(mt)::value;
     return launch<Frag, T, MT, groups_for<MT>()>(frag, x, bias, y, M, N, K, like, stream);
@@ -280,9 +286,7 @@ inline bool post_scale_enabled() { return env_opt_in("REPARAM_SMALL_M_POST_SCALE
 template <class Frag, class T>
 bool linear_small_m_transposed(const Frag& frag, bool weights_aligned, const T* x, const T* bias, T* y, int64_t M,
                                int64_t N, int64_t K, const Tensor& like, cudaStream_t stream) {
-  if (M > 8 || !transposed_tile_enabled() || !applies(M, like) || K % Frag::kLaneK != 0 || K >= kMaxK ||
-      !rows_fit32(N, K) || !weights_aligned || !aligned16(x))
-    return false;
+  if (M > 8 || !transposed_tile_enabled() || !takes<Frag>(weights_aligned, x, M, N, K, like)) return false;
   return launch<Frag, T, 0, groups_for<0>()>(frag, x, bias, y, M, N, K, like, stream);
 }
 

@@ -29,16 +29,15 @@ export PYTHONPATH="$work/site"
 "$PY" - "$work/site" <<'EOF'
 import os, sys
 import reparam_kernels
-from reparam_kernels import _extension
 where = os.path.realpath(reparam_kernels.__file__)
 assert where.startswith(os.path.realpath(sys.argv[1])), f"reparam_kernels imported from {where}, not the wheel"
 print(f"check_wheel: reparam_kernels {reparam_kernels.__version__} from {os.path.dirname(where)}")
 EOF
 "$PY" -m reparam_kernels env
-GPU_TESTS=(test_quant_small_m_gpu.py test_lowrank_gpu.py test_cuda_graphs_gpu.py test_compile_all_layers.py)
+GPU_TESTS=(test_cuda_paths_gpu.py test_quant_small_m_gpu.py test_lowrank_small_m_gpu.py test_compile_all_layers.py)
 if [ ${#tests[@]} -eq 0 ]; then
   if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    for t in "${GPU_TESTS[@]}"; do [ -f "$root/python_tests/$t" ] && tests+=("$root/python_tests/$t"); done
+    for t in "${GPU_TESTS[@]}"; do tests+=("$root/python_tests/$t"); done
     opts=(-m gpu "${opts[@]}")
   else
     tests=("$root/python_tests/test_cli_env.py" "$root/python_tests/test_lowrank_op.py"
