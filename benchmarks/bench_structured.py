@@ -8,7 +8,7 @@ Writes benchmarks/results/<gpu>/block_circulant_linear.json and toeplitz_linear.
 * ours      — what BlockCirculantLinear runs in eval mode: at M <= COLS_MAX_M (16) in fp16 / bf16,
               reparam_kernels.ops.block_circulant_cols_linear (the tensor-core kernel on the blocks'
               first columns, `backend` "cuda_cols"; the FFT kernel is then the peer "cuda_fft", and the
-              same kernel without split K "cuda_cols_1split"),
+              same kernel without split K "cuda_cols_1split", above M = 8 in 8-row tiles "cuda_cols_8rows"),
               else reparam_kernels.ops.block_circulant_linear (the fused FFT kernel for
               b = 64..4096 powers of two; the row's `backend` says what ran);
               Toeplitz rows the same way (toeplitz_linear, or the columns op on its embedding's column);
@@ -113,6 +113,8 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
         ours, peers["cuda_fft"], backend = Contender(cols_fn, col_sets), ours, "cuda_cols"
         # K not split across CTAs (each warp's chunks one after another, no fixup): the trade the default makes
         peers["cuda_cols_1split"] = Contender(with_env(cols_fn, "REPARAM_BC_COLS_SPLITS", "1"), col_sets)
+        if M > 8 and not cuda_paths()["bc_cols"]["tile_rows_vetoed"]:  # 8-row CTA tiles against the default 16
+            peers["cuda_cols_8rows"] = Contender(with_env(cols_fn, "REPARAM_BC_COLS_TILE_ROWS", "8"), col_sets)
     elif device == "cuda" and M <= COLS_PEER_MAX_M and cols_kernel_runs(b, dtype):
         peers["cuda_cols"] = Contender(cols_fn, col_sets)  # past the layer's threshold: where it should be
     rows = run_case(res, dtype=dtype, M=M, N=N, K=K, params={"block": b} if op == "block_circulant_linear" else {"fft_size": b},

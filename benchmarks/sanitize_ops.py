@@ -177,6 +177,10 @@ def path_cases():
         # split K fixed up by the last CTA; a block wider than a chunk, N and K off the blocks, two row groups
         ("block-circulant cols", lambda dt, dev: rnn.BlockCirculantLinear.from_linear(lin(1000, 700, dt, dev), 512).eval(),
          (1, 12)),
+        # the same in 8-row CTA tiles above M = 8 (REPARAM_BC_COLS_TILE_ROWS=8, off by default): two row tiles, the last
+        # partial
+        ("block-circulant cols-8-rows", lambda dt, dev: rnn.BlockCirculantLinear.from_linear(lin(1000, 700, dt, dev),
+                                                                                              512).eval(), (12,)),
         # a MoE layer's experts in one launch (csrc/grouped_quant.cuh): the small-M loop per expert with K split,
         # the transposed tile at 3 rows, 64-row chunks past 64 ("grouped": run_gpu.sh smoke-tests it apart, with
         # its own switch REPARAM_GROUPED_SMALL_M)
@@ -244,6 +248,8 @@ def main(argv=None):
                     stack.enter_context(env_var("REPARAM_DEQUANT_MIN_M", "512"))
                 if ring:
                     stack.enter_context(env_var("REPARAM_SMALL_M_RING", ring))
+                if name.endswith(" cols-8-rows") and os.environ.get("REPARAM_BC_COLS_TILE_ROWS", "") != "0":
+                    stack.enter_context(env_var("REPARAM_BC_COLS_TILE_ROWS", "8"))  # (0: vetoed by a smoke run)
                 for suffix, var in ((" x-ahead", "REPARAM_SMALL_M_X_AHEAD"), (" stream-K", "REPARAM_SMALL_M_STREAM_K"),
                                     (" post-scale", "REPARAM_SMALL_M_POST_SCALE"),
                                     (" post-scale g256", "REPARAM_SMALL_M_POST_SCALE")):

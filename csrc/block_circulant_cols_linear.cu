@@ -263,6 +263,16 @@ void launch(ColsArgs<T> a, const Tensor& like, int device, cudaStream_t stream) 
   RK_CUDA_CHECK(cudaGetLastError());
 }
 
+// Rows of x a CTA takes above M = 8: 16 (two row groups: the columns' fragments serve both) unless
+// REPARAM_BC_COLS_TILE_ROWS=8 (read per call; bench_structured's peer cuda_cols_8rows). Why the switch: the
+// H200 ran 4096², b = 256 at M = 16 in 10.6 us against 5.8 at M = 1 — 128 CTAs of 16 rows, one a SM, each
+// warp two chunks of 128 mma in 8 chains of 16; 8-row tiles give twice the CTAs and half the chains' depth
+// and x loads a warp (the columns' window is converted twice). Which wins is for the GPU to say.
+inline int tile_rows() {
+  const char* v = std::getenv("REPARAM_BC_COLS_TILE_ROWS");
+  return v != nullptr && std::atoi(v) == 8 ? 8 : 16;
+}
+
 template <class T, int RG>
 void launch_rows(const ColsArgs<T>& a, const Tensor& like, int device, cudaStream_t stream) {
   if (a.chunk == 64) launch<T, 4, RG>(a, like, device, stream);
@@ -303,7 +313,7 @@ Tensor block_circulant_cols_linear_cuda(Tensor x, Tensor w_cols, int64_t out_fea
     a.chunk = int(std::min<int64_t>(b, kMaxChunk));
     a.chunks = int((K + a.chunk - 1) / a.chunk);
     a.x_aligned4 = reinterpret_cast<uintptr_t>(a.x) % 4 == 0 && K % 2 == 0;
-    if (M <= 8) launch_rows<T, 1>(a, xc, device, stream);
+    if (M <= 8 || tile_rows() == 8) launch_rows<T, 1>(a, xc, device, stream);
     else launch_rows<T, 2>(a, xc, device, stream);
   });
   return y;

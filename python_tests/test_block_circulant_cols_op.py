@@ -157,6 +157,17 @@ def test_cuda_matches_float64(rng, dtype, M, K, N, b):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N,b", [(16, 4096, 4096, 256), (9, 700, 1100, 64), (17, 2100, 2050, 1024)])
+def test_cuda_in_8_row_tiles_matches_float64(rng, monkeypatch, M, K, N, b):
+    # REPARAM_BC_COLS_TILE_ROWS=8 (read per call): above M = 8 one row group a CTA, the last tile partial
+    monkeypatch.setenv("REPARAM_BC_COLS_TILE_ROWS", "8")
+    x, cols, bias = make(rng, (M,), K, N, b, torch.float16, device="cuda")
+    y = rk.ops.block_circulant_cols_linear(x, cols_for(cols, x), N, bias)
+    torch.cuda.synchronize()
+    assert torch.isfinite(y).all() and rel_err(y, exact(x, cols, N, bias)) <= TOL[torch.float16]
+
+
+@pytest.mark.gpu
 def test_cuda_graph_capture_and_backward(rng):
     x, cols, b = make(rng, (4,), 1000, 600, 256, torch.float16, device="cuda")
     w = cols_for(cols, x)

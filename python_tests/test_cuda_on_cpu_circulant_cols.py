@@ -62,6 +62,22 @@ def test_cols_kernel_without_split_k(rng):
     assert all(",1," in line.split("grid (")[1] for t in traces for line in t if "grid (" in line), traces
 
 
+
+def test_cols_kernel_in_8_row_tiles(rng):
+    # REPARAM_BC_COLS_TILE_ROWS=8 (bench_structured's cuda_cols_8rows): above M = 8 one row group a CTA, so
+    # twice the row tiles; rows past M in the last tile, odd K, split and unsplit K
+    cases, refs = [], []
+    for M, K, N, b, dtype in [(9, 700, 1100, 256, torch.float16), (16, 1100, 300, 512, torch.bfloat16),
+                              (17, 301, 260, 256, torch.float16), (12, 4096, 600, 4096, torch.bfloat16)]:
+        c, r = cols_case(rng, M, K, N, b, dtype)
+        cases.append(c)
+        refs.append(r)
+    traces = check(cases, refs, env={"RK_CPU_SMS": "132", "REPARAM_BC_COLS_TILE_ROWS": "8"}, kernel="ColsArgs")
+    row_tiles = [int(line.split("grid (")[1].split(",")[2].split(")")[0]) for t in traces for line in t
+                 if "grid (" in line]
+    assert row_tiles == [2, 2, 3, 2], row_tiles  # ceil(M / 8): 8-row tiles taken
+
+
 COLS_MUTATIONS = {
     # the A fragment's registers in the wrong order: rows g + 8 and columns 2t + 8 swapped
     "fragment order": ("block_circulant_cols_linear.cu", "{u[sd], u[sd + 1], u[sd - 1], u[sd]}",

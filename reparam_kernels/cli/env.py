@@ -130,7 +130,11 @@ def cuda_paths():
                         "ops": "BlockCirculantLinear, ToeplitzLinear (eval mode) -> block_circulant_cols_linear",
                         # K split over at most this many CTAs (csrc/block_circulant_cols_linear.cu plan())
                         "max_splits": max(1, _atoll("REPARAM_BC_COLS_SPLITS", 32)),
-                        "splits_switch": "REPARAM_BC_COLS_SPLITS"}}
+                        "splits_switch": "REPARAM_BC_COLS_SPLITS",
+                        # rows a CTA takes above M = 8 (16 unless the switch says 8; the same cu file's tile_rows())
+                        "tile_rows": 8 if _atoll("REPARAM_BC_COLS_TILE_ROWS", 16) == 8 else 16,
+                        "tile_rows_switch": "REPARAM_BC_COLS_TILE_ROWS",
+                        "tile_rows_vetoed": os.environ.get("REPARAM_BC_COLS_TILE_ROWS", "") == "0"}}
 
 
 def collect():
@@ -199,7 +203,8 @@ def render(info):
     bc = paths["bc_cols"]
     lines.append(f"  block-circulant decode from the blocks' columns ({bc['ops']}): "
                  f"{'M <= ' + str(bc['max_m']) if bc['max_m'] else 'never'} [{bc['switch']}]; K split over "
-                 f"<= {bc['max_splits']} CTAs [{bc['splits_switch']}]")
+                 f"<= {bc['max_splits']} CTAs [{bc['splits_switch']}]; {bc['tile_rows']} rows a CTA above M = 8 "
+                 f"[{bc['tile_rows_switch']}]")
     lines.append(f"  low-rank decode launch (M below that): u prefetched into L2 during phase 1: "
                  f"{'on' if lr['prefetch_u'] else 'OFF'} [{lr['prefetch_u_switch']}]")
     lines.append("")
