@@ -41,7 +41,7 @@ if [ ${#tests[@]} -eq 0 ]; then
     opts=(-m gpu "${opts[@]}")
   else
     tests=("$root/python_tests/test_cli_env.py" "$root/python_tests/test_lowrank_op.py"
-           "$root/python_tests/test_compile_all_layers.py")
+           "$root/python_tests/test_compile_all_layers.py" "$root/python_tests/test_export.py")
   fi
 fi
 "$PY" -m pytest -q -p no:cacheprovider --rootdir "$root" -c "$root/pytest.ini" "${tests[@]}" "${opts[@]}"
