@@ -94,6 +94,28 @@ def test_export_compressed_hf_model_fused_and_not():
             torch.testing.assert_close(ep.module()(ids, use_cache=False).logits, ref, rtol=0, atol=1e-5)
 
 
+def test_export_compressed_decode_step_with_static_cache():
+    # the decode step as deployments export it (transformers' TorchExportableModuleForDecoderOnlyLM: one token
+    # against a static KV cache held as buffers), fused int4 projections, against eager decoding step by step
+    executorch = pytest.importorskip("transformers.integrations.executorch")
+    from transformers import StaticCache
+
+    model = tiny_llama()
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.cache_config = {"batch_size": 1, "max_cache_len": 32}
+    model, _ = rk.compress(model, "int4", calib="random", progress=False)
+    rk.fuse_projections(model)
+    ep = executorch.TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=32).export(
+        input_ids=torch.tensor([[1]]), cache_position=torch.tensor([0]))
+    assert len([n for n in ep.graph.nodes if str(n.target) == "reparam.int4_linear.default"]) == 8
+    step, cache = ep.module(), StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        for pos, tok in enumerate(torch.randint(0, 256, (10,)).tolist()):
+            got = step(input_ids=torch.tensor([[tok]]), cache_position=torch.tensor([pos]))
+            want = model(torch.tensor([[tok]]), past_key_values=cache, cache_position=torch.tensor([pos]),
+                         use_cache=True).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_aoti_package_every_layer_cuda(tmp_path):
