@@ -31,7 +31,8 @@ dilutes every variant's speedup alike; `reparam_kernels.hf_attention`'s packs a 
 of its KV head at decode instead and reads the cache once (flex attention also reads it once).
 A variant `KIND+fused` (``int4_g128+fused``, ``dense+fused``; ``int4_g128+fused:x_ahead`` with switches) runs
 KIND with q/k/v and gate/up fused into one layer each (``reparam_kernels.fuse_projections``): 4 launches a
-decoder layer instead of 7. Its speedup is still against plain dense; ``dense+fused`` says what fusing alone buys.
+decoder layer instead of 7 (low rank: 11 products instead of 14, the siblings' right factors stacked). Its
+speedup is still against plain dense; ``dense+fused`` says what fusing alone buys.
 """
 import argparse
 import contextlib
@@ -278,11 +279,11 @@ def time_variant(data, kind, base, fused, config, batches, context, tokens, mode
 
 
 def default_variants(quick, quick_kinds):
-    """dense, then the layer kinds; int4 g128 (issue 6's first target) fused right after it unfused; the full
-    run ends on dense fused (what fusing alone buys)."""
+    """dense, then the layer kinds; int4 g128 and low rank at 40% (issue 6's first and third targets) fused right
+    after them unfused; the full run ends on dense fused (what fusing alone buys)."""
     kinds = ["dense"]
     for kind in variants.available(quick_kinds if quick else variants.DECODE_KINDS):
-        kinds += [kind, kind + "+fused"] if kind == "int4_g128" else [kind]
+        kinds += [kind, kind + "+fused"] if kind in ("int4_g128", "lowrank_40") else [kind]
     return kinds if quick else kinds + ["dense+fused"]
 
 

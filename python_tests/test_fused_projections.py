@@ -9,7 +9,8 @@ from torch import nn
 
 import reparam_kernels
 from reparam_kernels.bench import variants
-from reparam_kernels.nn import FusedProjections, Int4Linear, Int8Linear, LUTLinear, ProjectionSlice
+from reparam_kernels.nn import (FusedLowRank, FusedProjections, Int4Linear, Int8Linear, LowRankLinear, LUTLinear,
+                                ProjectionSlice)
 from reparam_kernels.nn.fused import fuse_projections, unfuse_projections
 
 transformers = pytest.importorskip("transformers")
@@ -103,9 +104,35 @@ def test_mixed_formats_fuse_the_siblings_that_match_and_leave_the_rest():
     # other group sizes, a low-rank layer: nothing to fuse
     other = Attn(lambda k, n, i: Int4Linear.from_linear(nn.Linear(k, n), group_size=32 if i else 64))
     assert fuse_projections(other) == {"": [["k_proj", "v_proj"]]}
-    lowrank = Attn(lambda k, n, i: variants.make("lowrank_40", nn.Linear(k, n)))
-    with pytest.warns(UserWarning, match="no sibling projections share a fusable format .found LowRankLinear"):
-        assert fuse_projections(lowrank) == {}
+    pivoted = Attn(lambda k, n, i: variants.make("lowrank_40_pivoted", nn.Linear(k, n)))
+    with pytest.warns(UserWarning, match="no sibling projections share a fusable format .found PivotedLowRankLinear"):
+        assert fuse_projections(pivoted) == {}
+
+
+def test_lowrank_siblings_stack_their_right_factors():
+    # ranks 24 / 8 / 12, k_proj without a bias; the fused layer makes one product with the stacked v
+    model = Attn(lambda k, n, i: LowRankLinear.from_linear(_from(lambda lin: lin)(k, n, i), rank=(24, 8, 12)[i])).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        ref = model(x)
+        assert fuse_projections(model) == {"": [["q_proj", "k_proj", "v_proj"]]}
+        layer = model.fused_q_proj_k_proj_v_proj.layer
+        assert isinstance(layer, FusedLowRank) and layer.v.shape == (44, 64) and layer.out_features == 80
+        products = []
+        real = torch.nn.functional.linear
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.nn.functional, "linear", lambda *a: products.append(a[1].shape) or real(*a))
+            out = model(x)
+        assert products == [(44, 64), (48, 24), (16, 8), (16, 12)], products  # 4 products, not 6
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert unfuse_projections(model) == 1
+        assert all(type(getattr(model, n)) is LowRankLinear for n in ("q_proj", "k_proj", "v_proj"))
+        assert model.k_proj.bias is None
+        after = model.state_dict()
+    assert list(after) == list(before)
+    for k in before:
+        assert after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]), k
 
 
 def tiny_llama(kind, seed=0):
@@ -118,7 +145,7 @@ def tiny_llama(kind, seed=0):
     return model
 
 
-@pytest.mark.parametrize("kind", ["dense", "int4_g128", "int8"])
+@pytest.mark.parametrize("kind", ["dense", "int4_g128", "int8", "lowrank_40"])
 def test_llama_logits_eager_and_fullgraph_compiled(kind):
     torch._dynamo.reset()
     model = tiny_llama(kind)
@@ -151,7 +178,7 @@ def test_fused_models_are_refused_where_they_cannot_go(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind", ["int4_g128", "int8"])
+@pytest.mark.parametrize("kind", ["int4_g128", "int8", "lowrank_40"])
 def test_fused_llama_decode_under_cuda_graphs(kind):
     """reduce-overhead (CUDA graphs) replays of the fused model match the unfused eager model, step after step."""
     torch._dynamo.reset()

@@ -4,8 +4,9 @@ At decode a compressed Linear is a few microseconds of launch and latency on top
 small one (Llama-3-8B's k / v: 1024 rows) leaves most SMs idle. ``fuse_projections(model)`` concatenates the
 rows of siblings that read the same input and share a format (int4 with one group size, int8, 4-bit LUT / VQ
 with the same rows per table, or dense nn.Linear) into one layer of that format: one launch instead of three
-(two), on a bigger grid. The model's code is not changed: each sibling becomes a ``ProjectionSlice`` that
-returns its columns of the fused output. The first slice called with an input runs the fused layer and keeps
+(two), on a bigger grid; plain low-rank siblings stack their right factors only (``fused_lowrank.py``). The
+model's code is not changed: each sibling becomes a ``ProjectionSlice`` that returns its columns of the fused
+output. The first slice called with an input runs the fused layer and keeps
 the result; the others, called with that same tensor (``is``), take their part of it, and the last one drops
 it — so under ``torch.compile`` the kept result never leaves the graph (``fullgraph=True`` works) and nothing
 outlives a CUDA-graph replay. A slice called with another input (cross-attention's k / v on the encoder's
@@ -20,6 +21,8 @@ import warnings
 import torch
 from torch import nn
 
+from .fused_lowrank import FusedLowRank
+from .lowrank import LowRankLinear
 from .quant import Int4Linear, Int8Linear, LUTLinear
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -33,6 +36,8 @@ def _fuse_key(m):
         return ("int8", m.in_features, m.scales.dtype, m.scales.device)
     if type(m) is Int4Linear:
         return ("int4", m.in_features, m.group_size, m.scales.dtype, m.scales.device)
+    if type(m) is LowRankLinear:  # right factors stacked, left factors apart (fused_lowrank.py)
+        return ("lowrank", m.in_features, m.v.dtype, m.v.device)
     if type(m) is LUTLinear:  # tables cover equal row blocks: fused, they still do
         book = m.lut if m.packed else m.codebooks
         return ("lut", m.in_features, m.bits, m.d, m.kernel, m.out_features // m.num_tables, book.dtype, book.device)
@@ -64,6 +69,8 @@ def _tensors(m):
 def _concat(members):
     sizes = [m.out_features for m in members]
     biased = [m.bias is not None for m in members]
+    if type(members[0]) is LowRankLinear:
+        return FusedLowRank(members), sizes, biased
     fused = _empty_like(members[0], sum(sizes), any(biased))
     for name, t in _tensors(fused).items():
         parts = [_tensors(m)[name] for m in members]
@@ -94,7 +101,8 @@ class FusedProjections(nn.Module):
             if self._left == 0:
                 self._cache = None
         else:
-            parts = self.layer(x).split(self.sizes, dim=-1)
+            out = self.layer(x)  # (FusedLowRank gives the parts themselves)
+            parts = out if isinstance(out, tuple) else out.split(self.sizes, dim=-1)
             self._cache, self._left = (x, parts), len(self.sizes) - 1
         return parts[index]
 
@@ -149,7 +157,8 @@ def fuse_projections(model, groups=DEFAULT_GROUPS):
                 done.setdefault(parent_name, []).append(list(names))
     if not done and types_seen:  # siblings found, none fusable: say why rather than return {} silently
         warnings.warn(f"fuse_projections: no sibling projections share a fusable format (found "
-                      f"{', '.join(sorted(types_seen))}; fusable: nn.Linear, Int8Linear, Int4Linear, LUTLinear)",
+                      f"{', '.join(sorted(types_seen))}; fusable: nn.Linear, Int8Linear, Int4Linear, LUTLinear, "
+                      "LowRankLinear)",
                       stacklevel=2)
     return done
 
@@ -160,6 +169,12 @@ def unfuse_projections(model):
     for _, parent in list(model.named_modules()):
         for child_name, owner in list(parent.named_children()):
             if not isinstance(owner, FusedProjections):
+                continue
+            if isinstance(owner.layer, FusedLowRank):
+                for n, member in zip(owner.names, owner.layer.split(owner.biased)):
+                    setattr(parent, n, member)
+                delattr(parent, child_name)
+                count += 1
                 continue
             fused_t = _tensors(owner.layer)
             total = sum(owner.sizes)
