@@ -100,6 +100,18 @@ def ring(M):
     return with_env(_lowrank_op, "REPARAM_SMALL_M_RING", "1")
 
 
+def _pivoted_op(x, u, w, perm):
+    return reparam_kernels.ops.pivoted_lowrank_linear(x, u, w, perm)
+
+
+def pivoted_gathers(M, r):
+    """Whether pivoted_lowrank_linear takes the two cuBLAS products with x's columns gathered at this M
+    (csrc/lowrank_large_m.cuh gather_pays, the default rule; the M = 1 fused launch and large M expand)."""
+    piv_min = cuda_paths()["lowrank_cublas"]["pivoted_min_m"]
+    rule = cuda_paths()["lowrank_cublas"]["pivoted_gather"]
+    return piv_min is not None and M >= piv_min and (rule == "always" or rule != "never" and 3 * M <= 2 * r)
+
+
 def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     """Check, then time, one case; `device`/`count` exist so the CPU tests can run it small."""
     elt = torch.empty((), dtype=dtype).element_size()
@@ -112,8 +124,9 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     backend, why = _dispatch.backend_for("lowrank_linear", "cuda", dtype)
     peers = {"two_cublas": Contender(two_cublas, low),
              # the same product stored pivoted (r·(N + K − r) weights: r² fewer bytes to move)
-             "pivoted": Contender(lambda x, u, w, perm: reparam_kernels.ops.pivoted_lowrank_linear(x, u, w, perm),
-                                  piv)}
+             "pivoted": Contender(_pivoted_op, piv)}
+    if device == "cuda" and pivoted_gathers(M, r):  # its A/B peer: w expanded to [r, K] instead
+        peers["pivoted_expand"] = Contender(with_env(_pivoted_op, "REPARAM_PIVOTED_GATHER", "0"), piv)
     wmma = wmma_fused(M) if device == "cuda" else None
     if wmma is not None:
         peers["cuda_wmma_fused"] = Contender(wmma, low)

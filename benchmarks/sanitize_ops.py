@@ -169,6 +169,9 @@ def path_cases():
          (100,)),
         ("pivoted two-GEMM", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32),
          (600,)),
+        # the same at small M: x's columns gathered rather than w expanded (3 M <= 2 r; csrc/lowrank_large_m.cuh)
+        ("pivoted two-GEMM gather", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(1000, 200, dt, dev),
+                                                                                          rank=64), (2, 16, 40)),
         # M >= 64: spectrum sums in registers (csrc/block_circulant_large_m.cuh; b = 256 in fp16 / bf16: its FFTs on
         # tensor cores, csrc/fft_mma.cuh); a row tail, N and K off the blocks
         ("block-circulant large-M", lambda dt, dev: rnn.BlockCirculantLinear.from_linear(lin(1000, 700, dt, dev), 256),

@@ -19,6 +19,9 @@
 // ~20 us, are not yet timed against it).
 #pragma once
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "cublas_mm.cuh"
 
 namespace reparam {
@@ -52,6 +55,47 @@ __global__ void expand_kernel(const T* __restrict__ w, const int32_t* __restrict
   }
 }
 
+// Pivoted factors at small M: x's columns gathered instead of w expanded. t = x[:, perm[:r]] + xg @ w^T with
+// xg = x[:, perm[r:]]: x is read once and xg written and read (~3 M K elements), where the expansion writes
+// and reads v (2 r K) — so the gather pays while 3 M <= 2 r, i.e. at decode (r = 512, K = 8192, M = 16:
+// ~0.8 MB against 16 MB), with one launch fewer (gather, GEMM, pivots' add, GEMM). REPARAM_PIVOTED_GATHER=0 /
+// 1: never / always (bench_lowrank's peer cuda_expand); read per call. Untimed (session 40).
+inline bool gather_pays(int64_t M, int64_t K, int64_t r) {
+  if (K <= r) return false;  // (no columns to gather: the expansion handles w [r, 0])
+  const char* v = std::getenv("REPARAM_PIVOTED_GATHER");
+  if (v != nullptr && v[0] != '\0') return std::atoi(v) != 0;
+  return 3 * M <= 2 * r;
+}
+// xg[m, c] = x[m, perm[r + c]], c < K - r (a q outside [0, K) reads as 0, as the expansion's zero column).
+template <class T>
+__global__ void gather_kernel(const T* __restrict__ x, const int64_t* __restrict__ perm, T* __restrict__ xg,
+                              int64_t M, int64_t K, int64_t r) {
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {  // rows down the grid's y
+    const T* xm = x + m * K;
+    T* gm = xg + m * (K - r);
+    for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < K - r; c += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t q = perm[r + c];
+      gm[c] = q >= 0 && q < K ? xm[q] : from_f32<T>(0.0f);
+    }
+  }
+}
+// t[m, j] += x[m, perm[j]], j < r: the identity block of [I | w], after t = xg @ w^T (the sum in fp32).
+template <class T>
+__global__ void add_pivots_kernel(T* __restrict__ t, const T* __restrict__ x, const int64_t* __restrict__ perm,
+                                  int64_t M, int64_t K, int64_t r) {
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    const T* xm = x + m * K;
+    T* tm = t + m * r;
+    for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < r; j += int64_t(gridDim.x) * blockDim.x) {
+      const int64_t q = perm[j];
+      tm[j] = from_f32<T>(to_f32<T>(tm[j]) + (q >= 0 && q < K ? to_f32<T>(xm[q]) : 0.0f));
+    }
+  }
+}
+// Blocks of 256 threads along a row of `cols` elements (<= 32) by rows (<= 65535) for the kernels above.
+inline dim3 row_grid(int64_t cols, int64_t rows) {
+  return dim3(unsigned(std::min<int64_t>((cols + 255) / 256, 32)), unsigned(std::min<int64_t>(rows, 65535)));
+}
 // y [.., N] = x [.., K] @ W^T + bias; v is [r, K], or w [r, K - r] with perm [K] when pivoted.
 template <class T>
 void run(const Tensor& xc, const Tensor& u, const Tensor& v, const Tensor* perm, const std::optional<Tensor>& bias,
@@ -61,6 +105,15 @@ void run(const Tensor& xc, const Tensor& u, const Tensor& v, const Tensor* perm,
   Tensor x2 = torch::stable::reshape(xc, {M, K});
   if (perm == nullptr) {
     linear_out(x2, v, std::nullopt, t);
+  } else if (gather_pays(M, K, r)) {
+    const T* xp = static_cast<const T*>(xc.data_ptr());
+    const int64_t* pp = static_cast<const int64_t*>(perm->data_ptr());
+    Tensor xg = torch::stable::new_empty(xc, {M, K - r});
+    gather_kernel<T><<<row_grid(K - r, M), 256, 0, stream>>>(xp, pp, static_cast<T*>(xg.data_ptr()), M, K, r);
+    RK_CUDA_CHECK(cudaGetLastError());
+    linear_out(xg, v, std::nullopt, t);
+    add_pivots_kernel<T><<<row_grid(r, M), 256, 0, stream>>>(static_cast<T*>(t.data_ptr()), xp, pp, M, K, r);
+    RK_CUDA_CHECK(cudaGetLastError());
   } else {  // expand w to the plain right factor (r * K writes: far less than a pass over x at large M)
     Tensor inv = torch::stable::new_empty(xc, {K}, ScalarType::Int);
     Tensor vf = torch::stable::new_empty(xc, {r, K});

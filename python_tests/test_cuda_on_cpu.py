@@ -274,7 +274,37 @@ def test_lowrank_two_gemm_path(rng):
     traces = check(cases, refs, env={"REPARAM_LOWRANK_CUBLAS_MIN_M": ""})
     fused = [any("small_m::" in line for line in t) for t in traces]
     assert fused == [False, False, False, True]  # (plain M = 2, pivoted M = 2, plain M = 1, pivoted M = 1)
-    assert all(any("expand_kernel" in line for line in traces[i]) == (i == 1) for i in range(4))
+    # pivoted M = 2, r = 24: x's columns gathered (3 M <= 2 r), w never expanded
+    assert all(any("gather_kernel" in line for line in traces[i]) == (i == 1) for i in range(4))
+    assert not any("expand_kernel" in line for t in traces for line in t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pivoted_two_gemm_gathers_x_at_small_m(rng, dtype):
+    # (M, K, N, r): gathered where 3 M <= 2 r, expanded where not, and both forced (REPARAM_PIVOTED_GATHER);
+    # K - r odd, r = K - 1 (one gathered column), r = K (nothing to gather: always expanded)
+    shapes = [(2, 136, 50, 24), (16, 300, 70, 64), (5, 257, 33, 250), (3, 40, 24, 39), (4, 40, 24, 40), (40, 136, 50, 24)]
+    cases, refs = lowrank_cases(rng, shapes, dtype)
+    cases, refs = cases[1::2], refs[1::2]  # the pivoted ones
+    for gather, want in (("", [True, True, True, True, False, False]), ("1", [True] * 4 + [False, True]),
+                         ("0", [False] * 6)):
+        traces = check(cases, refs, env={"REPARAM_LOWRANK_CUBLAS_MIN_M": "2", "REPARAM_PIVOTED_GATHER": gather})
+        got = [any("gather_kernel" in line for line in t) for t in traces]
+        assert got == want, (gather, got)
+        assert all(any("expand_kernel" in line for line in t) != g for t, g in zip(traces, got))
+
+
+def test_pivoted_gather_mutations_are_caught(rng):
+    cases, refs = lowrank_cases(rng, [(7, 136, 50, 24)], torch.float16)
+    c, ref = cases[1], refs[1]
+    env = {"REPARAM_LOWRANK_CUBLAS_MIN_M": "2", "REPARAM_PIVOTED_GATHER": "1", "RK_CPU_SMS": "2"}
+    assert within(run_twice(c, env), ref)
+    for mutation in [("lowrank_large_m.cuh", "const int64_t q = perm[r + c];", "const int64_t q = perm[c];"),
+                     ("lowrank_large_m.cuh", "tm[j] = from_f32<T>(to_f32<T>(tm[j]) + (q >= 0",
+                      "tm[j] = from_f32<T>(to_f32<T>(tm[j]) * (q >= 0"),
+                     ("lowrank_large_m.cuh", "for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {\n    const T* xm = x + m * K;\n    T* tm",
+                      "for (int64_t m = blockIdx.y; m < M - 1; m += gridDim.y) {\n    const T* xm = x + m * K;\n    T* tm")]:
+        assert not within(run_twice(c, env, mutation), ref), mutation
 
 
 def test_pivoted_expansion_mutations_are_caught(rng):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import test_lowrank_op as plain
+import test_pivoted_lowrank as piv
 import test_structured_op as structured
 from test_quant_small_m_gpu import make, run
 from conftest import HAS_GPU, TOL, env_var, rel_err
@@ -61,6 +62,19 @@ def test_lowrank_takes_its_path(rng, M, expected, two_gemm_min_m):
     else:
         assert expected in names
 
+
+# pivoted factors on the two cuBLAS products (r = 128): x's columns gathered while 3 M <= 2 r, else w expanded;
+# REPARAM_PIVOTED_GATHER forces either; both against float64
+@pytest.mark.parametrize("M,gather,expected", [(2, "", "gather_kernel"), (16, "", "gather_kernel"),
+                                               (200, "", "expand_kernel"), (16, "0", "expand_kernel"),
+                                               (200, "1", "gather_kernel")])
+def test_pivoted_two_gemm_gathers_or_expands(rng, M, gather, expected):
+    x, u, w, perm, b = piv.make(rng, (M,), 2048, 1024, 128, torch.float16, device="cuda")
+    with env_var("REPARAM_PIVOTED_GATHER", gather):
+        names = kernels(lambda: torch.ops.reparam.pivoted_lowrank_linear(x, u, w, perm, b))
+        y = torch.ops.reparam.pivoted_lowrank_linear(x, u, w, perm, b)
+    assert expected in names and ("expand_kernel" if expected == "gather_kernel" else "gather_kernel") not in names
+    assert rel_err(y, piv.exact(x, u, w, perm, b)) <= TOL[torch.float16]
 
 @pytest.mark.parametrize("M,expected", [(1, "block_circulant_kernel"), (16, "block_circulant_kernel"),
                                         (64, "bc_large_m"), (2048, "bc_large_m")])

@@ -34,6 +34,14 @@ def _gpus():
     return out
 
 
+def pivoted_gather():
+    """When pivoted factors on the two cuBLAS products gather x's columns instead of expanding w
+    (csrc/lowrank_large_m.cuh gather_pays: unset = while 3 M <= 2 r, else atoi != 0 = always, 0 = never)."""
+    if not os.environ.get("REPARAM_PIVOTED_GATHER", ""):
+        return "while 3 M <= 2 r"
+    return "always" if _atoll("REPARAM_PIVOTED_GATHER", 0) != 0 else "never"
+
+
 def _atoll(name, default):
     """Environment variable `name` read as the C++ side reads it (atoll: leading whitespace, sign,
     digits; else 0), `default` when unset or empty."""
@@ -121,7 +129,11 @@ def cuda_paths():
                                "ops": "lowrank_linear, pivoted_lowrank_linear",
                                # the fused decode launch prefetches u into L2 (where u <= half the L2)
                                "prefetch_u": not os.environ.get("REPARAM_LOWRANK_PREFETCH_U", "").startswith("0"),
-                               "prefetch_u_switch": "REPARAM_LOWRANK_PREFETCH_U"},
+                               "prefetch_u_switch": "REPARAM_LOWRANK_PREFETCH_U",
+                               # pivoted factors on the two products: x's columns gathered while 3 M <= 2 r, else
+                               # w expanded (csrc/lowrank_large_m.cuh gather_pays); 0 / 1: never / always
+                               "pivoted_gather": pivoted_gather(),
+                               "pivoted_gather_switch": "REPARAM_PIVOTED_GATHER"},
             "bc_large_m": {"min_m": _min_m("REPARAM_BC_LARGE_M_MIN_M", 64),  # csrc/block_circulant_large_m.cuh
                            "switch": "REPARAM_BC_LARGE_M_MIN_M",
                            "ops": "block_circulant_linear, toeplitz_linear"},
@@ -205,6 +217,8 @@ def render(info):
                  f"{'M <= ' + str(bc['max_m']) if bc['max_m'] else 'never'} [{bc['switch']}]; K split over "
                  f"<= {bc['max_splits']} CTAs [{bc['splits_switch']}]; {bc['tile_rows']} rows a CTA above M = 8 "
                  f"[{bc['tile_rows_switch']}]")
+    lines.append(f"  pivoted factors on the two cuBLAS GEMMs: x's columns gathered {lr['pivoted_gather']}, else the "
+                 f"right factor expanded [{lr['pivoted_gather_switch']}]")
     lines.append(f"  low-rank decode launch (M below that): u prefetched into L2 during phase 1: "
                  f"{'on' if lr['prefetch_u'] else 'OFF'} [{lr['prefetch_u_switch']}]")
     lines.append("")
