@@ -127,6 +127,9 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
              "pivoted": Contender(_pivoted_op, piv)}
     if device == "cuda" and pivoted_gathers(M, r):  # its A/B peer: w expanded to [r, K] instead
         peers["pivoted_expand"] = Contender(with_env(_pivoted_op, "REPARAM_PIVOTED_GATHER", "0"), piv)
+    piv_min = cuda_paths()["lowrank_cublas"]["pivoted_min_m"]
+    if device == "cuda" and piv_min is not None and M < piv_min:  # the fused launch's A/B peer: two products
+        peers["pivoted_two_gemm"] = Contender(with_env(_pivoted_op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "1"), piv)
     wmma = wmma_fused(M) if device == "cuda" else None
     if wmma is not None:
         peers["cuda_wmma_fused"] = Contender(wmma, low)
