@@ -61,7 +61,10 @@ def test_exported_program_saves_and_loads_in_a_fresh_process(exported, tmp_path)
         assert torch.equal(torch.load(out), model(x))
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="AOTInductor needs a C++ compiler")
+NO_CXX = shutil.which("g++") is None and shutil.which("c++") is None
+
+
+@pytest.mark.skipif(NO_CXX, reason="AOTInductor needs a C++ compiler")
 def test_aoti_package_every_layer(exported, tmp_path):
     model, ep = exported
     with torch.no_grad():
@@ -118,6 +121,7 @@ def test_export_compressed_decode_step_with_static_cache():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(NO_CXX, reason="AOTInductor needs a C++ compiler")
 def test_aoti_package_every_layer_cuda(tmp_path):
     # fp16 only: the package compiles for tens of seconds, and a GPU run's minutes are few
     dtype = torch.float16
