@@ -127,3 +127,20 @@ def test_merge_keeps_the_cases_a_later_run_did_not_measure(tmp_path):
     other = dict(data, gpu="NVIDIA A100")
     with pytest.raises(ValueError, match="one op on one GPU"):
         merge(data, other)
+
+
+def test_peers_summary_counts_wins_and_skips_other_libraries(tmp_path, capsys):
+    res = Results("toy_linear", root=str(tmp_path / "run"), env=dict(ENV))
+    # cuda_fast: 0.5x and 0.98x ours (one win: 0.98 is within the noise margin); cuda_slow: 2x; triton: a baseline,
+    # not a switch; cuda_nan: a NaN time
+    for M, fast in ((1, 10.0), (16, 19.6)):
+        res.add(mode="graph", dtype="fp16", M=M, N=64, K=64, params={}, ours_us=20.0,
+                cublas_us=40.0, peers={"cuda_fast": fast, "cuda_slow": 40.0, "triton": 1.0, "cuda_nan": float("nan")},
+                bytes=1, flops=1)
+    res.write()
+    assert bench.main(["--peers", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| cuda_fast | graph | 2 | 1 | 0.700 | 0.500 (toy_linear fp16 M=1 64x64)"), lines
+    assert lines[3].startswith("| cuda_slow | graph | 2 | 0 | 2.000 |") and len(lines) == 4
+    assert not any("triton" in line or "cuda_nan" in line for line in lines)
+    assert bench.main(["--peers", str(tmp_path / "empty")]) == 2

@@ -3,6 +3,7 @@
     python -m reparam_kernels bench [--quick] [--only lowrank,quant] [--decode] [--out DIR]
     python -m reparam_kernels bench --render-only      # remake docs from the committed JSON (no GPU)
     python -m reparam_kernels bench --merge RUN_DIR    # a later run's files over the committed ones, then docs
+    python -m reparam_kernels bench --peers DIR        # each A/B peer against the default, over DIR's results
 
 The scripts are ``benchmarks/bench_*.py`` of the source tree (each also runs on
 its own). Results: ``<out>/<gpu>/<op>.json``; the markdown goes into the results
@@ -18,6 +19,7 @@ import time
 
 from ..bench.cases import progress
 from ..bench.results import DEFAULT_ROOT, OUT_ENV, gpu_slug, load, merge, render_decode, render_files, write_json
+from ..bench.peers import render as render_peers, summarize as summarize_peers
 from ..bench.roofline import plot
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,6 +77,12 @@ def write_docs(result_dir, doc_path, png_dir):
     return doc_path
 
 
+def op_result_files(result_dir):
+    """The per-op result files under result_dir (any depth; no decode, CPU smoke or quality files)."""
+    paths = sorted(glob.glob(os.path.join(result_dir, "**", "*.json"), recursive=True))
+    return [p for p in paths if os.path.basename(os.path.dirname(p)) not in ("cpu", "quality") and not is_decode(p)]
+
+
 def merge_run(run_dir, out):
     """Every <gpu>/<op>.json under run_dir merged over out/<gpu>/<op>.json (results.merge: the rows the run
     did not measure stay, marked with their own run); a decode file replaces the committed one whole."""
@@ -108,9 +116,18 @@ def main(argv=None):
     p.add_argument("--render-only", action="store_true", help="skip running; remake docs from the JSON files")
     p.add_argument("--merge", default=None, metavar="RUN_DIR",
                    help="skip running; merge a run's result files (e.g. one dtype) over --out's, then remake docs")
+    p.add_argument("--peers", default=None, metavar="DIR",
+                   help="skip running; print each A/B peer against the op's default over DIR's result files")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per script")
     args = p.parse_args(argv)
     out = args.out or os.environ.get(OUT_ENV) or DEFAULT_ROOT
+    if args.peers:
+        files = op_result_files(args.peers)
+        if not files:
+            print(f"bench: --peers found no result files under {args.peers}", file=sys.stderr)
+            return 2
+        print(render_peers(summarize_peers(files)), end="")
+        return 0
     status = 0
     if args.merge:
         merge_run(args.merge, out)
