@@ -222,13 +222,15 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-# KIND:NAME variants: the small-M register loop's switches that are off until timed (docs/quant.md)
+# KIND:NAME variants: the switches that are off until timed (docs/quant.md, docs/lowrank_kernel.md)
 SWITCH_SETS = {"x_ahead": {"REPARAM_SMALL_M_X_AHEAD": "1"}, "stream_k": {"REPARAM_SMALL_M_STREAM_K": "1"},
                "stream_k_x_ahead": {"REPARAM_SMALL_M_STREAM_K": "1", "REPARAM_SMALL_M_X_AHEAD": "1"},
                "post_scale": {"REPARAM_SMALL_M_POST_SCALE": "1"},
                "post_scale_x_ahead": {"REPARAM_SMALL_M_POST_SCALE": "1", "REPARAM_SMALL_M_X_AHEAD": "1"},
                "post_scale_stream_k_x_ahead": {"REPARAM_SMALL_M_POST_SCALE": "1", "REPARAM_SMALL_M_STREAM_K": "1",
-                                               "REPARAM_SMALL_M_X_AHEAD": "1"}}
+                                               "REPARAM_SMALL_M_X_AHEAD": "1"},
+               # plain low rank at M <= 8 as two GEMVs in one launch (csrc/lowrank_gemv.cuh; docs/lowrank_kernel.md)
+               "gemv": {"REPARAM_LOWRANK_GEMV": "1"}}
 
 
 def split_variant(kind):

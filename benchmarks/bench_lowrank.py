@@ -100,6 +100,17 @@ def ring(M):
     return with_env(_lowrank_op, "REPARAM_SMALL_M_RING", "1")
 
 
+def gemv(M, unstaged=False):
+    """lowrank_linear as two GEMVs in one cooperative launch (REPARAM_LOWRANK_GEMV=1, csrc/lowrank_gemv.cuh; off
+    until timed) where it applies (M <= 8): the A/B peer against the two cuBLAS products it would replace;
+    `unstaged`: u read from L2 after a prefetch instead of copied to shared memory. None elsewhere."""
+    paths = cuda_paths()["lowrank_cublas"]
+    if M > paths["gemv_max_m"]:
+        return None
+    env = ("REPARAM_LOWRANK_GEMV", "1") + (("REPARAM_LOWRANK_GEMV_STAGE_ROWS", "0") if unstaged else ())
+    return with_env(_lowrank_op, *env)
+
+
 def _pivoted_op(x, u, w, perm):
     return reparam_kernels.ops.pivoted_lowrank_linear(x, u, w, perm)
 
@@ -139,6 +150,12 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     no_pf = no_prefetch_u(M) if device == "cuda" else None
     if no_pf is not None:
         peers["cuda_no_prefetch_u"] = Contender(no_pf, low)
+    gemv_off = not cuda_paths()["lowrank_cublas"]["gemv"] and not cuda_paths()["lowrank_cublas"]["gemv_vetoed"]
+    if device == "cuda" and gemv_off:  # (when the variable turns it on, it is "ours")
+        for name, unstaged in (("cuda_gemv", False), ("cuda_gemv_unstaged", True)):
+            fn = gemv(M, unstaged)
+            if fn is not None:
+                peers[name] = Contender(fn, low)
     with_ring = ring(M) if device == "cuda" else None
     if with_ring is not None:
         peers["cuda_ring"] = Contender(with_ring, low)

@@ -67,7 +67,8 @@ fi
 step env 60 "$DEST/env.txt" "$PY" -m reparam_kernels env; cat "$DEST/env.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> "$DEST/env.txt" 2>&1
 
-# Smoke-test each kernel path added in sessions 5, 6, 10, 13, 15, 27, 33, 37 and 39 (x-ahead, stream-K, post-scale: off by default;
+# Smoke-test each kernel path added in sessions 5, 6, 10, 13, 15, 27, 33, 37, 39 and 41 (x-ahead, stream-K, post-scale,
+# the low-rank GEMV pair: off by default;
 # a failure sets their variable to 0, which also drops their bench peers) in its own process first (vq_linear's
 # pairs, the grouped ops' small-M kernel, the transposed small-M tile and the small-M ring before the rest of the small-M path, so that a failure
 # switches off only them; the ring's smoke cases switch it on, and a failure sets it to 0, which also drops
@@ -76,7 +77,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 # one bad kernel cannot take every later test and benchmark down with a sticky CUDA error;
 # smoke_<path>.log says why. A failure with no sign of the GPU in it (a Python error building a layer)
 # leaves the path on: switching it off cost the first H200 run every small-M and wgmma test.
-for pair in "post-scale:REPARAM_SMALL_M_POST_SCALE" "x-ahead:REPARAM_SMALL_M_X_AHEAD" "stream-K:REPARAM_SMALL_M_STREAM_K" "vq-pairs:REPARAM_VQ_SMALL_M" "grouped:REPARAM_GROUPED_SMALL_M" "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M" "cols-8-rows:REPARAM_BC_COLS_TILE_ROWS" "cols:REPARAM_BC_COLS_MAX_M"; do
+for pair in "gemv:REPARAM_LOWRANK_GEMV" "post-scale:REPARAM_SMALL_M_POST_SCALE" "x-ahead:REPARAM_SMALL_M_X_AHEAD" "stream-K:REPARAM_SMALL_M_STREAM_K" "vq-pairs:REPARAM_VQ_SMALL_M" "grouped:REPARAM_GROUPED_SMALL_M" "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M" "cols-8-rows:REPARAM_BC_COLS_TILE_ROWS" "cols:REPARAM_BC_COLS_MAX_M"; do
   match="${pair%%:*}"; var="${pair##*:}"
   if ! timeout 90 "$PY" benchmarks/sanitize_ops.py --paths-only --match "$match" > "$DEST/smoke_$match.log" 2>&1; then
     if grep -qiE "CUDA error|AcceleratorError|illegal|launch failure|relative error|FAIL|Killed|Terminated" \

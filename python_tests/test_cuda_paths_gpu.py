@@ -76,6 +76,33 @@ def test_pivoted_two_gemm_gathers_or_expands(rng, M, gather, expected):
     assert expected in names and ("expand_kernel" if expected == "gather_kernel" else "gather_kernel") not in names
     assert rel_err(y, piv.exact(x, u, w, perm, b)) <= TOL[torch.float16]
 
+
+# REPARAM_LOWRANK_GEMV=1 (csrc/lowrank_gemv.cuh): plain factors at M <= 8 as two GEMVs in one launch, u staged in
+# shared memory (STAGE_ROWS "": as many rows as fit; "0": every row from L2; "5": both in one CTA); the issue's
+# shapes at r = 512, odd ones, a u too large to stage whole (28672 rows, 217 a CTA), and CUDA-graph replay
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stage_rows", ["", "0", "5"])
+def test_lowrank_gemv_matches_float64(rng, dtype, stage_rows):
+    shapes = [(1, 8192, 8192, 512), (8, 8192, 8192, 512), (3, 1000, 72, 64), (5, 2056, 33, 8), (1, 8192, 28672, 512),
+              (2, 4096, 14336, 1024)]
+    with env_var("REPARAM_LOWRANK_GEMV", "1"), env_var("REPARAM_LOWRANK_GEMV_STAGE_ROWS", stage_rows):
+        for M, K, N, r in shapes:
+            x, u, v, b = plain.make(rng, (M,), K, N, r, dtype, device="cuda")
+            names = kernels(lambda: torch.ops.reparam.lowrank_linear(x, u, v, b))
+            assert "lowrank_gemv_kernel" in names, (M, K, N, r)
+            torch.full((64 << 20,), float("nan"), device="cuda", dtype=torch.float16)  # poison the cache
+            y = torch.ops.reparam.lowrank_linear(x, u, v, b)
+            assert rel_err(y, plain.exact(x, u, v, b)) <= TOL[dtype], (M, K, N, r)
+        g = torch.cuda.CUDAGraph()
+        out = torch.empty_like(y)
+        with torch.cuda.graph(g):
+            out.copy_(torch.ops.reparam.lowrank_linear(x, u, v, b))
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, plain.exact(x, u, v, b)) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("M,expected", [(1, "block_circulant_kernel"), (16, "block_circulant_kernel"),
                                         (64, "bc_large_m"), (2048, "bc_large_m")])
 def test_block_circulant_takes_its_path(rng, M, expected):

@@ -1,0 +1,238 @@
+// Decode of plain low-rank factors as two GEMVs in one cooperative launch (lowrank_linear, 1 <= M <= 8;
+// REPARAM_LOWRANK_GEMV=1, off until timed). Why: at M = 1 the H200 measured 13.0 us for the two cuBLAS
+// GEMVs of 8192^2, r = 512 (16.8 MB: 1.3 TB/s) and 17.0 us for the tensor-core fused launch
+// (lowrank_small_m.cuh: each phase a split-K tile loop one register stage ahead with a last-CTA fixup, then a
+// grid barrier); issue 2 asks for <= 6 us there. At M <= 8 the products are a few FMAs per weight byte, so
+// what counts is how many of the 16.8 MB are requested at once and how many dependent round trips follow:
+//   - phase 2's factor does not depend on t: every CTA copies its rows of u into shared memory with
+//     cp.async at the start (as many as fit, the rest prefetched into L2), so u streams in under phase 1;
+//   - phase 1 (t = x @ v^T) is one warp per (row of v, K split), each lane 8 16-byte loads of v issued
+//     before any is used (requested ahead of u's copies); the warp's sum goes to its split's slot of an
+//     fp32 workspace [S, M, r] by one store: no fixup, no atomics, no zeroing;
+//   - one grid barrier; each CTA sums the S slots of t into shared memory (fp32) and runs its rows of u
+//     from shared memory, a warp per row, bias and y's rounding at the end.
+// Everything in fp32; t is never rounded to x's dtype (the two cuBLAS products round it once).
+// Requirements (else the caller takes another path): plain factors, K and r multiples of 8, x, v, u 16-byte
+// aligned, sm_80+, t's fp32 copy (M r floats) within the shared-memory budget.
+#pragma once
+
+#include <algorithm>
+#include <cstdlib>
+#include <cooperative_groups.h>
+
+#include "common.cuh"
+
+namespace reparam {
+namespace lowrank_gemv {
+
+constexpr int kThreads = 256, kWarps = kThreads / 32;
+constexpr int kMaxM = 8;
+constexpr int kLaneK = 8;                 // elements of one 16-byte load
+constexpr int kWarpK = 32 * kLaneK;       // 256 elements: a warp's one load each
+constexpr int batch_for(int M) { return M <= 2 ? 8 : 4; }  // loads a lane holds in flight in phase 1
+
+template <class T>
+struct Args {
+  const T* x;      // [M, K]
+  const T* v;      // [r, K]
+  const T* u;      // [N, r]
+  const T* bias;   // [N] or nullptr
+  T* y;            // [M, N]
+  float* tp;       // [S, M, r]: phase 1's split sums
+  int64_t N, K, r;
+  int64_t ks;      // phase 1's K split (a multiple of kWarpK)
+  int S;           // K splits: ceil(K / ks)
+  int64_t rows;    // rows of u a CTA owns in phase 2
+  int64_t staged;  // of which the first `staged` are copied to shared memory
+};
+
+// 8 fp16 / bf16 of a 16-byte load, as fp32, dotted with 8 fp32.
+template <class T>
+__device__ __forceinline__ float dot8(const uint4& w, const float* f) {
+  const T* e = reinterpret_cast<const T*>(&w);
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) s = fmaf(to_f32<T>(e[i]), f[i], s);
+  return s;
+}
+template <class T>
+__device__ __forceinline__ void to_f32x8(const uint4& w, float* f) {
+  const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) f[i] = to_f32<T>(e[i]);
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// The CTA's rows [n0, n0 + staged) of u into shared memory (cp.async, one group), the rest of its rows'
+// lines into L2. Only addresses inside u are passed.
+template <class T>
+__device__ __forceinline__ void stage_u(const Args<T>& a, T* us, int64_t n0, int64_t n_end) {
+  const int64_t chunks_row = a.r / kLaneK, staged = min(a.staged, max(n_end - n0, int64_t(0)));
+  for (int64_t c = threadIdx.x; c < staged * chunks_row; c += kThreads)
+    cp_async16(us + c * kLaneK, a.u + n0 * a.r + c * kLaneK, 16);
+  cp_async_commit();
+  const int64_t lines_row = (a.r * int64_t(sizeof(T)) + 127) / 128;
+  for (int64_t e = threadIdx.x; e < (n_end - n0 - staged) * lines_row; e += kThreads) {
+    const int64_t n = n0 + staged + e / lines_row, j = e % lines_row;
+    prefetch_l2(reinterpret_cast<const unsigned char*>(a.u + n * a.r) + min(128 * j, a.r * int64_t(sizeof(T)) - 16));
+  }
+}
+
+template <class T, int M>
+__global__ void __launch_bounds__(kThreads, 2) lowrank_gemv_kernel(Args<T> a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // cp.async needs sm_80; the host never launches this below sm_80
+#else
+  constexpr int B = batch_for(M);
+  extern __shared__ __align__(16) uint4 gemv_smem[];
+  T* us = reinterpret_cast<T*>(gemv_smem);                    // [staged, r]
+  float* ts = reinterpret_cast<float*>(us + a.staged * a.r);  // [M, r]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t n0 = int64_t(blockIdx.x) * a.rows, n_end = min(a.N, n0 + a.rows);
+  bool staged = false;  // u's copies are issued after this warp's first batch of v loads
+
+  // ---- phase 1: tp[s, m, j] = sum over k of split s of x[m, k] v[j, k]
+  const int64_t units = a.r * a.S;
+  for (int64_t q = int64_t(blockIdx.x) * kWarps + warp; q < units; q += int64_t(gridDim.x) * kWarps) {
+    const int64_t j = q / a.S;
+    const int s = int(q % a.S);
+    const int64_t kb = s * a.ks, ke = min(a.K, kb + a.ks);
+    const T* vj = a.v + j * a.K;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+    for (int64_t k0 = kb + lane * kLaneK; k0 < ke; k0 += int64_t(B) * kWarpK) {
+      uint4 w[B];
+#pragma unroll
+      for (int i = 0; i < B; ++i) {  // all of the batch requested before any is used
+        const int64_t k = k0 + int64_t(i) * kWarpK;
+        w[i] = k < ke ? __ldg(reinterpret_cast<const uint4*>(vj + k)) : make_uint4(0, 0, 0, 0);
+      }
+      if (!staged) {  // (each warp's first batch is in flight: u's copies queue behind it)
+        stage_u(a, us, n0, n_end);
+        staged = true;
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {  // x's row m for the whole batch in one round trip (from L1 / L2), then the sums
+        uint4 xv[B];
+#pragma unroll
+        for (int i = 0; i < B; ++i)  // (a load past the split's end reads its last chunk: no guard before the load)
+          xv[i] = __ldg(reinterpret_cast<const uint4*>(a.x + m * a.K + min(k0 + int64_t(i) * kWarpK, ke - kLaneK)));
+#pragma unroll
+        for (int i = 0; i < B; ++i) {
+          if (k0 + int64_t(i) * kWarpK < ke) {
+            float f[8];
+            to_f32x8<T>(xv[i], f);
+            acc[m] += dot8<T>(w[i], f);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float t = warp_sum(acc[m]);
+      if (lane == 0) a.tp[(int64_t(s) * M + m) * a.r + j] = t;
+    }
+  }
+  if (!staged) stage_u(a, us, n0, n_end);  // a warp without phase-1 work
+
+  cooperative_groups::this_grid().sync();  // every split sum written and visible
+
+  // ---- phase 2: y[m, n] = sum over j of u[n, j] t[m, j] + bias[n], t = the splits' sum
+  for (int64_t e = threadIdx.x; e < int64_t(M) * a.r; e += kThreads) {
+    float t = 0.0f;
+    for (int s = 0; s < a.S; ++s) t += a.tp[int64_t(s) * M * a.r + e];  // written in this launch: plain loads
+    ts[e] = t;
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // t and every thread's copies of u
+  const int64_t chunks_row = a.r / kLaneK;
+  for (int64_t i = warp; i < n_end - n0; i += kWarps) {
+    const int64_t n = n0 + i;
+    const T* row = i < a.staged ? us + i * a.r : a.u + n * a.r;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+    for (int64_t c = lane; c < chunks_row; c += 32) {
+      const uint4 w = i < a.staged ? ld_shared16(row + c * kLaneK) : __ldg(reinterpret_cast<const uint4*>(row + c * kLaneK));
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[m] += dot8<T>(w, ts + m * a.r + c * kLaneK);
+    }
+    const float b = a.bias != nullptr ? to_f32<T>(a.bias[n]) : 0.0f;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float sum = warp_sum(acc[m]);
+      if (lane == 0) a.y[m * a.N + n] = from_f32<T>(sum + b);
+    }
+  }
+#endif
+}
+
+// REPARAM_LOWRANK_GEMV=1: this path for plain factors at M <= kMaxM (off until the H200 times it against the
+// two cuBLAS products: bench_lowrank's peer cuda_gemv). REPARAM_LOWRANK_GEMV_STAGE_ROWS=n caps the rows of u a
+// CTA copies to shared memory (0: every row read from L2 after the prefetch; peer cuda_gemv_unstaged).
+inline bool enabled() { return env_opt_in("REPARAM_LOWRANK_GEMV"); }
+
+template <class T, int M>
+bool launch(Args<T> a, const Tensor& like, cudaStream_t stream) {
+  constexpr auto kernel = lowrank_gemv_kernel<T, M>;
+  const int device = like.get_device_index();
+  // Two CTAs an SM (decode lives on loads in flight): each gets half the opt-in shared memory, less 1 KB
+  // the runtime reserves per CTA.
+  const int64_t budget = max_smem_optin(device) / 2 - 1024;
+  const int64_t t_bytes = int64_t(M) * a.r * int64_t(sizeof(float)), row_bytes = a.r * int64_t(sizeof(T));
+  if (t_bytes + 16 > budget) return false;
+  const int sms = sm_count(device);
+  a.rows = (a.N + 2 * sms - 1) / (2 * sms);
+  a.staged = std::min<int64_t>(a.rows, (budget - t_bytes) / row_bytes);
+  const size_t smem = size_t(a.staged * row_bytes + t_bytes);
+  allow_smem_optin<kernel>(device);  // (the opt-in maximum: later shapes may need more than this one)
+  int per_sm = 0;
+  RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  if (per_sm <= 0) return false;
+  const int64_t grid = int64_t(std::min(per_sm, 2)) * sms;  // all co-resident: the grid barrier needs it
+  a.rows = (a.N + grid - 1) / grid;
+  a.staged = std::min(a.staged, a.rows);
+  if (const char* cap = std::getenv("REPARAM_LOWRANK_GEMV_STAGE_ROWS"); cap != nullptr && cap[0] != '\0')
+    a.staged = std::min<int64_t>(a.staged, std::max<int64_t>(0, std::atoll(cap)));  // (A/B: u from L2 instead)
+  const size_t launch_smem = size_t(a.staged * row_bytes + t_bytes);  // (<= smem: as many CTAs fit)
+  // K splits: enough (row of v, split) units for every warp, each split at least one load a lane.
+  const int64_t warps = grid * kWarps, k_loads = (a.K + kWarpK - 1) / kWarpK;
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(warps / a.r, k_loads));
+  a.ks = (k_loads + splits - 1) / splits * kWarpK;
+  a.S = int((a.K + a.ks - 1) / a.ks);
+  Tensor tp = torch::stable::new_empty(like, {int64_t(a.S) * M * a.r}, ScalarType::Float);
+  a.tp = static_cast<float*>(tp.data_ptr());
+  void* params[] = {&a};
+  RK_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<void*>(kernel), dim3(unsigned(grid)), dim3(kThreads),
+                                            params, launch_smem, stream));
+  return true;  // tp is freed here; the caching allocator reuses it only after this launch
+}
+
+// y [M, N] = x [M, K] @ (u @ v)^T + bias on this path when it applies (false: the caller takes another).
+template <class T>
+bool run(const T* x, const T* v, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K, int64_t r,
+         const Tensor& like, cudaStream_t stream) {
+  if (!enabled() || M < 1 || M > kMaxM || K % kLaneK != 0 || r % kLaneK != 0 || K >= (int64_t(1) << 31) ||
+      r >= (int64_t(1) << 31) || N >= (int64_t(1) << 31) || !aligned16(x) || !aligned16(v) || !aligned16(u))
+    return false;
+  if (device_attribute<cudaDevAttrComputeCapabilityMajor>(like.get_device_index()) < 8) return false;
+  Args<T> a{x, v, u, bias, y, nullptr, N, K, r, 0, 0, 0, 0};
+  switch (M) {
+    case 1: return launch<T, 1>(a, like, stream);
+    case 2: return launch<T, 2>(a, like, stream);
+    case 3: return launch<T, 3>(a, like, stream);
+    case 4: return launch<T, 4>(a, like, stream);
+    case 5: return launch<T, 5>(a, like, stream);
+    case 6: return launch<T, 6>(a, like, stream);
+    case 7: return launch<T, 7>(a, like, stream);
+    default: return launch<T, 8>(a, like, stream);
+  }
+}
+
+}  // namespace lowrank_gemv
+}  // namespace reparam
