@@ -102,7 +102,8 @@ def ring(M):
 
 def gemv(M, unstaged=False):
     """lowrank_linear as two GEMVs in one cooperative launch (REPARAM_LOWRANK_GEMV=1, csrc/lowrank_gemv.cuh; off
-    until timed) where it applies (M <= 8): the A/B peer against the two cuBLAS products it would replace;
+    until timed) where it applies (M <= 8): the A/B peer against the two cuBLAS products it would replace (the
+    pivoted form's peer, pivoted_gemv, against its fused launch at M = 1 and the gather route above);
     `unstaged`: u read from L2 after a prefetch instead of copied to shared memory. None elsewhere."""
     paths = cuda_paths()["lowrank_cublas"]
     if M > paths["gemv_max_m"]:
@@ -156,6 +157,8 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
             fn = gemv(M, unstaged)
             if fn is not None:
                 peers[name] = Contender(fn, low)
+        if M <= cuda_paths()["lowrank_cublas"]["gemv_max_m"]:  # the pivoted form the same way
+            peers["pivoted_gemv"] = Contender(with_env(_pivoted_op, "REPARAM_LOWRANK_GEMV", "1"), piv)
     with_ring = ring(M) if device == "cuda" else None
     if with_ring is not None:
         peers["cuda_ring"] = Contender(with_ring, low)

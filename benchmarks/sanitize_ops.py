@@ -156,9 +156,11 @@ def path_cases():
          (1, 3)),
         ("lowrank small-M", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64), (1, 40)),
         ("lowrank two-GEMM", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(256, 72, dt, dev), rank=32), (600,)),
-        # plain factors at M <= 8 as two GEMVs in one launch (REPARAM_LOWRANK_GEMV=1, off by default, smoke-tested on
+        # both forms at M <= 8 as two GEMVs in one launch (REPARAM_LOWRANK_GEMV=1, off by default, smoke-tested on
         # its own by run_gpu.sh): K off the 256-element load row, several K splits, u staged in shared memory
         ("lowrank gemv", lambda dt, dev: rnn.LowRankLinear.from_linear(lin(1000, 200, dt, dev), rank=64), (1, 3, 8)),
+        ("pivoted gemv", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(1000, 200, dt, dev), rank=64),
+         (1, 3, 8)),
         ("pivoted small-M", lambda dt, dev: rnn.PivotedLowRankLinear.from_linear(lin(1024, 200, dt, dev), rank=64),
          (1, 40)),
         ("int4 dequant+cuBLAS", lambda dt, dev: rnn.Int4Linear.from_linear(lin(256, 72, dt, dev), group_size=128),

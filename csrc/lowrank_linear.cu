@@ -15,7 +15,7 @@
 // (so phase 1 streams it with the same 16-byte loads) and starts t at x's pivot columns; phase 1
 // is t += xg @ w^T; phases 2-3 are unchanged.
 //
-// With REPARAM_LOWRANK_GEMV=1 (off until timed) plain factors at M <= 8 first take lowrank_gemv.cuh's two GEMVs
+// With REPARAM_LOWRANK_GEMV=1 (off until timed) both forms at M <= 8 first take lowrank_gemv.cuh's two GEMVs
 // in one launch. From REPARAM_LOWRANK_CUBLAS_MIN_M on (by default every M for plain factors, M >= 2 for pivoted ones;
 // measured on the H200, see lowrank_large_m.cuh) the ops take two cuBLAS products instead. Below the
 // threshold (pivoted M = 1 by default, any M with it raised or 0),
@@ -220,12 +220,13 @@ Tensor lowrank_product(const char* op, Tensor x, Tensor u, Tensor v, const Tenso
   Tensor y = torch::stable::new_empty(xc, out_shape(xc, N));
   if (M == 0 || N == 0) return y;
   cudaStream_t stream = current_stream(xc);
-  if (perm == nullptr && lowrank_gemv::enabled()) {  // REPARAM_LOWRANK_GEMV=1: decode as two GEMVs, one launch
+  if (lowrank_gemv::enabled()) {  // REPARAM_LOWRANK_GEMV=1: decode as two GEMVs, one launch
     bool done = false;
     dispatch_half(xc.scalar_type(), op, [&](auto tag) {
       using T = decltype(tag);
       done = lowrank_gemv::run<T>(static_cast<const T*>(xc.data_ptr()), static_cast<const T*>(v.data_ptr()),
                                   static_cast<const T*>(u.data_ptr()),
+                                  perm ? static_cast<const int64_t*>(perm->data_ptr()) : nullptr,
                                   bias.has_value() ? static_cast<const T*>(bias->data_ptr()) : nullptr,
                                   static_cast<T*>(y.data_ptr()), M, N, K, r, xc, stream);
     });

@@ -77,7 +77,7 @@ def test_pivoted_two_gemm_gathers_or_expands(rng, M, gather, expected):
     assert rel_err(y, piv.exact(x, u, w, perm, b)) <= TOL[torch.float16]
 
 
-# REPARAM_LOWRANK_GEMV=1 (csrc/lowrank_gemv.cuh): plain factors at M <= 8 as two GEMVs in one launch, u staged in
+# REPARAM_LOWRANK_GEMV=1 (csrc/lowrank_gemv.cuh): both forms at M <= 8 as two GEMVs in one launch, u staged in
 # shared memory (STAGE_ROWS "": as many rows as fit; "0": every row from L2; "5": both in one CTA); the issue's
 # shapes at r = 512, odd ones, a u too large to stage whole (28672 rows, 217 a CTA), and CUDA-graph replay
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -93,6 +93,11 @@ def test_lowrank_gemv_matches_float64(rng, dtype, stage_rows):
             torch.full((64 << 20,), float("nan"), device="cuda", dtype=torch.float16)  # poison the cache
             y = torch.ops.reparam.lowrank_linear(x, u, v, b)
             assert rel_err(y, plain.exact(x, u, v, b)) <= TOL[dtype], (M, K, N, r)
+            # the pivoted form of the same shape: x's columns gathered a split at a time
+            xp, up, w, perm, bp = piv.make(rng, (M,), K, N, r, dtype, device="cuda")
+            assert "lowrank_gemv_kernel" in kernels(lambda: torch.ops.reparam.pivoted_lowrank_linear(xp, up, w, perm, bp))
+            yp = torch.ops.reparam.pivoted_lowrank_linear(xp, up, w, perm, bp)
+            assert rel_err(yp, piv.exact(xp, up, w, perm, bp)) <= TOL[dtype], ("pivoted", M, K, N, r)
         g = torch.cuda.CUDAGraph()
         out = torch.empty_like(y)
         with torch.cuda.graph(g):

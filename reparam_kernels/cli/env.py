@@ -134,7 +134,7 @@ def cuda_paths():
                                # w expanded (csrc/lowrank_large_m.cuh gather_pays); 0 / 1: never / always
                                "pivoted_gather": pivoted_gather(),
                                "pivoted_gather_switch": "REPARAM_PIVOTED_GATHER",
-                               # plain factors at M <= 8 as two GEMVs in one launch before the products above
+                               # both forms at M <= 8 as two GEMVs in one launch before every route above
                                # (csrc/lowrank_gemv.cuh; off until timed: on only where the variable starts with 1)
                                "gemv": os.environ.get("REPARAM_LOWRANK_GEMV", "").startswith("1"),
                                "gemv_max_m": 8,
@@ -225,7 +225,7 @@ def render(info):
                  f"[{bc['tile_rows_switch']}]")
     lines.append(f"  pivoted factors on the two cuBLAS GEMMs: x's columns gathered {lr['pivoted_gather']}, else the "
                  f"right factor expanded [{lr['pivoted_gather_switch']}]")
-    lines.append(f"  plain low rank at M <= {lr['gemv_max_m']} as two GEMVs in one launch, u staged in shared memory: "
+    lines.append(f"  low rank (plain and pivoted) at M <= {lr['gemv_max_m']} as two GEMVs in one launch, u staged in shared memory: "
                  f"{'on' if lr['gemv'] else 'off'} [{lr['gemv_switch']}]")
     lines.append(f"  low-rank decode launch (M below that): u prefetched into L2 during phase 1: "
                  f"{'on' if lr['prefetch_u'] else 'OFF'} [{lr['prefetch_u_switch']}]")
