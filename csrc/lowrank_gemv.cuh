@@ -21,7 +21,10 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
+#include <vector>
 #include <cooperative_groups.h>
 
 #include "common.cuh"
@@ -225,6 +228,21 @@ __global__ void __launch_bounds__(kThreads, 2) lowrank_gemv_kernel(Args<T> a) {
 // CTA copies to shared memory (0: every row read from L2 after the prefetch; peer cuda_gemv_unstaged).
 inline bool enabled() { return env_opt_in("REPARAM_LOWRANK_GEMV"); }
 
+// CTAs of Kernel an SM with `smem` bytes of dynamic shared memory. The occupancy query costs host time an eager
+// decode step feels, and its answer depends only on (kernel, device, smem): a few shapes a model, so kept.
+template <auto Kernel>
+inline int ctas_per_sm(int device, size_t smem) {
+  static std::mutex mu;
+  static std::vector<std::tuple<int, size_t, int>> seen;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& [d, s, n] : seen)
+    if (d == device && s == smem) return n;
+  int n = 0;
+  RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, kThreads, smem));
+  if (seen.size() < 256) seen.emplace_back(device, smem, n);
+  return n;
+}
+
 // Pivoted factors' gathered columns take at most this much of a CTA's shared memory (more K splits where not).
 constexpr int64_t kGatherBytes = 24 * 1024;
 
@@ -251,8 +269,7 @@ bool launch(Args<T> a, const Tensor& like, cudaStream_t stream) {
   a.staged = std::min<int64_t>(a.rows, (budget - fixed) / row_bytes);
   const size_t smem = size_t(a.staged * row_bytes + fixed);
   allow_smem_optin<kernel>(device);  // (the opt-in maximum: later shapes may need more than this one)
-  int per_sm = 0;
-  RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  const int per_sm = ctas_per_sm<kernel>(device, smem);
   if (per_sm <= 0) return false;
   const int64_t grid = int64_t(std::min(per_sm, 2)) * sms;  // all co-resident: the grid barrier needs it
   a.rows = (a.N + grid - 1) / grid;

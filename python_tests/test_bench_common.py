@@ -129,6 +129,26 @@ def test_run_case_times_a_correct_kernel(tmp_path, monkeypatch):
     assert rows[0]["peers"] == {} and res.failures[0]["case"]["peer"] == "bad_peer"
 
 
+def test_eager_rows_carry_each_contenders_host_time(tmp_path, monkeypatch):
+    # on a GPU (faked here) every eager row says what enqueuing one call cost each timed contender; a contender
+    # whose host timing fails is left out, and graph rows (no host cost to speak of) carry none
+    monkeypatch.setattr(cases.torch.cuda, "is_available", lambda: True)
+    costs = iter([3.0])  # ours; cuBLAS's host timing fails
+
+    def fake_host(fn):
+        fn()
+        try:
+            return next(costs)
+        except StopIteration:
+            raise RuntimeError("no host timing") from None
+    monkeypatch.setattr(cases, "time_host", fake_host)
+    res, rows, _ = _case(tmp_path, lambda a, b: a @ b.t(), monkeypatch)
+    assert "host_us" not in rows[0] and rows[1]["host_us"] == {"ours": 3.0}
+    monkeypatch.setattr(cases.torch.cuda, "is_available", lambda: False)
+    res, rows, _ = _case(tmp_path, lambda a, b: a @ b.t(), monkeypatch)
+    assert "host_us" not in rows[1]  # no GPU: nothing to say
+
+
 def test_run_case_never_times_a_wrong_kernel(tmp_path, monkeypatch):
     res, rows, timed = _case(tmp_path, lambda a, b: a @ b.t() * 1.01, monkeypatch)
     assert rows == [] and timed == [] and res.rows == []

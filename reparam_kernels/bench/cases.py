@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .results import Results
-from .timing import cycling, dtype_name, time_mode
+from .timing import cycling, dtype_name, time_host, time_mode
 
 # Relative error ||out - ref|| / ||ref|| allowed against the float64 reference (fp32 accumulation).
 TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}
@@ -134,9 +134,28 @@ def run_case(results: Results, *, dtype, M, N, K, params, ours, cublas, referenc
                 peer_us[name] = time_mode(mode, p.timed())
             except Exception as exc:
                 results.fail(dict(case, mode=mode, peer=name), f"timing failed: {_why(exc)}")
+        if mode == "eager":  # each contender's enqueue cost beside its eager time (host-bound or not)
+            host = host_times({"ours": ours, "cublas": cublas, **{n: good_peers[n] for n in peer_us}})
+            extra_mode = {"host_us": host} if host else {}
+        else:
+            extra_mode = {}
         rows.append(results.add(mode=mode, dtype=case["dtype"], M=M, N=N, K=K, params=case["params"],
-                                ours_us=ours_us, cublas_us=cublas_us, peers=peer_us, **extra))
+                                ours_us=ours_us, cublas_us=cublas_us, peers=peer_us, **extra, **extra_mode))
     return rows
+
+
+def host_times(contenders):
+    """{name: µs} of time_host for each contender on a GPU; {} without one. A contender whose host timing fails
+    is left out (its eager time stands; this is the explanation beside it, not a measurement of the op)."""
+    if not torch.cuda.is_available():
+        return {}
+    out = {}
+    for name, c in contenders.items():
+        try:
+            out[name] = round(time_host(c.timed()), 2)
+        except Exception:  # noqa: BLE001 - e.g. a peer whose switch a smoke run vetoed meanwhile
+            continue
+    return out
 
 
 def _why(exc):

@@ -4,6 +4,9 @@
   replayed (``triton.testing.do_bench_cudagraph``): no launch gaps, no host cost.
 * ``time_eager``: the time a user sees in eager PyTorch (``triton.testing.do_bench``,
   which flushes the L2 between calls), launch overheads included.
+* ``time_host``: the CPU's cost of enqueuing one call (eager rows carry it as ``host_us``): do_bench's
+  flush keeps the GPU busy while the CPU enqueues the next call, so an eager time is the kernel's
+  unless the host cost exceeds the flush plus the kernel — ``host_us`` says which one a row measured.
 
 The H200's L2 holds 60 MB. ``do_bench_cudagraph`` does not flush it, so a weight
 that fits would be timed from the cache; ``rotation_count`` + ``cycling`` give
@@ -71,6 +74,22 @@ def time_eager(fn, warmup_ms=10, rep_ms=40):
     import triton.testing
 
     return 1e3 * triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def time_host(fn, calls=50):
+    """Host time per call of fn() in microseconds: `calls` calls issued back to back after a sync, none between
+    (few enough that the launch queue never fills). What the CPU spends enqueuing one call: an eager time near
+    it rather than near the kernel-only time says the eager row was host-bound."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return 1e6 * (t1 - t0) / calls
 
 
 def time_mode(mode, fn):
