@@ -100,18 +100,6 @@ def ring(M):
     return with_env(_lowrank_op, "REPARAM_SMALL_M_RING", "1")
 
 
-def gemv(M, unstaged=False):
-    """lowrank_linear as two GEMVs in one cooperative launch (REPARAM_LOWRANK_GEMV=1, csrc/lowrank_gemv.cuh; off
-    until timed) where it applies (M <= 8): the A/B peer against the two cuBLAS products it would replace (the
-    pivoted form's peer, pivoted_gemv, against its fused launch at M = 1 and the gather route above);
-    `unstaged`: u read from L2 after a prefetch instead of copied to shared memory. None elsewhere."""
-    paths = cuda_paths()["lowrank_cublas"]
-    if M > paths["gemv_max_m"]:
-        return None
-    env = ("REPARAM_LOWRANK_GEMV", "1") + (("REPARAM_LOWRANK_GEMV_STAGE_ROWS", "0") if unstaged else ())
-    return with_env(_lowrank_op, *env)
-
-
 def _pivoted_op(x, u, w, perm):
     return reparam_kernels.ops.pivoted_lowrank_linear(x, u, w, perm)
 
@@ -151,14 +139,15 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     no_pf = no_prefetch_u(M) if device == "cuda" else None
     if no_pf is not None:
         peers["cuda_no_prefetch_u"] = Contender(no_pf, low)
-    gemv_off = not cuda_paths()["lowrank_cublas"]["gemv"] and not cuda_paths()["lowrank_cublas"]["gemv_vetoed"]
-    if device == "cuda" and gemv_off:  # (when the variable turns it on, it is "ours")
-        for name, unstaged in (("cuda_gemv", False), ("cuda_gemv_unstaged", True)):
-            fn = gemv(M, unstaged)
-            if fn is not None:
-                peers[name] = Contender(fn, low)
-        if M <= cuda_paths()["lowrank_cublas"]["gemv_max_m"]:  # the pivoted form the same way
-            peers["pivoted_gemv"] = Contender(with_env(_pivoted_op, "REPARAM_LOWRANK_GEMV", "1"), piv)
+    # Both forms as two GEMVs in one cooperative launch (REPARAM_LOWRANK_GEMV=1, csrc/lowrank_gemv.cuh; off until
+    # timed) where it applies: A/B peers against the routes it would replace; unstaged: u read from L2 after a
+    # prefetch instead of copied to shared memory. (Switched on by the variable, it is "ours"; vetoed, skipped.)
+    lr = cuda_paths()["lowrank_cublas"]
+    if device == "cuda" and M <= lr["gemv_max_m"] and not lr["gemv"] and not lr["gemv_vetoed"]:
+        on = ("REPARAM_LOWRANK_GEMV", "1")
+        peers["cuda_gemv"] = Contender(with_env(_lowrank_op, *on), low)
+        peers["cuda_gemv_unstaged"] = Contender(with_env(_lowrank_op, *on, "REPARAM_LOWRANK_GEMV_STAGE_ROWS", "0"), low)
+        peers["pivoted_gemv"] = Contender(with_env(_pivoted_op, *on), piv)
     with_ring = ring(M) if device == "cuda" else None
     if with_ring is not None:
         peers["cuda_ring"] = Contender(with_ring, low)

@@ -286,12 +286,13 @@ bool launch(Args<T> a, const Tensor& like, cudaStream_t stream) {
 }
 
 // y [M, N] = x [M, K] @ W^T + bias on this path when it applies (false: the caller takes another): W = u @ v for
-// perm == nullptr (v [r, K]), else W = u @ [I | v] @ P with v = w [r, K - r] and perm [K].
+// perm == nullptr (v [r, K]), else W = u @ [I | v] @ P with v = w [r, K - r] and perm [K]. The caller asks
+// enabled() first.
 template <class T>
 bool run(const T* x, const T* v, const T* u, const int64_t* perm, const T* bias, T* y, int64_t M, int64_t N,
          int64_t K, int64_t r, const Tensor& like, cudaStream_t stream) {
   const int64_t K1 = perm ? K - r : K;  // phase 1's reduction length
-  if (!enabled() || M < 1 || M > kMaxM || K1 < kLaneK || K1 % kLaneK != 0 || r % kLaneK != 0 ||
+  if (M < 1 || M > kMaxM || K1 < kLaneK || K1 % kLaneK != 0 || r % kLaneK != 0 ||
       K >= (int64_t(1) << 31) || r >= (int64_t(1) << 31) || N >= (int64_t(1) << 31) || !aligned16(v) ||
       !aligned16(u) || (!perm && !aligned16(x)))
     return false;

@@ -134,13 +134,12 @@ def run_case(results: Results, *, dtype, M, N, K, params, ours, cublas, referenc
                 peer_us[name] = time_mode(mode, p.timed())
             except Exception as exc:
                 results.fail(dict(case, mode=mode, peer=name), f"timing failed: {_why(exc)}")
-        if mode == "eager":  # each contender's enqueue cost beside its eager time (host-bound or not)
-            host = host_times({"ours": ours, "cublas": cublas, **{n: good_peers[n] for n in peer_us}})
-            extra_mode = {"host_us": host} if host else {}
-        else:
-            extra_mode = {}
+        # each contender's enqueue cost beside its eager time (host-bound or not)
+        timed = {"ours": ours, "cublas": cublas, **{n: good_peers[n] for n in peer_us}}
+        host = host_times(timed) if mode == "eager" else {}
         rows.append(results.add(mode=mode, dtype=case["dtype"], M=M, N=N, K=K, params=case["params"],
-                                ours_us=ours_us, cublas_us=cublas_us, peers=peer_us, **extra, **extra_mode))
+                                ours_us=ours_us, cublas_us=cublas_us, peers=peer_us, **extra,
+                                **({"host_us": host} if host else {})))
     return rows
 
 
