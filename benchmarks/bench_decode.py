@@ -17,8 +17,8 @@ Each variant: prefill `--context` random tokens into a static KV cache (not time
 compile the one-token decode step (torch.compile, mode="reduce-overhead": CUDA
 graphs), check the compiled step against the eager one (a variant that disagrees
 is not timed), then time `--tokens` decode steps. tokens/s = batch x tokens / time.
-Every Linear but lm_head is swapped; lm_head and embeddings stay dense fp16 in all
-variants, so the speedups are those of a real deployment, not of the Linears alone.
+Every Linear but lm_head is swapped; lm_head and embeddings stay dense fp16 (unless +head, below),
+so the speedups are those of a deployment that keeps its head exact, not of the Linears alone.
 Random weights: the speed is what is measured, not the text.
 Results: benchmarks/results/<gpu>/decode.json, rewritten after every variant.
 
@@ -33,6 +33,9 @@ A variant `KIND+fused` (``int4_g128+fused``, ``dense+fused``; ``int4_g128+fused:
 KIND with q/k/v and gate/up fused into one layer each (``reparam_kernels.fuse_projections``): 4 launches a
 decoder layer instead of 7 (low rank: 11 products instead of 14, the siblings' right factors stacked). Its
 speedup is still against plain dense; ``dense+fused`` says what fusing alone buys.
+A variant `KIND+head` (``int4_g128+fused+head``) swaps lm_head too, as torchao's and gpt-fast's int4 recipes do
+by default (Llama-3-8B's head is 1.05 GB of fp16, ~7% of the weights, read every step): the row's "lm_head"
+says which it was. (Its quality cost is measured apart: docs/quant.md, "lm_head too".)
 """
 import argparse
 import contextlib
@@ -101,10 +104,10 @@ def static_cache(config, batch, length, device, dtype):
 
 
 @torch.no_grad()
-def build_model(config, kind, dtype, device, fused=False):
+def build_model(config, kind, dtype, device, fused=False, head=False):
     """The model with random weights, its Linears (not lm_head) swapped for layer `kind` (None: dense); a
     mixture-of-experts model's experts split into Linears first and grouped again after (module doc);
-    `fused`: sibling projections fused after (``fuse_projections``)."""
+    `fused`: sibling projections fused after (``fuse_projections``); `head`: lm_head swapped too."""
     import transformers
     from reparam_kernels import fuse_projections
     from reparam_kernels.compress.experts import group_experts, unfuse_experts
@@ -120,7 +123,9 @@ def build_model(config, kind, dtype, device, fused=False):
     swapped = 0
     if kind is not None:
         unfuse_experts(model)
-        swapped = variants.replace_linears(model, kind, random=True)
+        if head and getattr(config, "tie_word_embeddings", False):
+            raise ValueError("+head: this configuration ties lm_head to the embeddings; swapping it would untie them")
+        swapped = variants.replace_linears(model, kind, skip=() if head else ("lm_head",), random=True)
         group_experts(model)
     if fused:
         fuse_projections(model)
@@ -233,31 +238,39 @@ SWITCH_SETS = {"x_ahead": {"REPARAM_SMALL_M_X_AHEAD": "1"}, "stream_k": {"REPARA
                "gemv": {"REPARAM_LOWRANK_GEMV": "1"}}
 
 
+SUFFIXES = ("fused", "head")
+
+
 def split_variant(kind):
-    """(layer kind or None for dense, {variable: value}, fused) of a variant name KIND[+fused][:SWITCHES]."""
-    head, _, switches = kind.partition(":")
-    base, plus, extra = head.partition("+")
-    if plus and extra != "fused":
-        raise ValueError(f"variant {kind!r}: unknown suffix +{extra}; the only one is +fused")
+    """(layer kind or None for dense, {variable: value}, fused, head) of a variant name
+    KIND[+fused][+head][:SWITCHES]."""
+    name, _, switches = kind.partition(":")
+    base, *extra = name.split("+")
+    for suffix in extra:
+        if suffix not in SUFFIXES or extra.count(suffix) > 1:
+            raise ValueError(f"variant {kind!r}: unknown or repeated suffix +{suffix}; the suffixes are "
+                             + ", ".join("+" + s for s in SUFFIXES))
+    if base == "dense" and "head" in extra:
+        raise ValueError(f"variant {kind!r}: +head swaps lm_head for the variant's layer kind; dense has none")
     if switches and switches not in SWITCH_SETS:
         raise ValueError(f"variant {kind!r}: unknown switches {switches!r}; choose from {', '.join(SWITCH_SETS)}")
-    return (None if base == "dense" else base), SWITCH_SETS.get(switches, {}), bool(plus)
+    return (None if base == "dense" else base), SWITCH_SETS.get(switches, {}), "fused" in extra, "head" in extra
 
 
 def run_variant(data, kind, config, batches, context, tokens, mode, dtype, device, dense_tps, profile=0):
     """Build one variant, then check and time it at every batch size (under its switches); rows go into `data`."""
-    base, switches, fused = split_variant(kind)
+    base, switches, fused, head = split_variant(kind)
     with contextlib.ExitStack() as stack:
         for name, value in switches.items():
             stack.enter_context(env_var(name, value))
-        time_variant(data, kind, base, fused, config, batches, context, tokens, mode, dtype, device, dense_tps,
+        time_variant(data, kind, base, fused, head, config, batches, context, tokens, mode, dtype, device, dense_tps,
                      profile)
 
 
-def time_variant(data, kind, base, fused, config, batches, context, tokens, mode, dtype, device, dense_tps,
+def time_variant(data, kind, base, fused, head, config, batches, context, tokens, mode, dtype, device, dense_tps,
                  profile=0):
     torch._dynamo.reset()
-    model, swapped = build_model(config, base, dtype, device, fused=fused)
+    model, swapped = build_model(config, base, dtype, device, fused=fused, head=head)
     wbytes = weight_bytes(model)
     for batch in batches:
         tps, diff, prof = decode_speed(model, config, batch, context, tokens, mode, device, profile=profile)
@@ -270,7 +283,7 @@ def time_variant(data, kind, base, fused, config, batches, context, tokens, mode
             dense_tps[batch] = tps
         row = {"variant": kind, "batch": batch, "context": context, "tokens_per_s": tps,
                "speedup_vs_dense": tps / dense_tps[batch] if batch in dense_tps else None,
-               "linears_swapped": swapped, "weight_bytes": wbytes, "compiled_vs_eager_rel_diff": diff}
+               "linears_swapped": swapped, "lm_head": base if head else "dense", "weight_bytes": wbytes, "compiled_vs_eager_rel_diff": diff}
         if experts_path(model) is not None:
             row["experts"] = experts_path(model)
         if prof is not None:

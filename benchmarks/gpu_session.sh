@@ -49,9 +49,11 @@ focus() {  # $1: seconds
 # Issue 6's decode: what each variant stands for is in docs/status.md (the next run's plan). The GQA attention
 # reads the KV cache once (transformers' sdpa copies it to every query head under a static cache's mask);
 # --profile 4 keeps each row's step time by kernel category (where the non-Linear time goes).
-# Order: the issue's targets first (int4 at batch 1 and 16, int8, low rank at 40%), then what they are weighed
-# against (unfused, the off-by-default switches), then the issue's other kinds: a cut-short run loses those.
-VARIANTS="${GPU_SESSION_VARIANTS:-dense,int4_g128+fused,int8+fused,lowrank_40+fused,int4_g128,int4_g128+fused:post_scale_stream_k_x_ahead,lowrank_40,lowrank_20+fused,block_circulant_b256,lowrank40_int4}"
+# Order: the issue's targets first (int4 at batch 1 and 16, int8, low rank at 40%; int4 with lm_head int4 too, as
+# torchao's recipe does), then what they are weighed against (unfused, the off-by-default switches), then the
+# issue's other kinds: a cut-short run loses those. (A 32-layer variant's compile is not known: on the CPU,
+# inductor took 2.3x as long for 32 layers as for 4, and run 3's 4-layer variants took ~25 s each.)
+VARIANTS="${GPU_SESSION_VARIANTS:-dense,int4_g128+fused,int8+fused,lowrank_40+fused,int4_g128+fused+head,int4_g128,int4_g128+fused:post_scale_stream_k_x_ahead,lowrank_40,lowrank_20+fused,block_circulant_b256,lowrank40_int4}"
 decode() {  # $1: seconds
   local dest="$OUT/decode_run" t=$(( $1 - 15 ))
   mkdir -p "$dest"

@@ -34,13 +34,8 @@ def test_bench_decode_switch_variants(tmp_path, monkeypatch):
     import json
 
     decode = importlib.import_module("bench_decode")
-    real, seen = decode.build_model, []
-
-    def build(config, kind, dtype, device, fused=False):
-        seen.append((kind, os.environ.get("REPARAM_SMALL_M_STREAM_K"), os.environ.get("REPARAM_SMALL_M_X_AHEAD")))
-        return real(config, kind, dtype, device, fused)
-
-    monkeypatch.setattr(decode, "build_model", build)
+    seen = record_builds(decode, monkeypatch, lambda model, kind, fused: (
+        kind, os.environ.get("REPARAM_SMALL_M_STREAM_K"), os.environ.get("REPARAM_SMALL_M_X_AHEAD")))
     monkeypatch.delenv("REPARAM_SMALL_M_STREAM_K", raising=False)
     monkeypatch.delenv("REPARAM_SMALL_M_X_AHEAD", raising=False)
     assert decode.main(["--tiny", "--variants", "dense,int8,int8:stream_k_x_ahead", "--context", "8", "--tokens", "1",
@@ -57,9 +52,9 @@ def record_builds(decode, monkeypatch, what):
     """bench_decode builds its models as before; returns the list of what(model, kind, fused) of each."""
     real, seen = decode.build_model, []
 
-    def build(config, kind, dtype, device, fused=False):
-        model, swapped = real(config, kind, dtype, device, fused)
-        seen.append(what(model, kind, fused))
+    def build(config, kind, dtype, device, **kw):
+        model, swapped = real(config, kind, dtype, device, **kw)
+        seen.append(what(model, kind, kw.get("fused", False)))
         return model, swapped
 
     monkeypatch.setattr(decode, "build_model", build)
@@ -85,8 +80,32 @@ def test_bench_decode_fused_variants(tmp_path, monkeypatch):
     data = json.load(open(tmp_path / "cpu" / "decode.json"))
     assert [r["variant"] for r in data["rows"]] == ["dense", "dense+fused", "int8+fused:x_ahead"]
     assert not data["skipped"]
-    with pytest.raises(SystemExit, match=r"unknown suffix \+fast"):
+    with pytest.raises(SystemExit, match=r"unknown or repeated suffix \+fast"):
         decode.main(["--tiny", "--variants", "int8+fast", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"repeated suffix \+fused"):
+        decode.main(["--tiny", "--variants", "int8+fused+fused", "--out", str(tmp_path)])
+
+
+def test_bench_decode_head_variant(tmp_path, monkeypatch):
+    # KIND+head swaps lm_head too (with +fused and switches in any order of suffixes); dense+head is refused
+    pytest.importorskip("transformers")
+    import json
+
+    from reparam_kernels.nn import Int8Linear
+
+    decode = importlib.import_module("bench_decode")
+    seen = record_builds(decode, monkeypatch, lambda model, kind, fused: type(model.lm_head).__name__)
+    assert decode.main(["--tiny", "--variants", "dense,int8+fused,int8+head+fused:x_ahead", "--context", "8",
+                        "--tokens", "1", "--compile", "none", "--out", str(tmp_path)]) == 0
+    assert seen == ["Linear", "Linear", Int8Linear.__name__]
+    rows = json.load(open(tmp_path / "cpu" / "decode.json"))["rows"]
+    assert [(r["variant"], r["lm_head"]) for r in rows] == [
+        ("dense", "dense"), ("int8+fused", "dense"), ("int8+head+fused:x_ahead", "int8")]
+    # the head is one more swapped Linear
+    assert rows[2]["linears_swapped"] == rows[1]["linears_swapped"] + 1
+    assert rows[2]["weight_bytes"] < rows[1]["weight_bytes"]
+    with pytest.raises(SystemExit, match="dense has none"):
+        decode.main(["--tiny", "--variants", "dense+head", "--out", str(tmp_path)])
 
 
 def test_bench_decode_profile(tmp_path):
@@ -134,10 +153,10 @@ def test_bench_decode_a_failing_variant_is_recorded(tmp_path, monkeypatch):
     decode = importlib.import_module("bench_decode")
     real = decode.build_model
 
-    def build(config, kind, dtype, device, fused=False):
+    def build(config, kind, dtype, device, **kw):
         if kind == "int8":
             raise RuntimeError("no kernel image for this GPU")
-        return real(config, kind, dtype, device, fused)
+        return real(config, kind, dtype, device, **kw)
 
     monkeypatch.setattr(decode, "build_model", build)
     assert decode.main(["--tiny", "--variants", "int8,dense", "--context", "8", "--tokens", "1",
