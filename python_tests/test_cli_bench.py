@@ -144,3 +144,43 @@ def test_peers_summary_counts_wins_and_skips_other_libraries(tmp_path, capsys):
     assert lines[3].startswith("| cuda_slow | graph | 2 | 0 | 2.000 |") and len(lines) == 4
     assert not any("triton" in line or "cuda_nan" in line for line in lines)
     assert bench.main(["--peers", str(tmp_path / "empty")]) == 2
+
+
+def test_merge_decode_keeps_the_variants_a_later_run_did_not_time(tmp_path):
+    # the decode stage may run in two calls: the second's file must not drop the first's rows; a run of
+    # another setup (4 layers) replaces the file whole
+    import json
+
+    def decode_file(date, rows, layers=32, skipped=()):
+        return dict(ENV, date=date, model="Llama-3-8B config, random weights", config={"num_hidden_layers": layers},
+                    dtype="float16", compile="reduce-overhead", attn_implementation="reparam_gqa_sdpa", context=512,
+                    new_tokens=64, skipped=list(skipped),
+                    rows=[{"variant": v, "batch": b, "tokens_per_s": t, "speedup_vs_dense": s, "weight_bytes": 5e9}
+                          for v, b, t, s in rows])
+
+    old = decode_file("2026-12-10T00:00:00+00:00", [("dense", 1, 100.0, 1.0), ("int4_g128+fused", 1, 190.0, 1.9),
+                                                    ("int8+fused", 1, 150.0, 1.5)])
+    new = decode_file("2026-12-11T00:00:00+00:00", [("dense", 1, 101.0, 1.0), ("lowrank_40+fused", 1, 140.0, 1.39)],
+                      skipped=[{"variant": "int8+fused", "reason": "time budget 220 s spent"},
+                               {"variant": "vq_d2", "reason": "time budget 220 s spent"}])
+    root = tmp_path / "results" / "h200"
+    run = tmp_path / "run" / "h200"
+    root.mkdir(parents=True)
+    run.mkdir(parents=True)
+    name = "decode_reparam_gqa_sdpa.json"
+    (root / name).write_text(json.dumps(old))
+    (run / name).write_text(json.dumps(new))
+    doc = tmp_path / "b.md"
+    assert bench.main(["--merge", str(tmp_path / "run"), "--out", str(tmp_path / "results"), "--docs", str(doc)]) == 0
+    merged = json.loads((root / name).read_text())
+    assert [(r["variant"], r["tokens_per_s"], "run" in r) for r in merged["rows"]] == [
+        ("dense", 101.0, False), ("lowrank_40+fused", 140.0, False), ("int4_g128+fused", 190.0, True),
+        ("int8+fused", 150.0, True)]
+    assert merged["date"] == new["date"] and [s["variant"] for s in merged["skipped"]] == ["vq_d2"]
+    text = doc.read_text()
+    assert "| int4_g128+fused (run of 2026-12-10) | 1 | 190.0 | 1.90× |" in text
+    assert "| lowrank_40+fused | 1 | 140.0 | 1.39× |" in text
+    # another setup: the file is the new run's alone
+    (run / name).write_text(json.dumps(decode_file("2026-12-12T00:00:00+00:00", [("dense", 1, 300.0, 1.0)], layers=4)))
+    bench.main(["--merge", str(tmp_path / "run"), "--out", str(tmp_path / "results"), "--docs", str(doc)])
+    assert [r["variant"] for r in json.loads((root / name).read_text())["rows"]] == ["dense"]

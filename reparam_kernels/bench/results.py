@@ -171,6 +171,30 @@ def merge(old, new):
     return validate(merged)
 
 
+# What must match for two decode files' rows to sit in one table (bench_decode's header fields)
+DECODE_SETUP = ("gpu", "model", "config", "dtype", "compile", "context", "new_tokens", "attn_implementation")
+
+
+def merge_decode(old, new):
+    """A later decode run (``bench_decode.py``) over an earlier one of the same setup (DECODE_SETUP): new's
+    header and rows, and old's rows for the (variant, batch) pairs it did not time, each marked with its own run
+    ("run": date, torch) — a row's speedup stays the one against its own run's dense. A run of another setup
+    (4 layers against 32, another attention, …) replaces the file whole: its rows would not compare."""
+    for data in (old, new):
+        if "rows" not in data:
+            raise ValueError("merge_decode: a decode file lacks `rows`")
+    if any(old.get(k) != new.get(k) for k in DECODE_SETUP):
+        return new
+    measured = {(r["variant"], r["batch"]) for r in new["rows"]}
+    earlier = {k: old.get(k) for k in ("date", "torch")}
+    kept = [dict(r, run=r.get("run", earlier)) for r in old["rows"] if (r["variant"], r["batch"]) not in measured]
+    rows = new["rows"] + kept
+    timed = {r["variant"] for r in rows}
+    # new's "not timed" notes (a spent budget, mostly) for variants an earlier run did time would mislead
+    skipped = [s for s in new.get("skipped", []) if s.get("variant") not in timed]
+    return dict(new, rows=rows, skipped=skipped)
+
+
 def _fmt_params(params):
     return ", ".join(f"{k}={v}" for k, v in params.items()) or "-"
 
@@ -241,7 +265,8 @@ def render_decode(data):
              "| variant | batch | tokens/s | × dense | weight GB |", "|---|---|---|---|---|"]
     for r in data["rows"]:
         speed = f"{r['speedup_vs_dense']:.2f}×" if r.get("speedup_vs_dense") else "-"
-        variant = r["variant"] + (f" (experts: {r['experts']})" if r.get("experts") else "")
+        variant = (r["variant"] + (f" (experts: {r['experts']})" if r.get("experts") else "")
+                   + (f" (run of {str(r['run'].get('date'))[:10]})" if r.get("run") else ""))
         lines.append(f"| {variant} | {r['batch']} | {r['tokens_per_s']:.1f} | {speed} | "
                      f"{r.get('weight_bytes', 0) / 1e9:.2f} |")
     for s in data.get("skipped", []):

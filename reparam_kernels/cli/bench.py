@@ -18,7 +18,8 @@ import sys
 import time
 
 from ..bench.cases import progress
-from ..bench.results import DEFAULT_ROOT, OUT_ENV, gpu_slug, load, merge, render_decode, render_files, write_json
+from ..bench.results import (DEFAULT_ROOT, OUT_ENV, gpu_slug, load, merge, merge_decode, render_decode, render_files,
+                             write_json)
 from ..bench.peers import render as render_peers, summarize as summarize_peers
 from ..bench.roofline import plot
 
@@ -85,7 +86,8 @@ def op_result_files(result_dir):
 
 def merge_run(run_dir, out):
     """Every <gpu>/<op>.json under run_dir merged over out/<gpu>/<op>.json (results.merge: the rows the run
-    did not measure stay, marked with their own run); a decode file replaces the committed one whole."""
+    did not measure stay, marked with their own run); a decode file likewise by (variant, batch) where the two
+    runs' setups match, else it replaces the committed one whole (results.merge_decode)."""
     done = []
     for path in sorted(glob.glob(os.path.join(run_dir, "**", "*.json"), recursive=True)):
         slug, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
@@ -95,6 +97,9 @@ def merge_run(run_dir, out):
         if is_decode(name):
             with open(path) as f:
                 data = json.load(f)
+            if os.path.exists(dest):
+                with open(dest) as f:
+                    data = merge_decode(json.load(f), data)
         else:
             data = merge(load(dest), load(path)) if os.path.exists(dest) else load(path)
         write_json(dest, data)
