@@ -76,15 +76,15 @@ def fused(M):
     return with_env(_lowrank_op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "0")
 
 
-def no_prefetch_u(M):
-    """lowrank_linear with its decode launch not prefetching u into L2 (REPARAM_LOWRANK_PREFETCH_U=0)
-    where the op runs that launch (the small-M path, below the two-cuBLAS threshold): the A/B peer of
-    the prefetch. None elsewhere."""
+def prefetch_u(M):
+    """lowrank_linear with its decode launch prefetching u into L2 (REPARAM_LOWRANK_PREFETCH_U=1; off by
+    default since run 3 timed it slower) where the op runs that launch (the small-M path, below the two-cuBLAS
+    threshold): the A/B peer of the default. None elsewhere."""
     paths = cuda_paths()
     min_m = paths["lowrank_cublas"]["min_m"]
     if not paths["small_m"]["on"] or M > paths["small_m"]["max_m"] or (min_m is not None and M >= min_m):
         return None
-    return with_env(_lowrank_op, "REPARAM_LOWRANK_PREFETCH_U", "0")
+    return with_env(_lowrank_op, "REPARAM_LOWRANK_PREFETCH_U", "1")
 
 
 def ring(M):
@@ -128,17 +128,19 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     if device == "cuda" and pivoted_gathers(M, r):  # its A/B peer: w expanded to [r, K] instead
         peers["pivoted_expand"] = Contender(with_env(_pivoted_op, "REPARAM_PIVOTED_GATHER", "0"), piv)
     piv_min = cuda_paths()["lowrank_cublas"]["pivoted_min_m"]
-    if device == "cuda" and piv_min is not None and M < piv_min:  # the fused launch's A/B peer: two products
+    if device == "cuda" and piv_min is not None and M < piv_min:  # the fused launch's A/B peers: two products,
         peers["pivoted_two_gemm"] = Contender(with_env(_pivoted_op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "1"), piv)
+        # and u prefetched into L2 under phase 1 (the default until run 3 timed it on plain factors)
+        peers["pivoted_prefetch_u"] = Contender(with_env(_pivoted_op, "REPARAM_LOWRANK_PREFETCH_U", "1"), piv)
     wmma = wmma_fused(M) if device == "cuda" else None
     if wmma is not None:
         peers["cuda_wmma_fused"] = Contender(wmma, low)
     fused_path = fused(M) if device == "cuda" else None
     if fused_path is not None:
         peers["cuda_fused"] = Contender(fused_path, low)
-    no_pf = no_prefetch_u(M) if device == "cuda" else None
-    if no_pf is not None:
-        peers["cuda_no_prefetch_u"] = Contender(no_pf, low)
+    pf = prefetch_u(M) if device == "cuda" else None
+    if pf is not None:
+        peers["cuda_prefetch_u"] = Contender(pf, low)
     # Both forms as two GEMVs in one cooperative launch (REPARAM_LOWRANK_GEMV=1, csrc/lowrank_gemv.cuh; off until
     # timed) where it applies: A/B peers against the routes it would replace; unstaged: u read from L2 after a
     # prefetch instead of copied to shared memory. (Switched on by the variable, it is "ours"; vetoed, skipped.)

@@ -8,7 +8,8 @@ Writes benchmarks/results/<gpu>/block_circulant_linear.json and toeplitz_linear.
 * ours      — what BlockCirculantLinear runs in eval mode: at M <= COLS_MAX_M (16) in fp16 / bf16,
               reparam_kernels.ops.block_circulant_cols_linear (the tensor-core kernel on the blocks'
               first columns, `backend` "cuda_cols"; the FFT kernel is then the peer "cuda_fft", and the
-              same kernel without split K "cuda_cols_1split", above M = 8 in 8-row tiles "cuda_cols_8rows"),
+              same kernel without split K "cuda_cols_1split", split wherever it may "cuda_cols_split",
+              above M = 8 in 8-row tiles "cuda_cols_8rows"),
               else reparam_kernels.ops.block_circulant_linear (the fused FFT kernel for
               b = 64..4096 powers of two; the row's `backend` says what ran);
               Toeplitz rows the same way (toeplitz_linear, or the columns op on its embedding's column);
@@ -111,8 +112,11 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
     ours = Contender(ours_fn, sets)
     if device == "cuda" and takes_cols(M, b, dtype):  # (Toeplitz: its embedding's column as one block)
         ours, peers["cuda_fft"], backend = Contender(cols_fn, col_sets), ours, "cuda_cols"
-        # K not split across CTAs (each warp's chunks one after another, no fixup): the trade the default makes
+        # K never split across CTAs (each warp's chunks one after another, no fixup), and split wherever it
+        # leaves no more than 32 partials (the plan before session 42): the default splits only where the
+        # output tiles alone leave SMs idle (run 3: unsplit faster on 14336 x 4096, split on 4096^2)
         peers["cuda_cols_1split"] = Contender(with_env(cols_fn, "REPARAM_BC_COLS_SPLITS", "1"), col_sets)
+        peers["cuda_cols_split"] = Contender(with_env(cols_fn, "REPARAM_BC_COLS_SPLITS", "32"), col_sets)
         if M > 8 and not cuda_paths()["bc_cols"]["tile_rows_vetoed"]:  # 8-row CTA tiles against the default 16
             peers["cuda_cols_8rows"] = Contender(with_env(cols_fn, "REPARAM_BC_COLS_TILE_ROWS", "8"), col_sets)
     elif device == "cuda" and M <= COLS_PEER_MAX_M and cols_kernel_runs(b, dtype):

@@ -224,7 +224,11 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(ColsArgs<T> a) {
 
 // Chunks per warp: as many warps as the GPU holds at once get work, each split's chunks are shared by the
 // CTA's warps, and the last CTA of a tile reads at most ~32 partials a thread (splits x rows <= 32:
-// its loads in one or two rounds of L2 latency; at M = 1 up to 32 splits).
+// its loads in one or two rounds of L2 latency; at M = 1 up to 32 splits). K is split only where the output
+// tiles alone leave SMs without a CTA: the H200 (run 3, fp16, CUDA graph) ran 14336 x 4096 (224 tiles) at
+// M = 1 in 9.3 us split in two against 7.9 unsplit, at M = 16 23.3 against 19.9 (b = 256, 512 and 4096 alike),
+// but 4096^2 (64 tiles) in 5.8 split against 6.2 unsplit and 10.6 against 12.1: the fixup's L2 round trips
+// and partial stores pay only where splitting puts idle SMs to work.
 template <class T, int C, int RG>
 void plan(ColsArgs<T>& a, int64_t col_tiles, int64_t row_tiles, int device) {
   static int per_sm[64] = {0};
@@ -234,10 +238,12 @@ void plan(ColsArgs<T>& a, int64_t col_tiles, int64_t row_tiles, int device) {
     per_sm[d] = std::max(per_sm[d], 1);
   }
   const int64_t warps = int64_t(per_sm[d]) * sm_count(device) * kWarps;
-  // REPARAM_BC_COLS_SPLITS=n: at most n splits (1: none, each warp's chunks one after another instead of the
-  // fixup's L2 round trips; bench_structured times that as cuda_cols_1split), read per call
+  // REPARAM_BC_COLS_SPLITS=n: at most n splits whatever the tile count (1: none; 32: the plan before the
+  // tile rule; bench_structured times both as cuda_cols_1split / cuda_cols_split), read per call
   const char* cap = std::getenv("REPARAM_BC_COLS_SPLITS");
-  const int64_t env_cap = cap != nullptr && cap[0] != '\0' ? std::max<long long>(1, std::atoll(cap)) : 32;
+  const bool set = cap != nullptr && cap[0] != '\0';
+  const int64_t env_cap = set ? std::max<long long>(1, std::atoll(cap))
+                              : (col_tiles * row_tiles >= sm_count(device) ? 1 : 32);
   const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(env_cap, 32 / std::min<int64_t>(a.M, 8 * RG)));
   int64_t cpc = std::max<int64_t>(1, (int64_t(a.chunks) * col_tiles * row_tiles + warps - 1) / warps);
   cpc = std::max<int64_t>(cpc, (a.chunks + kWarps * max_splits - 1) / (kWarps * max_splits));

@@ -76,10 +76,12 @@ __global__ void __launch_bounds__(small_m::kThreads, 2)
 #endif
 }
 
-// REPARAM_LOWRANK_PREFETCH_U=0: phase 2's factor is not prefetched into L2 at the start (A/B: the
-// peer cuda_no_prefetch_u of bench_lowrank). It is only where u takes at most half the L2, so that
-// it is still there when phase 2 reads it.
-inline bool prefetch_u_enabled() { return env_switch_on("REPARAM_LOWRANK_PREFETCH_U"); }
+// REPARAM_LOWRANK_PREFETCH_U=1: phase 2's factor prefetched into L2 at the start (A/B: the peer cuda_prefetch_u
+// of bench_lowrank), only where u takes at most half the L2, so that it is still there when phase 2 reads it.
+// Off since session 42: the H200 (run 3, M = 1, graph) ran this launch in 16.0 / 21.3 us without it against
+// 17.0 / 24.5 with it (8192^2 / 28672 x 8192, r = 512): u's prefetches compete with v's loads for DRAM while
+// phase 1, the critical path, runs.
+inline bool prefetch_u_enabled() { return env_opt_in("REPARAM_LOWRANK_PREFETCH_U"); }
 
 template <auto Kernel, int NG, class Frag1, class T>
 bool launch_with(const Frag1& f1, const T* x, const T* u, const T* bias, T* y, int64_t M, int64_t N, int64_t K1,

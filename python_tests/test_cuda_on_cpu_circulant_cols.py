@@ -63,6 +63,26 @@ def test_cols_kernel_without_split_k(rng):
 
 
 
+def test_cols_kernel_splits_k_only_where_tiles_leave_sms_idle(rng):
+    # 8 SMs of 4 CTAs: N = 520 (9 tiles of 64 outputs) fills them unsplit, N = 400 (7 tiles) does not; M = 16 at
+    # N = 520 (one 16-row tile) too. REPARAM_BC_COLS_SPLITS=32 (bench_structured's cuda_cols_split) splits all three.
+    shapes = [(1, 2048, 520, 256, torch.float16), (1, 2048, 400, 256, torch.bfloat16),
+              (16, 2048, 520, 512, torch.float16)]
+    cases, refs = [], []
+    for M, K, N, b, dtype in shapes:
+        c, r = cols_case(rng, M, K, N, b, dtype)
+        cases.append(c)
+        refs.append(r)
+
+    def splits(env):
+        traces = check(cases, refs, env=dict(env, RK_CPU_SMS="8", RK_CPU_BLOCKS_PER_SM="4"), kernel="ColsArgs")
+        return [int(line.split("grid (")[1].split(",")[1]) for t in traces for line in t if "grid (" in line]
+
+    auto, forced = splits({}), splits({"REPARAM_BC_COLS_SPLITS": "32"})
+    assert auto[0] == 1 and auto[1] > 1 and auto[2] == 1, auto
+    assert all(n > 1 for n in forced), forced
+
+
 def test_cols_kernel_in_8_row_tiles(rng):
     # REPARAM_BC_COLS_TILE_ROWS=8 (bench_structured's cuda_cols_8rows): above M = 8 one row group a CTA, so
     # twice the row tiles; rows past M in the last tile, odd K, split and unsplit K

@@ -127,8 +127,9 @@ def cuda_paths():
                                "pivoted_min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 2),
                                "switch": "REPARAM_LOWRANK_CUBLAS_MIN_M",
                                "ops": "lowrank_linear, pivoted_lowrank_linear",
-                               # the fused decode launch prefetches u into L2 (where u <= half the L2)
-                               "prefetch_u": not os.environ.get("REPARAM_LOWRANK_PREFETCH_U", "").startswith("0"),
+                               # the fused decode launch prefetches u into L2 (where u <= half the L2): off since
+                               # run 3 timed it slower, on where the variable starts with 1
+                               "prefetch_u": os.environ.get("REPARAM_LOWRANK_PREFETCH_U", "").startswith("1"),
                                "prefetch_u_switch": "REPARAM_LOWRANK_PREFETCH_U",
                                # pivoted factors on the two products: x's columns gathered while 3 M <= 2 r, else
                                # w expanded (csrc/lowrank_large_m.cuh gather_pays); 0 / 1: never / always
@@ -146,8 +147,10 @@ def cuda_paths():
             # BlockCirculantLinear in eval mode: block_circulant_cols_linear (tensor cores on the blocks' columns)
             "bc_cols": {"max_m": bc_cols_max_m(), "switch": "REPARAM_BC_COLS_MAX_M",
                         "ops": "BlockCirculantLinear, ToeplitzLinear (eval mode) -> block_circulant_cols_linear",
-                        # K split over at most this many CTAs (csrc/block_circulant_cols_linear.cu plan())
-                        "max_splits": max(1, _atoll("REPARAM_BC_COLS_SPLITS", 32)),
+                        # K split over at most this many CTAs (csrc/block_circulant_cols_linear.cu plan()); None:
+                        # up to 32 where the output tiles leave SMs idle, else none
+                        "max_splits": (max(1, _atoll("REPARAM_BC_COLS_SPLITS", 32))
+                                       if os.environ.get("REPARAM_BC_COLS_SPLITS") else None),
                         "splits_switch": "REPARAM_BC_COLS_SPLITS",
                         # rows a CTA takes above M = 8 (16 unless the switch says 8; the same cu file's tile_rows())
                         "tile_rows": 8 if _atoll("REPARAM_BC_COLS_TILE_ROWS", 16) == 8 else 16,
@@ -221,14 +224,16 @@ def render(info):
     bc = paths["bc_cols"]
     lines.append(f"  block-circulant decode from the blocks' columns ({bc['ops']}): "
                  f"{'M <= ' + str(bc['max_m']) if bc['max_m'] else 'never'} [{bc['switch']}]; K split over "
-                 f"<= {bc['max_splits']} CTAs [{bc['splits_switch']}]; {bc['tile_rows']} rows a CTA above M = 8 "
+                 + (f"<= {bc['max_splits']} CTAs" if bc["max_splits"]
+                    else "<= 32 CTAs where the output tiles leave SMs idle")
+                 + f" [{bc['splits_switch']}]; {bc['tile_rows']} rows a CTA above M = 8 "
                  f"[{bc['tile_rows_switch']}]")
     lines.append(f"  pivoted factors on the two cuBLAS GEMMs: x's columns gathered {lr['pivoted_gather']}, else the "
                  f"right factor expanded [{lr['pivoted_gather_switch']}]")
     lines.append(f"  low rank (plain and pivoted) at M <= {lr['gemv_max_m']} as two GEMVs in one launch, u staged in shared memory: "
                  f"{'on' if lr['gemv'] else 'off'} [{lr['gemv_switch']}]")
     lines.append(f"  low-rank decode launch (M below that): u prefetched into L2 during phase 1: "
-                 f"{'on' if lr['prefetch_u'] else 'OFF'} [{lr['prefetch_u_switch']}]")
+                 f"{'on' if lr['prefetch_u'] else 'off'} [{lr['prefetch_u_switch']}]")
     lines.append("")
     lines.append("backend per op (device/dtype: backend — why):")
     for op, cases in info["backends"].items():
