@@ -41,7 +41,7 @@ import reparam_kernels
 from reparam_kernels import _dispatch, reference
 from reparam_kernels import triton as rk_triton
 from reparam_kernels.compress import structured as st
-from reparam_kernels.nn.structured import COLS_MAX_M
+from reparam_kernels.nn.structured import COLS_MAX_M, TOEPLITZ_COLS_MAX_M
 from reparam_kernels.ops.block_circulant_cols_linear import CUDA_BLOCK_SIZES as COLS_BLOCK_SIZES
 
 BLOCKS = (256, 512, 1024, 4096)
@@ -110,8 +110,10 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
         elif M >= 16:
             peers["cuda_large_m"] = Contender(with_env(ours_fn, "REPARAM_BC_LARGE_M_MIN_M", "1"), sets)
     ours = Contender(ours_fn, sets)
-    if device == "cuda" and takes_cols(M, b, dtype):  # (Toeplitz: its embedding's column as one block)
-        ours, peers["cuda_fft"], backend = Contender(cols_fn, col_sets), ours, "cuda_cols"
+    if device == "cuda" and takes_cols(M, b, dtype, op == "toeplitz_linear"):  # (Toeplitz: its embedding's column)
+        # (the FFT path it replaces: the CUDA kernel, or Triton where the size is past the kernel's 4096)
+        ours, peers["cuda_fft" if backend == "cuda" else f"{backend}_fft"], backend = (
+            Contender(cols_fn, col_sets), ours, "cuda_cols")
         # K never split across CTAs (each warp's chunks one after another, no fixup), and split wherever it
         # leaves no more than 32 partials (the plan before session 42): the default splits only where the
         # output tiles alone leave SMs idle (run 3: unsplit faster on 14336 x 4096, split on 4096^2)
@@ -135,10 +137,11 @@ def cols_kernel_runs(b, dtype):
     return b in COLS_BLOCK_SIZES and _dispatch.backend_for("block_circulant_cols_linear", "cuda", dtype)[0] == "cuda"
 
 
-def takes_cols(M, b, dtype):
+def takes_cols(M, b, dtype, toeplitz=False):
     """Whether BlockCirculantLinear / ToeplitzLinear (eval mode) run this case through block_circulant_cols_linear's
     kernel."""
-    return M <= COLS_MAX_M and dtype in (torch.float16, torch.bfloat16) and cols_kernel_runs(b, dtype)
+    return (M <= (TOEPLITZ_COLS_MAX_M if toeplitz else COLS_MAX_M) and dtype in (torch.float16, torch.bfloat16)
+            and cols_kernel_runs(b, dtype))
 
 
 def toeplitz_sets_shape(n):

@@ -211,3 +211,12 @@ def test_layer_decodes_through_the_columns_in_eval_mode(rng, monkeypatch):
     with torch.no_grad():
         y = toe(x)
     assert calls and rel_err(y, x.double() @ toe.to_dense().double().t() + toe.bias.double()) <= TOL[torch.float16]
+    # Toeplitz layers keep the columns up to TOEPLITZ_COLS_MAX_M rows (256: run 3 timed them faster than the FFT
+    # paths at M = 64 and 256), block-circulant ones up to COLS_MAX_M (16)
+    calls.clear()
+    x = torch.randn(structured.TOEPLITZ_COLS_MAX_M, 3000, generator=rng).cuda().half()
+    with torch.no_grad():
+        y = toe(x)
+        assert len(calls) == 1 and rel_err(y, x.double() @ toe.to_dense().double().t() + toe.bias.double()) <= 5e-3
+        toe(torch.randn(structured.TOEPLITZ_COLS_MAX_M + 1, 3000, generator=rng).cuda().half())
+    assert len(calls) == 1

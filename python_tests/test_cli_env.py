@@ -179,3 +179,17 @@ def test_backend_env_runs_the_forced_backend_without_warning(monkeypatch):
         warnings.simplefilter("error")
         assert _dispatch._run(spec, "triton", "REPARAM_BACKEND=triton", (torch.zeros(1),)) == "ran"
     assert len(calls) == 1
+
+
+def test_columns_thresholds(monkeypatch):
+    # block-circulant layers decode from their columns up to 16 rows, Toeplitz ones up to 256 (run 3's peers);
+    # REPARAM_BC_COLS_MAX_M=0 (run_gpu.sh's veto after a failed smoke run) switches both off
+    from reparam_kernels.cli.env import bc_cols_max_m
+
+    for var in ("REPARAM_BC_COLS_MAX_M", "REPARAM_TOEPLITZ_COLS_MAX_M"):
+        monkeypatch.delenv(var, raising=False)
+    assert (bc_cols_max_m(), bc_cols_max_m(toeplitz=True)) == (16, 256)
+    monkeypatch.setenv("REPARAM_TOEPLITZ_COLS_MAX_M", "64")
+    assert (bc_cols_max_m(), bc_cols_max_m(toeplitz=True)) == (16, 64)
+    monkeypatch.setenv("REPARAM_BC_COLS_MAX_M", "0")
+    assert (bc_cols_max_m(), bc_cols_max_m(toeplitz=True)) == (0, 0)

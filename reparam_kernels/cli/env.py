@@ -58,10 +58,15 @@ def _min_m(name, default):
     return m if m > 0 else None
 
 
-def bc_cols_max_m():
-    """Rows up to which BlockCirculantLinear / ToeplitzLinear decode through block_circulant_cols_linear in eval
-    mode (REPARAM_BC_COLS_MAX_M, default 16; <= 0: never). nn/structured.py reads it once, at import."""
-    return max(0, _atoll("REPARAM_BC_COLS_MAX_M", 16))
+def bc_cols_max_m(toeplitz=False):
+    """Rows up to which BlockCirculantLinear (ToeplitzLinear: toeplitz=True) decodes through
+    block_circulant_cols_linear in eval mode: REPARAM_BC_COLS_MAX_M, default 16 (<= 0: never, for both:
+    run_gpu.sh's veto after a failed smoke run); Toeplitz REPARAM_TOEPLITZ_COLS_MAX_M, default 256 — run 3 timed
+    the columns kernel 1.3-2.4x faster than the FFT paths for Toeplitz layers at M = 64 and 256 (1024^2 and
+    4096^2), where block-circulant ones lose to the FFT kernels above M = 16. nn/structured.py reads them once,
+    at import."""
+    m = max(0, _atoll("REPARAM_BC_COLS_MAX_M", 16))
+    return (max(0, _atoll("REPARAM_TOEPLITZ_COLS_MAX_M", 256)) if m else 0) if toeplitz else m
 
 
 RING_MODES = ("off", "weights", "weights and x", "x and weights above M = 8")
@@ -146,6 +151,7 @@ def cuda_paths():
                            "ops": "block_circulant_linear, toeplitz_linear"},
             # BlockCirculantLinear in eval mode: block_circulant_cols_linear (tensor cores on the blocks' columns)
             "bc_cols": {"max_m": bc_cols_max_m(), "switch": "REPARAM_BC_COLS_MAX_M",
+                        "toeplitz_max_m": bc_cols_max_m(toeplitz=True), "toeplitz_switch": "REPARAM_TOEPLITZ_COLS_MAX_M",
                         "ops": "BlockCirculantLinear, ToeplitzLinear (eval mode) -> block_circulant_cols_linear",
                         # K split over at most this many CTAs (csrc/block_circulant_cols_linear.cu plan()); None:
                         # up to 32 where the output tiles leave SMs idle, else none
@@ -223,7 +229,9 @@ def render(info):
         lines.append(f"  {name} ({d['ops']}): {when} [{d['switch']}]")
     bc = paths["bc_cols"]
     lines.append(f"  block-circulant decode from the blocks' columns ({bc['ops']}): "
-                 f"{'M <= ' + str(bc['max_m']) if bc['max_m'] else 'never'} [{bc['switch']}]; K split over "
+                 f"{'M <= ' + str(bc['max_m']) if bc['max_m'] else 'never'} [{bc['switch']}] (Toeplitz: "
+                 f"{'M <= ' + str(bc['toeplitz_max_m']) if bc['toeplitz_max_m'] else 'never'} [{bc['toeplitz_switch']}]);"
+                 " K split over "
                  + (f"<= {bc['max_splits']} CTAs" if bc["max_splits"]
                     else "<= 32 CTAs where the output tiles leave SMs idle")
                  + f" [{bc['splits_switch']}]; {bc['tile_rows']} rows a CTA above M = 8 "

@@ -28,7 +28,8 @@ Decode: ``BlockCirculantLinear`` also keeps the blocks' first columns, float32 [
 [1, 1, L], its embedding's column), for
 ``block_circulant_cols_linear``, whose CUDA kernel runs the blocks as Toeplitz tiles on tensor
 cores. ``forward`` takes it in eval mode, for fp16 / bf16 CUDA inputs of at most
-``COLS_MAX_M`` rows (env ``REPARAM_BC_COLS_MAX_M``, default 16; 0 = never) when no gradient
+``COLS_MAX_M`` rows (env ``REPARAM_BC_COLS_MAX_M``, default 16; 0 = never, Toeplitz layers too) —
+Toeplitz layers ``TOEPLITZ_COLS_MAX_M`` (``REPARAM_TOEPLITZ_COLS_MAX_M``, default 256) — when no gradient
 for the spectrum is wanted. The columns are recomputed when the layer enters eval mode, after
 ``load_state_dict``, and (eager calls) whenever the spectrum changed since; a compiled graph
 cannot see the spectrum's version, so after changing the spectrum by hand in eval mode call
@@ -49,6 +50,7 @@ from ..ops.block_circulant_cols_linear import CUDA_BLOCK_SIZES as _COLS_BLOCK_SI
 from .._dtypes import acc_dtype
 
 COLS_MAX_M = bc_cols_max_m()  # rows up to which eval mode decodes from w_cols
+TOEPLITZ_COLS_MAX_M = bc_cols_max_m(toeplitz=True)  # ... from t_cols (ToeplitzLinear)
 
 
 def _positive_int(name, val):
@@ -105,6 +107,10 @@ class _DecodesFromColumns:
     """Eval-mode decode through block_circulant_cols_linear (see the module docstring). The class names its
     spectrum parameter (_SPECTRUM), the buffer of columns derived from it (_COLS) and their length (_size())."""
 
+    @staticmethod
+    def _cols_max_m():
+        return COLS_MAX_M
+
     def _init_cols(self, shape, dtype, device):
         self.register_buffer(self._COLS, torch.empty(*shape, dtype=dtype, device=device), persistent=False)
         self._cols_key = None
@@ -139,7 +145,7 @@ class _DecodesFromColumns:
     def _decode_cols(self, x):
         """The columns when this call takes block_circulant_cols_linear, else None."""
         if (self.training or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
-                or self._size() not in _COLS_BLOCK_SIZES or x.numel() > COLS_MAX_M * x.shape[-1]
+                or self._size() not in _COLS_BLOCK_SIZES or x.numel() > self._cols_max_m() * x.shape[-1]
                 or (torch.is_grad_enabled() and getattr(self, self._SPECTRUM).requires_grad)):
             return None
         if _dispatch.backend_of("block_circulant_cols_linear", x)[0] != "cuda":
@@ -236,6 +242,10 @@ class CirculantLinear(BlockCirculantLinear):
 class ToeplitzLinear(_DecodesFromColumns, _StructuredBase):
     _FULL_PRECISION = ("t_spectrum", "t_cols")
     _SPECTRUM, _COLS = "t_spectrum", "t_cols"  # t_cols [1, 1, fft_size]: the embedding's first column
+
+    @staticmethod
+    def _cols_max_m():
+        return TOEPLITZ_COLS_MAX_M
 
     def __init__(self, in_features, out_features, bias=True, dtype=None, device=None):
         super().__init__()
