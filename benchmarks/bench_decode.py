@@ -263,8 +263,8 @@ def run_variant(data, kind, config, batches, context, tokens, mode, dtype, devic
     with contextlib.ExitStack() as stack:
         for name, value in switches.items():
             stack.enter_context(env_var(name, value))
-        time_variant(data, kind, base, fused, head, config, batches, context, tokens, mode, dtype, device, dense_tps,
-                     profile)
+        time_variant(data, kind, base, fused, head, config, batches, context, tokens, mode, dtype, device,
+                     dense_tps, profile)
 
 
 def time_variant(data, kind, base, fused, head, config, batches, context, tokens, mode, dtype, device, dense_tps,
@@ -283,7 +283,8 @@ def time_variant(data, kind, base, fused, head, config, batches, context, tokens
             dense_tps[batch] = tps
         row = {"variant": kind, "batch": batch, "context": context, "tokens_per_s": tps,
                "speedup_vs_dense": tps / dense_tps[batch] if batch in dense_tps else None,
-               "linears_swapped": swapped, "lm_head": base if head else "dense", "weight_bytes": wbytes, "compiled_vs_eager_rel_diff": diff}
+               "linears_swapped": swapped, "lm_head": base if head else "dense", "weight_bytes": wbytes,
+               "compiled_vs_eager_rel_diff": diff}
         if experts_path(model) is not None:
             row["experts"] = experts_path(model)
         if prof is not None:

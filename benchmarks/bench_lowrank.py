@@ -148,7 +148,8 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     if device == "cuda" and M <= lr["gemv_max_m"] and not lr["gemv"] and not lr["gemv_vetoed"]:
         on = ("REPARAM_LOWRANK_GEMV", "1")
         peers["cuda_gemv"] = Contender(with_env(_lowrank_op, *on), low)
-        peers["cuda_gemv_unstaged"] = Contender(with_env(_lowrank_op, *on, "REPARAM_LOWRANK_GEMV_STAGE_ROWS", "0"), low)
+        unstaged = with_env(_lowrank_op, *on, "REPARAM_LOWRANK_GEMV_STAGE_ROWS", "0")
+        peers["cuda_gemv_unstaged"] = Contender(unstaged, low)
         peers["pivoted_gemv"] = Contender(with_env(_pivoted_op, *on), piv)
     with_ring = ring(M) if device == "cuda" else None
     if with_ring is not None:

@@ -237,13 +237,13 @@ void plan(ColsArgs<T>& a, int64_t col_tiles, int64_t row_tiles, int device) {
     RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[d], cols_kernel<T, C, RG>, kThreads, 0));
     per_sm[d] = std::max(per_sm[d], 1);
   }
-  const int64_t warps = int64_t(per_sm[d]) * sm_count(device) * kWarps;
+  const int sms = sm_count(device);
+  const int64_t warps = int64_t(per_sm[d]) * sms * kWarps;
   // REPARAM_BC_COLS_SPLITS=n: at most n splits whatever the tile count (1: none; 32: the plan before the
   // tile rule; bench_structured times both as cuda_cols_1split / cuda_cols_split), read per call
   const char* cap = std::getenv("REPARAM_BC_COLS_SPLITS");
-  const bool set = cap != nullptr && cap[0] != '\0';
-  const int64_t env_cap = set ? std::max<long long>(1, std::atoll(cap))
-                              : (col_tiles * row_tiles >= sm_count(device) ? 1 : 32);
+  const bool capped = cap != nullptr && cap[0] != '\0';
+  const int64_t env_cap = capped ? std::max<long long>(1, std::atoll(cap)) : (col_tiles * row_tiles >= sms ? 1 : 32);
   const int64_t max_splits = std::max<int64_t>(1, std::min<int64_t>(env_cap, 32 / std::min<int64_t>(a.M, 8 * RG)));
   int64_t cpc = std::max<int64_t>(1, (int64_t(a.chunks) * col_tiles * row_tiles + warps - 1) / warps);
   cpc = std::max<int64_t>(cpc, (a.chunks + kWarps * max_splits - 1) / (kWarps * max_splits));

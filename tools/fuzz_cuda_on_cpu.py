@@ -149,7 +149,8 @@ def random_env(r):
                         ("REPARAM_SMALL_M_X_AHEAD", ["1"]), ("REPARAM_SMALL_M_STREAM_K", ["1"]),
                         ("REPARAM_SMALL_M_POST_SCALE", ["1"]), ("REPARAM_BC_COLS_TILE_ROWS", ["8"]),
                         ("REPARAM_BC_COLS_SPLITS", ["1", "3", "32"]), ("REPARAM_PIVOTED_GATHER", ["0", "1"]),
-                        ("REPARAM_LOWRANK_GEMV", ["1"]), ("REPARAM_LOWRANK_PREFETCH_U", ["1"]), ("REPARAM_LOWRANK_GEMV_STAGE_ROWS", ["0", "1", "3"]),
+                        ("REPARAM_LOWRANK_GEMV", ["1"]), ("REPARAM_LOWRANK_PREFETCH_U", ["1"]),
+                        ("REPARAM_LOWRANK_GEMV_STAGE_ROWS", ["0", "1", "3"]),
                         ("REPARAM_SMALL_M_RING", ["0", "1", "2"]),
                         ("REPARAM_VQ_SMALL_M", ["0"]), ("REPARAM_GROUPED_SMALL_M", ["0"])):
         if r.random() < 0.25:

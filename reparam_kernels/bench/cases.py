@@ -135,8 +135,8 @@ def run_case(results: Results, *, dtype, M, N, K, params, ours, cublas, referenc
             except Exception as exc:
                 results.fail(dict(case, mode=mode, peer=name), f"timing failed: {_why(exc)}")
         # each contender's enqueue cost beside its eager time (host-bound or not)
-        timed = {"ours": ours, "cublas": cublas, **{n: good_peers[n] for n in peer_us}}
-        host = host_times(timed) if mode == "eager" else {}
+        host = (host_times({"ours": ours, "cublas": cublas, **{n: good_peers[n] for n in peer_us}})
+                if mode == "eager" else {})
         rows.append(results.add(mode=mode, dtype=case["dtype"], M=M, N=N, K=K, params=case["params"],
                                 ours_us=ours_us, cublas_us=cublas_us, peers=peer_us, **extra,
                                 **({"host_us": host} if host else {})))

@@ -66,7 +66,9 @@ def bc_cols_max_m(toeplitz=False):
     4096^2), where block-circulant ones lose to the FFT kernels above M = 16. nn/structured.py reads them once,
     at import."""
     m = max(0, _atoll("REPARAM_BC_COLS_MAX_M", 16))
-    return (max(0, _atoll("REPARAM_TOEPLITZ_COLS_MAX_M", 256)) if m else 0) if toeplitz else m
+    if not toeplitz or m == 0:
+        return m
+    return max(0, _atoll("REPARAM_TOEPLITZ_COLS_MAX_M", 256))
 
 
 RING_MODES = ("off", "weights", "weights and x", "x and weights above M = 8")
@@ -151,7 +153,8 @@ def cuda_paths():
                            "ops": "block_circulant_linear, toeplitz_linear"},
             # BlockCirculantLinear in eval mode: block_circulant_cols_linear (tensor cores on the blocks' columns)
             "bc_cols": {"max_m": bc_cols_max_m(), "switch": "REPARAM_BC_COLS_MAX_M",
-                        "toeplitz_max_m": bc_cols_max_m(toeplitz=True), "toeplitz_switch": "REPARAM_TOEPLITZ_COLS_MAX_M",
+                        "toeplitz_max_m": bc_cols_max_m(toeplitz=True),
+                        "toeplitz_switch": "REPARAM_TOEPLITZ_COLS_MAX_M",
                         "ops": "BlockCirculantLinear, ToeplitzLinear (eval mode) -> block_circulant_cols_linear",
                         # K split over at most this many CTAs (csrc/block_circulant_cols_linear.cu plan()); None:
                         # up to 32 where the output tiles leave SMs idle, else none
@@ -230,7 +233,8 @@ def render(info):
     bc = paths["bc_cols"]
     lines.append(f"  block-circulant decode from the blocks' columns ({bc['ops']}): "
                  f"{'M <= ' + str(bc['max_m']) if bc['max_m'] else 'never'} [{bc['switch']}] (Toeplitz: "
-                 f"{'M <= ' + str(bc['toeplitz_max_m']) if bc['toeplitz_max_m'] else 'never'} [{bc['toeplitz_switch']}]);"
+                 f"{'M <= ' + str(bc['toeplitz_max_m']) if bc['toeplitz_max_m'] else 'never'} "
+                 f"[{bc['toeplitz_switch']}]);"
                  " K split over "
                  + (f"<= {bc['max_splits']} CTAs" if bc["max_splits"]
                     else "<= 32 CTAs where the output tiles leave SMs idle")

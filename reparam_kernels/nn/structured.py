@@ -107,9 +107,7 @@ class _DecodesFromColumns:
     """Eval-mode decode through block_circulant_cols_linear (see the module docstring). The class names its
     spectrum parameter (_SPECTRUM), the buffer of columns derived from it (_COLS) and their length (_size())."""
 
-    @staticmethod
-    def _cols_max_m():
-        return COLS_MAX_M
+    _COLS_MAX_M = COLS_MAX_M  # rows up to which eval mode takes the columns (ToeplitzLinear: its own)
 
     def _init_cols(self, shape, dtype, device):
         self.register_buffer(self._COLS, torch.empty(*shape, dtype=dtype, device=device), persistent=False)
@@ -145,7 +143,7 @@ class _DecodesFromColumns:
     def _decode_cols(self, x):
         """The columns when this call takes block_circulant_cols_linear, else None."""
         if (self.training or not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16)
-                or self._size() not in _COLS_BLOCK_SIZES or x.numel() > self._cols_max_m() * x.shape[-1]
+                or self._size() not in _COLS_BLOCK_SIZES or x.numel() > self._COLS_MAX_M * x.shape[-1]
                 or (torch.is_grad_enabled() and getattr(self, self._SPECTRUM).requires_grad)):
             return None
         if _dispatch.backend_of("block_circulant_cols_linear", x)[0] != "cuda":
@@ -243,9 +241,7 @@ class ToeplitzLinear(_DecodesFromColumns, _StructuredBase):
     _FULL_PRECISION = ("t_spectrum", "t_cols")
     _SPECTRUM, _COLS = "t_spectrum", "t_cols"  # t_cols [1, 1, fft_size]: the embedding's first column
 
-    @staticmethod
-    def _cols_max_m():
-        return TOEPLITZ_COLS_MAX_M
+    _COLS_MAX_M = TOEPLITZ_COLS_MAX_M
 
     def __init__(self, in_features, out_features, bias=True, dtype=None, device=None):
         super().__init__()
