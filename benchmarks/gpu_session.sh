@@ -13,8 +13,9 @@
 # GPU_SESSION_BUDGET: seconds for the stage (default focus 430, decode 280, all 560); a call's limit must leave
 # ~20 s above it for the archive. GPU_SESSION_VARIANTS overrides the decode variants.
 # What comes back ($OUT): <stage>.tgz (the whole results folder: JSON rows, logs, profiles) and, readable
-# without unpacking, <stage>_summary.txt (and peers.md after focus). Afterwards, here: unpack the archive and
-# `python -m reparam_kernels bench --merge <folder>` merges its JSON rows over benchmarks/results/.
+# without unpacking, <stage>_summary.txt (decode's ends on issue 6's targets), and peers.md and targets.md after
+# focus. Afterwards, here: unpack the archive and `python -m reparam_kernels bench --merge <folder>` merges its
+# JSON rows over benchmarks/results/ (and remakes docs/status.md's targets table).
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -43,6 +44,7 @@ focus() {  # $1: seconds
   OUT="$dest" RUN_GPU_FOCUS=1 RUN_GPU_BUDGET="$1" RUN_GPU_WHEEL="$WHEEL" bash benchmarks/run_gpu.sh || RC=$?
   cp "$dest/summary.txt" "$OUT/focus_summary.txt" 2>/dev/null
   cp "$dest/peers.md" "$OUT/peers.md" 2>/dev/null
+  cp "$dest/targets.md" "$OUT/targets.md" 2>/dev/null
   tar czf "$OUT/focus.tgz" -C "$dest" . && rm -rf "$dest"
 }
 
@@ -61,6 +63,7 @@ decode() {  # $1: seconds
   timeout --kill-after=10 "$t" "$PY" benchmarks/bench_decode.py --batches 1,16 --attn reparam_gqa_sdpa \
     --profile 4 --variants "$VARIANTS" --budget $(( t - 60 )) --out "$dest" > "$dest/bench_decode.log" 2>&1 || RC=$?
   tail -n 25 "$dest/bench_decode.log" | tee "$OUT/decode_summary.txt"
+  "$PY" -m reparam_kernels bench --targets "$dest" 2>&1 | grep -E "^\| 6 " | tee -a "$OUT/decode_summary.txt"
   tar czf "$OUT/decode.tgz" -C "$dest" . && rm -rf "$dest"
 }
 

@@ -17,7 +17,8 @@
 # Output folder: env.txt, gpu_tests_new.log/.xml (the newest paths' tests), gpu_tests.log/.xml, bench_<name>.log, <gpu>/<op>.json,
 # sanitizer.log, racecheck.log, ncu.csv (Nsight Compute: one call of each decode kernel and of cuBLAS; focus also
 # ncu_source_int4_m1.csv: int4's M = 1 kernel as SASS with its sampled stalls),
-# benchmarks.md + roofline_<gpu>.png (table and plot of the JSON), peers.md (each A/B peer against the default), summary.txt.
+# benchmarks.md + roofline_<gpu>.png (table and plot of the JSON), peers.md (each A/B peer against the default),
+# targets.md (the issues' speed targets over this run's rows), summary.txt.
 # Exit status: 1 if the GPU tests fail, 2 if compute-sanitizer reports errors, 3 if a
 # benchmark script fails, else 0 (the first of these that applies).
 set -u
@@ -222,11 +223,14 @@ else
   note "ncu not found on PATH: kernel profiles skipped"
 fi
 
-"$PY" -m reparam_kernels bench --render-only --out "$DEST" --docs "$DEST/benchmarks.md" > /dev/null 2>&1 \
-  && note "tables: $DEST/benchmarks.md" || note "rendering the tables failed"
+"$PY" -m reparam_kernels bench --render-only --out "$DEST" --docs "$DEST/benchmarks.md" \
+  --status-doc "$DEST/targets.md" > /dev/null 2>&1 && note "tables: $DEST/benchmarks.md" || note "rendering the tables failed"
 # each A/B peer (the switches' paths) against the op's default over this run's rows: which switches won
 "$PY" -m reparam_kernels bench --peers "$DEST" > "$DEST/peers.md" 2>&1 && note "peers: $DEST/peers.md" \
   && head -n 14 "$DEST/peers.md" || note "the peer summary failed (peers.md)"
+# the issues' speed targets over this run's rows alone (met / missed / which peer would meet it)
+"$PY" -m reparam_kernels bench --targets "$DEST" > "$DEST/targets.md" 2>&1 && note "targets: $DEST/targets.md" \
+  && grep -E "\| met|meets it|targets met" "$DEST/targets.md" || note "the targets check failed (targets.md)"
 
 note "total $(( $(date +%s) - START )) s; gpu_tests rc=$TESTS_RC sanitizer rc=$SAN_RC benchmarks rc=$BENCH_RC"
 # RUN_GPU_ARCHIVE=FILE: the whole output folder as one .tgz too (where only a few files come back)

@@ -4,10 +4,12 @@
     python -m reparam_kernels bench --render-only      # remake docs from the committed JSON (no GPU)
     python -m reparam_kernels bench --merge RUN_DIR    # a later run's files over the committed ones, then docs
     python -m reparam_kernels bench --peers DIR        # each A/B peer against the default, over DIR's results
+    python -m reparam_kernels bench --targets DIR      # the issues' speed targets: met, missed, not measured
 
 The scripts are ``benchmarks/bench_*.py`` of the source tree (each also runs on
 its own). Results: ``<out>/<gpu>/<op>.json``; the markdown goes into the results
-section of docs/benchmarks.md and the roofline into docs/roofline_<gpu>.png.
+section of docs/benchmarks.md, the roofline into docs/roofline_<gpu>.png and the targets
+table (over ``<out>/h200``: the targets are the H200's) into docs/status.md.
 """
 import argparse
 import glob
@@ -21,10 +23,13 @@ from ..bench.cases import progress
 from ..bench.results import (DEFAULT_ROOT, OUT_ENV, gpu_slug, load, merge, merge_decode, render_decode, render_files,
                              write_json)
 from ..bench.peers import render as render_peers, summarize as summarize_peers
+from ..bench.targets import check as check_targets, render as render_targets
 from ..bench.roofline import plot
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
+TARGETS_BEGIN, TARGETS_END = "<!-- targets:begin -->", "<!-- targets:end -->"
+TARGETS_GPU = "h200"  # every issue's target and baseline is the H200's
 
 
 def find_scripts(bench_dir, only=None, decode=False):
@@ -68,14 +73,29 @@ def write_docs(result_dir, doc_path, png_dir):
             rel = os.path.relpath(png, os.path.dirname(os.path.abspath(doc_path)))
             sections.append(f"![roofline {slug}]({rel})\n")
     body = "\n".join(sections) if sections else "No GPU results yet.\n"
-    text = open(doc_path).read() if os.path.exists(doc_path) else f"# Benchmarks\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n## Results\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+    return splice(doc_path, BEGIN, END, body, "# Benchmarks", "## Results")
+
+
+def splice(doc_path, begin, end, body, title, heading):
+    """Replace what lies between the markers `begin` and `end` of `doc_path` with `body` (the file, or the
+    section under `heading`, made where missing)."""
+    text = open(doc_path).read() if os.path.exists(doc_path) else f"{title}\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     with open(doc_path, "w") as f:
-        f.write(f"{head}{BEGIN}\n{body}{END}{tail}")
+        f.write(f"{head}{begin}\n{body}{end}{tail}")
     return doc_path
+
+
+def write_targets(result_dir, doc_path):
+    """The targets table of `result_dir`/h200 into `doc_path`'s targets section (None where no H200 results)."""
+    gpu_dir = os.path.join(result_dir, TARGETS_GPU)
+    if not os.path.isdir(gpu_dir):
+        return None
+    return splice(doc_path, TARGETS_BEGIN, TARGETS_END, render_targets(check_targets(gpu_dir)), "# Status",
+                  "## The issues' speed targets")
 
 
 def op_result_files(result_dir):
@@ -123,6 +143,11 @@ def main(argv=None):
                    help="skip running; merge a run's result files (e.g. one dtype) over --out's, then remake docs")
     p.add_argument("--peers", default=None, metavar="DIR",
                    help="skip running; print each A/B peer against the op's default over DIR's result files")
+    p.add_argument("--targets", default=None, metavar="DIR",
+                   help="skip running; print the issues' speed targets checked against DIR's result files")
+    p.add_argument("--status-doc", default=None,
+                   help="markdown file whose targets section is remade from <out>/h200 (default: status.md "
+                        "beside --docs)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per script")
     args = p.parse_args(argv)
     out = args.out or os.environ.get(OUT_ENV) or DEFAULT_ROOT
@@ -132,6 +157,12 @@ def main(argv=None):
             print(f"bench: --peers found no result files under {args.peers}", file=sys.stderr)
             return 2
         print(render_peers(summarize_peers(files)), end="")
+        return 0
+    if args.targets:
+        if not os.path.exists(args.targets):
+            print(f"bench: --targets: no such file or folder {args.targets}", file=sys.stderr)
+            return 2
+        print(render_targets(check_targets(args.targets)), end="")
         return 0
     status = 0
     if args.merge:
@@ -161,6 +192,10 @@ def main(argv=None):
             status = status or (rc != 0)
         print(f"bench: results under {os.path.join(out, gpu_slug(torch.cuda.get_device_name()))}")
     print(f"bench: wrote {write_docs(out, args.docs, os.path.dirname(os.path.abspath(args.docs)))}")
+    targets_doc = write_targets(out, args.status_doc or os.path.join(os.path.dirname(os.path.abspath(args.docs)),
+                                                                     "status.md"))
+    if targets_doc:
+        print(f"bench: wrote the targets table into {targets_doc}")
     return int(status)
 
 
