@@ -100,12 +100,16 @@ def time_mode(mode, fn):
     raise ValueError(f"`mode` must be 'graph' or 'eager', got {mode!r}")
 
 
-def measure_copy_tbps(nbytes_each=1024 ** 3):
-    """Device-to-device copy bandwidth in TB/s (bytes read + written), kernel-only."""
+def measure_copy_tbps(nbytes_each=2 * 1024 ** 3, device="cuda"):
+    """Device-to-device copy bandwidth in TB/s (bytes read + written), timed eagerly as DESIGN.md's baseline
+    (2 GiB each way, do_bench: one call lasts ~1 ms, so launch costs vanish). Not in a CUDA graph: captured,
+    the copy ran at 2.71 TB/s on the H200 (run of 2026-12-04) against the baseline's 4.27 eager, below cuBLAS's
+    own GEMV in the same run (4.45 TB/s, 28672 x 8192, M = 1), so it was no ceiling (likely the graph's memcpy
+    node taking a slower route than the eager copy)."""
     n = nbytes_each // 2
-    src = torch.randn(n, device="cuda", dtype=torch.float16)
+    src = torch.randn(n, device=device, dtype=torch.float16)
     dst = torch.empty_like(src)
-    us = time_graph(lambda: dst.copy_(src))
+    us = time_eager(lambda: dst.copy_(src))
     del src, dst
     return 2 * nbytes_each / (us * 1e-6) / 1e12
 
