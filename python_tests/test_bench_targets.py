@@ -124,3 +124,9 @@ def test_render_only_writes_the_targets_section(tmp_path):
     text = status.read_text()
     assert "old" not in text and "intro" in text and text.endswith("## Log\nkept\n")
     assert "circulant n=4096 M=1 ≤ 3 µs | – | – | not measured" in text and "targets met." in text
+
+
+def test_a_near_miss_is_not_shown_as_the_need():
+    t = T.Target(3, "int4_linear", "M=2048 ≥ 0.9×", 0.9)
+    assert T._fmt(t, 0.8996) == "0.8996×" and T._fmt(t, 0.83) == "0.83×" and T._fmt(t, 0.9) == "0.90×"
+    assert T._fmt(T.Target(4, "x", "≤ 3 µs", 3.0, metric="us"), 3.004) == "3.004 µs"

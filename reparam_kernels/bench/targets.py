@@ -220,7 +220,11 @@ def check(path, targets=TARGETS):
 def _fmt(t, v):
     if v is None:
         return "–"
-    return {"us": f"{v:.2f} µs", "tbps": f"{v:.2f} TB/s", "decode": f"{v:.2f}×"}.get(t.metric, f"{v:.2f}×")
+    # two decimals, more where fewer would show a miss as the need itself (0.8996× of 0.9: "0.8996×")
+    d = 2
+    while d < 6 and v != t.need and round(v, d) == round(t.need, d):
+        d += 1
+    return {"us": f"{v:.{d}f} µs", "tbps": f"{v:.{d}f} TB/s"}.get(t.metric, f"{v:.{d}f}×")
 
 
 def render(results):
