@@ -140,7 +140,8 @@ def _good(us):
 
 def check_op(t, rows):
     """{"status", "value", "ms", "date", "peer"} of one op target over `rows` (status: met / missed /
-    not measured); "peer": the non-baseline peer that meets it on every one of those rows, best first."""
+    not measured); "peer": (name, worst value) of the best non-baseline peer that meets a missed target on
+    every one of its rows, or None."""
     rows = [r for r in rows if _matches(t, r)]
     values = [(_value(t, r, r["ours_us"]), r) for r in rows]
     values = [(v, r) for v, r in values if v is not None]
