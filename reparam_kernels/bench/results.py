@@ -14,6 +14,7 @@ TB/s and TFLOP/s follow, and ``"run"`` ({date, command, torch}: a row merged in 
 run than the file's header names, ``merge()``).
 """
 import datetime
+import glob
 import json
 import os
 import re
@@ -146,6 +147,23 @@ def write_json(path, data):
 def load(path):
     with open(path) as f:
         return validate(json.load(f))
+
+
+NOT_GPU_RESULTS = ("cpu", "quality")  # folders of CPU smoke runs (bench_decode --tiny) and accuracy studies
+
+
+def is_decode(path):
+    """bench_decode's files (decode.json, decode_<model>.json): end-to-end rows, not an op's."""
+    name = os.path.basename(path)
+    return name == "decode.json" or (name.startswith("decode_") and name.endswith(".json"))
+
+
+def result_files(path):
+    """(op files, decode files): the GPU result files under folder `path` (any depth), or `path` itself if a
+    file; CPU smoke runs and quality studies left out."""
+    paths = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+    paths = [p for p in paths if os.path.basename(os.path.dirname(p)) not in NOT_GPU_RESULTS]
+    return [p for p in paths if not is_decode(p)], [p for p in paths if is_decode(p)]
 
 
 def row_key(row):

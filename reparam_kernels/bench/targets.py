@@ -8,14 +8,12 @@ hold at every M the results timed in that range: the worst row decides, and the 
 A target no row covers reads "not measured"; nothing is inferred from a neighbouring shape or another dtype.
 """
 import dataclasses
-import glob
 import json
 import math
-import os
 import sys
 
 from .peers import BASELINES
-from .results import load
+from .results import load, result_files
 
 COPY_TBPS_NEED = 0.7 * 4.27  # issue 2: 70% of the H200's measured copy ceiling (DESIGN.md)
 DECODE_LAYERS = 32           # issue 6: the Llama-3-8B configuration (the runner's --quick times 4 layers)
@@ -125,13 +123,13 @@ def _meets(t, value):
     return value <= t.need if t.metric == "us" else value >= t.need
 
 
-def _worst(t, values):
-    return max(values) if t.metric == "us" else min(values)
+def _worst(t, items, key=None):
+    """The worst of `items` by the target's metric (the longest time, else the lowest ratio or rate)."""
+    return (max if t.metric == "us" else min)(items, key=key)
 
 
-def _pick_worst(t, pairs):
-    """The (value, row) pair whose value is worst."""
-    return (max if t.metric == "us" else min)(pairs, key=lambda vr: vr[0])
+def _best(t, items, key=None):
+    return (min if t.metric == "us" else max)(items, key=key)
 
 
 def _good(us):
@@ -147,18 +145,18 @@ def check_op(t, rows):
     values = [(v, r) for v, r in values if v is not None]
     if not values:
         return {"status": "not measured", "value": None, "ms": [], "date": None, "peer": None}
-    worst, worst_row = _pick_worst(t, values)
+    worst, worst_row = _worst(t, values, key=lambda vr: vr[0])
     out = {"status": "met" if _meets(t, worst) else "missed", "value": worst,
            "ms": sorted({r["M"] for _, r in values}), "date": _row_date(worst_row), "peer": None}
     if out["status"] == "missed":
         peers = {}
         for name in set().union(*[(r.get("peers") or {}).keys() for _, r in values]) - BASELINES:
-            got = [_value(t, r, (r.get("peers") or {}).get(name)) if _good((r.get("peers") or {}).get(name))
-                   else None for _, r in values]
+            times = [(r.get("peers") or {}).get(name) for _, r in values]
+            got = [_value(t, r, us) if _good(us) else None for (_, r), us in zip(values, times)]
             if all(g is not None for g in got) and _meets(t, _worst(t, got)):
                 peers[name] = _worst(t, got)
         if peers:
-            out["peer"] = max(peers.items(), key=lambda kv: -kv[1] if t.metric == "us" else kv[1])
+            out["peer"] = _best(t, peers.items(), key=lambda kv: kv[1])
     return out
 
 
@@ -192,24 +190,19 @@ def check_decode(t, files):
 
 
 def load_dir(path):
-    """(op rows, decode files) of every result file under `path` (a file or a folder, any depth)."""
-    paths = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+    """(op rows, decode files) of the result files under `path` (results.result_files)."""
+    op_files, decode_files = result_files(path)
     rows, decodes = [], []
-    for p in paths:
-        if os.path.basename(os.path.dirname(p)) in ("cpu", "quality"):
-            continue
-        name = os.path.basename(p)
+    for p in op_files + decode_files:
         try:
-            if name == "decode.json" or name.startswith("decode_"):
+            if p in decode_files:
                 with open(p) as f:
                     decodes.append(json.load(f))
-                continue
-            data = load(p)
+            else:
+                data = load(p)
+                rows += [dict(r, _file_date=data.get("date")) for r in data["rows"]]
         except (ValueError, KeyError, OSError) as e:  # not a results file: say so, go on
             print(f"targets: skipped {p}: {e}", file=sys.stderr)
-            continue
-        for r in data["rows"]:
-            rows.append(dict(r, _file_date=data.get("date")))
     return rows, decodes
 
 

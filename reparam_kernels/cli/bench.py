@@ -20,8 +20,8 @@ import sys
 import time
 
 from ..bench.cases import progress
-from ..bench.results import (DEFAULT_ROOT, OUT_ENV, gpu_slug, load, merge, merge_decode, render_decode, render_files,
-                             write_json)
+from ..bench.results import (DEFAULT_ROOT, NOT_GPU_RESULTS, OUT_ENV, gpu_slug, is_decode, load, merge, merge_decode,
+                             render_decode, render_files, result_files, write_json)
 from ..bench.peers import render as render_peers, summarize as summarize_peers
 from ..bench.targets import check as check_targets, render as render_targets
 from ..bench.roofline import plot
@@ -45,18 +45,12 @@ def find_scripts(bench_dir, only=None, decode=False):
     return names
 
 
-def is_decode(path):
-    """bench_decode's files (decode.json, decode_<model>.json): end-to-end rows, not an op's."""
-    name = os.path.basename(path)
-    return name == "decode.json" or (name.startswith("decode_") and name.endswith(".json"))
-
-
 def write_docs(result_dir, doc_path, png_dir):
     """Results section of `doc_path` and one roofline PNG per GPU folder of `result_dir`."""
     sections = []
     for gpu_dir in sorted(glob.glob(os.path.join(result_dir, "*"))):
         # CPU smoke runs (e.g. bench_decode --tiny) are no results; quality/ holds the accuracy studies
-        if os.path.basename(gpu_dir) in ("cpu", "quality") or not os.path.isdir(gpu_dir):
+        if os.path.basename(gpu_dir) in NOT_GPU_RESULTS or not os.path.isdir(gpu_dir):
             continue
         files = sorted(glob.glob(os.path.join(gpu_dir, "*.json")))
         op_files = [f for f in files if not is_decode(f)]
@@ -98,12 +92,6 @@ def write_targets(result_dir, doc_path):
                   "## The issues' speed targets")
 
 
-def op_result_files(result_dir):
-    """The per-op result files under result_dir (any depth; no decode, CPU smoke or quality files)."""
-    paths = sorted(glob.glob(os.path.join(result_dir, "**", "*.json"), recursive=True))
-    return [p for p in paths if os.path.basename(os.path.dirname(p)) not in ("cpu", "quality") and not is_decode(p)]
-
-
 def merge_run(run_dir, out):
     """Every <gpu>/<op>.json under run_dir merged over out/<gpu>/<op>.json (results.merge: the rows the run
     did not measure stay, marked with their own run); a decode file likewise by (variant, batch) where the two
@@ -111,7 +99,7 @@ def merge_run(run_dir, out):
     done = []
     for path in sorted(glob.glob(os.path.join(run_dir, "**", "*.json"), recursive=True)):
         slug, name = os.path.basename(os.path.dirname(path)), os.path.basename(path)
-        if slug in ("cpu", "quality"):
+        if slug in NOT_GPU_RESULTS:
             continue
         dest = os.path.join(out, slug, name)
         if is_decode(name):
@@ -152,7 +140,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = args.out or os.environ.get(OUT_ENV) or DEFAULT_ROOT
     if args.peers:
-        files = op_result_files(args.peers)
+        files = result_files(args.peers)[0]
         if not files:
             print(f"bench: --peers found no result files under {args.peers}", file=sys.stderr)
             return 2
@@ -191,9 +179,9 @@ def main(argv=None):
             print(f"bench: {name}: exit {rc} after {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
             status = status or (rc != 0)
         print(f"bench: results under {os.path.join(out, gpu_slug(torch.cuda.get_device_name()))}")
-    print(f"bench: wrote {write_docs(out, args.docs, os.path.dirname(os.path.abspath(args.docs)))}")
-    targets_doc = write_targets(out, args.status_doc or os.path.join(os.path.dirname(os.path.abspath(args.docs)),
-                                                                     "status.md"))
+    docs_dir = os.path.dirname(os.path.abspath(args.docs))
+    print(f"bench: wrote {write_docs(out, args.docs, docs_dir)}")
+    targets_doc = write_targets(out, args.status_doc or os.path.join(docs_dir, "status.md"))
     if targets_doc:
         print(f"bench: wrote the targets table into {targets_doc}")
     return int(status)
