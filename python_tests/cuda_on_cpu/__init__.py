@@ -173,7 +173,8 @@ def run_cases(cases: list, env: dict | None = None, mutations=(), timeout: float
     `cases`: dicts with "op", "args" (the op's tensor arguments in schema order, None for an absent
     optional), optional "ints" (its integer arguments) and "offsets" ({argument index: bytes} of
     deliberate misalignment). `env`: path switches, RK_CPU_SMS / RK_CPU_BLOCKS_PER_SM /
-    RK_CPU_CC_MAJOR (the fake GPU), RK_CPU_SEED (block and thread orders). Returns one
+    RK_CPU_CC_MAJOR (the fake GPU), RK_CPU_SEED (block and thread orders), RK_CPU_SKEW (warps drifting apart
+    between barriers: scheduler.cpp). Returns one
     (output, launches) per case, launches being lines "launch <kernel> grid (x,y,z) block n smem s
     [cooperative]". Raises KernelError when an op raises or the process dies (a fault reports the
     block and thread)."""

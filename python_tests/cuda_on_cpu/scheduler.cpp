@@ -5,6 +5,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
@@ -156,11 +157,31 @@ void run_block(Block& b) {
   auto fail = [&](const std::string& e) {
     if (b.error.empty()) b.error = e;
   };
+  // RK_CPU_SKEW=n: at the start and after every block barrier each warp sits out a random 0..n rounds (a round
+  // takes every ready thread to its next warp collective or barrier), so warps drift apart between barriers as
+  // on a GPU: in lockstep rounds a warp never races ahead of a missing __syncthreads into shared memory another
+  // warp still reads. Off by default.
+  const uint64_t skew = env_u64("RK_CPU_SKEW", 0);
+  std::vector<uint64_t> delay(warps, 0);
+  auto draw_delays = [&] {
+    for (auto& d : delay) d = skew > 0 ? rng() % (skew + 1) : 0;
+  };
+  draw_delays();
+  std::vector<char> sits(warps, 0);
   for (;;) {
     std::shuffle(order.begin(), order.end(), rng);  // no thread order is promised between barriers
+    bool sat = false;  // a Ready fiber sat this round out: the round may release nothing without a deadlock
+    for (int w = 0; w < warps; ++w) {
+      sits[w] = delay[w] > 0;
+      delay[w] -= sits[w];
+    }
     for (int i : order) {
       Fiber& f = b.fibers[i];
       if (f.state != Ready) continue;
+      if (sits[i / 32]) {
+        sat = true;
+        continue;
+      }
       tl_fiber = &f;
       swapcontext(&b.sched, &f.ctx);
       tl_fiber = nullptr;
@@ -201,6 +222,7 @@ void run_block(Block& b) {
       for (Fiber& f : b.fibers)
         if (f.state != Done) f.state = Ready;
       released = true;
+      draw_delays();
     } else {
       // warps (32 lanes, AtWarp) and warpgroups (128 threads, AtGroup) complete the same way
       for (int w = 0; w < warps + (warps + 3) / 4; ++w) {
@@ -231,7 +253,7 @@ void run_block(Block& b) {
       }
       if (!b.error.empty()) break;
     }
-    if (!released) {
+    if (!released && !sat) {
       std::ostringstream s;
       s << "deadlock in " << where(b, nullptr) << ":";
       std::map<std::string, int> waits;
@@ -344,7 +366,9 @@ int blocks_per_sm(const void* kernel, int threads, size_t smem) {
     if (it != max_dyn_smem.end()) limit = it->second;
   }
   if (smem > size_t(limit) || threads <= 0 || threads > 1024) return 0;
-  return int(env_u64("RK_CPU_BLOCKS_PER_SM", 1));
+  // RK_CPU_THREADS_PER_SM (unset: no limit) caps the CTAs by their threads, as registers cap them on a GPU
+  const uint64_t per_sm = env_u64("RK_CPU_BLOCKS_PER_SM", 1), threads_cap = env_u64("RK_CPU_THREADS_PER_SM", 0);
+  return int(threads_cap > 0 ? std::min<uint64_t>(per_sm, threads_cap / uint64_t(threads)) : per_sm);
 }
 
 
