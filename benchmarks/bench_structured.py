@@ -9,7 +9,8 @@ Writes benchmarks/results/<gpu>/block_circulant_linear.json and toeplitz_linear.
               reparam_kernels.ops.block_circulant_cols_linear (the tensor-core kernel on the blocks'
               first columns, `backend` "cuda_cols"; the FFT kernel is then the peer "cuda_fft", and the
               same kernel without split K "cuda_cols_1split", split wherever it may "cuda_cols_split",
-              above M = 8 in 8-row tiles "cuda_cols_8rows"),
+              above M = 8 in 8-row tiles "cuda_cols_8rows", in one wide CTA a tile where the tiles
+              leave SMs idle "cuda_cols_wide"),
               else reparam_kernels.ops.block_circulant_linear (the fused FFT kernel for
               b = 64..4096 powers of two; the row's `backend` says what ran);
               Toeplitz rows the same way (toeplitz_linear, or the columns op on its embedding's column);
@@ -121,6 +122,12 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
         peers["cuda_cols_split"] = Contender(with_env(cols_fn, "REPARAM_BC_COLS_SPLITS", "32"), col_sets)
         if M > 8 and not cuda_paths()["bc_cols"]["tile_rows_vetoed"]:  # 8-row CTA tiles against the default 16
             peers["cuda_cols_8rows"] = Contender(with_env(cols_fn, "REPARAM_BC_COLS_TILE_ROWS", "8"), col_sets)
+        # one wide CTA a tile, K split among its warps, no fixup (REPARAM_BC_COLS_WIDE=1, off until timed) where
+        # it applies: against the split over CTAs it would replace
+        bc = cuda_paths()["bc_cols"]
+        if (not bc["wide"] and not bc["wide_vetoed"]
+                and wide_cta_applies(M, N, K, b, torch.cuda.get_device_properties(0).multi_processor_count)):
+            peers["cuda_cols_wide"] = Contender(with_env(cols_fn, "REPARAM_BC_COLS_WIDE", "1"), col_sets)
     elif device == "cuda" and M <= COLS_PEER_MAX_M and cols_kernel_runs(b, dtype):
         peers["cuda_cols"] = Contender(cols_fn, col_sets)  # past the layer's threshold: where it should be
     rows = run_case(res, dtype=dtype, M=M, N=N, K=K, params={"block": b} if op == "block_circulant_linear" else {"fft_size": b},
@@ -135,6 +142,18 @@ def bench_block(res, N, K, b, M, dtype, modes, device="cuda", count=None, op="bl
 def cols_kernel_runs(b, dtype):
     """Whether block_circulant_cols_linear runs its CUDA kernel for blocks of b and x of dtype."""
     return b in COLS_BLOCK_SIZES and _dispatch.backend_for("block_circulant_cols_linear", "cuda", dtype)[0] == "cuda"
+
+
+def wide_cta_applies(M, N, K, b, sms, tile_rows=None):
+    """Whether block_circulant_cols_linear with REPARAM_BC_COLS_WIDE=1 takes a wide CTA for this case on a GPU of
+    `sms` SMs (csrc/block_circulant_cols_linear.cu launch()): tiles of 64 outputs by 8 rows (16 above M = 8 unless
+    REPARAM_BC_COLS_TILE_ROWS=8), more than 4 chunks of min(b, 256) inputs along K, and every wide CTA resident at
+    once — one row group: 16 warps one an SM or 8 warps two an SM (<= 116 registers); two: 8 warps one an SM (183
+    registers; ptxas sm_90a, what the occupancy query answers on an H100 / H200)."""
+    tile_rows = tile_rows or cuda_paths()["bc_cols"]["tile_rows"]
+    rows = 8 if M <= 8 or tile_rows == 8 else 16
+    tiles = -(-N // 64) * -(-M // rows)
+    return tiles <= (2 if rows == 8 else 1) * sms and -(-K // min(b, 256)) > 4
 
 
 def takes_cols(M, b, dtype, toeplitz=False):

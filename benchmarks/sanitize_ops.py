@@ -189,6 +189,10 @@ def path_cases():
         # partial
         ("block-circulant cols-8-rows", lambda dt, dev: rnn.BlockCirculantLinear.from_linear(lin(1000, 700, dt, dev),
                                                                                               512).eval(), (12,)),
+        # one wide CTA a tile, K split among its warps (REPARAM_BC_COLS_WIDE=1, off by default): 11 tiles of 9
+        # chunks, 16 warps at one row (7 idle), 8 at 12 rows (2 chunks for warp 0)
+        ("block-circulant cols-wide", lambda dt, dev: rnn.BlockCirculantLinear.from_linear(lin(2100, 700, dt, dev),
+                                                                                            512).eval(), (1, 12)),
         # a MoE layer's experts in one launch (csrc/grouped_quant.cuh): the small-M loop per expert with K split,
         # the transposed tile at 3 rows, 64-row chunks past 64 ("grouped": run_gpu.sh smoke-tests it apart, with
         # its own switch REPARAM_GROUPED_SMALL_M)
@@ -259,6 +263,7 @@ def main(argv=None):
                 if name.endswith(" cols-8-rows") and os.environ.get("REPARAM_BC_COLS_TILE_ROWS", "") != "0":
                     stack.enter_context(env_var("REPARAM_BC_COLS_TILE_ROWS", "8"))  # (0: vetoed by a smoke run)
                 for suffix, var in ((" x-ahead", "REPARAM_SMALL_M_X_AHEAD"), (" stream-K", "REPARAM_SMALL_M_STREAM_K"),
+                                    (" cols-wide", "REPARAM_BC_COLS_WIDE"),
                                     (" post-scale", "REPARAM_SMALL_M_POST_SCALE"),
                                     (" post-scale g256", "REPARAM_SMALL_M_POST_SCALE"), (" gemv", "REPARAM_LOWRANK_GEMV")):
                     if name.endswith(suffix) and os.environ.get(var, "") != "0":  # (0: vetoed by a smoke run)

@@ -26,8 +26,10 @@
 // inputs (a chunk never crosses a block), cpc for each of the CTA's 4 warps; the warps' sums meet in
 // shared memory. With more than one split each CTA writes fp32 partials and the last to arrive sums them
 // in split order (split_k_counters.h). All global loads of a chunk are issued before its first mma.
-// Checked on the CPU through this source (python_tests/test_cuda_on_cpu_circulant_cols.py); speed not
-// yet measured.
+// REPARAM_BC_COLS_WIDE=1 (off until timed): one wide CTA a tile instead (16 or 8 warps, its chunks shared by
+// them and summed in shared memory, K never split over CTAs) wherever the wide CTAs all fit at once: launch().
+// Checked on the CPU through this source (python_tests/test_cuda_on_cpu_circulant_cols.py); the default plan
+// was timed on the H200 (run 3), the wide CTA not yet.
 #include <algorithm>
 #include <cstdlib>
 
@@ -55,7 +57,7 @@ struct ColsArgs {
   int64_t M, K, N;
   int q, b, log2b;    // b is a power of two: blocks and offsets by shifts and masks
   int chunk, chunks;  // inputs per chunk (min(b, 256)), chunks along K
-  int cpc, splits;    // chunks per warp (a split: kWarps cpc chunks), K splits
+  int cpc, splits;    // chunks per warp (a split: W cpc chunks, W the CTA's warps), K splits
   bool x_aligned4;    // x's rows start on 4-byte boundaries: pairs load as one word
 };
 
@@ -81,11 +83,11 @@ constexpr int window_per_lane() {
 }
 
 // Warp tile: outputs n0 .. n0 + 63 (inside block row i, n_loc = n0 - i b), rows m0 + 8 r + .., over
-// the chunks c_lo, c_lo + kWarps, .. < c_hi; acc[r][a] is the C fragment of output tile a, row group r.
+// the chunks c_lo, c_lo + W, .. < c_hi; acc[r][a] is the C fragment of output tile a, row group r.
 // Per chunk the warp first writes its window of pairs, converted, to `pw` (its own shared memory): the
 // fragments' 39 registers are then one LDS each at a constant offset (from global memory each cost two
 // loads, two index computations with the wrap mod b and a convert).
-template <class T, int C, int RG>
+template <class T, int C, int RG, int W>
 __device__ __forceinline__ void warp_tile(const ColsArgs<T>& a, int64_t n0, int64_t m0, int c_lo, int c_hi,
                                           uint32_t* pw, float (&acc)[RG][kNT][4]) {
   using P = small_m::Pair<T>;
@@ -99,12 +101,12 @@ __device__ __forceinline__ void warp_tile(const ColsArgs<T>& a, int64_t n0, int6
   // - 16 (C - 1) - 8 (k_loc = k mod b), entry v holds (c[E - 6 + v], c[E - 7 + v]) (indices mod b)
   auto column = [&](int64_t k) { return a.w + (int64_t(i) * a.q + int(k >> a.log2b)) * a.b; };
   auto window_start = [&](int64_t k) { return n_loc - (int(k) & bm) - 16 * (C - 1) - 14; };
-  for (int ch = c_lo; ch < c_hi; ch += kWarps) {
+  for (int ch = c_lo; ch < c_hi; ch += W) {
     const int64_t k0 = int64_t(ch) * a.chunk;
     const float* c = column(k0);
     const int w0 = window_start(k0);
-    if (ch + kWarps < c_hi) {  // the warp's next chunk (window lines and x's slice) into L2 while this one waits
-      const int64_t k1 = k0 + int64_t(kWarps) * a.chunk;
+    if (ch + W < c_hi) {  // the warp's next chunk (window lines and x's slice) into L2 while this one waits
+      const int64_t k1 = k0 + int64_t(W) * a.chunk;
       if (lane < L) prefetch_l2(column(k1) + ((window_start(k1) + 32 * lane) & bm));  // 32 floats a line
 #pragma unroll
       for (int r = 0; r < RG; ++r) {  // lane (g, t): row g's 128-byte line t of the chunk (C = 16: all 4)
@@ -171,21 +173,28 @@ __device__ __forceinline__ void warp_tile(const ColsArgs<T>& a, int64_t n0, int6
   }
 }
 
-// The CTA's warps share its 64 outputs and split its chunks (warp w: chunks c_lo + w, + 4, ...); their
+// The CTA's W warps share its 64 outputs and split its chunks (warp w: chunks c_lo + w, + W, ...); their
 // sums meet in shared memory in warp order, then go to y (one split) or to the split's partials.
-template <class T, int C, int RG>
-__global__ void __launch_bounds__(kThreads) cols_kernel(ColsArgs<T> a) {
+// W = kWarps, or the wide CTA (wide_ctas: 16 warps, 8 with two row groups), whose sums reuse the pairs'
+// shared memory once every warp is done with them (apart they would pass the 48 KB of static shared memory).
+template <class T, int C, int RG, int W>
+__global__ void __launch_bounds__(32 * W) cols_kernel(ColsArgs<T> a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma.sync m16n8k16 with bf16 needs sm_80; the host never launches this below sm_80
 #else
   constexpr int kRows = 8 * RG, kStride = kWarpOuts + 4;  // +4: the fragment stores hit 32 banks
-  __shared__ float red[kWarps][kRows][kStride];
-  __shared__ uint32_t pairs[kWarps][32 * window_per_lane<C>()];
+  constexpr int kT = 32 * W, kPairWords = 32 * window_per_lane<C>(), kRedWords = W * kRows * kStride;
+  constexpr bool kShare = W > kWarps;
+  constexpr int kWords = kShare ? (kRedWords > W * kPairWords ? kRedWords : W * kPairWords) : kRedWords + W * kPairWords;
+  __shared__ float smem[kWords];  // (4-byte words only: red and pairs alike)
+  auto red = reinterpret_cast<float (*)[kRows][kStride]>(smem);  // [W][kRows][kStride]
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(smem + (kShare ? 0 : kRedWords));  // [W][kPairWords]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t n0 = int64_t(blockIdx.x) * kWarpOuts, m0 = int64_t(blockIdx.z) * kRows;
-  const int split = blockIdx.y, c_lo = split * kWarps * a.cpc, c_hi = min(a.chunks, c_lo + kWarps * a.cpc);
+  const int split = blockIdx.y, c_lo = split * W * a.cpc, c_hi = min(a.chunks, c_lo + W * a.cpc);
   float acc[RG][kNT][4] = {};
-  warp_tile<T, C, RG>(a, n0, m0, c_lo + warp, c_hi, pairs[warp], acc);
+  warp_tile<T, C, RG, W>(a, n0, m0, c_lo + warp, c_hi, pairs + warp * kPairWords, acc);
+  if constexpr (kShare) __syncthreads();  // every warp done reading the pairs: the sums overwrite them
   // C fragment: acc[r][ot][v] is output n0 + 16 ot + g + 8 (v / 2), row m0 + 8 r + 2 t + v % 2
 #pragma unroll
   for (int r = 0; r < RG; ++r)
@@ -196,19 +205,19 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(ColsArgs<T> a) {
   __syncthreads();
   const int rows = int(min(int64_t(kRows), a.M - m0));
   auto finish = [&](int64_t col, float v) { return v + (a.bias != nullptr ? to_f32<T>(a.bias[col]) : 0.f); };
-  for (int e = threadIdx.x; e < rows * kWarpOuts; e += kThreads) {
+  for (int e = threadIdx.x; e < rows * kWarpOuts; e += kT) {
     const int rr = e / kWarpOuts, oc = e % kWarpOuts;
     const int64_t col = n0 + oc, row = m0 + rr;
     if (col >= a.N) continue;
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += red[w][rr][oc];
+    for (int w = 0; w < W; ++w) v += red[w][rr][oc];
     if (a.splits == 1) a.y[row * a.N + col] = from_f32<T>(finish(col, v));
     else a.part[(int64_t(split) * a.M + row) * a.N + col] = v;
   }
   if (a.splits == 1) return;
   if (!arrived_last(a.counters + int64_t(blockIdx.z) * gridDim.x + blockIdx.x, a.splits)) return;
-  finish_split_tile<kThreads>(
+  finish_split_tile<kT>(
       a.part, a.splits, a.M * a.N, rows * kWarpOuts,
       [&](int e) {
         const int64_t col = n0 + e % kWarpOuts;
@@ -222,6 +231,18 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(ColsArgs<T> a) {
 #endif
 }
 
+// How many CTAs of cols_kernel<T, C, RG, W> fit on the GPU at once (cached per kernel and device).
+template <class T, int C, int RG, int W>
+int64_t resident(int device) {
+  static int per_sm[64] = {0};
+  const int d = device >= 0 && device < 64 ? device : 0;
+  if (per_sm[d] == 0) {
+    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[d], cols_kernel<T, C, RG, W>, 32 * W, 0));
+    per_sm[d] = std::max(per_sm[d], 1);
+  }
+  return int64_t(per_sm[d]) * sm_count(device);
+}
+
 // Chunks per warp: as many warps as the GPU holds at once get work, each split's chunks are shared by the
 // CTA's warps, and the last CTA of a tile reads at most ~32 partials a thread (splits x rows <= 32:
 // its loads in one or two rounds of L2 latency; at M = 1 up to 32 splits). K is split only where the output
@@ -229,16 +250,15 @@ __global__ void __launch_bounds__(kThreads) cols_kernel(ColsArgs<T> a) {
 // M = 1 in 9.3 us split in two against 7.9 unsplit, at M = 16 23.3 against 19.9 (b = 256, 512 and 4096 alike),
 // but 4096^2 (64 tiles) in 5.8 split against 6.2 unsplit and 10.6 against 12.1: the fixup's L2 round trips
 // and partial stores pay only where splitting puts idle SMs to work.
-template <class T, int C, int RG>
+template <class T, int C, int RG, int W>
 void plan(ColsArgs<T>& a, int64_t col_tiles, int64_t row_tiles, int device) {
-  static int per_sm[64] = {0};
-  const int d = device >= 0 && device < 64 ? device : 0;
-  if (per_sm[d] == 0) {
-    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[d], cols_kernel<T, C, RG>, kThreads, 0));
-    per_sm[d] = std::max(per_sm[d], 1);
+  if constexpr (W > kWarps) {  // the wide CTA: K split inside the CTA only
+    a.cpc = (a.chunks + W - 1) / W;
+    a.splits = 1;
+    return;
   }
   const int sms = sm_count(device);
-  const int64_t warps = int64_t(per_sm[d]) * sms * kWarps;
+  const int64_t warps = resident<T, C, RG, W>(device) * kWarps;
   // REPARAM_BC_COLS_SPLITS=n: at most n splits whatever the tile count (1: none; 32: the plan before the
   // tile rule; bench_structured times both as cuda_cols_1split / cuda_cols_split), read per call
   const char* cap = std::getenv("REPARAM_BC_COLS_SPLITS");
@@ -251,12 +271,21 @@ void plan(ColsArgs<T>& a, int64_t col_tiles, int64_t row_tiles, int device) {
   a.splits = (a.chunks + kWarps * a.cpc - 1) / (kWarps * a.cpc);
 }
 
-template <class T, int C, int RG>
-void launch(ColsArgs<T> a, const Tensor& like, int device, cudaStream_t stream) {
-  const int64_t col_tiles = (a.N + kWarpOuts - 1) / kWarpOuts, row_tiles = (a.M + 8 * RG - 1) / (8 * RG);
-  STD_TORCH_CHECK(col_tiles < (int64_t(1) << 31) && row_tiles < 65536,
-                  "reparam.block_circulant_cols_linear: too many rows or outputs for one launch");
-  plan<T, C, RG>(a, col_tiles, row_tiles, device);
+// REPARAM_BC_COLS_WIDE=1 (read per call; off until the H200 has timed it: bench_structured's peer
+// cuda_cols_wide): one wide CTA a tile, its chunks shared by 16 or 8 warps (K split inside the CTA only), the
+// widest whose CTAs all fit the GPU at once, where the tile has more chunks than the narrow CTA's 4 warps. Why:
+// run 3 had 4096^2, b = 256 (64 tiles) at M = 1 in 5.8 us split over 4 CTAs against 6.2 unsplit, and the
+// unsplit 14336 x 4096 (224 tiles) faster than split (7.9 against 9.3): splitting over CTAs buys warps and pays
+// a round of partial stores, arrival counters and the last CTA's L2 reads; the wide CTA has the split's warps
+// (4096^2: 16, one chunk each at b >= 256) and sums them in shared memory, and where tiles fill the SMs (14336 x
+// 4096 at M = 1: 224 CTAs of 8 warps, two an SM) halves each warp's chain of chunks without any fixup.
+inline bool wide_enabled() { return env_opt_in("REPARAM_BC_COLS_WIDE"); }
+
+
+template <class T, int C, int RG, int W>
+void launch_tiles(ColsArgs<T> a, int64_t col_tiles, int64_t row_tiles, const Tensor& like, int device,
+                  cudaStream_t stream) {
+  plan<T, C, RG, W>(a, col_tiles, row_tiles, device);
   Tensor part = torch::stable::new_empty(like, {a.splits > 1 ? a.splits * a.M * a.N : 1}, ScalarType::Float);
   a.part = static_cast<float*>(part.data_ptr());
   if (a.splits > 1) {
@@ -265,8 +294,27 @@ void launch(ColsArgs<T> a, const Tensor& like, int device, cudaStream_t stream) 
                     "arrival counters (", col_tiles * row_tiles, " output tiles; at most ", kSplitCounterCapacity, ")");
   }
   const dim3 grid(unsigned(col_tiles), unsigned(a.splits), unsigned(row_tiles));
-  cols_kernel<T, C, RG><<<grid, kThreads, 0, stream>>>(a);
+  cols_kernel<T, C, RG, W><<<grid, 32 * W, 0, stream>>>(a);
   RK_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class T, int C, int RG>
+void launch(const ColsArgs<T>& a, const Tensor& like, int device, cudaStream_t stream) {
+  const int64_t col_tiles = (a.N + kWarpOuts - 1) / kWarpOuts, row_tiles = (a.M + 8 * RG - 1) / (8 * RG);
+  STD_TORCH_CHECK(col_tiles < (int64_t(1) << 31) && row_tiles < 65536,
+                  "reparam.block_circulant_cols_linear: too many rows or outputs for one launch");
+  const int64_t tiles = col_tiles * row_tiles;
+  // The wide CTA (16 warps with one row group: those kernels take <= 116 registers, under the 128 that 512
+  // threads allow, ptxas sm_90a; 8 warps: up to 183), the widest whose CTAs all fit at once.
+  if (wide_enabled() && a.chunks > kWarps) {
+    if constexpr (RG == 1) {
+      if (tiles <= resident<T, C, RG, 16>(device))
+        return launch_tiles<T, C, RG, 16>(a, col_tiles, row_tiles, like, device, stream);
+    }
+    if (tiles <= resident<T, C, RG, 8>(device))
+      return launch_tiles<T, C, RG, 8>(a, col_tiles, row_tiles, like, device, stream);
+  }
+  launch_tiles<T, C, RG, kWarps>(a, col_tiles, row_tiles, like, device, stream);
 }
 
 // Rows of x a CTA takes above M = 8: 16 (two row groups: the columns' fragments serve both) unless

@@ -168,6 +168,20 @@ def test_cuda_in_8_row_tiles_matches_float64(rng, monkeypatch, M, K, N, b):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N,b", [(1, 4096, 4096, 256), (16, 4096, 4096, 256), (3, 4096, 4096, 4096),
+                                     (12, 2100, 700, 512), (2, 1000, 700, 64)])
+def test_cuda_in_wide_ctas_matches_float64(rng, monkeypatch, M, K, N, b):
+    # REPARAM_BC_COLS_WIDE=1 (read per call): where the tiles leave SMs idle, one CTA of 16 warps (8 above M = 8) a
+    # tile, K split among them; odd chunk counts (idle warps, a warp with two chunks)
+    monkeypatch.setenv("REPARAM_BC_COLS_WIDE", "1")
+    x, cols, bias = make(rng, (M,), K, N, b, torch.float16, device="cuda")
+    torch.full((64 << 20,), float("nan"), device="cuda", dtype=torch.float16)  # poison the cache
+    y = rk.ops.block_circulant_cols_linear(x, cols_for(cols, x), N, bias)
+    torch.cuda.synchronize()
+    assert torch.isfinite(y).all() and rel_err(y, exact(x, cols, N, bias)) <= TOL[torch.float16]
+
+
+@pytest.mark.gpu
 def test_cuda_graph_capture_and_backward(rng):
     x, cols, b = make(rng, (4,), 1000, 600, 256, torch.float16, device="cuda")
     w = cols_for(cols, x)

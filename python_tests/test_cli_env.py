@@ -193,3 +193,17 @@ def test_columns_thresholds(monkeypatch):
     assert (bc_cols_max_m(), bc_cols_max_m(toeplitz=True)) == (16, 64)
     monkeypatch.setenv("REPARAM_BC_COLS_MAX_M", "0")
     assert (bc_cols_max_m(), bc_cols_max_m(toeplitz=True)) == (0, 0)
+
+
+def test_columns_wide_cta_switch(monkeypatch):
+    # REPARAM_BC_COLS_WIDE: on only from "1" (csrc/common.cuh env_opt_in), "0" the smoke run's veto
+    from reparam_kernels.cli import env
+
+    for value, on, vetoed in (("", False, False), ("1", True, False), ("0", False, True), ("x", False, False)):
+        monkeypatch.setenv("REPARAM_BC_COLS_WIDE", value)
+        bc = env.cuda_paths()["bc_cols"]
+        assert (bc["wide"], bc["wide_vetoed"]) == (on, vetoed), value
+    monkeypatch.setenv("REPARAM_BC_COLS_WIDE", "1")
+    assert "K split over the warps of one wide CTA a tile" in env.render(env.collect())
+    monkeypatch.delenv("REPARAM_BC_COLS_WIDE")
+    assert "<= 32 CTAs where the output tiles leave SMs idle [REPARAM_BC_COLS_WIDE," in env.render(env.collect())

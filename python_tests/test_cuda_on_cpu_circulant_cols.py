@@ -3,14 +3,19 @@ CPU through python_tests/cuda_on_cpu, against float64: every chunk width (b = 64
 wider than a chunk (the Toeplitz tiles' offsets inside a block), K and N off the blocks and the tiles, odd K
 (x's pairs loaded as two halves), one and two row groups and several row tiles, with and without split K,
 and mutations that must be caught."""
+import importlib
 import math
+import os
 import shutil
+import sys
 
 import pytest
 import torch
 
 from test_cuda_on_cpu import check, run_twice, within
 from reparam_kernels.compress import structured as st
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
@@ -98,6 +103,47 @@ def test_cols_kernel_in_8_row_tiles(rng):
     assert row_tiles == [2, 2, 3, 2], row_tiles  # ceil(M / 8): 8-row tiles taken
 
 
+def test_cols_kernel_in_wide_ctas(rng):
+    # REPARAM_BC_COLS_WIDE=1 (bench_structured's cuda_cols_wide): one CTA of 16 warps (8 with two row groups, or
+    # where 16-warp CTAs would not all be resident) a tile, K split only inside it; a warp past the last chunk adds
+    # nothing; K of 4 chunks or fewer (nothing to share) and tiles past what the GPU holds keep the narrow CTA
+    shapes = [(1, 4096, 600, 4096, torch.bfloat16),   # 16 chunks: one a warp
+              (3, 3000, 700, 256, torch.float16),     # 12 chunks, the last partial: warps 12..15 idle
+              (12, 4100, 520, 512, torch.float16),    # two row groups: 8 warps, 17 chunks (3 for warp 0)
+              (2, 1000, 700, 64, torch.bfloat16),     # chunks of 64: 16 chunks over 16 warps
+              (5, 1024, 300, 256, torch.float16)]     # 4 chunks: narrow
+    cases, refs = [], []
+    for i, (M, K, N, b, dtype) in enumerate(shapes):
+        c, r = cols_case(rng, M, K, N, b, dtype, bias=i % 2 == 1)
+        cases.append(c)
+        refs.append(r)
+
+    def launches(env):
+        # (RK_CPU_SKEW: warps drift apart, as they would past the barrier before the sums overwrite the pairs)
+        full = {"RK_CPU_SMS": "132", "REPARAM_BC_COLS_WIDE": "1", "RK_CPU_SKEW": "5000", **env}
+        traces = check(cases, refs, env=full, kernel="ColsArgs")
+        return [(int(line.split("grid (")[1].split(",")[1]), int(line.split(" block ")[1].split()[0]))
+                for t in traces for line in t if "grid (" in line]
+
+    assert launches({}) == [(1, 512), (1, 512), (1, 256), (1, 512), (1, 128)]
+    # bench_structured times the peer cuda_cols_wide where its rule says the kernel takes the wide CTA
+    wide = importlib.import_module("bench_structured").wide_cta_applies
+    assert [wide(M, N, K, b, 132, tile_rows=16) for M, K, N, b, _ in shapes] == [True] * 4 + [False]
+    assert not any(wide(M, N, K, b, 2, tile_rows=16) for M, K, N, b, _ in shapes)
+    # 4 SMs holding two CTAs of up to 256 threads (as registers would): 16 warps fit 4 tiles, 8 warps 8 tiles
+    small = {"RK_CPU_SMS": "4", "RK_CPU_BLOCKS_PER_SM": "2", "RK_CPU_THREADS_PER_SM": "512"}
+    cases[:] = []
+    refs[:] = []
+    for M, K, N, b, dtype in [(1, 2048, 250, 256, torch.float16), (2, 2048, 500, 256, torch.bfloat16),
+                              (1, 2048, 520, 256, torch.float16), (12, 2048, 250, 512, torch.float16)]:
+        c, r = cols_case(rng, M, K, N, b, dtype)
+        cases.append(c)
+        refs.append(r)
+    assert launches(small) == [(1, 512), (1, 256), (1, 128), (1, 256)]
+    # tiles enough for every SM (2 SMs): the narrow CTA, its own plan
+    assert all(block == 128 for _, block in launches({"RK_CPU_SMS": "2"}))
+
+
 COLS_MUTATIONS = {
     # the A fragment's registers in the wrong order: rows g + 8 and columns 2t + 8 swapped
     "fragment order": ("block_circulant_cols_linear.cu", "{u[sd], u[sd + 1], u[sd - 1], u[sd]}",
@@ -116,7 +162,9 @@ COLS_MUTATIONS = {
     "partial slot": ("block_circulant_cols_linear.cu", "a.part[(int64_t(split) * a.M + row) * a.N + col] = v;",
                      "a.part[row * a.N + col] = v;"),
     # every warp of the CTA through every chunk of the split (each chunk counted four times)
-    "chunk stride": ("block_circulant_cols_linear.cu", "ch < c_hi; ch += kWarps)", "ch < c_hi; ch += 1)"),
+    "chunk stride": ("block_circulant_cols_linear.cu", "ch < c_hi; ch += W)", "ch < c_hi; ch += 1)"),
+    # the wide CTA's sums written over the pairs while other warps still read them
+    "wide barrier": ("block_circulant_cols_linear.cu", "  if constexpr (kShare) __syncthreads();", ""),
     # the warps' sums read before every warp wrote them
     "missing barrier": ("block_circulant_cols_linear.cu", "  __syncthreads();\n  const int rows", "  const int rows"),
     # the next chunk's x prefetched past K (the last chunk's lines past the end of the last row; a warp with
@@ -137,6 +185,9 @@ def test_mutated_cols_kernel_is_caught(rng, name):
     # (run_twice: a fault reading outside every tensor counts as caught; the second launch reuses the counters)
     c, r = cols_case(rng, 5, 4099 if name == "odd tail" else 4100, 700, 512, torch.float16)
     env = {"RK_CPU_SMS": "2" if name == "prefetch bound" else "132"}
+    if name == "wide barrier":  # (warps drifting apart: in lockstep none reaches the sums before all read the pairs)
+        env.update(REPARAM_BC_COLS_WIDE="1", RK_CPU_SKEW="5000")
     results = run_twice(c, env)
-    assert within(results, r) and ("grid (11,5,1)" in results[0][1][0] or env["RK_CPU_SMS"] == "2"), results
+    assert within(results, r) and ("grid (11,5,1)" in results[0][1][0] or env["RK_CPU_SMS"] == "2"
+                                   or "grid (11,1,1) block 512" in results[0][1][0]), results
     assert not within(run_twice(c, env, COLS_MUTATIONS[name]), r)

@@ -148,6 +148,8 @@ def random_env(r):
                         ("REPARAM_BC_LARGE_M_MIN_M", ["1", "9", "0"]),
                         ("REPARAM_SMALL_M_X_AHEAD", ["1"]), ("REPARAM_SMALL_M_STREAM_K", ["1"]),
                         ("REPARAM_SMALL_M_POST_SCALE", ["1"]), ("REPARAM_BC_COLS_TILE_ROWS", ["8"]),
+                        ("REPARAM_BC_COLS_WIDE", ["1"]), ("RK_CPU_SKEW", ["50", "5000"]),
+                        ("RK_CPU_THREADS_PER_SM", ["512", "1024"]),
                         ("REPARAM_BC_COLS_SPLITS", ["1", "3", "32"]), ("REPARAM_PIVOTED_GATHER", ["0", "1"]),
                         ("REPARAM_LOWRANK_GEMV", ["1"]), ("REPARAM_LOWRANK_PREFETCH_U", ["1"]),
                         ("REPARAM_LOWRANK_GEMV_STAGE_ROWS", ["0", "1", "3"]),

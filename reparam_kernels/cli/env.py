@@ -164,7 +164,11 @@ def cuda_paths():
                         # rows a CTA takes above M = 8 (16 unless the switch says 8; the same cu file's tile_rows())
                         "tile_rows": 8 if _atoll("REPARAM_BC_COLS_TILE_ROWS", 16) == 8 else 16,
                         "tile_rows_switch": "REPARAM_BC_COLS_TILE_ROWS",
-                        "tile_rows_vetoed": os.environ.get("REPARAM_BC_COLS_TILE_ROWS", "") == "0"}}
+                        "tile_rows_vetoed": os.environ.get("REPARAM_BC_COLS_TILE_ROWS", "") == "0",
+                        # one wide CTA a tile (K split inside it) wherever those CTAs fit at once; off until timed
+                        "wide": os.environ.get("REPARAM_BC_COLS_WIDE", "").startswith("1"),
+                        "wide_switch": "REPARAM_BC_COLS_WIDE",
+                        "wide_vetoed": os.environ.get("REPARAM_BC_COLS_WIDE", "") == "0"}}
 
 
 def collect():
@@ -236,9 +240,10 @@ def render(info):
                  f"{'M <= ' + str(bc['toeplitz_max_m']) if bc['toeplitz_max_m'] else 'never'} "
                  f"[{bc['toeplitz_switch']}]);"
                  " K split over "
-                 + (f"<= {bc['max_splits']} CTAs" if bc["max_splits"]
+                 + ("the warps of one wide CTA a tile wherever the wide CTAs fit at once" if bc["wide"]
+                    else f"<= {bc['max_splits']} CTAs" if bc["max_splits"]
                     else "<= 32 CTAs where the output tiles leave SMs idle")
-                 + f" [{bc['splits_switch']}]; {bc['tile_rows']} rows a CTA above M = 8 "
+                 + f" [{bc['wide_switch']}, {bc['splits_switch']}]; {bc['tile_rows']} rows a CTA above M = 8 "
                  f"[{bc['tile_rows_switch']}]")
     lines.append(f"  pivoted factors on the two cuBLAS GEMMs: x's columns gathered {lr['pivoted_gather']}, else the "
                  f"right factor expanded [{lr['pivoted_gather_switch']}]")
