@@ -9,8 +9,8 @@ Writes benchmarks/results/<gpu>/block_circulant_linear.json and toeplitz_linear.
               reparam_kernels.ops.block_circulant_cols_linear (the tensor-core kernel on the blocks'
               first columns, `backend` "cuda_cols"; the FFT kernel is then the peer "cuda_fft", and the
               same kernel without split K "cuda_cols_1split", split wherever it may "cuda_cols_split",
-              above M = 8 in 8-row tiles "cuda_cols_8rows", in one wide CTA a tile where the tiles
-              leave SMs idle "cuda_cols_wide"),
+              above M = 8 in 8-row tiles "cuda_cols_8rows", in one wide CTA a tile wherever the wide
+              CTAs fit at once "cuda_cols_wide"),
               else reparam_kernels.ops.block_circulant_linear (the fused FFT kernel for
               b = 64..4096 powers of two; the row's `backend` says what ran);
               Toeplitz rows the same way (toeplitz_linear, or the columns op on its embedding's column);

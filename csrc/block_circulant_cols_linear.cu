@@ -175,8 +175,8 @@ __device__ __forceinline__ void warp_tile(const ColsArgs<T>& a, int64_t n0, int6
 
 // The CTA's W warps share its 64 outputs and split its chunks (warp w: chunks c_lo + w, + W, ...); their
 // sums meet in shared memory in warp order, then go to y (one split) or to the split's partials.
-// W = kWarps, or the wide CTA (wide_ctas: 16 warps, 8 with two row groups), whose sums reuse the pairs'
-// shared memory once every warp is done with them (apart they would pass the 48 KB of static shared memory).
+// W = kWarps, or the wide CTA (16 or 8 warps: launch()), whose sums reuse the pairs' shared memory once every
+// warp is done with them (apart they would pass the 48 KB of static shared memory).
 template <class T, int C, int RG, int W>
 __global__ void __launch_bounds__(32 * W) cols_kernel(ColsArgs<T> a) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(32 * W) cols_kernel(ColsArgs<T> a) {
   constexpr int kRows = 8 * RG, kStride = kWarpOuts + 4;  // +4: the fragment stores hit 32 banks
   constexpr int kT = 32 * W, kPairWords = 32 * window_per_lane<C>(), kRedWords = W * kRows * kStride;
   constexpr bool kShare = W > kWarps;
-  constexpr int kWords = kShare ? (kRedWords > W * kPairWords ? kRedWords : W * kPairWords) : kRedWords + W * kPairWords;
+  constexpr int kWords = kShare ? std::max(kRedWords, W * kPairWords) : kRedWords + W * kPairWords;
   __shared__ float smem[kWords];  // (4-byte words only: red and pairs alike)
   auto red = reinterpret_cast<float (*)[kRows][kStride]>(smem);  // [W][kRows][kStride]
   uint32_t* pairs = reinterpret_cast<uint32_t*>(smem + (kShare ? 0 : kRedWords));  // [W][kPairWords]
@@ -231,16 +231,10 @@ __global__ void __launch_bounds__(32 * W) cols_kernel(ColsArgs<T> a) {
 #endif
 }
 
-// How many CTAs of cols_kernel<T, C, RG, W> fit on the GPU at once (cached per kernel and device).
+// How many CTAs of cols_kernel<T, C, RG, W> fit on the GPU at once.
 template <class T, int C, int RG, int W>
 int64_t resident(int device) {
-  static int per_sm[64] = {0};
-  const int d = device >= 0 && device < 64 ? device : 0;
-  if (per_sm[d] == 0) {
-    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[d], cols_kernel<T, C, RG, W>, 32 * W, 0));
-    per_sm[d] = std::max(per_sm[d], 1);
-  }
-  return int64_t(per_sm[d]) * sm_count(device);
+  return resident_ctas_of<cols_kernel<T, C, RG, W>>(device, 32 * W);
 }
 
 // Chunks per warp: as many warps as the GPU holds at once get work, each split's chunks are shared by the
@@ -280,7 +274,6 @@ void plan(ColsArgs<T>& a, int64_t col_tiles, int64_t row_tiles, int device) {
 // (4096^2: 16, one chunk each at b >= 256) and sums them in shared memory, and where tiles fill the SMs (14336 x
 // 4096 at M = 1: 224 CTAs of 8 warps, two an SM) halves each warp's chain of chunks without any fixup.
 inline bool wide_enabled() { return env_opt_in("REPARAM_BC_COLS_WIDE"); }
-
 
 template <class T, int C, int RG, int W>
 void launch_tiles(ColsArgs<T> a, int64_t col_tiles, int64_t row_tiles, const Tensor& like, int device,

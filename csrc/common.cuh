@@ -100,6 +100,20 @@ inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProces
 inline int64_t l2_bytes(int device) { return device_attribute<cudaDevAttrL2CacheSize>(device); }
 inline int max_smem_optin(int device) { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device); }
 
+// How many CTAs of `Kernel` (`threads` each, `smem` bytes of dynamic shared memory: the same at every call for
+// one kernel) fit on the GPU at once; the occupancy query once per kernel instance and device.
+template <auto Kernel>
+inline int64_t resident_ctas_of(int device, int threads, size_t smem = 0) {
+  static int cached[64] = {0};
+  const int d = device >= 0 && device < 64 ? device : 0;
+  if (cached[d] == 0) {
+    int per_sm = 0;
+    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, threads, smem));
+    cached[d] = per_sm > 0 ? per_sm : 1;
+  }
+  return int64_t(cached[d]) * sm_count(device);
+}
+
 // Lets `Kernel` launch with up to `bytes` of dynamic shared memory (0: the device's opt-in maximum;
 // > 48 KB needs it; a kernel with static shared memory must pass what it needs, the sum may not pass
 // the maximum), once per device (a template argument: each kernel instance has its own flags).

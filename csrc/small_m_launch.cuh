@@ -80,19 +80,10 @@ __global__ void __launch_bounds__(kThreads, (ctas_per_sm<Frag, MT>())) small_m_r
 
 inline int compute_major(int device) { return device_attribute<cudaDevAttrComputeCapabilityMajor>(device); }
 
-// How many CTAs of `Kernel` fit on the GPU at once (cached per kernel and device: a template
-// argument, so each kernel instantiation has its own cache).
-// `smem`: the launch's dynamic shared memory (the same at every call for one kernel).
+// How many CTAs of `Kernel` (kThreads each, `smem` bytes of dynamic shared memory) fit on the GPU at once.
 template <auto Kernel>
 inline int64_t resident_ctas(int device, size_t smem = 0) {
-  static int cached[64] = {0};
-  const int d = device >= 0 && device < 64 ? device : 0;
-  if (cached[d] == 0) {
-    int per_sm = 0;
-    RK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, smem));
-    cached[d] = per_sm > 0 ? per_sm : 1;
-  }
-  return int64_t(cached[d]) * sm_count(device);
+  return resident_ctas_of<Kernel>(device, kThreads, smem);
 }
 
 // Stages ahead to prefetch weights into L2, from variable `name` (unset or empty: `fallback`), clamped to
