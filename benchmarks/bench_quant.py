@@ -23,7 +23,7 @@ from common import (DTYPES, Contender, Results, bench_arg_parser, check_rows, me
 
 import reparam_kernels
 from reparam_kernels import _dispatch
-from reparam_kernels.cli.env import RING_X, cuda_paths
+from reparam_kernels.cli.env import RING_X, cuda_paths, dequant_pieces
 from reparam_kernels import triton as rk_triton
 from reparam_kernels.compress.quantize import pack_int4
 from reparam_kernels.reference.int4_linear import dequantize_int4
@@ -93,7 +93,32 @@ def tinygemm(x, packed, group, sz):
 SMEM_TABLE_OPS = ("vq_linear",)
 
 
-def other_paths(op, M):
+def _sm_count():
+    """SMs of the current GPU (the H200's 132 where none is visible: the CPU tests)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+        if torch.cuda.is_available() else 132
+
+
+# the dequantize + cuBLAS pieces' budget that the L2 holds (50 MB on an H100 / H200): each piece's dense rows
+# stay there between their dequantization and their GEMM (peer cuda_dequant_l2)
+L2_SCRATCH_MB = 16
+
+
+def dequant_piece_peers(fn, M, N, K, elt):
+    """{peer: fn} for dequantize + cuBLAS's pieces (csrc/quant_dequant_mm.cuh), where M takes that path: the
+    weight a piece of ~16 MB at a time (``cuda_dequant_l2``, where that makes pieces the default does not) and
+    the whole weight at once (``cuda_dequant_whole``, where the default budget makes pieces)."""
+    sms, peers = _sm_count(), {}
+    default = dequant_pieces(M, N, K, elt, sms)
+    l2 = dequant_pieces(M, N, K, elt, sms, L2_SCRATCH_MB * 2**20)
+    if l2[1] > 1 and l2 != default:
+        peers["cuda_dequant_l2"] = with_env(fn, "REPARAM_DEQUANT_SCRATCH_MB", str(L2_SCRATCH_MB))
+    if default[1] > 1:
+        peers["cuda_dequant_whole"] = with_env(fn, "REPARAM_DEQUANT_SCRATCH_MB", "0")
+    return peers
+
+
+def other_paths(op, M, N=None, K=None, elt=2):
     """{peer name: fn}: `op` through the CUDA paths it does not take at this M, for A/B in one run:
     the general path (``cuda_general_path``: GEMV / WMMA tiles, every other path switched off)
     wherever another path runs, dequantize + cuBLAS (``cuda_dequant_cublas``) above M = 64 where it
@@ -106,9 +131,11 @@ def other_paths(op, M):
     ``cuda_post_scale_x_ahead`` with the prefetch), without its shared-memory ring (``cuda_no_ring``, above the
     transposed tile's M, where x and the weights go through it by default; ``cuda_ring_x`` where rings
     are off), and wgmma without its L2
-    prefetch of the weights (``cuda_wgmma_no_l2``, above M = 64) where it runs or is forced. Where the crossovers lie is a
-    measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling variables
-    costs a little CPU time in eager mode; the graph numbers are kernel-only.)"""
+    prefetch of the weights (``cuda_wgmma_no_l2``, above M = 64) where it runs or is forced; given the shape (N,
+    K, x's element size), dequantize + cuBLAS with its weight in other pieces (``dequant_piece_peers``). Where the
+    crossovers lie is a measurement; the thresholds are the ones the ops read (`env`'s cuda_paths). (Toggling
+    variables costs a little CPU time in eager mode; the graph numbers are kernel-only.)
+    """
     paths = cuda_paths()
     fn = getattr(reparam_kernels.ops, op)  # the typed wrapper (bias optional), as `ours` is called
     dq = paths["dequant_cublas"]["min_m"] or float("inf")
@@ -121,6 +148,8 @@ def other_paths(op, M):
                                               "REPARAM_DEQUANT_MIN_M", "0")
     if M > paths["small_m"]["max_m"] and M < dq:
         peers["cuda_dequant_cublas"] = with_env(fn, "REPARAM_DEQUANT_MIN_M", "1")
+    if M >= dq and N is not None:
+        peers.update(dequant_piece_peers(fn, M, N, K, elt))
     wgmma_env = () if takes_wgmma else None  # the variables that make the op take wgmma at this M
     if hopper and not takes_wgmma and M < 512:  # from the dequantize threshold on, with it moved away
         wgmma_env = ("REPARAM_WGMMA_MIN_M", "1", *(("REPARAM_DEQUANT_MIN_M", "0") if M >= dq else ()))
@@ -205,7 +234,7 @@ def bench_shape(res, op, N, K, M, dtype, modes, device="cuda", count=None, seed=
         if all(a is not None for a in tg):
             peers["tinygemm"] = Contender(tinygemm, tg)
     if device == "cuda" and _dispatch.has_cuda_kernel(op):
-        for name, other in other_paths(op, M).items():  # (not `fn`: that is ours)
+        for name, other in other_paths(op, M, N, K, elt).items():  # (not `fn`: that is ours)
             peers[name] = Contender(other, ours_sets)
     x0, w0 = ours_sets[0][0], ours_sets[0][1:]
     rows = run_case(

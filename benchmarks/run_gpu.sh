@@ -78,7 +78,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 # one bad kernel cannot take every later test and benchmark down with a sticky CUDA error;
 # smoke_<path>.log says why. A failure with no sign of the GPU in it (a Python error building a layer)
 # leaves the path on: switching it off cost the first H200 run every small-M and wgmma test.
-for pair in "gemv:REPARAM_LOWRANK_GEMV" "post-scale:REPARAM_SMALL_M_POST_SCALE" "x-ahead:REPARAM_SMALL_M_X_AHEAD" "stream-K:REPARAM_SMALL_M_STREAM_K" "vq-pairs:REPARAM_VQ_SMALL_M" "grouped:REPARAM_GROUPED_SMALL_M" "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M" "cols-8-rows:REPARAM_BC_COLS_TILE_ROWS" "cols-wide:REPARAM_BC_COLS_WIDE" "cols:REPARAM_BC_COLS_MAX_M"; do
+for pair in "gemv:REPARAM_LOWRANK_GEMV" "post-scale:REPARAM_SMALL_M_POST_SCALE" "x-ahead:REPARAM_SMALL_M_X_AHEAD" "stream-K:REPARAM_SMALL_M_STREAM_K" "vq-pairs:REPARAM_VQ_SMALL_M" "grouped:REPARAM_GROUPED_SMALL_M" "transposed:REPARAM_SMALL_M_T" "ring:REPARAM_SMALL_M_RING" "small-M:REPARAM_SMALL_M" "wgmma:REPARAM_WGMMA" "dequant-pieces:REPARAM_DEQUANT_SCRATCH_MB" "dequant:REPARAM_DEQUANT_MIN_M" "two-GEMM:REPARAM_LOWRANK_CUBLAS_MIN_M" "cols-8-rows:REPARAM_BC_COLS_TILE_ROWS" "cols-wide:REPARAM_BC_COLS_WIDE" "cols:REPARAM_BC_COLS_MAX_M"; do
   match="${pair%%:*}"; var="${pair##*:}"
   if ! timeout 90 "$PY" benchmarks/sanitize_ops.py --paths-only --match "$match" > "$DEST/smoke_$match.log" 2>&1; then
     if grep -qiE "CUDA error|AcceleratorError|illegal|launch failure|relative error|FAIL|Killed|Terminated" \

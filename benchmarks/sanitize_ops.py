@@ -165,6 +165,12 @@ def path_cases():
          (1, 40)),
         ("int4 dequant+cuBLAS", lambda dt, dev: rnn.Int4Linear.from_linear(lin(256, 72, dt, dev), group_size=128),
          (600,)),
+        # the same a piece of rows at a time (REPARAM_DEQUANT_SCRATCH_MB=0.05 here; by default only weights over
+        # 256 MB): 4000 rows in pieces of 2048 on an H200 at M = 600 (the pieces' GEMMs fill its SMs), the last one
+        # shorter; y's columns and the bias narrowed per piece
+        ("int4 dequant-pieces", lambda dt, dev: rnn.Int4Linear.from_linear(lin(256, 4000, dt, dev), group_size=128),
+         (600,)),
+        ("int8 dequant-pieces", lambda dt, dev: rnn.Int8Linear.from_linear(lin(256, 4000, dt, dev)), (600,)),
         # 64 < M < 512 on Hopper (elsewhere these take the WMMA tiles): 1 and 2 batch tiles, a partial row block
         ("int4 wgmma", lambda dt, dev: rnn.Int4Linear.from_linear(lin(384, 200, dt, dev), group_size=128), (100, 200)),
         ("int8 wgmma", lambda dt, dev: rnn.Int8Linear.from_linear(lin(384, 200, dt, dev)), (100,)),
@@ -260,6 +266,8 @@ def main(argv=None):
                     stack.enter_context(env_var("REPARAM_DEQUANT_MIN_M", "512"))
                 if ring:
                     stack.enter_context(env_var("REPARAM_SMALL_M_RING", ring))
+                if name.endswith(" dequant-pieces") and os.environ.get("REPARAM_DEQUANT_SCRATCH_MB", "") != "0":
+                    stack.enter_context(env_var("REPARAM_DEQUANT_SCRATCH_MB", "0.05"))  # (0: vetoed by a smoke run)
                 if name.endswith(" cols-8-rows") and os.environ.get("REPARAM_BC_COLS_TILE_ROWS", "") != "0":
                     stack.enter_context(env_var("REPARAM_BC_COLS_TILE_ROWS", "8"))  # (0: vetoed by a smoke run)
                 for suffix, var in ((" x-ahead", "REPARAM_SMALL_M_X_AHEAD"), (" stream-K", "REPARAM_SMALL_M_STREAM_K"),

@@ -207,3 +207,25 @@ def test_columns_wide_cta_switch(monkeypatch):
     assert "K split over the warps of one wide CTA a tile" in env.render(env.collect())
     monkeypatch.delenv("REPARAM_BC_COLS_WIDE")
     assert "<= 32 CTAs where the output tiles leave SMs idle [REPARAM_BC_COLS_WIDE," in env.render(env.collect())
+
+
+def test_dequant_scratch_budget(monkeypatch):
+    # REPARAM_DEQUANT_SCRATCH_MB read as csrc/quant_dequant_mm.cuh reads it (atof; default 256; <= 0: the whole
+    # weight at once), and the pieces it makes: the weight whole where it fits, else pieces of 128-row multiples
+    # about the budget's size but filling the SMs with output tiles (the harness checks the C++ side agrees)
+    from reparam_kernels.cli import env
+
+    for value, mb in (("", 256.0), ("16", 16.0), ("0.5", 0.5), ("0", 0.0), ("-3", 0.0), ("junk", 0.0), ("8MB", 8.0)):
+        monkeypatch.setenv("REPARAM_DEQUANT_SCRATCH_MB", value)
+        assert env.cuda_paths()["dequant_cublas"]["scratch_mb"] == mb, value
+    monkeypatch.delenv("REPARAM_DEQUANT_SCRATCH_MB")
+    assert "W a piece of rows at a time within 256 MB [REPARAM_DEQUANT_SCRATCH_MB]" in env.render(env.collect())
+    mib = 2**20
+    assert env.dequant_pieces(2048, 8192, 8192, 2, 132) == (8192, 1)  # 128 MB: one piece
+    assert env.dequant_pieces(2048, 28672, 8192, 2, 132) == (14336, 2)  # 448 MB: two
+    assert env.dequant_pieces(256, 128256, 8192, 2, 132) == (16128, 8)  # a 2 GB lm_head: 252 MB pieces
+    assert env.dequant_pieces(2048, 8192, 8192, 2, 132, 16 * mib) == (1024, 8)  # 16 x 9 tiles: one wave, 16 MB
+    assert env.dequant_pieces(256, 8192, 8192, 2, 132, 16 * mib) == (8192, 1)  # 2 row tiles need 8448 rows
+    assert env.dequant_pieces(2048, 28672, 8192, 2, 132, 0) == (28672, 1)
+    monkeypatch.setenv("REPARAM_DEQUANT_SCRATCH_MB", "0")
+    assert "W whole [REPARAM_DEQUANT_SCRATCH_MB]" in env.render(env.collect())

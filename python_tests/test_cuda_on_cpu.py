@@ -16,6 +16,7 @@ import test_lowrank_op as plain
 import test_pivoted_lowrank as piv
 import test_quant_ops as quant
 from conftest import TOL, rel_err
+from reparam_kernels.cli.env import dequant_pieces
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
@@ -174,6 +175,47 @@ def test_quant_dequantize_then_gemm_path(rng):
         cases.append(c)
         refs.append(r)
     check(cases, refs, env={"REPARAM_DEQUANT_MIN_M": "65", "RK_CPU_SMS": "1"}, kernel="dequantize_kernel")
+
+
+# dequantize + cuBLAS from M = 65, one fake SM, a 10 KB scratch budget: pieces of 128 rows
+PIECES_ENV = {"REPARAM_DEQUANT_MIN_M": "65", "RK_CPU_SMS": "1", "REPARAM_DEQUANT_SCRATCH_MB": "0.01"}
+
+
+def test_quant_dequantize_in_pieces(rng):
+    # A scratch budget smaller than the weight (REPARAM_DEQUANT_SCRATCH_MB): rows of W go a piece at a time
+    # into one reused buffer, each piece's GEMM writing its columns of y through a strided view (the bias
+    # narrowed with it). One SM: pieces of 128 rows; N = 300 makes 3 pieces, the last of 44 rows; N = 256 two
+    # whole ones. Without the budget the same call dequantizes in one launch.
+    # (vq_linear's pieces: test_cuda_on_cpu_vq.py)
+    cases, refs = [], []
+    for op in QUANT:
+        for M, K, N, bias in [(66, 96, 300, True), (70, 64, 256, False)]:
+            c, r = quant_case(rng, op, M, K, N, torch.float16 if N == 300 else torch.bfloat16, bias=bias)
+            cases.append(c)
+            refs.append(r)
+    traces = check(cases, refs, env=PIECES_ENV, kernel="dequantize_kernel")
+    for case, ref, t in zip(cases, refs, traces):
+        (M, K), N = case["args"][0].shape, ref.shape[-1]
+        pieces = sum("dequantize_kernel" in line for line in t)
+        assert pieces == (3 if N == 300 else 2), (case["op"], t)
+        # the Python mirror that the benchmarks and `env` use agrees with the C++ plan
+        assert dequant_pieces(M, N, K, 2, 1, 0.01 * 2**20) == (128, pieces)
+    one_piece = {**PIECES_ENV, "REPARAM_DEQUANT_SCRATCH_MB": "0"}
+    whole = check(cases[:2], refs[:2], env=one_piece, kernel="dequantize_kernel")
+    assert all(sum("dequantize_kernel" in line for line in t) == 1 for t in whole)
+
+
+def test_quant_dequantize_in_pieces_mutations_are_caught(rng):
+    # each piece's rows of W, its columns of y and its slice of the bias must line up: a piece dequantizing
+    # from row 0, writing y's first columns, or adding the bias's first entries computes wrong
+    c, ref = quant_case(rng, "int4_linear", 66, 96, 300, torch.float16)
+    assert within(run_twice(c, PIECES_ENV), ref)
+    for mutation in [("quant_dequant_mm.cuh", "const int64_t n = n0 + r;", "const int64_t n = r;"),
+                     ("quant_dequant_mm.cuh", "torch::stable::narrow(y2, 1, n0, r)",
+                      "torch::stable::narrow(y2, 1, 0, r)"),
+                     ("quant_dequant_mm.cuh", "b = torch::stable::narrow(bb, 0, n0, r);",
+                      "b = torch::stable::narrow(bb, 0, 0, r);")]:
+        assert not within(run_twice(c, PIECES_ENV, mutation), ref), mutation
 
 
 # wgmma's whole range for the cases below (by default M >= 129 dequantizes)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from test_cuda_on_cpu import check, run_twice, within
+from test_cuda_on_cpu import PIECES_ENV, check, run_twice, within
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
@@ -58,6 +58,14 @@ def test_vq_general_path_every_d(rng):
 def test_vq_dequantize_then_gemm(rng):
     shapes = [(70, 64, 24, {"d": 2, "books": 3}), (66, 99, 20, {"d": 3, "books": 1})]
     run(rng, shapes, torch.bfloat16, "dequantize_kernel", env={"REPARAM_DEQUANT_MIN_M": "65", "RK_CPU_SMS": "1"})
+
+
+def test_vq_dequantize_in_pieces(rng):
+    # a scratch budget below the weight: pieces of 128 rows (3 for N = 300, a codebook straddling two), each
+    # piece's GEMM writing its columns of y (test_cuda_on_cpu.py's test_quant_dequantize_in_pieces)
+    shapes = [(70, 64, 300, {"d": 2, "books": 3}), (66, 99, 260, {"d": 3, "books": 2, "bias": False})]
+    traces = run(rng, shapes, torch.float16, "dequantize_kernel", env=PIECES_ENV)
+    assert [sum("dequantize_kernel" in line for line in t) for t in traces] == [3, 3]
 
 
 def test_vq_pairs_fall_back_where_the_books_do_not_fit(rng):

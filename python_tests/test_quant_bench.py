@@ -57,6 +57,27 @@ def test_every_path_peer_runs_with_ours_arguments(monkeypatch, op, M):
         assert torch.equal(fn(x, *wargs), want), name
 
 
+def test_dequant_piece_peers_where_they_differ(monkeypatch):
+    # M >= 129 takes dequantize + cuBLAS: a 16 MB piece peer where that makes pieces the default (256 MB)
+    # does not, a whole-weight peer where the default makes pieces; none below the path's M; each equals ours
+    bench = importlib.import_module("bench_quant")
+    monkeypatch.delenv("REPARAM_DEQUANT_SCRATCH_MB", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert set(bench.other_paths("int4_linear", 2048, 8192, 8192)) >= {"cuda_dequant_l2"}
+    assert "cuda_dequant_whole" not in bench.other_paths("int4_linear", 2048, 8192, 8192)  # 128 MB: one piece
+    assert {"cuda_dequant_l2", "cuda_dequant_whole"} <= set(bench.other_paths("int4_linear", 2048, 28672, 8192))
+    assert not {"cuda_dequant_l2", "cuda_dequant_whole"} & set(bench.other_paths("int4_linear", 256, 8192, 8192))
+    assert not {"cuda_dequant_l2", "cuda_dequant_whole"} & set(bench.other_paths("int4_linear", 64, 28672, 8192))
+    gen = torch.Generator().manual_seed(0)
+    wargs, _ = bench.make_weights("int8_linear", 72, 256, torch.float16, "cpu", gen)
+    x = torch.randn(300, 256, generator=gen).to(torch.float16)
+    monkeypatch.setattr(bench, "L2_SCRATCH_MB", 0.01)  # pieces of this small case too
+    peers = bench.dequant_piece_peers(bench.reparam_kernels.ops.int8_linear, 2048, 4608, 256, 2)
+    assert set(peers) == {"cuda_dequant_l2"}
+    want = bench.reparam_kernels.ops.int8_linear(x, *wargs)
+    assert torch.equal(peers["cuda_dequant_l2"](x, *wargs), want)
+
+
 def test_bench_quant_without_gpu_exits_clearly(monkeypatch):
     bench = importlib.import_module("bench_quant")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

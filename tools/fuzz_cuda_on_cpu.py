@@ -144,6 +144,7 @@ def random_env(r):
            "RK_CPU_SEED": str(r.randint(1, 10**6)), "RK_CPU_CC_MAJOR": r.choice(["9", "9", "8"])}
     for var, values in (("REPARAM_SMALL_M", ["0"]), ("REPARAM_WGMMA", ["0"]), ("REPARAM_WGMMA_MIN_M", ["1", "33"]),
                         ("REPARAM_WGMMA_BN", ["64"]), ("REPARAM_DEQUANT_MIN_M", ["0", "100"]),
+                        ("REPARAM_DEQUANT_SCRATCH_MB", ["0", "0.01", "0.05"]),
                         ("REPARAM_LOWRANK_CUBLAS_MIN_M", ["0", "100"]), ("RK_CPU_CP_ASYNC_EARLY", ["1"]),
                         ("REPARAM_BC_LARGE_M_MIN_M", ["1", "9", "0"]),
                         ("REPARAM_SMALL_M_X_AHEAD", ["1"]), ("REPARAM_SMALL_M_STREAM_K", ["1"]),

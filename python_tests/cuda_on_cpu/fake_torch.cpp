@@ -59,9 +59,23 @@ Tensor reshape(const Tensor& t, std::vector<int64_t> sizes) {
   int64_t n = 1;
   for (int64_t s : sizes) n *= s;
   if (n != t.numel()) throw std::runtime_error("reshape: element count changes");
+  if (!t.is_contiguous()) throw std::runtime_error("reshape: a strided view (a copy is not modelled)");
   // a view: the new handle keeps a copy of t's handle (and so its storage) alive (aliasing constructor)
   return Tensor(std::shared_ptr<rk_cpu::Storage>(std::make_shared<Tensor>(t), nullptr), t.data_ptr(), std::move(sizes),
                 t.scalar_type());
+}
+
+Tensor narrow(Tensor& self, int64_t dim, int64_t start, int64_t length) {
+  if (dim < 0) dim += self.dim();
+  if (dim < 0 || dim >= self.dim()) throw std::runtime_error("narrow: dimension out of range");
+  if (start < 0 || length < 0 || start + length > self.size(dim))
+    throw std::runtime_error("narrow: range out of bounds");
+  std::vector<int64_t> sizes = self.sizes();
+  sizes[size_t(dim)] = length;
+  auto* data = static_cast<unsigned char*>(self.data_ptr()) +
+               start * self.stride(dim) * int64_t(rk_cpu::element_size(self.scalar_type()));
+  return Tensor(std::shared_ptr<rk_cpu::Storage>(std::make_shared<Tensor>(self), nullptr), data, std::move(sizes),
+                self.scalar_type(), self.strides());
 }
 
 namespace detail {
@@ -117,11 +131,14 @@ int torch_call_dispatcher(const char* name, const char* overload, StableIValue* 
   if (w.scalar_type() != in.scalar_type() || out.scalar_type() != in.scalar_type() ||
       (bias && bias->scalar_type() != in.scalar_type()))
     throw std::runtime_error("aten::linear.out: dtype mismatch");
+  // any strides, as cuBLAS takes leading dimensions (the dequantize path writes column ranges of y)
+  const int64_t bs = bias ? bias->stride(0) : 0;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
-      double s = bias ? load(*bias, n) : 0.0;
-      for (int64_t k = 0; k < K; ++k) s += load(in, m * K + k) * load(w, n * K + k);
-      store(out, m * N + n, s);
+      double s = bias ? load(*bias, n * bs) : 0.0;
+      for (int64_t k = 0; k < K; ++k)
+        s += load(in, m * in.stride(0) + k * in.stride(1)) * load(w, n * w.stride(0) + k * w.stride(1));
+      store(out, m * out.stride(0) + n * out.stride(1), s);
     }
   stack[0] = torch::stable::detail::from(out);
   return 0;

@@ -1,5 +1,5 @@
 // The slice of PyTorch's stable ABI that csrc/ uses, on host memory: a Tensor that is always
-// "on CUDA device 0", new_empty (guarded, 0xFF-filled), contiguous, reshape, the error macros,
+// "on CUDA device 0", new_empty (guarded, 0xFF-filled), contiguous, reshape, narrow (strided views), the error macros,
 // and torch_call_dispatcher for aten::linear.out (a float64-accumulated reference GEMM, standing
 // in for cuBLAS).
 #pragma once
@@ -39,8 +39,14 @@ using torch::headeronly::ScalarType;
 class Tensor {
  public:
   Tensor() = default;
-  Tensor(std::shared_ptr<rk_cpu::Storage> st, void* data, std::vector<int64_t> sizes, ScalarType dtype)
-      : st_(std::move(st)), data_(data), sizes_(std::move(sizes)), dtype_(dtype) {}
+  Tensor(std::shared_ptr<rk_cpu::Storage> st, void* data, std::vector<int64_t> sizes, ScalarType dtype,
+         std::vector<int64_t> strides = {})
+      : st_(std::move(st)), data_(data), sizes_(std::move(sizes)), strides_(std::move(strides)), dtype_(dtype) {
+    if (strides_.empty()) {  // contiguous
+      strides_.assign(sizes_.size(), 1);
+      for (size_t d = sizes_.size(); d-- > 1;) strides_[d - 1] = strides_[d] * sizes_[d];
+    }
+  }
   int64_t dim() const { return int64_t(sizes_.size()); }
   int64_t size(int64_t d) const {
     if (d < 0) d += dim();
@@ -48,6 +54,12 @@ class Tensor {
     return sizes_[size_t(d)];
   }
   const std::vector<int64_t>& sizes() const { return sizes_; }
+  const std::vector<int64_t>& strides() const { return strides_; }
+  int64_t stride(int64_t d) const {
+    if (d < 0) d += dim();
+    if (d < 0 || d >= dim()) throw std::runtime_error("Tensor::stride: dimension out of range");
+    return strides_[size_t(d)];
+  }
   int64_t numel() const {
     int64_t n = 1;
     for (int64_t s : sizes_) n *= s;
@@ -57,19 +69,32 @@ class Tensor {
   void* data_ptr() const { return data_; }
   bool is_cuda() const { return true; }
   int32_t get_device_index() const { return 0; }
-  bool is_contiguous() const { return true; }
+  bool is_contiguous() const {
+    int64_t expect = 1;
+    for (size_t d = sizes_.size(); d-- > 0;) {
+      if (sizes_[d] != 1 && strides_[d] != expect) return false;
+      expect *= sizes_[d];
+    }
+    return true;
+  }
   bool defined() const { return data_ != nullptr || st_ != nullptr; }
 
  private:
   std::shared_ptr<rk_cpu::Storage> st_;
   void* data_ = nullptr;
   std::vector<int64_t> sizes_;
+  std::vector<int64_t> strides_;
   ScalarType dtype_ = ScalarType::Float;
 };
 
 Tensor new_empty(const Tensor& like, std::vector<int64_t> sizes, std::optional<ScalarType> dtype = std::nullopt);
-inline Tensor contiguous(const Tensor& t) { return t; }  // the harness only makes contiguous tensors
-Tensor reshape(const Tensor& t, std::vector<int64_t> sizes);
+// the harness makes no copies: only tensors that already are contiguous pass
+inline Tensor contiguous(const Tensor& t) {
+  if (!t.is_contiguous()) throw std::runtime_error("contiguous: a copy of a strided view is not modelled");
+  return t;
+}
+Tensor reshape(const Tensor& t, std::vector<int64_t> sizes);  // contiguous tensors only
+Tensor narrow(Tensor& self, int64_t dim, int64_t start, int64_t length);  // a strided view, as torch's
 
 namespace accelerator {
 struct DeviceGuard {

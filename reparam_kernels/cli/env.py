@@ -58,6 +58,42 @@ def _min_m(name, default):
     return m if m > 0 else None
 
 
+def _atof(name, default):
+    """Environment variable `name` read as the C++ side reads it (atof: a leading number, else 0), `default`
+    when unset or empty."""
+    v = os.environ.get(name, "")
+    if not v:
+        return default
+    lead = re.match(r"\s*([+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)", v)
+    return float(lead.group(1)) if lead else 0.0
+
+
+def dequant_scratch_bytes():
+    """The quantized ops' scratch budget for dequantize + cuBLAS in bytes (csrc/quant_dequant_mm.cuh
+    dequant_scratch_bytes: REPARAM_DEQUANT_SCRATCH_MB, default 256; 0: none, the whole weight at once)."""
+    mb = _atof("REPARAM_DEQUANT_SCRATCH_MB", 256.0)
+    return mb * 1048576.0 if mb > 0 else 0.0
+
+
+def dequant_pieces(M, N, K, elem, sms, budget=None):
+    """(rows a piece, pieces) that dequantize + cuBLAS takes W [N, K] in for M rows of x on `sms` SMs: the
+    same rule as csrc/quant_dequant_mm.cuh dequant_chunk_rows (tested against it through the CUDA-on-CPU
+    harness): the whole weight where it fits the budget, else equal pieces of a multiple of 128 rows, about
+    the budget's, but never fewer than fill the SMs with 128 x 128 output tiles."""
+    budget = dequant_scratch_bytes() if budget is None else budget
+    row_bytes = K * elem
+    if budget <= 0 or N * row_bytes <= budget:
+        return N, 1
+    budget_rows = max(128, int(budget / row_bytes) // 128 * 128)
+    m_tiles = max(1, -(-M // 128))
+    cap = max(budget_rows, 128 * -(-max(1, sms) // m_tiles))
+    if cap >= N:
+        return N, 1
+    per = -(-N // -(-N // cap))  # equal pieces no larger than cap, rounded up to 128 rows
+    rows = min(N, -(-per // 128) * 128)
+    return rows, -(-N // rows)
+
+
 def bc_cols_max_m(toeplitz=False):
     """Rows up to which BlockCirculantLinear (ToeplitzLinear: toeplitz=True) decodes through
     block_circulant_cols_linear in eval mode: REPARAM_BC_COLS_MAX_M, default 16 (<= 0: never, for both:
@@ -128,7 +164,10 @@ def cuda_paths():
                       "switch": "REPARAM_WGMMA",
                       "ops": "int4_linear, int8_linear, lut_linear, lowrank_linear, pivoted_lowrank_linear; sm_90"},
             "dequant_cublas": {"min_m": _min_m("REPARAM_DEQUANT_MIN_M", 129), "switch": "REPARAM_DEQUANT_MIN_M",
-                               "ops": "int8_linear, int4_linear, lut_linear, vq_linear"},
+                               "ops": "int8_linear, int4_linear, lut_linear, vq_linear",
+                               # rows of W dequantized a piece at a time within this budget (0: the whole weight)
+                               "scratch_mb": dequant_scratch_bytes() / 1048576.0,
+                               "scratch_switch": "REPARAM_DEQUANT_SCRATCH_MB"},
             # plain factors at every M, pivoted ones from M = 2 (csrc/lowrank_large_m.cuh min_m; one variable sets both)
             "lowrank_cublas": {"min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 1),
                                "pivoted_min_m": _min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 2),
@@ -233,7 +272,11 @@ def render(info):
         when = f"M >= {d['min_m']}" if d["min_m"] else "never"
         if d.get("pivoted_min_m") not in (None, d["min_m"]):
             when += f" (pivoted factors: M >= {d['pivoted_min_m']})"
-        lines.append(f"  {name} ({d['ops']}): {when} [{d['switch']}]")
+        extra = ""
+        if d["min_m"] and "scratch_mb" in d:
+            extra = (f"; W a piece of rows at a time within {d['scratch_mb']:g} MB [{d['scratch_switch']}]"
+                     if d["scratch_mb"] else f"; W whole [{d['scratch_switch']}]")
+        lines.append(f"  {name} ({d['ops']}): {when} [{d['switch']}]{extra}")
     bc = paths["bc_cols"]
     lines.append(f"  block-circulant decode from the blocks' columns ({bc['ops']}): "
                  f"{'M <= ' + str(bc['max_m']) if bc['max_m'] else 'never'} [{bc['switch']}] (Toeplitz: "
