@@ -205,6 +205,25 @@ def test_quant_dequantize_in_pieces(rng):
     assert all(sum("dequantize_kernel" in line for line in t) == 1 for t in whole)
 
 
+def test_dequantize_pieces_follow_the_python_mirror(rng):
+    # the C++ plan (dequant_chunk_rows) against reparam_kernels.cli.env.dequant_pieces on fake GPUs of 1, 3 and 4
+    # SMs, M over one and two 128-row tiles, budgets of one and several pieces' rows: the same number of
+    # dequantize launches, and the results right
+    cases, refs, plans = [], [], []
+    for M, K, N, sms, mb in [(66, 64, 520, 3, 0.01), (130, 64, 520, 3, 0.01), (130, 96, 700, 4, 0.05),
+                             (66, 128, 400, 1, 1.0), (70, 64, 1100, 1, 0.04)]:
+        c, r = quant_case(rng, "int8_linear", M, K, N, torch.float16, bias=N % 2 == 0)
+        c["env"] = {"RK_CPU_SMS": str(sms), "REPARAM_DEQUANT_SCRATCH_MB": str(mb)}
+        cases.append(c)
+        refs.append(r)
+        plans.append(dequant_pieces(M, N, K, 2, sms, mb * 2**20)[1])
+    assert len(set(plans)) > 2, plans  # the cases span several plans
+    for c, r, pieces in zip(cases, refs, plans):
+        env = {"REPARAM_DEQUANT_MIN_M": "65", **c.pop("env")}
+        (t,) = check([c], [r], env=env, kernel="dequantize_kernel")
+        assert sum("dequantize_kernel" in line for line in t) == pieces, (env, t)
+
+
 def test_quant_dequantize_in_pieces_mutations_are_caught(rng):
     # each piece's rows of W, its columns of y and its slice of the bias must line up: a piece dequantizing
     # from row 0, writing y's first columns, or adding the bias's first entries computes wrong
