@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from test_cuda_on_cpu import PIECES_ENV, check, run_twice, within
+from test_cuda_on_cpu import check, run_twice, within
+from test_cuda_on_cpu_dequant import PIECES_ENV
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 

@@ -55,14 +55,21 @@ Tensor new_empty(const Tensor& like, std::vector<int64_t> sizes, std::optional<S
   return Tensor(st, st->data, std::move(sizes), t);
 }
 
+namespace {
+// A view of t's storage at `data`: the new handle keeps a copy of t's handle (and so its storage) alive
+// (aliasing constructor); empty strides: contiguous.
+Tensor view_of(const Tensor& t, void* data, std::vector<int64_t> sizes, std::vector<int64_t> strides) {
+  return Tensor(std::shared_ptr<rk_cpu::Storage>(std::make_shared<Tensor>(t), nullptr), data, std::move(sizes),
+                t.scalar_type(), std::move(strides));
+}
+}  // namespace
+
 Tensor reshape(const Tensor& t, std::vector<int64_t> sizes) {
   int64_t n = 1;
   for (int64_t s : sizes) n *= s;
   if (n != t.numel()) throw std::runtime_error("reshape: element count changes");
   if (!t.is_contiguous()) throw std::runtime_error("reshape: a strided view (a copy is not modelled)");
-  // a view: the new handle keeps a copy of t's handle (and so its storage) alive (aliasing constructor)
-  return Tensor(std::shared_ptr<rk_cpu::Storage>(std::make_shared<Tensor>(t), nullptr), t.data_ptr(), std::move(sizes),
-                t.scalar_type());
+  return view_of(t, t.data_ptr(), std::move(sizes), {});
 }
 
 Tensor narrow(Tensor& self, int64_t dim, int64_t start, int64_t length) {
@@ -74,8 +81,7 @@ Tensor narrow(Tensor& self, int64_t dim, int64_t start, int64_t length) {
   sizes[size_t(dim)] = length;
   auto* data = static_cast<unsigned char*>(self.data_ptr()) +
                start * self.stride(dim) * int64_t(rk_cpu::element_size(self.scalar_type()));
-  return Tensor(std::shared_ptr<rk_cpu::Storage>(std::make_shared<Tensor>(self), nullptr), data, std::move(sizes),
-                self.scalar_type(), self.strides());
+  return view_of(self, data, std::move(sizes), self.strides());
 }
 
 namespace detail {
