@@ -11,7 +11,9 @@ import reparam_kernels
 from reparam_kernels.bench import variants
 from reparam_kernels.nn import (FusedLowRank, FusedProjections, Int4Linear, Int8Linear, LowRankLinear, LUTLinear,
                                 ProjectionSlice)
+from reparam_kernels._linear import linear_from
 from reparam_kernels.nn.fused import fuse_projections, unfuse_projections
+from reparam_kernels.nn.permuted import PermutedInputLinear
 
 transformers = pytest.importorskip("transformers")
 BACKEND = os.environ.get("REPARAM_COMPILE_BACKEND", "aot_eager")
@@ -36,8 +38,18 @@ def _from(layer_fn, seed=0):
     return make
 
 
+PERM64 = torch.randperm(64, generator=torch.Generator().manual_seed(7))
+
+
+def _act_order(lin, perm=PERM64):
+    """int4 as an act-order GPTQ checkpoint loads: columns in `perm`'s order, x gathered (siblings share it)."""
+    inner = Int4Linear.from_linear(linear_from(lin.weight.detach()[:, perm], lin.bias), group_size=32)
+    return PermutedInputLinear(inner, perm)
+
+
 FORMATS = {
     "linear": lambda lin: lin,
+    "int4_act_order": _act_order,
     "int8": Int8Linear.from_linear,
     "int4_g32": lambda lin: Int4Linear.from_linear(lin, group_size=32),
     "log4": lambda lin: LUTLinear.from_linear(lin, method="log", bits=4),  # a table a row
@@ -109,6 +121,16 @@ def test_mixed_formats_fuse_the_siblings_that_match_and_leave_the_rest():
         assert fuse_projections(pivoted) == {}
 
 
+def test_act_order_siblings_fuse_only_when_their_orders_agree():
+    orders = [PERM64, PERM64, PERM64.flip(0)]  # v_proj's columns in another order
+    model = Attn(lambda k, n, i: _act_order(nn.Linear(k, n), orders[i])).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = model(x)
+        assert fuse_projections(model) == {"": [["q_proj", "k_proj"]]}
+        assert isinstance(model.v_proj, PermutedInputLinear) and torch.equal(model(x), ref)
+
+
 def test_lowrank_siblings_stack_their_right_factors():
     # ranks 24 / 8 / 12, k_proj without a bias; the fused layer makes one product with the stacked v
     model = Attn(lambda k, n, i: LowRankLinear.from_linear(_from(lambda lin: lin)(k, n, i), rank=(24, 8, 12)[i])).eval()
@@ -174,6 +196,20 @@ def test_fused_models_are_refused_where_they_cannot_go(tmp_path):
         reparam_kernels.compress(model, {"default": "int8"}, calib=None, progress=False)
     assert reparam_kernels.unfuse_projections(model) == 4
     reparam_kernels.save_compressed(model, tmp_path / "ckpt")
+
+
+def test_unfused_compressed_model_saves_and_loads(tmp_path):
+    # unfuse_projections gives the siblings back compress()'s marks: save_compressed writes them as compressed
+    # layers (without the marks it wrote int4 tensors the skeleton's Linears had no place for)
+    model, _ = reparam_kernels.compress(tiny_llama("dense"), {"{blocks}.*": "int4"}, calib=None, progress=False)
+    ids = torch.randint(0, 101, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids).logits
+        fuse_projections(model)
+        assert unfuse_projections(model) == 4
+        reparam_kernels.save_compressed(model, tmp_path / "ckpt")
+        back = reparam_kernels.load_pretrained(tmp_path / "ckpt")
+        torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -29,11 +29,15 @@ def test_readme_using_it_runs(tmp_path, monkeypatch):
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids = torch.randint(0, 101, (4, 16), generator=torch.Generator().manual_seed(1))
     monkeypatch.chdir(tmp_path)  # it saves to a relative folder
+    from test_int4_checkpoints import tiny_llama, write_checkpoint
+
+    write_checkpoint(tiny_llama(False), tmp_path / "some-llama-gptq", "gptq", act_order=True)  # the one it loads
     scope = {"model": model, "calib_ids": ids}
     exec(compile(code, str(README) + ":Using it", "exec"), scope)
     with torch.no_grad():
         assert torch.equal(scope["model_q"](ids).logits, scope["loaded"](ids).logits)
     assert scope["loaded"] is not scope["model_q"]
+    assert any(type(m).__name__ == "PermutedInputLinear" for m in scope["model_g"].modules())
     assert scope["lr"].to_dense().shape == (256, 256)
     assert (tmp_path / "smollm2-int4" / "manifest.json").is_file()
     assert any(type(m).__name__ == "Int8Linear" for m in scope["model_m"].modules())  # mean_bits chose some int8

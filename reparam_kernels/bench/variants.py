@@ -88,6 +88,20 @@ def _int4_c32_random(i, o, bias, dtype, device):
     return rnn.CorrectedLinear(base, rnn.LowRankLinear(i, o, min(32, i, o), bias=False, dtype=dtype, device=device))
 
 
+def _act_order_from_linear(linear):
+    """int4 as a GPTQ act-order checkpoint loads (compress/int4_checkpoints.py): the columns in order of
+    decreasing norm (act order sorts them by the Hessian's diagonal), quantized in that order, x gathered."""
+    w = linear.weight.detach()
+    perm = torch.argsort(w.float().norm(dim=0), descending=True)
+    inner = rnn.Int4Linear.from_linear(linear_from(w[:, perm], linear.bias), group_size=group_for(w.shape[1]))
+    return rnn.PermutedInputLinear(inner, perm)
+
+
+def _act_order_random(i, o, bias, dtype, device):
+    inner = rnn.Int4Linear(i, o, group_size=group_for(i), bias=bias, dtype=dtype, device=device)
+    return rnn.PermutedInputLinear(inner, torch.randperm(i, device=device))
+
+
 def _vq_d2_random(i, o, bias, dtype, device):
     """GPTVQ's format: a byte a pair of inputs, one 256-pair codebook per layer (random entries, std 0.02)."""
     layer = rnn.LUTLinear(i, o, bits=8, d=2, bias=bias, dtype=dtype, device=device)
@@ -129,6 +143,7 @@ def _table():
         "lowrank40_int4": (["LowRankLinear", "Int4Linear", "FactoredLinear"], _combo_from_linear, _combo_random),
         "int4_g128_c32": (["Int4Linear", "LowRankLinear", "CorrectedLinear"], _int4_c32_from_linear,
                           _int4_c32_random),
+        "int4_g128_act_order": (["Int4Linear", "PermutedInputLinear"], _act_order_from_linear, _act_order_random),
         "circulant": (["CirculantLinear"], lambda l: rnn.CirculantLinear.from_linear(l), None),
         "toeplitz": (["ToeplitzLinear"], lambda l: rnn.ToeplitzLinear.from_linear(l), None),
         "ldr_r2": (["LDRLinear"], lambda l: rnn.LDRLinear.from_linear(l, rank=2), None),

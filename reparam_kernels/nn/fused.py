@@ -23,9 +23,11 @@ from torch import nn
 
 from .fused_lowrank import FusedLowRank
 from .lowrank import LowRankLinear
+from .permuted import PermutedInputLinear
 from .quant import Int4Linear, Int8Linear, LUTLinear
 
 DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_MARKS = ("_reparam_method", "_reparam_settings")  # what compress() sets on a layer it made
 
 
 def _fuse_key(m):
@@ -41,6 +43,11 @@ def _fuse_key(m):
     if type(m) is LUTLinear:  # tables cover equal row blocks: fused, they still do
         book = m.lut if m.packed else m.codebooks
         return ("lut", m.in_features, m.bits, m.d, m.kernel, m.out_features // m.num_tables, book.dtype, book.device)
+    if type(m) is PermutedInputLinear and type(m.inner) is not LowRankLinear:
+        # act-order GPTQ siblings: q / k / v (gate / up) read one input, so GPTQ ordered their columns alike
+        # (by the same Hessian's diagonal): one gather of x and one fused layer of their inner format
+        inner = _fuse_key(m.inner)
+        return None if inner is None else ("permuted", inner, tuple(m.perm.tolist()))
     return None
 
 
@@ -71,6 +78,9 @@ def _concat(members):
     biased = [m.bias is not None for m in members]
     if type(members[0]) is LowRankLinear:
         return FusedLowRank(members), sizes, biased
+    if type(members[0]) is PermutedInputLinear:
+        inner, _, _ = _concat([m.inner for m in members])
+        return PermutedInputLinear(inner, members[0].perm.clone()), sizes, biased
     fused = _empty_like(members[0], sum(sizes), any(biased))
     for name, t in _tensors(fused).items():
         parts = [_tensors(m)[name] for m in members]
@@ -86,10 +96,13 @@ def _concat(members):
 class FusedProjections(nn.Module):
     """The fused layer of sibling projections (``layer``) and the bookkeeping its slices share."""
 
-    def __init__(self, layer, names, sizes, biased):
+    def __init__(self, layer, names, sizes, biased, marks=None):
         super().__init__()
         self.layer = layer
         self.names, self.sizes, self.biased = tuple(names), tuple(sizes), tuple(biased)
+        # each sibling's compress() marks (_reparam_method / _reparam_settings), put back by unfuse_projections:
+        # without them save_compressed would not know the siblings as compressed layers
+        self.marks = tuple(marks) if marks is not None else ({},) * len(self.names)
         self._cache = None  # (input, its parts) between the first slice of a call and the last
         self._left = 0      # slices still to take their part of _cache
 
@@ -150,7 +163,8 @@ def fuse_projections(model, groups=DEFAULT_GROUPS):
                 if len(names) < 2 or len({id(m) for m in members}) < len(members):
                     continue
                 layer, sizes, biased = _concat(members)
-                owner = FusedProjections(layer, names, sizes, biased)
+                marks = [{a: getattr(m, a) for a in _MARKS if hasattr(m, a)} for m in members]
+                owner = FusedProjections(layer, names, sizes, biased, marks)
                 parent.add_module("fused_" + "_".join(names), owner)
                 for i, n in enumerate(names):
                     setattr(parent, n, ProjectionSlice(owner, i))
@@ -158,7 +172,7 @@ def fuse_projections(model, groups=DEFAULT_GROUPS):
     if not done and types_seen:  # siblings found, none fusable: say why rather than return {} silently
         warnings.warn(f"fuse_projections: no sibling projections share a fusable format (found "
                       f"{', '.join(sorted(types_seen))}; fusable: nn.Linear, Int8Linear, Int4Linear, LUTLinear, "
-                      "LowRankLinear)",
+                      "LowRankLinear, and PermutedInputLinear siblings of one order around one of those)",
                       stacklevel=2)
     return done
 
@@ -170,30 +184,36 @@ def unfuse_projections(model):
         for child_name, owner in list(parent.named_children()):
             if not isinstance(owner, FusedProjections):
                 continue
-            if isinstance(owner.layer, FusedLowRank):
-                for n, member in zip(owner.names, owner.layer.split(owner.biased)):
-                    setattr(parent, n, member)
-                delattr(parent, child_name)
-                count += 1
-                continue
-            fused_t = _tensors(owner.layer)
-            total = sum(owner.sizes)
-            start = 0
-            for n, size, biased in zip(owner.names, owner.sizes, owner.biased):
-                member = _empty_like(owner.layer, size, biased)
-                for name, t in _tensors(member).items():
-                    src = fused_t[name]
-                    lo = start * src.shape[0] // total  # rows, or tables of equal row blocks
-                    t.data.copy_(src.detach()[lo:lo + t.shape[0]])
-                    t.requires_grad_(src.requires_grad)
-                if biased:
-                    member.bias.data.copy_(owner.layer.bias.detach()[start:start + size])
-                    member.bias.requires_grad_(owner.layer.bias.requires_grad)
+            members = (owner.layer.split(owner.biased) if isinstance(owner.layer, FusedLowRank)
+                       else _split(owner.layer, owner.sizes, owner.biased))
+            for n, member, marks in zip(owner.names, members, owner.marks):
+                for a, v in marks.items():
+                    setattr(member, a, v)
                 setattr(parent, n, member)
-                start += size
             delattr(parent, child_name)
             count += 1
     return count
+
+
+def _split(layer, sizes, biased):
+    """The siblings a fused layer (not FusedLowRank) was concatenated from: the same tensors, row for row."""
+    if isinstance(layer, PermutedInputLinear):
+        return [PermutedInputLinear(m, layer.perm.clone()) for m in _split(layer.inner, sizes, biased)]
+    fused_t = _tensors(layer)
+    total, start, members = sum(sizes), 0, []
+    for size, has_bias in zip(sizes, biased):
+        member = _empty_like(layer, size, has_bias)
+        for name, t in _tensors(member).items():
+            src = fused_t[name]
+            lo = start * src.shape[0] // total  # rows, or tables of equal row blocks
+            t.data.copy_(src.detach()[lo:lo + t.shape[0]])
+            t.requires_grad_(src.requires_grad)
+        if has_bias:
+            member.bias.data.copy_(layer.bias.detach()[start:start + size])
+            member.bias.requires_grad_(layer.bias.requires_grad)
+        members.append(member)
+        start += size
+    return members
 
 
 def is_fused(model):
