@@ -198,10 +198,11 @@ def convert_layer(qc, tensors, prefix, dtype=None):
                         checkpoint_format=str(qc.get("checkpoint_format", "gptq")).lower())
 
 
-def load_int4_pretrained(path, dtype=None):
+def load_int4_pretrained(path, dtype=None, progress=True):
     """The Hugging Face causal LM of a GPTQ or AWQ 4-bit checkpoint folder `path`, every quantized Linear an
     Int4Linear (PermutedInputLinear for act-order GPTQ layers), in eval mode, on the CPU (``.to("cuda")`` it).
-    dtype: the model's floating dtype (default: that of the checkpoint's scales, usually float16).
+    dtype: the model's floating dtype (default: that of the checkpoint's scales, usually float16); progress: a
+    progress bar over the layers converted (an 8B model has 224).
     Everything is checked before the model is built: a missing tensor, a skeleton module that is not a Linear of
     the layer's shape, or a tensor the architecture has no place for raises ValueError."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -216,7 +217,10 @@ def load_int4_pretrained(path, dtype=None):
         raise ValueError(f"`path`: no tensor named *.qweight in {path}: nothing is quantized")
     if dtype is None:
         dtype = tensors[prefixes[0] + ".scales"].dtype
-    layers = {p: convert_layer(qc, tensors, p, dtype) for p in prefixes}
+    from tqdm.auto import tqdm
+
+    layers = {p: convert_layer(qc, tensors, p, dtype)
+              for p in tqdm(prefixes, desc=f"{qc['quant_method']} → Int4Linear", unit="layer", disable=not progress)}
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
