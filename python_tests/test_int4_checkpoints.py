@@ -233,3 +233,27 @@ def test_cli_takes_the_folder(tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert not is_int4_checkpoint(tmp_path / "plain")
+
+
+def test_settings_from_the_tools_own_files(tmp_path):
+    # checkpoints saved by AutoGPTQ / AutoAWQ alone keep the settings beside config.json, in their own key names
+    for method, name, own in (("gptq", "quantize_config.json", {"bits": 4, "group_size": 32, "desc_act": True}),
+                              ("awq", "quant_config.json", {"w_bit": 4, "q_group_size": 32, "zero_point": True,
+                                                            "version": "GEMM"})):
+        dense = tiny_llama(False)
+        path = tmp_path / method
+        write_checkpoint(dense, path, method, act_order=method == "gptq")
+        cfg = json.loads((path / "config.json").read_text())
+        del cfg["quantization_config"]
+        (path / "config.json").write_text(json.dumps(cfg))
+        (path / name).write_text(json.dumps(own))
+        model = rk.load_int4_pretrained(path, progress=False)
+        ids = torch.randint(0, 96, (1, 6))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    (tmp_path / "awq" / name).write_text(json.dumps({**own, "w_bit": 8}))
+    from reparam_kernels.cli._models import is_int4_checkpoint
+
+    assert is_int4_checkpoint(tmp_path / "awq")  # routed to the loader, which says why it does not take it
+    with pytest.raises(ValueError, match="only 4-bit"):
+        rk.load_int4_pretrained(tmp_path / "awq")

@@ -32,15 +32,12 @@ def load_any(path, dtype="fp32"):
 
 
 def is_int4_checkpoint(path):
-    """Whether folder `path` is a GPTQ or AWQ checkpoint (config.json names one of them as its quant_method)."""
-    import json
+    """Whether folder `path` is a GPTQ or AWQ checkpoint (load_int4_pretrained then says whether it takes it)."""
+    from ..compress.int4_checkpoints import raw_quant_config
 
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        return False
     try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") or {}
-    except (ValueError, AttributeError):
+        qc = raw_quant_config(path) or {}
+    except (ValueError, OSError, AttributeError):
         return False
     return str(qc.get("quant_method", "")).lower() in ("gptq", "awq")
 

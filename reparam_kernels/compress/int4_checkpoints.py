@@ -137,15 +137,35 @@ def awq_to_int4(qweight, qzeros, scales, bias=None, dtype=None):
 
 # ------------------------------------------------------------------------------------- whole checkpoints
 
+# Where tools write the settings: config.json's quantization_config (transformers' integration), or, in
+# checkpoints made by the tools alone, a file of their own beside it (AutoGPTQ: quantize_config.json; AutoAWQ:
+# quant_config.json, with its own key names).
+_OWN_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
+_AWQ_KEYS = {"w_bit": "bits", "q_group_size": "group_size"}
+
+
+def raw_quant_config(path):
+    """The quantization settings folder `path` records (None where it records none), unchecked."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    qc = json.loads(cfg_path.read_text()).get("quantization_config") if cfg_path.is_file() else None
+    for name, method in _OWN_FILES:
+        if not isinstance(qc, dict) and (path / name).is_file():
+            own = json.loads((path / name).read_text())
+            qc = {"quant_method": method, **{_AWQ_KEYS.get(k, k): v for k, v in own.items()}}
+    return qc if isinstance(qc, dict) else None
+
+
 def read_quant_config(path):
-    """The checkpoint's ``quantization_config`` (from config.json), checked to be one this module converts."""
-    cfg_path = Path(path) / "config.json"
-    if not cfg_path.is_file():
+    """The checkpoint's quantization settings, checked to be ones this module converts."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
         raise ValueError(f"`path`: {path} has no config.json")
-    qc = json.loads(cfg_path.read_text()).get("quantization_config")
-    if not isinstance(qc, dict):
-        raise ValueError(f"`path`: {cfg_path} has no quantization_config: not a GPTQ / AWQ checkpoint (a model "
-                         f"saved by save_compressed loads with load_pretrained)")
+    qc = raw_quant_config(path)
+    if qc is None:
+        raise ValueError(f"`path`: {path} has no quantization_config in config.json (nor a quantize_config.json / "
+                         f"quant_config.json): not a GPTQ / AWQ checkpoint (a model saved by save_compressed loads "
+                         f"with load_pretrained)")
     method = str(qc.get("quant_method", "")).lower()
     if method not in ("gptq", "awq"):
         raise ValueError(f"`path`: quant_method {qc.get('quant_method')!r} is not one this loader takes (gptq, awq)")
