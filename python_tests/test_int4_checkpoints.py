@@ -257,3 +257,21 @@ def test_settings_from_the_tools_own_files(tmp_path):
     assert is_int4_checkpoint(tmp_path / "awq")  # routed to the loader, which says why it does not take it
     with pytest.raises(ValueError, match="only 4-bit"):
         rk.load_int4_pretrained(tmp_path / "awq")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method,act_order", [("gptq", True), ("awq", False)])
+def test_loaded_checkpoint_on_the_gpu_kernels(tmp_path, method, act_order):
+    # fp16 on the GPU: the int4 CUDA kernel (and act order's gather) against the dense model in float64
+    dense = tiny_llama(False)
+    write_checkpoint(dense, tmp_path / "ckpt", method, act_order)
+    model = rk.load_int4_pretrained(tmp_path / "ckpt", dtype=torch.float16, progress=False).cuda()
+    ids = torch.randint(0, 96, (3, 9))
+    with torch.no_grad():
+        ref = dense.double()(ids).logits
+        got = model(ids.cuda()).logits.double().cpu()
+        rk.fuse_projections(model)
+        fused = model(ids.cuda()).logits.double().cpu()
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() <= 2e-2 * scale and (fused - ref).abs().max() <= 2e-2 * scale
