@@ -140,7 +140,7 @@ def tiny_llama(tie):
     return LlamaForCausalLM(cfg).eval()
 
 
-def write_checkpoint(model, path, method, act_order=False, group=32, seed=4):
+def write_checkpoint(model, path, method, act_order=False, group=32, seed=4, head=False):
     """Quantized tensors of every Linear in model.model.layers (their dense weights set to the exact
     dequantized values, so the dense model is the truth), the rest as they are, in two safetensors files."""
     from safetensors.torch import save_file
@@ -148,8 +148,11 @@ def write_checkpoint(model, path, method, act_order=False, group=32, seed=4):
     rng = torch.Generator().manual_seed(seed)
     tensors, orders = {}, {}
     for name, mod in model.named_modules():
-        if not (isinstance(mod, torch.nn.Linear) and name.startswith("model.layers.")):
+        if not (isinstance(mod, torch.nn.Linear) and (name.startswith("model.layers.") or head and name == "lm_head")):
             continue
+        if name == "lm_head" and model.config.tie_word_embeddings:  # a quantized lm_head is tied no more
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+            mod = model.lm_head
         n, k = mod.weight.shape
         codes, zeros, scales = random_layer(rng, k, n, group, zero_range=(1, 16))
         # act order: siblings reading one input (q / k / v, gate / up) share GPTQ's column order, as they do
@@ -167,7 +170,8 @@ def write_checkpoint(model, path, method, act_order=False, group=32, seed=4):
         tensors.update({f"{name}.qweight": qw, f"{name}.qzeros": qz, f"{name}.scales": scales})
     for k, v in model.state_dict().items():
         owner = k.rpartition(".")[0]
-        if f"{owner}.qweight" not in tensors and not (model.config.tie_word_embeddings and k == "lm_head.weight"):
+        tied_head = model.config.tie_word_embeddings and k == "lm_head.weight" and not head
+        if f"{owner}.qweight" not in tensors and not tied_head:
             tensors[k] = v.clone()
     keys = sorted(tensors)
     path.mkdir()
@@ -275,3 +279,17 @@ def test_loaded_checkpoint_on_the_gpu_kernels(tmp_path, method, act_order):
         fused = model(ids.cuda()).logits.double().cpu()
     scale = ref.abs().max()
     assert (got - ref).abs().max() <= 2e-2 * scale and (fused - ref).abs().max() <= 2e-2 * scale
+
+
+def test_quantized_lm_head_of_a_tied_model(tmp_path):
+    # GPTQModel can quantize lm_head; a tied model's lm_head then stops being the embeddings
+    dense = tiny_llama(True)
+    write_checkpoint(dense, tmp_path / "ckpt", "gptq", head=True)
+    model = rk.load_int4_pretrained(tmp_path / "ckpt", progress=False)
+    assert isinstance(model.lm_head, Int4Linear) and "weight" not in model.lm_head._parameters
+    ids = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    rk.save_compressed(model, tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.equal(rk.load_pretrained(tmp_path / "ours")(ids).logits, model(ids).logits)

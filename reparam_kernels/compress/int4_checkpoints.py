@@ -283,6 +283,8 @@ def load_int4_pretrained(path, dtype=None, progress=True):
             rest[k] = v.to(own[k].dtype)
     model.load_state_dict(rest, strict=False, assign=True)
     model.tie_weights()  # (an lm_head tied to the embeddings is not stored)
+    for layer in layers.values():  # a quantized lm_head is not tied: tie_weights gave it the embeddings as `weight`
+        layer._parameters.pop("weight", None)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"`path`: the checkpoint lacks {left[:5]}")
