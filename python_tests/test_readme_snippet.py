@@ -37,6 +37,8 @@ def test_readme_using_it_runs(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(scope["model_q"](ids).logits, scope["loaded"](ids).logits)
     assert scope["loaded"] is not scope["model_q"]
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model_t"].eval()(ids).logits, scope["model_q"](ids).logits)
     assert any(type(m).__name__ == "PermutedInputLinear" for m in scope["model_g"].modules())
     assert scope["lr"].to_dense().shape == (256, 256)
     assert (tmp_path / "smollm2-int4" / "manifest.json").is_file()

@@ -181,6 +181,7 @@ def save_compressed(model, path, recipe=None, extra=None, tokenizer=None):
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
         if hasattr(getattr(model, "config", None), "save_pretrained"):
             model.config.save_pretrained(tmp)
+            _add_quantization_config(tmp / "config.json", manifest)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra is not None:
@@ -195,6 +196,16 @@ def save_compressed(model, path, recipe=None, extra=None, tokenizer=None):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _add_quantization_config(config_path, manifest):
+    """config.json names this package as the model's quantizer, so transformers' from_pretrained loads the
+    folder too once reparam_kernels is imported (hf_quantizer.py)."""
+    from .hf_quantizer import quantization_config
+
+    cfg = json.loads(config_path.read_text())
+    cfg["quantization_config"] = quantization_config(manifest)
+    config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_manifest(path):
@@ -334,8 +345,11 @@ def load_pretrained(path, dtype=None, strict_hash=True):
                          f"build its architecture and call load_compressed(skeleton, path)")
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # (a plain skeleton: load_compressed swaps the layers in, checked)
     with empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return load_compressed(skeleton, path, strict_hash, cast=not as_saved).eval()
 
 

@@ -1,0 +1,143 @@
+"""``AutoModelForCausalLM.from_pretrained(folder)`` for a folder that ``save_compressed`` wrote.
+
+save_compressed writes, into the folder's config.json, a ``quantization_config`` with ``quant_method``
+"reparam_kernels" and each compressed layer's class and constructor arguments (the manifest's, without the
+tensor list). transformers looks that method up among its registered quantizers; this module registers one
+that, before the weights load, swaps each listed Linear of the (meta-device) skeleton for its compressed
+layer, so transformers' own loader fills their tensors by name; after loading, derived buffers are computed
+and quantized experts grouped, as ``load_compressed`` does. ``rk.load_pretrained`` stays the checked route
+(hash, exact tensor set); this one is for code that only knows transformers (pipelines, ``generate`` scripts).
+
+Registering needs transformers' quantizer module (~1.7 s to import), which ``import reparam_kernels`` does not
+pay: ``install()`` registers at once when transformers' quantizers are already imported, else when they are
+(an import hook), so either import order works.
+"""
+import importlib.abc
+import importlib.util
+import sys
+import threading
+
+METHOD = "reparam_kernels"
+_TARGET = "transformers.quantizers.auto"
+_LOCK = threading.Lock()
+_STATE = {"registered": False}
+
+
+def quantization_config(manifest):
+    """The ``quantization_config`` entry of config.json for a checkpoint with this manifest."""
+    return {"quant_method": METHOD, "format": manifest["format"], "recipe": manifest.get("recipe"),
+            "unfused_experts": manifest.get("unfused_experts", []),
+            "layers": {name: {k: v for k, v in info.items() if k != "tensors"}
+                       for name, info in manifest["layers"].items()}}
+
+
+def register():
+    """Register the config class and the quantizer with transformers (idempotent)."""
+    with _LOCK:
+        if _STATE["registered"]:
+            return
+        _STATE["registered"] = True
+    from transformers.quantizers.auto import register_quantization_config, register_quantizer
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    @register_quantization_config(METHOD)
+    class ReparamKernelsConfig(QuantizationConfigMixin):
+        def __init__(self, layers=None, format=None, recipe=None, unfused_experts=(), **kwargs):
+            self.quant_method = METHOD
+            self.layers, self.format, self.recipe = dict(layers or {}), format, recipe
+            self.unfused_experts = list(unfused_experts)
+
+    @register_quantizer(METHOD)
+    class ReparamKernelsQuantizer(HfQuantizer):
+        requires_calibration = True  # the weights are compressed already: there is nothing to quantize on load
+
+        def validate_environment(self, *args, **kwargs):
+            from .serialize import FORMAT
+
+            if self.quantization_config.format != FORMAT:
+                raise ValueError(f"this checkpoint's format is {self.quantization_config.format!r}; this "
+                                 f"reparam_kernels reads {FORMAT!r}")
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            swap_in_layers(model, self.quantization_config)
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            finish_loading(model, self.quantization_config)
+            return model
+
+        def is_serializable(self, *args, **kwargs):
+            return True
+
+        @property
+        def is_trainable(self):
+            return True
+
+
+def swap_in_layers(model, qc):
+    """The skeleton's Linears named in qc.layers replaced by their compressed layers (on the skeleton's device,
+    in its dtype), marked as compress() marks them; fused experts split first, as compress() did."""
+    from .pipeline import _set_module
+    from .recipe import linear_features
+    from .serialize import _unfuse_like_checkpoint, build_layer
+
+    _unfuse_like_checkpoint(model, qc.unfused_experts)
+    for name, info in qc.layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the checkpoint compressed {name!r}, which this architecture lacks") from None
+        shape = linear_features(old)
+        if shape is None:
+            raise ValueError(f"the architecture's {name!r} is a {type(old).__name__}, not a Linear")
+        ref = old.weight
+        import torch
+
+        with torch.device(ref.device):
+            layer = build_layer(info, dtype=ref.dtype)
+        if (layer.in_features, layer.out_features) != shape:
+            raise ValueError(f"{name} is [{shape[1]}×{shape[0]}] in the architecture, [{layer.out_features}×"
+                             f"{layer.in_features}] in the checkpoint")
+        layer._reparam_method = info["method"]
+        layer._reparam_settings = info.get("settings", {})
+        _set_module(model, name, layer)
+
+
+def finish_loading(model, qc):
+    from .experts import group_experts
+
+    for mod in model.modules():
+        if hasattr(mod, "refresh_cols"):  # derived, not stored: computed from the loaded spectrum
+            mod.refresh_cols()
+    group_experts(model)
+    model.reparam_recipe = qc.recipe
+
+
+class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs register() right after transformers' quantizer module is imported (by anyone, at any time)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _TARGET:
+            return None
+        sys.meta_path.remove(self)  # (find the real spec without ourselves; one shot)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        self._loader = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        register()
+
+
+def install():
+    """Register now if transformers' quantizers are imported, else as soon as they are."""
+    if _TARGET in sys.modules:
+        register()
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
