@@ -43,7 +43,7 @@ def saved(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tie", [False, True])
-def test_from_pretrained_builds_the_compressed_model(saved, tie):
+def test_from_pretrained_builds_the_compressed_model(saved, tie, tmp_path):
     path, model, ids, ref = saved[tie]
     assert json.loads((path / "config.json").read_text())["quantization_config"]["quant_method"] == "reparam_kernels"
     loaded = transformers.AutoModelForCausalLM.from_pretrained(path)
@@ -56,6 +56,11 @@ def test_from_pretrained_builds_the_compressed_model(saved, tie):
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    # transformers' own save_pretrained of it loads back the same way (config and tensors, no manifest)
+    loaded.save_pretrained(tmp_path / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, ref, rtol=1e-5, atol=1e-5)
     # rk.load_pretrained still takes the folder (it drops the quantization_config for its own checked route)
     with torch.no_grad():
         assert torch.equal(rk.load_pretrained(path)(ids).logits, rk.load_pretrained(path)(ids).logits)
