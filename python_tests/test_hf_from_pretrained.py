@@ -92,3 +92,15 @@ def test_mixture_of_experts_folder(tmp_path):
     assert all(m._grouped is not None for m in experts_of(back))
     with torch.no_grad():
         torch.testing.assert_close(back(_ids()).logits, small(_ids()).logits, rtol=0, atol=0)
+
+
+def test_a_failing_registration_only_warns(monkeypatch):
+    # a transformers without the quantizer API must still import: the hook warns instead of raising
+    from reparam_kernels.compress import hf_quantizer
+
+    def broken():
+        raise ImportError("no register_quantizer here")
+
+    monkeypatch.setattr(hf_quantizer, "register", broken)
+    with pytest.warns(UserWarning, match="no register_quantizer here"):
+        hf_quantizer.register_quietly()

@@ -132,12 +132,23 @@ class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
+        register_quietly()
+
+
+def register_quietly():
+    """register(), a failure a warning: a transformers without this API must still import."""
+    try:
         register()
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        import warnings
+
+        warnings.warn(f"reparam_kernels: transformers' from_pretrained will not load save_compressed folders "
+                      f"(registering the quantizer failed: {e}); rk.load_pretrained does", stacklevel=2)
 
 
 def install():
     """Register now if transformers' quantizers are imported, else as soon as they are."""
     if _TARGET in sys.modules:
-        register()
+        register_quietly()
     elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport())
