@@ -98,8 +98,11 @@ def _act_order_from_linear(linear):
 
 
 def _act_order_random(i, o, bias, dtype, device):
+    """A random order seeded by in_features: layers reading one input (q / k / v, gate / up) share it, as GPTQ's
+    act order makes them share it (one Hessian), so their ``+fused`` variant fuses."""
     inner = rnn.Int4Linear(i, o, group_size=group_for(i), bias=bias, dtype=dtype, device=device)
-    return rnn.PermutedInputLinear(inner, torch.randperm(i, device=device))
+    perm = torch.randperm(i, generator=torch.Generator(device="cpu").manual_seed(i), device="cpu")
+    return rnn.PermutedInputLinear(inner, perm.to(device))
 
 
 def _vq_d2_random(i, o, bias, dtype, device):
