@@ -119,7 +119,7 @@ def gptq_to_int4(qweight, qzeros, scales, g_idx=None, bias=None, checkpoint_form
 
 def awq_to_int4(qweight, qzeros, scales, bias=None, dtype=None):
     """Int4Linear computing the AWQ ("gemm" packing) layer exactly. dtype: as for gptq_to_int4."""
-    order = torch.tensor(AWQ_ORDER).argsort()  # nibble holding output 8 c + o
+    order = torch.tensor(AWQ_ORDER, device="cpu").argsort()  # nibble holding output 8 c + o
 
     def unpack(t, name):  # int32 [R, N / 8] → uint8 [R, N]
         nib = _nibbles(t, name)
