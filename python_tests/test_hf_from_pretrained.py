@@ -104,3 +104,25 @@ def test_a_failing_registration_only_warns(monkeypatch):
     monkeypatch.setattr(hf_quantizer, "register", broken)
     with pytest.warns(UserWarning, match="no register_quantizer here"):
         hf_quantizer.register_quietly()
+
+
+def test_compress_while_loading_then_save_and_load(tmp_path):
+    # from_pretrained(dense folder, quantization_config=rk.hf_config(recipe)): compress() runs after loading
+    dense = tiny(True)
+    dense.save_pretrained(tmp_path / "dense")
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    want, _ = rk.compress(dense, "int4", calib="random", progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense",
+                                                              quantization_config=rk.hf_config("int4")).eval()
+    assert sum(type(m).__name__ == "Int4Linear" for m in model.modules()) == 14
+    with torch.no_grad():
+        ref = want(ids).logits
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "q")  # its config now lists the layers: it loads back compressed
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert len(cfg["layers"]) == 14 and "calib" not in cfg
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="a recipe is needed"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=rk.hf_config(None))

@@ -43,27 +43,45 @@ def register():
 
     @register_quantization_config(METHOD)
     class ReparamKernelsConfig(QuantizationConfigMixin):
-        def __init__(self, layers=None, format=None, recipe=None, unfused_experts=(), **kwargs):
+        """A saved model's layers (``layers``: loading), or a recipe to compress with after loading (``layers``
+        empty: ``hf_config(recipe, calib)``; ``calib`` is not written to config.json)."""
+
+        def __init__(self, layers=None, format=None, recipe=None, unfused_experts=(), calib=None, **kwargs):
             self.quant_method = METHOD
             self.layers, self.format, self.recipe = dict(layers or {}), format, recipe
             self.unfused_experts = list(unfused_experts)
+            self.calib = calib
+
+        def to_dict(self):
+            return {k: v for k, v in super().to_dict().items() if k != "calib"}
+
+    _STATE["config_class"] = ReparamKernelsConfig
 
     @register_quantizer(METHOD)
     class ReparamKernelsQuantizer(HfQuantizer):
-        requires_calibration = True  # the weights are compressed already: there is nothing to quantize on load
+        # pre_quantized (config.json holds the config): the saved layers are swapped in before loading;
+        # else (from_pretrained(..., quantization_config=hf_config(recipe))): compress() runs once the dense
+        # weights are loaded
+        requires_calibration = False
 
         def validate_environment(self, *args, **kwargs):
             from .serialize import FORMAT
 
-            if self.quantization_config.format != FORMAT:
-                raise ValueError(f"this checkpoint's format is {self.quantization_config.format!r}; this "
-                                 f"reparam_kernels reads {FORMAT!r}")
+            qc = self.quantization_config
+            if self.pre_quantized and qc.format != FORMAT:
+                raise ValueError(f"this checkpoint's format is {qc.format!r}; this reparam_kernels reads {FORMAT!r}")
+            if not self.pre_quantized and qc.recipe is None:
+                raise ValueError("hf_config(recipe): a recipe is needed to compress the model after loading")
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            swap_in_layers(model, self.quantization_config)
+            if self.pre_quantized:
+                swap_in_layers(model, self.quantization_config)
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            finish_loading(model, self.quantization_config)
+            if self.pre_quantized:
+                finish_loading(model, self.quantization_config)
+            else:
+                compress_loaded(model, self.quantization_config)
             return model
 
         def is_serializable(self, *args, **kwargs):
@@ -72,6 +90,35 @@ def register():
         @property
         def is_trainable(self):
             return True
+
+
+def hf_config(recipe, calib="random"):
+    """A ``quantization_config`` for transformers' ``from_pretrained`` that compresses the model with `recipe`
+    (a built-in name such as "int4", or a recipe dict) once its dense weights are loaded; `calib` as for
+    ``compress`` ("random": random token ids, no data; token ids; None). The model then saves with
+    ``save_pretrained`` and loads back compressed."""
+    register()
+    return _STATE["config_class"](recipe=recipe, calib=calib)
+
+
+def compress_loaded(model, qc):
+    """compress() the freshly loaded dense model in place; its config then records the layers, as a saved one."""
+    import json
+
+    from .pipeline import compress
+    from .serialize import FORMAT, compressed_layers
+
+    compress(model, qc.recipe, calib=qc.calib, inplace=True)
+    # (through JSON as a manifest goes: what config.json will hold, tuples as lists)
+    qc.layers = json.loads(json.dumps(compressed_layers(model), default=str))
+    qc.format, qc.unfused_experts = FORMAT, _unfused_experts(model)
+    qc.recipe = getattr(model, "reparam_recipe", qc.recipe)
+
+
+def _unfused_experts(model):
+    from .experts import UnfusedExperts
+
+    return [n for n, m in model.named_modules() if isinstance(m, UnfusedExperts)]
 
 
 def swap_in_layers(model, qc):

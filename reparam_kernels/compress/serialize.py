@@ -131,6 +131,20 @@ def build_layer(cfg, dtype=None):
     return cls(**kw)
 
 
+def compressed_layers(model):
+    """{name: {method, settings, class, module, args | children}} of the layers compress() made (marked with
+    `_reparam_method`; the outermost where they nest): what a manifest records to rebuild them."""
+    layers = {}
+    for name, mod in model.named_modules():
+        method = getattr(mod, "_reparam_method", None)
+        if method is None or method == "skip":
+            continue
+        if any(name.startswith(p + ".") for p in layers):
+            continue
+        layers[name] = {"method": method, "settings": getattr(mod, "_reparam_settings", {}), **layer_config(mod)}
+    return layers
+
+
 def save_compressed(model, path, recipe=None, extra=None, tokenizer=None):
     """Write `model` (compressed by ``compress``) to folder `path` atomically.
 
@@ -146,14 +160,7 @@ def save_compressed(model, path, recipe=None, extra=None, tokenizer=None):
 
     refuse_fused(model, "save_compressed")
     path = Path(path)
-    layers = {}
-    for name, mod in model.named_modules():
-        method = getattr(mod, "_reparam_method", None)
-        if method is None or method == "skip":
-            continue
-        if any(name.startswith(p + ".") for p in layers):
-            continue
-        layers[name] = {"method": method, "settings": getattr(mod, "_reparam_settings", {}), **layer_config(mod)}
+    layers = compressed_layers(model)
     tensors, aliases, seen = {}, {}, {}
     for key, t in model.state_dict().items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
