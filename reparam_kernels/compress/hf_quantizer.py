@@ -124,6 +124,8 @@ def _unfused_experts(model):
 def swap_in_layers(model, qc):
     """The skeleton's Linears named in qc.layers replaced by their compressed layers (on the skeleton's device,
     in its dtype), marked as compress() marks them; fused experts split first, as compress() did."""
+    import torch
+
     from .pipeline import _set_module
     from .recipe import linear_features
     from .serialize import _unfuse_like_checkpoint, build_layer
@@ -138,8 +140,6 @@ def swap_in_layers(model, qc):
         if shape is None:
             raise ValueError(f"the architecture's {name!r} is a {type(old).__name__}, not a Linear")
         ref = old.weight
-        import torch
-
         with torch.device(ref.device):
             layer = build_layer(info, dtype=ref.dtype)
         if (layer.in_features, layer.out_features) != shape:
