@@ -76,6 +76,18 @@ def fused(M):
     return with_env(_lowrank_op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "0")
 
 
+def cublas_pinned(M):
+    """lowrank_linear with the two-cuBLAS route pinned by its variable (REPARAM_LOWRANK_CUBLAS_MIN_M=1) at M = 2..64,
+    where the op takes that route by default anyway: a diagnostic, not an alternative. Run 3's eager rows for
+    ours at 8192² M = 16 / 64 and 28672 x 8192 M = 16 matched its cuda_fused peer (the fused launch), its graph
+    rows two_cublas: if this peer's eager rows match two_cublas while ours do not, the route ours took in eager
+    mode is the question; if they match ours, the cost is in the op's entry."""
+    min_m = cuda_paths()["lowrank_cublas"]["min_m"]
+    if min_m is None or M < max(2, min_m) or M > 64:
+        return None
+    return with_env(_lowrank_op, "REPARAM_LOWRANK_CUBLAS_MIN_M", "1")
+
+
 def prefetch_u(M):
     """lowrank_linear with its decode launch prefetching u into L2 (REPARAM_LOWRANK_PREFETCH_U=1; off by
     default since run 3 timed it slower) where the op runs that launch (the small-M path, below the two-cuBLAS
@@ -138,6 +150,9 @@ def bench_shape(res, N, K, r, M, dtype, modes, device="cuda", count=None):
     fused_path = fused(M) if device == "cuda" else None
     if fused_path is not None:
         peers["cuda_fused"] = Contender(fused_path, low)
+    pinned = cublas_pinned(M) if device == "cuda" else None
+    if pinned is not None:
+        peers["cuda_cublas_pinned"] = Contender(pinned, low)
     pf = prefetch_u(M) if device == "cuda" else None
     if pf is not None:
         peers["cuda_prefetch_u"] = Contender(pf, low)
