@@ -124,38 +124,20 @@ def _unfused_experts(model):
 def swap_in_layers(model, qc):
     """The skeleton's Linears named in qc.layers replaced by their compressed layers (on the skeleton's device,
     in its dtype), marked as compress() marks them; fused experts split first, as compress() did."""
-    import torch
-
     from .pipeline import _set_module
-    from .recipe import linear_features
-    from .serialize import _unfuse_like_checkpoint, build_layer
+    from .serialize import _unfuse_like_checkpoint, build_compressed_layers
 
     _unfuse_like_checkpoint(model, qc.unfused_experts)
-    for name, info in qc.layers.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the checkpoint compressed {name!r}, which this architecture lacks") from None
-        shape = linear_features(old)
-        if shape is None:
-            raise ValueError(f"the architecture's {name!r} is a {type(old).__name__}, not a Linear")
-        ref = old.weight
-        with torch.device(ref.device):
-            layer = build_layer(info, dtype=ref.dtype)
-        if (layer.in_features, layer.out_features) != shape:
-            raise ValueError(f"{name} is [{shape[1]}×{shape[0]}] in the architecture, [{layer.out_features}×"
-                             f"{layer.in_features}] in the checkpoint")
-        layer._reparam_method = info["method"]
-        layer._reparam_settings = info.get("settings", {})
+    for name, layer in build_compressed_layers(model, qc.layers).items():
         _set_module(model, name, layer)
 
 
 def finish_loading(model, qc):
+    """After transformers filled the swapped-in layers: what load_compressed does once it loaded the tensors."""
     from .experts import group_experts
+    from .serialize import refresh_derived
 
-    for mod in model.modules():
-        if hasattr(mod, "refresh_cols"):  # derived, not stored: computed from the loaded spectrum
-            mod.refresh_cols()
+    refresh_derived(model)
     group_experts(model)
     model.reparam_recipe = qc.recipe
 

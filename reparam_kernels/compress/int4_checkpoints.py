@@ -110,7 +110,7 @@ def gptq_to_int4(qweight, qzeros, scales, g_idx=None, bias=None, checkpoint_form
         raise ValueError(f"`qzeros` must be int32 [groups, out_features / 8] = [{groups}, {n // 8}], got "
                          f"{tuple(qzeros.shape)}")
     zeros = z.reshape(groups, n).to(torch.float32) + (1.0 if checkpoint_format == "gptq" else 0.0)
-    _group_size(k, groups)
+    _group_size(k, groups)  # (before _act_order_perm divides k by it: its error, not a ZeroDivisionError)
     perm = None if g_idx is None else _act_order_perm(g_idx, k, groups)
     if perm is not None:
         codes = codes[:, perm]  # column i of the layer's codes is x's column perm[i]: groups become runs

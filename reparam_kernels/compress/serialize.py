@@ -250,27 +250,7 @@ def load_compressed(model, path, strict_hash=True, cast=True):
     except (SafetensorError, OSError, RuntimeError) as e:
         raise ValueError(f"`path`: cannot read {path / TENSORS}: {e}") from None
     _unfuse_like_checkpoint(model, manifest.get("unfused_experts", []))
-    ref = next(iter(model.parameters()), None)
-    new_layers = {}
-    for name, info in manifest["layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"`model`: the skeleton has no module {name!r} that the checkpoint compressed") from None
-        shape = linear_features(old)  # a Conv1D too (GPT-2 style): compress() swapped it for a Linear
-        if shape is None:
-            raise ValueError(f"`model`: skeleton module {name!r} is a {type(old).__name__}, not a Linear")
-        old_in, old_out = shape
-        dtype = getattr(old, "weight", ref).dtype if ref is not None else None
-        layer = build_layer(info, dtype=dtype)
-        if (layer.in_features, layer.out_features) != (old_in, old_out):
-            raise ValueError(f"`model`: skeleton {name} is [{old_out}×{old_in}], checkpoint "
-                             f"layer is [{layer.out_features}×{layer.in_features}]")
-        if ref is not None:
-            layer = layer.to(ref.device)
-        layer._reparam_method = info["method"]
-        layer._reparam_settings = info.get("settings", {})
-        new_layers[name] = layer
+    new_layers = build_compressed_layers(model, manifest["layers"])
     # expected state: skeleton's keys outside the replaced modules + the new layers' keys
     expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in new_layers)}
     for n, layer in new_layers.items():
@@ -299,14 +279,46 @@ def load_compressed(model, path, strict_hash=True, cast=True):
     if empty:  # a skeleton without weights (empty_weights()): take the checkpoint's tensors as they are
         model.load_state_dict(_in_skeleton_dtypes(full, expected) if cast else full, strict=True, assign=True)
         _retie(model, manifest.get("aliases", {}))
-        for mod in model.modules():
-            if hasattr(mod, "refresh_cols"):  # derived, not stored: computed from the loaded spectrum
-                mod.refresh_cols()
+        refresh_derived(model)
     else:
         model.load_state_dict(full, strict=True)
     group_experts(model)  # quantized experts: the grouped forward, as compress() left them
     model.reparam_recipe = manifest.get("recipe")
     return model
+
+
+def build_compressed_layers(model, layers):
+    """{name: layer} for a manifest's `layers`: each built in the dtype of the module of `model` it replaces and
+    on its device (a meta skeleton's: nothing allocated), its shape checked against that module's, marked as
+    compress() marks it. `model` is not changed (load_compressed and transformers' loader swap them in)."""
+    ref = next(iter(model.parameters()), None)
+    new_layers = {}
+    for name, info in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"`model`: the skeleton has no module {name!r} that the checkpoint compressed") from None
+        shape = linear_features(old)  # a Conv1D too (GPT-2 style): compress() swapped it for a Linear
+        if shape is None:
+            raise ValueError(f"`model`: skeleton module {name!r} is a {type(old).__name__}, not a Linear")
+        like = getattr(old, "weight", ref)
+        with torch.device(like.device if like is not None else "cpu"):
+            layer = build_layer(info, dtype=like.dtype if like is not None else None)
+        if (layer.in_features, layer.out_features) != shape:
+            raise ValueError(f"`model`: skeleton {name} is [{shape[1]}×{shape[0]}], checkpoint "
+                             f"layer is [{layer.out_features}×{layer.in_features}]")
+        layer._reparam_method = info["method"]
+        layer._reparam_settings = info.get("settings", {})
+        new_layers[name] = layer
+    return new_layers
+
+
+def refresh_derived(model):
+    """Recompute what layers derive rather than store (e.g. columns computed from a loaded spectrum), once their
+    tensors were assigned."""
+    for mod in model.modules():
+        if hasattr(mod, "refresh_cols"):
+            mod.refresh_cols()
 
 
 def _unfuse_like_checkpoint(model, names):
