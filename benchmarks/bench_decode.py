@@ -109,7 +109,7 @@ def build_model(config, kind, dtype, device, fused=False, head=False):
     mixture-of-experts model's experts split into Linears first and grouped again after (module doc);
     `fused`: sibling projections fused after (``fuse_projections``); `head`: lm_head swapped too."""
     import transformers
-    from reparam_kernels import fuse_projections
+    from reparam_kernels import fold_act_order, fuse_projections
     from reparam_kernels.compress.experts import group_experts, unfuse_experts
 
     cls = getattr(transformers, config.architectures[0] if config.architectures else "LlamaForCausalLM")
@@ -126,6 +126,7 @@ def build_model(config, kind, dtype, device, fused=False, head=False):
         if head and getattr(config, "tie_word_embeddings", False):
             raise ValueError("+head: this configuration ties lm_head to the embeddings; swapping it would untie them")
         swapped = variants.replace_linears(model, kind, skip=() if head else ("lm_head",), random=True)
+        fold_act_order(model)  # (act-order kinds: as load_int4_pretrained leaves a GPTQ model)
         group_experts(model)
     if fused:
         fuse_projections(model)

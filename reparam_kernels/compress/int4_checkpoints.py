@@ -15,7 +15,8 @@ converts by re-packing its codes, exactly:
 
 Act order (GPTQ ``desc_act`` with a g_idx other than k // group_size): a group is a set of scattered inputs.
 Sorting the inputs by group makes each a run, so such a layer becomes ``PermutedInputLinear(Int4Linear)``: x's
-columns gathered before the kernel (``nn/permuted.py``).
+columns gathered before the kernel (``nn/permuted.py``). A down_proj's gather is then folded into its MLP's
+gate / up rows (``fold_orders.py``: the same outputs, one gather fewer an MLP).
 
 ``load_int4_pretrained(path)`` loads a Hugging Face checkpoint folder of either format (config.json with its
 ``quantization_config``, one or several safetensors files) into the transformers architecture with every
@@ -31,6 +32,7 @@ from torch import nn
 from ..nn.permuted import PermutedInputLinear
 from ..nn.quant import Int4Linear
 from . import quantize as Q
+from .fold_orders import fold_act_order
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's packing: the j-th nibble of an int32 holds output 8 c + AWQ_ORDER[j]
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32, device="cpu")
@@ -290,6 +292,7 @@ def load_int4_pretrained(path, dtype=None, progress=True):
         raise ValueError(f"`path`: the checkpoint lacks {left[:5]}")
     model.reparam_recipe = {"imported": {k: qc.get(k) for k in ("quant_method", "bits", "group_size", "desc_act",
                                                                 "sym", "checkpoint_format", "version") if k in qc}}
+    fold_act_order(model)  # act order: down_proj's gather becomes gate / up's row order (fold_orders.py)
     return model.eval()
 
 
