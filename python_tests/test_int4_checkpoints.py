@@ -143,8 +143,6 @@ def tiny_llama(tie):
 def write_checkpoint(model, path, method, act_order=False, group=32, seed=4, head=False):
     """Quantized tensors of every Linear in model.model.layers (their dense weights set to the exact
     dequantized values, so the dense model is the truth), the rest as they are, in two safetensors files."""
-    from safetensors.torch import save_file
-
     rng = torch.Generator().manual_seed(seed)
     tensors, orders = {}, {}
     for name, mod in model.named_modules():
@@ -173,16 +171,23 @@ def write_checkpoint(model, path, method, act_order=False, group=32, seed=4, hea
         tied_head = model.config.tie_word_embeddings and k == "lm_head.weight" and not head
         if f"{owner}.qweight" not in tensors and not tied_head:
             tensors[k] = v.clone()
+    save_sharded(model, path, tensors, {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order,
+                                        "sym": False, "checkpoint_format": "gptq"} if method == "gptq" else
+                 {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"})
+
+
+def save_sharded(model, path, tensors, quantization_config):
+    """A checkpoint folder as the tools write one: `tensors` in two safetensors files, model's config.json with
+    `quantization_config`."""
+    from safetensors.torch import save_file
+
     keys = sorted(tensors)
     path.mkdir()
     save_file({k: tensors[k] for k in keys[: len(keys) // 2]}, str(path / "model-00001-of-00002.safetensors"))
     save_file({k: tensors[k] for k in keys[len(keys) // 2:]}, str(path / "model-00002-of-00002.safetensors"))
     model.config.save_pretrained(path)
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = ({"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": act_order,
-                                   "sym": False, "checkpoint_format": "gptq"} if method == "gptq" else
-                                  {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
-                                   "version": "gemm"})
+    cfg["quantization_config"] = quantization_config
     (path / "config.json").write_text(json.dumps(cfg))
 
 

