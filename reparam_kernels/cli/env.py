@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from .._env import atoll as _atoll, min_m as _min_m
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -40,22 +42,6 @@ def pivoted_gather():
     if not os.environ.get("REPARAM_PIVOTED_GATHER", ""):
         return "while 3 M <= 2 r"
     return "always" if _atoll("REPARAM_PIVOTED_GATHER", 0) != 0 else "never"
-
-
-def _atoll(name, default):
-    """Environment variable `name` read as the C++ side reads it (atoll: leading whitespace, sign,
-    digits; else 0), `default` when unset or empty."""
-    v = os.environ.get(name, "")
-    if not v:
-        return default
-    lead = re.match(r"\s*([+-]?\d+)", v)
-    return int(lead.group(1)) if lead else 0
-
-
-def _min_m(name, default):
-    """The C++ side's reading of a threshold variable (csrc/cublas_mm.cuh: atoll; <= 0 means never)."""
-    m = _atoll(name, default)
-    return m if m > 0 else None
 
 
 def _atof(name, default):

@@ -5,10 +5,12 @@ Layout: both factors are row-major with the reduction dim contiguous
 vectors along the reduction for both products.
 """
 import torch
+import torch.nn.functional as F
 
 from .. import _dispatch, reference, triton as _triton
 from .._checks import check, check_bias, check_tensor, check_x
 from .._dispatch import OpSpec
+from .._env import min_m, opt_in
 
 
 def _check_lowrank(x, u, v, bias):
@@ -25,7 +27,30 @@ def lowrank_linear(x, u, v, bias=None):
     """y = x @ v.T @ u.T + bias for a weight W ≈ u @ v (u [N, r], v [r, K]); x is [..., K]."""
     x, u, v, bias = _dispatch.autocast(x, u, v, bias)
     _check_lowrank(x, u, v, bias)
+    if x.device.type in EAGER_PRODUCTS_DEVICES and _two_products_route(x):
+        return F.linear(F.linear(x, v), u, bias)
     return _dispatch.call("lowrank_linear", x, u, v, bias)
+
+
+# Eager calls whose C++ route is two cuBLAS products (csrc/lowrank_large_m.cuh: plain factors at every M by
+# default) make those two products from here: the same GEMMs (aten's linear, the bias in the second one's
+# epilogue), without the custom op's dispatch and its two boxed aten calls — host time only, which eager
+# decode pays on every layer (run 3, 8192², M = 16: 44.6 µs a call through the op against 17.3 µs for the
+# two products from Python, the GPU busy 13 µs of it). Compiled graphs keep the op; a CUDA graph captured in
+# eager mode records the same two GEMMs either way.
+EAGER_PRODUCTS_DEVICES = ("cuda",)  # (a test widens it to run the shortcut on the CPU)
+
+
+def _two_products_route(x):
+    """Whether the C++ op would take its two-cuBLAS route for x: its kernel runs x (not a fallback), no
+    REPARAM_LOWRANK_GEMV=1 launch is asked for, and M reaches REPARAM_LOWRANK_CUBLAS_MIN_M (as
+    csrc/cublas_mm.cuh reads it: unset → 1, 0 or less → never), in eager mode."""
+    if torch.compiler.is_compiling() or _dispatch.backend_of("lowrank_linear", x)[0] != "cuda":
+        return False
+    if opt_in("REPARAM_LOWRANK_GEMV"):
+        return False
+    m = min_m("REPARAM_LOWRANK_CUBLAS_MIN_M", 1)
+    return m is not None and x.numel() // max(x.shape[-1], 1) >= m
 
 
 @torch.library.register_fake("reparam::lowrank_linear")
