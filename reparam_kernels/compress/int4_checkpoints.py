@@ -19,6 +19,8 @@ columns gathered before the kernel (``nn/permuted.py``). A down_proj's gather is
 gate / up rows (``fold_orders.py``: the same outputs, one gather fewer an MLP).
 
 compressed-tensors checkpoints (llm-compressor's W4A16 / W8A16) are converted by ``ct_checkpoints.py``.
+Mixture-of-experts checkpoints' per-expert layers are placed into transformers 5's experts modules by
+``checkpoint_experts.py``.
 
 ``load_int4_pretrained(path)`` loads a Hugging Face checkpoint folder of any of these formats (config.json with its
 ``quantization_config``, one or several safetensors files) into the transformers architecture with every
@@ -33,8 +35,10 @@ from torch import nn
 
 from ..nn.permuted import PermutedInputLinear
 from ..nn.quant import Int4Linear
+from . import checkpoint_experts
 from . import ct_checkpoints as CT
 from . import quantize as Q
+from .experts import group_experts
 from .fold_orders import fold_act_order
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's packing: the j-th nibble of an int32 holds output 8 c + AWQ_ORDER[j]
@@ -266,6 +270,7 @@ def load_int4_pretrained(path, dtype=None, progress=True):
         del config.quantization_config  # (the skeleton is a plain model; the layers are swapped in below)
     with empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = checkpoint_experts.place(model, layers)  # {module name: layer}: MoE experts split, gate / up stacked
     for p, layer in layers.items():
         try:
             old = model.get_submodule(p)
@@ -288,7 +293,9 @@ def load_int4_pretrained(path, dtype=None, progress=True):
         model.set_submodule(p, layer)
 
     quant_keys = {f"{p}.{s}" for p in prefixes for s in suffixes}
-    rest = {k: v for k, v in tensors.items() if k not in quant_keys and not k.endswith("rotary_emb.inv_freq")}
+    modules = {n for n, _ in model.named_modules()}
+    rest = {checkpoint_experts.model_key(modules, k): v for k, v in tensors.items()
+            if k not in quant_keys and not k.endswith("rotary_emb.inv_freq")}
     for p, layer in layers.items():
         rest.update({f"{p}.{k}": v for k, v in layer.state_dict().items()})
     own = model.state_dict()
@@ -312,6 +319,7 @@ def load_int4_pretrained(path, dtype=None, progress=True):
                                                                 "sym", "checkpoint_format", "version", "format",
                                                                 "config_groups", "ignore") if k in qc}}
     fold_act_order(model)  # act order: down_proj's gather becomes gate / up's row order (fold_orders.py)
+    group_experts(model)  # quantized experts: one grouped launch a projection where their format allows
     return model.eval()
 
 
