@@ -102,7 +102,7 @@ NEW_TESTS="python_tests/test_grouped_lowrank_op.py python_tests/test_grouped_exp
   python_tests/test_triton_quant_gpu.py python_tests/test_gptq_table.py python_tests/test_correction.py python_tests/test_generate.py
   python_tests/test_factor_device.py python_tests/test_fisher_blockwise.py python_tests/test_block_circulant_cols_op.py
   python_tests/test_quant_dequant_mm_gpu.py python_tests/test_wgmma_gpu.py python_tests/test_int4_checkpoints.py
-  python_tests/test_ct_checkpoints.py python_tests/test_int4_checkpoint_experts.py"
+  python_tests/test_ct_checkpoints.py python_tests/test_int4_checkpoint_experts.py python_tests/test_gguf_int4.py"
 IGNORE=(); for f in $NEW_TESTS; do IGNORE+=("--ignore=$f"); done
 if [ -n "$WHEEL" ]; then
   step gpu_tests_new 130 "$DEST/gpu_tests_new.log" env PYTHON="$PY" bash tools/check_wheel.sh "$WHEEL" \

@@ -21,6 +21,7 @@ gate / up rows (``fold_orders.py``: the same outputs, one gather fewer an MLP).
 compressed-tensors checkpoints (llm-compressor's W4A16 / W8A16) are converted by ``ct_checkpoints.py``.
 Mixture-of-experts checkpoints' per-expert layers are placed into transformers 5's experts modules by
 ``checkpoint_experts.py``.
+A ``.gguf`` file goes to ``gguf_int4.py`` (llama.cpp's Q4_0 / Q4_1 / Q4_K blocks).
 
 ``load_int4_pretrained(path)`` loads a Hugging Face checkpoint folder of any of these formats (config.json with its
 ``quantization_config``, one or several safetensors files) into the transformers architecture with every
@@ -242,7 +243,8 @@ def convert_layer(qc, tensors, prefix, dtype=None):
 def load_int4_pretrained(path, dtype=None, progress=True):
     """The Hugging Face causal LM of a GPTQ, AWQ or compressed-tensors (llm-compressor W4A16 / W8A16) checkpoint
     folder `path`, every quantized Linear an Int4Linear (PermutedInputLinear for act-order layers; Int8Linear for
-    compressed-tensors' 8-bit ones), in eval mode, on the CPU (``.to("cuda")`` it).
+    compressed-tensors' 8-bit ones), in eval mode, on the CPU (``.to("cuda")`` it). A ``.gguf`` file: its Q4_0 /
+    Q4_1 / Q4_K Linears on Int4Linear (``gguf_int4.py``).
     dtype: the model's floating dtype (default: that of the checkpoint's scales, usually float16); progress: a
     progress bar over the layers converted (an 8B model has 224).
     Everything is checked before the model is built: a missing tensor, a skeleton module that is not a Linear of
@@ -252,6 +254,10 @@ def load_int4_pretrained(path, dtype=None, progress=True):
     from .serialize import empty_weights
 
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from .gguf_int4 import load_gguf_int4
+
+        return load_gguf_int4(path, dtype, progress)
     qc = read_quant_config(path)
     tensors = _read_tensors(path)
     marker, scales, suffixes = _LAYOUT[_method(qc)]

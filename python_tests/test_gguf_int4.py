@@ -1,0 +1,123 @@
+"""GGUF Q4_0 / Q4_1 / Q4_K blocks onto Int4Linear (reparam_kernels/compress/gguf_int4.py): the block decoding
+against the gguf package's own de-quantization, the Int4Linear against the blocks' formula in float64, and a
+tiny llama GGUF file (written here, q / k in llama.cpp's row order) against transformers' de-quantized model."""
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+import reparam_kernels as rk  # noqa: E402
+from reparam_kernels.compress import gguf_int4 as G  # noqa: E402
+from reparam_kernels.nn import Int4Linear  # noqa: E402
+
+
+def _fp16_bytes(values):
+    return values.to(torch.float16).contiguous().view(torch.uint8).reshape(*values.shape, 2)
+
+
+def random_blocks(kind, n, k, gen, flat_block=True):
+    """uint8 [n, bytes a row] of random `kind` blocks with finite scales (one block's scale 0 when flat_block)."""
+    weights, size = G.BLOCKS[kind]
+    raw = torch.randint(0, 256, (n, k // weights, size), generator=gen, dtype=torch.uint8)
+    d = torch.rand(n, k // weights, generator=gen) * 0.02 + 0.001
+    if flat_block:
+        d[0, 0] = 0.0
+    raw[..., 0:2] = _fp16_bytes(d)
+    if kind != "Q4_0":  # Q4_1's m / Q4_K's dmin
+        raw[..., 2:4] = _fp16_bytes(torch.rand(n, k // weights, generator=gen) * 0.2 - (0.1 if kind == "Q4_1" else 0))
+    return raw.reshape(n, -1)
+
+
+def formula(codes, scale, offset):
+    g = G.GROUP
+    return scale.double().repeat_interleave(g, 1) * codes.double() + offset.double().repeat_interleave(g, 1)
+
+
+@pytest.mark.parametrize("kind", list(G.BLOCKS))
+def test_decoding_matches_the_gguf_package(kind):
+    raw = random_blocks(kind, 6, 512, torch.Generator().manual_seed(1))
+    codes, scale, offset = G.decode(raw, kind)
+    want = gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, kind))
+    torch.testing.assert_close(formula(codes, scale, offset), torch.from_numpy(want).double(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", list(G.BLOCKS))
+def test_int4_layer_is_the_blocks(kind):
+    codes, scale, offset = G.decode(random_blocks(kind, 8, 256, torch.Generator().manual_seed(2)), kind)
+    layer = G.to_int4(codes, scale, offset, torch.float32)
+    assert isinstance(layer, Int4Linear) and layer.group_size == 32
+    want = formula(codes, scale, offset)  # (its first group has scale 0: the constant offset)
+    torch.testing.assert_close(layer.to_dense().double(), want, rtol=0, atol=1e-6)
+
+
+TYPES = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q4_1", "attn_output": "Q4_0", "ffn_gate": "Q4_K",
+         "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
+
+
+def write_tiny_llama_gguf(path, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=64):
+    gen = torch.Generator().manual_seed(3)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_vocab_size(vocab)
+
+    def dense(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.05).numpy().astype(np.float32)
+
+    w.add_tensor("token_embd.weight", dense(vocab, hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("output.weight", dense(vocab, hidden))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("blk.0.ffn_norm.weight", np.ones(hidden, np.float32))
+    shapes = {"attn_q": (hidden, hidden), "attn_k": (hidden // heads * kv_heads, hidden),
+              "attn_v": (hidden // heads * kv_heads, hidden), "attn_output": (hidden, hidden),
+              "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
+    for name, (n, k) in shapes.items():
+        kind = TYPES[name]
+        raw = random_blocks(kind, n, k, gen, flat_block=name == "attn_q")
+        w.add_tensor(f"blk.0.{name}.weight", raw.numpy(), raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_file_onto_int4(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(path)
+    model = rk.load_int4_pretrained(path, dtype=torch.float32, progress=False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert len(layers) == 7 and model.model.layers[0].self_attn.q_proj._reparam_settings["type"] == "Q4_K"
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+        # q / k rows come back in transformers' order (llama.cpp stores them permuted for its rope)
+        torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.to_dense(),
+                                   dense.model.layers[0].self_attn.q_proj.weight, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gguf_file_on_the_gpu_kernels(tmp_path):
+    # fp16 on the GPU: the int4 kernels with groups of 32 against transformers' de-quantized model in float64
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(path)
+    model = rk.load_int4_pretrained(path, progress=False).cuda()
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float64).eval()
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = dense(ids).logits
+        got = model(ids.cuda()).logits.double().cpu()
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
