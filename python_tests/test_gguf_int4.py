@@ -106,6 +106,16 @@ def test_gguf_file_onto_int4(tmp_path):
                                    dense.model.layers[0].self_attn.q_proj.weight, rtol=0, atol=1e-5)
 
 
+def test_a_layer_that_does_not_check_stays_dense(tmp_path, monkeypatch):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(path)
+    monkeypatch.setattr(G, "_matches", lambda layer, dense, scale: tuple(dense.shape) != (256, 512))  # ffn_down
+    with pytest.warns(RuntimeWarning, match=r"1 4-bit GGUF tensor\(s\) stay dense Linears: model.layers.0.mlp.down_proj"):
+        model = rk.load_int4_pretrained(path, dtype=torch.float32, progress=False)
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 6
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gguf_file_on_the_gpu_kernels(tmp_path):

@@ -19,8 +19,8 @@ The model itself is transformers' GGUF loader's (its architecture, tensor names,
 llama's q / k), de-quantized; then each Linear whose tensor is one of these formats is swapped for the Int4Linear
 made from its blocks, its rows in the order the loader's own tensor processor gives them (found by passing it
 the row numbers), and checked against the de-quantized weight (within 5% of a quantization step, else the dense
-layer stays and a warning names it). Other tensor types (Q5 / Q6 / Q8, IQ, F16 …) stay as transformers loads
-them: dense.
+layer stays and a warning names it). Other tensor types (Q5 / Q6 / Q8, IQ, F16 …), and 4-bit tensors of modules
+that are not Linears (the token embedding), stay as transformers loads them: dense.
 """
 import warnings
 from pathlib import Path
@@ -106,8 +106,10 @@ def load_gguf_int4(path, dtype=None, progress=True):
         name, rows = process(t.name, n)
         owner = name[: -len(".weight")] if name is not None and name.endswith(".weight") else None
         old = _linear_or_none(model, owner)
-        if old is None or rows is None or tuple(old.weight.shape) != (n, int(t.shape[0])):
-            kept.append(f"{t.name} ({'no Linear of its shape' if old is not None or owner is None else owner})")
+        if old is None:  # (an embedding, or a tensor the model does not take: as transformers loaded it)
+            continue
+        if rows is None or tuple(old.weight.shape) != (n, int(t.shape[0])):
+            kept.append(f"{owner} ({'its row order is unknown' if rows is None else 'another shape'})")
             continue
         codes, scale, offset = decode(torch.from_numpy(t.data.copy()), t.tensor_type.name)
         layer = to_int4(codes[rows], scale[rows], offset[rows], dtype, old.bias.detach() if old.bias is not None
@@ -120,7 +122,7 @@ def load_gguf_int4(path, dtype=None, progress=True):
     if kept:
         warnings.warn(f"load_int4_pretrained: {len(kept)} 4-bit GGUF tensor(s) stay dense Linears: "
                       f"{', '.join(kept[:5])}{' …' if len(kept) > 5 else ''}", RuntimeWarning, stacklevel=2)
-    model.reparam_recipe = {"imported": {"gguf": path.name, "int4": len(todo) - len(kept)}}
+    model.reparam_recipe = {"imported": {"gguf": path.name}}
     return model.eval()
 
 
