@@ -14,10 +14,11 @@ from test_int4_checkpoints import pack_gptq, random_layer, reference_weight, sav
 
 ARCHS = {"qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1,
                            mlp_only_layers=[], head_dim=16),
-         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2)}
+         "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+         "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, layer_types=["full_attention"] * 2)}
 # the checkpoint's names of an expert's projections, and of the MoE block (Mixtral's as transformers 4 had them)
 NAMES = {"qwen3_moe": (("gate_proj", "up_proj", "down_proj"), ".mlp."),
-         "mixtral": (("w1", "w3", "w2"), ".block_sparse_moe.")}
+         "mixtral": (("w1", "w3", "w2"), ".block_sparse_moe."), "gpt_oss": (("gate_proj", "up_proj", "down_proj"), ".mlp.")}
 
 
 def tiny_moe(arch):
@@ -93,6 +94,15 @@ def test_gate_and_up_in_different_orders_say_why(tmp_path):
     dense = tiny_moe("qwen3_moe")
     write_moe_checkpoint(dense, tmp_path / "ckpt", "qwen3_moe", act_order=True, split_orders=True)
     with pytest.raises(ValueError, match="cannot be stacked"):
+        rk.load_int4_pretrained(tmp_path / "ckpt", progress=False)
+
+
+
+def test_interleaved_experts_are_refused(tmp_path):
+    # GPT-OSS alternates gate and up rows: stacking gate's rows then up's would be silently wrong
+    dense = tiny_moe("gpt_oss")
+    write_moe_checkpoint(dense, tmp_path / "ckpt", "gpt_oss")
+    with pytest.raises(ValueError, match="interleaves gate and up"):
         rk.load_int4_pretrained(tmp_path / "ckpt", progress=False)
 
 

@@ -19,6 +19,8 @@ _EXPERT = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj
 _ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 # checkpoint names transformers 5 renamed (its conversion mapping), tried where the original names no module
 RENAMES = ((".block_sparse_moe.", ".mlp."),)
+# experts modules whose gate_up_proj alternates gate and up rows (this loader stacks gate's rows, then up's)
+INTERLEAVED = ("GptOssExperts",)
 
 
 def model_key(modules, key):
@@ -65,6 +67,9 @@ def _experts_module(model, path, parts):
     if not isinstance(module, UnfusedExperts):
         raise ValueError(f"`path`: quantized expert layer {some!r}: the architecture's {path} is a "
                          f"{type(module).__name__}, not an experts module this loader splits")
+    if type(module._fused).__name__ in INTERLEAVED:
+        raise ValueError(f"`path`: {type(module._fused).__name__} interleaves gate and up rows in gate_up_proj; "
+                         f"per-expert checkpoints of it are not taken")
     return module
 
 
