@@ -1,6 +1,8 @@
 """GGUF Q4_0 / Q4_1 / Q4_K blocks onto Int4Linear (reparam_kernels/compress/gguf_int4.py): the block decoding
 against the gguf package's own de-quantization, the Int4Linear against the blocks' formula in float64, and a
 tiny llama GGUF file (written here, q / k in llama.cpp's row order) against transformers' de-quantized model."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -16,17 +18,37 @@ def _fp16_bytes(values):
     return values.to(torch.float16).contiguous().view(torch.uint8).reshape(*values.shape, 2)
 
 
-def random_blocks(kind, n, k, gen, flat_block=True):
-    """uint8 [n, bytes a row] of random `kind` blocks with finite scales (one block's scale 0 when flat_block)."""
+def random_blocks(kind, n, k, gen, flat_block=True, realistic=False):
+    """uint8 [n, bytes a row] of random `kind` blocks with finite scales (one block's scale 0 when flat_block).
+    realistic: offsets as llama.cpp's quantizers leave them (a group's minimum, so z = −offset / scale lies in
+    0..16, which the model's fp16 zeros hold within 1% of a step), not any random bytes."""
     weights, size = G.BLOCKS[kind]
-    raw = torch.randint(0, 256, (n, k // weights, size), generator=gen, dtype=torch.uint8)
-    d = torch.rand(n, k // weights, generator=gen) * 0.02 + 0.001
+    nb = k // weights
+    raw = torch.randint(0, 256, (n, nb, size), generator=gen, dtype=torch.uint8)
+    d = torch.rand(n, nb, generator=gen) * 0.02 + 0.001
     if flat_block:
         d[0, 0] = 0.0
     raw[..., 0:2] = _fp16_bytes(d)
-    if kind != "Q4_0":  # Q4_1's m / Q4_K's dmin
-        raw[..., 2:4] = _fp16_bytes(torch.rand(n, k // weights, generator=gen) * 0.2 - (0.1 if kind == "Q4_1" else 0))
+    if kind == "Q4_1":
+        m = -d * (torch.rand(n, nb, generator=gen) * 8 + 4) if realistic else torch.rand(n, nb, generator=gen) * 0.2 - 0.1
+        raw[..., 2:4] = _fp16_bytes(m)
+    if kind == "Q4_K":
+        raw[..., 2:4] = _fp16_bytes(2 * d if realistic else torch.rand(n, nb, generator=gen) * 0.2)
+        if realistic:  # sub-block scales 16..63 and mins 0..63: z = 2 mn / sc <= 8
+            sc = torch.randint(16, 64, (n, nb, 8), generator=gen)
+            mn = torch.randint(0, 64, (n, nb, 8), generator=gen)
+            raw[..., 4:16] = pack_scale_min_k4(sc, mn)
     return raw.reshape(n, -1)
+
+
+def pack_scale_min_k4(sc, mn):
+    """Q4_K's 12 bytes from eight 6-bit scales and mins (llama.cpp's layout, written from its description)."""
+    out = torch.zeros(*sc.shape[:-1], 12, dtype=torch.long)
+    for j in range(4):
+        out[..., j] = sc[..., j] | ((sc[..., j + 4] >> 4) << 6)
+        out[..., j + 4] = mn[..., j] | ((mn[..., j + 4] >> 4) << 6)
+        out[..., j + 8] = (sc[..., j + 4] & 15) | ((mn[..., j + 4] & 15) << 4)
+    return out.to(torch.uint8)
 
 
 def formula(codes, scale, offset):
@@ -35,8 +57,9 @@ def formula(codes, scale, offset):
 
 
 @pytest.mark.parametrize("kind", list(G.BLOCKS))
-def test_decoding_matches_the_gguf_package(kind):
-    raw = random_blocks(kind, 6, 512, torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("realistic", [False, True])
+def test_decoding_matches_the_gguf_package(kind, realistic):
+    raw = random_blocks(kind, 6, 512, torch.Generator().manual_seed(1), realistic=realistic)
     codes, scale, offset = G.decode(raw, kind)
     want = gguf.quants.dequantize(raw.numpy(), getattr(gguf.GGMLQuantizationType, kind))
     torch.testing.assert_close(formula(codes, scale, offset), torch.from_numpy(want).double(), rtol=1e-6, atol=1e-7)
@@ -81,7 +104,7 @@ def write_tiny_llama_gguf(path, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=
               "ffn_gate": (ffn, hidden), "ffn_up": (ffn, hidden), "ffn_down": (hidden, ffn)}
     for name, (n, k) in shapes.items():
         kind = TYPES[name]
-        raw = random_blocks(kind, n, k, gen, flat_block=name == "attn_q")
+        raw = random_blocks(kind, n, k, gen, flat_block=name == "attn_q", realistic=True)
         w.add_tensor(f"blk.0.{name}.weight", raw.numpy(), raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -94,9 +117,13 @@ def test_gguf_file_onto_int4(tmp_path):
 
     path = tmp_path / "tiny.gguf"
     write_tiny_llama_gguf(path)
-    model = rk.load_int4_pretrained(path, dtype=torch.float32, progress=False)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, Int4Linear)}
-    assert len(layers) == 7 and model.model.layers[0].self_attn.q_proj._reparam_settings["type"] == "Q4_K"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stay dense", category=RuntimeWarning)
+        fp16 = rk.load_int4_pretrained(path, progress=False)  # fp16 zeros: every layer still checks
+        model = rk.load_int4_pretrained(path, dtype=torch.float32, progress=False)
+    for loaded in (fp16, model):
+        assert sum(isinstance(m, Int4Linear) for m in loaded.modules()) == 7
+        assert loaded.model.layers[0].self_attn.q_proj._reparam_settings["type"] == "Q4_K"
     dense = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

@@ -300,3 +300,19 @@ def test_quantized_lm_head_of_a_tied_model(tmp_path):
     rk.save_compressed(model, tmp_path / "ours")
     with torch.no_grad():
         assert torch.equal(rk.load_pretrained(tmp_path / "ours")(ids).logits, model(ids).logits)
+
+
+def test_convert_command_writes_a_checkpoint_of_ours(tmp_path, capsys):
+    from reparam_kernels.__main__ import main
+
+    dense = tiny_llama(False)
+    write_checkpoint(dense, tmp_path / "ckpt", "gptq", act_order=True)
+    assert main(["convert", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "ours"), "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 Int4Linear, 12 PermutedInputLinear layers") and "no tokenizer" in out  # down_proj folded
+    back = rk.load_pretrained(tmp_path / "ours")
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    assert main(["convert", "--model", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a checkpoint
+    assert "neither a .gguf file" in capsys.readouterr().err
