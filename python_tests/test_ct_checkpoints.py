@@ -181,6 +181,25 @@ def test_config_groups_it_refuses(weights, acts, match):
         CT.check_config(qc)
 
 
+def test_kv_cache_scales_are_dropped_with_a_warning(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    dense = tiny_llama(False)
+    write_ct_checkpoint(dense, tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor"}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(cfg))
+    shard = tmp_path / "ckpt" / "model-00001-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    tensors.update({f"model.layers.{i}.self_attn.{s}": torch.tensor(0.02) for i in range(2) for s in ("k_scale", "v_scale")})
+    save_file(tensors, str(shard))
+    with pytest.warns(RuntimeWarning, match="4 scales are dropped"):
+        model = rk.load_int4_pretrained(tmp_path / "ckpt", progress=False)
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_cli_recognizes_the_folder(tmp_path):
     from reparam_kernels.cli._models import is_int4_checkpoint
 

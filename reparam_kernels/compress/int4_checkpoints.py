@@ -29,6 +29,7 @@ quantized Linear an Int4Linear. Not taken (a ValueError says so): bits other tha
 packings, GPTQ's Marlin-repacked or other checkpoint formats, groups that are not a multiple of 32 inputs.
 """
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -298,7 +299,7 @@ def load_int4_pretrained(path, dtype=None, progress=True):
                                    "act_order": layer is not _inner(layer)}
         model.set_submodule(p, layer)
 
-    quant_keys = {f"{p}.{s}" for p in prefixes for s in suffixes}
+    quant_keys = {f"{p}.{s}" for p in prefixes for s in suffixes} | _dropped(qc, tensors)
     modules = {n for n, _ in model.named_modules()}
     rest = {checkpoint_experts.model_key(modules, k): v for k, v in tensors.items()
             if k not in quant_keys and not k.endswith("rotary_emb.inv_freq")}
@@ -327,6 +328,19 @@ def load_int4_pretrained(path, dtype=None, progress=True):
     fold_act_order(model)  # act order: down_proj's gather becomes gate / up's row order (fold_orders.py)
     group_experts(model)  # quantized experts: one grouped launch a projection where their format allows
     return model.eval()
+
+
+def _dropped(qc, tensors):
+    """Tensors of settings this loader does not apply: compressed-tensors' KV-cache quantization scales (the
+    cache stays in the model's dtype), said once."""
+    if _method(qc) != "compressed-tensors" or not qc.get("kv_cache_scheme"):
+        return set()
+    keys = {k for k in tensors if k.endswith((".k_scale", ".v_scale", ".kv_scale"))}
+    if keys:
+        warnings.warn(f"load_int4_pretrained: the checkpoint quantizes the KV cache (kv_cache_scheme); its "
+                      f"{len(keys)} scales are dropped and the cache stays in the model's dtype", RuntimeWarning,
+                      stacklevel=3)
+    return keys
 
 
 def _method(qc):
