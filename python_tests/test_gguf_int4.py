@@ -74,6 +74,20 @@ def test_int4_layer_is_the_blocks(kind):
     torch.testing.assert_close(layer.to_dense().double(), want, rtol=0, atol=1e-6)
 
 
+def write_out(writer):
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def load_checked(path, **kw):
+    """load_int4_pretrained, failing on its "stay dense" warning: every 4-bit Linear must convert and check."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stay dense", category=RuntimeWarning)
+        return rk.load_int4_pretrained(path, progress=False, **kw)
+
+
 TYPES = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q4_1", "attn_output": "Q4_0", "ffn_gate": "Q4_K",
          "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
 
@@ -106,10 +120,7 @@ def write_tiny_llama_gguf(path, hidden=256, ffn=512, heads=4, kv_heads=2, vocab=
         kind = TYPES[name]
         raw = random_blocks(kind, n, k, gen, flat_block=name == "attn_q", realistic=True)
         w.add_tensor(f"blk.0.{name}.weight", raw.numpy(), raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_out(w)
 
 
 def test_gguf_file_onto_int4(tmp_path):
@@ -117,10 +128,8 @@ def test_gguf_file_onto_int4(tmp_path):
 
     path = tmp_path / "tiny.gguf"
     write_tiny_llama_gguf(path)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*stay dense", category=RuntimeWarning)
-        fp16 = rk.load_int4_pretrained(path, progress=False)  # fp16 zeros: every layer still checks
-        model = rk.load_int4_pretrained(path, dtype=torch.float32, progress=False)
+    fp16 = load_checked(path)  # fp16 zeros: every layer still checks
+    model = load_checked(path, dtype=torch.float32)
     for loaded in (fp16, model):
         assert sum(isinstance(m, Int4Linear) for m in loaded.modules()) == 7
         assert loaded.model.layers[0].self_attn.q_proj._reparam_settings["type"] == "Q4_K"
@@ -141,6 +150,53 @@ def test_a_layer_that_does_not_check_stays_dense(tmp_path, monkeypatch):
         model = rk.load_int4_pretrained(path, dtype=torch.float32, progress=False)
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 6
+
+
+
+def write_tiny_qwen3_moe_gguf(path, hidden=256, ffn=768, experts=4, heads=4, kv_heads=2, head_dim=64, vocab=64):
+    """A one-block Qwen3-MoE GGUF: dense attention, the experts' gate / up / down as 3-D Q4_K / Q4_1 / Q4_0
+    tensors [E, rows, bytes] (ffn: transformers' default moe_intermediate_size, which its GGUF map leaves)."""
+    gen = torch.Generator().manual_seed(6)
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    for add, v in ((w.add_block_count, 1), (w.add_context_length, 64), (w.add_embedding_length, hidden),
+                   (w.add_feed_forward_length, ffn), (w.add_head_count, heads), (w.add_head_count_kv, kv_heads),
+                   (w.add_layer_norm_rms_eps, 1e-6), (w.add_vocab_size, vocab), (w.add_key_length, head_dim),
+                   (w.add_value_length, head_dim), (w.add_expert_count, experts), (w.add_expert_used_count, 2),
+                   (w.add_expert_feed_forward_length, ffn)):
+        add(v)
+
+    def dense(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.05).numpy().astype(np.float32)
+
+    for name, t in (("token_embd", dense(vocab, hidden)), ("output_norm", np.ones(hidden, np.float32)),
+                    ("output", dense(vocab, hidden)), ("blk.0.attn_norm", np.ones(hidden, np.float32)),
+                    ("blk.0.ffn_norm", np.ones(hidden, np.float32)), ("blk.0.attn_q_norm", np.ones(head_dim, np.float32)),
+                    ("blk.0.attn_k_norm", np.ones(head_dim, np.float32)), ("blk.0.attn_q", dense(heads * head_dim, hidden)),
+                    ("blk.0.attn_k", dense(kv_heads * head_dim, hidden)), ("blk.0.attn_v", dense(kv_heads * head_dim, hidden)),
+                    ("blk.0.attn_output", dense(hidden, heads * head_dim)), ("blk.0.ffn_gate_inp", dense(experts, hidden))):
+        w.add_tensor(f"{name}.weight", t)
+    for name, kind, (n, k) in (("ffn_gate_exps", "Q4_K", (ffn, hidden)), ("ffn_up_exps", "Q4_1", (ffn, hidden)),
+                               ("ffn_down_exps", "Q4_0", (hidden, ffn))):
+        raw = torch.stack([random_blocks(kind, n, k, gen, flat_block=False, realistic=True) for _ in range(experts)])
+        w.add_tensor(f"blk.0.{name}.weight", raw.numpy(), raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+    write_out(w)
+
+
+def test_gguf_experts_onto_grouped_int4(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from reparam_kernels.compress.experts import UnfusedExperts
+
+    path = tmp_path / "moe.gguf"
+    write_tiny_qwen3_moe_gguf(path)
+    model = load_checked(path, dtype=torch.float32)
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, UnfusedExperts) and experts._grouped is not None  # one grouped launch a projection
+    assert isinstance(experts.expert(3).gate_up_proj, Int4Linear) and experts.expert(3).gate_up_proj.out_features == 1536
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu

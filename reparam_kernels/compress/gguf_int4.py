@@ -19,9 +19,12 @@ The model itself is transformers' GGUF loader's (its architecture, tensor names,
 llama's q / k), de-quantized; then each Linear whose tensor is one of these formats is swapped for the Int4Linear
 made from its blocks, its rows in the order the loader's own tensor processor gives them (found by passing it
 the row numbers), and checked against the de-quantized weight (within 5% of a quantization step, else the dense
-layer stays and a warning names it). Other tensor types (Q5 / Q6 / Q8, IQ, F16 …), and 4-bit tensors of modules
-that are not Linears (the token embedding), stay as transformers loads them: dense.
+layer stays and a warning names it). Mixture-of-experts blocks' 3-D expert tensors (``ffn_{gate,up,down}_exps``)
+go onto each expert's Int4Linear, the experts then grouped (``_experts_onto_int4``). Other tensor types (Q5 / Q6 /
+Q8, IQ, F16 …), and 4-bit tensors of modules that are not Linears (the token embedding), stay as transformers
+loads them: dense.
 """
+import re
 import warnings
 from pathlib import Path
 
@@ -98,7 +101,7 @@ def load_gguf_int4(path, dtype=None, progress=True):
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     reader = gguf.GGUFReader(str(path))
-    process = _tensor_names(model)
+    process, names = _tensor_names(model)
     todo = [t for t in reader.tensors if t.tensor_type.name in BLOCKS and len(t.shape) == 2]
     kept = []
     for t in tqdm(todo, desc="GGUF → Int4Linear", unit="layer", disable=not progress):
@@ -119,6 +122,7 @@ def load_gguf_int4(path, dtype=None, progress=True):
             continue
         layer._reparam_method, layer._reparam_settings = "gguf", {"type": t.tensor_type.name, "group_size": GROUP}
         model.set_submodule(owner, layer)
+    kept += _experts_onto_int4(model, reader, names, dtype)
     if kept:
         warnings.warn(f"load_int4_pretrained: {len(kept)} 4-bit GGUF tensor(s) stay dense Linears: "
                       f"{', '.join(kept[:5])}{' …' if len(kept) > 5 else ''}", RuntimeWarning, stacklevel=2)
@@ -170,4 +174,49 @@ def _tensor_names(model):
             return names.get(out.name), None
         return names.get(out.name), torch.from_numpy(rows[:, 0].astype(np.int64))
 
-    return process
+    return process, names
+
+
+_EXPS = re.compile(r"^(?P<blk>blk\.\d+)\.ffn_(?P<w>gate|up|down)_exps\.weight$")
+
+
+def _experts_onto_int4(model, reader, names, dtype):
+    """Mixture-of-experts blocks: 3-D `blk.L.ffn_{gate,up,down}_exps` tensors [E, rows, bytes] onto each expert's
+    Int4Linear. transformers stacks an expert's gate rows, then its up rows, into the experts module's
+    gate_up_proj, so the module is split per expert (``unfuse_experts``) and each expert's Linears swapped as the
+    2-D ones are (checked the same way); the experts are then grouped (one launch a projection), and a module
+    none of whose experts converted is fused back. Returns the "stays dense" entries."""
+    from .experts import fuse_dense_experts, group_experts, is_fused_experts, unfuse_experts
+
+    blocks = {}
+    for t in reader.tensors:
+        m = _EXPS.match(t.name)
+        if m and t.tensor_type.name in BLOCKS and len(t.data.shape) == 3:
+            blocks.setdefault(m["blk"], {})[m["w"]] = t
+    kept = []
+    for blk, parts in blocks.items():
+        down = names.get(f"{blk}.ffn_down_exps")
+        path = down.rpartition(".")[0] if down else None
+        module = model.get_submodule(path) if path else None
+        if not is_fused_experts(module) or not module.has_gate or type(module).__name__ == "GptOssExperts" \
+                or set(parts) != {"gate", "up", "down"}:
+            kept.append(f"{blk} experts (a layout this loader does not split)")
+            continue
+        unfuse_experts(model, [path])
+        experts = model.get_submodule(path)
+        decoded = {w: [decode(torch.from_numpy(t.data[e].copy()), t.tensor_type.name) for e in range(experts.num_experts)]
+                   for w, t in parts.items()}
+        for e in range(experts.num_experts):
+            stacked = [torch.cat(z) for z in zip(decoded["gate"][e], decoded["up"][e])]
+            for proj, (codes, scale, offset) in (("gate_up_proj", stacked), ("down_proj", decoded["down"][e])):
+                old = getattr(experts.expert(e), proj)
+                layer = to_int4(codes, scale, offset, dtype, None if old.bias is None else old.bias.detach())
+                if tuple(old.weight.shape) != tuple(codes.shape) or not _matches(layer, old.weight, scale):
+                    kept.append(f"{path}.{e}.{proj} (its blocks do not give the de-quantized weight)")
+                    continue
+                kind = parts["down" if proj == "down_proj" else "gate"].tensor_type.name
+                layer._reparam_method, layer._reparam_settings = "gguf", {"type": kind, "group_size": GROUP}
+                setattr(experts.expert(e), proj, layer)
+    group_experts(model)
+    fuse_dense_experts(model)
+    return kept
