@@ -24,6 +24,7 @@ checkpoints not in the "compressed" state.
 import torch
 
 from ..nn.quant import Int8Linear
+from . import quantize as Q
 
 FORMATS = ("pack-quantized", "naive-quantized")
 SUFFIXES = ("weight_packed", "weight", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "bias")
@@ -32,7 +33,7 @@ MARKER = "weight_scale"  # a layer with this tensor is quantized
 
 def check_config(qc):
     """Raise ValueError unless every config group of the compressed-tensors settings `qc` is one this module
-    converts (module doc); returns the set of bit widths it uses."""
+    converts (module doc)."""
     status = qc.get("quantization_status", "compressed")
     if status != "compressed":
         raise ValueError(f"`path`: compressed-tensors checkpoint in state {status!r}: its weights are not stored "
@@ -43,7 +44,6 @@ def check_config(qc):
     groups = qc.get("config_groups") or {}
     if not groups:
         raise ValueError("`path`: the compressed-tensors quantization_config has no config_groups")
-    bits = set()
     for name, group in groups.items():
         fmt = str(group.get("format") or qc.get("format", "")).lower()
         if fmt not in FORMATS:
@@ -62,18 +62,6 @@ def check_config(qc):
         if w.get("num_bits") == 8 and (strategy == "group" or not w.get("symmetric", True)):
             raise ValueError(f"`path`: config group {name!r}: 8-bit weights map onto Int8Linear, which has one "
                              f"scale a row and no zero point (symmetric, per channel)")
-        bits.add(w["num_bits"])
-    return bits
-
-
-def _unpack(words, bits, name):
-    """int32 [R, C] → uint8 [R, C · 32 / bits]: value j of word [r, c] (bits bits·j ..) at column c · f + j."""
-    if not isinstance(words, torch.Tensor) or words.dtype != torch.int32 or words.dim() != 2:
-        raise ValueError(f"`{name}` must be a 2-D int32 tensor, got {getattr(words, 'dtype', type(words).__name__)} "
-                         f"{tuple(getattr(words, 'shape', ()))}")
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device="cpu")
-    vals = ((words.cpu()[..., None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8)  # (the mask drops the sign)
-    return vals.reshape(words.shape[0], -1)
 
 
 def _scales(scale, n):
@@ -95,7 +83,7 @@ def _zeros_unsigned(zp, n, groups, bits):
     if zp is None:
         return torch.full((n, groups), float(mid))
     if zp.dtype == torch.int32:  # packed along the outputs: word [c, g] holds output f c + j
-        vals = _unpack(zp.t().contiguous(), bits, "weight_zero_point")  # [G, ⌈N / f⌉ · f]
+        vals = Q.unpack_words(zp.t().contiguous(), bits, "weight_zero_point")  # [G, ⌈N / f⌉ · f]
         if vals.shape[0] != groups or vals.shape[1] < n:
             raise ValueError(f"`weight_zero_point` must be int32 [⌈{n} / {32 // bits}⌉, {groups}], got "
                              f"{tuple(zp.shape)}")
@@ -121,7 +109,7 @@ def ct_to_linear(tensors, prefix, dtype=None):
         if packed.dim() != 2 or packed.shape[0] != n or bits is None:
             raise ValueError(f"`path`: {prefix}.weight_packed {tuple(packed.shape)} does not hold 4- or 8-bit "
                              f"values of a [{n}, {k}] weight")
-        codes = _unpack(packed, bits, f"{prefix}.weight_packed")[:, :k]  # unsigned: signed code + 2^(bits−1)
+        codes = Q.unpack_words(packed, bits, f"{prefix}.weight_packed")[:, :k]  # unsigned: signed code + 2^(bits−1)
     elif raw is not None and raw.dtype == torch.int8:
         bits, (n, k) = 8, raw.shape
         codes = (raw.cpu().to(torch.int16) + 128).to(torch.uint8)

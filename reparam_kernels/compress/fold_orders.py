@@ -15,6 +15,7 @@ reordered only where the consumer then sees the same hidden vector reordered by 
 import torch
 from torch import nn
 
+from ..nn.fused import _MARKS, _tensors
 from ..nn.permuted import PermutedInputLinear
 from ..nn.quant import Int4Linear, Int8Linear
 
@@ -22,8 +23,8 @@ from ..nn.quant import Int4Linear, Int8Linear
 # Llama / Mistral / Qwen / Gemma, Mixtral's experts, Phi-3 (one gate_up_proj: gate rows, then up rows)
 PATTERNS = ((("gate_proj", "up_proj"), "down_proj"), (("w1", "w3"), "w2"), (("gate_up_proj",), "down_proj"))
 
-_ROW_TENSORS = {Int4Linear: ("qweight", "scales", "zeros", "bias"), Int8Linear: ("qweight", "scales", "bias"),
-                nn.Linear: ("weight", "bias")}
+# layers whose every tensor has a row per output (nn.fused's _tensors, and the bias): rows reorder exactly
+_ROW_LAYERS = (Int4Linear, Int8Linear, nn.Linear)
 
 
 def fold_act_order(model):
@@ -52,7 +53,7 @@ def _fold_one(mod, producer_names, consumer_name):
     for p, r in zip(ups, rows):
         _permute_rows(p, r)
     inner = down.inner
-    for mark in ("_reparam_method", "_reparam_settings"):
+    for mark in _MARKS:
         if hasattr(down, mark):
             setattr(inner, mark, getattr(down, mark))
     if isinstance(getattr(inner, "_reparam_settings", None), dict):
@@ -72,14 +73,13 @@ def _base(layer):
 
 
 def _row_permutable(layer):
-    return type(_base(layer)) in _ROW_TENSORS
+    return type(_base(layer)) in _ROW_LAYERS
 
 
 def _permute_rows(layer, rows):
     base = _base(layer)
     with torch.no_grad():
-        for name in _ROW_TENSORS[type(base)]:
-            t = getattr(base, name, None)
+        for t in [*_tensors(base).values(), base.bias]:
             if t is not None:
                 t.data = t.data.index_select(0, rows.to(t.device))
 

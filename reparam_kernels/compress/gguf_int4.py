@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint_experts import INTERLEAVED
+from .experts import fuse_dense_experts, group_experts, is_fused_experts, unfuse_experts
+from .int4_checkpoints import _build
 
 GROUP = 32
 # block size in weights and in bytes
@@ -77,8 +80,6 @@ def _scale_min_k4(q):
 def to_int4(codes, scale, offset, dtype, bias=None):
     """Int4Linear (group 32) computing W = scale · q + offset per group: s = scale, z = −offset / scale; a group
     with scale 0 (the constant offset) as codes 1, zero 0, s = offset."""
-    from .int4_checkpoints import _build
-
     flat = scale == 0
     zeros = torch.where(flat, torch.zeros_like(offset), -offset / torch.where(flat, torch.ones_like(scale), scale))
     scales = torch.where(flat, offset, scale)
@@ -111,17 +112,14 @@ def load_gguf_int4(path, dtype=None, progress=True):
         old = _linear_or_none(model, owner)
         if old is None:  # (an embedding, or a tensor the model does not take: as transformers loaded it)
             continue
-        if rows is None or tuple(old.weight.shape) != (n, int(t.shape[0])):
-            kept.append(f"{owner} ({'its row order is unknown' if rows is None else 'another shape'})")
+        if rows is None:
+            kept.append(f"{owner} (its row order is unknown)")
             continue
-        codes, scale, offset = decode(torch.from_numpy(t.data.copy()), t.tensor_type.name)
-        layer = to_int4(codes[rows], scale[rows], offset[rows], dtype, old.bias.detach() if old.bias is not None
-                        else None)
-        if not _matches(layer, old.weight, scale[rows]):
-            kept.append(f"{owner} (its blocks do not give the de-quantized weight)")
-            continue
-        layer._reparam_method, layer._reparam_settings = "gguf", {"type": t.tensor_type.name, "group_size": GROUP}
-        model.set_submodule(owner, layer)
+        blocks = [part[rows] for part in decode(torch.from_numpy(t.data.copy()), t.tensor_type.name)]
+        parent, _, attr = owner.rpartition(".")
+        why = _swap_checked(model.get_submodule(parent), attr, old, blocks, t.tensor_type.name, dtype, owner)
+        if why:
+            kept.append(why)
     kept += _experts_onto_int4(model, reader, names, dtype)
     if kept:
         warnings.warn(f"load_int4_pretrained: {len(kept)} 4-bit GGUF tensor(s) stay dense Linears: "
@@ -138,6 +136,20 @@ def _linear_or_none(model, name):
     except AttributeError:
         return None
     return mod if type(mod) is nn.Linear else None
+
+
+def _swap_checked(parent, attr, old, blocks, kind, dtype, where):
+    """Swap parent.attr (the dense Linear `old`) for the Int4Linear of its decoded `blocks` (codes, scale, offset)
+    where that gives old's de-quantized weight; else return why it stays dense (for the warning)."""
+    codes, scale, offset = blocks
+    if tuple(old.weight.shape) != tuple(codes.shape):
+        return f"{where} (another shape)"
+    layer = to_int4(codes, scale, offset, dtype, None if old.bias is None else old.bias.detach())
+    if not _matches(layer, old.weight, scale):
+        return f"{where} (its blocks do not give the de-quantized weight)"
+    layer._reparam_method, layer._reparam_settings = "gguf", {"type": kind, "group_size": GROUP}
+    setattr(parent, attr, layer)
+    return None
 
 
 def _matches(layer, dense, scale):
@@ -186,7 +198,6 @@ def _experts_onto_int4(model, reader, names, dtype):
     gate_up_proj, so the module is split per expert (``unfuse_experts``) and each expert's Linears swapped as the
     2-D ones are (checked the same way); the experts are then grouped (one launch a projection), and a module
     none of whose experts converted is fused back. Returns the "stays dense" entries."""
-    from .experts import fuse_dense_experts, group_experts, is_fused_experts, unfuse_experts
 
     blocks = {}
     for t in reader.tensors:
@@ -198,7 +209,7 @@ def _experts_onto_int4(model, reader, names, dtype):
         down = names.get(f"{blk}.ffn_down_exps")
         path = down.rpartition(".")[0] if down else None
         module = model.get_submodule(path) if path else None
-        if not is_fused_experts(module) or not module.has_gate or type(module).__name__ == "GptOssExperts" \
+        if not is_fused_experts(module) or not module.has_gate or type(module).__name__ in INTERLEAVED \
                 or set(parts) != {"gate", "up", "down"}:
             kept.append(f"{blk} experts (a layout this loader does not split)")
             continue
@@ -208,15 +219,12 @@ def _experts_onto_int4(model, reader, names, dtype):
                    for w, t in parts.items()}
         for e in range(experts.num_experts):
             stacked = [torch.cat(z) for z in zip(decoded["gate"][e], decoded["up"][e])]
-            for proj, (codes, scale, offset) in (("gate_up_proj", stacked), ("down_proj", decoded["down"][e])):
-                old = getattr(experts.expert(e), proj)
-                layer = to_int4(codes, scale, offset, dtype, None if old.bias is None else old.bias.detach())
-                if tuple(old.weight.shape) != tuple(codes.shape) or not _matches(layer, old.weight, scale):
-                    kept.append(f"{path}.{e}.{proj} (its blocks do not give the de-quantized weight)")
-                    continue
-                kind = parts["down" if proj == "down_proj" else "gate"].tensor_type.name
-                layer._reparam_method, layer._reparam_settings = "gguf", {"type": kind, "group_size": GROUP}
-                setattr(experts.expert(e), proj, layer)
+            for proj, blocks, w in (("gate_up_proj", stacked, "gate"), ("down_proj", decoded["down"][e], "down")):
+                expert = experts.expert(e)
+                why = _swap_checked(expert, proj, getattr(expert, proj), blocks, parts[w].tensor_type.name, dtype,
+                                    f"{path}.{e}.{proj}")
+                if why:
+                    kept.append(why)
     group_experts(model)
     fuse_dense_experts(model)
     return kept

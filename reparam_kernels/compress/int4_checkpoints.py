@@ -44,15 +44,11 @@ from .experts import group_experts
 from .fold_orders import fold_act_order
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's packing: the j-th nibble of an int32 holds output 8 c + AWQ_ORDER[j]
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32, device="cpu")
 
 
 def _nibbles(packed, name):
     """int32 [R, C] → uint8 [R, C, 8]: nibble j (bits 4 j .. 4 j + 3) of each word."""
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32 or packed.dim() != 2:
-        raise ValueError(f"`{name}` must be a 2-D int32 tensor (eight 4-bit values a word), got "
-                         f"{getattr(packed, 'dtype', type(packed).__name__)} {tuple(getattr(packed, 'shape', ()))}")
-    return ((packed.cpu()[..., None] >> _SHIFTS) & 15).to(torch.uint8)
+    return Q.unpack_words(packed, 4, name).reshape(packed.shape[0], packed.shape[1], 8)
 
 
 def _check_scales(scales, n, name="scales"):

@@ -262,6 +262,17 @@ def pack_int4(q):
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
 
 
+def unpack_words(words, bits, name):
+    """int32 [R, C] → uint8 [R, C · 32 / bits]: value j of word [r, c] (bits bits·j ..) at column c · 32 / bits + j
+    (how GPTQ, AWQ and compressed-tensors checkpoints pack their codes)."""
+    if not isinstance(words, torch.Tensor) or words.dtype != torch.int32 or words.dim() != 2:
+        raise ValueError(f"`{name}` must be a 2-D int32 tensor ({32 // bits} {bits}-bit values a word), got "
+                         f"{getattr(words, 'dtype', type(words).__name__)} {tuple(getattr(words, 'shape', ()))}")
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device="cpu")
+    vals = ((words.cpu()[..., None] >> shifts) & ((1 << bits) - 1)).to(torch.uint8)  # (the mask drops the sign)
+    return vals.reshape(words.shape[0], -1)
+
+
 def unpack_int4(packed):
     """uint8 [N, K/2] → uint8 codes [N, K] (inverse of ``pack_int4``)."""
     if packed.dtype != torch.uint8 or packed.dim() != 2:
